@@ -1,0 +1,70 @@
+//! Collectives on tensors behind one small trait, and the dp × sp mesh.
+//!
+//! Backends: `mpi` (CPU tensors; tests and CI) and `nccl` (CUDA tensors). Every backend passes the
+//! same conformance suite (tests/collectives.rs). A world of one rank goes through the same code.
+pub mod mesh;
+pub mod mpi;
+pub mod selfcheck;
+
+pub use mesh::Mesh;
+
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CommError {
+    #[error("{op}: tensor must be contiguous (call .contiguous() first)")]
+    NotContiguous { op: &'static str },
+    #[error("{op}: tensor is on {found:?}, this backend needs {expected}")]
+    WrongDevice { op: &'static str, found: Device, expected: &'static str },
+    #[error("{op}: dtype {kind:?} is not supported here; supported: {supported}")]
+    UnsupportedDtype { op: &'static str, kind: Kind, supported: &'static str },
+    #[error("{op}: first dimension {dim0} is not divisible by the group size {size}")]
+    NotDivisible { op: &'static str, dim0: i64, size: usize },
+    #[error("{op}: tensor has no dimensions; collectives split and stack along dimension 0")]
+    Scalar { op: &'static str },
+    #[error("{op}: {bytes} bytes per peer exceed what one call can move ({limit})")]
+    TooLarge { op: &'static str, bytes: usize, limit: usize },
+    #[error("broadcast: root {root} is not a rank of this group of {size}")]
+    BadRoot { root: usize, size: usize },
+    #[error("{op}: backend failure: {message}")]
+    Backend { op: &'static str, message: String },
+}
+
+/// Collective operations over the ranks of one group. Block semantics along dimension 0:
+/// a tensor `[size * n, ...]` is `size` blocks of `n` rows, block `j` belonging to rank `j`.
+pub trait Collective {
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// Block `j` of the input goes to rank `j`; block `i` of the output came from rank `i`.
+    fn all_to_all(&self, input: &Tensor) -> Result<Tensor, CommError>;
+    /// Every rank's input stacked along dimension 0, in rank order.
+    fn all_gather(&self, input: &Tensor) -> Result<Tensor, CommError>;
+    /// Sum over ranks, then rank `r` keeps block `r`.
+    fn reduce_scatter(&self, input: &Tensor) -> Result<Tensor, CommError>;
+    /// Sum over ranks, everywhere.
+    fn all_reduce(&self, input: &Tensor) -> Result<Tensor, CommError>;
+    /// `root`'s tensor, everywhere (every rank passes a tensor of the same shape and dtype).
+    fn broadcast(&self, input: &Tensor, root: usize) -> Result<Tensor, CommError>;
+    fn barrier(&self) -> Result<(), CommError>;
+}
+
+/// The checks every backend makes before moving data.
+pub(crate) fn check_blocks(op: &'static str, t: &Tensor, size: usize, split: bool) -> Result<(), CommError> {
+    if t.dim() == 0 {
+        return Err(CommError::Scalar { op });
+    }
+    if !t.is_contiguous() {
+        return Err(CommError::NotContiguous { op });
+    }
+    let dim0 = t.size()[0];
+    if split && dim0 % size as i64 != 0 {
+        return Err(CommError::NotDivisible { op, dim0, size });
+    }
+    Ok(())
+}
+
+/// Sums a scalar over the group (loss numerators, token counts, gradient norms).
+pub fn all_reduce_f64(c: &dyn Collective, x: f64) -> Result<f64, CommError> {
+    let t = Tensor::from_slice(&[x]);
+    Ok(c.all_reduce(&t)?.double_value(&[0]))
+}

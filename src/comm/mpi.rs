@@ -1,0 +1,164 @@
+//! MPI backend of `Collective` for CPU tensors (tests, CI, CPU training).
+//!
+//! Data movement (all_to_all, all_gather, broadcast) is dtype-agnostic and moves bytes; reductions
+//! are typed (f32, f64, i32, i64; bf16/f16 are summed in f32, as MPI has no 16-bit float type).
+use super::{check_blocks, Collective, CommError};
+use mpi::collective::SystemOperation;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::*;
+use tch::{Device, Kind, Tensor};
+
+pub struct MpiCollective {
+    comm: SimpleCommunicator,
+}
+
+impl MpiCollective {
+    pub fn new(comm: SimpleCommunicator) -> Self {
+        MpiCollective { comm }
+    }
+}
+
+fn cpu(op: &'static str, t: &Tensor) -> Result<(), CommError> {
+    match t.device() {
+        Device::Cpu => Ok(()),
+        found => Err(CommError::WrongDevice { op, found, expected: "CPU tensors" }),
+    }
+}
+
+/// MPI counts are C ints.
+fn count_ok(op: &'static str, bytes: usize) -> Result<(), CommError> {
+    let limit = i32::MAX as usize;
+    if bytes > limit {
+        return Err(CommError::TooLarge { op, bytes, limit });
+    }
+    Ok(())
+}
+
+fn nbytes(t: &Tensor) -> usize {
+    t.numel() * t.kind().elt_size_in_bytes()
+}
+
+fn bytes(t: &Tensor) -> &[u8] {
+    // SAFETY: `t` is a contiguous CPU tensor (checked by the callers) whose storage holds
+    // `numel * elt_size` initialised bytes starting at data_ptr, alive as long as `t` is borrowed.
+    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, nbytes(t)) }
+}
+
+fn bytes_mut(t: &mut Tensor) -> &mut [u8] {
+    // SAFETY: as in `bytes`; `t` was freshly allocated by the caller and is not aliased.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, nbytes(t)) }
+}
+
+fn typed<T>(t: &Tensor) -> &[T] {
+    // SAFETY: callers match T to t.kind() and pass contiguous CPU tensors.
+    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, t.numel()) }
+}
+
+fn typed_mut<T>(t: &mut Tensor) -> &mut [T] {
+    // SAFETY: as in `typed`; the output tensor is freshly allocated and unaliased.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel()) }
+}
+
+const REDUCE_KINDS: &str = "f32, f64, i32, i64, bf16, f16";
+
+impl MpiCollective {
+    /// Runs a sum-reduction `f(send, recv)` in the tensor's dtype (16-bit floats via f32).
+    fn reduce(
+        &self,
+        op: &'static str,
+        input: &Tensor,
+        out_rows: i64,
+        f: &dyn Fn(&SimpleCommunicator, &Tensor, &mut Tensor),
+    ) -> Result<Tensor, CommError> {
+        let kind = input.kind();
+        let wide = match kind {
+            Kind::Float | Kind::Double | Kind::Int | Kind::Int64 => input.shallow_clone(),
+            Kind::BFloat16 | Kind::Half => input.to_kind(Kind::Float),
+            _ => return Err(CommError::UnsupportedDtype { op, kind, supported: REDUCE_KINDS }),
+        };
+        count_ok(op, nbytes(&wide))?;
+        let mut shape = wide.size();
+        shape[0] = out_rows;
+        let mut out = Tensor::empty(shape.as_slice(), (wide.kind(), Device::Cpu));
+        f(&self.comm, &wide, &mut out);
+        Ok(if wide.kind() == kind { out } else { out.to_kind(kind) })
+    }
+}
+
+macro_rules! dispatch_sum {
+    ($comm:expr, $send:expr, $recv:expr, $method:ident) => {
+        match $send.kind() {
+            Kind::Float => $comm.$method(typed::<f32>($send), typed_mut::<f32>($recv), SystemOperation::sum()),
+            Kind::Double => $comm.$method(typed::<f64>($send), typed_mut::<f64>($recv), SystemOperation::sum()),
+            Kind::Int => $comm.$method(typed::<i32>($send), typed_mut::<i32>($recv), SystemOperation::sum()),
+            Kind::Int64 => $comm.$method(typed::<i64>($send), typed_mut::<i64>($recv), SystemOperation::sum()),
+            k => unreachable!("reduce widened every dtype to a summable one, got {k:?}"),
+        }
+    };
+}
+
+impl Collective for MpiCollective {
+    fn rank(&self) -> usize {
+        self.comm.rank() as usize
+    }
+
+    fn size(&self) -> usize {
+        self.comm.size() as usize
+    }
+
+    fn all_to_all(&self, input: &Tensor) -> Result<Tensor, CommError> {
+        const OP: &str = "all_to_all";
+        cpu(OP, input)?;
+        check_blocks(OP, input, self.size(), true)?;
+        count_ok(OP, nbytes(input) / self.size())?;
+        let mut out = Tensor::empty(input.size().as_slice(), (input.kind(), Device::Cpu));
+        self.comm.all_to_all_into(bytes(input), bytes_mut(&mut out));
+        Ok(out)
+    }
+
+    fn all_gather(&self, input: &Tensor) -> Result<Tensor, CommError> {
+        const OP: &str = "all_gather";
+        cpu(OP, input)?;
+        check_blocks(OP, input, self.size(), false)?;
+        count_ok(OP, nbytes(input))?;
+        let mut shape = input.size();
+        shape[0] *= self.size() as i64;
+        let mut out = Tensor::empty(shape.as_slice(), (input.kind(), Device::Cpu));
+        self.comm.all_gather_into(bytes(input), bytes_mut(&mut out));
+        Ok(out)
+    }
+
+    fn reduce_scatter(&self, input: &Tensor) -> Result<Tensor, CommError> {
+        const OP: &str = "reduce_scatter";
+        cpu(OP, input)?;
+        check_blocks(OP, input, self.size(), true)?;
+        let rows = input.size()[0] / self.size() as i64;
+        self.reduce(OP, input, rows, &|c, s, r| dispatch_sum!(c, s, r, reduce_scatter_block_into))
+    }
+
+    fn all_reduce(&self, input: &Tensor) -> Result<Tensor, CommError> {
+        const OP: &str = "all_reduce";
+        cpu(OP, input)?;
+        check_blocks(OP, input, self.size(), false)?;
+        let rows = input.size()[0];
+        self.reduce(OP, input, rows, &|c, s, r| dispatch_sum!(c, s, r, all_reduce_into))
+    }
+
+    fn broadcast(&self, input: &Tensor, root: usize) -> Result<Tensor, CommError> {
+        const OP: &str = "broadcast";
+        cpu(OP, input)?;
+        check_blocks(OP, input, self.size(), false)?;
+        if root >= self.size() {
+            return Err(CommError::BadRoot { root, size: self.size() });
+        }
+        count_ok(OP, nbytes(input))?;
+        let mut out = input.copy();
+        self.comm.process_at_rank(root as i32).broadcast_into(bytes_mut(&mut out));
+        Ok(out)
+    }
+
+    fn barrier(&self) -> Result<(), CommError> {
+        self.comm.barrier();
+        Ok(())
+    }
+}

@@ -1,0 +1,269 @@
+//! The experiment TOML: one typed section per component, unknown keys rejected, defaults in code.
+//! `load` parses; `validate` checks every rule at once and lists every problem with its TOML path.
+mod validate;
+
+pub use validate::{validate, Problem};
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    #[serde(default)]
+    pub run: RunConfig,
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub parallel: ParallelConfig,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Names the run directory `<output_dir>/<name>`.
+    pub name: String,
+    pub output_dir: PathBuf,
+    pub seed: u64,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig { name: "run".into(), output_dir: "runs".into(), seed: 1234 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// tiny | llama3.2-1b | llama3.1-8b; exclusive with `config`.
+    pub preset: Option<String>,
+    /// A Hugging Face Llama `config.json`.
+    pub config: Option<PathBuf>,
+    /// Initial weights: a folder (or a single .safetensors file) in Hugging Face layout.
+    pub weights: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionBackend {
+    /// libtorch picks (cuDNN on H100 when enabled, else flash).
+    Auto,
+    Cudnn,
+    Flash,
+    Efficient,
+    Math,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelConfig {
+    /// Sequence-parallel degree: ranks that share one sample.
+    pub sp: usize,
+    /// Data-parallel degree: samples processed side by side.
+    pub dp: usize,
+    /// 0: everything replicated; 3: parameters, gradients and optimizer state sharded.
+    pub zero_stage: u8,
+    pub device: DeviceKind,
+    pub attention: AttentionBackend,
+    /// Keep fp32 master weights and Adam moments in host memory (CPU AdamW).
+    pub offload_optimizer: bool,
+    /// Where layer inputs wait between forward and backward.
+    pub activations: ActivationPlacement,
+    /// Tokens per MLP tile (0 = untiled).
+    pub mlp_tile: usize,
+    /// Tokens per LM-head + cross-entropy tile (0 = untiled).
+    pub loss_tile: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivationPlacement {
+    /// The memory plan decides per layer.
+    Auto,
+    Device,
+    Host,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        ParallelConfig {
+            sp: 1,
+            dp: 1,
+            zero_stage: 3,
+            device: DeviceKind::Cpu,
+            attention: AttentionBackend::Auto,
+            offload_optimizer: false,
+            activations: ActivationPlacement::Device,
+            mlp_tile: 0,
+            loss_tile: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// HDF5 shard files, or folders holding `*.h5` shards; together they form one dataset.
+    pub paths: Vec<PathBuf>,
+    /// Tokens per sample; must equal the shards' sequence length.
+    pub seq_len: usize,
+    #[serde(default = "default_true")]
+    pub shuffle: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    Constant,
+    Cosine,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    Fp32,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub steps: usize,
+    /// Samples per data-parallel rank per micro step.
+    pub micro_batch: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub schedule: LrSchedule,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global gradient-norm clip; 0 disables.
+    pub clip_grad_norm: f64,
+    pub dtype: Dtype,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 10,
+            micro_batch: 1,
+            grad_accum: 1,
+            lr: 3e-4,
+            min_lr: 3e-5,
+            warmup_steps: 0,
+            schedule: LrSchedule::Cosine,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            clip_grad_norm: 1.0,
+            dtype: Dtype::Fp32,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Save every N steps (0: only at the end).
+    pub every: usize,
+    /// Keep the last K checkpoints.
+    pub keep: usize,
+    /// "none", "auto" (latest in the run directory) or a checkpoint folder.
+    pub resume: String,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { every: 0, keep: 2, resume: "auto".into() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Per-position loss every M steps (0: never).
+    pub position_loss_every: usize,
+    /// Number of position bins across the whole sequence.
+    pub position_bins: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { position_loss_every: 10, position_bins: 64 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read experiment file {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+}
+
+/// The embedded default experiment (the README demo), used by `ulysses` with no file.
+pub const DEMO_TOML: &str = include_str!("../../experiments/tiny.toml");
+
+impl Experiment {
+    pub fn load(path: &Path) -> Result<Experiment, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })?;
+        let mut exp = Self::parse(&text, &path.display().to_string())?;
+        exp.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        Ok(exp)
+    }
+
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Experiment, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_string(), message: describe_toml_error(&e) })
+    }
+
+    /// Relative paths in an experiment file are relative to the working directory, as a user
+    /// typing a command expects; except that a path that does not exist there but does exist next
+    /// to the experiment file is taken from there (so `ulysses path/to/exp.toml` works from anywhere).
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() && !p.exists() && base.join(&*p).exists() {
+                *p = base.join(&*p);
+            }
+        };
+        self.data.paths.iter_mut().for_each(fix);
+        self.model.config.iter_mut().for_each(fix);
+        self.model.weights.iter_mut().for_each(fix);
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("an Experiment always serializes")
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.run.output_dir.join(&self.run.name)
+    }
+}
+
+/// toml's messages carry a source excerpt; keep them, prefix the line/column.
+fn describe_toml_error(e: &toml::de::Error) -> String {
+    e.to_string().trim_end().to_string()
+}

@@ -1,0 +1,171 @@
+//! Every rule of an experiment, checked at once. Each problem names its TOML path, the value found
+//! and what would be valid, so a user fixes the whole file in one go.
+use super::{DeviceKind, Dtype, Experiment};
+use crate::model::spec::{ModelSpec, PRESETS};
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    /// TOML path, e.g. `parallel.sp`.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+fn divisors(n: i64) -> String {
+    let d: Vec<String> = (1..=n.max(1)).filter(|k| n % k == 0).map(|k| k.to_string()).collect();
+    d.join(", ")
+}
+
+/// Resolves the model architecture and checks every rule; `world_size` is the number of ranks the
+/// job runs on (`None`: skip the rule sp × dp = world size).
+pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let mut bad = |path: &str, message: String| problems.push(Problem { path: path.into(), message });
+
+    let spec = match (&exp.model.preset, &exp.model.config) {
+        (Some(_), Some(_)) => {
+            bad("model", "set either `preset` or `config`, not both".into());
+            None
+        }
+        (None, None) => {
+            bad("model", format!("set `preset` (one of {}) or `config` (a Hugging Face config.json)", PRESETS.join(", ")));
+            None
+        }
+        (Some(name), None) => {
+            let s = ModelSpec::preset(name);
+            if s.is_none() {
+                bad("model.preset", format!("\"{name}\" is not a known preset; use one of {}", PRESETS.join(", ")));
+            }
+            s
+        }
+        (None, Some(path)) => match ModelSpec::from_hf_config(path) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                bad("model.config", e.to_string());
+                None
+            }
+        },
+    };
+    if let Some(w) = &exp.model.weights {
+        if !w.exists() {
+            bad("model.weights", format!("\"{}\" does not exist; give a folder with Hugging Face safetensors", w.display()));
+        }
+    }
+
+    let p = &exp.parallel;
+    if p.sp == 0 {
+        bad("parallel.sp", "is 0; must be at least 1".into());
+    }
+    if p.dp == 0 {
+        bad("parallel.dp", "is 0; must be at least 1".into());
+    }
+    if let Some(world) = world_size {
+        if p.sp * p.dp != world {
+            bad(
+                "parallel",
+                format!("sp × dp = {} × {} = {} but the job has {world} ranks; sp × dp must equal the number of ranks", p.sp, p.dp, p.sp * p.dp),
+            );
+        }
+    }
+    if p.zero_stage != 0 && p.zero_stage != 3 {
+        bad("parallel.zero_stage", format!("is {}; supported stages are 0 (replicated) and 3 (fully sharded)", p.zero_stage));
+    }
+    if p.offload_optimizer && p.zero_stage != 3 {
+        bad("parallel.offload_optimizer", "needs parallel.zero_stage = 3 (the offloaded optimizer works on shards)".into());
+    }
+    if let Some(s) = &spec {
+        let heads = s.num_attention_heads;
+        if p.sp > 0 && heads % p.sp as i64 != 0 {
+            bad("parallel.sp", format!("= {} does not divide the model's {heads} query heads; use one of {}", p.sp, divisors(heads)));
+        }
+        if s.num_key_value_heads > 0 && heads % s.num_key_value_heads != 0 {
+            bad("model", format!("{heads} query heads are not a multiple of {} KV heads", s.num_key_value_heads));
+        }
+        if p.sp > 0 {
+            let kv = s.num_key_value_heads;
+            let sp = p.sp as i64;
+            // KV heads are either split over sp or replicated so each rank holds whole heads.
+            if kv % sp != 0 && sp % kv != 0 {
+                bad("parallel.sp", format!("= {} neither divides nor is a multiple of the {kv} KV heads", p.sp));
+            }
+        }
+    }
+
+    let d = &exp.data;
+    if d.paths.is_empty() {
+        bad("data.paths", "is empty; list HDF5 shard files or folders of them (make some with `ulysses data synth`)".into());
+    }
+    if d.seq_len == 0 {
+        bad("data.seq_len", "is 0; must be a positive number of tokens".into());
+    } else if p.sp > 0 && d.seq_len % p.sp != 0 {
+        let lo = d.seq_len / p.sp * p.sp;
+        bad("data.seq_len", format!("= {} is not divisible by parallel.sp = {}; use e.g. {} or {}", d.seq_len, p.sp, lo.max(p.sp), lo + p.sp));
+    }
+    if let Some(s) = &spec {
+        if d.seq_len as i64 > s.max_position_embeddings * 64 {
+            bad("data.seq_len", format!("= {} is far beyond the model's max_position_embeddings = {}", d.seq_len, s.max_position_embeddings));
+        }
+    }
+
+    let t = &exp.train;
+    if t.steps == 0 {
+        bad("train.steps", "is 0; must be at least 1".into());
+    }
+    if t.micro_batch == 0 {
+        bad("train.micro_batch", "is 0; must be at least 1".into());
+    }
+    if t.grad_accum == 0 {
+        bad("train.grad_accum", "is 0; must be at least 1".into());
+    }
+    if !(t.lr > 0.0 && t.lr.is_finite()) {
+        bad("train.lr", format!("= {} must be a positive number", t.lr));
+    }
+    if !(t.min_lr >= 0.0 && t.min_lr <= t.lr) {
+        bad("train.min_lr", format!("= {} must be between 0 and train.lr = {}", t.min_lr, t.lr));
+    }
+    if t.warmup_steps > t.steps {
+        bad("train.warmup_steps", format!("= {} exceeds train.steps = {}", t.warmup_steps, t.steps));
+    }
+    for (name, v) in [("beta1", t.beta1), ("beta2", t.beta2)] {
+        if !(0.0..1.0).contains(&v) {
+            bad(&format!("train.{name}"), format!("= {v} must be in [0, 1)"));
+        }
+    }
+    if !(t.eps > 0.0) {
+        bad("train.eps", format!("= {} must be positive", t.eps));
+    }
+    if !(t.weight_decay >= 0.0) {
+        bad("train.weight_decay", format!("= {} must be >= 0", t.weight_decay));
+    }
+    if !(t.clip_grad_norm >= 0.0) {
+        bad("train.clip_grad_norm", format!("= {} must be >= 0 (0 disables clipping)", t.clip_grad_norm));
+    }
+    if t.dtype == Dtype::Bf16 && p.device == DeviceKind::Cpu {
+        bad("train.dtype", "= \"bf16\" needs parallel.device = \"cuda\"; CPU runs are fp32".into());
+    }
+
+    let c = &exp.checkpoint;
+    if c.keep == 0 {
+        bad("checkpoint.keep", "is 0; keep at least 1 checkpoint".into());
+    }
+    if c.resume != "none" && c.resume != "auto" && !std::path::Path::new(&c.resume).exists() {
+        bad("checkpoint.resume", format!("\"{}\" is neither \"none\", \"auto\" nor an existing checkpoint folder", c.resume));
+    }
+    if exp.metrics.position_bins == 0 {
+        bad("metrics.position_bins", "is 0; must be at least 1".into());
+    }
+    if exp.run.name.is_empty() || exp.run.name.contains('/') {
+        bad("run.name", format!("\"{}\" must be a non-empty folder name without '/'", exp.run.name));
+    }
+
+    match spec {
+        Some(s) if problems.is_empty() => Ok(s),
+        _ => Err(problems),
+    }
+}
