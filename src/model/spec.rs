@@ -240,15 +240,40 @@ impl ModelSpec {
 
     /// Parameters of one decoder layer (q, k, v, o, gate, up, down, two norms).
     pub fn layer_params(&self) -> i64 {
-        let (h, d) = (self.hidden_size, self.head_dim);
-        let attn = h * self.num_attention_heads * d * 2 + h * self.num_key_value_heads * d * 2;
-        attn + 3 * h * self.intermediate_size + 2 * h
+        self.layer_shapes().iter().map(|(_, s)| s.iter().product::<i64>()).sum()
     }
 
     /// Embedding, final norm and (unless tied) the LM head.
     pub fn outer_params(&self) -> i64 {
-        let emb = self.vocab_size * self.hidden_size;
-        emb + self.hidden_size + if self.tie_word_embeddings { 0 } else { emb }
+        self.outer_shapes().iter().map(|(_, s)| s.iter().product::<i64>()).sum()
+    }
+
+    /// Shapes of one decoder layer's tensors, by their Hugging Face name suffix (after
+    /// `model.layers.{i}.`), in a fixed order that parameter sharding relies on.
+    pub fn layer_shapes(&self) -> Vec<(&'static str, Vec<i64>)> {
+        let (h, d, f) = (self.hidden_size, self.head_dim, self.intermediate_size);
+        let (q, kv) = (self.num_attention_heads * d, self.num_key_value_heads * d);
+        vec![
+            ("input_layernorm.weight", vec![h]),
+            ("self_attn.q_proj.weight", vec![q, h]),
+            ("self_attn.k_proj.weight", vec![kv, h]),
+            ("self_attn.v_proj.weight", vec![kv, h]),
+            ("self_attn.o_proj.weight", vec![h, q]),
+            ("post_attention_layernorm.weight", vec![h]),
+            ("mlp.gate_proj.weight", vec![f, h]),
+            ("mlp.up_proj.weight", vec![f, h]),
+            ("mlp.down_proj.weight", vec![h, f]),
+        ]
+    }
+
+    /// Shapes of the tensors outside the decoder layers, by full Hugging Face name.
+    pub fn outer_shapes(&self) -> Vec<(&'static str, Vec<i64>)> {
+        let (v, h) = (self.vocab_size, self.hidden_size);
+        let mut s = vec![("model.embed_tokens.weight", vec![v, h]), ("model.norm.weight", vec![h])];
+        if !self.tie_word_embeddings {
+            s.push(("lm_head.weight", vec![v, h]));
+        }
+        s
     }
 
     pub fn total_params(&self) -> i64 {
