@@ -6,6 +6,7 @@ fn main() {
     println!("cargo:rerun-if-changed=shim/shim.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=ULYSSES_RPATH");
+    println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
     // torch-sys (links = "tch") exports DEP_TCH_LIBTORCH_LIB = <libtorch>/lib to direct dependents.
     let libtorch_lib = env::var("DEP_TCH_LIBTORCH_LIB")
         .map(PathBuf::from)
@@ -32,6 +33,9 @@ fn main() {
     let mut rpath = vec![libtorch_lib.display().to_string()];
     if let Ok(venv) = env::var("VIRTUAL_ENV") {
         rpath.push(format!("{venv}/lib"));
+        // The tests launch multi-rank jobs with the MPICH that the binary was linked against.
+        println!("cargo:rustc-env=ULYSSES_MPIRUN={venv}/bin/mpirun");
+        println!("cargo:rustc-env=ULYSSES_PYTHON={venv}/bin/python3");
     }
     if let Ok(extra) = env::var("ULYSSES_RPATH") {
         rpath.extend(extra.split(':').filter(|s| !s.is_empty()).map(String::from));

@@ -59,6 +59,7 @@ impl Launch {
     /// The conformance suite over the job: the world, then the SP and DP groups of every mesh the
     /// world size allows, checking that each group holds exactly the ranks the mesh says.
     pub fn comm_check(&self) -> Result<()> {
+        inject_failure(self.rank)?;
         let device = Device::Cpu;
         let world = self.size;
         for sp in (1..=world).filter(|sp| world % sp == 0) {
@@ -93,6 +94,15 @@ impl Launch {
             self.world.abort(1);
         }
         std::process::exit(1);
+    }
+}
+
+/// Fault injection for the abort tests: `ULYSSES_INJECT_FAILURE=R` makes rank R fail before its
+/// first collective, while the other ranks are already waiting in one.
+pub fn inject_failure(rank: usize) -> Result<()> {
+    match std::env::var("ULYSSES_INJECT_FAILURE").ok().and_then(|v| v.parse::<usize>().ok()) {
+        Some(r) if r == rank => Err(anyhow!("injected failure (ULYSSES_INJECT_FAILURE={r})")),
+        _ => Ok(()),
     }
 }
 

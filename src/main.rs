@@ -71,13 +71,28 @@ fn check(path: &Path, world_size: Option<usize>) -> Result<()> {
 fn train(path: &Path) -> Result<()> {
     let launch = Launch::init()?;
     init_logging(launch.rank);
-    let r = load_valid(path, Some(launch.size)).and_then(|(exp, spec)| {
+    // The experiment is the same file on every rank, so its problems usually are too: rank 0
+    // reports them and ends the job; another rank that fails alone (a file missing on its node)
+    // reports after a moment unless rank 0 has ended the job already.
+    let (exp, spec) = match load_valid(path, Some(launch.size)) {
+        Ok(v) => v,
+        Err(e) => {
+            if launch.rank != 0 {
+                std::thread::sleep(std::time::Duration::from_secs(2));
+            }
+            launch.abort(&e)
+        }
+    };
+    let run = || -> Result<()> {
         let mesh = ulysses::comm::Mesh::new(exp.parallel.sp, exp.parallel.dp, launch.size, launch.rank)?;
-        let _groups = launch.mpi_groups(&mesh)?;
-        log::info!("{}", Plan::new(&exp, &spec, launch.size).render(&exp, &spec));
-        bail!("training is not part of this build yet (the model and step land with issue 4); `ulysses check` and `ulysses comm-check` work")
-    });
-    r.unwrap_or_else(|e| launch.abort(&e))
+        let groups = launch.mpi_groups(&mesh)?;
+        if launch.rank == 0 {
+            print!("{}", Plan::new(&exp, &spec, launch.size).render(&exp, &spec));
+        }
+        ulysses::train::run(&exp, &spec, &mesh, &groups)
+    };
+    run().unwrap_or_else(|e| launch.abort(&e));
+    Ok(())
 }
 
 fn comm_check() -> Result<()> {

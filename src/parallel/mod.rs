@@ -1,0 +1,4 @@
+//! Parallelism wrapped around the model's seams: the Ulysses attention core (all-to-alls around
+//! attention) and ZeRO-3 parameter sharding. The model itself never sees any of it.
+pub mod ulysses;
+pub mod zero;

@@ -1,0 +1,210 @@
+//! ZeRO parameter sharding. Parameters are grouped in units (the embedding, each decoder layer,
+//! the head); a unit's tensors are flattened into one vector, padded to a multiple of the world
+//! size, and at stage 3 each rank keeps one slice of it: fp32 master weights, gradient and Adam
+//! moments. A unit is all-gathered just before use and dropped after; its gradients are
+//! reduce-scattered, which also sums the partial weight gradients of the SP ranks. At stage 0
+//! every rank keeps the whole vector and gradients are all-reduced.
+use crate::comm::{Collective, CommError};
+use crate::model::spec::ModelSpec;
+use tch::{Device, Kind, Tensor};
+
+/// One gathered-together group of parameters.
+#[derive(Debug, Clone)]
+pub struct Unit {
+    pub name: String,
+    /// Full Hugging Face names and shapes, in flattening order.
+    pub tensors: Vec<(String, Vec<i64>)>,
+    pub numel: i64,
+    /// `numel` rounded up to a multiple of the shard count.
+    pub padded: i64,
+}
+
+impl Unit {
+    fn new(name: String, tensors: Vec<(String, Vec<i64>)>, shards: i64) -> Unit {
+        let numel = tensors.iter().map(|(_, s)| s.iter().product::<i64>()).sum::<i64>();
+        let padded = (numel + shards - 1) / shards * shards;
+        Unit { name, tensors, numel, padded }
+    }
+
+    /// Flat ranges `[start, end)` of the matrices (weight decay applies to them, not to norms).
+    fn matrix_ranges(&self) -> Vec<(i64, i64)> {
+        let mut at = 0;
+        let mut out = Vec::new();
+        for (_, shape) in &self.tensors {
+            let n: i64 = shape.iter().product();
+            if shape.len() >= 2 {
+                out.push((at, at + n));
+            }
+            at += n;
+        }
+        out
+    }
+}
+
+/// The units of a Llama model: embedding, one per decoder layer, then the head (final norm and,
+/// unless tied, the LM head).
+pub fn model_units(spec: &ModelSpec, shards: i64) -> Vec<Unit> {
+    let outer = spec.outer_shapes();
+    let named = |n: &str| outer.iter().filter(|(k, _)| *k == n).map(|(k, s)| (k.to_string(), s.clone())).collect();
+    let mut units = vec![Unit::new("embed".into(), named("model.embed_tokens.weight"), shards)];
+    for i in 0..spec.num_hidden_layers {
+        let t = spec.layer_shapes().into_iter().map(|(k, s)| (format!("model.layers.{i}.{k}"), s)).collect();
+        units.push(Unit::new(format!("layer {i}"), t, shards));
+    }
+    let mut head: Vec<(String, Vec<i64>)> = named("model.norm.weight");
+    head.extend(named("lm_head.weight"));
+    units.push(Unit::new("head".into(), head, shards));
+    units
+}
+
+/// Per-unit optimizer state of this rank: the slice `[rank·len, (rank+1)·len)` of the flat unit.
+pub struct Shard {
+    pub master: Tensor,
+    pub grad: Tensor,
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
+}
+
+pub struct ShardedParams {
+    pub units: Vec<Unit>,
+    pub shards: Vec<Shard>,
+    /// 0 or 3.
+    pub stage: u8,
+    rank: i64,
+    /// Where the fp32 state lives (CPU when the optimizer is offloaded).
+    pub state_device: Device,
+}
+
+impl ShardedParams {
+    /// Builds the shards from full fp32 tensors that `full(index, unit)` returns for each unit (in
+    /// the unit's tensor order); only this rank's slice is kept.
+    pub fn new(
+        spec: &ModelSpec,
+        stage: u8,
+        world: &dyn Collective,
+        state_device: Device,
+        mut full: impl FnMut(usize, &Unit) -> Vec<Tensor>,
+    ) -> ShardedParams {
+        let (rank, size) = (world.rank() as i64, world.size() as i64);
+        let shards_count = if stage == 3 { size } else { 1 };
+        let units = model_units(spec, shards_count);
+        let shards = units
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let flat = flatten_padded(&full(i, u), u.padded);
+                let len = u.padded / shards_count;
+                let start = if stage == 3 { rank * len } else { 0 };
+                let master = flat.narrow(0, start, len).to_device(state_device).copy();
+                let zeros = || Tensor::zeros([len], (Kind::Float, state_device));
+                Shard { master, grad: zeros(), exp_avg: zeros(), exp_avg_sq: zeros() }
+            })
+            .collect();
+        ShardedParams { units, shards, stage, rank, state_device }
+    }
+
+    fn shard_len(&self, unit: usize) -> i64 {
+        self.shards[unit].master.size()[0]
+    }
+
+    /// The whole unit as tensors of `kind` on `device` (views into one gathered buffer).
+    pub fn gather(&self, world: &dyn Collective, unit: usize, kind: Kind, device: Device) -> Result<Vec<Tensor>, CommError> {
+        let local = self.shards[unit].master.to_device(device).to_kind(kind);
+        let flat = if self.stage == 3 { world.all_gather(&local)? } else { local };
+        Ok(split_flat(&flat, &self.units[unit]))
+    }
+
+    /// Adds this rank's gradients of a unit (full tensors, any float dtype) into the shards:
+    /// summed over every rank in fp32, then each rank keeps its slice.
+    pub fn accumulate(&mut self, world: &dyn Collective, unit: usize, grads: &[Tensor]) -> Result<(), CommError> {
+        let flat = flatten_padded(grads, self.units[unit].padded);
+        let mine = if self.stage == 3 { world.reduce_scatter(&flat)? } else { world.all_reduce(&flat)? };
+        let g = &mut self.shards[unit].grad;
+        let _ = g.g_add_(&mine.to_device(self.state_device));
+        Ok(())
+    }
+
+    /// Sum of squared gradient entries over the whole model (over all ranks at stage 3).
+    pub fn grad_norm(&self, world: &dyn Collective) -> Result<f64, CommError> {
+        let local: f64 = self.shards.iter().map(|s| s.grad.square().sum(Kind::Double).double_value(&[])).sum();
+        let total = if self.stage == 3 { crate::comm::all_reduce_f64(world, local)? } else { local };
+        Ok(total.sqrt())
+    }
+
+    /// Decoupled-weight-decay Adam (torch.optim.AdamW's update) on this rank's shards, with the
+    /// gradients scaled by `grad_scale` (clipping); then clears the gradients.
+    pub fn adamw_step(&mut self, h: &AdamW, lr: f64, step: i64, grad_scale: f64) {
+        let bc1 = 1.0 - h.beta1.powi(step as i32);
+        let bc2_sqrt = (1.0 - h.beta2.powi(step as i32)).sqrt();
+        for u in 0..self.units.len() {
+            let start = if self.stage == 3 { self.rank * self.shard_len(u) } else { 0 };
+            let len = self.shard_len(u);
+            let ranges = self.units[u].matrix_ranges();
+            let s = &mut self.shards[u];
+            if grad_scale != 1.0 {
+                let _ = s.grad.g_mul_scalar_(grad_scale);
+            }
+            if h.weight_decay > 0.0 {
+                // Decay only the matrices: intersect their flat ranges with this shard's slice.
+                for (a, b) in ranges {
+                    let (lo, hi) = (a.max(start), b.min(start + len));
+                    if lo < hi {
+                        let _ = s.master.narrow(0, lo - start, hi - lo).g_mul_scalar_(1.0 - lr * h.weight_decay);
+                    }
+                }
+            }
+            let _ = s.exp_avg.lerp_(&s.grad, 1.0 - h.beta1);
+            let _ = s.exp_avg_sq.g_mul_scalar_(h.beta2).addcmul_(&s.grad, &s.grad, 1.0 - h.beta2);
+            let denom = (s.exp_avg_sq.sqrt() / bc2_sqrt) + h.eps;
+            let _ = s.master.addcdiv_(&s.exp_avg, &denom, -lr / bc1);
+            let _ = s.grad.zero_();
+        }
+    }
+
+    /// Every parameter, gathered whole in fp32 on the CPU, by Hugging Face name.
+    pub fn gather_named(&self, world: &dyn Collective) -> Result<Vec<(String, Tensor)>, CommError> {
+        let mut out = Vec::new();
+        for u in 0..self.units.len() {
+            let dev = self.shards[u].master.device();
+            let tensors = self.gather(world, u, Kind::Float, dev)?;
+            for ((name, _), t) in self.units[u].tensors.iter().zip(tensors) {
+                out.push((name.clone(), t.to_device(Device::Cpu).copy()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+/// Concatenates flattened tensors as fp32 and zero-pads to `padded` elements.
+fn flatten_padded(tensors: &[Tensor], padded: i64) -> Tensor {
+    let parts: Vec<Tensor> = tensors.iter().map(|t| t.to_kind(Kind::Float).reshape([-1])).collect();
+    let flat = Tensor::cat(&parts, 0);
+    let n = flat.size()[0];
+    if n == padded {
+        flat
+    } else {
+        Tensor::cat(&[flat.shallow_clone(), Tensor::zeros([padded - n], (Kind::Float, flat.device()))], 0)
+    }
+}
+
+/// Splits a flat unit buffer back into its tensors (views sharing the buffer).
+fn split_flat(flat: &Tensor, unit: &Unit) -> Vec<Tensor> {
+    let mut at = 0;
+    unit.tensors
+        .iter()
+        .map(|(_, shape)| {
+            let n: i64 = shape.iter().product();
+            let t = flat.narrow(0, at, n).view(shape.as_slice());
+            at += n;
+            t
+        })
+        .collect()
+}

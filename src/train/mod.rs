@@ -1,0 +1,131 @@
+//! The training loop: data, parameter shards, steps, metrics, the final model.
+pub mod metrics;
+pub mod schedule;
+pub mod step;
+
+use crate::config::{DeviceKind, Dtype, Experiment};
+use crate::data::{Dataset, Loader, LoaderSpec, LoaderState};
+use crate::launch::Groups;
+use crate::comm::Mesh;
+use crate::model::spec::ModelSpec;
+use crate::model::weights;
+use crate::parallel::zero::{AdamW, ShardedParams, Unit};
+use anyhow::{bail, Context, Result};
+use metrics::{MetricsWriter, StepRow};
+use std::time::Instant;
+use step::{micro_step, sum_over, MicroBatch, StepContext};
+use tch::{Device, Kind, Tensor};
+
+/// Deterministic initial weights of one unit, identical on every rank and for every mesh:
+/// normal(0, 0.02) matrices (Hugging Face's initializer_range) and unit norms.
+fn init_unit(seed: u64, index: usize, unit: &Unit) -> Vec<Tensor> {
+    tch::manual_seed((seed as i64).wrapping_mul(1_000_003).wrapping_add(index as i64));
+    unit.tensors
+        .iter()
+        .map(|(_, shape)| {
+            if shape.len() == 1 {
+                Tensor::ones(shape.as_slice(), (Kind::Float, Device::Cpu))
+            } else {
+                Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu)) * 0.02
+            }
+        })
+        .collect()
+}
+
+fn batch_tensors(b: &crate::data::Batch, device: Device) -> MicroBatch {
+    let shape = [b.micro_batch as i64, b.chunk_len as i64];
+    let t = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
+    MicroBatch { input_ids: t(&b.input_ids), labels: t(&b.labels), position_ids: t(&b.position_ids) }
+}
+
+pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups) -> Result<()> {
+    let device = match exp.parallel.device {
+        DeviceKind::Cpu => Device::Cpu,
+        DeviceKind::Cuda => bail!("parallel.device = \"cuda\" is not available in this build yet; use \"cpu\""),
+    };
+    let kind = match exp.train.dtype {
+        Dtype::Fp32 => Kind::Float,
+        Dtype::Bf16 => Kind::BFloat16,
+    };
+    let dataset = Dataset::open(&exp.data.paths, exp.data.seq_len)?;
+    if dataset.vocab_size() > spec.vocab_size {
+        bail!(
+            "data: the shards' vocabulary has {} tokens but the model's has {}; prepare the data with the model's tokenizer",
+            dataset.vocab_size(),
+            spec.vocab_size
+        );
+    }
+    let t = &exp.train;
+    let loader_spec = LoaderSpec {
+        seed: exp.run.seed,
+        shuffle: exp.data.shuffle,
+        dp: mesh.dp,
+        dp_rank: mesh.dp_rank,
+        sp: mesh.sp,
+        sp_rank: mesh.sp_rank,
+        micro_batch: t.micro_batch,
+    };
+    let mut loader = Loader::new(dataset, loader_spec, LoaderState::default())?;
+
+    let world = groups.world.as_ref();
+    let initial = match &exp.model.weights {
+        Some(path) => Some(
+            weights::load_hf(path, spec, Kind::Float, Device::Cpu)
+                .with_context(|| format!("loading model.weights {}", path.display()))?
+                .named_tensors(),
+        ),
+        None => None,
+    };
+    let mut params = ShardedParams::new(spec, exp.parallel.zero_stage, world, device, |i, u| match &initial {
+        Some(named) => u.tensors.iter().map(|(n, _)| named.iter().find(|(k, _)| k == n).expect("validated names").1.shallow_clone()).collect(),
+        None => init_unit(exp.run.seed, i, u),
+    });
+    drop(initial);
+    let ctx = StepContext { spec, groups, kind, device, mlp_tile: exp.parallel.mlp_tile, loss_tile: exp.parallel.loss_tile };
+    let adamw = AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
+
+    let run_dir = exp.run_dir();
+    let mut metrics = if mesh.world_rank == 0 {
+        std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
+        Some(MetricsWriter::create(&run_dir.join("metrics.h5"), exp)?)
+    } else {
+        None
+    };
+    let started = Instant::now();
+    for step in 1..=t.steps {
+        let t0 = Instant::now();
+        let batches: Vec<MicroBatch> =
+            (0..t.grad_accum).map(|_| Ok(batch_tensors(&loader.next_batch()?, device))).collect::<Result<_>>()?;
+        let n_local: i64 = batches.iter().map(MicroBatch::valid_labels).sum();
+        let n_total = sum_over(world, n_local as f64)?;
+        let mut loss_local = 0.0;
+        for b in &batches {
+            loss_local += micro_step(&ctx, &mut params, b, n_total.max(1.0))?;
+        }
+        let loss = sum_over(world, loss_local)? / n_total.max(1.0);
+        let grad_norm = params.grad_norm(world)?;
+        let clip = if t.clip_grad_norm > 0.0 && grad_norm > t.clip_grad_norm { t.clip_grad_norm / (grad_norm + 1e-6) } else { 1.0 };
+        let lr = schedule::lr_at(t, step);
+        params.adamw_step(&adamw, lr, step as i64, clip);
+        let step_time = t0.elapsed().as_secs_f64();
+        let tokens = (exp.data.seq_len * mesh.dp * t.micro_batch * t.grad_accum) as u64;
+        let row = StepRow { step: step as u64, loss, lr, grad_norm, tokens, step_time, tokens_per_s: tokens as f64 / step_time };
+        if let Some(m) = metrics.as_mut() {
+            m.append(&row)?;
+            let eta = started.elapsed().as_secs_f64() / step as f64 * (t.steps - step) as f64;
+            println!(
+                "step {step:>5}/{}  loss {loss:.4}  lr {lr:.2e}  grad_norm {grad_norm:.3}  {:.1} tok/s  {step_time:.2} s/step  eta {eta:.0} s",
+                t.steps, row.tokens_per_s
+            );
+        }
+    }
+    let named = params.gather_named(world)?;
+    if mesh.world_rank == 0 {
+        let dir = run_dir.join("final");
+        let w = crate::model::llama::ModelWeights::from_named(spec, named)?;
+        weights::save_hf(&w, spec, &dir, 2 << 30).with_context(|| format!("saving the final model to {}", dir.display()))?;
+        println!("saved the final model (Hugging Face format) to {}", dir.display());
+    }
+    world.barrier()?;
+    Ok(())
+}

@@ -1,0 +1,40 @@
+//! Every collective, sub-communicator and invalid input, on real MPI ranks (CPU tensors), with
+//! exact expected values (the suite is `comm::selfcheck::conformance`, run by `ulysses comm-check`).
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+
+fn comm_check(n: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = mpirun(n, &["comm-check"], dir.path(), &[]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains(&format!("comm-check: all collectives exact on {n} rank(s)")), "{t}");
+}
+
+#[test]
+fn collectives_exact_on_1_rank() {
+    comm_check(1);
+}
+
+#[test]
+fn collectives_exact_on_2_ranks() {
+    comm_check(2);
+}
+
+#[test]
+fn collectives_exact_on_4_ranks_with_every_mesh() {
+    comm_check(4);
+}
+
+#[test]
+fn one_failing_rank_aborts_the_job_without_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    // Rank 2 fails before its first collective while the others are already inside one.
+    let out = mpirun(4, &["comm-check"], dir.path(), &[("ULYSSES_INJECT_FAILURE", "2")]);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("[rank 2] error") && t.contains("injected failure"), "{t}");
+    assert!(start.elapsed() < Duration::from_secs(60), "abort took {:?}", start.elapsed());
+}

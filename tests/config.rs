@@ -1,0 +1,136 @@
+//! The experiment TOML: strict parsing, every problem reported at once with its path, defaults.
+use ulysses::config::{validate, Experiment};
+
+const BASE: &str = r#"
+[model]
+preset = "tiny"
+[parallel]
+sp = 2
+dp = 2
+[data]
+paths = ["data/x"]
+seq_len = 1024
+"#;
+
+fn parse(text: &str) -> Experiment {
+    Experiment::parse(text, "test.toml").expect("valid TOML")
+}
+
+fn problems(text: &str, world: Option<usize>) -> Vec<String> {
+    validate(&parse(text), world).expect_err("should be invalid").iter().map(|p| p.to_string()).collect()
+}
+
+#[test]
+fn defaults_fill_missing_sections() {
+    let e = parse(BASE);
+    assert_eq!(e.run.seed, 1234);
+    assert_eq!(e.train.grad_accum, 1);
+    assert_eq!(e.parallel.zero_stage, 3);
+    assert!(e.data.shuffle);
+    let spec = validate(&e, Some(4)).expect("valid");
+    assert_eq!(spec.num_attention_heads, 4);
+}
+
+#[test]
+fn unknown_key_is_an_error_naming_it() {
+    let err = Experiment::parse(&BASE.replace("sp = 2", "sp = 2\nspp = 3"), "exp.toml").unwrap_err().to_string();
+    assert!(err.contains("exp.toml") && err.contains("spp"), "{err}");
+}
+
+#[test]
+fn unknown_section_is_an_error() {
+    let err = Experiment::parse(&format!("{BASE}\n[trian]\nsteps = 3\n"), "exp.toml").unwrap_err().to_string();
+    assert!(err.contains("trian"), "{err}");
+}
+
+#[test]
+fn wrong_type_is_an_error_naming_the_key() {
+    let err = Experiment::parse(&BASE.replace("seq_len = 1024", "seq_len = \"long\""), "exp.toml").unwrap_err().to_string();
+    assert!(err.contains("seq_len"), "{err}");
+}
+
+#[test]
+fn bad_enum_value_lists_nothing_silently() {
+    let err = Experiment::parse(&format!("{BASE}\n[train]\ndtype = \"fp8\"\n"), "exp.toml").unwrap_err().to_string();
+    assert!(err.contains("fp8") && err.contains("fp32") && err.contains("bf16"), "{err}");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = BASE.replace("sp = 2", "sp = 3").replace("seq_len = 1024", "seq_len = 1000")
+        + "\n[train]\nlr = -1.0\nsteps = 0\n";
+    let p = problems(&text, Some(4));
+    let joined = p.join("\n");
+    assert!(joined.contains("parallel: sp × dp = 3 × 2 = 6 but the job has 4 ranks"), "{joined}");
+    assert!(joined.contains("parallel.sp: = 3 does not divide the model's 4 query heads; use one of 1, 2, 4"), "{joined}");
+    assert!(joined.contains("data.seq_len: = 1000 is not divisible by parallel.sp = 3; use e.g. 999 or 1002"), "{joined}");
+    assert!(joined.contains("train.lr: = -1 must be a positive number"), "{joined}");
+    assert!(joined.contains("train.steps: is 0"), "{joined}");
+    assert!(p.len() >= 5, "{joined}");
+}
+
+#[test]
+fn world_size_is_checked_only_when_known() {
+    assert!(validate(&parse(BASE), None).is_ok());
+    let p = problems(BASE, Some(8));
+    assert_eq!(p.len(), 1, "{p:?}");
+}
+
+#[test]
+fn unknown_preset_lists_the_valid_ones() {
+    let p = problems(&BASE.replace("\"tiny\"", "\"llama4\""), None);
+    assert!(p[0].contains("model.preset") && p[0].contains("llama3.1-8b"), "{p:?}");
+}
+
+#[test]
+fn preset_and_config_are_exclusive_and_one_is_required() {
+    let p = problems(&BASE.replace("preset = \"tiny\"", "preset = \"tiny\"\nconfig = \"x.json\""), None);
+    assert!(p[0].contains("not both"), "{p:?}");
+    let p = problems(&BASE.replace("preset = \"tiny\"", ""), None);
+    assert!(p[0].contains("set `preset`"), "{p:?}");
+}
+
+#[test]
+fn hf_config_json_is_read_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("config.json");
+    let spec = ulysses::model::spec::ModelSpec::preset("llama3.1-8b").unwrap();
+    std::fs::write(&good, spec.to_hf_json().to_string()).unwrap();
+    let back = ulysses::model::spec::ModelSpec::from_hf_config(&good).unwrap();
+    assert_eq!(back, spec);
+    let text = BASE.replace("preset = \"tiny\"", &format!("config = {:?}", good.display().to_string()));
+    assert!(validate(&parse(&text), Some(4)).is_ok());
+
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"model_type": "llama", "hidden_size": 64}"#).unwrap();
+    let text = BASE.replace("preset = \"tiny\"", &format!("config = {:?}", bad.display().to_string()));
+    let p = problems(&text, None);
+    assert!(p[0].contains("bad.json") && p[0].contains("num_attention_heads"), "{p:?}");
+}
+
+#[test]
+fn bf16_on_cpu_and_odd_zero_stage_are_rejected() {
+    let p = problems(&(BASE.replace("dp = 2", "dp = 2\nzero_stage = 2") + "\n[train]\ndtype = \"bf16\"\n"), None);
+    let joined = p.join("\n");
+    assert!(joined.contains("parallel.zero_stage: is 2"), "{joined}");
+    assert!(joined.contains("train.dtype"), "{joined}");
+}
+
+#[test]
+fn parameter_counts_match_the_published_models() {
+    use ulysses::model::spec::ModelSpec;
+    // Llama-3.1-8B: 8.03B parameters; Llama-3.2-1B: 1.24B (tied embeddings).
+    let p8 = ModelSpec::preset("llama3.1-8b").unwrap().total_params();
+    assert_eq!(p8, 8_030_261_248);
+    let p1 = ModelSpec::preset("llama3.2-1b").unwrap().total_params();
+    assert_eq!(p1, 1_235_814_400);
+}
+
+#[test]
+fn shipped_experiments_parse_and_validate() {
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/experiments")).unwrap() {
+        let path = entry.unwrap().path();
+        let e = Experiment::load(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+        validate(&e, None).unwrap_or_else(|p| panic!("{}: {p:?}", path.display()));
+    }
+}
