@@ -5,6 +5,8 @@
 #include <c10/core/Stream.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 extern "C" {
 
@@ -39,4 +41,25 @@ void *ulysses_cuda_current_stream(int idx) {
     return (void *)-1;
   }
 }
+}
+
+#include <torch/csrc/autograd/autograd.h>
+#include <string>
+
+// torch.autograd.backward(outputs, grad_outputs): backpropagates each output's graph from its
+// incoming gradient without building the (output * grad).sum() scalar, which would cost one extra
+// activation-sized tensor. Gradients accumulate into the leaves' .grad. Tensors are tch's handles
+// (torch::Tensor*). Returns nullptr on success, else a malloc'ed message the caller frees.
+char *ulysses_backward(const at::Tensor **outputs, const at::Tensor **grads, int n) {
+  try {
+    std::vector<at::Tensor> outs, gs;
+    for (int i = 0; i < n; ++i) {
+      outs.push_back(*outputs[i]);
+      gs.push_back(*grads[i]);
+    }
+    torch::autograd::backward(outs, gs);
+    return nullptr;
+  } catch (const std::exception &e) {
+    return strdup(e.what());
+  }
 }

@@ -3,7 +3,7 @@
 //! leaving the other ranks blocked in a collective.
 use crate::comm::mpi::MpiCollective;
 use crate::comm::selfcheck::{conformance, values};
-use crate::comm::{Collective, Mesh};
+use crate::comm::{Groups, Mesh};
 use anyhow::{anyhow, ensure, Context, Result};
 use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
@@ -18,14 +18,6 @@ pub struct Launch {
     /// Rank among the processes of this node (MPI_Comm_split_type SHARED): the GPU index.
     pub local_rank: usize,
     pub local_size: usize,
-}
-
-/// The communicators a training rank uses: the whole world (ZeRO shards), its SP group
-/// (all-to-alls) and its DP group.
-pub struct Groups {
-    pub world: Box<dyn Collective>,
-    pub sp: Box<dyn Collective>,
-    pub dp: Box<dyn Collective>,
 }
 
 impl Launch {

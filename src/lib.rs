@@ -4,6 +4,7 @@
 //! the collectives and the mesh; `model` is Llama on tch and knows nothing of comm; `parallel`
 //! wraps model seams with collectives; `data` reads and writes HDF5 shards; `train` runs steps.
 pub mod comm;
+pub mod autograd;
 pub mod config;
 pub mod launch;
 pub mod model;

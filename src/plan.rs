@@ -45,11 +45,11 @@ impl Plan {
 
     pub fn render(&self, exp: &Experiment, spec: &ModelSpec) -> String {
         let mut s = String::new();
-        let gib = |b: f64| b / (1u64 << 30) as f64;
+
         let model = exp.model.preset.clone().unwrap_or_else(|| format!("{}", exp.model.config.as_ref().unwrap().display()));
-        let _ = writeln!(s, "model      {model}: {} layers, hidden {}, {} query / {} KV heads of {}, vocab {}, {:.3}B parameters",
+        let _ = writeln!(s, "model      {model}: {} layers, hidden {}, {} query / {} KV heads of {}, vocab {}, {} parameters",
             spec.num_hidden_layers, spec.hidden_size, spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim,
-            spec.vocab_size, self.params as f64 / 1e9);
+            spec.vocab_size, count(self.params));
         let _ = writeln!(s, "mesh       {} ranks = dp {} × sp {}; SP groups are contiguous ranks", self.world, self.dp, self.sp);
         for d in 0..self.dp {
             let ranks: Vec<String> = (0..self.sp).map(|r| (d * self.sp + r).to_string()).collect();
@@ -62,11 +62,34 @@ impl Plan {
             if self.kv_replication > 1 { format!(" (each KV head replicated {}×)", self.kv_replication) } else { String::new() });
         let stage = exp.parallel.zero_stage;
         let bytes_per_param = 2.0 + 4.0 + 4.0 + 8.0; // weight (bf16 on GPU) + fp32 master + grad + Adam m, v
-        let _ = writeln!(s, "ZeRO-{stage}     {} parameters per rank ({:.2} GiB of weights + master + grads + Adam at 18 B/param); a gathered layer holds {} parameters",
-            self.params_per_rank, gib(self.params_per_rank as f64 * bytes_per_param), self.layer_params);
+        let _ = writeln!(s, "ZeRO-{stage}     {} parameters per rank ({} of weights + master + grads + Adam at 18 B/param); a gathered layer holds {} parameters",
+            count(self.params_per_rank), bytes(self.params_per_rank as f64 * bytes_per_param), count(self.layer_params));
         let _ = writeln!(s, "train      {} steps, micro batch {}, grad accum {}, {} tokens per optimizer step",
             exp.train.steps, exp.train.micro_batch, exp.train.grad_accum,
             self.seq_len * self.dp * exp.train.micro_batch * exp.train.grad_accum);
         s
     }
+}
+
+/// 8.030B, 46.2K: parameter counts at a glance.
+pub fn count(n: i64) -> String {
+    let n = n as f64;
+    match n {
+        n if n >= 1e9 => format!("{:.3}B", n / 1e9),
+        n if n >= 1e6 => format!("{:.2}M", n / 1e6),
+        n if n >= 1e3 => format!("{:.1}K", n / 1e3),
+        n => format!("{n}"),
+    }
+}
+
+/// 31.2 GiB, 712.0 KiB: sizes in binary units.
+pub fn bytes(b: f64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", units[u])
 }

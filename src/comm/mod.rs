@@ -5,6 +5,7 @@
 pub mod mesh;
 pub mod mpi;
 pub mod selfcheck;
+pub mod solo;
 
 pub use mesh::Mesh;
 
@@ -46,6 +47,21 @@ pub trait Collective {
     /// `root`'s tensor, everywhere (every rank passes a tensor of the same shape and dtype).
     fn broadcast(&self, input: &Tensor, root: usize) -> Result<Tensor, CommError>;
     fn barrier(&self) -> Result<(), CommError>;
+}
+
+/// The communicators a training rank uses: the whole world (ZeRO shards), its SP group
+/// (all-to-alls) and its DP group.
+pub struct Groups {
+    pub world: Box<dyn Collective>,
+    pub sp: Box<dyn Collective>,
+    pub dp: Box<dyn Collective>,
+}
+
+impl Groups {
+    /// A single process with no launcher: every group is the process itself.
+    pub fn solo() -> Groups {
+        Groups { world: Box::new(solo::Solo), sp: Box::new(solo::Solo), dp: Box::new(solo::Solo) }
+    }
 }
 
 /// The checks every backend makes before moving data.

@@ -5,8 +5,7 @@ pub mod step;
 
 use crate::config::{DeviceKind, Dtype, Experiment};
 use crate::data::{Dataset, Loader, LoaderSpec, LoaderState};
-use crate::launch::Groups;
-use crate::comm::Mesh;
+use crate::comm::{Groups, Mesh};
 use crate::model::spec::ModelSpec;
 use crate::model::weights;
 use crate::parallel::zero::{AdamW, ShardedParams, Unit};

@@ -4,8 +4,7 @@
 //! post-attention), each with its own graph; a segment is backpropagated from the incoming
 //! gradient through the scalar `(out · grad_out).sum()`, whose gradient w.r.t. `out` is exactly
 //! `grad_out`, and the gradient crosses the all-to-all in the reverse direction.
-use crate::comm::Collective;
-use crate::launch::Groups;
+use crate::comm::{Collective, Groups};
 use crate::model::llama::{self, AttentionCore, LayerWeights, LocalAttention, ModelWeights};
 use crate::model::rope::Rope;
 use crate::model::spec::ModelSpec;
