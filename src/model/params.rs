@@ -51,8 +51,21 @@ impl LayerWeights {
     /// (name, shape) of every tensor of a layer, in the order of `NAMES`.
     pub fn shapes(spec: &ModelSpec) -> Vec<(&'static str, Vec<i64>)> {
         let (h, i) = (spec.hidden_size, spec.intermediate_size);
-        let (q, kv) = (spec.num_attention_heads * spec.head_dim, spec.num_key_value_heads * spec.head_dim);
-        let shapes = [vec![h], vec![q, h], vec![kv, h], vec![kv, h], vec![h, q], vec![h], vec![i, h], vec![i, h], vec![h, i]];
+        let (q, kv) = (
+            spec.num_attention_heads * spec.head_dim,
+            spec.num_key_value_heads * spec.head_dim,
+        );
+        let shapes = [
+            vec![h],
+            vec![q, h],
+            vec![kv, h],
+            vec![kv, h],
+            vec![h, q],
+            vec![h],
+            vec![i, h],
+            vec![i, h],
+            vec![h, i],
+        ];
         Self::NAMES.into_iter().zip(shapes).collect()
     }
 
@@ -73,14 +86,31 @@ impl LayerWeights {
 
     /// Inverse of `tensors()`: takes the nine tensors by their HF suffix names (any order), checks
     /// names and shapes against `spec`.
-    pub fn from_tensors(spec: &ModelSpec, named: Vec<(String, Tensor)>) -> Result<LayerWeights, WeightsError> {
-        let expected: Vec<(String, Vec<i64>)> = Self::shapes(spec).into_iter().map(|(n, s)| (n.to_string(), s)).collect();
-        let ordered = check_and_order(&expected, named, &|_| "layer tensors".to_string(), "layer tensors")?;
+    pub fn from_tensors(
+        spec: &ModelSpec,
+        named: Vec<(String, Tensor)>,
+    ) -> Result<LayerWeights, WeightsError> {
+        let expected: Vec<(String, Vec<i64>)> = Self::shapes(spec)
+            .into_iter()
+            .map(|(n, s)| (n.to_string(), s))
+            .collect();
+        let ordered = check_and_order(
+            &expected,
+            named,
+            &|_| "layer tensors".to_string(),
+            "layer tensors",
+        )?;
         Ok(Self::from_ordered(ordered))
     }
 
     /// Layer `layer` of `ModelWeights::init` (same values), for callers that build one layer at a time.
-    pub fn init(spec: &ModelSpec, layer: usize, seed: i64, kind: Kind, device: Device) -> LayerWeights {
+    pub fn init(
+        spec: &ModelSpec,
+        layer: usize,
+        seed: i64,
+        kind: Kind,
+        device: Device,
+    ) -> LayerWeights {
         let t = Self::shapes(spec)
             .into_iter()
             .map(|(n, s)| init_tensor(&format!("model.layers.{layer}.{n}"), &s, seed, kind, device))
@@ -90,9 +120,20 @@ impl LayerWeights {
 
     /// Tensors in the order of `NAMES`; the caller guarantees there are nine.
     fn from_ordered(t: Vec<Tensor>) -> LayerWeights {
-        let [attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down]: [Tensor; 9] =
-            t.try_into().unwrap_or_else(|_| unreachable!("a layer has exactly nine tensors"));
-        LayerWeights { attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down }
+        let [attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down]: [Tensor; 9] = t
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("a layer has exactly nine tensors"));
+        LayerWeights {
+            attn_norm,
+            wq,
+            wk,
+            wv,
+            wo,
+            mlp_norm,
+            w_gate,
+            w_up,
+            w_down,
+        }
     }
 }
 
@@ -102,7 +143,11 @@ impl ModelWeights {
         let (v, h) = (spec.vocab_size, spec.hidden_size);
         let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
         for l in 0..spec.num_hidden_layers {
-            out.extend(LayerWeights::shapes(spec).into_iter().map(|(n, s)| (format!("model.layers.{l}.{n}"), s)));
+            out.extend(
+                LayerWeights::shapes(spec)
+                    .into_iter()
+                    .map(|(n, s)| (format!("model.layers.{l}.{n}"), s)),
+            );
         }
         out.push(("model.norm.weight".to_string(), vec![h]));
         if !spec.tie_word_embeddings {
@@ -115,14 +160,25 @@ impl ModelWeights {
     /// drawn on the CPU from a generator seeded by (seed, its name), so the values do not depend on
     /// the device or on which other tensors are built. Reseeds libtorch's global CPU generator.
     pub fn init(spec: &ModelSpec, seed: i64, kind: Kind, device: Device) -> ModelWeights {
-        let t = Self::shapes(spec).into_iter().map(|(n, s)| init_tensor(&n, &s, seed, kind, device)).collect();
+        let t = Self::shapes(spec)
+            .into_iter()
+            .map(|(n, s)| init_tensor(&n, &s, seed, kind, device))
+            .collect();
         Self::from_ordered(spec, t)
     }
 
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.shallow_clone())];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed.shallow_clone(),
+        )];
         for (l, layer) in self.layers.iter().enumerate() {
-            out.extend(layer.tensors().into_iter().map(|(n, t)| (format!("model.layers.{l}.{n}"), t.shallow_clone())));
+            out.extend(
+                layer
+                    .tensors()
+                    .into_iter()
+                    .map(|(n, t)| (format!("model.layers.{l}.{n}"), t.shallow_clone())),
+            );
         }
         out.push(("model.norm.weight".to_string(), self.norm.shallow_clone()));
         if let Some(head) = &self.lm_head {
@@ -132,8 +188,16 @@ impl ModelWeights {
     }
 
     /// Builds the weights from HF-named tensors, checking every name and shape against `spec`.
-    pub fn from_named(spec: &ModelSpec, named: Vec<(String, Tensor)>) -> Result<ModelWeights, WeightsError> {
-        Self::from_named_in(spec, named, &|_| "the given tensors".to_string(), "the given tensors")
+    pub fn from_named(
+        spec: &ModelSpec,
+        named: Vec<(String, Tensor)>,
+    ) -> Result<ModelWeights, WeightsError> {
+        Self::from_named_in(
+            spec,
+            named,
+            &|_| "the given tensors".to_string(),
+            "the given tensors",
+        )
     }
 
     /// `from_named` whose errors name where each tensor came from (`origin`) and the checkpoint as
@@ -146,7 +210,10 @@ impl ModelWeights {
     ) -> Result<ModelWeights, WeightsError> {
         // What transformers itself ignores when loading: a stored LM head of a tied model, and the
         // rotary `inv_freq` buffers that older conversions saved.
-        named.retain(|(n, _)| !(spec.tie_word_embeddings && n == "lm_head.weight") && !n.ends_with("rotary_emb.inv_freq"));
+        named.retain(|(n, _)| {
+            !(spec.tie_word_embeddings && n == "lm_head.weight")
+                && !n.ends_with("rotary_emb.inv_freq")
+        });
         let ordered = check_and_order(&Self::shapes(spec), named, origin, whole)?;
         Ok(Self::from_ordered(spec, ordered))
     }
@@ -159,14 +226,24 @@ impl ModelWeights {
     /// Tensors in the order of `shapes(spec)`.
     fn from_ordered(spec: &ModelSpec, t: Vec<Tensor>) -> ModelWeights {
         let mut it = t.into_iter();
-        let mut next = || it.next().unwrap_or_else(|| unreachable!("checked against shapes(spec)"));
+        let mut next = || {
+            it.next()
+                .unwrap_or_else(|| unreachable!("checked against shapes(spec)"))
+        };
         let embed = next();
         let layers = (0..spec.num_hidden_layers)
-            .map(|_| LayerWeights::from_ordered((0..LayerWeights::NAMES.len()).map(|_| next()).collect()))
+            .map(|_| {
+                LayerWeights::from_ordered((0..LayerWeights::NAMES.len()).map(|_| next()).collect())
+            })
             .collect();
         let norm = next();
         let lm_head = (!spec.tie_word_embeddings).then(next);
-        ModelWeights { embed, layers, norm, lm_head }
+        ModelWeights {
+            embed,
+            layers,
+            norm,
+            lm_head,
+        }
     }
 }
 
@@ -176,9 +253,15 @@ fn init_tensor(name: &str, shape: &[i64], seed: i64, kind: Kind, device: Device)
     if name.ends_with("norm.weight") {
         return Tensor::ones(shape, (kind, device));
     }
-    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64 ^ seed as u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let hash = name
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64 ^ seed as u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
     tch::manual_seed((hash >> 1) as i64);
-    (Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 0.02).to_kind(kind).to_device(device)
+    (Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 0.02)
+        .to_kind(kind)
+        .to_device(device)
 }
 
 /// Checks `named` against `expected` (every name once, right shape, one dtype and device) and
@@ -192,20 +275,37 @@ fn check_and_order(
     let mut map: HashMap<String, Tensor> = HashMap::with_capacity(named.len());
     for (name, t) in named {
         if map.contains_key(&name) {
-            return Err(WeightsError::Duplicate { origin: whole.to_string(), tensor: name });
+            return Err(WeightsError::Duplicate {
+                origin: whole.to_string(),
+                tensor: name,
+            });
         }
         map.insert(name, t);
     }
     let wanted: HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-    let missing: Vec<String> = expected.iter().filter(|(n, _)| !map.contains_key(n)).map(|(n, _)| n.clone()).collect();
-    let mut unexpected: Vec<String> = map.keys().filter(|n| !wanted.contains(n.as_str())).cloned().collect();
+    let missing: Vec<String> = expected
+        .iter()
+        .filter(|(n, _)| !map.contains_key(n))
+        .map(|(n, _)| n.clone())
+        .collect();
+    let mut unexpected: Vec<String> = map
+        .keys()
+        .filter(|n| !wanted.contains(n.as_str()))
+        .cloned()
+        .collect();
     if !missing.is_empty() || !unexpected.is_empty() {
         unexpected.sort();
-        return Err(WeightsError::Names { origin: whole.to_string(), missing, unexpected });
+        return Err(WeightsError::Names {
+            origin: whole.to_string(),
+            missing,
+            unexpected,
+        });
     }
     let mut ordered = Vec::with_capacity(expected.len());
     for (name, shape) in expected {
-        let t = map.remove(name).unwrap_or_else(|| unreachable!("missing names were rejected above"));
+        let t = map
+            .remove(name)
+            .unwrap_or_else(|| unreachable!("missing names were rejected above"));
         if t.size() != *shape {
             return Err(WeightsError::Shape {
                 origin: origin(name),
