@@ -1,0 +1,206 @@
+//! The Llama forward, cut into the segments the parallel step recomputes one at a time:
+//! `pre_attention` (RMSNorm, QKV, RoPE) | attention core | `post_attention` (O, residual, RMSNorm,
+//! SwiGLU MLP, residual); then `head_loss`. Sequence parallelism enters only through the
+//! `AttentionCore` the caller passes: every function here sees just the rank's local tokens, with
+//! their global positions. `forward_logits` composes it all as the readable reference.
+use super::rope::{apply_rope, Rope};
+use super::spec::ModelSpec;
+use tch::{Kind, Reduction, Tensor};
+
+pub use super::params::{LayerWeights, ModelWeights};
+
+/// Label value that contributes no loss (as in transformers / PyTorch cross-entropy).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// LlamaRMSNorm: normalize in fp32, cast back to the input dtype, then scale.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    let xf = x.to_kind(Kind::Float);
+    let variance = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+    weight * (xf * (variance + eps).rsqrt()).to_kind(x.kind())
+}
+
+/// Pre-attention segment: RMSNorm -> q, k, v projections -> RoPE at the global positions of
+/// `rope`. Returns (q [b, s, n_q, d], k [b, s, n_kv, d], v [b, s, n_kv, d]).
+pub fn pre_attention(
+    spec: &ModelSpec,
+    w: &LayerWeights,
+    x: &Tensor,
+    rope: &Rope,
+) -> (Tensor, Tensor, Tensor) {
+    let (b, s) = (x.size()[0], x.size()[1]);
+    let (n_q, n_kv, d) = (
+        spec.num_attention_heads,
+        spec.num_key_value_heads,
+        spec.head_dim,
+    );
+    let xn = rms_norm(x, &w.attn_norm, spec.rms_norm_eps);
+    // [b, s, h] -> [b, s, n_q*d] -> [b, s, n_q, d]
+    let q = xn.linear(&w.wq, None::<Tensor>).view([b, s, n_q, d]);
+    // [b, s, h] -> [b, s, n_kv*d] -> [b, s, n_kv, d], for k and v
+    let k = xn.linear(&w.wk, None::<Tensor>).view([b, s, n_kv, d]);
+    let v = xn.linear(&w.wv, None::<Tensor>).view([b, s, n_kv, d]);
+    (apply_rope(&q, rope), apply_rope(&k, rope), v)
+}
+
+/// The attention seam. `attend(q [b, s, n_q, d], k [b, s, n_kv, d], v [b, s, n_kv, d])` returns
+/// [b, s, n_q, d], causal over the sequence it is given. The Ulysses core wraps a local core with
+/// the all-to-alls; the model never learns how the sequence is split.
+pub trait AttentionCore {
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor;
+}
+
+/// Causal scaled-dot-product attention on one device (softmax scale 1/sqrt(d), as in Llama).
+/// Grouped-query attention goes through `enable_gqa`, which libtorch's CPU (math) kernel and the
+/// flash and cuDNN GPU kernels accept, instead of materializing repeated KV heads.
+pub struct LocalAttention;
+
+impl AttentionCore for LocalAttention {
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        let gqa = q.size()[2] != k.size()[2];
+        // [b, s, heads, d] -> [b, heads, s, d]
+        let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
+        let out =
+            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, gqa);
+        // [b, n_q, s, d] -> [b, s, n_q, d]
+        out.transpose(1, 2)
+    }
+}
+
+/// Post-attention segment: o-projection + residual, then RMSNorm -> SwiGLU MLP + residual. The
+/// MLP runs over tiles of `mlp_tile` tokens (0: all at once) so that, without autograd, its
+/// [tokens, intermediate] activations exist for one tile at a time; the result does not depend
+/// on the tiling. With autograd every tile's activations stay in the graph: to keep the memory
+/// win in backward, backpropagate `mlp_residual` tile by tile instead.
+pub fn post_attention(
+    spec: &ModelSpec,
+    w: &LayerWeights,
+    x: &Tensor,
+    attn: &Tensor,
+    mlp_tile: usize,
+) -> Tensor {
+    let h = attention_residual(spec, w, x, attn);
+    let s = h.size()[1];
+    let tiles: Vec<Tensor> = seq_tiles(s, mlp_tile)
+        // [b, s, h] -> [b, tile, h]
+        .map(|(start, len)| mlp_residual(spec, w, &h.narrow(1, start, len)))
+        .collect();
+    // [b, tile, h] x n -> [b, s, h]
+    Tensor::cat(&tiles, 1)
+}
+
+/// First part of `post_attention`: `x + o_proj(attn)`, attn [b, s, n_q, d] -> [b, s, h].
+pub fn attention_residual(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, attn: &Tensor) -> Tensor {
+    let (b, s) = (x.size()[0], x.size()[1]);
+    // [b, s, n_q, d] -> [b, s, n_q*d]
+    let attn = attn.reshape([b, s, spec.num_attention_heads * spec.head_dim]);
+    x + attn.linear(&w.wo, None::<Tensor>)
+}
+
+/// Second part of `post_attention`, per token: `h + down(silu(gate(n)) * up(n))` with
+/// `n = RMSNorm(h)`, h [b, tokens, h] -> [b, tokens, h]. Any tile of tokens can run alone.
+pub fn mlp_residual(spec: &ModelSpec, w: &LayerWeights, h: &Tensor) -> Tensor {
+    let hn = rms_norm(h, &w.mlp_norm, spec.rms_norm_eps);
+    let gate = hn.linear(&w.w_gate, None::<Tensor>).silu();
+    let up = hn.linear(&w.w_up, None::<Tensor>);
+    h + (gate * up).linear(&w.w_down, None::<Tensor>)
+}
+
+/// One decoder layer: `pre_attention` -> `core.attend` -> `post_attention`.
+pub fn layer_forward(
+    spec: &ModelSpec,
+    w: &LayerWeights,
+    x: &Tensor,
+    rope: &Rope,
+    core: &dyn AttentionCore,
+    mlp_tile: usize,
+) -> Tensor {
+    let (q, k, v) = pre_attention(spec, w, x, rope);
+    let attn = core.attend(&q, &k, &v);
+    post_attention(spec, w, x, &attn, mlp_tile)
+}
+
+/// Token embeddings: ids [b, s] (i64) -> [b, s, h].
+pub fn embed(w: &ModelWeights, ids: &Tensor) -> Tensor {
+    Tensor::embedding(&w.embed, ids, -1, false, false)
+}
+
+/// Final RMSNorm and LM head: x [b, s, h] -> logits [b, s, V] in fp32. The matmul runs in the
+/// weights' dtype and the logits are upcast, as transformers does before its loss.
+pub fn logits(spec: &ModelSpec, w: &ModelWeights, x: &Tensor) -> Tensor {
+    let xn = rms_norm(x, &w.norm, spec.rms_norm_eps);
+    xn.linear(w.lm_head(), None::<Tensor>).to_kind(Kind::Float)
+}
+
+/// Cross-entropy of every token, [b, s] fp32 (0 where the label is `IGNORE_INDEX`), computed over
+/// tiles of `loss_tile` tokens (0: untiled) so the full [b, s, V] logits never exist at once.
+/// `labels` [b, s] are already aligned with `x`: label t is the target of position t; valid
+/// labels must lie in [0, V).
+pub fn token_losses(
+    spec: &ModelSpec,
+    w: &ModelWeights,
+    x: &Tensor,
+    labels: &Tensor,
+    loss_tile: usize,
+) -> Tensor {
+    let (b, s) = (x.size()[0], x.size()[1]);
+    let tiles: Vec<Tensor> = seq_tiles(s, loss_tile)
+        .map(|(start, len)| {
+            // [b, s, h] -> [b, tile, h] -> [b, tile, V] -> [b*tile, V]
+            let lg = logits(spec, w, &x.narrow(1, start, len)).view([b * len, spec.vocab_size]);
+            // [b, s] -> [b, tile] -> [b*tile]
+            let target = labels.narrow(1, start, len).reshape([b * len]);
+            let loss =
+                lg.cross_entropy_loss(&target, None::<Tensor>, Reduction::None, IGNORE_INDEX, 0.0);
+            // [b*tile] -> [b, tile]
+            loss.view([b, len])
+        })
+        .collect();
+    // [b, tile] x n -> [b, s]
+    Tensor::cat(&tiles, 1)
+}
+
+/// Final RMSNorm, LM head and the cross-entropy SUM over labels != -100, in fp32, tiled like
+/// `token_losses`. Returns (loss_sum, number of valid labels); the sum keeps its autograd graph
+/// and is 0 (never NaN) when no label is valid, so the caller can divide by the global count.
+/// Under autograd each tile's fp32 log-probabilities are saved for backward; to bound that
+/// memory too, call it on tiles (`x.narrow(1, ..)`, same for labels) and backpropagate each
+/// before the next.
+pub fn head_loss(
+    spec: &ModelSpec,
+    w: &ModelWeights,
+    x: &Tensor,
+    labels: &Tensor,
+    loss_tile: usize,
+) -> (Tensor, i64) {
+    let valid = labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]);
+    (
+        token_losses(spec, w, x, labels, loss_tile).sum(Kind::Float),
+        valid,
+    )
+}
+
+/// The readable reference: the whole forward with autograd, ids [b, s] at global `positions`
+/// [b, s] -> logits [b, s, V] (fp32). Used for Hugging Face parity and as the sp = 1 reference.
+pub fn forward_logits(
+    spec: &ModelSpec,
+    w: &ModelWeights,
+    ids: &Tensor,
+    positions: &Tensor,
+    core: &dyn AttentionCore,
+) -> Tensor {
+    let rope = Rope::new(spec, positions, w.embed.kind());
+    let x = w.layers.iter().fold(embed(w, ids), |x, layer| {
+        layer_forward(spec, layer, &x, &rope, core, 0)
+    });
+    logits(spec, w, &x)
+}
+
+/// (start, len) of consecutive tiles of `tile` tokens covering `s` (the last may be shorter);
+/// tile 0 means one tile of everything. An empty sequence still gets one (empty) tile, so the
+/// concatenations above always have something to join.
+fn seq_tiles(s: i64, tile: usize) -> impl Iterator<Item = (i64, i64)> {
+    let tile = if tile == 0 { s.max(1) } else { tile as i64 };
+    (0..s.max(1))
+        .step_by(tile as usize)
+        .map(move |start| (start, tile.min(s - start)))
+}

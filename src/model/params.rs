@@ -1,0 +1,331 @@
+//! The Llama parameters in Hugging Face layout (`nn.Linear` weights are [out, in]) and naming, so
+//! a checkpoint maps onto these structs name for name with no transposes. Re-exported by `llama`.
+use super::spec::ModelSpec;
+use super::weights::WeightsError;
+use std::collections::{HashMap, HashSet};
+use tch::{Device, Kind, Tensor};
+
+/// One decoder layer.
+pub struct LayerWeights {
+    pub attn_norm: Tensor,
+    /// [n_q*d, h]
+    pub wq: Tensor,
+    /// [n_kv*d, h]
+    pub wk: Tensor,
+    /// [n_kv*d, h]
+    pub wv: Tensor,
+    /// [h, n_q*d]
+    pub wo: Tensor,
+    pub mlp_norm: Tensor,
+    /// [intermediate, h]
+    pub w_gate: Tensor,
+    /// [intermediate, h]
+    pub w_up: Tensor,
+    /// [h, intermediate]
+    pub w_down: Tensor,
+}
+
+pub struct ModelWeights {
+    /// [V, h]
+    pub embed: Tensor,
+    pub layers: Vec<LayerWeights>,
+    pub norm: Tensor,
+    /// [V, h]; None when the LM head is tied to the embedding.
+    pub lm_head: Option<Tensor>,
+}
+
+impl LayerWeights {
+    /// HF names relative to `model.layers.{i}.`, in the fixed order of `tensors()`.
+    pub const NAMES: [&'static str; 9] = [
+        "input_layernorm.weight",
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight",
+        "post_attention_layernorm.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+    ];
+
+    /// (name, shape) of every tensor of a layer, in the order of `NAMES`.
+    pub fn shapes(spec: &ModelSpec) -> Vec<(&'static str, Vec<i64>)> {
+        let (h, i) = (spec.hidden_size, spec.intermediate_size);
+        let (q, kv) = (
+            spec.num_attention_heads * spec.head_dim,
+            spec.num_key_value_heads * spec.head_dim,
+        );
+        let shapes = [
+            vec![h],
+            vec![q, h],
+            vec![kv, h],
+            vec![kv, h],
+            vec![h, q],
+            vec![h],
+            vec![i, h],
+            vec![i, h],
+            vec![h, i],
+        ];
+        Self::NAMES.into_iter().zip(shapes).collect()
+    }
+
+    pub fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        let t = [
+            &self.attn_norm,
+            &self.wq,
+            &self.wk,
+            &self.wv,
+            &self.wo,
+            &self.mlp_norm,
+            &self.w_gate,
+            &self.w_up,
+            &self.w_down,
+        ];
+        Self::NAMES.into_iter().zip(t).collect()
+    }
+
+    /// Inverse of `tensors()`: takes the nine tensors by their HF suffix names (any order), checks
+    /// names and shapes against `spec`.
+    pub fn from_tensors(
+        spec: &ModelSpec,
+        named: Vec<(String, Tensor)>,
+    ) -> Result<LayerWeights, WeightsError> {
+        let expected: Vec<(String, Vec<i64>)> = Self::shapes(spec)
+            .into_iter()
+            .map(|(n, s)| (n.to_string(), s))
+            .collect();
+        let ordered = check_and_order(
+            &expected,
+            named,
+            &|_| "layer tensors".to_string(),
+            "layer tensors",
+        )?;
+        Ok(Self::from_ordered(ordered))
+    }
+
+    /// Layer `layer` of `ModelWeights::init` (same values), for callers that build one layer at a time.
+    pub fn init(
+        spec: &ModelSpec,
+        layer: usize,
+        seed: i64,
+        kind: Kind,
+        device: Device,
+    ) -> LayerWeights {
+        let t = Self::shapes(spec)
+            .into_iter()
+            .map(|(n, s)| init_tensor(&format!("model.layers.{layer}.{n}"), &s, seed, kind, device))
+            .collect();
+        Self::from_ordered(t)
+    }
+
+    /// Tensors in the order of `NAMES`; the caller guarantees there are nine.
+    fn from_ordered(t: Vec<Tensor>) -> LayerWeights {
+        let [attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down]: [Tensor; 9] = t
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("a layer has exactly nine tensors"));
+        LayerWeights {
+            attn_norm,
+            wq,
+            wk,
+            wv,
+            wo,
+            mlp_norm,
+            w_gate,
+            w_up,
+            w_down,
+        }
+    }
+}
+
+impl ModelWeights {
+    /// Full HF names and shapes of every tensor, in the order of `named_tensors()`.
+    pub fn shapes(spec: &ModelSpec) -> Vec<(String, Vec<i64>)> {
+        let (v, h) = (spec.vocab_size, spec.hidden_size);
+        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+        for l in 0..spec.num_hidden_layers {
+            out.extend(
+                LayerWeights::shapes(spec)
+                    .into_iter()
+                    .map(|(n, s)| (format!("model.layers.{l}.{n}"), s)),
+            );
+        }
+        out.push(("model.norm.weight".to_string(), vec![h]));
+        if !spec.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), vec![v, h]));
+        }
+        out
+    }
+
+    /// Random weights like HF's `_init_weights`: normal(0, 0.02) matrices, norms 1. Each tensor is
+    /// drawn on the CPU from a generator seeded by (seed, its name), so the values do not depend on
+    /// the device or on which other tensors are built. Reseeds libtorch's global CPU generator.
+    pub fn init(spec: &ModelSpec, seed: i64, kind: Kind, device: Device) -> ModelWeights {
+        let t = Self::shapes(spec)
+            .into_iter()
+            .map(|(n, s)| init_tensor(&n, &s, seed, kind, device))
+            .collect();
+        Self::from_ordered(spec, t)
+    }
+
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed.shallow_clone(),
+        )];
+        for (l, layer) in self.layers.iter().enumerate() {
+            out.extend(
+                layer
+                    .tensors()
+                    .into_iter()
+                    .map(|(n, t)| (format!("model.layers.{l}.{n}"), t.shallow_clone())),
+            );
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.shallow_clone()));
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), head.shallow_clone()));
+        }
+        out
+    }
+
+    /// Builds the weights from HF-named tensors, checking every name and shape against `spec`.
+    pub fn from_named(
+        spec: &ModelSpec,
+        named: Vec<(String, Tensor)>,
+    ) -> Result<ModelWeights, WeightsError> {
+        Self::from_named_in(
+            spec,
+            named,
+            &|_| "the given tensors".to_string(),
+            "the given tensors",
+        )
+    }
+
+    /// `from_named` whose errors name where each tensor came from (`origin`) and the checkpoint as
+    /// a whole (`whole`, for missing tensors).
+    pub(crate) fn from_named_in(
+        spec: &ModelSpec,
+        mut named: Vec<(String, Tensor)>,
+        origin: &dyn Fn(&str) -> String,
+        whole: &str,
+    ) -> Result<ModelWeights, WeightsError> {
+        // What transformers itself ignores when loading: a stored LM head of a tied model, and the
+        // rotary `inv_freq` buffers that older conversions saved.
+        named.retain(|(n, _)| {
+            !(spec.tie_word_embeddings && n == "lm_head.weight")
+                && !n.ends_with("rotary_emb.inv_freq")
+        });
+        let ordered = check_and_order(&Self::shapes(spec), named, origin, whole)?;
+        Ok(Self::from_ordered(spec, ordered))
+    }
+
+    /// The LM head: its own matrix, or the embedding when tied.
+    pub fn lm_head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Tensors in the order of `shapes(spec)`.
+    fn from_ordered(spec: &ModelSpec, t: Vec<Tensor>) -> ModelWeights {
+        let mut it = t.into_iter();
+        let mut next = || {
+            it.next()
+                .unwrap_or_else(|| unreachable!("checked against shapes(spec)"))
+        };
+        let embed = next();
+        let layers = (0..spec.num_hidden_layers)
+            .map(|_| {
+                LayerWeights::from_ordered((0..LayerWeights::NAMES.len()).map(|_| next()).collect())
+            })
+            .collect();
+        let norm = next();
+        let lm_head = (!spec.tie_word_embeddings).then(next);
+        ModelWeights {
+            embed,
+            layers,
+            norm,
+            lm_head,
+        }
+    }
+}
+
+/// One tensor of `init`: norms are ones, everything else normal(0, 0.02) from a generator seeded
+/// by FNV-1a of the name mixed with `seed`.
+fn init_tensor(name: &str, shape: &[i64], seed: i64, kind: Kind, device: Device) -> Tensor {
+    if name.ends_with("norm.weight") {
+        return Tensor::ones(shape, (kind, device));
+    }
+    let hash = name
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64 ^ seed as u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+    tch::manual_seed((hash >> 1) as i64);
+    (Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 0.02)
+        .to_kind(kind)
+        .to_device(device)
+}
+
+/// Checks `named` against `expected` (every name once, right shape, one dtype and device) and
+/// returns the tensors in the order of `expected`.
+fn check_and_order(
+    expected: &[(String, Vec<i64>)],
+    named: Vec<(String, Tensor)>,
+    origin: &dyn Fn(&str) -> String,
+    whole: &str,
+) -> Result<Vec<Tensor>, WeightsError> {
+    let mut map: HashMap<String, Tensor> = HashMap::with_capacity(named.len());
+    for (name, t) in named {
+        if map.contains_key(&name) {
+            return Err(WeightsError::Duplicate {
+                origin: whole.to_string(),
+                tensor: name,
+            });
+        }
+        map.insert(name, t);
+    }
+    let wanted: HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let missing: Vec<String> = expected
+        .iter()
+        .filter(|(n, _)| !map.contains_key(n))
+        .map(|(n, _)| n.clone())
+        .collect();
+    let mut unexpected: Vec<String> = map
+        .keys()
+        .filter(|n| !wanted.contains(n.as_str()))
+        .cloned()
+        .collect();
+    if !missing.is_empty() || !unexpected.is_empty() {
+        unexpected.sort();
+        return Err(WeightsError::Names {
+            origin: whole.to_string(),
+            missing,
+            unexpected,
+        });
+    }
+    let mut ordered = Vec::with_capacity(expected.len());
+    for (name, shape) in expected {
+        let t = map
+            .remove(name)
+            .unwrap_or_else(|| unreachable!("missing names were rejected above"));
+        if t.size() != *shape {
+            return Err(WeightsError::Shape {
+                origin: origin(name),
+                tensor: name.clone(),
+                expected: shape.clone(),
+                found: t.size(),
+            });
+        }
+        if let Some((first, reference)) = ordered.first().zip(expected.first()) {
+            let first: &Tensor = first;
+            if (t.kind(), t.device()) != (first.kind(), first.device()) {
+                return Err(WeightsError::Placement {
+                    tensor: name.clone(),
+                    found: format!("{:?} on {:?}", t.kind(), t.device()),
+                    expected: format!("{:?} on {:?}", first.kind(), first.device()),
+                    reference: reference.0.clone(),
+                });
+            }
+        }
+        ordered.push(t);
+    }
+    Ok(ordered)
+}
