@@ -1,10 +1,10 @@
 //! `ulysses data prepare | synth | inspect`: thin wrappers that parse arguments, show progress and
 //! print summaries; the work happens in the library functions they call.
+use super::format::TOKENS;
 use super::prepare::{prepare, InputFormat, PrepareOptions};
+use super::shard::{read_i64_attr, read_str_attr};
 use super::synth::{synth, SynthOptions, SynthTask};
 use super::tokenizer::TextTokenizer;
-use super::dataset::{read_i64_attr, read_str_attr};
-use super::format::TOKENS;
 use super::{DataError, Dataset};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -76,18 +76,46 @@ pub enum DataCommand {
         /// Tokens of the first sequence to print.
         #[arg(long, default_value_t = 16)]
         tokens: usize,
+        /// Also read every sequence and check every token id (training checks each span it
+        /// reads; this finds bad ids up front).
+        #[arg(long)]
+        scan: bool,
     },
 }
 
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
-        DataCommand::Prepare { inputs, out, seq_len, tokenizer, eos_token, format, text_field, shard_mib, force } => {
+        DataCommand::Prepare {
+            inputs,
+            out,
+            seq_len,
+            tokenizer,
+            eos_token,
+            format,
+            text_field,
+            shard_mib,
+            force,
+        } => {
             let tok = TextTokenizer::load(&tokenizer, eos_token.as_deref())?;
-            let total: u64 = inputs.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+            let total: u64 = inputs
+                .iter()
+                .filter_map(|p| std::fs::metadata(p).ok())
+                .map(|m| m.len())
+                .sum();
             let bar = indicatif::ProgressBar::new(total);
             let style = "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}";
-            bar.set_style(indicatif::ProgressStyle::with_template(style).context("progress bar template")?);
-            let opts = PrepareOptions { inputs, format, text_field, seq_len, shard_mib, out, force };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(style).context("progress bar template")?,
+            );
+            let opts = PrepareOptions {
+                inputs,
+                format,
+                text_field,
+                seq_len,
+                shard_mib,
+                out,
+                force,
+            };
             let summary = prepare(&opts, &tok, &mut |n| bar.inc(n));
             bar.finish_and_clear();
             let s = summary?;
@@ -101,19 +129,43 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 s.dropped_tokens
             );
         }
-        DataCommand::Synth { task, seq_len, num, seed, out, depths, tokenizer, eos_token, key_digits, force } => {
+        DataCommand::Synth {
+            task,
+            seq_len,
+            num,
+            seed,
+            out,
+            depths,
+            tokenizer,
+            eos_token,
+            key_digits,
+            force,
+        } => {
             let tok = TextTokenizer::load(&tokenizer, eos_token.as_deref())?;
-            let opts = SynthOptions { task, seq_len, num, seed, out, depths, key_digits, force };
+            let opts = SynthOptions {
+                task,
+                seq_len,
+                num,
+                seed,
+                out,
+                depths,
+                key_digits,
+                force,
+            };
             let path = synth(&opts, &tok)?;
-            println!("wrote {num} {task:?} sequences of {seq_len} tokens (seed {seed}) to {}", path.display());
+            println!(
+                "wrote {num} {} sequences of {seq_len} tokens (seed {seed}) to {}",
+                task.name(),
+                path.display()
+            );
         }
-        DataCommand::Inspect { file, tokens } => inspect(&file, tokens)?,
+        DataCommand::Inspect { file, tokens, scan } => inspect(&file, tokens, scan)?,
     }
     Ok(())
 }
 
 /// Validates the shard as training would (every check of `Dataset::open`) and prints it.
-fn inspect(path: &Path, n_tokens: usize) -> Result<()> {
+fn inspect(path: &Path, n_tokens: usize, scan: bool) -> Result<()> {
     let (seq_len, lines) = layout(path)?;
     let ds = Dataset::open(&[path.to_path_buf()], seq_len)?;
     println!("{}", path.display());
@@ -121,7 +173,11 @@ fn inspect(path: &Path, n_tokens: usize) -> Result<()> {
         println!("  {line}");
     }
     println!("  tokenizer       {}", ds.tokenizer());
-    println!("  vocab_size      {}   eos_id {}", ds.vocab_size(), ds.eos_id());
+    println!(
+        "  vocab_size      {}   eos_id {}",
+        ds.vocab_size(),
+        ds.eos_id()
+    );
     if ds.is_empty() {
         println!("  (no sequences)");
         return Ok(());
@@ -141,7 +197,18 @@ fn inspect(path: &Path, n_tokens: usize) -> Result<()> {
             p.key, p.depth, p.needle_start, p.answer_start, p.answer_tokens
         );
     }
-    println!("  ok: {} sequences pass the reader's checks", ds.len());
+    if scan {
+        for i in 0..ds.len() {
+            ds.read_span(i, 0, ds.seq_len())?;
+        }
+        println!(
+            "  ok: {} sequences, every token id in [0, {})",
+            ds.len(),
+            ds.vocab_size()
+        );
+    } else {
+        println!("  ok: {} sequences; layout and attributes pass the reader's checks (--scan also checks every token id)", ds.len());
+    }
     Ok(())
 }
 
@@ -151,16 +218,27 @@ fn layout(path: &Path) -> Result<(usize, Vec<String>), DataError> {
     if !path.exists() {
         return Err(DataError::NotFound { path: path.into() });
     }
-    let file = hdf5::File::open(path).map_err(|e| DataError::Open { path: path.into(), detail: e.to_string() })?;
-    let tokens = file.dataset(TOKENS).map_err(|_| DataError::Missing { path: path.into(), what: "dataset", name: TOKENS.into() })?;
+    let file = hdf5::File::open(path).map_err(|e| DataError::Open {
+        path: path.into(),
+        detail: e.to_string(),
+    })?;
+    let tokens = file.dataset(TOKENS).map_err(|_| DataError::Missing {
+        path: path.into(),
+        what: "dataset",
+        name: TOKENS.into(),
+    })?;
     let shape = tokens.shape();
-    let mut lines = vec![format!("tokens          shape {shape:?}, chunks {:?}, filters {:?}", tokens.chunk(), tokens.filters())];
+    let mut lines = vec![format!(
+        "tokens          shape {shape:?}, chunks {:?}, filters {:?}",
+        tokens.chunk(),
+        tokens.filters()
+    )];
     if let Ok(v) = read_i64_attr(&file, path, "format_version") {
         lines.push(format!("format_version  {v}"));
     }
     for name in ["format", "task", "tokenizer_source"] {
         if let Ok(v) = read_str_attr(&file, path, name) {
-            lines.push(format!("{name:<16}{v}"));
+            lines.push(format!("{name:<15} {v}"));
         }
     }
     Ok((shape.get(1).copied().unwrap_or(1).max(1), lines))

@@ -10,9 +10,11 @@ pub mod format;
 mod loader;
 mod order;
 pub mod prepare;
+mod shard;
 pub mod synth;
 pub mod tokenizer;
 
-pub use dataset::{shard_files, Dataset, PasskeyInfo};
+pub use dataset::{Dataset, PasskeyInfo};
 pub use error::DataError;
 pub use loader::{build_batch, Batch, Loader, LoaderSpec, LoaderState, IGNORE_INDEX};
+pub use shard::shard_files;

@@ -10,13 +10,29 @@ use super::{DataError, PasskeyInfo};
 use ndarray::{Array1, Array2};
 use std::path::{Path, PathBuf};
 
-const FILLER: &[&str] = &["The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ", "There and back again. "];
+const FILLER: &[&str] = &[
+    "The grass is green. ",
+    "The sky is blue. ",
+    "The sun is yellow. ",
+    "Here we go. ",
+    "There and back again. ",
+];
 const QUESTION: &str = "What is the pass key? The pass key is ";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SynthTask {
     Passkey,
     Random,
+}
+
+impl SynthTask {
+    /// The shard's `task` attribute.
+    pub fn name(self) -> &'static str {
+        match self {
+            SynthTask::Passkey => "passkey",
+            SynthTask::Random => "random",
+        }
+    }
 }
 
 pub struct SynthOptions {
@@ -38,7 +54,10 @@ pub fn synth(opts: &SynthOptions, tokenizer: &TextTokenizer) -> Result<PathBuf, 
     check(opts)?;
     let path = if opts.out.extension().is_some_and(|e| e == "h5") {
         if opts.out.exists() && !opts.force {
-            return Err(DataError::Usage(format!("{} exists; pass --force to replace it", opts.out.display())));
+            return Err(DataError::Usage(format!(
+                "{} exists; pass --force to replace it",
+                opts.out.display()
+            )));
         }
         if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
@@ -48,11 +67,12 @@ pub fn synth(opts: &SynthOptions, tokenizer: &TextTokenizer) -> Result<PathBuf, 
         claim_output_dir(&opts.out, opts.force)?;
         opts.out.join(shard_name(0))
     };
-    let task = match opts.task {
-        SynthTask::Passkey => "passkey",
-        SynthTask::Random => "random",
-    };
-    let mut writer = ShardWriter::create(&path, opts.seq_len, &tokenizer.shard_meta(task), false)?;
+    let mut writer = ShardWriter::create(
+        &path,
+        opts.seq_len,
+        &tokenizer.shard_meta(opts.task.name()),
+        false,
+    )?;
     let mut rng = SplitMix64::new(opts.seed);
     match opts.task {
         SynthTask::Random => {
@@ -84,14 +104,21 @@ pub fn synth(opts: &SynthOptions, tokenizer: &TextTokenizer) -> Result<PathBuf, 
 
 fn check(opts: &SynthOptions) -> Result<(), DataError> {
     if opts.seq_len == 0 || opts.num == 0 {
-        return Err(DataError::Usage("--seq-len and --num must be at least 1".into()));
+        return Err(DataError::Usage(
+            "--seq-len and --num must be at least 1".into(),
+        ));
     }
     if !(1..=18).contains(&opts.key_digits) {
-        return Err(DataError::Usage(format!("--key-digits {} must be in 1..=18", opts.key_digits)));
+        return Err(DataError::Usage(format!(
+            "--key-digits {} must be in 1..=18",
+            opts.key_digits
+        )));
     }
     match &opts.depths {
         Some(d) if d.is_empty() || d.iter().any(|x| !(0.0..=1.0).contains(x)) => {
-            Err(DataError::Usage(format!("--depths {d:?}: give one or more fractions in [0, 1], e.g. 0,0.25,0.5,0.75,1")))
+            Err(DataError::Usage(format!(
+                "--depths {d:?}: give one or more fractions in [0, 1], e.g. 0,0.25,0.5,0.75,1"
+            )))
         }
         _ => Ok(()),
     }
@@ -105,15 +132,29 @@ struct PasskeyParts {
 
 impl PasskeyParts {
     fn new(tokenizer: &TextTokenizer) -> Result<PasskeyParts, DataError> {
-        let filler = FILLER.iter().map(|s| tokenizer.encode(s)).collect::<Result<_, _>>()?;
-        Ok(PasskeyParts { filler, question: tokenizer.encode(QUESTION)? })
+        let filler = FILLER
+            .iter()
+            .map(|s| tokenizer.encode(s))
+            .collect::<Result<_, _>>()?;
+        Ok(PasskeyParts {
+            filler,
+            question: tokenizer.encode(QUESTION)?,
+        })
     }
 
     /// [filler .. needle .. filler][question][answer]: exactly `seq_len` tokens. The needle goes
     /// to the filler sentence boundary at or before `depth` of the filler; the answer (the key
     /// tokenized as text on its own) ends the sequence.
-    fn sequence(&self, tokenizer: &TextTokenizer, seq_len: usize, key: u64, depth: f32) -> Result<(Vec<i32>, PasskeyInfo), DataError> {
-        let needle = tokenizer.encode(&format!("The pass key is {key}. Remember it. {key} is the pass key. "))?;
+    fn sequence(
+        &self,
+        tokenizer: &TextTokenizer,
+        seq_len: usize,
+        key: u64,
+        depth: f32,
+    ) -> Result<(Vec<i32>, PasskeyInfo), DataError> {
+        let needle = tokenizer.encode(&format!(
+            "The pass key is {key}. Remember it. {key} is the pass key. "
+        ))?;
         let answer = tokenizer.encode(&key.to_string())?;
         let fixed = needle.len() + self.question.len() + answer.len();
         if seq_len < fixed {
@@ -131,7 +172,12 @@ impl PasskeyParts {
         filler.truncate(filler_len);
         boundaries.push(filler_len);
         let target = (depth as f64 * filler_len as f64).round() as usize;
-        let needle_start = boundaries.iter().copied().take_while(|&b| b <= target).last().unwrap_or(0);
+        let needle_start = boundaries
+            .iter()
+            .copied()
+            .take_while(|&b| b <= target)
+            .last()
+            .unwrap_or(0);
         let mut seq = Vec::with_capacity(seq_len);
         seq.extend_from_slice(&filler[..needle_start]);
         seq.extend_from_slice(&needle);
@@ -139,27 +185,68 @@ impl PasskeyParts {
         seq.extend_from_slice(&self.question);
         let answer_start = seq.len();
         seq.extend_from_slice(&answer);
-        Ok((seq, PasskeyInfo { depth, key, needle_start, answer_start, answer_tokens: answer }))
+        Ok((
+            seq,
+            PasskeyInfo {
+                depth,
+                key,
+                needle_start,
+                answer_start,
+                answer_tokens: answer,
+            },
+        ))
     }
 }
 
 fn write_passkey(file: &hdf5::File, path: &Path, infos: &[PasskeyInfo]) -> Result<(), DataError> {
-    let group = file.create_group("passkey").map_err(|e| DataError::write(path, "passkey", e))?;
+    let group = file
+        .create_group("passkey")
+        .map_err(|e| DataError::write(path, "passkey", e))?;
     let write_1d = |name: &str, v: Vec<i64>| {
-        group.new_dataset_builder().with_data(&Array1::from(v)).create(name).map(|_| ()).map_err(|e| DataError::write(path, &format!("passkey/{name}"), e))
+        group
+            .new_dataset_builder()
+            .with_data(&Array1::from(v))
+            .create(name)
+            .map(|_| ())
+            .map_err(|e| DataError::write(path, &format!("passkey/{name}"), e))
     };
     write_1d("key", infos.iter().map(|p| p.key as i64).collect())?;
-    write_1d("needle_start", infos.iter().map(|p| p.needle_start as i64).collect())?;
-    write_1d("answer_start", infos.iter().map(|p| p.answer_start as i64).collect())?;
-    write_1d("answer_len", infos.iter().map(|p| p.answer_tokens.len() as i64).collect())?;
+    write_1d(
+        "needle_start",
+        infos.iter().map(|p| p.needle_start as i64).collect(),
+    )?;
+    write_1d(
+        "answer_start",
+        infos.iter().map(|p| p.answer_start as i64).collect(),
+    )?;
+    write_1d(
+        "answer_len",
+        infos.iter().map(|p| p.answer_tokens.len() as i64).collect(),
+    )?;
     let depth = Array1::from(infos.iter().map(|p| p.depth).collect::<Vec<f32>>());
-    group.new_dataset_builder().with_data(&depth).create("depth").map_err(|e| DataError::write(path, "passkey/depth", e))?;
+    group
+        .new_dataset_builder()
+        .with_data(&depth)
+        .create("depth")
+        .map_err(|e| DataError::write(path, "passkey/depth", e))?;
     // Answers of a tokenizer.json may differ in length: pad the rows with -1.
-    let width = infos.iter().map(|p| p.answer_tokens.len()).max().unwrap_or(0);
+    let width = infos
+        .iter()
+        .map(|p| p.answer_tokens.len())
+        .max()
+        .unwrap_or(0);
     let mut answers = Array2::from_elem((infos.len(), width), -1i32);
     for (row, p) in infos.iter().enumerate() {
-        answers.row_mut(row).iter_mut().zip(&p.answer_tokens).for_each(|(a, &t)| *a = t);
+        answers
+            .row_mut(row)
+            .iter_mut()
+            .zip(&p.answer_tokens)
+            .for_each(|(a, &t)| *a = t);
     }
-    group.new_dataset_builder().with_data(&answers).create("answer_tokens").map_err(|e| DataError::write(path, "passkey/answer_tokens", e))?;
+    group
+        .new_dataset_builder()
+        .with_data(&answers)
+        .create("answer_tokens")
+        .map_err(|e| DataError::write(path, "passkey/answer_tokens", e))?;
     Ok(())
 }

@@ -13,7 +13,13 @@ pub fn token(i: usize, p: usize) -> i32 {
 }
 
 pub fn meta(vocab_size: i64) -> ShardMeta {
-    ShardMeta { vocab_size, eos_id: 0, tokenizer: "test".into(), tokenizer_source: "tests".into(), task: "test".into() }
+    ShardMeta {
+        vocab_size,
+        eos_id: 0,
+        tokenizer: "test".into(),
+        tokenizer_source: "tests".into(),
+        task: "test".into(),
+    }
 }
 
 /// Writes sequences `first .. first + n` of the recognizable pattern into one shard.
@@ -28,7 +34,15 @@ pub fn write_shard(path: &Path, first: usize, n: usize, seq_len: usize) -> PathB
 
 /// The `ulysses` binary with `args`; returns (exit code, stdout, stderr).
 pub fn ulysses(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ulysses")).args(args).env("HDF5_USE_FILE_LOCKING", "FALSE").output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ulysses"))
+        .args(args)
+        .env("HDF5_USE_FILE_LOCKING", "FALSE")
+        .output()
+        .unwrap();
     let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
-    (out.status.code().unwrap_or(-1), text(out.stdout), text(out.stderr))
+    (
+        out.status.code().unwrap_or(-1),
+        text(out.stdout),
+        text(out.stderr),
+    )
 }
