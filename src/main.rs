@@ -29,6 +29,11 @@ enum Command {
     /// Exercise every collective over the MPI world with exact expected values
     /// (`mpirun -n N ulysses comm-check`).
     CommCheck,
+    /// Make, convert and check HDF5 token shards (`ulysses data --help`).
+    Data {
+        #[command(subcommand)]
+        cmd: ulysses::data::cli::DataCommand,
+    },
 }
 
 fn main() {
@@ -36,6 +41,7 @@ fn main() {
     let result = match (cli.command, cli.experiment) {
         (Some(Command::Check { experiment, world_size }), _) => check(&experiment, world_size),
         (Some(Command::CommCheck), _) => comm_check(),
+        (Some(Command::Data { cmd }), _) => ulysses::data::cli::run(cmd),
         (None, Some(exp)) => train(&exp),
         (None, None) => {
             eprintln!("usage: ulysses EXPERIMENT.toml | ulysses check EXPERIMENT.toml | ulysses --help");

@@ -1,0 +1,245 @@
+//! `ulysses data prepare | synth | inspect`: thin wrappers that parse arguments, show progress and
+//! print summaries; the work happens in the library functions they call.
+use super::format::TOKENS;
+use super::prepare::{prepare, InputFormat, PrepareOptions};
+use super::shard::{read_i64_attr, read_str_attr};
+use super::synth::{synth, SynthOptions, SynthTask};
+use super::tokenizer::TextTokenizer;
+use super::{DataError, Dataset};
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Subcommand)]
+pub enum DataCommand {
+    /// Tokenize text (JSONL or plain text) into HDF5 shards of fixed-length sequences.
+    Prepare {
+        /// Input files: `.jsonl`/`.json` (one JSON object per line) or plain text (one document per file).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Output folder; receives shard-00000.h5, shard-00001.h5, ...
+        #[arg(long)]
+        out: PathBuf,
+        /// Tokens per sequence (must equal data.seq_len of the experiment).
+        #[arg(long)]
+        seq_len: usize,
+        /// `byte` (built-in byte-level: bytes 0..=255, BOS 256, EOS 257) or a tokenizer.json path.
+        #[arg(long, default_value = "byte")]
+        tokenizer: String,
+        /// EOS token of a tokenizer.json (default: the first of the usual names it has).
+        #[arg(long)]
+        eos_token: Option<String>,
+        #[arg(long, value_enum, default_value_t = InputFormat::Auto)]
+        format: InputFormat,
+        /// JSONL field holding the document text.
+        #[arg(long, default_value = "text")]
+        text_field: String,
+        /// Target shard size in MiB (a shard holds at least one sequence).
+        #[arg(long, default_value_t = 1024.0)]
+        shard_mib: f64,
+        /// Replace shard-*.h5 files already in the output folder.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write a synthetic long-context set (no download): passkey retrieval or random tokens.
+    Synth {
+        #[arg(long, value_enum)]
+        task: SynthTask,
+        #[arg(long)]
+        seq_len: usize,
+        /// Number of sequences.
+        #[arg(long)]
+        num: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// A .h5 file, or a folder that receives shard-00000.h5.
+        #[arg(long)]
+        out: PathBuf,
+        /// Needle depths (fractions of the context, 0 = start, 1 = end) used in turn, e.g.
+        /// 0,0.5,1; random depths when absent.
+        #[arg(long, value_delimiter = ',')]
+        depths: Option<Vec<f32>>,
+        /// `byte` or a tokenizer.json path (the key is then tokenized as text).
+        #[arg(long, default_value = "byte")]
+        tokenizer: String,
+        #[arg(long)]
+        eos_token: Option<String>,
+        /// Digits of the pass key.
+        #[arg(long, default_value_t = 5)]
+        key_digits: u32,
+        /// Replace an existing output.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check a shard and print its attributes, shape, chunking and a few tokens.
+    Inspect {
+        file: PathBuf,
+        /// Tokens of the first sequence to print.
+        #[arg(long, default_value_t = 16)]
+        tokens: usize,
+        /// Also read every sequence and check every token id (training checks each span it
+        /// reads; this finds bad ids up front).
+        #[arg(long)]
+        scan: bool,
+    },
+}
+
+pub fn run(cmd: DataCommand) -> Result<()> {
+    match cmd {
+        DataCommand::Prepare {
+            inputs,
+            out,
+            seq_len,
+            tokenizer,
+            eos_token,
+            format,
+            text_field,
+            shard_mib,
+            force,
+        } => {
+            let tok = TextTokenizer::load(&tokenizer, eos_token.as_deref())?;
+            let total: u64 = inputs
+                .iter()
+                .filter_map(|p| std::fs::metadata(p).ok())
+                .map(|m| m.len())
+                .sum();
+            let bar = indicatif::ProgressBar::new(total);
+            let style = "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}";
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(style).context("progress bar template")?,
+            );
+            let opts = PrepareOptions {
+                inputs,
+                format,
+                text_field,
+                seq_len,
+                shard_mib,
+                out,
+                force,
+            };
+            let summary = prepare(&opts, &tok, &mut |n| bar.inc(n));
+            bar.finish_and_clear();
+            let s = summary?;
+            println!(
+                "prepared {} documents, {} tokens -> {} sequences of {seq_len} tokens in {} shard(s) under {} ({} trailing tokens dropped)",
+                s.documents,
+                s.tokens,
+                s.sequences,
+                s.shards.len(),
+                opts.out.display(),
+                s.dropped_tokens
+            );
+        }
+        DataCommand::Synth {
+            task,
+            seq_len,
+            num,
+            seed,
+            out,
+            depths,
+            tokenizer,
+            eos_token,
+            key_digits,
+            force,
+        } => {
+            let tok = TextTokenizer::load(&tokenizer, eos_token.as_deref())?;
+            let opts = SynthOptions {
+                task,
+                seq_len,
+                num,
+                seed,
+                out,
+                depths,
+                key_digits,
+                force,
+            };
+            let path = synth(&opts, &tok)?;
+            println!(
+                "wrote {num} {} sequences of {seq_len} tokens (seed {seed}) to {}",
+                task.name(),
+                path.display()
+            );
+        }
+        DataCommand::Inspect { file, tokens, scan } => inspect(&file, tokens, scan)?,
+    }
+    Ok(())
+}
+
+/// Validates the shard as training would (every check of `Dataset::open`) and prints it.
+fn inspect(path: &Path, n_tokens: usize, scan: bool) -> Result<()> {
+    let (seq_len, lines) = layout(path)?;
+    let ds = Dataset::open(&[path.to_path_buf()], seq_len)?;
+    println!("{}", path.display());
+    for line in &lines {
+        println!("  {line}");
+    }
+    println!("  tokenizer       {}", ds.tokenizer());
+    println!(
+        "  vocab_size      {}   eos_id {}",
+        ds.vocab_size(),
+        ds.eos_id()
+    );
+    if ds.is_empty() {
+        println!("  (no sequences)");
+        return Ok(());
+    }
+    let first = ds.read_span(0, 0, n_tokens.min(ds.seq_len()))?;
+    println!("  sequence 0      {first:?}");
+    if ds.tokenizer() == "byte" {
+        let bytes: Vec<u8> = first.iter().filter_map(|&t| u8::try_from(t).ok()).collect();
+        println!("  as text         {:?}", String::from_utf8_lossy(&bytes));
+    }
+    if let Some(docs) = ds.doc_starts(0)? {
+        println!("  doc starts      {docs:?}");
+    }
+    if let Some(p) = ds.passkey(0)? {
+        println!(
+            "  passkey         key {}, depth {:.3}, needle at {}, answer at {} = {:?}",
+            p.key, p.depth, p.needle_start, p.answer_start, p.answer_tokens
+        );
+    }
+    if scan {
+        for i in 0..ds.len() {
+            ds.read_span(i, 0, ds.seq_len())?;
+        }
+        println!(
+            "  ok: {} sequences, every token id in [0, {})",
+            ds.len(),
+            ds.vocab_size()
+        );
+    } else {
+        println!("  ok: {} sequences; layout and attributes pass the reader's checks (--scan also checks every token id)", ds.len());
+    }
+    Ok(())
+}
+
+/// What `Dataset` does not expose: the raw layout of `tokens` and the informational attributes.
+/// Returns the file's sequence length (so `Dataset::open` checks everything else) and lines to print.
+fn layout(path: &Path) -> Result<(usize, Vec<String>), DataError> {
+    if !path.exists() {
+        return Err(DataError::NotFound { path: path.into() });
+    }
+    let file = hdf5::File::open(path).map_err(|e| DataError::Open {
+        path: path.into(),
+        detail: e.to_string(),
+    })?;
+    let tokens = file.dataset(TOKENS).map_err(|_| DataError::Missing {
+        path: path.into(),
+        what: "dataset",
+        name: TOKENS.into(),
+    })?;
+    let shape = tokens.shape();
+    let mut lines = vec![format!(
+        "tokens          shape {shape:?}, chunks {:?}, filters {:?}",
+        tokens.chunk(),
+        tokens.filters()
+    )];
+    if let Ok(v) = read_i64_attr(&file, path, "format_version") {
+        lines.push(format!("format_version  {v}"));
+    }
+    for name in ["format", "task", "tokenizer_source"] {
+        if let Ok(v) = read_str_attr(&file, path, name) {
+            lines.push(format!("{name:<15} {v}"));
+        }
+    }
+    Ok((shape.get(1).copied().unwrap_or(1).max(1), lines))
+}

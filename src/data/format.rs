@@ -1,0 +1,276 @@
+//! The shard format (docs/data.md is the spec) and its writer. One shard is one HDF5 file:
+//! `tokens` int32 [num_sequences, seq_len], chunked along the sequence so that one rank's slice is
+//! a cheap hyperslab read, plus root attributes naming the format and the tokenizer. Optional
+//! groups: `docs` (document starts of packed text) and `passkey` (task metadata from synth).
+use super::DataError;
+use hdf5::types::VarLenUnicode;
+use ndarray::{s, Array1, ArrayView2};
+use std::path::{Path, PathBuf};
+
+pub const FORMAT_NAME: &str = "ulysses-tokens";
+pub const FORMAT_VERSION: i64 = 1;
+pub const TOKENS: &str = "tokens";
+/// Tokens per chunk along the sequence (256 KiB of int32): a rank of an SP group reads its slice
+/// plus at most one extra chunk, and the chunk index stays small for multi-million-token samples.
+pub const CHUNK_TOKENS: usize = 65536;
+/// Sequences are buffered up to this many tokens before one write, so small sequences do not
+/// cost one HDF5 call each.
+const WRITE_BUFFER_TOKENS: usize = 1 << 20;
+
+/// What every shard records about its tokens; shards of one dataset must agree on all of it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShardMeta {
+    pub vocab_size: i64,
+    pub eos_id: i64,
+    /// Identity of the tokenizer: `byte` or `huggingface fnv1a64:<hash of tokenizer.json>`.
+    pub tokenizer: String,
+    /// Where the tokenizer came from (informational: a path or `built-in`).
+    pub tokenizer_source: String,
+    /// `text`, `passkey` or `random` (informational).
+    pub task: String,
+}
+
+pub(crate) fn write_str_attr(
+    loc: &hdf5::Location,
+    path: &Path,
+    name: &str,
+    value: &str,
+) -> Result<(), DataError> {
+    let v: VarLenUnicode = value.parse().map_err(|e| DataError::write(path, name, e))?;
+    loc.new_attr::<VarLenUnicode>()
+        .create(name)
+        .and_then(|a| a.write_scalar(&v))
+        .map_err(|e| DataError::write(path, name, e))
+}
+
+pub(crate) fn write_i64_attr(
+    loc: &hdf5::Location,
+    path: &Path,
+    name: &str,
+    value: i64,
+) -> Result<(), DataError> {
+    loc.new_attr::<i64>()
+        .create(name)
+        .and_then(|a| a.write_scalar(&value))
+        .map_err(|e| DataError::write(path, name, e))
+}
+
+/// A growable 1-D dataset (chunked, unlimited length): document starts are appended while streaming.
+fn create_1d<T: hdf5::H5Type>(
+    group: &hdf5::Group,
+    path: &Path,
+    name: &str,
+) -> Result<hdf5::Dataset, DataError> {
+    group
+        .new_dataset::<T>()
+        .chunk(4096)
+        .shape(0..)
+        .create(name)
+        .map_err(|e| DataError::write(path, name, e))
+}
+
+fn append_1d<T: hdf5::H5Type + Clone>(
+    ds: &hdf5::Dataset,
+    path: &Path,
+    data: &[T],
+) -> Result<(), DataError> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    let n = ds.shape()[0];
+    let name = ds.name();
+    ds.resize(n + data.len())
+        .map_err(|e| DataError::write(path, &name, e))?;
+    ds.write_slice(&Array1::from(data.to_vec()), s![n..n + data.len()])
+        .map_err(|e| DataError::write(path, &name, e))
+}
+
+/// Writes one shard, streaming: sequences are appended to a resizable `tokens` dataset. The file
+/// is written under `<name>.partial` and renamed when complete, so a crashed run never leaves a
+/// shard that looks valid.
+pub struct ShardWriter {
+    path: PathBuf,
+    partial: PathBuf,
+    file: hdf5::File,
+    tokens: hdf5::Dataset,
+    seq_len: usize,
+    rows: usize,
+    buffer: Vec<i32>,
+    docs: Option<DocsBuffer>,
+}
+
+/// `docs/starts` (appended with the tokens) and `docs/offsets` (one entry per sequence plus a
+/// leading 0, kept in memory: 8 bytes per sequence, written at `finish`).
+struct DocsBuffer {
+    starts: hdf5::Dataset,
+    pending: Vec<i32>,
+    offsets: Vec<i64>,
+}
+
+impl ShardWriter {
+    pub fn create(
+        path: &Path,
+        seq_len: usize,
+        meta: &ShardMeta,
+        with_docs: bool,
+    ) -> Result<ShardWriter, DataError> {
+        let partial = PathBuf::from(format!("{}.partial", path.display()));
+        let file = hdf5::File::create(&partial).map_err(|e| DataError::Open {
+            path: partial.clone(),
+            detail: e.to_string(),
+        })?;
+        let chunk = seq_len.clamp(1, CHUNK_TOKENS);
+        // Fletcher-32 checksums per chunk: a corrupt chunk fails the read instead of yielding
+        // wrong tokens (h5py reads it without plugins).
+        let tokens = file
+            .new_dataset::<i32>()
+            .chunk((1, chunk))
+            .fletcher32()
+            .shape((0.., seq_len))
+            .create(TOKENS)
+            .map_err(|e| DataError::write(&partial, TOKENS, e))?;
+        write_str_attr(&file, &partial, "format", FORMAT_NAME)?;
+        write_i64_attr(&file, &partial, "format_version", FORMAT_VERSION)?;
+        write_i64_attr(&file, &partial, "vocab_size", meta.vocab_size)?;
+        write_i64_attr(&file, &partial, "eos_id", meta.eos_id)?;
+        write_str_attr(&file, &partial, "tokenizer", &meta.tokenizer)?;
+        write_str_attr(&file, &partial, "tokenizer_source", &meta.tokenizer_source)?;
+        write_str_attr(&file, &partial, "task", &meta.task)?;
+        let docs = if with_docs {
+            let group = file
+                .create_group("docs")
+                .map_err(|e| DataError::write(&partial, "docs", e))?;
+            Some(DocsBuffer {
+                starts: create_1d::<i32>(&group, &partial, "starts")?,
+                pending: Vec::new(),
+                offsets: vec![0],
+            })
+        } else {
+            None
+        };
+        Ok(ShardWriter {
+            path: path.to_path_buf(),
+            partial,
+            file,
+            tokens,
+            seq_len,
+            rows: 0,
+            buffer: Vec::new(),
+            docs,
+        })
+    }
+
+    /// Sequences written or buffered so far.
+    pub fn rows(&self) -> usize {
+        self.rows + self.buffer.len() / self.seq_len
+    }
+
+    /// The open file, for task metadata written next to the tokens (synth's `passkey` group).
+    pub fn file(&self) -> &hdf5::File {
+        &self.file
+    }
+
+    pub fn partial_path(&self) -> &Path {
+        &self.partial
+    }
+
+    /// Appends one sequence; `doc_starts` are the positions where a document begins in it
+    /// (required when the shard was created `with_docs`).
+    pub fn push(&mut self, seq: &[i32], doc_starts: &[i32]) -> Result<(), DataError> {
+        debug_assert_eq!(seq.len(), self.seq_len);
+        self.buffer.extend_from_slice(seq);
+        if let Some(docs) = &mut self.docs {
+            docs.pending.extend_from_slice(doc_starts);
+            docs.offsets
+                .push(docs.offsets.last().copied().unwrap_or(0) + doc_starts.len() as i64);
+        }
+        if self.buffer.len() >= WRITE_BUFFER_TOKENS {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), DataError> {
+        let k = self.buffer.len() / self.seq_len;
+        if k == 0 {
+            return Ok(());
+        }
+        let (n, path) = (self.rows, &self.partial);
+        let view = ArrayView2::from_shape((k, self.seq_len), &self.buffer)
+            .map_err(|e| DataError::write(path, TOKENS, e))?;
+        self.tokens
+            .resize((n + k, self.seq_len))
+            .map_err(|e| DataError::write(path, TOKENS, e))?;
+        self.tokens
+            .write_slice(view, s![n..n + k, ..])
+            .map_err(|e| DataError::write(path, TOKENS, e))?;
+        self.rows += k;
+        self.buffer.clear();
+        if let Some(docs) = &mut self.docs {
+            append_1d(&docs.starts, path, &docs.pending)?;
+            docs.pending.clear();
+        }
+        Ok(())
+    }
+
+    /// Flushes, writes `docs/offsets`, closes and renames the file to its final name.
+    pub fn finish(mut self) -> Result<PathBuf, DataError> {
+        self.flush()?;
+        if let Some(docs) = &self.docs {
+            let group = self
+                .file
+                .group("docs")
+                .map_err(|e| DataError::write(&self.partial, "docs", e))?;
+            group
+                .new_dataset_builder()
+                .with_data(&Array1::from(docs.offsets.clone()))
+                .create("offsets")
+                .map_err(|e| DataError::write(&self.partial, "docs/offsets", e))?;
+        }
+        let ShardWriter {
+            path,
+            partial,
+            file,
+            tokens,
+            docs,
+            ..
+        } = self;
+        drop((tokens, docs));
+        file.close()
+            .map_err(|e| DataError::write(&partial, TOKENS, e))?;
+        std::fs::rename(&partial, &path).map_err(|e| DataError::io(&path, e))?;
+        Ok(path)
+    }
+}
+
+/// Removes the `shard-*.h5` files of an output folder (`--force`), or refuses to mix a new
+/// dataset with old shards that would silently join it.
+pub(crate) fn claim_output_dir(dir: &Path, force: bool) -> Result<(), DataError> {
+    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+    let mut old = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
+        let p = entry.map_err(|e| DataError::io(dir, e))?.path();
+        if p.extension().is_some_and(|e| e == "h5") {
+            old.push(p);
+        }
+    }
+    let is_ours = |p: &PathBuf| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("shard-"))
+    };
+    match (old.is_empty(), force && old.iter().all(is_ours)) {
+        (true, _) => Ok(()),
+        (false, true) => old.iter().try_for_each(|p| std::fs::remove_file(p).map_err(|e| DataError::io(p, e))),
+        (false, false) => Err(DataError::Usage(format!(
+            "{} already holds {} .h5 file(s), which would join the new dataset; choose another --out or pass --force (removes shard-*.h5 only)",
+            dir.display(),
+            old.len()
+        ))),
+    }
+}
+
+/// Name of shard `k` inside an output folder.
+pub fn shard_name(k: usize) -> String {
+    format!("shard-{k:05}.h5")
+}

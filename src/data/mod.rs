@@ -1,0 +1,20 @@
+//! Long-sequence data: the HDF5 shard format (docs/data.md), the per-rank reader used by
+//! training, and the `ulysses data prepare | synth | inspect` tools that write and check shards.
+//!
+//! A rank never reads a whole sample: SP rank r of a dp group reads tokens
+//! `[r*c, (r+1)*c + 1)` (c = seq_len / sp) of the sample its dp rank is dealt, one hyperslab.
+pub mod cli;
+mod dataset;
+mod error;
+pub mod format;
+mod loader;
+mod order;
+pub mod prepare;
+mod shard;
+pub mod synth;
+pub mod tokenizer;
+
+pub use dataset::{Dataset, PasskeyInfo};
+pub use error::DataError;
+pub use loader::{build_batch, Batch, Loader, LoaderSpec, LoaderState, IGNORE_INDEX};
+pub use shard::shard_files;
