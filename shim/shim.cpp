@@ -44,7 +44,8 @@ void *ulysses_cuda_current_stream(int idx) {
 }
 
 #include <torch/csrc/autograd/autograd.h>
-#include <string>
+
+extern "C" {
 
 // torch.autograd.backward(outputs, grad_outputs): backpropagates each output's graph from its
 // incoming gradient without building the (output * grad).sum() scalar, which would cost one extra
@@ -62,4 +63,5 @@ char *ulysses_backward(const at::Tensor **outputs, const at::Tensor **grads, int
   } catch (const std::exception &e) {
     return strdup(e.what());
   }
+}
 }

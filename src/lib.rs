@@ -9,4 +9,6 @@ pub mod config;
 pub mod data;
 pub mod launch;
 pub mod model;
+pub mod parallel;
 pub mod plan;
+pub mod train;

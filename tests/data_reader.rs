@@ -4,7 +4,7 @@ mod data_common;
 use data_common::{token, write_shard};
 use std::collections::HashSet;
 use std::path::PathBuf;
-use ulysses::data::{build_batch, Batch, Dataset, Loader, LoaderSpec, LoaderState, IGNORE_INDEX};
+use ulysses::data::{build_batch, Batch, Dataset, Loader, LoaderSpec, LossOn, LoaderState, IGNORE_INDEX};
 
 fn spec(dp: usize, dp_rank: usize, sp: usize, sp_rank: usize, micro_batch: usize) -> LoaderSpec {
     LoaderSpec {
@@ -15,6 +15,7 @@ fn spec(dp: usize, dp_rank: usize, sp: usize, sp_rank: usize, micro_batch: usize
         sp,
         sp_rank,
         micro_batch,
+        loss_on: LossOn::All,
     }
 }
 

@@ -123,6 +123,9 @@ pub struct DataConfig {
     pub seq_len: usize,
     #[serde(default = "default_true")]
     pub shuffle: bool,
+    /// "all" (every next-token label) or "answer" (only passkey answers).
+    #[serde(default)]
+    pub loss_on: crate::data::LossOn,
 }
 
 fn default_true() -> bool {

@@ -9,6 +9,18 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 /// Label of positions without a next token (the last position of a sequence); the loss ignores it.
 pub const IGNORE_INDEX: i64 = -100;
 
+/// Which next-token labels count in the loss.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossOn {
+    /// Every position (plain language modelling).
+    #[default]
+    All,
+    /// Only the recorded answer of a passkey sample (`ulysses data synth --task passkey`); every
+    /// other label is -100, so SP ranks that hold no answer token have no valid label at all.
+    Answer,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct LoaderSpec {
     pub seed: u64,
@@ -18,6 +30,7 @@ pub struct LoaderSpec {
     pub sp: usize,
     pub sp_rank: usize,
     pub micro_batch: usize,
+    pub loss_on: LossOn,
 }
 
 /// One rank's micro batch: row-major [micro_batch, chunk_len] (chunk_len = seq_len / sp).
@@ -196,8 +209,24 @@ pub fn build_batch(
     for &index in indices {
         let span = dataset.read_span(index, start, end)?;
         input_ids.extend(span[..chunk_len].iter().map(|&t| t as i64));
+        let row = labels.len();
         labels.extend(span[1..].iter().map(|&t| t as i64));
         labels.resize(input_ids.len(), IGNORE_INDEX);
+        if spec.loss_on == LossOn::Answer {
+            let info = dataset.passkey(index)?.ok_or_else(|| {
+                DataError::Spec(format!(
+                    "data.loss_on = \"answer\" needs passkey metadata, but sequence {index} of {} has none (make such data with `ulysses data synth --task passkey`)",
+                    dataset.shard_paths().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                ))
+            })?;
+            let answer = info.answer_start..info.answer_start + info.answer_tokens.len();
+            // Position p's label is token p + 1.
+            for (i, label) in labels[row..].iter_mut().enumerate() {
+                if !answer.contains(&(start + i + 1)) {
+                    *label = IGNORE_INDEX;
+                }
+            }
+        }
         position_ids.extend((start..start + chunk_len).map(|p| p as i64));
     }
     Ok(Batch {

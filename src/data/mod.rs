@@ -16,5 +16,5 @@ pub mod tokenizer;
 
 pub use dataset::{Dataset, PasskeyInfo};
 pub use error::DataError;
-pub use loader::{build_batch, Batch, Loader, LoaderSpec, LoaderState, IGNORE_INDEX};
+pub use loader::{build_batch, Batch, Loader, LoaderSpec, LoaderState, LossOn, IGNORE_INDEX};
 pub use shard::shard_files;

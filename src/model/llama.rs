@@ -198,7 +198,7 @@ pub fn forward_logits(
 /// (start, len) of consecutive tiles of `tile` tokens covering `s` (the last may be shorter);
 /// tile 0 means one tile of everything. An empty sequence still gets one (empty) tile, so the
 /// concatenations above always have something to join.
-fn seq_tiles(s: i64, tile: usize) -> impl Iterator<Item = (i64, i64)> {
+pub fn seq_tiles(s: i64, tile: usize) -> impl Iterator<Item = (i64, i64)> {
     let tile = if tile == 0 { s.max(1) } else { tile as i64 };
     (0..s.max(1))
         .step_by(tile as usize)

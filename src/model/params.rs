@@ -50,23 +50,9 @@ impl LayerWeights {
 
     /// (name, shape) of every tensor of a layer, in the order of `NAMES`.
     pub fn shapes(spec: &ModelSpec) -> Vec<(&'static str, Vec<i64>)> {
-        let (h, i) = (spec.hidden_size, spec.intermediate_size);
-        let (q, kv) = (
-            spec.num_attention_heads * spec.head_dim,
-            spec.num_key_value_heads * spec.head_dim,
-        );
-        let shapes = [
-            vec![h],
-            vec![q, h],
-            vec![kv, h],
-            vec![kv, h],
-            vec![h, q],
-            vec![h],
-            vec![i, h],
-            vec![i, h],
-            vec![h, i],
-        ];
-        Self::NAMES.into_iter().zip(shapes).collect()
+        let shapes = spec.layer_shapes();
+        debug_assert!(shapes.iter().map(|(n, _)| *n).eq(Self::NAMES));
+        shapes
     }
 
     pub fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
@@ -249,7 +235,7 @@ impl ModelWeights {
 
 /// One tensor of `init`: norms are ones, everything else normal(0, 0.02) from a generator seeded
 /// by FNV-1a of the name mixed with `seed`.
-fn init_tensor(name: &str, shape: &[i64], seed: i64, kind: Kind, device: Device) -> Tensor {
+pub fn init_tensor(name: &str, shape: &[i64], seed: i64, kind: Kind, device: Device) -> Tensor {
     if name.ends_with("norm.weight") {
         return Tensor::ones(shape, (kind, device));
     }

@@ -76,23 +76,22 @@ pub struct ShardedParams {
 }
 
 impl ShardedParams {
-    /// Builds the shards from full fp32 tensors that `full(index, unit)` returns for each unit (in
-    /// the unit's tensor order); only this rank's slice is kept.
+    /// Builds the shards from full fp32 tensors that `full(unit)` returns for each unit (in the
+    /// unit's tensor order); only this rank's slice is kept.
     pub fn new(
         spec: &ModelSpec,
         stage: u8,
         world: &dyn Collective,
         state_device: Device,
-        mut full: impl FnMut(usize, &Unit) -> Vec<Tensor>,
+        mut full: impl FnMut(&Unit) -> Vec<Tensor>,
     ) -> ShardedParams {
         let (rank, size) = (world.rank() as i64, world.size() as i64);
         let shards_count = if stage == 3 { size } else { 1 };
         let units = model_units(spec, shards_count);
         let shards = units
             .iter()
-            .enumerate()
-            .map(|(i, u)| {
-                let flat = flatten_padded(&full(i, u), u.padded);
+            .map(|u| {
+                let flat = flatten_padded(&full(u), u.padded);
                 let len = u.padded / shards_count;
                 let start = if stage == 3 { rank * len } else { 0 };
                 let master = flat.narrow(0, start, len).to_device(state_device).copy();
@@ -122,6 +121,14 @@ impl ShardedParams {
         let g = &mut self.shards[unit].grad;
         let _ = g.g_add_(&mine.to_device(self.state_device));
         Ok(())
+    }
+
+    /// This rank's accumulated gradient of a unit as named tensors; the whole gradient when the
+    /// shard is the whole unit (stage 0, or a world of one rank).
+    pub fn unit_grads(&self, unit: usize) -> Vec<(String, Tensor)> {
+        let u = &self.units[unit];
+        assert_eq!(self.shard_len(unit), u.padded, "unit_grads needs whole (unsharded) units");
+        u.tensors.iter().map(|(n, _)| n.clone()).zip(split_flat(&self.shards[unit].grad, u)).collect()
     }
 
     /// Sum of squared gradient entries over the whole model (over all ranks at stage 3).
@@ -154,9 +161,9 @@ impl ShardedParams {
                 }
             }
             let _ = s.exp_avg.lerp_(&s.grad, 1.0 - h.beta1);
-            let _ = s.exp_avg_sq.g_mul_scalar_(h.beta2).addcmul_(&s.grad, &s.grad, 1.0 - h.beta2);
+            let _ = s.exp_avg_sq.g_mul_scalar_(h.beta2).addcmul_(&(&s.grad * (1.0 - h.beta2)), &s.grad);
             let denom = (s.exp_avg_sq.sqrt() / bc2_sqrt) + h.eps;
-            let _ = s.master.addcdiv_(&s.exp_avg, &denom, -lr / bc1);
+            let _ = s.master.addcdiv_(&(&s.exp_avg * (-lr / bc1)), &denom);
             let _ = s.grad.zero_();
         }
     }

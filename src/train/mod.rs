@@ -1,4 +1,5 @@
 //! The training loop: data, parameter shards, steps, metrics, the final model.
+pub mod flops;
 pub mod metrics;
 pub mod schedule;
 pub mod step;
@@ -8,28 +9,13 @@ use crate::data::{Dataset, Loader, LoaderSpec, LoaderState};
 use crate::comm::{Groups, Mesh};
 use crate::model::spec::ModelSpec;
 use crate::model::weights;
-use crate::parallel::zero::{AdamW, ShardedParams, Unit};
+use crate::model::params::init_tensor;
+use crate::parallel::zero::{AdamW, ShardedParams};
 use anyhow::{bail, Context, Result};
 use metrics::{MetricsWriter, StepRow};
 use std::time::Instant;
 use step::{micro_step, sum_over, MicroBatch, StepContext};
 use tch::{Device, Kind, Tensor};
-
-/// Deterministic initial weights of one unit, identical on every rank and for every mesh:
-/// normal(0, 0.02) matrices (Hugging Face's initializer_range) and unit norms.
-fn init_unit(seed: u64, index: usize, unit: &Unit) -> Vec<Tensor> {
-    tch::manual_seed((seed as i64).wrapping_mul(1_000_003).wrapping_add(index as i64));
-    unit.tensors
-        .iter()
-        .map(|(_, shape)| {
-            if shape.len() == 1 {
-                Tensor::ones(shape.as_slice(), (Kind::Float, Device::Cpu))
-            } else {
-                Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu)) * 0.02
-            }
-        })
-        .collect()
-}
 
 fn batch_tensors(b: &crate::data::Batch, device: Device) -> MicroBatch {
     let shape = [b.micro_batch as i64, b.chunk_len as i64];
@@ -63,6 +49,7 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups) -> 
         sp: mesh.sp,
         sp_rank: mesh.sp_rank,
         micro_batch: t.micro_batch,
+        loss_on: exp.data.loss_on,
     };
     let mut loader = Loader::new(dataset, loader_spec, LoaderState::default())?;
 
@@ -75,9 +62,9 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups) -> 
         ),
         None => None,
     };
-    let mut params = ShardedParams::new(spec, exp.parallel.zero_stage, world, device, |i, u| match &initial {
+    let mut params = ShardedParams::new(spec, exp.parallel.zero_stage, world, device, |u| match &initial {
         Some(named) => u.tensors.iter().map(|(n, _)| named.iter().find(|(k, _)| k == n).expect("validated names").1.shallow_clone()).collect(),
-        None => init_unit(exp.run.seed, i, u),
+        None => u.tensors.iter().map(|(n, shape)| init_tensor(n, shape, exp.run.seed as i64, Kind::Float, Device::Cpu)).collect(),
     });
     drop(initial);
     let ctx = StepContext { spec, groups, kind, device, mlp_tile: exp.parallel.mlp_tile, loss_tile: exp.parallel.loss_tile };

@@ -1,11 +1,11 @@
 //! One micro batch: layer-wise forward without a graph (keeping only each layer's input), the
 //! loss, then layer-wise backward with recompute. libtorch has no Rust custom autograd, so each
 //! layer is recomputed in segments that end at the all-to-alls (pre-attention, attention,
-//! post-attention), each with its own graph; a segment is backpropagated from the incoming
-//! gradient through the scalar `(out · grad_out).sum()`, whose gradient w.r.t. `out` is exactly
-//! `grad_out`, and the gradient crosses the all-to-all in the reverse direction.
+//! post-attention), each with its own graph; a segment is backpropagated from its incoming
+//! gradient (`torch.autograd.backward(out, grad_out)` through the shim), and the gradient crosses
+//! the all-to-all in the reverse direction.
 use crate::comm::{Collective, Groups};
-use crate::model::llama::{self, AttentionCore, LayerWeights, LocalAttention, ModelWeights};
+use crate::model::llama::{self, seq_tiles, AttentionCore, LayerWeights, LocalAttention, ModelWeights};
 use crate::model::rope::Rope;
 use crate::model::spec::ModelSpec;
 use crate::parallel::ulysses::{self, heads_to_seq, replicate_kv, seq_to_heads};
@@ -41,14 +41,29 @@ fn leaf(t: &Tensor) -> Tensor {
     t.detach().set_requires_grad(true)
 }
 
-fn grads(ts: &[Tensor]) -> Vec<Tensor> {
-    ts.iter().map(|t| t.grad()).collect()
+/// Gradients of leaves; a leaf no loss reached (a rank with no valid label) has none: zeros.
+fn grad(t: &Tensor) -> Tensor {
+    let g = t.grad();
+    if g.defined() {
+        g
+    } else {
+        t.zeros_like()
+    }
 }
 
-/// Backpropagates `grad_out` into `out`'s graph (gradients accumulate into its leaves).
-fn backprop(pairs: &[(&Tensor, &Tensor)]) {
-    let total = pairs.iter().map(|(o, g)| (*o * *g).sum(Kind::Float)).reduce(|a, b| a + b).expect("at least one pair");
-    total.backward();
+fn grads(ts: &[Tensor]) -> Vec<Tensor> {
+    ts.iter().map(grad).collect()
+}
+
+/// Backpropagates each `grad_out` into its `out`'s graph (gradients accumulate into the leaves).
+fn backprop(pairs: &[(&Tensor, &Tensor)]) -> Result<()> {
+    crate::autograd::backward(pairs).map_err(|e| anyhow::anyhow!("backward: {e}"))
+}
+
+/// A decoder layer's weights from its unit's tensors (in `ModelSpec::layer_shapes` order).
+fn layer(spec: &ModelSpec, tensors: Vec<Tensor>) -> Result<LayerWeights> {
+    let named = spec.layer_shapes().into_iter().zip(tensors).map(|((n, _), t)| (n.to_string(), t)).collect();
+    Ok(LayerWeights::from_tensors(spec, named)?)
 }
 
 /// Forward and backward of one micro batch; gradients (of the sum of this rank's token losses
@@ -67,7 +82,7 @@ pub fn micro_step(ctx: &StepContext, params: &mut ShardedParams, batch: &MicroBa
         Ok(Tensor::embedding(&embed, &batch.input_ids, -1, false, false))
     })?;
     for l in 0..layers {
-        let w = LayerWeights::from_tensors(params.gather(world, 1 + l, ctx.kind, ctx.device)?);
+        let w = layer(spec, params.gather(world, 1 + l, ctx.kind, ctx.device)?)?;
         let y = tch::no_grad(|| -> Result<Tensor> {
             let (q, k, v) = llama::pre_attention(spec, &w, &x, &rope);
             let o = ulysses::attend(sp, &q, &k, &v)?;
@@ -86,17 +101,25 @@ pub fn micro_step(ctx: &StepContext, params: &mut ShardedParams, batch: &MicroBa
         norm: head[0].shallow_clone(),
         lm_head: head.get(1).map(|t| t.shallow_clone()),
     };
-    let (loss_sum, _) = llama::head_loss(spec, &head_weights, &x_last, &batch.labels, ctx.loss_tile);
-    (&loss_sum / n_total).backward();
-    let loss_local = loss_sum.double_value(&[]);
+    // Backpropagate tile by tile so only one tile's fp32 logits exist at a time; the gradients
+    // of the weights and of `x_last` accumulate over the tiles.
+    let mut loss_local = 0.0;
+    for (start, len) in seq_tiles(x_last.size()[1], ctx.loss_tile) {
+        let labels = batch.labels.narrow(1, start, len);
+        let (loss_tile, _) = llama::head_loss(spec, &head_weights, &x_last.narrow(1, start, len), &labels, 0);
+        if loss_tile.requires_grad() {
+            (&loss_tile / n_total).backward();
+        }
+        loss_local += loss_tile.double_value(&[]);
+    }
     params.accumulate(world, head_unit, &grads(&head))?;
-    let mut grad_x = x_last.grad();
+    let mut grad_x = grad(&x_last);
     drop((head, head_weights, x_last, x));
 
     // Backward, last layer first: recompute each layer in three segments.
     for l in (0..layers).rev() {
         let w: Vec<Tensor> = params.gather(world, 1 + l, ctx.kind, ctx.device)?.iter().map(leaf).collect();
-        let lw = LayerWeights::from_tensors(w.iter().map(|t| t.shallow_clone()).collect());
+        let lw = layer(spec, w.iter().map(|t| t.shallow_clone()).collect())?;
         let x_in = leaf(&inputs[l]);
         // Segment 1 (pre-attention): norm, q/k/v projections, RoPE; KV heads replicated when
         // there are fewer than SP ranks, inside the graph so their gradients sum back.
@@ -105,14 +128,20 @@ pub fn micro_step(ctx: &StepContext, params: &mut ShardedParams, batch: &MicroBa
         // Segment 2 (attention) on head shards: [b, s/sp, H, d] -> [b, s, H/sp, d].
         let (qh, kh, vh) = (leaf(&seq_to_heads(sp, &q)?), leaf(&seq_to_heads(sp, &k)?), leaf(&seq_to_heads(sp, &v)?));
         let oh = LocalAttention.attend(&qh, &kh, &vh);
-        // Segment 3 (post-attention): O projection, residual, MLP.
+        // Segment 3 (post-attention): O projection and residual, then the MLP, recomputed and
+        // backpropagated one tile of tokens at a time so its wide activations exist for one tile.
         let o = leaf(&heads_to_seq(sp, &oh)?);
-        let y = llama::post_attention(spec, &lw, &x_in, &o, ctx.mlp_tile);
-        backprop(&[(&y, &grad_x)]);
-        backprop(&[(&oh, &seq_to_heads(sp, &o.grad())?)]);
+        let h = llama::attention_residual(spec, &lw, &x_in, &o);
+        let h_leaf = leaf(&h);
+        for (start, len) in seq_tiles(h.size()[1], ctx.mlp_tile) {
+            let y = llama::mlp_residual(spec, &lw, &h_leaf.narrow(1, start, len));
+            backprop(&[(&y, &grad_x.narrow(1, start, len))])?;
+        }
+        backprop(&[(&h, &grad(&h_leaf))])?;
+        backprop(&[(&oh, &seq_to_heads(sp, &o.grad())?)])?;
         let (gq, gk, gv) = (heads_to_seq(sp, &qh.grad())?, heads_to_seq(sp, &kh.grad())?, heads_to_seq(sp, &vh.grad())?);
-        backprop(&[(&q, &gq), (&k, &gk), (&v, &gv)]);
-        grad_x = x_in.grad();
+        backprop(&[(&q, &gq), (&k, &gk), (&v, &gv)])?;
+        grad_x = grad(&x_in);
         params.accumulate(world, 1 + l, &grads(&w))?;
         inputs.truncate(l);
     }
@@ -120,10 +149,10 @@ pub fn micro_step(ctx: &StepContext, params: &mut ShardedParams, batch: &MicroBa
     // Embedding (plus the LM head's gradient when the two are tied).
     let embed = leaf(&params.gather(world, 0, ctx.kind, ctx.device)?[0]);
     let e = Tensor::embedding(&embed, &batch.input_ids, -1, false, false);
-    backprop(&[(&e, &grad_x)]);
-    let mut g = embed.grad();
+    backprop(&[(&e, &grad_x)])?;
+    let mut g = grad(&embed);
     if let Some(t) = tied {
-        g = g + t.grad();
+        g = g + grad(&t);
     }
     params.accumulate(world, 0, &[g])?;
     Ok(loss_local)

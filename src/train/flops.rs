@@ -1,0 +1,41 @@
+//! FLOPs of one optimizer step, in the two conventions we report (formulas as in the DeepSpeed-ALST
+//! peer's README, so the numbers compare):
+//! - model FLOPs (Megatron convention, used for TFLOP/s and MFU): dense `6·N·T` plus causal
+//!   attention `3·A_fwd`, no recompute counted;
+//! - the ALST paper's counter: `8·N·T + 16·s²·n_q·d·L` per sample (non-causal, recompute counted).
+use crate::model::spec::ModelSpec;
+
+/// H100 SXM dense bf16 peak, TFLOP/s (the MFU denominator).
+pub const H100_BF16_PEAK_TFLOPS: f64 = 989.0;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepFlops {
+    pub model: f64,
+    pub alst: f64,
+}
+
+/// `samples` sequences of `seq_len` tokens per optimizer step.
+pub fn step_flops(spec: &ModelSpec, seq_len: usize, samples: usize) -> StepFlops {
+    let (h, d, l) = (spec.hidden_size as f64, spec.head_dim as f64, spec.num_hidden_layers as f64);
+    let (nq, nkv, f, v) = (spec.num_attention_heads as f64, spec.num_key_value_heads as f64, spec.intermediate_size as f64, spec.vocab_size as f64);
+    let n_layers = l * (h * nq * d + 2.0 * h * nkv * d + nq * d * h + 3.0 * h * f);
+    let n = n_layers + h * v; // the embedding is a lookup, not a matmul
+    let s = seq_len as f64;
+    let tokens = s * samples as f64;
+    let attn_fwd = 2.0 * s * s * nq * d * l * samples as f64; // QKᵀ and PV, causal half
+    StepFlops { model: 6.0 * n * tokens + 3.0 * attn_fwd, alst: 8.0 * n * tokens + 16.0 * s * s * nq * d * l * samples as f64 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama8b_at_128k_matches_the_peer_formula() {
+        let spec = ModelSpec::preset("llama3.1-8b").unwrap();
+        let f = step_flops(&spec, 131072, 1);
+        // The peer's README: F = 5.90e15 (dense) + 1.35e16 (attention) = 1.94e16 per step.
+        assert!((f.model / 1.94e16 - 1.0).abs() < 0.005, "{}", f.model);
+        assert!(f.alst > f.model);
+    }
+}
