@@ -5,6 +5,7 @@
 //! wraps model seams with collectives; `data` reads and writes HDF5 shards; `train` runs steps.
 pub mod comm;
 pub mod config;
+pub mod cuda;
 pub mod launch;
 pub mod model;
 pub mod plan;
