@@ -88,8 +88,9 @@ impl NcclCollective {
         // size and its own rank, as ncclCommInitRank requires.
         unsafe { nccl::comm_init_rank(&mut comm, size as i32, id, rank as i32) }
             .map_err(|e| failed(OP, std::ptr::null_mut(), e))?;
-        let me = NcclCollective { comm, rank, size, gpu }; // from here on Drop destroys `comm`
-                                                           // SAFETY: `comm` was just created and is alive.
+        // From here on, an early return destroys `comm` (Drop).
+        let me = NcclCollective { comm, rank, size, gpu };
+        // SAFETY: `comm` was just created and is alive.
         let bound = unsafe { nccl::comm_cu_device(comm) }.map_err(|e| failed(OP, comm, e))?;
         if bound as usize != gpu {
             let message = format!("communicator bound to GPU {bound}, expected GPU {gpu} (set the device first)");
