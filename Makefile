@@ -19,5 +19,8 @@ test: setup
 check: build
 	@for f in experiments/*.toml; do target/debug/ulysses check $$f || exit 1; done
 
+bundle: build
+	@$(ENV) bash scripts/make-bundle.sh
+
 fmt:
 	@$(ENV) cargo fmt

@@ -1,10 +1,13 @@
 //! Process start-up under MPI: world and node-local rank, the mesh's sub-communicators, rank-tagged
 //! logging, and the rule that a failure on one rank aborts the whole job (MPI_Abort) instead of
 //! leaving the other ranks blocked in a collective.
+use crate::comm::bench;
 use crate::comm::mpi::MpiCollective;
+use crate::comm::nccl::NcclCollective;
 use crate::comm::selfcheck::{conformance, values};
-use crate::comm::{Groups, Mesh};
-use anyhow::{anyhow, ensure, Context, Result};
+use crate::comm::{Collective, Groups, Mesh};
+use crate::cuda;
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
 use std::io::Write;
@@ -20,6 +23,13 @@ pub struct Launch {
     pub local_size: usize,
 }
 
+/// Which library moves the tensors: MPI (CPU tensors) or NCCL (CUDA tensors, one GPU per rank).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    Mpi,
+    Nccl,
+}
+
 impl Launch {
     pub fn init() -> Result<Launch> {
         let universe = mpi::initialize().ok_or_else(|| anyhow!("MPI was already initialised in this process"))?;
@@ -31,15 +41,20 @@ impl Launch {
         Ok(Launch { _universe: universe, world, rank, size, local_rank, local_size })
     }
 
-    /// Splits the world into the mesh's SP and DP groups (MPI backend).
-    pub fn mpi_groups(&self, mesh: &Mesh) -> Result<Groups> {
+    /// The mesh's SP and DP groups as MPI communicators (ranks with the same dp_rank share an SP
+    /// group, ranks with the same sp_rank a DP group).
+    fn split(&self, mesh: &Mesh) -> Result<(SimpleCommunicator, SimpleCommunicator)> {
         let split = |color: usize, what: &str| {
             self.world
                 .split_by_color(Color::with_value(color as i32))
                 .with_context(|| format!("MPI_Comm_split for the {what} group returned no communicator"))
         };
-        let sp = split(mesh.dp_rank, "sp")?;
-        let dp = split(mesh.sp_rank, "dp")?;
+        Ok((split(mesh.dp_rank, "sp")?, split(mesh.sp_rank, "dp")?))
+    }
+
+    /// Splits the world into the mesh's SP and DP groups (MPI backend).
+    pub fn mpi_groups(&self, mesh: &Mesh) -> Result<Groups> {
+        let (sp, dp) = self.split(mesh)?;
         let world = self.world.duplicate();
         Ok(Groups {
             world: Box::new(MpiCollective::new(world)),
@@ -48,16 +63,69 @@ impl Launch {
         })
     }
 
+    /// One NCCL communicator per group of the mesh, on GPU `local_rank` (made torch's current
+    /// device here, before any CUDA tensor or communicator exists).
+    pub fn nccl_groups(&self, mesh: &Mesh) -> Result<Groups> {
+        let gpu = self.cuda_device()?;
+        let (sp, dp) = self.split(mesh)?;
+        let nccl = |group: &SimpleCommunicator, what: &str| -> Result<Box<dyn Collective>> {
+            let c = NcclCollective::new(group, gpu).with_context(|| format!("NCCL communicator for the {what} group"))?;
+            Ok(Box::new(c))
+        };
+        Ok(Groups { world: nccl(&self.world, "world")?, sp: nccl(&sp, "sp")?, dp: nccl(&dp, "dp")? })
+    }
+
+    /// Selects this rank's GPU (its node-local rank) as torch's current device.
+    pub fn cuda_device(&self) -> Result<usize> {
+        let (rank, gpu, gpus) = (self.rank, self.local_rank, cuda::device_count());
+        if gpus == 0 {
+            bail!("rank {rank}: no CUDA device is available (torch sees 0 GPUs); the nccl backend needs one GPU per rank (use --backend mpi on CPU)");
+        }
+        ensure!(gpu < gpus, "rank {rank} needs GPU {gpu} but this node has {gpus}; start at most {gpus} ranks per node");
+        ensure!(cuda::set_device(gpu), "rank {rank}: torch could not select GPU {gpu}");
+        Ok(gpu)
+    }
+
+    pub fn groups(&self, backend: Backend, mesh: &Mesh) -> Result<Groups> {
+        match backend {
+            Backend::Mpi => self.mpi_groups(mesh),
+            Backend::Nccl => self.nccl_groups(mesh),
+        }
+    }
+
+    /// Where this rank's tensors live for `backend` (for NCCL: selects the GPU).
+    pub fn device(&self, backend: Backend) -> Result<Device> {
+        Ok(match backend {
+            Backend::Mpi => Device::Cpu,
+            Backend::Nccl => Device::Cuda(self.cuda_device()?),
+        })
+    }
+
+    /// Bandwidth of every collective over the whole world, `mib` MiB per rank; rank 0 prints it.
+    pub fn comm_bench(&self, backend: Backend, mib: usize) -> Result<()> {
+        let device = self.device(backend)?;
+        let mesh = Mesh::new(self.size, 1, self.size, self.rank)?;
+        let groups = self.groups(backend, &mesh)?;
+        for b in bench::measure(groups.world.as_ref(), device, mib, 20)? {
+            if self.rank == 0 {
+                let (mb, ms) = (b.bytes as f64 / 1048576.0, b.seconds * 1e3);
+                let (alg, bus) = (b.algbw / 1e9, b.busbw / 1e9);
+                println!("bandwidth {backend:?} {} ranks {:<14} {mb:.0} MiB/rank {ms:8.3} ms  algbw {alg:7.1} GB/s  busbw {bus:7.1} GB/s", self.size, b.op);
+            }
+        }
+        Ok(())
+    }
+
     /// The conformance suite over the job: the world, then the SP and DP groups of every mesh the
     /// world size allows, checking that each group holds exactly the ranks the mesh says.
-    pub fn comm_check(&self) -> Result<()> {
+    pub fn comm_check(&self, backend: Backend) -> Result<()> {
         inject_failure(self.rank)?;
-        let device = Device::Cpu;
+        let device = self.device(backend)?;
         let world = self.size;
         for sp in (1..=world).filter(|sp| world % sp == 0) {
             let dp = world / sp;
             let mesh = Mesh::new(sp, dp, world, self.rank)?;
-            let groups = self.mpi_groups(&mesh)?;
+            let groups = self.groups(backend, &mesh)?;
             if sp == 1 {
                 conformance(groups.world.as_ref(), device, "world")?;
             }
@@ -72,7 +140,11 @@ impl Launch {
         }
         self.world.barrier();
         if self.rank == 0 {
-            println!("comm-check: all collectives exact on {world} rank(s) (MPI backend, CPU tensors)");
+            let what = match backend {
+                Backend::Mpi => "MPI backend, CPU tensors",
+                Backend::Nccl => "NCCL backend, CUDA tensors",
+            };
+            println!("comm-check: all collectives exact on {world} rank(s) ({what})");
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 pub mod comm;
 pub mod autograd;
 pub mod config;
+pub mod cuda;
 pub mod data;
 pub mod launch;
 pub mod model;

@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use ulysses::config::{validate, Experiment};
-use ulysses::launch::{init_logging, Launch};
+use ulysses::launch::{init_logging, Backend, Launch};
 use ulysses::plan::Plan;
 
 #[derive(Parser)]
@@ -26,9 +26,16 @@ enum Command {
         #[arg(long)]
         world_size: Option<usize>,
     },
-    /// Exercise every collective over the MPI world with exact expected values
-    /// (`mpirun -n N ulysses comm-check`).
-    CommCheck,
+    /// Exercise every collective over the MPI world with exact expected values, for every mesh
+    /// (`mpirun -n N ulysses comm-check [--backend nccl]`).
+    CommCheck {
+        /// mpi: CPU tensors; nccl: CUDA tensors, one GPU per rank.
+        #[arg(long, value_enum, default_value = "mpi")]
+        backend: Backend,
+        /// Then time each collective over the whole world with this many MiB per rank.
+        #[arg(long, value_name = "MIB")]
+        bench_mib: Option<usize>,
+    },
     /// Make, convert and check HDF5 token shards (`ulysses data --help`).
     Data {
         #[command(subcommand)]
@@ -40,7 +47,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match (cli.command, cli.experiment) {
         (Some(Command::Check { experiment, world_size }), _) => check(&experiment, world_size),
-        (Some(Command::CommCheck), _) => comm_check(),
+        (Some(Command::CommCheck { backend, bench_mib }), _) => comm_check(backend, bench_mib),
         (Some(Command::Data { cmd }), _) => ulysses::data::cli::run(cmd),
         (None, Some(exp)) => train(&exp),
         (None, None) => {
@@ -101,9 +108,12 @@ fn train(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn comm_check() -> Result<()> {
+fn comm_check(backend: Backend, bench_mib: Option<usize>) -> Result<()> {
     let launch = Launch::init()?;
     init_logging(launch.rank);
-    launch.comm_check().context("collective self-check").unwrap_or_else(|e| launch.abort(&e));
+    launch.comm_check(backend).context("collective self-check").unwrap_or_else(|e| launch.abort(&e));
+    if let Some(mib) = bench_mib {
+        launch.comm_bench(backend, mib).context("collective bandwidth").unwrap_or_else(|e| launch.abort(&e));
+    }
     Ok(())
 }

@@ -38,3 +38,30 @@ fn one_failing_rank_aborts_the_job_without_a_hang() {
     assert!(t.contains("[rank 2] error") && t.contains("injected failure"), "{t}");
     assert!(start.elapsed() < Duration::from_secs(60), "abort took {:?}", start.elapsed());
 }
+
+#[test]
+fn bandwidth_of_every_collective_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = mpirun(2, &["comm-check", "--bench-mib", "1"], dir.path(), &[]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    for op in ["all_to_all", "all_gather", "reduce_scatter", "all_reduce"] {
+        assert!(t.contains(&format!("bandwidth Mpi 2 ranks {op:<14} 1 MiB/rank")), "{op} missing:\n{t}");
+    }
+}
+
+/// On a machine without a GPU (CI) the NCCL backend must end the job with a clear error on
+/// every rank, quickly; on a GPU machine with two GPUs it must pass the same suite.
+#[test]
+fn nccl_backend_needs_a_gpu_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    let out = mpirun(2, &["comm-check", "--backend", "nccl"], dir.path(), &[]);
+    if ulysses::cuda::device_count() >= 2 {
+        assert!(out.status.success(), "{}", text(&out));
+        return;
+    }
+    let t = assert_clean_failure(&out);
+    assert!(t.contains("no CUDA device is available") || t.contains("needs GPU 1"), "{t}");
+    assert!(start.elapsed() < Duration::from_secs(60), "failing took {:?}", start.elapsed());
+}

@@ -2,8 +2,10 @@
 //!
 //! Backends: `mpi` (CPU tensors; tests and CI) and `nccl` (CUDA tensors). Every backend passes the
 //! same conformance suite (tests/collectives.rs). A world of one rank goes through the same code.
+pub mod bench;
 pub mod mesh;
 pub mod mpi;
+pub mod nccl;
 pub mod selfcheck;
 pub mod solo;
 

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Packs what a GPU machine with torch but no Rust needs into bundle/: the ulysses binary
+# (stripped), the MPICH runtime it was linked against, and run-gpu.sh. Plain files only, so the
+# folder survives any copy. Run after `cargo build` (or `cargo build --release`, then pass release).
+#   bash scripts/make-bundle.sh [debug|release]      (default debug: the dev profile is optimised)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PROFILE="${1:-debug}"
+BIN="$ROOT/target/$PROFILE/ulysses"
+VENV="$(readlink -f "$ROOT/.venv")"
+OUT="$ROOT/bundle"
+LIMIT_MIB=64
+
+[ -x "$BIN" ] || { echo "no $BIN: run \`source scripts/env.sh && cargo build\` first" >&2; exit 1; }
+[ -x "$VENV/bin/mpiexec.hydra" ] || { echo "no MPICH in $VENV: run scripts/setup.sh" >&2; exit 1; }
+
+rm -rf "$OUT"
+mkdir -p "$OUT/mpich/bin" "$OUT/mpich/lib"
+cp "$BIN" "$OUT/ulysses"
+strip "$OUT/ulysses"
+# The MPICH wheel's runtime: the hydra launcher and its proxy (found next to mpirun), libmpi and
+# the libfabric/UCX copies it loads from $ORIGIN/mpich (its RUNPATH).
+cp "$VENV/bin/mpiexec.hydra" "$OUT/mpich/bin/mpirun"
+cp "$VENV/bin/hydra_pmi_proxy" "$OUT/mpich/bin/"
+cp "$VENV/lib/libmpi.so.12" "$OUT/mpich/lib/"
+cp -rL "$VENV/lib/mpich" "$OUT/mpich/lib/mpich"
+cp "$ROOT/scripts/run-gpu.sh" "$OUT/"
+chmod +x "$OUT/ulysses" "$OUT/run-gpu.sh" "$OUT"/mpich/bin/*
+
+links="$(find "$OUT" ! -type f ! -type d)"
+[ -z "$links" ] || { echo "bundle holds non-plain files:"$'\n'"$links" >&2; exit 1; }
+bytes="$(du -sb "$OUT" | cut -f1)"
+mib=$(( (bytes + 1048575) / 1048576 ))
+echo "bundle: $OUT, $mib MiB ($PROFILE build)"
+[ "$mib" -le "$LIMIT_MIB" ] || { echo "bundle is $mib MiB, over the $LIMIT_MIB MiB a device call carries" >&2; exit 1; }

@@ -1,0 +1,28 @@
+//! libtorch's CUDA device and current stream, through the C++ shim (tch 0.24 exposes neither).
+//! NCCL work goes on torch's current stream so it is ordered with torch kernels without host syncs.
+use std::ffi::{c_int, c_void};
+
+extern "C" {
+    fn ulysses_cuda_set_device(idx: c_int) -> c_int;
+    fn ulysses_cuda_current_stream(idx: c_int) -> *mut c_void;
+}
+
+/// GPUs torch sees in this process (0 without a driver or with a CPU-only libtorch).
+pub fn device_count() -> usize {
+    tch::Cuda::device_count().max(0) as usize
+}
+
+/// torch.cuda.set_device(idx): later allocations and NCCL communicators bind to this GPU.
+/// False when torch cannot select it.
+pub fn set_device(idx: usize) -> bool {
+    // SAFETY: the shim catches every C++ exception and reports failure as -1.
+    unsafe { ulysses_cuda_set_device(idx as c_int) == 0 }
+}
+
+/// The native `cudaStream_t` of torch's current stream on GPU `idx` (null is the legacy default
+/// stream, a valid stream); None when CUDA is unavailable.
+pub fn current_stream(idx: usize) -> Option<*mut c_void> {
+    // SAFETY: the shim catches every C++ exception and reports failure as (void*)-1.
+    let s = unsafe { ulysses_cuda_current_stream(idx as c_int) };
+    (s as isize != -1).then_some(s)
+}
