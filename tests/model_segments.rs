@@ -289,3 +289,28 @@ fn forward_logits_composes_the_segments() {
     let manual = ulysses::model::llama::logits(&spec, &w, &x);
     assert_close("logits", &manual, &logits, 1e-5);
 }
+
+/// bf16 weights (the GPU training dtype) run the same code path: activations stay bf16, the norms
+/// and the loss compute in fp32, and the logits track the fp32 model.
+#[test]
+fn bf16_forward_tracks_fp32() {
+    let spec = tiny(false);
+    let w32 = scaled_weights(&spec, 8);
+    let named = w32
+        .named_tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.to_kind(Kind::BFloat16)));
+    let w16 = ModelWeights::from_named(&spec, named.collect()).unwrap();
+    let ids = Tensor::randint(spec.vocab_size, [1, 33], (Kind::Int64, Device::Cpu));
+    let pos = positions(1, 0, 33);
+    let rope = Rope::new(&spec, &pos, Kind::BFloat16);
+    let x = embed(&w16, &ids);
+    let x = layer_forward(&spec, &w16.layers[0], &x, &rope, &LocalAttention, 8);
+    assert_eq!(x.kind(), Kind::BFloat16);
+    let (loss, n) = head_loss(&spec, &w16, &x, &ids, 8);
+    assert_eq!((loss.kind(), n), (Kind::Float, 33));
+    let l16 = forward_logits(&spec, &w16, &ids, &pos, &LocalAttention);
+    let l32 = forward_logits(&spec, &w32, &ids, &pos, &LocalAttention);
+    assert_eq!(l16.kind(), Kind::Float);
+    assert_close("bf16 vs fp32 logits", &l16, &l32, 0.05);
+}

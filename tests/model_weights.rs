@@ -347,8 +347,7 @@ fn in_memory_weights_are_checked_too() {
     // save_hf refuses weights that do not match the spec, before writing anything.
     let dir = tempfile::tempdir().unwrap();
     let msg = save_hf(&w, &tiny(true), &dir.path().join("out"), 0)
-        .err()
-        .expect("mismatch")
+        .expect_err("mismatch")
         .to_string();
     assert!(msg.contains("unexpected: [lm_head.weight]"), "{msg}");
     assert!(!dir.path().join("out").exists());

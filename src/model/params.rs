@@ -143,8 +143,8 @@ impl ModelWeights {
     }
 
     /// Random weights like HF's `_init_weights`: normal(0, 0.02) matrices, norms 1. Each tensor is
-    /// drawn on the CPU from a generator seeded by (seed, its name), so the values do not depend on
-    /// the device or on which other tensors are built. Reseeds libtorch's global CPU generator.
+    /// drawn on the host from a counter-based generator keyed by (seed, its name), so the values
+    /// do not depend on the device, the thread count, or which other tensors are built.
     pub fn init(spec: &ModelSpec, seed: i64, kind: Kind, device: Device) -> ModelWeights {
         let t = Self::shapes(spec)
             .into_iter()
@@ -196,10 +196,11 @@ impl ModelWeights {
     ) -> Result<ModelWeights, WeightsError> {
         // What transformers itself ignores when loading: a stored LM head of a tied model, and the
         // rotary `inv_freq` buffers that older conversions saved.
-        named.retain(|(n, _)| {
-            !(spec.tie_word_embeddings && n == "lm_head.weight")
-                && !n.ends_with("rotary_emb.inv_freq")
-        });
+        let ignored = |n: &str| {
+            (spec.tie_word_embeddings && n == "lm_head.weight")
+                || n.ends_with("rotary_emb.inv_freq")
+        };
+        named.retain(|(n, _)| !ignored(n));
         let ordered = check_and_order(&Self::shapes(spec), named, origin, whole)?;
         Ok(Self::from_ordered(spec, ordered))
     }
@@ -233,21 +234,57 @@ impl ModelWeights {
     }
 }
 
-/// One tensor of `init`: norms are ones, everything else normal(0, 0.02) from a generator seeded
-/// by FNV-1a of the name mixed with `seed`.
-pub fn init_tensor(name: &str, shape: &[i64], seed: i64, kind: Kind, device: Device) -> Tensor {
+/// One tensor of `init`: norms are ones, everything else normal(0, 0.02) keyed by (seed, name).
+pub pub fn init_tensor(name: &str, shape: &[i64], seed: i64, kind: Kind, device: Device) -> Tensor {
     if name.ends_with("norm.weight") {
         return Tensor::ones(shape, (kind, device));
     }
-    let hash = name
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64 ^ seed as u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
-    tch::manual_seed((hash >> 1) as i64);
-    (Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 0.02)
+    // FNV-1a of the name, mixed with the seed.
+    let key = name.bytes().fold(splitmix64(seed as u64), |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    let n = shape.iter().product::<i64>() as usize;
+    Tensor::from_slice(&normal_values(key, n, 0.02))
+        .view(shape) // [n] -> shape
         .to_kind(kind)
         .to_device(device)
+}
+
+/// `n` draws of normal(0, std). Counter-based (element i depends only on `key` and i), so the
+/// values are the same for any thread count and no global generator is touched: libtorch's
+/// `manual_seed` + `randn` is not deterministic while other threads draw random numbers.
+fn normal_values(key: u64, n: usize, std: f64) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let chunk = n.div_ceil(threads).max(1 << 16);
+    std::thread::scope(|scope| {
+        for (c, part) in out.chunks_mut(chunk).enumerate() {
+            scope.spawn(move || {
+                for (j, v) in part.iter_mut().enumerate() {
+                    let i = (c * chunk + j) as u64;
+                    // Box-Muller from two independent uniforms in (0, 1].
+                    let u1 = unit(splitmix64(key ^ splitmix64(2 * i)));
+                    let u2 = unit(splitmix64(key ^ splitmix64(2 * i + 1)));
+                    *v = (std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos())
+                        as f32;
+                }
+            });
+        }
+    });
+    out
+}
+
+/// SplitMix64's output function: a strong 64-bit mixer.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The top 53 bits as a uniform in (0, 1] (never 0, so its log is finite).
+fn unit(x: u64) -> f64 {
+    ((x >> 11) + 1) as f64 / (1u64 << 53) as f64
 }
 
 /// Checks `named` against `expected` (every name once, right shape, one dtype and device) and
