@@ -207,13 +207,14 @@ fn inspect(path: &Path, n_tokens: usize, scan: bool) -> Result<()> {
             ds.vocab_size()
         );
     } else {
-        println!("  ok: {} sequences; layout and attributes pass the reader's checks (--scan also checks every token id)", ds.len());
+        let n = ds.len();
+        println!("  ok: {n} sequences; layout and attributes pass (--scan checks every token id)");
     }
     Ok(())
 }
 
 /// What `Dataset` does not expose: the raw layout of `tokens` and the informational attributes.
-/// Returns the file's sequence length (so `Dataset::open` checks everything else) and lines to print.
+/// Returns the file's sequence length (so `Dataset::open` checks the rest) and lines to print.
 fn layout(path: &Path) -> Result<(usize, Vec<String>), DataError> {
     if !path.exists() {
         return Err(DataError::NotFound { path: path.into() });

@@ -55,7 +55,7 @@ pub(crate) fn write_i64_attr(
         .map_err(|e| DataError::write(path, name, e))
 }
 
-/// A growable 1-D dataset (chunked, unlimited length): document starts are appended while streaming.
+/// A growable 1-D dataset (chunked, unlimited length), appended to while streaming.
 fn create_1d<T: hdf5::H5Type>(
     group: &hdf5::Group,
     path: &Path,
@@ -254,20 +254,23 @@ pub(crate) fn claim_output_dir(dir: &Path, force: bool) -> Result<(), DataError>
             old.push(p);
         }
     }
-    let is_ours = |p: &PathBuf| {
+    let ours = |p: &PathBuf| {
         p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("shard-"))
+            .is_some_and(|n| n.to_string_lossy().starts_with("shard-"))
     };
-    match (old.is_empty(), force && old.iter().all(is_ours)) {
-        (true, _) => Ok(()),
-        (false, true) => old.iter().try_for_each(|p| std::fs::remove_file(p).map_err(|e| DataError::io(p, e))),
-        (false, false) => Err(DataError::Usage(format!(
-            "{} already holds {} .h5 file(s), which would join the new dataset; choose another --out or pass --force (removes shard-*.h5 only)",
+    if old.is_empty() {
+        return Ok(());
+    }
+    if !force || !old.iter().all(ours) {
+        return Err(DataError::Usage(format!(
+            "{} already holds {} .h5 file(s), which would join the new dataset; choose another \
+             --out or pass --force (removes shard-*.h5 only)",
             dir.display(),
             old.len()
-        ))),
+        )));
     }
+    old.iter()
+        .try_for_each(|p| std::fs::remove_file(p).map_err(|e| DataError::io(p, e)))
 }
 
 /// Name of shard `k` inside an output folder.

@@ -59,6 +59,13 @@ pub fn prepare(
         )));
     }
     for input in &opts.inputs {
+        if input.is_dir() {
+            let hint = format!(
+                "{} is a folder; pass its files (e.g. {0}/*.jsonl)",
+                input.display()
+            );
+            return Err(DataError::Usage(hint));
+        }
         if !input.is_file() {
             return Err(DataError::NotFound {
                 path: input.clone(),

@@ -158,7 +158,8 @@ impl PasskeyParts {
         let answer = tokenizer.encode(&key.to_string())?;
         let fixed = needle.len() + self.question.len() + answer.len();
         if seq_len < fixed {
-            return Err(DataError::Usage(format!("--seq-len {seq_len} is too short for a passkey sequence; it needs at least {fixed} tokens")));
+            let message = format!("--seq-len {seq_len} is too short for a passkey sequence; it needs at least {fixed} tokens");
+            return Err(DataError::Usage(message));
         }
         let filler_len = seq_len - fixed;
         let (mut filler, mut boundaries) = (Vec::with_capacity(filler_len), Vec::new());
