@@ -235,7 +235,7 @@ impl ModelWeights {
 }
 
 /// One tensor of `init`: norms are ones, everything else normal(0, 0.02) keyed by (seed, name).
-pub pub fn init_tensor(name: &str, shape: &[i64], seed: i64, kind: Kind, device: Device) -> Tensor {
+pub fn init_tensor(name: &str, shape: &[i64], seed: i64, kind: Kind, device: Device) -> Tensor {
     if name.ends_with("norm.weight") {
         return Tensor::ones(shape, (kind, device));
     }
