@@ -4,6 +4,7 @@ use std::{env, path::PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-changed=shim/shim.cpp");
+    println!("cargo:rerun-if-changed=shim/cuda_shim.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=ULYSSES_RPATH");
     println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
@@ -23,6 +24,7 @@ fn main() {
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("shim/shim.cpp")
+        .file("shim/cuda_shim.cpp")
         .compile("ulysses_shim");
     // rustc links with --as-needed, which drops libtorch_cuda.so (no Rust symbol references it)
     // and torch then silently reports no CUDA. The `-as-needed` link modifier is nightly-only.

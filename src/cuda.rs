@@ -26,3 +26,30 @@ pub fn current_stream(idx: usize) -> Option<*mut c_void> {
     let s = unsafe { ulysses_cuda_current_stream(idx as c_int) };
     (s as isize != -1).then_some(s)
 }
+
+extern "C" {
+    fn ulysses_cuda_memory(dev: c_int, allocated: *mut i64, peak_allocated: *mut i64, peak_reserved: *mut i64) -> c_int;
+    fn ulysses_cuda_reset_peak(dev: c_int) -> c_int;
+}
+
+/// torch's caching-allocator view of one GPU, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MemoryStats {
+    pub allocated: i64,
+    pub peak_allocated: i64,
+    pub peak_reserved: i64,
+}
+
+/// Memory statistics of GPU `idx` since the last `reset_peak` (None without CUDA).
+pub fn memory(idx: usize) -> Option<MemoryStats> {
+    let mut m = MemoryStats::default();
+    // SAFETY: the shim writes the three out-parameters or returns -1, catching every exception.
+    let rc = unsafe { ulysses_cuda_memory(idx as c_int, &mut m.allocated, &mut m.peak_allocated, &mut m.peak_reserved) };
+    (rc == 0).then_some(m)
+}
+
+/// Starts a new peak-memory window on GPU `idx`.
+pub fn reset_peak(idx: usize) {
+    // SAFETY: the shim catches every exception.
+    unsafe { ulysses_cuda_reset_peak(idx as c_int) };
+}

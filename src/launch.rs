@@ -155,6 +155,9 @@ impl Launch {
         if self.size > 1 {
             eprintln!("[rank {}] aborting all {} ranks", self.rank, self.size);
             let _ = std::io::stderr().flush();
+            // mpirun forwards our stderr through its proxy; MPI_Abort tears the job down at once,
+            // and without a moment's grace the message above can be lost on a loaded machine.
+            std::thread::sleep(std::time::Duration::from_millis(500));
             self.world.abort(1);
         }
         std::process::exit(1);
