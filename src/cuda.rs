@@ -3,8 +3,15 @@
 use std::ffi::{c_int, c_void};
 
 extern "C" {
+    fn ulysses_set_sdp_backends(flash: c_int, mem_efficient: c_int, math: c_int, cudnn: c_int);
     fn ulysses_cuda_set_device(idx: c_int) -> c_int;
     fn ulysses_cuda_current_stream(idx: c_int) -> *mut c_void;
+}
+
+/// Which fused attention kernels SDPA may choose from (torch.backends.cuda.enable_*_sdp).
+pub fn set_sdp_backends(flash: bool, mem_efficient: bool, math: bool, cudnn: bool) {
+    // SAFETY: plain setters on libtorch's global context.
+    unsafe { ulysses_set_sdp_backends(flash as c_int, mem_efficient as c_int, math as c_int, cudnn as c_int) };
 }
 
 /// GPUs torch sees in this process (0 without a driver or with a CPU-only libtorch).

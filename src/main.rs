@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
-use ulysses::config::{validate, Experiment};
+use ulysses::config::{validate, DeviceKind, Experiment};
 use ulysses::launch::{init_logging, Backend, Launch};
 use ulysses::plan::Plan;
 
@@ -98,11 +98,17 @@ fn train(path: &Path) -> Result<()> {
     };
     let run = || -> Result<()> {
         let mesh = ulysses::comm::Mesh::new(exp.parallel.sp, exp.parallel.dp, launch.size, launch.rank)?;
-        let groups = launch.mpi_groups(&mesh)?;
+        // CPU tensors move over MPI, CUDA tensors over NCCL (one GPU per rank: the node-local rank).
+        let backend = match exp.parallel.device {
+            DeviceKind::Cpu => Backend::Mpi,
+            DeviceKind::Cuda => Backend::Nccl,
+        };
+        let device = launch.device(backend)?;
+        let groups = launch.groups(backend, &mesh)?;
         if launch.rank == 0 {
             print!("{}", Plan::new(&exp, &spec, launch.size).render(&exp, &spec));
         }
-        ulysses::train::run(&exp, &spec, &mesh, &groups)
+        ulysses::train::run(&exp, &spec, &mesh, &groups, device)
     };
     run().unwrap_or_else(|e| launch.abort(&e));
     Ok(())

@@ -5,6 +5,7 @@ use ulysses::comm::Groups;
 use ulysses::model::llama::{self, LocalAttention, ModelWeights};
 use ulysses::model::spec::ModelSpec;
 use ulysses::parallel::zero::ShardedParams;
+use ulysses::train::profile::Profiler;
 use ulysses::train::step::{micro_step, MicroBatch, StepContext};
 
 fn setup(spec: &ModelSpec) -> (ShardedParams, Groups) {
@@ -34,7 +35,8 @@ fn check(spec: ModelSpec, mlp_tile: usize, loss_tile: usize) {
     let loss = logits.view([-1, spec.vocab_size]).cross_entropy_loss::<Tensor>(&labels.view([-1]), None, tch::Reduction::Sum, -100, 0.0) / n;
     loss.backward();
 
-    let ctx = StepContext { spec: &spec, groups: &groups, kind: Kind::Float, device: Device::Cpu, mlp_tile, loss_tile };
+    let profiler = Profiler::new(Device::Cpu, true);
+    let ctx = StepContext { spec: &spec, groups: &groups, kind: Kind::Float, device: Device::Cpu, mlp_tile, loss_tile, profiler: &profiler };
     let loss_sum = micro_step(&ctx, &mut params, &batch, n).unwrap();
     assert!((loss_sum / n - loss.double_value(&[])).abs() < 1e-5, "loss {} vs {}", loss_sum / n, loss.double_value(&[]));
     let mut checked = 0;
@@ -48,6 +50,9 @@ fn check(spec: ModelSpec, mlp_tile: usize, loss_tile: usize) {
         }
     }
     assert_eq!(checked, named.len());
+    // The profiler saw every kind of region of the step.
+    let split = profiler.finish();
+    assert!(split.attention > 0.0 && split.compute > 0.0 && split.comm > 0.0, "{split:?}");
 }
 
 #[test]

@@ -38,6 +38,8 @@ pub enum CommError {
 pub trait Collective {
     fn rank(&self) -> usize;
     fn size(&self) -> usize;
+    /// Where this group's tensors must live (small host values are moved there and back).
+    fn device(&self) -> Device;
     /// Block `j` of the input goes to rank `j`; block `i` of the output came from rank `i`.
     fn all_to_all(&self, input: &Tensor) -> Result<Tensor, CommError>;
     /// Every rank's input stacked along dimension 0, in rank order.
@@ -83,6 +85,12 @@ pub(crate) fn check_blocks(op: &'static str, t: &Tensor, size: usize, split: boo
 
 /// Sums a scalar over the group (loss numerators, token counts, gradient norms).
 pub fn all_reduce_f64(c: &dyn Collective, x: f64) -> Result<f64, CommError> {
-    let t = Tensor::from_slice(&[x]);
+    let t = Tensor::from_slice(&[x]).to_device(c.device());
     Ok(c.all_reduce(&t)?.double_value(&[0]))
+}
+
+/// Every rank's value, in rank order (per-rank memory and timings for the metrics).
+pub fn all_gather_f64(c: &dyn Collective, x: f64) -> Result<Vec<f64>, CommError> {
+    let t = Tensor::from_slice(&[x]).to_device(c.device());
+    Ok(Vec::<f64>::try_from(c.all_gather(&t)?.to_device(Device::Cpu)).expect("f64 values"))
 }

@@ -102,6 +102,10 @@ impl Collective for MpiCollective {
         self.comm.rank() as usize
     }
 
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
     fn size(&self) -> usize {
         self.comm.size() as usize
     }

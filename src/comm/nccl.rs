@@ -123,6 +123,10 @@ impl Collective for NcclCollective {
         self.rank
     }
 
+    fn device(&self) -> Device {
+        Device::Cuda(self.gpu)
+    }
+
     fn size(&self) -> usize {
         self.size
     }

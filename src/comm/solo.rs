@@ -10,6 +10,10 @@ impl Collective for Solo {
         0
     }
 
+    fn device(&self) -> tch::Device {
+        tch::Device::Cpu
+    }
+
     fn size(&self) -> usize {
         1
     }

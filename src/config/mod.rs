@@ -195,11 +195,13 @@ pub struct CheckpointConfig {
     pub keep: usize,
     /// "none", "auto" (latest in the run directory) or a checkpoint folder.
     pub resume: String,
+    /// Save the model at the end (benchmarks turn it off).
+    pub save_final: bool,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        CheckpointConfig { every: 0, keep: 2, resume: "auto".into() }
+        CheckpointConfig { every: 0, keep: 2, resume: "auto".into(), save_final: true }
     }
 }
 
@@ -210,11 +212,14 @@ pub struct MetricsConfig {
     pub position_loss_every: usize,
     /// Number of position bins across the whole sequence.
     pub position_bins: usize,
+    /// Every N-th step, measure where the time goes (attention, other compute, communication,
+    /// waiting) by synchronising the GPU around each region; 0: never. Such steps run slower.
+    pub time_split_every: usize,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { position_loss_every: 10, position_bins: 64 }
+        MetricsConfig { position_loss_every: 10, position_bins: 64, time_split_every: 0 }
     }
 }
 

@@ -190,16 +190,17 @@ pub struct AdamW {
     pub weight_decay: f64,
 }
 
-/// Concatenates flattened tensors as fp32 and zero-pads to `padded` elements.
+/// Copies tensors, flattened and as fp32, into one zero-padded vector of `padded` elements
+/// (one allocation: a unit's gradients can be a gigabyte).
 fn flatten_padded(tensors: &[Tensor], padded: i64) -> Tensor {
-    let parts: Vec<Tensor> = tensors.iter().map(|t| t.to_kind(Kind::Float).reshape([-1])).collect();
-    let flat = Tensor::cat(&parts, 0);
-    let n = flat.size()[0];
-    if n == padded {
-        flat
-    } else {
-        Tensor::cat(&[flat.shallow_clone(), Tensor::zeros([padded - n], (Kind::Float, flat.device()))], 0)
+    let flat = Tensor::zeros([padded], (Kind::Float, tensors[0].device()));
+    let mut at = 0;
+    for t in tensors {
+        let n = t.numel() as i64;
+        flat.narrow(0, at, n).copy_(&t.reshape([-1]));
+        at += n;
     }
+    flat
 }
 
 /// Splits a flat unit buffer back into its tensors (views sharing the buffer).

@@ -8,7 +8,8 @@ use crate::comm::{Collective, Groups};
 use crate::model::llama::{self, seq_tiles, AttentionCore, LayerWeights, LocalAttention, ModelWeights};
 use crate::model::rope::Rope;
 use crate::model::spec::ModelSpec;
-use crate::parallel::ulysses::{self, heads_to_seq, replicate_kv, seq_to_heads};
+use crate::parallel::ulysses::{heads_to_seq, replicate_kv, seq_to_heads};
+use super::profile::Profiler;
 use crate::parallel::zero::ShardedParams;
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
@@ -22,6 +23,7 @@ pub struct StepContext<'a> {
     pub device: Device,
     pub mlp_tile: usize,
     pub loss_tile: usize,
+    pub profiler: &'a Profiler,
 }
 
 /// One rank's micro batch as tensors `[b, s_local]` (i64) on the compute device.
@@ -70,30 +72,35 @@ fn layer(spec: &ModelSpec, tensors: Vec<Tensor>) -> Result<LayerWeights> {
 /// divided by `n_total`, the valid labels of the whole optimizer step over all ranks) go into
 /// `params`. Returns this rank's summed token loss.
 pub fn micro_step(ctx: &StepContext, params: &mut ShardedParams, batch: &MicroBatch, n_total: f64) -> Result<f64> {
-    let (spec, world, sp) = (ctx.spec, ctx.groups.world.as_ref(), ctx.groups.sp.as_ref());
+    let (spec, world, sp, prof) = (ctx.spec, ctx.groups.world.as_ref(), ctx.groups.sp.as_ref(), ctx.profiler);
     let layers = spec.num_hidden_layers as usize;
     let head_unit = layers + 1;
     let rope = Rope::new(spec, &batch.position_ids, ctx.kind);
+    let gather = |params: &ShardedParams, unit: usize| prof.comm(world, || params.gather(world, unit, ctx.kind, ctx.device));
+    // [b, s/sp, H, d] <-> [b, s, H/sp, d] over the SP group.
+    let to_heads = |t: &Tensor| prof.comm(sp, || seq_to_heads(sp, t));
+    let to_seq = |t: &Tensor| prof.comm(sp, || heads_to_seq(sp, t));
 
     // Forward, no graph: keep each layer's input.
     let mut inputs = Vec::with_capacity(layers + 1);
-    let mut x = tch::no_grad(|| -> Result<Tensor> {
-        let embed = params.gather(world, 0, ctx.kind, ctx.device)?.remove(0);
-        Ok(Tensor::embedding(&embed, &batch.input_ids, -1, false, false))
-    })?;
+    let embed = gather(params, 0)?.remove(0);
+    let mut x = tch::no_grad(|| Tensor::embedding(&embed, &batch.input_ids, -1, false, false));
+    drop(embed);
     for l in 0..layers {
-        let w = layer(spec, params.gather(world, 1 + l, ctx.kind, ctx.device)?)?;
+        let w = layer(spec, gather(params, 1 + l)?)?;
         let y = tch::no_grad(|| -> Result<Tensor> {
             let (q, k, v) = llama::pre_attention(spec, &w, &x, &rope);
-            let o = ulysses::attend(sp, &q, &k, &v)?;
-            Ok(llama::post_attention(spec, &w, &x, &o, ctx.mlp_tile))
+            let (k, v) = (replicate_kv(&k, sp.size()), replicate_kv(&v, sp.size()));
+            let (qh, kh, vh) = (to_heads(&q)?, to_heads(&k)?, to_heads(&v)?);
+            let oh = prof.attention(|| LocalAttention.attend(&qh, &kh, &vh));
+            Ok(llama::post_attention(spec, &w, &x, &to_seq(&oh)?, ctx.mlp_tile))
         })?;
         inputs.push(std::mem::replace(&mut x, y));
     }
 
     // Head: final norm, LM head, cross-entropy (fp32), with a graph.
-    let head = params.gather(world, head_unit, ctx.kind, ctx.device)?.iter().map(leaf).collect::<Vec<_>>();
-    let tied = if spec.tie_word_embeddings { Some(leaf(&params.gather(world, 0, ctx.kind, ctx.device)?[0])) } else { None };
+    let head = gather(params, head_unit)?.iter().map(leaf).collect::<Vec<_>>();
+    let tied = if spec.tie_word_embeddings { Some(leaf(&gather(params, 0)?[0])) } else { None };
     let x_last = leaf(&x);
     let head_weights = ModelWeights {
         embed: tied.as_ref().map_or_else(|| Tensor::zeros([0], (ctx.kind, ctx.device)), |t| t.shallow_clone()),
@@ -112,13 +119,13 @@ pub fn micro_step(ctx: &StepContext, params: &mut ShardedParams, batch: &MicroBa
         }
         loss_local += loss_tile.double_value(&[]);
     }
-    params.accumulate(world, head_unit, &grads(&head))?;
+    prof.comm(world, || params.accumulate(world, head_unit, &grads(&head)))?;
     let mut grad_x = grad(&x_last);
     drop((head, head_weights, x_last, x));
 
     // Backward, last layer first: recompute each layer in three segments.
     for l in (0..layers).rev() {
-        let w: Vec<Tensor> = params.gather(world, 1 + l, ctx.kind, ctx.device)?.iter().map(leaf).collect();
+        let w: Vec<Tensor> = gather(params, 1 + l)?.iter().map(leaf).collect();
         let lw = layer(spec, w.iter().map(|t| t.shallow_clone()).collect())?;
         let x_in = leaf(&inputs[l]);
         // Segment 1 (pre-attention): norm, q/k/v projections, RoPE; KV heads replicated when
@@ -126,11 +133,11 @@ pub fn micro_step(ctx: &StepContext, params: &mut ShardedParams, batch: &MicroBa
         let (q, k, v) = llama::pre_attention(spec, &lw, &x_in, &rope);
         let (k, v) = (replicate_kv(&k, sp.size()), replicate_kv(&v, sp.size()));
         // Segment 2 (attention) on head shards: [b, s/sp, H, d] -> [b, s, H/sp, d].
-        let (qh, kh, vh) = (leaf(&seq_to_heads(sp, &q)?), leaf(&seq_to_heads(sp, &k)?), leaf(&seq_to_heads(sp, &v)?));
-        let oh = LocalAttention.attend(&qh, &kh, &vh);
+        let (qh, kh, vh) = (leaf(&to_heads(&q)?), leaf(&to_heads(&k)?), leaf(&to_heads(&v)?));
+        let oh = prof.attention(|| LocalAttention.attend(&qh, &kh, &vh));
         // Segment 3 (post-attention): O projection and residual, then the MLP, recomputed and
         // backpropagated one tile of tokens at a time so its wide activations exist for one tile.
-        let o = leaf(&heads_to_seq(sp, &oh)?);
+        let o = leaf(&to_seq(&oh)?);
         let h = llama::attention_residual(spec, &lw, &x_in, &o);
         let h_leaf = leaf(&h);
         for (start, len) in seq_tiles(h.size()[1], ctx.mlp_tile) {
@@ -138,23 +145,24 @@ pub fn micro_step(ctx: &StepContext, params: &mut ShardedParams, batch: &MicroBa
             backprop(&[(&y, &grad_x.narrow(1, start, len))])?;
         }
         backprop(&[(&h, &grad(&h_leaf))])?;
-        backprop(&[(&oh, &seq_to_heads(sp, &o.grad())?)])?;
-        let (gq, gk, gv) = (heads_to_seq(sp, &qh.grad())?, heads_to_seq(sp, &kh.grad())?, heads_to_seq(sp, &vh.grad())?);
+        let grad_oh = to_heads(&o.grad())?;
+        prof.attention(|| backprop(&[(&oh, &grad_oh)]))?;
+        let (gq, gk, gv) = (to_seq(&qh.grad())?, to_seq(&kh.grad())?, to_seq(&vh.grad())?);
         backprop(&[(&q, &gq), (&k, &gk), (&v, &gv)])?;
         grad_x = grad(&x_in);
-        params.accumulate(world, 1 + l, &grads(&w))?;
+        prof.comm(world, || params.accumulate(world, 1 + l, &grads(&w)))?;
         inputs.truncate(l);
     }
 
     // Embedding (plus the LM head's gradient when the two are tied).
-    let embed = leaf(&params.gather(world, 0, ctx.kind, ctx.device)?[0]);
+    let embed = leaf(&gather(params, 0)?[0]);
     let e = Tensor::embedding(&embed, &batch.input_ids, -1, false, false);
     backprop(&[(&e, &grad_x)])?;
     let mut g = grad(&embed);
     if let Some(t) = tied {
         g = g + grad(&t);
     }
-    params.accumulate(world, 0, &[g])?;
+    prof.comm(world, || params.accumulate(world, 0, &[g]))?;
     Ok(loss_local)
 }
 
