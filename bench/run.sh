@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# ulysses side of the benchmark against DeepSpeed-ALST (bench/README.md): Llama-3.1-8B dimensions,
+# random init, random tokens, SP over every GPU, one sample per step. Run on the GPU machine from
+# the repository root with the bundle (scripts/make-bundle.sh) in bundle/:
+#   SEQS="32768 131072 262144" STEPS=4 bash bench/run.sh
+# Each length: STEPS steps; step 1 is warm-up, the last is the synchronised time-split step, the
+# ones between are the timed steps (figures from them only). Logs and a JSON summary go to $OUT.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+SEQS="${SEQS:-32768 131072 262144}"
+STEPS="${STEPS:-4}"
+NGPU="${NGPU:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}"
+SP="${SP:-$NGPU}"
+MODEL="${MODEL:-llama3.1-8b}"
+ATTN="${ATTN:-auto}"
+EXTRA="${EXTRA:-}"
+RUN_TIMEOUT_S="${RUN_TIMEOUT_S:-400}"
+OUTD="${OUT:-/tmp/ulysses-bench}"
+mkdir -p "$OUTD"
+WORK="$(mktemp -d /tmp/ulysses-bench.XXXXXX)"
+echo "== ulysses bench $(date -u +%FT%TZ): $MODEL, NGPU=$NGPU SP=$SP, SEQS=$SEQS, STEPS=$STEPS, attention=$ATTN"
+for S in $SEQS; do
+  data="$WORK/data-$S"
+  NGPU=1 bash bundle/run-gpu.sh data synth --task random --seq-len "$S" --num "$STEPS" --seed 1 --out "$data" >/dev/null || exit 1
+  exp="$WORK/bench-$S.toml"
+  cat > "$exp" <<TOML
+[run]
+name = "bench-$S"
+output_dir = "$WORK/runs"
+seed = 1
+[model]
+preset = "$MODEL"
+[parallel]
+sp = $SP
+dp = $(( NGPU / SP ))
+zero_stage = 3
+device = "cuda"
+attention = "$ATTN"
+mlp_tile = 16384
+loss_tile = 2048
+$EXTRA
+[data]
+paths = ["$data"]
+seq_len = $S
+shuffle = false
+[train]
+steps = $STEPS
+lr = 1e-5
+min_lr = 1e-6
+warmup_steps = 1
+dtype = "bf16"
+[checkpoint]
+resume = "none"
+save_final = false
+[metrics]
+time_split_every = $STEPS
+TOML
+  log="$OUTD/ulysses-$S.log"
+  echo "--- $S tokens: $exp"
+  timeout --kill-after=20 "$RUN_TIMEOUT_S" env NGPU="$NGPU" bash bundle/run-gpu.sh "$exp" 2>&1 | tee "$log"
+  echo "--- $S tokens: exit ${PIPESTATUS[0]}"
+done
+python3 - "$OUTD" "$STEPS" <<'PY'
+import glob, json, re, sys
+out, steps = sys.argv[1], int(sys.argv[2])
+rows = []
+for log in sorted(glob.glob(f"{out}/ulysses-*.log"), key=lambda p: int(re.findall(r"(\d+)\.log", p)[0])):
+    seq = int(re.findall(r"(\d+)\.log", log)[0])
+    text = open(log).read()
+    steps_seen = {int(m[0]): m for m in re.findall(r"step +(\d+)/\d+ +loss (\S+) .*?(\S+) tok/s +(\S+) s/step +(\S+) TFLOP/s/GPU +MFU (\S+)% +ALST (\S+) TFLOP/s/GPU +peak (\S+) GiB", text)}
+    split = re.findall(r"time split \(synchronised\): attention (\S+) s +other compute (\S+) s +communication (\S+) s +waiting (\S+) s", text)
+    timed = [steps_seen[k] for k in range(2, steps) if k in steps_seen]
+    row = {"seq_len": seq, "completed_steps": len(steps_seen), "oom": "out of memory" in text.lower()}
+    if timed:
+        mean = lambda i: sum(float(t[i]) for t in timed) / len(timed)
+        row.update(step_time_s=mean(3), tokens_per_s=mean(2), tflops_per_gpu=mean(4), mfu_pct=mean(5), alst_tflops_per_gpu=mean(6),
+                   peak_gib=max(float(t[7]) for t in steps_seen.values()), loss=[float(steps_seen[k][1]) for k in sorted(steps_seen)])
+    if split:
+        row["time_split_s"] = dict(zip(["attention", "other_compute", "communication", "waiting"], map(float, split[-1])))
+    rows.append(row)
+    print(json.dumps(row))
+open(f"{out}/ulysses_results.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in rows))
+PY
