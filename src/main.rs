@@ -44,6 +44,11 @@ enum Command {
 }
 
 fn main() {
+    // Long sequences fragment torch's CUDA caching allocator; expandable segments avoid most of
+    // it. Set before anything initialises CUDA; a value the user exported wins.
+    if std::env::var_os("PYTORCH_CUDA_ALLOC_CONF").is_none() {
+        std::env::set_var("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True");
+    }
     let cli = Cli::parse();
     let result = match (cli.command, cli.experiment) {
         (Some(Command::Check { experiment, world_size }), _) => check(&experiment, world_size),

@@ -81,7 +81,8 @@ pub struct ParallelConfig {
     pub attention: AttentionBackend,
     /// Keep fp32 master weights and Adam moments in host memory (CPU AdamW).
     pub offload_optimizer: bool,
-    /// Where layer inputs wait between forward and backward.
+    /// Where layer inputs wait between forward and backward: "device" (GPU memory) or "host"
+    /// (pinned host memory, copied out and back asynchronously on the compute stream).
     pub activations: ActivationPlacement,
     /// Tokens per MLP tile (0 = untiled).
     pub mlp_tile: usize,
@@ -92,8 +93,6 @@ pub struct ParallelConfig {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ActivationPlacement {
-    /// The memory plan decides per layer.
-    Auto,
     Device,
     Host,
 }

@@ -5,7 +5,7 @@ pub mod profile;
 pub mod schedule;
 pub mod step;
 
-use crate::config::{AttentionBackend, Dtype, Experiment};
+use crate::config::{ActivationPlacement, AttentionBackend, Dtype, Experiment};
 use crate::data::{Dataset, Loader, LoaderSpec, LoaderState};
 use crate::comm::{Groups, Mesh};
 use crate::model::spec::ModelSpec;
@@ -107,6 +107,7 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups, dev
             mlp_tile: exp.parallel.mlp_tile,
             loss_tile: exp.parallel.loss_tile,
             profiler: &profiler,
+            offload_activations: exp.parallel.activations == ActivationPlacement::Host,
         };
         if let Some(i) = gpu {
             crate::cuda::reset_peak(i);

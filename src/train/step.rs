@@ -24,6 +24,32 @@ pub struct StepContext<'a> {
     pub mlp_tile: usize,
     pub loss_tile: usize,
     pub profiler: &'a Profiler,
+    /// Keep layer inputs in pinned host memory between forward and backward (CUDA only).
+    pub offload_activations: bool,
+}
+
+impl StepContext<'_> {
+    /// Where a layer input waits for the backward pass. On the GPU with offload it goes to pinned
+    /// host memory; the copy is asynchronous and ordered on the compute stream, so no host sync is
+    /// needed and the GPU buffer may be reused by later kernels right away.
+    fn stash(&self, x: Tensor) -> Tensor {
+        match self.device {
+            Device::Cuda(_) if self.offload_activations => {
+                let host = Tensor::empty(x.size().as_slice(), (x.kind(), Device::Cpu)).pin_memory(self.device);
+                x.internal_copy_from(&host, true)
+            }
+            _ => x,
+        }
+    }
+
+    /// The stashed layer input back on the compute device.
+    fn unstash(&self, x: &Tensor) -> Tensor {
+        if x.device() == self.device {
+            return x.shallow_clone();
+        }
+        let dev = Tensor::empty(x.size().as_slice(), (x.kind(), self.device));
+        x.internal_copy_from(&dev, true)
+    }
 }
 
 /// One rank's micro batch as tensors `[b, s_local]` (i64) on the compute device.
@@ -95,7 +121,7 @@ pub fn micro_step(ctx: &StepContext, params: &mut ShardedParams, batch: &MicroBa
             let oh = prof.attention(|| LocalAttention.attend(&qh, &kh, &vh));
             Ok(llama::post_attention(spec, &w, &x, &to_seq(&oh)?, ctx.mlp_tile))
         })?;
-        inputs.push(std::mem::replace(&mut x, y));
+        inputs.push(ctx.stash(std::mem::replace(&mut x, y)));
     }
 
     // Head: final norm, LM head, cross-entropy (fp32), with a graph.
@@ -127,7 +153,7 @@ pub fn micro_step(ctx: &StepContext, params: &mut ShardedParams, batch: &MicroBa
     for l in (0..layers).rev() {
         let w: Vec<Tensor> = gather(params, 1 + l)?.iter().map(leaf).collect();
         let lw = layer(spec, w.iter().map(|t| t.shallow_clone()).collect())?;
-        let x_in = leaf(&inputs[l]);
+        let x_in = leaf(&ctx.unstash(&inputs[l]));
         // Segment 1 (pre-attention): norm, q/k/v projections, RoPE; KV heads replicated when
         // there are fewer than SP ranks, inside the graph so their gradients sum back.
         let (q, k, v) = llama::pre_attention(spec, &lw, &x_in, &rope);
