@@ -29,26 +29,19 @@ pub struct StepContext<'a> {
 }
 
 impl StepContext<'_> {
-    /// Where a layer input waits for the backward pass. On the GPU with offload it goes to pinned
-    /// host memory; the copy is asynchronous and ordered on the compute stream, so no host sync is
-    /// needed and the GPU buffer may be reused by later kernels right away.
+    /// Where a layer input waits for the backward pass. On the GPU with offload it goes to host
+    /// memory: a non-blocking copy to the CPU lands in pinned memory and is ordered on the compute
+    /// stream, so no host sync is needed and the GPU buffer may be reused by later kernels at once.
     fn stash(&self, x: Tensor) -> Tensor {
         match self.device {
-            Device::Cuda(_) if self.offload_activations => {
-                let host = Tensor::empty(x.size().as_slice(), (x.kind(), Device::Cpu)).pin_memory(self.device);
-                x.internal_copy_from(&host, true)
-            }
+            Device::Cuda(_) if self.offload_activations => x.to_device_(Device::Cpu, x.kind(), true, false),
             _ => x,
         }
     }
 
-    /// The stashed layer input back on the compute device.
+    /// The stashed layer input back on the compute device (again a stream-ordered async copy).
     fn unstash(&self, x: &Tensor) -> Tensor {
-        if x.device() == self.device {
-            return x.shallow_clone();
-        }
-        let dev = Tensor::empty(x.size().as_slice(), (x.kind(), self.device));
-        x.internal_copy_from(&dev, true)
+        x.to_device_(self.device, x.kind(), true, false)
     }
 }
 
