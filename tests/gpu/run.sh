@@ -4,9 +4,10 @@
 # 1. SP = 4 equals SP = 1 in bf16: Llama-3.2-1B dimensions (tied embeddings, 32/8 heads), 16K
 #    tokens, 3 steps; every step's loss and gradient norm within rtol 1.6e-2 (bf16 rounding in a
 #    different order; fp32 equality to 1e-6 is tested on CPU by tests/train_equivalence.rs).
-# 2. Layer inputs in pinned host memory (parallel.activations = "host") give exactly the losses
-#    and gradient norms of GPU-resident ones (the same kernels in the same order), with less GPU
-#    memory.
+# 2. Layer inputs in pinned host memory (parallel.activations = "host") give the losses and
+#    gradient norms of GPU-resident ones within the same rtol (GPU runs are not bitwise
+#    reproducible run to run: cuDNN attention backward and embedding backward use atomics), with
+#    less GPU memory.
 # 3. Training works on GPU: the tiny model on the passkey set, sp = 4, loss falls by 20% in 30 steps.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -74,7 +75,10 @@ def run(p):
     return re.findall(r"step +\d+/\d+ +loss (\S+) +lr \S+ +grad_norm (\S+)", t), [float(x) for x in re.findall(r"peak (\S+) GiB", t)]
 (dev, mem_dev), (host, mem_host) = run(sys.argv[1]), run(sys.argv[2])
 assert len(dev) == len(host) == 3, f"steps completed: device {len(dev)}, host {len(host)}"
-assert dev == host, f"offloaded activations changed the numbers: {dev} vs {host}"
+for (ld, gd), (lh, gh) in zip(dev, host):
+    rl, rg = abs(float(ld) - float(lh)) / abs(float(ld)), abs(float(gd) - float(gh)) / abs(float(gd))
+    print(f"loss device {ld} host {lh} (rel {rl:.1e})  grad_norm device {gd} host {gh} (rel {rg:.1e})")
+    assert rl <= 1.6e-2 and rg <= 1.6e-2, "offloaded activations changed the numbers beyond rtol 1.6e-2"
 print(f"peak GPU memory: device {max(mem_dev)} GiB, host {max(mem_host)} GiB")
 assert max(mem_host) < max(mem_dev), "offloading did not lower peak GPU memory"
 print("PASS activations in host memory == on the GPU, with less GPU memory")
