@@ -136,7 +136,11 @@ impl Launch {
                 ensure!(got == members, "{tag}: holds world ranks {got:?}, the mesh says {members:?}");
                 conformance(group.as_ref(), device, &tag)?;
             }
-            log::info!("collectives exact for mesh sp={sp} x dp={dp} on {world} rank(s)");
+            // Ulysses attention over this SP group against local attention on the whole
+            // sequence (fp32): outputs and q/k/v gradients.
+            let err = crate::parallel::ulysses::check_against_local(groups.sp.as_ref(), device)?;
+            ensure!(err <= 1e-5, "mesh sp={sp} dp={dp}: Ulysses attention differs from local attention by {err:.2e} (relative)");
+            log::info!("collectives exact and Ulysses attention within {err:.1e} of local for mesh sp={sp} x dp={dp} on {world} rank(s)");
         }
         self.world.barrier();
         if self.rank == 0 {
@@ -144,7 +148,7 @@ impl Launch {
                 Backend::Mpi => "MPI backend, CPU tensors",
                 Backend::Nccl => "NCCL backend, CUDA tensors",
             };
-            println!("comm-check: all collectives exact on {world} rank(s) ({what})");
+            println!("comm-check: all collectives exact on {world} rank(s) ({what}); Ulysses attention matches local attention (outputs and q/k/v gradients) for every SP degree");
         }
         Ok(())
     }

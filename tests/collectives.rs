@@ -10,6 +10,7 @@ fn comm_check(n: usize) {
     let t = text(&out);
     assert!(out.status.success(), "{t}");
     assert!(t.contains(&format!("comm-check: all collectives exact on {n} rank(s)")), "{t}");
+    assert!(t.contains("Ulysses attention matches local attention"), "{t}");
 }
 
 #[test]
