@@ -7,6 +7,7 @@ pub mod comm;
 pub mod autograd;
 pub mod config;
 pub mod data;
+pub mod eval;
 pub mod launch;
 pub mod model;
 pub mod parallel;

@@ -29,6 +29,9 @@ enum Command {
     /// Exercise every collective over the MPI world with exact expected values
     /// (`mpirun -n N ulysses comm-check`).
     CommCheck,
+    /// Long-context evaluation of a checkpoint: passkey / needle grid or per-position loss
+    /// (`mpirun -n N ulysses eval EXPERIMENT.toml --task passkey`; docs/eval.md).
+    Eval(ulysses::eval::cli::EvalArgs),
     /// Make, convert and check HDF5 token shards (`ulysses data --help`).
     Data {
         #[command(subcommand)]
@@ -42,6 +45,7 @@ fn main() {
         (Some(Command::Check { experiment, world_size }), _) => check(&experiment, world_size),
         (Some(Command::CommCheck), _) => comm_check(),
         (Some(Command::Data { cmd }), _) => ulysses::data::cli::run(cmd),
+        (Some(Command::Eval(args)), _) => ulysses::eval::cli::run(args),
         (None, Some(exp)) => train(&exp),
         (None, None) => {
             eprintln!("usage: ulysses EXPERIMENT.toml | ulysses check EXPERIMENT.toml | ulysses --help");
