@@ -15,8 +15,8 @@ const FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-subset.ttf");
 const FAMILY: &str = "sans-serif";
 
 /// Writes the plots of `result_h5` into `out_dir` (created if needed) and returns their paths:
-/// `<stem>_accuracy.png` and `<stem>_token_accuracy.png` for a grid, `<stem>_loss.png` for the
-/// loss curve, `<stem>` being the results file's name without `.h5`.
+/// `<stem>_accuracy.png` and `<stem>_token_accuracy.png` for a grid, `<stem>_by_position.png`
+/// for the loss curve, `<stem>` being the results file's name without `.h5`.
 pub fn plot_eval(result_h5: &Path, out_dir: &Path) -> Result<Vec<PathBuf>, EvalError> {
     // Cheap (parses the font's header); registering again replaces the same entry.
     plotters::style::register_font(FAMILY, FontStyle::Normal, FONT)
@@ -47,7 +47,7 @@ pub fn plot_eval(result_h5: &Path, out_dir: &Path) -> Result<Vec<PathBuf>, EvalE
             Ok(out)
         }
         EvalResults::Loss(r) => {
-            let path = out_dir.join(format!("{stem}_loss.png"));
+            let path = out_dir.join(format!("{stem}_by_position.png"));
             loss_curve(&path, &r)?;
             Ok(vec![path])
         }
@@ -196,6 +196,7 @@ fn draw_loss_curve(
     chart
         .configure_mesh()
         .x_desc("position in the sequence (tokens)")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("mean loss (nats)")
         .label_style((FAMILY, 16))
         .axis_desc_style((FAMILY, 17))
