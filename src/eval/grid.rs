@@ -133,11 +133,9 @@ pub fn run_grid(
     };
     if mesh.world_rank == 0 {
         let depths: Vec<String> = grid.depths.iter().map(|d| format!("{d:>6.2}")).collect();
-        println!(
-            "{} exact-match accuracy, depth →{}",
-            grid.task.name(),
-            depths.join("")
-        );
+        let name = grid.task.name();
+        println!("{name} exact-match accuracy, {ns} samples per cell");
+        println!("{:<17}{}", "  depth", depths.join(""));
     }
     let cell = nd * ns;
     for (li, &len) in grid.lengths.iter().enumerate() {
@@ -181,8 +179,7 @@ pub fn run_grid(
             let tok = r.token_accuracy().row(li).mean().unwrap_or(0.0);
             let lp = r.mean_logprob().row(li).mean().unwrap_or(0.0);
             println!(
-                "  length {len:>8}{:>14}{}   (token accuracy {tok:.3}, answer log-prob {lp:.3})",
-                "",
+                "  length {len:>8}{}   (token accuracy {tok:.3}, answer log-prob {lp:.3})",
                 row.join("")
             );
         }

@@ -27,7 +27,7 @@ pub enum EvalResults {
     /// passkey or niah.
     Grid {
         task: EvalTask,
-        result: GridResult,
+        result: Box<GridResult>,
     },
     Loss(LossResult),
 }
@@ -235,7 +235,10 @@ pub fn read(path: &Path) -> Result<EvalResults, EvalError> {
             "sample/* are not all [lengths, depths, samples]",
         ));
     }
-    Ok(EvalResults::Grid { task, result })
+    Ok(EvalResults::Grid {
+        task,
+        result: Box::new(result),
+    })
 }
 
 fn inconsistent(path: &Path, what: &str) -> EvalError {
