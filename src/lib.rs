@@ -8,6 +8,7 @@ pub mod autograd;
 pub mod config;
 pub mod cuda;
 pub mod data;
+pub mod eval;
 pub mod launch;
 pub mod model;
 pub mod parallel;

@@ -36,6 +36,9 @@ enum Command {
         #[arg(long, value_name = "MIB")]
         bench_mib: Option<usize>,
     },
+    /// Long-context evaluation of a checkpoint: passkey / needle grid or per-position loss
+    /// (`mpirun -n N ulysses eval EXPERIMENT.toml --task passkey`; docs/eval.md).
+    Eval(ulysses::eval::cli::EvalArgs),
     /// Make, convert and check HDF5 token shards (`ulysses data --help`).
     Data {
         #[command(subcommand)]
@@ -54,6 +57,7 @@ fn main() {
         (Some(Command::Check { experiment, world_size }), _) => check(&experiment, world_size),
         (Some(Command::CommCheck { backend, bench_mib }), _) => comm_check(backend, bench_mib),
         (Some(Command::Data { cmd }), _) => ulysses::data::cli::run(cmd),
+        (Some(Command::Eval(args)), _) => ulysses::eval::cli::run(args),
         (None, Some(exp)) => train(&exp),
         (None, None) => {
             eprintln!("usage: ulysses EXPERIMENT.toml | ulysses check EXPERIMENT.toml | ulysses --help");

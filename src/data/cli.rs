@@ -40,7 +40,8 @@ pub enum DataCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Write a synthetic long-context set (no download): passkey retrieval or random tokens.
+    /// Write a synthetic long-context set (no download): passkey or needle-in-a-haystack
+    /// retrieval (niah), or random tokens.
     Synth {
         #[arg(long, value_enum)]
         task: SynthTask,

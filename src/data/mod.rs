@@ -8,6 +8,7 @@ mod dataset;
 mod error;
 pub mod format;
 mod loader;
+pub mod needle;
 mod order;
 pub mod prepare;
 mod shard;

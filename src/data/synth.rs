@@ -2,26 +2,21 @@
 //! - passkey: filler sentences with "The pass key is NNNNN. Remember it. NNNNN is the pass key."
 //!   hidden at a recorded depth, ending in "What is the pass key? The pass key is NNNNN"; the
 //!   answer's position and tokens are recorded per sequence (`passkey/*` datasets).
+//! - niah: the same layout with varied filler and "The special magic number is NNNNN." (needle.rs).
 //! - random: uniform token ids, for throughput runs.
 use super::format::{claim_output_dir, shard_name, ShardWriter};
+use super::needle::{check_key_digits, draw_key, NeedleParts};
 use super::order::SplitMix64;
 use super::tokenizer::TextTokenizer;
 use super::{DataError, PasskeyInfo};
 use ndarray::{Array1, Array2};
 use std::path::{Path, PathBuf};
 
-const FILLER: &[&str] = &[
-    "The grass is green. ",
-    "The sky is blue. ",
-    "The sun is yellow. ",
-    "Here we go. ",
-    "There and back again. ",
-];
-const QUESTION: &str = "What is the pass key? The pass key is ";
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SynthTask {
     Passkey,
+    /// Needle in a haystack: varied filler, "The special magic number is NNNNN."
+    Niah,
     Random,
 }
 
@@ -30,6 +25,7 @@ impl SynthTask {
     pub fn name(self) -> &'static str {
         match self {
             SynthTask::Passkey => "passkey",
+            SynthTask::Niah => "niah",
             SynthTask::Random => "random",
         }
     }
@@ -82,17 +78,16 @@ pub fn synth(opts: &SynthOptions, tokenizer: &TextTokenizer) -> Result<PathBuf, 
                 writer.push(&seq, &[])?;
             }
         }
-        SynthTask::Passkey => {
-            let parts = PasskeyParts::new(tokenizer)?;
+        SynthTask::Passkey | SynthTask::Niah => {
+            let parts = NeedleParts::new(tokenizer, opts.task)?;
             let mut infos = Vec::with_capacity(opts.num);
-            let low = 10u64.pow(opts.key_digits - 1);
             for i in 0..opts.num {
-                let key = low + rng.below(9 * low);
+                let key = draw_key(&mut rng, opts.key_digits);
                 let depth = match &opts.depths {
                     Some(d) => d[i % d.len()],
                     None => rng.unit_f64() as f32,
                 };
-                let (seq, info) = parts.sequence(tokenizer, opts.seq_len, key, depth)?;
+                let (seq, info) = parts.sequence(tokenizer, opts.seq_len, key, depth, &mut rng)?;
                 writer.push(&seq, &[])?;
                 infos.push(info);
             }
@@ -108,12 +103,7 @@ fn check(opts: &SynthOptions) -> Result<(), DataError> {
             "--seq-len and --num must be at least 1".into(),
         ));
     }
-    if !(1..=18).contains(&opts.key_digits) {
-        return Err(DataError::Usage(format!(
-            "--key-digits {} must be in 1..=18",
-            opts.key_digits
-        )));
-    }
+    check_key_digits(opts.key_digits)?;
     match &opts.depths {
         Some(d) if d.is_empty() || d.iter().any(|x| !(0.0..=1.0).contains(x)) => {
             Err(DataError::Usage(format!(
@@ -121,81 +111,6 @@ fn check(opts: &SynthOptions) -> Result<(), DataError> {
             )))
         }
         _ => Ok(()),
-    }
-}
-
-/// The tokenized pieces every passkey sequence is built from.
-struct PasskeyParts {
-    filler: Vec<Vec<i32>>,
-    question: Vec<i32>,
-}
-
-impl PasskeyParts {
-    fn new(tokenizer: &TextTokenizer) -> Result<PasskeyParts, DataError> {
-        let filler = FILLER
-            .iter()
-            .map(|s| tokenizer.encode(s))
-            .collect::<Result<_, _>>()?;
-        Ok(PasskeyParts {
-            filler,
-            question: tokenizer.encode(QUESTION)?,
-        })
-    }
-
-    /// [filler .. needle .. filler][question][answer]: exactly `seq_len` tokens. The needle goes
-    /// to the filler sentence boundary at or before `depth` of the filler; the answer (the key
-    /// tokenized as text on its own) ends the sequence.
-    fn sequence(
-        &self,
-        tokenizer: &TextTokenizer,
-        seq_len: usize,
-        key: u64,
-        depth: f32,
-    ) -> Result<(Vec<i32>, PasskeyInfo), DataError> {
-        let needle = tokenizer.encode(&format!(
-            "The pass key is {key}. Remember it. {key} is the pass key. "
-        ))?;
-        let answer = tokenizer.encode(&key.to_string())?;
-        let fixed = needle.len() + self.question.len() + answer.len();
-        if seq_len < fixed {
-            let message = format!("--seq-len {seq_len} is too short for a passkey sequence; it needs at least {fixed} tokens");
-            return Err(DataError::Usage(message));
-        }
-        let filler_len = seq_len - fixed;
-        let (mut filler, mut boundaries) = (Vec::with_capacity(filler_len), Vec::new());
-        for sentence in self.filler.iter().cycle() {
-            if filler.len() >= filler_len {
-                break;
-            }
-            boundaries.push(filler.len());
-            filler.extend_from_slice(sentence);
-        }
-        filler.truncate(filler_len);
-        boundaries.push(filler_len);
-        let target = (depth as f64 * filler_len as f64).round() as usize;
-        let needle_start = boundaries
-            .iter()
-            .copied()
-            .take_while(|&b| b <= target)
-            .last()
-            .unwrap_or(0);
-        let mut seq = Vec::with_capacity(seq_len);
-        seq.extend_from_slice(&filler[..needle_start]);
-        seq.extend_from_slice(&needle);
-        seq.extend_from_slice(&filler[needle_start..]);
-        seq.extend_from_slice(&self.question);
-        let answer_start = seq.len();
-        seq.extend_from_slice(&answer);
-        Ok((
-            seq,
-            PasskeyInfo {
-                depth,
-                key,
-                needle_start,
-                answer_start,
-                answer_tokens: answer,
-            },
-        ))
     }
 }
 

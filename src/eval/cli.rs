@@ -1,0 +1,204 @@
+//! `ulysses eval EXPERIMENT.toml --task passkey|niah|loss`: starts the ranks like training does
+//! (mpirun, or a single process), builds the mesh, loads the checkpoint whole on every rank and
+//! runs the task; rank 0 writes the results file and its PNGs.
+use super::forward::Evaluator;
+use super::grid::{run_grid, GridSpec};
+use super::loss::{run_loss, LossSpec};
+use super::results::{write_grid, write_loss, Provenance};
+use super::{plot_eval, EvalTask};
+use crate::comm::Mesh;
+use crate::config::{validate, DeviceKind, Experiment};
+use crate::data::synth::SynthTask;
+use crate::data::tokenizer::TextTokenizer;
+use crate::launch::{init_logging, Launch};
+use crate::model::weights::load_hf;
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use tch::{Device, Kind};
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// Experiment TOML: the model, parallel.sp and the tiles; its run directory holds the defaults.
+    pub experiment: PathBuf,
+    #[arg(long, value_enum)]
+    pub task: EvalTask,
+    /// Hugging Face checkpoint folder [default: RUN_DIR/final, where training saves the model].
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Results file [default: RUN_DIR/eval/TASK.h5]; the PNGs are written next to it.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Ranks that share one sequence; dp = ranks / sp [default: parallel.sp under mpirun, 1 in a
+    /// single process].
+    #[arg(long)]
+    pub sp: Option<usize>,
+    /// Context lengths of the grid, each a multiple of sp [default: data.seq_len].
+    #[arg(long, value_delimiter = ',')]
+    pub lengths: Option<Vec<usize>>,
+    /// Needle depths of the grid (0 = start of the context, 1 = end).
+    #[arg(long, value_delimiter = ',', default_value = "0,0.25,0.5,0.75,1")]
+    pub depths: Vec<f32>,
+    /// Sequences per grid cell (passkey, niah) [default: 10], or at most this many sequences
+    /// (loss) [default: all].
+    #[arg(long)]
+    pub samples: Option<usize>,
+    /// Seed of the grid's keys and filler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Digits of the grid's keys.
+    #[arg(long, default_value_t = 5)]
+    pub key_digits: u32,
+    /// The model's tokenizer: `byte` or a tokenizer.json path.
+    #[arg(long, default_value = "byte")]
+    pub tokenizer: String,
+    /// Held-out shards (files or folders) for --task loss.
+    #[arg(long, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Position bins of the loss curve.
+    #[arg(long, default_value_t = 64)]
+    pub bins: usize,
+}
+
+/// Runs on every rank; a failure on any rank ends the job (MPI_Abort) with its message.
+pub fn run(args: EvalArgs) -> Result<()> {
+    let launch = Launch::init()?;
+    init_logging(launch.rank);
+    if let Err(e) = run_rank(&launch, &args) {
+        // Bad arguments fail on every rank alike: let rank 0's message be the one printed.
+        if launch.rank != 0 {
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        }
+        launch.abort(&e);
+    }
+    Ok(())
+}
+
+fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
+    let mut exp = Experiment::load(&args.experiment)?;
+    let sp = args
+        .sp
+        .unwrap_or(if launch.size > 1 { exp.parallel.sp } else { 1 });
+    if sp == 0 || launch.size % sp != 0 {
+        bail!(
+            "sp = {sp} does not divide the {} rank(s) of this job; pass --sp with a divisor of {}, or run under `mpirun -n N` with N a multiple of {sp}",
+            launch.size,
+            launch.size
+        );
+    }
+    // The eval's own mesh; validate checks it against the model (sp divides the heads) as for training.
+    exp.parallel.sp = sp;
+    exp.parallel.dp = launch.size / sp;
+    let spec = validate(&exp, Some(launch.size)).map_err(|problems| {
+        let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
+        anyhow::anyhow!(
+            "{} has {} problem(s) for this eval (sp = {sp}):\n{}",
+            args.experiment.display(),
+            problems.len(),
+            list.join("\n")
+        )
+    })?;
+    if exp.parallel.device == DeviceKind::Cuda {
+        bail!("parallel.device = \"cuda\" is not available in this build yet; use \"cpu\"");
+    }
+    let mesh = Mesh::new(sp, exp.parallel.dp, launch.size, launch.rank)?;
+    let groups = launch.mpi_groups(&mesh)?;
+    let checkpoint = args
+        .checkpoint
+        .clone()
+        .unwrap_or_else(|| exp.run_dir().join("final"));
+    let weights = load_hf(&checkpoint, &spec, Kind::Float, Device::Cpu)
+        .with_context(|| format!("loading the checkpoint {}", checkpoint.display()))?;
+    let ev = Evaluator {
+        spec: &spec,
+        weights: &weights,
+        sp: groups.sp.as_ref(),
+        device: Device::Cpu,
+        mlp_tile: exp.parallel.mlp_tile,
+        loss_tile: exp.parallel.loss_tile,
+    };
+    let out = args.out.clone().unwrap_or_else(|| {
+        exp.run_dir()
+            .join("eval")
+            .join(format!("{}.h5", args.task.name()))
+    });
+    let command: Vec<String> = std::env::args().collect();
+    let (config_toml, command) = (exp.to_toml(), command.join(" "));
+    let provenance = Provenance {
+        checkpoint: &checkpoint,
+        config_toml: &config_toml,
+        command: &command,
+        sp,
+        dp: mesh.dp,
+    };
+    if launch.rank == 0 {
+        println!(
+            "eval {}: {} on {} rank(s) (sp = {sp}, dp = {})",
+            args.task.name(),
+            checkpoint.display(),
+            launch.size,
+            mesh.dp
+        );
+    }
+    let world = groups.world.as_ref();
+    match args.task {
+        EvalTask::Passkey | EvalTask::Niah => {
+            let tokenizer = TextTokenizer::load(&args.tokenizer, None)?;
+            if tokenizer.vocab_size() > spec.vocab_size {
+                bail!(
+                    "--tokenizer {}: {} tokens do not fit the model's vocabulary of {}",
+                    args.tokenizer,
+                    tokenizer.vocab_size(),
+                    spec.vocab_size
+                );
+            }
+            let grid = GridSpec {
+                task: if args.task == EvalTask::Niah {
+                    SynthTask::Niah
+                } else {
+                    SynthTask::Passkey
+                },
+                lengths: args
+                    .lengths
+                    .clone()
+                    .unwrap_or_else(|| vec![exp.data.seq_len]),
+                depths: args.depths.clone(),
+                samples: args.samples.unwrap_or(10),
+                seed: args.seed,
+                key_digits: args.key_digits,
+            };
+            let result = run_grid(&ev, &grid, &tokenizer, &mesh, world)?;
+            if launch.rank == 0 {
+                write_grid(&out, args.task, &provenance, &grid, &result)?;
+            }
+        }
+        EvalTask::Loss => {
+            if args.data.is_empty() {
+                bail!("--task loss needs --data: held-out shard files or folders (make them like the training data, from text the model was not trained on)");
+            }
+            let spec = LossSpec {
+                paths: args.data.clone(),
+                bins: args.bins,
+                max_sequences: args.samples,
+            };
+            let result = run_loss(&ev, &spec, &mesh, world)?;
+            if launch.rank == 0 {
+                write_loss(&out, &provenance, &args.data, &result)?;
+                let (first, last) = (
+                    result.loss.first().unwrap_or(&f64::NAN),
+                    result.loss.last().unwrap_or(&f64::NAN),
+                );
+                println!("loss over {} sequences of {} tokens: first bin {first:.4}, last bin {last:.4} nats", result.sequences, result.seq_len);
+            }
+        }
+    }
+    if launch.rank == 0 {
+        let dir = out.parent().filter(|d| !d.as_os_str().is_empty());
+        let plots = plot_eval(&out, dir.unwrap_or(std::path::Path::new(".")))?;
+        println!("wrote {}", out.display());
+        for p in plots {
+            println!("wrote {}", p.display());
+        }
+    }
+    world.barrier()?;
+    Ok(())
+}
