@@ -29,6 +29,8 @@ enum Command {
     /// Exercise every collective over the MPI world with exact expected values
     /// (`mpirun -n N ulysses comm-check`).
     CommCheck,
+    /// Summarize a run's metrics.h5 and write PNG plots to RUN_DIR/plots/.
+    Report { run_dir: PathBuf },
     /// Make, convert and check HDF5 token shards (`ulysses data --help`).
     Data {
         #[command(subcommand)]
@@ -42,6 +44,7 @@ fn main() {
         (Some(Command::Check { experiment, world_size }), _) => check(&experiment, world_size),
         (Some(Command::CommCheck), _) => comm_check(),
         (Some(Command::Data { cmd }), _) => ulysses::data::cli::run(cmd),
+        (Some(Command::Report { run_dir }), _) => ulysses::report::report(&run_dir).map(drop).map_err(Into::into),
         (None, Some(exp)) => train(&exp),
         (None, None) => {
             eprintln!("usage: ulysses EXPERIMENT.toml | ulysses check EXPERIMENT.toml | ulysses --help");
