@@ -6,18 +6,17 @@ pub mod memory;
 pub mod metrics;
 pub mod position;
 pub mod preempt;
+mod progress;
 pub mod schedule;
+mod start;
 pub mod step;
 
 use crate::comm::{Collective, Groups, Mesh};
 use crate::config::{DeviceKind, Dtype, Experiment};
-use crate::data::{Dataset, Loader, LoaderSpec, LoaderState};
-use crate::model::params::init_tensor;
+use crate::data::{Dataset, Loader, LoaderSpec};
 use crate::model::spec::ModelSpec;
-use crate::model::weights;
-use crate::parallel::zero::{AdamW, ShardedParams};
+use crate::parallel::zero::AdamW;
 use anyhow::{bail, Context, Result};
-use checkpoint::{DataPosition, Layout, RunState, Versions};
 use metrics::{MetricsWriter, RunInfo, StepRow, StepTimes};
 use position::PositionLoss;
 use std::time::Instant;
@@ -31,116 +30,6 @@ fn batch_tensors(b: &crate::data::Batch, device: Device) -> MicroBatch {
         input_ids: t(&b.input_ids),
         labels: t(&b.labels),
         position_ids: t(&b.position_ids),
-    }
-}
-
-/// Fresh shards: `model.weights` when given, else the seeded initialisation.
-fn fresh_params(
-    exp: &Experiment,
-    spec: &ModelSpec,
-    world: &dyn Collective,
-    device: Device,
-) -> Result<ShardedParams> {
-    let initial = match &exp.model.weights {
-        Some(path) => Some(
-            weights::load_hf(path, spec, Kind::Float, Device::Cpu)
-                .with_context(|| format!("loading model.weights {}", path.display()))?
-                .named_tensors(),
-        ),
-        None => None,
-    };
-    Ok(ShardedParams::new(
-        spec,
-        exp.parallel.zero_stage,
-        world,
-        device,
-        |u| match &initial {
-            Some(named) => u
-                .tensors
-                .iter()
-                .map(|(n, _)| {
-                    named
-                        .iter()
-                        .find(|(k, _)| k == n)
-                        .expect("validated names")
-                        .1
-                        .shallow_clone()
-                })
-                .collect(),
-            None => u
-                .tensors
-                .iter()
-                .map(|(n, shape)| {
-                    init_tensor(n, shape, exp.run.seed as i64, Kind::Float, Device::Cpu)
-                })
-                .collect(),
-        },
-    ))
-}
-
-/// The shards and the data position to start from, and the step already done.
-fn start_point(
-    exp: &Experiment,
-    spec: &ModelSpec,
-    mesh: &Mesh,
-    world: &dyn Collective,
-    device: Device,
-) -> Result<(ShardedParams, LoaderState, u64)> {
-    let Some(dir) = checkpoint::resolve(&exp.checkpoint.resume, &exp.run_dir(), world)? else {
-        return Ok((
-            fresh_params(exp, spec, world, device)?,
-            LoaderState::default(),
-            0,
-        ));
-    };
-    let state = checkpoint::read_state(&dir)?;
-    if state.step > exp.train.steps as u64 {
-        bail!("{}: the checkpoint is at step {}, beyond train.steps = {}; raise train.steps to continue", dir.display(), state.step, exp.train.steps);
-    }
-    let loader = checkpoint::restore_loader_state(
-        &state,
-        &dir,
-        exp.run.seed,
-        mesh.dp,
-        exp.train.micro_batch,
-    )?;
-    let params = checkpoint::load_params(&dir, spec, exp.parallel.zero_stage, world, device)
-        .with_context(|| format!("loading checkpoint {}", dir.display()))?;
-    if mesh.world_rank == 0 {
-        println!(
-            "resuming from {} (step {}, written by a {}-rank sp={} dp={} job)",
-            dir.display(),
-            state.step,
-            state.layout.world,
-            state.layout.sp,
-            state.layout.dp
-        );
-    }
-    Ok((params, loader, state.step))
-}
-
-fn run_state(exp: &Experiment, mesh: &Mesh, step: u64, loader: &Loader) -> RunState {
-    let l = loader.state();
-    RunState {
-        format: checkpoint::FORMAT,
-        step,
-        total_steps: exp.train.steps as u64,
-        data: DataPosition {
-            epoch: l.epoch,
-            samples: l.position * (mesh.dp * exp.train.micro_batch) as u64,
-        },
-        seed: exp.run.seed,
-        layout: Layout {
-            world: mesh.sp * mesh.dp,
-            sp: mesh.sp,
-            dp: mesh.dp,
-            zero_stage: exp.parallel.zero_stage,
-            micro_batch: exp.train.micro_batch,
-            grad_accum: exp.train.grad_accum,
-        },
-        versions: Versions::current(),
-        model_dtype: "float32".into(),
-        config_toml: exp.to_toml(),
     }
 }
 
@@ -180,7 +69,7 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups) -> 
     }
     let t = &exp.train;
     let world = groups.world.as_ref();
-    let (mut params, loader_state, start) = start_point(exp, spec, mesh, world, device)?;
+    let (mut params, loader_state, start) = start::start_point(exp, spec, mesh, world, device)?;
     let loader_spec = LoaderSpec {
         seed: exp.run.seed,
         shuffle: exp.data.shuffle,
@@ -296,7 +185,7 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups) -> 
             peak_gpu_mem,
         };
         if mesh.world_rank == 0 {
-            print_progress(
+            progress::print_progress(
                 &row,
                 t.steps,
                 started.elapsed().as_secs_f64() / (step - start as usize) as f64,
@@ -306,7 +195,7 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups) -> 
         let t_ckpt = Instant::now();
         let every = exp.checkpoint.every;
         if preempted || step == t.steps || (every > 0 && step % every == 0) {
-            let state = run_state(exp, mesh, step as u64, &loader);
+            let state = start::run_state(exp, mesh, step as u64, &loader);
             let dir =
                 checkpoint::save(&params, &state, spec, &run_dir, exp.checkpoint.keep, world)?;
             if mesh.world_rank == 0 {
@@ -331,29 +220,4 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups) -> 
         }
     }
     Ok(())
-}
-
-fn print_progress(r: &StepRow, steps: usize, secs_per_step: f64) {
-    let eta = secs_per_step * (steps as u64 - r.step) as f64;
-    println!(
-        "step {:>5}/{steps}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.1} tok/s  {:.2} s/step  {:.1} TFLOP/s  MFU {:.2}%  eta {}",
-        r.step,
-        r.loss,
-        r.lr,
-        r.grad_norm,
-        r.tokens_per_s,
-        r.step_time,
-        r.tflops,
-        100.0 * r.mfu,
-        eta_text(eta)
-    );
-}
-
-fn eta_text(secs: f64) -> String {
-    let s = secs.round() as u64;
-    match s {
-        0..=99 => format!("{s} s"),
-        100..=5999 => format!("{}m{:02}s", s / 60, s % 60),
-        _ => format!("{}h{:02}m", s / 3600, s / 60 % 60),
-    }
 }

@@ -179,3 +179,4 @@ with h5py.File(path, "r") as f:
 PY
 "$BIN" report "$RUN" >/dev/null || fail "ulysses report failed"
 say "passed: preempted at step $(sed -n 's/.*stopped after step \([0-9]*\).*/\1/p' "$OUT" | head -1), requeued, resumed, finished $STEPS steps"
+echo "slurm: 1 passed, 0 failed"

@@ -154,10 +154,21 @@ fn publish(tmp: &Path, dest: &Path) -> Result<(), CheckpointError> {
     Ok(())
 }
 
-/// Keeps the newest `keep` complete checkpoints.
-fn prune(run_dir: &Path, keep: usize) -> Result<(), CheckpointError> {
-    let all = list_complete(run_dir)?;
-    for (_, path) in all.iter().take(all.len().saturating_sub(keep)) {
+/// Keeps the newest `keep` complete checkpoints up to `step`, the one just written. Any of a
+/// later step belongs to an earlier run that this one replaced (`resume = "none"`, or a resume
+/// from an older checkpoint): left there, `resume = "auto"` would pick it up, so it goes too.
+fn prune(run_dir: &Path, keep: usize, step: u64) -> Result<(), CheckpointError> {
+    let (ours, replaced): (Vec<_>, Vec<_>) = list_complete(run_dir)?
+        .into_iter()
+        .partition(|(s, _)| *s <= step);
+    for (_, path) in &replaced {
+        log::warn!(
+            "removing {}: written by an earlier run that this one replaced",
+            path.display()
+        );
+    }
+    let old = ours.len().saturating_sub(keep);
+    for (_, path) in ours.iter().take(old).chain(&replaced) {
         std::fs::remove_dir_all(path).map_err(io_err(path))?;
     }
     Ok(())
@@ -219,7 +230,21 @@ mod tests {
         );
         remove_stale(&dir).unwrap();
         assert!(!dir.join("step-000030.tmp-5").exists());
-        prune(run.path(), 1).unwrap();
+        prune(run.path(), 1, 20).unwrap();
         assert!(!dir.join("step-000010").exists() && dir.join("step-000020").exists());
+        std::fs::write(dir.join("step-000040").join(COMPLETE), "").unwrap();
+        std::fs::create_dir_all(dir.join("step-000010")).unwrap();
+        std::fs::write(dir.join("step-000010").join(COMPLETE), "").unwrap();
+        prune(run.path(), 2, 10).unwrap();
+        let steps: Vec<u64> = list_complete(run.path())
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(
+            steps,
+            vec![10],
+            "a run restarted at step 10 drops the later steps of the run it replaced"
+        );
     }
 }

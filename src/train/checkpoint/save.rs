@@ -53,7 +53,7 @@ pub fn save(
         write_file(&tmp.join(RUN_STATE), &(json + "\n"))?;
         write_file(&tmp.join(EXPERIMENT), &state.config_toml)?;
         publish(&tmp, &dest)?;
-        prune(run_dir, keep)?;
+        prune(run_dir, keep, state.step)?;
     }
     // No rank goes on (or exits, after a preemption save) before the checkpoint is published.
     world.barrier()?;
