@@ -292,7 +292,7 @@ mod tests {
 
     #[test]
     fn tick_labels_tell_close_values_apart() {
-        assert_eq!(tick_label(5.5, 3.4, 6.3), "5.5");
+        assert_eq!(tick_label(5.5, 3.4, 6.3), "5.50");
         assert_eq!(tick_label(1.995e-3, 1.97e-3, 2.0e-3), "1.995e-3");
         assert_eq!(tick_label(12000.0, 0.0, 20000.0), "12000");
         assert_ne!(
