@@ -3,6 +3,7 @@
 //! with no MPI job and on a run still in progress.
 mod plots;
 
+use crate::train::progress::sig3;
 use hdf5::types::VarLenUnicode;
 use ndarray::Array2;
 use std::path::{Path, PathBuf};
@@ -208,14 +209,14 @@ pub fn summary(run_dir: &Path, m: &Metrics) -> String {
         ),
         (
             "TFLOP/s per rank",
-            format!("{:.2} (causal model FLOPs)", mean(&m.tflops[steady..])),
+            format!("{} (causal model FLOPs)", sig3(mean(&m.tflops[steady..]))),
         ),
         (
             "MFU",
             format!(
-                "{:.2}% causal, {:.2}% ALST convention",
-                100.0 * mean(&m.mfu[steady..]),
-                100.0 * mean(&m.mfu_alst[steady..])
+                "{}% causal, {}% ALST convention",
+                sig3(100.0 * mean(&m.mfu[steady..])),
+                sig3(100.0 * mean(&m.mfu_alst[steady..]))
             ),
         ),
         (

@@ -6,7 +6,7 @@ pub mod memory;
 pub mod metrics;
 pub mod position;
 pub mod preempt;
-mod progress;
+pub(crate) mod progress;
 pub mod schedule;
 mod start;
 pub mod step;

@@ -4,15 +4,15 @@ use super::metrics::StepRow;
 pub fn print_progress(r: &StepRow, steps: usize, secs_per_step: f64) {
     let eta = secs_per_step * (steps as u64 - r.step) as f64;
     println!(
-        "step {:>5}/{steps}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.1} tok/s  {:.2} s/step  {:.1} TFLOP/s  MFU {:.2}%  eta {}",
+        "step {:>5}/{steps}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.1} tok/s  {:.2} s/step  {} TFLOP/s  MFU {}%  eta {}",
         r.step,
         r.loss,
         r.lr,
         r.grad_norm,
         r.tokens_per_s,
         r.step_time,
-        r.tflops,
-        100.0 * r.mfu,
+        sig3(r.tflops),
+        sig3(100.0 * r.mfu),
         eta_text(eta)
     );
 }
@@ -23,5 +23,30 @@ fn eta_text(secs: f64) -> String {
         0..=99 => format!("{s} s"),
         100..=5999 => format!("{}m{:02}s", s / 60, s % 60),
         _ => format!("{}h{:02}m", s / 3600, s / 60 % 60),
+    }
+}
+
+/// Three significant digits: 412, 41.2, 4.12, 0.00412 (a CPU run's TFLOP/s is not 0.0).
+pub(crate) fn sig3(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let decimals = (2 - v.abs().log10().floor() as i32).max(0) as usize;
+    format!("{v:.decimals$}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eta_and_three_digits() {
+        assert_eq!(eta_text(42.4), "42 s");
+        assert_eq!(eta_text(3725.0), "62m05s");
+        assert_eq!(eta_text(7300.0), "2h01m");
+        assert_eq!(sig3(412.34), "412");
+        assert_eq!(sig3(4.1234), "4.12");
+        assert_eq!(sig3(0.0041234), "0.00412");
+        assert_eq!(sig3(0.0), "0");
     }
 }
