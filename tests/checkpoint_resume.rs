@@ -48,6 +48,20 @@ fn resume_continues_exactly_in_any_layout() {
         assert_eq!(steps, vec![5, 6], "{name}");
         assert_losses(name, &reference[4..], &got, 1e-6);
     }
+
+    // With the old metrics.h5 too: 2 ranks continue a file of 4 ranks' rows, which keeps its
+    // width; the ranks that no longer exist read 0.
+    let narrower = Exp::new("narrower", 1, 2, 6, 2);
+    copy_dir(&full.run_dir(dir), &narrower.run_dir(dir));
+    std::fs::remove_dir_all(narrower.run_dir(dir).join("checkpoints/step-000006")).unwrap();
+    narrower.train(dir, &data);
+    let (steps, got) = losses(&narrower.run_dir(dir));
+    assert_eq!(steps, (1..=6).collect::<Vec<u64>>());
+    assert_losses("narrower", &reference, &got, 1e-6);
+    let f = hdf5::File::open(narrower.run_dir(dir).join("metrics.h5")).unwrap();
+    let host = f.dataset("steps/peak_host_mem").unwrap().read_2d::<u64>().unwrap();
+    assert_eq!(host.shape(), [6, 4]);
+    assert!(host.row(3).iter().all(|&b| b > 0) && host[[5, 1]] > 0 && host[[5, 2]] == 0 && host[[5, 3]] == 0, "{host:?}");
 }
 
 #[test]
