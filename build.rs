@@ -14,6 +14,11 @@ fn main() {
         .or_else(|_| env::var("LIBTORCH").map(|l| PathBuf::from(l).join("lib")))
         .expect("LIBTORCH is not set: run `make setup` (scripts/setup.sh) and `source scripts/env.sh`");
     let root = libtorch_lib.parent().expect("libtorch lib dir has a parent").to_path_buf();
+    // Recorded in metrics.h5 and checkpoints; the pip wheel says it in torch/version.py.
+    let version = std::fs::read_to_string(root.join("version.py")).unwrap_or_default();
+    if let Some(v) = version.lines().find_map(|l| l.strip_prefix("__version__ = ")) {
+        println!("cargo:rustc-env=ULYSSES_LIBTORCH_VERSION={}", v.trim_matches(['\'', '"']));
+    }
     cc::Build::new()
         .cpp(true)
         .pic(true)

@@ -13,4 +13,5 @@ pub mod launch;
 pub mod model;
 pub mod parallel;
 pub mod plan;
+pub mod report;
 pub mod train;

@@ -39,6 +39,8 @@ enum Command {
     /// Long-context evaluation of a checkpoint: passkey / needle grid or per-position loss
     /// (`mpirun -n N ulysses eval EXPERIMENT.toml --task passkey`; docs/eval.md).
     Eval(ulysses::eval::cli::EvalArgs),
+    /// Summarize a run's metrics.h5 and write PNG plots to RUN_DIR/plots/.
+    Report { run_dir: PathBuf },
     /// Make, convert and check HDF5 token shards (`ulysses data --help`).
     Data {
         #[command(subcommand)]
@@ -58,6 +60,7 @@ fn main() {
         (Some(Command::CommCheck { backend, bench_mib }), _) => comm_check(backend, bench_mib),
         (Some(Command::Data { cmd }), _) => ulysses::data::cli::run(cmd),
         (Some(Command::Eval(args)), _) => ulysses::eval::cli::run(args),
+        (Some(Command::Report { run_dir }), _) => ulysses::report::report(&run_dir).map(drop).map_err(Into::into),
         (None, Some(exp)) => train(&exp),
         (None, None) => {
             eprintln!("usage: ulysses EXPERIMENT.toml | ulysses check EXPERIMENT.toml | ulysses --help");

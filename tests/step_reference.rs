@@ -37,7 +37,7 @@ fn check(spec: ModelSpec, mlp_tile: usize, loss_tile: usize) {
 
     let profiler = Profiler::new(Device::Cpu, true);
     let ctx = StepContext { spec: &spec, groups: &groups, kind: Kind::Float, device: Device::Cpu, mlp_tile, loss_tile, profiler: &profiler, offload_activations: true };
-    let loss_sum = micro_step(&ctx, &mut params, &batch, n).unwrap();
+    let loss_sum = micro_step(&ctx, &mut params, &batch, n, &mut Default::default(), None).unwrap();
     assert!((loss_sum / n - loss.double_value(&[])).abs() < 1e-5, "loss {} vs {}", loss_sum / n, loss.double_value(&[]));
     let mut checked = 0;
     for u in 0..params.units.len() {

@@ -159,6 +159,8 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
     }
     if exp.metrics.position_bins == 0 {
         bad("metrics.position_bins", "is 0; must be at least 1".into());
+    } else if exp.metrics.position_bins > d.seq_len && d.seq_len > 0 {
+        bad("metrics.position_bins", format!("= {} exceeds data.seq_len = {}; use at most one bin per position", exp.metrics.position_bins, d.seq_len));
     }
     if exp.run.name.is_empty() || exp.run.name.contains('/') {
         bad("run.name", format!("\"{}\" must be a non-empty folder name without '/'", exp.run.name));

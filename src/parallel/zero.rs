@@ -65,6 +65,32 @@ pub struct Shard {
     pub exp_avg_sq: Tensor,
 }
 
+/// The fp32 states a checkpoint saves and restores (the gradient is always zero between steps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Master,
+    ExpAvg,
+    ExpAvgSq,
+}
+
+impl Shard {
+    fn state(&self, which: State) -> &Tensor {
+        match which {
+            State::Master => &self.master,
+            State::ExpAvg => &self.exp_avg,
+            State::ExpAvgSq => &self.exp_avg_sq,
+        }
+    }
+
+    fn state_mut(&mut self, which: State) -> &mut Tensor {
+        match which {
+            State::Master => &mut self.master,
+            State::ExpAvg => &mut self.exp_avg,
+            State::ExpAvgSq => &mut self.exp_avg_sq,
+        }
+    }
+}
+
 pub struct ShardedParams {
     pub units: Vec<Unit>,
     pub shards: Vec<Shard>,
@@ -108,9 +134,44 @@ impl ShardedParams {
 
     /// The whole unit as tensors of `kind` on `device` (views into one gathered buffer).
     pub fn gather(&self, world: &dyn Collective, unit: usize, kind: Kind, device: Device) -> Result<Vec<Tensor>, CommError> {
-        let local = self.shards[unit].master.to_device(device).to_kind(kind);
+        self.gather_state(world, unit, State::Master, kind, device)
+    }
+
+    /// One state of the whole unit, like `gather`.
+    pub fn gather_state(
+        &self,
+        world: &dyn Collective,
+        unit: usize,
+        which: State,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Vec<Tensor>, CommError> {
+        let local = self.shards[unit].state(which).to_device(device).to_kind(kind);
         let flat = if self.stage == 3 { world.all_gather(&local)? } else { local };
         Ok(split_flat(&flat, &self.units[unit]))
+    }
+
+    /// Replaces one state of a unit with this rank's slice of the whole unit, which `root` gives
+    /// as full tensors in the unit's order (the other ranks pass `None`) and broadcasts: only the
+    /// root reads a checkpoint, and any world size or stage can load what any other wrote.
+    pub fn load_state(
+        &mut self,
+        world: &dyn Collective,
+        unit: usize,
+        which: State,
+        root: usize,
+        full: Option<&[Tensor]>,
+    ) -> Result<(), CommError> {
+        let u = &self.units[unit];
+        let flat = match full {
+            Some(tensors) => flatten_padded(tensors, u.padded),
+            None => Tensor::zeros([u.padded], (Kind::Float, Device::Cpu)),
+        };
+        let flat = world.broadcast(&flat.to_device(self.state_device), root)?;
+        let len = self.shard_len(unit);
+        let start = if self.stage == 3 { self.rank * len } else { 0 };
+        *self.shards[unit].state_mut(which) = flat.narrow(0, start, len).copy();
+        Ok(())
     }
 
     /// Adds this rank's gradients of a unit (full tensors, any float dtype) into the shards:
@@ -170,12 +231,20 @@ impl ShardedParams {
 
     /// Every parameter, gathered whole in fp32 on the CPU, by Hugging Face name.
     pub fn gather_named(&self, world: &dyn Collective) -> Result<Vec<(String, Tensor)>, CommError> {
+        self.gather_named_state(world, State::Master, true)
+    }
+
+    /// One state of every parameter, gathered whole in fp32 on the CPU, by Hugging Face name;
+    /// kept only where `keep` (a checkpoint keeps it on the writing rank alone, so the other
+    /// ranks hold one unit at a time).
+    pub fn gather_named_state(&self, world: &dyn Collective, which: State, keep: bool) -> Result<Vec<(String, Tensor)>, CommError> {
         let mut out = Vec::new();
         for u in 0..self.units.len() {
-            let dev = self.shards[u].master.device();
-            let tensors = self.gather(world, u, Kind::Float, dev)?;
-            for ((name, _), t) in self.units[u].tensors.iter().zip(tensors) {
-                out.push((name.clone(), t.to_device(Device::Cpu).copy()));
+            let tensors = self.gather_state(world, u, which, Kind::Float, self.state_device)?;
+            if keep {
+                for ((name, _), t) in self.units[u].tensors.iter().zip(tensors) {
+                    out.push((name.clone(), t.to_device(Device::Cpu).copy()));
+                }
             }
         }
         Ok(out)

@@ -1,70 +1,323 @@
 //! metrics.h5: one row per optimizer step, written by rank 0 and flushed every step so a crash
-//! loses at most the step in flight. Schema in docs/metrics.md.
+//! loses at most the step in flight; per-position loss every M steps. Schema (version 2) in
+//! docs/metrics.md; every dataset also carries its meaning and unit in a `description` attribute.
 use crate::config::Experiment;
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use hdf5::types::VarLenUnicode;
+use ndarray::{s, Array2};
 use std::path::Path;
+
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// Wall time of one optimizer step's parts, in seconds. On GPU each part ends with a device
+/// synchronize, or kernels still running are billed to the next part.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepTimes {
+    /// Waiting for the loader (its prefetch thread should make this ~0).
+    pub data: f64,
+    /// Embedding, layers and the tiled loss with its own backward (interleaved tile by tile).
+    pub forward: f64,
+    /// Layer-wise backward with recompute, all-to-alls and gradient reduce-scatters.
+    pub backward: f64,
+    /// Gradient norm, clipping and AdamW on the local shards.
+    pub optimizer: f64,
+}
 
 pub struct StepRow {
     pub step: u64,
+    pub tokens: u64,
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
-    pub tokens: u64,
     pub step_time: f64,
     pub tokens_per_s: f64,
+    pub tflops: f64,
+    pub mfu: f64,
+    pub tflops_alst: f64,
+    pub mfu_alst: f64,
+    pub times: StepTimes,
+    pub checkpoint_time: f64,
+    /// One entry per world rank, bytes.
+    pub peak_host_mem: Vec<u64>,
+    pub peak_gpu_mem: Vec<u64>,
+}
+
+/// (name, description) of the float64 columns of /steps, in `f64_values` order.
+pub const F64_COLUMNS: &[(&str, &str)] = &[
+    ("loss", "mean cross-entropy over every valid label of the step (all ranks), nats"),
+    ("lr", "learning rate used by this step"),
+    ("grad_norm", "global L2 norm of the gradient before clipping"),
+    ("step_time", "wall time of the step, seconds (checkpoint saves excluded)"),
+    ("tokens_per_s", "tokens / step_time, whole job"),
+    ("tflops", "causal model TFLOP/s per rank (Megatron convention: 6·N·T + causal attention, no recompute)"),
+    ("mfu", "tflops / peak dense bf16 TFLOP/s (attribute peak_tflops)"),
+    ("tflops_alst", "TFLOP/s per rank in the ALST-paper convention (8·N·T + 16·L·h·s², non-causal, recompute)"),
+    ("mfu_alst", "tflops_alst / peak_tflops"),
+    ("time_data", "seconds waiting for data"),
+    ("time_forward", "seconds in the forward (with the tiled loss and its backward)"),
+    ("time_backward", "seconds in the layer-wise backward"),
+    ("time_optimizer", "seconds in grad norm, clipping and AdamW"),
+    ("time_checkpoint", "seconds spent saving a checkpoint after this step (0 if none)"),
+];
+pub const U64_COLUMNS: &[(&str, &str)] = &[
+    ("step", "optimizer step, 1-based"),
+    ("tokens", "tokens processed in the step, whole job"),
+];
+pub const RANK_COLUMNS: &[(&str, &str)] = &[
+    ("peak_host_mem", "[step, rank] peak resident host memory (VmHWM) of each rank so far, bytes; 0 = no such rank in this row"),
+    ("peak_gpu_mem", "[step, rank] peak allocated GPU memory of each rank so far, bytes; 0 on CPU runs"),
+];
+
+fn f64_values(r: &StepRow) -> [f64; 14] {
+    let t = &r.times;
+    [
+        r.loss,
+        r.lr,
+        r.grad_norm,
+        r.step_time,
+        r.tokens_per_s,
+        r.tflops,
+        r.mfu,
+        r.tflops_alst,
+        r.mfu_alst,
+        t.data,
+        t.forward,
+        t.backward,
+        t.optimizer,
+        r.checkpoint_time,
+    ]
+}
+
+/// What the file records about the run besides the config.
+pub struct RunInfo<'a> {
+    pub world_size: usize,
+    pub peak_tflops: f64,
+    pub bin_starts: &'a [u64],
 }
 
 pub struct MetricsWriter {
     file: hdf5::File,
     rows: usize,
+    position_rows: usize,
+    world: usize,
 }
 
-const F64_COLUMNS: &[&str] = &["loss", "lr", "grad_norm", "step_time", "tokens_per_s"];
-const U64_COLUMNS: &[&str] = &["step", "tokens"];
+fn text(s: &str) -> Result<VarLenUnicode> {
+    s.parse::<VarLenUnicode>().map_err(|e| anyhow!("{e}"))
+}
+
+fn describe(ds: &hdf5::Dataset, what: &str) -> Result<()> {
+    Ok(ds
+        .new_attr::<VarLenUnicode>()
+        .create("description")?
+        .write_scalar(&text(what)?)?)
+}
 
 impl MetricsWriter {
-    pub fn create(path: &Path, exp: &Experiment) -> Result<MetricsWriter> {
-        let file = hdf5::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    /// A new file, or, when resuming after step `resume_step`, the existing one with the rows
+    /// after that step removed (they are about to be recomputed). An unreadable old file (a
+    /// crash mid-write) is moved aside to `metrics.h5.broken`.
+    pub fn open(
+        path: &Path,
+        exp: &Experiment,
+        info: &RunInfo,
+        resume_step: Option<u64>,
+    ) -> Result<MetricsWriter> {
+        if let (Some(step), true) = (resume_step, path.exists()) {
+            match Self::reopen(path, info.world_size, step) {
+                Ok(w) => return Ok(w),
+                Err(e) => {
+                    let aside = path.with_extension("h5.broken");
+                    log::warn!(
+                        "cannot continue {} ({e:#}); moving it to {} and starting a new file",
+                        path.display(),
+                        aside.display()
+                    );
+                    std::fs::rename(path, &aside)
+                        .with_context(|| format!("moving {} aside", path.display()))?;
+                }
+            }
+        }
+        Self::create(path, exp, info)
+    }
+
+    fn create(path: &Path, exp: &Experiment, info: &RunInfo) -> Result<MetricsWriter> {
+        let file =
+            hdf5::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         let steps = file.create_group("steps")?;
-        for name in F64_COLUMNS {
-            steps.new_dataset::<f64>().chunk(256).shape(0..).create(*name)?;
+        for (name, what) in F64_COLUMNS {
+            describe(
+                &steps
+                    .new_dataset::<f64>()
+                    .chunk(256)
+                    .shape(0..)
+                    .create(*name)?,
+                what,
+            )?;
         }
-        for name in U64_COLUMNS {
-            steps.new_dataset::<u64>().chunk(256).shape(0..).create(*name)?;
+        for (name, what) in U64_COLUMNS {
+            describe(
+                &steps
+                    .new_dataset::<u64>()
+                    .chunk(256)
+                    .shape(0..)
+                    .create(*name)?,
+                what,
+            )?;
         }
-        let text = |s: &str| -> Result<VarLenUnicode> { Ok(s.parse::<VarLenUnicode>().map_err(|e| anyhow::anyhow!("{e}"))?) };
-        file.new_attr::<VarLenUnicode>().create("config_toml")?.write_scalar(&text(&exp.to_toml())?)?;
-        file.new_attr::<VarLenUnicode>().create("ulysses_version")?.write_scalar(&text(env!("CARGO_PKG_VERSION"))?)?;
-        file.new_attr::<u32>().create("schema_version")?.write_scalar(&1u32)?;
+        let w = info.world_size.max(1);
+        for (name, what) in RANK_COLUMNS {
+            describe(
+                &steps
+                    .new_dataset::<u64>()
+                    .chunk((64, w))
+                    .shape((0.., 0..))
+                    .create(*name)?,
+                what,
+            )?;
+        }
+        let pos = file.create_group("position_loss")?;
+        let bins = info.bin_starts.len();
+        describe(
+            &pos.new_dataset::<u64>()
+                .chunk(64)
+                .shape(0..)
+                .create("step")?,
+            "steps at which the per-position loss was measured",
+        )?;
+        describe(
+            &pos.new_dataset::<f64>()
+                .chunk((16, bins))
+                .shape((0.., bins))
+                .create("loss")?,
+            "[row, bin] mean token loss of the bin over all ranks; NaN = no valid label",
+        )?;
+        describe(
+            &pos.new_dataset::<u64>()
+                .chunk((16, bins))
+                .shape((0.., bins))
+                .create("tokens")?,
+            "[row, bin] valid labels in the bin",
+        )?;
+        describe(
+            &pos.new_dataset_builder()
+                .with_data(info.bin_starts)
+                .create("bin_start")?,
+            "first global position of each bin",
+        )?;
+
+        let put_text = |name: &str, v: &str| -> Result<()> {
+            Ok(file
+                .new_attr::<VarLenUnicode>()
+                .create(name)?
+                .write_scalar(&text(v)?)?)
+        };
+        let versions = crate::train::checkpoint::Versions::current();
+        put_text("config_toml", &exp.to_toml())?;
+        put_text("ulysses_version", &versions.ulysses)?;
+        put_text("tch_version", &versions.tch)?;
+        put_text("libtorch_version", &versions.libtorch)?;
+        file.new_attr::<u32>()
+            .create("schema_version")?
+            .write_scalar(&SCHEMA_VERSION)?;
+        file.new_attr::<u64>()
+            .create("world_size")?
+            .write_scalar(&(info.world_size as u64))?;
+        file.new_attr::<f64>()
+            .create("peak_tflops")?
+            .write_scalar(&info.peak_tflops)?;
         file.flush()?;
-        Ok(MetricsWriter { file, rows: 0 })
+        Ok(MetricsWriter {
+            file,
+            rows: 0,
+            position_rows: 0,
+            world: w,
+        })
+    }
+
+    fn reopen(path: &Path, world: usize, resume_step: u64) -> Result<MetricsWriter> {
+        let file = hdf5::File::open_rw(path)?;
+        let version: u32 = file.attr("schema_version")?.read_scalar()?;
+        anyhow::ensure!(
+            version == SCHEMA_VERSION,
+            "schema version {version}, not {SCHEMA_VERSION}"
+        );
+        let keep = |group: &str| -> Result<usize> {
+            let steps: Vec<u64> = file.dataset(&format!("{group}/step"))?.read_raw()?;
+            Ok(steps.iter().take_while(|&&s| s <= resume_step).count())
+        };
+        let (rows, position_rows) = (keep("steps")?, keep("position_loss")?);
+        let steps = file.group("steps")?;
+        for (name, _) in F64_COLUMNS.iter().chain(U64_COLUMNS) {
+            steps.dataset(name)?.resize(rows)?;
+        }
+        let mut width = world;
+        for (name, _) in RANK_COLUMNS {
+            let ds = steps.dataset(name)?;
+            width = width.max(ds.shape()[1]);
+            ds.resize((rows, width))?;
+        }
+        let pos = file.group("position_loss")?;
+        pos.dataset("step")?.resize(position_rows)?;
+        for name in ["loss", "tokens"] {
+            let ds = pos.dataset(name)?;
+            ds.resize((position_rows, ds.shape()[1]))?;
+        }
+        file.flush()?;
+        Ok(MetricsWriter {
+            file,
+            rows,
+            position_rows,
+            world: width,
+        })
     }
 
     pub fn append(&mut self, r: &StepRow) -> Result<()> {
         let n = self.rows;
         let steps = self.file.group("steps")?;
-        let put_f = |name: &str, v: f64| -> Result<()> {
-            let ds = steps.dataset(name)?;
-            ds.resize(n + 1)?;
-            ds.write_slice(&[v], n..n + 1)?;
-            Ok(())
-        };
-        let put_u = |name: &str, v: u64| -> Result<()> {
-            let ds = steps.dataset(name)?;
-            ds.resize(n + 1)?;
-            ds.write_slice(&[v], n..n + 1)?;
-            Ok(())
-        };
-        put_u("step", r.step)?;
-        put_u("tokens", r.tokens)?;
-        put_f("loss", r.loss)?;
-        put_f("lr", r.lr)?;
-        put_f("grad_norm", r.grad_norm)?;
-        put_f("step_time", r.step_time)?;
-        put_f("tokens_per_s", r.tokens_per_s)?;
+        for ((name, _), v) in F64_COLUMNS.iter().zip(f64_values(r)) {
+            append_1d(&steps.dataset(name)?, n, v)?;
+        }
+        append_1d(&steps.dataset("step")?, n, r.step)?;
+        append_1d(&steps.dataset("tokens")?, n, r.tokens)?;
+        for ((name, _), per_rank) in RANK_COLUMNS.iter().zip([&r.peak_host_mem, &r.peak_gpu_mem]) {
+            let mut row = vec![0u64; self.world];
+            for (slot, &v) in row.iter_mut().zip(per_rank.iter()) {
+                *slot = v;
+            }
+            append_row(&steps.dataset(name)?, n, row)?;
+        }
         self.file.flush()?;
         self.rows += 1;
         Ok(())
     }
+
+    pub fn append_positions(
+        &mut self,
+        step: u64,
+        bins: &crate::train::position::PositionBins,
+    ) -> Result<()> {
+        let n = self.position_rows;
+        let pos = self.file.group("position_loss")?;
+        append_1d(&pos.dataset("step")?, n, step)?;
+        append_row(&pos.dataset("loss")?, n, bins.loss.clone())?;
+        append_row(&pos.dataset("tokens")?, n, bins.tokens.clone())?;
+        self.file.flush()?;
+        self.position_rows += 1;
+        Ok(())
+    }
+}
+
+fn append_1d<T: hdf5::H5Type + Copy>(ds: &hdf5::Dataset, n: usize, v: T) -> Result<()> {
+    ds.resize(n + 1)?;
+    ds.write_slice(&[v], n..n + 1)?;
+    Ok(())
+}
+
+/// Writes `row` as row `n` of a 2-D dataset whose width is the row's length.
+fn append_row<T: hdf5::H5Type>(ds: &hdf5::Dataset, n: usize, row: Vec<T>) -> Result<()> {
+    let k = row.len();
+    ds.resize((n + 1, k))?;
+    ds.write_slice(&Array2::from_shape_vec((1, k), row)?, s![n..n + 1, ..])?;
+    Ok(())
 }

@@ -1,34 +1,62 @@
-//! The training loop: data, parameter shards, steps, metrics, the final model.
+//! The training loop: data, parameter shards (fresh or from a checkpoint), steps, metrics,
+//! checkpoints, and a clean stop on preemption.
+pub mod checkpoint;
 pub mod flops;
+pub mod memory;
 pub mod metrics;
+pub mod position;
+pub mod preempt;
 pub mod profile;
+pub(crate) mod progress;
 pub mod schedule;
+mod start;
 pub mod step;
 
+use crate::comm::{Collective, Groups, Mesh};
 use crate::config::{ActivationPlacement, AttentionBackend, Dtype, Experiment};
-use crate::data::{Dataset, Loader, LoaderSpec, LoaderState};
-use crate::comm::{Groups, Mesh};
+use crate::data::{Dataset, Loader, LoaderSpec};
 use crate::model::spec::ModelSpec;
-use crate::model::weights;
-use crate::model::params::init_tensor;
-use crate::parallel::zero::{AdamW, ShardedParams};
+use crate::parallel::zero::AdamW;
 use anyhow::{bail, Context, Result};
-use metrics::{MetricsWriter, StepRow};
+use metrics::{MetricsWriter, RunInfo, StepRow, StepTimes};
+use position::PositionLoss;
+use profile::Profiler;
 use std::time::Instant;
 use step::{micro_step, sum_over, MicroBatch, StepContext};
-use flops::{step_flops, H100_BF16_PEAK_TFLOPS};
-use profile::Profiler;
-use crate::comm::all_gather_f64;
 use tch::{Device, Kind, Tensor};
 
 fn batch_tensors(b: &crate::data::Batch, device: Device) -> MicroBatch {
     let shape = [b.micro_batch as i64, b.chunk_len as i64];
     let t = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
-    MicroBatch { input_ids: t(&b.input_ids), labels: t(&b.labels), position_ids: t(&b.position_ids) }
+    MicroBatch {
+        input_ids: t(&b.input_ids),
+        labels: t(&b.labels),
+        position_ids: t(&b.position_ids),
+    }
+}
+
+/// Peak host and GPU memory of every rank (collective), each `[world]` bytes.
+fn memory_per_rank(world: &dyn Collective, device: Device) -> Result<(Vec<u64>, Vec<u64>)> {
+    let mine = Tensor::from_slice(&[
+        memory::peak_host_bytes() as i64,
+        memory::peak_gpu_bytes(device) as i64,
+    ])
+    .to_device(world.device());
+    let all: Vec<i64> = Vec::try_from(world.all_gather(&mine)?.to_device(Device::Cpu))?;
+    Ok((
+        all.iter().step_by(2).map(|&v| v as u64).collect(),
+        all.iter().skip(1).step_by(2).map(|&v| v as u64).collect(),
+    ))
 }
 
 /// Trains on `device` (this rank's GPU, or the CPU) with the mesh's communicators.
-pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups, device: Device) -> Result<()> {
+pub fn run(
+    exp: &Experiment,
+    spec: &ModelSpec,
+    mesh: &Mesh,
+    groups: &Groups,
+    device: Device,
+) -> Result<()> {
     if let Device::Cuda(_) = device {
         let (flash, efficient, math, cudnn) = match exp.parallel.attention {
             AttentionBackend::Auto => (true, true, true, true),
@@ -43,6 +71,8 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups, dev
         Dtype::Fp32 => Kind::Float,
         Dtype::Bf16 => Kind::BFloat16,
     };
+    let preemption =
+        preempt::Preemption::install().context("installing the SIGTERM/SIGUSR1 handlers")?;
     let dataset = Dataset::open(&exp.data.paths, exp.data.seq_len)?;
     if dataset.vocab_size() > spec.vocab_size {
         bail!(
@@ -52,6 +82,12 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups, dev
         );
     }
     let t = &exp.train;
+    let world = groups.world.as_ref();
+    // The fp32 master weights and Adam moments live on the GPU, or in host memory when offloaded
+    // (AdamW then runs on the CPU with libtorch's multi-threaded vectorized kernels).
+    let state_device = if exp.parallel.offload_optimizer { Device::Cpu } else { device };
+    let (mut params, loader_state, start) =
+        start::start_point(exp, spec, mesh, world, state_device)?;
     let loader_spec = LoaderSpec {
         seed: exp.run.seed,
         shuffle: exp.data.shuffle,
@@ -62,41 +98,48 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups, dev
         micro_batch: t.micro_batch,
         loss_on: exp.data.loss_on,
     };
-    let mut loader = Loader::new(dataset, loader_spec, LoaderState::default())?;
-
-    let world = groups.world.as_ref();
-    let initial = match &exp.model.weights {
-        Some(path) => Some(
-            weights::load_hf(path, spec, Kind::Float, Device::Cpu)
-                .with_context(|| format!("loading model.weights {}", path.display()))?
-                .named_tensors(),
-        ),
-        None => None,
+    let mut loader = Loader::new(dataset, loader_spec, loader_state)?;
+    let adamw = AdamW {
+        beta1: t.beta1,
+        beta2: t.beta2,
+        eps: t.eps,
+        weight_decay: t.weight_decay,
     };
-    // The fp32 master weights and Adam moments live on the GPU, or in host memory when offloaded
-    // (AdamW then runs on the CPU with libtorch's multi-threaded vectorized kernels).
-    let state_device = if exp.parallel.offload_optimizer { Device::Cpu } else { device };
-    let mut params = ShardedParams::new(spec, exp.parallel.zero_stage, world, state_device, |u| match &initial {
-        Some(named) => u.tensors.iter().map(|(n, _)| named.iter().find(|(k, _)| k == n).expect("validated names").1.shallow_clone()).collect(),
-        None => u.tensors.iter().map(|(n, shape)| init_tensor(n, shape, exp.run.seed as i64, Kind::Float, Device::Cpu)).collect(),
-    });
-    drop(initial);
-    let adamw = AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
+    let (bins, every_pos) = (exp.metrics.position_bins, exp.metrics.position_loss_every);
 
     let run_dir = exp.run_dir();
     let mut metrics = if mesh.world_rank == 0 {
-        std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
-        Some(MetricsWriter::create(&run_dir.join("metrics.h5"), exp)?)
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("creating run directory {}", run_dir.display()))?;
+        let bin_starts = PositionLoss::bin_starts(bins, exp.data.seq_len);
+        let info = RunInfo {
+            world_size: mesh.sp * mesh.dp,
+            peak_tflops: flops::H100_BF16_PEAK_TFLOPS,
+            bin_starts: &bin_starts,
+        };
+        Some(MetricsWriter::open(
+            &run_dir.join("metrics.h5"),
+            exp,
+            &info,
+            (start > 0).then_some(start),
+        )?)
     } else {
         None
     };
-    let flops = step_flops(spec, exp.data.seq_len, mesh.dp * t.micro_batch * t.grad_accum);
-    let gpu = match device {
-        Device::Cuda(i) => Some(i),
-        Device::Cpu | Device::Mps | Device::Vulkan => None,
-    };
+    if start == t.steps as u64 && mesh.world_rank == 0 {
+        println!(
+            "the run is already complete (step {start} of {}); nothing to do",
+            t.steps
+        );
+    }
+    let tokens = (exp.data.seq_len * mesh.dp * t.micro_batch * t.grad_accum) as u64;
+    let step_flops = flops::step_flops(
+        spec,
+        exp.data.seq_len,
+        mesh.dp * t.micro_batch * t.grad_accum,
+    );
     let started = Instant::now();
-    for step in 1..=t.steps {
+    for step in start as usize + 1..=t.steps {
         let split_every = exp.metrics.time_split_every;
         let profiler = Profiler::new(device, split_every > 0 && step % split_every == 0);
         let ctx = StepContext {
@@ -109,65 +152,103 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups, dev
             profiler: &profiler,
             offload_activations: exp.parallel.activations == ActivationPlacement::Host,
         };
-        if let Some(i) = gpu {
-            crate::cuda::reset_peak(i);
-        }
+        memory::reset_peak_gpu(device);
+        let mut times = StepTimes::default();
         let t0 = Instant::now();
-        let batches: Vec<MicroBatch> =
-            (0..t.grad_accum).map(|_| Ok(batch_tensors(&loader.next_batch()?, device))).collect::<Result<_>>()?;
+        let batches: Vec<MicroBatch> = (0..t.grad_accum)
+            .map(|_| Ok(batch_tensors(&loader.next_batch()?, device)))
+            .collect::<Result<_>>()?;
+        times.data = t0.elapsed().as_secs_f64();
         let n_local: i64 = batches.iter().map(MicroBatch::valid_labels).sum();
         let n_total = sum_over(world, n_local as f64)?;
+        let mut positions = (every_pos > 0 && step % every_pos == 0)
+            .then(|| PositionLoss::new(bins, exp.data.seq_len, device));
         let mut loss_local = 0.0;
         for b in &batches {
-            loss_local += micro_step(&ctx, &mut params, b, n_total.max(1.0))?;
+            loss_local += micro_step(
+                &ctx,
+                &mut params,
+                b,
+                n_total.max(1.0),
+                &mut times,
+                positions.as_mut(),
+            )?;
         }
         let loss = sum_over(world, loss_local)? / n_total.max(1.0);
+        let t_opt = Instant::now();
         let grad_norm = params.grad_norm(world)?;
-        let clip = if t.clip_grad_norm > 0.0 && grad_norm > t.clip_grad_norm { t.clip_grad_norm / (grad_norm + 1e-6) } else { 1.0 };
+        let clip = if t.clip_grad_norm > 0.0 && grad_norm > t.clip_grad_norm {
+            t.clip_grad_norm / (grad_norm + 1e-6)
+        } else {
+            1.0
+        };
         let lr = schedule::lr_at(t, step);
         params.adamw_step(&adamw, lr, step as i64, clip);
-        if let Some(i) = gpu {
+        // GPU work is asynchronous: the step ends when the device is done.
+        if let Device::Cuda(i) = device {
             tch::Cuda::synchronize(i as i64);
         }
+        times.optimizer = t_opt.elapsed().as_secs_f64();
         let step_time = t0.elapsed().as_secs_f64();
-        let split = profiler.finish();
-        let peak_gib = gpu.and_then(crate::cuda::memory).map_or(0.0, |m| m.peak_allocated as f64 / (1u64 << 30) as f64);
-        let peak_max = all_gather_f64(world, peak_gib)?.into_iter().fold(0.0, f64::max);
-        let tflops = flops.model / step_time / mesh.world_size() as f64 / 1e12;
-        let tokens = (exp.data.seq_len * mesh.dp * t.micro_batch * t.grad_accum) as u64;
-        let row = StepRow { step: step as u64, loss, lr, grad_norm, tokens, step_time, tokens_per_s: tokens as f64 / step_time };
-        if let Some(m) = metrics.as_mut() {
-            m.append(&row)?;
-            let eta = started.elapsed().as_secs_f64() / step as f64 * (t.steps - step) as f64;
-            let mut line = format!(
-                "step {step:>5}/{}  loss {loss:.4}  lr {lr:.2e}  grad_norm {grad_norm:.3}  {:.1} tok/s  {step_time:.2} s/step",
-                t.steps, row.tokens_per_s
+
+        let position_bins = positions.map(|p| p.reduce(world)).transpose()?;
+        let (peak_host_mem, peak_gpu_mem) = memory_per_rank(world, device)?;
+        let per_rank_tflops = |f: f64| f / step_time / (mesh.sp * mesh.dp) as f64 / 1e12;
+        let mut row = StepRow {
+            step: step as u64,
+            tokens,
+            loss,
+            lr,
+            grad_norm,
+            step_time,
+            tokens_per_s: tokens as f64 / step_time,
+            tflops: per_rank_tflops(step_flops.model),
+            mfu: per_rank_tflops(step_flops.model) / flops::H100_BF16_PEAK_TFLOPS,
+            tflops_alst: per_rank_tflops(step_flops.alst),
+            mfu_alst: per_rank_tflops(step_flops.alst) / flops::H100_BF16_PEAK_TFLOPS,
+            times,
+            checkpoint_time: 0.0,
+            peak_host_mem,
+            peak_gpu_mem,
+        };
+        if mesh.world_rank == 0 {
+            progress::print_progress(
+                &row,
+                t.steps,
+                started.elapsed().as_secs_f64() / (step - start as usize) as f64,
             );
-            if gpu.is_some() {
-                let alst = flops.alst / step_time / mesh.world_size() as f64 / 1e12;
-                let mfu = 100.0 * tflops / H100_BF16_PEAK_TFLOPS;
-                line += &format!("  {tflops:.1} TFLOP/s/GPU  MFU {mfu:.1}%  ALST {alst:.1} TFLOP/s/GPU  peak {peak_max:.1} GiB");
-            }
-            println!("{line}  eta {eta:.0} s");
             if profiler.is_on() {
-                println!(
-                    "step {step:>5} time split (synchronised): attention {:.2} s  other compute {:.2} s  communication {:.2} s  waiting {:.2} s",
-                    split.attention, split.compute, split.comm, split.wait
-                );
+                progress::print_time_split(step, &profiler.finish());
             }
         }
+        let preempted = preemption.requested(world)?;
+        let t_ckpt = Instant::now();
+        let every = exp.checkpoint.every;
+        let last = step == t.steps && exp.checkpoint.save_final;
+        if preempted || last || (every > 0 && step % every == 0) {
+            let state = start::run_state(exp, mesh, step as u64, &loader);
+            let dir =
+                checkpoint::save(&params, &state, spec, &run_dir, exp.checkpoint.keep, world)?;
+            if mesh.world_rank == 0 {
+                if step == t.steps {
+                    checkpoint::link_final(&run_dir, &dir)?;
+                }
+                println!("saved checkpoint {}", dir.display());
+            }
+        }
+        if let Some(m) = metrics.as_mut() {
+            row.checkpoint_time = t_ckpt.elapsed().as_secs_f64();
+            m.append(&row)?;
+            if let Some(b) = &position_bins {
+                m.append_positions(step as u64, b)?;
+            }
+        }
+        if preempted && step < t.steps {
+            if mesh.world_rank == 0 {
+                println!("preempted (SIGTERM/SIGUSR1): stopped after step {step}; launch the same command again to resume");
+            }
+            return Ok(());
+        }
     }
-    if !exp.checkpoint.save_final {
-        world.barrier()?;
-        return Ok(());
-    }
-    let named = params.gather_named(world)?;
-    if mesh.world_rank == 0 {
-        let dir = run_dir.join("final");
-        let w = crate::model::llama::ModelWeights::from_named(spec, named)?;
-        weights::save_hf(&w, spec, &dir, 2 << 30).with_context(|| format!("saving the final model to {}", dir.display()))?;
-        println!("saved the final model (Hugging Face format) to {}", dir.display());
-    }
-    world.barrier()?;
     Ok(())
 }

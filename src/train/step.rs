@@ -11,7 +11,10 @@ use crate::model::spec::ModelSpec;
 use crate::parallel::ulysses::{heads_to_seq, replicate_kv, seq_to_heads};
 use super::profile::Profiler;
 use crate::parallel::zero::ShardedParams;
+use crate::train::metrics::StepTimes;
+use crate::train::position::PositionLoss;
 use anyhow::Result;
+use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 /// What a step needs besides the parameters and the batch.
@@ -89,8 +92,17 @@ fn layer(spec: &ModelSpec, tensors: Vec<Tensor>) -> Result<LayerWeights> {
 
 /// Forward and backward of one micro batch; gradients (of the sum of this rank's token losses
 /// divided by `n_total`, the valid labels of the whole optimizer step over all ranks) go into
-/// `params`. Returns this rank's summed token loss.
-pub fn micro_step(ctx: &StepContext, params: &mut ShardedParams, batch: &MicroBatch, n_total: f64) -> Result<f64> {
+/// `params`. Returns this rank's summed token loss; adds the forward and backward wall times to
+/// `times`, and each token's loss to `positions` when given.
+pub fn micro_step(
+    ctx: &StepContext,
+    params: &mut ShardedParams,
+    batch: &MicroBatch,
+    n_total: f64,
+    times: &mut StepTimes,
+    mut positions: Option<&mut PositionLoss>,
+) -> Result<f64> {
+    let started = Instant::now();
     let (spec, world, sp, prof) = (ctx.spec, ctx.groups.world.as_ref(), ctx.groups.sp.as_ref(), ctx.profiler);
     let layers = spec.num_hidden_layers as usize;
     let head_unit = layers + 1;
@@ -132,7 +144,12 @@ pub fn micro_step(ctx: &StepContext, params: &mut ShardedParams, batch: &MicroBa
     let mut loss_local = 0.0;
     for (start, len) in seq_tiles(x_last.size()[1], ctx.loss_tile) {
         let labels = batch.labels.narrow(1, start, len);
-        let (loss_tile, _) = llama::head_loss(spec, &head_weights, &x_last.narrow(1, start, len), &labels, 0);
+        // [b, tile] fp32 losses; their sum is `head_loss`.
+        let token_loss = llama::token_losses(spec, &head_weights, &x_last.narrow(1, start, len), &labels, 0);
+        if let Some(p) = positions.as_deref_mut() {
+            p.add(&token_loss, &labels, &batch.position_ids.narrow(1, start, len));
+        }
+        let loss_tile = token_loss.sum(Kind::Float);
         if loss_tile.requires_grad() {
             (&loss_tile / n_total).backward();
         }
@@ -141,6 +158,8 @@ pub fn micro_step(ctx: &StepContext, params: &mut ShardedParams, batch: &MicroBa
     prof.comm(world, || params.accumulate(world, head_unit, &grads(&head)))?;
     let mut grad_x = grad(&x_last);
     drop((head, head_weights, x_last, x));
+    let backward_from = Instant::now();
+    times.forward += (backward_from - started).as_secs_f64();
 
     // Backward, last layer first: recompute each layer in three segments.
     for l in (0..layers).rev() {
@@ -182,6 +201,7 @@ pub fn micro_step(ctx: &StepContext, params: &mut ShardedParams, batch: &MicroBa
         g = g + grad(&t);
     }
     prof.comm(world, || params.accumulate(world, 0, &[g]))?;
+    times.backward += backward_from.elapsed().as_secs_f64();
     Ok(loss_local)
 }
 

@@ -1,0 +1,268 @@
+//! `ulysses report RUN_DIR`: a summary table of a run's metrics.h5 on stdout and PNG plots in
+//! RUN_DIR/plots/. Reads only the file (schema in docs/metrics.md), so it works on a laptop
+//! with no MPI job and on a run still in progress.
+mod plots;
+
+use crate::train::progress::sig3;
+use hdf5::types::VarLenUnicode;
+use ndarray::Array2;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("{path}: {message}")]
+    Read { path: String, message: String },
+    #[error("{path}: the run has no steps yet; nothing to report")]
+    Empty { path: String },
+    #[error("writing plot {path}: {message}")]
+    Plot { path: String, message: String },
+}
+
+/// The columns of metrics.h5 that the report uses.
+pub struct Metrics {
+    pub step: Vec<u64>,
+    pub loss: Vec<f64>,
+    pub lr: Vec<f64>,
+    pub tokens_per_s: Vec<f64>,
+    pub step_time: Vec<f64>,
+    pub mfu: Vec<f64>,
+    pub mfu_alst: Vec<f64>,
+    pub tflops: Vec<f64>,
+    /// (name, seconds per step) of the time split.
+    pub times: Vec<(&'static str, Vec<f64>)>,
+    /// [step, rank] bytes.
+    pub peak_host_mem: Array2<u64>,
+    pub peak_gpu_mem: Array2<u64>,
+    pub position_step: Vec<u64>,
+    pub position_loss: Array2<f64>,
+    pub bin_start: Vec<u64>,
+    pub world_size: u64,
+    pub versions: String,
+}
+
+impl Metrics {
+    pub fn read(path: &Path) -> Result<Metrics, ReportError> {
+        let err = |e: hdf5::Error| ReportError::Read {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let f = hdf5::File::open(path).map_err(err)?;
+        let version: u32 = f
+            .attr("schema_version")
+            .and_then(|a| a.read_scalar())
+            .map_err(err)?;
+        if version != crate::train::metrics::SCHEMA_VERSION {
+            return Err(ReportError::Read {
+                path: path.display().to_string(),
+                message: format!(
+                    "schema version {version}; this ulysses reads version {}",
+                    crate::train::metrics::SCHEMA_VERSION
+                ),
+            });
+        }
+        let col = |name: &str| {
+            f.dataset(&format!("steps/{name}"))
+                .and_then(|d| d.read_raw::<f64>())
+                .map_err(err)
+        };
+        let text = |name: &str| {
+            f.attr(name)
+                .and_then(|a| a.read_scalar::<VarLenUnicode>())
+                .map(|v| v.to_string())
+                .map_err(err)
+        };
+        let m = Metrics {
+            step: f
+                .dataset("steps/step")
+                .and_then(|d| d.read_raw())
+                .map_err(err)?,
+            loss: col("loss")?,
+            lr: col("lr")?,
+            tokens_per_s: col("tokens_per_s")?,
+            step_time: col("step_time")?,
+            mfu: col("mfu")?,
+            mfu_alst: col("mfu_alst")?,
+            tflops: col("tflops")?,
+            times: vec![
+                ("data", col("time_data")?),
+                ("forward", col("time_forward")?),
+                ("backward", col("time_backward")?),
+                ("optimizer", col("time_optimizer")?),
+            ],
+            peak_host_mem: f
+                .dataset("steps/peak_host_mem")
+                .and_then(|d| d.read_2d())
+                .map_err(err)?,
+            peak_gpu_mem: f
+                .dataset("steps/peak_gpu_mem")
+                .and_then(|d| d.read_2d())
+                .map_err(err)?,
+            position_step: f
+                .dataset("position_loss/step")
+                .and_then(|d| d.read_raw())
+                .map_err(err)?,
+            position_loss: f
+                .dataset("position_loss/loss")
+                .and_then(|d| d.read_2d())
+                .map_err(err)?,
+            bin_start: f
+                .dataset("position_loss/bin_start")
+                .and_then(|d| d.read_raw())
+                .map_err(err)?,
+            world_size: f
+                .attr("world_size")
+                .and_then(|a| a.read_scalar())
+                .map_err(err)?,
+            versions: format!(
+                "ulysses {}, libtorch {}",
+                text("ulysses_version")?,
+                text("libtorch_version")?
+            ),
+        };
+        if m.step.is_empty() {
+            return Err(ReportError::Empty {
+                path: path.display().to_string(),
+            });
+        }
+        Ok(m)
+    }
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+pub fn bytes_text(b: u64) -> String {
+    let gib = b as f64 / (1u64 << 30) as f64;
+    if gib >= 1.0 {
+        format!("{gib:.2} GiB")
+    } else {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    }
+}
+
+/// The largest entry of a [step, rank] table and its rank.
+fn peak(table: &Array2<u64>) -> (u64, usize) {
+    table
+        .indexed_iter()
+        .map(|((_, r), &v)| (v, r))
+        .max()
+        .unwrap_or((0, 0))
+}
+
+/// The summary table: one "name  value" line each.
+pub fn summary(run_dir: &Path, m: &Metrics) -> String {
+    let n = m.step.len();
+    // The first step of a launch includes warm-up (allocations, first collectives).
+    let steady = if n > 1 { 1 } else { 0 };
+    let (min_i, min_loss) =
+        m.loss.iter().enumerate().fold(
+            (0, f64::INFINITY),
+            |a, (i, &l)| if l < a.1 { (i, l) } else { a },
+        );
+    let (host, host_rank) = peak(&m.peak_host_mem);
+    let (gpu, gpu_rank) = peak(&m.peak_gpu_mem);
+    let split: Vec<String> = m
+        .times
+        .iter()
+        .map(|(name, v)| format!("{name} {:.3}", mean(&v[steady..])))
+        .collect();
+    let checkpoints = crate::train::checkpoint::list_complete(run_dir)
+        .map(|v| {
+            v.iter()
+                .map(|(s, _)| crate::train::checkpoint::step_dir_name(*s))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    let rows = [
+        (
+            "run",
+            format!(
+                "{} ({} ranks; {})",
+                run_dir.display(),
+                m.world_size,
+                m.versions
+            ),
+        ),
+        (
+            "steps",
+            format!("{n} (steps {}..{})", m.step[0], m.step[n - 1]),
+        ),
+        (
+            "loss",
+            format!(
+                "first {:.4}, final {:.4}, min {min_loss:.4} at step {}",
+                m.loss[0],
+                m.loss[n - 1],
+                m.step[min_i]
+            ),
+        ),
+        (
+            "tokens/s",
+            format!(
+                "{:.1} mean over steps {}..{}",
+                mean(&m.tokens_per_s[steady..]),
+                m.step[steady],
+                m.step[n - 1]
+            ),
+        ),
+        (
+            "TFLOP/s per rank",
+            format!("{} (causal model FLOPs)", sig3(mean(&m.tflops[steady..]))),
+        ),
+        (
+            "MFU",
+            format!(
+                "{}% causal, {}% ALST convention",
+                sig3(100.0 * mean(&m.mfu[steady..])),
+                sig3(100.0 * mean(&m.mfu_alst[steady..]))
+            ),
+        ),
+        (
+            "step time (s)",
+            format!(
+                "{:.3} mean = {}",
+                mean(&m.step_time[steady..]),
+                split.join(" + ")
+            ),
+        ),
+        (
+            "peak host memory",
+            format!("{} (rank {host_rank})", bytes_text(host)),
+        ),
+        (
+            "peak GPU memory",
+            if gpu > 0 {
+                format!("{} (rank {gpu_rank})", bytes_text(gpu))
+            } else {
+                "not recorded (CPU run)".into()
+            },
+        ),
+        (
+            "checkpoints",
+            if checkpoints.is_empty() {
+                "none".into()
+            } else {
+                checkpoints
+            },
+        ),
+    ];
+    rows.iter().map(|(k, v)| format!("{k:<18} {v}\n")).collect()
+}
+
+/// Prints the summary and writes the plots; returns the PNG paths.
+pub fn report(run_dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
+    let m = Metrics::read(&run_dir.join("metrics.h5"))?;
+    print!("{}", summary(run_dir, &m));
+    let out = run_dir.join("plots");
+    std::fs::create_dir_all(&out).map_err(|e| ReportError::Plot {
+        path: out.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let written = plots::write_all(&m, &out)?;
+    for p in &written {
+        println!("{:<18} {}", "plot", p.display());
+    }
+    Ok(written)
+}

@@ -1,0 +1,66 @@
+//! `run_state.json`: everything besides the tensors that an exact resume needs, in terms that do
+//! not depend on the layout (sp, dp, ZeRO stage) the checkpoint was written with.
+use serde::{Deserialize, Serialize};
+
+/// Bumped when a field changes meaning; a checkpoint of another format is refused, not guessed at.
+pub const FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    pub format: u32,
+    /// Optimizer steps done; the resumed run starts with step `step + 1`. The learning rate and
+    /// Adam's bias correction are functions of it, so it is the whole schedule state.
+    pub step: u64,
+    pub total_steps: u64,
+    pub data: DataPosition,
+    /// Training draws no random numbers after initialisation (no dropout): the data order is a
+    /// function of (seed, epoch) and the initial weights of the seed, so the seed together with
+    /// `data` is the complete RNG state.
+    pub seed: u64,
+    /// The layout at save time, for the record: loading works with any other.
+    pub layout: Layout,
+    pub versions: Versions,
+    /// dtype of the model files (the fp32 master weights, or a bf16 copy on GPU runs; see
+    /// docs/checkpoints.md).
+    pub model_dtype: String,
+    /// The resolved experiment the checkpoint was written by.
+    pub config_toml: String,
+}
+
+/// Where the data stream stands: `samples` sequences of `epoch` have been consumed by the job as
+/// a whole. Counted in samples, not per-dp-rank micro batches, so another dp or micro batch size
+/// continues at the same sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataPosition {
+    pub epoch: u64,
+    pub samples: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Layout {
+    pub world: usize,
+    pub sp: usize,
+    pub dp: usize,
+    pub zero_stage: u8,
+    pub micro_batch: usize,
+    pub grad_accum: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Versions {
+    pub ulysses: String,
+    pub tch: String,
+    pub libtorch: String,
+}
+
+impl Versions {
+    pub fn current() -> Versions {
+        Versions {
+            ulysses: env!("CARGO_PKG_VERSION").into(),
+            tch: "0.24.0".into(),
+            libtorch: option_env!("ULYSSES_LIBTORCH_VERSION")
+                .unwrap_or("unknown")
+                .into(),
+        }
+    }
+}
