@@ -35,7 +35,8 @@ pub fn current_stream(idx: usize) -> Option<*mut c_void> {
 }
 
 extern "C" {
-    fn ulysses_cuda_memory(dev: c_int, allocated: *mut i64, peak_allocated: *mut i64, peak_reserved: *mut i64) -> c_int;
+    fn ulysses_cuda_memory(dev: c_int, allocated: *mut i64, peak_allocated: *mut i64, peak_reserved: *mut i64)
+        -> c_int;
     fn ulysses_cuda_reset_peak(dev: c_int) -> c_int;
 }
 
@@ -51,7 +52,8 @@ pub struct MemoryStats {
 pub fn memory(idx: usize) -> Option<MemoryStats> {
     let mut m = MemoryStats::default();
     // SAFETY: the shim writes the three out-parameters or returns -1, catching every exception.
-    let rc = unsafe { ulysses_cuda_memory(idx as c_int, &mut m.allocated, &mut m.peak_allocated, &mut m.peak_reserved) };
+    let rc =
+        unsafe { ulysses_cuda_memory(idx as c_int, &mut m.allocated, &mut m.peak_allocated, &mut m.peak_reserved) };
     (rc == 0).then_some(m)
 }
 

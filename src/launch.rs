@@ -69,7 +69,8 @@ impl Launch {
         let gpu = self.cuda_device()?;
         let (sp, dp) = self.split(mesh)?;
         let nccl = |group: &SimpleCommunicator, what: &str| -> Result<Box<dyn Collective>> {
-            let c = NcclCollective::new(group, gpu).with_context(|| format!("NCCL communicator for the {what} group"))?;
+            let c =
+                NcclCollective::new(group, gpu).with_context(|| format!("NCCL communicator for the {what} group"))?;
             Ok(Box::new(c))
         };
         Ok(Groups { world: nccl(&self.world, "world")?, sp: nccl(&sp, "sp")?, dp: nccl(&dp, "dp")? })
@@ -81,7 +82,10 @@ impl Launch {
         if gpus == 0 {
             bail!("rank {rank}: no CUDA device is available (torch sees 0 GPUs); the nccl backend needs one GPU per rank (use --backend mpi on CPU)");
         }
-        ensure!(gpu < gpus, "rank {rank} needs GPU {gpu} but this node has {gpus}; start at most {gpus} ranks per node");
+        ensure!(
+            gpu < gpus,
+            "rank {rank} needs GPU {gpu} but this node has {gpus}; start at most {gpus} ranks per node"
+        );
         ensure!(cuda::set_device(gpu), "rank {rank}: torch could not select GPU {gpu}");
         Ok(gpu)
     }
@@ -139,7 +143,10 @@ impl Launch {
             // Ulysses attention over this SP group against local attention on the whole
             // sequence (fp32): outputs and q/k/v gradients.
             let err = crate::parallel::ulysses::check_against_local(groups.sp.as_ref(), device)?;
-            ensure!(err <= 1e-5, "mesh sp={sp} dp={dp}: Ulysses attention differs from local attention by {err:.2e} (relative)");
+            ensure!(
+                err <= 1e-5,
+                "mesh sp={sp} dp={dp}: Ulysses attention differs from local attention by {err:.2e} (relative)"
+            );
             log::info!("collectives exact and Ulysses attention within {err:.1e} of local for mesh sp={sp} x dp={dp} on {world} rank(s)");
         }
         self.world.barrier();

@@ -3,8 +3,8 @@
 //! Layering (dependencies point one way): `config` and `model::spec` are plain data; `comm` holds
 //! the collectives and the mesh; `model` is Llama on tch and knows nothing of comm; `parallel`
 //! wraps model seams with collectives; `data` reads and writes HDF5 shards; `train` runs steps.
-pub mod comm;
 pub mod autograd;
+pub mod comm;
 pub mod config;
 pub mod cuda;
 pub mod data;

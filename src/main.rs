@@ -8,8 +8,12 @@ use ulysses::launch::{init_logging, Backend, Launch};
 use ulysses::plan::Plan;
 
 #[derive(Parser)]
-#[command(name = "ulysses", version, about = "Long-sequence LLM training: Ulysses sequence parallelism + ZeRO-3",
-    args_conflicts_with_subcommands = true)]
+#[command(
+    name = "ulysses",
+    version,
+    about = "Long-sequence LLM training: Ulysses sequence parallelism + ZeRO-3",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     /// Experiment TOML to train (`mpirun -n N ulysses EXPERIMENT.toml`).
     experiment: Option<PathBuf>,

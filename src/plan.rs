@@ -27,7 +27,8 @@ impl Plan {
         let kv = spec.num_key_value_heads;
         let kv_replication = if kv >= sp as i64 { 1 } else { sp as i64 / kv };
         let params = spec.total_params();
-        let params_per_rank = if exp.parallel.zero_stage == 3 { (params + world as i64 - 1) / world as i64 } else { params };
+        let params_per_rank =
+            if exp.parallel.zero_stage == 3 { (params + world as i64 - 1) / world as i64 } else { params };
         Plan {
             world,
             sp,
@@ -46,17 +47,33 @@ impl Plan {
     pub fn render(&self, exp: &Experiment, spec: &ModelSpec) -> String {
         let mut s = String::new();
 
-        let model = exp.model.preset.clone().unwrap_or_else(|| format!("{}", exp.model.config.as_ref().unwrap().display()));
-        let _ = writeln!(s, "model      {model}: {} layers, hidden {}, {} query / {} KV heads of {}, vocab {}, {} parameters",
-            spec.num_hidden_layers, spec.hidden_size, spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim,
-            spec.vocab_size, count(self.params));
-        let _ = writeln!(s, "mesh       {} ranks = dp {} × sp {}; SP groups are contiguous ranks", self.world, self.dp, self.sp);
+        let model =
+            exp.model.preset.clone().unwrap_or_else(|| format!("{}", exp.model.config.as_ref().unwrap().display()));
+        let _ = writeln!(
+            s,
+            "model      {model}: {} layers, hidden {}, {} query / {} KV heads of {}, vocab {}, {} parameters",
+            spec.num_hidden_layers,
+            spec.hidden_size,
+            spec.num_attention_heads,
+            spec.num_key_value_heads,
+            spec.head_dim,
+            spec.vocab_size,
+            count(self.params)
+        );
+        let _ = writeln!(
+            s,
+            "mesh       {} ranks = dp {} × sp {}; SP groups are contiguous ranks",
+            self.world, self.dp, self.sp
+        );
         for d in 0..self.dp {
             let ranks: Vec<String> = (0..self.sp).map(|r| (d * self.sp + r).to_string()).collect();
             let _ = writeln!(s, "           dp group {d}: ranks [{}]", ranks.join(", "));
         }
-        let _ = writeln!(s, "sequence   {} tokens per sample; each rank holds {} tokens (rank r: [r·{}, (r+1)·{}))",
-            self.seq_len, self.seq_local, self.seq_local, self.seq_local);
+        let _ = writeln!(
+            s,
+            "sequence   {} tokens per sample; each rank holds {} tokens (rank r: [r·{}, (r+1)·{}))",
+            self.seq_len, self.seq_local, self.seq_local, self.seq_local
+        );
         let _ = writeln!(s, "attention  after the all-to-all each rank attends over all {} tokens with {} query heads and {} KV heads{}",
             self.seq_len, self.q_heads_local, self.kv_heads_local,
             if self.kv_replication > 1 { format!(" (each KV head replicated {}×)", self.kv_replication) } else { String::new() });
@@ -64,9 +81,14 @@ impl Plan {
         let bytes_per_param = 2.0 + 4.0 + 4.0 + 8.0; // weight (bf16 on GPU) + fp32 master + grad + Adam m, v
         let _ = writeln!(s, "ZeRO-{stage}     {} parameters per rank ({} of weights + master + grads + Adam at 18 B/param); a gathered layer holds {} parameters",
             count(self.params_per_rank), bytes(self.params_per_rank as f64 * bytes_per_param), count(self.layer_params));
-        let _ = writeln!(s, "train      {} steps, micro batch {}, grad accum {}, {} tokens per optimizer step",
-            exp.train.steps, exp.train.micro_batch, exp.train.grad_accum,
-            self.seq_len * self.dp * exp.train.micro_batch * exp.train.grad_accum);
+        let _ = writeln!(
+            s,
+            "train      {} steps, micro batch {}, grad accum {}, {} tokens per optimizer step",
+            exp.train.steps,
+            exp.train.micro_batch,
+            exp.train.grad_accum,
+            self.seq_len * self.dp * exp.train.micro_batch * exp.train.grad_accum
+        );
         s
     }
 }

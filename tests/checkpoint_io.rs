@@ -71,7 +71,12 @@ fn python_logits(model_dir: &Path, ids: &Tensor, work: &Path) -> Tensor {
         .args(["logits".as_ref(), model_dir.as_os_str(), ids_file.as_os_str(), out.as_os_str()])
         .output()
         .unwrap();
-    assert!(o.status.success(), "transformers could not load {}:\n{}", model_dir.display(), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "transformers could not load {}:\n{}",
+        model_dir.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
     Tensor::read_safetensors(&out).unwrap().remove(0).1
 }
 
@@ -127,13 +132,26 @@ fn bad_checkpoints_are_refused_with_a_clear_message() {
     let resume_from = |name: &'static str, ckpt: String| Exp { resume: ckpt, ..Exp::new(name, 2, 1, 4, 0) };
 
     // Another model shape: the same checkpoint with an MLP twice as wide in the config.
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(good_ckpt.join("config.json")).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(good_ckpt.join("config.json")).unwrap()).unwrap();
     let width = config["intermediate_size"].as_i64().unwrap();
     config["intermediate_size"] = (2 * width).into();
     std::fs::write(dir.join("wider.json"), config.to_string()).unwrap();
-    let wider = Exp { model: format!("config = \"{}\"", dir.join("wider.json").display()), ..resume_from("shape", good_ckpt.display().to_string()) };
+    let wider = Exp {
+        model: format!("config = \"{}\"", dir.join("wider.json").display()),
+        ..resume_from("shape", good_ckpt.display().to_string())
+    };
     let hidden = config["hidden_size"].as_i64().unwrap();
-    assert_refused(dir, &data, wider, &["model.layers.0.mlp.gate_proj.weight", &format!("[{width}, {hidden}]"), &format!("[{}, {hidden}]", 2 * width)]);
+    assert_refused(
+        dir,
+        &data,
+        wider,
+        &[
+            "model.layers.0.mlp.gate_proj.weight",
+            &format!("[{width}, {hidden}]"),
+            &format!("[{}, {hidden}]", 2 * width),
+        ],
+    );
 
     let truncate = |file: &'static str| {
         move |ckpt: &Path| {
@@ -145,10 +163,17 @@ fn bad_checkpoints_are_refused_with_a_clear_message() {
     let ckpt = broken("truncated-model", &truncate("model.safetensors"));
     assert_refused(dir, &data, resume_from("truncated_model", ckpt), &["model.safetensors", "truncated or corrupt"]);
     let ckpt = broken("truncated-optimizer", &truncate("optimizer/exp_avg.safetensors"));
-    assert_refused(dir, &data, resume_from("truncated_optimizer", ckpt), &["optimizer/exp_avg.safetensors", "truncated or corrupt"]);
+    assert_refused(
+        dir,
+        &data,
+        resume_from("truncated_optimizer", ckpt),
+        &["optimizer/exp_avg.safetensors", "truncated or corrupt"],
+    );
 
     // Shards without their index.
-    let ckpt = broken("no-index", &|c: &Path| std::fs::rename(c.join("model.safetensors"), c.join("model-00001-of-00002.safetensors")).unwrap());
+    let ckpt = broken("no-index", &|c: &Path| {
+        std::fs::rename(c.join("model.safetensors"), c.join("model-00001-of-00002.safetensors")).unwrap()
+    });
     assert_refused(dir, &data, resume_from("no_index", ckpt), &["model.safetensors.index.json"]);
 
     let ckpt = broken("unfinished", &|c: &Path| std::fs::remove_file(c.join("COMPLETE")).unwrap());

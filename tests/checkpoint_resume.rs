@@ -39,7 +39,9 @@ fn resume_continues_exactly_in_any_layout() {
     assert_losses("same layout", &reference, &got, 0.0);
 
     // Other layouts start from a copy of checkpoint 4 alone.
-    for (name, sp, dp, zero, micro_batch) in [("sp1dp1z0mb2", 1, 1, 0, 2), ("sp4dp1z3mb2", 4, 1, 3, 2), ("sp1dp2z3mb1", 1, 2, 3, 1)] {
+    for (name, sp, dp, zero, micro_batch) in
+        [("sp1dp1z0mb2", 1, 1, 0, 2), ("sp4dp1z3mb2", 4, 1, 3, 2), ("sp1dp2z3mb1", 1, 2, 3, 1)]
+    {
         let exp = Exp { zero, micro_batch, ..Exp::new(name, sp, dp, 6, 2) };
         copy_dir(&full.run_dir(dir).join("checkpoints/step-000004"), &exp.run_dir(dir).join("checkpoints/step-000004"));
         let out = exp.train(dir, &data);
@@ -61,7 +63,10 @@ fn resume_continues_exactly_in_any_layout() {
     let f = hdf5::File::open(narrower.run_dir(dir).join("metrics.h5")).unwrap();
     let host = f.dataset("steps/peak_host_mem").unwrap().read_2d::<u64>().unwrap();
     assert_eq!(host.shape(), [6, 4]);
-    assert!(host.row(3).iter().all(|&b| b > 0) && host[[5, 1]] > 0 && host[[5, 2]] == 0 && host[[5, 3]] == 0, "{host:?}");
+    assert!(
+        host.row(3).iter().all(|&b| b > 0) && host[[5, 1]] > 0 && host[[5, 2]] == 0 && host[[5, 3]] == 0,
+        "{host:?}"
+    );
 }
 
 #[test]
@@ -80,7 +85,10 @@ fn kill_9_during_a_save_keeps_the_previous_checkpoint() {
     wait_for("the save of step 4 to start", || {
         let names = checkpoint_names(&run_dir);
         names.contains(&"step-000002".to_string())
-            && names.iter().any(|n| n.starts_with("step-000004.tmp-") && run_dir.join("checkpoints").join(n).join("model.safetensors").exists())
+            && names.iter().any(|n| {
+                n.starts_with("step-000004.tmp-")
+                    && run_dir.join("checkpoints").join(n).join("model.safetensors").exists()
+            })
     });
     kill_group(&job, libc::SIGKILL);
     wait_exit(&mut job);
@@ -88,12 +96,21 @@ fn kill_9_during_a_save_keeps_the_previous_checkpoint() {
     assert_eq!(names.len(), 2, "{names:?}");
     assert!(names[0] == "step-000002" && names[1].starts_with("step-000004.tmp-"), "{names:?}");
     let spec = ModelSpec::preset("tiny").unwrap();
-    ulysses::model::weights::load_hf(&run_dir.join("checkpoints/step-000002"), &spec, tch::Kind::Float, tch::Device::Cpu)
-        .expect("the previous checkpoint loads");
+    ulysses::model::weights::load_hf(
+        &run_dir.join("checkpoints/step-000002"),
+        &spec,
+        tch::Kind::Float,
+        tch::Device::Cpu,
+    )
+    .expect("the previous checkpoint loads");
 
     let out = exp.train(dir, &data);
     assert!(out.contains("resuming from") && out.contains("step-000002"), "{out}");
-    assert_eq!(checkpoint_names(&run_dir), ["step-000002", "step-000004", "step-000006"], "the stale .tmp- folder is removed");
+    assert_eq!(
+        checkpoint_names(&run_dir),
+        ["step-000002", "step-000004", "step-000006"],
+        "the stale .tmp- folder is removed"
+    );
     let (steps, got) = losses(&run_dir);
     assert_eq!(steps, (1..=6).collect::<Vec<u64>>());
     assert_losses("killed and resumed", &expected, &got, 0.0);

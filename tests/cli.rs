@@ -68,7 +68,10 @@ fn invalid_values_are_listed_together() {
     std::fs::write(&path, text_in).unwrap();
     let out = ulysses(&["check", path.to_str().unwrap(), "--world-size", "6"], dir.path());
     let t = assert_clean_failure(&out);
-    assert!(t.contains("problem(s)") && t.contains("parallel.sp") && t.contains("train.lr") && t.contains("data.seq_len"), "{t}");
+    assert!(
+        t.contains("problem(s)") && t.contains("parallel.sp") && t.contains("train.lr") && t.contains("data.seq_len"),
+        "{t}"
+    );
 }
 
 #[test]

@@ -45,7 +45,8 @@ fn unknown_section_is_an_error() {
 
 #[test]
 fn wrong_type_is_an_error_naming_the_key() {
-    let err = Experiment::parse(&BASE.replace("seq_len = 1024", "seq_len = \"long\""), "exp.toml").unwrap_err().to_string();
+    let err =
+        Experiment::parse(&BASE.replace("seq_len = 1024", "seq_len = \"long\""), "exp.toml").unwrap_err().to_string();
     assert!(err.contains("seq_len"), "{err}");
 }
 
@@ -62,8 +63,14 @@ fn every_problem_is_reported_at_once() {
     let p = problems(&text, Some(4));
     let joined = p.join("\n");
     assert!(joined.contains("parallel: sp × dp = 3 × 2 = 6 but the job has 4 ranks"), "{joined}");
-    assert!(joined.contains("parallel.sp: = 3 does not divide the model's 4 query heads; use one of 1, 2, 4"), "{joined}");
-    assert!(joined.contains("data.seq_len: = 1000 is not divisible by parallel.sp = 3; use e.g. 999 or 1002"), "{joined}");
+    assert!(
+        joined.contains("parallel.sp: = 3 does not divide the model's 4 query heads; use one of 1, 2, 4"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("data.seq_len: = 1000 is not divisible by parallel.sp = 3; use e.g. 999 or 1002"),
+        "{joined}"
+    );
     assert!(joined.contains("train.lr: = -1 must be a positive number"), "{joined}");
     assert!(joined.contains("train.steps: is 0"), "{joined}");
     assert!(p.len() >= 5, "{joined}");

@@ -6,7 +6,7 @@ use data_common::{meta, ulysses, write_shard};
 use ndarray::{arr1, Array2};
 use std::path::{Path, PathBuf};
 use ulysses::data::format::ShardWriter;
-use ulysses::data::{Dataset, Loader, LoaderSpec, LossOn, LoaderState};
+use ulysses::data::{Dataset, Loader, LoaderSpec, LoaderState, LossOn};
 
 fn open_err(paths: &[PathBuf], seq_len: usize) -> String {
     match Dataset::open(paths, seq_len) {
@@ -34,18 +34,12 @@ fn with_tokens(dir: &Path, replace: impl FnOnce(&hdf5::File)) -> PathBuf {
 fn missing_files_and_datasets() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.h5");
-    assert_names(
-        &open_err(&[missing.clone()], 8),
-        &["nope.h5", "no such file"],
-    );
+    assert_names(&open_err(&[missing.clone()], 8), &["nope.h5", "no such file"]);
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     assert_names(&open_err(&[empty], 8), &["empty", "no *.h5 shards"]);
     let no_tokens = with_tokens(dir.path(), |_| ());
-    assert_names(
-        &open_err(&[no_tokens], 8),
-        &["bad.h5", "no dataset `tokens`"],
-    );
+    assert_names(&open_err(&[no_tokens], 8), &["bad.h5", "no dataset `tokens`"]);
 
     let (code, _, stderr) = ulysses(&["data", "inspect", missing.to_str().unwrap()]);
     assert_ne!(code, 0);
@@ -56,56 +50,26 @@ fn missing_files_and_datasets() {
 fn wrong_dtype_rank_or_seq_len() {
     let dir = tempfile::tempdir().unwrap();
     let int64 = with_tokens(dir.path(), |f| {
-        drop(
-            f.new_dataset_builder()
-                .with_data(&Array2::<i64>::zeros((2, 8)))
-                .create("tokens")
-                .unwrap(),
-        )
+        drop(f.new_dataset_builder().with_data(&Array2::<i64>::zeros((2, 8))).create("tokens").unwrap())
     });
-    assert_names(
-        &open_err(&[int64], 8),
-        &["bad.h5", "`tokens`", "dtype int64", "int32"],
-    );
+    assert_names(&open_err(&[int64], 8), &["bad.h5", "`tokens`", "dtype int64", "int32"]);
     let rank1 = with_tokens(dir.path(), |f| {
-        drop(
-            f.new_dataset_builder()
-                .with_data(&arr1(&[1i32, 2, 3]))
-                .create("tokens")
-                .unwrap(),
-        )
+        drop(f.new_dataset_builder().with_data(&arr1(&[1i32, 2, 3])).create("tokens").unwrap())
     });
-    assert_names(
-        &open_err(&[rank1], 8),
-        &["bad.h5", "`tokens`", "rank 1", "[num_sequences, seq_len]"],
-    );
+    assert_names(&open_err(&[rank1], 8), &["bad.h5", "`tokens`", "rank 1", "[num_sequences, seq_len]"]);
 
     let good = write_shard(&dir.path().join("good.h5"), 0, 2, 8);
     assert_names(
         &open_err(&[good.clone()], 16),
-        &[
-            "good.h5",
-            "`tokens`",
-            "sequences of 8 tokens",
-            "data.seq_len = 16",
-        ],
+        &["good.h5", "`tokens`", "sequences of 8 tokens", "data.seq_len = 16"],
     );
     let file = hdf5::File::open_rw(&good).unwrap();
     file.delete_attr("format_version").unwrap();
-    file.new_attr::<i64>()
-        .create("format_version")
-        .unwrap()
-        .write_scalar(&2)
-        .unwrap();
+    file.new_attr::<i64>().create("format_version").unwrap().write_scalar(&2).unwrap();
     drop(file);
     assert_names(
         &open_err(&[good], 8),
-        &[
-            "good.h5",
-            "`format_version`",
-            "= 2",
-            "expected 1 (the version this build reads",
-        ],
+        &["good.h5", "`format_version`", "= 2", "expected 1 (the version this build reads"],
     );
 }
 
@@ -123,29 +87,13 @@ fn seq_len_must_divide_by_sp() {
         micro_batch: 1,
         loss_on: LossOn::All,
     };
-    let err = Loader::new(
-        Dataset::open(&[path.clone()], 30).unwrap(),
-        spec,
-        LoaderState::default(),
-    )
-    .err()
-    .unwrap();
+    let err = Loader::new(Dataset::open(&[path.clone()], 30).unwrap(), spec, LoaderState::default()).err().unwrap();
     assert_names(&err.to_string(), &["seq_len = 30", "sp = 4"]);
-    let err = Loader::new(
-        Dataset::open(&[path], 30).unwrap(),
-        LoaderSpec {
-            sp: 1,
-            dp: 5,
-            ..spec
-        },
-        LoaderState::default(),
-    )
-    .err()
-    .unwrap();
-    assert_names(
-        &err.to_string(),
-        &["4 sequences", "dp × micro_batch = 5 × 1"],
-    );
+    let err =
+        Loader::new(Dataset::open(&[path], 30).unwrap(), LoaderSpec { sp: 1, dp: 5, ..spec }, LoaderState::default())
+            .err()
+            .unwrap();
+    assert_names(&err.to_string(), &["4 sequences", "dp × micro_batch = 5 × 1"]);
 }
 
 #[test]
@@ -159,30 +107,13 @@ fn token_ids_at_or_above_the_vocabulary() {
     w.push(&bad, &[]).unwrap();
     w.finish().unwrap();
     let ds = Dataset::open(&[path.clone()], 16).unwrap();
-    assert_eq!(
-        ds.read_span(1, 0, 13).unwrap(),
-        vec![7; 13],
-        "a clean span of the sequence reads fine"
-    );
+    assert_eq!(ds.read_span(1, 0, 13).unwrap(), vec![7; 13], "a clean span of the sequence reads fine");
     let err = ds.read_span(1, 8, 16).unwrap_err().to_string();
-    assert_names(
-        &err,
-        &[
-            "v.h5",
-            "`tokens`",
-            "sequence 1",
-            "position 13",
-            "token id 258",
-            "vocab_size = 258",
-        ],
-    );
+    assert_names(&err, &["v.h5", "`tokens`", "sequence 1", "position 13", "token id 258", "vocab_size = 258"]);
 
     let (code, stdout, stderr) = ulysses(&["data", "inspect", path.to_str().unwrap(), "--scan"]);
     assert_ne!(code, 0, "{stdout}");
-    assert_names(
-        &stderr,
-        &["v.h5", "sequence 1", "position 13", "token id 258"],
-    );
+    assert_names(&stderr, &["v.h5", "sequence 1", "position 13", "token id 258"]);
 
     // Through the loader, SP rank 1 of 2 reads tokens 8..16 of sequence 1 and must fail.
     let spec = LoaderSpec {
@@ -197,10 +128,7 @@ fn token_ids_at_or_above_the_vocabulary() {
     };
     let mut loader = Loader::new(ds, spec, LoaderState::default()).unwrap();
     assert!(loader.next_batch().is_ok());
-    assert_names(
-        &loader.next_batch().unwrap_err().to_string(),
-        &["v.h5", "token id 258"],
-    );
+    assert_names(&loader.next_batch().unwrap_err().to_string(), &["v.h5", "token id 258"]);
 }
 
 #[test]
@@ -210,39 +138,24 @@ fn truncated_and_corrupt_files() {
     let bytes = std::fs::read(&path).unwrap();
     let truncated = dir.path().join("truncated.h5");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    assert_names(
-        &open_err(&[truncated.clone()], 1000),
-        &["truncated.h5", "cannot open as HDF5", "truncated"],
-    );
+    assert_names(&open_err(&[truncated.clone()], 1000), &["truncated.h5", "cannot open as HDF5", "truncated"]);
     let (code, _, stderr) = ulysses(&["data", "inspect", truncated.to_str().unwrap()]);
     assert_ne!(code, 0);
     assert_names(&stderr, &["truncated.h5", "cannot open as HDF5"]);
 
     // Flip one byte inside sequence 5's data: the chunk checksum must catch it.
-    let pattern: Vec<u8> = (500..504)
-        .flat_map(|p| data_common::token(5, p).to_le_bytes())
-        .collect();
-    let at = bytes
-        .windows(pattern.len())
-        .position(|w| w == pattern.as_slice())
-        .expect("sequence 5 is stored in the file");
+    let pattern: Vec<u8> = (500..504).flat_map(|p| data_common::token(5, p).to_le_bytes()).collect();
+    let at =
+        bytes.windows(pattern.len()).position(|w| w == pattern.as_slice()).expect("sequence 5 is stored in the file");
     let mut flipped = bytes.clone();
     flipped[at] ^= 0x01;
     let corrupt = dir.path().join("corrupt.h5");
     std::fs::write(&corrupt, &flipped).unwrap();
     let ds = Dataset::open(&[corrupt], 1000).unwrap();
-    assert!(
-        ds.read_span(4, 0, 1000).is_ok(),
-        "other sequences still read"
-    );
+    assert!(ds.read_span(4, 0, 1000).is_ok(), "other sequences still read");
     assert_names(
         &ds.read_span(5, 0, 10).unwrap_err().to_string(),
-        &[
-            "corrupt.h5",
-            "`tokens`",
-            "sequence 5",
-            "truncated or corrupt",
-        ],
+        &["corrupt.h5", "`tokens`", "sequence 5", "truncated or corrupt"],
     );
 }
 
@@ -253,41 +166,19 @@ fn shards_of_one_dataset_must_agree() {
     let mut w = ShardWriter::create(&dir.path().join("b.h5"), 8, &meta(512), false).unwrap();
     w.push(&[1; 8], &[]).unwrap();
     w.finish().unwrap();
-    assert_names(
-        &open_err(&[dir.path().to_path_buf()], 8),
-        &["b.h5", "`vocab_size` = 512", "100000", "a.h5"],
-    );
+    assert_names(&open_err(&[dir.path().to_path_buf()], 8), &["b.h5", "`vocab_size` = 512", "100000", "a.h5"]);
 }
 
 #[test]
 fn bad_prepare_and_synth_input() {
     let dir = tempfile::tempdir().unwrap();
     let jsonl = dir.path().join("in.jsonl");
-    std::fs::write(
-        &jsonl,
-        "{\"text\": \"fine\"}\n{\"body\": \"no text field\"}\n",
-    )
-    .unwrap();
+    std::fs::write(&jsonl, "{\"text\": \"fine\"}\n{\"body\": \"no text field\"}\n").unwrap();
     let out = dir.path().join("out");
-    let (code, _, stderr) = ulysses(&[
-        "data",
-        "prepare",
-        jsonl.to_str().unwrap(),
-        "--seq-len",
-        "4",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (code, _, stderr) =
+        ulysses(&["data", "prepare", jsonl.to_str().unwrap(), "--seq-len", "4", "--out", out.to_str().unwrap()]);
     assert_ne!(code, 0);
-    assert_names(
-        &stderr,
-        &[
-            "in.jsonl",
-            "line 2",
-            "no string field \"text\"",
-            "--text-field",
-        ],
-    );
+    assert_names(&stderr, &["in.jsonl", "line 2", "no string field \"text\"", "--text-field"]);
 
     let tok = dir.path().join("tokenizer.json");
     std::fs::write(&tok, "{not json").unwrap();

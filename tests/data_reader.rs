@@ -4,31 +4,17 @@ mod data_common;
 use data_common::{token, write_shard};
 use std::collections::HashSet;
 use std::path::PathBuf;
-use ulysses::data::{build_batch, Batch, Dataset, Loader, LoaderSpec, LossOn, LoaderState, IGNORE_INDEX};
+use ulysses::data::{build_batch, Batch, Dataset, Loader, LoaderSpec, LoaderState, LossOn, IGNORE_INDEX};
 
 fn spec(dp: usize, dp_rank: usize, sp: usize, sp_rank: usize, micro_batch: usize) -> LoaderSpec {
-    LoaderSpec {
-        seed: 42,
-        shuffle: true,
-        dp,
-        dp_rank,
-        sp,
-        sp_rank,
-        micro_batch,
-        loss_on: LossOn::All,
-    }
+    LoaderSpec { seed: 42, shuffle: true, dp, dp_rank, sp, sp_rank, micro_batch, loss_on: LossOn::All }
 }
 
 /// A dataset of `sizes[k]` sequences in shard k (global indices run across shards in order).
 fn dataset(dir: &tempfile::TempDir, sizes: &[usize], seq_len: usize) -> Dataset {
     let mut first = 0;
     for (k, &n) in sizes.iter().enumerate() {
-        write_shard(
-            &dir.path().join(format!("shard-{k:05}.h5")),
-            first,
-            n,
-            seq_len,
-        );
+        write_shard(&dir.path().join(format!("shard-{k:05}.h5")), first, n, seq_len);
         first += n;
     }
     Dataset::open(&[dir.path().to_path_buf()], seq_len).unwrap()
@@ -41,43 +27,25 @@ fn sp_slices_concatenate_to_the_full_sample() {
         let ds = dataset(&dir, &[3], seq_len);
         for sp in [1, 2, 4, 8] {
             let c = seq_len / sp;
-            let (mut inputs, mut labels, mut positions) =
-                (vec![Vec::new(); 2], vec![Vec::new(); 2], Vec::new());
+            let (mut inputs, mut labels, mut positions) = (vec![Vec::new(); 2], vec![Vec::new(); 2], Vec::new());
             for r in 0..sp {
                 let b = build_batch(&ds, &spec(1, 0, sp, r, 2), &[2, 0]).unwrap();
-                assert_eq!(
-                    (b.micro_batch, b.chunk_len, b.input_ids.len()),
-                    (2, c, 2 * c)
-                );
+                assert_eq!((b.micro_batch, b.chunk_len, b.input_ids.len()), (2, c, 2 * c));
                 for row in 0..2 {
                     inputs[row].extend_from_slice(&b.input_ids[row * c..(row + 1) * c]);
                     labels[row].extend_from_slice(&b.labels[row * c..(row + 1) * c]);
                 }
                 positions.extend_from_slice(&b.position_ids[..c]);
-                assert_eq!(
-                    b.position_ids[c..],
-                    b.position_ids[..c],
-                    "every row has the same positions"
-                );
+                assert_eq!(b.position_ids[c..], b.position_ids[..c], "every row has the same positions");
             }
             for (row, &i) in [2, 0].iter().enumerate() {
                 let full: Vec<i64> = (0..seq_len).map(|p| token(i, p) as i64).collect();
                 let mut shifted = full[1..].to_vec();
                 shifted.push(IGNORE_INDEX);
-                assert_eq!(
-                    inputs[row], full,
-                    "inputs, seq_len {seq_len}, sp {sp}, row {row}"
-                );
-                assert_eq!(
-                    labels[row], shifted,
-                    "labels, seq_len {seq_len}, sp {sp}, row {row}"
-                );
+                assert_eq!(inputs[row], full, "inputs, seq_len {seq_len}, sp {sp}, row {row}");
+                assert_eq!(labels[row], shifted, "labels, seq_len {seq_len}, sp {sp}, row {row}");
             }
-            assert_eq!(
-                positions,
-                (0..seq_len as i64).collect::<Vec<_>>(),
-                "global positions, sp {sp}"
-            );
+            assert_eq!(positions, (0..seq_len as i64).collect::<Vec<_>>(), "global positions, sp {sp}");
         }
     }
 }
@@ -92,11 +60,7 @@ fn labels_shift_exactly_at_chunk_boundaries() {
         for (row, i) in [(0, 1), (1, 0)] {
             let last = b.labels[row * c + c - 1];
             // The label of a chunk's last position is the next chunk's first token.
-            let expected = if r < 3 {
-                token(i, (r + 1) * c) as i64
-            } else {
-                IGNORE_INDEX
-            };
+            let expected = if r < 3 { token(i, (r + 1) * c) as i64 } else { IGNORE_INDEX };
             assert_eq!(last, expected, "sp rank {r}, row {row}");
             assert_eq!(b.labels[row * c], token(i, r * c + 1) as i64);
             assert_eq!(b.position_ids[row * c], (r * c) as i64);
@@ -105,23 +69,11 @@ fn labels_shift_exactly_at_chunk_boundaries() {
 }
 
 /// Every batch of one epoch for each dp rank: steps × dp batches.
-fn epoch_batches(
-    ds: impl Fn() -> Dataset,
-    dp: usize,
-    sp_rank: usize,
-    steps: usize,
-) -> Vec<Vec<Batch>> {
+fn epoch_batches(ds: impl Fn() -> Dataset, dp: usize, sp_rank: usize, steps: usize) -> Vec<Vec<Batch>> {
     (0..dp)
         .map(|d| {
-            let mut loader = Loader::new(
-                ds(),
-                LoaderSpec {
-                    sp_rank,
-                    ..spec(dp, d, 2, 0, 2)
-                },
-                LoaderState::default(),
-            )
-            .unwrap();
+            let mut loader =
+                Loader::new(ds(), LoaderSpec { sp_rank, ..spec(dp, d, 2, 0, 2) }, LoaderState::default()).unwrap();
             assert_eq!(loader.steps_per_epoch(), steps as u64);
             (0..steps).map(|_| loader.next_batch().unwrap()).collect()
         })
@@ -139,60 +91,30 @@ fn dp_ranks_get_disjoint_samples_and_sp_ranks_the_same() {
         for b in batches {
             for (row, &i) in b.sample_indices.iter().enumerate() {
                 assert!(seen.insert(i), "sample {i} dealt twice in one epoch");
-                assert_eq!(
-                    b.input_ids[row * 20],
-                    token(i, 0) as i64,
-                    "row holds the sample it names"
-                );
+                assert_eq!(b.input_ids[row * 20], token(i, 0) as i64, "row holds the sample it names");
             }
         }
     }
     assert_eq!(seen.len(), 12);
     let sp1 = epoch_batches(|| dataset(&dir, &[7, 10], 40), 3, 1, 2);
     for (a, b) in by_rank.iter().flatten().zip(sp1.iter().flatten()) {
-        assert_eq!(
-            a.sample_indices, b.sample_indices,
-            "SP ranks of a dp group read the same samples"
-        );
-        assert_eq!(
-            b.input_ids[0],
-            token(b.sample_indices[0], 20) as i64,
-            "SP rank 1 reads the second half"
-        );
+        assert_eq!(a.sample_indices, b.sample_indices, "SP ranks of a dp group read the same samples");
+        assert_eq!(b.input_ids[0], token(b.sample_indices[0], 20) as i64, "SP rank 1 reads the second half");
     }
 }
 
 fn indices(loader: &mut Loader, n: usize) -> Vec<Vec<usize>> {
-    (0..n)
-        .map(|_| loader.next_batch().unwrap().sample_indices)
-        .collect()
+    (0..n).map(|_| loader.next_batch().unwrap().sample_indices).collect()
 }
 
 #[test]
 fn order_is_deterministic_for_a_seed() {
     let dir = tempfile::tempdir().unwrap();
     let _ = dataset(&dir, &[5, 6], 16);
-    let open = || {
-        Dataset::open(
-            &[
-                dir.path().join("shard-00000.h5"),
-                dir.path().join("shard-00001.h5"),
-            ],
-            16,
-        )
-        .unwrap()
-    };
+    let open = || Dataset::open(&[dir.path().join("shard-00000.h5"), dir.path().join("shard-00001.h5")], 16).unwrap();
     let run = |seed, shuffle| {
-        let mut l = Loader::new(
-            open(),
-            LoaderSpec {
-                seed,
-                shuffle,
-                ..spec(1, 0, 1, 0, 2)
-            },
-            LoaderState::default(),
-        )
-        .unwrap();
+        let mut l =
+            Loader::new(open(), LoaderSpec { seed, shuffle, ..spec(1, 0, 1, 0, 2) }, LoaderState::default()).unwrap();
         indices(&mut l, 12) // 5 steps per epoch: crosses two epoch boundaries
     };
     let a = run(1, true);
@@ -216,22 +138,11 @@ fn resume_restores_the_same_next_batch() {
             first.next_batch().unwrap();
         }
         let state = first.state();
-        assert_eq!(
-            state,
-            LoaderState {
-                epoch: consumed as u64 / 2,
-                position: consumed as u64 % 2
-            }
-        );
-        let saved: LoaderState =
-            serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+        assert_eq!(state, LoaderState { epoch: consumed as u64 / 2, position: consumed as u64 % 2 });
+        let saved: LoaderState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
         let mut resumed = Loader::new(open(), s, saved).unwrap();
         for k in 0..3 {
-            assert_eq!(
-                resumed.next_batch().unwrap(),
-                first.next_batch().unwrap(),
-                "after {consumed} + {k} batches"
-            );
+            assert_eq!(resumed.next_batch().unwrap(), first.next_batch().unwrap(), "after {consumed} + {k} batches");
         }
         assert_eq!(resumed.state(), first.state());
     }
@@ -241,16 +152,10 @@ fn resume_restores_the_same_next_batch() {
 fn several_shards_form_one_dataset() {
     let dir = tempfile::tempdir().unwrap();
     let ds = dataset(&dir, &[2, 1, 3], 10);
-    assert_eq!(
-        (ds.len(), ds.seq_len(), ds.vocab_size()),
-        (6, 10, data_common::VOCAB)
-    );
+    assert_eq!((ds.len(), ds.seq_len(), ds.vocab_size()), (6, 10, data_common::VOCAB));
     assert_eq!(ds.shard_paths().len(), 3);
     for i in 0..6 {
-        assert_eq!(
-            ds.read_span(i, 3, 7).unwrap(),
-            (3..7).map(|p| token(i, p)).collect::<Vec<_>>()
-        );
+        assert_eq!(ds.read_span(i, 3, 7).unwrap(), (3..7).map(|p| token(i, p)).collect::<Vec<_>>());
     }
     assert!(ds.read_span(6, 0, 1).is_err(), "index past the end");
     assert!(ds.read_span(0, 5, 11).is_err(), "span past the sequence");

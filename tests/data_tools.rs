@@ -6,8 +6,8 @@ use std::path::Path;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
-    Tokenizer, TokenizerBuilder,
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, Tokenizer,
+    TokenizerBuilder,
 };
 use ulysses::data::prepare::{prepare, InputFormat, PrepareOptions};
 use ulysses::data::synth::{synth, SynthOptions, SynthTask};
@@ -16,27 +16,9 @@ use ulysses::data::Dataset;
 
 /// Small documents of varying length, with multi-byte characters.
 fn documents() -> Vec<String> {
-    let words = [
-        "the",
-        "quick",
-        "brown",
-        "fox",
-        "jumps",
-        "over",
-        "lazy",
-        "dogs",
-        "Grüße",
-        "naïve",
-        "ünïcode",
-        "42",
-    ];
+    let words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dogs", "Grüße", "naïve", "ünïcode", "42"];
     (0..30)
-        .map(|k| {
-            (0..5 + (k * 7) % 23)
-                .map(|j| words[(k * 3 + j * 5) % words.len()])
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
+        .map(|k| (0..5 + (k * 7) % 23).map(|j| words[(k * 3 + j * 5) % words.len()]).collect::<Vec<_>>().join(" "))
         .collect()
 }
 
@@ -49,22 +31,16 @@ fn train_tokenizer(corpus: &Path, out: &Path) {
         .special_tokens(vec![AddedToken::from("<|endoftext|>", true)])
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
-    let mut tok = TokenizerBuilder::<
-        BPE,
-        NormalizerWrapper,
-        PreTokenizerWrapper,
-        PostProcessorWrapper,
-        DecoderWrapper,
-    >::new()
-    .with_model(BPE::default())
-    .with_normalizer(None)
-    .with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::default())))
-    .with_post_processor(None)
-    .with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())))
-    .build()
-    .unwrap();
-    tok.train_from_files(&mut trainer, vec![corpus.display().to_string()])
-        .unwrap();
+    let mut tok =
+        TokenizerBuilder::<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>::new()
+            .with_model(BPE::default())
+            .with_normalizer(None)
+            .with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::default())))
+            .with_post_processor(None)
+            .with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())))
+            .build()
+            .unwrap();
+    tok.train_from_files(&mut trainer, vec![corpus.display().to_string()]).unwrap();
     tok.save(out, false).unwrap();
 }
 
@@ -79,10 +55,7 @@ fn prepare_round_trip_with_a_tokenizer_json() {
     );
     let docs = documents();
     std::fs::write(&corpus, docs.join("\n")).unwrap();
-    let lines: Vec<String> = docs
-        .iter()
-        .map(|d| serde_json::json!({ "id": 1, "text": d }).to_string())
-        .collect();
+    let lines: Vec<String> = docs.iter().map(|d| serde_json::json!({ "id": 1, "text": d }).to_string()).collect();
     std::fs::write(&jsonl, lines.join("\n") + "\n\n").unwrap();
     train_tokenizer(&corpus, &tok_path);
 
@@ -108,13 +81,7 @@ fn prepare_round_trip_with_a_tokenizer_json() {
     let (mut stream, mut starts) = (Vec::new(), Vec::new());
     for d in &docs {
         starts.push(stream.len());
-        stream.extend(
-            tok.encode(d.as_str(), false)
-                .unwrap()
-                .get_ids()
-                .iter()
-                .map(|&i| i as i32),
-        );
+        stream.extend(tok.encode(d.as_str(), false).unwrap().get_ids().iter().map(|&i| i as i32));
         stream.push(eos);
     }
     let n = stream.len() / seq_len;
@@ -129,40 +96,14 @@ fn prepare_round_trip_with_a_tokenizer_json() {
     );
 
     let ds = Dataset::open(&[out.clone()], seq_len).unwrap();
-    assert_eq!(
-        (ds.len(), ds.eos_id(), ds.shard_paths().len()),
-        (n, eos as i64, n.div_ceil(4))
-    );
-    assert_eq!(
-        ds.vocab_size(),
-        tok.get_vocab(true)
-            .values()
-            .max()
-            .map(|&m| m as i64 + 1)
-            .unwrap()
-    );
-    assert!(
-        ds.tokenizer().starts_with("huggingface fnv1a64:"),
-        "{}",
-        ds.tokenizer()
-    );
+    assert_eq!((ds.len(), ds.eos_id(), ds.shard_paths().len()), (n, eos as i64, n.div_ceil(4)));
+    assert_eq!(ds.vocab_size(), tok.get_vocab(true).values().max().map(|&m| m as i64 + 1).unwrap());
+    assert!(ds.tokenizer().starts_with("huggingface fnv1a64:"), "{}", ds.tokenizer());
     for i in 0..n {
         let range = i * seq_len..(i + 1) * seq_len;
-        assert_eq!(
-            ds.read_span(i, 0, seq_len).unwrap(),
-            stream[range.clone()],
-            "sequence {i}"
-        );
-        let expected: Vec<usize> = starts
-            .iter()
-            .filter(|s| range.contains(s))
-            .map(|s| s - range.start)
-            .collect();
-        assert_eq!(
-            ds.doc_starts(i).unwrap(),
-            Some(expected),
-            "document starts of sequence {i}"
-        );
+        assert_eq!(ds.read_span(i, 0, seq_len).unwrap(), stream[range.clone()], "sequence {i}");
+        let expected: Vec<usize> = starts.iter().filter(|s| range.contains(s)).map(|s| s - range.start).collect();
+        assert_eq!(ds.doc_starts(i).unwrap(), Some(expected), "document starts of sequence {i}");
     }
 
     // The same tokenizer in synth: the answer is the key tokenized as text.
@@ -184,19 +125,10 @@ fn prepare_round_trip_with_a_tokenizer_json() {
     assert_eq!(code, 0, "{stderr}");
     let ds = Dataset::open(&[pk], 300).unwrap();
     let info = ds.passkey(1).unwrap().unwrap();
-    let key_ids: Vec<i32> = tok
-        .encode(info.key.to_string().as_str(), false)
-        .unwrap()
-        .get_ids()
-        .iter()
-        .map(|&i| i as i32)
-        .collect();
+    let key_ids: Vec<i32> =
+        tok.encode(info.key.to_string().as_str(), false).unwrap().get_ids().iter().map(|&i| i as i32).collect();
     assert_eq!(info.answer_tokens, key_ids);
-    assert_eq!(
-        ds.read_span(1, info.answer_start, 300).unwrap(),
-        key_ids,
-        "the answer ends the sequence"
-    );
+    assert_eq!(ds.read_span(1, info.answer_start, 300).unwrap(), key_ids, "the answer ends the sequence");
 }
 
 #[test]
@@ -204,11 +136,7 @@ fn prepare_plain_text_streams_long_lines_exactly() {
     let dir = tempfile::tempdir().unwrap();
     // One line longer than the 1 MiB piece, with 2-byte characters straddling the piece border.
     let long = format!("a{}\nend", "é".repeat(600_000));
-    let (a, b, out) = (
-        dir.path().join("a.txt"),
-        dir.path().join("b.md"),
-        dir.path().join("out"),
-    );
+    let (a, b, out) = (dir.path().join("a.txt"), dir.path().join("b.md"), dir.path().join("out"));
     std::fs::write(&a, &long).unwrap();
     std::fs::write(&b, "short doc\n").unwrap();
     let opts = PrepareOptions {
@@ -221,50 +149,26 @@ fn prepare_plain_text_streams_long_lines_exactly() {
         force: false,
     };
     let mut consumed = 0;
-    let summary = prepare(
-        &opts,
-        &TextTokenizer::load("byte", None).unwrap(),
-        &mut |n| consumed += n,
-    )
-    .unwrap();
+    let summary = prepare(&opts, &TextTokenizer::load("byte", None).unwrap(), &mut |n| consumed += n).unwrap();
     let total = long.len() + 10;
     assert_eq!(consumed, total as u64, "progress reports every input byte");
     assert_eq!((summary.documents, summary.tokens), (2, total as u64 + 2));
     assert_eq!(summary.sequences, (total as u64 + 2) / 1000);
-    assert_eq!(
-        summary.shards.len(),
-        5,
-        "1 MiB shards hold 262 sequences of 1000 tokens"
-    );
+    assert_eq!(summary.shards.len(), 5, "1 MiB shards hold 262 sequences of 1000 tokens");
 
     let mut stream: Vec<i32> = b"short doc\n".iter().map(|&b| b as i32).collect();
     stream.push(257);
     stream.extend(long.bytes().map(i32::from));
     let ds = Dataset::open(&[out.clone()], 1000).unwrap();
     let n = ds.len();
-    assert_eq!(
-        ds.read_span(n - 1, 0, 1000).unwrap(),
-        stream[(n - 1) * 1000..n * 1000]
-    );
-    assert_eq!(
-        ds.read_span(600, 0, 1000).unwrap(),
-        stream[600_000..601_000]
-    );
+    assert_eq!(ds.read_span(n - 1, 0, 1000).unwrap(), stream[(n - 1) * 1000..n * 1000]);
+    assert_eq!(ds.read_span(600, 0, 1000).unwrap(), stream[600_000..601_000]);
     assert_eq!(ds.doc_starts(0).unwrap(), Some(vec![0, 11]));
-    assert_eq!(
-        ds.doc_starts(1).unwrap(),
-        Some(vec![]),
-        "the long document continues"
-    );
+    assert_eq!(ds.doc_starts(1).unwrap(), Some(vec![]), "the long document continues");
 
     // A second run must not mix with the first one's shards.
-    let err = prepare(&opts, &TextTokenizer::Byte, &mut |_| ())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("already holds 5 .h5 file(s)") && err.contains("--force"),
-        "{err}"
-    );
+    let err = prepare(&opts, &TextTokenizer::Byte, &mut |_| ()).unwrap_err().to_string();
+    assert!(err.contains("already holds 5 .h5 file(s)") && err.contains("--force"), "{err}");
 }
 
 #[test]
@@ -282,22 +186,12 @@ fn synth_passkey_is_deterministic_and_records_the_answer() {
             key_digits: 5,
             force: false,
         };
-        assert_eq!(
-            synth(&opts, &TextTokenizer::Byte).unwrap(),
-            out.join("shard-00000.h5")
-        );
+        assert_eq!(synth(&opts, &TextTokenizer::Byte).unwrap(), out.join("shard-00000.h5"));
         Dataset::open(&[out], 300).unwrap()
     };
     let (a, b, c) = (make("a", 3), make("b", 3), make("c", 4));
     let all = |ds: &Dataset| {
-        (0..6)
-            .map(|i| {
-                (
-                    ds.read_span(i, 0, 300).unwrap(),
-                    ds.passkey(i).unwrap().unwrap(),
-                )
-            })
-            .collect::<Vec<_>>()
+        (0..6).map(|i| (ds.read_span(i, 0, 300).unwrap(), ds.passkey(i).unwrap().unwrap())).collect::<Vec<_>>()
     };
     assert_eq!(all(&a), all(&b), "same seed, same data");
     assert_ne!(all(&a), all(&c), "another seed, other keys");
@@ -308,17 +202,11 @@ fn synth_passkey_is_deterministic_and_records_the_answer() {
         let key = info.key.to_string();
         assert_eq!(info.depth, [0.0, 0.5, 1.0][i % 3]);
         assert_eq!((key.len(), info.answer_start), (5, 295));
-        assert_eq!(
-            info.answer_tokens,
-            key.bytes().map(i32::from).collect::<Vec<_>>()
-        );
+        assert_eq!(info.answer_tokens, key.bytes().map(i32::from).collect::<Vec<_>>());
         assert_eq!(&text[295..], key.as_bytes(), "the answer ends the sequence");
         assert_eq!(&text[295 - question.len()..295], question);
         let needle = format!("The pass key is {key}. Remember it. {key} is the pass key. ");
-        assert_eq!(
-            &text[info.needle_start..info.needle_start + needle.len()],
-            needle.as_bytes()
-        );
+        assert_eq!(&text[info.needle_start..info.needle_start + needle.len()], needle.as_bytes());
         let expected_start = match i % 3 {
             0 => 0,
             2 => 295 - question.len() - needle.len(), // depth 1: right before the question
@@ -350,33 +238,14 @@ fn synth_random_and_inspect() {
         out.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(
-        stdout.contains("wrote 3 random sequences of 96 tokens (seed 0)"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("wrote 3 random sequences of 96 tokens (seed 0)"), "{stdout}");
     let ds = Dataset::open(&[out.clone()], 96).unwrap();
-    let tokens: Vec<i32> = (0..3)
-        .flat_map(|i| ds.read_span(i, 0, 96).unwrap())
-        .collect();
+    let tokens: Vec<i32> = (0..3).flat_map(|i| ds.read_span(i, 0, 96).unwrap()).collect();
     assert!(tokens.iter().all(|&t| (0..258).contains(&t)));
-    assert!(
-        tokens
-            .iter()
-            .collect::<std::collections::HashSet<_>>()
-            .len()
-            > 100,
-        "tokens look uniform"
-    );
+    assert!(tokens.iter().collect::<std::collections::HashSet<_>>().len() > 100, "tokens look uniform");
 
     let shard = out.join("shard-00000.h5");
-    let (code, stdout, stderr) = ulysses(&[
-        "data",
-        "inspect",
-        shard.to_str().unwrap(),
-        "--tokens",
-        "4",
-        "--scan",
-    ]);
+    let (code, stdout, stderr) = ulysses(&["data", "inspect", shard.to_str().unwrap(), "--tokens", "4", "--scan"]);
     assert_eq!(code, 0, "{stderr}");
     for expected in [
         "shape [3, 96]",
@@ -388,10 +257,7 @@ fn synth_random_and_inspect() {
         "vocab_size      258",
         "ok: 3 sequences, every token id in [0, 258)",
     ] {
-        assert!(
-            stdout.contains(expected),
-            "inspect output lacks {expected:?}:\n{stdout}"
-        );
+        assert!(stdout.contains(expected), "inspect output lacks {expected:?}:\n{stdout}");
     }
     assert!(stdout.contains(&format!("{:?}", &tokens[..4])), "{stdout}");
 }

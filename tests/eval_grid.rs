@@ -11,10 +11,7 @@ use ulysses::data::synth::SynthTask;
 use ulysses::data::tokenizer::TextTokenizer;
 
 fn text_of(tokens: &[i32]) -> String {
-    tokens
-        .iter()
-        .map(|&t| char::from(u8::try_from(t).expect("byte tokens")))
-        .collect()
+    tokens.iter().map(|&t| char::from(u8::try_from(t).expect("byte tokens"))).collect()
 }
 
 /// The needle and question texts of each task, as docs/eval.md states them.
@@ -24,7 +21,10 @@ fn texts(task: SynthTask, key: u64) -> (String, &'static str) {
             format!("The special magic number is {key}. "),
             "What is the special magic number mentioned in the text above? The special magic number is ",
         ),
-        _ => (format!("The pass key is {key}. Remember it. {key} is the pass key. "), "What is the pass key? The pass key is "),
+        _ => (
+            format!("The pass key is {key}. Remember it. {key} is the pass key. "),
+            "What is the pass key? The pass key is ",
+        ),
     }
 }
 
@@ -50,31 +50,27 @@ fn the_needle_sits_at_the_stated_depth() {
                         question,
                         "{what}: question"
                     );
-                    assert_eq!(
-                        &text[start..start + needle.len()],
-                        needle,
-                        "{what}: needle at {start}"
-                    );
+                    assert_eq!(&text[start..start + needle.len()], needle, "{what}: needle at {start}");
                     // The key appears nowhere else: the filler has no digits.
                     let filler = format!(
                         "{}{}",
                         &text[..start],
                         &text[start + needle.len()..info.answer_start - question.len()]
                     );
-                    assert!(
-                        !filler.chars().any(|c| c.is_ascii_digit()),
-                        "{what}: digits in the filler"
-                    );
+                    assert!(!filler.chars().any(|c| c.is_ascii_digit()), "{what}: digits in the filler");
                     // Depth: the needle starts at the sentence boundary at or before the target,
                     // so the target falls inside the filler sentence right after the needle.
                     let target = (f64::from(depth) * filler.len() as f64).round() as usize;
                     let after = &filler[start..];
                     let next = after.find(". ").map_or(after.len(), |i| i + 2);
-                    assert!(start <= target && (target == start || target < start + next), "{what}: needle at {start} of {} filler tokens, target {target}, next sentence {next} tokens", filler.len());
+                    assert!(
+                        start <= target && (target == start || target < start + next),
+                        "{what}: needle at {start} of {} filler tokens, target {target}, next sentence {next} tokens",
+                        filler.len()
+                    );
                     // A sentence boundary, or the end of the (cut) filler: nothing but the
                     // question after the needle.
-                    let boundary =
-                        start == 0 || start == filler.len() || filler[..start].ends_with(". ");
+                    let boundary = start == 0 || start == filler.len() || filler[..start].ends_with(". ");
                     assert!(boundary, "{what}: the needle starts a sentence");
                     assert!(next <= 80, "{what}: a sentence of {next} tokens");
                 }
@@ -87,35 +83,16 @@ fn the_needle_sits_at_the_stated_depth() {
 fn samples_are_deterministic_and_seeds_differ() {
     let tok = TextTokenizer::load("byte", None).unwrap();
     let a = needle_sample(&tok, SynthTask::Niah, 600, 0.5, 6, 42).unwrap();
-    assert_eq!(
-        a,
-        needle_sample(&tok, SynthTask::Niah, 600, 0.5, 6, 42).unwrap()
-    );
-    let keys: std::collections::BTreeSet<u64> = (0..20)
-        .map(|s| {
-            needle_sample(&tok, SynthTask::Niah, 600, 0.5, 6, s)
-                .unwrap()
-                .1
-                .key
-        })
-        .collect();
-    assert!(
-        keys.len() >= 19,
-        "20 seeds gave {} distinct keys",
-        keys.len()
-    );
+    assert_eq!(a, needle_sample(&tok, SynthTask::Niah, 600, 0.5, 6, 42).unwrap());
+    let keys: std::collections::BTreeSet<u64> =
+        (0..20).map(|s| needle_sample(&tok, SynthTask::Niah, 600, 0.5, 6, s).unwrap().1.key).collect();
+    assert!(keys.len() >= 19, "20 seeds gave {} distinct keys", keys.len());
     // niah filler is drawn from the seed; passkey filler is a fixed cycle.
-    let filler =
-        |task, seed| needle_sample(&tok, task, 600, 1.0, 6, seed).unwrap().0[..400].to_vec();
+    let filler = |task, seed| needle_sample(&tok, task, 600, 1.0, 6, seed).unwrap().0[..400].to_vec();
     assert_ne!(filler(SynthTask::Niah, 1), filler(SynthTask::Niah, 2));
     assert_eq!(filler(SynthTask::Passkey, 1), filler(SynthTask::Passkey, 2));
-    let err = needle_sample(&tok, SynthTask::Passkey, 50, 0.5, 5, 0)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("too short") && err.contains("at least"),
-        "{err}"
-    );
+    let err = needle_sample(&tok, SynthTask::Passkey, 50, 0.5, 5, 0).unwrap_err().to_string();
+    assert!(err.contains("too short") && err.contains("at least"), "{err}");
     assert!(needle_sample(&tok, SynthTask::Random, 600, 0.5, 5, 0).is_err());
     assert!(needle_sample(&tok, SynthTask::Passkey, 600, 1.5, 5, 0).is_err());
 }
@@ -127,51 +104,21 @@ fn bad_eval_arguments_fail_cleanly() {
     let ckpt = random_checkpoint(dir.path(), 1);
     let (exp, ckpt) = (exp.to_str().unwrap(), ckpt.to_str().unwrap());
     let run = |extra: &[&str]| {
-        assert_clean_failure(&ulysses(
-            &[&["eval", exp, "--checkpoint", ckpt], extra].concat(),
-            dir.path(),
-        ))
+        assert_clean_failure(&ulysses(&[&["eval", exp, "--checkpoint", ckpt], extra].concat(), dir.path()))
     };
-    let t = run(&[
-        "--task",
-        "passkey",
-        "--lengths",
-        "50,1000",
-        "--depths",
-        "0,1.5",
-    ]);
-    assert!(
-        t.contains("too short") && t.contains("outside [0, 1]"),
-        "every grid problem at once:\n{t}"
-    );
+    let t = run(&["--task", "passkey", "--lengths", "50,1000", "--depths", "0,1.5"]);
+    assert!(t.contains("too short") && t.contains("outside [0, 1]"), "every grid problem at once:\n{t}");
     let t = run(&["--task", "loss"]);
     assert!(t.contains("needs --data"), "{t}");
     let t = run(&["--task", "passkey", "--sp", "2"]);
     assert!(t.contains("sp = 2 does not divide the 1 rank"), "{t}");
-    let t = assert_clean_failure(&ulysses(
-        &["eval", exp, "--task", "passkey", "--checkpoint", "nowhere"],
-        dir.path(),
-    ));
+    let t = assert_clean_failure(&ulysses(&["eval", exp, "--task", "passkey", "--checkpoint", "nowhere"], dir.path()));
     assert!(t.contains("nowhere"), "{t}");
     let t = assert_clean_failure(&mpirun(
         2,
-        &[
-            "eval",
-            exp,
-            "--task",
-            "passkey",
-            "--sp",
-            "2",
-            "--checkpoint",
-            ckpt,
-            "--lengths",
-            "161",
-        ],
+        &["eval", exp, "--task", "passkey", "--sp", "2", "--checkpoint", ckpt, "--lengths", "161"],
         dir.path(),
         &[],
     ));
-    assert!(
-        t.contains("161 is not a multiple of sp = 2") && t.contains("use e.g. 160 or 162"),
-        "{t}"
-    );
+    assert!(t.contains("161 is not a multiple of sp = 2") && t.contains("use e.g. 160 or 162"), "{t}");
 }

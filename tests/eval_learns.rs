@@ -36,33 +36,9 @@ resume = "none"
 
 fn score(dir: &Path, checkpoint: &Path, name: &str) -> GridResult {
     let out = dir.join(format!("{name}.h5"));
-    let args = [
-        "eval",
-        "learn.toml",
-        "--task",
-        "passkey",
-        "--sp",
-        "2",
-        "--key-digits",
-        "3",
-        "--lengths",
-        "160",
-    ];
-    let args = [
-        &args[..],
-        &["--depths", "0,0.25,0.5", "--samples", "10", "--seed", "5"],
-    ]
-    .concat();
-    let args = [
-        &args[..],
-        &[
-            "--checkpoint",
-            checkpoint.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
-    ]
-    .concat();
+    let args = ["eval", "learn.toml", "--task", "passkey", "--sp", "2", "--key-digits", "3", "--lengths", "160"];
+    let args = [&args[..], &["--depths", "0,0.25,0.5", "--samples", "10", "--seed", "5"]].concat();
+    let args = [&args[..], &["--checkpoint", checkpoint.to_str().unwrap(), "--out", out.to_str().unwrap()]].concat();
     let o = mpirun(2, &args, dir, &[]);
     assert!(o.status.success(), "{}", text(&o));
     match results(&out) {
@@ -98,27 +74,14 @@ fn a_model_trained_to_retrieve_scores_above_chance() {
 
     let trained = score(dir.path(), &dir.path().join("runs/learn/final"), "trained");
     let untrained = score(dir.path(), &random_checkpoint(dir.path(), 1), "untrained");
-    let (acc, tok) = (
-        trained.accuracy().mean().unwrap(),
-        trained.token_accuracy().mean().unwrap(),
-    );
+    let (acc, tok) = (trained.accuracy().mean().unwrap(), trained.token_accuracy().mean().unwrap());
     eprintln!(
         "trained: exact match {acc:.2}, per digit {tok:.2}; untrained: {:.2}, {:.2}",
         untrained.accuracy().mean().unwrap(),
         untrained.token_accuracy().mean().unwrap()
     );
-    assert!(
-        acc >= 0.5,
-        "exact-match accuracy {acc:.2} (chance 1/900):\n{:?}",
-        trained.accuracy()
-    );
+    assert!(acc >= 0.5, "exact-match accuracy {acc:.2} (chance 1/900):\n{:?}", trained.accuracy());
     assert!(tok >= 0.6, "per-digit accuracy {tok:.2} (chance 0.1)");
-    assert_eq!(
-        untrained.accuracy().sum(),
-        0.0,
-        "an untrained model retrieved keys"
-    );
-    assert!(
-        trained.mean_logprob().mean().unwrap() > untrained.mean_logprob().mean().unwrap() + 3.0
-    );
+    assert_eq!(untrained.accuracy().sum(), 0.0, "an untrained model retrieved keys");
+    assert!(trained.mean_logprob().mean().unwrap() > untrained.mean_logprob().mean().unwrap() + 3.0);
 }

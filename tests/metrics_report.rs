@@ -71,15 +71,25 @@ fn metrics_file_is_as_documented_and_report_plots_it() {
     assert_eq!(dump["attrs"]["schema_version"], 2.0);
     assert!(dump["attrs"]["config_toml"].as_str().unwrap().contains("position_bins = 8"));
 
-    let col = |name: &str| -> Vec<f64> { datasets[name]["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap_or(f64::NAN)).collect() };
+    let col = |name: &str| -> Vec<f64> {
+        datasets[name]["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap_or(f64::NAN)).collect()
+    };
     assert_eq!(col("steps/step"), [1.0, 2.0, 3.0, 4.0]);
     assert_eq!(col("position_loss/step"), [2.0, 4.0]);
     let host = datasets["steps/peak_host_mem"]["values"].as_array().unwrap();
-    assert!(host.iter().flat_map(|r| r.as_array().unwrap()).all(|v| v.as_u64().unwrap() > 10 << 20), "every rank's memory is recorded");
+    assert!(
+        host.iter().flat_map(|r| r.as_array().unwrap()).all(|v| v.as_u64().unwrap() > 10 << 20),
+        "every rank's memory is recorded"
+    );
     // The per-position loss is the step's loss split by position: its token-weighted mean is the
     // step loss, and every valid label is counted (2 samples × 127 labels per step).
     let rows = |name: &str| -> Vec<Vec<f64>> {
-        datasets[name]["values"].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()).collect()
+        datasets[name]["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect())
+            .collect()
     };
     let (pos_loss, pos_tokens, loss) = (rows("position_loss/loss"), rows("position_loss/tokens"), col("steps/loss"));
     for (i, step) in [2usize, 4].iter().enumerate() {

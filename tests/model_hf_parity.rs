@@ -76,47 +76,29 @@ fn check_parity(variant: &str, tied: bool) {
     let (spec, w) = load(variant);
     assert_eq!(spec.tie_word_embeddings, tied);
     assert_eq!(w.lm_head.is_none(), tied, "lm_head presence for {variant}");
-    assert!(
-        spec.rope_scaling.is_some(),
-        "the parity model must exercise llama3 rope scaling"
-    );
+    assert!(spec.rope_scaling.is_some(), "the parity model must exercise llama3 rope scaling");
     let (ids, ref_logits, ref_loss) = reference(variant);
     let logits = our_logits(&spec, &w, &ids);
     let diff = max_abs_diff(&logits, &ref_logits);
     println!("{variant}: max abs logits diff vs transformers = {diff:e}");
-    assert!(
-        diff <= LOGITS_TOL,
-        "{variant}: logits differ from transformers by {diff:e} > {LOGITS_TOL:e}"
-    );
+    assert!(diff <= LOGITS_TOL, "{variant}: logits differ from transformers by {diff:e} > {LOGITS_TOL:e}");
 
     // transformers' loss with labels = ids: token t predicts ids[t + 1]; the last has no target.
     let (b, s) = (ids.size()[0], ids.size()[1]);
-    let labels = Tensor::cat(
-        &[
-            ids.narrow(1, 1, s - 1),
-            Tensor::full([b, 1], IGNORE_INDEX, (Kind::Int64, Device::Cpu)),
-        ],
-        1,
-    );
+    let labels =
+        Tensor::cat(&[ids.narrow(1, 1, s - 1), Tensor::full([b, 1], IGNORE_INDEX, (Kind::Int64, Device::Cpu))], 1);
     let x = tch::no_grad(|| {
         let rope = ulysses::model::rope::Rope::new(&spec, &positions(b, 0, s), Kind::Float);
         let x0 = ulysses::model::llama::embed(&w, &ids);
-        w.layers.iter().fold(x0, |x, l| {
-            ulysses::model::llama::layer_forward(&spec, l, &x, &rope, &LocalAttention, 16)
-        })
+        w.layers.iter().fold(x0, |x, l| ulysses::model::llama::layer_forward(&spec, l, &x, &rope, &LocalAttention, 16))
     });
     for tile in [0, 16] {
         let (sum, n) = tch::no_grad(|| head_loss(&spec, &w, &x, &labels, tile));
         assert_eq!(n, b * (s - 1));
         let loss = sum.double_value(&[]) / n as f64;
         let rel = (loss - ref_loss).abs() / ref_loss.abs();
-        println!(
-            "{variant}: loss {loss} vs transformers {ref_loss} (rel {rel:e}, loss_tile {tile})"
-        );
-        assert!(
-            rel <= LOSS_REL_TOL,
-            "{variant}: loss {loss} vs transformers {ref_loss}: rel diff {rel:e}"
-        );
+        println!("{variant}: loss {loss} vs transformers {ref_loss} (rel {rel:e}, loss_tile {tile})");
+        assert!(rel <= LOSS_REL_TOL, "{variant}: loss {loss} vs transformers {ref_loss}: rel diff {rel:e}");
     }
 }
 
@@ -139,34 +121,19 @@ fn save_hf_round_trips_through_transformers() {
         let out = tempfile::tempdir().expect("temp dir");
         let saved: PathBuf = out.path().join("ckpt");
         save_hf(&w, &spec, &saved, 100_000).expect("save_hf");
-        assert!(
-            saved.join("model.safetensors.index.json").exists(),
-            "{variant}: expected a sharded checkpoint"
-        );
+        assert!(saved.join("model.safetensors.index.json").exists(), "{variant}: expected a sharded checkpoint");
         let shards = std::fs::read_dir(&saved).unwrap().filter(|e| {
-            let name = e
-                .as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .to_string();
+            let name = e.as_ref().unwrap().file_name().to_string_lossy().to_string();
             name.starts_with("model-") && name.ends_with(".safetensors")
         });
         assert!(shards.count() >= 2, "{variant}: expected at least 2 shards");
 
-        let back = load_hf(
-            &saved,
-            &ModelSpec::from_hf_config(&saved.join("config.json")).unwrap(),
-            Kind::Float,
-            Device::Cpu,
-        )
-        .expect("load_hf of save_hf");
+        let back =
+            load_hf(&saved, &ModelSpec::from_hf_config(&saved.join("config.json")).unwrap(), Kind::Float, Device::Cpu)
+                .expect("load_hf of save_hf");
         for ((n1, t1), (n2, t2)) in w.named_tensors().iter().zip(back.named_tensors().iter()) {
             assert_eq!(n1, n2);
-            assert!(
-                t1.equal(t2),
-                "{variant}: {n1} changed in save_hf -> load_hf"
-            );
+            assert!(t1.equal(t2), "{variant}: {n1} changed in save_hf -> load_hf");
         }
         assert_eq!(w.named_tensors().len(), back.named_tensors().len());
 
@@ -175,15 +142,9 @@ fn save_hf_round_trips_through_transformers() {
         Tensor::write_safetensors(&[("ids", &ids)], &ids_file).unwrap();
         let hf_logits_file = out.path().join("hf_logits.safetensors");
         run_python(&[Path::new("logits"), &saved, &ids_file, &hf_logits_file]);
-        let hf_logits = Tensor::read_safetensors(&hf_logits_file)
-            .unwrap()
-            .remove(0)
-            .1;
+        let hf_logits = Tensor::read_safetensors(&hf_logits_file).unwrap().remove(0).1;
         let diff = max_abs_diff(&our_logits(&spec, &w, &ids), &hf_logits);
         println!("{variant}: save_hf -> transformers: max abs logits diff = {diff:e}");
-        assert!(
-            diff <= LOGITS_TOL,
-            "{variant}: transformers on our checkpoint differs by {diff:e}"
-        );
+        assert!(diff <= LOGITS_TOL, "{variant}: transformers on our checkpoint differs by {diff:e}");
     }
 }

@@ -7,8 +7,8 @@ mod model_support;
 use model_support::{assert_close, layer_leaves, leaves, positions, scaled_weights, tiny};
 use tch::{Device, Kind, Tensor};
 use ulysses::model::llama::{
-    embed, forward_logits, head_loss, layer_forward, post_attention, pre_attention, AttentionCore,
-    LayerWeights, LocalAttention, ModelWeights,
+    embed, forward_logits, head_loss, layer_forward, post_attention, pre_attention, AttentionCore, LayerWeights,
+    LocalAttention, ModelWeights,
 };
 use ulysses::model::rope::{apply_rope, Rope};
 
@@ -28,10 +28,7 @@ fn segments_compose_to_layer_forward() {
     let attn = LocalAttention.attend(&q, &k, &v);
     assert_eq!(attn.size(), q.size());
     let parts = post_attention(&spec, &w.layers[0], &x, &attn, 0);
-    assert!(
-        parts.equal(&whole),
-        "pre_attention + attend + post_attention != layer_forward"
-    );
+    assert!(parts.equal(&whole), "pre_attention + attend + post_attention != layer_forward");
 }
 
 /// Gradient contributions of one layer recomputed segment by segment, as the parallel step does
@@ -55,36 +52,19 @@ fn layer_backward(
     inputs.extend(&weights[4..]);
     let g_post = Tensor::run_backward(&[(&out * grad_out).sum(Kind::Float)], &inputs, false, false);
     // Attention segment.
-    let (q, k, v) = (
-        q.set_requires_grad(true),
-        k.set_requires_grad(true),
-        v.set_requires_grad(true),
-    );
+    let (q, k, v) = (q.set_requires_grad(true), k.set_requires_grad(true), v.set_requires_grad(true));
     let out = LocalAttention.attend(&q, &k, &v);
-    let g_attn = Tensor::run_backward(
-        &[(&out * &g_post[1]).sum(Kind::Float)],
-        &[&q, &k, &v],
-        false,
-        false,
-    );
+    let g_attn = Tensor::run_backward(&[(&out * &g_post[1]).sum(Kind::Float)], &[&q, &k, &v], false, false);
     // Pre-attention segment: input x, weights attn norm, q, k, v.
     let x2 = x_in.detach().set_requires_grad(true);
     let (q, k, v) = pre_attention(spec, w, &x2, rope);
-    let scalar = (&q * &g_attn[0]).sum(Kind::Float)
-        + (&k * &g_attn[1]).sum(Kind::Float)
-        + (&v * &g_attn[2]).sum(Kind::Float);
+    let scalar =
+        (&q * &g_attn[0]).sum(Kind::Float) + (&k * &g_attn[1]).sum(Kind::Float) + (&v * &g_attn[2]).sum(Kind::Float);
     let mut inputs = vec![&x2];
     inputs.extend(&weights[..4]);
     let g_pre = Tensor::run_backward(&[scalar], &inputs, false, false);
     let grad_x = &g_post[0] + &g_pre[0];
-    (
-        grad_x,
-        g_pre[1..]
-            .iter()
-            .chain(&g_post[2..])
-            .map(|t| t.shallow_clone())
-            .collect(),
-    )
+    (grad_x, g_pre[1..].iter().chain(&g_post[2..]).map(|t| t.shallow_clone()).collect())
 }
 
 /// The whole backward of the design (forward keeping only layer inputs; head loss; layers in
@@ -92,14 +72,8 @@ fn layer_backward(
 fn check_layerwise_backward(tied: bool) {
     let spec = tiny(tied);
     let named = leaves(&scaled_weights(&spec, 2));
-    let w = ModelWeights::from_named(
-        &spec,
-        named
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-            .collect(),
-    )
-    .unwrap();
+    let w =
+        ModelWeights::from_named(&spec, named.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()).unwrap();
     let (b, s) = (2, 23);
     tch::manual_seed(3);
     let ids = Tensor::randint(spec.vocab_size, [b, s], (Kind::Int64, Device::Cpu));
@@ -108,9 +82,7 @@ fn check_layerwise_backward(tied: bool) {
     let rope = Rope::new(&spec, &positions(b, 1000, s), Kind::Float);
 
     // Reference: one graph through everything.
-    let x = w.layers.iter().fold(embed(&w, &ids), |x, l| {
-        layer_forward(&spec, l, &x, &rope, &LocalAttention, 0)
-    });
+    let x = w.layers.iter().fold(embed(&w, &ids), |x, l| layer_forward(&spec, l, &x, &rope, &LocalAttention, 0));
     let (loss, _) = head_loss(&spec, &w, &x, &labels, 0);
     let params: Vec<&Tensor> = named.iter().map(|(_, t)| t).collect();
     let reference = Tensor::run_backward(&[&loss], &params, false, false);
@@ -118,19 +90,13 @@ fn check_layerwise_backward(tied: bool) {
     // Layer-wise: forward with no graph, keeping each layer's input.
     let mut inputs = vec![tch::no_grad(|| embed(&w, &ids))];
     for l in &w.layers {
-        let next = tch::no_grad(|| {
-            layer_forward(&spec, l, inputs.last().unwrap(), &rope, &LocalAttention, 0)
-        });
+        let next = tch::no_grad(|| layer_forward(&spec, l, inputs.last().unwrap(), &rope, &LocalAttention, 0));
         inputs.push(next);
     }
     let x_last = inputs.pop().unwrap().set_requires_grad(true);
     let (loss2, _) = head_loss(&spec, &w, &x_last, &labels, 5);
     assert_close("loss", &loss2, &loss, 1e-6);
-    let head_params: Vec<&Tensor> = if tied {
-        vec![&w.norm, &w.embed]
-    } else {
-        vec![&w.norm, w.lm_head()]
-    };
+    let head_params: Vec<&Tensor> = if tied { vec![&w.norm, &w.embed] } else { vec![&w.norm, w.lm_head()] };
     let mut head_inputs = vec![&x_last];
     head_inputs.extend(head_params);
     let g_head = Tensor::run_backward(&[&loss2], &head_inputs, false, false);
@@ -143,13 +109,7 @@ fn check_layerwise_backward(tied: bool) {
     }
     let embed_leaf = w.embed.detach().set_requires_grad(true);
     let e = Tensor::embedding(&embed_leaf, &ids, -1, false, false);
-    let g_embed = Tensor::run_backward(
-        &[(&e * &grad).sum(Kind::Float)],
-        &[&embed_leaf],
-        false,
-        false,
-    )
-    .remove(0);
+    let g_embed = Tensor::run_backward(&[(&e * &grad).sum(Kind::Float)], &[&embed_leaf], false, false).remove(0);
 
     // Assemble in named_tensors() order; a tied embedding sums its input and LM-head gradients.
     let mut ours = vec![if tied { &g_embed + &g_head[2] } else { g_embed }];
@@ -160,10 +120,7 @@ fn check_layerwise_backward(tied: bool) {
     }
     assert_eq!(ours.len(), reference.len());
     for (((name, _), g), g_ref) in named.iter().zip(&ours).zip(&reference) {
-        assert!(
-            g_ref.abs().max().double_value(&[]) > 0.0,
-            "{name}: zero reference gradient"
-        );
+        assert!(g_ref.abs().max().double_value(&[]) > 0.0, "{name}: zero reference gradient");
         assert_close(&format!("grad {name} (tied {tied})"), g, g_ref, 1e-5);
     }
 }
@@ -191,12 +148,7 @@ fn single_layer_segment_gradients_match_autograd() {
     let out = layer_forward(&spec, &layer, &x, &rope, &LocalAttention, 0);
     let mut inputs = vec![&x];
     inputs.extend(layer.tensors().into_iter().map(|(_, t)| t));
-    let reference = Tensor::run_backward(
-        &[(&out * &grad_out).sum(Kind::Float)],
-        &inputs,
-        false,
-        false,
-    );
+    let reference = Tensor::run_backward(&[(&out * &grad_out).sum(Kind::Float)], &inputs, false, false);
     let (g_x, g_w) = layer_backward(&spec, &layer, &x.detach(), &rope, &grad_out);
     assert_close("grad x", &g_x, &reference[0], 1e-5);
     for ((name, g), g_ref) in LayerWeights::NAMES.iter().zip(&g_w).zip(&reference[1..]) {
@@ -210,31 +162,19 @@ fn rope_at_global_positions_matches_full_sequence() {
     let spec = ulysses::model::spec::ModelSpec::preset("llama3.1-8b").unwrap();
     for (c, offset) in [(48, 0), (4096, 1 << 20)] {
         let x = Tensor::randn([2, 2 * c, 3, spec.head_dim], F32);
-        let full = apply_rope(
-            &x,
-            &Rope::new(&spec, &positions(2, offset, 2 * c), Kind::Float),
-        );
+        let full = apply_rope(&x, &Rope::new(&spec, &positions(2, offset, 2 * c), Kind::Float));
         let chunk_rope = Rope::new(&spec, &positions(2, offset + c, c), Kind::Float);
         let chunk = apply_rope(&x.narrow(1, c, c), &chunk_rope);
-        assert!(
-            chunk.equal(&full.narrow(1, c, c)),
-            "chunk of {c} at {} differs from the full sequence",
-            offset + c
-        );
+        assert!(chunk.equal(&full.narrow(1, c, c)), "chunk of {c} at {} differs from the full sequence", offset + c);
         // Rotation keeps every (i, i + d/2) pair's length, so it keeps the norm of each head.
         assert_close(
             "norm",
             &chunk.square().sum_dim_intlist(-1, false, Kind::Float),
-            &x.narrow(1, c, c)
-                .square()
-                .sum_dim_intlist(-1, false, Kind::Float),
+            &x.narrow(1, c, c).square().sum_dim_intlist(-1, false, Kind::Float),
             1e-5,
         );
         // And local positions would be wrong: the rotation really depends on the position.
-        let local = apply_rope(
-            &x.narrow(1, c, c),
-            &Rope::new(&spec, &positions(2, 0, c), Kind::Float),
-        );
+        let local = apply_rope(&x.narrow(1, c, c), &Rope::new(&spec, &positions(2, 0, c), Kind::Float));
         assert!(!local.allclose(&chunk, 1e-3, 1e-3, false));
     }
 }
@@ -249,9 +189,7 @@ fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
     let v = v.repeat_interleave_self_int(rep, 2, None).transpose(1, 2);
     let scores = q.matmul(&k.transpose(2, 3)) / (d as f64).sqrt();
     let future = Tensor::ones([s, s], (Kind::Bool, Device::Cpu)).triu(1);
-    let p = scores
-        .masked_fill(&future, f64::NEG_INFINITY)
-        .softmax(-1, Kind::Float);
+    let p = scores.masked_fill(&future, f64::NEG_INFINITY).softmax(-1, Kind::Float);
     // [b, heads, s, d] -> [b, s, heads, d]
     p.matmul(&v).transpose(1, 2)
 }
@@ -263,12 +201,7 @@ fn local_attention_is_causal_gqa_attention() {
         let k = Tensor::randn([2, 17, n_kv, 16], F32);
         let v = Tensor::randn([2, 17, n_kv, 16], F32);
         let out = LocalAttention.attend(&q, &k, &v);
-        assert_close(
-            &format!("{n_q}/{n_kv} heads"),
-            &out,
-            &naive_attention(&q, &k, &v),
-            1e-5,
-        );
+        assert_close(&format!("{n_q}/{n_kv} heads"), &out, &naive_attention(&q, &k, &v), 1e-5);
     }
 }
 
@@ -283,9 +216,7 @@ fn forward_logits_composes_the_segments() {
     assert_eq!(logits.size(), [1, 29, spec.vocab_size]);
     assert_eq!(logits.kind(), Kind::Float);
     let rope = Rope::new(&spec, &pos, Kind::Float);
-    let x = w.layers.iter().fold(embed(&w, &ids), |x, l| {
-        layer_forward(&spec, l, &x, &rope, &LocalAttention, 8)
-    });
+    let x = w.layers.iter().fold(embed(&w, &ids), |x, l| layer_forward(&spec, l, &x, &rope, &LocalAttention, 8));
     let manual = ulysses::model::llama::logits(&spec, &w, &x);
     assert_close("logits", &manual, &logits, 1e-5);
 }
@@ -296,10 +227,7 @@ fn forward_logits_composes_the_segments() {
 fn bf16_forward_tracks_fp32() {
     let spec = tiny(false);
     let w32 = scaled_weights(&spec, 8);
-    let named = w32
-        .named_tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.to_kind(Kind::BFloat16)));
+    let named = w32.named_tensors().into_iter().map(|(n, t)| (n, t.to_kind(Kind::BFloat16)));
     let w16 = ModelWeights::from_named(&spec, named.collect()).unwrap();
     let ids = Tensor::randint(spec.vocab_size, [1, 33], (Kind::Int64, Device::Cpu));
     let pos = positions(1, 0, 33);

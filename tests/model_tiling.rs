@@ -4,9 +4,7 @@ mod model_support;
 
 use model_support::{assert_close, layer_leaves, leaves, scaled_weights, tiny};
 use tch::{Device, Kind, Tensor};
-use ulysses::model::llama::{
-    head_loss, mlp_residual, post_attention, token_losses, ModelWeights, IGNORE_INDEX,
-};
+use ulysses::model::llama::{head_loss, mlp_residual, post_attention, token_losses, ModelWeights, IGNORE_INDEX};
 
 const B: i64 = 2;
 const S: i64 = 37; // tiles of 10 leave a last tile of 7
@@ -21,13 +19,9 @@ fn tiled_mlp_equals_untiled() {
     let w = scaled_weights(&spec, 1);
     tch::manual_seed(2);
     let layer = layer_leaves(&spec, &w, 0);
-    let x =
-        Tensor::randn([B, S, spec.hidden_size], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-    let attn = Tensor::randn(
-        [B, S, spec.num_attention_heads, spec.head_dim],
-        (Kind::Float, Device::Cpu),
-    )
-    .set_requires_grad(true);
+    let x = Tensor::randn([B, S, spec.hidden_size], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let attn = Tensor::randn([B, S, spec.num_attention_heads, spec.head_dim], (Kind::Float, Device::Cpu))
+        .set_requires_grad(true);
     let grad_out = Tensor::randn([B, S, spec.hidden_size], (Kind::Float, Device::Cpu));
     // The weights post_attention uses (q, k, v and the attention norm belong to pre_attention).
     let post: Vec<(&str, &Tensor)> = layer.tensors().into_iter().skip(4).collect();
@@ -41,14 +35,9 @@ fn tiled_mlp_equals_untiled() {
         let tiled = post_attention(&spec, &layer, &x, &attn, tile);
         assert_close(&format!("mlp_tile {tile}: output"), &tiled, &full, 1e-6);
         let tiled_grads = grads(&(&tiled * &grad_out).sum(Kind::Float), &inputs);
-        let names = ["x", "attn"]
-            .into_iter()
-            .chain(post.iter().map(|(n, _)| *n));
+        let names = ["x", "attn"].into_iter().chain(post.iter().map(|(n, _)| *n));
         for ((name, g), g_ref) in names.zip(&tiled_grads).zip(&full_grads) {
-            assert!(
-                g_ref.abs().max().double_value(&[]) > 0.0,
-                "{name}: zero reference gradient"
-            );
+            assert!(g_ref.abs().max().double_value(&[]) > 0.0, "{name}: zero reference gradient");
             assert_close(&format!("mlp_tile {tile}: grad {name}"), g, g_ref, 1e-5);
         }
     }
@@ -66,24 +55,15 @@ fn labels(spec_vocab: i64) -> Tensor {
 fn check_loss_tiling(tied: bool) {
     let spec = tiny(tied);
     let named = leaves(&scaled_weights(&spec, 4));
-    let w = ModelWeights::from_named(
-        &spec,
-        named
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-            .collect(),
-    )
-    .unwrap();
+    let w =
+        ModelWeights::from_named(&spec, named.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()).unwrap();
     tch::manual_seed(5);
-    let x =
-        Tensor::randn([B, S, spec.hidden_size], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let x = Tensor::randn([B, S, spec.hidden_size], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let labels = labels(spec.vocab_size);
     // Only the head's weights take part: final norm and LM head (the embedding when tied).
     let head: Vec<&(String, Tensor)> = named
         .iter()
-        .filter(|(n, _)| {
-            n == "model.norm.weight" || n == "lm_head.weight" || (tied && n.contains("embed"))
-        })
+        .filter(|(n, _)| n == "model.norm.weight" || n == "lm_head.weight" || (tied && n.contains("embed")))
         .collect();
     assert_eq!(head.len(), 2);
     let mut inputs = vec![&x];
@@ -96,36 +76,16 @@ fn check_loss_tiling(tied: bool) {
         let (tiled, n) = head_loss(&spec, &w, &x, &labels, tile);
         assert_eq!(n, n_full);
         assert_close(&format!("loss_tile {tile}: loss"), &tiled, &full, 1e-6);
-        for ((name, g), g_ref) in ["x", &head[0].0, &head[1].0]
-            .iter()
-            .zip(grads(&tiled, &inputs))
-            .zip(&full_grads)
-        {
-            assert!(
-                g_ref.abs().max().double_value(&[]) > 0.0,
-                "{name}: zero reference gradient"
-            );
-            assert_close(
-                &format!("loss_tile {tile} (tied {tied}): grad {name}"),
-                &g,
-                g_ref,
-                1e-5,
-            );
+        for ((name, g), g_ref) in ["x", &head[0].0, &head[1].0].iter().zip(grads(&tiled, &inputs)).zip(&full_grads) {
+            assert!(g_ref.abs().max().double_value(&[]) > 0.0, "{name}: zero reference gradient");
+            assert_close(&format!("loss_tile {tile} (tied {tied}): grad {name}"), &g, g_ref, 1e-5);
         }
     }
     // Token losses: zero exactly where the label is ignored, positive elsewhere.
     let tl = tch::no_grad(|| token_losses(&spec, &w, &x, &labels, 10));
     let ignored = labels.eq(IGNORE_INDEX);
-    assert_eq!(
-        tl.masked_select(&ignored).abs().max().double_value(&[]),
-        0.0
-    );
-    assert!(
-        tl.masked_select(&ignored.logical_not())
-            .min()
-            .double_value(&[])
-            > 0.0
-    );
+    assert_eq!(tl.masked_select(&ignored).abs().max().double_value(&[]), 0.0);
+    assert!(tl.masked_select(&ignored.logical_not()).min().double_value(&[]) > 0.0);
 }
 
 #[test]
@@ -143,19 +103,14 @@ fn tiled_loss_equals_untiled_tied() {
 fn all_ignored_labels_give_zero_not_nan() {
     let spec = tiny(false);
     let w = scaled_weights(&spec, 6);
-    let x =
-        Tensor::randn([B, S, spec.hidden_size], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let x = Tensor::randn([B, S, spec.hidden_size], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let labels = Tensor::full([B, S], IGNORE_INDEX, (Kind::Int64, Device::Cpu));
     for tile in [0, 10] {
         let (loss, n) = head_loss(&spec, &w, &x, &labels, tile);
         assert_eq!(n, 0);
         assert_eq!(loss.double_value(&[]), 0.0, "loss_tile {tile}");
         let g = grads(&loss, &[&x]).remove(0);
-        assert_eq!(
-            g.abs().max().double_value(&[]),
-            0.0,
-            "loss_tile {tile}: gradient must be 0"
-        );
+        assert_eq!(g.abs().max().double_value(&[]), 0.0, "loss_tile {tile}: gradient must be 0");
     }
 }
 
@@ -166,8 +121,7 @@ fn tile_by_tile_backward_equals_full_autograd() {
     let spec = tiny(false);
     let w = scaled_weights(&spec, 7);
     let layer = layer_leaves(&spec, &w, 0);
-    let h =
-        Tensor::randn([B, S, spec.hidden_size], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let h = Tensor::randn([B, S, spec.hidden_size], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let grad_out = Tensor::randn([B, S, spec.hidden_size], (Kind::Float, Device::Cpu));
     let mlp: Vec<&Tensor> = [&layer.mlp_norm, &layer.w_gate, &layer.w_up, &layer.w_down].to_vec();
     let mut inputs = vec![&h];
@@ -182,10 +136,7 @@ fn tile_by_tile_backward_equals_full_autograd() {
         let out = mlp_residual(&spec, &layer, &tile);
         let mut tile_inputs = vec![&tile];
         tile_inputs.extend(&mlp);
-        let g = grads(
-            &(&out * grad_out.narrow(1, start, len)).sum(Kind::Float),
-            &tile_inputs,
-        );
+        let g = grads(&(&out * grad_out.narrow(1, start, len)).sum(Kind::Float), &tile_inputs);
         h_grad.push(g[0].shallow_clone());
         for (acc, g) in weight_grads.iter_mut().zip(&g[1..]) {
             *acc += g;
@@ -197,14 +148,8 @@ fn tile_by_tile_backward_equals_full_autograd() {
     }
 
     let named = leaves(&w);
-    let w = ModelWeights::from_named(
-        &spec,
-        named
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-            .collect(),
-    )
-    .unwrap();
+    let w =
+        ModelWeights::from_named(&spec, named.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()).unwrap();
     let labels = labels(spec.vocab_size);
     let head = [&w.norm, w.lm_head()];
     let (loss, n) = head_loss(&spec, &w, &h, &labels, 0);
@@ -229,12 +174,7 @@ fn tile_by_tile_backward_equals_full_autograd() {
     }
     assert_eq!(count, n);
     assert!((total - loss.double_value(&[])).abs() < 1e-4 * loss.double_value(&[]).abs());
-    assert_close(
-        "head: grad x",
-        &Tensor::cat(&x_grad, 1),
-        &reference[0],
-        1e-5,
-    );
+    assert_close("head: grad x", &Tensor::cat(&x_grad, 1), &reference[0], 1e-5);
     for (i, (g, g_ref)) in weight_grads.iter().zip(&reference[1..]).enumerate() {
         assert_close(&format!("head: grad weight {i}"), g, g_ref, 1e-5);
     }

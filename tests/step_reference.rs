@@ -12,7 +12,16 @@ fn setup(spec: &ModelSpec) -> (ShardedParams, Groups) {
     let groups = Groups::solo();
     tch::manual_seed(5);
     let params = ShardedParams::new(spec, 0, groups.world.as_ref(), Device::Cpu, |u| {
-        u.tensors.iter().map(|(_, s)| if s.len() == 1 { Tensor::rand(s.as_slice(), (Kind::Float, Device::Cpu)) + 0.5 } else { Tensor::randn(s.as_slice(), (Kind::Float, Device::Cpu)) * 0.05 }).collect()
+        u.tensors
+            .iter()
+            .map(|(_, s)| {
+                if s.len() == 1 {
+                    Tensor::rand(s.as_slice(), (Kind::Float, Device::Cpu)) + 0.5
+                } else {
+                    Tensor::randn(s.as_slice(), (Kind::Float, Device::Cpu)) * 0.05
+                }
+            })
+            .collect()
     });
     (params, groups)
 }
@@ -25,20 +34,50 @@ fn check(spec: ModelSpec, mlp_tile: usize, loss_tile: usize) {
     let _ = labels.narrow(1, s - 1, 1).fill_(-100);
     let _ = labels.narrow(1, 3, 4).fill_(-100);
     let positions = Tensor::arange(s, (Kind::Int64, Device::Cpu)).unsqueeze(0).repeat([2, 1]);
-    let batch = MicroBatch { input_ids: ids.shallow_clone(), labels: labels.shallow_clone(), position_ids: positions.shallow_clone() };
+    let batch = MicroBatch {
+        input_ids: ids.shallow_clone(),
+        labels: labels.shallow_clone(),
+        position_ids: positions.shallow_clone(),
+    };
     let n = batch.valid_labels() as f64;
 
     // Reference: one autograd graph over the whole model.
-    let named: Vec<(String, Tensor)> = params.gather_named(groups.world.as_ref()).unwrap().into_iter().map(|(k, t)| (k, t.set_requires_grad(true))).collect();
-    let w = ModelWeights::from_named(&spec, named.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect()).unwrap();
+    let named: Vec<(String, Tensor)> = params
+        .gather_named(groups.world.as_ref())
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.set_requires_grad(true)))
+        .collect();
+    let w =
+        ModelWeights::from_named(&spec, named.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect()).unwrap();
     let logits = llama::forward_logits(&spec, &w, &ids, &positions, &LocalAttention);
-    let loss = logits.view([-1, spec.vocab_size]).cross_entropy_loss::<Tensor>(&labels.view([-1]), None, tch::Reduction::Sum, -100, 0.0) / n;
+    let loss = logits.view([-1, spec.vocab_size]).cross_entropy_loss::<Tensor>(
+        &labels.view([-1]),
+        None,
+        tch::Reduction::Sum,
+        -100,
+        0.0,
+    ) / n;
     loss.backward();
 
     let profiler = Profiler::new(Device::Cpu, true);
-    let ctx = StepContext { spec: &spec, groups: &groups, kind: Kind::Float, device: Device::Cpu, mlp_tile, loss_tile, profiler: &profiler, offload_activations: true };
+    let ctx = StepContext {
+        spec: &spec,
+        groups: &groups,
+        kind: Kind::Float,
+        device: Device::Cpu,
+        mlp_tile,
+        loss_tile,
+        profiler: &profiler,
+        offload_activations: true,
+    };
     let loss_sum = micro_step(&ctx, &mut params, &batch, n, &mut Default::default(), None).unwrap();
-    assert!((loss_sum / n - loss.double_value(&[])).abs() < 1e-5, "loss {} vs {}", loss_sum / n, loss.double_value(&[]));
+    assert!(
+        (loss_sum / n - loss.double_value(&[])).abs() < 1e-5,
+        "loss {} vs {}",
+        loss_sum / n,
+        loss.double_value(&[])
+    );
     let mut checked = 0;
     for u in 0..params.units.len() {
         for (name, g) in params.unit_grads(u) {

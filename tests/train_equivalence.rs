@@ -18,7 +18,20 @@ const STEPS: usize = 3;
 fn synth(dir: &Path) -> PathBuf {
     let out = dir.join("data");
     let o = ulysses(
-        &["data", "synth", "--task", "passkey", "--seq-len", &SEQ.to_string(), "--num", "16", "--seed", "3", "--out", out.to_str().unwrap()],
+        &[
+            "data",
+            "synth",
+            "--task",
+            "passkey",
+            "--seq-len",
+            &SEQ.to_string(),
+            "--num",
+            "16",
+            "--seed",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ],
         dir,
     );
     assert!(o.status.success(), "{}", text(&o));
@@ -35,7 +48,15 @@ struct Run {
 }
 
 fn experiment(dir: &Path, data: &Path, r: &Run) -> PathBuf {
-    let name = format!("sp{}-dp{}-z{}-mb{}-ga{}-{}", r.sp, r.dp, r.zero, r.micro_batch, r.grad_accum, if r.answer_only { "answer" } else { "all" });
+    let name = format!(
+        "sp{}-dp{}-z{}-mb{}-ga{}-{}",
+        r.sp,
+        r.dp,
+        r.zero,
+        r.micro_batch,
+        r.grad_accum,
+        if r.answer_only { "answer" } else { "all" }
+    );
     let toml = format!(
         r#"[run]
 name = "{name}"
@@ -96,7 +117,11 @@ fn train(dir: &Path, data: &Path, r: Run) -> (Vec<f64>, BTreeMap<String, tch::Te
     (losses, params)
 }
 
-fn assert_same(what: &str, reference: &(Vec<f64>, BTreeMap<String, tch::Tensor>), got: &(Vec<f64>, BTreeMap<String, tch::Tensor>)) {
+fn assert_same(
+    what: &str,
+    reference: &(Vec<f64>, BTreeMap<String, tch::Tensor>),
+    got: &(Vec<f64>, BTreeMap<String, tch::Tensor>),
+) {
     for (step, (a, b)) in reference.0.iter().zip(&got.0).enumerate() {
         let rel = (a - b).abs() / a.abs().max(1e-12);
         assert!(rel <= 1e-6, "{what}: step {} loss {b} vs reference {a} (relative {rel:.2e})", step + 1);
@@ -108,20 +133,26 @@ fn assert_same(what: &str, reference: &(Vec<f64>, BTreeMap<String, tch::Tensor>)
     }
     // The run must have trained: the parameters moved away from the reference's initial values
     // in the same way, so a run that did nothing would not pass by accident.
-    assert!(reference.0[0].is_finite() && reference.0[STEPS - 1] < reference.0[0], "{what}: loss did not go down: {:?}", reference.0);
+    assert!(
+        reference.0[0].is_finite() && reference.0[STEPS - 1] < reference.0[0],
+        "{what}: loss did not go down: {:?}",
+        reference.0
+    );
 }
 
 #[test]
 fn sequence_parallel_and_zero_match_one_rank() {
     let dir = tempfile::tempdir().unwrap();
     let data = synth(dir.path());
-    let single = train(dir.path(), &data, Run { sp: 1, dp: 1, zero: 0, micro_batch: 1, grad_accum: 1, answer_only: false });
+    let single =
+        train(dir.path(), &data, Run { sp: 1, dp: 1, zero: 0, micro_batch: 1, grad_accum: 1, answer_only: false });
     for sp in [1, 2, 4] {
         for zero in [0, 3] {
             if sp == 1 && zero == 0 {
                 continue;
             }
-            let got = train(dir.path(), &data, Run { sp, dp: 1, zero, micro_batch: 1, grad_accum: 1, answer_only: false });
+            let got =
+                train(dir.path(), &data, Run { sp, dp: 1, zero, micro_batch: 1, grad_accum: 1, answer_only: false });
             assert_same(&format!("sp={sp} dp=1 zero={zero}"), &single, &got);
         }
     }
@@ -131,7 +162,8 @@ fn sequence_parallel_and_zero_match_one_rank() {
 fn ranks_without_any_valid_label_contribute_zero() {
     let dir = tempfile::tempdir().unwrap();
     let data = synth(dir.path());
-    let run = |sp, zero| train(dir.path(), &data, Run { sp, dp: 1, zero, micro_batch: 1, grad_accum: 1, answer_only: true });
+    let run =
+        |sp, zero| train(dir.path(), &data, Run { sp, dp: 1, zero, micro_batch: 1, grad_accum: 1, answer_only: true });
     let single = run(1, 0);
     for (sp, zero) in [(2, 3), (4, 0), (4, 3)] {
         assert_same(&format!("answer-only sp={sp} zero={zero}"), &single, &run(sp, zero));
@@ -144,8 +176,10 @@ fn data_parallel_matches_one_rank_on_the_same_samples() {
     let data = synth(dir.path());
     // dp = 2 ranks at micro batch 1 see the samples one rank sees at micro batch 2, or in two
     // accumulated micro batches.
-    let mb2 = train(dir.path(), &data, Run { sp: 1, dp: 1, zero: 0, micro_batch: 2, grad_accum: 1, answer_only: false });
-    let ga2 = train(dir.path(), &data, Run { sp: 1, dp: 1, zero: 0, micro_batch: 1, grad_accum: 2, answer_only: false });
+    let mb2 =
+        train(dir.path(), &data, Run { sp: 1, dp: 1, zero: 0, micro_batch: 2, grad_accum: 1, answer_only: false });
+    let ga2 =
+        train(dir.path(), &data, Run { sp: 1, dp: 1, zero: 0, micro_batch: 1, grad_accum: 2, answer_only: false });
     assert_same("grad_accum=2 vs micro_batch=2", &mb2, &ga2);
     for (sp, zero) in [(1, 0), (1, 3), (2, 0), (2, 3), (4, 3)] {
         let got = train(dir.path(), &data, Run { sp, dp: 2, zero, micro_batch: 1, grad_accum: 1, answer_only: false });

@@ -62,13 +62,23 @@ pub fn conformance(c: &dyn Collective, device: Device, tag: &str) -> Result<()> 
     // Invalid inputs are typed errors, identical on every rank (so no rank enters the collective).
     if n > 1 {
         let odd = Tensor::zeros([n as i64 + 1, 2], (Kind::Float, device));
-        expect_err(&format!("{tag} uneven all_to_all"), c.all_to_all(&odd),
-            CommError::NotDivisible { op: "all_to_all", dim0: n as i64 + 1, size: n })?;
-        expect_err(&format!("{tag} uneven reduce_scatter"), c.reduce_scatter(&odd),
-            CommError::NotDivisible { op: "reduce_scatter", dim0: n as i64 + 1, size: n })?;
+        expect_err(
+            &format!("{tag} uneven all_to_all"),
+            c.all_to_all(&odd),
+            CommError::NotDivisible { op: "all_to_all", dim0: n as i64 + 1, size: n },
+        )?;
+        expect_err(
+            &format!("{tag} uneven reduce_scatter"),
+            c.reduce_scatter(&odd),
+            CommError::NotDivisible { op: "reduce_scatter", dim0: n as i64 + 1, size: n },
+        )?;
     }
     let strided = Tensor::zeros([2, 2 * n as i64], (Kind::Float, device)).transpose(0, 1);
-    expect_err(&format!("{tag} non-contiguous"), c.all_gather(&strided), CommError::NotContiguous { op: "all_gather" })?;
+    expect_err(
+        &format!("{tag} non-contiguous"),
+        c.all_gather(&strided),
+        CommError::NotContiguous { op: "all_gather" },
+    )?;
     let flags = Tensor::zeros([n as i64], (Kind::Bool, device));
     match c.all_reduce(&flags) {
         Err(CommError::UnsupportedDtype { op: "all_reduce", kind: Kind::Bool, .. }) => {}
@@ -80,4 +90,3 @@ pub fn conformance(c: &dyn Collective, device: Device, tag: &str) -> Result<()> 
     }
     Ok(())
 }
-

@@ -244,7 +244,8 @@ impl Experiment {
 
     /// Parses TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Experiment, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_string(), message: describe_toml_error(&e) })
+        toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: origin.to_string(), message: describe_toml_error(&e) })
     }
 
     /// Relative paths in an experiment file are relative to the working directory, as a user

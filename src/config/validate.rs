@@ -34,7 +34,10 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
             None
         }
         (None, None) => {
-            bad("model", format!("set `preset` (one of {}) or `config` (a Hugging Face config.json)", PRESETS.join(", ")));
+            bad(
+                "model",
+                format!("set `preset` (one of {}) or `config` (a Hugging Face config.json)", PRESETS.join(", ")),
+            );
             None
         }
         (Some(name), None) => {
@@ -54,7 +57,10 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
     };
     if let Some(w) = &exp.model.weights {
         if !w.exists() {
-            bad("model.weights", format!("\"{}\" does not exist; give a folder with Hugging Face safetensors", w.display()));
+            bad(
+                "model.weights",
+                format!("\"{}\" does not exist; give a folder with Hugging Face safetensors", w.display()),
+            );
         }
     }
 
@@ -69,20 +75,34 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
         if p.sp * p.dp != world {
             bad(
                 "parallel",
-                format!("sp × dp = {} × {} = {} but the job has {world} ranks; sp × dp must equal the number of ranks", p.sp, p.dp, p.sp * p.dp),
+                format!(
+                    "sp × dp = {} × {} = {} but the job has {world} ranks; sp × dp must equal the number of ranks",
+                    p.sp,
+                    p.dp,
+                    p.sp * p.dp
+                ),
             );
         }
     }
     if p.zero_stage != 0 && p.zero_stage != 3 {
-        bad("parallel.zero_stage", format!("is {}; supported stages are 0 (replicated) and 3 (fully sharded)", p.zero_stage));
+        bad(
+            "parallel.zero_stage",
+            format!("is {}; supported stages are 0 (replicated) and 3 (fully sharded)", p.zero_stage),
+        );
     }
     if p.offload_optimizer && p.zero_stage != 3 {
-        bad("parallel.offload_optimizer", "needs parallel.zero_stage = 3 (the offloaded optimizer works on shards)".into());
+        bad(
+            "parallel.offload_optimizer",
+            "needs parallel.zero_stage = 3 (the offloaded optimizer works on shards)".into(),
+        );
     }
     if let Some(s) = &spec {
         let heads = s.num_attention_heads;
         if p.sp > 0 && heads % p.sp as i64 != 0 {
-            bad("parallel.sp", format!("= {} does not divide the model's {heads} query heads; use one of {}", p.sp, divisors(heads)));
+            bad(
+                "parallel.sp",
+                format!("= {} does not divide the model's {heads} query heads; use one of {}", p.sp, divisors(heads)),
+            );
         }
         if s.num_key_value_heads > 0 && heads % s.num_key_value_heads != 0 {
             bad("model", format!("{heads} query heads are not a multiple of {} KV heads", s.num_key_value_heads));
@@ -99,17 +119,35 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
 
     let d = &exp.data;
     if d.paths.is_empty() {
-        bad("data.paths", "is empty; list HDF5 shard files or folders of them (make some with `ulysses data synth`)".into());
+        bad(
+            "data.paths",
+            "is empty; list HDF5 shard files or folders of them (make some with `ulysses data synth`)".into(),
+        );
     }
     if d.seq_len == 0 {
         bad("data.seq_len", "is 0; must be a positive number of tokens".into());
     } else if p.sp > 0 && d.seq_len % p.sp != 0 {
         let lo = d.seq_len / p.sp * p.sp;
-        bad("data.seq_len", format!("= {} is not divisible by parallel.sp = {}; use e.g. {} or {}", d.seq_len, p.sp, lo.max(p.sp), lo + p.sp));
+        bad(
+            "data.seq_len",
+            format!(
+                "= {} is not divisible by parallel.sp = {}; use e.g. {} or {}",
+                d.seq_len,
+                p.sp,
+                lo.max(p.sp),
+                lo + p.sp
+            ),
+        );
     }
     if let Some(s) = &spec {
         if d.seq_len as i64 > s.max_position_embeddings * 64 {
-            bad("data.seq_len", format!("= {} is far beyond the model's max_position_embeddings = {}", d.seq_len, s.max_position_embeddings));
+            bad(
+                "data.seq_len",
+                format!(
+                    "= {} is far beyond the model's max_position_embeddings = {}",
+                    d.seq_len, s.max_position_embeddings
+                ),
+            );
         }
     }
 
@@ -155,12 +193,21 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
         bad("checkpoint.keep", "is 0; keep at least 1 checkpoint".into());
     }
     if c.resume != "none" && c.resume != "auto" && !std::path::Path::new(&c.resume).exists() {
-        bad("checkpoint.resume", format!("\"{}\" is neither \"none\", \"auto\" nor an existing checkpoint folder", c.resume));
+        bad(
+            "checkpoint.resume",
+            format!("\"{}\" is neither \"none\", \"auto\" nor an existing checkpoint folder", c.resume),
+        );
     }
     if exp.metrics.position_bins == 0 {
         bad("metrics.position_bins", "is 0; must be at least 1".into());
     } else if exp.metrics.position_bins > d.seq_len && d.seq_len > 0 {
-        bad("metrics.position_bins", format!("= {} exceeds data.seq_len = {}; use at most one bin per position", exp.metrics.position_bins, d.seq_len));
+        bad(
+            "metrics.position_bins",
+            format!(
+                "= {} exceeds data.seq_len = {}; use at most one bin per position",
+                exp.metrics.position_bins, d.seq_len
+            ),
+        );
     }
     if exp.run.name.is_empty() || exp.run.name.contains('/') {
         bad("run.name", format!("\"{}\" must be a non-empty folder name without '/'", exp.run.name));

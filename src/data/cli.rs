@@ -86,37 +86,13 @@ pub enum DataCommand {
 
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
-        DataCommand::Prepare {
-            inputs,
-            out,
-            seq_len,
-            tokenizer,
-            eos_token,
-            format,
-            text_field,
-            shard_mib,
-            force,
-        } => {
+        DataCommand::Prepare { inputs, out, seq_len, tokenizer, eos_token, format, text_field, shard_mib, force } => {
             let tok = TextTokenizer::load(&tokenizer, eos_token.as_deref())?;
-            let total: u64 = inputs
-                .iter()
-                .filter_map(|p| std::fs::metadata(p).ok())
-                .map(|m| m.len())
-                .sum();
+            let total: u64 = inputs.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
             let bar = indicatif::ProgressBar::new(total);
             let style = "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}";
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(style).context("progress bar template")?,
-            );
-            let opts = PrepareOptions {
-                inputs,
-                format,
-                text_field,
-                seq_len,
-                shard_mib,
-                out,
-                force,
-            };
+            bar.set_style(indicatif::ProgressStyle::with_template(style).context("progress bar template")?);
+            let opts = PrepareOptions { inputs, format, text_field, seq_len, shard_mib, out, force };
             let summary = prepare(&opts, &tok, &mut |n| bar.inc(n));
             bar.finish_and_clear();
             let s = summary?;
@@ -130,35 +106,11 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 s.dropped_tokens
             );
         }
-        DataCommand::Synth {
-            task,
-            seq_len,
-            num,
-            seed,
-            out,
-            depths,
-            tokenizer,
-            eos_token,
-            key_digits,
-            force,
-        } => {
+        DataCommand::Synth { task, seq_len, num, seed, out, depths, tokenizer, eos_token, key_digits, force } => {
             let tok = TextTokenizer::load(&tokenizer, eos_token.as_deref())?;
-            let opts = SynthOptions {
-                task,
-                seq_len,
-                num,
-                seed,
-                out,
-                depths,
-                key_digits,
-                force,
-            };
+            let opts = SynthOptions { task, seq_len, num, seed, out, depths, key_digits, force };
             let path = synth(&opts, &tok)?;
-            println!(
-                "wrote {num} {} sequences of {seq_len} tokens (seed {seed}) to {}",
-                task.name(),
-                path.display()
-            );
+            println!("wrote {num} {} sequences of {seq_len} tokens (seed {seed}) to {}", task.name(), path.display());
         }
         DataCommand::Inspect { file, tokens, scan } => inspect(&file, tokens, scan)?,
     }
@@ -174,11 +126,7 @@ fn inspect(path: &Path, n_tokens: usize, scan: bool) -> Result<()> {
         println!("  {line}");
     }
     println!("  tokenizer       {}", ds.tokenizer());
-    println!(
-        "  vocab_size      {}   eos_id {}",
-        ds.vocab_size(),
-        ds.eos_id()
-    );
+    println!("  vocab_size      {}   eos_id {}", ds.vocab_size(), ds.eos_id());
     if ds.is_empty() {
         println!("  (no sequences)");
         return Ok(());
@@ -202,11 +150,7 @@ fn inspect(path: &Path, n_tokens: usize, scan: bool) -> Result<()> {
         for i in 0..ds.len() {
             ds.read_span(i, 0, ds.seq_len())?;
         }
-        println!(
-            "  ok: {} sequences, every token id in [0, {})",
-            ds.len(),
-            ds.vocab_size()
-        );
+        println!("  ok: {} sequences, every token id in [0, {})", ds.len(), ds.vocab_size());
     } else {
         let n = ds.len();
         println!("  ok: {n} sequences; layout and attributes pass (--scan checks every token id)");
@@ -220,21 +164,15 @@ fn layout(path: &Path) -> Result<(usize, Vec<String>), DataError> {
     if !path.exists() {
         return Err(DataError::NotFound { path: path.into() });
     }
-    let file = hdf5::File::open(path).map_err(|e| DataError::Open {
-        path: path.into(),
-        detail: e.to_string(),
-    })?;
+    let file = hdf5::File::open(path).map_err(|e| DataError::Open { path: path.into(), detail: e.to_string() })?;
     let tokens = file.dataset(TOKENS).map_err(|_| DataError::Missing {
         path: path.into(),
         what: "dataset",
         name: TOKENS.into(),
     })?;
     let shape = tokens.shape();
-    let mut lines = vec![format!(
-        "tokens          shape {shape:?}, chunks {:?}, filters {:?}",
-        tokens.chunk(),
-        tokens.filters()
-    )];
+    let mut lines =
+        vec![format!("tokens          shape {shape:?}, chunks {:?}, filters {:?}", tokens.chunk(), tokens.filters())];
     if let Ok(v) = read_i64_attr(&file, path, "format_version") {
         lines.push(format!("format_version  {v}"));
     }

@@ -34,15 +34,11 @@ impl Dataset {
     /// shards share vocab size, EOS id and tokenizer.
     pub fn open(paths: &[PathBuf], seq_len: usize) -> Result<Dataset, DataError> {
         if seq_len == 0 {
-            return Err(DataError::Usage(
-                "data.seq_len is 0; must be a positive number of tokens".into(),
-            ));
+            return Err(DataError::Usage("data.seq_len is 0; must be a positive number of tokens".into()));
         }
         let files = shard_files(paths)?;
         if files.is_empty() {
-            return Err(DataError::Usage(
-                "no data paths given; list shard files or folders of them".into(),
-            ));
+            return Err(DataError::Usage("no data paths given; list shard files or folders of them".into()));
         }
         let mut shards: Vec<Shard> = Vec::new();
         let (mut first_index, mut len) = (Vec::new(), 0);
@@ -55,12 +51,7 @@ impl Dataset {
             len += shard.len;
             shards.push(shard);
         }
-        Ok(Dataset {
-            shards,
-            first_index,
-            len,
-            seq_len,
-        })
+        Ok(Dataset { shards, first_index, len, seq_len })
     }
 
     pub fn len(&self) -> usize {
@@ -95,10 +86,7 @@ impl Dataset {
     /// The shard holding global sequence `index`, and the row inside it.
     fn locate(&self, index: usize) -> Result<(&Shard, usize), DataError> {
         if index >= self.len {
-            return Err(DataError::IndexOutOfRange {
-                index,
-                len: self.len,
-            });
+            return Err(DataError::IndexOutOfRange { index, len: self.len });
         }
         let k = self.first_index.partition_point(|&first| first <= index) - 1;
         Ok((&self.shards[k], index - self.first_index[k]))
@@ -108,35 +96,18 @@ impl Dataset {
     /// id checked against the vocabulary.
     pub fn read_span(&self, index: usize, start: usize, end: usize) -> Result<Vec<i32>, DataError> {
         if start > end || end > self.seq_len {
-            return Err(DataError::SpanOutOfRange {
-                start,
-                end,
-                seq_len: self.seq_len,
-            });
+            return Err(DataError::SpanOutOfRange { start, end, seq_len: self.seq_len });
         }
         let (shard, row) = self.locate(index)?;
         let span = shard
             .tokens
             .read_slice_1d::<i32, _>(s![row, start..end])
-            .map_err(|e| {
-                DataError::read(
-                    &shard.path,
-                    TOKENS,
-                    format!("sequence {row}, tokens {start}..{end}: {e}"),
-                )
-            })?;
+            .map_err(|e| DataError::read(&shard.path, TOKENS, format!("sequence {row}, tokens {start}..{end}: {e}")))?;
         let span = span.into_raw_vec_and_offset().0;
         let vocab_size = shard.vocab_size;
         if let Some(i) = span.iter().position(|&t| t < 0 || t as i64 >= vocab_size) {
             let (path, position, value) = (shard.path.clone(), start + i, span[i]);
-            return Err(DataError::TokenOutOfRange {
-                path,
-                index,
-                row,
-                position,
-                value,
-                vocab_size,
-            });
+            return Err(DataError::TokenOutOfRange { path, index, row, position, value, vocab_size });
         }
         Ok(span)
     }
@@ -148,33 +119,18 @@ impl Dataset {
             return Ok(None);
         }
         let one = |name: &str| shard.read_1d::<i64>(&format!("passkey/{name}"), row..row + 1);
-        let (key, needle_start, answer_start) = (
-            one("key")?[0],
-            one("needle_start")?[0],
-            one("answer_start")?[0],
-        );
+        let (key, needle_start, answer_start) = (one("key")?[0], one("needle_start")?[0], one("answer_start")?[0]);
         let answer_len = one("answer_len")?[0];
         let depth = shard.read_1d::<f32>("passkey/depth", row..row + 1)?[0];
         let name = "passkey/answer_tokens";
-        let answers = shard
-            .file
-            .dataset(name)
-            .map_err(|e| DataError::read(&shard.path, name, e))?;
+        let answers = shard.file.dataset(name).map_err(|e| DataError::read(&shard.path, name, e))?;
         let width = answers.shape().get(1).copied().unwrap_or(0);
         if !(0..=width as i64).contains(&answer_len) {
             let found = format!("= {answer_len} for sequence {row}");
-            return Err(invalid(
-                &shard.path,
-                "dataset",
-                "passkey/answer_len",
-                found,
-                &format!("0..={width}"),
-            ));
+            return Err(invalid(&shard.path, "dataset", "passkey/answer_len", found, &format!("0..={width}")));
         }
         let answer = answers.read_slice_1d::<i32, _>(s![row, ..answer_len as usize]);
-        let answer_tokens = answer
-            .map_err(|e| DataError::read(&shard.path, name, e))?
-            .to_vec();
+        let answer_tokens = answer.map_err(|e| DataError::read(&shard.path, name, e))?.to_vec();
         Ok(Some(PasskeyInfo {
             depth,
             key: key as u64,
@@ -192,21 +148,12 @@ impl Dataset {
             return Ok(None);
         }
         let o = shard.read_1d::<i64>("docs/offsets", row..row + 2)?;
-        let starts = shard
-            .file
-            .dataset("docs/starts")
-            .map_err(|e| DataError::read(&shard.path, "docs/starts", e))?;
+        let starts = shard.file.dataset("docs/starts").map_err(|e| DataError::read(&shard.path, "docs/starts", e))?;
         let total = starts.shape().first().copied().unwrap_or(0) as i64;
         if o[0] < 0 || o[0] > o[1] || o[1] > total {
             let found = format!("= [{}, {}] for sequence {row}", o[0], o[1]);
             let expected = format!("a range inside docs/starts (0..={total})");
-            return Err(invalid(
-                &shard.path,
-                "dataset",
-                "docs/offsets",
-                found,
-                &expected,
-            ));
+            return Err(invalid(&shard.path, "dataset", "docs/offsets", found, &expected));
         }
         let v = shard.read_1d::<i32>("docs/starts", o[0] as usize..o[1] as usize)?;
         Ok(Some(v.into_iter().map(|x| x as usize).collect()))
@@ -216,32 +163,15 @@ impl Dataset {
 /// Shards of one dataset must share the vocabulary, the EOS id and the tokenizer.
 fn agree(shard: &Shard, first: &Shard) -> Result<(), DataError> {
     let checks = [
-        (
-            "vocab_size",
-            shard.vocab_size.to_string(),
-            first.vocab_size.to_string(),
-        ),
+        ("vocab_size", shard.vocab_size.to_string(), first.vocab_size.to_string()),
         ("eos_id", shard.eos_id.to_string(), first.eos_id.to_string()),
-        (
-            "tokenizer",
-            format!("\"{}\"", shard.tokenizer),
-            format!("\"{}\"", first.tokenizer),
-        ),
+        ("tokenizer", format!("\"{}\"", shard.tokenizer), format!("\"{}\"", first.tokenizer)),
     ];
-    match checks
-        .into_iter()
-        .find(|(_, found, expected)| found != expected)
-    {
+    match checks.into_iter().find(|(_, found, expected)| found != expected) {
         None => Ok(()),
         Some((name, found, expected)) => {
             let (path, first) = (shard.path.clone(), first.path.clone());
-            Err(DataError::Inconsistent {
-                path,
-                name,
-                found,
-                expected,
-                first,
-            })
+            Err(DataError::Inconsistent { path, name, found, expected, first })
         }
     }
 }

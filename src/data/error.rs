@@ -12,87 +12,35 @@ pub enum DataError {
     #[error("{}: cannot open as HDF5 ({detail}); the file is truncated, corrupt or not an HDF5 shard", .path.display())]
     Open { path: PathBuf, detail: String },
     #[error("{}: has no {what} `{name}`; a ulysses shard needs it (see docs/data.md)", .path.display())]
-    Missing {
-        path: PathBuf,
-        what: &'static str,
-        name: String,
-    },
+    Missing { path: PathBuf, what: &'static str, name: String },
     #[error("{}: {what} `{name}` {found}; expected {expected}", .path.display())]
-    Invalid {
-        path: PathBuf,
-        what: &'static str,
-        name: String,
-        found: String,
-        expected: String,
-    },
+    Invalid { path: PathBuf, what: &'static str, name: String, found: String, expected: String },
     #[error("{}: dataset `tokens` holds sequences of {found} tokens but data.seq_len = {expected}; set data.seq_len = {found} or use shards made for {expected}", .path.display())]
-    SeqLen {
-        path: PathBuf,
-        found: usize,
-        expected: usize,
-    },
+    SeqLen { path: PathBuf, found: usize, expected: usize },
     #[error("{}: attribute `{name}` = {found} differs from {} in {}; all shards of one dataset must share one tokenizer", .path.display(), .expected, .first.display())]
-    Inconsistent {
-        path: PathBuf,
-        name: &'static str,
-        found: String,
-        expected: String,
-        first: PathBuf,
-    },
+    Inconsistent { path: PathBuf, name: &'static str, found: String, expected: String, first: PathBuf },
     #[error("{}: dataset `tokens` sequence {row} (global index {index}) position {position} holds token id {value}, outside [0, vocab_size = {vocab_size}); the shard is corrupt or was made with another tokenizer", .path.display())]
-    TokenOutOfRange {
-        path: PathBuf,
-        index: usize,
-        row: usize,
-        position: usize,
-        value: i32,
-        vocab_size: i64,
-    },
+    TokenOutOfRange { path: PathBuf, index: usize, row: usize, position: usize, value: i32, vocab_size: i64 },
     #[error("{}: reading dataset `{dataset}` failed ({detail}); the file is truncated or corrupt", .path.display())]
-    Read {
-        path: PathBuf,
-        dataset: String,
-        detail: String,
-    },
+    Read { path: PathBuf, dataset: String, detail: String },
     #[error("{}: writing dataset `{dataset}` failed ({detail})", .path.display())]
-    Write {
-        path: PathBuf,
-        dataset: String,
-        detail: String,
-    },
+    Write { path: PathBuf, dataset: String, detail: String },
     #[error("sequence index {index} is outside the dataset's {len} sequences")]
     IndexOutOfRange { index: usize, len: usize },
     #[error("token span [{start}, {end}) is outside a sequence of {seq_len} tokens")]
-    SpanOutOfRange {
-        start: usize,
-        end: usize,
-        seq_len: usize,
-    },
-    #[error(
-        "data.seq_len = {seq_len} is not divisible by parallel.sp = {sp}; use a multiple of {sp}"
-    )]
+    SpanOutOfRange { start: usize, end: usize, seq_len: usize },
+    #[error("data.seq_len = {seq_len} is not divisible by parallel.sp = {sp}; use a multiple of {sp}")]
     Indivisible { seq_len: usize, sp: usize },
     #[error("loader: {0}")]
     Spec(String),
     #[error("the dataset has {sequences} sequences, fewer than dp × micro_batch = {dp} × {micro_batch}; one step needs at least {}", .dp * .micro_batch)]
-    TooFewSequences {
-        sequences: usize,
-        dp: usize,
-        micro_batch: usize,
-    },
+    TooFewSequences { sequences: usize, dp: usize, micro_batch: usize },
     #[error("the loader's prefetch thread stopped after an earlier error")]
     LoaderStopped,
     #[error("{}: {source}", .path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{}: line {line}: {message}", .path.display())]
-    Input {
-        path: PathBuf,
-        line: u64,
-        message: String,
-    },
+    Input { path: PathBuf, line: u64, message: String },
     #[error("tokenizer {}: {message}", .path.display())]
     Tokenizer { path: PathBuf, message: String },
     #[error("{0}")]
@@ -101,25 +49,14 @@ pub enum DataError {
 
 impl DataError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> DataError {
-        DataError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        DataError::Io { path: path.to_path_buf(), source }
     }
 
     pub(crate) fn read(path: &Path, dataset: &str, e: impl std::fmt::Display) -> DataError {
-        DataError::Read {
-            path: path.to_path_buf(),
-            dataset: dataset.into(),
-            detail: e.to_string(),
-        }
+        DataError::Read { path: path.to_path_buf(), dataset: dataset.into(), detail: e.to_string() }
     }
 
     pub(crate) fn write(path: &Path, dataset: &str, e: impl std::fmt::Display) -> DataError {
-        DataError::Write {
-            path: path.to_path_buf(),
-            dataset: dataset.into(),
-            detail: e.to_string(),
-        }
+        DataError::Write { path: path.to_path_buf(), dataset: dataset.into(), detail: e.to_string() }
     }
 }

@@ -30,12 +30,7 @@ pub struct ShardMeta {
     pub task: String,
 }
 
-pub(crate) fn write_str_attr(
-    loc: &hdf5::Location,
-    path: &Path,
-    name: &str,
-    value: &str,
-) -> Result<(), DataError> {
+pub(crate) fn write_str_attr(loc: &hdf5::Location, path: &Path, name: &str, value: &str) -> Result<(), DataError> {
     let v: VarLenUnicode = value.parse().map_err(|e| DataError::write(path, name, e))?;
     loc.new_attr::<VarLenUnicode>()
         .create(name)
@@ -43,46 +38,23 @@ pub(crate) fn write_str_attr(
         .map_err(|e| DataError::write(path, name, e))
 }
 
-pub(crate) fn write_i64_attr(
-    loc: &hdf5::Location,
-    path: &Path,
-    name: &str,
-    value: i64,
-) -> Result<(), DataError> {
-    loc.new_attr::<i64>()
-        .create(name)
-        .and_then(|a| a.write_scalar(&value))
-        .map_err(|e| DataError::write(path, name, e))
+pub(crate) fn write_i64_attr(loc: &hdf5::Location, path: &Path, name: &str, value: i64) -> Result<(), DataError> {
+    loc.new_attr::<i64>().create(name).and_then(|a| a.write_scalar(&value)).map_err(|e| DataError::write(path, name, e))
 }
 
 /// A growable 1-D dataset (chunked, unlimited length), appended to while streaming.
-fn create_1d<T: hdf5::H5Type>(
-    group: &hdf5::Group,
-    path: &Path,
-    name: &str,
-) -> Result<hdf5::Dataset, DataError> {
-    group
-        .new_dataset::<T>()
-        .chunk(4096)
-        .shape(0..)
-        .create(name)
-        .map_err(|e| DataError::write(path, name, e))
+fn create_1d<T: hdf5::H5Type>(group: &hdf5::Group, path: &Path, name: &str) -> Result<hdf5::Dataset, DataError> {
+    group.new_dataset::<T>().chunk(4096).shape(0..).create(name).map_err(|e| DataError::write(path, name, e))
 }
 
-fn append_1d<T: hdf5::H5Type + Clone>(
-    ds: &hdf5::Dataset,
-    path: &Path,
-    data: &[T],
-) -> Result<(), DataError> {
+fn append_1d<T: hdf5::H5Type + Clone>(ds: &hdf5::Dataset, path: &Path, data: &[T]) -> Result<(), DataError> {
     if data.is_empty() {
         return Ok(());
     }
     let n = ds.shape()[0];
     let name = ds.name();
-    ds.resize(n + data.len())
-        .map_err(|e| DataError::write(path, &name, e))?;
-    ds.write_slice(&Array1::from(data.to_vec()), s![n..n + data.len()])
-        .map_err(|e| DataError::write(path, &name, e))
+    ds.resize(n + data.len()).map_err(|e| DataError::write(path, &name, e))?;
+    ds.write_slice(&Array1::from(data.to_vec()), s![n..n + data.len()]).map_err(|e| DataError::write(path, &name, e))
 }
 
 /// Writes one shard, streaming: sequences are appended to a resizable `tokens` dataset. The file
@@ -108,17 +80,10 @@ struct DocsBuffer {
 }
 
 impl ShardWriter {
-    pub fn create(
-        path: &Path,
-        seq_len: usize,
-        meta: &ShardMeta,
-        with_docs: bool,
-    ) -> Result<ShardWriter, DataError> {
+    pub fn create(path: &Path, seq_len: usize, meta: &ShardMeta, with_docs: bool) -> Result<ShardWriter, DataError> {
         let partial = PathBuf::from(format!("{}.partial", path.display()));
-        let file = hdf5::File::create(&partial).map_err(|e| DataError::Open {
-            path: partial.clone(),
-            detail: e.to_string(),
-        })?;
+        let file = hdf5::File::create(&partial)
+            .map_err(|e| DataError::Open { path: partial.clone(), detail: e.to_string() })?;
         let chunk = seq_len.clamp(1, CHUNK_TOKENS);
         // Fletcher-32 checksums per chunk: a corrupt chunk fails the read instead of yielding
         // wrong tokens (h5py reads it without plugins).
@@ -137,9 +102,7 @@ impl ShardWriter {
         write_str_attr(&file, &partial, "tokenizer_source", &meta.tokenizer_source)?;
         write_str_attr(&file, &partial, "task", &meta.task)?;
         let docs = if with_docs {
-            let group = file
-                .create_group("docs")
-                .map_err(|e| DataError::write(&partial, "docs", e))?;
+            let group = file.create_group("docs").map_err(|e| DataError::write(&partial, "docs", e))?;
             Some(DocsBuffer {
                 starts: create_1d::<i32>(&group, &partial, "starts")?,
                 pending: Vec::new(),
@@ -148,16 +111,7 @@ impl ShardWriter {
         } else {
             None
         };
-        Ok(ShardWriter {
-            path: path.to_path_buf(),
-            partial,
-            file,
-            tokens,
-            seq_len,
-            rows: 0,
-            buffer: Vec::new(),
-            docs,
-        })
+        Ok(ShardWriter { path: path.to_path_buf(), partial, file, tokens, seq_len, rows: 0, buffer: Vec::new(), docs })
     }
 
     /// Sequences written or buffered so far.
@@ -181,8 +135,7 @@ impl ShardWriter {
         self.buffer.extend_from_slice(seq);
         if let Some(docs) = &mut self.docs {
             docs.pending.extend_from_slice(doc_starts);
-            docs.offsets
-                .push(docs.offsets.last().copied().unwrap_or(0) + doc_starts.len() as i64);
+            docs.offsets.push(docs.offsets.last().copied().unwrap_or(0) + doc_starts.len() as i64);
         }
         if self.buffer.len() >= WRITE_BUFFER_TOKENS {
             self.flush()?;
@@ -196,14 +149,10 @@ impl ShardWriter {
             return Ok(());
         }
         let (n, path) = (self.rows, &self.partial);
-        let view = ArrayView2::from_shape((k, self.seq_len), &self.buffer)
-            .map_err(|e| DataError::write(path, TOKENS, e))?;
-        self.tokens
-            .resize((n + k, self.seq_len))
-            .map_err(|e| DataError::write(path, TOKENS, e))?;
-        self.tokens
-            .write_slice(view, s![n..n + k, ..])
-            .map_err(|e| DataError::write(path, TOKENS, e))?;
+        let view =
+            ArrayView2::from_shape((k, self.seq_len), &self.buffer).map_err(|e| DataError::write(path, TOKENS, e))?;
+        self.tokens.resize((n + k, self.seq_len)).map_err(|e| DataError::write(path, TOKENS, e))?;
+        self.tokens.write_slice(view, s![n..n + k, ..]).map_err(|e| DataError::write(path, TOKENS, e))?;
         self.rows += k;
         self.buffer.clear();
         if let Some(docs) = &mut self.docs {
@@ -217,27 +166,16 @@ impl ShardWriter {
     pub fn finish(mut self) -> Result<PathBuf, DataError> {
         self.flush()?;
         if let Some(docs) = &self.docs {
-            let group = self
-                .file
-                .group("docs")
-                .map_err(|e| DataError::write(&self.partial, "docs", e))?;
+            let group = self.file.group("docs").map_err(|e| DataError::write(&self.partial, "docs", e))?;
             group
                 .new_dataset_builder()
                 .with_data(&Array1::from(docs.offsets.clone()))
                 .create("offsets")
                 .map_err(|e| DataError::write(&self.partial, "docs/offsets", e))?;
         }
-        let ShardWriter {
-            path,
-            partial,
-            file,
-            tokens,
-            docs,
-            ..
-        } = self;
+        let ShardWriter { path, partial, file, tokens, docs, .. } = self;
         drop((tokens, docs));
-        file.close()
-            .map_err(|e| DataError::write(&partial, TOKENS, e))?;
+        file.close().map_err(|e| DataError::write(&partial, TOKENS, e))?;
         std::fs::rename(&partial, &path).map_err(|e| DataError::io(&path, e))?;
         Ok(path)
     }
@@ -254,10 +192,7 @@ pub(crate) fn claim_output_dir(dir: &Path, force: bool) -> Result<(), DataError>
             old.push(p);
         }
     }
-    let ours = |p: &PathBuf| {
-        p.file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("shard-"))
-    };
+    let ours = |p: &PathBuf| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("shard-"));
     if old.is_empty() {
         return Ok(());
     }
@@ -269,8 +204,7 @@ pub(crate) fn claim_output_dir(dir: &Path, force: bool) -> Result<(), DataError>
             old.len()
         )));
     }
-    old.iter()
-        .try_for_each(|p| std::fs::remove_file(p).map_err(|e| DataError::io(p, e)))
+    old.iter().try_for_each(|p| std::fs::remove_file(p).map_err(|e| DataError::io(p, e)))
 }
 
 /// Name of shard `k` inside an output folder.

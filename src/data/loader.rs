@@ -59,10 +59,7 @@ impl LoaderState {
     /// The same point in the stream with `position` inside the epoch (a saved state may point
     /// just past an epoch's last step).
     fn normalized(&self, steps: u64) -> LoaderState {
-        LoaderState {
-            epoch: self.epoch + self.position / steps,
-            position: self.position % steps,
-        }
+        LoaderState { epoch: self.epoch + self.position / steps, position: self.position % steps }
     }
 }
 
@@ -74,11 +71,7 @@ pub struct Loader {
 
 impl Loader {
     /// `state` = `LoaderState::default()` for a fresh run, or a saved `state()` to resume.
-    pub fn new(
-        dataset: Dataset,
-        spec: LoaderSpec,
-        state: LoaderState,
-    ) -> Result<Loader, DataError> {
+    pub fn new(dataset: Dataset, spec: LoaderSpec, state: LoaderState) -> Result<Loader, DataError> {
         check_spec(&spec, &dataset)?;
         let steps = steps_per_epoch(dataset.len(), spec.dp, spec.micro_batch) as u64;
         let next = state.normalized(steps);
@@ -95,11 +88,7 @@ impl Loader {
     /// Blocks only if the prefetch has not finished.
     pub fn next_batch(&mut self) -> Result<Batch, DataError> {
         let batch = self.rx.recv().map_err(|_| DataError::LoaderStopped)??;
-        self.next = LoaderState {
-            epoch: self.next.epoch,
-            position: self.next.position + 1,
-        }
-        .normalized(self.steps);
+        self.next = LoaderState { epoch: self.next.epoch, position: self.next.position + 1 }.normalized(self.steps);
         Ok(batch)
     }
 
@@ -115,14 +104,7 @@ impl Loader {
 }
 
 fn check_spec(spec: &LoaderSpec, dataset: &Dataset) -> Result<(), DataError> {
-    let LoaderSpec {
-        dp,
-        dp_rank,
-        sp,
-        sp_rank,
-        micro_batch,
-        ..
-    } = *spec;
+    let LoaderSpec { dp, dp_rank, sp, sp_rank, micro_batch, .. } = *spec;
     if sp == 0 || dp == 0 || micro_batch == 0 {
         return Err(DataError::Spec(format!(
             "sp = {sp}, dp = {dp}, micro_batch = {micro_batch}; each must be at least 1"
@@ -134,17 +116,10 @@ fn check_spec(spec: &LoaderSpec, dataset: &Dataset) -> Result<(), DataError> {
         )));
     }
     if dataset.seq_len() % sp != 0 {
-        return Err(DataError::Indivisible {
-            seq_len: dataset.seq_len(),
-            sp,
-        });
+        return Err(DataError::Indivisible { seq_len: dataset.seq_len(), sp });
     }
     if steps_per_epoch(dataset.len(), dp, micro_batch) == 0 {
-        return Err(DataError::TooFewSequences {
-            sequences: dataset.len(),
-            dp,
-            micro_batch,
-        });
+        return Err(DataError::TooFewSequences { sequences: dataset.len(), dp, micro_batch });
     }
     Ok(())
 }
@@ -160,52 +135,29 @@ fn prefetch(
 ) {
     let mut order: Option<(u64, Vec<usize>)> = None;
     loop {
-        if order
-            .as_ref()
-            .is_none_or(|(epoch, _)| *epoch != state.epoch)
-        {
-            order = Some((
-                state.epoch,
-                epoch_order(dataset.len(), spec.seed, state.epoch, spec.shuffle),
-            ));
+        if order.as_ref().is_none_or(|(epoch, _)| *epoch != state.epoch) {
+            order = Some((state.epoch, epoch_order(dataset.len(), spec.seed, state.epoch, spec.shuffle)));
         }
         let (_, perm) = order.as_ref().expect("order was just computed");
-        let indices = micro_batch_indices(
-            perm,
-            state.position as usize,
-            spec.dp,
-            spec.dp_rank,
-            spec.micro_batch,
-        );
+        let indices = micro_batch_indices(perm, state.position as usize, spec.dp, spec.dp_rank, spec.micro_batch);
         let batch = build_batch(&dataset, &spec, indices);
         let failed = batch.is_err();
         if tx.send(batch).is_err() || failed {
             return;
         }
-        state = LoaderState {
-            epoch: state.epoch,
-            position: state.position + 1,
-        }
-        .normalized(steps);
+        state = LoaderState { epoch: state.epoch, position: state.position + 1 }.normalized(steps);
     }
 }
 
 /// SP rank r reads tokens [r*c, (r+1)*c + 1) of each sample (c = seq_len / sp; the last rank has
 /// no +1): inputs are the first c, labels the same span shifted by one, -100 past the end.
-pub fn build_batch(
-    dataset: &Dataset,
-    spec: &LoaderSpec,
-    indices: &[usize],
-) -> Result<Batch, DataError> {
+pub fn build_batch(dataset: &Dataset, spec: &LoaderSpec, indices: &[usize]) -> Result<Batch, DataError> {
     let chunk_len = dataset.seq_len() / spec.sp;
     let start = spec.sp_rank * chunk_len;
     let end = (start + chunk_len + 1).min(dataset.seq_len());
     let n = indices.len() * chunk_len;
-    let (mut input_ids, mut labels, mut position_ids) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
+    let (mut input_ids, mut labels, mut position_ids) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     for &index in indices {
         let span = dataset.read_span(index, start, end)?;
         input_ids.extend(span[..chunk_len].iter().map(|&t| t as i64));

@@ -11,13 +11,8 @@ use super::synth::SynthTask;
 use super::tokenizer::TextTokenizer;
 use super::{DataError, PasskeyInfo};
 
-const PASSKEY_FILLER: &[&str] = &[
-    "The grass is green. ",
-    "The sky is blue. ",
-    "The sun is yellow. ",
-    "Here we go. ",
-    "There and back again. ",
-];
+const PASSKEY_FILLER: &[&str] =
+    &["The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ", "There and back again. "];
 const PASSKEY_QUESTION: &str = "What is the pass key? The pass key is ";
 
 // No digits in the filler: the key is the only number in the text.
@@ -54,25 +49,17 @@ pub(crate) struct NeedleParts {
 }
 
 impl NeedleParts {
-    pub(crate) fn new(
-        tokenizer: &TextTokenizer,
-        task: SynthTask,
-    ) -> Result<NeedleParts, DataError> {
+    pub(crate) fn new(tokenizer: &TextTokenizer, task: SynthTask) -> Result<NeedleParts, DataError> {
         let (filler, question) = match task {
             SynthTask::Passkey => (PASSKEY_FILLER, PASSKEY_QUESTION),
             SynthTask::Niah => (NIAH_FILLER, NIAH_QUESTION),
             SynthTask::Random => {
-                return Err(DataError::Usage(
-                    "the random task has no needle; use passkey or niah".into(),
-                ))
+                return Err(DataError::Usage("the random task has no needle; use passkey or niah".into()))
             }
         };
         Ok(NeedleParts {
             task,
-            filler: filler
-                .iter()
-                .map(|s| tokenizer.encode(s))
-                .collect::<Result<_, _>>()?,
+            filler: filler.iter().map(|s| tokenizer.encode(s)).collect::<Result<_, _>>()?,
             question: tokenizer.encode(question)?,
         })
     }
@@ -120,12 +107,7 @@ impl NeedleParts {
         filler.truncate(filler_len);
         boundaries.push(filler_len);
         let target = (depth as f64 * filler_len as f64).round() as usize;
-        let needle_start = boundaries
-            .iter()
-            .copied()
-            .take_while(|&b| b <= target)
-            .last()
-            .unwrap_or(0);
+        let needle_start = boundaries.iter().copied().take_while(|&b| b <= target).last().unwrap_or(0);
         let mut seq = Vec::with_capacity(seq_len);
         seq.extend_from_slice(&filler[..needle_start]);
         seq.extend_from_slice(&needle);
@@ -133,13 +115,7 @@ impl NeedleParts {
         seq.extend_from_slice(&self.question);
         let answer_start = seq.len();
         seq.extend_from_slice(&answer);
-        let info = PasskeyInfo {
-            depth,
-            key,
-            needle_start,
-            answer_start,
-            answer_tokens: answer,
-        };
+        let info = PasskeyInfo { depth, key, needle_start, answer_start, answer_tokens: answer };
         Ok((seq, info))
     }
 }
@@ -154,9 +130,7 @@ pub(crate) fn check_key_digits(digits: u32) -> Result<(), DataError> {
     if (1..=18).contains(&digits) {
         Ok(())
     } else {
-        Err(DataError::Usage(format!(
-            "--key-digits {digits} must be in 1..=18"
-        )))
+        Err(DataError::Usage(format!("--key-digits {digits} must be in 1..=18")))
     }
 }
 
@@ -174,9 +148,7 @@ pub fn needle_sample(
 ) -> Result<(Vec<i32>, PasskeyInfo), DataError> {
     check_key_digits(key_digits)?;
     if !(0.0..=1.0).contains(&depth) {
-        return Err(DataError::Usage(format!(
-            "depth {depth} must be a fraction in [0, 1]"
-        )));
+        return Err(DataError::Usage(format!("depth {depth} must be a fraction in [0, 1]")));
     }
     let parts = NeedleParts::new(tokenizer, task)?;
     let mut rng = SplitMix64::new(seed);

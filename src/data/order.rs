@@ -42,9 +42,7 @@ pub fn epoch_order(num_sequences: usize, seed: u64, epoch: u64, shuffle: bool) -
     let mut order: Vec<usize> = (0..num_sequences).collect();
     if shuffle {
         // Mixing the epoch through one SplitMix step decorrelates neighbouring (seed, epoch) pairs.
-        let mut rng = SplitMix64::new(
-            SplitMix64::new(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03)).next_u64(),
-        );
+        let mut rng = SplitMix64::new(SplitMix64::new(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03)).next_u64());
         for i in (1..num_sequences).rev() {
             let j = rng.below(i as u64 + 1) as usize;
             order.swap(i, j);
@@ -55,13 +53,7 @@ pub fn epoch_order(num_sequences: usize, seed: u64, epoch: u64, shuffle: bool) -
 
 /// Sequence indices of micro batch `step` (within the epoch) of dp rank `dp_rank`: positions
 /// `(step * dp + dp_rank) * micro_batch ..` of the epoch's order.
-pub fn micro_batch_indices(
-    order: &[usize],
-    step: usize,
-    dp: usize,
-    dp_rank: usize,
-    micro_batch: usize,
-) -> &[usize] {
+pub fn micro_batch_indices(order: &[usize], step: usize, dp: usize, dp_rank: usize, micro_batch: usize) -> &[usize] {
     let first = (step * dp + dp_rank) * micro_batch;
     &order[first..first + micro_batch]
 }

@@ -60,45 +60,26 @@ pub fn prepare(
     }
     for input in &opts.inputs {
         if input.is_dir() {
-            let hint = format!(
-                "{} is a folder; pass its files (e.g. {0}/*.jsonl)",
-                input.display()
-            );
+            let hint = format!("{} is a folder; pass its files (e.g. {0}/*.jsonl)", input.display());
             return Err(DataError::Usage(hint));
         }
         if !input.is_file() {
-            return Err(DataError::NotFound {
-                path: input.clone(),
-            });
+            return Err(DataError::NotFound { path: input.clone() });
         }
     }
     claim_output_dir(&opts.out, opts.force)?;
     let per_shard = (opts.shard_mib * (1 << 20) as f64 / (opts.seq_len * 4) as f64) as usize;
-    let mut packer = Packer::new(
-        opts,
-        tokenizer.shard_meta("text"),
-        per_shard.max(1),
-        tokenizer.eos_id(),
-    );
+    let mut packer = Packer::new(opts, tokenizer.shard_meta("text"), per_shard.max(1), tokenizer.eos_id());
     for input in &opts.inputs {
         let file = std::fs::File::open(input).map_err(|e| DataError::io(input, e))?;
         let reader = BufReader::with_capacity(1 << 16, file);
         let jsonl = match opts.format {
-            InputFormat::Auto => input
-                .extension()
-                .is_some_and(|e| e == "jsonl" || e == "json"),
+            InputFormat::Auto => input.extension().is_some_and(|e| e == "jsonl" || e == "json"),
             InputFormat::Jsonl => true,
             InputFormat::Text => false,
         };
         if jsonl {
-            read_jsonl(
-                input,
-                reader,
-                &opts.text_field,
-                tokenizer,
-                &mut packer,
-                progress,
-            )?;
+            read_jsonl(input, reader, &opts.text_field, tokenizer, &mut packer, progress)?;
         } else {
             read_text(input, reader, tokenizer, &mut packer, progress)?;
         }
@@ -125,9 +106,7 @@ fn read_jsonl(
     let mut line = 0;
     loop {
         buf.clear();
-        let n = reader
-            .read_until(b'\n', &mut buf)
-            .map_err(|e| DataError::io(path, e))?;
+        let n = reader.read_until(b'\n', &mut buf).map_err(|e| DataError::io(path, e))?;
         if n == 0 {
             return Ok(());
         }
@@ -137,17 +116,11 @@ fn read_jsonl(
         if bytes.is_empty() {
             continue;
         }
-        let input_err = |message: String| DataError::Input {
-            path: path.into(),
-            line,
-            message,
-        };
-        let value: serde_json::Value = serde_json::from_slice(bytes)
-            .map_err(|e| input_err(format!("not valid JSON ({e})")))?;
+        let input_err = |message: String| DataError::Input { path: path.into(), line, message };
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| input_err(format!("not valid JSON ({e})")))?;
         let text = value.get(field).and_then(|t| t.as_str()).ok_or_else(|| {
-            input_err(format!(
-                "has no string field \"{field}\"; name the text field with --text-field"
-            ))
+            input_err(format!("has no string field \"{field}\"; name the text field with --text-field"))
         })?;
         packer.begin_doc();
         packer.push(&tokenizer.encode(text)?)?;
@@ -166,26 +139,16 @@ fn read_text(
     let mut line = 1;
     packer.begin_doc();
     loop {
-        let n = reader
-            .by_ref()
-            .take(PIECE_BYTES)
-            .read_until(b'\n', &mut buf)
-            .map_err(|e| DataError::io(path, e))?;
+        let n = reader.by_ref().take(PIECE_BYTES).read_until(b'\n', &mut buf).map_err(|e| DataError::io(path, e))?;
         progress(n as u64);
         // A UTF-8 character cut at the piece end waits in `buf` for the rest of its bytes.
         let valid = match std::str::from_utf8(&buf) {
             Ok(s) => s.len(),
             Err(e) if e.error_len().is_none() && n > 0 => e.valid_up_to(),
             Err(e) => {
-                let message = format!(
-                    "invalid UTF-8 at byte {} of the line; convert the file to UTF-8",
-                    e.valid_up_to()
-                );
-                return Err(DataError::Input {
-                    path: path.into(),
-                    line,
-                    message,
-                });
+                let message =
+                    format!("invalid UTF-8 at byte {} of the line; convert the file to UTF-8", e.valid_up_to());
+                return Err(DataError::Input { path: path.into(), line, message });
             }
         };
         let text = String::from_utf8_lossy(&buf[..valid]);
@@ -272,12 +235,7 @@ impl<'a> Packer<'a> {
     fn emit(&mut self) -> Result<(), DataError> {
         if self.writer.is_none() {
             let path = self.opts.out.join(shard_name(self.summary.shards.len()));
-            self.writer = Some(ShardWriter::create(
-                &path,
-                self.opts.seq_len,
-                &self.meta,
-                true,
-            )?);
+            self.writer = Some(ShardWriter::create(&path, self.opts.seq_len, &self.meta, true)?);
         }
         let writer = self.writer.as_mut().expect("created above");
         writer.push(&self.current, &self.doc_starts)?;

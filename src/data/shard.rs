@@ -46,73 +46,36 @@ pub fn shard_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {
 }
 
 fn missing(path: &Path, what: &'static str, name: &str) -> DataError {
-    DataError::Missing {
-        path: path.into(),
-        what,
-        name: name.into(),
-    }
+    DataError::Missing { path: path.into(), what, name: name.into() }
 }
 
-pub(crate) fn invalid(
-    path: &Path,
-    what: &'static str,
-    name: &str,
-    found: String,
-    expected: &str,
-) -> DataError {
+pub(crate) fn invalid(path: &Path, what: &'static str, name: &str, found: String, expected: &str) -> DataError {
     let (name, expected) = (name.into(), expected.into());
-    DataError::Invalid {
-        path: path.into(),
-        what,
-        name,
-        found,
-        expected,
-    }
+    DataError::Invalid { path: path.into(), what, name, found, expected }
 }
 
-pub(crate) fn read_i64_attr(
-    loc: &hdf5::Location,
-    path: &Path,
-    name: &str,
-) -> Result<i64, DataError> {
-    let attr = loc
-        .attr(name)
-        .map_err(|_| missing(path, "attribute", name))?;
+pub(crate) fn read_i64_attr(loc: &hdf5::Location, path: &Path, name: &str) -> Result<i64, DataError> {
+    let attr = loc.attr(name).map_err(|_| missing(path, "attribute", name))?;
     attr.read_scalar::<i64>().map_err(|e| {
         let found = format!("cannot be read as an integer ({e})");
         invalid(path, "attribute", name, found, "a scalar integer")
     })
 }
 
-pub(crate) fn read_str_attr(
-    loc: &hdf5::Location,
-    path: &Path,
-    name: &str,
-) -> Result<String, DataError> {
-    let attr = loc
-        .attr(name)
-        .map_err(|_| missing(path, "attribute", name))?;
+pub(crate) fn read_str_attr(loc: &hdf5::Location, path: &Path, name: &str) -> Result<String, DataError> {
+    let attr = loc.attr(name).map_err(|_| missing(path, "attribute", name))?;
     match attr.read_scalar::<VarLenUnicode>() {
         Ok(s) => Ok(s.as_str().to_string()),
         Err(e) => {
             let found = format!("cannot be read as a string ({e})");
-            Err(invalid(
-                path,
-                "attribute",
-                name,
-                found,
-                "a variable-length UTF-8 string",
-            ))
+            Err(invalid(path, "attribute", name, found, "a variable-length UTF-8 string"))
         }
     }
 }
 
 impl Shard {
     pub fn open(path: &Path, seq_len: usize) -> Result<Shard, DataError> {
-        let file = hdf5::File::open(path).map_err(|e| DataError::Open {
-            path: path.into(),
-            detail: e.to_string(),
-        })?;
+        let file = hdf5::File::open(path).map_err(|e| DataError::Open { path: path.into(), detail: e.to_string() })?;
         let format = read_str_attr(&file, path, "format")?;
         if format != FORMAT_NAME {
             let (found, expected) = (format!("= \"{format}\""), format!("\"{FORMAT_NAME}\""));
@@ -120,44 +83,23 @@ impl Shard {
         }
         let version = read_i64_attr(&file, path, "format_version")?;
         if version != FORMAT_VERSION {
-            let expected = format!(
-                "{FORMAT_VERSION} (the version this build reads; re-create the shard or upgrade ulysses)"
-            );
-            return Err(invalid(
-                path,
-                "attribute",
-                "format_version",
-                format!("= {version}"),
-                &expected,
-            ));
+            let expected =
+                format!("{FORMAT_VERSION} (the version this build reads; re-create the shard or upgrade ulysses)");
+            return Err(invalid(path, "attribute", "format_version", format!("= {version}"), &expected));
         }
         let vocab_size = read_i64_attr(&file, path, "vocab_size")?;
         if vocab_size <= 0 || vocab_size > i32::MAX as i64 {
             let found = format!("= {vocab_size}");
-            return Err(invalid(
-                path,
-                "attribute",
-                "vocab_size",
-                found,
-                "a positive number below 2^31",
-            ));
+            return Err(invalid(path, "attribute", "vocab_size", found, "a positive number below 2^31"));
         }
         let eos_id = read_i64_attr(&file, path, "eos_id")?;
         if !(0..vocab_size).contains(&eos_id) {
             let expected = format!("an id in [0, vocab_size = {vocab_size})");
-            return Err(invalid(
-                path,
-                "attribute",
-                "eos_id",
-                format!("= {eos_id}"),
-                &expected,
-            ));
+            return Err(invalid(path, "attribute", "eos_id", format!("= {eos_id}"), &expected));
         }
         let tokenizer = read_str_attr(&file, path, "tokenizer")?;
 
-        let tokens = file
-            .dataset(TOKENS)
-            .map_err(|_| missing(path, "dataset", TOKENS))?;
+        let tokens = file.dataset(TOKENS).map_err(|_| missing(path, "dataset", TOKENS))?;
         let dtype = tokens.dtype().and_then(|t| t.to_descriptor());
         let dtype = dtype.map_err(|e| DataError::read(path, TOKENS, e))?;
         if dtype != TypeDescriptor::Integer(IntSize::U4) {
@@ -167,47 +109,20 @@ impl Shard {
         let shape = tokens.shape();
         if shape.len() != 2 {
             let found = format!("has rank {} (shape {shape:?})", shape.len());
-            return Err(invalid(
-                path,
-                "dataset",
-                TOKENS,
-                found,
-                "rank 2: [num_sequences, seq_len]",
-            ));
+            return Err(invalid(path, "dataset", TOKENS, found, "rank 2: [num_sequences, seq_len]"));
         }
         if shape[1] != seq_len {
-            return Err(DataError::SeqLen {
-                path: path.into(),
-                found: shape[1],
-                expected: seq_len,
-            });
+            return Err(DataError::SeqLen { path: path.into(), found: shape[1], expected: seq_len });
         }
         let len = shape[0];
         check_per_sequence(&file, path, len)?;
-        Ok(Shard {
-            path: path.into(),
-            file,
-            tokens,
-            len,
-            vocab_size,
-            eos_id,
-            tokenizer,
-        })
+        Ok(Shard { path: path.into(), file, tokens, len, vocab_size, eos_id, tokenizer })
     }
 
     /// Elements `range` of the 1-D dataset `name` (per-sequence metadata).
-    pub fn read_1d<T: hdf5::H5Type>(
-        &self,
-        name: &str,
-        range: Range<usize>,
-    ) -> Result<Vec<T>, DataError> {
-        let ds = self
-            .file
-            .dataset(name)
-            .map_err(|e| DataError::read(&self.path, name, e))?;
-        let v = ds
-            .read_slice_1d::<T, _>(s![range])
-            .map_err(|e| DataError::read(&self.path, name, e))?;
+    pub fn read_1d<T: hdf5::H5Type>(&self, name: &str, range: Range<usize>) -> Result<Vec<T>, DataError> {
+        let ds = self.file.dataset(name).map_err(|e| DataError::read(&self.path, name, e))?;
+        let v = ds.read_slice_1d::<T, _>(s![range]).map_err(|e| DataError::read(&self.path, name, e))?;
         Ok(v.into_raw_vec_and_offset().0)
     }
 }
@@ -220,30 +135,15 @@ fn check_per_sequence(file: &hdf5::File, path: &Path, len: usize) -> Result<(), 
         expect.push(("docs/offsets".to_string(), len + 1));
     }
     if file.link_exists("passkey") {
-        let names = [
-            "depth",
-            "key",
-            "needle_start",
-            "answer_start",
-            "answer_len",
-            "answer_tokens",
-        ];
+        let names = ["depth", "key", "needle_start", "answer_start", "answer_len", "answer_tokens"];
         expect.extend(names.iter().map(|n| (format!("passkey/{n}"), len)));
     }
     for (name, rows) in expect {
-        let ds = file
-            .dataset(&name)
-            .map_err(|_| missing(path, "dataset", &name))?;
+        let ds = file.dataset(&name).map_err(|_| missing(path, "dataset", &name))?;
         let found = ds.shape().first().copied().unwrap_or(0);
         if found != rows {
             let expected = format!("{rows} (one per sequence of `tokens`)");
-            return Err(invalid(
-                path,
-                "dataset",
-                &name,
-                format!("has {found} rows"),
-                &expected,
-            ));
+            return Err(invalid(path, "dataset", &name, format!("has {found} rows"), &expected));
         }
     }
     Ok(())

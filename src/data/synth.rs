@@ -50,10 +50,7 @@ pub fn synth(opts: &SynthOptions, tokenizer: &TextTokenizer) -> Result<PathBuf, 
     check(opts)?;
     let path = if opts.out.extension().is_some_and(|e| e == "h5") {
         if opts.out.exists() && !opts.force {
-            return Err(DataError::Usage(format!(
-                "{} exists; pass --force to replace it",
-                opts.out.display()
-            )));
+            return Err(DataError::Usage(format!("{} exists; pass --force to replace it", opts.out.display())));
         }
         if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
@@ -63,12 +60,7 @@ pub fn synth(opts: &SynthOptions, tokenizer: &TextTokenizer) -> Result<PathBuf, 
         claim_output_dir(&opts.out, opts.force)?;
         opts.out.join(shard_name(0))
     };
-    let mut writer = ShardWriter::create(
-        &path,
-        opts.seq_len,
-        &tokenizer.shard_meta(opts.task.name()),
-        false,
-    )?;
+    let mut writer = ShardWriter::create(&path, opts.seq_len, &tokenizer.shard_meta(opts.task.name()), false)?;
     let mut rng = SplitMix64::new(opts.seed);
     match opts.task {
         SynthTask::Random => {
@@ -99,25 +91,19 @@ pub fn synth(opts: &SynthOptions, tokenizer: &TextTokenizer) -> Result<PathBuf, 
 
 fn check(opts: &SynthOptions) -> Result<(), DataError> {
     if opts.seq_len == 0 || opts.num == 0 {
-        return Err(DataError::Usage(
-            "--seq-len and --num must be at least 1".into(),
-        ));
+        return Err(DataError::Usage("--seq-len and --num must be at least 1".into()));
     }
     check_key_digits(opts.key_digits)?;
     match &opts.depths {
-        Some(d) if d.is_empty() || d.iter().any(|x| !(0.0..=1.0).contains(x)) => {
-            Err(DataError::Usage(format!(
-                "--depths {d:?}: give one or more fractions in [0, 1], e.g. 0,0.25,0.5,0.75,1"
-            )))
-        }
+        Some(d) if d.is_empty() || d.iter().any(|x| !(0.0..=1.0).contains(x)) => Err(DataError::Usage(format!(
+            "--depths {d:?}: give one or more fractions in [0, 1], e.g. 0,0.25,0.5,0.75,1"
+        ))),
         _ => Ok(()),
     }
 }
 
 fn write_passkey(file: &hdf5::File, path: &Path, infos: &[PasskeyInfo]) -> Result<(), DataError> {
-    let group = file
-        .create_group("passkey")
-        .map_err(|e| DataError::write(path, "passkey", e))?;
+    let group = file.create_group("passkey").map_err(|e| DataError::write(path, "passkey", e))?;
     let write_1d = |name: &str, v: Vec<i64>| {
         group
             .new_dataset_builder()
@@ -127,18 +113,9 @@ fn write_passkey(file: &hdf5::File, path: &Path, infos: &[PasskeyInfo]) -> Resul
             .map_err(|e| DataError::write(path, &format!("passkey/{name}"), e))
     };
     write_1d("key", infos.iter().map(|p| p.key as i64).collect())?;
-    write_1d(
-        "needle_start",
-        infos.iter().map(|p| p.needle_start as i64).collect(),
-    )?;
-    write_1d(
-        "answer_start",
-        infos.iter().map(|p| p.answer_start as i64).collect(),
-    )?;
-    write_1d(
-        "answer_len",
-        infos.iter().map(|p| p.answer_tokens.len() as i64).collect(),
-    )?;
+    write_1d("needle_start", infos.iter().map(|p| p.needle_start as i64).collect())?;
+    write_1d("answer_start", infos.iter().map(|p| p.answer_start as i64).collect())?;
+    write_1d("answer_len", infos.iter().map(|p| p.answer_tokens.len() as i64).collect())?;
     let depth = Array1::from(infos.iter().map(|p| p.depth).collect::<Vec<f32>>());
     group
         .new_dataset_builder()
@@ -146,18 +123,10 @@ fn write_passkey(file: &hdf5::File, path: &Path, infos: &[PasskeyInfo]) -> Resul
         .create("depth")
         .map_err(|e| DataError::write(path, "passkey/depth", e))?;
     // Answers of a tokenizer.json may differ in length: pad the rows with -1.
-    let width = infos
-        .iter()
-        .map(|p| p.answer_tokens.len())
-        .max()
-        .unwrap_or(0);
+    let width = infos.iter().map(|p| p.answer_tokens.len()).max().unwrap_or(0);
     let mut answers = Array2::from_elem((infos.len(), width), -1i32);
     for (row, p) in infos.iter().enumerate() {
-        answers
-            .row_mut(row)
-            .iter_mut()
-            .zip(&p.answer_tokens)
-            .for_each(|(a, &t)| *a = t);
+        answers.row_mut(row).iter_mut().zip(&p.answer_tokens).for_each(|(a, &t)| *a = t);
     }
     group
         .new_dataset_builder()

@@ -10,32 +10,17 @@ pub const BYTE_EOS: i32 = 257;
 pub const BYTE_VOCAB: i64 = 258;
 
 /// End-of-text tokens of common tokenizer families, tried in order when `--eos-token` is absent.
-const EOS_CANDIDATES: &[&str] = &[
-    "<|end_of_text|>",
-    "<|endoftext|>",
-    "</s>",
-    "<eos>",
-    "<|eot_id|>",
-    "[SEP]",
-];
+const EOS_CANDIDATES: &[&str] = &["<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eot_id|>", "[SEP]"];
 
 pub enum TextTokenizer {
     Byte,
-    HuggingFace {
-        tokenizer: Box<tokenizers::Tokenizer>,
-        path: PathBuf,
-        eos_id: u32,
-        vocab_size: i64,
-        hash: u64,
-    },
+    HuggingFace { tokenizer: Box<tokenizers::Tokenizer>, path: PathBuf, eos_id: u32, vocab_size: i64, hash: u64 },
 }
 
 /// FNV-1a over the tokenizer.json bytes: identifies the tokenizer across shards without a
 /// crypto dependency (this guards against mix-ups, not against adversaries).
 fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
 }
 
 impl TextTokenizer {
@@ -45,43 +30,29 @@ impl TextTokenizer {
             return match eos_token {
                 None => Ok(TextTokenizer::Byte),
                 Some(_) => Err(DataError::Usage(
-                    "--eos-token applies only to a tokenizer.json; the byte tokenizer's EOS is 257"
-                        .into(),
+                    "--eos-token applies only to a tokenizer.json; the byte tokenizer's EOS is 257".into(),
                 )),
             };
         }
         let path = PathBuf::from(spec);
-        let err = |message: String| DataError::Tokenizer {
-            path: path.clone(),
-            message,
-        };
-        let bytes = std::fs::read(&path).map_err(|e| {
-            err(format!(
-                "cannot read ({e}); pass `byte` or a tokenizer.json path"
-            ))
-        })?;
+        let err = |message: String| DataError::Tokenizer { path: path.clone(), message };
+        let bytes = std::fs::read(&path)
+            .map_err(|e| err(format!("cannot read ({e}); pass `byte` or a tokenizer.json path")))?;
         let tokenizer = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| err(format!("is not a valid tokenizer.json ({e})")))?;
         let eos_id = match eos_token {
-            Some(t) => tokenizer
-                .token_to_id(t)
-                .ok_or_else(|| err(format!("has no token \"{t}\" (from --eos-token)")))?,
-            None => EOS_CANDIDATES
-                .iter()
-                .find_map(|t| tokenizer.token_to_id(t))
-                .ok_or_else(|| {
-                    err(format!(
-                        "has none of the usual EOS tokens ({}); name it with --eos-token",
-                        EOS_CANDIDATES.join(", ")
-                    ))
-                })?,
+            Some(t) => {
+                tokenizer.token_to_id(t).ok_or_else(|| err(format!("has no token \"{t}\" (from --eos-token)")))?
+            }
+            None => EOS_CANDIDATES.iter().find_map(|t| tokenizer.token_to_id(t)).ok_or_else(|| {
+                err(format!(
+                    "has none of the usual EOS tokens ({}); name it with --eos-token",
+                    EOS_CANDIDATES.join(", ")
+                ))
+            })?,
         };
         // The largest id + 1, not the token count: ids of added tokens may leave gaps.
-        let vocab_size = tokenizer
-            .get_vocab(true)
-            .values()
-            .max()
-            .map_or(0, |&m| m as i64 + 1);
+        let vocab_size = tokenizer.get_vocab(true).values().max().map_or(0, |&m| m as i64 + 1);
         Ok(TextTokenizer::HuggingFace {
             tokenizer: Box::new(tokenizer),
             path,
@@ -95,15 +66,11 @@ impl TextTokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<i32>, DataError> {
         match self {
             TextTokenizer::Byte => Ok(text.bytes().map(i32::from).collect()),
-            TextTokenizer::HuggingFace {
-                tokenizer, path, ..
-            } => {
-                let enc = tokenizer
-                    .encode(text, false)
-                    .map_err(|e| DataError::Tokenizer {
-                        path: path.clone(),
-                        message: format!("encoding failed: {e}"),
-                    })?;
+            TextTokenizer::HuggingFace { tokenizer, path, .. } => {
+                let enc = tokenizer.encode(text, false).map_err(|e| DataError::Tokenizer {
+                    path: path.clone(),
+                    message: format!("encoding failed: {e}"),
+                })?;
                 Ok(enc.get_ids().iter().map(|&i| i as i32).collect())
             }
         }
@@ -127,10 +94,9 @@ impl TextTokenizer {
     pub fn shard_meta(&self, task: &str) -> ShardMeta {
         let (tokenizer, tokenizer_source) = match self {
             TextTokenizer::Byte => ("byte".to_string(), "built-in".to_string()),
-            TextTokenizer::HuggingFace { path, hash, .. } => (
-                format!("huggingface fnv1a64:{hash:016x}"),
-                source_name(path),
-            ),
+            TextTokenizer::HuggingFace { path, hash, .. } => {
+                (format!("huggingface fnv1a64:{hash:016x}"), source_name(path))
+            }
         };
         ShardMeta {
             vocab_size: self.vocab_size(),
@@ -143,8 +109,5 @@ impl TextTokenizer {
 }
 
 fn source_name(path: &Path) -> String {
-    std::fs::canonicalize(path)
-        .unwrap_or_else(|_| path.to_path_buf())
-        .display()
-        .to_string()
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string()
 }

@@ -75,9 +75,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
 fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
     let mut exp = Experiment::load(&args.experiment)?;
-    let sp = args
-        .sp
-        .unwrap_or(if launch.size > 1 { exp.parallel.sp } else { 1 });
+    let sp = args.sp.unwrap_or(if launch.size > 1 { exp.parallel.sp } else { 1 });
     if sp == 0 || launch.size % sp != 0 {
         bail!(
             "sp = {sp} does not divide the {} rank(s) of this job; pass --sp with a divisor of {}, or run under `mpirun -n N` with N a multiple of {sp}",
@@ -102,10 +100,7 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
     }
     let mesh = Mesh::new(sp, exp.parallel.dp, launch.size, launch.rank)?;
     let groups = launch.mpi_groups(&mesh)?;
-    let checkpoint = args
-        .checkpoint
-        .clone()
-        .unwrap_or_else(|| exp.run_dir().join("final"));
+    let checkpoint = args.checkpoint.clone().unwrap_or_else(|| exp.run_dir().join("final"));
     let weights = load_hf(&checkpoint, &spec, Kind::Float, Device::Cpu)
         .with_context(|| format!("loading the checkpoint {}", checkpoint.display()))?;
     let ev = Evaluator {
@@ -116,20 +111,11 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
         mlp_tile: exp.parallel.mlp_tile,
         loss_tile: exp.parallel.loss_tile,
     };
-    let out = args.out.clone().unwrap_or_else(|| {
-        exp.run_dir()
-            .join("eval")
-            .join(format!("{}.h5", args.task.name()))
-    });
+    let out = args.out.clone().unwrap_or_else(|| exp.run_dir().join("eval").join(format!("{}.h5", args.task.name())));
     let command: Vec<String> = std::env::args().collect();
     let (config_toml, command) = (exp.to_toml(), command.join(" "));
-    let provenance = Provenance {
-        checkpoint: &checkpoint,
-        config_toml: &config_toml,
-        command: &command,
-        sp,
-        dp: mesh.dp,
-    };
+    let provenance =
+        Provenance { checkpoint: &checkpoint, config_toml: &config_toml, command: &command, sp, dp: mesh.dp };
     if launch.rank == 0 {
         println!(
             "eval {}: {} on {} rank(s) (sp = {sp}, dp = {})",
@@ -152,15 +138,8 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
                 );
             }
             let grid = GridSpec {
-                task: if args.task == EvalTask::Niah {
-                    SynthTask::Niah
-                } else {
-                    SynthTask::Passkey
-                },
-                lengths: args
-                    .lengths
-                    .clone()
-                    .unwrap_or_else(|| vec![exp.data.seq_len]),
+                task: if args.task == EvalTask::Niah { SynthTask::Niah } else { SynthTask::Passkey },
+                lengths: args.lengths.clone().unwrap_or_else(|| vec![exp.data.seq_len]),
                 depths: args.depths.clone(),
                 samples: args.samples.unwrap_or(10),
                 seed: args.seed,
@@ -175,19 +154,15 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
             if args.data.is_empty() {
                 bail!("--task loss needs --data: held-out shard files or folders (make them like the training data, from text the model was not trained on)");
             }
-            let spec = LossSpec {
-                paths: args.data.clone(),
-                bins: args.bins,
-                max_sequences: args.samples,
-            };
+            let spec = LossSpec { paths: args.data.clone(), bins: args.bins, max_sequences: args.samples };
             let result = run_loss(&ev, &spec, &mesh, world)?;
             if launch.rank == 0 {
                 write_loss(&out, &provenance, &args.data, &result)?;
-                let (first, last) = (
-                    result.loss.first().unwrap_or(&f64::NAN),
-                    result.loss.last().unwrap_or(&f64::NAN),
+                let (first, last) = (result.loss.first().unwrap_or(&f64::NAN), result.loss.last().unwrap_or(&f64::NAN));
+                println!(
+                    "loss over {} sequences of {} tokens: first bin {first:.4}, last bin {last:.4} nats",
+                    result.sequences, result.seq_len
                 );
-                println!("loss over {} sequences of {} tokens: first bin {first:.4}, last bin {last:.4} nats", result.sequences, result.seq_len);
             }
         }
     }

@@ -55,15 +55,15 @@ impl Evaluator<'_> {
         // [c] -> [1, c]
         let ids = Tensor::from_slice(&ids).view([1, c]).to_device(self.device);
         let start = start as i64;
-        let positions =
-            Tensor::arange_start(start, start + c, (Kind::Int64, self.device)).view([1, c]);
+        let positions = Tensor::arange_start(start, start + c, (Kind::Int64, self.device)).view([1, c]);
         let rope = Rope::new(self.spec, &positions, self.weights.embed.kind());
         let core = UlyssesAttention { group: self.sp };
         tch::no_grad(|| {
             let x = llama::embed(self.weights, &ids);
-            self.weights.layers.iter().fold(x, |x, layer| {
-                llama::layer_forward(self.spec, layer, &x, &rope, &core, self.mlp_tile)
-            })
+            self.weights
+                .layers
+                .iter()
+                .fold(x, |x, layer| llama::layer_forward(self.spec, layer, &x, &rope, &core, self.mlp_tile))
         })
     }
 
@@ -92,9 +92,8 @@ impl Evaluator<'_> {
         tch::no_grad(|| {
             // [1, c, h] -> [1, n, h] -> [1, n, V] -> [n, V]
             let x = h.narrow(1, (lo - start) as i64, n);
-            let logp = llama::logits(self.spec, self.weights, &x)
-                .view([n, self.spec.vocab_size])
-                .log_softmax(-1, Kind::Float);
+            let logp =
+                llama::logits(self.spec, self.weights, &x).view([n, self.spec.vocab_size]).log_softmax(-1, Kind::Float);
             // [n, V] gathered at [n, 1] -> [n, 1]
             let picked = logp.gather(1, &targets.unsqueeze(1), false);
             let correct = logp.argmax(-1, false).eq_tensor(&targets);
@@ -109,12 +108,7 @@ impl Evaluator<'_> {
     /// chunk's tokens followed by the next token when there is one (the label of the chunk's last
     /// position); the sequence's last position has no label and gets NaN. Collective over the
     /// SP group.
-    pub fn position_losses(
-        &self,
-        span: &[i32],
-        start: usize,
-        seq_len: usize,
-    ) -> Result<Vec<f32>, EvalError> {
+    pub fn position_losses(&self, span: &[i32], start: usize, seq_len: usize) -> Result<Vec<f32>, EvalError> {
         let (chunk_start, end) = self.chunk(seq_len)?;
         let c = end - chunk_start;
         let expected = c + usize::from(end < seq_len);
@@ -128,12 +122,8 @@ impl Evaluator<'_> {
         let mut labels: Vec<i64> = span[1..].iter().map(|&t| t as i64).collect();
         labels.resize(c, IGNORE_INDEX);
         // [c] -> [1, c]
-        let labels = Tensor::from_slice(&labels)
-            .view([1, c as i64])
-            .to_device(self.device);
-        let losses = tch::no_grad(|| {
-            llama::token_losses(self.spec, self.weights, &h, &labels, self.loss_tile)
-        });
+        let labels = Tensor::from_slice(&labels).view([1, c as i64]).to_device(self.device);
+        let losses = tch::no_grad(|| llama::token_losses(self.spec, self.weights, &h, &labels, self.loss_tile));
         // [1, c] -> [c]
         let mut out = Vec::<f32>::try_from(losses.view([c as i64]).to_device(Device::Cpu))?;
         if end == seq_len {

@@ -52,10 +52,7 @@ impl GridResult {
     /// Fraction of answer tokens (digits, with the byte tokenizer) right, `[L, D]`.
     pub fn token_accuracy(&self) -> Array2<f64> {
         let correct = self.correct_tokens.sum_axis(Axis(2)).mapv(|v| v as f64);
-        let total = self
-            .answer_tokens
-            .sum_axis(Axis(2))
-            .mapv(|v| v.max(1) as f64);
+        let total = self.answer_tokens.sum_axis(Axis(2)).mapv(|v| v.max(1) as f64);
         correct / total
     }
 
@@ -74,9 +71,7 @@ impl GridSpec {
             problems.push("--lengths, --depths and --samples need at least one value each".into());
         }
         if let Some(d) = self.depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
-            problems.push(format!(
-                "--depths: {d} is outside [0, 1] (0 = start, 1 = end of the context)"
-            ));
+            problems.push(format!("--depths: {d} is outside [0, 1] (0 = start, 1 = end of the context)"));
         }
         for &len in &self.lengths {
             if len == 0 || len % sp != 0 {
@@ -85,8 +80,7 @@ impl GridSpec {
                     "--lengths: {len} is not a multiple of sp = {sp} (the eval pads nothing); use e.g. {lo} or {}",
                     lo + sp
                 ));
-            } else if let Err(e) = needle_sample(tokenizer, self.task, len, 0.0, self.key_digits, 0)
-            {
+            } else if let Err(e) = needle_sample(tokenizer, self.task, len, 0.0, self.key_digits, 0) {
                 problems.push(format!("--lengths: {e}"));
             }
         }
@@ -146,14 +140,7 @@ pub fn run_grid(
         for j in (mesh.dp_rank..cell).step_by(mesh.dp) {
             let (di, si) = (j / ns, j % ns);
             let seed = grid.sample_seed(len, di, si);
-            let (seq, info) = needle_sample(
-                tokenizer,
-                grid.task,
-                len,
-                grid.depths[di],
-                grid.key_digits,
-                seed,
-            )?;
+            let (seq, info) = needle_sample(tokenizer, grid.task, len, grid.depths[di], grid.key_digits, seed)?;
             let score = ev.answer_score(&seq, info.answer_start)?;
             logprob[j] = score.logprob;
             ints[j] = score.correct;
@@ -178,20 +165,14 @@ pub fn run_grid(
             let row: Vec<String> = acc.row(li).iter().map(|a| format!("{a:>6.2}")).collect();
             let tok = r.token_accuracy().row(li).mean().unwrap_or(0.0);
             let lp = r.mean_logprob().row(li).mean().unwrap_or(0.0);
-            println!(
-                "  length {len:>8}{}   (token accuracy {tok:.3}, answer log-prob {lp:.3})",
-                row.join("")
-            );
+            println!("  length {len:>8}{}   (token accuracy {tok:.3}, answer log-prob {lp:.3})", row.join(""));
         }
     }
     Ok(r)
 }
 
 /// Element-wise sum of a vector over the group.
-fn sum_vec<T: tch::kind::Element + Copy>(
-    group: &dyn Collective,
-    v: &[T],
-) -> Result<Vec<T>, EvalError> {
+fn sum_vec<T: tch::kind::Element + Copy>(group: &dyn Collective, v: &[T]) -> Result<Vec<T>, EvalError> {
     let summed = group.all_reduce(&Tensor::from_slice(v))?;
     Ok(Vec::<T>::try_from(summed)?)
 }

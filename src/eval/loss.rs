@@ -36,13 +36,10 @@ pub struct LossResult {
 /// Sequence length of the shards (read from the first one; `Dataset::open` checks the rest).
 pub fn shard_seq_len(paths: &[PathBuf]) -> Result<usize, EvalError> {
     let files = shard_files(paths)?;
-    let first = files.first().ok_or_else(|| {
-        EvalError::Usage("--data lists no shards; give HDF5 shard files or folders of them".into())
-    })?;
-    let file = hdf5::File::open(first).map_err(|e| DataError::Open {
-        path: first.clone(),
-        detail: e.to_string(),
-    })?;
+    let first = files
+        .first()
+        .ok_or_else(|| EvalError::Usage("--data lists no shards; give HDF5 shard files or folders of them".into()))?;
+    let file = hdf5::File::open(first).map_err(|e| DataError::Open { path: first.clone(), detail: e.to_string() })?;
     let tokens = file.dataset(TOKENS).map_err(|_| DataError::Missing {
         path: first.clone(),
         what: "dataset",
@@ -52,12 +49,7 @@ pub fn shard_seq_len(paths: &[PathBuf]) -> Result<usize, EvalError> {
 }
 
 /// Evaluates the curve. Collective over the world: every rank calls it with the same spec.
-pub fn run_loss(
-    ev: &Evaluator,
-    spec: &LossSpec,
-    mesh: &Mesh,
-    world: &dyn Collective,
-) -> Result<LossResult, EvalError> {
+pub fn run_loss(ev: &Evaluator, spec: &LossSpec, mesh: &Mesh, world: &dyn Collective) -> Result<LossResult, EvalError> {
     let seq_len = shard_seq_len(&spec.paths)?;
     let dataset = Dataset::open(&spec.paths, seq_len)?;
     if dataset.vocab_size() > ev.spec.vocab_size {
@@ -74,13 +66,9 @@ pub fn run_loss(
         )));
     }
     let (start, end) = ev.chunk(seq_len)?;
-    let sequences = spec
-        .max_sequences
-        .map_or(dataset.len(), |m| m.min(dataset.len()));
+    let sequences = spec.max_sequences.map_or(dataset.len(), |m| m.min(dataset.len()));
     if sequences == 0 {
-        return Err(EvalError::Usage(
-            "--data holds no sequences (or --samples is 0)".into(),
-        ));
+        return Err(EvalError::Usage("--data holds no sequences (or --samples is 0)".into()));
     }
     // Positions [0, L-1) have a label; split them into `bins` near-equal ranges.
     let labelled = seq_len - 1;
@@ -103,17 +91,6 @@ pub fn run_loss(
     }
     let loss_sum = Vec::<f64>::try_from(world.all_reduce(&Tensor::from_slice(&loss_sum))?)?;
     let tokens = Vec::<i64>::try_from(world.all_reduce(&Tensor::from_slice(&tokens))?)?;
-    let loss = loss_sum
-        .iter()
-        .zip(&tokens)
-        .map(|(&s, &n)| if n > 0 { s / n as f64 } else { f64::NAN })
-        .collect();
-    Ok(LossResult {
-        seq_len,
-        sequences,
-        bin_start,
-        bin_end,
-        loss,
-        tokens,
-    })
+    let loss = loss_sum.iter().zip(&tokens).map(|(&s, &n)| if n > 0 { s / n as f64 } else { f64::NAN }).collect();
+    Ok(LossResult { seq_len, sequences, bin_start, bin_end, loss, tokens })
 }

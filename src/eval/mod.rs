@@ -57,21 +57,13 @@ pub enum EvalError {
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("{}: {action} failed ({detail})", .path.display())]
-    Results {
-        path: PathBuf,
-        action: &'static str,
-        detail: String,
-    },
+    Results { path: PathBuf, action: &'static str, detail: String },
     #[error("{}: drawing the plot failed ({detail})", .path.display())]
     Plot { path: PathBuf, detail: String },
 }
 
 impl EvalError {
     pub(crate) fn results(path: &std::path::Path, action: &'static str, e: impl ToString) -> Self {
-        EvalError::Results {
-            path: path.to_path_buf(),
-            action,
-            detail: e.to_string(),
-        }
+        EvalError::Results { path: path.to_path_buf(), action, detail: e.to_string() }
     }
 }

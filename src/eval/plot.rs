@@ -21,21 +21,14 @@ pub fn plot_eval(result_h5: &Path, out_dir: &Path) -> Result<Vec<PathBuf>, EvalE
     // Cheap (parses the font's header); registering again replaces the same entry.
     plotters::style::register_font(FAMILY, FontStyle::Normal, FONT)
         .map_err(|_| plot_error(result_h5, "the embedded font does not parse"))?;
-    std::fs::create_dir_all(out_dir)
-        .map_err(|e| EvalError::results(out_dir, "creating the plot folder", e))?;
-    let stem = result_h5
-        .file_stem()
-        .map_or("eval".into(), |s| s.to_string_lossy().into_owned());
+    std::fs::create_dir_all(out_dir).map_err(|e| EvalError::results(out_dir, "creating the plot folder", e))?;
+    let stem = result_h5.file_stem().map_or("eval".into(), |s| s.to_string_lossy().into_owned());
     match read(result_h5)? {
         EvalResults::Grid { task, result } => {
             let samples = result.logprob.shape()[2];
             let maps = [
                 ("accuracy", "exact-match accuracy", result.accuracy()),
-                (
-                    "token_accuracy",
-                    "per-token (digit) accuracy",
-                    result.token_accuracy(),
-                ),
+                ("token_accuracy", "per-token (digit) accuracy", result.token_accuracy()),
             ];
             let mut out = Vec::new();
             for (suffix, what, values) in maps {
@@ -55,40 +48,20 @@ pub fn plot_eval(result_h5: &Path, out_dir: &Path) -> Result<Vec<PathBuf>, EvalE
 }
 
 fn plot_error(path: &Path, e: impl std::fmt::Display) -> EvalError {
-    EvalError::Plot {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    }
+    EvalError::Plot { path: path.to_path_buf(), detail: e.to_string() }
 }
 
 /// Viridis-like colour of a value in [0, 1]: dark purple (0) through teal to yellow (1).
 fn colour(v: f64) -> RGBColor {
-    const STOPS: [(f64, f64, f64); 3] = [
-        (68.0, 1.0, 84.0),
-        (33.0, 145.0, 140.0),
-        (253.0, 231.0, 37.0),
-    ];
-    let v = if v.is_finite() {
-        v.clamp(0.0, 1.0)
-    } else {
-        0.0
-    };
-    let (i, t) = if v < 0.5 {
-        (0, v * 2.0)
-    } else {
-        (1, (v - 0.5) * 2.0)
-    };
+    const STOPS: [(f64, f64, f64); 3] = [(68.0, 1.0, 84.0), (33.0, 145.0, 140.0), (253.0, 231.0, 37.0)];
+    let v = if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 };
+    let (i, t) = if v < 0.5 { (0, v * 2.0) } else { (1, (v - 0.5) * 2.0) };
     let (a, b) = (STOPS[i], STOPS[i + 1]);
     let mix = |x: f64, y: f64| (x + (y - x) * t).round() as u8;
     RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
-fn heat_map(
-    path: &Path,
-    title: &str,
-    r: &GridResult,
-    values: &Array2<f64>,
-) -> Result<(), EvalError> {
+fn heat_map(path: &Path, title: &str, r: &GridResult, values: &Array2<f64>) -> Result<(), EvalError> {
     let height = (160 + 70 * r.lengths.len()).max(360) as u32;
     let root = BitMapBackend::new(path, (900, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_error(path, e))?;
@@ -127,35 +100,21 @@ fn draw_heat_map(
         Rectangle::new([(x, y), (x + 1.0, y + 1.0)], colour(v).filled())
     }))?;
     let centred = |ink: &'static RGBColor, h: HPos, v: VPos| {
-        TextStyle::from((FAMILY, 17).into_font())
-            .color(ink)
-            .pos(Pos::new(h, v))
+        TextStyle::from((FAMILY, 17).into_font()).color(ink).pos(Pos::new(h, v))
     };
     chart.draw_series(cells.map(|(li, di)| {
         let v = values[[li, di]];
         let ink: &'static RGBColor = if v > 0.6 { &BLACK } else { &WHITE };
         let at = (di as f64 + 0.5, li as f64 + 0.5);
-        Text::new(
-            format!("{v:.2}"),
-            at,
-            centred(ink, HPos::Center, VPos::Center),
-        )
+        Text::new(format!("{v:.2}"), at, centred(ink, HPos::Center, VPos::Center))
     }))?;
     for (di, d) in r.depths.iter().enumerate() {
         let (x, y) = chart.backend_coord(&(di as f64 + 0.5, 0.0));
-        root.draw(&Text::new(
-            format!("{d:.2}"),
-            (x, y + 8),
-            centred(&BLACK, HPos::Center, VPos::Top),
-        ))?;
+        root.draw(&Text::new(format!("{d:.2}"), (x, y + 8), centred(&BLACK, HPos::Center, VPos::Top)))?;
     }
     for (li, len) in r.lengths.iter().enumerate() {
         let (x, y) = chart.backend_coord(&(0.0, li as f64 + 0.5));
-        root.draw(&Text::new(
-            len.to_string(),
-            (x - 8, y),
-            centred(&BLACK, HPos::Right, VPos::Center),
-        ))?;
+        root.draw(&Text::new(len.to_string(), (x - 8, y), centred(&BLACK, HPos::Right, VPos::Center)))?;
     }
     Ok(())
 }
@@ -167,26 +126,16 @@ fn loss_curve(path: &Path, r: &LossResult) -> Result<(), EvalError> {
     root.present().map_err(|e| plot_error(path, e))
 }
 
-fn draw_loss_curve(
-    root: &DrawingArea<BitMapBackend, Shift>,
-    r: &LossResult,
-) -> Result<(), Box<dyn std::error::Error>> {
+fn draw_loss_curve(root: &DrawingArea<BitMapBackend, Shift>, r: &LossResult) -> Result<(), Box<dyn std::error::Error>> {
     // One point per bin with tokens, at the bin's middle position.
     let points: Vec<(f64, f64)> = (0..r.loss.len())
         .filter(|&b| r.tokens[b] > 0 && r.loss[b].is_finite())
         .map(|b| ((r.bin_start[b] + r.bin_end[b]) as f64 / 2.0, r.loss[b]))
         .collect();
-    let (lo, hi) = points
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
-            (lo.min(p.1), hi.max(p.1))
-        });
+    let (lo, hi) = points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
     let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
     let pad = ((hi - lo) * 0.1).max(1e-3);
-    let title = format!(
-        "next-token loss by position: {} sequences of {} tokens",
-        r.sequences, r.seq_len
-    );
+    let title = format!("next-token loss by position: {} sequences of {} tokens", r.sequences, r.seq_len);
     let mut chart = ChartBuilder::on(root)
         .caption(title, (FAMILY, 22))
         .margin(16)
@@ -202,10 +151,7 @@ fn draw_loss_curve(
         .axis_desc_style((FAMILY, 17))
         .draw()?;
     let blue = RGBColor(31, 119, 180);
-    chart.draw_series(LineSeries::new(
-        points.iter().copied(),
-        blue.stroke_width(2),
-    ))?;
+    chart.draw_series(LineSeries::new(points.iter().copied(), blue.stroke_width(2)))?;
     chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, blue.filled())))?;
     Ok(())
 }

@@ -33,9 +33,7 @@ pub enum EvalResults {
 }
 
 fn text_attr(loc: &Location, path: &Path, name: &str, value: &str) -> Result<(), EvalError> {
-    let v: VarLenUnicode = value
-        .parse()
-        .map_err(|e| EvalError::results(path, "writing an attribute", e))?;
+    let v: VarLenUnicode = value.parse().map_err(|e| EvalError::results(path, "writing an attribute", e))?;
     loc.new_attr::<VarLenUnicode>()
         .create(name)
         .and_then(|a| a.write_scalar(&v))
@@ -69,18 +67,11 @@ fn to_i64(v: &[usize]) -> Array1<i64> {
 /// Creates the file (replacing one already there) with the attributes common to every task.
 fn create(path: &Path, task: EvalTask, p: &Provenance) -> Result<hdf5::File, EvalError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| EvalError::results(dir, "creating the folder", e))?;
+        std::fs::create_dir_all(dir).map_err(|e| EvalError::results(dir, "creating the folder", e))?;
     }
-    let file =
-        hdf5::File::create(path).map_err(|e| EvalError::results(path, "creating the file", e))?;
+    let file = hdf5::File::create(path).map_err(|e| EvalError::results(path, "creating the file", e))?;
     text_attr(&file, path, "task", task.name())?;
-    text_attr(
-        &file,
-        path,
-        "checkpoint",
-        &p.checkpoint.display().to_string(),
-    )?;
+    text_attr(&file, path, "checkpoint", &p.checkpoint.display().to_string())?;
     text_attr(&file, path, "config_toml", p.config_toml)?;
     text_attr(&file, path, "command", p.command)?;
     text_attr(&file, path, "ulysses_version", env!("CARGO_PKG_VERSION"))?;
@@ -108,24 +99,16 @@ pub fn write_grid(
     dataset(&file, path, "answer_logprob", &r.mean_logprob())?;
     let samples = r.accuracy().mapv(|_| r.logprob.shape()[2] as i64);
     dataset(&file, path, "samples", &samples)?;
-    let group = file
-        .create_group("sample")
-        .map_err(|e| EvalError::results(path, "creating group sample", e))?;
+    let group = file.create_group("sample").map_err(|e| EvalError::results(path, "creating group sample", e))?;
     dataset(&group, path, "logprob", &r.logprob)?;
     dataset(&group, path, "correct_tokens", &r.correct_tokens)?;
     dataset(&group, path, "answer_tokens", &r.answer_tokens)?;
     dataset(&group, path, "needle_start", &r.needle_start)?;
     dataset(&group, path, "key", &r.key)?;
-    file.flush()
-        .map_err(|e| EvalError::results(path, "flushing", e))
+    file.flush().map_err(|e| EvalError::results(path, "flushing", e))
 }
 
-pub fn write_loss(
-    path: &Path,
-    p: &Provenance,
-    data: &[PathBuf],
-    r: &LossResult,
-) -> Result<(), EvalError> {
+pub fn write_loss(path: &Path, p: &Provenance, data: &[PathBuf], r: &LossResult) -> Result<(), EvalError> {
     let file = create(path, EvalTask::Loss, p)?;
     let data: Vec<String> = data.iter().map(|d| d.display().to_string()).collect();
     text_attr(&file, path, "data", &data.join("\n"))?;
@@ -135,8 +118,7 @@ pub fn write_loss(
     dataset(&file, path, "bin_end", &to_i64(&r.bin_end))?;
     dataset(&file, path, "loss", &Array1::from(r.loss.clone()))?;
     dataset(&file, path, "tokens", &Array1::from(r.tokens.clone()))?;
-    file.flush()
-        .map_err(|e| EvalError::results(path, "flushing", e))
+    file.flush().map_err(|e| EvalError::results(path, "flushing", e))
 }
 
 fn read_1d<T: H5Type>(file: &hdf5::File, path: &Path, name: &str) -> Result<Vec<T>, EvalError> {
@@ -190,14 +172,8 @@ pub fn read(path: &Path) -> Result<EvalResults, EvalError> {
                 tokens: read_1d(&file, path, "tokens")?,
             };
             let n = r.bin_start.len();
-            if [r.bin_end.len(), r.loss.len(), r.tokens.len()]
-                .iter()
-                .any(|&m| m != n)
-            {
-                return Err(inconsistent(
-                    path,
-                    "bin_start, bin_end, loss and tokens differ in length",
-                ));
+            if [r.bin_end.len(), r.loss.len(), r.tokens.len()].iter().any(|&m| m != n) {
+                return Err(inconsistent(path, "bin_start, bin_end, loss and tokens differ in length"));
             }
             return Ok(EvalResults::Loss(r));
         }
@@ -218,33 +194,14 @@ pub fn read(path: &Path) -> Result<EvalResults, EvalError> {
         needle_start: read_3d(&file, path, "sample/needle_start")?,
         key: read_3d(&file, path, "sample/key")?,
     };
-    let expected = [
-        result.lengths.len(),
-        result.depths.len(),
-        result.logprob.shape()[2],
-    ];
-    let arrays = [
-        &result.correct_tokens,
-        &result.answer_tokens,
-        &result.needle_start,
-        &result.key,
-    ];
+    let expected = [result.lengths.len(), result.depths.len(), result.logprob.shape()[2]];
+    let arrays = [&result.correct_tokens, &result.answer_tokens, &result.needle_start, &result.key];
     if result.logprob.shape() != expected || arrays.iter().any(|a| a.shape() != expected) {
-        return Err(inconsistent(
-            path,
-            "sample/* are not all [lengths, depths, samples]",
-        ));
+        return Err(inconsistent(path, "sample/* are not all [lengths, depths, samples]"));
     }
-    Ok(EvalResults::Grid {
-        task,
-        result: Box::new(result),
-    })
+    Ok(EvalResults::Grid { task, result: Box::new(result) })
 }
 
 fn inconsistent(path: &Path, what: &str) -> EvalError {
-    EvalError::results(
-        path,
-        "reading",
-        format!("{what}; the file is not a complete results file"),
-    )
+    EvalError::results(path, "reading", format!("{what}; the file is not a complete results file"))
 }

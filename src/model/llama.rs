@@ -21,18 +21,9 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
 
 /// Pre-attention segment: RMSNorm -> q, k, v projections -> RoPE at the global positions of
 /// `rope`. Returns (q [b, s, n_q, d], k [b, s, n_kv, d], v [b, s, n_kv, d]).
-pub fn pre_attention(
-    spec: &ModelSpec,
-    w: &LayerWeights,
-    x: &Tensor,
-    rope: &Rope,
-) -> (Tensor, Tensor, Tensor) {
+pub fn pre_attention(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, rope: &Rope) -> (Tensor, Tensor, Tensor) {
     let (b, s) = (x.size()[0], x.size()[1]);
-    let (n_q, n_kv, d) = (
-        spec.num_attention_heads,
-        spec.num_key_value_heads,
-        spec.head_dim,
-    );
+    let (n_q, n_kv, d) = (spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim);
     let xn = rms_norm(x, &w.attn_norm, spec.rms_norm_eps);
     // [b, s, h] -> [b, s, n_q*d] -> [b, s, n_q, d]
     let q = xn.linear(&w.wq, None::<Tensor>).view([b, s, n_q, d]);
@@ -59,8 +50,7 @@ impl AttentionCore for LocalAttention {
         let gqa = q.size()[2] != k.size()[2];
         // [b, s, heads, d] -> [b, heads, s, d]
         let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
-        let out =
-            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, gqa);
+        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, gqa);
         // [b, n_q, s, d] -> [b, s, n_q, d]
         out.transpose(1, 2)
     }
@@ -71,13 +61,7 @@ impl AttentionCore for LocalAttention {
 /// [tokens, intermediate] activations exist for one tile at a time; the result does not depend
 /// on the tiling. With autograd every tile's activations stay in the graph: to keep the memory
 /// win in backward, backpropagate `mlp_residual` tile by tile instead.
-pub fn post_attention(
-    spec: &ModelSpec,
-    w: &LayerWeights,
-    x: &Tensor,
-    attn: &Tensor,
-    mlp_tile: usize,
-) -> Tensor {
+pub fn post_attention(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, attn: &Tensor, mlp_tile: usize) -> Tensor {
     let h = attention_residual(spec, w, x, attn);
     let s = h.size()[1];
     let tiles: Vec<Tensor> = seq_tiles(s, mlp_tile)
@@ -135,13 +119,7 @@ pub fn logits(spec: &ModelSpec, w: &ModelWeights, x: &Tensor) -> Tensor {
 /// tiles of `loss_tile` tokens (0: untiled) so the full [b, s, V] logits never exist at once.
 /// `labels` [b, s] are already aligned with `x`: label t is the target of position t; valid
 /// labels must lie in [0, V).
-pub fn token_losses(
-    spec: &ModelSpec,
-    w: &ModelWeights,
-    x: &Tensor,
-    labels: &Tensor,
-    loss_tile: usize,
-) -> Tensor {
+pub fn token_losses(spec: &ModelSpec, w: &ModelWeights, x: &Tensor, labels: &Tensor, loss_tile: usize) -> Tensor {
     let (b, s) = (x.size()[0], x.size()[1]);
     let tiles: Vec<Tensor> = seq_tiles(s, loss_tile)
         .map(|(start, len)| {
@@ -149,8 +127,7 @@ pub fn token_losses(
             let lg = logits(spec, w, &x.narrow(1, start, len)).view([b * len, spec.vocab_size]);
             // [b, s] -> [b, tile] -> [b*tile]
             let target = labels.narrow(1, start, len).reshape([b * len]);
-            let loss =
-                lg.cross_entropy_loss(&target, None::<Tensor>, Reduction::None, IGNORE_INDEX, 0.0);
+            let loss = lg.cross_entropy_loss(&target, None::<Tensor>, Reduction::None, IGNORE_INDEX, 0.0);
             // [b*tile] -> [b, tile]
             loss.view([b, len])
         })
@@ -165,18 +142,9 @@ pub fn token_losses(
 /// Under autograd each tile's fp32 log-probabilities are saved for backward; to bound that
 /// memory too, call it on tiles (`x.narrow(1, ..)`, same for labels) and backpropagate each
 /// before the next.
-pub fn head_loss(
-    spec: &ModelSpec,
-    w: &ModelWeights,
-    x: &Tensor,
-    labels: &Tensor,
-    loss_tile: usize,
-) -> (Tensor, i64) {
+pub fn head_loss(spec: &ModelSpec, w: &ModelWeights, x: &Tensor, labels: &Tensor, loss_tile: usize) -> (Tensor, i64) {
     let valid = labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]);
-    (
-        token_losses(spec, w, x, labels, loss_tile).sum(Kind::Float),
-        valid,
-    )
+    (token_losses(spec, w, x, labels, loss_tile).sum(Kind::Float), valid)
 }
 
 /// The readable reference: the whole forward with autograd, ids [b, s] at global `positions`
@@ -189,9 +157,7 @@ pub fn forward_logits(
     core: &dyn AttentionCore,
 ) -> Tensor {
     let rope = Rope::new(spec, positions, w.embed.kind());
-    let x = w.layers.iter().fold(embed(w, ids), |x, layer| {
-        layer_forward(spec, layer, &x, &rope, core, 0)
-    });
+    let x = w.layers.iter().fold(embed(w, ids), |x, layer| layer_forward(spec, layer, &x, &rope, core, 0));
     logits(spec, w, &x)
 }
 
@@ -200,7 +166,5 @@ pub fn forward_logits(
 /// concatenations above always have something to join.
 pub fn seq_tiles(s: i64, tile: usize) -> impl Iterator<Item = (i64, i64)> {
     let tile = if tile == 0 { s.max(1) } else { tile as i64 };
-    (0..s.max(1))
-        .step_by(tile as usize)
-        .map(move |start| (start, tile.min(s - start)))
+    (0..s.max(1)).step_by(tile as usize).map(move |start| (start, tile.min(s - start)))
 }

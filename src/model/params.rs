@@ -72,31 +72,15 @@ impl LayerWeights {
 
     /// Inverse of `tensors()`: takes the nine tensors by their HF suffix names (any order), checks
     /// names and shapes against `spec`.
-    pub fn from_tensors(
-        spec: &ModelSpec,
-        named: Vec<(String, Tensor)>,
-    ) -> Result<LayerWeights, WeightsError> {
-        let expected: Vec<(String, Vec<i64>)> = Self::shapes(spec)
-            .into_iter()
-            .map(|(n, s)| (n.to_string(), s))
-            .collect();
-        let ordered = check_and_order(
-            &expected,
-            named,
-            &|_| "layer tensors".to_string(),
-            "layer tensors",
-        )?;
+    pub fn from_tensors(spec: &ModelSpec, named: Vec<(String, Tensor)>) -> Result<LayerWeights, WeightsError> {
+        let expected: Vec<(String, Vec<i64>)> =
+            Self::shapes(spec).into_iter().map(|(n, s)| (n.to_string(), s)).collect();
+        let ordered = check_and_order(&expected, named, &|_| "layer tensors".to_string(), "layer tensors")?;
         Ok(Self::from_ordered(ordered))
     }
 
     /// Layer `layer` of `ModelWeights::init` (same values), for callers that build one layer at a time.
-    pub fn init(
-        spec: &ModelSpec,
-        layer: usize,
-        seed: i64,
-        kind: Kind,
-        device: Device,
-    ) -> LayerWeights {
+    pub fn init(spec: &ModelSpec, layer: usize, seed: i64, kind: Kind, device: Device) -> LayerWeights {
         let t = Self::shapes(spec)
             .into_iter()
             .map(|(n, s)| init_tensor(&format!("model.layers.{layer}.{n}"), &s, seed, kind, device))
@@ -106,20 +90,9 @@ impl LayerWeights {
 
     /// Tensors in the order of `NAMES`; the caller guarantees there are nine.
     fn from_ordered(t: Vec<Tensor>) -> LayerWeights {
-        let [attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down]: [Tensor; 9] = t
-            .try_into()
-            .unwrap_or_else(|_| unreachable!("a layer has exactly nine tensors"));
-        LayerWeights {
-            attn_norm,
-            wq,
-            wk,
-            wv,
-            wo,
-            mlp_norm,
-            w_gate,
-            w_up,
-            w_down,
-        }
+        let [attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down]: [Tensor; 9] =
+            t.try_into().unwrap_or_else(|_| unreachable!("a layer has exactly nine tensors"));
+        LayerWeights { attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down }
     }
 }
 
@@ -129,11 +102,7 @@ impl ModelWeights {
         let (v, h) = (spec.vocab_size, spec.hidden_size);
         let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
         for l in 0..spec.num_hidden_layers {
-            out.extend(
-                LayerWeights::shapes(spec)
-                    .into_iter()
-                    .map(|(n, s)| (format!("model.layers.{l}.{n}"), s)),
-            );
+            out.extend(LayerWeights::shapes(spec).into_iter().map(|(n, s)| (format!("model.layers.{l}.{n}"), s)));
         }
         out.push(("model.norm.weight".to_string(), vec![h]));
         if !spec.tie_word_embeddings {
@@ -146,25 +115,14 @@ impl ModelWeights {
     /// drawn on the host from a counter-based generator keyed by (seed, its name), so the values
     /// do not depend on the device, the thread count, or which other tensors are built.
     pub fn init(spec: &ModelSpec, seed: i64, kind: Kind, device: Device) -> ModelWeights {
-        let t = Self::shapes(spec)
-            .into_iter()
-            .map(|(n, s)| init_tensor(&n, &s, seed, kind, device))
-            .collect();
+        let t = Self::shapes(spec).into_iter().map(|(n, s)| init_tensor(&n, &s, seed, kind, device)).collect();
         Self::from_ordered(spec, t)
     }
 
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![(
-            "model.embed_tokens.weight".to_string(),
-            self.embed.shallow_clone(),
-        )];
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.shallow_clone())];
         for (l, layer) in self.layers.iter().enumerate() {
-            out.extend(
-                layer
-                    .tensors()
-                    .into_iter()
-                    .map(|(n, t)| (format!("model.layers.{l}.{n}"), t.shallow_clone())),
-            );
+            out.extend(layer.tensors().into_iter().map(|(n, t)| (format!("model.layers.{l}.{n}"), t.shallow_clone())));
         }
         out.push(("model.norm.weight".to_string(), self.norm.shallow_clone()));
         if let Some(head) = &self.lm_head {
@@ -174,16 +132,8 @@ impl ModelWeights {
     }
 
     /// Builds the weights from HF-named tensors, checking every name and shape against `spec`.
-    pub fn from_named(
-        spec: &ModelSpec,
-        named: Vec<(String, Tensor)>,
-    ) -> Result<ModelWeights, WeightsError> {
-        Self::from_named_in(
-            spec,
-            named,
-            &|_| "the given tensors".to_string(),
-            "the given tensors",
-        )
+    pub fn from_named(spec: &ModelSpec, named: Vec<(String, Tensor)>) -> Result<ModelWeights, WeightsError> {
+        Self::from_named_in(spec, named, &|_| "the given tensors".to_string(), "the given tensors")
     }
 
     /// `from_named` whose errors name where each tensor came from (`origin`) and the checkpoint as
@@ -196,10 +146,8 @@ impl ModelWeights {
     ) -> Result<ModelWeights, WeightsError> {
         // What transformers itself ignores when loading: a stored LM head of a tied model, and the
         // rotary `inv_freq` buffers that older conversions saved.
-        let ignored = |n: &str| {
-            (spec.tie_word_embeddings && n == "lm_head.weight")
-                || n.ends_with("rotary_emb.inv_freq")
-        };
+        let ignored =
+            |n: &str| (spec.tie_word_embeddings && n == "lm_head.weight") || n.ends_with("rotary_emb.inv_freq");
         named.retain(|(n, _)| !ignored(n));
         let ordered = check_and_order(&Self::shapes(spec), named, origin, whole)?;
         Ok(Self::from_ordered(spec, ordered))
@@ -213,24 +161,14 @@ impl ModelWeights {
     /// Tensors in the order of `shapes(spec)`.
     fn from_ordered(spec: &ModelSpec, t: Vec<Tensor>) -> ModelWeights {
         let mut it = t.into_iter();
-        let mut next = || {
-            it.next()
-                .unwrap_or_else(|| unreachable!("checked against shapes(spec)"))
-        };
+        let mut next = || it.next().unwrap_or_else(|| unreachable!("checked against shapes(spec)"));
         let embed = next();
         let layers = (0..spec.num_hidden_layers)
-            .map(|_| {
-                LayerWeights::from_ordered((0..LayerWeights::NAMES.len()).map(|_| next()).collect())
-            })
+            .map(|_| LayerWeights::from_ordered((0..LayerWeights::NAMES.len()).map(|_| next()).collect()))
             .collect();
         let norm = next();
         let lm_head = (!spec.tie_word_embeddings).then(next);
-        ModelWeights {
-            embed,
-            layers,
-            norm,
-            lm_head,
-        }
+        ModelWeights { embed, layers, norm, lm_head }
     }
 }
 
@@ -240,9 +178,7 @@ pub fn init_tensor(name: &str, shape: &[i64], seed: i64, kind: Kind, device: Dev
         return Tensor::ones(shape, (kind, device));
     }
     // FNV-1a of the name, mixed with the seed.
-    let key = name.bytes().fold(splitmix64(seed as u64), |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
+    let key = name.bytes().fold(splitmix64(seed as u64), |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
     let n = shape.iter().product::<i64>() as usize;
     Tensor::from_slice(&normal_values(key, n, 0.02))
         .view(shape) // [n] -> shape
@@ -265,8 +201,7 @@ fn normal_values(key: u64, n: usize, std: f64) -> Vec<f32> {
                     // Box-Muller from two independent uniforms in (0, 1].
                     let u1 = unit(splitmix64(key ^ splitmix64(2 * i)));
                     let u2 = unit(splitmix64(key ^ splitmix64(2 * i + 1)));
-                    *v = (std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos())
-                        as f32;
+                    *v = (std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32;
                 }
             });
         }
@@ -298,37 +233,20 @@ fn check_and_order(
     let mut map: HashMap<String, Tensor> = HashMap::with_capacity(named.len());
     for (name, t) in named {
         if map.contains_key(&name) {
-            return Err(WeightsError::Duplicate {
-                origin: whole.to_string(),
-                tensor: name,
-            });
+            return Err(WeightsError::Duplicate { origin: whole.to_string(), tensor: name });
         }
         map.insert(name, t);
     }
     let wanted: HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-    let missing: Vec<String> = expected
-        .iter()
-        .filter(|(n, _)| !map.contains_key(n))
-        .map(|(n, _)| n.clone())
-        .collect();
-    let mut unexpected: Vec<String> = map
-        .keys()
-        .filter(|n| !wanted.contains(n.as_str()))
-        .cloned()
-        .collect();
+    let missing: Vec<String> = expected.iter().filter(|(n, _)| !map.contains_key(n)).map(|(n, _)| n.clone()).collect();
+    let mut unexpected: Vec<String> = map.keys().filter(|n| !wanted.contains(n.as_str())).cloned().collect();
     if !missing.is_empty() || !unexpected.is_empty() {
         unexpected.sort();
-        return Err(WeightsError::Names {
-            origin: whole.to_string(),
-            missing,
-            unexpected,
-        });
+        return Err(WeightsError::Names { origin: whole.to_string(), missing, unexpected });
     }
     let mut ordered = Vec::with_capacity(expected.len());
     for (name, shape) in expected {
-        let t = map
-            .remove(name)
-            .unwrap_or_else(|| unreachable!("missing names were rejected above"));
+        let t = map.remove(name).unwrap_or_else(|| unreachable!("missing names were rejected above"));
         if t.size() != *shape {
             return Err(WeightsError::Shape {
                 origin: origin(name),

@@ -21,10 +21,7 @@ impl Rope {
         let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq;
         // [b, s, d/2] -> [b, s, d]: both halves of a head use the same frequencies.
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
-        Rope {
-            cos: emb.cos().to_kind(kind),
-            sin: emb.sin().to_kind(kind),
-        }
+        Rope { cos: emb.cos().to_kind(kind), sin: emb.sin().to_kind(kind) }
     }
 }
 
@@ -33,8 +30,7 @@ impl Rope {
 /// `_compute_llama3_parameters` of transformers operation by operation (fp32 throughout).
 pub fn inv_freq(spec: &ModelSpec, device: Device) -> Tensor {
     let d = spec.head_dim;
-    let exponent =
-        Tensor::arange_start_step(0, d, 2, (Kind::Int64, device)).to_kind(Kind::Float) / (d as f64);
+    let exponent = Tensor::arange_start_step(0, d, 2, (Kind::Int64, device)).to_kind(Kind::Float) / (d as f64);
     let inv_freq = Tensor::pow_scalar(spec.rope_theta, &exponent).reciprocal();
     let Some(s) = &spec.rope_scaling else {
         return inv_freq;
@@ -46,13 +42,9 @@ pub fn inv_freq(spec: &ModelSpec, device: Device) -> Tensor {
     // Long wavelengths (low frequencies) are stretched by `factor`, short ones kept.
     let stretched = (&inv_freq / s.factor).where_self(&wavelen.gt(low_freq_wavelen), &inv_freq);
     // In between, interpolate smoothly between the stretched and the original frequency.
-    let smooth = (wavelen.reciprocal() * old_context - s.low_freq_factor)
-        / (s.high_freq_factor - s.low_freq_factor);
+    let smooth = (wavelen.reciprocal() * old_context - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
     let smoothed = (1f64 - &smooth) * &stretched / s.factor + &smooth * &stretched;
-    let medium = wavelen
-        .lt(high_freq_wavelen)
-        .logical_not()
-        .logical_and(&wavelen.gt(low_freq_wavelen).logical_not());
+    let medium = wavelen.lt(high_freq_wavelen).logical_not().logical_and(&wavelen.gt(low_freq_wavelen).logical_not());
     smoothed.where_self(&medium, &stretched)
 }
 

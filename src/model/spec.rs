@@ -159,7 +159,9 @@ impl ModelSpec {
                     "default" => None,
                     "llama3" => {
                         let f = |k: &str| {
-                            r.get(k).and_then(|x| x.as_f64()).ok_or_else(|| field_err(&format!("rope_scaling.{k}"), "is missing"))
+                            r.get(k)
+                                .and_then(|x| x.as_f64())
+                                .ok_or_else(|| field_err(&format!("rope_scaling.{k}"), "is missing"))
                         };
                         Some(Llama3RopeScaling {
                             factor: f("factor")?,

@@ -13,47 +13,26 @@ const INDEX_FILE: &str = "model.safetensors.index.json";
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("{path} is not a readable safetensors file (truncated or corrupt?): {message}")]
     Corrupt { path: String, message: String },
     #[error("{path}: tensor `{tensor}` has dtype {found}; model weights must be bf16, fp16, fp32 or fp64")]
-    Dtype {
-        path: String,
-        tensor: String,
-        found: String,
-    },
+    Dtype { path: String, tensor: String, found: String },
     #[error("{path}: {problem}")]
     Index { path: String, problem: String },
     #[error("no Hugging Face weights in {path}: expected {SINGLE_FILE} or {INDEX_FILE}")]
     NotFound { path: String },
     #[error("{origin}: tensor `{tensor}` has shape {found:?}, expected {expected:?} for this model config")]
-    Shape {
-        origin: String,
-        tensor: String,
-        expected: Vec<i64>,
-        found: Vec<i64>,
-    },
+    Shape { origin: String, tensor: String, expected: Vec<i64>, found: Vec<i64> },
     #[error(
         "{origin}: tensors do not match the model config ({}); is the config the one of these weights?",
         describe_names(.missing, .unexpected)
     )]
-    Names {
-        origin: String,
-        missing: Vec<String>,
-        unexpected: Vec<String>,
-    },
+    Names { origin: String, missing: Vec<String>, unexpected: Vec<String> },
     #[error("{origin}: tensor `{tensor}` appears more than once")]
     Duplicate { origin: String, tensor: String },
     #[error("tensor `{tensor}` is {found}, but all weights must be {expected} like `{reference}`")]
-    Placement {
-        tensor: String,
-        found: String,
-        expected: String,
-        reference: String,
-    },
+    Placement { tensor: String, found: String, expected: String, reference: String },
     #[error("cannot write {path}: {message}")]
     Write { path: String, message: String },
 }
@@ -61,17 +40,8 @@ pub enum WeightsError {
 /// "missing [a, b]; unexpected [c]", at most 8 names each so a wrong config stays readable.
 fn describe_names(missing: &[String], unexpected: &[String]) -> String {
     let list = |what: &str, names: &[String]| {
-        let shown = names
-            .iter()
-            .take(8)
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .join(", ");
-        let more = if names.len() > 8 {
-            format!(" and {} more", names.len() - 8)
-        } else {
-            String::new()
-        };
+        let shown = names.iter().take(8).map(String::as_str).collect::<Vec<_>>().join(", ");
+        let more = if names.len() > 8 { format!(" and {} more", names.len() - 8) } else { String::new() };
         format!("{} {what}: [{shown}]{more}", names.len())
     };
     let mut parts = Vec::new();
@@ -86,48 +56,27 @@ fn describe_names(missing: &[String], unexpected: &[String]) -> String {
 
 /// Loads HF Llama weights from a checkpoint folder or a single `.safetensors` file, converting
 /// every tensor to `kind` on `device`, and checks names and shapes against `spec`.
-pub fn load_hf(
-    dir_or_file: &Path,
-    spec: &ModelSpec,
-    kind: Kind,
-    device: Device,
-) -> Result<ModelWeights, WeightsError> {
+pub fn load_hf(dir_or_file: &Path, spec: &ModelSpec, kind: Kind, device: Device) -> Result<ModelWeights, WeightsError> {
     let (files, whole) = checkpoint_files(dir_or_file)?;
     let mut named = Vec::new();
     let mut file_of: HashMap<String, String> = HashMap::new();
     for file in &files {
         let path = file.display().to_string();
-        std::fs::metadata(file).map_err(|source| WeightsError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        std::fs::metadata(file).map_err(|source| WeightsError::Io { path: path.clone(), source })?;
         let tensors = Tensor::read_safetensors(file).map_err(|e| {
             // tch's message repeats the path; keep only the safetensors reason.
             let message = match e {
                 tch::TchError::SafeTensorError { err, .. } => err.to_string(),
                 other => other.to_string(),
             };
-            WeightsError::Corrupt {
-                path: path.clone(),
-                message,
-            }
+            WeightsError::Corrupt { path: path.clone(), message }
         })?;
         for (name, t) in tensors {
-            if !matches!(
-                t.kind(),
-                Kind::BFloat16 | Kind::Half | Kind::Float | Kind::Double
-            ) {
-                return Err(WeightsError::Dtype {
-                    path,
-                    tensor: name,
-                    found: format!("{:?}", t.kind()),
-                });
+            if !matches!(t.kind(), Kind::BFloat16 | Kind::Half | Kind::Float | Kind::Double) {
+                return Err(WeightsError::Dtype { path, tensor: name, found: format!("{:?}", t.kind()) });
             }
             if let Some(first) = file_of.insert(name.clone(), path.clone()) {
-                return Err(WeightsError::Duplicate {
-                    origin: format!("{first} and {path}"),
-                    tensor: name,
-                });
+                return Err(WeightsError::Duplicate { origin: format!("{first} and {path}"), tensor: name });
             }
             // Convert file by file so at most one file's worth of tensors exists in both forms.
             named.push((name, t.to_kind(kind).to_device(device)));
@@ -145,10 +94,7 @@ fn checkpoint_files(path: &Path) -> Result<(Vec<PathBuf>, String), WeightsError>
     }
     if !path.is_dir() {
         let source = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory");
-        return Err(WeightsError::Io {
-            path: shown,
-            source,
-        });
+        return Err(WeightsError::Io { path: shown, source });
     }
     let index = path.join(INDEX_FILE);
     if !index.exists() {
@@ -159,25 +105,17 @@ fn checkpoint_files(path: &Path) -> Result<(Vec<PathBuf>, String), WeightsError>
         return Err(WeightsError::NotFound { path: shown });
     }
     let index_path = index.display().to_string();
-    let bad = |problem: String| WeightsError::Index {
-        path: index_path.clone(),
-        problem,
-    };
-    let text = std::fs::read_to_string(&index).map_err(|source| WeightsError::Io {
-        path: index_path.clone(),
-        source,
-    })?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let bad = |problem: String| WeightsError::Index { path: index_path.clone(), problem };
+    let text =
+        std::fs::read_to_string(&index).map_err(|source| WeightsError::Io { path: index_path.clone(), source })?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| bad("has no `weight_map` object".to_string()))?;
     let mut files = Vec::new();
     for (tensor, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| bad(format!("weight_map[\"{tensor}\"] is not a file name")))?;
+        let file = file.as_str().ok_or_else(|| bad(format!("weight_map[\"{tensor}\"] is not a file name")))?;
         let file = path.join(file);
         if !files.contains(&file) {
             files.push(file);
@@ -191,21 +129,12 @@ fn checkpoint_files(path: &Path) -> Result<(Vec<PathBuf>, String), WeightsError>
 /// `max_shard_bytes` (a tensor larger than that gets a shard of its own; 0 means one file) named
 /// like transformers names them, plus the index when there is more than one. Earlier weight files
 /// in `dir` are removed first so a stale shard cannot be mixed in.
-pub fn save_hf(
-    w: &ModelWeights,
-    spec: &ModelSpec,
-    dir: &Path,
-    max_shard_bytes: u64,
-) -> Result<(), WeightsError> {
+pub fn save_hf(w: &ModelWeights, spec: &ModelSpec, dir: &Path, max_shard_bytes: u64) -> Result<(), WeightsError> {
     // Refuse to write a checkpoint that does not match its config.json. (`from_named` tolerates
     // the stored head of a tied model, as transformers does on load; we never write one.)
     if spec.tie_word_embeddings && w.lm_head.is_some() {
         let unexpected = vec!["lm_head.weight".to_string()];
-        return Err(WeightsError::Names {
-            origin: "weights to save".to_string(),
-            missing: Vec::new(),
-            unexpected,
-        });
+        return Err(WeightsError::Names { origin: "weights to save".to_string(), missing: Vec::new(), unexpected });
     }
     ModelWeights::from_named(spec, w.named_tensors())?;
     let write_err = |path: &Path, e: &dyn std::fmt::Display| WeightsError::Write {
@@ -226,40 +155,29 @@ pub fn save_hf(
         }
         shard_bytes += bytes;
         total_bytes += bytes;
-        shards
-            .last_mut()
-            .unwrap_or_else(|| unreachable!("starts with one shard"))
-            .push((name, t));
+        shards.last_mut().unwrap_or_else(|| unreachable!("starts with one shard")).push((name, t));
     }
     let n = shards.len();
     let mut weight_map = BTreeMap::new();
     for (i, shard) in shards.into_iter().enumerate() {
-        let file = if n == 1 {
-            SINGLE_FILE.to_string()
-        } else {
-            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
-        };
+        let file = if n == 1 { SINGLE_FILE.to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
         // safetensors stores host bytes of contiguous tensors.
-        let host: Vec<(String, Tensor)> = shard
-            .into_iter()
-            .map(|(name, t)| (name, t.detach().to_device(Device::Cpu).contiguous()))
-            .collect();
+        let host: Vec<(String, Tensor)> =
+            shard.into_iter().map(|(name, t)| (name, t.detach().to_device(Device::Cpu).contiguous())).collect();
         let path = dir.join(&file);
         Tensor::write_safetensors(&host, &path).map_err(|e| write_err(&path, &e))?;
         weight_map.extend(host.into_iter().map(|(name, _)| (name, file.clone())));
     }
     if n > 1 {
         let index = serde_json::json!({ "metadata": { "total_size": total_bytes }, "weight_map": weight_map });
-        write_json(&dir.join(INDEX_FILE), &index)
-            .map_err(|e| write_err(&dir.join(INDEX_FILE), &e))?;
+        write_json(&dir.join(INDEX_FILE), &index).map_err(|e| write_err(&dir.join(INDEX_FILE), &e))?;
     }
     let mut config = spec.to_hf_json();
     // transformers 4.x reads `torch_dtype`, 5.x `dtype`: both say what the files hold.
     let dtype = dtype_name(w.embed.kind());
     config["torch_dtype"] = dtype.into();
     config["dtype"] = dtype.into();
-    write_json(&dir.join("config.json"), &config)
-        .map_err(|e| write_err(&dir.join("config.json"), &e))
+    write_json(&dir.join("config.json"), &config).map_err(|e| write_err(&dir.join("config.json"), &e))
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> std::io::Result<()> {
@@ -281,8 +199,7 @@ fn remove_weight_files(dir: &Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().to_string();
-        let shard =
-            name.starts_with("model-") && name.contains("-of-") && name.ends_with(".safetensors");
+        let shard = name.starts_with("model-") && name.contains("-of-") && name.ends_with(".safetensors");
         if name == SINGLE_FILE || name == INDEX_FILE || shard {
             std::fs::remove_file(entry.path())?;
         }

@@ -77,7 +77,11 @@ pub fn check_against_local(group: &dyn Collective, device: tch::Device) -> Resul
     let (b, s, n_q, n_kv, d) = (2, 12 * sp, 8, 2, 16);
     tch::manual_seed(17);
     let opts = (Kind::Float, device);
-    let (q, k, v) = (Tensor::randn([b, s, n_q, d], opts), Tensor::randn([b, s, n_kv, d], opts), Tensor::randn([b, s, n_kv, d], opts));
+    let (q, k, v) = (
+        Tensor::randn([b, s, n_q, d], opts),
+        Tensor::randn([b, s, n_kv, d], opts),
+        Tensor::randn([b, s, n_kv, d], opts),
+    );
     let grad_out = Tensor::randn([b, s, n_q, d], opts);
     let leaf = |t: &Tensor| t.detach().set_requires_grad(true);
 
@@ -90,15 +94,23 @@ pub fn check_against_local(group: &dyn Collective, device: tch::Device) -> Resul
     let chunk = |t: &Tensor| t.narrow(1, rank * (s / sp), s / sp);
     let (qc, kc, vc) = (leaf(&chunk(&q)), leaf(&chunk(&k)), leaf(&chunk(&v)));
     let (kr, vr) = (replicate_kv(&kc, sp as usize), replicate_kv(&vc, sp as usize));
-    let (qh, kh, vh) = (leaf(&seq_to_heads(group, &qc)?), leaf(&seq_to_heads(group, &kr)?), leaf(&seq_to_heads(group, &vr)?));
+    let (qh, kh, vh) =
+        (leaf(&seq_to_heads(group, &qc)?), leaf(&seq_to_heads(group, &kr)?), leaf(&seq_to_heads(group, &vr)?));
     let oh = LocalAttention.attend(&qh, &kh, &vh);
     let o = heads_to_seq(group, &oh.detach())?;
     (&oh * &seq_to_heads(group, &chunk(&grad_out).contiguous())?).sum(Kind::Float).backward();
-    let (gq, gk, gv) = (heads_to_seq(group, &qh.grad())?, heads_to_seq(group, &kh.grad())?, heads_to_seq(group, &vh.grad())?);
+    let (gq, gk, gv) =
+        (heads_to_seq(group, &qh.grad())?, heads_to_seq(group, &kh.grad())?, heads_to_seq(group, &vh.grad())?);
     ((&qc * gq).sum(Kind::Float) + (&kr * gk).sum(Kind::Float) + (&vr * gv).sum(Kind::Float)).backward();
 
-    let rel = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-12);
-    Ok([rel(&o, &chunk(&out)), rel(&qc.grad(), &chunk(&qf.grad())), rel(&kc.grad(), &chunk(&kf.grad())), rel(&vc.grad(), &chunk(&vf.grad()))]
-        .into_iter()
-        .fold(0.0, f64::max))
+    let rel =
+        |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-12);
+    Ok([
+        rel(&o, &chunk(&out)),
+        rel(&qc.grad(), &chunk(&qf.grad())),
+        rel(&kc.grad(), &chunk(&kf.grad())),
+        rel(&vc.grad(), &chunk(&vf.grad())),
+    ]
+    .into_iter()
+    .fold(0.0, f64::max))
 }

@@ -133,7 +133,13 @@ impl ShardedParams {
     }
 
     /// The whole unit as tensors of `kind` on `device` (views into one gathered buffer).
-    pub fn gather(&self, world: &dyn Collective, unit: usize, kind: Kind, device: Device) -> Result<Vec<Tensor>, CommError> {
+    pub fn gather(
+        &self,
+        world: &dyn Collective,
+        unit: usize,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Vec<Tensor>, CommError> {
         self.gather_state(world, unit, State::Master, kind, device)
     }
 
@@ -237,7 +243,12 @@ impl ShardedParams {
     /// One state of every parameter, gathered whole in fp32 on the CPU, by Hugging Face name;
     /// kept only where `keep` (a checkpoint keeps it on the writing rank alone, so the other
     /// ranks hold one unit at a time).
-    pub fn gather_named_state(&self, world: &dyn Collective, which: State, keep: bool) -> Result<Vec<(String, Tensor)>, CommError> {
+    pub fn gather_named_state(
+        &self,
+        world: &dyn Collective,
+        which: State,
+        keep: bool,
+    ) -> Result<Vec<(String, Tensor)>, CommError> {
         let mut out = Vec::new();
         for u in 0..self.units.len() {
             let tensors = self.gather_state(world, u, which, Kind::Float, self.state_device)?;

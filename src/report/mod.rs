@@ -42,15 +42,9 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn read(path: &Path) -> Result<Metrics, ReportError> {
-        let err = |e: hdf5::Error| ReportError::Read {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        };
+        let err = |e: hdf5::Error| ReportError::Read { path: path.display().to_string(), message: e.to_string() };
         let f = hdf5::File::open(path).map_err(err)?;
-        let version: u32 = f
-            .attr("schema_version")
-            .and_then(|a| a.read_scalar())
-            .map_err(err)?;
+        let version: u32 = f.attr("schema_version").and_then(|a| a.read_scalar()).map_err(err)?;
         if version != crate::train::metrics::SCHEMA_VERSION {
             return Err(ReportError::Read {
                 path: path.display().to_string(),
@@ -60,22 +54,12 @@ impl Metrics {
                 ),
             });
         }
-        let col = |name: &str| {
-            f.dataset(&format!("steps/{name}"))
-                .and_then(|d| d.read_raw::<f64>())
-                .map_err(err)
-        };
+        let col = |name: &str| f.dataset(&format!("steps/{name}")).and_then(|d| d.read_raw::<f64>()).map_err(err);
         let text = |name: &str| {
-            f.attr(name)
-                .and_then(|a| a.read_scalar::<VarLenUnicode>())
-                .map(|v| v.to_string())
-                .map_err(err)
+            f.attr(name).and_then(|a| a.read_scalar::<VarLenUnicode>()).map(|v| v.to_string()).map_err(err)
         };
         let m = Metrics {
-            step: f
-                .dataset("steps/step")
-                .and_then(|d| d.read_raw())
-                .map_err(err)?,
+            step: f.dataset("steps/step").and_then(|d| d.read_raw()).map_err(err)?,
             loss: col("loss")?,
             lr: col("lr")?,
             tokens_per_s: col("tokens_per_s")?,
@@ -89,40 +73,16 @@ impl Metrics {
                 ("backward", col("time_backward")?),
                 ("optimizer", col("time_optimizer")?),
             ],
-            peak_host_mem: f
-                .dataset("steps/peak_host_mem")
-                .and_then(|d| d.read_2d())
-                .map_err(err)?,
-            peak_gpu_mem: f
-                .dataset("steps/peak_gpu_mem")
-                .and_then(|d| d.read_2d())
-                .map_err(err)?,
-            position_step: f
-                .dataset("position_loss/step")
-                .and_then(|d| d.read_raw())
-                .map_err(err)?,
-            position_loss: f
-                .dataset("position_loss/loss")
-                .and_then(|d| d.read_2d())
-                .map_err(err)?,
-            bin_start: f
-                .dataset("position_loss/bin_start")
-                .and_then(|d| d.read_raw())
-                .map_err(err)?,
-            world_size: f
-                .attr("world_size")
-                .and_then(|a| a.read_scalar())
-                .map_err(err)?,
-            versions: format!(
-                "ulysses {}, libtorch {}",
-                text("ulysses_version")?,
-                text("libtorch_version")?
-            ),
+            peak_host_mem: f.dataset("steps/peak_host_mem").and_then(|d| d.read_2d()).map_err(err)?,
+            peak_gpu_mem: f.dataset("steps/peak_gpu_mem").and_then(|d| d.read_2d()).map_err(err)?,
+            position_step: f.dataset("position_loss/step").and_then(|d| d.read_raw()).map_err(err)?,
+            position_loss: f.dataset("position_loss/loss").and_then(|d| d.read_2d()).map_err(err)?,
+            bin_start: f.dataset("position_loss/bin_start").and_then(|d| d.read_raw()).map_err(err)?,
+            world_size: f.attr("world_size").and_then(|a| a.read_scalar()).map_err(err)?,
+            versions: format!("ulysses {}, libtorch {}", text("ulysses_version")?, text("libtorch_version")?),
         };
         if m.step.is_empty() {
-            return Err(ReportError::Empty {
-                path: path.display().to_string(),
-            });
+            return Err(ReportError::Empty { path: path.display().to_string() });
         }
         Ok(m)
     }
@@ -143,11 +103,7 @@ pub fn bytes_text(b: u64) -> String {
 
 /// The largest entry of a [step, rank] table and its rank.
 fn peak(table: &Array2<u64>) -> (u64, usize) {
-    table
-        .indexed_iter()
-        .map(|((_, r), &v)| (v, r))
-        .max()
-        .unwrap_or((0, 0))
+    table.indexed_iter().map(|((_, r), &v)| (v, r)).max().unwrap_or((0, 0))
 }
 
 /// The summary table: one "name  value" line each.
@@ -156,61 +112,25 @@ pub fn summary(run_dir: &Path, m: &Metrics) -> String {
     // The first step of a launch includes warm-up (allocations, first collectives).
     let steady = if n > 1 { 1 } else { 0 };
     let (min_i, min_loss) =
-        m.loss.iter().enumerate().fold(
-            (0, f64::INFINITY),
-            |a, (i, &l)| if l < a.1 { (i, l) } else { a },
-        );
+        m.loss.iter().enumerate().fold((0, f64::INFINITY), |a, (i, &l)| if l < a.1 { (i, l) } else { a });
     let (host, host_rank) = peak(&m.peak_host_mem);
     let (gpu, gpu_rank) = peak(&m.peak_gpu_mem);
-    let split: Vec<String> = m
-        .times
-        .iter()
-        .map(|(name, v)| format!("{name} {:.3}", mean(&v[steady..])))
-        .collect();
+    let split: Vec<String> = m.times.iter().map(|(name, v)| format!("{name} {:.3}", mean(&v[steady..]))).collect();
     let checkpoints = crate::train::checkpoint::list_complete(run_dir)
-        .map(|v| {
-            v.iter()
-                .map(|(s, _)| crate::train::checkpoint::step_dir_name(*s))
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
+        .map(|v| v.iter().map(|(s, _)| crate::train::checkpoint::step_dir_name(*s)).collect::<Vec<_>>().join(", "))
         .unwrap_or_default();
     let rows = [
-        (
-            "run",
-            format!(
-                "{} ({} ranks; {})",
-                run_dir.display(),
-                m.world_size,
-                m.versions
-            ),
-        ),
-        (
-            "steps",
-            format!("{n} (steps {}..{})", m.step[0], m.step[n - 1]),
-        ),
+        ("run", format!("{} ({} ranks; {})", run_dir.display(), m.world_size, m.versions)),
+        ("steps", format!("{n} (steps {}..{})", m.step[0], m.step[n - 1])),
         (
             "loss",
-            format!(
-                "first {:.4}, final {:.4}, min {min_loss:.4} at step {}",
-                m.loss[0],
-                m.loss[n - 1],
-                m.step[min_i]
-            ),
+            format!("first {:.4}, final {:.4}, min {min_loss:.4} at step {}", m.loss[0], m.loss[n - 1], m.step[min_i]),
         ),
         (
             "tokens/s",
-            format!(
-                "{:.1} mean over steps {}..{}",
-                mean(&m.tokens_per_s[steady..]),
-                m.step[steady],
-                m.step[n - 1]
-            ),
+            format!("{:.1} mean over steps {}..{}", mean(&m.tokens_per_s[steady..]), m.step[steady], m.step[n - 1]),
         ),
-        (
-            "TFLOP/s per rank",
-            format!("{} (causal model FLOPs)", sig3(mean(&m.tflops[steady..]))),
-        ),
+        ("TFLOP/s per rank", format!("{} (causal model FLOPs)", sig3(mean(&m.tflops[steady..])))),
         (
             "MFU",
             format!(
@@ -219,34 +139,13 @@ pub fn summary(run_dir: &Path, m: &Metrics) -> String {
                 sig3(100.0 * mean(&m.mfu_alst[steady..]))
             ),
         ),
-        (
-            "step time (s)",
-            format!(
-                "{:.3} mean = {}",
-                mean(&m.step_time[steady..]),
-                split.join(" + ")
-            ),
-        ),
-        (
-            "peak host memory",
-            format!("{} (rank {host_rank})", bytes_text(host)),
-        ),
+        ("step time (s)", format!("{:.3} mean = {}", mean(&m.step_time[steady..]), split.join(" + "))),
+        ("peak host memory", format!("{} (rank {host_rank})", bytes_text(host))),
         (
             "peak GPU memory",
-            if gpu > 0 {
-                format!("{} (rank {gpu_rank})", bytes_text(gpu))
-            } else {
-                "not recorded (CPU run)".into()
-            },
+            if gpu > 0 { format!("{} (rank {gpu_rank})", bytes_text(gpu)) } else { "not recorded (CPU run)".into() },
         ),
-        (
-            "checkpoints",
-            if checkpoints.is_empty() {
-                "none".into()
-            } else {
-                checkpoints
-            },
-        ),
+        ("checkpoints", if checkpoints.is_empty() { "none".into() } else { checkpoints }),
     ];
     rows.iter().map(|(k, v)| format!("{k:<18} {v}\n")).collect()
 }
@@ -256,11 +155,23 @@ pub fn report(run_dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
     let m = Metrics::read(&run_dir.join("metrics.h5"))?;
     print!("{}", summary(run_dir, &m));
     let out = run_dir.join("plots");
-    std::fs::create_dir_all(&out).map_err(|e| ReportError::Plot {
-        path: out.display().to_string(),
-        message: e.to_string(),
-    })?;
-    let written = plots::write_all(&m, &out)?;
+    std::fs::create_dir_all(&out)
+        .map_err(|e| ReportError::Plot { path: out.display().to_string(), message: e.to_string() })?;
+    let mut written = plots::write_all(&m, &out)?;
+    // Evaluation results of the run (`ulysses eval` writes RUN_DIR/eval/TASK.h5): heat maps and
+    // the per-position loss curve next to the training plots.
+    let eval_dir = run_dir.join("eval");
+    let mut results: Vec<PathBuf> = std::fs::read_dir(&eval_dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "h5")).collect()
+        })
+        .unwrap_or_default();
+    results.sort();
+    for r in results {
+        let plotted = crate::eval::plot::plot_eval(&r, &out)
+            .map_err(|e| ReportError::Plot { path: r.display().to_string(), message: e.to_string() })?;
+        written.extend(plotted);
+    }
     for p in &written {
         println!("{:<18} {}", "plot", p.display());
     }

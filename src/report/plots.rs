@@ -6,7 +6,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 
-const FONT: &[u8] = include_bytes!("font/DejaVuSans-subset.ttf");
+const FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-subset.ttf");
 const SIZE: (u32, u32) = (1100, 900);
 /// More lines than this get no legend entries (a legend of 64 ranks hides the plot).
 const MAX_LEGEND: usize = 12;
@@ -16,27 +16,14 @@ struct Series {
     points: Vec<(f64, f64)>,
 }
 
-fn series(
-    label: impl Into<String>,
-    x: impl IntoIterator<Item = f64>,
-    y: impl IntoIterator<Item = f64>,
-) -> Series {
-    let points = x
-        .into_iter()
-        .zip(y)
-        .filter(|(_, y)| y.is_finite())
-        .collect();
-    Series {
-        label: label.into(),
-        points,
-    }
+fn series(label: impl Into<String>, x: impl IntoIterator<Item = f64>, y: impl IntoIterator<Item = f64>) -> Series {
+    let points = x.into_iter().zip(y).filter(|(_, y)| y.is_finite()).collect();
+    Series { label: label.into(), points }
 }
 
 /// [lo, hi] of some values, widened a little (and made non-empty) so lines are not on the frame.
 fn range(values: impl Iterator<Item = f64>, pad: f64) -> (f64, f64) {
-    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-        (lo.min(v), hi.max(v))
-    });
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
     if !lo.is_finite() {
         return (0.0, 1.0);
     }
@@ -52,33 +39,17 @@ fn tick_label(v: f64, lo: f64, hi: f64) -> String {
     if !(1e-2..1e5).contains(&mag) {
         format!("{:.*e}", (significant - 1) as usize, v)
     } else {
-        format!(
-            "{:.*}",
-            (significant - mag.log10().floor() as i32 - 1).max(0) as usize,
-            v
-        )
+        format!("{:.*}", (significant - mag.log10().floor() as i32 - 1).max(0) as usize, v)
     }
 }
 
 /// One line chart in `area`.
 /// Quantities (memory, throughput) start their axis at 0 so small differences do not look large.
 fn panel(area: &DrawingArea<BitMapBackend, Shift>, p: &Panel) -> Result<(), String> {
-    let Panel {
-        title,
-        x_desc,
-        y_desc,
-        lines,
-        from_zero,
-    } = p;
+    let Panel { title, x_desc, y_desc, lines, from_zero } = p;
     let (x0, x1) = range(lines.iter().flat_map(|s| s.points.iter().map(|p| p.0)), 0.0);
     let zero = from_zero.then_some(0.0);
-    let (y0, y1) = range(
-        lines
-            .iter()
-            .flat_map(|s| s.points.iter().map(|p| p.1))
-            .chain(zero),
-        0.05,
-    );
+    let (y0, y1) = range(lines.iter().flat_map(|s| s.points.iter().map(|p| p.1)).chain(zero), 0.05);
     let y0 = if *from_zero { 0.0 } else { y0 };
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 24))
@@ -101,15 +72,12 @@ fn panel(area: &DrawingArea<BitMapBackend, Shift>, p: &Panel) -> Result<(), Stri
     for (i, s) in lines.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let drawn = chart
-            .draw_series(LineSeries::new(
-                s.points.iter().copied(),
-                color.stroke_width(2),
-            ))
+            .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))
             .map_err(|e| e.to_string())?;
         if legend {
-            drawn.label(s.label.as_str()).legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            drawn
+                .label(s.label.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         }
     }
     if legend {
@@ -119,11 +87,7 @@ fn panel(area: &DrawingArea<BitMapBackend, Shift>, p: &Panel) -> Result<(), Stri
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             // Zero-based quantities run along the top; losses fall towards the bottom right.
-            .position(if *from_zero {
-                SeriesLabelPosition::LowerRight
-            } else {
-                SeriesLabelPosition::UpperRight
-            })
+            .position(if *from_zero { SeriesLabelPosition::LowerRight } else { SeriesLabelPosition::UpperRight })
             .draw()
             .map_err(|e| e.to_string())?;
     }
@@ -138,28 +102,13 @@ struct Panel<'a> {
     from_zero: bool,
 }
 
-fn p<'a>(
-    title: &'a str,
-    x_desc: &'a str,
-    y_desc: &'a str,
-    lines: Vec<Series>,
-    from_zero: bool,
-) -> Panel<'a> {
-    Panel {
-        title,
-        x_desc,
-        y_desc,
-        lines,
-        from_zero,
-    }
+fn p<'a>(title: &'a str, x_desc: &'a str, y_desc: &'a str, lines: Vec<Series>, from_zero: bool) -> Panel<'a> {
+    Panel { title, x_desc, y_desc, lines, from_zero }
 }
 
 /// A PNG of vertically stacked panels.
 fn figure(path: &Path, panels: &[Panel]) -> Result<PathBuf, ReportError> {
-    let plot_err = |message: String| ReportError::Plot {
-        path: path.display().to_string(),
-        message,
-    };
+    let plot_err = |message: String| ReportError::Plot { path: path.display().to_string(), message };
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(e.to_string()))?;
     for (area, one) in root.split_evenly((panels.len(), 1)).iter().zip(panels) {
@@ -171,25 +120,15 @@ fn figure(path: &Path, panels: &[Panel]) -> Result<PathBuf, ReportError> {
 
 pub fn write_all(m: &Metrics, out: &Path) -> Result<Vec<PathBuf>, ReportError> {
     // Registering twice (a second report in one process) only replaces the same font.
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).map_err(|_| {
-        ReportError::Plot {
-            path: out.display().to_string(),
-            message: "the embedded font is unreadable".into(),
-        }
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).map_err(|_| ReportError::Plot {
+        path: out.display().to_string(),
+        message: "the embedded font is unreadable".into(),
     })?;
     let steps: Vec<f64> = m.step.iter().map(|&s| s as f64).collect();
     let x = || steps.iter().copied();
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let per_rank = |table: &ndarray::Array2<u64>| -> Vec<Series> {
-        (0..table.ncols())
-            .map(|r| {
-                series(
-                    format!("rank {r}"),
-                    x(),
-                    table.column(r).iter().map(|&b| gib(b)),
-                )
-            })
-            .collect()
+        (0..table.ncols()).map(|r| series(format!("rank {r}"), x(), table.column(r).iter().map(|&b| gib(b)))).collect()
     };
     let gpu_title = if m.peak_gpu_mem.iter().any(|&b| b > 0) {
         "Peak GPU memory per rank"
@@ -199,9 +138,7 @@ pub fn write_all(m: &Metrics, out: &Path) -> Result<Vec<PathBuf>, ReportError> {
 
     // Up to six measurements of the per-position loss, first and last included.
     let rows = m.position_step.len();
-    let mut picks: Vec<usize> = (0..rows.min(6))
-        .map(|i| if rows <= 6 { i } else { i * (rows - 1) / 5 })
-        .collect();
+    let mut picks: Vec<usize> = (0..rows.min(6)).map(|i| if rows <= 6 { i } else { i * (rows - 1) / 5 }).collect();
     picks.dedup();
     let positions: Vec<Series> = picks
         .iter()
@@ -213,51 +150,24 @@ pub fn write_all(m: &Metrics, out: &Path) -> Result<Vec<PathBuf>, ReportError> {
             )
         })
         .collect();
-    let pos_title = format!(
-        "Mean loss by position ({} bins across the sequence, all ranks)",
-        m.bin_start.len()
-    );
+    let pos_title = format!("Mean loss by position ({} bins across the sequence, all ranks)", m.bin_start.len());
 
     Ok(vec![
         figure(
             &out.join("loss.png"),
             &[
-                p(
-                    "Training loss",
-                    "step",
-                    "loss (nats)",
-                    vec![series("loss", x(), m.loss.iter().copied())],
-                    false,
-                ),
-                p(
-                    "Learning rate",
-                    "step",
-                    "lr",
-                    vec![series("lr", x(), m.lr.iter().copied())],
-                    false,
-                ),
+                p("Training loss", "step", "loss (nats)", vec![series("loss", x(), m.loss.iter().copied())], false),
+                p("Learning rate", "step", "lr", vec![series("lr", x(), m.lr.iter().copied())], false),
             ],
         )?,
         figure(
             &out.join("position_loss.png"),
-            &[p(
-                &pos_title,
-                "position (first token of the bin)",
-                "mean loss (nats)",
-                positions,
-                false,
-            )],
+            &[p(&pos_title, "position (first token of the bin)", "mean loss (nats)", positions, false)],
         )?,
         figure(
             &out.join("memory.png"),
             &[
-                p(
-                    "Peak host memory per rank",
-                    "step",
-                    "GiB",
-                    per_rank(&m.peak_host_mem),
-                    true,
-                ),
+                p("Peak host memory per rank", "step", "GiB", per_rank(&m.peak_host_mem), true),
                 p(gpu_title, "step", "GiB", per_rank(&m.peak_gpu_mem), true),
             ],
         )?,
@@ -275,10 +185,7 @@ pub fn write_all(m: &Metrics, out: &Path) -> Result<Vec<PathBuf>, ReportError> {
                     "Time per step by part",
                     "step",
                     "seconds",
-                    m.times
-                        .iter()
-                        .map(|(name, v)| series(*name, x(), v.iter().copied()))
-                        .collect(),
+                    m.times.iter().map(|(name, v)| series(*name, x(), v.iter().copied())).collect(),
                     true,
                 ),
             ],
@@ -295,9 +202,6 @@ mod tests {
         assert_eq!(tick_label(5.5, 3.4, 6.3), "5.50");
         assert_eq!(tick_label(1.995e-3, 1.97e-3, 2.0e-3), "1.995e-3");
         assert_eq!(tick_label(12000.0, 0.0, 20000.0), "12000");
-        assert_ne!(
-            tick_label(1.99e-3, 1.97e-3, 2.0e-3),
-            tick_label(1.98e-3, 1.97e-3, 2.0e-3)
-        );
+        assert_ne!(tick_label(1.99e-3, 1.97e-3, 2.0e-3), tick_label(1.98e-3, 1.97e-3, 2.0e-3));
     }
 }

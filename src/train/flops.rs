@@ -17,13 +17,21 @@ pub struct StepFlops {
 /// `samples` sequences of `seq_len` tokens per optimizer step.
 pub fn step_flops(spec: &ModelSpec, seq_len: usize, samples: usize) -> StepFlops {
     let (h, d, l) = (spec.hidden_size as f64, spec.head_dim as f64, spec.num_hidden_layers as f64);
-    let (nq, nkv, f, v) = (spec.num_attention_heads as f64, spec.num_key_value_heads as f64, spec.intermediate_size as f64, spec.vocab_size as f64);
+    let (nq, nkv, f, v) = (
+        spec.num_attention_heads as f64,
+        spec.num_key_value_heads as f64,
+        spec.intermediate_size as f64,
+        spec.vocab_size as f64,
+    );
     let n_layers = l * (h * nq * d + 2.0 * h * nkv * d + nq * d * h + 3.0 * h * f);
     let n = n_layers + h * v; // the embedding is a lookup, not a matmul
     let s = seq_len as f64;
     let tokens = s * samples as f64;
     let attn_fwd = 2.0 * s * s * nq * d * l * samples as f64; // QKᵀ and PV, causal half
-    StepFlops { model: 6.0 * n * tokens + 3.0 * attn_fwd, alst: 8.0 * n * tokens + 16.0 * s * s * nq * d * l * samples as f64 }
+    StepFlops {
+        model: 6.0 * n * tokens + 3.0 * attn_fwd,
+        alst: 8.0 * n * tokens + 16.0 * s * s * nq * d * l * samples as f64,
+    }
 }
 
 #[cfg(test)]

@@ -40,9 +40,6 @@ mod tests {
         let v = vec![1u8; 64 << 20];
         assert!(v.iter().map(|&b| b as u64).sum::<u64>() == 64 << 20);
         let after = super::peak_host_bytes();
-        assert!(
-            before > 0 && after >= before + (32 << 20),
-            "{before} -> {after}"
-        );
+        assert!(before > 0 && after >= before + (32 << 20), "{before} -> {after}");
     }
 }

@@ -59,12 +59,13 @@ pub const F64_COLUMNS: &[(&str, &str)] = &[
     ("time_optimizer", "seconds in grad norm, clipping and AdamW"),
     ("time_checkpoint", "seconds spent saving a checkpoint after this step (0 if none)"),
 ];
-pub const U64_COLUMNS: &[(&str, &str)] = &[
-    ("step", "optimizer step, 1-based"),
-    ("tokens", "tokens processed in the step, whole job"),
-];
+pub const U64_COLUMNS: &[(&str, &str)] =
+    &[("step", "optimizer step, 1-based"), ("tokens", "tokens processed in the step, whole job")];
 pub const RANK_COLUMNS: &[(&str, &str)] = &[
-    ("peak_host_mem", "[step, rank] peak resident host memory (VmHWM) of each rank so far, bytes; 0 = no such rank in this row"),
+    (
+        "peak_host_mem",
+        "[step, rank] peak resident host memory (VmHWM) of each rank so far, bytes; 0 = no such rank in this row",
+    ),
     ("peak_gpu_mem", "[step, rank] peak allocated GPU memory of each rank so far, bytes; 0 on CPU runs"),
 ];
 
@@ -107,22 +108,14 @@ fn text(s: &str) -> Result<VarLenUnicode> {
 }
 
 fn describe(ds: &hdf5::Dataset, what: &str) -> Result<()> {
-    Ok(ds
-        .new_attr::<VarLenUnicode>()
-        .create("description")?
-        .write_scalar(&text(what)?)?)
+    Ok(ds.new_attr::<VarLenUnicode>().create("description")?.write_scalar(&text(what)?)?)
 }
 
 impl MetricsWriter {
     /// A new file, or, when resuming after step `resume_step`, the existing one with the rows
     /// after that step removed (they are about to be recomputed). An unreadable old file (a
     /// crash mid-write) is moved aside to `metrics.h5.broken`.
-    pub fn open(
-        path: &Path,
-        exp: &Experiment,
-        info: &RunInfo,
-        resume_step: Option<u64>,
-    ) -> Result<MetricsWriter> {
+    pub fn open(path: &Path, exp: &Experiment, info: &RunInfo, resume_step: Option<u64>) -> Result<MetricsWriter> {
         if let (Some(step), true) = (resume_step, path.exists()) {
             match Self::reopen(path, info.world_size, step) {
                 Ok(w) => return Ok(w),
@@ -133,8 +126,7 @@ impl MetricsWriter {
                         path.display(),
                         aside.display()
                     );
-                    std::fs::rename(path, &aside)
-                        .with_context(|| format!("moving {} aside", path.display()))?;
+                    std::fs::rename(path, &aside).with_context(|| format!("moving {} aside", path.display()))?;
                 }
             }
         }
@@ -142,106 +134,56 @@ impl MetricsWriter {
     }
 
     fn create(path: &Path, exp: &Experiment, info: &RunInfo) -> Result<MetricsWriter> {
-        let file =
-            hdf5::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        let file = hdf5::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         let steps = file.create_group("steps")?;
         for (name, what) in F64_COLUMNS {
-            describe(
-                &steps
-                    .new_dataset::<f64>()
-                    .chunk(256)
-                    .shape(0..)
-                    .create(*name)?,
-                what,
-            )?;
+            describe(&steps.new_dataset::<f64>().chunk(256).shape(0..).create(*name)?, what)?;
         }
         for (name, what) in U64_COLUMNS {
-            describe(
-                &steps
-                    .new_dataset::<u64>()
-                    .chunk(256)
-                    .shape(0..)
-                    .create(*name)?,
-                what,
-            )?;
+            describe(&steps.new_dataset::<u64>().chunk(256).shape(0..).create(*name)?, what)?;
         }
         let w = info.world_size.max(1);
         for (name, what) in RANK_COLUMNS {
-            describe(
-                &steps
-                    .new_dataset::<u64>()
-                    .chunk((64, w))
-                    .shape((0.., 0..))
-                    .create(*name)?,
-                what,
-            )?;
+            describe(&steps.new_dataset::<u64>().chunk((64, w)).shape((0.., 0..)).create(*name)?, what)?;
         }
         let pos = file.create_group("position_loss")?;
         let bins = info.bin_starts.len();
         describe(
-            &pos.new_dataset::<u64>()
-                .chunk(64)
-                .shape(0..)
-                .create("step")?,
+            &pos.new_dataset::<u64>().chunk(64).shape(0..).create("step")?,
             "steps at which the per-position loss was measured",
         )?;
         describe(
-            &pos.new_dataset::<f64>()
-                .chunk((16, bins))
-                .shape((0.., bins))
-                .create("loss")?,
+            &pos.new_dataset::<f64>().chunk((16, bins)).shape((0.., bins)).create("loss")?,
             "[row, bin] mean token loss of the bin over all ranks; NaN = no valid label",
         )?;
         describe(
-            &pos.new_dataset::<u64>()
-                .chunk((16, bins))
-                .shape((0.., bins))
-                .create("tokens")?,
+            &pos.new_dataset::<u64>().chunk((16, bins)).shape((0.., bins)).create("tokens")?,
             "[row, bin] valid labels in the bin",
         )?;
         describe(
-            &pos.new_dataset_builder()
-                .with_data(info.bin_starts)
-                .create("bin_start")?,
+            &pos.new_dataset_builder().with_data(info.bin_starts).create("bin_start")?,
             "first global position of each bin",
         )?;
 
         let put_text = |name: &str, v: &str| -> Result<()> {
-            Ok(file
-                .new_attr::<VarLenUnicode>()
-                .create(name)?
-                .write_scalar(&text(v)?)?)
+            Ok(file.new_attr::<VarLenUnicode>().create(name)?.write_scalar(&text(v)?)?)
         };
         let versions = crate::train::checkpoint::Versions::current();
         put_text("config_toml", &exp.to_toml())?;
         put_text("ulysses_version", &versions.ulysses)?;
         put_text("tch_version", &versions.tch)?;
         put_text("libtorch_version", &versions.libtorch)?;
-        file.new_attr::<u32>()
-            .create("schema_version")?
-            .write_scalar(&SCHEMA_VERSION)?;
-        file.new_attr::<u64>()
-            .create("world_size")?
-            .write_scalar(&(info.world_size as u64))?;
-        file.new_attr::<f64>()
-            .create("peak_tflops")?
-            .write_scalar(&info.peak_tflops)?;
+        file.new_attr::<u32>().create("schema_version")?.write_scalar(&SCHEMA_VERSION)?;
+        file.new_attr::<u64>().create("world_size")?.write_scalar(&(info.world_size as u64))?;
+        file.new_attr::<f64>().create("peak_tflops")?.write_scalar(&info.peak_tflops)?;
         file.flush()?;
-        Ok(MetricsWriter {
-            file,
-            rows: 0,
-            position_rows: 0,
-            world: w,
-        })
+        Ok(MetricsWriter { file, rows: 0, position_rows: 0, world: w })
     }
 
     fn reopen(path: &Path, world: usize, resume_step: u64) -> Result<MetricsWriter> {
         let file = hdf5::File::open_rw(path)?;
         let version: u32 = file.attr("schema_version")?.read_scalar()?;
-        anyhow::ensure!(
-            version == SCHEMA_VERSION,
-            "schema version {version}, not {SCHEMA_VERSION}"
-        );
+        anyhow::ensure!(version == SCHEMA_VERSION, "schema version {version}, not {SCHEMA_VERSION}");
         let keep = |group: &str| -> Result<usize> {
             let steps: Vec<u64> = file.dataset(&format!("{group}/step"))?.read_raw()?;
             Ok(steps.iter().take_while(|&&s| s <= resume_step).count())
@@ -264,12 +206,7 @@ impl MetricsWriter {
             ds.resize((position_rows, ds.shape()[1]))?;
         }
         file.flush()?;
-        Ok(MetricsWriter {
-            file,
-            rows,
-            position_rows,
-            world: width,
-        })
+        Ok(MetricsWriter { file, rows, position_rows, world: width })
     }
 
     pub fn append(&mut self, r: &StepRow) -> Result<()> {
@@ -292,11 +229,7 @@ impl MetricsWriter {
         Ok(())
     }
 
-    pub fn append_positions(
-        &mut self,
-        step: u64,
-        bins: &crate::train::position::PositionBins,
-    ) -> Result<()> {
+    pub fn append_positions(&mut self, step: u64, bins: &crate::train::position::PositionBins) -> Result<()> {
         let n = self.position_rows;
         let pos = self.file.group("position_loss")?;
         append_1d(&pos.dataset("step")?, n, step)?;

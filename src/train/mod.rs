@@ -28,35 +28,19 @@ use tch::{Device, Kind, Tensor};
 fn batch_tensors(b: &crate::data::Batch, device: Device) -> MicroBatch {
     let shape = [b.micro_batch as i64, b.chunk_len as i64];
     let t = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
-    MicroBatch {
-        input_ids: t(&b.input_ids),
-        labels: t(&b.labels),
-        position_ids: t(&b.position_ids),
-    }
+    MicroBatch { input_ids: t(&b.input_ids), labels: t(&b.labels), position_ids: t(&b.position_ids) }
 }
 
 /// Peak host and GPU memory of every rank (collective), each `[world]` bytes.
 fn memory_per_rank(world: &dyn Collective, device: Device) -> Result<(Vec<u64>, Vec<u64>)> {
-    let mine = Tensor::from_slice(&[
-        memory::peak_host_bytes() as i64,
-        memory::peak_gpu_bytes(device) as i64,
-    ])
-    .to_device(world.device());
+    let mine = Tensor::from_slice(&[memory::peak_host_bytes() as i64, memory::peak_gpu_bytes(device) as i64])
+        .to_device(world.device());
     let all: Vec<i64> = Vec::try_from(world.all_gather(&mine)?.to_device(Device::Cpu))?;
-    Ok((
-        all.iter().step_by(2).map(|&v| v as u64).collect(),
-        all.iter().skip(1).step_by(2).map(|&v| v as u64).collect(),
-    ))
+    Ok((all.iter().step_by(2).map(|&v| v as u64).collect(), all.iter().skip(1).step_by(2).map(|&v| v as u64).collect()))
 }
 
 /// Trains on `device` (this rank's GPU, or the CPU) with the mesh's communicators.
-pub fn run(
-    exp: &Experiment,
-    spec: &ModelSpec,
-    mesh: &Mesh,
-    groups: &Groups,
-    device: Device,
-) -> Result<()> {
+pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups, device: Device) -> Result<()> {
     if let Device::Cuda(_) = device {
         let (flash, efficient, math, cudnn) = match exp.parallel.attention {
             AttentionBackend::Auto => (true, true, true, true),
@@ -71,8 +55,7 @@ pub fn run(
         Dtype::Fp32 => Kind::Float,
         Dtype::Bf16 => Kind::BFloat16,
     };
-    let preemption =
-        preempt::Preemption::install().context("installing the SIGTERM/SIGUSR1 handlers")?;
+    let preemption = preempt::Preemption::install().context("installing the SIGTERM/SIGUSR1 handlers")?;
     let dataset = Dataset::open(&exp.data.paths, exp.data.seq_len)?;
     if dataset.vocab_size() > spec.vocab_size {
         bail!(
@@ -86,8 +69,7 @@ pub fn run(
     // The fp32 master weights and Adam moments live on the GPU, or in host memory when offloaded
     // (AdamW then runs on the CPU with libtorch's multi-threaded vectorized kernels).
     let state_device = if exp.parallel.offload_optimizer { Device::Cpu } else { device };
-    let (mut params, loader_state, start) =
-        start::start_point(exp, spec, mesh, world, state_device)?;
+    let (mut params, loader_state, start) = start::start_point(exp, spec, mesh, world, state_device)?;
     let loader_spec = LoaderSpec {
         seed: exp.run.seed,
         shuffle: exp.data.shuffle,
@@ -99,45 +81,27 @@ pub fn run(
         loss_on: exp.data.loss_on,
     };
     let mut loader = Loader::new(dataset, loader_spec, loader_state)?;
-    let adamw = AdamW {
-        beta1: t.beta1,
-        beta2: t.beta2,
-        eps: t.eps,
-        weight_decay: t.weight_decay,
-    };
+    let adamw = AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
     let (bins, every_pos) = (exp.metrics.position_bins, exp.metrics.position_loss_every);
 
     let run_dir = exp.run_dir();
     let mut metrics = if mesh.world_rank == 0 {
-        std::fs::create_dir_all(&run_dir)
-            .with_context(|| format!("creating run directory {}", run_dir.display()))?;
+        std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
         let bin_starts = PositionLoss::bin_starts(bins, exp.data.seq_len);
         let info = RunInfo {
             world_size: mesh.sp * mesh.dp,
             peak_tflops: flops::H100_BF16_PEAK_TFLOPS,
             bin_starts: &bin_starts,
         };
-        Some(MetricsWriter::open(
-            &run_dir.join("metrics.h5"),
-            exp,
-            &info,
-            (start > 0).then_some(start),
-        )?)
+        Some(MetricsWriter::open(&run_dir.join("metrics.h5"), exp, &info, (start > 0).then_some(start))?)
     } else {
         None
     };
     if start == t.steps as u64 && mesh.world_rank == 0 {
-        println!(
-            "the run is already complete (step {start} of {}); nothing to do",
-            t.steps
-        );
+        println!("the run is already complete (step {start} of {}); nothing to do", t.steps);
     }
     let tokens = (exp.data.seq_len * mesh.dp * t.micro_batch * t.grad_accum) as u64;
-    let step_flops = flops::step_flops(
-        spec,
-        exp.data.seq_len,
-        mesh.dp * t.micro_batch * t.grad_accum,
-    );
+    let step_flops = flops::step_flops(spec, exp.data.seq_len, mesh.dp * t.micro_batch * t.grad_accum);
     let started = Instant::now();
     for step in start as usize + 1..=t.steps {
         let split_every = exp.metrics.time_split_every;
@@ -155,24 +119,16 @@ pub fn run(
         memory::reset_peak_gpu(device);
         let mut times = StepTimes::default();
         let t0 = Instant::now();
-        let batches: Vec<MicroBatch> = (0..t.grad_accum)
-            .map(|_| Ok(batch_tensors(&loader.next_batch()?, device)))
-            .collect::<Result<_>>()?;
+        let batches: Vec<MicroBatch> =
+            (0..t.grad_accum).map(|_| Ok(batch_tensors(&loader.next_batch()?, device))).collect::<Result<_>>()?;
         times.data = t0.elapsed().as_secs_f64();
         let n_local: i64 = batches.iter().map(MicroBatch::valid_labels).sum();
         let n_total = sum_over(world, n_local as f64)?;
-        let mut positions = (every_pos > 0 && step % every_pos == 0)
-            .then(|| PositionLoss::new(bins, exp.data.seq_len, device));
+        let mut positions =
+            (every_pos > 0 && step % every_pos == 0).then(|| PositionLoss::new(bins, exp.data.seq_len, device));
         let mut loss_local = 0.0;
         for b in &batches {
-            loss_local += micro_step(
-                &ctx,
-                &mut params,
-                b,
-                n_total.max(1.0),
-                &mut times,
-                positions.as_mut(),
-            )?;
+            loss_local += micro_step(&ctx, &mut params, b, n_total.max(1.0), &mut times, positions.as_mut())?;
         }
         let loss = sum_over(world, loss_local)? / n_total.max(1.0);
         let t_opt = Instant::now();
@@ -212,11 +168,7 @@ pub fn run(
             peak_gpu_mem,
         };
         if mesh.world_rank == 0 {
-            progress::print_progress(
-                &row,
-                t.steps,
-                started.elapsed().as_secs_f64() / (step - start as usize) as f64,
-            );
+            progress::print_progress(&row, t.steps, started.elapsed().as_secs_f64() / (step - start as usize) as f64);
             if profiler.is_on() {
                 progress::print_time_split(step, &profiler.finish());
             }
@@ -227,8 +179,7 @@ pub fn run(
         let last = step == t.steps && exp.checkpoint.save_final;
         if preempted || last || (every > 0 && step % every == 0) {
             let state = start::run_state(exp, mesh, step as u64, &loader);
-            let dir =
-                checkpoint::save(&params, &state, spec, &run_dir, exp.checkpoint.keep, world)?;
+            let dir = checkpoint::save(&params, &state, spec, &run_dir, exp.checkpoint.keep, world)?;
             if mesh.world_rank == 0 {
                 if step == t.steps {
                     checkpoint::link_final(&run_dir, &dir)?;
@@ -245,7 +196,9 @@ pub fn run(
         }
         if preempted && step < t.steps {
             if mesh.world_rank == 0 {
-                println!("preempted (SIGTERM/SIGUSR1): stopped after step {step}; launch the same command again to resume");
+                println!(
+                    "preempted (SIGTERM/SIGUSR1): stopped after step {step}; launch the same command again to resume"
+                );
             }
             return Ok(());
         }

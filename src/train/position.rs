@@ -24,12 +24,7 @@ impl PositionLoss {
     pub fn new(bins: usize, seq_len: usize, device: tch::Device) -> PositionLoss {
         let bins = bins.clamp(1, seq_len.max(1)) as i64;
         let zeros = || Tensor::zeros([bins], (Kind::Double, device));
-        PositionLoss {
-            bins,
-            seq_len: seq_len as i64,
-            sums: zeros(),
-            counts: zeros(),
-        }
+        PositionLoss { bins, seq_len: seq_len as i64, sums: zeros(), counts: zeros() }
     }
 
     /// First position of each bin.
@@ -42,32 +37,20 @@ impl PositionLoss {
     pub fn add(&mut self, token_losses: &Tensor, labels: &Tensor, positions: &Tensor) {
         let valid = labels.ne(IGNORE_INDEX).reshape([-1]);
         // bin = position · bins / seq_len: equal ranges of global positions.
-        let bin = (positions.reshape([-1]) * self.bins)
-            .floor_divide_scalar(self.seq_len)
-            .clamp(0, self.bins - 1);
-        let loss =
-            token_losses.detach().reshape([-1]).to_kind(Kind::Double) * valid.to_kind(Kind::Double);
+        let bin = (positions.reshape([-1]) * self.bins).floor_divide_scalar(self.seq_len).clamp(0, self.bins - 1);
+        let loss = token_losses.detach().reshape([-1]).to_kind(Kind::Double) * valid.to_kind(Kind::Double);
         let _ = self.sums.scatter_add_(0, &bin, &loss);
-        let _ = self
-            .counts
-            .scatter_add_(0, &bin, &valid.to_kind(Kind::Double));
+        let _ = self.counts.scatter_add_(0, &bin, &valid.to_kind(Kind::Double));
     }
 
     /// Sums over every rank of `world` (collective) and returns the means.
     pub fn reduce(&self, world: &dyn Collective) -> Result<PositionBins, CommError> {
         let both = Tensor::cat(&[&self.sums, &self.counts], 0).to_device(world.device());
-        let total: Vec<f64> =
-            Vec::try_from(world.all_reduce(&both)?.to_kind(Kind::Double).to_device(tch::Device::Cpu)).unwrap_or_default();
+        let total: Vec<f64> = Vec::try_from(world.all_reduce(&both)?.to_kind(Kind::Double).to_device(tch::Device::Cpu))
+            .unwrap_or_default();
         let (sums, counts) = total.split_at(self.bins as usize);
-        let loss = sums
-            .iter()
-            .zip(counts)
-            .map(|(s, &c)| if c > 0.0 { s / c } else { f64::NAN })
-            .collect();
-        Ok(PositionBins {
-            loss,
-            tokens: counts.iter().map(|&c| c as u64).collect(),
-        })
+        let loss = sums.iter().zip(counts).map(|(s, &c)| if c > 0.0 { s / c } else { f64::NAN }).collect();
+        Ok(PositionBins { loss, tokens: counts.iter().map(|&c| c as u64).collect() })
     }
 }
 
@@ -80,20 +63,10 @@ mod tests {
     fn bins_average_valid_tokens_by_global_position() {
         let mut p = PositionLoss::new(4, 8, tch::Device::Cpu);
         // Two chunks of one sample (as two SP ranks would hold them), positions 0..4 and 4..8.
-        let losses = [
-            Tensor::from_slice(&[1.0f32, 3.0, 5.0, 7.0]),
-            Tensor::from_slice(&[2.0f32, 4.0, 6.0, 8.0]),
-        ];
-        let labels = [
-            Tensor::from_slice(&[1i64, 1, -100, 1]),
-            Tensor::from_slice(&[1i64, 1, 1, -100]),
-        ];
+        let losses = [Tensor::from_slice(&[1.0f32, 3.0, 5.0, 7.0]), Tensor::from_slice(&[2.0f32, 4.0, 6.0, 8.0])];
+        let labels = [Tensor::from_slice(&[1i64, 1, -100, 1]), Tensor::from_slice(&[1i64, 1, 1, -100])];
         for (i, (l, y)) in losses.iter().zip(&labels).enumerate() {
-            let pos = Tensor::arange_start(
-                4 * i as i64,
-                4 * i as i64 + 4,
-                (Kind::Int64, tch::Device::Cpu),
-            );
+            let pos = Tensor::arange_start(4 * i as i64, 4 * i as i64 + 4, (Kind::Int64, tch::Device::Cpu));
             p.add(&l.view([1, 4]), &y.view([1, 4]), &pos.view([1, 4]));
         }
         let r = p.reduce(&Solo).unwrap();

@@ -23,11 +23,7 @@ impl Preemption {
     /// Whether any rank got a signal. Collective: a signal may reach only some ranks (or reach
     /// them between two steps), and all must stop at the same step.
     pub fn requested(&self, world: &dyn Collective) -> Result<bool, CommError> {
-        let mine = if self.flag.load(Ordering::Relaxed) {
-            1.0
-        } else {
-            0.0
-        };
+        let mine = if self.flag.load(Ordering::Relaxed) { 1.0 } else { 0.0 };
         Ok(all_reduce_f64(world, mine)? > 0.0)
     }
 }

@@ -5,17 +5,14 @@ pub fn print_progress(r: &StepRow, steps: usize, secs_per_step: f64) {
     let eta = secs_per_step * (steps as u64 - r.step) as f64;
     // GPU runs also show the ALST-convention rate and the worst rank's peak GPU memory.
     let peak_gpu = r.peak_gpu_mem.iter().copied().max().unwrap_or(0);
+    let per = if peak_gpu > 0 { "GPU" } else { "rank" };
     let gpu = if peak_gpu > 0 {
-        format!(
-            "  ALST {} TFLOP/s/GPU  peak {:.1} GiB",
-            sig3(r.tflops_alst),
-            peak_gpu as f64 / (1u64 << 30) as f64
-        )
+        format!("  ALST {} TFLOP/s/GPU  peak {:.1} GiB", sig3(r.tflops_alst), peak_gpu as f64 / (1u64 << 30) as f64)
     } else {
         String::new()
     };
     println!(
-        "step {:>5}/{steps}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.1} tok/s  {:.2} s/step  {} TFLOP/s/GPU  MFU {}%{gpu}  eta {}",
+        "step {:>5}/{steps}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.1} tok/s  {:.2} s/step  {} TFLOP/s/{per}  MFU {}%{gpu}  eta {}",
         r.step,
         r.loss,
         r.lr,

@@ -33,7 +33,8 @@ mod tests {
 
     #[test]
     fn constant_after_warmup() {
-        let t = TrainConfig { steps: 5, warmup_steps: 0, lr: 0.3, schedule: LrSchedule::Constant, ..Default::default() };
+        let t =
+            TrainConfig { steps: 5, warmup_steps: 0, lr: 0.3, schedule: LrSchedule::Constant, ..Default::default() };
         assert!((1..=5).all(|s| lr_at(&t, s) == 0.3));
     }
 }

@@ -12,12 +12,7 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind};
 
 /// Fresh shards: `model.weights` when given, else the seeded initialisation.
-fn fresh_params(
-    exp: &Experiment,
-    spec: &ModelSpec,
-    world: &dyn Collective,
-    device: Device,
-) -> Result<ShardedParams> {
+fn fresh_params(exp: &Experiment, spec: &ModelSpec, world: &dyn Collective, device: Device) -> Result<ShardedParams> {
     let initial = match &exp.model.weights {
         Some(path) => Some(
             weights::load_hf(path, spec, Kind::Float, Device::Cpu)
@@ -26,33 +21,18 @@ fn fresh_params(
         ),
         None => None,
     };
-    Ok(ShardedParams::new(
-        spec,
-        exp.parallel.zero_stage,
-        world,
-        device,
-        |u| match &initial {
-            Some(named) => u
-                .tensors
-                .iter()
-                .map(|(n, _)| {
-                    named
-                        .iter()
-                        .find(|(k, _)| k == n)
-                        .expect("validated names")
-                        .1
-                        .shallow_clone()
-                })
-                .collect(),
-            None => u
-                .tensors
-                .iter()
-                .map(|(n, shape)| {
-                    init_tensor(n, shape, exp.run.seed as i64, Kind::Float, Device::Cpu)
-                })
-                .collect(),
-        },
-    ))
+    Ok(ShardedParams::new(spec, exp.parallel.zero_stage, world, device, |u| match &initial {
+        Some(named) => u
+            .tensors
+            .iter()
+            .map(|(n, _)| named.iter().find(|(k, _)| k == n).expect("validated names").1.shallow_clone())
+            .collect(),
+        None => u
+            .tensors
+            .iter()
+            .map(|(n, shape)| init_tensor(n, shape, exp.run.seed as i64, Kind::Float, Device::Cpu))
+            .collect(),
+    }))
 }
 
 /// The shards and the data position to start from, and the step already done.
@@ -64,23 +44,18 @@ pub fn start_point(
     device: Device,
 ) -> Result<(ShardedParams, LoaderState, u64)> {
     let Some(dir) = checkpoint::resolve(&exp.checkpoint.resume, &exp.run_dir(), world)? else {
-        return Ok((
-            fresh_params(exp, spec, world, device)?,
-            LoaderState::default(),
-            0,
-        ));
+        return Ok((fresh_params(exp, spec, world, device)?, LoaderState::default(), 0));
     };
     let state = checkpoint::read_state(&dir)?;
     if state.step > exp.train.steps as u64 {
-        bail!("{}: the checkpoint is at step {}, beyond train.steps = {}; raise train.steps to continue", dir.display(), state.step, exp.train.steps);
+        bail!(
+            "{}: the checkpoint is at step {}, beyond train.steps = {}; raise train.steps to continue",
+            dir.display(),
+            state.step,
+            exp.train.steps
+        );
     }
-    let loader = checkpoint::restore_loader_state(
-        &state,
-        &dir,
-        exp.run.seed,
-        mesh.dp,
-        exp.train.micro_batch,
-    )?;
+    let loader = checkpoint::restore_loader_state(&state, &dir, exp.run.seed, mesh.dp, exp.train.micro_batch)?;
     let params = checkpoint::load_params(&dir, spec, exp.parallel.zero_stage, world, device)
         .with_context(|| format!("loading checkpoint {}", dir.display()))?;
     if mesh.world_rank == 0 {
@@ -102,10 +77,7 @@ pub fn run_state(exp: &Experiment, mesh: &Mesh, step: u64, loader: &Loader) -> R
         format: checkpoint::FORMAT,
         step,
         total_steps: exp.train.steps as u64,
-        data: DataPosition {
-            epoch: l.epoch,
-            samples: l.position * (mesh.dp * exp.train.micro_batch) as u64,
-        },
+        data: DataPosition { epoch: l.epoch, samples: l.position * (mesh.dp * exp.train.micro_batch) as u64 },
         seed: exp.run.seed,
         layout: Layout {
             world: mesh.sp * mesh.dp,

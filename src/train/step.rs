@@ -4,12 +4,12 @@
 //! post-attention), each with its own graph; a segment is backpropagated from its incoming
 //! gradient (`torch.autograd.backward(out, grad_out)` through the shim), and the gradient crosses
 //! the all-to-all in the reverse direction.
+use super::profile::Profiler;
 use crate::comm::{Collective, Groups};
 use crate::model::llama::{self, seq_tiles, AttentionCore, LayerWeights, LocalAttention, ModelWeights};
 use crate::model::rope::Rope;
 use crate::model::spec::ModelSpec;
 use crate::parallel::ulysses::{heads_to_seq, replicate_kv, seq_to_heads};
-use super::profile::Profiler;
 use crate::parallel::zero::ShardedParams;
 use crate::train::metrics::StepTimes;
 use crate::train::position::PositionLoss;
@@ -107,7 +107,8 @@ pub fn micro_step(
     let layers = spec.num_hidden_layers as usize;
     let head_unit = layers + 1;
     let rope = Rope::new(spec, &batch.position_ids, ctx.kind);
-    let gather = |params: &ShardedParams, unit: usize| prof.comm(world, || params.gather(world, unit, ctx.kind, ctx.device));
+    let gather =
+        |params: &ShardedParams, unit: usize| prof.comm(world, || params.gather(world, unit, ctx.kind, ctx.device));
     // [b, s/sp, H, d] <-> [b, s, H/sp, d] over the SP group.
     let to_heads = |t: &Tensor| prof.comm(sp, || seq_to_heads(sp, t));
     let to_seq = |t: &Tensor| prof.comm(sp, || heads_to_seq(sp, t));

@@ -35,7 +35,18 @@ pub struct Exp {
 
 impl Exp {
     pub fn new(name: &'static str, sp: usize, dp: usize, steps: usize, every: usize) -> Exp {
-        Exp { name, sp, dp, zero: 3, micro_batch: 1, steps, every, resume: "auto".into(), seed: 11, model: "preset = \"tiny\"".into() }
+        Exp {
+            name,
+            sp,
+            dp,
+            zero: 3,
+            micro_batch: 1,
+            steps,
+            every,
+            resume: "auto".into(),
+            seed: 11,
+            model: "preset = \"tiny\"".into(),
+        }
     }
 
     pub fn ranks(&self) -> usize {

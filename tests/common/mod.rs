@@ -43,11 +43,7 @@ pub fn ulysses(args: &[&str], dir: &Path) -> Output {
 /// `mpirun -n N ulysses ARGS` in `dir`.
 pub fn mpirun(n: usize, args: &[&str], dir: &Path, envs: &[(&str, &str)]) -> Output {
     let mut c = Command::new(MPIRUN);
-    c.arg("-n")
-        .arg(n.to_string())
-        .arg(BIN)
-        .args(args)
-        .current_dir(dir);
+    c.arg("-n").arg(n.to_string()).arg(BIN).args(args).current_dir(dir);
     for (k, v) in envs {
         c.env(k, v);
     }
@@ -55,20 +51,13 @@ pub fn mpirun(n: usize, args: &[&str], dir: &Path, envs: &[(&str, &str)]) -> Out
 }
 
 pub fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 /// A user-facing failure: non-zero exit, no panic backtrace.
 pub fn assert_clean_failure(o: &Output) -> String {
     let t = text(o);
     assert!(!o.status.success(), "expected failure, got success:\n{t}");
-    assert!(
-        !t.contains("panicked at") && !t.contains("RUST_BACKTRACE"),
-        "panic instead of a clear error:\n{t}"
-    );
+    assert!(!t.contains("panicked at") && !t.contains("RUST_BACKTRACE"), "panic instead of a clear error:\n{t}");
     t
 }

@@ -13,13 +13,7 @@ pub fn token(i: usize, p: usize) -> i32 {
 }
 
 pub fn meta(vocab_size: i64) -> ShardMeta {
-    ShardMeta {
-        vocab_size,
-        eos_id: 0,
-        tokenizer: "test".into(),
-        tokenizer_source: "tests".into(),
-        task: "test".into(),
-    }
+    ShardMeta { vocab_size, eos_id: 0, tokenizer: "test".into(), tokenizer_source: "tests".into(), task: "test".into() }
 }
 
 /// Writes sequences `first .. first + n` of the recognizable pattern into one shard.
@@ -40,9 +34,5 @@ pub fn ulysses(args: &[&str]) -> (i32, String, String) {
         .output()
         .unwrap();
     let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
-    (
-        out.status.code().unwrap_or(-1),
-        text(out.stdout),
-        text(out.stderr),
-    )
+    (out.status.code().unwrap_or(-1), text(out.stdout), text(out.stderr))
 }

@@ -26,11 +26,7 @@ pub fn random_checkpoint(dir: &Path, seed: i64) -> PathBuf {
         .named_tensors()
         .into_iter()
         .map(|(n, t)| {
-            let t = if n.ends_with("norm.weight") {
-                t
-            } else {
-                t * 10.0
-            };
+            let t = if n.ends_with("norm.weight") { t } else { t * 10.0 };
             (n, t)
         })
         .collect();

@@ -35,10 +35,7 @@ pub fn scaled_weights(spec: &ModelSpec, seed: i64) -> ModelWeights {
 
 /// Every weight of `w` becomes a leaf that requires grad, in `named_tensors()` order.
 pub fn leaves(w: &ModelWeights) -> Vec<(String, Tensor)> {
-    w.named_tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.detach().set_requires_grad(true)))
-        .collect()
+    w.named_tensors().into_iter().map(|(n, t)| (n, t.detach().set_requires_grad(true))).collect()
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -53,25 +50,17 @@ pub fn max_abs(a: &Tensor) -> f64 {
 /// Asserts |a - b| <= tol * (1 + max|b|), naming `what`.
 pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
     let (diff, scale) = (max_abs_diff(a, b), max_abs(b));
-    assert!(
-        diff <= tol * (1.0 + scale),
-        "{what}: max abs diff {diff:e} (max |reference| {scale:e}, tol {tol:e})"
-    );
+    assert!(diff <= tol * (1.0 + scale), "{what}: max abs diff {diff:e} (max |reference| {scale:e}, tol {tol:e})");
 }
 
 /// Global positions [b, s] = start..start+s for every row.
 pub fn positions(b: i64, start: i64, s: i64) -> Tensor {
-    Tensor::arange_start(start, start + s, (Kind::Int64, tch::Device::Cpu))
-        .unsqueeze(0)
-        .expand([b, s], false)
+    Tensor::arange_start(start, start + s, (Kind::Int64, tch::Device::Cpu)).unsqueeze(0).expand([b, s], false)
 }
 
 /// Layer `i` of `w` with every tensor a leaf that requires grad.
 pub fn layer_leaves(spec: &ModelSpec, w: &ModelWeights, i: usize) -> LayerWeights {
-    let named = w.layers[i]
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n.to_string(), t.detach().set_requires_grad(true)))
-        .collect();
+    let named =
+        w.layers[i].tensors().into_iter().map(|(n, t)| (n.to_string(), t.detach().set_requires_grad(true))).collect();
     LayerWeights::from_tensors(spec, named).expect("layer tensors")
 }

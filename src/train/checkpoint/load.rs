@@ -12,32 +12,19 @@ use tch::{Device, Kind, Tensor};
 /// The checkpoint to resume from: `resume` is "none", "auto" (the newest complete checkpoint of
 /// the run directory, if any) or a checkpoint folder. Rank 0 decides and tells the others, so
 /// every rank loads the same one even while a file system is still settling.
-pub fn resolve(
-    resume: &str,
-    run_dir: &Path,
-    world: &dyn Collective,
-) -> Result<Option<PathBuf>, CheckpointError> {
+pub fn resolve(resume: &str, run_dir: &Path, world: &dyn Collective) -> Result<Option<PathBuf>, CheckpointError> {
     match resume {
         "none" => Ok(None),
         "auto" => {
-            let newest = if world.rank() == 0 {
-                list_complete(run_dir)?
-                    .last()
-                    .map_or(-1, |(s, _)| *s as i64)
-            } else {
-                0
-            };
-            let step = world
-                .broadcast(&Tensor::from_slice(&[newest]), 0)?
-                .int64_value(&[0]);
+            let newest =
+                if world.rank() == 0 { list_complete(run_dir)?.last().map_or(-1, |(s, _)| *s as i64) } else { 0 };
+            let step = world.broadcast(&Tensor::from_slice(&[newest]), 0)?.int64_value(&[0]);
             Ok((step >= 0).then(|| checkpoints_dir(run_dir).join(step_dir_name(step as u64))))
         }
         path => {
             let dir = PathBuf::from(path);
             if !dir.join(COMPLETE).is_file() {
-                return Err(CheckpointError::Incomplete {
-                    path: dir.display().to_string(),
-                });
+                return Err(CheckpointError::Incomplete { path: dir.display().to_string() });
             }
             Ok(Some(dir))
         }
@@ -47,18 +34,13 @@ pub fn resolve(
 pub fn read_state(dir: &Path) -> Result<RunState, CheckpointError> {
     let path = dir.join(RUN_STATE);
     let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-    let bad = |message: String| CheckpointError::RunState {
-        path: path.display().to_string(),
-        message,
-    };
+    let bad = |message: String| CheckpointError::RunState { path: path.display().to_string(), message };
     let format = serde_json::from_str::<serde_json::Value>(&text)
         .map_err(|e| bad(format!("not valid JSON: {e}")))?
         .get("format")
         .and_then(|f| f.as_u64());
     if format != Some(FORMAT as u64) {
-        return Err(bad(format!(
-            "has format {format:?}; this ulysses reads format {FORMAT}"
-        )));
+        return Err(bad(format!("has format {format:?}; this ulysses reads format {FORMAT}")));
     }
     serde_json::from_str(&text).map_err(|e| bad(format!("unexpected content: {e}")))
 }
@@ -72,10 +54,7 @@ pub fn restore_loader_state(
     dp: usize,
     micro_batch: usize,
 ) -> Result<LoaderState, CheckpointError> {
-    let mismatch = |message: String| CheckpointError::Mismatch {
-        path: dir.display().to_string(),
-        message,
-    };
+    let mismatch = |message: String| CheckpointError::Mismatch { path: dir.display().to_string(), message };
     if state.seed != seed {
         return Err(mismatch(format!(
             "written with run.seed = {}, but the experiment has run.seed = {seed}; the data order depends on the seed: set run.seed = {} to resume",
@@ -89,10 +68,7 @@ pub fn restore_loader_state(
             state.data.samples, state.data.epoch, state.layout.dp, state.layout.micro_batch
         )));
     }
-    Ok(LoaderState {
-        epoch: state.data.epoch,
-        position: state.data.samples / per_step,
-    })
+    Ok(LoaderState { epoch: state.data.epoch, position: state.data.samples / per_step })
 }
 
 /// The parameters and Adam moments of checkpoint `dir`, sharded for this job (any stage and world
@@ -107,10 +83,7 @@ pub fn load_params(
 ) -> Result<ShardedParams, CheckpointError> {
     let root = world.rank() == 0;
     let mut params = ShardedParams::new(spec, stage, world, state_device, |u| {
-        u.tensors
-            .iter()
-            .map(|(_, shape)| Tensor::zeros(shape.as_slice(), (Kind::Float, Device::Cpu)))
-            .collect()
+        u.tensors.iter().map(|(_, shape)| Tensor::zeros(shape.as_slice(), (Kind::Float, Device::Cpu))).collect()
     });
     let optimizer = dir.join(OPTIMIZER);
     for (which, path) in [
@@ -119,12 +92,7 @@ pub fn load_params(
         (State::ExpAvgSq, optimizer.join(EXP_AVG_SQ)),
     ] {
         let named: Option<HashMap<String, Tensor>> = if root {
-            Some(
-                load_hf(&path, spec, Kind::Float, Device::Cpu)?
-                    .named_tensors()
-                    .into_iter()
-                    .collect(),
-            )
+            Some(load_hf(&path, spec, Kind::Float, Device::Cpu)?.named_tensors().into_iter().collect())
         } else {
             None
         };
@@ -147,13 +115,10 @@ fn unit_tensors(
 ) -> Result<Vec<Tensor>, CheckpointError> {
     unit.iter()
         .map(|(name, _)| {
-            named
-                .get(name)
-                .map(Tensor::shallow_clone)
-                .ok_or_else(|| CheckpointError::Mismatch {
-                    path: path.display().to_string(),
-                    message: format!("has no tensor `{name}`"),
-                })
+            named.get(name).map(Tensor::shallow_clone).ok_or_else(|| CheckpointError::Mismatch {
+                path: path.display().to_string(),
+                message: format!("has no tensor `{name}`"),
+            })
         })
         .collect()
 }

@@ -35,10 +35,7 @@ pub const EXP_AVG_SQ: &str = "exp_avg_sq.safetensors";
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("{path} is not a complete checkpoint (no {COMPLETE} marker: its save did not finish); resume from an earlier one, or use checkpoint.resume = \"auto\"")]
     Incomplete { path: String },
     #[error("{path}: {message}")]
@@ -52,10 +49,7 @@ pub enum CheckpointError {
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io {
-        path: path.display().to_string(),
-        source,
-    }
+    move |source| CheckpointError::Io { path: path.display().to_string(), source }
 }
 
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
@@ -69,8 +63,7 @@ pub fn step_dir_name(step: u64) -> String {
 /// The step of a published checkpoint folder name (`step-000020`); None for anything else.
 fn parse_step(name: &str) -> Option<u64> {
     let digits = name.strip_prefix("step-")?;
-    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| digits.parse().ok())?
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok())?
 }
 
 /// Complete checkpoints of a run, oldest first.
@@ -82,10 +75,7 @@ pub fn list_complete(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointEr
     let mut out = Vec::new();
     for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
         let path = entry.map_err(io_err(&dir))?.path();
-        let step = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(parse_step);
+        let step = path.file_name().and_then(|n| n.to_str()).and_then(parse_step);
         if let Some(step) = step.filter(|_| path.join(COMPLETE).is_file()) {
             out.push((step, path));
         }
@@ -99,15 +89,9 @@ pub fn list_complete(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointEr
 fn remove_stale(dir: &Path) -> Result<(), CheckpointError> {
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let path = entry.map_err(io_err(dir))?.path();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
+        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
         if name.starts_with("step-") && (name.contains(".tmp-") || name.contains(".old-")) {
-            log::info!(
-                "removing {} (left by a save that did not finish)",
-                path.display()
-            );
+            log::info!("removing {} (left by a save that did not finish)", path.display());
             std::fs::remove_dir_all(&path).map_err(io_err(&path))?;
         }
     }
@@ -116,9 +100,7 @@ fn remove_stale(dir: &Path) -> Result<(), CheckpointError> {
 
 /// Flushes a file or folder to disk, so the marker written after it cannot reach the disk first.
 fn fsync(path: &Path) -> Result<(), CheckpointError> {
-    File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(path))
+    File::open(path).and_then(|f| f.sync_all()).map_err(io_err(path))
 }
 
 fn fsync_tree(dir: &Path) -> Result<(), CheckpointError> {
@@ -158,14 +140,9 @@ fn publish(tmp: &Path, dest: &Path) -> Result<(), CheckpointError> {
 /// later step belongs to an earlier run that this one replaced (`resume = "none"`, or a resume
 /// from an older checkpoint): left there, `resume = "auto"` would pick it up, so it goes too.
 fn prune(run_dir: &Path, keep: usize, step: u64) -> Result<(), CheckpointError> {
-    let (ours, replaced): (Vec<_>, Vec<_>) = list_complete(run_dir)?
-        .into_iter()
-        .partition(|(s, _)| *s <= step);
+    let (ours, replaced): (Vec<_>, Vec<_>) = list_complete(run_dir)?.into_iter().partition(|(s, _)| *s <= step);
     for (_, path) in &replaced {
-        log::warn!(
-            "removing {}: written by an earlier run that this one replaced",
-            path.display()
-        );
+        log::warn!("removing {}: written by an earlier run that this one replaced", path.display());
     }
     let old = ours.len().saturating_sub(keep);
     for (_, path) in ours.iter().take(old).chain(&replaced) {
@@ -207,27 +184,14 @@ mod tests {
     fn incomplete_and_stale_folders_are_ignored_then_cleaned() {
         let run = tempfile::tempdir().unwrap();
         let dir = checkpoints_dir(run.path());
-        for name in [
-            "step-000010",
-            "step-000020",
-            "step-000030.tmp-5",
-            "step-000040",
-        ] {
+        for name in ["step-000010", "step-000020", "step-000030.tmp-5", "step-000040"] {
             std::fs::create_dir_all(dir.join(name)).unwrap();
         }
         std::fs::write(dir.join("step-000010").join(COMPLETE), "").unwrap();
         std::fs::write(dir.join("step-000020").join(COMPLETE), "").unwrap();
         std::fs::write(dir.join("step-000030.tmp-5").join(COMPLETE), "").unwrap();
-        let steps: Vec<u64> = list_complete(run.path())
-            .unwrap()
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect();
-        assert_eq!(
-            steps,
-            vec![10, 20],
-            "step-000040 has no marker, the .tmp- folder is unpublished"
-        );
+        let steps: Vec<u64> = list_complete(run.path()).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, vec![10, 20], "step-000040 has no marker, the .tmp- folder is unpublished");
         remove_stale(&dir).unwrap();
         assert!(!dir.join("step-000030.tmp-5").exists());
         prune(run.path(), 1, 20).unwrap();
@@ -236,15 +200,7 @@ mod tests {
         std::fs::create_dir_all(dir.join("step-000010")).unwrap();
         std::fs::write(dir.join("step-000010").join(COMPLETE), "").unwrap();
         prune(run.path(), 2, 10).unwrap();
-        let steps: Vec<u64> = list_complete(run.path())
-            .unwrap()
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect();
-        assert_eq!(
-            steps,
-            vec![10],
-            "a run restarted at step 10 drops the later steps of the run it replaced"
-        );
+        let steps: Vec<u64> = list_complete(run.path()).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, vec![10], "a run restarted at step 10 drops the later steps of the run it replaced");
     }
 }

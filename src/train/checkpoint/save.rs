@@ -26,11 +26,7 @@ pub fn save(
     let root = world.rank() == 0;
     let dir = checkpoints_dir(run_dir);
     let dest = dir.join(step_dir_name(state.step));
-    let tmp = dir.join(format!(
-        "{}.tmp-{}",
-        step_dir_name(state.step),
-        std::process::id()
-    ));
+    let tmp = dir.join(format!("{}.tmp-{}", step_dir_name(state.step), std::process::id()));
     if root {
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         remove_stale(&dir)?;
@@ -74,10 +70,7 @@ fn write_file(path: &Path, text: &str) -> Result<(), CheckpointError> {
 /// Test hook for the kill-during-save test: `ULYSSES_TEST_SLOW_SAVE_MS` pauses rank 0 after the
 /// model files and before the optimizer files, so a test can kill the job mid-save.
 fn slow_save_for_tests() {
-    if let Some(ms) = std::env::var("ULYSSES_TEST_SLOW_SAVE_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
+    if let Some(ms) = std::env::var("ULYSSES_TEST_SLOW_SAVE_MS").ok().and_then(|v| v.parse().ok()) {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }

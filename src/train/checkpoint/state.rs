@@ -58,9 +58,7 @@ impl Versions {
         Versions {
             ulysses: env!("CARGO_PKG_VERSION").into(),
             tch: "0.24.0".into(),
-            libtorch: option_env!("ULYSSES_LIBTORCH_VERSION")
-                .unwrap_or("unknown")
-                .into(),
+            libtorch: option_env!("ULYSSES_LIBTORCH_VERSION").unwrap_or("unknown").into(),
         }
     }
 }
