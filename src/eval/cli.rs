@@ -7,14 +7,14 @@ use super::loss::{run_loss, LossSpec};
 use super::results::{write_grid, write_loss, Provenance};
 use super::{plot_eval, EvalTask};
 use crate::comm::Mesh;
-use crate::config::{validate, DeviceKind, Experiment};
+use crate::config::{validate, DeviceKind, Dtype, Experiment};
 use crate::data::synth::SynthTask;
 use crate::data::tokenizer::TextTokenizer;
-use crate::launch::{init_logging, Launch};
+use crate::launch::{init_logging, Backend, Launch};
 use crate::model::weights::load_hf;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
-use tch::{Device, Kind};
+use tch::Kind;
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
@@ -95,19 +95,23 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
             list.join("\n")
         )
     })?;
-    if exp.parallel.device == DeviceKind::Cuda {
-        bail!("parallel.device = \"cuda\" is not available in this build yet; use \"cpu\"");
-    }
     let mesh = Mesh::new(sp, exp.parallel.dp, launch.size, launch.rank)?;
-    let groups = launch.mpi_groups(&mesh)?;
+    // As in training: CPU tensors over MPI, or this rank's GPU over NCCL in the run's dtype.
+    let (backend, kind) = match (exp.parallel.device, exp.train.dtype) {
+        (DeviceKind::Cpu, _) => (Backend::Mpi, Kind::Float),
+        (DeviceKind::Cuda, Dtype::Fp32) => (Backend::Nccl, Kind::Float),
+        (DeviceKind::Cuda, Dtype::Bf16) => (Backend::Nccl, Kind::BFloat16),
+    };
+    let device = launch.device(backend)?;
+    let groups = launch.groups(backend, &mesh)?;
     let checkpoint = args.checkpoint.clone().unwrap_or_else(|| exp.run_dir().join("final"));
-    let weights = load_hf(&checkpoint, &spec, Kind::Float, Device::Cpu)
+    let weights = load_hf(&checkpoint, &spec, kind, device)
         .with_context(|| format!("loading the checkpoint {}", checkpoint.display()))?;
     let ev = Evaluator {
         spec: &spec,
         weights: &weights,
         sp: groups.sp.as_ref(),
-        device: Device::Cpu,
+        device,
         mlp_tile: exp.parallel.mlp_tile,
         loss_tile: exp.parallel.loss_tile,
     };

@@ -173,6 +173,6 @@ pub fn run_grid(
 
 /// Element-wise sum of a vector over the group.
 fn sum_vec<T: tch::kind::Element + Copy>(group: &dyn Collective, v: &[T]) -> Result<Vec<T>, EvalError> {
-    let summed = group.all_reduce(&Tensor::from_slice(v))?;
+    let summed = group.all_reduce(&Tensor::from_slice(v).to_device(group.device()))?.to_device(tch::Device::Cpu);
     Ok(Vec::<T>::try_from(summed)?)
 }

@@ -89,8 +89,12 @@ pub fn run_loss(ev: &Evaluator, spec: &LossSpec, mesh: &Mesh, world: &dyn Collec
             }
         }
     }
-    let loss_sum = Vec::<f64>::try_from(world.all_reduce(&Tensor::from_slice(&loss_sum))?)?;
-    let tokens = Vec::<i64>::try_from(world.all_reduce(&Tensor::from_slice(&tokens))?)?;
+    // Host values travel on the group's device (NCCL groups take CUDA tensors only).
+    let sum = |t: Tensor| -> Result<Tensor, EvalError> {
+        Ok(world.all_reduce(&t.to_device(world.device()))?.to_device(tch::Device::Cpu))
+    };
+    let loss_sum = Vec::<f64>::try_from(sum(Tensor::from_slice(&loss_sum))?)?;
+    let tokens = Vec::<i64>::try_from(sum(Tensor::from_slice(&tokens))?)?;
     let loss = loss_sum.iter().zip(&tokens).map(|(&s, &n)| if n > 0 { s / n as f64 } else { f64::NAN }).collect();
     Ok(LossResult { seq_len, sequences, bin_start, bin_end, loss, tokens })
 }
