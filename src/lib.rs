@@ -10,6 +10,7 @@ pub mod cuda;
 pub mod data;
 pub mod eval;
 pub mod launch;
+pub mod memory_plan;
 pub mod model;
 pub mod parallel;
 pub mod plan;

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use ulysses::config::{validate, DeviceKind, Experiment};
 use ulysses::launch::{init_logging, Backend, Launch};
+use ulysses::model::spec::ModelSpec;
 use ulysses::plan::Plan;
 
 #[derive(Parser)]
@@ -29,6 +30,15 @@ enum Command {
         /// Number of ranks the job will run on (default: parallel.sp × parallel.dp).
         #[arg(long)]
         world_size: Option<usize>,
+        /// Allocatable GPU memory per rank for the memory plan, GiB (an 80 GB H100 leaves ~76).
+        #[arg(long, default_value_t = 76.0)]
+        gpu_mem_gib: f64,
+        /// Host memory per node for offloaded state, GiB.
+        #[arg(long, default_value_t = 480.0)]
+        host_mem_gib: f64,
+        /// Ranks (GPUs) per node sharing that host memory.
+        #[arg(long, default_value_t = 8)]
+        ranks_per_node: usize,
     },
     /// Exercise every collective over the MPI world with exact expected values, for every mesh
     /// (`mpirun -n N ulysses comm-check [--backend nccl]`).
@@ -60,7 +70,9 @@ fn main() {
     }
     let cli = Cli::parse();
     let result = match (cli.command, cli.experiment) {
-        (Some(Command::Check { experiment, world_size }), _) => check(&experiment, world_size),
+        (Some(Command::Check { experiment, world_size, gpu_mem_gib, host_mem_gib, ranks_per_node }), _) => {
+            check(&experiment, world_size, gpu_mem_gib, host_mem_gib, ranks_per_node)
+        }
         (Some(Command::CommCheck { backend, bench_mib }), _) => comm_check(backend, bench_mib),
         (Some(Command::Data { cmd }), _) => ulysses::data::cli::run(cmd),
         (Some(Command::Eval(args)), _) => ulysses::eval::cli::run(args),
@@ -88,13 +100,57 @@ fn load_valid(path: &Path, world: Option<usize>) -> Result<(Experiment, ulysses:
     }
 }
 
-fn check(path: &Path, world_size: Option<usize>) -> Result<()> {
+fn check(
+    path: &Path,
+    world_size: Option<usize>,
+    gpu_mem_gib: f64,
+    host_mem_gib: f64,
+    ranks_per_node: usize,
+) -> Result<()> {
     let exp = Experiment::load(path)?;
     let world = world_size.unwrap_or(exp.parallel.sp * exp.parallel.dp);
     let (exp, spec) = load_valid(path, Some(world))?;
     println!("{}: valid for {world} rank(s)", path.display());
     print!("{}", Plan::new(&exp, &spec, world).render(&exp, &spec));
+    if exp.parallel.device == DeviceKind::Cuda {
+        print_memory_plan(&exp, &spec, world, gpu_mem_gib, host_mem_gib, ranks_per_node.min(world));
+    }
     Ok(())
+}
+
+/// The memory estimate of a GPU run (src/memory_plan.rs) and the longest sequence that fits.
+fn print_memory_plan(exp: &Experiment, spec: &ModelSpec, world: usize, gpu_gib: f64, host_gib: f64, per_node: usize) {
+    use ulysses::memory_plan::{longest_fit, MemoryPlan};
+    use ulysses::plan::bytes;
+    let m = MemoryPlan::new(exp, spec, world, exp.data.seq_len);
+    println!(
+        "memory     per rank at {} tokens (estimate, torch allocator; CUDA context and NCCL come on top):",
+        exp.data.seq_len
+    );
+    println!(
+        "           optimizer state (fp32 master, grad, Adam m, v)  GPU {:>10}  host {:>10}",
+        bytes(m.optimizer_gpu),
+        bytes(m.optimizer_host)
+    );
+    println!(
+        "           layer inputs kept for backward                 GPU {:>10}  host {:>10}",
+        bytes(m.activations_gpu),
+        bytes(m.activations_host)
+    );
+    println!("           working set of one layer's backward            GPU {:>10}", bytes(m.layer_working));
+    println!("           working set of the LM head and loss tiles      GPU {:>10}", bytes(m.head_working));
+    println!(
+        "           peak                                           GPU {:>10}  host {:>10} per node ({per_node} ranks)",
+        bytes(m.gpu_peak()),
+        bytes(m.host() * per_node as f64)
+    );
+    let gib = (1u64 << 30) as f64;
+    match longest_fit(exp, spec, world, gpu_gib * gib, host_gib * gib, per_node) {
+        Some(s) => println!(
+            "fits       up to {s} tokens with {gpu_gib} GiB per GPU and {host_gib} GiB of host memory per node"
+        ),
+        None => println!("fits       nothing: even {} tokens exceed {gpu_gib} GiB per GPU", exp.parallel.sp * 1024),
+    }
 }
 
 fn train(path: &Path) -> Result<()> {

@@ -78,8 +78,8 @@ impl Plan {
             self.seq_len, self.q_heads_local, self.kv_heads_local,
             if self.kv_replication > 1 { format!(" (each KV head replicated {}×)", self.kv_replication) } else { String::new() });
         let stage = exp.parallel.zero_stage;
-        let bytes_per_param = 2.0 + 4.0 + 4.0 + 8.0; // weight (bf16 on GPU) + fp32 master + grad + Adam m, v
-        let _ = writeln!(s, "ZeRO-{stage}     {} parameters per rank ({} of weights + master + grads + Adam at 18 B/param); a gathered layer holds {} parameters",
+        let bytes_per_param = 4.0 + 4.0 + 8.0; // fp32 master + grad + Adam m, v (bf16 weights are gathered per use)
+        let _ = writeln!(s, "ZeRO-{stage}     {} parameters per rank ({} of fp32 master, grads and Adam moments at 16 B/param); a gathered layer holds {} parameters",
             count(self.params_per_rank), bytes(self.params_per_rank as f64 * bytes_per_param), count(self.layer_params));
         let _ = writeln!(
             s,
