@@ -2,7 +2,10 @@
 //!
 //! Layering (dependencies point one way): `config` and `model::spec` are plain data; `comm` holds
 //! the collectives and the mesh; `model` is Llama on tch and knows nothing of comm; `parallel`
-//! wraps model seams with collectives; `data` reads and writes HDF5 shards; `train` runs steps.
+//! wraps model seams with collectives; `data` reads and writes HDF5 shards; `train` runs steps,
+//! checkpoints and metrics; `eval` scores checkpoints; `report` reads metrics back; `plan` and
+//! `memory_plan` are what `ulysses check` prints; `launch` starts ranks; `cuda` and `autograd`
+//! reach libtorch functions tch does not expose (through shim/).
 pub mod autograd;
 pub mod comm;
 pub mod config;
