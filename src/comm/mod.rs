@@ -88,9 +88,3 @@ pub fn all_reduce_f64(c: &dyn Collective, x: f64) -> Result<f64, CommError> {
     let t = Tensor::from_slice(&[x]).to_device(c.device());
     Ok(c.all_reduce(&t)?.double_value(&[0]))
 }
-
-/// Every rank's value, in rank order (per-rank memory and timings for the metrics).
-pub fn all_gather_f64(c: &dyn Collective, x: f64) -> Result<Vec<f64>, CommError> {
-    let t = Tensor::from_slice(&[x]).to_device(c.device());
-    Ok(Vec::<f64>::try_from(c.all_gather(&t)?.to_device(Device::Cpu)).expect("f64 values"))
-}

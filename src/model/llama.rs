@@ -111,8 +111,26 @@ pub fn embed(w: &ModelWeights, ids: &Tensor) -> Tensor {
 /// Final RMSNorm and LM head: x [b, s, h] -> logits [b, s, V] in fp32. The matmul runs in the
 /// weights' dtype and the logits are upcast, as transformers does before its loss.
 pub fn logits(spec: &ModelSpec, w: &ModelWeights, x: &Tensor) -> Tensor {
-    let xn = rms_norm(x, &w.norm, spec.rms_norm_eps);
-    xn.linear(w.lm_head(), None::<Tensor>).to_kind(Kind::Float)
+    head_logits(spec, &w.norm, w.lm_head(), x)
+}
+
+/// `logits` from the two tensors it needs (the parallel step gathers just these).
+pub fn head_logits(spec: &ModelSpec, norm: &Tensor, lm_head: &Tensor, x: &Tensor) -> Tensor {
+    let xn = rms_norm(x, norm, spec.rms_norm_eps);
+    xn.linear(lm_head, None::<Tensor>).to_kind(Kind::Float)
+}
+
+/// Cross-entropy of every token of `x` in one piece, [b, s] fp32 (0 where the label is
+/// `IGNORE_INDEX`), from the final norm and the LM head alone.
+pub fn head_token_losses(spec: &ModelSpec, norm: &Tensor, lm_head: &Tensor, x: &Tensor, labels: &Tensor) -> Tensor {
+    let (b, s) = (x.size()[0], x.size()[1]);
+    // [b, s, h] -> [b, s, V] -> [b*s, V]
+    let lg = head_logits(spec, norm, lm_head, x).view([b * s, spec.vocab_size]);
+    // [b, s] -> [b*s]
+    let target = labels.reshape([b * s]);
+    let loss = lg.cross_entropy_loss(&target, None::<Tensor>, Reduction::None, IGNORE_INDEX, 0.0);
+    // [b*s] -> [b, s]
+    loss.view([b, s])
 }
 
 /// Cross-entropy of every token, [b, s] fp32 (0 where the label is `IGNORE_INDEX`), computed over
@@ -120,16 +138,11 @@ pub fn logits(spec: &ModelSpec, w: &ModelWeights, x: &Tensor) -> Tensor {
 /// `labels` [b, s] are already aligned with `x`: label t is the target of position t; valid
 /// labels must lie in [0, V).
 pub fn token_losses(spec: &ModelSpec, w: &ModelWeights, x: &Tensor, labels: &Tensor, loss_tile: usize) -> Tensor {
-    let (b, s) = (x.size()[0], x.size()[1]);
+    let s = x.size()[1];
     let tiles: Vec<Tensor> = seq_tiles(s, loss_tile)
+        // [b, s, h] -> [b, tile, h] -> [b, tile]
         .map(|(start, len)| {
-            // [b, s, h] -> [b, tile, h] -> [b, tile, V] -> [b*tile, V]
-            let lg = logits(spec, w, &x.narrow(1, start, len)).view([b * len, spec.vocab_size]);
-            // [b, s] -> [b, tile] -> [b*tile]
-            let target = labels.narrow(1, start, len).reshape([b * len]);
-            let loss = lg.cross_entropy_loss(&target, None::<Tensor>, Reduction::None, IGNORE_INDEX, 0.0);
-            // [b*tile] -> [b, tile]
-            loss.view([b, len])
+            head_token_losses(spec, &w.norm, w.lm_head(), &x.narrow(1, start, len), &labels.narrow(1, start, len))
         })
         .collect();
     // [b, tile] x n -> [b, s]

@@ -99,15 +99,13 @@ impl LayerWeights {
 impl ModelWeights {
     /// Full HF names and shapes of every tensor, in the order of `named_tensors()`.
     pub fn shapes(spec: &ModelSpec) -> Vec<(String, Vec<i64>)> {
-        let (v, h) = (spec.vocab_size, spec.hidden_size);
-        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+        // The spec lists the outer tensors as embedding, final norm, (LM head); layers go between.
+        let mut outer = spec.outer_shapes().into_iter().map(|(n, s)| (n.to_string(), s));
+        let mut out: Vec<(String, Vec<i64>)> = outer.next().into_iter().collect();
         for l in 0..spec.num_hidden_layers {
             out.extend(LayerWeights::shapes(spec).into_iter().map(|(n, s)| (format!("model.layers.{l}.{n}"), s)));
         }
-        out.push(("model.norm.weight".to_string(), vec![h]));
-        if !spec.tie_word_embeddings {
-            out.push(("lm_head.weight".to_string(), vec![v, h]));
-        }
+        out.extend(outer);
         out
     }
 

@@ -12,6 +12,7 @@ pub mod schedule;
 mod start;
 pub mod step;
 
+use crate::comm::all_reduce_f64;
 use crate::comm::{Collective, Groups, Mesh};
 use crate::config::{ActivationPlacement, AttentionBackend, Dtype, Experiment};
 use crate::data::{Dataset, Loader, LoaderSpec};
@@ -22,7 +23,7 @@ use metrics::{MetricsWriter, RunInfo, StepRow, StepTimes};
 use position::PositionLoss;
 use profile::Profiler;
 use std::time::Instant;
-use step::{micro_step, sum_over, MicroBatch, StepContext};
+use step::{micro_step, MicroBatch, StepContext};
 use tch::{Device, Kind, Tensor};
 
 fn batch_tensors(b: &crate::data::Batch, device: Device) -> MicroBatch {
@@ -123,14 +124,14 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups, dev
             (0..t.grad_accum).map(|_| Ok(batch_tensors(&loader.next_batch()?, device))).collect::<Result<_>>()?;
         times.data = t0.elapsed().as_secs_f64();
         let n_local: i64 = batches.iter().map(MicroBatch::valid_labels).sum();
-        let n_total = sum_over(world, n_local as f64)?;
+        let n_total = all_reduce_f64(world, n_local as f64)?;
         let mut positions =
             (every_pos > 0 && step % every_pos == 0).then(|| PositionLoss::new(bins, exp.data.seq_len, device));
         let mut loss_local = 0.0;
         for b in &batches {
             loss_local += micro_step(&ctx, &mut params, b, n_total.max(1.0), &mut times, positions.as_mut())?;
         }
-        let loss = sum_over(world, loss_local)? / n_total.max(1.0);
+        let loss = all_reduce_f64(world, loss_local)? / n_total.max(1.0);
         let t_opt = Instant::now();
         let grad_norm = params.grad_norm(world)?;
         let clip = if t.clip_grad_norm > 0.0 && grad_norm > t.clip_grad_norm {

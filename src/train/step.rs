@@ -5,8 +5,8 @@
 //! gradient (`torch.autograd.backward(out, grad_out)` through the shim), and the gradient crosses
 //! the all-to-all in the reverse direction.
 use super::profile::Profiler;
-use crate::comm::{Collective, Groups};
-use crate::model::llama::{self, seq_tiles, AttentionCore, LayerWeights, LocalAttention, ModelWeights};
+use crate::comm::Groups;
+use crate::model::llama::{self, seq_tiles, AttentionCore, LayerWeights, LocalAttention};
 use crate::model::rope::Rope;
 use crate::model::spec::ModelSpec;
 use crate::parallel::ulysses::{heads_to_seq, replicate_kv, seq_to_heads};
@@ -134,19 +134,14 @@ pub fn micro_step(
     let head = gather(params, head_unit)?.iter().map(leaf).collect::<Vec<_>>();
     let tied = if spec.tie_word_embeddings { Some(leaf(&gather(params, 0)?[0])) } else { None };
     let x_last = leaf(&x);
-    let head_weights = ModelWeights {
-        embed: tied.as_ref().map_or_else(|| Tensor::zeros([0], (ctx.kind, ctx.device)), |t| t.shallow_clone()),
-        layers: Vec::new(),
-        norm: head[0].shallow_clone(),
-        lm_head: head.get(1).map(|t| t.shallow_clone()),
-    };
+    let (norm, lm_head) = (&head[0], tied.as_ref().unwrap_or_else(|| &head[1]));
     // Backpropagate tile by tile so only one tile's fp32 logits exist at a time; the gradients
     // of the weights and of `x_last` accumulate over the tiles.
     let mut loss_local = 0.0;
     for (start, len) in seq_tiles(x_last.size()[1], ctx.loss_tile) {
         let labels = batch.labels.narrow(1, start, len);
         // [b, tile] fp32 losses; their sum is `head_loss`.
-        let token_loss = llama::token_losses(spec, &head_weights, &x_last.narrow(1, start, len), &labels, 0);
+        let token_loss = llama::head_token_losses(spec, norm, lm_head, &x_last.narrow(1, start, len), &labels);
         if let Some(p) = positions.as_deref_mut() {
             p.add(&token_loss, &labels, &batch.position_ids.narrow(1, start, len));
         }
@@ -158,7 +153,7 @@ pub fn micro_step(
     }
     prof.comm(world, || params.accumulate(world, head_unit, &grads(&head)))?;
     let mut grad_x = grad(&x_last);
-    drop((head, head_weights, x_last, x));
+    drop((head, x_last, x));
     let backward_from = Instant::now();
     times.forward += (backward_from - started).as_secs_f64();
 
@@ -204,9 +199,4 @@ pub fn micro_step(
     prof.comm(world, || params.accumulate(world, 0, &[g]))?;
     times.backward += backward_from.elapsed().as_secs_f64();
     Ok(loss_local)
-}
-
-/// Sum of `x` over every rank.
-pub fn sum_over(group: &dyn Collective, x: f64) -> Result<f64> {
-    Ok(crate::comm::all_reduce_f64(group, x)?)
 }
