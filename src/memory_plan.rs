@@ -10,6 +10,27 @@ use crate::model::spec::ModelSpec;
 /// input, q/k/v and their head shards, attention output, residuals and their gradients).
 const LAYER_WORKING_SET_PER_TOKEN: f64 = 26.0;
 
+/// Where one kept tensor waits between forward and backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// The compute device's memory (on a CPU run: just kept).
+    Device,
+    /// Pinned host memory.
+    Host,
+    /// A file in `memory.offload_dir`.
+    Disk,
+}
+
+/// The plan's per-layer decisions for one micro batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    /// Where layer l's input is kept.
+    pub inputs: Vec<Place>,
+    /// Where layer l's attention output and log-sum-exp are kept so backward skips recomputing
+    /// the attention forward; None: recompute it.
+    pub attention: Vec<Option<Place>>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MemoryPlan {
     /// fp32 master weights, gradients and Adam moments of this rank's shard.
@@ -35,7 +56,7 @@ impl MemoryPlan {
         let acts = spec.num_hidden_layers as f64 * tokens * h * 2.0;
         let (optimizer_gpu, optimizer_host) = if p.offload_optimizer { (0.0, state) } else { (state, 0.0) };
         let (activations_gpu, activations_host) =
-            if p.activations == ActivationPlacement::Host { (0.0, acts) } else { (acts, 0.0) };
+            if p.activations == ActivationPlacement::Device { (acts, 0.0) } else { (0.0, acts) };
         let head_params = (spec.vocab_size * spec.hidden_size) as f64;
         let loss_tile = if p.loss_tile == 0 { tokens } else { (p.loss_tile as f64).min(tokens) };
         MemoryPlan {

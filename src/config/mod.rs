@@ -22,6 +22,8 @@ pub struct Experiment {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub memory: MemoryConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -81,9 +83,14 @@ pub struct ParallelConfig {
     pub attention: AttentionBackend,
     /// Keep fp32 master weights and Adam moments in host memory (CPU AdamW).
     pub offload_optimizer: bool,
-    /// Where layer inputs wait between forward and backward: "device" (GPU memory) or "host"
-    /// (pinned host memory, copied out and back asynchronously on the compute stream).
+    /// Where layer inputs wait between forward and backward: "auto" (the memory plan chooses per
+    /// layer: GPU while it fits, then pinned host memory, then local disk), or every layer on
+    /// "device", "host" or "disk". Host and disk copies run on a side stream.
     pub activations: ActivationPlacement,
+    /// Keep each layer's attention output and log-sum-exp (GPU or host memory, where the memory
+    /// plan finds room) so backward calls the fused attention backward without recomputing the
+    /// attention forward; false: always recompute.
+    pub keep_attention: bool,
     /// Tokens per MLP tile (0 = untiled).
     pub mlp_tile: usize,
     /// Tokens per LM-head + cross-entropy tile (0 = untiled).
@@ -93,8 +100,10 @@ pub struct ParallelConfig {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ActivationPlacement {
+    Auto,
     Device,
     Host,
+    Disk,
 }
 
 impl Default for ParallelConfig {
@@ -106,7 +115,8 @@ impl Default for ParallelConfig {
             device: DeviceKind::Cpu,
             attention: AttentionBackend::Auto,
             offload_optimizer: false,
-            activations: ActivationPlacement::Device,
+            activations: ActivationPlacement::Auto,
+            keep_attention: true,
             mlp_tile: 0,
             loss_tile: 0,
         }
@@ -219,6 +229,25 @@ pub struct MetricsConfig {
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig { position_loss_every: 10, position_bins: 64, time_split_every: 0 }
+    }
+}
+
+/// What the memory plan may use. 0 means "measure at start".
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// GPU memory per GPU for torch's allocator, GiB; 0: the device's total memory less a reserve
+    /// for the CUDA context and NCCL.
+    pub gpu_gib: f64,
+    /// Host memory per node for offloaded state, GiB; 0: MemAvailable at start less a reserve.
+    pub host_gib: f64,
+    /// Local folder for activations the plan sends to disk; empty: the system temp folder.
+    pub offload_dir: PathBuf,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig { gpu_gib: 0.0, host_gib: 0.0, offload_dir: PathBuf::new() }
     }
 }
 

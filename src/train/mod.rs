@@ -115,7 +115,7 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups, dev
             mlp_tile: exp.parallel.mlp_tile,
             loss_tile: exp.parallel.loss_tile,
             profiler: &profiler,
-            offload_activations: exp.parallel.activations == ActivationPlacement::Host,
+            offload_activations: exp.parallel.activations != ActivationPlacement::Device,
         };
         memory::reset_peak_gpu(device);
         let mut times = StepTimes::default();
