@@ -15,6 +15,12 @@ pub fn backward(pairs: &[(&Tensor, &Tensor)]) -> Result<(), String> {
     // SAFETY: the pointers are live tch handles (torch::Tensor*) borrowed for the call; the shim
     // copies the tensors (refcounted) and returns null or a malloc'ed C string that we free.
     let err = unsafe { ulysses_backward(outs.as_ptr(), grads.as_ptr(), pairs.len() as c_int) };
+    shim_result(err)
+}
+
+/// A shim call's outcome: null is success, else a malloc'ed C string (the C++ exception's
+/// message), which is freed here.
+pub(crate) fn shim_result(err: *mut c_char) -> Result<(), String> {
     if err.is_null() {
         return Ok(());
     }

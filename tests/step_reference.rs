@@ -2,11 +2,14 @@
 //! across the all-to-alls) gives exactly the gradients of plain autograd over the whole model.
 use tch::{Device, Kind, Tensor};
 use ulysses::comm::Groups;
+use ulysses::memory_plan::{Place, Placement};
+use ulysses::model::kept_attention::Kernel;
 use ulysses::model::llama::{self, LocalAttention, ModelWeights};
 use ulysses::model::spec::ModelSpec;
 use ulysses::parallel::zero::ShardedParams;
 use ulysses::train::profile::Profiler;
 use ulysses::train::step::{micro_step, MicroBatch, StepContext};
+use ulysses::train::store::ActivationStore;
 
 fn setup(spec: &ModelSpec) -> (ShardedParams, Groups) {
     let groups = Groups::solo();
@@ -26,7 +29,8 @@ fn setup(spec: &ModelSpec) -> (ShardedParams, Groups) {
     (params, groups)
 }
 
-fn check(spec: ModelSpec, mlp_tile: usize, loss_tile: usize) {
+/// `inputs`: where layer inputs wait; `keep`: attention outputs kept (fused backward) or recomputed.
+fn check(spec: ModelSpec, mlp_tile: usize, loss_tile: usize, inputs: Place, keep: bool) {
     let (mut params, groups) = setup(&spec);
     let s = 37;
     let ids = Tensor::randint(spec.vocab_size, [2, s], (Kind::Int64, Device::Cpu));
@@ -61,6 +65,11 @@ fn check(spec: ModelSpec, mlp_tile: usize, loss_tile: usize) {
     loss.backward();
 
     let profiler = Profiler::new(Device::Cpu, true);
+    let layers = spec.num_hidden_layers as usize;
+    let placement = Placement { inputs: vec![inputs; layers], attention: vec![keep.then_some(Place::Device); layers] };
+    let kernel = keep.then_some(Kernel::CpuFlash);
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = ActivationStore::new(Device::Cpu, dir.path(), 0).unwrap();
     let ctx = StepContext {
         spec: &spec,
         groups: &groups,
@@ -69,9 +78,10 @@ fn check(spec: ModelSpec, mlp_tile: usize, loss_tile: usize) {
         mlp_tile,
         loss_tile,
         profiler: &profiler,
-        offload_activations: true,
+        placement: &placement,
+        kernel,
     };
-    let loss_sum = micro_step(&ctx, &mut params, &batch, n, &mut Default::default(), None).unwrap();
+    let loss_sum = micro_step(&ctx, &mut params, &mut store, &batch, n, &mut Default::default(), None).unwrap();
     assert!(
         (loss_sum / n - loss.double_value(&[])).abs() < 1e-5,
         "loss {} vs {}",
@@ -96,11 +106,21 @@ fn check(spec: ModelSpec, mlp_tile: usize, loss_tile: usize) {
 
 #[test]
 fn layerwise_step_equals_autograd_untied() {
-    check(ModelSpec::preset("tiny").unwrap(), 0, 0);
+    check(ModelSpec::preset("tiny").unwrap(), 0, 0, Place::Device, false);
+}
+
+#[test]
+fn kept_attention_step_equals_autograd() {
+    check(ModelSpec::preset("tiny").unwrap(), 0, 0, Place::Device, true);
+}
+
+#[test]
+fn inputs_on_disk_give_the_same_gradients() {
+    check(ModelSpec::preset("tiny").unwrap(), 0, 0, Place::Disk, true);
 }
 
 #[test]
 fn layerwise_step_equals_autograd_tied_and_tiled() {
     let spec = ModelSpec { tie_word_embeddings: true, ..ModelSpec::preset("tiny").unwrap() };
-    check(spec, 10, 7);
+    check(spec, 10, 7, Place::Host, true);
 }

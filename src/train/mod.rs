@@ -11,11 +11,14 @@ pub(crate) mod progress;
 pub mod schedule;
 mod start;
 pub mod step;
+pub mod store;
 
 use crate::comm::all_reduce_f64;
 use crate::comm::{Collective, Groups, Mesh};
 use crate::config::{ActivationPlacement, AttentionBackend, Dtype, Experiment};
 use crate::data::{Dataset, Loader, LoaderSpec};
+use crate::memory_plan::{Place, Placement};
+use crate::model::kept_attention::Kernel;
 use crate::model::spec::ModelSpec;
 use crate::parallel::zero::AdamW;
 use anyhow::{bail, Context, Result};
@@ -38,6 +41,30 @@ fn memory_per_rank(world: &dyn Collective, device: Device) -> Result<(Vec<u64>, 
         .to_device(world.device());
     let all: Vec<i64> = Vec::try_from(world.all_gather(&mine)?.to_device(Device::Cpu))?;
     Ok((all.iter().step_by(2).map(|&v| v as u64).collect(), all.iter().skip(1).step_by(2).map(|&v| v as u64).collect()))
+}
+
+fn interim_placement(exp: &Experiment, spec: &ModelSpec) -> Placement {
+    let layers = spec.num_hidden_layers as usize;
+    let place = match exp.parallel.activations {
+        ActivationPlacement::Device => Place::Device,
+        ActivationPlacement::Disk => Place::Disk,
+        _ => Place::Host,
+    };
+    Placement {
+        inputs: vec![place; layers],
+        attention: vec![exp.parallel.keep_attention.then_some(Place::Device); layers],
+    }
+}
+
+/// The fused kernel for kept attention: cuDNN or flash as configured on CUDA (None for the
+/// backends without a log-sum-exp forward: those layers recompute), libtorch's CPU flash on CPU.
+fn kept_attention_kernel(exp: &Experiment, device: Device) -> Option<Kernel> {
+    match exp.parallel.attention {
+        AttentionBackend::Auto | AttentionBackend::Cudnn => Some(Kernel::for_device(device, true)),
+        AttentionBackend::Flash => Some(Kernel::for_device(device, false)),
+        AttentionBackend::Efficient | AttentionBackend::Math if device == Device::Cpu => Some(Kernel::CpuFlash),
+        AttentionBackend::Efficient | AttentionBackend::Math => None,
+    }
 }
 
 /// Trains on `device` (this rank's GPU, or the CPU) with the mesh's communicators.
@@ -103,6 +130,9 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups, dev
     }
     let tokens = (exp.data.seq_len * mesh.dp * t.micro_batch * t.grad_accum) as u64;
     let step_flops = flops::step_flops(spec, exp.data.seq_len, mesh.dp * t.micro_batch * t.grad_accum);
+    let placement = interim_placement(exp, spec);
+    let kernel = kept_attention_kernel(exp, device);
+    let mut store = store::ActivationStore::new(device, &exp.memory.offload_dir, mesh.world_rank)?;
     let started = Instant::now();
     for step in start as usize + 1..=t.steps {
         let split_every = exp.metrics.time_split_every;
@@ -115,7 +145,8 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups, dev
             mlp_tile: exp.parallel.mlp_tile,
             loss_tile: exp.parallel.loss_tile,
             profiler: &profiler,
-            offload_activations: exp.parallel.activations != ActivationPlacement::Device,
+            placement: &placement,
+            kernel,
         };
         memory::reset_peak_gpu(device);
         let mut times = StepTimes::default();
@@ -129,7 +160,8 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups, dev
             (every_pos > 0 && step % every_pos == 0).then(|| PositionLoss::new(bins, exp.data.seq_len, device));
         let mut loss_local = 0.0;
         for b in &batches {
-            loss_local += micro_step(&ctx, &mut params, b, n_total.max(1.0), &mut times, positions.as_mut())?;
+            loss_local +=
+                micro_step(&ctx, &mut params, &mut store, b, n_total.max(1.0), &mut times, positions.as_mut())?;
         }
         let loss = all_reduce_f64(world, loss_local)? / n_total.max(1.0);
         let t_opt = Instant::now();

@@ -1,11 +1,16 @@
-//! One micro batch: layer-wise forward without a graph (keeping only each layer's input), the
-//! loss, then layer-wise backward with recompute. libtorch has no Rust custom autograd, so each
-//! layer is recomputed in segments that end at the all-to-alls (pre-attention, attention,
-//! post-attention), each with its own graph; a segment is backpropagated from its incoming
-//! gradient (`torch.autograd.backward(out, grad_out)` through the shim), and the gradient crosses
-//! the all-to-all in the reverse direction.
+//! One micro batch: layer-wise forward without a graph (keeping each layer's input, and where the
+//! memory plan allows, attention's output and log-sum-exp), the loss, then layer-wise backward
+//! with recompute. libtorch has no Rust custom autograd, so each layer is recomputed in segments
+//! that end at the all-to-alls (pre-attention, attention, post-attention), each with its own
+//! graph; a segment is backpropagated from its incoming gradient (`torch.autograd.backward(out,
+//! grad_out)` through the shim), and the gradient crosses the all-to-all in the reverse
+//! direction. A layer whose attention output was kept skips the attention forward in backward and
+//! calls the fused attention backward directly.
 use super::profile::Profiler;
+use super::store::{ActivationStore, Key};
 use crate::comm::Groups;
+use crate::memory_plan::Placement;
+use crate::model::kept_attention::{self, Kernel, Saved};
 use crate::model::llama::{self, seq_tiles, AttentionCore, LayerWeights, LocalAttention};
 use crate::model::rope::Rope;
 use crate::model::spec::ModelSpec;
@@ -13,7 +18,7 @@ use crate::parallel::ulysses::{heads_to_seq, replicate_kv, seq_to_heads};
 use crate::parallel::zero::ShardedParams;
 use crate::train::metrics::StepTimes;
 use crate::train::position::PositionLoss;
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -27,25 +32,17 @@ pub struct StepContext<'a> {
     pub mlp_tile: usize,
     pub loss_tile: usize,
     pub profiler: &'a Profiler,
-    /// Keep layer inputs in pinned host memory between forward and backward (CUDA only).
-    pub offload_activations: bool,
+    /// Where each layer's input and kept attention wait for the backward pass.
+    pub placement: &'a Placement,
+    /// The fused kernel that keeps attention's log-sum-exp; None: every layer recomputes.
+    pub kernel: Option<Kernel>,
 }
 
-impl StepContext<'_> {
-    /// Where a layer input waits for the backward pass. On the GPU with offload it goes to host
-    /// memory: a non-blocking copy to the CPU lands in pinned memory and is ordered on the compute
-    /// stream, so no host sync is needed and the GPU buffer may be reused by later kernels at once.
-    fn stash(&self, x: Tensor) -> Tensor {
-        match self.device {
-            Device::Cuda(_) if self.offload_activations => x.to_device_(Device::Cpu, x.kind(), true, false),
-            _ => x,
-        }
-    }
-
-    /// The stashed layer input back on the compute device (again a stream-ordered async copy).
-    fn unstash(&self, x: &Tensor) -> Tensor {
-        x.to_device_(self.device, x.kind(), true, false)
-    }
+/// A layer's kept attention: the head-sharded output, its log-sum-exp and the kernel's extras.
+struct KeptLayer {
+    out: Key,
+    lse: Key,
+    aux: [Tensor; 2],
 }
 
 /// One rank's micro batch as tensors `[b, s_local]` (i64) on the compute device.
@@ -81,7 +78,11 @@ fn grads(ts: &[Tensor]) -> Vec<Tensor> {
 
 /// Backpropagates each `grad_out` into its `out`'s graph (gradients accumulate into the leaves).
 fn backprop(pairs: &[(&Tensor, &Tensor)]) -> Result<()> {
-    crate::autograd::backward(pairs).map_err(|e| anyhow::anyhow!("backward: {e}"))
+    crate::autograd::backward(pairs).map_err(|e| anyhow!("backward: {e}"))
+}
+
+fn fused(e: String) -> anyhow::Error {
+    anyhow!("fused attention: {e}")
 }
 
 /// A decoder layer's weights from its unit's tensors (in `ModelSpec::layer_shapes` order).
@@ -97,6 +98,7 @@ fn layer(spec: &ModelSpec, tensors: Vec<Tensor>) -> Result<LayerWeights> {
 pub fn micro_step(
     ctx: &StepContext,
     params: &mut ShardedParams,
+    store: &mut ActivationStore,
     batch: &MicroBatch,
     n_total: f64,
     times: &mut StepTimes,
@@ -113,21 +115,35 @@ pub fn micro_step(
     let to_heads = |t: &Tensor| prof.comm(sp, || seq_to_heads(sp, t));
     let to_seq = |t: &Tensor| prof.comm(sp, || heads_to_seq(sp, t));
 
-    // Forward, no graph: keep each layer's input.
-    let mut inputs = Vec::with_capacity(layers + 1);
+    // Forward, no graph: keep each layer's input (and attention output where planned).
+    let mut inputs: Vec<Key> = Vec::with_capacity(layers);
+    let mut kept: Vec<Option<KeptLayer>> = Vec::with_capacity(layers);
     let embed = gather(params, 0)?.remove(0);
     let mut x = tch::no_grad(|| Tensor::embedding(&embed, &batch.input_ids, -1, false, false));
     drop(embed);
     for l in 0..layers {
         let w = layer(spec, gather(params, 1 + l)?)?;
+        let keep = ctx.kernel.zip(ctx.placement.attention[l]);
         let y = tch::no_grad(|| -> Result<Tensor> {
             let (q, k, v) = llama::pre_attention(spec, &w, &x, &rope);
             let (k, v) = (replicate_kv(&k, sp.size()), replicate_kv(&v, sp.size()));
             let (qh, kh, vh) = (to_heads(&q)?, to_heads(&k)?, to_heads(&v)?);
-            let oh = prof.attention(|| LocalAttention.attend(&qh, &kh, &vh));
+            let oh = match keep {
+                Some((kernel, place)) => {
+                    let (oh, saved) =
+                        prof.attention(|| kept_attention::forward(kernel, &qh, &kh, &vh)).map_err(fused)?;
+                    let out = store.put(oh.shallow_clone(), place)?;
+                    kept.push(Some(KeptLayer { out, lse: store.put(saved.lse, place)?, aux: saved.aux }));
+                    oh
+                }
+                None => {
+                    kept.push(None);
+                    prof.attention(|| LocalAttention.attend(&qh, &kh, &vh))
+                }
+            };
             Ok(llama::post_attention(spec, &w, &x, &to_seq(&oh)?, ctx.mlp_tile))
         })?;
-        inputs.push(ctx.stash(std::mem::replace(&mut x, y)));
+        inputs.push(store.put(std::mem::replace(&mut x, y), ctx.placement.inputs[l])?);
     }
 
     // Head: final norm, LM head, cross-entropy (fp32), with a graph.
@@ -157,18 +173,39 @@ pub fn micro_step(
     let backward_from = Instant::now();
     times.forward += (backward_from - started).as_secs_f64();
 
-    // Backward, last layer first: recompute each layer in three segments.
+    // Backward, last layer first: recompute each layer in three segments. The next layer's kept
+    // tensors are fetched one layer ahead so their copies overlap this layer's compute.
+    let prefetch = |store: &mut ActivationStore, input: Option<&Key>, kept: Option<&Option<KeptLayer>>| -> Result<()> {
+        if let Some(key) = input {
+            store.prefetch(key)?;
+        }
+        if let Some(Some(k)) = kept {
+            store.prefetch(&k.out)?;
+            store.prefetch(&k.lse)?;
+        }
+        Ok(())
+    };
+    prefetch(store, inputs.last(), kept.last())?;
     for l in (0..layers).rev() {
+        let (input, kept_layer) = (inputs.pop().expect("one input per layer"), kept.pop().expect("one per layer"));
+        prefetch(store, inputs.last(), kept.last())?;
         let w: Vec<Tensor> = gather(params, 1 + l)?.iter().map(leaf).collect();
         let lw = layer(spec, w.iter().map(|t| t.shallow_clone()).collect())?;
-        let x_in = leaf(&ctx.unstash(&inputs[l]));
+        let x_in = leaf(&store.take(input)?);
         // Segment 1 (pre-attention): norm, q/k/v projections, RoPE; KV heads replicated when
         // there are fewer than SP ranks, inside the graph so their gradients sum back.
         let (q, k, v) = llama::pre_attention(spec, &lw, &x_in, &rope);
         let (k, v) = (replicate_kv(&k, sp.size()), replicate_kv(&v, sp.size()));
-        // Segment 2 (attention) on head shards: [b, s/sp, H, d] -> [b, s, H/sp, d].
+        // Segment 2 (attention) on head shards: [b, s/sp, H, d] -> [b, s, H/sp, d]; the kept
+        // output, or the attention forward recomputed with a graph.
         let (qh, kh, vh) = (leaf(&to_heads(&q)?), leaf(&to_heads(&k)?), leaf(&to_heads(&v)?));
-        let oh = prof.attention(|| LocalAttention.attend(&qh, &kh, &vh));
+        let (oh, saved) = match kept_layer {
+            Some(kl) => {
+                let saved = Saved { lse: store.take(kl.lse)?, aux: kl.aux };
+                (store.take(kl.out)?, Some(saved))
+            }
+            None => (prof.attention(|| LocalAttention.attend(&qh, &kh, &vh)), None),
+        };
         // Segment 3 (post-attention): O projection and residual, then the MLP, recomputed and
         // backpropagated one tile of tokens at a time so its wide activations exist for one tile.
         let o = leaf(&to_seq(&oh)?);
@@ -180,12 +217,19 @@ pub fn micro_step(
         }
         backprop(&[(&h, &grad(&h_leaf))])?;
         let grad_oh = to_heads(&o.grad())?;
-        prof.attention(|| backprop(&[(&oh, &grad_oh)]))?;
-        let (gq, gk, gv) = (to_seq(&qh.grad())?, to_seq(&kh.grad())?, to_seq(&vh.grad())?);
+        let (gq, gk, gv) = match (saved, ctx.kernel) {
+            (Some(saved), Some(kernel)) => prof
+                .attention(|| tch::no_grad(|| kept_attention::backward(kernel, &grad_oh, &qh, &kh, &vh, &oh, &saved)))
+                .map_err(fused)?,
+            _ => {
+                prof.attention(|| backprop(&[(&oh, &grad_oh)]))?;
+                (qh.grad(), kh.grad(), vh.grad())
+            }
+        };
+        let (gq, gk, gv) = (to_seq(&gq)?, to_seq(&gk)?, to_seq(&gv)?);
         backprop(&[(&q, &gq), (&k, &gk), (&v, &gv)])?;
         grad_x = grad(&x_in);
         prof.comm(world, || params.accumulate(world, 1 + l, &grads(&w)))?;
-        inputs.truncate(l);
     }
 
     // Embedding (plus the LM head's gradient when the two are tied).
