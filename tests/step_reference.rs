@@ -80,6 +80,7 @@ fn check(spec: ModelSpec, mlp_tile: usize, loss_tile: usize, inputs: Place, keep
         profiler: &profiler,
         placement: &placement,
         kernel,
+        memory_fit: false,
     };
     let loss_sum = micro_step(&ctx, &mut params, &mut store, &batch, n, &mut Default::default(), None).unwrap();
     assert!(

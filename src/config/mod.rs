@@ -173,6 +173,11 @@ pub struct TrainConfig {
     /// Global gradient-norm clip; 0 disables.
     pub clip_grad_norm: f64,
     pub dtype: Dtype,
+    /// A memory-fit run: every allocation of a real step, but attention computed in the last layer
+    /// only (the others get zeros), so a length whose real step outlasts the time at hand can be
+    /// shown to fit. Its losses and timings mean nothing; the log says so on every step and no
+    /// metrics are written.
+    pub memory_fit: bool,
 }
 
 impl Default for TrainConfig {
@@ -191,6 +196,7 @@ impl Default for TrainConfig {
             eps: 1e-8,
             clip_grad_norm: 1.0,
             dtype: Dtype::Fp32,
+            memory_fit: false,
         }
     }
 }

@@ -192,6 +192,13 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
     if c.keep == 0 {
         bad("checkpoint.keep", "is 0; keep at least 1 checkpoint".into());
     }
+    if t.memory_fit && (c.save_final || c.every > 0) {
+        bad(
+            "train.memory_fit",
+            "= true needs checkpoint.save_final = false and checkpoint.every = 0: a memory-fit run's weights mean nothing"
+                .into(),
+        );
+    }
     if c.resume != "none" && c.resume != "auto" && !std::path::Path::new(&c.resume).exists() {
         bad(
             "checkpoint.resume",

@@ -113,7 +113,7 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups, dev
     let (bins, every_pos) = (exp.metrics.position_bins, exp.metrics.position_loss_every);
 
     let run_dir = exp.run_dir();
-    let mut metrics = if mesh.world_rank == 0 {
+    let mut metrics = if mesh.world_rank == 0 && !t.memory_fit {
         std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
         let bin_starts = PositionLoss::bin_starts(bins, exp.data.seq_len);
         let info = RunInfo {
@@ -147,6 +147,7 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups, dev
             profiler: &profiler,
             placement: &placement,
             kernel,
+            memory_fit: t.memory_fit,
         };
         memory::reset_peak_gpu(device);
         let mut times = StepTimes::default();
@@ -200,7 +201,9 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups, dev
             peak_host_mem,
             peak_gpu_mem,
         };
-        if mesh.world_rank == 0 {
+        if mesh.world_rank == 0 && t.memory_fit {
+            progress::print_memory_fit(&row, t.steps);
+        } else if mesh.world_rank == 0 {
             progress::print_progress(&row, t.steps, started.elapsed().as_secs_f64() / (step - start as usize) as f64);
             if profiler.is_on() {
                 progress::print_time_split(step, &profiler.finish());

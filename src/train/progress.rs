@@ -25,6 +25,17 @@ pub fn print_progress(r: &StepRow, steps: usize, secs_per_step: f64) {
     );
 }
 
+/// A memory-fit run's line: what it proves (the step's memory), never a speed.
+pub fn print_memory_fit(r: &StepRow, steps: usize) {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    println!(
+        "memory-fit step {}/{steps} completed (attention in the last layer only: not a speed or loss figure)  peak GPU {:.1} GiB  peak host {:.1} GiB/rank",
+        r.step,
+        gib(r.peak_gpu_mem.iter().copied().max().unwrap_or(0)),
+        gib(r.peak_host_mem.iter().copied().max().unwrap_or(0)),
+    );
+}
+
 /// The synchronised time split of a profiled step (`[metrics] time_split_every`).
 pub fn print_time_split(step: usize, s: &super::profile::TimeSplit) {
     println!(

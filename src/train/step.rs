@@ -36,6 +36,22 @@ pub struct StepContext<'a> {
     pub placement: &'a Placement,
     /// The fused kernel that keeps attention's log-sum-exp; None: every layer recomputes.
     pub kernel: Option<Kernel>,
+    /// Memory-fit run (`train.memory_fit`): attention only in the last layer, zeros elsewhere.
+    pub memory_fit: bool,
+}
+
+impl StepContext<'_> {
+    /// Whether layer `l` of `layers` skips its attention kernels (memory-fit runs).
+    fn skips_attention(&self, l: usize, layers: usize) -> bool {
+        self.memory_fit && l + 1 < layers
+    }
+}
+
+/// A memory-fit run's stand-in for attention's output and log-sum-exp: same sizes, zeros.
+fn zero_attention(qh: &Tensor) -> (Tensor, Option<Saved>) {
+    let (b, s, heads, _) = qh.size4().expect("attention tensors are [b, s, heads, d]");
+    let lse = Tensor::zeros([b, heads, s], (Kind::Float, qh.device()));
+    (qh.zeros_like(), Some(Saved { lse, aux: [Tensor::new(), Tensor::new()] }))
 }
 
 /// A layer's kept attention: the head-sharded output, its log-sum-exp and the kernel's extras.
@@ -128,19 +144,23 @@ pub fn micro_step(
             let (q, k, v) = llama::pre_attention(spec, &w, &x, &rope);
             let (k, v) = (replicate_kv(&k, sp.size()), replicate_kv(&v, sp.size()));
             let (qh, kh, vh) = (to_heads(&q)?, to_heads(&k)?, to_heads(&v)?);
-            let oh = match keep {
-                Some((kernel, place)) => {
+            let (oh, saved) = match keep {
+                Some(_) if ctx.skips_attention(l, layers) => zero_attention(&qh),
+                Some((kernel, _)) => {
                     let (oh, saved) =
                         prof.attention(|| kept_attention::forward(kernel, &qh, &kh, &vh)).map_err(fused)?;
-                    let out = store.put(oh.shallow_clone(), place)?;
-                    kept.push(Some(KeptLayer { out, lse: store.put(saved.lse, place)?, aux: saved.aux }));
-                    oh
+                    (oh, Some(saved))
                 }
-                None => {
-                    kept.push(None);
-                    prof.attention(|| LocalAttention.attend(&qh, &kh, &vh))
-                }
+                None if ctx.skips_attention(l, layers) => (qh.zeros_like(), None),
+                None => (prof.attention(|| LocalAttention.attend(&qh, &kh, &vh)), None),
             };
+            kept.push(match (keep, saved) {
+                (Some((_, place)), Some(saved)) => {
+                    let out = store.put(oh.shallow_clone(), place)?;
+                    Some(KeptLayer { out, lse: store.put(saved.lse, place)?, aux: saved.aux })
+                }
+                _ => None,
+            });
             Ok(llama::post_attention(spec, &w, &x, &to_seq(&oh)?, ctx.mlp_tile))
         })?;
         inputs.push(store.put(std::mem::replace(&mut x, y), ctx.placement.inputs[l])?);
@@ -199,11 +219,13 @@ pub fn micro_step(
         // Segment 2 (attention) on head shards: [b, s/sp, H, d] -> [b, s, H/sp, d]; the kept
         // output, or the attention forward recomputed with a graph.
         let (qh, kh, vh) = (leaf(&to_heads(&q)?), leaf(&to_heads(&k)?), leaf(&to_heads(&v)?));
+        let skip = ctx.skips_attention(l, layers);
         let (oh, saved) = match kept_layer {
             Some(kl) => {
                 let saved = Saved { lse: store.take(kl.lse)?, aux: kl.aux };
                 (store.take(kl.out)?, Some(saved))
             }
+            None if skip => (qh.zeros_like(), None),
             None => (prof.attention(|| LocalAttention.attend(&qh, &kh, &vh)), None),
         };
         // Segment 3 (post-attention): O projection and residual, then the MLP, recomputed and
@@ -218,6 +240,7 @@ pub fn micro_step(
         backprop(&[(&h, &grad(&h_leaf))])?;
         let grad_oh = to_heads(&o.grad())?;
         let (gq, gk, gv) = match (saved, ctx.kernel) {
+            _ if skip => (qh.zeros_like(), kh.zeros_like(), vh.zeros_like()),
             (Some(saved), Some(kernel)) => prof
                 .attention(|| tch::no_grad(|| kept_attention::backward(kernel, &grad_oh, &qh, &kh, &vh, &oh, &saved)))
                 .map_err(fused)?,
