@@ -4,7 +4,12 @@
 # the repository root with the bundle (scripts/make-bundle.sh) in bundle/:
 #   SEQS="32768 131072 262144" STEPS=4 bash bench/run.sh
 # Each length: STEPS steps; step 1 is warm-up, the last is the synchronised time-split step, the
-# ones between are the timed steps (figures from them only). Logs and a JSON summary go to $OUT.
+# ones between are the timed steps (figures from them only); SPLIT=0 leaves the time split out
+# (every step after the first is timed). With STEPS=1 the one step is timed
+# (single step, no warm-up, no time split: say so wherever the figure goes). MEMORY_FIT=1 makes
+# memory-fit runs (train.memory_fit: attention in the last layer only), which prove a length fits
+# and give no speed. EXTRA goes into [parallel], MEMORY into [memory]. Logs and a JSON summary go
+# to $OUT.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SEQS="${SEQS:-32768 131072 262144}"
@@ -14,6 +19,13 @@ SP="${SP:-$NGPU}"
 MODEL="${MODEL:-llama3.1-8b}"
 ATTN="${ATTN:-auto}"
 EXTRA="${EXTRA:-}"
+MEMORY="${MEMORY:-}"
+MEMORY_FIT="${MEMORY_FIT:-0}"
+FIT_LINE=""
+[ "$MEMORY_FIT" = 1 ] && FIT_LINE="memory_fit = true"
+SPLIT="${SPLIT:-1}"
+SPLIT_EVERY="$STEPS"
+[ "$STEPS" = 1 ] || [ "$SPLIT" = 0 ] && SPLIT_EVERY=0
 RUN_TIMEOUT_S="${RUN_TIMEOUT_S:-400}"
 OUTD="${OUT:-/tmp/ulysses-bench}"
 mkdir -p "$OUTD"
@@ -49,28 +61,41 @@ lr = 1e-5
 min_lr = 1e-6
 warmup_steps = 1
 dtype = "bf16"
+$FIT_LINE
+[memory]
+$MEMORY
 [checkpoint]
 resume = "none"
 save_final = false
 [metrics]
-time_split_every = $STEPS
+time_split_every = $SPLIT_EVERY
 TOML
   log="$OUTD/ulysses-$S.log"
   echo "--- $S tokens: $exp"
   timeout --kill-after=20 "$RUN_TIMEOUT_S" env NGPU="$NGPU" bash bundle/run-gpu.sh "$exp" 2>&1 | tee "$log"
   echo "--- $S tokens: exit ${PIPESTATUS[0]}"
 done
-python3 - "$OUTD" "$STEPS" <<'PY'
+python3 - "$OUTD" "$STEPS" "$SPLIT_EVERY" <<'PY'
 import glob, json, re, sys
-out, steps = sys.argv[1], int(sys.argv[2])
+out, steps, split_every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rows = []
 for log in sorted(glob.glob(f"{out}/ulysses-*.log"), key=lambda p: int(re.findall(r"(\d+)\.log", p)[0])):
     seq = int(re.findall(r"(\d+)\.log", log)[0])
     text = open(log).read()
     steps_seen = {int(m[0]): m for m in re.findall(r"step +(\d+)/\d+ +loss (\S+) .*?(\S+) tok/s +(\S+) s/step +(\S+) TFLOP/s/GPU +MFU (\S+)% +ALST (\S+) TFLOP/s/GPU +peak (\S+) GiB", text)}
     split = re.findall(r"time split \(synchronised\): attention (\S+) s +other compute (\S+) s +communication (\S+) s +waiting (\S+) s", text)
-    timed = [steps_seen[k] for k in range(2, steps) if k in steps_seen]
-    row = {"seq_len": seq, "completed_steps": len(steps_seen), "oom": "out of memory" in text.lower()}
+    # Step 1 is warm-up and a time-split step runs slower: neither is timed (unless it is the only one).
+    last = steps if split_every == 0 else steps - 1
+    timed = [steps_seen[k] for k in (range(2, last + 1) if steps > 1 else [1]) if k in steps_seen]
+    fit = re.findall(r"memory-fit step (\d+)/\d+ completed .*?peak GPU (\S+) GiB +peak host (\S+) GiB", text)
+    row = {"seq_len": seq, "completed_steps": len(steps_seen) or len(fit), "oom": "out of memory" in text.lower()}
+    if steps == 1:
+        row["timing"] = "single step, no warm-up"
+    if fit:
+        row.update(memory_fit=True, peak_gib=max(float(f[1]) for f in fit), peak_host_gib=max(float(f[2]) for f in fit))
+    host = re.findall(r"peak \S+ GiB +host (\S+) GiB", text)
+    if host:
+        row["peak_host_gib"] = max(map(float, host))
     if timed:
         mean = lambda i: sum(float(t[i]) for t in timed) / len(timed)
         row.update(step_time_s=mean(3), tokens_per_s=mean(2), tflops_per_gpu=mean(4), mfu_pct=mean(5), alst_tflops_per_gpu=mean(6),

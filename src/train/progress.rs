@@ -3,11 +3,17 @@ use super::metrics::StepRow;
 
 pub fn print_progress(r: &StepRow, steps: usize, secs_per_step: f64) {
     let eta = secs_per_step * (steps as u64 - r.step) as f64;
-    // GPU runs also show the ALST-convention rate and the worst rank's peak GPU memory.
+    // GPU runs also show the ALST-convention rate and the worst rank's peak GPU and host memory.
     let peak_gpu = r.peak_gpu_mem.iter().copied().max().unwrap_or(0);
     let per = if peak_gpu > 0 { "GPU" } else { "rank" };
     let gpu = if peak_gpu > 0 {
-        format!("  ALST {} TFLOP/s/GPU  peak {:.1} GiB", sig3(r.tflops_alst), peak_gpu as f64 / (1u64 << 30) as f64)
+        let peak_host = r.peak_host_mem.iter().copied().max().unwrap_or(0);
+        format!(
+            "  ALST {} TFLOP/s/GPU  peak {:.1} GiB  host {:.1} GiB",
+            sig3(r.tflops_alst),
+            peak_gpu as f64 / (1u64 << 30) as f64,
+            peak_host as f64 / (1u64 << 30) as f64
+        )
     } else {
         String::new()
     };
