@@ -11,6 +11,7 @@ pub(crate) mod progress;
 pub mod schedule;
 mod start;
 pub mod step;
+pub mod store;
 
 use crate::comm::all_reduce_f64;
 use crate::comm::{Collective, Groups, Mesh};
