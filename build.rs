@@ -1,4 +1,4 @@
-//! Compiles shim/shim.cpp (what tch 0.24 does not expose) against libtorch's headers and sets the
+//! Compiles shim/*.cpp (what tch 0.24 does not expose) against libtorch's headers and sets the
 //! link flags that make the binary run with no environment set up by the user.
 use std::{env, path::PathBuf};
 
@@ -6,6 +6,7 @@ fn main() {
     println!("cargo:rerun-if-changed=shim/shim.cpp");
     println!("cargo:rerun-if-changed=shim/cuda_shim.cpp");
     println!("cargo:rerun-if-changed=shim/attention.cpp");
+    println!("cargo:rerun-if-changed=shim/transfer.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=ULYSSES_RPATH");
     println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
@@ -32,6 +33,7 @@ fn main() {
         .file("shim/shim.cpp")
         .file("shim/cuda_shim.cpp")
         .file("shim/attention.cpp")
+        .file("shim/transfer.cpp")
         .compile("ulysses_shim");
     // rustc links with --as-needed, which drops libtorch_cuda.so (no Rust symbol references it)
     // and torch then silently reports no CUDA. The `-as-needed` link modifier is nightly-only.

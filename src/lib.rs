@@ -4,8 +4,8 @@
 //! the collectives and the mesh; `model` is Llama on tch and knows nothing of comm; `parallel`
 //! wraps model seams with collectives; `data` reads and writes HDF5 shards; `train` runs steps,
 //! checkpoints and metrics; `eval` scores checkpoints; `report` reads metrics back; `plan` and
-//! `memory_plan` are what `ulysses check` prints; `launch` starts ranks; `cuda` and `autograd`
-//! reach libtorch functions tch does not expose (through shim/).
+//! `memory_plan` are what `ulysses check` prints; `launch` starts ranks; `cuda`, `transfer` (side-
+//! stream copies) and `autograd` reach libtorch functions tch does not expose (through shim/).
 pub mod autograd;
 pub mod comm;
 pub mod config;
@@ -19,3 +19,4 @@ pub mod parallel;
 pub mod plan;
 pub mod report;
 pub mod train;
+pub mod transfer;
