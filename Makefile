@@ -23,6 +23,7 @@ check: build
 	@for f in experiments/*.toml; do target/debug/ulysses check $$f || exit 1; done
 
 bundle: build
+	@$(ENV) cargo build --tests
 	@$(ENV) bash scripts/make-bundle.sh
 
 fmt:

@@ -25,6 +25,14 @@ cp "$VENV/bin/hydra_pmi_proxy" "$OUT/mpich/bin/"
 cp "$VENV/lib/libmpi.so.12" "$OUT/mpich/lib/"
 cp -rL "$VENV/lib/mpich" "$OUT/mpich/lib/mpich"
 cp "$ROOT/scripts/run-gpu.sh" "$OUT/"
+# The activation store's GPU tests (tests/store.rs, #[ignore]d on machines without CUDA), run by
+# tests/gpu/run.sh: the newest build of that test binary.
+STORE_TEST="$(ls -t "$ROOT/target/$PROFILE"/deps/store-* 2>/dev/null | grep -v '\.d$' | head -1)"
+[ -n "$STORE_TEST" ] || { echo "no store test binary: run \`cargo build --tests\` first" >&2; exit 1; }
+mkdir -p "$OUT/tests"
+cp "$STORE_TEST" "$OUT/tests/store"
+strip "$OUT/tests/store"
+chmod +x "$OUT/tests/store"
 chmod +x "$OUT/ulysses" "$OUT/run-gpu.sh" "$OUT"/mpich/bin/*
 
 links="$(find "$OUT" ! -type f ! -type d)"

@@ -3,6 +3,7 @@
 # (CUDA 13 wheels) but no Rust: one rank per GPU under the bundled MPICH.
 #   bash bundle/run-gpu.sh comm-check --backend nccl      # NGPU ranks (default: every GPU)
 #   NGPU=2 bash bundle/run-gpu.sh experiments/tiny.toml
+#   bash bundle/run-gpu.sh --exec bundle/tests/store --ignored gpu_   # a bundled test binary
 # TORCH_PY names the Python whose torch provides libtorch, CUDA and NCCL.
 set -u
 B="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -36,6 +37,10 @@ export FI_PROVIDER="${FI_PROVIDER:-tcp}"  # libfabric: don't probe HPC NICs the 
 export MPIR_CVAR_CH4_NETMOD="${MPIR_CVAR_CH4_NETMOD:-ofi}"
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 
+if [ "${1:-}" = "--exec" ]; then  # another bundled program (a test binary) in this environment, one process
+  shift
+  exec "$@"
+fi
 echo "== run-gpu.sh: torch $TORCH_VERSION ($TORCH_LIB), $GPUS GPU(s), $NGPU rank(s): ulysses $*"
 "$B/mpich/bin/mpirun" -n "$NGPU" "$B/ulysses" "$@"
 rc=$?

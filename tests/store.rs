@@ -320,18 +320,14 @@ fn transfers_on_the_cpu_are_no_op_moves() {
     assert!(err.contains("[3, 5]") && err.contains("[5, 3]"), "{err}");
 }
 
-// On a GPU machine (`cargo test --test store`): the side-stream copies themselves. Each test returns
-// early without CUDA. `slow` queues ~100 ms of matmuls on the compute stream, so a copy that did
+// On a GPU machine (tests/gpu/run.sh runs this test binary from the bundle with `--ignored gpu_`):
+// the side-stream copies themselves. `slow` queues ~100 ms of matmuls on the compute stream, so a copy that did
 // not wait for the compute stream, or memory handed to a new tensor while a copy still uses it,
 // would read or write the wrong bytes.
 
-fn gpu() -> Option<Device> {
-    if tch::Cuda::is_available() {
-        Some(Device::Cuda(0))
-    } else {
-        eprintln!("skipped: no CUDA device");
-        None
-    }
+fn gpu() -> Device {
+    assert!(tch::Cuda::is_available(), "this test needs a CUDA GPU");
+    Device::Cuda(0)
 }
 
 /// A [n, n] f32 tensor written by the last of 30 queued matmuls (the host does not wait).
@@ -354,8 +350,9 @@ fn scaled_random(dev: Device) -> Tensor {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (tests/gpu/run.sh)"]
 fn gpu_round_trips_bit_identical() {
-    let Some(dev) = gpu() else { return };
+    let dev = gpu();
     let tmp = tempfile::tempdir().unwrap();
     let mut s = ActivationStore::new(dev, tmp.path(), 0).unwrap();
     for place in PLACES {
@@ -375,8 +372,9 @@ fn gpu_round_trips_bit_identical() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (tests/gpu/run.sh)"]
 fn gpu_copy_to_host_waits_for_compute_and_keeps_its_source() {
-    let Some(dev) = gpu() else { return };
+    let dev = gpu();
     let tmp = tempfile::tempdir().unwrap();
     let mut s = ActivationStore::new(dev, tmp.path(), 0).unwrap();
     let a = scaled_random(dev);
@@ -393,8 +391,9 @@ fn gpu_copy_to_host_waits_for_compute_and_keeps_its_source() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (tests/gpu/run.sh)"]
 fn gpu_copy_to_device_waits_for_the_memory_previous_tenant() {
-    let Some(dev) = gpu() else { return };
+    let dev = gpu();
     let tmp = tempfile::tempdir().unwrap();
     let mut s = ActivationStore::new(dev, tmp.path(), 0).unwrap();
     let a = scaled_random(dev);
@@ -412,8 +411,9 @@ fn gpu_copy_to_device_waits_for_the_memory_previous_tenant() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (tests/gpu/run.sh)"]
 fn gpu_take_orders_the_compute_stream_after_the_copy() {
-    let Some(dev) = gpu() else { return };
+    let dev = gpu();
     let tmp = tempfile::tempdir().unwrap();
     let mut s = ActivationStore::new(dev, tmp.path(), 0).unwrap();
     let item = Tensor::randn([8192, 8192], (Kind::Float, dev)); // 256 MiB: ~10 ms to copy back
@@ -425,8 +425,9 @@ fn gpu_take_orders_the_compute_stream_after_the_copy() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (tests/gpu/run.sh)"]
 fn gpu_events() {
-    let Some(dev) = gpu() else { return };
+    let dev = gpu();
     let a = scaled_random(dev);
     let _busy = slow(&a);
     let event = CopyEvent::record_current(dev).unwrap();

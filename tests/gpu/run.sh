@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU tests (the GPU machine, not CI): run from the repository root with the bundle in bundle/.
 #   bash tests/gpu/run.sh
+# 0. The activation store's side-stream copies (tests/store.rs gpu_* tests, bundled).
 # 1. SP = 4 equals SP = 1 in bf16: Llama-3.2-1B dimensions (tied embeddings, 32/8 heads), 16K
 #    tokens, 3 steps; every step's loss and gradient norm within rtol 1.6e-2 (bf16 rounding in a
 #    different order; fp32 equality to 1e-6 is tested on CPU by tests/train_equivalence.rs).
@@ -46,6 +47,10 @@ resume = "none"
 save_final = false
 TOML
 }
+
+# 0. The activation store's side-stream copies on the GPU (tests/store.rs, gpu_*).
+bash bundle/run-gpu.sh --exec bundle/tests/store --ignored gpu_ --test-threads 1 2>&1 | tee "$WORK/store.log"
+grep -q "test result: ok. 5 passed" "$WORK/store.log" && echo "PASS activation store on the GPU" || fails=$((fails + 1))
 
 u 1 data synth --task random --seq-len 16384 --num 3 --seed 2 --out "$WORK/rand16k" >/dev/null
 exp sp1 llama3.2-1b 1 16384 3 1e-4 "$WORK/rand16k"
