@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use ulysses::config::{validate, DeviceKind, Experiment};
 use ulysses::launch::{init_logging, Backend, Launch};
-use ulysses::memory_plan::{self, longest_fit, Budget, MemoryPlan};
+use ulysses::memory_plan::{self, longest_fit, Budget, DoesNotFit, MemoryPlan};
 use ulysses::model::spec::ModelSpec;
 use ulysses::plan::Plan;
 
@@ -185,12 +185,27 @@ fn train(path: &Path) -> Result<()> {
         };
         let device = launch.device(backend)?;
         let groups = launch.groups(backend, &mesh)?;
+        let gpu = match device {
+            tch::Device::Cuda(i) => Some(i),
+            _ => None,
+        };
+        let budget = Budget::measure(&exp.memory, gpu, launch.local_size)?;
         if launch.rank == 0 {
             print!("{}", Plan::new(&exp, &spec, launch.size).render(&exp, &spec));
         }
-        ulysses::train::run(&exp, &spec, &mesh, &groups, device)
+        ulysses::train::run(&exp, &spec, &mesh, &groups, device, budget)
     };
-    run().unwrap_or_else(|e| launch.abort(&e));
+    if let Err(e) = run() {
+        if e.is::<DoesNotFit>() {
+            // Every rank plans with the same budget (the smallest of any rank's), so all of them
+            // stop here alike: rank 0 says why, the others give it a moment to.
+            if launch.rank != 0 {
+                std::thread::sleep(std::time::Duration::from_secs(2));
+            }
+            launch.abort(&e.context(path.display().to_string()));
+        }
+        launch.abort(&e);
+    }
     Ok(())
 }
 

@@ -16,6 +16,7 @@ use crate::comm::all_reduce_f64;
 use crate::comm::{Collective, Groups, Mesh};
 use crate::config::{ActivationPlacement, AttentionBackend, Dtype, Experiment};
 use crate::data::{Dataset, Loader, LoaderSpec};
+use crate::memory_plan::{self, Budget, DoesNotFit, MemoryPlan};
 use crate::model::spec::ModelSpec;
 use crate::parallel::zero::AdamW;
 use anyhow::{bail, Context, Result};
@@ -40,8 +41,25 @@ fn memory_per_rank(world: &dyn Collective, device: Device) -> Result<(Vec<u64>, 
     Ok((all.iter().step_by(2).map(|&v| v as u64).collect(), all.iter().skip(1).step_by(2).map(|&v| v as u64).collect()))
 }
 
-/// Trains on `device` (this rank's GPU, or the CPU) with the mesh's communicators.
-pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups, device: Device) -> Result<()> {
+/// The smallest budget of any rank, so that every rank makes the same plan: ranks must agree on
+/// which layers recompute attention (the recompute runs all-to-alls), and MemAvailable differs
+/// from rank to rank.
+fn agreed_budget(world: &dyn Collective, mine: Budget) -> Result<Budget> {
+    let parts = Tensor::from_slice(&[mine.gpu, mine.host, mine.disk]).to_device(world.device());
+    let all: Vec<f64> = Vec::try_from(world.all_gather(&parts)?.to_device(Device::Cpu))?;
+    Ok(all.chunks(3).map(|b| Budget { gpu: b[0], host: b[1], disk: b[2] }).fold(mine, Budget::min))
+}
+
+/// Trains on `device` (this rank's GPU, or the CPU) with the mesh's communicators, within this
+/// rank's memory `budget` (`Budget::measure`).
+pub fn run(
+    exp: &Experiment,
+    spec: &ModelSpec,
+    mesh: &Mesh,
+    groups: &Groups,
+    device: Device,
+    budget: Budget,
+) -> Result<()> {
     if let Device::Cuda(_) = device {
         let (flash, efficient, math, cudnn) = match exp.parallel.attention {
             AttentionBackend::Auto => (true, true, true, true),
@@ -67,6 +85,17 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups, dev
     }
     let t = &exp.train;
     let world = groups.world.as_ref();
+    // Where layer inputs and kept attention wait, decided before anything large is allocated, so a
+    // run that cannot fit stops here with the numbers and what would help.
+    let world_size = mesh.sp * mesh.dp;
+    let budget = agreed_budget(world, budget)?;
+    let plan = MemoryPlan::new(exp, spec, world_size, exp.data.seq_len);
+    let placement = plan
+        .placement(&budget)
+        .map_err(|shortfall| DoesNotFit(memory_plan::refusal(exp, spec, world_size, &budget, &shortfall)))?;
+    if mesh.world_rank == 0 {
+        log::info!("memory plan: {}", memory_plan::summary(&plan.with_placement(&placement), &placement, &budget));
+    }
     // The fp32 master weights and Adam moments live on the GPU, or in host memory when offloaded
     // (AdamW then runs on the CPU with libtorch's multi-threaded vectorized kernels).
     let state_device = if exp.parallel.offload_optimizer { Device::Cpu } else { device };
