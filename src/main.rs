@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use ulysses::config::{validate, DeviceKind, Experiment};
 use ulysses::launch::{init_logging, Backend, Launch};
+use ulysses::memory_plan::{self, longest_fit, Budget, DoesNotFit, MemoryPlan};
 use ulysses::model::spec::ModelSpec;
 use ulysses::plan::Plan;
 
@@ -30,13 +31,17 @@ enum Command {
         /// Number of ranks the job will run on (default: parallel.sp × parallel.dp).
         #[arg(long)]
         world_size: Option<usize>,
-        /// Allocatable GPU memory per rank for the memory plan, GiB (an 80 GB H100 leaves ~76).
-        #[arg(long, default_value_t = 76.0)]
-        gpu_mem_gib: f64,
-        /// Host memory per node for offloaded state, GiB.
-        #[arg(long, default_value_t = 480.0)]
-        host_mem_gib: f64,
-        /// Ranks (GPUs) per node sharing that host memory.
+        /// GPU memory per GPU for torch's allocator, GiB (default: memory.gpu_gib, else 76: an
+        /// 80 GB H100 less the CUDA context and NCCL).
+        #[arg(long)]
+        gpu_mem_gib: Option<f64>,
+        /// Host memory per node for offloaded state, GiB (default: memory.host_gib, else 480).
+        #[arg(long)]
+        host_mem_gib: Option<f64>,
+        /// Free disk per node for offloaded layer inputs, GiB (default: unlimited).
+        #[arg(long)]
+        disk_gib: Option<f64>,
+        /// Ranks (GPUs) per node sharing that host memory and disk.
         #[arg(long, default_value_t = 8)]
         ranks_per_node: usize,
     },
@@ -70,8 +75,9 @@ fn main() {
     }
     let cli = Cli::parse();
     let result = match (cli.command, cli.experiment) {
-        (Some(Command::Check { experiment, world_size, gpu_mem_gib, host_mem_gib, ranks_per_node }), _) => {
-            check(&experiment, world_size, gpu_mem_gib, host_mem_gib, ranks_per_node)
+        (Some(Command::Check { experiment, world_size, gpu_mem_gib, host_mem_gib, disk_gib, ranks_per_node }), _) => {
+            let budget = CheckBudget { gpu_gib: gpu_mem_gib, host_gib: host_mem_gib, disk_gib, ranks_per_node };
+            check(&experiment, world_size, budget)
         }
         (Some(Command::CommCheck { backend, bench_mib }), _) => comm_check(backend, bench_mib),
         (Some(Command::Data { cmd }), _) => ulysses::data::cli::run(cmd),
@@ -100,56 +106,58 @@ fn load_valid(path: &Path, world: Option<usize>) -> Result<(Experiment, ulysses:
     }
 }
 
-fn check(
-    path: &Path,
-    world_size: Option<usize>,
-    gpu_mem_gib: f64,
-    host_mem_gib: f64,
+/// `ulysses check`'s memory flags; None: the experiment's [memory] value, else the default.
+struct CheckBudget {
+    gpu_gib: Option<f64>,
+    host_gib: Option<f64>,
+    disk_gib: Option<f64>,
     ranks_per_node: usize,
-) -> Result<()> {
+}
+
+fn check(path: &Path, world_size: Option<usize>, flags: CheckBudget) -> Result<()> {
     let exp = Experiment::load(path)?;
     let world = world_size.unwrap_or(exp.parallel.sp * exp.parallel.dp);
     let (exp, spec) = load_valid(path, Some(world))?;
     println!("{}: valid for {world} rank(s)", path.display());
     print!("{}", Plan::new(&exp, &spec, world).render(&exp, &spec));
     if exp.parallel.device == DeviceKind::Cuda {
-        print_memory_plan(&exp, &spec, world, gpu_mem_gib, host_mem_gib, ranks_per_node.min(world));
+        let set =
+            |flag: Option<f64>, config: f64, default: f64| flag.unwrap_or(if config > 0.0 { config } else { default });
+        let gpu_gib = set(flags.gpu_gib, exp.memory.gpu_gib, 76.0);
+        let host_gib = set(flags.host_gib, exp.memory.host_gib, 480.0);
+        let per_node = flags.ranks_per_node.min(world).max(1);
+        let budget = Budget::from_gib(gpu_gib, host_gib, flags.disk_gib, per_node);
+        print_memory_plan(&exp, &spec, world, &budget);
+        let disk = flags.disk_gib.map_or("unlimited disk".into(), |d| format!("{d} GiB of disk"));
+        let with =
+            format!("{gpu_gib} GiB per GPU, {host_gib} GiB of host memory and {disk} per node ({per_node} ranks)");
+        match longest_fit(&exp, &spec, world, &budget) {
+            Some(s) => println!("fits       up to {s} tokens with {with}"),
+            None => println!("fits       nothing: even {} tokens exceed {with}", exp.parallel.sp * 1024),
+        }
     }
     Ok(())
 }
 
-/// The memory estimate of a GPU run (src/memory_plan.rs) and the longest sequence that fits.
-fn print_memory_plan(exp: &Experiment, spec: &ModelSpec, world: usize, gpu_gib: f64, host_gib: f64, per_node: usize) {
-    use ulysses::memory_plan::{longest_fit, MemoryPlan};
-    use ulysses::plan::bytes;
-    let m = MemoryPlan::new(exp, spec, world, exp.data.seq_len);
-    println!(
-        "memory     per rank at {} tokens (estimate, torch allocator; CUDA context and NCCL come on top):",
-        exp.data.seq_len
-    );
-    println!(
-        "           optimizer state (fp32 master, grad, Adam m, v)  GPU {:>10}  host {:>10}",
-        bytes(m.optimizer_gpu),
-        bytes(m.optimizer_host)
-    );
-    println!(
-        "           layer inputs kept for backward                 GPU {:>10}  host {:>10}",
-        bytes(m.activations_gpu),
-        bytes(m.activations_host)
-    );
-    println!("           working set of one layer's backward            GPU {:>10}", bytes(m.layer_working));
-    println!("           working set of the LM head and loss tiles      GPU {:>10}", bytes(m.head_working));
-    println!(
-        "           peak                                           GPU {:>10}  host {:>10} per node ({per_node} ranks)",
-        bytes(m.gpu_peak()),
-        bytes(m.host() * per_node as f64)
-    );
-    let gib = (1u64 << 30) as f64;
-    match longest_fit(exp, spec, world, gpu_gib * gib, host_gib * gib, per_node) {
-        Some(s) => println!(
-            "fits       up to {s} tokens with {gpu_gib} GiB per GPU and {host_gib} GiB of host memory per node"
-        ),
-        None => println!("fits       nothing: even {} tokens exceed {gpu_gib} GiB per GPU", exp.parallel.sp * 1024),
+/// The memory estimate of a GPU run (src/memory_plan.rs), placed within `budget` (per rank).
+fn print_memory_plan(exp: &Experiment, spec: &ModelSpec, world: usize, budget: &Budget) {
+    let plan = MemoryPlan::new(exp, spec, world, exp.data.seq_len);
+    match plan.placement(budget) {
+        Ok(placement) => {
+            let placed = plan.with_placement(&placement);
+            println!(
+                "memory     per rank at {} tokens (estimate, torch allocator; CUDA context and NCCL come on top):",
+                exp.data.seq_len
+            );
+            for line in memory_plan::table(&placed, budget).lines() {
+                println!("           {line}");
+            }
+            println!("placement  {}", memory_plan::summary(&placed, &placement, budget));
+        }
+        Err(shortfall) => {
+            let refusal = memory_plan::refusal(exp, spec, world, budget, &shortfall);
+            println!("placement  {}", refusal.replace('\n', "\n           "));
+        }
     }
 }
 
@@ -177,12 +185,27 @@ fn train(path: &Path) -> Result<()> {
         };
         let device = launch.device(backend)?;
         let groups = launch.groups(backend, &mesh)?;
+        let gpu = match device {
+            tch::Device::Cuda(i) => Some(i),
+            _ => None,
+        };
+        let budget = Budget::measure(&exp.memory, gpu, launch.local_size)?;
         if launch.rank == 0 {
             print!("{}", Plan::new(&exp, &spec, launch.size).render(&exp, &spec));
         }
-        ulysses::train::run(&exp, &spec, &mesh, &groups, device)
+        ulysses::train::run(&exp, &spec, &mesh, &groups, device, budget)
     };
-    run().unwrap_or_else(|e| launch.abort(&e));
+    if let Err(e) = run() {
+        if e.is::<DoesNotFit>() {
+            // Every rank plans with the same budget (the smallest of any rank's), so all of them
+            // stop here alike: rank 0 says why, the others give it a moment to.
+            if launch.rank != 0 {
+                std::thread::sleep(std::time::Duration::from_secs(2));
+            }
+            launch.abort(&e.context(path.display().to_string()));
+        }
+        launch.abort(&e);
+    }
     Ok(())
 }
 

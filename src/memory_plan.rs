@@ -1,10 +1,19 @@
-//! Per-rank memory estimate of a CUDA training step, by component, and the longest sequence that
-//! fits. Bytes of torch's caching allocator (like `torch.cuda.max_memory_allocated`; the CUDA
-//! context and NCCL buffers come on top). The two working-set terms are calibrated on measured
-//! runs (bench/RESULTS.md, 2026-11-26, 4×H100: Llama-3.1-8B at 32K/128K/256K and Llama-3.2-1B at
-//! 16K, sp = 4), where the estimate lands within 3% of the measured peaks.
-use crate::config::{ActivationPlacement, Experiment};
+//! Per-rank memory estimate of a CUDA training step, by component; where each layer's kept tensors
+//! wait between forward and backward (`MemoryPlan::placement`, within a `Budget`); and the longest
+//! sequence that fits. Bytes of torch's caching allocator (like `torch.cuda.max_memory_allocated`;
+//! the CUDA context and NCCL buffers come on top, see `budget::GPU_RESERVE`). The two working-set
+//! terms are calibrated on measured runs (bench/RESULTS.md, 2026-11-26, 4×H100: Llama-3.1-8B at
+//! 32K/128K/256K and Llama-3.2-1B at 16K, sp = 4), where the estimate lands within 3% of the
+//! measured peaks.
+mod budget;
+mod report;
+
+pub use budget::{Budget, BudgetError, DISK_RESERVE, GPU_RESERVE, HOST_RESERVE_PER_RANK};
+pub use report::{refusal, summary, table, DoesNotFit};
+
+use crate::config::{ActivationPlacement, DeviceKind, Dtype, Experiment};
 use crate::model::spec::ModelSpec;
+use crate::plan::bytes;
 
 /// Bytes per token of one layer's recompute in backward, in units of `hidden × 2 B` (the layer
 /// input, q/k/v and their head shards, attention output, residuals and their gradients).
@@ -31,74 +40,236 @@ pub struct Placement {
     pub attention: Vec<Option<Place>>,
 }
 
+impl Placement {
+    /// Layers whose input waits in `place`.
+    pub fn inputs_in(&self, place: Place) -> usize {
+        self.inputs.iter().filter(|&&p| p == place).count()
+    }
+
+    /// Layers whose attention output waits in `place` (None: layers that recompute it).
+    pub fn attention_in(&self, place: Option<Place>) -> usize {
+        self.attention.iter().filter(|&&p| p == place).count()
+    }
+}
+
+/// Why no placement fits the budget (bytes per rank).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Shortfall {
+    #[error(
+        "the optimizer state on the GPU and the largest working set need {} of GPU memory but the budget is {}",
+        bytes(*needed),
+        bytes(*budget)
+    )]
+    Gpu { needed: f64, budget: f64 },
+    #[error(
+        "the offloaded optimizer state needs {} of host memory but the budget is {} per rank",
+        bytes(*needed),
+        bytes(*budget)
+    )]
+    Host { needed: f64, budget: f64 },
+    #[error(
+        "the layer inputs need {} but {} leave{} {}",
+        bytes(*needed),
+        where_inputs_may_go(*allowed),
+        if *allowed == ActivationPlacement::Auto { "" } else { "s" },
+        bytes(*room)
+    )]
+    Inputs { needed: f64, room: f64, allowed: ActivationPlacement },
+}
+
+/// Where `parallel.activations` lets layer inputs wait, with what comes before them there.
+fn where_inputs_may_go(a: ActivationPlacement) -> &'static str {
+    match a {
+        ActivationPlacement::Auto => "the GPU, host memory and disk together",
+        ActivationPlacement::Device => "the GPU (after the optimizer state and the working set)",
+        ActivationPlacement::Host => "host memory (after any offloaded optimizer state)",
+        ActivationPlacement::Disk => "the disk",
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MemoryPlan {
     /// fp32 master weights, gradients and Adam moments of this rank's shard.
     pub optimizer_gpu: f64,
     pub optimizer_host: f64,
-    /// Layer inputs kept for backward.
-    pub activations_gpu: f64,
-    pub activations_host: f64,
     /// Backward of one layer: gathered bf16 weights and gradients, the fp32 gradient buffer, and
     /// the recompute's activations.
     pub layer_working: f64,
     /// Head: gathered LM head and its gradients, two loss tiles of fp32 logits.
     pub head_working: f64,
+    pub layers: usize,
+    /// One layer's input, kept for backward.
+    pub input_per_layer: f64,
+    /// One layer's attention output (head-sharded) and log-sum-exp (fp32), when kept.
+    pub attention_per_layer: f64,
+    /// Layer inputs kept for backward, by place (the placement's totals).
+    pub activations_gpu: f64,
+    pub activations_host: f64,
+    pub activations_disk: f64,
+    /// Kept attention outputs, by place (never on disk).
+    pub attention_gpu: f64,
+    pub attention_host: f64,
+    /// The policy `placement` follows (`parallel.activations`, `keep_attention`, `device`).
+    pub activations: ActivationPlacement,
+    pub keep_attention: bool,
+    pub device: DeviceKind,
 }
 
 impl MemoryPlan {
+    /// The estimate at `seq_len` tokens, placed as the config asks when nothing limits it (with
+    /// "auto", everything on the GPU); `with_placement` gives it for a budget's placement.
     pub fn new(exp: &Experiment, spec: &ModelSpec, world: usize, seq_len: usize) -> MemoryPlan {
         let p = &exp.parallel;
         let tokens = (seq_len / p.sp * exp.train.micro_batch) as f64;
         let h = spec.hidden_size as f64;
+        let elt = match exp.train.dtype {
+            Dtype::Bf16 => 2.0,
+            Dtype::Fp32 => 4.0,
+        };
         let shards = if p.zero_stage == 3 { world as f64 } else { 1.0 };
         let state = spec.total_params() as f64 / shards * 16.0;
-        let acts = spec.num_hidden_layers as f64 * tokens * h * 2.0;
         let (optimizer_gpu, optimizer_host) = if p.offload_optimizer { (0.0, state) } else { (state, 0.0) };
-        let (activations_gpu, activations_host) =
-            if p.activations == ActivationPlacement::Device { (acts, 0.0) } else { (0.0, acts) };
         let head_params = (spec.vocab_size * spec.hidden_size) as f64;
         let loss_tile = if p.loss_tile == 0 { tokens } else { (p.loss_tile as f64).min(tokens) };
-        MemoryPlan {
+        let heads = spec.num_attention_heads as f64;
+        let plan = MemoryPlan {
             optimizer_gpu,
             optimizer_host,
-            activations_gpu,
-            activations_host,
             layer_working: spec.layer_params() as f64 * 8.0 + LAYER_WORKING_SET_PER_TOKEN * tokens * h * 2.0,
             head_working: head_params * 8.0 + 2.0 * loss_tile * spec.vocab_size as f64 * 4.0 + 3.0 * tokens * h * 2.0,
-        }
+            layers: spec.num_hidden_layers as usize,
+            input_per_layer: tokens * h * elt,
+            attention_per_layer: tokens * (heads * spec.head_dim as f64 * elt + heads * 4.0),
+            activations_gpu: 0.0,
+            activations_host: 0.0,
+            activations_disk: 0.0,
+            attention_gpu: 0.0,
+            attention_host: 0.0,
+            activations: p.activations,
+            keep_attention: p.keep_attention,
+            device: p.device,
+        };
+        let unlimited = plan.placement(&Budget::UNLIMITED).expect("an unlimited budget holds every placement");
+        plan.with_placement(&unlimited)
+    }
+
+    /// The larger of one layer's backward and the head's: only one runs at a time.
+    pub fn working(&self) -> f64 {
+        self.layer_working.max(self.head_working)
     }
 
     pub fn gpu_peak(&self) -> f64 {
-        self.optimizer_gpu + self.activations_gpu + self.layer_working.max(self.head_working)
+        self.optimizer_gpu + self.activations_gpu + self.attention_gpu + self.working()
     }
 
     pub fn host(&self) -> f64 {
-        self.optimizer_host + self.activations_host
+        self.optimizer_host + self.activations_host + self.attention_host
+    }
+
+    pub fn disk(&self) -> f64 {
+        self.activations_disk
+    }
+
+    /// This estimate with `placement`'s totals by place.
+    pub fn with_placement(&self, placement: &Placement) -> MemoryPlan {
+        let inputs = |p| placement.inputs_in(p) as f64 * self.input_per_layer;
+        let attention = |p| placement.attention_in(Some(p)) as f64 * self.attention_per_layer;
+        MemoryPlan {
+            activations_gpu: inputs(Place::Device),
+            activations_host: inputs(Place::Host),
+            activations_disk: inputs(Place::Disk),
+            attention_gpu: attention(Place::Device),
+            attention_host: attention(Place::Host),
+            ..*self
+        }
+    }
+
+    /// Where each layer's input and kept attention wait, following `parallel.activations` and
+    /// `parallel.keep_attention` within `budget` (bytes per rank):
+    /// - "device", "host", "disk": every layer input there; "auto": on the GPU while the budget
+    ///   has room after the fixed parts (optimizer state on the GPU and the larger working set),
+    ///   then in host memory, then on disk.
+    /// - The GPU's room goes to kept attention first (it saves the attention forward's
+    ///   recompute), but never so much that the inputs find no room; host memory goes to the
+    ///   inputs first. Attention never waits on disk: a layer without room recomputes it.
+    /// - Faster places take the last layers: backward needs those first, while the first layers'
+    ///   copies have a whole forward and backward to travel.
+    ///
+    /// A CPU run has no budgets: everything stays in memory (`Device`), except that "disk" puts
+    /// the inputs on disk so that the disk path runs on CPU too.
+    pub fn placement(&self, budget: &Budget) -> Result<Placement, Shortfall> {
+        let n = self.layers;
+        if self.device == DeviceKind::Cpu {
+            let input = if self.activations == ActivationPlacement::Disk { Place::Disk } else { Place::Device };
+            return Ok(Placement {
+                inputs: vec![input; n],
+                attention: vec![self.keep_attention.then_some(Place::Device); n],
+            });
+        }
+        let fixed_gpu = self.optimizer_gpu + self.working();
+        if fixed_gpu > budget.gpu {
+            return Err(Shortfall::Gpu { needed: fixed_gpu, budget: budget.gpu });
+        }
+        if self.optimizer_host > budget.host {
+            return Err(Shortfall::Host { needed: self.optimizer_host, budget: budget.host });
+        }
+        let (mut gpu, mut host) = (budget.gpu - fixed_gpu, budget.host - self.optimizer_host);
+        // Whole layers of `size` bytes that `room` holds, at most n.
+        let fit =
+            |room: f64, size: f64| if size > 0.0 { (room / size).floor().clamp(0.0, n as f64) as usize } else { n };
+        let input = self.input_per_layer;
+        let rooms = [
+            (ActivationPlacement::Device, gpu),
+            (ActivationPlacement::Host, host),
+            (ActivationPlacement::Disk, budget.disk),
+        ];
+        let allowed = |place| self.activations == ActivationPlacement::Auto || self.activations == place;
+        let [gpu_cap, host_cap, disk_cap] =
+            rooms.map(|(place, room)| if allowed(place) { fit(room, input) } else { 0 });
+        if gpu_cap + host_cap + disk_cap < n {
+            let room = rooms.iter().filter(|(place, _)| allowed(*place)).map(|(_, room)| room).sum();
+            return Err(Shortfall::Inputs { needed: n as f64 * input, room, allowed: self.activations });
+        }
+        // The GPU keeps room for the inputs that host memory and disk cannot take; kept attention
+        // gets the rest first, then the inputs whatever attention leaves.
+        let inputs_gpu_min = n.saturating_sub(host_cap + disk_cap);
+        let attention = self.attention_per_layer;
+        let attention_gpu = if self.keep_attention { fit(gpu - inputs_gpu_min as f64 * input, attention) } else { 0 };
+        gpu -= attention_gpu as f64 * attention;
+        let inputs_gpu = if allowed(ActivationPlacement::Device) { fit(gpu, input).max(inputs_gpu_min) } else { 0 };
+        // The rest of the inputs, at most `disk_cap`, go to disk.
+        let inputs_host = host_cap.min(n - inputs_gpu);
+        host -= inputs_host as f64 * input;
+        let attention_host = if self.keep_attention { fit(host, attention).min(n - attention_gpu) } else { 0 };
+        // Counted from the last layer: [disk | host | GPU] for inputs, [none | host | GPU] for attention.
+        let tier = |l: usize, gpu: usize, host: usize| match n - l {
+            k if k <= gpu => 0,
+            k if k <= gpu + host => 1,
+            _ => 2,
+        };
+        Ok(Placement {
+            inputs: (0..n)
+                .map(|l| [Place::Device, Place::Host, Place::Disk][tier(l, inputs_gpu, inputs_host)])
+                .collect(),
+            attention: (0..n)
+                .map(|l| [Some(Place::Device), Some(Place::Host), None][tier(l, attention_gpu, attention_host)])
+                .collect(),
+        })
     }
 }
 
-/// The longest sequence (a multiple of `sp × 1024` tokens) whose estimate fits `gpu_bytes` per
-/// GPU and `host_bytes` per node (`ranks_per_node` ranks share it); None when even the shortest
-/// does not.
-pub fn longest_fit(
-    exp: &Experiment,
-    spec: &ModelSpec,
-    world: usize,
-    gpu_bytes: f64,
-    host_bytes: f64,
-    ranks_per_node: usize,
-) -> Option<usize> {
+/// The longest sequence (a multiple of `sp × 1024` tokens) for which `placement` finds room in
+/// `budget` (bytes per rank); None when even the shortest does not fit.
+pub fn longest_fit(exp: &Experiment, spec: &ModelSpec, world: usize, budget: &Budget) -> Option<usize> {
+    // A CPU run has no budgets; stop doubling somewhere.
+    const MAX_TOKENS: usize = 1 << 34;
     let step = exp.parallel.sp * 1024;
-    let fits = |s: usize| {
-        let m = MemoryPlan::new(exp, spec, world, s);
-        m.gpu_peak() <= gpu_bytes && m.host() * ranks_per_node as f64 <= host_bytes
-    };
+    let fits = |s: usize| MemoryPlan::new(exp, spec, world, s).placement(budget).is_ok();
     let mut s = step;
     if !fits(s) {
         return None;
     }
-    while fits(s * 2) {
+    while s < MAX_TOKENS && fits(s * 2) {
         s *= 2;
     }
     let (mut lo, mut hi) = (s, s * 2);
@@ -114,40 +285,4 @@ pub fn longest_fit(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn bench(seq: usize) -> (Experiment, ModelSpec) {
-        let toml = format!(
-            "[model]\npreset = \"llama3.1-8b\"\n[parallel]\nsp = 4\ndevice = \"cuda\"\nmlp_tile = 16384\nloss_tile = 2048\n[data]\npaths = [\"x\"]\nseq_len = {seq}\n[train]\ndtype = \"bf16\"\n"
-        );
-        let exp = Experiment::parse(&toml, "bench").unwrap();
-        let spec = ModelSpec::preset("llama3.1-8b").unwrap();
-        (exp, spec)
-    }
-
-    #[test]
-    fn matches_the_measured_peaks_within_ten_percent() {
-        // bench/RESULTS.md, 2026-11-26, nvidia-h100-x4: peak allocated GiB per GPU.
-        for (seq, measured) in [(32768, 37.1), (131072, 45.3), (262144, 59.8)] {
-            let (exp, spec) = bench(seq);
-            let est = MemoryPlan::new(&exp, &spec, 4, seq).gpu_peak() / (1u64 << 30) as f64;
-            assert!((est / measured - 1.0).abs() < 0.10, "{seq}: estimate {est:.1} GiB, measured {measured}");
-        }
-    }
-
-    #[test]
-    fn offloading_moves_memory_to_the_host_and_lengthens_the_fit() {
-        let (mut exp, spec) = bench(262144);
-        let gpu = 76.0 * (1u64 << 30) as f64;
-        let host = 480.0 * (1u64 << 30) as f64;
-        let on_gpu = longest_fit(&exp, &spec, 4, gpu, host, 4).unwrap();
-        exp.parallel.activations = ActivationPlacement::Host;
-        exp.parallel.offload_optimizer = true;
-        let offloaded = longest_fit(&exp, &spec, 4, gpu, host, 4).unwrap();
-        assert!(offloaded > 2 * on_gpu, "{on_gpu} -> {offloaded}");
-        let m = MemoryPlan::new(&exp, &spec, 4, 262144);
-        assert_eq!(m.activations_gpu + m.optimizer_gpu, 0.0);
-        assert!(m.host() > 40.0 * (1u64 << 30) as f64);
-    }
-}
+mod tests;

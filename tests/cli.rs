@@ -33,6 +33,56 @@ fn check_prints_the_plan_for_8b_on_8_ranks() {
 }
 
 #[test]
+fn check_places_layer_inputs_and_kept_attention() {
+    let out = ulysses(&["check", "experiments/llama8b.toml", "--world-size", "8"], root());
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("attention output + log-sum-exp kept (32 of 32 × 260.0 MiB)"), "{t}");
+    assert!(
+        t.contains("budget                                                       76.0 GiB   60.0 GiB  unlimited"),
+        "{t}"
+    );
+    assert!(
+        t.contains("placement  layer inputs 0 GPU / 32 host / 0 disk; attention kept 32 of 32 layers (32 GPU, 0 host); GPU ~31.2 of 76.0 GiB, host ~8.0 of 60.0 GiB/rank"),
+        "{t}"
+    );
+    assert!(t.contains("fits       up to "), "{t}");
+}
+
+#[test]
+fn check_says_why_a_plan_does_not_fit_and_what_would_help() {
+    let args =
+        ["check", "experiments/llama8b.toml", "--gpu-mem-gib", "30", "--host-mem-gib", "40", "--disk-gib", "100"];
+    let out = ulysses(&args, root());
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("placement  does not fit in memory: the layer inputs need 8.0 GiB but host memory (after any offloaded optimizer state) leaves 5.0 GiB."),
+        "{t}"
+    );
+    assert!(t.contains("budget per rank: GPU 30.0 GiB, host 5.0 GiB, disk 12.5 GiB"), "{t}");
+    assert!(
+        t.contains("- parallel.activations = \"auto\"") && t.contains("- a smaller data.seq_len: up to 163840 tokens"),
+        "{t}"
+    );
+
+    // Without flags, the experiment's [memory] section is the budget.
+    let dir = tempfile::tempdir().unwrap();
+    let toml =
+        std::fs::read_to_string(root().join("experiments/llama8b.toml")).unwrap() + "\n[memory]\ngpu_gib = 20.0\n";
+    let path = dir.path().join("small.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = ulysses(&["check", path.to_str().unwrap()], dir.path());
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("need 23.1 GiB of GPU memory but the budget is 20.0 GiB"), "{t}");
+    assert!(
+        t.contains("- parallel.offload_optimizer = true: moves the optimizer state (15.0 GiB) to host memory"),
+        "{t}"
+    );
+}
+
+#[test]
 fn impossible_mesh_is_one_clear_error() {
     let out = ulysses(&["check", "experiments/tiny.toml", "--world-size", "3"], root());
     let t = assert_clean_failure(&out);

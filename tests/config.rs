@@ -124,6 +124,16 @@ fn bf16_on_cpu_and_odd_zero_stage_are_rejected() {
 }
 
 #[test]
+fn memory_budgets_must_be_non_negative() {
+    let joined = problems(&(BASE.to_string() + "\n[memory]\ngpu_gib = -1.0\nhost_gib = nan\n"), None).join("\n");
+    assert!(joined.contains("memory.gpu_gib: = -1 must be a number of GiB >= 0"), "{joined}");
+    assert!(joined.contains("memory.host_gib: = NaN"), "{joined}");
+    let e = parse(&(BASE.to_string() + "\n[memory]\ngpu_gib = 70.0\noffload_dir = \"/scratch\"\n"));
+    assert_eq!((e.memory.gpu_gib, e.memory.host_gib), (70.0, 0.0));
+    assert!(validate(&e, None).is_ok());
+}
+
+#[test]
 fn parameter_counts_match_the_published_models() {
     use ulysses::model::spec::ModelSpec;
     // Llama-3.1-8B: 8.03B parameters; Llama-3.2-1B: 1.24B (tied embeddings).

@@ -216,6 +216,11 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
             ),
         );
     }
+    for (name, gib) in [("gpu_gib", exp.memory.gpu_gib), ("host_gib", exp.memory.host_gib)] {
+        if !(gib >= 0.0 && gib.is_finite()) {
+            bad(&format!("memory.{name}"), format!("= {gib} must be a number of GiB >= 0 (0: measure at start)"));
+        }
+    }
     if exp.run.name.is_empty() || exp.run.name.contains('/') {
         bad("run.name", format!("\"{}\" must be a non-empty folder name without '/'", exp.run.name));
     }

@@ -15,9 +15,9 @@ pub mod store;
 
 use crate::comm::all_reduce_f64;
 use crate::comm::{Collective, Groups, Mesh};
-use crate::config::{ActivationPlacement, AttentionBackend, Dtype, Experiment};
+use crate::config::{AttentionBackend, Dtype, Experiment};
 use crate::data::{Dataset, Loader, LoaderSpec};
-use crate::memory_plan::{Place, Placement};
+use crate::memory_plan::{self, Budget, DoesNotFit, MemoryPlan};
 use crate::model::kept_attention::Kernel;
 use crate::model::spec::ModelSpec;
 use crate::parallel::zero::AdamW;
@@ -43,19 +43,6 @@ fn memory_per_rank(world: &dyn Collective, device: Device) -> Result<(Vec<u64>, 
     Ok((all.iter().step_by(2).map(|&v| v as u64).collect(), all.iter().skip(1).step_by(2).map(|&v| v as u64).collect()))
 }
 
-fn interim_placement(exp: &Experiment, spec: &ModelSpec) -> Placement {
-    let layers = spec.num_hidden_layers as usize;
-    let place = match exp.parallel.activations {
-        ActivationPlacement::Device => Place::Device,
-        ActivationPlacement::Disk => Place::Disk,
-        _ => Place::Host,
-    };
-    Placement {
-        inputs: vec![place; layers],
-        attention: vec![exp.parallel.keep_attention.then_some(Place::Device); layers],
-    }
-}
-
 /// The fused kernel for kept attention: cuDNN or flash as configured on CUDA (None for the
 /// backends without a log-sum-exp forward: those layers recompute), libtorch's CPU flash on CPU.
 fn kept_attention_kernel(exp: &Experiment, device: Device) -> Option<Kernel> {
@@ -67,8 +54,25 @@ fn kept_attention_kernel(exp: &Experiment, device: Device) -> Option<Kernel> {
     }
 }
 
-/// Trains on `device` (this rank's GPU, or the CPU) with the mesh's communicators.
-pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups, device: Device) -> Result<()> {
+/// The smallest budget of any rank, so that every rank makes the same plan: ranks must agree on
+/// which layers recompute attention (the recompute runs all-to-alls), and MemAvailable differs
+/// from rank to rank.
+fn agreed_budget(world: &dyn Collective, mine: Budget) -> Result<Budget> {
+    let parts = Tensor::from_slice(&[mine.gpu, mine.host, mine.disk]).to_device(world.device());
+    let all: Vec<f64> = Vec::try_from(world.all_gather(&parts)?.to_device(Device::Cpu))?;
+    Ok(all.chunks(3).map(|b| Budget { gpu: b[0], host: b[1], disk: b[2] }).fold(mine, Budget::min))
+}
+
+/// Trains on `device` (this rank's GPU, or the CPU) with the mesh's communicators, within this
+/// rank's memory `budget` (`Budget::measure`).
+pub fn run(
+    exp: &Experiment,
+    spec: &ModelSpec,
+    mesh: &Mesh,
+    groups: &Groups,
+    device: Device,
+    budget: Budget,
+) -> Result<()> {
     if let Device::Cuda(_) = device {
         let (flash, efficient, math, cudnn) = match exp.parallel.attention {
             AttentionBackend::Auto => (true, true, true, true),
@@ -94,6 +98,17 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups, dev
     }
     let t = &exp.train;
     let world = groups.world.as_ref();
+    // Where layer inputs and kept attention wait, decided before anything large is allocated, so a
+    // run that cannot fit stops here with the numbers and what would help.
+    let world_size = mesh.sp * mesh.dp;
+    let budget = agreed_budget(world, budget)?;
+    let plan = MemoryPlan::new(exp, spec, world_size, exp.data.seq_len);
+    let placement = plan
+        .placement(&budget)
+        .map_err(|shortfall| DoesNotFit(memory_plan::refusal(exp, spec, world_size, &budget, &shortfall)))?;
+    if mesh.world_rank == 0 {
+        log::info!("memory plan: {}", memory_plan::summary(&plan.with_placement(&placement), &placement, &budget));
+    }
     // The fp32 master weights and Adam moments live on the GPU, or in host memory when offloaded
     // (AdamW then runs on the CPU with libtorch's multi-threaded vectorized kernels).
     let state_device = if exp.parallel.offload_optimizer { Device::Cpu } else { device };
@@ -130,7 +145,6 @@ pub fn run(exp: &Experiment, spec: &ModelSpec, mesh: &Mesh, groups: &Groups, dev
     }
     let tokens = (exp.data.seq_len * mesh.dp * t.micro_batch * t.grad_accum) as u64;
     let step_flops = flops::step_flops(spec, exp.data.seq_len, mesh.dp * t.micro_batch * t.grad_accum);
-    let placement = interim_placement(exp, spec);
     let kernel = kept_attention_kernel(exp, device);
     let mut store = store::ActivationStore::new(device, &exp.memory.offload_dir, mesh.world_rank)?;
     let started = Instant::now();

@@ -1,0 +1,206 @@
+//! The memory plan in words: the table `ulysses check` prints, the one-line placement a run logs,
+//! and the message that stops a run that cannot fit.
+use super::{longest_fit, Budget, MemoryPlan, Place, Placement, Shortfall};
+use crate::config::{ActivationPlacement, DeviceKind, Experiment};
+use crate::model::spec::ModelSpec;
+use crate::plan::bytes;
+use std::fmt::Write;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// A run stopped before allocating: the plan does not fit its budget. The message says by how
+/// much and what would help (`refusal`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DoesNotFit(pub String);
+
+fn limit(b: f64) -> String {
+    if b.is_finite() {
+        bytes(b)
+    } else {
+        "unlimited".into()
+    }
+}
+
+fn gib(b: f64) -> String {
+    if b.is_finite() {
+        format!("{:.1} GiB", b / GIB)
+    } else {
+        "unlimited".into()
+    }
+}
+
+/// The estimate by component and place, per rank, and the budget (`plan` placed by
+/// `MemoryPlan::with_placement`).
+pub fn table(plan: &MemoryPlan, budget: &Budget) -> String {
+    let n = plan.layers;
+    let kept = ((plan.attention_gpu + plan.attention_host) / plan.attention_per_layer).round() as usize;
+    let mut s = format!("{:<58} {:>10} {:>10} {:>10}\n", "", "GPU", "host", "disk");
+    let mut row = |name: &str, cells: [Option<f64>; 3], fmt: fn(f64) -> String| {
+        let [gpu, host, disk] = cells.map(|c| c.map_or(String::new(), fmt));
+        let _ = writeln!(s, "{name:<58} {gpu:>10} {host:>10} {disk:>10}");
+    };
+    row(
+        "optimizer state (fp32 master, grad, Adam m, v)",
+        [Some(plan.optimizer_gpu), Some(plan.optimizer_host), None],
+        bytes,
+    );
+    row(
+        &format!("layer inputs kept for backward ({n} × {})", bytes(plan.input_per_layer)),
+        [Some(plan.activations_gpu), Some(plan.activations_host), Some(plan.activations_disk)],
+        bytes,
+    );
+    row(
+        &format!("attention output + log-sum-exp kept ({kept} of {n} × {})", bytes(plan.attention_per_layer)),
+        [Some(plan.attention_gpu), Some(plan.attention_host), None],
+        bytes,
+    );
+    row("working set of one layer's backward", [Some(plan.layer_working), None, None], bytes);
+    row("working set of the LM head and loss tiles", [Some(plan.head_working), None, None], bytes);
+    row("peak (one working set at a time)", [Some(plan.gpu_peak()), Some(plan.host()), Some(plan.disk())], bytes);
+    row("budget", [Some(budget.gpu), Some(budget.host), Some(budget.disk)], limit);
+    s
+}
+
+/// One line: where the layer inputs and kept attention wait, and the use of each budget (`plan`
+/// placed by `MemoryPlan::with_placement(placement)`).
+pub fn summary(plan: &MemoryPlan, placement: &Placement, budget: &Budget) -> String {
+    let n = placement.inputs.len();
+    let kept = n - placement.attention_in(None);
+    if plan.device == DeviceKind::Cpu {
+        let attention =
+            if plan.keep_attention { format!("attention kept in {kept} of {n} layers") } else { recomputed() };
+        return format!(
+            "layer inputs {} in memory / {} on disk; {attention} (a CPU run has no memory budgets)",
+            placement.inputs_in(Place::Device),
+            placement.inputs_in(Place::Disk)
+        );
+    }
+    let attention = if plan.keep_attention {
+        format!(
+            "attention kept {kept} of {n} layers ({} GPU, {} host)",
+            placement.attention_in(Some(Place::Device)),
+            placement.attention_in(Some(Place::Host))
+        )
+    } else {
+        recomputed()
+    };
+    let used = |what: &str, used: f64, budget: f64| format!("{what} ~{:.1} of {}", used / GIB, gib(budget));
+    let mut s = format!(
+        "layer inputs {} GPU / {} host / {} disk; {attention}; {}, {}/rank",
+        placement.inputs_in(Place::Device),
+        placement.inputs_in(Place::Host),
+        placement.inputs_in(Place::Disk),
+        used("GPU", plan.gpu_peak(), budget.gpu),
+        used("host", plan.host(), budget.host)
+    );
+    if plan.disk() > 0.0 {
+        let _ = write!(s, ", {}/rank", used("disk", plan.disk(), budget.disk));
+    }
+    s
+}
+
+fn recomputed() -> String {
+    "attention recomputed in every layer (parallel.keep_attention = false)".into()
+}
+
+/// Why a run at `exp`'s sequence length on `world` ranks cannot start within `budget` (bytes per
+/// rank), each component's size, and what would help.
+pub fn refusal(exp: &Experiment, spec: &ModelSpec, world: usize, budget: &Budget, shortfall: &Shortfall) -> String {
+    use ActivationPlacement::{Auto, Device, Disk, Host};
+    let p = &exp.parallel;
+    let plan = MemoryPlan::new(exp, spec, world, exp.data.seq_len);
+    let n = plan.layers;
+    let quoted = |a: ActivationPlacement| format!("parallel.activations = \"{}\"", format!("{a:?}").to_lowercase());
+    let mut s = format!("does not fit in memory: {shortfall}.\n");
+    let _ = writeln!(
+        s,
+        "  per rank at data.seq_len = {} ({} tokens per rank) on {world} ranks (sp = {}, dp = {}), GiB:",
+        exp.data.seq_len,
+        exp.data.seq_len / p.sp * exp.train.micro_batch,
+        p.sp,
+        p.dp
+    );
+    let mut row = |name: String, size: f64, place: String| {
+        let _ = writeln!(s, "    {name:<52} {:>8.1}  {place}", size / GIB);
+    };
+    row(
+        "optimizer state (fp32 master, grad, Adam m, v)".into(),
+        plan.optimizer_gpu + plan.optimizer_host,
+        if p.offload_optimizer { "in host memory (parallel.offload_optimizer = true)" } else { "on the GPU" }.into(),
+    );
+    row("working set (a layer's backward or the LM head)".into(), plan.working(), "on the GPU".into());
+    let inputs_where = match p.activations {
+        Auto => "on the GPU, in host memory or on disk",
+        Device => "on the GPU",
+        Host => "in host memory",
+        Disk => "on disk",
+    };
+    row(
+        format!("layer inputs ({n} layers × {:.2})", plan.input_per_layer / GIB),
+        n as f64 * plan.input_per_layer,
+        format!("{inputs_where} ({})", quoted(p.activations)),
+    );
+    if p.keep_attention {
+        row(
+            format!("kept attention ({n} layers × {:.2}), optional", plan.attention_per_layer / GIB),
+            n as f64 * plan.attention_per_layer,
+            "where room is left on the GPU or in host memory; else recomputed".into(),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "    budget per rank: GPU {}, host {}, disk {}",
+        gib(budget.gpu),
+        gib(budget.host),
+        gib(budget.disk)
+    );
+    let mut help = Vec::new();
+    let inputs_short = matches!(shortfall, Shortfall::Inputs { .. });
+    match p.activations {
+        Device if inputs_short => help.push(format!(
+            "{} or \"host\": layer inputs in host memory, then on disk, when the GPU is full",
+            quoted(Auto)
+        )),
+        Host | Disk if inputs_short => help.push(format!(
+            "{}: layer inputs on the GPU, in host memory and on disk, wherever there is room",
+            quoted(Auto)
+        )),
+        _ => {}
+    }
+    let gpu_short =
+        matches!(shortfall, Shortfall::Gpu { .. }) || (inputs_short && matches!(p.activations, Auto | Device));
+    if gpu_short && !p.offload_optimizer && plan.optimizer_gpu > 0.0 {
+        help.push(format!(
+            "parallel.offload_optimizer = true: moves the optimizer state ({:.1} GiB) to host memory",
+            plan.optimizer_gpu / GIB
+        ));
+    }
+    if matches!(shortfall, Shortfall::Host { .. }) {
+        help.push(
+            "more ranks (a larger parallel.sp or parallel.dp): ZeRO-3 shards the optimizer state over all of them"
+                .into(),
+        );
+        help.push("parallel.offload_optimizer = false, if the GPU has room for the optimizer state".into());
+    } else {
+        help.push("a larger parallel.sp (more GPUs): each rank's layer inputs and working sets shrink as 1/sp".into());
+    }
+    help.push(match longest_fit(exp, spec, world, budget) {
+        Some(fit) => format!("a smaller data.seq_len: up to {fit} tokens fit these budgets"),
+        None => format!("not a smaller data.seq_len: even {} tokens do not fit these budgets", p.sp * 1024),
+    });
+    let disk = if matches!(p.activations, Auto | Disk) {
+        "; memory.offload_dir on a file system with more free space"
+    } else {
+        ""
+    };
+    help.push(format!(
+        "memory.gpu_gib (per GPU) or memory.host_gib (per node), if the budget is wrong for these machines \
+         (unset, each is measured at start less a reserve, the smallest of any rank){disk}"
+    ));
+    let _ = writeln!(s, "  what would help:");
+    for h in help {
+        let _ = writeln!(s, "    - {h}");
+    }
+    s.trim_end().to_string()
+}

@@ -1,0 +1,244 @@
+use super::*;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// The benchmark's configuration (bench/RESULTS.md): layer inputs on the GPU, attention
+/// recomputed in backward.
+fn bench(seq: usize) -> (Experiment, ModelSpec) {
+    let toml = format!(
+        "[model]\npreset = \"llama3.1-8b\"\n[parallel]\nsp = 4\ndevice = \"cuda\"\nactivations = \"device\"\nkeep_attention = false\nmlp_tile = 16384\nloss_tile = 2048\n[data]\npaths = [\"x\"]\nseq_len = {seq}\n[train]\ndtype = \"bf16\"\n"
+    );
+    let exp = Experiment::parse(&toml, "bench").unwrap();
+    let spec = ModelSpec::preset("llama3.1-8b").unwrap();
+    (exp, spec)
+}
+
+/// Llama-3.1-8B, sp = 4, 256K tokens, with the given policy.
+fn plan(activations: ActivationPlacement, keep_attention: bool) -> MemoryPlan {
+    let (mut exp, spec) = bench(262144);
+    exp.parallel.activations = activations;
+    exp.parallel.keep_attention = keep_attention;
+    MemoryPlan::new(&exp, &spec, 4, 262144)
+}
+
+/// A budget with room for `gpu` inputs and `gpu_attention` attention outputs beyond the GPU's
+/// fixed parts, `host` inputs and `host_attention` outputs in host memory, and `disk` inputs.
+fn room(m: &MemoryPlan, gpu: f64, gpu_attention: f64, host: f64, host_attention: f64, disk: f64) -> Budget {
+    let (input, attention) = (m.input_per_layer, m.attention_per_layer);
+    Budget {
+        gpu: m.optimizer_gpu + m.working() + gpu * input + gpu_attention * attention + 1.0,
+        host: m.optimizer_host + host * input + host_attention * attention + 1.0,
+        disk: disk * input + 1.0,
+    }
+}
+
+fn count<T: PartialEq>(v: &[T], x: T) -> usize {
+    v.iter().filter(|&y| *y == x).count()
+}
+
+#[test]
+fn matches_the_measured_peaks_within_ten_percent() {
+    // bench/RESULTS.md, 2026-11-26, nvidia-h100-x4: peak allocated GiB per GPU.
+    for (seq, measured) in [(32768, 37.1), (131072, 45.3), (262144, 59.8)] {
+        let (exp, spec) = bench(seq);
+        let est = MemoryPlan::new(&exp, &spec, 4, seq).gpu_peak() / GIB;
+        assert!((est / measured - 1.0).abs() < 0.10, "{seq}: estimate {est:.1} GiB, measured {measured}");
+    }
+}
+
+#[test]
+fn offloading_moves_memory_to_the_host_and_lengthens_the_fit() {
+    let (mut exp, spec) = bench(262144);
+    let budget = Budget::from_gib(76.0, 480.0, None, 4);
+    let on_gpu = longest_fit(&exp, &spec, 4, &budget).unwrap();
+    exp.parallel.activations = ActivationPlacement::Host;
+    exp.parallel.offload_optimizer = true;
+    let offloaded = longest_fit(&exp, &spec, 4, &budget).unwrap();
+    assert!(offloaded > 2 * on_gpu, "{on_gpu} -> {offloaded}");
+    let m = MemoryPlan::new(&exp, &spec, 4, 262144);
+    assert_eq!(m.activations_gpu + m.optimizer_gpu, 0.0);
+    assert!(m.host() > 40.0 * GIB);
+}
+
+#[test]
+fn kept_tensors_have_the_sizes_of_one_layer() {
+    let m = plan(ActivationPlacement::Auto, true);
+    let tokens = 262144.0 / 4.0;
+    assert_eq!(m.input_per_layer, tokens * 4096.0 * 2.0);
+    // Attention output of 32 heads × 128 in bf16 and a log-sum-exp per head in fp32.
+    assert_eq!(m.attention_per_layer, tokens * (32.0 * 128.0 * 2.0 + 32.0 * 4.0));
+    assert_eq!(m.layers, 32);
+}
+
+#[test]
+fn auto_spills_inputs_from_the_gpu_to_host_then_disk_with_the_last_layers_fastest() {
+    let m = plan(ActivationPlacement::Auto, true);
+    // The GPU holds every attention output and 5 inputs; host memory 20 inputs; the disk the rest.
+    let budget = room(&m, 5.0, 32.0, 20.0, 0.0, f64::INFINITY);
+    let p = m.placement(&budget).unwrap();
+    let inputs: Vec<Place> = (0..32)
+        .map(|l| match l {
+            27.. => Place::Device,
+            7.. => Place::Host,
+            _ => Place::Disk,
+        })
+        .collect();
+    assert_eq!(p.inputs, inputs);
+    assert_eq!(p.attention, vec![Some(Place::Device); 32]);
+    // The estimate follows the placement.
+    let placed = m.with_placement(&p);
+    let (input, attn) = (m.input_per_layer, m.attention_per_layer);
+    assert_eq!(placed.gpu_peak(), m.optimizer_gpu + m.working() + 5.0 * input + 32.0 * attn);
+    assert_eq!((placed.host(), placed.disk()), (20.0 * input, 7.0 * input));
+    assert!(placed.gpu_peak() <= budget.gpu && placed.host() <= budget.host);
+}
+
+#[test]
+fn auto_gives_the_gpu_to_attention_first_and_host_memory_to_inputs_first() {
+    let m = plan(ActivationPlacement::Auto, true);
+    // GPU room for 10 attention outputs (more than 10 inputs would need); host memory for all
+    // inputs and 3 attention outputs.
+    let budget = room(&m, 0.0, 10.0, 32.0, 3.0, 0.0);
+    let p = m.placement(&budget).unwrap();
+    assert_eq!(p.inputs, vec![Place::Host; 32]);
+    let attention: Vec<Option<Place>> = (0..32)
+        .map(|l| match l {
+            22.. => Some(Place::Device),
+            19.. => Some(Place::Host),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(p.attention, attention);
+    let placed = m.with_placement(&p);
+    assert_eq!(placed.gpu_peak(), m.optimizer_gpu + m.working() + 10.0 * m.attention_per_layer);
+    assert_eq!(placed.host(), 32.0 * m.input_per_layer + 3.0 * m.attention_per_layer);
+}
+
+#[test]
+fn attention_leaves_the_gpu_to_inputs_that_have_nowhere_else_to_go() {
+    let m = plan(ActivationPlacement::Auto, true);
+    // Room for all 32 inputs and 4 attention outputs on the GPU; none in host memory or on disk.
+    let p = m.placement(&room(&m, 32.0, 4.0, 0.0, 0.0, 0.0)).unwrap();
+    assert_eq!(p.inputs, vec![Place::Device; 32]);
+    assert_eq!((p.attention_in(Some(Place::Device)), p.attention_in(None)), (4, 28));
+}
+
+#[test]
+fn without_kept_attention_every_layer_recomputes_it() {
+    let m = plan(ActivationPlacement::Auto, false);
+    let p = m.placement(&Budget::UNLIMITED).unwrap();
+    assert_eq!(p.attention, vec![None; 32]);
+    assert_eq!(p.inputs, vec![Place::Device; 32]);
+    assert_eq!(m.attention_gpu + m.attention_host, 0.0);
+}
+
+#[test]
+fn forced_placements_put_every_input_there_and_attention_where_room_is_left() {
+    let m = plan(ActivationPlacement::Device, true);
+    let p = m.placement(&room(&m, 32.0, 6.0, 0.0, 2.0, f64::INFINITY)).unwrap();
+    assert_eq!(p.inputs, vec![Place::Device; 32]);
+    assert_eq!((count(&p.attention, Some(Place::Device)), count(&p.attention, Some(Place::Host))), (6, 2));
+
+    let m = plan(ActivationPlacement::Host, true);
+    let p = m.placement(&room(&m, 20.0, 0.0, 32.0, 0.0, f64::INFINITY)).unwrap();
+    assert_eq!(p.inputs, vec![Place::Host; 32]);
+    // The GPU's room, unused by inputs, holds attention outputs (each a little larger than an input).
+    assert_eq!((p.attention_in(Some(Place::Device)), p.attention_in(None)), (19, 13));
+
+    let m = plan(ActivationPlacement::Disk, true);
+    let p = m.placement(&room(&m, 40.0, 0.0, 100.0, 0.0, 32.0)).unwrap();
+    assert_eq!(p.inputs, vec![Place::Disk; 32]);
+    assert_eq!(p.attention, vec![Some(Place::Device); 32]);
+    assert_eq!(m.with_placement(&p).disk(), 32.0 * m.input_per_layer);
+}
+
+#[test]
+fn shortfalls_say_what_does_not_fit_where() {
+    let m = plan(ActivationPlacement::Auto, true);
+    let fixed = m.optimizer_gpu + m.working();
+    let tight = Budget { gpu: fixed - 1.0, ..Budget::UNLIMITED };
+    assert_eq!(m.placement(&tight), Err(Shortfall::Gpu { needed: fixed, budget: fixed - 1.0 }));
+
+    // Inputs that fit nowhere: 10 on the GPU, 10 in host memory, 10 on disk for 32 layers.
+    let budget = room(&m, 10.0, 0.0, 10.0, 0.0, 10.0);
+    match m.placement(&budget) {
+        Err(Shortfall::Inputs { needed, room, allowed: ActivationPlacement::Auto }) => {
+            assert_eq!(needed, 32.0 * m.input_per_layer);
+            assert!((room / m.input_per_layer - 30.0).abs() < 1e-6, "{room}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Forced to the GPU, the same inputs find room for only 10.
+    let m = plan(ActivationPlacement::Device, true);
+    let budget = room(&m, 10.0, 0.0, 100.0, 0.0, 100.0);
+    assert!(matches!(m.placement(&budget), Err(Shortfall::Inputs { allowed: ActivationPlacement::Device, .. })));
+    // Forced to the host, with room for 31 of 32.
+    let m = plan(ActivationPlacement::Host, false);
+    assert!(matches!(m.placement(&room(&m, 100.0, 0.0, 31.0, 0.0, 100.0)), Err(Shortfall::Inputs { .. })));
+
+    // An offloaded optimizer state larger than the host budget.
+    let (mut exp, spec) = bench(262144);
+    exp.parallel.offload_optimizer = true;
+    let m = MemoryPlan::new(&exp, &spec, 4, 262144);
+    let budget = Budget { host: m.optimizer_host / 2.0, ..Budget::UNLIMITED };
+    assert!(matches!(m.placement(&budget), Err(Shortfall::Host { .. })));
+}
+
+#[test]
+fn cpu_runs_have_no_budgets_but_can_use_the_disk() {
+    let nothing = Budget { gpu: 0.0, host: 0.0, disk: 0.0 };
+    let (mut exp, spec) = bench(8192);
+    exp.parallel.device = DeviceKind::Cpu;
+    exp.parallel.activations = ActivationPlacement::Host;
+    exp.parallel.keep_attention = true;
+    let p = MemoryPlan::new(&exp, &spec, 4, 8192).placement(&nothing).unwrap();
+    assert_eq!((p.inputs, p.attention), (vec![Place::Device; 32], vec![Some(Place::Device); 32]));
+    exp.parallel.activations = ActivationPlacement::Disk;
+    exp.parallel.keep_attention = false;
+    let p = MemoryPlan::new(&exp, &spec, 4, 8192).placement(&nothing).unwrap();
+    assert_eq!((p.inputs, p.attention), (vec![Place::Disk; 32], vec![None; 32]));
+}
+
+#[test]
+fn the_summary_counts_layers_by_place() {
+    let m = plan(ActivationPlacement::Auto, true);
+    let budget = room(&m, 5.0, 32.0, 20.0, 0.0, f64::INFINITY);
+    let p = m.placement(&budget).unwrap();
+    let s = summary(&m.with_placement(&p), &p, &budget);
+    assert!(
+        s.starts_with("layer inputs 5 GPU / 20 host / 7 disk; attention kept 32 of 32 layers (32 GPU, 0 host); GPU ~"),
+        "{s}"
+    );
+    assert!(s.contains("/rank, disk ~") && s.contains("of unlimited/rank"), "{s}");
+    let t = table(&m.with_placement(&p), &budget);
+    assert!(t.contains("attention output + log-sum-exp kept (32 of 32 ×") && t.contains("unlimited"), "{t}");
+}
+
+#[test]
+fn the_refusal_gives_sizes_budget_and_what_would_help() {
+    let (mut exp, spec) = bench(262144);
+    exp.parallel.keep_attention = true;
+    let m = MemoryPlan::new(&exp, &spec, 4, 262144);
+    let budget =
+        Budget { gpu: m.optimizer_gpu + m.working() + 4.0 * m.input_per_layer, host: 100.0 * GIB, disk: f64::INFINITY };
+    let shortfall = m.placement(&budget).unwrap_err();
+    let text = refusal(&exp, &spec, 4, &budget, &shortfall);
+    for want in [
+        "does not fit in memory: the layer inputs need 16.0 GiB but the GPU (after the optimizer state and the working set) leaves 2.0 GiB.",
+        "per rank at data.seq_len = 262144 (65536 tokens per rank) on 4 ranks (sp = 4, dp = 1), GiB:",
+        "layer inputs (32 layers × 0.50)",
+        "on the GPU (parallel.activations = \"device\")",
+        "kept attention (32 layers × 0.51), optional",
+        "budget per rank: GPU 46.5 GiB, host 100.0 GiB, disk unlimited",
+        "parallel.activations = \"auto\" or \"host\"",
+        "parallel.offload_optimizer = true: moves the optimizer state (29.9 GiB) to host memory",
+        "a larger parallel.sp",
+        "a smaller data.seq_len: up to ",
+        "memory.gpu_gib (per GPU) or memory.host_gib (per node)",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    // The fit it proposes does fit, at "device" as configured.
+    let fit: usize = text.split("up to ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(fit < 262144 && MemoryPlan::new(&exp, &spec, 4, fit).placement(&budget).is_ok(), "{fit}");
+}
