@@ -17,6 +17,8 @@ WORK="$(mktemp -d /tmp/ulysses-gputest.XXXXXX)"
 OUTD="${OUT:-$WORK}"
 fails=0
 u() { NGPU="$1" bash bundle/run-gpu.sh "${@:2}"; }
+# PARTS picks parts (a short check before a benchmark in the same device call); default all.
+want() { [[ " ${PARTS:-store sp variants learn} " == *" $1 "* ]]; }
 
 exp() {  # name model sp seq steps lr data [extra data line]
   cat > "$WORK/$1.toml" <<TOML
@@ -49,12 +51,15 @@ TOML
 }
 
 # 0. The activation store's side-stream copies on the GPU (tests/store.rs, gpu_*).
+if want store; then
 bash bundle/run-gpu.sh --exec bundle/tests/store --ignored gpu_ --test-threads 1 2>&1 | tee "$WORK/store.log"
 grep -q "test result: ok. 5 passed" "$WORK/store.log" && echo "PASS activation store on the GPU" || fails=$((fails + 1))
+fi
 
 u 1 data synth --task random --seq-len 16384 --num 3 --seed 2 --out "$WORK/rand16k" >/dev/null
 exp sp1 llama3.2-1b 1 16384 3 1e-4 "$WORK/rand16k"
 exp sp4 llama3.2-1b 4 16384 3 1e-4 "$WORK/rand16k"
+if want sp; then
 u 1 "$WORK/sp1.toml" 2>&1 | tee "$OUTD/gputest-sp1.log"
 u 4 "$WORK/sp4.toml" 2>&1 | tee "$OUTD/gputest-sp4.log"
 python3 - "$OUTD/gputest-sp1.log" "$OUTD/gputest-sp4.log" <<'PY' || fails=$((fails + 1))
@@ -71,12 +76,14 @@ for i, ((la, ga), (lb, gb)) in enumerate(zip(a, b), 1):
     assert rl <= 1.6e-2 and rg <= 1.6e-2, "SP=4 differs from SP=1 beyond rtol 1.6e-2"
 print(f"PASS sp4 == sp1 in bf16 (worst relative difference {worst:.2e})")
 PY
+fi
 
 # Variants of the SP = 4 run against it ("device": layer inputs on the GPU, attention kept).
 variant() {  # name, lines for [parallel]
   sed "s/^mlp_tile/$2\nmlp_tile/; s/name = \"sp4\"/name = \"sp4$1\"/" "$WORK/sp4.toml" > "$WORK/sp4$1.toml"
   u 4 "$WORK/sp4$1.toml" 2>&1 | tee "$OUTD/gputest-sp4$1.log"
 }
+if want variants; then
 variant device 'activations = "device"'
 variant recompute 'activations = "device"\nkeep_attention = false'
 variant host 'activations = "host"'
@@ -101,7 +108,9 @@ assert peak["host"] < peak["device"] and peak["disk"] < peak["device"], "offload
 assert peak["recompute"] < peak["device"], "kept attention should cost GPU memory (it is kept on the GPU here)"
 print("PASS kept attention == recomputed; inputs in host memory and on disk == on the GPU, with less GPU memory")
 PY
+fi
 
+want learn || { echo "gpu tests ($PARTS): $fails failed"; exit $fails; }
 u 1 data synth --task passkey --seq-len 4096 --num 64 --seed 3 --out "$WORK/pk4k" >/dev/null
 exp learn tiny 4 4096 30 3e-3 "$WORK/pk4k"
 u 4 "$WORK/learn.toml" 2>&1 | tee "$OUTD/gputest-learn.log"
