@@ -46,6 +46,44 @@ fn matches_the_measured_peaks_within_ten_percent() {
     }
 }
 
+/// Peak GPU memory of the placed plan, GiB.
+fn placed_peak(exp: &Experiment, spec: &ModelSpec, seq: usize, budget: &Budget) -> (f64, Placement) {
+    let plan = MemoryPlan::new(exp, spec, 4, seq);
+    let placement = plan.placement(budget).unwrap();
+    (plan.with_placement(&placement).gpu_peak() / GIB, placement)
+}
+
+#[test]
+fn matches_the_measured_peaks_of_placed_runs_within_ten_percent() {
+    // bench/RESULTS.md, 2026-11-26, nvidia-h100-x4: Llama-3.1-8B at 256K with the plan's
+    // placement in a 72 GiB budget (22 layer inputs and all 32 kept attention outputs on the GPU,
+    // 10 inputs in host memory): 70.6 GiB.
+    let (mut exp, spec) = bench(262144);
+    exp.parallel.activations = ActivationPlacement::Auto;
+    exp.parallel.keep_attention = true;
+    let budget = Budget { gpu: 72.0 * GIB, host: 120.5 * GIB, disk: f64::INFINITY };
+    let (est, placement) = placed_peak(&exp, &spec, 262144, &budget);
+    assert_eq!((placement.inputs_in(Place::Device), placement.attention_in(Some(Place::Device))), (22, 32));
+    assert!((est / 70.6 - 1.0).abs() < 0.10, "8B 256K placed: estimate {est:.1} GiB, measured 70.6");
+
+    // tests/gpu/run.sh, same day and machine: Llama-3.2-1B, sp = 4, 16K tokens.
+    let toml = "[model]\npreset = \"llama3.2-1b\"\n[parallel]\nsp = 4\ndevice = \"cuda\"\nmlp_tile = 4096\nloss_tile = 2048\n[data]\npaths = [\"x\"]\nseq_len = 16384\n[train]\ndtype = \"bf16\"\n";
+    let spec = ModelSpec::preset("llama3.2-1b").unwrap();
+    let budget = Budget { gpu: 76.0 * GIB, host: 120.0 * GIB, disk: f64::INFINITY };
+    for (activations, keep, measured) in [
+        (ActivationPlacement::Device, true, 9.2),
+        (ActivationPlacement::Device, false, 8.9),
+        (ActivationPlacement::Host, true, 8.9),
+        (ActivationPlacement::Disk, true, 8.9),
+    ] {
+        let mut exp = Experiment::parse(toml, "gputest").unwrap();
+        exp.parallel.activations = activations;
+        exp.parallel.keep_attention = keep;
+        let (est, _) = placed_peak(&exp, &spec, 16384, &budget);
+        assert!((est / measured - 1.0).abs() < 0.10, "1B 16K {activations:?} keep {keep}: {est:.2} GiB vs {measured}");
+    }
+}
+
 #[test]
 fn offloading_moves_memory_to_the_host_and_lengthens_the_fit() {
     let (mut exp, spec) = bench(262144);
