@@ -5,6 +5,8 @@
 #    placement, then trains.
 # 2. With [memory] set, training places layers exactly as `ulysses check` says.
 # 3. A run that cannot fit stops both ranks before allocating, with one message naming the file.
+# Not yet run on a GPU (written 2026-11-26, when the session's device time ran out); the
+# benchmark runs of that day did log the measured budget and the placement (bench/RESULTS.md).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 W="$(mktemp -d /tmp/ulysses-memplan.XXXXXX)"
