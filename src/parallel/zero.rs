@@ -6,6 +6,7 @@
 //! every rank keeps the whole vector and gradients are all-reduced.
 use crate::comm::{Collective, CommError};
 use crate::model::spec::ModelSpec;
+use crate::transfer::{self, CopyEvent, TransferError};
 use tch::{Device, Kind, Tensor};
 
 /// One gathered-together group of parameters.
@@ -99,6 +100,10 @@ pub struct ShardedParams {
     rank: i64,
     /// Where the fp32 state lives (CPU when the optimizer is offloaded).
     pub state_device: Device,
+    /// With the optimizer offloaded: each unit's reduced gradient on its way to pinned host
+    /// memory (a side-stream copy started as soon as the reduce-scatter is queued), added to
+    /// the shard's gradient by `land_grads`. The backward pass never waits for these copies.
+    in_flight: Vec<Option<(Tensor, CopyEvent)>>,
 }
 
 impl ShardedParams {
@@ -125,7 +130,8 @@ impl ShardedParams {
                 Shard { master, grad: zeros(), exp_avg: zeros(), exp_avg_sq: zeros() }
             })
             .collect();
-        ShardedParams { units, shards, stage, rank, state_device }
+        let in_flight = units.iter().map(|_| None).collect();
+        ShardedParams { units, shards, stage, rank, state_device, in_flight }
     }
 
     fn shard_len(&self, unit: usize) -> i64 {
@@ -185,29 +191,70 @@ impl ShardedParams {
     pub fn accumulate(&mut self, world: &dyn Collective, unit: usize, grads: &[Tensor]) -> Result<(), CommError> {
         let flat = flatten_padded(grads, self.units[unit].padded);
         let mine = if self.stage == 3 { world.reduce_scatter(&flat)? } else { world.all_reduce(&flat)? };
-        let g = &mut self.shards[unit].grad;
-        let _ = g.g_add_(&mine.to_device(self.state_device));
+        if mine.device() == self.state_device {
+            let _ = self.shards[unit].grad.g_add_(&mine);
+            return Ok(());
+        }
+        // Offloaded optimizer: stream the shard to host memory instead of a synchronous copy
+        // that would stall the host until the GPU drained its queue, once per unit.
+        self.land_unit(unit)?;
+        self.land_arrived()?;
+        self.in_flight[unit] = Some(transfer::to_host(&mine).map_err(offload_error)?);
         Ok(())
+    }
+
+    /// Adds the in-flight gradients whose copies have finished, so that only the last unit or two
+    /// hold pinned staging memory (a layer's backward outlasts its copy by far).
+    fn land_arrived(&mut self) -> Result<(), CommError> {
+        for u in 0..self.units.len() {
+            let arrived = match &self.in_flight[u] {
+                Some((_, copied)) => copied.is_complete().map_err(offload_error)?,
+                None => false,
+            };
+            if arrived {
+                self.land_unit(u)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for a unit's gradient copy to host memory, if one is in flight, and adds it.
+    fn land_unit(&mut self, unit: usize) -> Result<(), CommError> {
+        if let Some((host, copied)) = self.in_flight[unit].take() {
+            copied.synchronize().map_err(offload_error)?;
+            let _ = self.shards[unit].grad.g_add_(&host);
+        }
+        Ok(())
+    }
+
+    /// Adds every gradient still on its way to host memory (optimizer offload) to its shard;
+    /// `grad_norm` and `adamw_step` need all of them.
+    pub fn land_grads(&mut self) -> Result<(), CommError> {
+        (0..self.units.len()).try_for_each(|u| self.land_unit(u))
     }
 
     /// This rank's accumulated gradient of a unit as named tensors; the whole gradient when the
     /// shard is the whole unit (stage 0, or a world of one rank).
     pub fn unit_grads(&self, unit: usize) -> Vec<(String, Tensor)> {
+        assert!(self.in_flight[unit].is_none(), "unit_grads before land_grads");
         let u = &self.units[unit];
         assert_eq!(self.shard_len(unit), u.padded, "unit_grads needs whole (unsharded) units");
         u.tensors.iter().map(|(n, _)| n.clone()).zip(split_flat(&self.shards[unit].grad, u)).collect()
     }
 
     /// Sum of squared gradient entries over the whole model (over all ranks at stage 3).
-    pub fn grad_norm(&self, world: &dyn Collective) -> Result<f64, CommError> {
+    pub fn grad_norm(&mut self, world: &dyn Collective) -> Result<f64, CommError> {
+        self.land_grads()?;
         let local: f64 = self.shards.iter().map(|s| s.grad.square().sum(Kind::Double).double_value(&[])).sum();
         let total = if self.stage == 3 { crate::comm::all_reduce_f64(world, local)? } else { local };
         Ok(total.sqrt())
     }
 
     /// Decoupled-weight-decay Adam (torch.optim.AdamW's update) on this rank's shards, with the
-    /// gradients scaled by `grad_scale` (clipping); then clears the gradients.
+    /// gradients scaled by `grad_scale` (clipping); then clears the gradients. Gradients still in
+    /// flight must have landed (`land_grads`, which `grad_norm` does).
     pub fn adamw_step(&mut self, h: &AdamW, lr: f64, step: i64, grad_scale: f64) {
+        assert!(self.in_flight.iter().all(Option::is_none), "adamw_step before land_grads");
         let bc1 = 1.0 - h.beta1.powi(step as i32);
         let bc2_sqrt = (1.0 - h.beta2.powi(step as i32)).sqrt();
         for u in 0..self.units.len() {
@@ -268,6 +315,10 @@ pub struct AdamW {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+}
+
+fn offload_error(e: TransferError) -> CommError {
+    CommError::Backend { op: "gradient offload to host memory", message: e.to_string() }
 }
 
 /// Copies tensors, flattened and as fp32, into one zero-padded vector of `padded` elements
