@@ -61,6 +61,16 @@ struct KeptLayer {
     aux: [Tensor; 2],
 }
 
+/// Segment 1's outputs (with their graph) and their head shards (graph leaves).
+struct PreAttention {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    qh: Tensor,
+    kh: Tensor,
+    vh: Tensor,
+}
+
 /// One rank's micro batch as tensors `[b, s_local]` (i64) on the compute device.
 pub struct MicroBatch {
     pub input_ids: Tensor,
@@ -141,9 +151,12 @@ pub fn micro_step(
         let w = layer(spec, gather(params, 1 + l)?)?;
         let keep = ctx.kernel.zip(ctx.placement.attention[l]);
         let y = tch::no_grad(|| -> Result<Tensor> {
-            let (q, k, v) = llama::pre_attention(spec, &w, &x, &rope);
-            let (k, v) = (replicate_kv(&k, sp.size()), replicate_kv(&v, sp.size()));
-            let (qh, kh, vh) = (to_heads(&q)?, to_heads(&k)?, to_heads(&v)?);
+            // Each activation is dropped as soon as the next one exists (sequence-long tensors).
+            let (qh, kh, vh) = {
+                let (q, k, v) = llama::pre_attention(spec, &w, &x, &rope);
+                let (k, v) = (replicate_kv(&k, sp.size()), replicate_kv(&v, sp.size()));
+                (to_heads(&q)?, to_heads(&k)?, to_heads(&v)?)
+            };
             let (oh, saved) = match keep {
                 Some(_) if ctx.skips_attention(l, layers) => zero_attention(&qh),
                 Some((kernel, _)) => {
@@ -161,7 +174,10 @@ pub fn micro_step(
                 }
                 _ => None,
             });
-            Ok(llama::post_attention(spec, &w, &x, &to_seq(&oh)?, ctx.mlp_tile))
+            drop((qh, kh, vh));
+            let o = to_seq(&oh)?;
+            drop(oh);
+            Ok(llama::post_attention(spec, &w, &x, &o, ctx.mlp_tile))
         })?;
         inputs.push(store.put(std::mem::replace(&mut x, y), ctx.placement.inputs[l])?);
     }
@@ -212,45 +228,71 @@ pub fn micro_step(
         let w: Vec<Tensor> = gather(params, 1 + l)?.iter().map(leaf).collect();
         let lw = layer(spec, w.iter().map(|t| t.shallow_clone()).collect())?;
         let x_in = leaf(&store.take(input)?);
-        // Segment 1 (pre-attention): norm, q/k/v projections, RoPE; KV heads replicated when
-        // there are fewer than SP ranks, inside the graph so their gradients sum back.
-        let (q, k, v) = llama::pre_attention(spec, &lw, &x_in, &rope);
-        let (k, v) = (replicate_kv(&k, sp.size()), replicate_kv(&v, sp.size()));
-        // Segment 2 (attention) on head shards: [b, s/sp, H, d] -> [b, s, H/sp, d]; the kept
-        // output, or the attention forward recomputed with a graph.
-        let (qh, kh, vh) = (leaf(&to_heads(&q)?), leaf(&to_heads(&k)?), leaf(&to_heads(&v)?));
+        // Segment 1 (pre-attention), recomputed with a graph: norm, q/k/v projections, RoPE; KV
+        // heads replicated when there are fewer than SP ranks (inside the graph, so their
+        // gradients sum back); then head shards [b, s/sp, H, d] -> [b, s, H/sp, d] as leaves.
+        let pre_attention = || -> Result<PreAttention> {
+            let (q, k, v) = llama::pre_attention(spec, &lw, &x_in, &rope);
+            let (k, v) = (replicate_kv(&k, sp.size()), replicate_kv(&v, sp.size()));
+            let (qh, kh, vh) = (leaf(&to_heads(&q)?), leaf(&to_heads(&k)?), leaf(&to_heads(&v)?));
+            Ok(PreAttention { q, k, v, qh, kh, vh })
+        };
+        // Segment 2 (attention): the kept output, whose layer recomputes segment 1 only after
+        // segment 3 so that their activations never coexist; or the attention forward
+        // recomputed with a graph, which needs segment 1 first.
         let skip = ctx.skips_attention(l, layers);
-        let (oh, saved) = match kept_layer {
+        let (oh, saved, early) = match kept_layer {
             Some(kl) => {
                 let saved = Saved { lse: store.take(kl.lse)?, aux: kl.aux };
-                (store.take(kl.out)?, Some(saved))
+                (store.take(kl.out)?, Some(saved), None)
             }
-            None if skip => (qh.zeros_like(), None),
-            None => (prof.attention(|| LocalAttention.attend(&qh, &kh, &vh)), None),
+            None => {
+                let pre = pre_attention()?;
+                let oh = if skip {
+                    pre.qh.zeros_like()
+                } else {
+                    prof.attention(|| LocalAttention.attend(&pre.qh, &pre.kh, &pre.vh))
+                };
+                (oh, None, Some(pre))
+            }
         };
         // Segment 3 (post-attention): O projection and residual, then the MLP, recomputed and
         // backpropagated one tile of tokens at a time so its wide activations exist for one tile.
+        // Its tensors and the layer's output gradient are dropped as soon as it is done.
+        let grad_y = std::mem::replace(&mut grad_x, Tensor::new());
         let o = leaf(&to_seq(&oh)?);
-        let h = llama::attention_residual(spec, &lw, &x_in, &o);
-        let h_leaf = leaf(&h);
-        for (start, len) in seq_tiles(h.size()[1], ctx.mlp_tile) {
-            let y = llama::mlp_residual(spec, &lw, &h_leaf.narrow(1, start, len));
-            backprop(&[(&y, &grad_x.narrow(1, start, len))])?;
+        {
+            let h = llama::attention_residual(spec, &lw, &x_in, &o);
+            let h_leaf = leaf(&h);
+            for (start, len) in seq_tiles(h.size()[1], ctx.mlp_tile) {
+                let y = llama::mlp_residual(spec, &lw, &h_leaf.narrow(1, start, len));
+                backprop(&[(&y, &grad_y.narrow(1, start, len))])?;
+            }
+            backprop(&[(&h, &grad(&h_leaf))])?;
         }
-        backprop(&[(&h, &grad(&h_leaf))])?;
+        drop(grad_y);
         let grad_oh = to_heads(&o.grad())?;
+        drop(o);
+        let pre = match early {
+            Some(pre) => pre,
+            None => pre_attention()?,
+        };
         let (gq, gk, gv) = match (saved, ctx.kernel) {
-            _ if skip => (qh.zeros_like(), kh.zeros_like(), vh.zeros_like()),
+            _ if skip => (pre.qh.zeros_like(), pre.kh.zeros_like(), pre.vh.zeros_like()),
             (Some(saved), Some(kernel)) => prof
-                .attention(|| tch::no_grad(|| kept_attention::backward(kernel, &grad_oh, &qh, &kh, &vh, &oh, &saved)))
+                .attention(|| {
+                    tch::no_grad(|| kept_attention::backward(kernel, &grad_oh, &pre.qh, &pre.kh, &pre.vh, &oh, &saved))
+                })
                 .map_err(fused)?,
             _ => {
                 prof.attention(|| backprop(&[(&oh, &grad_oh)]))?;
-                (qh.grad(), kh.grad(), vh.grad())
+                (pre.qh.grad(), pre.kh.grad(), pre.vh.grad())
             }
         };
+        drop((oh, grad_oh));
         let (gq, gk, gv) = (to_seq(&gq)?, to_seq(&gk)?, to_seq(&gv)?);
-        backprop(&[(&q, &gq), (&k, &gk), (&v, &gv)])?;
+        backprop(&[(&pre.q, &gq), (&pre.k, &gk), (&pre.v, &gv)])?;
+        drop((pre, gq, gk, gv));
         grad_x = grad(&x_in);
         prof.comm(world, || params.accumulate(world, 1 + l, &grads(&w)))?;
     }
