@@ -11,7 +11,7 @@ mod report;
 pub use budget::{Budget, BudgetError, DISK_RESERVE, GPU_RESERVE, HOST_RESERVE_PER_RANK};
 pub use report::{refusal, summary, table, DoesNotFit};
 
-use crate::config::{ActivationPlacement, DeviceKind, Dtype, Experiment};
+use crate::config::{ActivationPlacement, AttentionBackend, DeviceKind, Dtype, Experiment};
 use crate::model::spec::ModelSpec;
 use crate::plan::bytes;
 
@@ -146,7 +146,11 @@ impl MemoryPlan {
             attention_gpu: 0.0,
             attention_host: 0.0,
             activations: p.activations,
-            keep_attention: p.keep_attention,
+            // On CUDA the memory-efficient and math backends have no fused kernel that returns the
+            // log-sum-exp (src/train/mod.rs picks the kernel): those runs always recompute.
+            keep_attention: p.keep_attention
+                && (p.device == DeviceKind::Cpu
+                    || !matches!(p.attention, AttentionBackend::Efficient | AttentionBackend::Math)),
             device: p.device,
         };
         let unlimited = plan.placement(&Budget::UNLIMITED).expect("an unlimited budget holds every placement");

@@ -85,6 +85,17 @@ fn matches_the_measured_peaks_of_placed_runs_within_ten_percent() {
 }
 
 #[test]
+fn backends_without_a_log_sum_exp_kernel_never_keep_attention() {
+    let (mut exp, spec) = bench(262144);
+    exp.parallel.keep_attention = true;
+    for (backend, keeps) in [(AttentionBackend::Cudnn, true), (AttentionBackend::Math, false)] {
+        exp.parallel.attention = backend;
+        let placement = MemoryPlan::new(&exp, &spec, 4, 262144).placement(&Budget::UNLIMITED).unwrap();
+        assert_eq!(placement.attention_in(None) == 0, keeps, "{backend:?}");
+    }
+}
+
+#[test]
 fn offloading_moves_memory_to_the_host_and_lengthens_the_fit() {
     let (mut exp, spec) = bench(262144);
     let budget = Budget::from_gib(76.0, 480.0, None, 4);
