@@ -4,7 +4,9 @@ mod model_support;
 
 use model_support::{assert_close, layer_leaves, leaves, scaled_weights, tiny};
 use tch::{Device, Kind, Tensor};
-use ulysses::model::llama::{head_loss, mlp_residual, post_attention, token_losses, ModelWeights, IGNORE_INDEX};
+use ulysses::model::llama::{
+    head_loss, mlp_residual, post_attention, post_attention_no_grad, token_losses, ModelWeights, IGNORE_INDEX,
+};
 
 const B: i64 = 2;
 const S: i64 = 37; // tiles of 10 leave a last tile of 7
@@ -32,6 +34,8 @@ fn tiled_mlp_equals_untiled() {
     let full = post_attention(&spec, &layer, &x, &attn, 0);
     let full_grads = grads(&(&full * &grad_out).sum(Kind::Float), &inputs);
     for tile in [10, 1, 36, 37, 100] {
+        let in_place = post_attention_no_grad(&spec, &layer, &x, &attn, tile);
+        assert_close(&format!("mlp_tile {tile}: in-place output"), &in_place, &full, 1e-6);
         let tiled = post_attention(&spec, &layer, &x, &attn, tile);
         assert_close(&format!("mlp_tile {tile}: output"), &tiled, &full, 1e-6);
         let tiled_grads = grads(&(&tiled * &grad_out).sum(Kind::Float), &inputs);

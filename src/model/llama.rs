@@ -72,6 +72,26 @@ pub fn post_attention(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, attn: &Ten
     Tensor::cat(&tiles, 1)
 }
 
+/// `post_attention` without autograd and without a second sequence-long tensor: each MLP tile's
+/// result overwrites its own tile of the residual stream (a tile's output depends only on that
+/// tile, computed whole before the write). For the step's forward pass, which keeps no graph.
+pub fn post_attention_no_grad(
+    spec: &ModelSpec,
+    w: &LayerWeights,
+    x: &Tensor,
+    attn: &Tensor,
+    mlp_tile: usize,
+) -> Tensor {
+    tch::no_grad(|| {
+        let h = attention_residual(spec, w, x, attn);
+        for (start, len) in seq_tiles(h.size()[1], mlp_tile) {
+            let y = mlp_residual(spec, w, &h.narrow(1, start, len));
+            h.narrow(1, start, len).copy_(&y);
+        }
+        h
+    })
+}
+
 /// First part of `post_attention`: `x + o_proj(attn)`, attn [b, s, n_q, d] -> [b, s, h].
 pub fn attention_residual(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, attn: &Tensor) -> Tensor {
     let (b, s) = (x.size()[0], x.size()[1]);

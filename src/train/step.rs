@@ -177,7 +177,7 @@ pub fn micro_step(
             drop((qh, kh, vh));
             let o = to_seq(&oh)?;
             drop(oh);
-            Ok(llama::post_attention(spec, &w, &x, &o, ctx.mlp_tile))
+            Ok(llama::post_attention_no_grad(spec, &w, &x, &o, ctx.mlp_tile))
         })?;
         inputs.push(store.put(std::mem::replace(&mut x, y), ctx.placement.inputs[l])?);
     }
