@@ -65,3 +65,28 @@ char *ulysses_backward(const at::Tensor **outputs, const at::Tensor **grads, int
   }
 }
 }
+
+#include <ATen/ops/_fused_adamw.h>
+#include <ATen/ops/full.h>
+
+extern "C" {
+
+// torch._fused_adamw_ on one flat fp32 shard (libtorch's fused, vectorized and multi-threaded CPU
+// kernel, or its CUDA kernel): one pass over parameter, gradient and both moments instead of a
+// chain of element-wise ops with temporaries. No weight decay here (the caller decays matrices
+// only); `step` is the 1-based step for the bias corrections. Returns nullptr or a malloc'ed
+// message.
+char *ulysses_fused_adamw(const at::Tensor *param, const at::Tensor *grad, const at::Tensor *exp_avg,
+                          const at::Tensor *exp_avg_sq, double step, double lr, double beta1, double beta2,
+                          double eps) {
+  try {
+    std::vector<at::Tensor> params{*param}, grads{*grad}, exp_avgs{*exp_avg}, exp_avg_sqs{*exp_avg_sq}, none,
+        steps{at::full({}, step, at::TensorOptions().dtype(at::kFloat).device(param->device()))};
+    at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, none, steps, lr, beta1, beta2, /*weight_decay=*/0.0, eps,
+                      /*amsgrad=*/false, /*maximize=*/false);
+    return nullptr;
+  } catch (const std::exception &e) {
+    return strdup(e.what());
+  }
+}
+}

@@ -40,7 +40,7 @@ fn save_then_load_is_bit_exact() {
         for s in params.shards.iter_mut() {
             s.grad = Tensor::randn(s.grad.size(), (Kind::Float, Device::Cpu));
         }
-        params.adamw_step(&adamw, 1e-2, step, 0.7);
+        params.adamw_step(&adamw, 1e-2, step, 0.7).unwrap();
     }
     let run = tempfile::tempdir().unwrap();
     let state = run_state(2);

@@ -32,7 +32,7 @@ fn adamw_equals_torch() {
         let grads: Vec<(String, Tensor)> =
             (0..params.units.len()).flat_map(|u| params.unit_grads(u)).map(|(n, t)| (n, t.copy())).collect();
         Tensor::write_safetensors(&grads, dir.path().join(format!("grads-{}.safetensors", i + 1))).unwrap();
-        params.adamw_step(&h, *lr, i as i64 + 1, 1.0);
+        params.adamw_step(&h, *lr, i as i64 + 1, 1.0).unwrap();
     }
     let cfg = serde_json::json!({"lrs": lrs, "beta1": h.beta1, "beta2": h.beta2, "eps": h.eps, "weight_decay": h.weight_decay});
     std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();

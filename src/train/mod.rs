@@ -187,7 +187,7 @@ pub fn run(
             1.0
         };
         let lr = schedule::lr_at(t, step);
-        params.adamw_step(&adamw, lr, step as i64, clip);
+        params.adamw_step(&adamw, lr, step as i64, clip).map_err(anyhow::Error::msg)?;
         // GPU work is asynchronous: the step ends when the device is done.
         if let Device::Cuda(i) = device {
             tch::Cuda::synchronize(i as i64);
