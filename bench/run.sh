@@ -72,7 +72,10 @@ time_split_every = $SPLIT_EVERY
 TOML
   log="$OUTD/ulysses-$S.log"
   echo "--- $S tokens: $exp"
-  timeout --kill-after=20 "$RUN_TIMEOUT_S" env NGPU="$NGPU" bash bundle/run-gpu.sh "$exp" 2>&1 | tee "$log"
+  # SIGINT, not timeout's SIGTERM: SIGTERM asks ulysses to checkpoint and stop (preemption),
+  # which for Llama-8B means gathering and writing ~96 GB before the kill; a benchmark cut short
+  # should just stop.
+  timeout --signal=INT --kill-after=20 "$RUN_TIMEOUT_S" env NGPU="$NGPU" bash bundle/run-gpu.sh "$exp" 2>&1 | tee "$log"
   echo "--- $S tokens: exit ${PIPESTATUS[0]}"
 done
 python3 - "$OUTD" "$STEPS" "$SPLIT_EVERY" <<'PY'
