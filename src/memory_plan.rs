@@ -11,13 +11,26 @@ mod report;
 pub use budget::{Budget, BudgetError, DISK_RESERVE, GPU_RESERVE, HOST_RESERVE_PER_RANK};
 pub use report::{refusal, summary, table, DoesNotFit};
 
-use crate::config::{ActivationPlacement, AttentionBackend, DeviceKind, Dtype, Experiment};
+use crate::config::{ActivationPlacement, AttentionBackend, DeviceKind, Dtype, Experiment, ParallelConfig};
+use crate::model::kept_attention::Kernel;
 use crate::model::spec::ModelSpec;
 use crate::plan::bytes;
 
 /// Bytes per token of one layer's recompute in backward, in units of `hidden × 2 B` (the layer
 /// input, q/k/v and their head shards, attention output, residuals and their gradients).
 const LAYER_WORKING_SET_PER_TOKEN: f64 = 26.0;
+
+/// The fused kernel that keeps attention's log-sum-exp for this configuration: libtorch's CPU
+/// flash attention on CPU; on CUDA cuDNN or flash as `parallel.attention` says, and None for the
+/// memory-efficient and math backends, which have no such kernel (those runs recompute).
+pub fn kept_attention_kernel(p: &ParallelConfig) -> Option<Kernel> {
+    match (p.device, p.attention) {
+        (DeviceKind::Cpu, _) => Some(Kernel::CpuFlash),
+        (DeviceKind::Cuda, AttentionBackend::Auto | AttentionBackend::Cudnn) => Some(Kernel::Cudnn),
+        (DeviceKind::Cuda, AttentionBackend::Flash) => Some(Kernel::Flash),
+        (DeviceKind::Cuda, AttentionBackend::Efficient | AttentionBackend::Math) => None,
+    }
+}
 
 /// Where one kept tensor waits between forward and backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,11 +159,7 @@ impl MemoryPlan {
             attention_gpu: 0.0,
             attention_host: 0.0,
             activations: p.activations,
-            // On CUDA the memory-efficient and math backends have no fused kernel that returns the
-            // log-sum-exp (src/train/mod.rs picks the kernel): those runs always recompute.
-            keep_attention: p.keep_attention
-                && (p.device == DeviceKind::Cpu
-                    || !matches!(p.attention, AttentionBackend::Efficient | AttentionBackend::Math)),
+            keep_attention: p.keep_attention && kept_attention_kernel(p).is_some(),
             device: p.device,
         };
         let unlimited = plan.placement(&Budget::UNLIMITED).expect("an unlimited budget holds every placement");

@@ -5,7 +5,7 @@
 use crate::autograd::shim_result;
 use std::ffi::{c_char, c_int};
 use std::ptr;
-use tch::{Device, Tensor};
+use tch::Tensor;
 use torch_sys::C_tensor;
 
 extern "C" {
@@ -42,18 +42,6 @@ pub enum Kernel {
     Flash = 1,
     /// libtorch's CPU flash attention (CPU runs and tests).
     CpuFlash = 2,
-}
-
-impl Kernel {
-    /// The kernel for `device`: on CUDA the given preference (cuDNN is the fastest on H100), on
-    /// the CPU always libtorch's CPU flash attention.
-    pub fn for_device(device: Device, cudnn: bool) -> Kernel {
-        match device {
-            Device::Cuda(_) if cudnn => Kernel::Cudnn,
-            Device::Cuda(_) => Kernel::Flash,
-            _ => Kernel::CpuFlash,
-        }
-    }
 }
 
 /// What the backward needs besides q, k, v and the output.
@@ -123,7 +111,7 @@ pub fn backward(
 mod tests {
     use super::*;
     use crate::model::llama::{AttentionCore, LocalAttention};
-    use tch::Kind;
+    use tch::{Device, Kind};
 
     #[test]
     fn matches_autograd_through_sdpa_with_gqa() {

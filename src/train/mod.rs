@@ -18,7 +18,6 @@ use crate::comm::{Collective, Groups, Mesh};
 use crate::config::{AttentionBackend, Dtype, Experiment};
 use crate::data::{Dataset, Loader, LoaderSpec};
 use crate::memory_plan::{self, Budget, DoesNotFit, MemoryPlan};
-use crate::model::kept_attention::Kernel;
 use crate::model::spec::ModelSpec;
 use crate::parallel::zero::AdamW;
 use anyhow::{bail, Context, Result};
@@ -41,17 +40,6 @@ fn memory_per_rank(world: &dyn Collective, device: Device) -> Result<(Vec<u64>, 
         .to_device(world.device());
     let all: Vec<i64> = Vec::try_from(world.all_gather(&mine)?.to_device(Device::Cpu))?;
     Ok((all.iter().step_by(2).map(|&v| v as u64).collect(), all.iter().skip(1).step_by(2).map(|&v| v as u64).collect()))
-}
-
-/// The fused kernel for kept attention: cuDNN or flash as configured on CUDA (None for the
-/// backends without a log-sum-exp forward: those layers recompute), libtorch's CPU flash on CPU.
-fn kept_attention_kernel(exp: &Experiment, device: Device) -> Option<Kernel> {
-    match exp.parallel.attention {
-        AttentionBackend::Auto | AttentionBackend::Cudnn => Some(Kernel::for_device(device, true)),
-        AttentionBackend::Flash => Some(Kernel::for_device(device, false)),
-        AttentionBackend::Efficient | AttentionBackend::Math if device == Device::Cpu => Some(Kernel::CpuFlash),
-        AttentionBackend::Efficient | AttentionBackend::Math => None,
-    }
 }
 
 /// The smallest budget of any rank, so that every rank makes the same plan: ranks must agree on
@@ -145,7 +133,7 @@ pub fn run(
     }
     let tokens = (exp.data.seq_len * mesh.dp * t.micro_batch * t.grad_accum) as u64;
     let step_flops = flops::step_flops(spec, exp.data.seq_len, mesh.dp * t.micro_batch * t.grad_accum);
-    let kernel = kept_attention_kernel(exp, device);
+    let kernel = memory_plan::kept_attention_kernel(&exp.parallel);
     let mut store = store::ActivationStore::new(device, &exp.memory.offload_dir, mesh.world_rank)?;
     let started = Instant::now();
     for step in start as usize + 1..=t.steps {
