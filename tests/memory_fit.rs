@@ -1,6 +1,6 @@
 //! A memory-fit run (`train.memory_fit`) runs every step's allocations under mpirun, says on
-//! every step that it is no speed or loss figure, writes no metrics, and is refused with
-//! checkpoints on (its weights mean nothing).
+//! every step that it is no speed or loss figure (and the disk the activation store used), writes
+//! no metrics, and is refused with checkpoints on (its weights mean nothing).
 mod ckpt_common;
 mod common;
 use ckpt_common::*;
@@ -30,5 +30,14 @@ fn memory_fit_run_is_labelled_and_writes_no_metrics() {
         );
     }
     assert!(!out.contains("tok/s"), "a memory-fit run printed a speed: {out}");
+    assert!(!out.contains("disk "), "no layer input went to disk: {out}");
     assert!(!exp.run_dir(dir).join("metrics.h5").exists());
+
+    // Layer inputs on disk: the activation store's peak disk use is reported on every step.
+    let toml = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, toml.replace("[parallel]\n", "[parallel]\nactivations = \"disk\"\n")).unwrap();
+    let o = mpirun(2, &[path.to_str().unwrap()], dir, &[]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert_eq!(out.matches("GiB/rank  disk 0.0 GiB").count(), 2, "{out}");
 }

@@ -40,6 +40,8 @@ pub struct StepRow {
     /// One entry per world rank, bytes.
     pub peak_host_mem: Vec<u64>,
     pub peak_gpu_mem: Vec<u64>,
+    /// Activation-store files on local disk, at peak (printed, not in metrics.h5).
+    pub peak_disk: Vec<u64>,
 }
 
 /// (name, description) of the float64 columns of /steps, in `f64_values` order.

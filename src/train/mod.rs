@@ -34,12 +34,13 @@ fn batch_tensors(b: &crate::data::Batch, device: Device) -> MicroBatch {
     MicroBatch { input_ids: t(&b.input_ids), labels: t(&b.labels), position_ids: t(&b.position_ids) }
 }
 
-/// Peak host and GPU memory of every rank (collective), each `[world]` bytes.
-fn memory_per_rank(world: &dyn Collective, device: Device) -> Result<(Vec<u64>, Vec<u64>)> {
-    let mine = Tensor::from_slice(&[memory::peak_host_bytes() as i64, memory::peak_gpu_bytes(device) as i64])
-        .to_device(world.device());
-    let all: Vec<i64> = Vec::try_from(world.all_gather(&mine)?.to_device(Device::Cpu))?;
-    Ok((all.iter().step_by(2).map(|&v| v as u64).collect(), all.iter().skip(1).step_by(2).map(|&v| v as u64).collect()))
+/// Peak host memory, GPU memory and activation-store disk use of every rank (collective), each
+/// `[world]` bytes.
+fn memory_per_rank(world: &dyn Collective, device: Device, disk: u64) -> Result<[Vec<u64>; 3]> {
+    let mine = [memory::peak_host_bytes(), memory::peak_gpu_bytes(device), disk].map(|b| b as i64);
+    let all: Vec<i64> =
+        Vec::try_from(world.all_gather(&Tensor::from_slice(&mine).to_device(world.device()))?.to_device(Device::Cpu))?;
+    Ok([0, 1, 2].map(|i| all.iter().skip(i).step_by(3).map(|&v| v as u64).collect()))
 }
 
 /// The smallest budget of any rank, so that every rank makes the same plan: ranks must agree on
@@ -184,7 +185,8 @@ pub fn run(
         let step_time = t0.elapsed().as_secs_f64();
 
         let position_bins = positions.map(|p| p.reduce(world)).transpose()?;
-        let (peak_host_mem, peak_gpu_mem) = memory_per_rank(world, device)?;
+        let [peak_host_mem, peak_gpu_mem, peak_disk] = memory_per_rank(world, device, store.disk_bytes().1)?;
+        store.reset_peaks();
         let per_rank_tflops = |f: f64| f / step_time / (mesh.sp * mesh.dp) as f64 / 1e12;
         let mut row = StepRow {
             step: step as u64,
@@ -202,6 +204,7 @@ pub fn run(
             checkpoint_time: 0.0,
             peak_host_mem,
             peak_gpu_mem,
+            peak_disk,
         };
         if mesh.world_rank == 0 && t.memory_fit {
             progress::print_memory_fit(&row, t.steps);

@@ -1,6 +1,16 @@
 //! Rank 0's line per step.
 use super::metrics::StepRow;
 
+/// "  disk X GiB" when some rank kept activations on disk this step, else nothing.
+fn disk(r: &StepRow) -> String {
+    let peak = r.peak_disk.iter().copied().max().unwrap_or(0);
+    if peak > 0 {
+        format!("  disk {:.1} GiB", peak as f64 / (1u64 << 30) as f64)
+    } else {
+        String::new()
+    }
+}
+
 pub fn print_progress(r: &StepRow, steps: usize, secs_per_step: f64) {
     let eta = secs_per_step * (steps as u64 - r.step) as f64;
     // GPU runs also show the ALST-convention rate and the worst rank's peak GPU and host memory.
@@ -9,13 +19,14 @@ pub fn print_progress(r: &StepRow, steps: usize, secs_per_step: f64) {
     let gpu = if peak_gpu > 0 {
         let peak_host = r.peak_host_mem.iter().copied().max().unwrap_or(0);
         format!(
-            "  ALST {} TFLOP/s/GPU  peak {:.1} GiB  host {:.1} GiB",
+            "  ALST {} TFLOP/s/GPU  peak {:.1} GiB  host {:.1} GiB{}",
             sig3(r.tflops_alst),
             peak_gpu as f64 / (1u64 << 30) as f64,
-            peak_host as f64 / (1u64 << 30) as f64
+            peak_host as f64 / (1u64 << 30) as f64,
+            disk(r)
         )
     } else {
-        String::new()
+        disk(r)
     };
     println!(
         "step {:>5}/{steps}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.1} tok/s  {:.2} s/step  {} TFLOP/s/{per}  MFU {}%{gpu}  eta {}",
@@ -35,10 +46,11 @@ pub fn print_progress(r: &StepRow, steps: usize, secs_per_step: f64) {
 pub fn print_memory_fit(r: &StepRow, steps: usize) {
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     println!(
-        "memory-fit step {}/{steps} completed (attention in the last layer only: not a speed or loss figure)  peak GPU {:.1} GiB  peak host {:.1} GiB/rank",
+        "memory-fit step {}/{steps} completed (attention in the last layer only: not a speed or loss figure)  peak GPU {:.1} GiB  peak host {:.1} GiB/rank{}",
         r.step,
         gib(r.peak_gpu_mem.iter().copied().max().unwrap_or(0)),
         gib(r.peak_host_mem.iter().copied().max().unwrap_or(0)),
+        disk(r),
     );
 }
 
