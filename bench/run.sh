@@ -8,8 +8,10 @@
 # (every step after the first is timed). With STEPS=1 the one step is timed
 # (single step, no warm-up, no time split: say so wherever the figure goes). MEMORY_FIT=1 makes
 # memory-fit runs (train.memory_fit: attention in the last layer only), which prove a length fits
-# and give no speed. EXTRA goes into [parallel], MEMORY into [memory]. Logs and a JSON summary go
-# to $OUT.
+# and give no speed. EXTRA goes into [parallel], MEMORY into [memory]. LAYERS=N replaces the
+# preset by Llama-3.1-8B's dimensions with N decoder layers (a config.json): the per-token working
+# set of one layer's backward at long sequences, measured in a step that takes seconds (memory
+# calibration, never a speed figure). Logs and a JSON summary go to $OUT.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SEQS="${SEQS:-32768 131072 262144}"
@@ -21,6 +23,7 @@ ATTN="${ATTN:-auto}"
 EXTRA="${EXTRA:-}"
 MEMORY="${MEMORY:-}"
 MEMORY_FIT="${MEMORY_FIT:-0}"
+LAYERS="${LAYERS:-}"
 FIT_LINE=""
 [ "$MEMORY_FIT" = 1 ] && FIT_LINE="memory_fit = true"
 SPLIT="${SPLIT:-1}"
@@ -30,6 +33,19 @@ RUN_TIMEOUT_S="${RUN_TIMEOUT_S:-400}"
 OUTD="${OUT:-/tmp/ulysses-bench}"
 mkdir -p "$OUTD"
 WORK="$(mktemp -d /tmp/ulysses-bench.XXXXXX)"
+MODEL_LINE="preset = \"$MODEL\""
+if [ -n "$LAYERS" ]; then
+  MODEL="llama3.1-8b-dims-${LAYERS}-layers"
+  cat > "$WORK/config.json" <<JSON
+{"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+ "num_hidden_layers": $LAYERS, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+ "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "max_position_embeddings": 131072,
+ "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
+ "tie_word_embeddings": false, "bos_token_id": 128000, "eos_token_id": 128001}
+JSON
+  MODEL_LINE="config = \"$WORK/config.json\""
+fi
 echo "== ulysses bench $(date -u +%FT%TZ): $MODEL, NGPU=$NGPU SP=$SP, SEQS=$SEQS, STEPS=$STEPS, attention=$ATTN"
 for S in $SEQS; do
   data="$WORK/data-$S"
@@ -41,7 +57,7 @@ name = "bench-$S"
 output_dir = "$WORK/runs"
 seed = 1
 [model]
-preset = "$MODEL"
+$MODEL_LINE
 [parallel]
 sp = $SP
 dp = $(( NGPU / SP ))

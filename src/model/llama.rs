@@ -12,11 +12,15 @@ pub use super::params::{LayerWeights, ModelWeights};
 /// Label value that contributes no loss (as in transformers / PyTorch cross-entropy).
 pub const IGNORE_INDEX: i64 = -100;
 
-/// LlamaRMSNorm: normalize in fp32, cast back to the input dtype, then scale.
+/// LlamaRMSNorm, normalizing in fp32: libtorch's `rms_norm`, on CUDA one fused kernel whose
+/// backward keeps just the input and each token's fp32 reciprocal RMS (the op-by-op form kept an
+/// fp32 copy of the input and the normalized input too: three hidden-sized bf16 tensors per
+/// token more in every recomputed segment, and more again in its backward). It scales by the
+/// weight before casting back to the input dtype where transformers casts first: the same in
+/// fp32, one bf16 rounding fewer in bf16.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
-    let xf = x.to_kind(Kind::Float);
-    let variance = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-    weight * (xf * (variance + eps).rsqrt()).to_kind(x.kind())
+    let hidden = *x.size().last().expect("activations have a hidden dimension");
+    x.rms_norm([hidden], Some(weight), eps)
 }
 
 /// Pre-attention segment: RMSNorm -> q, k, v projections -> RoPE at the global positions of

@@ -2,6 +2,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 static PEAK_HOST: AtomicU64 = AtomicU64::new(0);
+/// The step's peak GPU allocation before the allocator's peak was last reset by `phase_peak_gpu`.
+static PEAK_GPU_EARLIER: AtomicU64 = AtomicU64::new(0);
 
 /// Peak resident set size of this process so far in bytes (VmHWM in /proc/self/status); 0 where
 /// the kernel does not report it. The kernel updates its high-water mark lazily, so VmHWM can
@@ -19,6 +21,10 @@ pub fn peak_host_bytes() -> u64 {
 /// Peak GPU memory allocated by this rank's caching allocator in bytes since the last
 /// `reset_peak_gpu` (torch.cuda.max_memory_allocated); 0 on CPU runs.
 pub fn peak_gpu_bytes(device: tch::Device) -> u64 {
+    allocator_peak(device).max(PEAK_GPU_EARLIER.load(Ordering::Relaxed))
+}
+
+fn allocator_peak(device: tch::Device) -> u64 {
     match device {
         tch::Device::Cuda(i) => crate::cuda::memory(i).map_or(0, |m| m.peak_allocated as u64),
         _ => 0,
@@ -28,8 +34,20 @@ pub fn peak_gpu_bytes(device: tch::Device) -> u64 {
 /// Starts a new peak window (each step reports its own peak).
 pub fn reset_peak_gpu(device: tch::Device) {
     if let tch::Device::Cuda(i) = device {
+        PEAK_GPU_EARLIER.store(0, Ordering::Relaxed);
         crate::cuda::reset_peak(i);
     }
+}
+
+/// (peak since the last phase ended, allocated now) in bytes, and a new phase begins; the step's
+/// peak (`peak_gpu_bytes`) still covers every phase. Where the working set peaks, for debugging
+/// and for calibrating the memory plan. (0, 0) on CPU runs.
+pub fn phase_peak_gpu(device: tch::Device) -> (u64, u64) {
+    let tch::Device::Cuda(i) = device else { return (0, 0) };
+    let Some(m) = crate::cuda::memory(i) else { return (0, 0) };
+    PEAK_GPU_EARLIER.fetch_max(m.peak_allocated as u64, Ordering::Relaxed);
+    crate::cuda::reset_peak(i);
+    (m.peak_allocated as u64, m.allocated as u64)
 }
 
 #[cfg(test)]

@@ -47,6 +47,16 @@ impl StepContext<'_> {
     }
 }
 
+/// At debug level on a GPU: this phase's peak and what stays allocated after it (GiB), so that a
+/// run shows where its working set peaks (`RUST_LOG=ulysses::train::step=debug`).
+fn log_phase(ctx: &StepContext, phase: std::fmt::Arguments) {
+    if log::log_enabled!(log::Level::Debug) && ctx.device.is_cuda() {
+        let (peak, now) = crate::train::memory::phase_peak_gpu(ctx.device);
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        log::debug!("{phase}: peak {:.2} GiB, then {:.2} GiB allocated", gib(peak), gib(now));
+    }
+}
+
 /// A memory-fit run's stand-in for attention's output and log-sum-exp: same sizes, zeros.
 fn zero_attention(qh: &Tensor) -> (Tensor, Option<Saved>) {
     let (b, s, heads, _) = qh.size4().expect("attention tensors are [b, s, heads, d]");
@@ -59,16 +69,6 @@ struct KeptLayer {
     out: Key,
     lse: Key,
     aux: [Tensor; 2],
-}
-
-/// Segment 1's outputs (with their graph) and their head shards (graph leaves).
-struct PreAttention {
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    qh: Tensor,
-    kh: Tensor,
-    vh: Tensor,
 }
 
 /// One rank's micro batch as tensors `[b, s_local]` (i64) on the compute device.
@@ -180,6 +180,7 @@ pub fn micro_step(
             Ok(llama::post_attention_no_grad(spec, &w, &x, &o, ctx.mlp_tile))
         })?;
         inputs.push(store.put(std::mem::replace(&mut x, y), ctx.placement.inputs[l])?);
+        log_phase(ctx, format_args!("forward layer {l}"));
     }
 
     // Head: final norm, LM head, cross-entropy (fp32), with a graph.
@@ -206,6 +207,7 @@ pub fn micro_step(
     prof.comm(world, || params.accumulate(world, head_unit, &grads(&head)))?;
     let mut grad_x = grad(&x_last);
     drop((head, x_last, x));
+    log_phase(ctx, format_args!("head and loss"));
     let backward_from = Instant::now();
     times.forward += (backward_from - started).as_secs_f64();
 
@@ -228,18 +230,21 @@ pub fn micro_step(
         let w: Vec<Tensor> = gather(params, 1 + l)?.iter().map(leaf).collect();
         let lw = layer(spec, w.iter().map(|t| t.shallow_clone()).collect())?;
         let x_in = leaf(&store.take(input)?);
-        // Segment 1 (pre-attention), recomputed with a graph: norm, q/k/v projections, RoPE; KV
-        // heads replicated when there are fewer than SP ranks (inside the graph, so their
-        // gradients sum back); then head shards [b, s/sp, H, d] -> [b, s, H/sp, d] as leaves.
-        let pre_attention = || -> Result<PreAttention> {
-            let (q, k, v) = llama::pre_attention(spec, &lw, &x_in, &rope);
-            let (k, v) = (replicate_kv(&k, sp.size()), replicate_kv(&v, sp.size()));
-            let (qh, kh, vh) = (leaf(&to_heads(&q)?), leaf(&to_heads(&k)?), leaf(&to_heads(&v)?));
-            Ok(PreAttention { q, k, v, qh, kh, vh })
+        // Segment 1 (pre-attention: norm, q/k/v projections, RoPE; KV heads replicated when there
+        // are fewer than SP ranks) runs twice. First without a graph, for the head shards
+        // [b, s/sp, H, d] -> [b, s, H/sp, d] that attention needs; then, once attention's
+        // gradients exist, with a graph to backpropagate them. Its graph (the norm's fp32 input,
+        // the normed input, q/k/v) thus never coexists with attention's backward, the step's
+        // largest working set, for the price of one more norm and q/k/v projection.
+        let heads = || -> Result<[Tensor; 3]> {
+            tch::no_grad(|| {
+                let (q, k, v) = llama::pre_attention(spec, &lw, &x_in, &rope);
+                let (k, v) = (replicate_kv(&k, sp.size()), replicate_kv(&v, sp.size()));
+                Ok([to_heads(&q)?, to_heads(&k)?, to_heads(&v)?])
+            })
         };
-        // Segment 2 (attention): the kept output, whose layer recomputes segment 1 only after
-        // segment 3 so that their activations never coexist; or the attention forward
-        // recomputed with a graph, which needs segment 1 first.
+        // Segment 2 (attention): the kept output, whose layer needs the head shards only after
+        // segment 3; or the attention forward recomputed with a graph on the shards as leaves.
         let skip = ctx.skips_attention(l, layers);
         let (oh, saved, early) = match kept_layer {
             Some(kl) => {
@@ -247,13 +252,9 @@ pub fn micro_step(
                 (store.take(kl.out)?, Some(saved), None)
             }
             None => {
-                let pre = pre_attention()?;
-                let oh = if skip {
-                    pre.qh.zeros_like()
-                } else {
-                    prof.attention(|| LocalAttention.attend(&pre.qh, &pre.kh, &pre.vh))
-                };
-                (oh, None, Some(pre))
+                let [qh, kh, vh] = heads()?.map(|t| leaf(&t));
+                let oh = if skip { qh.zeros_like() } else { prof.attention(|| LocalAttention.attend(&qh, &kh, &vh)) };
+                (oh, None, Some([qh, kh, vh]))
             }
         };
         // Segment 3 (post-attention): O projection and residual, then the MLP, recomputed and
@@ -273,28 +274,32 @@ pub fn micro_step(
         drop(grad_y);
         let grad_oh = to_heads(&o.grad())?;
         drop(o);
-        let pre = match early {
-            Some(pre) => pre,
-            None => pre_attention()?,
+        log_phase(ctx, format_args!("backward layer {l}: post-attention"));
+        let [qh, kh, vh] = match early {
+            Some(shards) => shards,
+            None => heads()?,
         };
         let (gq, gk, gv) = match (saved, ctx.kernel) {
-            _ if skip => (pre.qh.zeros_like(), pre.kh.zeros_like(), pre.vh.zeros_like()),
+            _ if skip => (qh.zeros_like(), kh.zeros_like(), vh.zeros_like()),
             (Some(saved), Some(kernel)) => prof
-                .attention(|| {
-                    tch::no_grad(|| kept_attention::backward(kernel, &grad_oh, &pre.qh, &pre.kh, &pre.vh, &oh, &saved))
-                })
+                .attention(|| tch::no_grad(|| kept_attention::backward(kernel, &grad_oh, &qh, &kh, &vh, &oh, &saved)))
                 .map_err(fused)?,
             _ => {
                 prof.attention(|| backprop(&[(&oh, &grad_oh)]))?;
-                (pre.qh.grad(), pre.kh.grad(), pre.vh.grad())
+                (qh.grad(), kh.grad(), vh.grad())
             }
         };
-        drop((oh, grad_oh));
+        drop((qh, kh, vh, oh, grad_oh));
+        log_phase(ctx, format_args!("backward layer {l}: attention"));
         let (gq, gk, gv) = (to_seq(&gq)?, to_seq(&gk)?, to_seq(&gv)?);
-        backprop(&[(&pre.q, &gq), (&pre.k, &gk), (&pre.v, &gv)])?;
-        drop((pre, gq, gk, gv));
+        let (q, k, v) = llama::pre_attention(spec, &lw, &x_in, &rope);
+        let (k, v) = (replicate_kv(&k, sp.size()), replicate_kv(&v, sp.size()));
+        backprop(&[(&q, &gq), (&k, &gk), (&v, &gv)])?;
+        drop((q, k, v, gq, gk, gv));
+        log_phase(ctx, format_args!("backward layer {l}: pre-attention"));
         grad_x = grad(&x_in);
         prof.comm(world, || params.accumulate(world, 1 + l, &grads(&w)))?;
+        log_phase(ctx, format_args!("backward layer {l}: gradient reduce-scatter"));
     }
 
     // Embedding (plus the LM head's gradient when the two are tied).

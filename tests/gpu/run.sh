@@ -2,6 +2,8 @@
 # GPU tests (the GPU machine, not CI): run from the repository root with the bundle in bundle/.
 #   bash tests/gpu/run.sh
 # 0. The activation store's side-stream copies (tests/store.rs gpu_* tests, bundled).
+# SP (default 4) is the sequence-parallel degree of the sharded runs: one rank per GPU, so SP=2 on a
+# two-GPU machine; the run names and the logs keep "sp4" whatever SP is.
 # 1. SP = 4 equals SP = 1 in bf16: Llama-3.2-1B dimensions (tied embeddings, 32/8 heads), 16K
 #    tokens, 3 steps; every step's loss and gradient norm within rtol 1.6e-2 (bf16 rounding in a
 #    different order; fp32 equality to 1e-6 is tested on CPU by tests/train_equivalence.rs).
@@ -17,6 +19,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 WORK="$(mktemp -d /tmp/ulysses-gputest.XXXXXX)"
 OUTD="${OUT:-$WORK}"
 fails=0
+SP="${SP:-4}"
 u() { NGPU="$1" bash bundle/run-gpu.sh "${@:2}"; }
 # PARTS picks parts (a short check before a benchmark in the same device call); default all.
 want() { [[ " ${PARTS:-store sp variants learn} " == *" $1 "* ]]; }
@@ -59,10 +62,10 @@ fi
 
 u 1 data synth --task random --seq-len 16384 --num 3 --seed 2 --out "$WORK/rand16k" >/dev/null
 exp sp1 llama3.2-1b 1 16384 3 1e-4 "$WORK/rand16k"
-exp sp4 llama3.2-1b 4 16384 3 1e-4 "$WORK/rand16k"
+exp sp4 llama3.2-1b "$SP" 16384 3 1e-4 "$WORK/rand16k"
 if want sp; then
 u 1 "$WORK/sp1.toml" 2>&1 | tee "$OUTD/gputest-sp1.log"
-u 4 "$WORK/sp4.toml" 2>&1 | tee "$OUTD/gputest-sp4.log"
+u "$SP" "$WORK/sp4.toml" 2>&1 | tee "$OUTD/gputest-sp4.log"
 python3 - "$OUTD/gputest-sp1.log" "$OUTD/gputest-sp4.log" <<'PY' || fails=$((fails + 1))
 import re, sys
 def steps(p):
@@ -82,7 +85,7 @@ fi
 # Variants of the SP = 4 run against it ("device": layer inputs on the GPU, attention kept).
 variant() {  # name, lines for [parallel]
   sed "s/^mlp_tile/$2\nmlp_tile/; s/name = \"sp4\"/name = \"sp4$1\"/" "$WORK/sp4.toml" > "$WORK/sp4$1.toml"
-  u 4 "$WORK/sp4$1.toml" 2>&1 | tee "$OUTD/gputest-sp4$1.log"
+  u "$SP" "$WORK/sp4$1.toml" 2>&1 | tee "$OUTD/gputest-sp4$1.log"
 }
 if want variants; then
 variant device 'activations = "device"'
@@ -115,8 +118,8 @@ fi
 
 want learn || { echo "gpu tests ($PARTS): $fails failed"; exit $fails; }
 u 1 data synth --task passkey --seq-len 4096 --num 64 --seed 3 --out "$WORK/pk4k" >/dev/null
-exp learn tiny 4 4096 30 3e-3 "$WORK/pk4k"
-u 4 "$WORK/learn.toml" 2>&1 | tee "$OUTD/gputest-learn.log"
+exp learn tiny "$SP" 4096 30 3e-3 "$WORK/pk4k"
+u "$SP" "$WORK/learn.toml" 2>&1 | tee "$OUTD/gputest-learn.log"
 python3 - "$OUTD/gputest-learn.log" <<'PY' || fails=$((fails + 1))
 import re, sys
 loss = [float(x) for x in re.findall(r"step +\d+/\d+ +loss (\S+)", open(sys.argv[1]).read())]
