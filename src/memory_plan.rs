@@ -1,10 +1,10 @@
 //! Per-rank memory estimate of a CUDA training step, by component; where each layer's kept tensors
 //! wait between forward and backward (`MemoryPlan::placement`, within a `Budget`); and the longest
 //! sequence that fits. Bytes of torch's caching allocator (like `torch.cuda.max_memory_allocated`;
-//! the CUDA context and NCCL buffers come on top, see `budget::GPU_RESERVE`). The two working-set
-//! terms are calibrated on measured runs (bench/RESULTS.md, 2026-11-26, 4×H100: Llama-3.1-8B at
-//! 32K/128K/256K and Llama-3.2-1B at 16K, sp = 4), where the estimate lands within 3% of the
-//! measured peaks.
+//! the CUDA context and NCCL buffers come on top, see `budget::GPU_RESERVE`). The layer's
+//! working set is calibrated on measured runs (bench/RESULTS.md, 2026-11-26, 2×H100, sp = 2:
+//! Llama-3.1-8B's dimensions with 4 layers at 64K to 512K tokens per rank, peaks read per phase
+//! of the backward), where the estimate lands within 2% of the measured peaks.
 mod budget;
 mod report;
 
@@ -16,9 +16,13 @@ use crate::model::kept_attention::Kernel;
 use crate::model::spec::ModelSpec;
 use crate::plan::bytes;
 
-/// Bytes per token of one layer's recompute in backward, in units of `hidden × 2 B` (the layer
-/// input, q/k/v and their head shards, attention output, residuals and their gradients).
-const LAYER_WORKING_SET_PER_TOKEN: f64 = 26.0;
+/// Bytes per token of one layer's recompute in backward, in units of `hidden × 2 B`: it peaks
+/// while segment 1 (norm, q/k/v, RoPE) is backpropagated, holding the layer input's gradient,
+/// q/k/v's gradients, segment 1's graph and their gradients' temporaries; attention's backward
+/// comes close (its output, the output's gradient, the head shards, their gradients and the
+/// kernel's workspace). Measured: 8.8 to 9.35 per token at 64K to 512K tokens per rank, beyond
+/// the layer input itself (a kept tensor) and the copies in flight (`MemoryPlan::staging`).
+const LAYER_WORKING_SET_PER_TOKEN: f64 = 9.5;
 
 /// The fused kernel that keeps attention's log-sum-exp for this configuration: libtorch's CPU
 /// flash attention on CPU; on CUDA cuDNN or flash as `parallel.attention` says, and None for the
@@ -69,7 +73,7 @@ impl Placement {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Shortfall {
     #[error(
-        "the optimizer state on the GPU and the largest working set need {} of GPU memory but the budget is {}",
+        "the optimizer state on the GPU and the largest working set (with two layers' kept tensors in flight from host memory or disk) need {} of GPU memory but the budget is {}",
         bytes(*needed),
         bytes(*budget)
     )]
@@ -122,6 +126,10 @@ pub struct MemoryPlan {
     /// Kept attention outputs, by place (never on disk).
     pub attention_gpu: f64,
     pub attention_host: f64,
+    /// Kept tensors waiting off the GPU that are on it during a layer's backward beyond the GPU
+    /// room that earlier layers' kept tensors freed: the layer's own and the next layer's
+    /// (fetched one layer ahead).
+    pub staging: f64,
     /// The policy `placement` follows (`parallel.activations`, `keep_attention`, `device`).
     pub activations: ActivationPlacement,
     pub keep_attention: bool,
@@ -158,6 +166,7 @@ impl MemoryPlan {
             activations_disk: 0.0,
             attention_gpu: 0.0,
             attention_host: 0.0,
+            staging: 0.0,
             activations: p.activations,
             keep_attention: p.keep_attention && kept_attention_kernel(p).is_some(),
             device: p.device,
@@ -166,13 +175,36 @@ impl MemoryPlan {
         plan.with_placement(&unlimited)
     }
 
-    /// The larger of one layer's backward and the head's: only one runs at a time.
+    /// The larger of one layer's backward (with the copies in flight then) and the head's: only
+    /// one runs at a time.
     pub fn working(&self) -> f64 {
-        self.layer_working.max(self.head_working)
+        (self.layer_working + self.staging).max(self.head_working)
     }
 
     pub fn gpu_peak(&self) -> f64 {
         self.optimizer_gpu + self.activations_gpu + self.attention_gpu + self.working()
+    }
+
+    /// Bytes on the GPU beyond the placed totals while layer l's backward runs, at most over the
+    /// layers: its own and layer l - 1's kept tensors that wait off the GPU are there then,
+    /// while the GPU-resident ones of layers after l are already freed.
+    fn staging_of(&self, placement: &Placement) -> f64 {
+        let (input, attention) = (self.input_per_layer, self.attention_per_layer);
+        let off = |l: usize| {
+            (placement.inputs[l] != Place::Device) as u8 as f64 * input
+                + (placement.attention[l] == Some(Place::Host)) as u8 as f64 * attention
+        };
+        let on = |l: usize| {
+            (placement.inputs[l] == Place::Device) as u8 as f64 * input
+                + (placement.attention[l] == Some(Place::Device)) as u8 as f64 * attention
+        };
+        let (mut worst, mut freed) = (0.0f64, 0.0);
+        for l in (0..self.layers).rev() {
+            let in_flight = off(l) + if l > 0 { off(l - 1) } else { 0.0 };
+            worst = worst.max(in_flight - freed);
+            freed += on(l);
+        }
+        worst
     }
 
     pub fn host(&self) -> f64 {
@@ -193,6 +225,7 @@ impl MemoryPlan {
             activations_disk: inputs(Place::Disk),
             attention_gpu: attention(Place::Device),
             attention_host: attention(Place::Host),
+            staging: self.staging_of(placement),
             ..*self
         }
     }
@@ -207,6 +240,8 @@ impl MemoryPlan {
     ///   inputs first. Attention never waits on disk: a layer without room recomputes it.
     /// - Faster places take the last layers: backward needs those first, while the first layers'
     ///   copies have a whole forward and backward to travel.
+    /// - Unless everything fits on the GPU, the GPU also keeps room for two layers' kept tensors
+    ///   in flight from host memory or disk (`staging`).
     ///
     /// A CPU run has no budgets: everything stays in memory (`Device`), except that "disk" puts
     /// the inputs on disk so that the disk path runs on CPU too.
@@ -219,12 +254,28 @@ impl MemoryPlan {
                 attention: vec![self.keep_attention.then_some(Place::Device); n],
             });
         }
-        let fixed_gpu = self.optimizer_gpu + self.working();
-        if fixed_gpu > budget.gpu {
-            return Err(Shortfall::Gpu { needed: fixed_gpu, budget: budget.gpu });
-        }
         if self.optimizer_host > budget.host {
             return Err(Shortfall::Host { needed: self.optimizer_host, budget: budget.host });
+        }
+        let allowed = |place| self.activations == ActivationPlacement::Auto || self.activations == place;
+        if allowed(ActivationPlacement::Device) {
+            let all = Placement {
+                inputs: vec![Place::Device; n],
+                attention: vec![self.keep_attention.then_some(Place::Device); n],
+            };
+            if self.with_placement(&all).gpu_peak() <= budget.gpu {
+                return Ok(all);
+            }
+        }
+        // Room for two layers' kept tensors in flight from host memory or disk: inputs unless
+        // forced onto the GPU, attention outputs when kept (they may wait in host memory).
+        let inputs_leave = self.activations != ActivationPlacement::Device;
+        let staging = 2.0
+            * (if inputs_leave { self.input_per_layer } else { 0.0 }
+                + if self.keep_attention { self.attention_per_layer } else { 0.0 });
+        let fixed_gpu = self.optimizer_gpu + (self.layer_working + staging).max(self.head_working);
+        if fixed_gpu > budget.gpu {
+            return Err(Shortfall::Gpu { needed: fixed_gpu, budget: budget.gpu });
         }
         let (mut gpu, mut host) = (budget.gpu - fixed_gpu, budget.host - self.optimizer_host);
         // Whole layers of `size` bytes that `room` holds, at most n.
@@ -236,7 +287,6 @@ impl MemoryPlan {
             (ActivationPlacement::Host, host),
             (ActivationPlacement::Disk, budget.disk),
         ];
-        let allowed = |place| self.activations == ActivationPlacement::Auto || self.activations == place;
         let [gpu_cap, host_cap, disk_cap] =
             rooms.map(|(place, room)| if allowed(place) { fit(room, input) } else { 0 });
         if gpu_cap + host_cap + disk_cap < n {

@@ -56,6 +56,9 @@ pub fn table(plan: &MemoryPlan, budget: &Budget) -> String {
         bytes,
     );
     row("working set of one layer's backward", [Some(plan.layer_working), None, None], bytes);
+    if plan.staging > 0.0 {
+        row("kept tensors in flight to the GPU during a layer's backward", [Some(plan.staging), None, None], bytes);
+    }
     row("working set of the LM head and loss tiles", [Some(plan.head_working), None, None], bytes);
     row("peak (one working set at a time)", [Some(plan.gpu_peak()), Some(plan.host()), Some(plan.disk())], bytes);
     row("budget", [Some(budget.gpu), Some(budget.host), Some(budget.disk)], limit);

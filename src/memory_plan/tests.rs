@@ -23,10 +23,17 @@ fn plan(activations: ActivationPlacement, keep_attention: bool) -> MemoryPlan {
 
 /// A budget with room for `gpu` inputs and `gpu_attention` attention outputs beyond the GPU's
 /// fixed parts, `host` inputs and `host_attention` outputs in host memory, and `disk` inputs.
+/// The GPU's share also holds two layers' kept tensors in flight, as `placement` reserves.
 fn room(m: &MemoryPlan, gpu: f64, gpu_attention: f64, host: f64, host_attention: f64, disk: f64) -> Budget {
     let (input, attention) = (m.input_per_layer, m.attention_per_layer);
+    let leaves = if m.activations == ActivationPlacement::Device { 0.0 } else { 1.0 };
+    let staging = 2.0 * (leaves * input + if m.keep_attention { attention } else { 0.0 });
     Budget {
-        gpu: m.optimizer_gpu + m.working() + gpu * input + gpu_attention * attention + 1.0,
+        gpu: m.optimizer_gpu
+            + (m.layer_working + staging).max(m.head_working)
+            + gpu * input
+            + gpu_attention * attention
+            + 1.0,
         host: m.optimizer_host + host * input + host_attention * attention + 1.0,
         disk: disk * input + 1.0,
     }
@@ -36,51 +43,33 @@ fn count<T: PartialEq>(v: &[T], x: T) -> usize {
     v.iter().filter(|&y| *y == x).count()
 }
 
+/// Peak GPU memory of the plan with `placement`, GiB.
+fn peak_with(exp: &Experiment, spec: &ModelSpec, world: usize, seq: usize, placement: &Placement) -> f64 {
+    MemoryPlan::new(exp, spec, world, seq).with_placement(placement).gpu_peak() / GIB
+}
+
 #[test]
 fn matches_the_measured_peaks_within_ten_percent() {
-    // bench/RESULTS.md, 2026-11-26, nvidia-h100-x4: peak allocated GiB per GPU.
-    for (seq, measured) in [(32768, 37.1), (131072, 45.3), (262144, 59.8)] {
-        let (exp, spec) = bench(seq);
-        let est = MemoryPlan::new(&exp, &spec, 4, seq).gpu_peak() / GIB;
+    // bench/RESULTS.md, 2026-11-26, nvidia-h100-x2, `LAYERS=4 bench/run.sh`: Llama-3.1-8B's
+    // dimensions with 4 layers, sp = 2, peak allocated GiB per GPU, with the placements the runs
+    // logged: (seq_len, optimizer offloaded, inputs, attention outputs, measured).
+    let (dev, host) = (Place::Device, Place::Host);
+    let runs = [
+        (262144, false, [dev; 4], [dev; 4], 32.8),
+        (524288, false, [host; 4], [dev; 4], 46.4),
+        (1048576, true, [host; 4], [host, dev, dev, dev], 59.2),
+    ];
+    let mut spec = ModelSpec::preset("llama3.1-8b").unwrap();
+    spec.num_hidden_layers = 4;
+    for (seq, offload, inputs, attention, measured) in runs {
+        let (mut exp, _) = bench(seq);
+        exp.parallel.sp = 2;
+        exp.parallel.activations = ActivationPlacement::Auto;
+        exp.parallel.keep_attention = true;
+        exp.parallel.offload_optimizer = offload;
+        let placement = Placement { inputs: inputs.to_vec(), attention: attention.map(Some).to_vec() };
+        let est = peak_with(&exp, &spec, 2, seq, &placement);
         assert!((est / measured - 1.0).abs() < 0.10, "{seq}: estimate {est:.1} GiB, measured {measured}");
-    }
-}
-
-/// Peak GPU memory of the placed plan, GiB.
-fn placed_peak(exp: &Experiment, spec: &ModelSpec, seq: usize, budget: &Budget) -> (f64, Placement) {
-    let plan = MemoryPlan::new(exp, spec, 4, seq);
-    let placement = plan.placement(budget).unwrap();
-    (plan.with_placement(&placement).gpu_peak() / GIB, placement)
-}
-
-#[test]
-fn matches_the_measured_peaks_of_placed_runs_within_ten_percent() {
-    // bench/RESULTS.md, 2026-11-26, nvidia-h100-x4: Llama-3.1-8B at 256K with the plan's
-    // placement in a 72 GiB budget (22 layer inputs and all 32 kept attention outputs on the GPU,
-    // 10 inputs in host memory): 70.6 GiB.
-    let (mut exp, spec) = bench(262144);
-    exp.parallel.activations = ActivationPlacement::Auto;
-    exp.parallel.keep_attention = true;
-    let budget = Budget { gpu: 72.0 * GIB, host: 120.5 * GIB, disk: f64::INFINITY };
-    let (est, placement) = placed_peak(&exp, &spec, 262144, &budget);
-    assert_eq!((placement.inputs_in(Place::Device), placement.attention_in(Some(Place::Device))), (22, 32));
-    assert!((est / 70.6 - 1.0).abs() < 0.10, "8B 256K placed: estimate {est:.1} GiB, measured 70.6");
-
-    // tests/gpu/run.sh, same day and machine: Llama-3.2-1B, sp = 4, 16K tokens.
-    let toml = "[model]\npreset = \"llama3.2-1b\"\n[parallel]\nsp = 4\ndevice = \"cuda\"\nmlp_tile = 4096\nloss_tile = 2048\n[data]\npaths = [\"x\"]\nseq_len = 16384\n[train]\ndtype = \"bf16\"\n";
-    let spec = ModelSpec::preset("llama3.2-1b").unwrap();
-    let budget = Budget { gpu: 76.0 * GIB, host: 120.0 * GIB, disk: f64::INFINITY };
-    for (activations, keep, measured) in [
-        (ActivationPlacement::Device, true, 9.2),
-        (ActivationPlacement::Device, false, 8.9),
-        (ActivationPlacement::Host, true, 8.9),
-        (ActivationPlacement::Disk, true, 8.9),
-    ] {
-        let mut exp = Experiment::parse(toml, "gputest").unwrap();
-        exp.parallel.activations = activations;
-        exp.parallel.keep_attention = keep;
-        let (est, _) = placed_peak(&exp, &spec, 16384, &budget);
-        assert!((est / measured - 1.0).abs() < 0.10, "1B 16K {activations:?} keep {keep}: {est:.2} GiB vs {measured}");
     }
 }
 
@@ -159,7 +148,11 @@ fn auto_gives_the_gpu_to_attention_first_and_host_memory_to_inputs_first() {
         .collect();
     assert_eq!(p.attention, attention);
     let placed = m.with_placement(&p);
-    assert_eq!(placed.gpu_peak(), m.optimizer_gpu + m.working() + 10.0 * m.attention_per_layer);
+    // Layer 31's input and layer 30's, fetched one layer ahead, are on the GPU in its backward.
+    let staging = 2.0 * m.input_per_layer;
+    assert_eq!(placed.staging, staging);
+    let working = (m.layer_working + staging).max(m.head_working);
+    assert_eq!(placed.gpu_peak(), m.optimizer_gpu + working + 10.0 * m.attention_per_layer);
     assert_eq!(placed.host(), 32.0 * m.input_per_layer + 3.0 * m.attention_per_layer);
 }
 
@@ -204,7 +197,9 @@ fn forced_placements_put_every_input_there_and_attention_where_room_is_left() {
 #[test]
 fn shortfalls_say_what_does_not_fit_where() {
     let m = plan(ActivationPlacement::Auto, true);
-    let fixed = m.optimizer_gpu + m.working();
+    // With two layers' inputs and attention outputs in flight.
+    let fixed =
+        m.optimizer_gpu + (m.layer_working + 2.0 * (m.input_per_layer + m.attention_per_layer)).max(m.head_working);
     let tight = Budget { gpu: fixed - 1.0, ..Budget::UNLIMITED };
     assert_eq!(m.placement(&tight), Err(Shortfall::Gpu { needed: fixed, budget: fixed - 1.0 }));
 
@@ -278,7 +273,7 @@ fn the_refusal_gives_sizes_budget_and_what_would_help() {
         "layer inputs (32 layers × 0.50)",
         "on the GPU (parallel.activations = \"device\")",
         "kept attention (32 layers × 0.51), optional",
-        "budget per rank: GPU 46.5 GiB, host 100.0 GiB, disk unlimited",
+        "budget per rank: GPU 39.3 GiB, host 100.0 GiB, disk unlimited",
         "parallel.activations = \"auto\" or \"host\"",
         "parallel.offload_optimizer = true: moves the optimizer state (29.9 GiB) to host memory",
         "a larger parallel.sp",
