@@ -5,8 +5,6 @@
 #    placement, then trains.
 # 2. With [memory] set, training places layers exactly as `ulysses check` says.
 # 3. A run that cannot fit stops both ranks before allocating, with one message naming the file.
-# Not yet run on a GPU (written 2026-11-26, when the session's device time ran out); the
-# benchmark runs of that day did log the measured budget and the placement (bench/RESULTS.md).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 W="$(mktemp -d /tmp/ulysses-memplan.XXXXXX)"
@@ -43,7 +41,7 @@ $3
 TOML
 }
 exp fit auto ""
-exp tight auto $'[memory]\ngpu_gib = 13.6\nhost_gib = 0.3\noffload_dir = "'"$W"'/offload"'
+exp tight auto $'[memory]\ngpu_gib = 14.0\nhost_gib = 0.3\noffload_dir = "'"$W"'/offload"'
 exp nofit device $'[memory]\ngpu_gib = 13.5'
 for e in fit tight nofit; do
   u 2 "$W/$e.toml" > "$W/$e.log" 2>&1
@@ -56,7 +54,7 @@ grep -q "memory plan: layer inputs 16 GPU / 0 host / 0 disk; attention kept 16 o
   || fail "fit: placement"
 [ "$(grep -c 'step  *[0-9]/2' "$W/fit.log")" = 2 ] || fail "fit: did not train 2 steps"
 
-want="$(./bundle/ulysses check "$W/tight.toml" --ranks-per-node 2 | sed -n 's/^placement  \(.*\); GPU ~.*/\1/p')"
+want="$(u 1 check "$W/tight.toml" --ranks-per-node 2 | sed -n 's/^placement  \(.*\); GPU ~.*/\1/p')"
 got="$(sed -n 's/.*memory plan: \(.*\); GPU ~.*/\1/p' "$W/tight.log")"
 echo "tight: check says \"$want\", training \"$got\""
 [ -n "$want" ] && [ "$want" = "$got" ] || fail "tight: training's placement differs from check's"
