@@ -189,20 +189,20 @@ impl MemoryPlan {
     /// layers: its own and layer l - 1's kept tensors that wait off the GPU are there then,
     /// while the GPU-resident ones of layers after l are already freed.
     fn staging_of(&self, placement: &Placement) -> f64 {
-        let (input, attention) = (self.input_per_layer, self.attention_per_layer);
-        let off = |l: usize| {
-            (placement.inputs[l] != Place::Device) as u8 as f64 * input
-                + (placement.attention[l] == Some(Place::Host)) as u8 as f64 * attention
-        };
-        let on = |l: usize| {
-            (placement.inputs[l] == Place::Device) as u8 as f64 * input
-                + (placement.attention[l] == Some(Place::Device)) as u8 as f64 * attention
+        // Bytes of layer l's kept tensors that wait on the GPU (`on_gpu`) or off it.
+        let kept = |l: usize, on_gpu: bool| {
+            let input = if (placement.inputs[l] == Place::Device) == on_gpu { self.input_per_layer } else { 0.0 };
+            let attention = match placement.attention[l] {
+                Some(place) if (place == Place::Device) == on_gpu => self.attention_per_layer,
+                _ => 0.0,
+            };
+            input + attention
         };
         let (mut worst, mut freed) = (0.0f64, 0.0);
         for l in (0..self.layers).rev() {
-            let in_flight = off(l) + if l > 0 { off(l - 1) } else { 0.0 };
+            let in_flight = kept(l, false) + if l > 0 { kept(l - 1, false) } else { 0.0 };
             worst = worst.max(in_flight - freed);
-            freed += on(l);
+            freed += kept(l, true);
         }
         worst
     }

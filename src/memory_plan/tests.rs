@@ -213,6 +213,20 @@ fn attention_leaves_the_gpu_to_inputs_that_have_nowhere_else_to_go() {
 }
 
 #[test]
+fn copies_in_flight_count_until_gpu_resident_layers_have_freed_room() {
+    let m = plan(ActivationPlacement::Auto, true);
+    let input = m.input_per_layer;
+    // Layer inputs in host memory except the last `gpu` layers', attention outputs all recomputed.
+    let staging = |gpu: usize| {
+        let inputs = (0..32).map(|l| if l >= 32 - gpu { Place::Device } else { Place::Host }).collect();
+        m.with_placement(&Placement { inputs, attention: vec![None; 32] }).staging
+    };
+    // Layer 31's input and layer 30's (fetched one layer ahead) with nothing freed yet; then
+    // each GPU-resident last layer frees the room of one.
+    assert_eq!([staging(0), staging(1), staging(2), staging(32)], [2.0 * input, input, 0.0, 0.0]);
+}
+
+#[test]
 fn without_kept_attention_every_layer_recomputes_it() {
     let m = plan(ActivationPlacement::Auto, false);
     let p = m.placement(&Budget::UNLIMITED).unwrap();
