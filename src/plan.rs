@@ -104,6 +104,14 @@ pub fn count(n: i64) -> String {
     }
 }
 
+/// Bytes in a GiB.
+pub const GIB: f64 = (1u64 << 30) as f64;
+
+/// A byte count in GiB.
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / GIB
+}
+
 /// 31.2 GiB, 712.0 KiB: sizes in binary units.
 pub fn bytes(b: f64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];

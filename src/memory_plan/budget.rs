@@ -1,9 +1,8 @@
 //! What the memory plan may use on one rank: `[memory]` when set, else measured at start (the GPU's
 //! size through the CUDA driver, MemAvailable, the offload folder's free space), less reserves.
 use crate::config::MemoryConfig;
+use crate::plan::GIB;
 use std::path::{Path, PathBuf};
-
-const GIB: f64 = (1u64 << 30) as f64;
 
 /// GPU memory outside what the estimate counts: the CUDA context with libtorch's cuBLAS and cuDNN
 /// handles and workspaces (about 1 GiB on an H100 with CUDA 13), NCCL's buffers for the world, sp

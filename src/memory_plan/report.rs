@@ -3,10 +3,8 @@
 use super::{longest_fit, Budget, MemoryPlan, Place, Placement, Shortfall};
 use crate::config::{ActivationPlacement, DeviceKind, Experiment};
 use crate::model::spec::ModelSpec;
-use crate::plan::bytes;
+use crate::plan::{bytes, GIB};
 use std::fmt::Write;
-
-const GIB: f64 = (1u64 << 30) as f64;
 
 /// A run stopped before allocating: the plan does not fit its budget. The message says by how
 /// much and what would help (`refusal`).

@@ -1,6 +1,5 @@
 use super::*;
-
-const GIB: f64 = (1u64 << 30) as f64;
+use crate::plan::GIB;
 
 /// The benchmark's configuration (bench/RESULTS.md): layer inputs on the GPU, attention
 /// recomputed in backward.

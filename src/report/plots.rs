@@ -2,6 +2,7 @@
 //! to ASCII and a few symbols, licence beside it) is compiled in, so plots look the same on any
 //! machine and need no system fonts.
 use super::{Metrics, ReportError};
+use crate::plan::gib;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
@@ -126,7 +127,6 @@ pub fn write_all(m: &Metrics, out: &Path) -> Result<Vec<PathBuf>, ReportError> {
     })?;
     let steps: Vec<f64> = m.step.iter().map(|&s| s as f64).collect();
     let x = || steps.iter().copied();
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let per_rank = |table: &ndarray::Array2<u64>| -> Vec<Series> {
         (0..table.ncols()).map(|r| series(format!("rank {r}"), x(), table.column(r).iter().map(|&b| gib(b)))).collect()
     };

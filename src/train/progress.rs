@@ -1,11 +1,12 @@
 //! Rank 0's line per step.
 use super::metrics::StepRow;
+use crate::plan::gib;
 
 /// "  disk X GiB" when some rank kept activations on disk this step, else nothing.
 fn disk(r: &StepRow) -> String {
     let peak = r.peak_disk.iter().copied().max().unwrap_or(0);
     if peak > 0 {
-        format!("  disk {:.1} GiB", peak as f64 / (1u64 << 30) as f64)
+        format!("  disk {:.1} GiB", gib(peak))
     } else {
         String::new()
     }
@@ -21,8 +22,8 @@ pub fn print_progress(r: &StepRow, steps: usize, secs_per_step: f64) {
         format!(
             "  ALST {} TFLOP/s/GPU  peak {:.1} GiB  host {:.1} GiB{}",
             sig3(r.tflops_alst),
-            peak_gpu as f64 / (1u64 << 30) as f64,
-            peak_host as f64 / (1u64 << 30) as f64,
+            gib(peak_gpu),
+            gib(peak_host),
             disk(r)
         )
     } else {
@@ -44,7 +45,6 @@ pub fn print_progress(r: &StepRow, steps: usize, secs_per_step: f64) {
 
 /// A memory-fit run's line: what it proves (the step's memory), never a speed.
 pub fn print_memory_fit(r: &StepRow, steps: usize) {
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     println!(
         "memory-fit step {}/{steps} completed (attention in the last layer only: not a speed or loss figure)  peak GPU {:.1} GiB  peak host {:.1} GiB/rank{}",
         r.step,

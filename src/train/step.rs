@@ -16,6 +16,7 @@ use crate::model::rope::Rope;
 use crate::model::spec::ModelSpec;
 use crate::parallel::ulysses::{heads_to_seq, replicate_kv, seq_to_heads};
 use crate::parallel::zero::ShardedParams;
+use crate::plan::gib;
 use crate::train::metrics::StepTimes;
 use crate::train::position::PositionLoss;
 use anyhow::{anyhow, Result};
@@ -48,11 +49,10 @@ impl StepContext<'_> {
 }
 
 /// At debug level on a GPU: this phase's peak and what stays allocated after it (GiB), so that a
-/// run shows where its working set peaks (`RUST_LOG=ulysses::train::step=debug`).
+/// run shows where its working set peaks (`RUST_LOG=info,ulysses::train::step=debug`).
 fn log_phase(ctx: &StepContext, phase: std::fmt::Arguments) {
     if log::log_enabled!(log::Level::Debug) && ctx.device.is_cuda() {
         let (peak, now) = crate::train::memory::phase_peak_gpu(ctx.device);
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         log::debug!("{phase}: peak {:.2} GiB, then {:.2} GiB allocated", gib(peak), gib(now));
     }
 }
@@ -140,6 +140,12 @@ pub fn micro_step(
     // [b, s/sp, H, d] <-> [b, s, H/sp, d] over the SP group.
     let to_heads = |t: &Tensor| prof.comm(sp, || seq_to_heads(sp, t));
     let to_seq = |t: &Tensor| prof.comm(sp, || heads_to_seq(sp, t));
+    // Segment 1 (pre-attention: norm, q/k/v projections, RoPE), with KV heads replicated when
+    // there are fewer than SP ranks (inside any graph, so their gradients sum back).
+    let qkv = |w: &LayerWeights, x: &Tensor| {
+        let (q, k, v) = llama::pre_attention(spec, w, x, &rope);
+        (q, replicate_kv(&k, sp.size()), replicate_kv(&v, sp.size()))
+    };
 
     // Forward, no graph: keep each layer's input (and attention output where planned).
     let mut inputs: Vec<Key> = Vec::with_capacity(layers);
@@ -153,8 +159,7 @@ pub fn micro_step(
         let y = tch::no_grad(|| -> Result<Tensor> {
             // Each activation is dropped as soon as the next one exists (sequence-long tensors).
             let (qh, kh, vh) = {
-                let (q, k, v) = llama::pre_attention(spec, &w, &x, &rope);
-                let (k, v) = (replicate_kv(&k, sp.size()), replicate_kv(&v, sp.size()));
+                let (q, k, v) = qkv(&w, &x);
                 (to_heads(&q)?, to_heads(&k)?, to_heads(&v)?)
             };
             let (oh, saved) = match keep {
@@ -230,16 +235,14 @@ pub fn micro_step(
         let w: Vec<Tensor> = gather(params, 1 + l)?.iter().map(leaf).collect();
         let lw = layer(spec, w.iter().map(|t| t.shallow_clone()).collect())?;
         let x_in = leaf(&store.take(input)?);
-        // Segment 1 (pre-attention: norm, q/k/v projections, RoPE; KV heads replicated when there
-        // are fewer than SP ranks) runs twice. First without a graph, for the head shards
+        // Segment 1 runs twice. First without a graph, for the head shards
         // [b, s/sp, H, d] -> [b, s, H/sp, d] that attention needs; then, once attention's
-        // gradients exist, with a graph to backpropagate them. Its graph (the norm's fp32 input,
-        // the normed input, q/k/v) thus never coexists with attention's backward, the step's
-        // largest working set, for the price of one more norm and q/k/v projection.
+        // gradients exist, with a graph to backpropagate them. Its graph (the normed input, q/k/v
+        // before and after RoPE) thus never coexists with attention's backward, for the price of
+        // one more norm and q/k/v projection.
         let heads = || -> Result<[Tensor; 3]> {
             tch::no_grad(|| {
-                let (q, k, v) = llama::pre_attention(spec, &lw, &x_in, &rope);
-                let (k, v) = (replicate_kv(&k, sp.size()), replicate_kv(&v, sp.size()));
+                let (q, k, v) = qkv(&lw, &x_in);
                 Ok([to_heads(&q)?, to_heads(&k)?, to_heads(&v)?])
             })
         };
@@ -292,8 +295,7 @@ pub fn micro_step(
         drop((qh, kh, vh, oh, grad_oh));
         log_phase(ctx, format_args!("backward layer {l}: attention"));
         let (gq, gk, gv) = (to_seq(&gq)?, to_seq(&gk)?, to_seq(&gv)?);
-        let (q, k, v) = llama::pre_attention(spec, &lw, &x_in, &rope);
-        let (k, v) = (replicate_kv(&k, sp.size()), replicate_kv(&v, sp.size()));
+        let (q, k, v) = qkv(&lw, &x_in);
         backprop(&[(&q, &gq), (&k, &gk), (&v, &gv)])?;
         drop((q, k, v, gq, gk, gv));
         log_phase(ctx, format_args!("backward layer {l}: pre-attention"));
