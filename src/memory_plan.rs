@@ -207,6 +207,15 @@ impl MemoryPlan {
         worst
     }
 
+    /// The GPU room `placement` keeps for kept tensors in flight when not everything fits on the
+    /// GPU: two layers' inputs unless forced onto the GPU, and two attention outputs when kept
+    /// (they may wait in host memory).
+    pub fn staging_reserve(&self) -> f64 {
+        let input = if self.activations == ActivationPlacement::Device { 0.0 } else { self.input_per_layer };
+        let attention = if self.keep_attention { self.attention_per_layer } else { 0.0 };
+        2.0 * (input + attention)
+    }
+
     pub fn host(&self) -> f64 {
         self.optimizer_host + self.activations_host + self.attention_host
     }
@@ -267,13 +276,7 @@ impl MemoryPlan {
                 return Ok(all);
             }
         }
-        // Room for two layers' kept tensors in flight from host memory or disk: inputs unless
-        // forced onto the GPU, attention outputs when kept (they may wait in host memory).
-        let inputs_leave = self.activations != ActivationPlacement::Device;
-        let staging = 2.0
-            * (if inputs_leave { self.input_per_layer } else { 0.0 }
-                + if self.keep_attention { self.attention_per_layer } else { 0.0 });
-        let fixed_gpu = self.optimizer_gpu + (self.layer_working + staging).max(self.head_working);
+        let fixed_gpu = self.optimizer_gpu + (self.layer_working + self.staging_reserve()).max(self.head_working);
         if fixed_gpu > budget.gpu {
             return Err(Shortfall::Gpu { needed: fixed_gpu, budget: budget.gpu });
         }

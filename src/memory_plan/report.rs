@@ -130,7 +130,19 @@ pub fn refusal(exp: &Experiment, spec: &ModelSpec, world: usize, budget: &Budget
         plan.optimizer_gpu + plan.optimizer_host,
         if p.offload_optimizer { "in host memory (parallel.offload_optimizer = true)" } else { "on the GPU" }.into(),
     );
-    row("working set (a layer's backward or the LM head)".into(), plan.working(), "on the GPU".into());
+    // Where the GPU ran short because of a layer's backward, the copies in flight then are part
+    // of what it needs.
+    let in_flight = match shortfall {
+        Shortfall::Gpu { .. } if plan.layer_working + plan.staging_reserve() > plan.head_working => {
+            plan.staging_reserve()
+        }
+        _ => 0.0,
+    };
+    let working = if in_flight > 0.0 { plan.layer_working } else { plan.working() };
+    row("working set (a layer's backward or the LM head)".into(), working, "on the GPU".into());
+    if in_flight > 0.0 {
+        row("kept tensors in flight from host memory or disk".into(), in_flight, "on the GPU".into());
+    }
     let inputs_where = match p.activations {
         Auto => "on the GPU, in host memory or on disk",
         Device => "on the GPU",

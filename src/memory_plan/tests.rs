@@ -289,6 +289,30 @@ fn shortfalls_say_what_does_not_fit_where() {
 }
 
 #[test]
+fn a_gpu_refusal_counts_the_copies_in_flight_it_needs() {
+    // 3M tokens on sp = 4, optimizer in host memory: a layer's backward (6 GiB per hidden-sized
+    // tensor) with two layers' inputs and attention outputs in flight exceeds 76 GiB.
+    let (mut exp, spec) = bench(3145728);
+    exp.parallel.activations = ActivationPlacement::Auto;
+    exp.parallel.keep_attention = true;
+    exp.parallel.offload_optimizer = true;
+    let m = MemoryPlan::new(&exp, &spec, 4, 3145728);
+    let in_flight = 2.0 * (m.input_per_layer + m.attention_per_layer);
+    let budget = Budget { gpu: 76.0 * GIB, host: 1000.0 * GIB, disk: f64::INFINITY };
+    let shortfall = m.placement(&budget).unwrap_err();
+    assert_eq!(shortfall, Shortfall::Gpu { needed: m.layer_working + in_flight, budget: budget.gpu });
+    let text = refusal(&exp, &spec, 4, &budget, &shortfall);
+    let rows = [
+        ("working set (a layer's backward or the LM head)", m.layer_working),
+        ("kept tensors in flight from host memory or disk", in_flight),
+    ]
+    .map(|(name, size)| format!("{name:<52} {:>8.1}  on the GPU", size / GIB));
+    for want in rows {
+        assert!(text.contains(&want), "missing {want:?} in:\n{text}");
+    }
+}
+
+#[test]
 fn cpu_runs_have_no_budgets_but_can_use_the_disk() {
     let nothing = Budget { gpu: 0.0, host: 0.0, disk: 0.0 };
     let (mut exp, spec) = bench(8192);
