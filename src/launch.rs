@@ -6,7 +6,7 @@ use crate::comm::mpi::MpiCollective;
 use crate::comm::nccl::NcclCollective;
 use crate::comm::selfcheck::{conformance, values};
 use crate::comm::{Collective, Groups, Mesh};
-use crate::cuda;
+use crate::ffi::cuda;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;

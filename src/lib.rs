@@ -1,22 +1,28 @@
 //! ulysses: long-sequence LLM training with DeepSpeed-Ulysses sequence parallelism and ZeRO-3.
 //!
-//! Layering (dependencies point one way): `config` and `model::spec` are plain data; `comm` holds
-//! the collectives and the mesh; `model` is Llama on tch and knows nothing of comm; `parallel`
-//! wraps model seams with collectives; `data` reads and writes HDF5 shards; `train` runs steps,
-//! checkpoints and metrics; `eval` scores checkpoints; `report` reads metrics back; `plan` and
-//! `memory_plan` are what `ulysses check` prints; `launch` starts ranks; `cuda`, `transfer` (side-
-//! stream copies) and `autograd` reach libtorch functions tch does not expose (through shim/).
-pub mod autograd;
+//! Layering (dependencies point one way; tests/layering.rs enforces the rules that matter most,
+//! docs/architecture.md draws the picture):
+//! - plain data, no libtorch: `config` (the experiment TOML), `model::spec` (architectures),
+//!   `data` (HDF5 shards), `layout` (which tokens each rank holds), `units`, `rng`, `h5`;
+//! - `ffi`: every call into libtorch that tch does not expose, through shim/*.cpp;
+//! - `comm`: the collectives (MPI, NCCL) and the mesh;
+//! - `model`: Llama on tch, unaware of any parallelism (attention comes through a seam);
+//! - `parallel`: Ulysses all-to-alls and ZeRO parameter shards; `optim`: AdamW on the shards;
+//! - `plan`: what `ulysses check` prints, including the memory plan (plain arithmetic);
+//! - `train` (the step, the loop, checkpoints, metrics), `eval`, `report`, `launch`.
 pub mod comm;
 pub mod config;
-pub mod cuda;
 pub mod data;
 pub mod eval;
+pub mod ffi;
+pub mod h5;
 pub mod launch;
-pub mod memory_plan;
+pub mod layout;
 pub mod model;
+pub mod optim;
 pub mod parallel;
 pub mod plan;
 pub mod report;
+pub mod rng;
 pub mod train;
-pub mod transfer;
+pub mod units;

@@ -5,8 +5,8 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use ulysses::config::{validate, DeviceKind, Experiment};
 use ulysses::launch::{init_logging, Backend, Launch};
-use ulysses::memory_plan::{self, longest_fit, Budget, DoesNotFit, MemoryPlan};
-use ulysses::model::spec::ModelSpec;
+use ulysses::plan::check::{self, CheckBudget};
+use ulysses::plan::memory::{Budget, DoesNotFit};
 use ulysses::plan::Plan;
 
 #[derive(Parser)]
@@ -77,7 +77,7 @@ fn main() {
     let result = match (cli.command, cli.experiment) {
         (Some(Command::Check { experiment, world_size, gpu_mem_gib, host_mem_gib, disk_gib, ranks_per_node }), _) => {
             let budget = CheckBudget { gpu_gib: gpu_mem_gib, host_gib: host_mem_gib, disk_gib, ranks_per_node };
-            check(&experiment, world_size, budget)
+            check_experiment(&experiment, world_size, &budget)
         }
         (Some(Command::CommCheck { backend, bench_mib }), _) => comm_check(backend, bench_mib),
         (Some(Command::Data { cmd }), _) => ulysses::data::cli::run(cmd),
@@ -106,59 +106,13 @@ fn load_valid(path: &Path, world: Option<usize>) -> Result<(Experiment, ulysses:
     }
 }
 
-/// `ulysses check`'s memory flags; None: the experiment's [memory] value, else the default.
-struct CheckBudget {
-    gpu_gib: Option<f64>,
-    host_gib: Option<f64>,
-    disk_gib: Option<f64>,
-    ranks_per_node: usize,
-}
-
-fn check(path: &Path, world_size: Option<usize>, flags: CheckBudget) -> Result<()> {
+fn check_experiment(path: &Path, world_size: Option<usize>, flags: &CheckBudget) -> Result<()> {
     let exp = Experiment::load(path)?;
     let world = world_size.unwrap_or(exp.parallel.sp * exp.parallel.dp);
     let (exp, spec) = load_valid(path, Some(world))?;
     println!("{}: valid for {world} rank(s)", path.display());
-    print!("{}", Plan::new(&exp, &spec, world).render(&exp, &spec));
-    if exp.parallel.device == DeviceKind::Cuda {
-        let set =
-            |flag: Option<f64>, config: f64, default: f64| flag.unwrap_or(if config > 0.0 { config } else { default });
-        let gpu_gib = set(flags.gpu_gib, exp.memory.gpu_gib, 76.0);
-        let host_gib = set(flags.host_gib, exp.memory.host_gib, 480.0);
-        let per_node = flags.ranks_per_node.min(world).max(1);
-        let budget = Budget::from_gib(gpu_gib, host_gib, flags.disk_gib, per_node);
-        print_memory_plan(&exp, &spec, world, &budget);
-        let disk = flags.disk_gib.map_or("unlimited disk".into(), |d| format!("{d} GiB of disk"));
-        let with =
-            format!("{gpu_gib} GiB per GPU, {host_gib} GiB of host memory and {disk} per node ({per_node} ranks)");
-        match longest_fit(&exp, &spec, world, &budget) {
-            Some(s) => println!("fits       up to {s} tokens with {with}"),
-            None => println!("fits       nothing: even {} tokens exceed {with}", exp.parallel.sp * 1024),
-        }
-    }
+    print!("{}", check::report(&exp, &spec, world, flags));
     Ok(())
-}
-
-/// The memory estimate of a GPU run (src/memory_plan.rs), placed within `budget` (per rank).
-fn print_memory_plan(exp: &Experiment, spec: &ModelSpec, world: usize, budget: &Budget) {
-    let plan = MemoryPlan::new(exp, spec, world, exp.data.seq_len);
-    match plan.placement(budget) {
-        Ok(placement) => {
-            let placed = plan.with_placement(&placement);
-            println!(
-                "memory     per rank at {} tokens (estimate, torch allocator; CUDA context and NCCL come on top):",
-                exp.data.seq_len
-            );
-            for line in memory_plan::table(&placed, budget).lines() {
-                println!("           {line}");
-            }
-            println!("placement  {}", memory_plan::summary(&placed, &placement, budget));
-        }
-        Err(shortfall) => {
-            let refusal = memory_plan::refusal(exp, spec, world, budget, &shortfall);
-            println!("placement  {}", refusal.replace('\n', "\n           "));
-        }
-    }
 }
 
 fn train(path: &Path) -> Result<()> {
@@ -191,7 +145,8 @@ fn train(path: &Path) -> Result<()> {
         };
         let budget = Budget::measure(&exp.memory, gpu, launch.local_size)?;
         if launch.rank == 0 {
-            print!("{}", Plan::new(&exp, &spec, launch.size).render(&exp, &spec));
+            let plan = Plan::new(&exp.parallel, exp.data.seq_len, &spec, launch.size);
+            print!("{}", plan.render(&exp.model.name(), &spec, &exp.train));
         }
         ulysses::train::run(&exp, &spec, &mesh, &groups, device, budget)
     };

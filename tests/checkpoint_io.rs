@@ -8,10 +8,12 @@ use common::*;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 use ulysses::comm::solo::Solo;
+use ulysses::config::ZeroStage;
 use ulysses::model::llama::{forward_logits, LocalAttention};
 use ulysses::model::params::init_tensor;
-use ulysses::model::spec::ModelSpec;
-use ulysses::parallel::zero::{AdamW, ShardedParams, State};
+use ulysses::model::spec::{ModelSpec, Preset};
+use ulysses::optim::AdamW;
+use ulysses::parallel::zero::{ShardedParams, State};
 use ulysses::train::checkpoint::{self, DataPosition, Layout, RunState, Versions};
 
 fn run_state(step: u64) -> RunState {
@@ -21,7 +23,7 @@ fn run_state(step: u64) -> RunState {
         total_steps: 10,
         data: DataPosition { epoch: 1, samples: 6 },
         seed: 5,
-        layout: Layout { world: 1, sp: 1, dp: 1, zero_stage: 3, micro_batch: 2, grad_accum: 1 },
+        layout: Layout { world: 1, sp: 1, dp: 1, zero_stage: ZeroStage::Sharded, micro_batch: 2, grad_accum: 1 },
         versions: Versions::current(),
         model_dtype: "float32".into(),
         config_toml: "[run]\n".into(),
@@ -30,24 +32,24 @@ fn run_state(step: u64) -> RunState {
 
 #[test]
 fn save_then_load_is_bit_exact() {
-    let spec = ModelSpec::preset("tiny").unwrap();
-    let mut params = ShardedParams::new(&spec, 3, &Solo, Device::Cpu, |u| {
+    let spec = ModelSpec::preset(Preset::Tiny);
+    let mut params = ShardedParams::new(&spec, ZeroStage::Sharded, &Solo, Device::Cpu, |u| {
         u.tensors.iter().map(|(n, s)| init_tensor(n, s, 3, Kind::Float, Device::Cpu)).collect()
     });
     // Two optimizer steps on random gradients, so the moments are non-zero and unlike the weights.
     let adamw = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     for step in 1..=2 {
-        for s in params.shards.iter_mut() {
+        for (_, _, s) in params.local_shards().unwrap() {
             s.grad = Tensor::randn(s.grad.size(), (Kind::Float, Device::Cpu));
         }
-        params.adamw_step(&adamw, 1e-2, step, 0.7).unwrap();
+        adamw.step(&mut params, 1e-2, step, 0.7).unwrap();
     }
     let run = tempfile::tempdir().unwrap();
     let state = run_state(2);
     let dir = checkpoint::save(&params, &state, &spec, run.path(), 2, &Solo).unwrap();
     assert!(dir.ends_with("checkpoints/step-000002") && dir.join("COMPLETE").exists());
     assert_eq!(checkpoint::read_state(&dir).unwrap(), state);
-    for stage in [0, 3] {
+    for stage in [ZeroStage::Replicated, ZeroStage::Sharded] {
         let back = checkpoint::load_params(&dir, &spec, stage, &Solo, Device::Cpu).unwrap();
         for which in [State::Master, State::ExpAvg, State::ExpAvgSq] {
             let a = params.gather_named_state(&Solo, which, true).unwrap();

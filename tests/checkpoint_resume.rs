@@ -6,7 +6,7 @@
 mod ckpt_common;
 mod common;
 use ckpt_common::*;
-use ulysses::model::spec::ModelSpec;
+use ulysses::model::spec::{ModelSpec, Preset};
 
 fn assert_losses(what: &str, reference: &[f64], got: &[f64], rel_tol: f64) {
     assert_eq!(reference.len(), got.len(), "{what}: {got:?} vs {reference:?}");
@@ -95,7 +95,7 @@ fn kill_9_during_a_save_keeps_the_previous_checkpoint() {
     let names = checkpoint_names(&run_dir);
     assert_eq!(names.len(), 2, "{names:?}");
     assert!(names[0] == "step-000002" && names[1].starts_with("step-000004.tmp-"), "{names:?}");
-    let spec = ModelSpec::preset("tiny").unwrap();
+    let spec = ModelSpec::preset(Preset::Tiny);
     ulysses::model::weights::load_hf(
         &run_dir.join("checkpoints/step-000002"),
         &spec,

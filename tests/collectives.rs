@@ -58,7 +58,7 @@ fn nccl_backend_needs_a_gpu_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let start = Instant::now();
     let out = mpirun(2, &["comm-check", "--backend", "nccl"], dir.path(), &[]);
-    if ulysses::cuda::device_count() >= 2 {
+    if ulysses::ffi::cuda::device_count() >= 2 {
         assert!(out.status.success(), "{}", text(&out));
         return;
     }

@@ -1,5 +1,5 @@
 //! The experiment TOML: strict parsing, every problem reported at once with its path, defaults.
-use ulysses::config::{validate, Experiment};
+use ulysses::config::{validate, Experiment, ZeroStage};
 
 const BASE: &str = r#"
 [model]
@@ -25,7 +25,7 @@ fn defaults_fill_missing_sections() {
     let e = parse(BASE);
     assert_eq!(e.run.seed, 1234);
     assert_eq!(e.train.grad_accum, 1);
-    assert_eq!(e.parallel.zero_stage, 3);
+    assert_eq!(e.parallel.zero_stage, ZeroStage::Sharded);
     assert!(e.data.shuffle);
     let spec = validate(&e, Some(4)).expect("valid");
     assert_eq!(spec.num_attention_heads, 4);
@@ -85,8 +85,9 @@ fn world_size_is_checked_only_when_known() {
 
 #[test]
 fn unknown_preset_lists_the_valid_ones() {
-    let p = problems(&BASE.replace("\"tiny\"", "\"llama4\""), None);
-    assert!(p[0].contains("model.preset") && p[0].contains("llama3.1-8b"), "{p:?}");
+    // A preset is a choice, parsed as one: an unknown name stops the parse with the valid names.
+    let err = Experiment::parse(&BASE.replace("\"tiny\"", "\"llama4\""), "exp.toml").unwrap_err().to_string();
+    assert!(err.contains("model.preset") && err.contains("llama4") && err.contains("llama3.1-8b"), "{err}");
 }
 
 #[test]
@@ -101,7 +102,7 @@ fn preset_and_config_are_exclusive_and_one_is_required() {
 fn hf_config_json_is_read_and_checked() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("config.json");
-    let spec = ulysses::model::spec::ModelSpec::preset("llama3.1-8b").unwrap();
+    let spec = ulysses::model::spec::ModelSpec::preset(ulysses::model::spec::Preset::Llama31_8b);
     std::fs::write(&good, spec.to_hf_json().to_string()).unwrap();
     let back = ulysses::model::spec::ModelSpec::from_hf_config(&good).unwrap();
     assert_eq!(back, spec);
@@ -117,9 +118,11 @@ fn hf_config_json_is_read_and_checked() {
 
 #[test]
 fn bf16_on_cpu_and_odd_zero_stage_are_rejected() {
-    let p = problems(&(BASE.replace("dp = 2", "dp = 2\nzero_stage = 2") + "\n[train]\ndtype = \"bf16\"\n"), None);
+    // The ZeRO stage is a choice (0 or 3), parsed as one; bf16 on CPU is a rule between sections.
+    let err = Experiment::parse(&BASE.replace("dp = 2", "dp = 2\nzero_stage = 2"), "exp.toml").unwrap_err().to_string();
+    assert!(err.contains("parallel.zero_stage: is 2") && err.contains("0 (replicated) and 3"), "{err}");
+    let p = problems(&(BASE.to_string() + "\n[train]\ndtype = \"bf16\"\n"), None);
     let joined = p.join("\n");
-    assert!(joined.contains("parallel.zero_stage: is 2"), "{joined}");
     assert!(joined.contains("train.dtype"), "{joined}");
 }
 
@@ -135,11 +138,11 @@ fn memory_budgets_must_be_non_negative() {
 
 #[test]
 fn parameter_counts_match_the_published_models() {
-    use ulysses::model::spec::ModelSpec;
+    use ulysses::model::spec::{ModelSpec, Preset};
     // Llama-3.1-8B: 8.03B parameters; Llama-3.2-1B: 1.24B (tied embeddings).
-    let p8 = ModelSpec::preset("llama3.1-8b").unwrap().total_params();
+    let p8 = ModelSpec::preset(Preset::Llama31_8b).total_params();
     assert_eq!(p8, 8_030_261_248);
-    let p1 = ModelSpec::preset("llama3.2-1b").unwrap().total_params();
+    let p1 = ModelSpec::preset(Preset::Llama32_1b).total_params();
     assert_eq!(p1, 1_235_814_400);
 }
 

@@ -159,7 +159,7 @@ fn single_layer_segment_gradients_match_autograd() {
 /// A chunk [c, 2c) rotated with its global positions equals that slice of the whole sequence.
 #[test]
 fn rope_at_global_positions_matches_full_sequence() {
-    let spec = ulysses::model::spec::ModelSpec::preset("llama3.1-8b").unwrap();
+    let spec = ulysses::model::spec::ModelSpec::preset(ulysses::model::spec::Preset::Llama31_8b);
     for (c, offset) in [(48, 0), (4096, 1 << 20)] {
         let x = Tensor::randn([2, 2 * c, 3, spec.head_dim], F32);
         let full = apply_rope(&x, &Rope::new(&spec, &positions(2, offset, 2 * c), Kind::Float));

@@ -1,21 +1,23 @@
 //! The optimizer equals torch.optim.AdamW: the same initial parameters, gradients and learning
-//! rates through `ShardedParams::adamw_step` and through torch (tests/torch/adamw_reference.py, in
+//! rates through `optim::AdamW::step` and through torch (tests/torch/adamw_reference.py, in
 //! the venv's Python), three steps, weight decay on matrices only, fp32.
 mod common;
 use common::*;
 use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 use ulysses::comm::Groups;
-use ulysses::model::spec::ModelSpec;
-use ulysses::parallel::zero::{AdamW, ShardedParams};
+use ulysses::config::ZeroStage;
+use ulysses::model::spec::{ModelSpec, Preset};
+use ulysses::optim::AdamW;
+use ulysses::parallel::zero::ShardedParams;
 
 #[test]
 fn adamw_equals_torch() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = ModelSpec::preset("tiny").unwrap();
+    let spec = ModelSpec::preset(Preset::Tiny);
     let groups = Groups::solo();
     tch::manual_seed(3);
-    let mut params = ShardedParams::new(&spec, 0, groups.world.as_ref(), Device::Cpu, |u| {
+    let mut params = ShardedParams::new(&spec, ZeroStage::Replicated, groups.world.as_ref(), Device::Cpu, |u| {
         u.tensors.iter().map(|(_, s)| Tensor::randn(s.as_slice(), (Kind::Float, Device::Cpu)) * 0.1).collect()
     });
     let h = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
@@ -24,15 +26,15 @@ fn adamw_equals_torch() {
     Tensor::write_safetensors(&named(&params), dir.path().join("init.safetensors")).unwrap();
     for (i, lr) in lrs.iter().enumerate() {
         // Gradients of very different scales, so Adam's normalisation is exercised.
-        for (u, shard) in params.shards.iter_mut().enumerate() {
+        for (u, (_, _, shard)) in params.local_shards().unwrap().enumerate() {
             let g =
                 Tensor::randn(shard.grad.size().as_slice(), (Kind::Float, Device::Cpu)) * 10f64.powi(u as i32 % 3 - 1);
             shard.grad.copy_(&g);
         }
         let grads: Vec<(String, Tensor)> =
-            (0..params.units.len()).flat_map(|u| params.unit_grads(u)).map(|(n, t)| (n, t.copy())).collect();
+            params.units().iter().flat_map(|u| params.unit_grads(u.id)).map(|(n, t)| (n, t.copy())).collect();
         Tensor::write_safetensors(&grads, dir.path().join(format!("grads-{}.safetensors", i + 1))).unwrap();
-        params.adamw_step(&h, *lr, i as i64 + 1, 1.0).unwrap();
+        h.step(&mut params, *lr, i as i64 + 1, 1.0).unwrap();
     }
     let cfg = serde_json::json!({"lrs": lrs, "beta1": h.beta1, "beta2": h.beta2, "eps": h.eps, "weight_decay": h.weight_decay});
     std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();

@@ -4,9 +4,9 @@
 //! copies themselves need a GPU (tests/gpu); here they are the CPU's no-op moves.
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
-use ulysses::memory_plan::Place;
+use ulysses::ffi::transfer::{self, CopyEvent};
+use ulysses::plan::memory::Place;
 use ulysses::train::store::ActivationStore;
-use ulysses::transfer::{self, CopyEvent};
 
 const PLACES: [Place; 3] = [Place::Device, Place::Host, Place::Disk];
 const KINDS: [Kind; 3] = [Kind::BFloat16, Kind::Float, Kind::Int64];

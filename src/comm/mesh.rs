@@ -48,10 +48,9 @@ impl Mesh {
         (0..self.dp).map(|d| d * self.sp + self.sp_rank).collect()
     }
 
-    /// Tokens `[start, end)` of the sample this rank holds, for a sequence of `seq_len` tokens.
-    pub fn chunk(&self, seq_len: usize) -> (usize, usize) {
-        let c = seq_len / self.sp;
-        (self.sp_rank * c, (self.sp_rank + 1) * c)
+    /// Tokens of the sample this rank holds, for a sequence of `seq_len` tokens.
+    pub fn chunk(&self, seq_len: usize) -> std::ops::Range<usize> {
+        crate::layout::sp_chunk(seq_len, self.sp, self.sp_rank)
     }
 }
 
@@ -87,8 +86,8 @@ mod tests {
     #[test]
     fn chunks_tile_the_sequence() {
         let m = |r| Mesh::new(4, 1, 4, r).unwrap();
-        assert_eq!(m(0).chunk(12), (0, 3));
-        assert_eq!(m(3).chunk(12), (9, 12));
+        assert_eq!(m(0).chunk(12), 0..3);
+        assert_eq!(m(3).chunk(12), 9..12);
     }
 
     #[test]

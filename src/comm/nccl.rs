@@ -7,7 +7,7 @@
 //! broadcast) moves bytes, like the MPI backend; reductions sum in the tensor's own dtype.
 //! NCCL is dlopened at run time (cudarc's `dynamic-loading`); MPI only carries the unique id.
 use super::{check_blocks, Collective, CommError};
-use crate::cuda;
+use crate::ffi::cuda;
 use cudarc::nccl::result::{self as nccl, NcclError, NcclStatus};
 use cudarc::nccl::sys::{self, ncclDataType_t as Dt, ncclRedOp_t};
 use mpi::topology::SimpleCommunicator;

@@ -4,7 +4,9 @@ mod validate;
 
 pub use validate::{validate, Problem};
 
+pub use crate::model::spec::Preset;
 use serde::{Deserialize, Serialize};
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -44,12 +46,23 @@ impl Default for RunConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// tiny | llama3.2-1b | llama3.1-8b; exclusive with `config`.
-    pub preset: Option<String>,
+    /// A named architecture (`Preset`); exclusive with `config`.
+    pub preset: Option<Preset>,
     /// A Hugging Face Llama `config.json`.
     pub config: Option<PathBuf>,
     /// Initial weights: a folder (or a single .safetensors file) in Hugging Face layout.
     pub weights: Option<PathBuf>,
+}
+
+impl ModelConfig {
+    /// The model as the experiment names it: the preset, or the config.json path.
+    pub fn name(&self) -> String {
+        match (&self.preset, &self.config) {
+            (Some(preset), _) => preset.to_string(),
+            (None, Some(config)) => config.display().to_string(),
+            (None, None) => "(no model)".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -78,7 +91,7 @@ pub struct ParallelConfig {
     /// Data-parallel degree: samples processed side by side.
     pub dp: usize,
     /// 0: everything replicated; 3: parameters, gradients and optimizer state sharded.
-    pub zero_stage: u8,
+    pub zero_stage: ZeroStage,
     pub device: DeviceKind,
     pub attention: AttentionBackend,
     /// Keep fp32 master weights and Adam moments in host memory (CPU AdamW).
@@ -97,6 +110,54 @@ pub struct ParallelConfig {
     pub loss_tile: usize,
 }
 
+/// How ZeRO splits parameters, gradients and optimizer state; written as its stage number.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(try_from = "u8", into = "u8")]
+pub enum ZeroStage {
+    /// Stage 0: every rank keeps everything; gradients are all-reduced.
+    Replicated,
+    /// Stage 3: every rank keeps a 1/world slice of each parameter unit, gathered just in time;
+    /// gradients are reduce-scattered.
+    Sharded,
+}
+
+impl TryFrom<u8> for ZeroStage {
+    type Error = String;
+    fn try_from(stage: u8) -> Result<Self, String> {
+        match stage {
+            0 => Ok(ZeroStage::Replicated),
+            3 => Ok(ZeroStage::Sharded),
+            n => Err(format!("parallel.zero_stage: is {n}; supported stages are 0 (replicated) and 3 (fully sharded)")),
+        }
+    }
+}
+
+impl From<ZeroStage> for u8 {
+    fn from(stage: ZeroStage) -> u8 {
+        match stage {
+            ZeroStage::Replicated => 0,
+            ZeroStage::Sharded => 3,
+        }
+    }
+}
+
+impl fmt::Display for ZeroStage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", u8::from(*self))
+    }
+}
+
+/// The fused attention kernel that returns the softmax log-sum-exp, so that a layer's attention
+/// output can be kept and backward can call the fused backward (`parallel.keep_attention`).
+/// Plain data: the memory plan and the step agree on it without touching libtorch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FusedAttention {
+    Cudnn,
+    Flash,
+    /// libtorch's CPU flash attention (CPU runs and tests).
+    CpuFlash,
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ActivationPlacement {
@@ -106,12 +167,34 @@ pub enum ActivationPlacement {
     Disk,
 }
 
+impl ParallelConfig {
+    /// The kernel that keeps attention's log-sum-exp here: libtorch's CPU flash attention on CPU;
+    /// on CUDA cuDNN or flash as `attention` says, and None for the memory-efficient and math
+    /// backends, which have no such kernel (those runs recompute attention in backward).
+    pub fn fused_attention(&self) -> Option<FusedAttention> {
+        match (self.device, self.attention) {
+            (DeviceKind::Cpu, _) => Some(FusedAttention::CpuFlash),
+            (DeviceKind::Cuda, AttentionBackend::Auto | AttentionBackend::Cudnn) => Some(FusedAttention::Cudnn),
+            (DeviceKind::Cuda, AttentionBackend::Flash) => Some(FusedAttention::Flash),
+            (DeviceKind::Cuda, AttentionBackend::Efficient | AttentionBackend::Math) => None,
+        }
+    }
+
+    /// Shards of each parameter unit on a job of `world` ranks.
+    pub fn shards(&self, world: usize) -> usize {
+        match self.zero_stage {
+            ZeroStage::Replicated => 1,
+            ZeroStage::Sharded => world,
+        }
+    }
+}
+
 impl Default for ParallelConfig {
     fn default() -> Self {
         ParallelConfig {
             sp: 1,
             dp: 1,
-            zero_stage: 3,
+            zero_stage: ZeroStage::Sharded,
             device: DeviceKind::Cpu,
             attention: AttentionBackend::Auto,
             offload_optimizer: false,
@@ -209,14 +292,46 @@ pub struct CheckpointConfig {
     /// Keep the last K checkpoints.
     pub keep: usize,
     /// "none", "auto" (latest in the run directory) or a checkpoint folder.
-    pub resume: String,
+    pub resume: Resume,
     /// Save the model at the end (benchmarks turn it off).
     pub save_final: bool,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        CheckpointConfig { every: 0, keep: 2, resume: "auto".into(), save_final: true }
+        CheckpointConfig { every: 0, keep: 2, resume: Resume::Auto, save_final: true }
+    }
+}
+
+/// Where a run starts (`checkpoint.resume`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(from = "String", into = "String")]
+pub enum Resume {
+    /// "none": from the initial weights, replacing any checkpoints of the run.
+    None,
+    /// "auto": from the newest complete checkpoint of the run directory, if there is one.
+    Auto,
+    /// From this checkpoint folder.
+    From(PathBuf),
+}
+
+impl From<String> for Resume {
+    fn from(s: String) -> Resume {
+        match s.as_str() {
+            "none" => Resume::None,
+            "auto" => Resume::Auto,
+            _ => Resume::From(PathBuf::from(s)),
+        }
+    }
+}
+
+impl From<Resume> for String {
+    fn from(r: Resume) -> String {
+        match r {
+            Resume::None => "none".into(),
+            Resume::Auto => "auto".into(),
+            Resume::From(p) => p.display().to_string(),
+        }
     }
 }
 
@@ -264,9 +379,6 @@ pub enum ConfigError {
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
 }
-
-/// The embedded default experiment (the README demo), used by `ulysses` with no file.
-pub const DEMO_TOML: &str = include_str!("../../experiments/tiny.toml");
 
 impl Experiment {
     pub fn load(path: &Path) -> Result<Experiment, ConfigError> {

@@ -1,7 +1,7 @@
 //! Every rule of an experiment, checked at once. Each problem names its TOML path, the value found
 //! and what would be valid, so a user fixes the whole file in one go.
-use super::{DeviceKind, Dtype, Experiment};
-use crate::model::spec::{ModelSpec, PRESETS};
+use super::{DeviceKind, Dtype, Experiment, Resume, ZeroStage};
+use crate::model::spec::{ModelSpec, Preset};
 use std::fmt;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -34,19 +34,10 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
             None
         }
         (None, None) => {
-            bad(
-                "model",
-                format!("set `preset` (one of {}) or `config` (a Hugging Face config.json)", PRESETS.join(", ")),
-            );
+            bad("model", format!("set `preset` (one of {}) or `config` (a Hugging Face config.json)", Preset::names()));
             None
         }
-        (Some(name), None) => {
-            let s = ModelSpec::preset(name);
-            if s.is_none() {
-                bad("model.preset", format!("\"{name}\" is not a known preset; use one of {}", PRESETS.join(", ")));
-            }
-            s
-        }
+        (Some(preset), None) => Some(ModelSpec::preset(*preset)),
         (None, Some(path)) => match ModelSpec::from_hf_config(path) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -84,13 +75,7 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
             );
         }
     }
-    if p.zero_stage != 0 && p.zero_stage != 3 {
-        bad(
-            "parallel.zero_stage",
-            format!("is {}; supported stages are 0 (replicated) and 3 (fully sharded)", p.zero_stage),
-        );
-    }
-    if p.offload_optimizer && p.zero_stage != 3 {
+    if p.offload_optimizer && p.zero_stage != ZeroStage::Sharded {
         bad(
             "parallel.offload_optimizer",
             "needs parallel.zero_stage = 3 (the offloaded optimizer works on shards)".into(),
@@ -199,11 +184,13 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
                 .into(),
         );
     }
-    if c.resume != "none" && c.resume != "auto" && !std::path::Path::new(&c.resume).exists() {
-        bad(
-            "checkpoint.resume",
-            format!("\"{}\" is neither \"none\", \"auto\" nor an existing checkpoint folder", c.resume),
-        );
+    if let Resume::From(dir) = &c.resume {
+        if !dir.exists() {
+            bad(
+                "checkpoint.resume",
+                format!("\"{}\" is neither \"none\", \"auto\" nor an existing checkpoint folder", dir.display()),
+            );
+        }
     }
     if exp.metrics.position_bins == 0 {
         bad("metrics.position_bins", "is 0; must be at least 1".into());

@@ -3,7 +3,6 @@
 //! a cheap hyperslab read, plus root attributes naming the format and the tokenizer. Optional
 //! groups: `docs` (document starts of packed text) and `passkey` (task metadata from synth).
 use super::DataError;
-use hdf5::types::VarLenUnicode;
 use ndarray::{s, Array1, ArrayView2};
 use std::path::{Path, PathBuf};
 
@@ -31,15 +30,11 @@ pub struct ShardMeta {
 }
 
 pub(crate) fn write_str_attr(loc: &hdf5::Location, path: &Path, name: &str, value: &str) -> Result<(), DataError> {
-    let v: VarLenUnicode = value.parse().map_err(|e| DataError::write(path, name, e))?;
-    loc.new_attr::<VarLenUnicode>()
-        .create(name)
-        .and_then(|a| a.write_scalar(&v))
-        .map_err(|e| DataError::write(path, name, e))
+    crate::h5::write_text_attr(loc, name, value).map_err(|e| DataError::write(path, name, e))
 }
 
 pub(crate) fn write_i64_attr(loc: &hdf5::Location, path: &Path, name: &str, value: i64) -> Result<(), DataError> {
-    loc.new_attr::<i64>().create(name).and_then(|a| a.write_scalar(&value)).map_err(|e| DataError::write(path, name, e))
+    crate::h5::write_scalar_attr(loc, name, &value).map_err(|e| DataError::write(path, name, e))
 }
 
 /// A growable 1-D dataset (chunked, unlimited length), appended to while streaming.
@@ -48,13 +43,7 @@ fn create_1d<T: hdf5::H5Type>(group: &hdf5::Group, path: &Path, name: &str) -> R
 }
 
 fn append_1d<T: hdf5::H5Type + Clone>(ds: &hdf5::Dataset, path: &Path, data: &[T]) -> Result<(), DataError> {
-    if data.is_empty() {
-        return Ok(());
-    }
-    let n = ds.shape()[0];
-    let name = ds.name();
-    ds.resize(n + data.len()).map_err(|e| DataError::write(path, &name, e))?;
-    ds.write_slice(&Array1::from(data.to_vec()), s![n..n + data.len()]).map_err(|e| DataError::write(path, &name, e))
+    crate::h5::append_1d(ds, data).map_err(|e| DataError::write(path, &ds.name(), e))
 }
 
 /// Writes one shard, streaming: sequences are appended to a resizable `tokens` dataset. The file

@@ -6,7 +6,8 @@ use super::order::{epoch_order, micro_batch_indices, steps_per_epoch};
 use super::{DataError, Dataset};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
-/// Label of positions without a next token (the last position of a sequence); the loss ignores it.
+/// The label that contributes no loss (PyTorch's and transformers' `ignore_index`): positions without
+/// a next token, and every label outside the answer with `data.loss_on = "answer"`.
 pub const IGNORE_INDEX: i64 = -100;
 
 /// Which next-token labels count in the loss.
@@ -149,12 +150,13 @@ fn prefetch(
     }
 }
 
-/// SP rank r reads tokens [r*c, (r+1)*c + 1) of each sample (c = seq_len / sp; the last rank has
-/// no +1): inputs are the first c, labels the same span shifted by one, -100 past the end.
+/// SP rank r reads its chunk `[r·c, (r+1)·c)` of each sample (`layout::sp_chunk`) and one token
+/// more (none for the last rank): inputs are the chunk, labels the same span shifted by one,
+/// -100 past the end.
 pub fn build_batch(dataset: &Dataset, spec: &LoaderSpec, indices: &[usize]) -> Result<Batch, DataError> {
-    let chunk_len = dataset.seq_len() / spec.sp;
-    let start = spec.sp_rank * chunk_len;
-    let end = (start + chunk_len + 1).min(dataset.seq_len());
+    let chunk = crate::layout::sp_chunk(dataset.seq_len(), spec.sp, spec.sp_rank);
+    let (start, chunk_len) = (chunk.start, chunk.len());
+    let end = (chunk.end + 1).min(dataset.seq_len());
     let n = indices.len() * chunk_len;
     let (mut input_ids, mut labels, mut position_ids) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));

@@ -6,10 +6,10 @@
 //!   "The pass key is NNNNN. Remember it. NNNNN is the pass key. ".
 //! - niah: varied filler sentences drawn at random and a single fact "The special magic number is
 //!   NNNNN. " (needle-in-a-haystack style), asked for at the end.
-use super::order::SplitMix64;
 use super::synth::SynthTask;
 use super::tokenizer::TextTokenizer;
 use super::{DataError, PasskeyInfo};
+use crate::rng::SplitMix64;
 
 const PASSKEY_FILLER: &[&str] =
     &["The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ", "There and back again. "];

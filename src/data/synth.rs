@@ -6,9 +6,9 @@
 //! - random: uniform token ids, for throughput runs.
 use super::format::{claim_output_dir, shard_name, ShardWriter};
 use super::needle::{check_key_digits, draw_key, NeedleParts};
-use super::order::SplitMix64;
 use super::tokenizer::TextTokenizer;
 use super::{DataError, PasskeyInfo};
+use crate::rng::SplitMix64;
 use ndarray::{Array1, Array2};
 use std::path::{Path, PathBuf};
 

@@ -5,7 +5,8 @@
 //! computed only at the positions a rank scores; the caller sums the scores over the SP group.
 use super::EvalError;
 use crate::comm::Collective;
-use crate::model::llama::{self, ModelWeights, IGNORE_INDEX};
+use crate::data::IGNORE_INDEX;
+use crate::model::llama::{self, ModelWeights};
 use crate::model::rope::Rope;
 use crate::model::spec::ModelSpec;
 use crate::parallel::ulysses::UlyssesAttention;
@@ -43,8 +44,8 @@ impl Evaluator<'_> {
                 lo + sp
             )));
         }
-        let c = seq_len / sp;
-        Ok((self.sp.rank() * c, (self.sp.rank() + 1) * c))
+        let chunk = crate::layout::sp_chunk(seq_len, sp, self.sp.rank());
+        Ok((chunk.start, chunk.end))
     }
 
     /// Final hidden states `[1, c, h]` of the chunk `ids` that starts at global position `start`.

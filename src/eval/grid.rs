@@ -94,13 +94,12 @@ impl GridSpec {
     /// Seed of sample `s` of cell (length, depth index `d`): distinct per cell and sample, the
     /// same on every rank (the SplitMix64 finalizer over the combined indices).
     fn sample_seed(&self, length: usize, d: usize, s: usize) -> u64 {
-        let mut z = self.seed
-            ^ (length as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            ^ (d as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
-            ^ (s as u64).wrapping_mul(0x1656_67B1_9E37_79F9);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        crate::rng::mix(
+            self.seed
+                ^ (length as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ (d as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+                ^ (s as u64).wrapping_mul(0x1656_67B1_9E37_79F9),
+        )
     }
 }
 

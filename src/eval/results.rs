@@ -33,18 +33,11 @@ pub enum EvalResults {
 }
 
 fn text_attr(loc: &Location, path: &Path, name: &str, value: &str) -> Result<(), EvalError> {
-    let v: VarLenUnicode = value.parse().map_err(|e| EvalError::results(path, "writing an attribute", e))?;
-    loc.new_attr::<VarLenUnicode>()
-        .create(name)
-        .and_then(|a| a.write_scalar(&v))
-        .map_err(|e| EvalError::results(path, "writing an attribute", e))
+    crate::h5::write_text_attr(loc, name, value).map_err(|e| EvalError::results(path, "writing an attribute", e))
 }
 
 fn int_attr(loc: &Location, path: &Path, name: &str, value: i64) -> Result<(), EvalError> {
-    loc.new_attr::<i64>()
-        .create(name)
-        .and_then(|a| a.write_scalar(&value))
-        .map_err(|e| EvalError::results(path, "writing an attribute", e))
+    crate::h5::write_scalar_attr(loc, name, &value).map_err(|e| EvalError::results(path, "writing an attribute", e))
 }
 
 fn dataset<T: H5Type, D: Dimension>(

@@ -5,12 +5,10 @@
 //! their global positions. `forward_logits` composes it all as the readable reference.
 use super::rope::{apply_rope, Rope};
 use super::spec::ModelSpec;
+pub use crate::data::IGNORE_INDEX;
 use tch::{Kind, Reduction, Tensor};
 
 pub use super::params::{LayerWeights, ModelWeights};
-
-/// Label value that contributes no loss (as in transformers / PyTorch cross-entropy).
-pub const IGNORE_INDEX: i64 = -100;
 
 /// LlamaRMSNorm, normalizing in fp32: libtorch's `rms_norm`, on CUDA one fused kernel whose
 /// backward keeps just the input and each token's fp32 reciprocal RMS (the op-by-op form kept an

@@ -1,6 +1,5 @@
 //! Llama on tch. Parallelism reaches the model only through seams (attention core, parameter
 //! source); nothing here imports `comm`.
-pub mod kept_attention;
 pub mod llama;
 pub mod params;
 pub mod rope;

@@ -2,6 +2,7 @@
 //! a checkpoint maps onto these structs name for name with no transposes. Re-exported by `llama`.
 use super::spec::ModelSpec;
 use super::weights::WeightsError;
+use crate::rng::splitmix64;
 use std::collections::{HashMap, HashSet};
 use tch::{Device, Kind, Tensor};
 
@@ -205,14 +206,6 @@ fn normal_values(key: u64, n: usize, std: f64) -> Vec<f32> {
         }
     });
     out
-}
-
-/// SplitMix64's output function: a strong 64-bit mixer.
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// The top 53 bits as a uniform in (0, 1] (never 0, so its log is finite).

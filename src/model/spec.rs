@@ -40,7 +40,54 @@ pub enum SpecError {
     Field { path: String, field: String, problem: String },
 }
 
-pub const PRESETS: &[&str] = &["tiny", "llama3.2-1b", "llama3.1-8b"];
+/// A named architecture (`model.preset`), written as its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Preset {
+    /// Small enough for CPU tests under mpirun.
+    Tiny,
+    Llama32_1b,
+    Llama31_8b,
+}
+
+impl Preset {
+    pub const ALL: [Preset; 3] = [Preset::Tiny, Preset::Llama32_1b, Preset::Llama31_8b];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Tiny => "tiny",
+            Preset::Llama32_1b => "llama3.2-1b",
+            Preset::Llama31_8b => "llama3.1-8b",
+        }
+    }
+
+    /// "tiny, llama3.2-1b, ...": the valid names, for messages.
+    pub fn names() -> String {
+        Preset::ALL.map(Preset::name).join(", ")
+    }
+}
+
+impl TryFrom<String> for Preset {
+    type Error = String;
+    fn try_from(name: String) -> Result<Preset, String> {
+        Preset::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| format!("model.preset: \"{name}\" is not a known preset; use one of {}", Preset::names()))
+    }
+}
+
+impl From<Preset> for String {
+    fn from(p: Preset) -> String {
+        p.name().to_string()
+    }
+}
+
+impl std::fmt::Display for Preset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 fn llama3_scaling(factor: f64) -> Option<Llama3RopeScaling> {
     Some(Llama3RopeScaling {
@@ -53,11 +100,11 @@ fn llama3_scaling(factor: f64) -> Option<Llama3RopeScaling> {
 
 impl ModelSpec {
     /// Named architectures; the two Meta models match their published config.json.
-    pub fn preset(name: &str) -> Option<ModelSpec> {
-        match name {
+    pub fn preset(preset: Preset) -> ModelSpec {
+        match preset {
             // Small enough for CPU tests under mpirun, with GQA (4 query / 2 KV heads) and the
             // llama3 rope scaling so every code path of the big models runs.
-            "tiny" => Some(ModelSpec {
+            Preset::Tiny => ModelSpec {
                 vocab_size: 512,
                 hidden_size: 64,
                 intermediate_size: 176,
@@ -78,8 +125,8 @@ impl ModelSpec {
                 // The built-in byte-level tokenizer: bytes are 0..=255, BOS 256, EOS 257.
                 bos_token_id: 256,
                 eos_token_id: 257,
-            }),
-            "llama3.2-1b" => Some(ModelSpec {
+            },
+            Preset::Llama32_1b => ModelSpec {
                 vocab_size: 128256,
                 hidden_size: 2048,
                 intermediate_size: 8192,
@@ -94,8 +141,8 @@ impl ModelSpec {
                 tie_word_embeddings: true,
                 bos_token_id: 128000,
                 eos_token_id: 128001,
-            }),
-            "llama3.1-8b" => Some(ModelSpec {
+            },
+            Preset::Llama31_8b => ModelSpec {
                 vocab_size: 128256,
                 hidden_size: 4096,
                 intermediate_size: 14336,
@@ -110,8 +157,7 @@ impl ModelSpec {
                 tie_word_embeddings: false,
                 bos_token_id: 128000,
                 eos_token_id: 128001,
-            }),
-            _ => None,
+            },
         }
     }
 

@@ -3,19 +3,40 @@
 //! size, and at stage 3 each rank keeps one slice of it: fp32 master weights, gradient and Adam
 //! moments. A unit is all-gathered just before use and dropped after; its gradients are
 //! reduce-scattered, which also sums the partial weight gradients of the SP ranks. At stage 0
-//! every rank keeps the whole vector and gradients are all-reduced.
-use crate::autograd::shim_result;
+//! every rank keeps the whole vector and gradients are all-reduced. The update of the shards is
+//! the optimizer's (`crate::optim`).
 use crate::comm::{Collective, CommError};
+use crate::config::ZeroStage;
+use crate::ffi::transfer::{self, CopyEvent, TransferError};
 use crate::model::spec::ModelSpec;
-use crate::transfer::{self, CopyEvent, TransferError};
-use std::ffi::c_char;
+use std::fmt;
 use tch::{Device, Kind, Tensor};
-use torch_sys::C_tensor;
+
+/// A parameter unit by what it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UnitId {
+    /// The token embedding (also the LM head when the two are tied).
+    Embedding,
+    /// Decoder layer l.
+    Layer(usize),
+    /// The final norm and, unless tied, the LM head.
+    Head,
+}
+
+impl fmt::Display for UnitId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnitId::Embedding => f.write_str("embedding"),
+            UnitId::Layer(l) => write!(f, "layer {l}"),
+            UnitId::Head => f.write_str("head"),
+        }
+    }
+}
 
 /// One gathered-together group of parameters.
 #[derive(Debug, Clone)]
 pub struct Unit {
-    pub name: String,
+    pub id: UnitId,
     /// Full Hugging Face names and shapes, in flattening order.
     pub tensors: Vec<(String, Vec<i64>)>,
     pub numel: i64,
@@ -24,41 +45,36 @@ pub struct Unit {
 }
 
 impl Unit {
-    fn new(name: String, tensors: Vec<(String, Vec<i64>)>, shards: i64) -> Unit {
+    fn new(id: UnitId, tensors: Vec<(String, Vec<i64>)>, shards: i64) -> Unit {
         let numel = tensors.iter().map(|(_, s)| s.iter().product::<i64>()).sum::<i64>();
         let padded = (numel + shards - 1) / shards * shards;
-        Unit { name, tensors, numel, padded }
-    }
-
-    /// Flat ranges `[start, end)` of the matrices (weight decay applies to them, not to norms).
-    fn matrix_ranges(&self) -> Vec<(i64, i64)> {
-        let mut at = 0;
-        let mut out = Vec::new();
-        for (_, shape) in &self.tensors {
-            let n: i64 = shape.iter().product();
-            if shape.len() >= 2 {
-                out.push((at, at + n));
-            }
-            at += n;
-        }
-        out
+        Unit { id, tensors, numel, padded }
     }
 }
 
-/// The units of a Llama model: embedding, one per decoder layer, then the head (final norm and,
-/// unless tied, the LM head).
+/// The units of a model, in the order the step uses them: embedding, one per decoder layer, then
+/// the head (final norm and, unless tied, the LM head).
 pub fn model_units(spec: &ModelSpec, shards: i64) -> Vec<Unit> {
     let outer = spec.outer_shapes();
     let named = |n: &str| outer.iter().filter(|(k, _)| *k == n).map(|(k, s)| (k.to_string(), s.clone())).collect();
-    let mut units = vec![Unit::new("embed".into(), named("model.embed_tokens.weight"), shards)];
-    for i in 0..spec.num_hidden_layers {
+    let mut units = vec![Unit::new(UnitId::Embedding, named("model.embed_tokens.weight"), shards)];
+    for i in 0..spec.num_hidden_layers as usize {
         let t = spec.layer_shapes().into_iter().map(|(k, s)| (format!("model.layers.{i}.{k}"), s)).collect();
-        units.push(Unit::new(format!("layer {i}"), t, shards));
+        units.push(Unit::new(UnitId::Layer(i), t, shards));
     }
     let mut head: Vec<(String, Vec<i64>)> = named("model.norm.weight");
     head.extend(named("lm_head.weight"));
-    units.push(Unit::new("head".into(), head, shards));
+    units.push(Unit::new(UnitId::Head, head, shards));
     units
+}
+
+/// A collective of the shards failed, or (optimizer offload) a gradient's copy to host memory.
+#[derive(Debug, thiserror::Error)]
+pub enum ZeroError {
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    #[error("gradient offload to host memory: {0}")]
+    Offload(#[from] TransferError),
 }
 
 /// Per-unit optimizer state of this rank: the slice `[rank·len, (rank+1)·len)` of the flat unit.
@@ -96,10 +112,9 @@ impl Shard {
 }
 
 pub struct ShardedParams {
-    pub units: Vec<Unit>,
-    pub shards: Vec<Shard>,
-    /// 0 or 3.
-    pub stage: u8,
+    units: Vec<Unit>,
+    shards: Vec<Shard>,
+    stage: ZeroStage,
     rank: i64,
     /// Where the fp32 state lives (CPU when the optimizer is offloaded).
     pub state_device: Device,
@@ -114,20 +129,23 @@ impl ShardedParams {
     /// unit's tensor order); only this rank's slice is kept.
     pub fn new(
         spec: &ModelSpec,
-        stage: u8,
+        stage: ZeroStage,
         world: &dyn Collective,
         state_device: Device,
         mut full: impl FnMut(&Unit) -> Vec<Tensor>,
     ) -> ShardedParams {
-        let (rank, size) = (world.rank() as i64, world.size() as i64);
-        let shards_count = if stage == 3 { size } else { 1 };
+        let rank = world.rank() as i64;
+        let shards_count = match stage {
+            ZeroStage::Replicated => 1,
+            ZeroStage::Sharded => world.size() as i64,
+        };
         let units = model_units(spec, shards_count);
         let shards = units
             .iter()
             .map(|u| {
                 let flat = flatten_padded(&full(u), u.padded);
                 let len = u.padded / shards_count;
-                let start = if stage == 3 { rank * len } else { 0 };
+                let start = if stage == ZeroStage::Sharded { rank * len } else { 0 };
                 let master = flat.narrow(0, start, len).to_device(state_device).copy();
                 let zeros = || Tensor::zeros([len], (Kind::Float, state_device));
                 Shard { master, grad: zeros(), exp_avg: zeros(), exp_avg_sq: zeros() }
@@ -137,32 +155,62 @@ impl ShardedParams {
         ShardedParams { units, shards, stage, rank, state_device, in_flight }
     }
 
+    /// Every unit, in the order of `model_units`.
+    pub fn units(&self) -> &[Unit] {
+        &self.units
+    }
+
+    /// The position of a unit in `units()`.
+    fn index(&self, id: UnitId) -> usize {
+        let layers = self.units.len() - 2;
+        match id {
+            UnitId::Embedding => 0,
+            UnitId::Layer(l) => {
+                assert!(l < layers, "layer {l} of a {layers}-layer model");
+                1 + l
+            }
+            UnitId::Head => layers + 1,
+        }
+    }
+
     fn shard_len(&self, unit: usize) -> i64 {
         self.shards[unit].master.size()[0]
+    }
+
+    /// Where this rank's shard starts in the flat unit.
+    fn shard_start(&self, unit: usize) -> i64 {
+        match self.stage {
+            ZeroStage::Replicated => 0,
+            ZeroStage::Sharded => self.rank * self.shard_len(unit),
+        }
     }
 
     /// The whole unit as tensors of `kind` on `device` (views into one gathered buffer).
     pub fn gather(
         &self,
         world: &dyn Collective,
-        unit: usize,
+        id: UnitId,
         kind: Kind,
         device: Device,
     ) -> Result<Vec<Tensor>, CommError> {
-        self.gather_state(world, unit, State::Master, kind, device)
+        self.gather_state(world, id, State::Master, kind, device)
     }
 
     /// One state of the whole unit, like `gather`.
     pub fn gather_state(
         &self,
         world: &dyn Collective,
-        unit: usize,
+        id: UnitId,
         which: State,
         kind: Kind,
         device: Device,
     ) -> Result<Vec<Tensor>, CommError> {
+        let unit = self.index(id);
         let local = self.shards[unit].state(which).to_device(device).to_kind(kind);
-        let flat = if self.stage == 3 { world.all_gather(&local)? } else { local };
+        let flat = match self.stage {
+            ZeroStage::Replicated => local,
+            ZeroStage::Sharded => world.all_gather(&local)?,
+        };
         Ok(split_flat(&flat, &self.units[unit]))
     }
 
@@ -172,28 +220,32 @@ impl ShardedParams {
     pub fn load_state(
         &mut self,
         world: &dyn Collective,
-        unit: usize,
+        id: UnitId,
         which: State,
         root: usize,
         full: Option<&[Tensor]>,
     ) -> Result<(), CommError> {
+        let unit = self.index(id);
         let u = &self.units[unit];
         let flat = match full {
             Some(tensors) => flatten_padded(tensors, u.padded),
             None => Tensor::zeros([u.padded], (Kind::Float, Device::Cpu)),
         };
         let flat = world.broadcast(&flat.to_device(self.state_device), root)?;
-        let len = self.shard_len(unit);
-        let start = if self.stage == 3 { self.rank * len } else { 0 };
+        let (start, len) = (self.shard_start(unit), self.shard_len(unit));
         *self.shards[unit].state_mut(which) = flat.narrow(0, start, len).copy();
         Ok(())
     }
 
     /// Adds this rank's gradients of a unit (full tensors, any float dtype) into the shards:
     /// summed over every rank in fp32, then each rank keeps its slice.
-    pub fn accumulate(&mut self, world: &dyn Collective, unit: usize, grads: &[Tensor]) -> Result<(), CommError> {
+    pub fn accumulate(&mut self, world: &dyn Collective, id: UnitId, grads: &[Tensor]) -> Result<(), ZeroError> {
+        let unit = self.index(id);
         let flat = flatten_padded(grads, self.units[unit].padded);
-        let mine = if self.stage == 3 { world.reduce_scatter(&flat)? } else { world.all_reduce(&flat)? };
+        let mine = match self.stage {
+            ZeroStage::Replicated => world.all_reduce(&flat)?,
+            ZeroStage::Sharded => world.reduce_scatter(&flat)?,
+        };
         if mine.device() == self.state_device {
             let _ = self.shards[unit].grad.g_add_(&mine);
             return Ok(());
@@ -202,16 +254,16 @@ impl ShardedParams {
         // that would stall the host until the GPU drained its queue, once per unit.
         self.land_unit(unit)?;
         self.land_arrived()?;
-        self.in_flight[unit] = Some(transfer::to_host(&mine).map_err(offload_error)?);
+        self.in_flight[unit] = Some(transfer::to_host(&mine)?);
         Ok(())
     }
 
     /// Adds the in-flight gradients whose copies have finished, so that only the last unit or two
     /// hold pinned staging memory (a layer's backward outlasts its copy by far).
-    fn land_arrived(&mut self) -> Result<(), CommError> {
+    fn land_arrived(&mut self) -> Result<(), TransferError> {
         for u in 0..self.units.len() {
             let arrived = match &self.in_flight[u] {
-                Some((_, copied)) => copied.is_complete().map_err(offload_error)?,
+                Some((_, copied)) => copied.is_complete()?,
                 None => false,
             };
             if arrived {
@@ -222,63 +274,36 @@ impl ShardedParams {
     }
 
     /// Waits for a unit's gradient copy to host memory, if one is in flight, and adds it.
-    fn land_unit(&mut self, unit: usize) -> Result<(), CommError> {
+    fn land_unit(&mut self, unit: usize) -> Result<(), TransferError> {
         if let Some((host, copied)) = self.in_flight[unit].take() {
-            copied.synchronize().map_err(offload_error)?;
+            copied.synchronize()?;
             let _ = self.shards[unit].grad.g_add_(&host);
         }
         Ok(())
     }
 
-    /// Adds every gradient still on its way to host memory (optimizer offload) to its shard;
-    /// `grad_norm` and `adamw_step` need all of them.
-    pub fn land_grads(&mut self) -> Result<(), CommError> {
-        (0..self.units.len()).try_for_each(|u| self.land_unit(u))
+    /// This rank's shards with where each starts in its flat unit, for the optimizer, once every
+    /// gradient still on its way to host memory (optimizer offload) has landed.
+    pub fn local_shards(&mut self) -> Result<impl Iterator<Item = (&Unit, i64, &mut Shard)>, ZeroError> {
+        (0..self.units.len()).try_for_each(|u| self.land_unit(u))?;
+        let starts: Vec<i64> = (0..self.units.len()).map(|u| self.shard_start(u)).collect();
+        Ok(self.units.iter().zip(starts).zip(self.shards.iter_mut()).map(|((u, start), s)| (u, start, s)))
+    }
+
+    /// Whether gradients are summed over ranks into shards (stage 3: the shards of all ranks
+    /// together hold the model) or replicated (stage 0: every rank holds all of it).
+    pub fn stage(&self) -> ZeroStage {
+        self.stage
     }
 
     /// This rank's accumulated gradient of a unit as named tensors; the whole gradient when the
     /// shard is the whole unit (stage 0, or a world of one rank).
-    pub fn unit_grads(&self, unit: usize) -> Vec<(String, Tensor)> {
-        assert!(self.in_flight[unit].is_none(), "unit_grads before land_grads");
+    pub fn unit_grads(&self, id: UnitId) -> Vec<(String, Tensor)> {
+        let unit = self.index(id);
+        assert!(self.in_flight[unit].is_none(), "unit_grads before the gradients landed (local_shards)");
         let u = &self.units[unit];
         assert_eq!(self.shard_len(unit), u.padded, "unit_grads needs whole (unsharded) units");
         u.tensors.iter().map(|(n, _)| n.clone()).zip(split_flat(&self.shards[unit].grad, u)).collect()
-    }
-
-    /// Sum of squared gradient entries over the whole model (over all ranks at stage 3).
-    pub fn grad_norm(&mut self, world: &dyn Collective) -> Result<f64, CommError> {
-        self.land_grads()?;
-        let local: f64 = self.shards.iter().map(|s| s.grad.square().sum(Kind::Double).double_value(&[])).sum();
-        let total = if self.stage == 3 { crate::comm::all_reduce_f64(world, local)? } else { local };
-        Ok(total.sqrt())
-    }
-
-    /// Decoupled-weight-decay Adam (torch.optim.AdamW's update) on this rank's shards, with the
-    /// gradients scaled by `grad_scale` (clipping); then clears the gradients. Gradients still in
-    /// flight must have landed (`land_grads`, which `grad_norm` does).
-    pub fn adamw_step(&mut self, h: &AdamW, lr: f64, step: i64, grad_scale: f64) -> Result<(), String> {
-        assert!(self.in_flight.iter().all(Option::is_none), "adamw_step before land_grads");
-        for u in 0..self.units.len() {
-            let start = if self.stage == 3 { self.rank * self.shard_len(u) } else { 0 };
-            let len = self.shard_len(u);
-            let ranges = self.units[u].matrix_ranges();
-            let s = &mut self.shards[u];
-            if grad_scale != 1.0 {
-                let _ = s.grad.g_mul_scalar_(grad_scale);
-            }
-            if h.weight_decay > 0.0 {
-                // Decay only the matrices: intersect their flat ranges with this shard's slice.
-                for (a, b) in ranges {
-                    let (lo, hi) = (a.max(start), b.min(start + len));
-                    if lo < hi {
-                        let _ = s.master.narrow(0, lo - start, hi - lo).g_mul_scalar_(1.0 - lr * h.weight_decay);
-                    }
-                }
-            }
-            fused_adamw(s, step as f64, lr, h)?;
-            let _ = s.grad.zero_();
-        }
-        Ok(())
     }
 
     /// Every parameter, gathered whole in fp32 on the CPU, by Hugging Face name.
@@ -296,65 +321,16 @@ impl ShardedParams {
         keep: bool,
     ) -> Result<Vec<(String, Tensor)>, CommError> {
         let mut out = Vec::new();
-        for u in 0..self.units.len() {
-            let tensors = self.gather_state(world, u, which, Kind::Float, self.state_device)?;
+        for u in &self.units {
+            let tensors = self.gather_state(world, u.id, which, Kind::Float, self.state_device)?;
             if keep {
-                for ((name, _), t) in self.units[u].tensors.iter().zip(tensors) {
+                for ((name, _), t) in u.tensors.iter().zip(tensors) {
                     out.push((name.clone(), t.to_device(Device::Cpu).copy()));
                 }
             }
         }
         Ok(out)
     }
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct AdamW {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-}
-
-extern "C" {
-    fn ulysses_fused_adamw(
-        param: *const C_tensor,
-        grad: *const C_tensor,
-        exp_avg: *const C_tensor,
-        exp_avg_sq: *const C_tensor,
-        step: f64,
-        lr: f64,
-        beta1: f64,
-        beta2: f64,
-        eps: f64,
-    ) -> *mut c_char;
-}
-
-/// torch's fused AdamW kernel (`torch._fused_adamw_`, through the shim) on one shard, without
-/// weight decay: one vectorized, multi-threaded pass over the four fp32 vectors. On CPU it was 15×
-/// faster than the same update as a chain of element-wise ops with temporaries (50M parameters,
-/// 2 cores: 0.032 s against 0.48 s), with bit-identical results.
-fn fused_adamw(s: &Shard, step: f64, lr: f64, h: &AdamW) -> Result<(), String> {
-    // SAFETY: live tch handles (torch::Tensor*) borrowed for the call; the kernel updates the
-    // tensors in place; the shim returns null or a malloc'ed message.
-    shim_result(unsafe {
-        ulysses_fused_adamw(
-            s.master.as_ptr(),
-            s.grad.as_ptr(),
-            s.exp_avg.as_ptr(),
-            s.exp_avg_sq.as_ptr(),
-            step,
-            lr,
-            h.beta1,
-            h.beta2,
-            h.eps,
-        )
-    })
-    .map_err(|e| format!("AdamW: {e}"))
-}
-
-fn offload_error(e: TransferError) -> CommError {
-    CommError::Backend { op: "gradient offload to host memory", message: e.to_string() }
 }
 
 /// Copies tensors, flattened and as fp32, into one zero-padded vector of `padded` elements

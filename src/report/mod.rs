@@ -93,7 +93,7 @@ fn mean(v: &[f64]) -> f64 {
 }
 
 pub fn bytes_text(b: u64) -> String {
-    let gib = crate::plan::gib(b);
+    let gib = crate::units::gib(b);
     if gib >= 1.0 {
         format!("{gib:.2} GiB")
     } else {

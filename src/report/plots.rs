@@ -2,7 +2,7 @@
 //! to ASCII and a few symbols, licence beside it) is compiled in, so plots look the same on any
 //! machine and need no system fonts.
 use super::{Metrics, ReportError};
-use crate::plan::gib;
+use crate::units::gib;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};

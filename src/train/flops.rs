@@ -37,10 +37,11 @@ pub fn step_flops(spec: &ModelSpec, seq_len: usize, samples: usize) -> StepFlops
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::spec::Preset;
 
     #[test]
     fn llama8b_at_128k_matches_the_peer_formula() {
-        let spec = ModelSpec::preset("llama3.1-8b").unwrap();
+        let spec = ModelSpec::preset(Preset::Llama31_8b);
         let f = step_flops(&spec, 131072, 1);
         // The peer's README: F = 5.90e15 (dense) + 1.35e16 (attention) = 1.94e16 per step.
         assert!((f.model / 1.94e16 - 1.0).abs() < 0.005, "{}", f.model);

@@ -26,7 +26,7 @@ pub fn peak_gpu_bytes(device: tch::Device) -> u64 {
 
 fn allocator_peak(device: tch::Device) -> u64 {
     match device {
-        tch::Device::Cuda(i) => crate::cuda::memory(i).map_or(0, |m| m.peak_allocated as u64),
+        tch::Device::Cuda(i) => crate::ffi::cuda::memory(i).map_or(0, |m| m.peak_allocated as u64),
         _ => 0,
     }
 }
@@ -35,7 +35,7 @@ fn allocator_peak(device: tch::Device) -> u64 {
 pub fn reset_peak_gpu(device: tch::Device) {
     if let tch::Device::Cuda(i) = device {
         PEAK_GPU_EARLIER.store(0, Ordering::Relaxed);
-        crate::cuda::reset_peak(i);
+        crate::ffi::cuda::reset_peak(i);
     }
 }
 
@@ -44,9 +44,9 @@ pub fn reset_peak_gpu(device: tch::Device) {
 /// and for calibrating the memory plan. (0, 0) on CPU runs.
 pub fn phase_peak_gpu(device: tch::Device) -> (u64, u64) {
     let tch::Device::Cuda(i) = device else { return (0, 0) };
-    let Some(m) = crate::cuda::memory(i) else { return (0, 0) };
+    let Some(m) = crate::ffi::cuda::memory(i) else { return (0, 0) };
     PEAK_GPU_EARLIER.fetch_max(m.peak_allocated as u64, Ordering::Relaxed);
-    crate::cuda::reset_peak(i);
+    crate::ffi::cuda::reset_peak(i);
     (m.peak_allocated as u64, m.allocated as u64)
 }
 

@@ -1,10 +1,8 @@
 //! metrics.h5: one row per optimizer step, written by rank 0 and flushed every step so a crash
 //! loses at most the step in flight; per-position loss every M steps. Schema (version 2) in
 //! docs/metrics.md; every dataset also carries its meaning and unit in a `description` attribute.
-use crate::config::Experiment;
-use anyhow::{anyhow, Context, Result};
-use hdf5::types::VarLenUnicode;
-use ndarray::{s, Array2};
+use crate::h5::{append_1d, append_row, write_scalar_attr, write_text_attr};
+use anyhow::{Context, Result};
 use std::path::Path;
 
 pub const SCHEMA_VERSION: u32 = 2;
@@ -91,8 +89,10 @@ fn f64_values(r: &StepRow) -> [f64; 14] {
     ]
 }
 
-/// What the file records about the run besides the config.
+/// What the file records about the run.
 pub struct RunInfo<'a> {
+    /// The resolved experiment (`Experiment::to_toml`).
+    pub config_toml: &'a str,
     pub world_size: usize,
     pub peak_tflops: f64,
     pub bin_starts: &'a [u64],
@@ -100,24 +100,18 @@ pub struct RunInfo<'a> {
 
 pub struct MetricsWriter {
     file: hdf5::File,
-    rows: usize,
-    position_rows: usize,
     world: usize,
 }
 
-fn text(s: &str) -> Result<VarLenUnicode> {
-    s.parse::<VarLenUnicode>().map_err(|e| anyhow!("{e}"))
-}
-
 fn describe(ds: &hdf5::Dataset, what: &str) -> Result<()> {
-    Ok(ds.new_attr::<VarLenUnicode>().create("description")?.write_scalar(&text(what)?)?)
+    Ok(write_text_attr(ds, "description", what)?)
 }
 
 impl MetricsWriter {
     /// A new file, or, when resuming after step `resume_step`, the existing one with the rows
     /// after that step removed (they are about to be recomputed). An unreadable old file (a
     /// crash mid-write) is moved aside to `metrics.h5.broken`.
-    pub fn open(path: &Path, exp: &Experiment, info: &RunInfo, resume_step: Option<u64>) -> Result<MetricsWriter> {
+    pub fn open(path: &Path, info: &RunInfo, resume_step: Option<u64>) -> Result<MetricsWriter> {
         if let (Some(step), true) = (resume_step, path.exists()) {
             match Self::reopen(path, info.world_size, step) {
                 Ok(w) => return Ok(w),
@@ -132,10 +126,10 @@ impl MetricsWriter {
                 }
             }
         }
-        Self::create(path, exp, info)
+        Self::create(path, info)
     }
 
-    fn create(path: &Path, exp: &Experiment, info: &RunInfo) -> Result<MetricsWriter> {
+    fn create(path: &Path, info: &RunInfo) -> Result<MetricsWriter> {
         let file = hdf5::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         let steps = file.create_group("steps")?;
         for (name, what) in F64_COLUMNS {
@@ -167,19 +161,16 @@ impl MetricsWriter {
             "first global position of each bin",
         )?;
 
-        let put_text = |name: &str, v: &str| -> Result<()> {
-            Ok(file.new_attr::<VarLenUnicode>().create(name)?.write_scalar(&text(v)?)?)
-        };
         let versions = crate::train::checkpoint::Versions::current();
-        put_text("config_toml", &exp.to_toml())?;
-        put_text("ulysses_version", &versions.ulysses)?;
-        put_text("tch_version", &versions.tch)?;
-        put_text("libtorch_version", &versions.libtorch)?;
-        file.new_attr::<u32>().create("schema_version")?.write_scalar(&SCHEMA_VERSION)?;
-        file.new_attr::<u64>().create("world_size")?.write_scalar(&(info.world_size as u64))?;
-        file.new_attr::<f64>().create("peak_tflops")?.write_scalar(&info.peak_tflops)?;
+        write_text_attr(&file, "config_toml", info.config_toml)?;
+        write_text_attr(&file, "ulysses_version", &versions.ulysses)?;
+        write_text_attr(&file, "tch_version", &versions.tch)?;
+        write_text_attr(&file, "libtorch_version", &versions.libtorch)?;
+        write_scalar_attr(&file, "schema_version", &SCHEMA_VERSION)?;
+        write_scalar_attr(&file, "world_size", &(info.world_size as u64))?;
+        write_scalar_attr(&file, "peak_tflops", &info.peak_tflops)?;
         file.flush()?;
-        Ok(MetricsWriter { file, rows: 0, position_rows: 0, world: w })
+        Ok(MetricsWriter { file, world: w })
     }
 
     fn reopen(path: &Path, world: usize, resume_step: u64) -> Result<MetricsWriter> {
@@ -208,51 +199,33 @@ impl MetricsWriter {
             ds.resize((position_rows, ds.shape()[1]))?;
         }
         file.flush()?;
-        Ok(MetricsWriter { file, rows, position_rows, world: width })
+        Ok(MetricsWriter { file, world: width })
     }
 
     pub fn append(&mut self, r: &StepRow) -> Result<()> {
-        let n = self.rows;
         let steps = self.file.group("steps")?;
         for ((name, _), v) in F64_COLUMNS.iter().zip(f64_values(r)) {
-            append_1d(&steps.dataset(name)?, n, v)?;
+            append_1d(&steps.dataset(name)?, &[v])?;
         }
-        append_1d(&steps.dataset("step")?, n, r.step)?;
-        append_1d(&steps.dataset("tokens")?, n, r.tokens)?;
+        append_1d(&steps.dataset("step")?, &[r.step])?;
+        append_1d(&steps.dataset("tokens")?, &[r.tokens])?;
         for ((name, _), per_rank) in RANK_COLUMNS.iter().zip([&r.peak_host_mem, &r.peak_gpu_mem]) {
             let mut row = vec![0u64; self.world];
             for (slot, &v) in row.iter_mut().zip(per_rank.iter()) {
                 *slot = v;
             }
-            append_row(&steps.dataset(name)?, n, row)?;
+            append_row(&steps.dataset(name)?, row)?;
         }
         self.file.flush()?;
-        self.rows += 1;
         Ok(())
     }
 
     pub fn append_positions(&mut self, step: u64, bins: &crate::train::position::PositionBins) -> Result<()> {
-        let n = self.position_rows;
         let pos = self.file.group("position_loss")?;
-        append_1d(&pos.dataset("step")?, n, step)?;
-        append_row(&pos.dataset("loss")?, n, bins.loss.clone())?;
-        append_row(&pos.dataset("tokens")?, n, bins.tokens.clone())?;
+        append_1d(&pos.dataset("step")?, &[step])?;
+        append_row(&pos.dataset("loss")?, bins.loss.clone())?;
+        append_row(&pos.dataset("tokens")?, bins.tokens.clone())?;
         self.file.flush()?;
-        self.position_rows += 1;
         Ok(())
     }
-}
-
-fn append_1d<T: hdf5::H5Type + Copy>(ds: &hdf5::Dataset, n: usize, v: T) -> Result<()> {
-    ds.resize(n + 1)?;
-    ds.write_slice(&[v], n..n + 1)?;
-    Ok(())
-}
-
-/// Writes `row` as row `n` of a 2-D dataset whose width is the row's length.
-fn append_row<T: hdf5::H5Type>(ds: &hdf5::Dataset, n: usize, row: Vec<T>) -> Result<()> {
-    let k = row.len();
-    ds.resize((n + 1, k))?;
-    ds.write_slice(&Array2::from_shape_vec((1, k), row)?, s![n..n + 1, ..])?;
-    Ok(())
 }

@@ -1,56 +1,37 @@
-//! The training loop: data, parameter shards (fresh or from a checkpoint), steps, metrics,
-//! checkpoints, and a clean stop on preemption.
+//! The training loop. `run` sets a run up, in an order that fails early: the attention kernels,
+//! the memory plan (before anything large is allocated, so a run that cannot fit stops with the
+//! numbers), the step context, then the shards (fresh or from a checkpoint), the data and the
+//! outputs. `Run::step` is one optimizer step, from its micro batches to its metrics row and
+//! checkpoint, with a clean stop on preemption.
 pub mod checkpoint;
 pub mod flops;
+pub mod layer;
 pub mod memory;
 pub mod metrics;
 pub mod position;
 pub mod preempt;
 pub mod profile;
 pub(crate) mod progress;
+pub mod reference;
 pub mod schedule;
 mod start;
 pub mod step;
 pub mod store;
 
-use crate::comm::all_reduce_f64;
-use crate::comm::{Collective, Groups, Mesh};
+use crate::comm::{all_reduce_f64, Collective, Groups, Mesh};
 use crate::config::{AttentionBackend, Dtype, Experiment};
 use crate::data::{Dataset, Loader, LoaderSpec};
-use crate::memory_plan::{self, Budget, DoesNotFit, MemoryPlan};
 use crate::model::spec::ModelSpec;
-use crate::parallel::zero::AdamW;
+use crate::optim::{clip_scale, grad_norm, AdamW};
+use crate::plan::memory::{self as memory_plan, Budget, DoesNotFit, MemoryPlan, Placement};
 use anyhow::{bail, Context, Result};
 use metrics::{MetricsWriter, RunInfo, StepRow, StepTimes};
 use position::PositionLoss;
 use profile::Profiler;
+use std::path::PathBuf;
 use std::time::Instant;
 use step::{micro_step, MicroBatch, StepContext};
 use tch::{Device, Kind, Tensor};
-
-fn batch_tensors(b: &crate::data::Batch, device: Device) -> MicroBatch {
-    let shape = [b.micro_batch as i64, b.chunk_len as i64];
-    let t = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
-    MicroBatch { input_ids: t(&b.input_ids), labels: t(&b.labels), position_ids: t(&b.position_ids) }
-}
-
-/// Peak host memory, GPU memory and activation-store disk use of every rank (collective), each
-/// `[world]` bytes.
-fn memory_per_rank(world: &dyn Collective, device: Device, disk: u64) -> Result<[Vec<u64>; 3]> {
-    let mine = [memory::peak_host_bytes(), memory::peak_gpu_bytes(device), disk].map(|b| b as i64);
-    let all: Vec<i64> =
-        Vec::try_from(world.all_gather(&Tensor::from_slice(&mine).to_device(world.device()))?.to_device(Device::Cpu))?;
-    Ok([0, 1, 2].map(|i| all.iter().skip(i).step_by(3).map(|&v| v as u64).collect()))
-}
-
-/// The smallest budget of any rank, so that every rank makes the same plan: ranks must agree on
-/// which layers recompute attention (the recompute runs all-to-alls), and MemAvailable differs
-/// from rank to rank.
-fn agreed_budget(world: &dyn Collective, mine: Budget) -> Result<Budget> {
-    let parts = Tensor::from_slice(&[mine.gpu, mine.host, mine.disk]).to_device(world.device());
-    let all: Vec<f64> = Vec::try_from(world.all_gather(&parts)?.to_device(Device::Cpu))?;
-    Ok(all.chunks(3).map(|b| Budget { gpu: b[0], host: b[1], disk: b[2] }).fold(mine, Budget::min))
-}
 
 /// Trains on `device` (this rank's GPU, or the CPU) with the mesh's communicators, within this
 /// rank's memory `budget` (`Budget::measure`).
@@ -63,132 +44,264 @@ pub fn run(
     budget: Budget,
 ) -> Result<()> {
     if let Device::Cuda(_) = device {
-        let (flash, efficient, math, cudnn) = match exp.parallel.attention {
-            AttentionBackend::Auto => (true, true, true, true),
-            AttentionBackend::Cudnn => (false, false, false, true),
-            AttentionBackend::Flash => (true, false, false, false),
-            AttentionBackend::Efficient => (false, true, false, false),
-            AttentionBackend::Math => (false, false, true, false),
-        };
-        crate::cuda::set_sdp_backends(flash, efficient, math, cudnn);
+        allow_attention_kernels(exp.parallel.attention);
     }
-    let kind = match exp.train.dtype {
-        Dtype::Fp32 => Kind::Float,
-        Dtype::Bf16 => Kind::BFloat16,
+    let placement = plan_memory(exp, spec, mesh, groups.world.as_ref(), budget)?;
+    let profiler = Profiler::new(device, false);
+    let ctx = StepContext {
+        spec,
+        groups,
+        kind: match exp.train.dtype {
+            Dtype::Fp32 => Kind::Float,
+            Dtype::Bf16 => Kind::BFloat16,
+        },
+        device,
+        mlp_tile: exp.parallel.mlp_tile,
+        loss_tile: exp.parallel.loss_tile,
+        profiler: &profiler,
+        layers: StepContext::layers(&placement, exp.parallel.fused_attention(), exp.train.memory_fit),
     };
-    let preemption = preempt::Preemption::install().context("installing the SIGTERM/SIGUSR1 handlers")?;
-    let dataset = Dataset::open(&exp.data.paths, exp.data.seq_len)?;
-    if dataset.vocab_size() > spec.vocab_size {
-        bail!(
-            "data: the shards' vocabulary has {} tokens but the model's has {}; prepare the data with the model's tokenizer",
-            dataset.vocab_size(),
-            spec.vocab_size
-        );
+    let mut run = Run::start(exp, spec, mesh, groups.world.as_ref(), device)?;
+    for step in run.first_step..=exp.train.steps {
+        if let Flow::Stop = run.step(&ctx, step)? {
+            break;
+        }
     }
-    let t = &exp.train;
-    let world = groups.world.as_ref();
-    // Where layer inputs and kept attention wait, decided before anything large is allocated, so a
-    // run that cannot fit stops here with the numbers and what would help.
-    let world_size = mesh.sp * mesh.dp;
-    let budget = agreed_budget(world, budget)?;
-    let plan = MemoryPlan::new(exp, spec, world_size, exp.data.seq_len);
+    Ok(())
+}
+
+/// Which fused kernels libtorch's SDPA may pick from, as `parallel.attention` says.
+fn allow_attention_kernels(backend: AttentionBackend) {
+    let (flash, efficient, math, cudnn) = match backend {
+        AttentionBackend::Auto => (true, true, true, true),
+        AttentionBackend::Cudnn => (false, false, false, true),
+        AttentionBackend::Flash => (true, false, false, false),
+        AttentionBackend::Efficient => (false, true, false, false),
+        AttentionBackend::Math => (false, false, true, false),
+    };
+    crate::ffi::cuda::set_sdp_backends(flash, efficient, math, cudnn);
+}
+
+/// Where layer inputs and kept attention wait, decided within the smallest budget of any rank (so
+/// every rank makes the same plan: ranks must agree on which layers recompute attention, since
+/// the recompute runs all-to-alls, and MemAvailable differs from rank to rank).
+fn plan_memory(
+    exp: &Experiment,
+    spec: &ModelSpec,
+    mesh: &Mesh,
+    world: &dyn Collective,
+    mine: Budget,
+) -> Result<Placement> {
+    let parts = Tensor::from_slice(&[mine.gpu, mine.host, mine.disk]).to_device(world.device());
+    let all: Vec<f64> = Vec::try_from(world.all_gather(&parts)?.to_device(Device::Cpu))?;
+    let budget = all.chunks(3).map(|b| Budget { gpu: b[0], host: b[1], disk: b[2] }).fold(mine, Budget::min);
+    let (p, t, seq_len, world_size) = (&exp.parallel, &exp.train, exp.data.seq_len, mesh.world_size());
+    let plan = MemoryPlan::new(p, t, spec, world_size, seq_len);
     let placement = plan
         .placement(&budget)
-        .map_err(|shortfall| DoesNotFit(memory_plan::refusal(exp, spec, world_size, &budget, &shortfall)))?;
+        .map_err(|shortfall| DoesNotFit(memory_plan::refusal(p, t, seq_len, spec, world_size, &budget, &shortfall)))?;
     if mesh.world_rank == 0 {
         log::info!("memory plan: {}", memory_plan::summary(&plan.with_placement(&placement), &placement, &budget));
     }
-    // The fp32 master weights and Adam moments live on the GPU, or in host memory when offloaded
-    // (AdamW then runs on the CPU with libtorch's multi-threaded vectorized kernels).
-    let state_device = if exp.parallel.offload_optimizer { Device::Cpu } else { device };
-    let (mut params, loader_state, start) = start::start_point(exp, spec, mesh, world, state_device)?;
-    let loader_spec = LoaderSpec {
-        seed: exp.run.seed,
-        shuffle: exp.data.shuffle,
-        dp: mesh.dp,
-        dp_rank: mesh.dp_rank,
-        sp: mesh.sp,
-        sp_rank: mesh.sp_rank,
-        micro_batch: t.micro_batch,
-        loss_on: exp.data.loss_on,
-    };
-    let mut loader = Loader::new(dataset, loader_spec, loader_state)?;
-    let adamw = AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
-    let (bins, every_pos) = (exp.metrics.position_bins, exp.metrics.position_loss_every);
+    Ok(placement)
+}
 
-    let run_dir = exp.run_dir();
-    let mut metrics = if mesh.world_rank == 0 && !t.memory_fit {
-        std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
-        let bin_starts = PositionLoss::bin_starts(bins, exp.data.seq_len);
-        let info = RunInfo {
-            world_size: mesh.sp * mesh.dp,
-            peak_tflops: flops::H100_BF16_PEAK_TFLOPS,
-            bin_starts: &bin_starts,
+/// Whether training goes on after a step.
+enum Flow {
+    Continue,
+    /// Preempted (SIGTERM/SIGUSR1): the step's checkpoint is saved, the job ends here.
+    Stop,
+}
+
+/// A run under way: its state and its outputs.
+struct Run<'a> {
+    exp: &'a Experiment,
+    spec: &'a ModelSpec,
+    mesh: &'a Mesh,
+    world: &'a dyn Collective,
+    device: Device,
+    params: crate::parallel::zero::ShardedParams,
+    loader: Loader,
+    store: store::ActivationStore,
+    /// Rank 0's metrics.h5 (no file on the other ranks and in memory-fit runs).
+    metrics: Option<MetricsWriter>,
+    preemption: preempt::Preemption,
+    adamw: AdamW,
+    /// Tokens and model FLOPs of one optimizer step over all ranks.
+    tokens: u64,
+    step_flops: flops::StepFlops,
+    run_dir: PathBuf,
+    first_step: usize,
+    started: Instant,
+}
+
+impl<'a> Run<'a> {
+    /// The shards and data position to start from (fresh, or a checkpoint's), the data loader,
+    /// the activation store and the metrics file.
+    fn start(
+        exp: &'a Experiment,
+        spec: &'a ModelSpec,
+        mesh: &'a Mesh,
+        world: &'a dyn Collective,
+        device: Device,
+    ) -> Result<Run<'a>> {
+        let preemption = preempt::Preemption::install().context("installing the SIGTERM/SIGUSR1 handlers")?;
+        let dataset = Dataset::open(&exp.data.paths, exp.data.seq_len)?;
+        if dataset.vocab_size() > spec.vocab_size {
+            bail!(
+                "data: the shards' vocabulary has {} tokens but the model's has {}; prepare the data with the model's tokenizer",
+                dataset.vocab_size(),
+                spec.vocab_size
+            );
+        }
+        // The fp32 master weights and Adam moments live on the GPU, or in host memory when
+        // offloaded (AdamW then runs on the CPU with libtorch's multi-threaded vectorized kernels).
+        let state_device = if exp.parallel.offload_optimizer { Device::Cpu } else { device };
+        let (params, loader_state, start) =
+            start::start_point(&start::StartSpec::of(exp), spec, mesh, world, state_device)?;
+        let t = &exp.train;
+        let loader_spec = LoaderSpec {
+            seed: exp.run.seed,
+            shuffle: exp.data.shuffle,
+            dp: mesh.dp,
+            dp_rank: mesh.dp_rank,
+            sp: mesh.sp,
+            sp_rank: mesh.sp_rank,
+            micro_batch: t.micro_batch,
+            loss_on: exp.data.loss_on,
         };
-        Some(MetricsWriter::open(&run_dir.join("metrics.h5"), exp, &info, (start > 0).then_some(start))?)
-    } else {
-        None
-    };
-    if start == t.steps as u64 && mesh.world_rank == 0 {
-        println!("the run is already complete (step {start} of {}); nothing to do", t.steps);
-    }
-    let tokens = (exp.data.seq_len * mesh.dp * t.micro_batch * t.grad_accum) as u64;
-    let step_flops = flops::step_flops(spec, exp.data.seq_len, mesh.dp * t.micro_batch * t.grad_accum);
-    let kernel = memory_plan::kept_attention_kernel(&exp.parallel);
-    let mut store = store::ActivationStore::new(device, &exp.memory.offload_dir, mesh.world_rank)?;
-    let started = Instant::now();
-    for step in start as usize + 1..=t.steps {
-        let split_every = exp.metrics.time_split_every;
-        let profiler = Profiler::new(device, split_every > 0 && step % split_every == 0);
-        let ctx = StepContext {
+        let loader = Loader::new(dataset, loader_spec, loader_state)?;
+        let run_dir = exp.run_dir();
+        let metrics = if mesh.world_rank == 0 && !t.memory_fit {
+            std::fs::create_dir_all(&run_dir)
+                .with_context(|| format!("creating run directory {}", run_dir.display()))?;
+            let bin_starts = PositionLoss::bin_starts(exp.metrics.position_bins, exp.data.seq_len);
+            let info = RunInfo {
+                config_toml: &exp.to_toml(),
+                world_size: mesh.world_size(),
+                peak_tflops: flops::H100_BF16_PEAK_TFLOPS,
+                bin_starts: &bin_starts,
+            };
+            Some(MetricsWriter::open(&run_dir.join("metrics.h5"), &info, (start > 0).then_some(start))?)
+        } else {
+            None
+        };
+        if start == t.steps as u64 && mesh.world_rank == 0 {
+            println!("the run is already complete (step {start} of {}); nothing to do", t.steps);
+        }
+        let store = store::ActivationStore::new(device, &exp.memory.offload_dir, mesh.world_rank)?;
+        let samples = mesh.dp * t.micro_batch * t.grad_accum;
+        Ok(Run {
+            exp,
             spec,
-            groups,
-            kind,
+            mesh,
+            world,
             device,
-            mlp_tile: exp.parallel.mlp_tile,
-            loss_tile: exp.parallel.loss_tile,
-            profiler: &profiler,
-            placement: &placement,
-            kernel,
-            memory_fit: t.memory_fit,
-        };
-        memory::reset_peak_gpu(device);
+            params,
+            loader,
+            store,
+            metrics,
+            preemption,
+            adamw: AdamW::new(t),
+            tokens: (exp.data.seq_len * samples) as u64,
+            step_flops: flops::step_flops(spec, exp.data.seq_len, samples),
+            run_dir,
+            first_step: start as usize + 1,
+            started: Instant::now(),
+        })
+    }
+
+    /// Optimizer step `step`: its micro batches forward and backward, the update, then its
+    /// metrics row, its checkpoint when one is due, and the stop after a preemption.
+    fn step(&mut self, ctx: &StepContext, step: usize) -> Result<Flow> {
+        let (t, m) = (&self.exp.train, &self.exp.metrics);
+        ctx.profiler.start_step(m.time_split_every > 0 && step % m.time_split_every == 0);
+        memory::reset_peak_gpu(self.device);
         let mut times = StepTimes::default();
         let t0 = Instant::now();
-        let batches: Vec<MicroBatch> =
-            (0..t.grad_accum).map(|_| Ok(batch_tensors(&loader.next_batch()?, device))).collect::<Result<_>>()?;
+        let batches = self.next_batches()?;
         times.data = t0.elapsed().as_secs_f64();
         let n_local: i64 = batches.iter().map(MicroBatch::valid_labels).sum();
-        let n_total = all_reduce_f64(world, n_local as f64)?;
-        let mut positions =
-            (every_pos > 0 && step % every_pos == 0).then(|| PositionLoss::new(bins, exp.data.seq_len, device));
+        let n_total = all_reduce_f64(self.world, n_local as f64)?.max(1.0);
+        let mut positions = (m.position_loss_every > 0 && step % m.position_loss_every == 0)
+            .then(|| PositionLoss::new(m.position_bins, self.exp.data.seq_len, self.device));
         let mut loss_local = 0.0;
         for b in &batches {
             loss_local +=
-                micro_step(&ctx, &mut params, &mut store, b, n_total.max(1.0), &mut times, positions.as_mut())?;
+                micro_step(ctx, &mut self.params, &mut self.store, b, n_total, &mut times, positions.as_mut())?;
         }
-        let loss = all_reduce_f64(world, loss_local)? / n_total.max(1.0);
+        let loss = all_reduce_f64(self.world, loss_local)? / n_total;
         let t_opt = Instant::now();
-        let grad_norm = params.grad_norm(world)?;
-        let clip = if t.clip_grad_norm > 0.0 && grad_norm > t.clip_grad_norm {
-            t.clip_grad_norm / (grad_norm + 1e-6)
-        } else {
-            1.0
-        };
-        let lr = schedule::lr_at(t, step);
-        params.adamw_step(&adamw, lr, step as i64, clip).map_err(anyhow::Error::msg)?;
-        // GPU work is asynchronous: the step ends when the device is done.
-        if let Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
+        let (grad_norm, lr) = self.update(step)?;
         times.optimizer = t_opt.elapsed().as_secs_f64();
         let step_time = t0.elapsed().as_secs_f64();
+        let position_bins = positions.map(|p| p.reduce(self.world)).transpose()?;
+        let mut row = self.row(step, loss, lr, grad_norm, step_time, times)?;
+        self.print(&row, step, ctx.profiler);
 
-        let position_bins = positions.map(|p| p.reduce(world)).transpose()?;
-        let [peak_host_mem, peak_gpu_mem, peak_disk] = memory_per_rank(world, device, store.disk_bytes().1)?;
-        store.reset_peaks();
-        let per_rank_tflops = |f: f64| f / step_time / (mesh.sp * mesh.dp) as f64 / 1e12;
-        let mut row = StepRow {
+        let preempted = self.preemption.requested(self.world)?;
+        let t_ckpt = Instant::now();
+        if preempted || self.checkpoint_due(step) {
+            self.save(step)?;
+        }
+        row.checkpoint_time = t_ckpt.elapsed().as_secs_f64();
+        if let Some(metrics) = self.metrics.as_mut() {
+            metrics.append(&row)?;
+            if let Some(b) = &position_bins {
+                metrics.append_positions(step as u64, b)?;
+            }
+        }
+        if preempted && step < t.steps {
+            if self.mesh.world_rank == 0 {
+                println!(
+                    "preempted (SIGTERM/SIGUSR1): stopped after step {step}; launch the same command again to resume"
+                );
+            }
+            return Ok(Flow::Stop);
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// The step's `train.grad_accum` micro batches, on the compute device.
+    fn next_batches(&mut self) -> Result<Vec<MicroBatch>> {
+        (0..self.exp.train.grad_accum)
+            .map(|_| {
+                let b = self.loader.next_batch()?;
+                let shape = [b.micro_batch as i64, b.chunk_len as i64];
+                let t = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(self.device);
+                Ok(MicroBatch { input_ids: t(&b.input_ids), labels: t(&b.labels), position_ids: t(&b.position_ids) })
+            })
+            .collect()
+    }
+
+    /// The gradient norm, clipping and AdamW at the schedule's learning rate; returns both. GPU
+    /// work is asynchronous: the update ends when the device is done.
+    fn update(&mut self, step: usize) -> Result<(f64, f64)> {
+        let t = &self.exp.train;
+        let norm = grad_norm(&mut self.params, self.world)?;
+        let lr = schedule::lr_at(t, step);
+        self.adamw.step(&mut self.params, lr, step as i64, clip_scale(norm, t.clip_grad_norm))?;
+        if let Device::Cuda(i) = self.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        Ok((norm, lr))
+    }
+
+    /// The step's metrics row (collective: every rank's peak memory is gathered).
+    fn row(
+        &mut self,
+        step: usize,
+        loss: f64,
+        lr: f64,
+        grad_norm: f64,
+        step_time: f64,
+        times: StepTimes,
+    ) -> Result<StepRow> {
+        let [peak_host_mem, peak_gpu_mem, peak_disk] = self.memory_per_rank()?;
+        self.store.reset_peaks();
+        let (tokens, step_flops) = (self.tokens, self.step_flops);
+        let per_rank_tflops = |f: f64| f / step_time / self.mesh.world_size() as f64 / 1e12;
+        Ok(StepRow {
             step: step as u64,
             tokens,
             loss,
@@ -205,44 +318,56 @@ pub fn run(
             peak_host_mem,
             peak_gpu_mem,
             peak_disk,
-        };
-        if mesh.world_rank == 0 && t.memory_fit {
-            progress::print_memory_fit(&row, t.steps);
-        } else if mesh.world_rank == 0 {
-            progress::print_progress(&row, t.steps, started.elapsed().as_secs_f64() / (step - start as usize) as f64);
-            if profiler.is_on() {
-                progress::print_time_split(step, &profiler.finish());
-            }
+        })
+    }
+
+    /// Peak host memory, GPU memory and activation-store disk use of every rank (collective),
+    /// each `[world]` bytes.
+    fn memory_per_rank(&self) -> Result<[Vec<u64>; 3]> {
+        let disk = self.store.disk_bytes().1;
+        let mine = [memory::peak_host_bytes(), memory::peak_gpu_bytes(self.device), disk].map(|b| b as i64);
+        let mine = Tensor::from_slice(&mine).to_device(self.world.device());
+        let all: Vec<i64> = Vec::try_from(self.world.all_gather(&mine)?.to_device(Device::Cpu))?;
+        Ok([0, 1, 2].map(|i| all.iter().skip(i).step_by(3).map(|&v| v as u64).collect()))
+    }
+
+    /// Rank 0's step line (and the time split on measured steps).
+    fn print(&self, row: &StepRow, step: usize, profiler: &Profiler) {
+        if self.mesh.world_rank != 0 {
+            return;
         }
-        let preempted = preemption.requested(world)?;
-        let t_ckpt = Instant::now();
-        let every = exp.checkpoint.every;
-        let last = step == t.steps && exp.checkpoint.save_final;
-        if preempted || last || (every > 0 && step % every == 0) {
-            let state = start::run_state(exp, mesh, step as u64, &loader);
-            let dir = checkpoint::save(&params, &state, spec, &run_dir, exp.checkpoint.keep, world)?;
-            if mesh.world_rank == 0 {
-                if step == t.steps {
-                    checkpoint::link_final(&run_dir, &dir)?;
-                }
-                println!("saved checkpoint {}", dir.display());
-            }
+        let steps = self.exp.train.steps;
+        if self.exp.train.memory_fit {
+            progress::print_memory_fit(row, steps);
+            return;
         }
-        if let Some(m) = metrics.as_mut() {
-            row.checkpoint_time = t_ckpt.elapsed().as_secs_f64();
-            m.append(&row)?;
-            if let Some(b) = &position_bins {
-                m.append_positions(step as u64, b)?;
-            }
-        }
-        if preempted && step < t.steps {
-            if mesh.world_rank == 0 {
-                println!(
-                    "preempted (SIGTERM/SIGUSR1): stopped after step {step}; launch the same command again to resume"
-                );
-            }
-            return Ok(());
+        progress::print_progress(
+            row,
+            steps,
+            self.started.elapsed().as_secs_f64() / (step + 1 - self.first_step) as f64,
+        );
+        if profiler.is_on() {
+            progress::print_time_split(step, &profiler.finish());
         }
     }
-    Ok(())
+
+    /// Whether step `step` saves a checkpoint (besides a preemption's).
+    fn checkpoint_due(&self, step: usize) -> bool {
+        let c = &self.exp.checkpoint;
+        (step == self.exp.train.steps && c.save_final) || (c.every > 0 && step % c.every == 0)
+    }
+
+    /// Saves the checkpoint of step `step` (collective) and, at the last step, points `final` at it.
+    fn save(&self, step: usize) -> Result<()> {
+        let state = start::run_state(self.exp, self.mesh, step as u64, &self.loader);
+        let dir =
+            checkpoint::save(&self.params, &state, self.spec, &self.run_dir, self.exp.checkpoint.keep, self.world)?;
+        if self.mesh.world_rank == 0 {
+            if step == self.exp.train.steps {
+                checkpoint::link_final(&self.run_dir, &dir)?;
+            }
+            println!("saved checkpoint {}", dir.display());
+        }
+        Ok(())
+    }
 }

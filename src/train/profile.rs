@@ -26,18 +26,30 @@ enum Region {
 
 pub struct Profiler {
     device: Device,
-    on: bool,
+    on: Cell<bool>,
     last: Cell<Instant>,
     split: RefCell<TimeSplit>,
 }
 
 impl Profiler {
     pub fn new(device: Device, on: bool) -> Profiler {
-        Profiler { device, on, last: Cell::new(Instant::now()), split: RefCell::new(TimeSplit::default()) }
+        Profiler {
+            device,
+            on: Cell::new(on),
+            last: Cell::new(Instant::now()),
+            split: RefCell::new(TimeSplit::default()),
+        }
+    }
+
+    /// Starts a step: measured (`on`) or not, with the split back at zero.
+    pub fn start_step(&self, on: bool) {
+        self.on.set(on);
+        self.last.set(Instant::now());
+        *self.split.borrow_mut() = TimeSplit::default();
     }
 
     pub fn is_on(&self) -> bool {
-        self.on
+        self.on.get()
     }
 
     /// Attributes the time since the previous mark to `region`.
@@ -58,7 +70,7 @@ impl Profiler {
 
     /// Runs a collective on `group`: waiting for the group's slowest rank is counted apart.
     pub fn comm<T>(&self, group: &dyn Collective, f: impl FnOnce() -> T) -> T {
-        if !self.on {
+        if !self.on.get() {
             return f();
         }
         self.mark(Region::Compute);
@@ -71,7 +83,7 @@ impl Profiler {
 
     /// Runs attention kernels (forward or backward).
     pub fn attention<T>(&self, f: impl FnOnce() -> T) -> T {
-        if !self.on {
+        if !self.on.get() {
             return f();
         }
         self.mark(Region::Compute);
@@ -82,7 +94,7 @@ impl Profiler {
 
     /// Closes the last region and returns the split (zeros when off).
     pub fn finish(&self) -> TimeSplit {
-        if self.on {
+        if self.on.get() {
             self.mark(Region::Compute);
         }
         *self.split.borrow()

@@ -1,6 +1,6 @@
 //! Rank 0's line per step.
 use super::metrics::StepRow;
-use crate::plan::gib;
+use crate::units::gib;
 
 /// "  disk X GiB" when some rank kept activations on disk this step, else nothing.
 fn disk(r: &StepRow) -> String {

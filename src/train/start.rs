@@ -2,18 +2,47 @@
 //! the run state a checkpoint records.
 use super::checkpoint::{self, DataPosition, Layout, RunState, Versions};
 use crate::comm::{Collective, Mesh};
-use crate::config::Experiment;
+use crate::config::{Experiment, Resume, ZeroStage};
 use crate::data::{Loader, LoaderState};
 use crate::model::params::init_tensor;
 use crate::model::spec::ModelSpec;
 use crate::model::weights;
 use crate::parallel::zero::ShardedParams;
 use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
-/// Fresh shards: `model.weights` when given, else the seeded initialisation.
-fn fresh_params(exp: &Experiment, spec: &ModelSpec, world: &dyn Collective, device: Device) -> Result<ShardedParams> {
-    let initial = match &exp.model.weights {
+/// What the start of a run depends on.
+pub struct StartSpec<'a> {
+    /// `checkpoint.resume`.
+    pub resume: &'a Resume,
+    pub run_dir: PathBuf,
+    /// `model.weights`: initial weights in Hugging Face layout, else a seeded initialisation.
+    pub weights: Option<&'a Path>,
+    pub seed: u64,
+    pub zero_stage: ZeroStage,
+    /// `train.steps`: a checkpoint beyond it cannot be continued.
+    pub steps: usize,
+    pub micro_batch: usize,
+}
+
+impl StartSpec<'_> {
+    pub fn of(exp: &Experiment) -> StartSpec<'_> {
+        StartSpec {
+            resume: &exp.checkpoint.resume,
+            run_dir: exp.run_dir(),
+            weights: exp.model.weights.as_deref(),
+            seed: exp.run.seed,
+            zero_stage: exp.parallel.zero_stage,
+            steps: exp.train.steps,
+            micro_batch: exp.train.micro_batch,
+        }
+    }
+}
+
+/// Fresh shards: `weights` when given, else the seeded initialisation.
+fn fresh_params(s: &StartSpec, spec: &ModelSpec, world: &dyn Collective, device: Device) -> Result<ShardedParams> {
+    let initial = match s.weights {
         Some(path) => Some(
             weights::load_hf(path, spec, Kind::Float, Device::Cpu)
                 .with_context(|| format!("loading model.weights {}", path.display()))?
@@ -21,42 +50,40 @@ fn fresh_params(exp: &Experiment, spec: &ModelSpec, world: &dyn Collective, devi
         ),
         None => None,
     };
-    Ok(ShardedParams::new(spec, exp.parallel.zero_stage, world, device, |u| match &initial {
+    Ok(ShardedParams::new(spec, s.zero_stage, world, device, |u| match &initial {
         Some(named) => u
             .tensors
             .iter()
             .map(|(n, _)| named.iter().find(|(k, _)| k == n).expect("validated names").1.shallow_clone())
             .collect(),
-        None => u
-            .tensors
-            .iter()
-            .map(|(n, shape)| init_tensor(n, shape, exp.run.seed as i64, Kind::Float, Device::Cpu))
-            .collect(),
+        None => {
+            u.tensors.iter().map(|(n, shape)| init_tensor(n, shape, s.seed as i64, Kind::Float, Device::Cpu)).collect()
+        }
     }))
 }
 
 /// The shards and the data position to start from, and the step already done.
 pub fn start_point(
-    exp: &Experiment,
+    s: &StartSpec,
     spec: &ModelSpec,
     mesh: &Mesh,
     world: &dyn Collective,
     device: Device,
 ) -> Result<(ShardedParams, LoaderState, u64)> {
-    let Some(dir) = checkpoint::resolve(&exp.checkpoint.resume, &exp.run_dir(), world)? else {
-        return Ok((fresh_params(exp, spec, world, device)?, LoaderState::default(), 0));
+    let Some(dir) = checkpoint::resolve(s.resume, &s.run_dir, world)? else {
+        return Ok((fresh_params(s, spec, world, device)?, LoaderState::default(), 0));
     };
     let state = checkpoint::read_state(&dir)?;
-    if state.step > exp.train.steps as u64 {
+    if state.step > s.steps as u64 {
         bail!(
             "{}: the checkpoint is at step {}, beyond train.steps = {}; raise train.steps to continue",
             dir.display(),
             state.step,
-            exp.train.steps
+            s.steps
         );
     }
-    let loader = checkpoint::restore_loader_state(&state, &dir, exp.run.seed, mesh.dp, exp.train.micro_batch)?;
-    let params = checkpoint::load_params(&dir, spec, exp.parallel.zero_stage, world, device)
+    let loader = checkpoint::restore_loader_state(&state, &dir, s.seed, mesh.dp, s.micro_batch)?;
+    let params = checkpoint::load_params(&dir, spec, s.zero_stage, world, device)
         .with_context(|| format!("loading checkpoint {}", dir.display()))?;
     if mesh.world_rank == 0 {
         println!(
@@ -71,6 +98,8 @@ pub fn start_point(
     Ok((params, loader, state.step))
 }
 
+/// What a checkpoint of step `step` records besides the tensors: the resolved experiment, the
+/// data position and the layout it was written with.
 pub fn run_state(exp: &Experiment, mesh: &Mesh, step: u64, loader: &Loader) -> RunState {
     let l = loader.state();
     RunState {
@@ -80,7 +109,7 @@ pub fn run_state(exp: &Experiment, mesh: &Mesh, step: u64, loader: &Loader) -> R
         data: DataPosition { epoch: l.epoch, samples: l.position * (mesh.dp * exp.train.micro_batch) as u64 },
         seed: exp.run.seed,
         layout: Layout {
-            world: mesh.sp * mesh.dp,
+            world: mesh.world_size(),
             sp: mesh.sp,
             dp: mesh.dp,
             zero_stage: exp.parallel.zero_stage,

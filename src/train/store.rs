@@ -1,14 +1,14 @@
 //! Where kept activations wait between forward and backward: on the GPU, in pinned host memory, or
 //! in a file. Layer inputs at long sequence outgrow GPU memory (256 GiB at 1M tokens for Llama-8B),
 //! so most go to the host and, when that runs out, to disk. The store keeps that off the critical
-//! path: copies run on a side stream (src/transfer.rs) and file I/O on a background thread, so
+//! path: copies run on a side stream (src/ffi/transfer.rs) and file I/O on a background thread, so
 //! `put` returns at once and `prefetch` one layer ahead hides the way back behind compute. Memory
 //! stays bounded on the disk path: a write frees its pinned staging buffer when done, `put` waits
 //! when `MAX_WRITES_IN_FLIGHT` writes are pending, and at most `MAX_READS_AHEAD` items are being
 //! read back (or read and not yet taken) besides the one `take` asks for; further prefetches wait
 //! their turn.
-use crate::memory_plan::Place;
-use crate::transfer::{self, CopyEvent};
+use crate::ffi::transfer::{self, CopyEvent};
+use crate::plan::memory::Place;
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;

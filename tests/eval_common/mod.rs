@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use ulysses::eval::results::{read, EvalResults};
 use ulysses::model::llama::ModelWeights;
-use ulysses::model::spec::ModelSpec;
+use ulysses::model::spec::{ModelSpec, Preset};
 
 /// An experiment for the tiny preset with sp = dp = 1 (evals pick their mesh with --sp).
 pub fn experiment(dir: &Path, data: &Path) -> PathBuf {
@@ -20,7 +20,7 @@ pub fn experiment(dir: &Path, data: &Path) -> PathBuf {
 /// A tiny model with random weights, drawn larger than at initialization (std 0.02) so that
 /// logits vary from token to token and argmax comparisons mean something.
 pub fn random_checkpoint(dir: &Path, seed: i64) -> PathBuf {
-    let spec = ModelSpec::preset("tiny").unwrap();
+    let spec = ModelSpec::preset(Preset::Tiny);
     let w = ModelWeights::init(&spec, seed, tch::Kind::Float, tch::Device::Cpu);
     let named = w
         .named_tensors()

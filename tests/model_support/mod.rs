@@ -2,11 +2,11 @@
 #![allow(dead_code)]
 use tch::{Kind, Tensor};
 use ulysses::model::llama::{LayerWeights, ModelWeights};
-use ulysses::model::spec::ModelSpec;
+use ulysses::model::spec::{ModelSpec, Preset};
 
 /// The `tiny` preset, optionally with tied embeddings.
 pub fn tiny(tied: bool) -> ModelSpec {
-    let mut spec = ModelSpec::preset("tiny").expect("tiny preset");
+    let mut spec = ModelSpec::preset(Preset::Tiny);
     spec.tie_word_embeddings = tied;
     spec
 }

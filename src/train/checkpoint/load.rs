@@ -2,6 +2,7 @@
 //! parameters and Adam moments for the layout of the job that loads it.
 use super::*;
 use crate::comm::Collective;
+use crate::config::{Resume, ZeroStage};
 use crate::data::LoaderState;
 use crate::model::spec::ModelSpec;
 use crate::model::weights::load_hf;
@@ -12,17 +13,17 @@ use tch::{Device, Kind, Tensor};
 /// The checkpoint to resume from: `resume` is "none", "auto" (the newest complete checkpoint of
 /// the run directory, if any) or a checkpoint folder. Rank 0 decides and tells the others, so
 /// every rank loads the same one even while a file system is still settling.
-pub fn resolve(resume: &str, run_dir: &Path, world: &dyn Collective) -> Result<Option<PathBuf>, CheckpointError> {
+pub fn resolve(resume: &Resume, run_dir: &Path, world: &dyn Collective) -> Result<Option<PathBuf>, CheckpointError> {
     match resume {
-        "none" => Ok(None),
-        "auto" => {
+        Resume::None => Ok(None),
+        Resume::Auto => {
             let newest =
                 if world.rank() == 0 { list_complete(run_dir)?.last().map_or(-1, |(s, _)| *s as i64) } else { 0 };
             let step = world.broadcast(&Tensor::from_slice(&[newest]), 0)?.int64_value(&[0]);
             Ok((step >= 0).then(|| checkpoints_dir(run_dir).join(step_dir_name(step as u64))))
         }
-        path => {
-            let dir = PathBuf::from(path);
+        Resume::From(dir) => {
+            let dir = dir.clone();
             if !dir.join(COMPLETE).is_file() {
                 return Err(CheckpointError::Incomplete { path: dir.display().to_string() });
             }
@@ -77,7 +78,7 @@ pub fn restore_loader_state(
 pub fn load_params(
     dir: &Path,
     spec: &ModelSpec,
-    stage: u8,
+    stage: ZeroStage,
     world: &dyn Collective,
     state_device: Device,
 ) -> Result<ShardedParams, CheckpointError> {
@@ -96,12 +97,13 @@ pub fn load_params(
         } else {
             None
         };
-        for u in 0..params.units.len() {
+        let units = params.units().to_vec();
+        for u in &units {
             let full = match &named {
-                Some(named) => Some(unit_tensors(named, &params.units[u].tensors, &path)?),
+                Some(named) => Some(unit_tensors(named, &u.tensors, &path)?),
                 None => None,
             };
-            params.load_state(world, u, which, 0, full.as_deref())?;
+            params.load_state(world, u.id, which, 0, full.as_deref())?;
         }
     }
     Ok(params)

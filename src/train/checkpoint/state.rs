@@ -41,7 +41,7 @@ pub struct Layout {
     pub world: usize,
     pub sp: usize,
     pub dp: usize,
-    pub zero_stage: u8,
+    pub zero_stage: crate::config::ZeroStage,
     pub micro_batch: usize,
     pub grad_accum: usize,
 }

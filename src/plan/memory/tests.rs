@@ -1,5 +1,7 @@
 use super::*;
-use crate::plan::GIB;
+use crate::config::{AttentionBackend, Experiment};
+use crate::model::spec::Preset;
+use crate::units::GIB;
 
 /// The benchmark's configuration (bench/RESULTS.md): layer inputs on the GPU, attention
 /// recomputed in backward.
@@ -8,7 +10,7 @@ fn bench(seq: usize) -> (Experiment, ModelSpec) {
         "[model]\npreset = \"llama3.1-8b\"\n[parallel]\nsp = 4\ndevice = \"cuda\"\nactivations = \"device\"\nkeep_attention = false\nmlp_tile = 16384\nloss_tile = 2048\n[data]\npaths = [\"x\"]\nseq_len = {seq}\n[train]\ndtype = \"bf16\"\n"
     );
     let exp = Experiment::parse(&toml, "bench").unwrap();
-    let spec = ModelSpec::preset("llama3.1-8b").unwrap();
+    let spec = ModelSpec::preset(Preset::Llama31_8b);
     (exp, spec)
 }
 
@@ -17,7 +19,7 @@ fn plan(activations: ActivationPlacement, keep_attention: bool) -> MemoryPlan {
     let (mut exp, spec) = bench(262144);
     exp.parallel.activations = activations;
     exp.parallel.keep_attention = keep_attention;
-    MemoryPlan::new(&exp, &spec, 4, 262144)
+    MemoryPlan::new(&exp.parallel, &exp.train, &spec, 4, 262144)
 }
 
 /// A budget with room for `gpu` inputs and `gpu_attention` attention outputs beyond the GPU's
@@ -44,7 +46,7 @@ fn count<T: PartialEq>(v: &[T], x: T) -> usize {
 
 /// Peak GPU memory of the plan with `placement`, GiB.
 fn peak_with(exp: &Experiment, spec: &ModelSpec, world: usize, seq: usize, placement: &Placement) -> f64 {
-    MemoryPlan::new(exp, spec, world, seq).with_placement(placement).gpu_peak() / GIB
+    MemoryPlan::new(&exp.parallel, &exp.train, spec, world, seq).with_placement(placement).gpu_peak() / GIB
 }
 
 #[test]
@@ -58,7 +60,7 @@ fn matches_the_measured_peaks_within_ten_percent() {
         (524288, false, [host; 4], [dev; 4], 46.4),
         (1048576, true, [host; 4], [host, dev, dev, dev], 59.2),
     ];
-    let mut spec = ModelSpec::preset("llama3.1-8b").unwrap();
+    let mut spec = ModelSpec::preset(Preset::Llama31_8b);
     spec.num_hidden_layers = 4;
     for (seq, offload, inputs, attention, measured) in runs {
         let (mut exp, _) = bench(seq);
@@ -79,7 +81,7 @@ fn predicted_the_peaks_of_full_size_runs_within_ten_percent() {
     // 256K with everything on the GPU (a real step), and 512K with 28 inputs in host memory, 4 on
     // disk, 23 attention outputs kept on the GPU and 9 layers recomputing attention (memory-fit).
     let (dev, host, disk) = (Place::Device, Place::Host, Place::Disk);
-    let spec = ModelSpec::preset("llama3.1-8b").unwrap();
+    let spec = ModelSpec::preset(Preset::Llama31_8b);
     let all_gpu = Placement { inputs: vec![dev; 32], attention: vec![Some(dev); 32] };
     let spilled = Placement {
         inputs: [vec![disk; 4], vec![host; 28]].concat(),
@@ -97,7 +99,7 @@ fn predicted_the_peaks_of_full_size_runs_within_ten_percent() {
 
     // tests/gpu/run.sh (SP=2), same day and machine: Llama-3.2-1B, sp = 2, 16K tokens.
     let toml = "[model]\npreset = \"llama3.2-1b\"\n[parallel]\nsp = 2\ndevice = \"cuda\"\nmlp_tile = 4096\nloss_tile = 2048\n[data]\npaths = [\"x\"]\nseq_len = 16384\n[train]\ndtype = \"bf16\"\n";
-    let spec = ModelSpec::preset("llama3.2-1b").unwrap();
+    let spec = ModelSpec::preset(Preset::Llama32_1b);
     for (activations, keep, offload, measured) in [
         (ActivationPlacement::Device, true, false, 14.3),
         (ActivationPlacement::Device, false, false, 13.8),
@@ -109,7 +111,7 @@ fn predicted_the_peaks_of_full_size_runs_within_ten_percent() {
         exp.parallel.activations = activations;
         exp.parallel.keep_attention = keep;
         exp.parallel.offload_optimizer = offload;
-        let plan = MemoryPlan::new(&exp, &spec, 2, 16384);
+        let plan = MemoryPlan::new(&exp.parallel, &exp.train, &spec, 2, 16384);
         let placement = plan.placement(&Budget { gpu: 76.0 * GIB, host: 100.0 * GIB, disk: f64::INFINITY }).unwrap();
         let est = plan.with_placement(&placement).gpu_peak() / GIB;
         assert!(
@@ -125,7 +127,8 @@ fn backends_without_a_log_sum_exp_kernel_never_keep_attention() {
     exp.parallel.keep_attention = true;
     for (backend, keeps) in [(AttentionBackend::Cudnn, true), (AttentionBackend::Math, false)] {
         exp.parallel.attention = backend;
-        let placement = MemoryPlan::new(&exp, &spec, 4, 262144).placement(&Budget::UNLIMITED).unwrap();
+        let placement =
+            MemoryPlan::new(&exp.parallel, &exp.train, &spec, 4, 262144).placement(&Budget::UNLIMITED).unwrap();
         assert_eq!(placement.attention_in(None) == 0, keeps, "{backend:?}");
     }
 }
@@ -134,12 +137,12 @@ fn backends_without_a_log_sum_exp_kernel_never_keep_attention() {
 fn offloading_moves_memory_to_the_host_and_lengthens_the_fit() {
     let (mut exp, spec) = bench(262144);
     let budget = Budget::from_gib(76.0, 480.0, None, 4);
-    let on_gpu = longest_fit(&exp, &spec, 4, &budget).unwrap();
+    let on_gpu = longest_fit(&exp.parallel, &exp.train, &spec, 4, &budget).unwrap();
     exp.parallel.activations = ActivationPlacement::Host;
     exp.parallel.offload_optimizer = true;
-    let offloaded = longest_fit(&exp, &spec, 4, &budget).unwrap();
+    let offloaded = longest_fit(&exp.parallel, &exp.train, &spec, 4, &budget).unwrap();
     assert!(offloaded > 2 * on_gpu, "{on_gpu} -> {offloaded}");
-    let m = MemoryPlan::new(&exp, &spec, 4, 262144);
+    let m = MemoryPlan::new(&exp.parallel, &exp.train, &spec, 4, 262144);
     assert_eq!(m.activations_gpu + m.optimizer_gpu, 0.0);
     assert!(m.host() > 40.0 * GIB);
 }
@@ -283,7 +286,7 @@ fn shortfalls_say_what_does_not_fit_where() {
     // An offloaded optimizer state larger than the host budget.
     let (mut exp, spec) = bench(262144);
     exp.parallel.offload_optimizer = true;
-    let m = MemoryPlan::new(&exp, &spec, 4, 262144);
+    let m = MemoryPlan::new(&exp.parallel, &exp.train, &spec, 4, 262144);
     let budget = Budget { host: m.optimizer_host / 2.0, ..Budget::UNLIMITED };
     assert!(matches!(m.placement(&budget), Err(Shortfall::Host { .. })));
 }
@@ -296,12 +299,12 @@ fn a_gpu_refusal_counts_the_copies_in_flight_it_needs() {
     exp.parallel.activations = ActivationPlacement::Auto;
     exp.parallel.keep_attention = true;
     exp.parallel.offload_optimizer = true;
-    let m = MemoryPlan::new(&exp, &spec, 4, 3145728);
+    let m = MemoryPlan::new(&exp.parallel, &exp.train, &spec, 4, 3145728);
     let in_flight = 2.0 * (m.input_per_layer + m.attention_per_layer);
     let budget = Budget { gpu: 76.0 * GIB, host: 1000.0 * GIB, disk: f64::INFINITY };
     let shortfall = m.placement(&budget).unwrap_err();
     assert_eq!(shortfall, Shortfall::Gpu { needed: m.layer_working + in_flight, budget: budget.gpu });
-    let text = refusal(&exp, &spec, 4, &budget, &shortfall);
+    let text = refusal(&exp.parallel, &exp.train, exp.data.seq_len, &spec, 4, &budget, &shortfall);
     let rows = [
         ("working set (a layer's backward or the LM head)", m.layer_working),
         ("kept tensors in flight from host memory or disk", in_flight),
@@ -319,11 +322,11 @@ fn cpu_runs_have_no_budgets_but_can_use_the_disk() {
     exp.parallel.device = DeviceKind::Cpu;
     exp.parallel.activations = ActivationPlacement::Host;
     exp.parallel.keep_attention = true;
-    let p = MemoryPlan::new(&exp, &spec, 4, 8192).placement(&nothing).unwrap();
+    let p = MemoryPlan::new(&exp.parallel, &exp.train, &spec, 4, 8192).placement(&nothing).unwrap();
     assert_eq!((p.inputs, p.attention), (vec![Place::Device; 32], vec![Some(Place::Device); 32]));
     exp.parallel.activations = ActivationPlacement::Disk;
     exp.parallel.keep_attention = false;
-    let p = MemoryPlan::new(&exp, &spec, 4, 8192).placement(&nothing).unwrap();
+    let p = MemoryPlan::new(&exp.parallel, &exp.train, &spec, 4, 8192).placement(&nothing).unwrap();
     assert_eq!((p.inputs, p.attention), (vec![Place::Disk; 32], vec![None; 32]));
 }
 
@@ -346,11 +349,11 @@ fn the_summary_counts_layers_by_place() {
 fn the_refusal_gives_sizes_budget_and_what_would_help() {
     let (mut exp, spec) = bench(262144);
     exp.parallel.keep_attention = true;
-    let m = MemoryPlan::new(&exp, &spec, 4, 262144);
+    let m = MemoryPlan::new(&exp.parallel, &exp.train, &spec, 4, 262144);
     let budget =
         Budget { gpu: m.optimizer_gpu + m.working() + 4.0 * m.input_per_layer, host: 100.0 * GIB, disk: f64::INFINITY };
     let shortfall = m.placement(&budget).unwrap_err();
-    let text = refusal(&exp, &spec, 4, &budget, &shortfall);
+    let text = refusal(&exp.parallel, &exp.train, exp.data.seq_len, &spec, 4, &budget, &shortfall);
     for want in [
         "does not fit in memory: the layer inputs need 16.0 GiB but the GPU (after the optimizer state and the working set) leaves 2.0 GiB.",
         "per rank at data.seq_len = 262144 (65536 tokens per rank) on 4 ranks (sp = 4, dp = 1), GiB:",
@@ -368,5 +371,8 @@ fn the_refusal_gives_sizes_budget_and_what_would_help() {
     }
     // The fit it proposes does fit, at "device" as configured.
     let fit: usize = text.split("up to ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
-    assert!(fit < 262144 && MemoryPlan::new(&exp, &spec, 4, fit).placement(&budget).is_ok(), "{fit}");
+    assert!(
+        fit < 262144 && MemoryPlan::new(&exp.parallel, &exp.train, &spec, 4, fit).placement(&budget).is_ok(),
+        "{fit}"
+    );
 }

@@ -10,7 +10,8 @@
 //! torch's caching allocators do not reuse either until the copy is done, even when the caller
 //! drops its tensors at once. The caller must not modify either tensor in place before the copy's
 //! event has completed. On a CPU device every function is a plain no-op move.
-use std::ffi::{c_char, c_int, c_void, CStr};
+use super::{check, ShimError};
+use std::ffi::{c_char, c_int, c_void};
 use tch::{Device, Tensor};
 use torch_sys::C_tensor;
 
@@ -32,28 +33,21 @@ extern "C" {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
-    #[error("{op}: {msg}")]
-    Torch { op: &'static str, msg: String },
+    #[error(transparent)]
+    Shim(#[from] ShimError),
     #[error("{op}: expected {expected}, found {found}")]
     Mismatch { op: &'static str, expected: String, found: String },
 }
 
-/// Turns the shim's result (null, or a malloc'ed message) into a Result.
-fn check(op: &'static str, err: *mut c_char) -> Result<(), TransferError> {
-    if err.is_null() {
-        return Ok(());
-    }
-    // SAFETY: non-null means a NUL-terminated string from strdup.
-    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
-    // SAFETY: allocated by strdup (malloc) in the shim, freed once here.
-    unsafe { libc::free(err as *mut c_void) };
-    Err(TransferError::Torch { op, msg })
+/// A libtorch failure of `op` reported without the shim (a tch call, or a result the shim left empty).
+fn torch(op: &'static str, message: impl ToString) -> TransferError {
+    TransferError::Shim(ShimError { op, message: message.to_string() })
 }
 
 /// A recorded event from the shim; null would mean it failed without a message (strdup failing).
 fn event(op: &'static str, raw: *mut c_void, dev: usize) -> Result<CopyEvent, TransferError> {
     if raw.is_null() {
-        return Err(TransferError::Torch { op, msg: "the shim returned no event".into() });
+        return Err(torch(op, "the shim returned no event"));
     }
     Ok(CopyEvent { raw, device: dev as c_int })
 }
@@ -93,7 +87,7 @@ impl CopyEvent {
             return Ok(());
         }
         // SAFETY: `raw` is a live event of `device` (destroyed only in Drop).
-        check("waiting on a copy", unsafe { ulysses_event_block_current(self.raw, self.device) })
+        Ok(check("waiting on a copy", unsafe { ulysses_event_block_current(self.raw, self.device) })?)
     }
 
     /// Blocks the calling thread until the event has completed (e.g. before writing the copied
@@ -103,7 +97,7 @@ impl CopyEvent {
             return Ok(());
         }
         // SAFETY: as in `wait`.
-        check("synchronizing on a copy", unsafe { ulysses_event_synchronize(self.raw, self.device) })
+        Ok(check("synchronizing on a copy", unsafe { ulysses_event_synchronize(self.raw, self.device) })?)
     }
 
     /// Whether the event has completed, without waiting.
@@ -137,7 +131,7 @@ pub fn empty_pinned_like(like: &Tensor) -> Result<Tensor, TransferError> {
     // shim returns a new heap-allocated torch::Tensor that we own.
     check(op, unsafe { ulysses_empty_pinned_like(like.as_ptr(), &mut out) })?;
     if out.is_null() {
-        return Err(TransferError::Torch { op, msg: "the shim returned no tensor".into() });
+        return Err(torch(op, "the shim returned no tensor"));
     }
     // SAFETY: `out` is a valid torch::Tensor* created with `new`, owned by the returned Tensor.
     Ok(unsafe { Tensor::from_ptr(out) })
@@ -161,8 +155,7 @@ pub fn side_copy(dst: &Tensor, src: &Tensor, after: Option<&CopyEvent>) -> Resul
     }
     let dev = match (dst.device(), src.device()) {
         (Device::Cpu, Device::Cpu) => {
-            tch::no_grad(|| dst.shallow_clone().f_copy_(src))
-                .map_err(|e| TransferError::Torch { op, msg: e.to_string() })?;
+            tch::no_grad(|| dst.shallow_clone().f_copy_(src)).map_err(|e| torch(op, e))?;
             return Ok(CopyEvent::complete());
         }
         (Device::Cuda(i), Device::Cpu) | (Device::Cpu, Device::Cuda(i)) => i,
@@ -180,9 +173,8 @@ pub fn side_copy(dst: &Tensor, src: &Tensor, after: Option<&CopyEvent>) -> Resul
 /// after the work already queued on the compute stream. A CPU tensor comes back as is.
 pub fn to_host(t: &Tensor) -> Result<(Tensor, CopyEvent), TransferError> {
     let Device::Cuda(_) = t.device() else { return Ok((t.shallow_clone(), CopyEvent::complete())) };
-    let torch = |e: tch::TchError| TransferError::Torch { op: "copy to host", msg: e.to_string() };
     // A strided input becomes contiguous on the compute stream, before the event below.
-    let src = tch::no_grad(|| t.f_contiguous()).map_err(torch)?;
+    let src = tch::no_grad(|| t.f_contiguous()).map_err(|e| torch("copy to host", e))?;
     let host = empty_pinned_like(&src)?;
     let ready = CopyEvent::record_current(t.device())?;
     let done = side_copy(&host, &src, Some(&ready))?;
@@ -204,9 +196,8 @@ pub fn to_device(t: &Tensor, device: Device) -> Result<(Tensor, CopyEvent), Tran
             found: format!("{:?}", t.device()),
         });
     }
-    let torch = |e: tch::TchError| TransferError::Torch { op: "copy to device", msg: e.to_string() };
-    let src = t.f_contiguous().map_err(torch)?;
-    let dst = Tensor::f_empty(src.size(), (src.kind(), device)).map_err(torch)?;
+    let src = t.f_contiguous().map_err(|e| torch("copy to device", e))?;
+    let dst = Tensor::f_empty(src.size(), (src.kind(), device)).map_err(|e| torch("copy to device", e))?;
     let ready = CopyEvent::record_current(device)?;
     let done = side_copy(&dst, &src, Some(&ready))?;
     Ok((dst, done))

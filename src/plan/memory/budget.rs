@@ -1,7 +1,7 @@
 //! What the memory plan may use on one rank: `[memory]` when set, else measured at start (the GPU's
 //! size through the CUDA driver, MemAvailable, the offload folder's free space), less reserves.
 use crate::config::MemoryConfig;
-use crate::plan::GIB;
+use crate::units::GIB;
 use std::path::{Path, PathBuf};
 
 /// GPU memory outside what the estimate counts: the CUDA context with libtorch's cuBLAS and cuDNN

@@ -1,8 +1,10 @@
 //! Causal attention that keeps what its backward needs. The forward returns the output and the
 //! softmax log-sum-exp; with both kept, backward calls the fused attention backward directly
 //! instead of recomputing the attention forward (at long sequences a quarter of all work). The
-//! kernels are libtorch's (through shim/attention.cpp, since tch 0.24 lacks these forwards).
-use crate::autograd::shim_result;
+//! kernels are libtorch's (shim/attention.cpp, since tch 0.24 lacks these forwards); which one a
+//! run uses is plain configuration ([`FusedAttention`]), decided with the memory plan.
+use super::{check, ShimError};
+pub use crate::config::FusedAttention;
 use std::ffi::{c_char, c_int};
 use std::ptr;
 use tch::Tensor;
@@ -35,13 +37,13 @@ extern "C" {
     ) -> *mut c_char;
 }
 
-/// The fused kernel that produces and consumes the log-sum-exp.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernel {
-    Cudnn = 0,
-    Flash = 1,
-    /// libtorch's CPU flash attention (CPU runs and tests).
-    CpuFlash = 2,
+/// The shim's number for each kernel.
+fn code(kernel: FusedAttention) -> c_int {
+    match kernel {
+        FusedAttention::Cudnn => 0,
+        FusedAttention::Flash => 1,
+        FusedAttention::CpuFlash => 2,
+    }
 }
 
 /// What the backward needs besides q, k, v and the output.
@@ -54,15 +56,15 @@ pub struct Saved {
 
 /// Causal attention, `q [b, s, n_q, d]`, `k, v [b, s, n_kv, d]` (GQA when n_kv < n_q) ->
 /// `[b, s, n_q, d]` and what `backward` needs.
-pub fn forward(kernel: Kernel, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Saved), String> {
+pub fn forward(kernel: FusedAttention, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Saved), ShimError> {
     // [b, s, heads, d] -> [b, heads, s, d]
     let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
     let mut outs = [ptr::null_mut(); 4];
     let [o, l, a0, a1] = &mut outs;
     // SAFETY: live tch handles borrowed for the call; on success the shim sets four new
     // `at::Tensor*` that we own from here on (wrapped once each).
-    shim_result(unsafe {
-        ulysses_attention_forward(kernel as c_int, q.as_ptr(), k.as_ptr(), v.as_ptr(), o, l, a0, a1)
+    check("fused attention forward", unsafe {
+        ulysses_attention_forward(code(kernel), q.as_ptr(), k.as_ptr(), v.as_ptr(), o, l, a0, a1)
     })?;
     let [out, lse, aux0, aux1] = outs.map(|p| unsafe { Tensor::from_ptr(p) });
     // The kernels lay the output out like q ([b, s, heads, d] in memory), so this is contiguous.
@@ -72,14 +74,14 @@ pub fn forward(kernel: Kernel, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Te
 /// Gradients of `q, k, v` (shapes as in `forward`) from the output's gradient `grad_out`
 /// `[b, s, n_q, d]` and the kept `out` and `saved`.
 pub fn backward(
-    kernel: Kernel,
+    kernel: FusedAttention,
     grad_out: &Tensor,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     out: &Tensor,
     saved: &Saved,
-) -> Result<(Tensor, Tensor, Tensor), String> {
+) -> Result<(Tensor, Tensor, Tensor), ShimError> {
     let t = |x: &Tensor| x.transpose(1, 2);
     // The kernels expect the output's gradient laid out like the output.
     let (g, o) = (t(&grad_out.contiguous()), t(&out.contiguous()));
@@ -87,9 +89,9 @@ pub fn backward(
     let mut outs = [ptr::null_mut(); 3];
     let [dq, dk, dv] = &mut outs;
     // SAFETY: as in `forward`; three new tensors on success.
-    shim_result(unsafe {
+    check("fused attention backward", unsafe {
         ulysses_attention_backward(
-            kernel as c_int,
+            code(kernel),
             g.as_ptr(),
             q.as_ptr(),
             k.as_ptr(),
@@ -125,8 +127,8 @@ mod tests {
         let reference = LocalAttention.attend(&q, &k, &v);
         (&reference * &grad_out).sum(Kind::Float).backward();
 
-        let (out, saved) = tch::no_grad(|| forward(Kernel::CpuFlash, &q, &k, &v)).unwrap();
-        let (dq, dk, dv) = backward(Kernel::CpuFlash, &grad_out, &q, &k, &v, &out, &saved).unwrap();
+        let (out, saved) = tch::no_grad(|| forward(FusedAttention::CpuFlash, &q, &k, &v)).unwrap();
+        let (dq, dk, dv) = backward(FusedAttention::CpuFlash, &grad_out, &q, &k, &v, &out, &saved).unwrap();
         let close = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]) < 1e-5;
         assert_eq!(out.size(), [b, s, n_q, d]);
         assert!(close(&out, &reference.detach()));
@@ -138,6 +140,6 @@ mod tests {
     fn reports_bad_shapes_as_an_error() {
         let t = Tensor::zeros([1, 4, 2, 8], (Kind::Float, Device::Cpu));
         let wrong = Tensor::zeros([1, 4, 3, 5], (Kind::Float, Device::Cpu));
-        assert!(forward(Kernel::CpuFlash, &t, &wrong, &wrong).is_err());
+        assert!(forward(FusedAttention::CpuFlash, &t, &wrong, &wrong).is_err());
     }
 }

@@ -1,9 +1,9 @@
 //! The memory plan in words: the table `ulysses check` prints, the one-line placement a run logs,
 //! and the message that stops a run that cannot fit.
 use super::{longest_fit, Budget, MemoryPlan, Place, Placement, Shortfall};
-use crate::config::{ActivationPlacement, DeviceKind, Experiment};
+use crate::config::{ActivationPlacement, DeviceKind, ParallelConfig, TrainConfig};
 use crate::model::spec::ModelSpec;
-use crate::plan::{bytes, GIB};
+use crate::units::{bytes, gib_limit, limit, GIB};
 use std::fmt::Write;
 
 /// A run stopped before allocating: the plan does not fit its budget. The message says by how
@@ -11,22 +11,6 @@ use std::fmt::Write;
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct DoesNotFit(pub String);
-
-fn limit(b: f64) -> String {
-    if b.is_finite() {
-        bytes(b)
-    } else {
-        "unlimited".into()
-    }
-}
-
-fn gib(b: f64) -> String {
-    if b.is_finite() {
-        format!("{:.1} GiB", b / GIB)
-    } else {
-        "unlimited".into()
-    }
-}
 
 /// The estimate by component and place, per rank, and the budget (`plan` placed by
 /// `MemoryPlan::with_placement`).
@@ -86,7 +70,7 @@ pub fn summary(plan: &MemoryPlan, placement: &Placement, budget: &Budget) -> Str
     } else {
         recomputed()
     };
-    let used = |what: &str, used: f64, budget: f64| format!("{what} ~{:.1} of {}", used / GIB, gib(budget));
+    let used = |what: &str, used: f64, budget: f64| format!("{what} ~{:.1} of {}", used / GIB, gib_limit(budget));
     let mut s = format!(
         "layer inputs {} GPU / {} host / {} disk; {attention}; {}, {}/rank",
         placement.inputs_in(Place::Device),
@@ -105,20 +89,27 @@ fn recomputed() -> String {
     "attention recomputed in every layer (parallel.keep_attention = false)".into()
 }
 
-/// Why a run at `exp`'s sequence length on `world` ranks cannot start within `budget` (bytes per
-/// rank), each component's size, and what would help.
-pub fn refusal(exp: &Experiment, spec: &ModelSpec, world: usize, budget: &Budget, shortfall: &Shortfall) -> String {
+/// Why a run of `seq_len` tokens on `world` ranks cannot start within `budget` (bytes per rank),
+/// each component's size, and what would help.
+pub fn refusal(
+    p: &ParallelConfig,
+    t: &TrainConfig,
+    seq_len: usize,
+    spec: &ModelSpec,
+    world: usize,
+    budget: &Budget,
+    shortfall: &Shortfall,
+) -> String {
     use ActivationPlacement::{Auto, Device, Disk, Host};
-    let p = &exp.parallel;
-    let plan = MemoryPlan::new(exp, spec, world, exp.data.seq_len);
+    let plan = MemoryPlan::new(p, t, spec, world, seq_len);
     let n = plan.layers;
     let quoted = |a: ActivationPlacement| format!("parallel.activations = \"{}\"", format!("{a:?}").to_lowercase());
     let mut s = format!("does not fit in memory: {shortfall}.\n");
     let _ = writeln!(
         s,
         "  per rank at data.seq_len = {} ({} tokens per rank) on {world} ranks (sp = {}, dp = {}), GiB:",
-        exp.data.seq_len,
-        exp.data.seq_len / p.sp * exp.train.micro_batch,
+        seq_len,
+        seq_len / p.sp * t.micro_batch,
         p.sp,
         p.dp
     );
@@ -164,9 +155,9 @@ pub fn refusal(exp: &Experiment, spec: &ModelSpec, world: usize, budget: &Budget
     let _ = writeln!(
         s,
         "    budget per rank: GPU {}, host {}, disk {}",
-        gib(budget.gpu),
-        gib(budget.host),
-        gib(budget.disk)
+        gib_limit(budget.gpu),
+        gib_limit(budget.host),
+        gib_limit(budget.disk)
     );
     let mut help = Vec::new();
     let inputs_short = matches!(shortfall, Shortfall::Inputs { .. });
@@ -198,7 +189,7 @@ pub fn refusal(exp: &Experiment, spec: &ModelSpec, world: usize, budget: &Budget
     } else {
         help.push("a larger parallel.sp (more GPUs): each rank's layer inputs and working sets shrink as 1/sp".into());
     }
-    help.push(match longest_fit(exp, spec, world, budget) {
+    help.push(match longest_fit(p, t, spec, world, budget) {
         Some(fit) => format!("a smaller data.seq_len: up to {fit} tokens fit these budgets"),
         None => format!("not a smaller data.seq_len: even {} tokens do not fit these budgets", p.sp * 1024),
     });

@@ -11,10 +11,9 @@ mod report;
 pub use budget::{Budget, BudgetError, DISK_RESERVE, GPU_RESERVE, HOST_RESERVE_PER_RANK};
 pub use report::{refusal, summary, table, DoesNotFit};
 
-use crate::config::{ActivationPlacement, AttentionBackend, DeviceKind, Dtype, Experiment, ParallelConfig};
-use crate::model::kept_attention::Kernel;
+use crate::config::{ActivationPlacement, DeviceKind, Dtype, ParallelConfig, TrainConfig};
 use crate::model::spec::ModelSpec;
-use crate::plan::bytes;
+use crate::units::bytes;
 
 /// Bytes per token of one layer's recompute in backward, in units of `hidden × 2 B`: it peaks
 /// while segment 1 (norm, q/k/v, RoPE) is backpropagated, holding the layer input's gradient,
@@ -23,18 +22,6 @@ use crate::plan::bytes;
 /// kernel's workspace). Measured: 8.8 to 9.35 per token at 64K to 512K tokens per rank, beyond
 /// the layer input itself (a kept tensor) and the copies in flight (`MemoryPlan::staging`).
 const LAYER_WORKING_SET_PER_TOKEN: f64 = 9.5;
-
-/// The fused kernel that keeps attention's log-sum-exp for this configuration: libtorch's CPU
-/// flash attention on CPU; on CUDA cuDNN or flash as `parallel.attention` says, and None for the
-/// memory-efficient and math backends, which have no such kernel (those runs recompute).
-pub fn kept_attention_kernel(p: &ParallelConfig) -> Option<Kernel> {
-    match (p.device, p.attention) {
-        (DeviceKind::Cpu, _) => Some(Kernel::CpuFlash),
-        (DeviceKind::Cuda, AttentionBackend::Auto | AttentionBackend::Cudnn) => Some(Kernel::Cudnn),
-        (DeviceKind::Cuda, AttentionBackend::Flash) => Some(Kernel::Flash),
-        (DeviceKind::Cuda, AttentionBackend::Efficient | AttentionBackend::Math) => None,
-    }
-}
 
 /// Where one kept tensor waits between forward and backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,15 +126,14 @@ pub struct MemoryPlan {
 impl MemoryPlan {
     /// The estimate at `seq_len` tokens, placed as the config asks when nothing limits it (with
     /// "auto", everything on the GPU); `with_placement` gives it for a budget's placement.
-    pub fn new(exp: &Experiment, spec: &ModelSpec, world: usize, seq_len: usize) -> MemoryPlan {
-        let p = &exp.parallel;
-        let tokens = (seq_len / p.sp * exp.train.micro_batch) as f64;
+    pub fn new(p: &ParallelConfig, t: &TrainConfig, spec: &ModelSpec, world: usize, seq_len: usize) -> MemoryPlan {
+        let tokens = (seq_len / p.sp * t.micro_batch) as f64;
         let h = spec.hidden_size as f64;
-        let elt = match exp.train.dtype {
+        let elt = match t.dtype {
             Dtype::Bf16 => 2.0,
             Dtype::Fp32 => 4.0,
         };
-        let shards = if p.zero_stage == 3 { world as f64 } else { 1.0 };
+        let shards = p.shards(world) as f64;
         let state = spec.total_params() as f64 / shards * 16.0;
         let (optimizer_gpu, optimizer_host) = if p.offload_optimizer { (0.0, state) } else { (state, 0.0) };
         let head_params = (spec.vocab_size * spec.hidden_size) as f64;
@@ -168,7 +154,7 @@ impl MemoryPlan {
             attention_host: 0.0,
             staging: 0.0,
             activations: p.activations,
-            keep_attention: p.keep_attention && kept_attention_kernel(p).is_some(),
+            keep_attention: p.keep_attention && p.fused_attention().is_some(),
             device: p.device,
         };
         let unlimited = plan.placement(&Budget::UNLIMITED).expect("an unlimited budget holds every placement");
@@ -326,11 +312,17 @@ impl MemoryPlan {
 
 /// The longest sequence (a multiple of `sp × 1024` tokens) for which `placement` finds room in
 /// `budget` (bytes per rank); None when even the shortest does not fit.
-pub fn longest_fit(exp: &Experiment, spec: &ModelSpec, world: usize, budget: &Budget) -> Option<usize> {
+pub fn longest_fit(
+    p: &ParallelConfig,
+    t: &TrainConfig,
+    spec: &ModelSpec,
+    world: usize,
+    budget: &Budget,
+) -> Option<usize> {
     // A CPU run has no budgets; stop doubling somewhere.
     const MAX_TOKENS: usize = 1 << 34;
-    let step = exp.parallel.sp * 1024;
-    let fits = |s: usize| MemoryPlan::new(exp, spec, world, s).placement(budget).is_ok();
+    let step = p.sp * 1024;
+    let fits = |s: usize| MemoryPlan::new(p, t, spec, world, s).placement(budget).is_ok();
     let mut s = step;
     if !fits(s) {
         return None;

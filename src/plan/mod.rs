@@ -1,13 +1,20 @@
-//! What `ulysses check` prints: the mesh, each rank's share of the sequence and the heads, and the
-//! parameter shard sizes. Plain arithmetic on the config, no GPU and no MPI.
-use crate::config::Experiment;
+//! What `ulysses check` prints, and a run prints as it starts: the mesh, each rank's share of the
+//! sequence and the heads, the parameter shard sizes (`Plan`) and, for GPU runs, the memory plan
+//! (`memory`) with where each layer's kept tensors wait and the longest sequence that fits. Plain
+//! arithmetic on the config, no GPU and no MPI.
+pub mod check;
+pub mod memory;
+
+use crate::config::{ParallelConfig, TrainConfig, ZeroStage};
 use crate::model::spec::ModelSpec;
+use crate::units::{bytes, count};
 use std::fmt::Write;
 
 pub struct Plan {
     pub world: usize,
     pub sp: usize,
     pub dp: usize,
+    pub zero_stage: ZeroStage,
     pub seq_len: usize,
     pub seq_local: usize,
     pub q_heads_local: i64,
@@ -22,19 +29,21 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn new(exp: &Experiment, spec: &ModelSpec, world: usize) -> Plan {
-        let (sp, dp) = (exp.parallel.sp, exp.parallel.dp);
+    /// The layout of `seq_len`-token samples of `spec` on `world` ranks as `p` arranges them.
+    pub fn new(p: &ParallelConfig, seq_len: usize, spec: &ModelSpec, world: usize) -> Plan {
+        let (sp, dp) = (p.sp, p.dp);
         let kv = spec.num_key_value_heads;
         let kv_replication = if kv >= sp as i64 { 1 } else { sp as i64 / kv };
         let params = spec.total_params();
-        let params_per_rank =
-            if exp.parallel.zero_stage == 3 { (params + world as i64 - 1) / world as i64 } else { params };
+        let shards = p.shards(world) as i64;
+        let params_per_rank = (params + shards - 1) / shards;
         Plan {
             world,
             sp,
             dp,
-            seq_len: exp.data.seq_len,
-            seq_local: exp.data.seq_len / sp,
+            zero_stage: p.zero_stage,
+            seq_len,
+            seq_local: crate::layout::sp_chunk(seq_len, sp, 0).len(),
             q_heads_local: spec.num_attention_heads / sp as i64,
             kv_heads_local: (kv * kv_replication) / sp as i64,
             kv_replication,
@@ -44,11 +53,9 @@ impl Plan {
         }
     }
 
-    pub fn render(&self, exp: &Experiment, spec: &ModelSpec) -> String {
+    /// The plan in lines of text, for the model called `model` trained as `t` says.
+    pub fn render(&self, model: &str, spec: &ModelSpec, t: &TrainConfig) -> String {
         let mut s = String::new();
-
-        let model =
-            exp.model.preset.clone().unwrap_or_else(|| format!("{}", exp.model.config.as_ref().unwrap().display()));
         let _ = writeln!(
             s,
             "model      {model}: {} layers, hidden {}, {} query / {} KV heads of {}, vocab {}, {} parameters",
@@ -77,49 +84,18 @@ impl Plan {
         let _ = writeln!(s, "attention  after the all-to-all each rank attends over all {} tokens with {} query heads and {} KV heads{}",
             self.seq_len, self.q_heads_local, self.kv_heads_local,
             if self.kv_replication > 1 { format!(" (each KV head replicated {}×)", self.kv_replication) } else { String::new() });
-        let stage = exp.parallel.zero_stage;
+        let stage = self.zero_stage;
         let bytes_per_param = 4.0 + 4.0 + 8.0; // fp32 master + grad + Adam m, v (bf16 weights are gathered per use)
         let _ = writeln!(s, "ZeRO-{stage}     {} parameters per rank ({} of fp32 master, grads and Adam moments at 16 B/param); a gathered layer holds {} parameters",
             count(self.params_per_rank), bytes(self.params_per_rank as f64 * bytes_per_param), count(self.layer_params));
         let _ = writeln!(
             s,
             "train      {} steps, micro batch {}, grad accum {}, {} tokens per optimizer step",
-            exp.train.steps,
-            exp.train.micro_batch,
-            exp.train.grad_accum,
-            self.seq_len * self.dp * exp.train.micro_batch * exp.train.grad_accum
+            t.steps,
+            t.micro_batch,
+            t.grad_accum,
+            self.seq_len * self.dp * t.micro_batch * t.grad_accum
         );
         s
     }
-}
-
-/// 8.030B, 46.2K: parameter counts at a glance.
-pub fn count(n: i64) -> String {
-    let n = n as f64;
-    match n {
-        n if n >= 1e9 => format!("{:.3}B", n / 1e9),
-        n if n >= 1e6 => format!("{:.2}M", n / 1e6),
-        n if n >= 1e3 => format!("{:.1}K", n / 1e3),
-        n => format!("{n}"),
-    }
-}
-
-/// Bytes in a GiB.
-pub const GIB: f64 = (1u64 << 30) as f64;
-
-/// A byte count in GiB.
-pub fn gib(bytes: u64) -> f64 {
-    bytes as f64 / GIB
-}
-
-/// 31.2 GiB, 712.0 KiB: sizes in binary units.
-pub fn bytes(b: f64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{v:.1} {}", units[u])
 }

@@ -1,0 +1,114 @@
+//! AdamW on this rank's ZeRO shards: torch.optim.AdamW's update (decoupled weight decay, applied
+//! to the matrices only, not to norms), the global gradient norm and its clipping factor. The
+//! update of each shard is libtorch's fused kernel (`ffi::optim`), on whichever device the
+//! shard's fp32 state lives: the GPU, or host memory when the optimizer is offloaded.
+use crate::comm::{all_reduce_f64, Collective};
+use crate::config::{TrainConfig, ZeroStage};
+use crate::ffi::{optim::fused_adamw, ShimError};
+use crate::parallel::zero::{ShardedParams, Unit, ZeroError};
+use tch::Kind;
+
+/// AdamW's hyperparameters (the learning rate comes from the schedule, step by step).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl AdamW {
+    pub fn new(t: &TrainConfig) -> AdamW {
+        AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay }
+    }
+
+    /// One update of every local shard at learning rate `lr` and 1-based `step`, with the
+    /// gradients scaled by `grad_scale` (clipping: `clip_scale`); then clears the gradients.
+    /// Waits for gradients still on their way to host memory first.
+    pub fn step(&self, params: &mut ShardedParams, lr: f64, step: i64, grad_scale: f64) -> Result<(), OptimError> {
+        for (unit, start, s) in params.local_shards()? {
+            let len = s.master.size()[0];
+            if grad_scale != 1.0 {
+                let _ = s.grad.g_mul_scalar_(grad_scale);
+            }
+            if self.weight_decay > 0.0 {
+                // Decay only the matrices: intersect their flat ranges with this shard's slice.
+                for (a, b) in matrix_ranges(unit) {
+                    let (lo, hi) = (a.max(start), b.min(start + len));
+                    if lo < hi {
+                        let _ = s.master.narrow(0, lo - start, hi - lo).g_mul_scalar_(1.0 - lr * self.weight_decay);
+                    }
+                }
+            }
+            fused_adamw(
+                &s.master,
+                &s.grad,
+                &s.exp_avg,
+                &s.exp_avg_sq,
+                step as f64,
+                lr,
+                (self.beta1, self.beta2),
+                self.eps,
+            )?;
+            let _ = s.grad.zero_();
+        }
+        Ok(())
+    }
+}
+
+/// The optimizer step failed: a gradient did not arrive, or libtorch's kernel refused.
+#[derive(Debug, thiserror::Error)]
+pub enum OptimError {
+    #[error(transparent)]
+    Gradients(#[from] ZeroError),
+    #[error(transparent)]
+    Kernel(#[from] ShimError),
+}
+
+/// Flat ranges `[start, end)` of a unit's matrices (weight decay applies to them, not to norms).
+fn matrix_ranges(unit: &Unit) -> Vec<(i64, i64)> {
+    let mut at = 0;
+    let mut out = Vec::new();
+    for (_, shape) in &unit.tensors {
+        let n: i64 = shape.iter().product();
+        if shape.len() >= 2 {
+            out.push((at, at + n));
+        }
+        at += n;
+    }
+    out
+}
+
+/// The L2 norm of the whole model's gradient: the square root of the sum of squared entries over
+/// every rank's shards (stage 3), or of this rank's full copy (stage 0).
+pub fn grad_norm(params: &mut ShardedParams, world: &dyn Collective) -> Result<f64, ZeroError> {
+    let stage = params.stage();
+    let local: f64 = params.local_shards()?.map(|(_, _, s)| s.grad.square().sum(Kind::Double).double_value(&[])).sum();
+    let total = match stage {
+        ZeroStage::Replicated => local,
+        ZeroStage::Sharded => all_reduce_f64(world, local)?,
+    };
+    Ok(total.sqrt())
+}
+
+/// The factor that scales gradients of norm `norm` down to `max_norm` (torch's
+/// `clip_grad_norm_`); 1 when the norm is within it or clipping is off (`max_norm` 0).
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clipping_scales_only_above_the_bound() {
+        assert_eq!(clip_scale(0.5, 1.0), 1.0);
+        assert_eq!(clip_scale(5.0, 0.0), 1.0);
+        assert!((clip_scale(4.0, 1.0) - 1.0 / (4.0 + 1e-6)).abs() < 1e-15);
+    }
+}

@@ -1,0 +1,69 @@
+//! The report of `ulysses check` for a valid experiment: the plan and, for a GPU run, the memory
+//! estimate placed within the budgets the flags (or `[memory]`) give, and the longest sequence
+//! that fits them.
+use super::memory::{self, longest_fit, Budget, MemoryPlan};
+use super::Plan;
+use crate::config::{DeviceKind, Experiment};
+use crate::model::spec::ModelSpec;
+use std::fmt::Write;
+
+/// `ulysses check`'s memory flags; None: the experiment's `[memory]` value, else the default.
+pub struct CheckBudget {
+    pub gpu_gib: Option<f64>,
+    pub host_gib: Option<f64>,
+    pub disk_gib: Option<f64>,
+    pub ranks_per_node: usize,
+}
+
+/// GPU memory per GPU when neither the flag nor `memory.gpu_gib` says: an 80 GB H100 less the
+/// CUDA context and NCCL.
+const DEFAULT_GPU_GIB: f64 = 76.0;
+/// Host memory per node when neither the flag nor `memory.host_gib` says.
+const DEFAULT_HOST_GIB: f64 = 480.0;
+
+/// The whole report for `exp` on `world` ranks.
+pub fn report(exp: &Experiment, spec: &ModelSpec, world: usize, flags: &CheckBudget) -> String {
+    let mut s = Plan::new(&exp.parallel, exp.data.seq_len, spec, world).render(&exp.model.name(), spec, &exp.train);
+    if exp.parallel.device != DeviceKind::Cuda {
+        return s;
+    }
+    let set =
+        |flag: Option<f64>, config: f64, default: f64| flag.unwrap_or(if config > 0.0 { config } else { default });
+    let gpu_gib = set(flags.gpu_gib, exp.memory.gpu_gib, DEFAULT_GPU_GIB);
+    let host_gib = set(flags.host_gib, exp.memory.host_gib, DEFAULT_HOST_GIB);
+    let per_node = flags.ranks_per_node.min(world).max(1);
+    let budget = Budget::from_gib(gpu_gib, host_gib, flags.disk_gib, per_node);
+    s += &memory_report(exp, spec, world, &budget);
+    let disk = flags.disk_gib.map_or("unlimited disk".into(), |d| format!("{d} GiB of disk"));
+    let with = format!("{gpu_gib} GiB per GPU, {host_gib} GiB of host memory and {disk} per node ({per_node} ranks)");
+    let _ = match longest_fit(&exp.parallel, &exp.train, spec, world, &budget) {
+        Some(fit) => writeln!(s, "fits       up to {fit} tokens with {with}"),
+        None => writeln!(s, "fits       nothing: even {} tokens exceed {with}", exp.parallel.sp * 1024),
+    };
+    s
+}
+
+/// The memory estimate of a GPU run placed within `budget` (per rank), or why it does not fit.
+fn memory_report(exp: &Experiment, spec: &ModelSpec, world: usize, budget: &Budget) -> String {
+    let mut s = String::new();
+    let plan = MemoryPlan::new(&exp.parallel, &exp.train, spec, world, exp.data.seq_len);
+    match plan.placement(budget) {
+        Ok(placement) => {
+            let placed = plan.with_placement(&placement);
+            let _ = writeln!(
+                s,
+                "memory     per rank at {} tokens (estimate, torch allocator; CUDA context and NCCL come on top):",
+                exp.data.seq_len
+            );
+            for line in memory::table(&placed, budget).lines() {
+                let _ = writeln!(s, "           {line}");
+            }
+            let _ = writeln!(s, "placement  {}", memory::summary(&placed, &placement, budget));
+        }
+        Err(shortfall) => {
+            let refusal = memory::refusal(&exp.parallel, &exp.train, exp.data.seq_len, spec, world, budget, &shortfall);
+            let _ = writeln!(s, "placement  {}", refusal.replace('\n', "\n           "));
+        }
+    }
+    s
+}

@@ -1,0 +1,316 @@
+//! One decoder layer of the training step: its forward without a graph and its backward by
+//! recompute, across the Ulysses all-to-alls.
+//!
+//! The forward keeps only what backward needs, in the activation store where the memory plan put
+//! it: the layer's input and, on the kept-attention path, attention's head-sharded output and its
+//! log-sum-exp. Backward recomputes the layer in three segments that end at the all-to-alls, each
+//! with its own autograd graph, and moves gradients across the all-to-alls in reverse between
+//! them:
+//!
+//! ```text
+//!   segment 1  pre-attention   RMSNorm, q/k/v, RoPE (+ KV replication)   [b, s/sp, H, d]  sequence-sharded
+//!              seq_to_heads    all-to-all                                 [b, s, H/sp, d]  head-sharded
+//!   segment 2  attention       kept (fused backward), recomputed, or skipped
+//!              heads_to_seq    all-to-all                                 [b, s/sp, H, d]
+//!   segment 3  post-attention  O projection + residual, MLP tile by tile  [b, s/sp, h]
+//! ```
+//!
+//! Backward runs segment 3 first (it needs only attention's output), then attention, then
+//! segment 1, so that no two segments' graphs exist at once.
+use super::profile::Profiler;
+use super::store::{ActivationStore, Key};
+use crate::comm::Collective;
+use crate::config::FusedAttention;
+use crate::ffi::attention::{self as fused, Saved};
+use crate::ffi::autograd;
+use crate::model::llama::{self, seq_tiles, AttentionCore, LayerWeights, LocalAttention};
+use crate::model::rope::Rope;
+use crate::model::spec::ModelSpec;
+use crate::parallel::ulysses::{heads_to_seq, replicate_kv, seq_to_heads};
+use crate::plan::memory::Place;
+use crate::units::gib;
+use anyhow::{anyhow, Result};
+use tch::{Device, Kind, Tensor};
+
+/// How a layer's attention is done, decided once per layer from the memory plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// The fused kernel's output and log-sum-exp wait in `place`; backward calls the fused
+    /// attention backward without recomputing the attention forward.
+    Kept { kernel: FusedAttention, place: Place },
+    /// Backward recomputes the attention forward with a graph (no room to keep it, or no fused
+    /// kernel with a log-sum-exp).
+    Recomputed,
+    /// A memory-fit run (`train.memory_fit`): no attention kernel at all, zeros of the same sizes
+    /// instead, kept in `keep` where the real run would keep them, so that every allocation of
+    /// the real step still happens.
+    Skipped { keep: Option<Place> },
+}
+
+impl AttentionPath {
+    /// The path for a layer the plan gives `kept` (where its attention output waits, None: no
+    /// room), with the run's fused kernel; `skip` for the layers a memory-fit run skips.
+    pub fn choose(kernel: Option<FusedAttention>, kept: Option<Place>, skip: bool) -> AttentionPath {
+        match (kernel.zip(kept), skip) {
+            (keep, true) => AttentionPath::Skipped { keep: keep.map(|(_, place)| place) },
+            (Some((kernel, place)), false) => AttentionPath::Kept { kernel, place },
+            (None, false) => AttentionPath::Recomputed,
+        }
+    }
+
+    /// Where the attention output waits between forward and backward, if anywhere.
+    fn keeps(self) -> Option<Place> {
+        match self {
+            AttentionPath::Kept { place, .. } | AttentionPath::Skipped { keep: Some(place) } => Some(place),
+            AttentionPath::Recomputed | AttentionPath::Skipped { keep: None } => None,
+        }
+    }
+}
+
+/// What every layer's segments share in one micro batch.
+pub struct Segments<'a> {
+    pub spec: &'a ModelSpec,
+    /// The SP group the all-to-alls run over.
+    pub sp: &'a dyn Collective,
+    /// RoPE at this micro batch's global positions.
+    pub rope: &'a Rope,
+    pub profiler: &'a Profiler,
+    /// Tokens per MLP tile (0: untiled).
+    pub mlp_tile: usize,
+    pub device: Device,
+}
+
+/// One decoder layer of the step: where its input waits and how its attention is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecoderLayer {
+    pub index: usize,
+    pub input: Place,
+    pub attention: AttentionPath,
+}
+
+/// What a layer's forward left for its backward.
+pub struct SavedLayer {
+    input: Key,
+    attention: Option<KeptAttention>,
+}
+
+/// A layer's kept attention: the head-sharded output, its log-sum-exp and the kernel's extras.
+struct KeptAttention {
+    out: Key,
+    lse: Key,
+    aux: [Tensor; 2],
+}
+
+impl SavedLayer {
+    /// Starts bringing this layer's kept tensors back to the GPU, so the copies overlap the
+    /// compute of the layer after it in backward.
+    pub fn prefetch(&self, store: &mut ActivationStore) -> Result<()> {
+        store.prefetch(&self.input)?;
+        if let Some(k) = &self.attention {
+            store.prefetch(&k.out)?;
+            store.prefetch(&k.lse)?;
+        }
+        Ok(())
+    }
+}
+
+impl DecoderLayer {
+    /// The layer's output for input `x` (no graph), and what its backward needs: `x` itself and,
+    /// on the kept path, attention's output and log-sum-exp, stored where the plan placed them.
+    pub fn forward(
+        &self,
+        seg: &Segments,
+        w: &LayerWeights,
+        x: Tensor,
+        store: &mut ActivationStore,
+    ) -> Result<(Tensor, SavedLayer)> {
+        let (y, attention) = tch::no_grad(|| -> Result<_> {
+            // Each activation is dropped as soon as the next one exists (sequence-long tensors).
+            let [qh, kh, vh] = self.head_shards(seg, w, &x)?;
+            let (oh, saved) = self.attention_forward(seg, &qh, &kh, &vh)?;
+            let attention = match (self.attention.keeps(), saved) {
+                (Some(place), Some(saved)) => Some(KeptAttention {
+                    out: store.put(oh.shallow_clone(), place)?,
+                    lse: store.put(saved.lse, place)?,
+                    aux: saved.aux,
+                }),
+                _ => None,
+            };
+            drop((qh, kh, vh));
+            let o = to_seq(seg, &oh)?;
+            drop(oh);
+            Ok((llama::post_attention_no_grad(seg.spec, w, &x, &o, seg.mlp_tile), attention))
+        })?;
+        let input = store.put(x, self.input)?;
+        Ok((y, SavedLayer { input, attention }))
+    }
+
+    /// The gradient of the layer's input from `grad_y`, the gradient of its output; the weight
+    /// gradients accumulate into `w`'s leaves.
+    pub fn backward(
+        &self,
+        seg: &Segments,
+        w: &LayerWeights,
+        saved: SavedLayer,
+        grad_y: Tensor,
+        store: &mut ActivationStore,
+    ) -> Result<Tensor> {
+        let l = self.index;
+        let x = leaf(&store.take(saved.input)?);
+        // Segment 2's inputs: the kept output (the head shards are needed only after segment 3),
+        // or the attention forward recomputed with a graph on the head shards as leaves.
+        let (oh, kept, shards) = match saved.attention {
+            Some(k) => {
+                let kept = Saved { lse: store.take(k.lse)?, aux: k.aux };
+                (store.take(k.out)?, Some(kept), None)
+            }
+            None => {
+                let [qh, kh, vh] = self.head_shards(seg, w, &x)?.map(|t| leaf(&t));
+                let oh = match self.attention {
+                    AttentionPath::Skipped { .. } => qh.zeros_like(),
+                    _ => seg.profiler.attention(|| LocalAttention.attend(&qh, &kh, &vh)),
+                };
+                (oh, None, Some([qh, kh, vh]))
+            }
+        };
+        let grad_oh = self.post_attention_backward(seg, w, &x, &oh, grad_y)?;
+        log_phase(seg, format_args!("backward layer {l}: post-attention"));
+        let [qh, kh, vh] = match shards {
+            Some(shards) => shards,
+            None => self.head_shards(seg, w, &x)?,
+        };
+        let (gq, gk, gv) = match (self.attention, kept) {
+            (AttentionPath::Skipped { .. }, _) => (qh.zeros_like(), kh.zeros_like(), vh.zeros_like()),
+            (AttentionPath::Kept { kernel, .. }, Some(kept)) => seg
+                .profiler
+                .attention(|| tch::no_grad(|| fused::backward(kernel, &grad_oh, &qh, &kh, &vh, &oh, &kept)))?,
+            _ => {
+                seg.profiler.attention(|| backprop(&[(&oh, &grad_oh)]))?;
+                (qh.grad(), kh.grad(), vh.grad())
+            }
+        };
+        drop((qh, kh, vh, oh, grad_oh));
+        log_phase(seg, format_args!("backward layer {l}: attention"));
+        self.pre_attention_backward(seg, w, &x, [gq, gk, gv])?;
+        log_phase(seg, format_args!("backward layer {l}: pre-attention"));
+        Ok(grad(&x))
+    }
+
+    /// Segment 1: norm, q/k/v projections and RoPE on the rank's chunk, with KV heads replicated
+    /// when there are fewer than SP ranks (inside any graph, so their gradients sum back).
+    fn qkv(&self, seg: &Segments, w: &LayerWeights, x: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let (q, k, v) = llama::pre_attention(seg.spec, w, x, seg.rope);
+        (q, replicate_kv(&k, seg.sp.size()), replicate_kv(&v, seg.sp.size()))
+    }
+
+    /// Segment 1 without a graph, moved to head shards: `[b, s/sp, H, d] -> [b, s, H/sp, d]`.
+    fn head_shards(&self, seg: &Segments, w: &LayerWeights, x: &Tensor) -> Result<[Tensor; 3]> {
+        tch::no_grad(|| {
+            let (q, k, v) = self.qkv(seg, w, x);
+            Ok([to_heads(seg, &q)?, to_heads(seg, &k)?, to_heads(seg, &v)?])
+        })
+    }
+
+    /// Segment 2 forward without a graph: attention's output `[b, s, H/sp, d]` and, from the fused
+    /// kernel (or its memory-fit stand-in), what its backward needs.
+    fn attention_forward(
+        &self,
+        seg: &Segments,
+        qh: &Tensor,
+        kh: &Tensor,
+        vh: &Tensor,
+    ) -> Result<(Tensor, Option<Saved>)> {
+        Ok(match self.attention {
+            AttentionPath::Kept { kernel, .. } => {
+                let (oh, saved) = seg.profiler.attention(|| fused::forward(kernel, qh, kh, vh))?;
+                (oh, Some(saved))
+            }
+            AttentionPath::Recomputed => (seg.profiler.attention(|| LocalAttention.attend(qh, kh, vh)), None),
+            AttentionPath::Skipped { keep: Some(_) } => zero_attention(qh),
+            AttentionPath::Skipped { keep: None } => (qh.zeros_like(), None),
+        })
+    }
+
+    /// Segment 3 recomputed and backpropagated: the O projection and residual, then the MLP one
+    /// tile of tokens at a time so its wide activations exist for one tile. Returns the gradient
+    /// of attention's head-sharded output; its tensors and `grad_y` are gone when it returns.
+    fn post_attention_backward(
+        &self,
+        seg: &Segments,
+        w: &LayerWeights,
+        x: &Tensor,
+        oh: &Tensor,
+        grad_y: Tensor,
+    ) -> Result<Tensor> {
+        let o = leaf(&to_seq(seg, oh)?);
+        {
+            let h = llama::attention_residual(seg.spec, w, x, &o);
+            let h_leaf = leaf(&h);
+            for (start, len) in seq_tiles(h.size()[1], seg.mlp_tile) {
+                let y = llama::mlp_residual(seg.spec, w, &h_leaf.narrow(1, start, len));
+                backprop(&[(&y, &grad_y.narrow(1, start, len))])?;
+            }
+            backprop(&[(&h, &grad(&h_leaf))])?;
+        }
+        drop(grad_y);
+        to_heads(seg, &o.grad())
+    }
+
+    /// Segment 1 recomputed with a graph and backpropagated from the head shards' gradients
+    /// (moved back to the sequence-sharded layout); the input's gradient lands in `x.grad()`.
+    fn pre_attention_backward(&self, seg: &Segments, w: &LayerWeights, x: &Tensor, g: [Tensor; 3]) -> Result<()> {
+        let [gq, gk, gv] = g;
+        let (gq, gk, gv) = (to_seq(seg, &gq)?, to_seq(seg, &gk)?, to_seq(seg, &gv)?);
+        let (q, k, v) = self.qkv(seg, w, x);
+        backprop(&[(&q, &gq), (&k, &gk), (&v, &gv)])
+    }
+}
+
+/// `[b, s/sp, H, d] -> [b, s, H/sp, d]` over the SP group.
+fn to_heads(seg: &Segments, t: &Tensor) -> Result<Tensor> {
+    Ok(seg.profiler.comm(seg.sp, || seq_to_heads(seg.sp, t))?)
+}
+
+/// `[b, s, H/sp, d] -> [b, s/sp, H, d]` over the SP group.
+fn to_seq(seg: &Segments, t: &Tensor) -> Result<Tensor> {
+    Ok(seg.profiler.comm(seg.sp, || heads_to_seq(seg.sp, t))?)
+}
+
+/// A memory-fit run's stand-in for attention's output and log-sum-exp: same sizes, zeros.
+fn zero_attention(qh: &Tensor) -> (Tensor, Option<Saved>) {
+    let (b, s, heads, _) = qh.size4().expect("attention tensors are [b, s, heads, d]");
+    let lse = Tensor::zeros([b, heads, s], (Kind::Float, qh.device()));
+    (qh.zeros_like(), Some(Saved { lse, aux: [Tensor::new(), Tensor::new()] }))
+}
+
+/// A new leaf of the graph that starts at `t`.
+pub(super) fn leaf(t: &Tensor) -> Tensor {
+    t.detach().set_requires_grad(true)
+}
+
+/// Gradient of a leaf; a leaf no loss reached (a rank with no valid label) has none: zeros.
+pub(super) fn grad(t: &Tensor) -> Tensor {
+    let g = t.grad();
+    if g.defined() {
+        g
+    } else {
+        t.zeros_like()
+    }
+}
+
+/// Backpropagates each `grad_out` into its `out`'s graph (gradients accumulate into the leaves).
+pub(super) fn backprop(pairs: &[(&Tensor, &Tensor)]) -> Result<()> {
+    autograd::backward(pairs).map_err(|e| anyhow!("{e}"))
+}
+
+/// The log target of the step's per-phase memory lines: `RUST_LOG=info,ulysses::train::step=debug`.
+const PHASES: &str = "ulysses::train::step";
+
+/// At debug level on a GPU: this phase's peak and what stays allocated after it (GiB), so that a
+/// run shows where its working set peaks.
+pub(super) fn log_phase(seg: &Segments, phase: std::fmt::Arguments) {
+    if log::log_enabled!(target: PHASES, log::Level::Debug) && seg.device.is_cuda() {
+        let (peak, now) = crate::train::memory::phase_peak_gpu(seg.device);
+        log::debug!(target: PHASES, "{phase}: peak {:.2} GiB, then {:.2} GiB allocated", gib(peak), gib(now));
+    }
+}
