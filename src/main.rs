@@ -3,9 +3,10 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
-use ulysses::config::{validate, DeviceKind, Experiment};
+use ulysses::config::{validate, DeviceKind, Experiment, Overrides, SetArgs};
 use ulysses::launch::{init_logging, Backend, Launch};
 use ulysses::plan::check::{self, CheckBudget};
+use ulysses::plan::data::check_data;
 use ulysses::plan::memory::{Budget, DoesNotFit};
 use ulysses::plan::Plan;
 
@@ -14,21 +15,40 @@ use ulysses::plan::Plan;
     name = "ulysses",
     version,
     about = "Long-sequence LLM training: Ulysses sequence parallelism + ZeRO-3",
+    long_about = "Long-sequence LLM training: Ulysses sequence parallelism + ZeRO-3.\n\n\
+        Train with `mpirun -n N ulysses train EXPERIMENT.toml` (or just `ulysses EXPERIMENT.toml`); \
+        `ulysses COMMAND --help` describes each command.",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
-    /// Experiment TOML to train (`mpirun -n N ulysses EXPERIMENT.toml`).
+    /// Experiment TOML to train: `mpirun -n N ulysses EXPERIMENT.toml`, the same as
+    /// `ulysses train EXPERIMENT.toml`.
     experiment: Option<PathBuf>,
+    #[command(flatten)]
+    set: SetArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate an experiment and print its plan (mesh, per-rank shapes, shard sizes); no GPU, no MPI.
-    Check {
+    /// Train an experiment: `mpirun -n N ulysses train EXPERIMENT.toml` (N ranks = parallel.sp ×
+    /// parallel.dp; `parallel.dp = "auto"` takes N / sp). Launching it again resumes it.
+    Train {
+        /// Experiment TOML (see experiments/tiny.toml for an annotated one).
         experiment: PathBuf,
-        /// Number of ranks the job will run on (default: parallel.sp × parallel.dp).
+        #[command(flatten)]
+        set: SetArgs,
+    },
+    /// Validate an experiment and its data, and print its plan (mesh, per-rank shapes, shard
+    /// sizes, memory estimate); no GPU, no MPI. Exits 1 when the job would fail.
+    Check {
+        /// Experiment TOML to check.
+        experiment: PathBuf,
+        #[command(flatten)]
+        set: SetArgs,
+        /// Number of ranks the job will run on (default: parallel.sp × parallel.dp; needed with
+        /// parallel.dp = "auto").
         #[arg(long)]
         world_size: Option<usize>,
         /// GPU memory per GPU for torch's allocator, GiB (default: memory.gpu_gib, else 76: an
@@ -58,8 +78,16 @@ enum Command {
     /// Long-context evaluation of a checkpoint: passkey / needle grid or per-position loss
     /// (`mpirun -n N ulysses eval EXPERIMENT.toml --task passkey`; docs/eval.md).
     Eval(ulysses::eval::cli::EvalArgs),
-    /// Summarize a run's metrics.h5 and write PNG plots to RUN_DIR/plots/.
-    Report { run_dir: PathBuf },
+    /// Summarize a run's metrics.h5 (also while the run writes it) and write PNG plots to
+    /// RUN_DIR/plots/, or print its steps as CSV.
+    Report {
+        /// The run's folder: run.output_dir/run.name, e.g. runs/tiny-demo.
+        run_dir: PathBuf,
+        /// Print one CSV row per step (the /steps columns; memory as the largest rank's bytes) on
+        /// stdout instead of the summary and plots.
+        #[arg(long)]
+        csv: bool,
+    },
     /// Make, convert and check HDF5 token shards (`ulysses data --help`).
     Data {
         #[command(subcommand)]
@@ -74,18 +102,28 @@ fn main() {
         std::env::set_var("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True");
     }
     let cli = Cli::parse();
+    if matches!(cli.command, Some(Command::Check { .. } | Command::Report { .. } | Command::Data { .. })) {
+        quiet_on_closed_pipe();
+    }
     let result = match (cli.command, cli.experiment) {
-        (Some(Command::Check { experiment, world_size, gpu_mem_gib, host_mem_gib, disk_gib, ranks_per_node }), _) => {
+        (Some(Command::Train { experiment, set }), _) => train(&experiment, &set.set),
+        (
+            Some(Command::Check { experiment, set, world_size, gpu_mem_gib, host_mem_gib, disk_gib, ranks_per_node }),
+            _,
+        ) => {
             let budget = CheckBudget { gpu_gib: gpu_mem_gib, host_gib: host_mem_gib, disk_gib, ranks_per_node };
-            check_experiment(&experiment, world_size, &budget)
+            check_experiment(&experiment, &set.set, world_size, &budget)
         }
         (Some(Command::CommCheck { backend, bench_mib }), _) => comm_check(backend, bench_mib),
         (Some(Command::Data { cmd }), _) => ulysses::data::cli::run(cmd),
         (Some(Command::Eval(args)), _) => ulysses::eval::cli::run(args),
-        (Some(Command::Report { run_dir }), _) => ulysses::report::report(&run_dir).map(drop).map_err(Into::into),
-        (None, Some(exp)) => train(&exp),
+        (Some(Command::Report { run_dir, csv: false }), _) => {
+            ulysses::report::report(&run_dir).map(drop).map_err(Into::into)
+        }
+        (Some(Command::Report { run_dir, csv: true }), _) => ulysses::report::csv(&run_dir).map_err(Into::into),
+        (None, Some(exp)) => train(&exp, &cli.set.set),
         (None, None) => {
-            eprintln!("usage: ulysses EXPERIMENT.toml | ulysses check EXPERIMENT.toml | ulysses --help");
+            eprintln!("usage: ulysses train EXPERIMENT.toml | ulysses check EXPERIMENT.toml | ulysses --help");
             std::process::exit(2);
         }
     };
@@ -95,33 +133,52 @@ fn main() {
     }
 }
 
-fn load_valid(path: &Path, world: Option<usize>) -> Result<(Experiment, ulysses::model::spec::ModelSpec)> {
-    let exp = Experiment::load(path)?;
-    match validate(&exp, world) {
+/// The commands that only print (check, report, data) end quietly when their reader goes away
+/// (`ulysses report RUN | head -1`), as `cat` does, instead of panicking on the failed write.
+/// MPI jobs keep Rust's default (SIGPIPE ignored), so a closed socket is an error they report.
+fn quiet_on_closed_pipe() {
+    // SAFETY: restores the default disposition of one signal before any thread is started.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
+fn load_valid(path: &Path, overrides: &Overrides) -> Result<(Experiment, ulysses::model::spec::ModelSpec)> {
+    let exp = Experiment::load_with(path, overrides)?;
+    match validate(&exp, overrides.world) {
         Ok(spec) => Ok((exp, spec)),
-        Err(problems) => {
-            let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
-            bail!("{} has {} problem(s):\n{}", path.display(), problems.len(), list.join("\n"))
-        }
+        Err(problems) => bail!("{} has {} problem(s):\n{}", path.display(), problems.len(), listed(&problems)),
     }
 }
 
-fn check_experiment(path: &Path, world_size: Option<usize>, flags: &CheckBudget) -> Result<()> {
-    let exp = Experiment::load(path)?;
+fn listed(problems: &[impl std::fmt::Display]) -> String {
+    problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n")
+}
+
+fn check_experiment(path: &Path, set: &[String], world_size: Option<usize>, flags: &CheckBudget) -> Result<()> {
+    let exp = Experiment::load_with(path, &Overrides { set, world: world_size, dp_replaced: false })?;
     let world = world_size.unwrap_or(exp.parallel.sp * exp.parallel.dp);
-    let (exp, spec) = load_valid(path, Some(world))?;
-    println!("{}: valid for {world} rank(s)", path.display());
+    let (exp, spec) = load_valid(path, &Overrides { set, world: Some(world), dp_replaced: false })?;
+    let data = check_data(&exp, &spec);
+    let verdict = match (data.checked, data.problems.is_empty()) {
+        (true, true) => "valid for {world} rank(s), with its data",
+        (false, _) => "valid for {world} rank(s); its data is not on this machine (not checked, see `data` below)",
+        (true, false) => "the configuration is valid for {world} rank(s), but the data does not fit it",
+    };
+    println!("{}: {}", path.display(), verdict.replace("{world}", &world.to_string()));
     print!("{}", check::report(&exp, &spec, world, flags));
+    print!("{}", data.report);
+    if !data.problems.is_empty() {
+        bail!("{} has {} data problem(s):\n{}", path.display(), data.problems.len(), listed(&data.problems));
+    }
     Ok(())
 }
 
-fn train(path: &Path) -> Result<()> {
+fn train(path: &Path, set: &[String]) -> Result<()> {
     let launch = Launch::init()?;
     init_logging(launch.rank);
     // The experiment is the same file on every rank, so its problems usually are too: rank 0
     // reports them and ends the job; another rank that fails alone (a file missing on its node)
     // reports after a moment unless rank 0 has ended the job already.
-    let (exp, spec) = match load_valid(path, Some(launch.size)) {
+    let (exp, spec) = match load_valid(path, &Overrides { set, world: Some(launch.size), dp_replaced: false }) {
         Ok(v) => v,
         Err(e) => {
             if launch.rank != 0 {

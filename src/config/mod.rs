@@ -1,7 +1,11 @@
 //! The experiment TOML: one typed section per component, unknown keys rejected, defaults in code.
-//! `load` parses; `validate` checks every rule at once and lists every problem with its TOML path.
+//! `load` parses (with the command line's `--set` overrides and `parallel.dp = "auto"` applied to
+//! the TOML value first); `validate` checks every rule at once and lists every problem with its
+//! TOML path.
+mod overrides;
 mod validate;
 
+pub use overrides::{Overrides, SetArgs};
 pub use validate::{validate, Problem};
 
 pub use crate::model::spec::Preset;
@@ -88,7 +92,8 @@ pub enum AttentionBackend {
 pub struct ParallelConfig {
     /// Sequence-parallel degree: ranks that share one sample.
     pub sp: usize,
-    /// Data-parallel degree: samples processed side by side.
+    /// Data-parallel degree: samples processed side by side. `"auto"` in the file: the job's
+    /// ranks / sp (resolved when the experiment is loaded, `Overrides::world`).
     pub dp: usize,
     /// 0: everything replicated; 3: parameters, gradients and optimizer state sharded.
     pub zero_stage: ZeroStage,
@@ -345,11 +350,23 @@ pub struct MetricsConfig {
     /// Every N-th step, measure where the time goes (attention, other compute, communication,
     /// waiting) by synchronising the GPU around each region; 0: never. Such steps run slower.
     pub time_split_every: usize,
+    /// Also write TensorBoard event files to RUN_DIR/tensorboard (every step's scalars, the
+    /// per-position loss, eval results).
+    pub tensorboard: bool,
+    /// The MFU denominator, dense TFLOP/s per device; 0: the data-sheet peak of a known GPU (H100,
+    /// H200, A100, B200, ...), and no MFU on CPU or an unknown GPU.
+    pub peak_tflops: f64,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { position_loss_every: 10, position_bins: 64, time_split_every: 0 }
+        MetricsConfig {
+            position_loss_every: 10,
+            position_bins: 64,
+            time_split_every: 0,
+            tensorboard: false,
+            peak_tflops: 0.0,
+        }
     }
 }
 
@@ -382,17 +399,38 @@ pub enum ConfigError {
 
 impl Experiment {
     pub fn load(path: &Path) -> Result<Experiment, ConfigError> {
+        Self::load_with(path, &Overrides::default())
+    }
+
+    /// Reads the file and applies the command line's `overrides` before typing it.
+    pub fn load_with(path: &Path, overrides: &Overrides) -> Result<Experiment, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })?;
-        let mut exp = Self::parse(&text, &path.display().to_string())?;
+        let mut exp = Self::parse_with(&text, &path.display().to_string(), overrides)?;
         exp.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         Ok(exp)
     }
 
     /// Parses TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Experiment, ConfigError> {
-        toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: origin.to_string(), message: describe_toml_error(&e) })
+        Self::parse_with(text, origin, &Overrides::default())
+    }
+
+    /// Parses TOML text with `overrides` applied to its value; `origin` names it in errors.
+    pub fn parse_with(text: &str, origin: &str, overrides: &Overrides) -> Result<Experiment, ConfigError> {
+        let parse_error = |message: String| ConfigError::Parse { path: origin.to_string(), message };
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| parse_error(describe_toml_error(&e)))?;
+        if overrides.set.is_empty() && !overrides::wants_auto_dp(&table) {
+            // Typed straight from the text, so a wrong value is shown in its line of the file.
+            return toml::from_str(text).map_err(|e| parse_error(describe_toml_error(&e)));
+        }
+        overrides::apply(&mut table, overrides.set).map_err(parse_error)?;
+        overrides::resolve_auto_dp(&mut table, overrides).map_err(parse_error)?;
+        let with = if overrides.set.is_empty() { String::new() } else { format!(" with --set {}", overrides.set.join(" --set ")) };
+        Experiment::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
+            path: format!("{origin}{with}"),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })
     }
 
     /// Relative paths in an experiment file are relative to the working directory, as a user

@@ -203,6 +203,10 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
             ),
         );
     }
+    let peak = exp.metrics.peak_tflops;
+    if !(peak >= 0.0 && peak.is_finite()) {
+        bad("metrics.peak_tflops", format!("= {peak} must be a number of TFLOP/s >= 0 (0: from the GPU's name)"));
+    }
     for (name, gib) in [("gpu_gib", exp.memory.gpu_gib), ("host_gib", exp.memory.host_gib)] {
         if !(gib >= 0.0 && gib.is_finite()) {
             bad(&format!("memory.{name}"), format!("= {gib} must be a number of GiB >= 0 (0: measure at start)"));

@@ -7,7 +7,7 @@ use super::loss::{run_loss, LossSpec};
 use super::results::{write_grid, write_loss, Provenance};
 use super::{plot_eval, EvalTask};
 use crate::comm::Mesh;
-use crate::config::{validate, DeviceKind, Dtype, Experiment};
+use crate::config::{validate, DeviceKind, Dtype, Experiment, Overrides, SetArgs};
 use crate::data::synth::SynthTask;
 use crate::data::tokenizer::TextTokenizer;
 use crate::launch::{init_logging, Backend, Launch};
@@ -20,6 +20,10 @@ use tch::Kind;
 pub struct EvalArgs {
     /// Experiment TOML: the model, parallel.sp and the tiles; its run directory holds the defaults.
     pub experiment: PathBuf,
+    #[command(flatten)]
+    pub set: SetArgs,
+    /// What to measure: passkey or niah accuracy over a length × depth grid, or the loss by
+    /// position over held-out shards (--data).
     #[arg(long, value_enum)]
     pub task: EvalTask,
     /// Hugging Face checkpoint folder [default: RUN_DIR/final, where training saves the model].
@@ -74,7 +78,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
 }
 
 fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
-    let mut exp = Experiment::load(&args.experiment)?;
+    // The eval picks its own mesh below (--sp and the job's ranks), replacing the file's dp.
+    let overrides = Overrides { set: &args.set.set, world: None, dp_replaced: true };
+    let mut exp = Experiment::load_with(&args.experiment, &overrides)?;
     let sp = args.sp.unwrap_or(if launch.size > 1 { exp.parallel.sp } else { 1 });
     if sp == 0 || launch.size % sp != 0 {
         bail!(

@@ -8,7 +8,7 @@
 mod budget;
 mod report;
 
-pub use budget::{Budget, BudgetError, DISK_RESERVE, GPU_RESERVE, HOST_RESERVE_PER_RANK};
+pub use budget::{gpu_name, Budget, BudgetError, DISK_RESERVE, GPU_RESERVE, HOST_RESERVE_PER_RANK};
 pub use report::{refusal, summary, table, DoesNotFit};
 
 use crate::config::{ActivationPlacement, DeviceKind, Dtype, ParallelConfig, TrainConfig};

@@ -1,8 +1,10 @@
 //! What `ulysses check` prints, and a run prints as it starts: the mesh, each rank's share of the
 //! sequence and the heads, the parameter shard sizes (`Plan`) and, for GPU runs, the memory plan
 //! (`memory`) with where each layer's kept tensors wait and the longest sequence that fits. Plain
-//! arithmetic on the config, no GPU and no MPI.
+//! arithmetic on the config, no GPU and no MPI; `data` checks the shards against the experiment
+//! when they are on this machine.
 pub mod check;
+pub mod data;
 pub mod memory;
 
 use crate::config::{ParallelConfig, TrainConfig, ZeroStage};

@@ -1,6 +1,6 @@
 //! `ulysses report RUN_DIR`: a summary table of a run's metrics.h5 on stdout and PNG plots in
-//! RUN_DIR/plots/. Reads only the file (schema in docs/metrics.md), so it works on a laptop
-//! with no MPI job and on a run still in progress.
+//! RUN_DIR/plots/, or (`--csv`) the steps as CSV. Reads only the file (schema in docs/metrics.md),
+//! in SWMR mode, so it works on a laptop with no MPI job and on a run still writing it.
 mod plots;
 
 use crate::train::progress::sig3;
@@ -28,7 +28,9 @@ pub struct Metrics {
     pub mfu: Vec<f64>,
     pub mfu_alst: Vec<f64>,
     pub tflops: Vec<f64>,
-    /// (name, seconds per step) of the time split.
+    pub grad_norm: Vec<f64>,
+    pub tokens: Vec<u64>,
+    /// (name, seconds per step) of the time split, checkpoint saves last.
     pub times: Vec<(&'static str, Vec<f64>)>,
     /// [step, rank] bytes.
     pub peak_host_mem: Array2<u64>,
@@ -43,7 +45,14 @@ pub struct Metrics {
 impl Metrics {
     pub fn read(path: &Path) -> Result<Metrics, ReportError> {
         let err = |e: hdf5::Error| ReportError::Read { path: path.display().to_string(), message: e.to_string() };
-        let f = hdf5::File::open(path).map_err(err)?;
+        if !path.exists() {
+            return Err(ReportError::Read {
+                path: path.display().to_string(),
+                message: "no such file; a run writes it in RUN_DIR (run.output_dir/run.name) once its first step is done"
+                    .into(),
+            });
+        }
+        let f = crate::h5::open_live(path).map_err(err)?;
         let version: u32 = f.attr("schema_version").and_then(|a| a.read_scalar()).map_err(err)?;
         if version != crate::train::metrics::SCHEMA_VERSION {
             return Err(ReportError::Read {
@@ -58,7 +67,7 @@ impl Metrics {
         let text = |name: &str| {
             f.attr(name).and_then(|a| a.read_scalar::<VarLenUnicode>()).map(|v| v.to_string()).map_err(err)
         };
-        let m = Metrics {
+        let mut m = Metrics {
             step: f.dataset("steps/step").and_then(|d| d.read_raw()).map_err(err)?,
             loss: col("loss")?,
             lr: col("lr")?,
@@ -67,11 +76,14 @@ impl Metrics {
             mfu: col("mfu")?,
             mfu_alst: col("mfu_alst")?,
             tflops: col("tflops")?,
+            grad_norm: col("grad_norm")?,
+            tokens: f.dataset("steps/tokens").and_then(|d| d.read_raw()).map_err(err)?,
             times: vec![
                 ("data", col("time_data")?),
                 ("forward", col("time_forward")?),
                 ("backward", col("time_backward")?),
                 ("optimizer", col("time_optimizer")?),
+                ("checkpoint", col("time_checkpoint")?),
             ],
             peak_host_mem: f.dataset("steps/peak_host_mem").and_then(|d| d.read_2d()).map_err(err)?,
             peak_gpu_mem: f.dataset("steps/peak_gpu_mem").and_then(|d| d.read_2d()).map_err(err)?,
@@ -81,10 +93,39 @@ impl Metrics {
             world_size: f.attr("world_size").and_then(|a| a.read_scalar()).map_err(err)?,
             versions: format!("ulysses {}, libtorch {}", text("ulysses_version")?, text("libtorch_version")?),
         };
+        m.whole_rows();
         if m.step.is_empty() {
             return Err(ReportError::Empty { path: path.display().to_string() });
         }
         Ok(m)
+    }
+
+    /// While a run writes the file, a step in flight may have reached some columns and not yet
+    /// others: keep the rows every column has.
+    fn whole_rows(&mut self) {
+        let mut n = self.step.len().min(self.tokens.len());
+        n = n.min(self.peak_host_mem.nrows()).min(self.peak_gpu_mem.nrows());
+        for c in [&self.loss, &self.lr, &self.tokens_per_s, &self.step_time, &self.mfu, &self.mfu_alst, &self.tflops]
+            .into_iter()
+            .chain([&self.grad_norm])
+            .chain(self.times.iter().map(|(_, v)| v))
+        {
+            n = n.min(c.len());
+        }
+        for c in [&mut self.loss, &mut self.lr, &mut self.tokens_per_s, &mut self.step_time, &mut self.mfu]
+            .into_iter()
+            .chain([&mut self.mfu_alst, &mut self.tflops, &mut self.grad_norm])
+            .chain(self.times.iter_mut().map(|(_, v)| v))
+        {
+            c.truncate(n);
+        }
+        self.step.truncate(n);
+        self.tokens.truncate(n);
+        self.peak_host_mem = self.peak_host_mem.slice(ndarray::s![..n, ..]).to_owned();
+        self.peak_gpu_mem = self.peak_gpu_mem.slice(ndarray::s![..n, ..]).to_owned();
+        let rows = self.position_step.len().min(self.position_loss.nrows());
+        self.position_step.truncate(rows);
+        self.position_loss = self.position_loss.slice(ndarray::s![..rows, ..]).to_owned();
     }
 }
 
@@ -115,7 +156,13 @@ pub fn summary(run_dir: &Path, m: &Metrics) -> String {
         m.loss.iter().enumerate().fold((0, f64::INFINITY), |a, (i, &l)| if l < a.1 { (i, l) } else { a });
     let (host, host_rank) = peak(&m.peak_host_mem);
     let (gpu, gpu_rank) = peak(&m.peak_gpu_mem);
-    let split: Vec<String> = m.times.iter().map(|(name, v)| format!("{name} {:.3}", mean(&v[steady..]))).collect();
+    // The step time excludes checkpoint saves, so its split does too.
+    let split: Vec<String> = m
+        .times
+        .iter()
+        .filter(|(name, _)| *name != "checkpoint")
+        .map(|(name, v)| format!("{name} {:.3}", mean(&v[steady..])))
+        .collect();
     let checkpoints = crate::train::checkpoint::list_complete(run_dir)
         .map(|v| v.iter().map(|(s, _)| crate::train::checkpoint::step_dir_name(*s)).collect::<Vec<_>>().join(", "))
         .unwrap_or_default();
@@ -133,11 +180,16 @@ pub fn summary(run_dir: &Path, m: &Metrics) -> String {
         ("TFLOP/s per rank", format!("{} (causal model FLOPs)", sig3(mean(&m.tflops[steady..])))),
         (
             "MFU",
-            format!(
-                "{}% causal, {}% ALST convention",
-                sig3(100.0 * mean(&m.mfu[steady..])),
-                sig3(100.0 * mean(&m.mfu_alst[steady..]))
-            ),
+            if mean(&m.mfu[steady..]).is_finite() {
+                format!(
+                    "{}% causal, {}% ALST convention",
+                    sig3(100.0 * mean(&m.mfu[steady..])),
+                    sig3(100.0 * mean(&m.mfu_alst[steady..]))
+                )
+            } else {
+                "not computed: no known peak for this device (CPU run or unknown GPU; metrics.peak_tflops sets one)"
+                    .into()
+            },
         ),
         ("step time (s)", format!("{:.3} mean = {}", mean(&m.step_time[steady..]), split.join(" + "))),
         ("peak host memory", format!("{} (rank {host_rank})", bytes_text(host))),
@@ -148,6 +200,48 @@ pub fn summary(run_dir: &Path, m: &Metrics) -> String {
         ("checkpoints", if checkpoints.is_empty() { "none".into() } else { checkpoints }),
     ];
     rows.iter().map(|(k, v)| format!("{k:<18} {v}\n")).collect()
+}
+
+/// `ulysses report --csv`: one row per step on stdout, the /steps columns in docs/metrics.md's
+/// order with memory as the largest rank's bytes, for a spreadsheet, pandas or `tail -f`-style
+/// polling of a running job.
+pub fn csv(run_dir: &Path) -> Result<(), ReportError> {
+    use std::io::Write;
+    let m = Metrics::read(&run_dir.join("metrics.h5"))?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut header = vec!["step", "tokens", "loss", "lr", "grad_norm", "step_time", "tokens_per_s", "tflops", "mfu"];
+    header.extend(["mfu_alst"]);
+    header.extend(m.times.iter().map(|(name, _)| match *name {
+        "data" => "time_data",
+        "forward" => "time_forward",
+        "backward" => "time_backward",
+        "optimizer" => "time_optimizer",
+        _ => "time_checkpoint",
+    }));
+    header.extend(["peak_host_mem_max", "peak_gpu_mem_max"]);
+    let write = |out: &mut dyn Write| -> std::io::Result<()> {
+        writeln!(out, "{}", header.join(","))?;
+        let largest = |t: &Array2<u64>, i: usize| t.row(i).iter().copied().max().unwrap_or(0);
+        for i in 0..m.step.len() {
+            let mut cells = vec![m.step[i].to_string(), m.tokens[i].to_string()];
+            let floats = [m.loss[i], m.lr[i], m.grad_norm[i], m.step_time[i], m.tokens_per_s[i], m.tflops[i], m.mfu[i]];
+            cells.extend(floats.iter().chain([&m.mfu_alst[i]]).map(|v| csv_number(*v)));
+            cells.extend(m.times.iter().map(|(_, v)| csv_number(v[i])));
+            cells.extend([largest(&m.peak_host_mem, i).to_string(), largest(&m.peak_gpu_mem, i).to_string()]);
+            writeln!(out, "{}", cells.join(","))?;
+        }
+        out.flush()
+    };
+    write(&mut out).map_err(|e| ReportError::Read { path: "stdout".into(), message: e.to_string() })
+}
+
+/// A float as CSV: shortest round-trip digits, empty for NaN (no value).
+fn csv_number(v: f64) -> String {
+    if v.is_nan() {
+        String::new()
+    } else {
+        format!("{v}")
+    }
 }
 
 /// Prints the summary and writes the plots; returns the PNG paths.

@@ -5,8 +5,32 @@
 //! - the ALST paper's counter: `8·N·T + 16·s²·n_q·d·L` per sample (non-causal, recompute counted).
 use crate::model::spec::ModelSpec;
 
-/// H100 SXM dense bf16 peak, TFLOP/s (the MFU denominator).
-pub const H100_BF16_PEAK_TFLOPS: f64 = 989.0;
+/// Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s, by a piece of
+/// the device name CUDA reports ("NVIDIA H100 80GB HBM3"); the first match wins, so the specific
+/// names come before the general ones.
+const PEAKS: &[(&str, f64)] = &[
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("B200", 2250.0),
+    ("L40S", 362.0),
+];
+
+/// The MFU denominator and where it came from: `metrics.peak_tflops` when set (> 0), else the
+/// data-sheet peak of the GPU named `gpu_name`; None for a CPU run or a GPU not in the table, which
+/// then report TFLOP/s but no MFU.
+pub fn peak_tflops(configured: f64, gpu_name: Option<&str>) -> Option<(f64, String)> {
+    if configured > 0.0 {
+        return Some((configured, "metrics.peak_tflops".into()));
+    }
+    let name = gpu_name?;
+    PEAKS.iter().find(|(piece, _)| name.contains(piece)).map(|&(_, peak)| (peak, name.to_string()))
+}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepFlops {
@@ -38,6 +62,17 @@ pub fn step_flops(spec: &ModelSpec, seq_len: usize, samples: usize) -> StepFlops
 mod tests {
     use super::*;
     use crate::model::spec::Preset;
+
+    #[test]
+    fn peaks_come_from_the_config_or_a_known_gpu() {
+        assert_eq!(peak_tflops(0.0, Some("NVIDIA H100 80GB HBM3")).unwrap().0, 989.0);
+        assert_eq!(peak_tflops(0.0, Some("NVIDIA H100 PCIe")).unwrap().0, 756.0);
+        assert_eq!(peak_tflops(0.0, Some("NVIDIA H200")).unwrap().0, 989.0);
+        assert_eq!(peak_tflops(0.0, Some("NVIDIA A100-SXM4-80GB")).unwrap().0, 312.0);
+        assert_eq!(peak_tflops(0.0, Some("Some Future GPU")), None);
+        assert_eq!(peak_tflops(0.0, None), None, "a CPU run has no peak");
+        assert_eq!(peak_tflops(500.0, None), Some((500.0, "metrics.peak_tflops".into())));
+    }
 
     #[test]
     fn llama8b_at_128k_matches_the_peer_formula() {

@@ -1,9 +1,18 @@
 //! metrics.h5: one row per optimizer step, written by rank 0 and flushed every step so a crash
 //! loses at most the step in flight; per-position loss every M steps. Schema (version 2) in
 //! docs/metrics.md; every dataset also carries its meaning and unit in a `description` attribute.
-use crate::h5::{append_1d, append_row, write_scalar_attr, write_text_attr};
+//!
+//! The file is written in HDF5's SWMR mode (single writer, multiple readers): every dataset and
+//! attribute exists before the first step, rows are only appended, and readers that open it in
+//! SWMR mode (`h5py.File(path, "r", swmr=True)`, `ulysses report`) see a consistent file while the
+//! run writes it, with HDF5's file locking left on. The same rows can also go to TensorBoard event
+//! files (`metrics.tensorboard`, `super::tensorboard`).
+use super::tensorboard::Events;
+use crate::h5::{append_1d, append_row, append_rows, open_live, write_scalar_attr, write_text_attr};
 use anyhow::{Context, Result};
-use std::path::Path;
+use hdf5::file::LibraryVersion;
+use ndarray::{s, Array2};
+use std::path::{Path, PathBuf};
 
 pub const SCHEMA_VERSION: u32 = 2;
 
@@ -50,9 +59,9 @@ pub const F64_COLUMNS: &[(&str, &str)] = &[
     ("step_time", "wall time of the step, seconds (checkpoint saves excluded)"),
     ("tokens_per_s", "tokens / step_time, whole job"),
     ("tflops", "causal model TFLOP/s per rank (Megatron convention: 6·N·T + causal attention, no recompute)"),
-    ("mfu", "tflops / peak dense bf16 TFLOP/s (attribute peak_tflops)"),
+    ("mfu", "tflops / the device's peak dense bf16 TFLOP/s (attribute peak_tflops); NaN when no peak is known"),
     ("tflops_alst", "TFLOP/s per rank in the ALST-paper convention (8·N·T + 16·L·h·s², non-causal, recompute)"),
-    ("mfu_alst", "tflops_alst / peak_tflops"),
+    ("mfu_alst", "tflops_alst / peak_tflops; NaN when no peak is known"),
     ("time_data", "seconds waiting for data"),
     ("time_forward", "seconds in the forward (with the tiled loss and its backward)"),
     ("time_backward", "seconds in the layer-wise backward"),
@@ -94,13 +103,18 @@ pub struct RunInfo<'a> {
     /// The resolved experiment (`Experiment::to_toml`).
     pub config_toml: &'a str,
     pub world_size: usize,
-    pub peak_tflops: f64,
+    /// The MFU denominator, when the device's peak is known (`flops::peak_tflops`).
+    pub peak_tflops: Option<f64>,
     pub bin_starts: &'a [u64],
+    /// Folder for TensorBoard event files, when `metrics.tensorboard` is on.
+    pub tensorboard: Option<PathBuf>,
 }
 
 pub struct MetricsWriter {
     file: hdf5::File,
     world: usize,
+    events: Option<Events>,
+    bin_starts: Vec<u64>,
 }
 
 fn describe(ds: &hdf5::Dataset, what: &str) -> Result<()> {
@@ -108,13 +122,13 @@ fn describe(ds: &hdf5::Dataset, what: &str) -> Result<()> {
 }
 
 impl MetricsWriter {
-    /// A new file, or, when resuming after step `resume_step`, the existing one with the rows
-    /// after that step removed (they are about to be recomputed). An unreadable old file (a
-    /// crash mid-write) is moved aside to `metrics.h5.broken`.
+    /// A new file, or, when resuming after step `resume_step`, a new file holding the old one's
+    /// rows up to that step (the later ones are about to be recomputed), which then replaces it.
+    /// An unreadable old file (a crash mid-write) is moved aside to `metrics.h5.broken`.
     pub fn open(path: &Path, info: &RunInfo, resume_step: Option<u64>) -> Result<MetricsWriter> {
-        if let (Some(step), true) = (resume_step, path.exists()) {
-            match Self::reopen(path, info.world_size, step) {
-                Ok(w) => return Ok(w),
+        let kept = match (resume_step, path.exists()) {
+            (Some(step), true) => match Kept::read(path, step, info.bin_starts.len()) {
+                Ok(kept) => Some(kept),
                 Err(e) => {
                     let aside = path.with_extension("h5.broken");
                     log::warn!(
@@ -123,14 +137,29 @@ impl MetricsWriter {
                         aside.display()
                     );
                     std::fs::rename(path, &aside).with_context(|| format!("moving {} aside", path.display()))?;
+                    None
                 }
-            }
-        }
-        Self::create(path, info)
+            },
+            _ => None,
+        };
+        let (file, world) = Self::create(path, info, kept.as_ref())?;
+        let events = match &info.tensorboard {
+            Some(dir) => Some(Events::create(dir, "train").with_context(|| format!("TensorBoard events in {}", dir.display()))?),
+            None => None,
+        };
+        Ok(MetricsWriter { file, world, events, bin_starts: info.bin_starts.to_vec() })
     }
 
-    fn create(path: &Path, info: &RunInfo) -> Result<MetricsWriter> {
-        let file = hdf5::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    /// Writes the complete file next to `path`, switches it to SWMR writing and moves it into
+    /// place, so a reader finds either the old file or the new one, never a half-made one.
+    fn create(path: &Path, info: &RunInfo, kept: Option<&Kept>) -> Result<(hdf5::File, usize)> {
+        let fresh = path.with_extension("h5.new");
+        // SWMR needs the HDF5 1.10 file format; capping it there keeps the file readable by every
+        // h5py and HDF5 tool from 1.10 on.
+        let file = hdf5::File::with_options()
+            .with_fapl(|p| p.libver_bounds(LibraryVersion::V110, LibraryVersion::V110))
+            .create(&fresh)
+            .with_context(|| format!("creating {}", fresh.display()))?;
         let steps = file.create_group("steps")?;
         for (name, what) in F64_COLUMNS {
             describe(&steps.new_dataset::<f64>().chunk(256).shape(0..).create(*name)?, what)?;
@@ -138,7 +167,7 @@ impl MetricsWriter {
         for (name, what) in U64_COLUMNS {
             describe(&steps.new_dataset::<u64>().chunk(256).shape(0..).create(*name)?, what)?;
         }
-        let w = info.world_size.max(1);
+        let w = info.world_size.max(kept.map_or(1, Kept::width));
         for (name, what) in RANK_COLUMNS {
             describe(&steps.new_dataset::<u64>().chunk((64, w)).shape((0.., 0..)).create(*name)?, what)?;
         }
@@ -160,6 +189,9 @@ impl MetricsWriter {
             &pos.new_dataset_builder().with_data(info.bin_starts).create("bin_start")?,
             "first global position of each bin",
         )?;
+        if let Some(kept) = kept {
+            kept.write(&file, w)?;
+        }
 
         let versions = crate::train::checkpoint::Versions::current();
         write_text_attr(&file, "config_toml", info.config_toml)?;
@@ -168,40 +200,15 @@ impl MetricsWriter {
         write_text_attr(&file, "libtorch_version", &versions.libtorch)?;
         write_scalar_attr(&file, "schema_version", &SCHEMA_VERSION)?;
         write_scalar_attr(&file, "world_size", &(info.world_size as u64))?;
-        write_scalar_attr(&file, "peak_tflops", &info.peak_tflops)?;
+        write_scalar_attr(&file, "peak_tflops", &info.peak_tflops.unwrap_or(f64::NAN))?;
         file.flush()?;
-        Ok(MetricsWriter { file, world: w })
+        // From here on rows are only appended: no new datasets or attributes (SWMR's rule).
+        file.start_swmr().with_context(|| format!("starting SWMR writing of {}", fresh.display()))?;
+        std::fs::rename(&fresh, path).with_context(|| format!("moving {} to {}", fresh.display(), path.display()))?;
+        Ok((file, w))
     }
 
-    fn reopen(path: &Path, world: usize, resume_step: u64) -> Result<MetricsWriter> {
-        let file = hdf5::File::open_rw(path)?;
-        let version: u32 = file.attr("schema_version")?.read_scalar()?;
-        anyhow::ensure!(version == SCHEMA_VERSION, "schema version {version}, not {SCHEMA_VERSION}");
-        let keep = |group: &str| -> Result<usize> {
-            let steps: Vec<u64> = file.dataset(&format!("{group}/step"))?.read_raw()?;
-            Ok(steps.iter().take_while(|&&s| s <= resume_step).count())
-        };
-        let (rows, position_rows) = (keep("steps")?, keep("position_loss")?);
-        let steps = file.group("steps")?;
-        for (name, _) in F64_COLUMNS.iter().chain(U64_COLUMNS) {
-            steps.dataset(name)?.resize(rows)?;
-        }
-        let mut width = world;
-        for (name, _) in RANK_COLUMNS {
-            let ds = steps.dataset(name)?;
-            width = width.max(ds.shape()[1]);
-            ds.resize((rows, width))?;
-        }
-        let pos = file.group("position_loss")?;
-        pos.dataset("step")?.resize(position_rows)?;
-        for name in ["loss", "tokens"] {
-            let ds = pos.dataset(name)?;
-            ds.resize((position_rows, ds.shape()[1]))?;
-        }
-        file.flush()?;
-        Ok(MetricsWriter { file, world: width })
-    }
-
+    /// Appends the step's row (and its TensorBoard scalars) and flushes.
     pub fn append(&mut self, r: &StepRow) -> Result<()> {
         let steps = self.file.group("steps")?;
         for ((name, _), v) in F64_COLUMNS.iter().zip(f64_values(r)) {
@@ -217,6 +224,9 @@ impl MetricsWriter {
             append_row(&steps.dataset(name)?, row)?;
         }
         self.file.flush()?;
+        if let Some(events) = self.events.as_mut() {
+            events.step(r, F64_COLUMNS.iter().map(|(name, _)| *name).zip(f64_values(r)))?;
+        }
         Ok(())
     }
 
@@ -226,6 +236,98 @@ impl MetricsWriter {
         append_row(&pos.dataset("loss")?, bins.loss.clone())?;
         append_row(&pos.dataset("tokens")?, bins.tokens.clone())?;
         self.file.flush()?;
+        if let Some(events) = self.events.as_mut() {
+            events.positions(step, &self.bin_starts, &bins.loss)?;
+        }
+        Ok(())
+    }
+}
+
+/// The rows of an earlier metrics.h5 that a resumed run keeps: those up to the checkpoint's step.
+struct Kept {
+    f64s: Vec<Vec<f64>>,
+    u64s: Vec<Vec<u64>>,
+    ranks: Vec<Array2<u64>>,
+    position_step: Vec<u64>,
+    position_loss: Array2<f64>,
+    position_tokens: Array2<u64>,
+}
+
+impl Kept {
+    /// Reads them in SWMR mode, so a file left by a killed job (still marked as being written)
+    /// opens too. Per-position rows of another bin count are dropped, with a warning.
+    fn read(path: &Path, resume_step: u64, bins: usize) -> Result<Kept> {
+        let file = open_live(path)?;
+        let version: u32 = file.attr("schema_version")?.read_scalar()?;
+        anyhow::ensure!(version == SCHEMA_VERSION, "schema version {version}, not {SCHEMA_VERSION}");
+        let upto = |steps: &[u64]| steps.iter().take_while(|&&s| s <= resume_step).count();
+        let steps: Vec<u64> = file.dataset("steps/step")?.read_raw()?;
+        // A step in flight may have reached some columns and not others: keep whole rows only.
+        let mut rows = upto(&steps);
+        let column = |name: &str| file.dataset(&format!("steps/{name}"));
+        for (name, _) in F64_COLUMNS.iter().chain(U64_COLUMNS).chain(RANK_COLUMNS) {
+            rows = rows.min(column(name)?.shape()[0]);
+        }
+        let f64s = F64_COLUMNS
+            .iter()
+            .map(|(name, _)| Ok(column(name)?.read_raw::<f64>()?[..rows].to_vec()))
+            .collect::<Result<_>>()?;
+        let u64s = U64_COLUMNS
+            .iter()
+            .map(|(name, _)| Ok(column(name)?.read_raw::<u64>()?[..rows].to_vec()))
+            .collect::<Result<_>>()?;
+        let ranks = RANK_COLUMNS
+            .iter()
+            .map(|(name, _)| Ok(column(name)?.read_2d::<u64>()?.slice(s![..rows, ..]).to_owned()))
+            .collect::<Result<_>>()?;
+        let position_step: Vec<u64> = file.dataset("position_loss/step")?.read_raw()?;
+        let mut position_loss: Array2<f64> = file.dataset("position_loss/loss")?.read_2d()?;
+        let mut position_tokens: Array2<u64> = file.dataset("position_loss/tokens")?.read_2d()?;
+        let mut keep = upto(&position_step).min(position_loss.nrows()).min(position_tokens.nrows());
+        if position_loss.ncols() != bins {
+            log::warn!(
+                "{}: the per-position loss had {} bins and now has {bins}; its earlier rows are not kept",
+                path.display(),
+                position_loss.ncols()
+            );
+            keep = 0;
+            position_loss = Array2::zeros((0, bins));
+            position_tokens = Array2::zeros((0, bins));
+        }
+        Ok(Kept {
+            f64s,
+            u64s,
+            ranks,
+            position_step: position_step[..keep].to_vec(),
+            position_loss: position_loss.slice(s![..keep, ..]).to_owned(),
+            position_tokens: position_tokens.slice(s![..keep, ..]).to_owned(),
+        })
+    }
+
+    /// Ranks of the widest per-rank table.
+    fn width(&self) -> usize {
+        self.ranks.iter().map(Array2::ncols).max().unwrap_or(1)
+    }
+
+    /// Appends the kept rows to the new file's empty datasets; per-rank tables widen to `width`
+    /// with 0 for ranks that did not exist then.
+    fn write(&self, file: &hdf5::File, width: usize) -> Result<()> {
+        let steps = file.group("steps")?;
+        for ((name, _), values) in F64_COLUMNS.iter().zip(&self.f64s) {
+            append_1d(&steps.dataset(name)?, values)?;
+        }
+        for ((name, _), values) in U64_COLUMNS.iter().zip(&self.u64s) {
+            append_1d(&steps.dataset(name)?, values)?;
+        }
+        for ((name, _), table) in RANK_COLUMNS.iter().zip(&self.ranks) {
+            let mut wide = Array2::zeros((table.nrows(), width));
+            wide.slice_mut(s![.., ..table.ncols()]).assign(table);
+            append_rows(&steps.dataset(name)?, wide.view())?;
+        }
+        let pos = file.group("position_loss")?;
+        append_1d(&pos.dataset("step")?, &self.position_step)?;
+        append_rows(&pos.dataset("loss")?, self.position_loss.view())?;
+        append_rows(&pos.dataset("tokens")?, self.position_tokens.view())?;
         Ok(())
     }
 }

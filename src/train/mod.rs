@@ -17,6 +17,7 @@ pub mod schedule;
 mod start;
 pub mod step;
 pub mod store;
+pub mod tensorboard;
 
 use crate::comm::{all_reduce_f64, Collective, Groups, Mesh};
 use crate::config::{AttentionBackend, Dtype, Experiment};
@@ -106,6 +107,24 @@ fn plan_memory(
     Ok(placement)
 }
 
+/// The folder of a run's TensorBoard event files (`metrics.tensorboard`).
+pub const TENSORBOARD: &str = "tensorboard";
+
+/// The MFU denominator of this rank's device (`flops::peak_tflops`), said once by rank 0's log.
+fn peak_tflops(configured: f64, device: Device) -> Result<Option<f64>> {
+    let name = match device {
+        Device::Cuda(i) => Some(memory_plan::gpu_name(i)?),
+        _ => None,
+    };
+    let peak = flops::peak_tflops(configured, name.as_deref());
+    match (&peak, &name) {
+        (Some((tflops, from)), _) => log::info!("MFU against a peak of {tflops} TFLOP/s ({from})"),
+        (None, Some(name)) => log::info!("no MFU: the peak TFLOP/s of {name} is not known; set metrics.peak_tflops"),
+        (None, None) => log::info!("no MFU on CPU (no known peak; metrics.peak_tflops sets one)"),
+    }
+    Ok(peak.map(|(tflops, _)| tflops))
+}
+
 /// Whether training goes on after a step.
 enum Flow {
     Continue,
@@ -130,6 +149,8 @@ struct Run<'a> {
     /// Tokens and model FLOPs of one optimizer step over all ranks.
     tokens: u64,
     step_flops: flops::StepFlops,
+    /// The device's peak TFLOP/s, the MFU denominator; None: no MFU (CPU, an unknown GPU).
+    peak_tflops: Option<f64>,
     run_dir: PathBuf,
     first_step: usize,
     started: Instant,
@@ -172,6 +193,7 @@ impl<'a> Run<'a> {
         };
         let loader = Loader::new(dataset, loader_spec, loader_state)?;
         let run_dir = exp.run_dir();
+        let peak_tflops = peak_tflops(exp.metrics.peak_tflops, device)?;
         let metrics = if mesh.world_rank == 0 && !t.memory_fit {
             std::fs::create_dir_all(&run_dir)
                 .with_context(|| format!("creating run directory {}", run_dir.display()))?;
@@ -179,8 +201,9 @@ impl<'a> Run<'a> {
             let info = RunInfo {
                 config_toml: &exp.to_toml(),
                 world_size: mesh.world_size(),
-                peak_tflops: flops::H100_BF16_PEAK_TFLOPS,
+                peak_tflops,
                 bin_starts: &bin_starts,
+                tensorboard: exp.metrics.tensorboard.then(|| run_dir.join(TENSORBOARD)),
             };
             Some(MetricsWriter::open(&run_dir.join("metrics.h5"), &info, (start > 0).then_some(start))?)
         } else {
@@ -205,6 +228,7 @@ impl<'a> Run<'a> {
             adamw: AdamW::new(t),
             tokens: (exp.data.seq_len * samples) as u64,
             step_flops: flops::step_flops(spec, exp.data.seq_len, samples),
+            peak_tflops,
             run_dir,
             first_step: start as usize + 1,
             started: Instant::now(),
@@ -310,9 +334,9 @@ impl<'a> Run<'a> {
             step_time,
             tokens_per_s: tokens as f64 / step_time,
             tflops: per_rank_tflops(step_flops.model),
-            mfu: per_rank_tflops(step_flops.model) / flops::H100_BF16_PEAK_TFLOPS,
+            mfu: per_rank_tflops(step_flops.model) / self.peak_tflops.unwrap_or(f64::NAN),
             tflops_alst: per_rank_tflops(step_flops.alst),
-            mfu_alst: per_rank_tflops(step_flops.alst) / flops::H100_BF16_PEAK_TFLOPS,
+            mfu_alst: per_rank_tflops(step_flops.alst) / self.peak_tflops.unwrap_or(f64::NAN),
             times,
             checkpoint_time: 0.0,
             peak_host_mem,

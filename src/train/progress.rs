@@ -1,6 +1,11 @@
-//! Rank 0's line per step.
+//! Rank 0's line per step, each starting with its UTC time stamp.
 use super::metrics::StepRow;
 use crate::units::gib;
+
+/// Now in UTC to the second, as in `2026-12-01T20:35:50Z`.
+pub(crate) fn now() -> String {
+    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
 
 /// "  disk X GiB" when some rank kept activations on disk this step, else nothing.
 fn disk(r: &StepRow) -> String {
@@ -29,8 +34,11 @@ pub fn print_progress(r: &StepRow, steps: usize, secs_per_step: f64) {
     } else {
         disk(r)
     };
+    // MFU only against a known peak (NaN otherwise: CPU runs, unknown GPUs).
+    let mfu = if r.mfu.is_finite() { format!("  MFU {}%", sig3(100.0 * r.mfu)) } else { String::new() };
     println!(
-        "step {:>5}/{steps}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.1} tok/s  {:.2} s/step  {} TFLOP/s/{per}  MFU {}%{gpu}  eta {}",
+        "{}  step {:>5}/{steps}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.1} tok/s  {:.2} s/step  {} TFLOP/s/{per}{mfu}{gpu}  eta {}",
+        now(),
         r.step,
         r.loss,
         r.lr,
@@ -38,7 +46,6 @@ pub fn print_progress(r: &StepRow, steps: usize, secs_per_step: f64) {
         r.tokens_per_s,
         r.step_time,
         sig3(r.tflops),
-        sig3(100.0 * r.mfu),
         eta_text(eta)
     );
 }
@@ -46,7 +53,8 @@ pub fn print_progress(r: &StepRow, steps: usize, secs_per_step: f64) {
 /// A memory-fit run's line: what it proves (the step's memory), never a speed.
 pub fn print_memory_fit(r: &StepRow, steps: usize) {
     println!(
-        "memory-fit step {}/{steps} completed (attention in the last layer only: not a speed or loss figure)  peak GPU {:.1} GiB  peak host {:.1} GiB/rank{}",
+        "{}  memory-fit step {}/{steps} completed (attention in the last layer only: not a speed or loss figure)  peak GPU {:.1} GiB  peak host {:.1} GiB/rank{}",
+        now(),
         r.step,
         gib(r.peak_gpu_mem.iter().copied().max().unwrap_or(0)),
         gib(r.peak_host_mem.iter().copied().max().unwrap_or(0)),
@@ -57,7 +65,8 @@ pub fn print_memory_fit(r: &StepRow, steps: usize) {
 /// The synchronised time split of a profiled step (`[metrics] time_split_every`).
 pub fn print_time_split(step: usize, s: &super::profile::TimeSplit) {
     println!(
-        "step {step:>5} time split (synchronised): attention {:.2} s  other compute {:.2} s  communication {:.2} s  waiting {:.2} s",
+        "{}  step {step:>5} time split (synchronised): attention {:.2} s  other compute {:.2} s  communication {:.2} s  waiting {:.2} s",
+        now(),
         s.attention, s.compute, s.comm, s.wait
     );
 }

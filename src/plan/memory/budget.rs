@@ -96,8 +96,8 @@ impl Budget {
     }
 }
 
-/// cuDeviceTotalMem of GPU `gpu` (the ordinal torch uses: both see CUDA_VISIBLE_DEVICES).
-fn gpu_total_bytes(gpu: usize) -> Result<f64, BudgetError> {
+/// The driver's handle of GPU `gpu` (the ordinal torch uses: both see CUDA_VISIBLE_DEVICES).
+fn cuda_device(gpu: usize) -> Result<cudarc::driver::sys::CUdevice, BudgetError> {
     use cudarc::driver::{result, sys};
     let failed = |message: String| BudgetError::Gpu { gpu, message };
     // cudarc panics when it cannot dlopen libcuda, and the launcher turns a panic into an
@@ -107,7 +107,21 @@ fn gpu_total_bytes(gpu: usize) -> Result<f64, BudgetError> {
         return Err(failed("cannot load the CUDA driver library libcuda.so".into()));
     }
     result::init().map_err(|e| failed(format!("cuInit: {e}")))?;
-    let device = result::device::get(gpu as std::ffi::c_int).map_err(|e| failed(format!("cuDeviceGet: {e}")))?;
+    result::device::get(gpu as std::ffi::c_int).map_err(|e| failed(format!("cuDeviceGet: {e}")))
+}
+
+/// The name CUDA reports for GPU `gpu` ("NVIDIA H100 80GB HBM3"), for the MFU peak.
+pub fn gpu_name(gpu: usize) -> Result<String, BudgetError> {
+    let device = cuda_device(gpu)?;
+    cudarc::driver::result::device::get_name(device)
+        .map_err(|e| BudgetError::Gpu { gpu, message: format!("cuDeviceGetName: {e}") })
+}
+
+/// cuDeviceTotalMem of GPU `gpu`.
+fn gpu_total_bytes(gpu: usize) -> Result<f64, BudgetError> {
+    use cudarc::driver::result;
+    let failed = |message: String| BudgetError::Gpu { gpu, message };
+    let device = cuda_device(gpu)?;
     // SAFETY: `device` came from cuDeviceGet after cuInit.
     let total = unsafe { result::device::total_mem(device) }.map_err(|e| failed(format!("cuDeviceTotalMem: {e}")))?;
     Ok(total as f64)
