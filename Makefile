@@ -3,12 +3,17 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: setup build demo test check bundle fmt
+.PHONY: setup build install demo test check bundle fmt
+# `make install` puts wrappers for `ulysses` and the venv's `mpirun` in $(PREFIX)/bin.
+PREFIX ?= $(HOME)/.local
 setup:
 	@bash scripts/setup.sh
 
 build: setup
 	@$(ENV) cargo build
+
+install: build
+	@bash scripts/install.sh "$(PREFIX)"
 
 demo: build
 	@bash scripts/demo.sh

@@ -130,3 +130,143 @@ fn no_arguments_prints_usage() {
     let t = assert_clean_failure(&out);
     assert!(t.contains("usage"), "{t}");
 }
+
+/// A tiny experiment in `dir` on data made there; returns its path.
+fn tiny_experiment(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    let args = ["data", "synth", "--task", "passkey", "--seq-len", "128", "--num", "16", "--out", "data"];
+    let o = ulysses(&args, dir);
+    assert!(o.status.success(), "{}", text(&o));
+    let toml = format!(
+        "[run]\nname = \"t\"\n[model]\npreset = \"tiny\"\n[parallel]\nsp = 2\ndp = 1\n[data]\npaths = [\"data\"]\nseq_len = 128\n\
+         [train]\nsteps = 2\n[checkpoint]\nresume = \"none\"\n{extra}"
+    );
+    let path = dir.join("t.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+#[test]
+fn set_overrides_are_checked_like_the_file_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = tiny_experiment(dir.path(), "");
+    let exp = exp.to_str().unwrap();
+    let check = |set: &[&str]| {
+        let mut args = vec!["check", exp];
+        for s in set {
+            args.extend(["--set", s]);
+        }
+        ulysses(&args, dir.path())
+    };
+    let o = check(&["train.steps=7", "parallel.sp=1", "parallel.dp=2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("train      7 steps") && text(&o).contains("2 ranks = dp 2 × sp 1"), "{}", text(&o));
+    for (set, says) in [
+        ("train.steps=many", "invalid type: string \"many\", expected usize in `train.steps`"),
+        ("train.stepz=3", "unknown field `stepz`"),
+        ("trian.steps=3", "unknown field `trian`"),
+        ("steps=3", "--set steps=3: `steps` is not a key inside a section"),
+        ("train.steps", "expected SECTION.KEY=VALUE"),
+        ("train.lr=-1", "train.lr: = -1 must be a positive number"),
+        ("parallel.sp=3", "parallel.sp: = 3 does not divide the model's 4 query heads"),
+    ] {
+        let t = assert_clean_failure(&check(&[set]));
+        assert!(t.contains(says) && t.contains("t.toml"), "--set {set}:\n{t}");
+    }
+
+    // Training with overrides records them in metrics.h5 and in the checkpoint.
+    let o = mpirun(2, &["train", exp, "--set", "train.lr=0.00125", "--set", "run.name=overridden"], dir.path(), &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let run = dir.path().join("runs/overridden");
+    let f = hdf5::File::open(run.join("metrics.h5")).unwrap();
+    let config: hdf5::types::VarLenUnicode = f.attr("config_toml").unwrap().read_scalar().unwrap();
+    assert!(config.as_str().contains("lr = 0.00125") && config.as_str().contains("name = \"overridden\""), "{config}");
+    let saved = std::fs::read_to_string(run.join("final/experiment.toml")).unwrap();
+    assert!(saved.contains("lr = 0.00125"), "{saved}");
+}
+
+#[test]
+fn train_is_an_alias_and_dp_auto_fills_the_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = tiny_experiment(dir.path(), "");
+    let auto = std::fs::read_to_string(&exp).unwrap().replace("dp = 1", "dp = \"auto\"");
+    std::fs::write(&exp, auto).unwrap();
+    let exp = exp.to_str().unwrap();
+    let o = ulysses(&["check", exp, "--world-size", "8"], dir.path());
+    assert!(o.status.success() && text(&o).contains("8 ranks = dp 4 × sp 2"), "{}", text(&o));
+    let t = assert_clean_failure(&ulysses(&["check", exp], dir.path()));
+    assert!(t.contains("parallel.dp = \"auto\"") && t.contains("--world-size"), "{t}");
+    let t = assert_clean_failure(&ulysses(&["check", exp, "--world-size", "3"], dir.path()));
+    assert!(t.contains("3 ranks are not a multiple of parallel.sp = 2"), "{t}");
+
+    // `ulysses train EXP` under mpirun -n 4: dp = 4 / 2.
+    let o = mpirun(4, &["train", exp], dir.path(), &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("4 ranks = dp 2 × sp 2") && text(&o).contains("step     2/2"), "{}", text(&o));
+    let saved = std::fs::read_to_string(dir.path().join("runs/t/final/experiment.toml")).unwrap();
+    assert!(saved.contains("dp = 2"), "the resolved dp is recorded:\n{saved}");
+}
+
+#[test]
+fn check_validates_the_data_and_says_what_it_did_not_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = tiny_experiment(dir.path(), "");
+    let path = exp.to_str().unwrap();
+    let o = ulysses(&["check", path], dir.path());
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("valid for 2 rank(s), with its data"), "{t}");
+    assert!(t.contains("data       16 sequences of 128 tokens in 1 shard(s); vocabulary 258 of the model's 512"), "{t}");
+    assert!(t.contains("not checked: token ids"), "{t}");
+
+    // The whole data folder missing: the plan, and a loud "not checked".
+    let o = ulysses(&["check", path, "--set", "data.paths=[\"nowhere\"]"], dir.path());
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("its data is not on this machine") && t.contains("NOT CHECKED: nowhere not found"), "{t}");
+    // One path of several missing: a typo, an error.
+    let t = assert_clean_failure(&ulysses(&["check", path, "--set", "data.paths=[\"data\", \"nowhere\"]"], dir.path()));
+    assert!(t.contains("data.paths: \"nowhere\" does not exist"), "{t}");
+    // Data of another sequence length.
+    let t = assert_clean_failure(&ulysses(&["check", path, "--set", "data.seq_len=64"], dir.path()));
+    assert!(t.contains("data problem") && t.contains("64"), "{t}");
+    // loss_on = "answer" on data without answers.
+    let random = ["data", "synth", "--task", "random", "--seq-len", "128", "--num", "4", "--out", "random"];
+    assert!(ulysses(&random, dir.path()).status.success());
+    let t = assert_clean_failure(&ulysses(
+        &["check", path, "--set", "data.paths=[\"random\"]", "--set", "data.loss_on=answer"],
+        dir.path(),
+    ));
+    assert!(t.contains("needs passkey answers"), "{t}");
+    // A vocabulary larger than the model's: a Hugging Face config with 200 tokens.
+    let small = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 200, "hidden_size": 64,
+        "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+        "tie_word_embeddings": false
+    });
+    std::fs::write(dir.path().join("small.json"), small.to_string()).unwrap();
+    let text_in = std::fs::read_to_string(&exp).unwrap().replace("preset = \"tiny\"", "config = \"small.json\"");
+    std::fs::write(&exp, text_in).unwrap();
+    let t = assert_clean_failure(&ulysses(&["check", path], dir.path()));
+    assert!(t.contains("the data does not fit it") && t.contains("vocabulary has 258 tokens (tokenizer byte) but the model's has 200"), "{t}");
+}
+
+#[test]
+fn make_install_puts_ulysses_and_mpirun_on_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new("bash")
+        .arg(root().join("scripts/install.sh"))
+        .arg(dir.path())
+        .arg(BIN)
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("is not on your PATH") && t.contains(&format!("export PATH=\"{}/bin:$PATH\"", dir.path().display())), "{t}");
+    let path = format!("{}/bin:/usr/bin:/bin", dir.path().display());
+    for (cmd, says) in [("ulysses --version", "ulysses 0.1.0"), ("mpirun --version", "HYDRA")] {
+        let o = std::process::Command::new("sh").args(["-c", cmd]).env("PATH", &path).output().unwrap();
+        assert!(o.status.success() && text(&o).contains(says), "{cmd}: {}", text(&o));
+    }
+}

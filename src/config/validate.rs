@@ -67,7 +67,7 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
             bad(
                 "parallel",
                 format!(
-                    "sp × dp = {} × {} = {} but the job has {world} ranks; sp × dp must equal the number of ranks",
+                    "sp × dp = {} × {} = {} but the job has {world} ranks; sp × dp must equal the number of ranks (parallel.dp = \"auto\" takes ranks / sp)",
                     p.sp,
                     p.dp,
                     p.sp * p.dp

@@ -28,6 +28,8 @@ pub enum DataCommand {
         /// EOS token of a tokenizer.json (default: the first of the usual names it has).
         #[arg(long)]
         eos_token: Option<String>,
+        /// How to read the inputs: auto (by extension: .jsonl/.json as JSONL, anything else as
+        /// text), jsonl or text.
         #[arg(long, value_enum, default_value_t = InputFormat::Auto)]
         format: InputFormat,
         /// JSONL field holding the document text.
@@ -43,13 +45,17 @@ pub enum DataCommand {
     /// Write a synthetic long-context set (no download): passkey or needle-in-a-haystack
     /// retrieval (niah), or random tokens.
     Synth {
+        /// passkey: a pass key hidden in repeated filler, asked for at the end; niah: a magic
+        /// number among varied sentences; random: uniform random tokens (no answer).
         #[arg(long, value_enum)]
         task: SynthTask,
+        /// Tokens per sequence (must equal data.seq_len of the experiment).
         #[arg(long)]
         seq_len: usize,
         /// Number of sequences.
         #[arg(long)]
         num: usize,
+        /// Seed of the keys, depths and filler: the same seed gives the same file.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// A .h5 file, or a folder that receives shard-00000.h5.
@@ -62,6 +68,7 @@ pub enum DataCommand {
         /// `byte` or a tokenizer.json path (the key is then tokenized as text).
         #[arg(long, default_value = "byte")]
         tokenizer: String,
+        /// EOS token of a tokenizer.json (default: the first of the usual names it has).
         #[arg(long)]
         eos_token: Option<String>,
         /// Digits of the pass key.
@@ -73,6 +80,7 @@ pub enum DataCommand {
     },
     /// Check a shard and print its attributes, shape, chunking and a few tokens.
     Inspect {
+        /// The shard (.h5 file) to check.
         file: PathBuf,
         /// Tokens of the first sequence to print.
         #[arg(long, default_value_t = 16)]

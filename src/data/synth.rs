@@ -14,9 +14,11 @@ use std::path::{Path, PathBuf};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SynthTask {
+    /// Pass-key retrieval: "The pass key is NNNNN." hidden in repeated filler, asked for at the end.
     Passkey,
     /// Needle in a haystack: varied filler, "The special magic number is NNNNN."
     Niah,
+    /// Uniform random tokens (no answer).
     Random,
 }
 

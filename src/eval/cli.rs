@@ -12,6 +12,7 @@ use crate::data::synth::SynthTask;
 use crate::data::tokenizer::TextTokenizer;
 use crate::launch::{init_logging, Backend, Launch};
 use crate::model::weights::load_hf;
+use crate::train::tensorboard::Events;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use tch::Kind;
@@ -61,6 +62,32 @@ pub struct EvalArgs {
     /// Position bins of the loss curve.
     #[arg(long, default_value_t = 64)]
     pub bins: usize,
+}
+
+/// The eval's TensorBoard events (`metrics.tensorboard`): RUN_DIR/tensorboard/eval, at the
+/// training step of the checkpoint (0 for one without a run state, such as imported weights).
+fn eval_events(exp: &Experiment, checkpoint: &std::path::Path) -> Result<(u64, Events)> {
+    let step = crate::train::checkpoint::read_state(checkpoint).map_or(0, |s| s.step);
+    let dir = exp.run_dir().join(crate::train::TENSORBOARD).join("eval");
+    let events = Events::create(&dir, "eval").with_context(|| format!("TensorBoard events in {}", dir.display()))?;
+    Ok((step, events))
+}
+
+/// `eval/TASK/exact_match/len_L` and `.../token_accuracy/len_L`: each length's mean over depths.
+fn tensorboard_grid(
+    exp: &Experiment,
+    checkpoint: &std::path::Path,
+    task: EvalTask,
+    r: &crate::eval::grid::GridResult,
+) -> Result<()> {
+    let (step, mut events) = eval_events(exp, checkpoint)?;
+    for (what, values) in [("exact_match", r.accuracy()), ("token_accuracy", r.token_accuracy())] {
+        for (i, length) in r.lengths.iter().enumerate() {
+            let mean = values.row(i).mean().unwrap_or(f64::NAN);
+            events.scalar(&format!("eval/{}/{what}/len_{length}", task.name()), step, mean)?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs on every rank; a failure on any rank ends the job (MPI_Abort) with its message.
@@ -158,6 +185,9 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
             let result = run_grid(&ev, &grid, &tokenizer, &mesh, world)?;
             if launch.rank == 0 {
                 write_grid(&out, args.task, &provenance, &grid, &result)?;
+                if exp.metrics.tensorboard {
+                    tensorboard_grid(&exp, &checkpoint, args.task, &result)?;
+                }
             }
         }
         EvalTask::Loss => {
@@ -168,6 +198,14 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
             let result = run_loss(&ev, &spec, &mesh, world)?;
             if launch.rank == 0 {
                 write_loss(&out, &provenance, &args.data, &result)?;
+                if exp.metrics.tensorboard {
+                    // `eval/loss/P`: the loss of the bin starting at position P.
+                    let (step, mut events) = eval_events(&exp, &checkpoint)?;
+                    let digits = result.bin_start.last().map_or(1, |p| p.to_string().len());
+                    for (start, &loss) in result.bin_start.iter().zip(&result.loss) {
+                        events.scalar(&format!("eval/loss/{start:0digits$}"), step, loss)?;
+                    }
+                }
                 let (first, last) = (result.loss.first().unwrap_or(&f64::NAN), result.loss.last().unwrap_or(&f64::NAN));
                 println!(
                     "loss over {} sequences of {} tokens: first bin {first:.4}, last bin {last:.4} nats",

@@ -61,12 +61,39 @@ fn colour(v: f64) -> RGBColor {
     RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
+/// Width of the colour bar column right of a heat map, pixels.
+const BAR_WIDTH: u32 = 110;
+
 fn heat_map(path: &Path, title: &str, r: &GridResult, values: &Array2<f64>) -> Result<(), EvalError> {
     let height = (160 + 70 * r.lengths.len()).max(360) as u32;
-    let root = BitMapBackend::new(path, (900, height)).into_drawing_area();
+    let root = BitMapBackend::new(path, (900 + BAR_WIDTH, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_error(path, e))?;
-    draw_heat_map(&root, title, r, values).map_err(|e| plot_error(path, e))?;
+    let (map, bar) = root.split_horizontally(900);
+    draw_heat_map(&map, title, r, values).map_err(|e| plot_error(path, e))?;
+    draw_colour_bar(&bar, height).map_err(|e| plot_error(path, e))?;
     root.present().map_err(|e| plot_error(path, e))
+}
+
+/// The scale of the heat map's colours: 0 at the bottom to 1 at the top, level with its cells.
+fn draw_colour_bar(area: &DrawingArea<BitMapBackend, Shift>, height: u32) -> Result<(), Box<dyn std::error::Error>> {
+    // The map's cells span its height less the caption (top) and the axis labels (bottom).
+    let (top, bottom) = (60i32, height as i32 - 66);
+    let (left, right) = (10i32, 34i32);
+    let steps = 100;
+    for i in 0..steps {
+        let v = (i as f64 + 0.5) / steps as f64;
+        let y0 = bottom - (bottom - top) * (i + 1) / steps;
+        let y1 = bottom - (bottom - top) * i / steps;
+        area.draw(&Rectangle::new([(left, y0), (right, y1)], colour(v).filled()))?;
+    }
+    area.draw(&Rectangle::new([(left, top), (right, bottom)], BLACK.stroke_width(1)))?;
+    let style = TextStyle::from((FAMILY, 15).into_font()).color(&BLACK).pos(Pos::new(HPos::Left, VPos::Center));
+    for tick in [0.0, 0.25, 0.5, 0.75, 1.0] {
+        let y = bottom - ((bottom - top) as f64 * tick).round() as i32;
+        area.draw(&PathElement::new(vec![(right, y), (right + 5, y)], BLACK.stroke_width(1)))?;
+        area.draw(&Text::new(format!("{tick:.2}"), (right + 9, y), style.clone()))?;
+    }
+    Ok(())
 }
 
 fn draw_heat_map(

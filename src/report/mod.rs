@@ -38,6 +38,8 @@ pub struct Metrics {
     pub position_step: Vec<u64>,
     pub position_loss: Array2<f64>,
     pub bin_start: Vec<u64>,
+    /// Tokens per sample (`data.seq_len` of the recorded experiment): the position axis.
+    pub seq_len: u64,
     pub world_size: u64,
     pub versions: String,
 }
@@ -90,10 +92,14 @@ impl Metrics {
             position_step: f.dataset("position_loss/step").and_then(|d| d.read_raw()).map_err(err)?,
             position_loss: f.dataset("position_loss/loss").and_then(|d| d.read_2d()).map_err(err)?,
             bin_start: f.dataset("position_loss/bin_start").and_then(|d| d.read_raw()).map_err(err)?,
+            seq_len: text("config_toml").ok().and_then(|t| recorded_seq_len(&t)).unwrap_or(0),
             world_size: f.attr("world_size").and_then(|a| a.read_scalar()).map_err(err)?,
             versions: format!("ulysses {}, libtorch {}", text("ulysses_version")?, text("libtorch_version")?),
         };
         m.whole_rows();
+        if m.seq_len == 0 {
+            m.seq_len = m.bin_start.last().map_or(1, |&b| b + 1);
+        }
         if m.step.is_empty() {
             return Err(ReportError::Empty { path: path.display().to_string() });
         }
@@ -127,6 +133,12 @@ impl Metrics {
         self.position_step.truncate(rows);
         self.position_loss = self.position_loss.slice(ndarray::s![..rows, ..]).to_owned();
     }
+}
+
+/// `data.seq_len` of the experiment recorded in the file.
+fn recorded_seq_len(config_toml: &str) -> Option<u64> {
+    let table: toml::Table = toml::from_str(config_toml).ok()?;
+    table.get("data")?.get("seq_len")?.as_integer().map(|v| v as u64)
 }
 
 fn mean(v: &[f64]) -> f64 {
