@@ -215,7 +215,10 @@ fn check_validates_the_data_and_says_what_it_did_not_check() {
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("valid for 2 rank(s), with its data"), "{t}");
-    assert!(t.contains("data       16 sequences of 128 tokens in 1 shard(s); vocabulary 258 of the model's 512"), "{t}");
+    assert!(
+        t.contains("data       16 sequences of 128 tokens in 1 shard(s); vocabulary 258 of the model's 512"),
+        "{t}"
+    );
     assert!(t.contains("not checked: token ids"), "{t}");
 
     // The whole data folder missing: the plan, and a loud "not checked".
@@ -248,7 +251,11 @@ fn check_validates_the_data_and_says_what_it_did_not_check() {
     let text_in = std::fs::read_to_string(&exp).unwrap().replace("preset = \"tiny\"", "config = \"small.json\"");
     std::fs::write(&exp, text_in).unwrap();
     let t = assert_clean_failure(&ulysses(&["check", path], dir.path()));
-    assert!(t.contains("the data does not fit it") && t.contains("vocabulary has 258 tokens (tokenizer byte) but the model's has 200"), "{t}");
+    assert!(
+        t.contains("the data does not fit it")
+            && t.contains("vocabulary has 258 tokens (tokenizer byte) but the model's has 200"),
+        "{t}"
+    );
 }
 
 #[test]
@@ -263,7 +270,10 @@ fn make_install_puts_ulysses_and_mpirun_on_the_path() {
         .unwrap();
     let t = text(&o);
     assert!(o.status.success(), "{t}");
-    assert!(t.contains("is not on your PATH") && t.contains(&format!("export PATH=\"{}/bin:$PATH\"", dir.path().display())), "{t}");
+    assert!(
+        t.contains("is not on your PATH") && t.contains(&format!("export PATH=\"{}/bin:$PATH\"", dir.path().display())),
+        "{t}"
+    );
     let path = format!("{}/bin:/usr/bin:/bin", dir.path().display());
     for (cmd, says) in [("ulysses --version", "ulysses 0.1.0"), ("mpirun --version", "HYDRA")] {
         let o = std::process::Command::new("sh").args(["-c", cmd]).env("PATH", &path).output().unwrap();

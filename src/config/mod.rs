@@ -426,7 +426,11 @@ impl Experiment {
         }
         overrides::apply(&mut table, overrides.set).map_err(parse_error)?;
         overrides::resolve_auto_dp(&mut table, overrides).map_err(parse_error)?;
-        let with = if overrides.set.is_empty() { String::new() } else { format!(" with --set {}", overrides.set.join(" --set ")) };
+        let with = if overrides.set.is_empty() {
+            String::new()
+        } else {
+            format!(" with --set {}", overrides.set.join(" --set "))
+        };
         Experiment::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
             path: format!("{origin}{with}"),
             message: e.to_string().trim_end().replace('\n', " "),

@@ -35,7 +35,8 @@ pub fn check_data(exp: &Experiment, spec: &ModelSpec) -> DataCheck {
         DataCheck { report, problems, checked: true }
     };
     if !missing.is_empty() {
-        let problems = missing.iter().map(|p| format!("data.paths: \"{p}\" does not exist (the other paths do)")).collect();
+        let problems =
+            missing.iter().map(|p| format!("data.paths: \"{p}\" does not exist (the other paths do)")).collect();
         return fail(problems, report);
     }
     let dataset = match Dataset::open(&d.paths, d.seq_len) {

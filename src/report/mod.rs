@@ -50,8 +50,9 @@ impl Metrics {
         if !path.exists() {
             return Err(ReportError::Read {
                 path: path.display().to_string(),
-                message: "no such file; a run writes it in RUN_DIR (run.output_dir/run.name) once its first step is done"
-                    .into(),
+                message:
+                    "no such file; a run writes it in RUN_DIR (run.output_dir/run.name) once its first step is done"
+                        .into(),
             });
         }
         let f = crate::h5::open_live(path).map_err(err)?;

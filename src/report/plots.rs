@@ -110,7 +110,9 @@ fn panel(area: &DrawingArea<BitMapBackend, Shift>, p: &Panel) -> Result<(), Stri
     for (i, s) in lines.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         for run in &s.runs {
-            chart.draw_series(LineSeries::new(run.iter().copied(), color.stroke_width(2))).map_err(|e| e.to_string())?;
+            chart
+                .draw_series(LineSeries::new(run.iter().copied(), color.stroke_width(2)))
+                .map_err(|e| e.to_string())?;
         }
         if s.points().count() <= MAX_MARKED {
             chart.draw_series(s.points().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| e.to_string())?;

@@ -144,7 +144,9 @@ impl MetricsWriter {
         };
         let (file, world) = Self::create(path, info, kept.as_ref())?;
         let events = match &info.tensorboard {
-            Some(dir) => Some(Events::create(dir, "train").with_context(|| format!("TensorBoard events in {}", dir.display()))?),
+            Some(dir) => {
+                Some(Events::create(dir, "train").with_context(|| format!("TensorBoard events in {}", dir.display()))?)
+            }
             None => None,
         };
         Ok(MetricsWriter { file, world, events, bin_starts: info.bin_starts.to_vec() })

@@ -35,11 +35,7 @@ impl Events {
     }
 
     /// A step's row: its float columns (named as in metrics.h5) and the largest rank's memory.
-    pub fn step<'a>(
-        &mut self,
-        r: &StepRow,
-        columns: impl Iterator<Item = (&'a str, f64)>,
-    ) -> std::io::Result<()> {
+    pub fn step<'a>(&mut self, r: &StepRow, columns: impl Iterator<Item = (&'a str, f64)>) -> std::io::Result<()> {
         for (name, value) in columns {
             self.scalar(&column_tag(name), r.step, value)?;
         }
