@@ -17,6 +17,8 @@ const MAX_LEGEND: usize = 12;
 const LEGEND_WIDTH: u32 = 150;
 /// Series with at most this many points also get a dot at each point.
 const MAX_MARKED: usize = 100;
+/// Series with more points than this are drawn one pixel wide.
+const MAX_THICK: usize = 200;
 
 /// One line of a panel: its points in runs of finite values (a NaN, such as a position bin with
 /// no label, breaks the line instead of being bridged).
@@ -109,9 +111,12 @@ fn panel(area: &DrawingArea<BitMapBackend, Shift>, p: &Panel) -> Result<(), Stri
         .map_err(|e| e.to_string())?;
     for (i, s) in lines.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
+        // plotters joins thick lines with miters, which shoot far out of the chart at the sharp
+        // turns of a long, noisy series (a one-step spike in the time split): draw those thin.
+        let width = if s.points().count() > MAX_THICK { 1 } else { 2 };
         for run in &s.runs {
             chart
-                .draw_series(LineSeries::new(run.iter().copied(), color.stroke_width(2)))
+                .draw_series(LineSeries::new(run.iter().copied(), color.stroke_width(width)))
                 .map_err(|e| e.to_string())?;
         }
         if s.points().count() <= MAX_MARKED {
