@@ -6,7 +6,7 @@ use data_common::{meta, ulysses, write_shard};
 use ndarray::{arr1, Array2};
 use std::path::{Path, PathBuf};
 use ulysses::data::format::ShardWriter;
-use ulysses::data::{Dataset, Loader, LoaderSpec, LoaderState, LossOn};
+use ulysses::data::{Dataset, Loader, LoaderSpec, LoaderState, LossOn, Packing};
 
 fn open_err(paths: &[PathBuf], seq_len: usize) -> String {
     match Dataset::open(paths, seq_len) {
@@ -86,6 +86,7 @@ fn seq_len_must_divide_by_sp() {
         sp_rank: 0,
         micro_batch: 1,
         loss_on: LossOn::All,
+        packing: Packing::default(),
     };
     let err = Loader::new(Dataset::open(&[path.clone()], 30).unwrap(), spec, LoaderState::default()).err().unwrap();
     assert_names(&err.to_string(), &["seq_len = 30", "sp = 4"]);
@@ -125,6 +126,7 @@ fn token_ids_at_or_above_the_vocabulary() {
         sp_rank: 1,
         micro_batch: 1,
         loss_on: LossOn::All,
+        packing: Packing::default(),
     };
     let mut loader = Loader::new(ds, spec, LoaderState::default()).unwrap();
     assert!(loader.next_batch().is_ok());

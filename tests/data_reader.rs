@@ -4,10 +4,20 @@ mod data_common;
 use data_common::{token, write_shard};
 use std::collections::HashSet;
 use std::path::PathBuf;
-use ulysses::data::{build_batch, Batch, Dataset, Loader, LoaderSpec, LoaderState, LossOn, IGNORE_INDEX};
+use ulysses::data::{build_batch, Batch, Dataset, Loader, LoaderSpec, LoaderState, LossOn, Packing, IGNORE_INDEX};
 
 fn spec(dp: usize, dp_rank: usize, sp: usize, sp_rank: usize, micro_batch: usize) -> LoaderSpec {
-    LoaderSpec { seed: 42, shuffle: true, dp, dp_rank, sp, sp_rank, micro_batch, loss_on: LossOn::All }
+    LoaderSpec {
+        seed: 42,
+        shuffle: true,
+        dp,
+        dp_rank,
+        sp,
+        sp_rank,
+        micro_batch,
+        loss_on: LossOn::All,
+        packing: Packing::default(),
+    }
 }
 
 /// A dataset of `sizes[k]` sequences in shard k (global indices run across shards in order).

@@ -9,7 +9,7 @@ use tokenizers::{
     AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, Tokenizer,
     TokenizerBuilder,
 };
-use ulysses::data::prepare::{prepare, InputFormat, PrepareOptions};
+use ulysses::data::prepare::{prepare, InputFormat, Layout, PrepareOptions};
 use ulysses::data::synth::{synth, SynthOptions, SynthTask};
 use ulysses::data::tokenizer::TextTokenizer;
 use ulysses::data::Dataset;
@@ -147,6 +147,8 @@ fn prepare_plain_text_streams_long_lines_exactly() {
         shard_mib: 1.0,
         out: out.clone(),
         force: false,
+        layout: Layout::Pack,
+        bos: None,
     };
     let mut consumed = 0;
     let summary = prepare(&opts, &TextTokenizer::load("byte", None).unwrap(), &mut |n| consumed += n).unwrap();
@@ -184,6 +186,7 @@ fn synth_passkey_is_deterministic_and_records_the_answer() {
             out: out.clone(),
             depths: Some(vec![0.0, 0.5, 1.0]),
             key_digits: 5,
+            doc_len: None,
             force: false,
         };
         assert_eq!(synth(&opts, &TextTokenizer::Byte).unwrap(), out.join("shard-00000.h5"));

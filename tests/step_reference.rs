@@ -50,7 +50,7 @@ fn batch(spec: &ModelSpec, rng: &mut SplitMix64) -> MicroBatch {
     let _ = labels.narrow(1, s - 1, 1).fill_(-100);
     let _ = labels.narrow(1, 3, 4).fill_(-100);
     let positions = Tensor::arange(s, (Kind::Int64, Device::Cpu)).unsqueeze(0).repeat([2, 1]);
-    MicroBatch { input_ids: ids, labels, position_ids: positions }
+    MicroBatch::unpacked(ids, labels, positions)
 }
 
 fn context<'a>(
@@ -73,6 +73,7 @@ fn context<'a>(
         loss_tile: tiles.1,
         profiler,
         layers: StepContext::layers(&placement, kernel, false),
+        documents: None,
     }
 }
 

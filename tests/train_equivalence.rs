@@ -225,20 +225,15 @@ fn single_rank_run_equals_the_reference_trainer() {
         sp_rank: 0,
         micro_batch: t.micro_batch,
         loss_on: exp.data.loss_on,
+        packing: exp.data.packing(),
     };
     let mut loader =
         Loader::new(Dataset::open(&exp.data.paths, exp.data.seq_len).unwrap(), loader_spec, LoaderState::default())
             .unwrap();
     let mut losses = Vec::new();
     for step in 1..=t.steps {
-        let batches: Vec<MicroBatch> = (0..t.grad_accum)
-            .map(|_| {
-                let b = loader.next_batch().unwrap();
-                let shape = [b.micro_batch as i64, b.chunk_len as i64];
-                let v = |x: &[i64]| Tensor::from_slice(x).view(shape);
-                MicroBatch { input_ids: v(&b.input_ids), labels: v(&b.labels), position_ids: v(&b.position_ids) }
-            })
-            .collect();
+        let batches: Vec<MicroBatch> =
+            (0..t.grad_accum).map(|_| MicroBatch::from_batch(&loader.next_batch().unwrap(), Device::Cpu)).collect();
         losses.push(reference.step(&batches, &AdamW::new(t), lr_at(t, step), t.clip_grad_norm).0);
     }
     let final_params: BTreeMap<String, tch::Tensor> =

@@ -167,6 +167,21 @@ pub enum ActivationPlacement {
     Disk,
 }
 
+impl FusedAttention {
+    /// How `ulysses check` and the run's log name the kernel, on a full causal sample or on one
+    /// with several documents (`masked`).
+    pub fn describe(self, masked: bool) -> &'static str {
+        match (self, masked) {
+            (FusedAttention::Cudnn, false) => "cuDNN (causal)",
+            (FusedAttention::Flash, false) => "flash (causal)",
+            (FusedAttention::CpuFlash, false) => "CPU flash (causal)",
+            (FusedAttention::Cudnn, true) => "cuDNN varlen (cumulative sequence lengths)",
+            (FusedAttention::Flash, true) => "flash varlen (cumulative sequence lengths)",
+            (FusedAttention::CpuFlash, true) => "CPU flash with a block-diagonal causal mask",
+        }
+    }
+}
+
 impl ParallelConfig {
     /// The kernel that keeps attention's log-sum-exp here: libtorch's CPU flash attention on CPU;
     /// on CUDA cuDNN or flash as `attention` says, and None for the memory-efficient and math
@@ -218,6 +233,22 @@ pub struct DataConfig {
     /// "all" (every next-token label) or "answer" (only passkey answers).
     #[serde(default)]
     pub loss_on: crate::data::LossOn,
+    /// Packed documents (the boundaries shards record in `docs/*`): "ignore" (default: attention
+    /// runs across documents, as on unpacked text) or "mask" (block-diagonal causal attention, no
+    /// label across a boundary).
+    #[serde(default)]
+    pub documents: crate::data::PackedDocuments,
+    /// RoPE positions: "global" (default: position in the sequence) or "document" (restart at
+    /// each document, as ALST does).
+    #[serde(default)]
+    pub positions: crate::data::Positions,
+}
+
+impl DataConfig {
+    /// What the loader does with the shards' document boundaries.
+    pub fn packing(&self) -> crate::data::Packing {
+        crate::data::Packing { documents: self.documents, positions: self.positions }
+    }
 }
 
 fn default_true() -> bool {
@@ -342,6 +373,9 @@ pub struct MetricsConfig {
     pub position_loss_every: usize,
     /// Number of position bins across the whole sequence.
     pub position_bins: usize,
+    /// Which position the per-position loss bins by: "sequence" (default: the position in the
+    /// sample) or "document" (the position within its document, for packed data).
+    pub position_by: PositionBy,
     /// Every N-th step, measure where the time goes (attention, other compute, communication,
     /// waiting) by synchronising the GPU around each region; 0: never. Such steps run slower.
     pub time_split_every: usize,
@@ -349,7 +383,33 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { position_loss_every: 10, position_bins: 64, time_split_every: 0 }
+        MetricsConfig {
+            position_loss_every: 10,
+            position_bins: 64,
+            position_by: PositionBy::Sequence,
+            time_split_every: 0,
+        }
+    }
+}
+
+/// The position a per-position loss curve bins each token by (`metrics.position_by`, `ulysses
+/// eval --task loss --by`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PositionBy {
+    /// The position in the sample.
+    #[default]
+    Sequence,
+    /// The position within the token's document (0 where a document begins).
+    Document,
+}
+
+impl PositionBy {
+    pub fn name(self) -> &'static str {
+        match self {
+            PositionBy::Sequence => "sequence",
+            PositionBy::Document => "document",
+        }
     }
 }
 

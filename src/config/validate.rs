@@ -1,6 +1,7 @@
 //! Every rule of an experiment, checked at once. Each problem names its TOML path, the value found
 //! and what would be valid, so a user fixes the whole file in one go.
-use super::{DeviceKind, Dtype, Experiment, Resume, ZeroStage};
+use super::{DeviceKind, Dtype, Experiment, PositionBy, Resume, ZeroStage};
+use crate::data::PackedDocuments;
 use crate::model::spec::{ModelSpec, Preset};
 use std::fmt;
 
@@ -15,6 +16,11 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.path, self.message)
     }
+}
+
+/// A config enum as the TOML spells it.
+fn serde_plain<T: serde::Serialize>(v: &T) -> String {
+    toml::Value::try_from(v).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
 }
 
 fn divisors(n: i64) -> String {
@@ -134,6 +140,22 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
                 ),
             );
         }
+    }
+
+    if d.documents == PackedDocuments::Mask && p.fused_attention().is_none() {
+        bad(
+            "data.documents",
+            format!(
+                "= \"mask\" needs an attention kernel that takes document boundaries; parallel.attention = \"{}\" has none, use \"auto\", \"cudnn\" or \"flash\"",
+                serde_plain(&p.attention)
+            ),
+        );
+    }
+    if exp.metrics.position_by == PositionBy::Document && !d.packing().reads_documents() {
+        bad(
+            "metrics.position_by",
+            "= \"document\" needs the document boundaries: set data.documents = \"mask\" (or data.positions = \"document\")".into(),
+        );
     }
 
     let t = &exp.train;

@@ -4,13 +4,18 @@ use super::format::ShardMeta;
 use super::DataError;
 use std::path::{Path, PathBuf};
 
-/// Built-in byte-level tokenizer: bytes are 0..=255, BOS 256 (never emitted by prepare or synth),
+/// Built-in byte-level tokenizer: bytes are 0..=255, BOS 256 (emitted only by `prepare --bos`),
 /// EOS 257.
+pub const BYTE_BOS: i32 = 256;
 pub const BYTE_EOS: i32 = 257;
 pub const BYTE_VOCAB: i64 = 258;
 
 /// End-of-text tokens of common tokenizer families, tried in order when `--eos-token` is absent.
 const EOS_CANDIDATES: &[&str] = &["<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eot_id|>", "[SEP]"];
+
+/// Beginning-of-text tokens of common tokenizer families, tried in order when `--bos-token` is
+/// absent.
+const BOS_CANDIDATES: &[&str] = &["<|begin_of_text|>", "<|startoftext|>", "<s>", "<bos>", "[CLS]"];
 
 pub enum TextTokenizer {
     Byte,
@@ -87,6 +92,34 @@ impl TextTokenizer {
         match self {
             TextTokenizer::Byte => BYTE_EOS,
             TextTokenizer::HuggingFace { eos_id, .. } => *eos_id as i32,
+        }
+    }
+
+    /// The BOS id `prepare --bos` begins documents with: `bos_token` if given, else the usual
+    /// names a tokenizer.json has (256 for the byte tokenizer).
+    pub fn bos_id(&self, bos_token: Option<&str>) -> Result<i32, DataError> {
+        match self {
+            TextTokenizer::Byte => match bos_token {
+                None => Ok(BYTE_BOS),
+                Some(_) => Err(DataError::Usage(
+                    "--bos-token applies only to a tokenizer.json; the byte tokenizer's BOS is 256".into(),
+                )),
+            },
+            TextTokenizer::HuggingFace { tokenizer, path, .. } => {
+                let err = |message: String| DataError::Tokenizer { path: path.clone(), message };
+                let id = match bos_token {
+                    Some(t) => tokenizer
+                        .token_to_id(t)
+                        .ok_or_else(|| err(format!("has no token \"{t}\" (from --bos-token)")))?,
+                    None => BOS_CANDIDATES.iter().find_map(|t| tokenizer.token_to_id(t)).ok_or_else(|| {
+                        err(format!(
+                            "has none of the usual BOS tokens ({}); name it with --bos-token",
+                            BOS_CANDIDATES.join(", ")
+                        ))
+                    })?,
+                };
+                Ok(id as i32)
+            }
         }
     }
 

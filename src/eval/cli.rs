@@ -7,7 +7,7 @@ use super::loss::{run_loss, LossSpec};
 use super::results::{write_grid, write_loss, Provenance};
 use super::{plot_eval, EvalTask};
 use crate::comm::Mesh;
-use crate::config::{validate, DeviceKind, Dtype, Experiment};
+use crate::config::{validate, DeviceKind, Dtype, Experiment, PositionBy};
 use crate::data::synth::SynthTask;
 use crate::data::tokenizer::TextTokenizer;
 use crate::launch::{init_logging, Backend, Launch};
@@ -57,6 +57,10 @@ pub struct EvalArgs {
     /// Position bins of the loss curve.
     #[arg(long, default_value_t = 64)]
     pub bins: usize,
+    /// What --task loss bins a token by: its position in the sequence, or within its document
+    /// (packed data; needs the experiment's data.documents = "mask").
+    #[arg(long, value_enum, default_value_t = PositionBy::Sequence)]
+    pub by: PositionBy,
 }
 
 /// Runs on every rank; a failure on any rank ends the job (MPI_Abort) with its message.
@@ -107,6 +111,12 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
     let checkpoint = args.checkpoint.clone().unwrap_or_else(|| exp.run_dir().join("final"));
     let weights = load_hf(&checkpoint, &spec, kind, device)
         .with_context(|| format!("loading the checkpoint {}", checkpoint.display()))?;
+    // The grid's sequences are one document each; held-out packed data attends within its
+    // documents when training did.
+    let documents = match args.task {
+        EvalTask::Loss => crate::train::documents::kernel(&exp, &spec, launch.size, kind, device)?,
+        EvalTask::Passkey | EvalTask::Niah => None,
+    };
     let ev = Evaluator {
         spec: &spec,
         weights: &weights,
@@ -114,6 +124,7 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
         device,
         mlp_tile: exp.parallel.mlp_tile,
         loss_tile: exp.parallel.loss_tile,
+        documents,
     };
     let out = args.out.clone().unwrap_or_else(|| exp.run_dir().join("eval").join(format!("{}.h5", args.task.name())));
     let command: Vec<String> = std::env::args().collect();
@@ -158,7 +169,13 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
             if args.data.is_empty() {
                 bail!("--task loss needs --data: held-out shard files or folders (make them like the training data, from text the model was not trained on)");
             }
-            let spec = LossSpec { paths: args.data.clone(), bins: args.bins, max_sequences: args.samples };
+            let spec = LossSpec {
+                paths: args.data.clone(),
+                bins: args.bins,
+                max_sequences: args.samples,
+                by: args.by,
+                packing: exp.data.packing(),
+            };
             let result = run_loss(&ev, &spec, &mesh, world)?;
             if launch.rank == 0 {
                 write_loss(&out, &provenance, &args.data, &result)?;

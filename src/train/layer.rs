@@ -17,6 +17,12 @@
 //!
 //! Backward runs segment 3 first (it needs only attention's output), then attention, then
 //! segment 1, so that no two segments' graphs exist at once.
+//!
+//! With packed documents (`data.documents = "mask"`) a micro batch whose samples hold more than
+//! one document brings a `DocumentMask`: attention then runs the masked kernel on both paths,
+//! kept (output and log-sum-exp kept, fused backward) and recomputed (the masked forward again in
+//! backward, then its fused backward). A micro batch of single-document samples has no mask and
+//! takes exactly the path of unpacked data.
 use super::profile::Profiler;
 use super::store::{ActivationStore, Key};
 use crate::comm::Collective;
@@ -24,6 +30,7 @@ use crate::config::FusedAttention;
 use crate::ffi::attention::{self as fused, Saved};
 use crate::ffi::autograd;
 use crate::model::llama::{self, seq_tiles, AttentionCore, LayerWeights, LocalAttention};
+use crate::model::mask::DocumentMask;
 use crate::model::rope::Rope;
 use crate::model::spec::ModelSpec;
 use crate::parallel::ulysses::{heads_to_seq, replicate_kv, seq_to_heads};
@@ -78,6 +85,9 @@ pub struct Segments<'a> {
     /// Tokens per MLP tile (0: untiled).
     pub mlp_tile: usize,
     pub device: Device,
+    /// This micro batch's documents, when attention stays within them and some sample holds more
+    /// than one (None: plain causal attention).
+    pub mask: Option<&'a DocumentMask>,
 }
 
 /// One decoder layer of the step: where its input waits and how its attention is done.
@@ -158,20 +168,29 @@ impl DecoderLayer {
         let l = self.index;
         let x = leaf(&store.take(saved.input)?);
         // Segment 2's inputs: the kept output (the head shards are needed only after segment 3),
-        // or the attention forward recomputed with a graph on the head shards as leaves.
+        // or the attention forward recomputed: with a graph on the head shards as leaves, or,
+        // within documents, by the masked kernel, whose fused backward then takes its output.
         let (oh, kept, shards) = match saved.attention {
             Some(k) => {
                 let kept = Saved { lse: store.take(k.lse)?, aux: k.aux };
                 (store.take(k.out)?, Some(kept), None)
             }
-            None => {
-                let [qh, kh, vh] = self.head_shards(seg, w, &x)?.map(|t| leaf(&t));
-                let oh = match self.attention {
-                    AttentionPath::Skipped { .. } => qh.zeros_like(),
-                    _ => seg.profiler.attention(|| LocalAttention.attend(&qh, &kh, &vh)),
-                };
-                (oh, None, Some([qh, kh, vh]))
-            }
+            None => match (self.attention, seg.mask) {
+                (AttentionPath::Skipped { .. }, _) => {
+                    let [qh, kh, vh] = self.head_shards(seg, w, &x)?;
+                    (qh.zeros_like(), None, Some([qh, kh, vh]))
+                }
+                (_, Some(mask)) => {
+                    let [qh, kh, vh] = self.head_shards(seg, w, &x)?;
+                    let (oh, kept) = seg.profiler.attention(|| fused::forward_masked(mask, &qh, &kh, &vh))?;
+                    (oh, Some(kept), Some([qh, kh, vh]))
+                }
+                (_, None) => {
+                    let [qh, kh, vh] = self.head_shards(seg, w, &x)?.map(|t| leaf(&t));
+                    let oh = seg.profiler.attention(|| LocalAttention.attend(&qh, &kh, &vh));
+                    (oh, None, Some([qh, kh, vh]))
+                }
+            },
         };
         let grad_oh = self.post_attention_backward(seg, w, &x, &oh, grad_y)?;
         log_phase(seg, format_args!("backward layer {l}: post-attention"));
@@ -179,9 +198,12 @@ impl DecoderLayer {
             Some(shards) => shards,
             None => self.head_shards(seg, w, &x)?,
         };
-        let (gq, gk, gv) = match (self.attention, kept) {
-            (AttentionPath::Skipped { .. }, _) => (qh.zeros_like(), kh.zeros_like(), vh.zeros_like()),
-            (AttentionPath::Kept { kernel, .. }, Some(kept)) => seg
+        let (gq, gk, gv) = match (self.attention, kept, seg.mask) {
+            (AttentionPath::Skipped { .. }, _, _) => (qh.zeros_like(), kh.zeros_like(), vh.zeros_like()),
+            (_, Some(kept), Some(mask)) => seg
+                .profiler
+                .attention(|| tch::no_grad(|| fused::backward_masked(mask, &grad_oh, &qh, &kh, &vh, &oh, &kept)))?,
+            (AttentionPath::Kept { kernel, .. }, Some(kept), None) => seg
                 .profiler
                 .attention(|| tch::no_grad(|| fused::backward(kernel, &grad_oh, &qh, &kh, &vh, &oh, &kept)))?,
             _ => {
@@ -220,14 +242,21 @@ impl DecoderLayer {
         kh: &Tensor,
         vh: &Tensor,
     ) -> Result<(Tensor, Option<Saved>)> {
-        Ok(match self.attention {
-            AttentionPath::Kept { kernel, .. } => {
+        Ok(match (self.attention, seg.mask) {
+            (AttentionPath::Kept { .. }, Some(mask)) => {
+                let (oh, saved) = seg.profiler.attention(|| fused::forward_masked(mask, qh, kh, vh))?;
+                (oh, Some(saved))
+            }
+            (AttentionPath::Kept { kernel, .. }, None) => {
                 let (oh, saved) = seg.profiler.attention(|| fused::forward(kernel, qh, kh, vh))?;
                 (oh, Some(saved))
             }
-            AttentionPath::Recomputed => (seg.profiler.attention(|| LocalAttention.attend(qh, kh, vh)), None),
-            AttentionPath::Skipped { keep: Some(_) } => zero_attention(qh),
-            AttentionPath::Skipped { keep: None } => (qh.zeros_like(), None),
+            (AttentionPath::Recomputed, Some(mask)) => {
+                (seg.profiler.attention(|| fused::forward_masked(mask, qh, kh, vh))?.0, None)
+            }
+            (AttentionPath::Recomputed, None) => (seg.profiler.attention(|| LocalAttention.attend(qh, kh, vh)), None),
+            (AttentionPath::Skipped { keep: Some(_) }, _) => zero_attention(qh),
+            (AttentionPath::Skipped { keep: None }, _) => (qh.zeros_like(), None),
         })
     }
 

@@ -1,11 +1,11 @@
 //! metrics.h5: one row per optimizer step, written by rank 0 and flushed every step so a crash
-//! loses at most the step in flight; per-position loss every M steps. Schema (version 2) in
+//! loses at most the step in flight; per-position loss every M steps. Schema (version 3) in
 //! docs/metrics.md; every dataset also carries its meaning and unit in a `description` attribute.
 use crate::h5::{append_1d, append_row, write_scalar_attr, write_text_attr};
 use anyhow::{Context, Result};
 use std::path::Path;
 
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Wall time of one optimizer step's parts, in seconds. On GPU each part ends with a device
 /// synchronize, or kernels still running are billed to the next part.
@@ -24,6 +24,9 @@ pub struct StepTimes {
 pub struct StepRow {
     pub step: u64,
     pub tokens: u64,
+    /// Documents attention ran over in the step, whole job (one per sample when the boundaries
+    /// are ignored).
+    pub documents: u64,
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
@@ -49,7 +52,10 @@ pub const F64_COLUMNS: &[(&str, &str)] = &[
     ("grad_norm", "global L2 norm of the gradient before clipping"),
     ("step_time", "wall time of the step, seconds (checkpoint saves excluded)"),
     ("tokens_per_s", "tokens / step_time, whole job"),
-    ("tflops", "causal model TFLOP/s per rank (Megatron convention: 6·N·T + causal attention, no recompute)"),
+    (
+        "tflops",
+        "causal model TFLOP/s per rank (Megatron convention: 6·N·T + causal attention within documents, no recompute)",
+    ),
     ("mfu", "tflops / peak dense bf16 TFLOP/s (attribute peak_tflops)"),
     ("tflops_alst", "TFLOP/s per rank in the ALST-paper convention (8·N·T + 16·L·h·s², non-causal, recompute)"),
     ("mfu_alst", "tflops_alst / peak_tflops"),
@@ -59,8 +65,11 @@ pub const F64_COLUMNS: &[(&str, &str)] = &[
     ("time_optimizer", "seconds in grad norm, clipping and AdamW"),
     ("time_checkpoint", "seconds spent saving a checkpoint after this step (0 if none)"),
 ];
-pub const U64_COLUMNS: &[(&str, &str)] =
-    &[("step", "optimizer step, 1-based"), ("tokens", "tokens processed in the step, whole job")];
+pub const U64_COLUMNS: &[(&str, &str)] = &[
+    ("step", "optimizer step, 1-based"),
+    ("tokens", "tokens processed in the step, whole job"),
+    ("documents", "documents attention ran over in the step, whole job (samples when data.documents = \"ignore\")"),
+];
 pub const RANK_COLUMNS: &[(&str, &str)] = &[
     (
         "peak_host_mem",
@@ -96,6 +105,8 @@ pub struct RunInfo<'a> {
     pub world_size: usize,
     pub peak_tflops: f64,
     pub bin_starts: &'a [u64],
+    /// What the per-position loss bins by.
+    pub position_by: crate::config::PositionBy,
 }
 
 pub struct MetricsWriter {
@@ -158,7 +169,7 @@ impl MetricsWriter {
         )?;
         describe(
             &pos.new_dataset_builder().with_data(info.bin_starts).create("bin_start")?,
-            "first global position of each bin",
+            "first position of each bin (in the sample, or in the document: attribute position_by)",
         )?;
 
         let versions = crate::train::checkpoint::Versions::current();
@@ -169,6 +180,7 @@ impl MetricsWriter {
         write_scalar_attr(&file, "schema_version", &SCHEMA_VERSION)?;
         write_scalar_attr(&file, "world_size", &(info.world_size as u64))?;
         write_scalar_attr(&file, "peak_tflops", &info.peak_tflops)?;
+        write_text_attr(&file, "position_by", info.position_by.name())?;
         file.flush()?;
         Ok(MetricsWriter { file, world: w })
     }
@@ -209,6 +221,7 @@ impl MetricsWriter {
         }
         append_1d(&steps.dataset("step")?, &[r.step])?;
         append_1d(&steps.dataset("tokens")?, &[r.tokens])?;
+        append_1d(&steps.dataset("documents")?, &[r.documents])?;
         for ((name, _), per_rank) in RANK_COLUMNS.iter().zip([&r.peak_host_mem, &r.peak_gpu_mem]) {
             let mut row = vec![0u64; self.world];
             for (slot, &v) in row.iter_mut().zip(per_rank.iter()) {

@@ -4,6 +4,7 @@
 //! outputs. `Run::step` is one optimizer step, from its micro batches to its metrics row and
 //! checkpoint, with a clean stop on preemption.
 pub mod checkpoint;
+pub mod documents;
 pub mod flops;
 pub mod layer;
 pub mod memory;
@@ -46,20 +47,29 @@ pub fn run(
     if let Device::Cuda(_) = device {
         allow_attention_kernels(exp.parallel.attention);
     }
+    let kind = match exp.train.dtype {
+        Dtype::Fp32 => Kind::Float,
+        Dtype::Bf16 => Kind::BFloat16,
+    };
+    let document_kernel = documents::kernel(exp, spec, mesh.world_size(), kind, device)?;
+    if let (Some(k), 0) = (document_kernel, mesh.world_rank) {
+        log::info!(
+            "attention within documents: {} (a micro batch of single-document samples: the causal kernel)",
+            k.describe(true)
+        );
+    }
     let placement = plan_memory(exp, spec, mesh, groups.world.as_ref(), budget)?;
     let profiler = Profiler::new(device, false);
     let ctx = StepContext {
         spec,
         groups,
-        kind: match exp.train.dtype {
-            Dtype::Fp32 => Kind::Float,
-            Dtype::Bf16 => Kind::BFloat16,
-        },
+        kind,
         device,
         mlp_tile: exp.parallel.mlp_tile,
         loss_tile: exp.parallel.loss_tile,
         profiler: &profiler,
         layers: StepContext::layers(&placement, exp.parallel.fused_attention(), exp.train.memory_fit),
+        documents: document_kernel,
     };
     let mut run = Run::start(exp, spec, mesh, groups.world.as_ref(), device)?;
     for step in run.first_step..=exp.train.steps {
@@ -106,6 +116,12 @@ fn plan_memory(
     Ok(placement)
 }
 
+/// What one optimizer step's samples cost over the whole job.
+struct StepCost {
+    documents: u64,
+    flops: flops::StepFlops,
+}
+
 /// Whether training goes on after a step.
 enum Flow {
     Continue,
@@ -127,9 +143,8 @@ struct Run<'a> {
     metrics: Option<MetricsWriter>,
     preemption: preempt::Preemption,
     adamw: AdamW,
-    /// Tokens and model FLOPs of one optimizer step over all ranks.
+    /// Tokens of one optimizer step over all ranks.
     tokens: u64,
-    step_flops: flops::StepFlops,
     run_dir: PathBuf,
     first_step: usize,
     started: Instant,
@@ -169,6 +184,7 @@ impl<'a> Run<'a> {
             sp_rank: mesh.sp_rank,
             micro_batch: t.micro_batch,
             loss_on: exp.data.loss_on,
+            packing: exp.data.packing(),
         };
         let loader = Loader::new(dataset, loader_spec, loader_state)?;
         let run_dir = exp.run_dir();
@@ -181,6 +197,7 @@ impl<'a> Run<'a> {
                 world_size: mesh.world_size(),
                 peak_tflops: flops::H100_BF16_PEAK_TFLOPS,
                 bin_starts: &bin_starts,
+                position_by: exp.metrics.position_by,
             };
             Some(MetricsWriter::open(&run_dir.join("metrics.h5"), &info, (start > 0).then_some(start))?)
         } else {
@@ -204,7 +221,6 @@ impl<'a> Run<'a> {
             preemption,
             adamw: AdamW::new(t),
             tokens: (exp.data.seq_len * samples) as u64,
-            step_flops: flops::step_flops(spec, exp.data.seq_len, samples),
             run_dir,
             first_step: start as usize + 1,
             started: Instant::now(),
@@ -223,8 +239,9 @@ impl<'a> Run<'a> {
         times.data = t0.elapsed().as_secs_f64();
         let n_local: i64 = batches.iter().map(MicroBatch::valid_labels).sum();
         let n_total = all_reduce_f64(self.world, n_local as f64)?.max(1.0);
+        let cost = self.step_cost(&batches)?;
         let mut positions = (m.position_loss_every > 0 && step % m.position_loss_every == 0)
-            .then(|| PositionLoss::new(m.position_bins, self.exp.data.seq_len, self.device));
+            .then(|| PositionLoss::new(m.position_by, m.position_bins, self.exp.data.seq_len, self.device));
         let mut loss_local = 0.0;
         for b in &batches {
             loss_local +=
@@ -236,7 +253,7 @@ impl<'a> Run<'a> {
         times.optimizer = t_opt.elapsed().as_secs_f64();
         let step_time = t0.elapsed().as_secs_f64();
         let position_bins = positions.map(|p| p.reduce(self.world)).transpose()?;
-        let mut row = self.row(step, loss, lr, grad_norm, step_time, times)?;
+        let mut row = self.row(step, loss, lr, grad_norm, step_time, times, cost)?;
         self.print(&row, step, ctx.profiler);
 
         let preempted = self.preemption.requested(self.world)?;
@@ -265,13 +282,17 @@ impl<'a> Run<'a> {
     /// The step's `train.grad_accum` micro batches, on the compute device.
     fn next_batches(&mut self) -> Result<Vec<MicroBatch>> {
         (0..self.exp.train.grad_accum)
-            .map(|_| {
-                let b = self.loader.next_batch()?;
-                let shape = [b.micro_batch as i64, b.chunk_len as i64];
-                let t = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(self.device);
-                Ok(MicroBatch { input_ids: t(&b.input_ids), labels: t(&b.labels), position_ids: t(&b.position_ids) })
-            })
+            .map(|_| Ok(MicroBatch::from_batch(&self.loader.next_batch()?, self.device)))
             .collect()
+    }
+
+    /// The step's documents and Σ len² over the whole job (collective): SP rank 0 of each dp
+    /// group counts its samples, which every rank of the group shares.
+    fn step_cost(&self, batches: &[MicroBatch]) -> Result<StepCost> {
+        let (documents, squares) = if self.mesh.sp_rank == 0 { documents::step_cost(batches) } else { (0.0, 0.0) };
+        let both = Tensor::from_slice(&[documents, squares]).to_device(self.world.device());
+        let total: Vec<f64> = Vec::try_from(self.world.all_reduce(&both)?.to_device(Device::Cpu))?;
+        Ok(StepCost { documents: total[0] as u64, flops: flops::flops(self.spec, self.tokens as f64, total[1]) })
     }
 
     /// The gradient norm, clipping and AdamW at the schedule's learning rate; returns both. GPU
@@ -296,14 +317,16 @@ impl<'a> Run<'a> {
         grad_norm: f64,
         step_time: f64,
         times: StepTimes,
+        cost: StepCost,
     ) -> Result<StepRow> {
         let [peak_host_mem, peak_gpu_mem, peak_disk] = self.memory_per_rank()?;
         self.store.reset_peaks();
-        let (tokens, step_flops) = (self.tokens, self.step_flops);
+        let (tokens, step_flops) = (self.tokens, cost.flops);
         let per_rank_tflops = |f: f64| f / step_time / self.mesh.world_size() as f64 / 1e12;
         Ok(StepRow {
             step: step as u64,
             tokens,
+            documents: cost.documents,
             loss,
             lr,
             grad_norm,
