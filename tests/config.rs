@@ -154,3 +154,29 @@ fn shipped_experiments_parse_and_validate() {
         validate(&e, None).unwrap_or_else(|p| panic!("{}: {p:?}", path.display()));
     }
 }
+
+#[test]
+fn packed_documents_default_to_ignored_and_check_their_kernel() {
+    use ulysses::data::{PackedDocuments, Positions};
+    let e = parse(BASE);
+    assert_eq!((e.data.documents, e.data.positions), (PackedDocuments::Ignore, Positions::Global));
+    let masked = BASE.replace("seq_len = 1024", "seq_len = 1024\ndocuments = \"mask\"\npositions = \"document\"");
+    let e = parse(&masked);
+    assert_eq!((e.data.documents, e.data.positions), (PackedDocuments::Mask, Positions::Document));
+    assert!(validate(&e, Some(4)).is_ok());
+    let cuda = masked.replace("dp = 2", "dp = 2\ndevice = \"cuda\"\nattention = \"efficient\"");
+    let p = problems(&cuda.replace("[data]", "[train]\ndtype = \"bf16\"\n[data]"), Some(4));
+    assert!(
+        p.iter().any(|m| m.starts_with("data.documents: = \"mask\"")
+            && m.contains("\"efficient\"")
+            && m.contains("\"flash\"")),
+        "{p:?}"
+    );
+    let by_document = format!("{BASE}\n[metrics]\nposition_by = \"document\"\n");
+    let p = problems(&by_document, Some(4));
+    assert!(p.iter().any(|m| m.starts_with("metrics.position_by") && m.contains("data.documents = \"mask\"")), "{p:?}");
+    let err = Experiment::parse(&BASE.replace("seq_len = 1024", "seq_len = 1024\ndocuments = \"split\""), "x.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("split") && err.contains("mask") && err.contains("ignore"), "{err}");
+}
