@@ -130,3 +130,30 @@ fn no_arguments_prints_usage() {
     let t = assert_clean_failure(&out);
     assert!(t.contains("usage"), "{t}");
 }
+
+#[test]
+fn check_says_which_kernel_and_what_attention_within_documents_costs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("docs");
+    let args = ["data", "synth", "--task", "random", "--seq-len", "1024", "--num", "4", "--doc-len", "256"];
+    let o = ulysses(&[&args[..], &["--out", data.to_str().unwrap()]].concat(), dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    let text_in = std::fs::read_to_string(root().join("experiments/tiny.toml"))
+        .unwrap()
+        .replace("\"data/passkey-tiny\"", &format!("\"{}\"", data.display()))
+        .replace("# documents = \"mask\"", "documents = \"mask\"");
+    let path = dir.path().join("packed.toml");
+    std::fs::write(&path, text_in).unwrap();
+    let out = ulysses(&["check", path.to_str().unwrap()], dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    for expected in [
+        "kernel     CPU flash with a block-diagonal causal mask on samples of several documents, CPU flash (causal) on single-document ones",
+        "documents  data.documents = \"mask\": attention within each document",
+        "RoPE positions run on across documents",
+        "within the documents of 4 of the 4 sequences (4.0 documents each, median length in [256, 512)):",
+        "25.0% of full causal",
+    ] {
+        assert!(t.contains(expected), "check output lacks {expected:?}:\n{t}");
+    }
+}

@@ -3,7 +3,7 @@
 //! that fits them.
 use super::memory::{self, longest_fit, Budget, MemoryPlan};
 use super::Plan;
-use crate::config::{DeviceKind, Experiment};
+use crate::config::{AttentionBackend, DeviceKind, Experiment, FusedAttention};
 use crate::data::documents::{spread, summarize};
 use crate::data::{Dataset, PackedDocuments, Positions};
 use crate::model::spec::ModelSpec;
@@ -65,14 +65,9 @@ fn attention_report(exp: &Experiment, spec: &ModelSpec) -> String {
     let masked = d.documents == PackedDocuments::Mask;
     let kernel = match exp.parallel.fused_attention() {
         Some(k) if masked => {
-            let fallback = if k == crate::config::FusedAttention::Cudnn
-                && exp.parallel.attention == crate::config::AttentionBackend::Auto
-            {
-                " (flash varlen if cuDNN refuses the heads when the run starts)"
-            } else {
-                ""
-            };
-            format!("{}{fallback} on samples of several documents, {causal} on single-document ones", k.describe(true))
+            let fallback = k == FusedAttention::Cudnn && exp.parallel.attention == AttentionBackend::Auto;
+            let fallback = if fallback { " (flash varlen if cuDNN refuses the heads when the run starts)" } else { "" };
+            format!("{} on samples of several documents{fallback}, {causal} on single-document ones", k.describe(true))
         }
         _ => causal,
     };
