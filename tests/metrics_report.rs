@@ -68,7 +68,7 @@ fn metrics_file_is_as_documented_and_report_plots_it() {
     let mut doc_attrs: Vec<&String> = doc_attrs.iter().collect();
     doc_attrs.sort();
     assert_eq!(attrs, doc_attrs, "file attributes vs docs/metrics.md");
-    assert_eq!(dump["attrs"]["schema_version"], 2.0);
+    assert_eq!(dump["attrs"]["schema_version"], 3.0);
     assert!(dump["attrs"]["config_toml"].as_str().unwrap().contains("position_bins = 8"));
 
     let col = |name: &str| -> Vec<f64> {

@@ -1,6 +1,6 @@
 //! `ulysses data prepare | synth | inspect`: thin wrappers that parse arguments, show progress and
 //! print summaries; the work happens in the library functions they call.
-use super::documents::summarize;
+use super::documents::{spread, summarize};
 use super::format::TOKENS;
 use super::prepare::{prepare, InputFormat, Layout, PrepareOptions};
 use super::shard::{read_i64_attr, read_str_attr};
@@ -100,6 +100,9 @@ pub enum DataCommand {
     },
 }
 
+/// Sequences `data inspect` reads the documents of without `--scan`.
+const INSPECT_SEQUENCES: usize = 4096;
+
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
         DataCommand::Prepare {
@@ -196,11 +199,13 @@ fn inspect(path: &Path, n_tokens: usize, scan: bool) -> Result<()> {
     if let Some(docs) = ds.doc_starts(0)? {
         println!("  doc starts      {docs:?}");
     }
-    let all: Vec<usize> = (0..ds.len()).collect();
-    if let Some(d) = summarize(&ds, &all)? {
+    // Every sequence's documents with --scan, else a spread of them (two small reads each).
+    let indices = if scan { (0..ds.len()).collect() } else { spread(ds.len(), INSPECT_SEQUENCES) };
+    if let Some(d) = summarize(&ds, &indices)? {
         let p = &d.per_sequence;
+        let of = if d.sequences < ds.len() { format!(" (of {}; --scan reads all)", ds.len()) } else { String::new() };
         println!(
-            "  documents       {} in {} sequences ({:.1} per sequence, at most {}), {} padded; as cut into sequences:",
+            "  documents       {} in {} sequences{of} ({:.1} per sequence, at most {}), {} padded; as cut into sequences:",
             d.lengths.count(),
             d.sequences,
             p.mean(),
