@@ -172,6 +172,9 @@ fn packed_documents_default_to_ignored_and_check_their_kernel() {
             && m.contains("\"flash\"")),
         "{p:?}"
     );
+    let restart_across = BASE.replace("seq_len = 1024", "seq_len = 1024\npositions = \"document\"");
+    let p = problems(&restart_across, Some(4));
+    assert!(p.iter().any(|m| m.starts_with("data.positions: = \"document\" needs data.documents = \"mask\"")), "{p:?}");
     let by_document = format!("{BASE}\n[metrics]\nposition_by = \"document\"\n");
     let p = problems(&by_document, Some(4));
     assert!(p.iter().any(|m| m.starts_with("metrics.position_by") && m.contains("data.documents = \"mask\"")), "{p:?}");

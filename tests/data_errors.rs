@@ -15,6 +15,21 @@ fn open_err(paths: &[PathBuf], seq_len: usize) -> String {
     }
 }
 
+/// One rank's loader over a dataset, unshuffled, one sequence per micro batch.
+fn loader_spec(sp: usize, sp_rank: usize, packing: Packing) -> LoaderSpec {
+    LoaderSpec {
+        seed: 0,
+        shuffle: false,
+        dp: 1,
+        dp_rank: 0,
+        sp,
+        sp_rank,
+        micro_batch: 1,
+        loss_on: LossOn::All,
+        packing,
+    }
+}
+
 fn assert_names(message: &str, parts: &[&str]) {
     for p in parts {
         assert!(message.contains(p), "error lacks {p:?}: {message}");
@@ -77,17 +92,7 @@ fn wrong_dtype_rank_or_seq_len() {
 fn seq_len_must_divide_by_sp() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_shard(&dir.path().join("s.h5"), 0, 4, 30);
-    let spec = LoaderSpec {
-        seed: 0,
-        shuffle: false,
-        dp: 1,
-        dp_rank: 0,
-        sp: 4,
-        sp_rank: 0,
-        micro_batch: 1,
-        loss_on: LossOn::All,
-        packing: Packing::default(),
-    };
+    let spec = loader_spec(4, 0, Packing::default());
     let err = Loader::new(Dataset::open(&[path.clone()], 30).unwrap(), spec, LoaderState::default()).err().unwrap();
     assert_names(&err.to_string(), &["seq_len = 30", "sp = 4"]);
     let err =
@@ -117,17 +122,7 @@ fn token_ids_at_or_above_the_vocabulary() {
     assert_names(&stderr, &["v.h5", "sequence 1", "position 13", "token id 258"]);
 
     // Through the loader, SP rank 1 of 2 reads tokens 8..16 of sequence 1 and must fail.
-    let spec = LoaderSpec {
-        seed: 0,
-        shuffle: false,
-        dp: 1,
-        dp_rank: 0,
-        sp: 2,
-        sp_rank: 1,
-        micro_batch: 1,
-        loss_on: LossOn::All,
-        packing: Packing::default(),
-    };
+    let spec = loader_spec(2, 1, Packing::default());
     let mut loader = Loader::new(ds, spec, LoaderState::default()).unwrap();
     assert!(loader.next_batch().is_ok());
     assert_names(&loader.next_batch().unwrap_err().to_string(), &["v.h5", "token id 258"]);
@@ -230,17 +225,7 @@ fn bad_document_starts_name_the_file_sequence_and_value() {
         assert_names(&err, &[name, "`docs/starts`", "sequence 1", "global index 1"]);
         assert_names(&err, parts);
         // Through the loader: every SP rank reads the sample's boundaries.
-        let spec = LoaderSpec {
-            seed: 0,
-            shuffle: false,
-            dp: 1,
-            dp_rank: 0,
-            sp: 2,
-            sp_rank: 1,
-            micro_batch: 1,
-            loss_on: LossOn::All,
-            packing,
-        };
+        let spec = loader_spec(2, 1, packing);
         let mut loader = Loader::new(ds, spec, LoaderState::default()).unwrap();
         assert!(loader.next_batch().is_ok());
         assert_names(&loader.next_batch().unwrap_err().to_string(), &[name, "sequence 1", parts[0]]);
@@ -257,25 +242,24 @@ fn bad_document_starts_name_the_file_sequence_and_value() {
 fn document_settings_need_recorded_boundaries() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_shard(&dir.path().join("plain.h5"), 0, 4, 8);
-    for (packing, setting) in [
-        (Packing { documents: PackedDocuments::Mask, positions: Positions::Global }, "data.documents = \"mask\""),
+    for (packing, message) in [
+        (
+            Packing { documents: PackedDocuments::Mask, positions: Positions::Global },
+            ["plain.h5", "no document boundaries", "data.documents = \"mask\"", "data prepare", "--doc-len"],
+        ),
         (
             Packing { documents: PackedDocuments::Ignore, positions: Positions::Document },
-            "data.positions = \"document\"",
+            [
+                "data.positions = \"document\"",
+                "needs data.documents = \"mask\"",
+                "restart",
+                "across documents",
+                "later",
+            ],
         ),
     ] {
-        let spec = LoaderSpec {
-            seed: 0,
-            shuffle: false,
-            dp: 1,
-            dp_rank: 0,
-            sp: 1,
-            sp_rank: 0,
-            micro_batch: 1,
-            loss_on: LossOn::All,
-            packing,
-        };
+        let spec = loader_spec(1, 0, packing);
         let err = Loader::new(Dataset::open(&[path.clone()], 8).unwrap(), spec, LoaderState::default()).err().unwrap();
-        assert_names(&err.to_string(), &["plain.h5", "no document boundaries", setting, "data prepare", "--doc-len"]);
+        assert_names(&err.to_string(), &message);
     }
 }

@@ -16,14 +16,13 @@ mod eval_common;
 use common::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tch::{Device, Tensor};
+use tch::Tensor;
 use ulysses::config::Experiment;
-use ulysses::data::{Dataset, Loader, LoaderSpec, LoaderState, IGNORE_INDEX};
+use ulysses::data::{Dataset, IGNORE_INDEX};
 use ulysses::eval::results::EvalResults;
-use ulysses::model::params::{init_tensor, ModelWeights};
 use ulysses::optim::AdamW;
 use ulysses::rng::SplitMix64;
-use ulysses::train::{reference::Reference, schedule::lr_at, step::MicroBatch};
+use ulysses::train::{schedule::lr_at, step::MicroBatch};
 
 const SEQ: usize = 240;
 const STEPS: usize = 3;
@@ -143,29 +142,8 @@ struct Seen {
 /// their token losses over the step's labels.
 fn reference_on_each_document(exp: &Path) -> (Vec<f64>, BTreeMap<String, Tensor>, Seen) {
     let exp = Experiment::load(exp).unwrap();
-    let spec = ulysses::config::validate(&exp, Some(exp.parallel.sp)).unwrap();
-    let named = ModelWeights::shapes(&spec)
-        .into_iter()
-        .map(|(n, s)| {
-            let t = init_tensor(&n, &s, exp.run.seed as i64, tch::Kind::Float, Device::Cpu);
-            (n, t)
-        })
-        .collect();
-    let mut reference = Reference::new(&spec, named);
+    let (mut reference, mut loader) = common::reference::reference_and_loader(&exp);
     let t = &exp.train;
-    let spec1 = LoaderSpec {
-        seed: exp.run.seed,
-        shuffle: exp.data.shuffle,
-        dp: 1,
-        dp_rank: 0,
-        sp: 1,
-        sp_rank: 0,
-        micro_batch: t.micro_batch,
-        loss_on: exp.data.loss_on,
-        packing: exp.data.packing(),
-    };
-    let dataset = Dataset::open(&exp.data.paths, exp.data.seq_len).unwrap();
-    let mut loader = Loader::new(dataset, spec1, LoaderState::default()).unwrap();
     let (mut losses, mut seen) = (Vec::new(), Seen { documents: Vec::new(), bins: Vec::new() });
     for step in 1..=t.steps {
         let b = loader.next_batch().unwrap();

@@ -193,12 +193,10 @@ fn data_parallel_matches_one_rank_on_the_same_samples() {
 /// parameter within 1e-5. With the tests above, every sharded layout equals the reference.
 #[test]
 fn single_rank_run_equals_the_reference_trainer() {
-    use tch::{Device, Kind, Tensor};
+    use tch::Device;
     use ulysses::config::Experiment;
-    use ulysses::data::{Dataset, Loader, LoaderSpec, LoaderState};
-    use ulysses::model::params::{init_tensor, ModelWeights};
     use ulysses::optim::AdamW;
-    use ulysses::train::{reference::Reference, schedule::lr_at, step::MicroBatch};
+    use ulysses::train::{schedule::lr_at, step::MicroBatch};
 
     let dir = tempfile::tempdir().unwrap();
     let data = synth(dir.path());
@@ -206,30 +204,8 @@ fn single_rank_run_equals_the_reference_trainer() {
     let exp = Experiment::load(&experiment(dir.path(), &data, &run)).unwrap();
     let binary = train(dir.path(), &data, run);
 
-    let spec = ulysses::config::validate(&exp, Some(1)).unwrap();
-    let named = ModelWeights::shapes(&spec)
-        .into_iter()
-        .map(|(n, s)| {
-            let t = init_tensor(&n, &s, exp.run.seed as i64, Kind::Float, Device::Cpu);
-            (n, t)
-        })
-        .collect();
-    let mut reference = Reference::new(&spec, named);
+    let (mut reference, mut loader) = common::reference::reference_and_loader(&exp);
     let t = &exp.train;
-    let loader_spec = LoaderSpec {
-        seed: exp.run.seed,
-        shuffle: exp.data.shuffle,
-        dp: 1,
-        dp_rank: 0,
-        sp: 1,
-        sp_rank: 0,
-        micro_batch: t.micro_batch,
-        loss_on: exp.data.loss_on,
-        packing: exp.data.packing(),
-    };
-    let mut loader =
-        Loader::new(Dataset::open(&exp.data.paths, exp.data.seq_len).unwrap(), loader_spec, LoaderState::default())
-            .unwrap();
     let mut losses = Vec::new();
     for step in 1..=t.steps {
         let batches: Vec<MicroBatch> =

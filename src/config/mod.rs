@@ -239,7 +239,7 @@ pub struct DataConfig {
     #[serde(default)]
     pub documents: crate::data::PackedDocuments,
     /// RoPE positions: "global" (default: position in the sequence) or "document" (restart at
-    /// each document, as ALST does).
+    /// each document, as ALST does; needs documents = "mask").
     #[serde(default)]
     pub positions: crate::data::Positions,
 }

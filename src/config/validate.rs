@@ -151,10 +151,13 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
             ),
         );
     }
+    if let Some(problem) = d.packing().problem() {
+        bad("data.positions", problem.trim_start_matches("data.positions ").into());
+    }
     if exp.metrics.position_by == PositionBy::Document && !d.packing().reads_documents() {
         bad(
             "metrics.position_by",
-            "= \"document\" needs the document boundaries: set data.documents = \"mask\" (or data.positions = \"document\")".into(),
+            "= \"document\" needs the document boundaries: set data.documents = \"mask\"".into(),
         );
     }
 

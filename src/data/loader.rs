@@ -56,19 +56,15 @@ pub struct Packing {
 impl Packing {
     /// Whether the document boundaries are read at all (not for the default, which ignores them).
     pub fn reads_documents(&self) -> bool {
-        self.documents == PackedDocuments::Mask || self.positions == Positions::Document
+        self.documents == PackedDocuments::Mask
     }
 
-    /// The config settings that need the boundaries, for error messages.
-    fn needs(&self) -> String {
-        let mut s = Vec::new();
-        if self.documents == PackedDocuments::Mask {
-            s.push("data.documents = \"mask\"");
-        }
-        if self.positions == Positions::Document {
-            s.push("data.positions = \"document\"");
-        }
-        s.join(" and ")
+    /// Positions that restart while attention runs across documents would put an earlier
+    /// document's tokens at later positions than the token attending to them.
+    pub fn problem(&self) -> Option<&'static str> {
+        (self.positions == Positions::Document && self.documents == PackedDocuments::Ignore).then_some(
+            "data.positions = \"document\" needs data.documents = \"mask\": positions that restart while attention runs across documents put an earlier document's tokens at later positions",
+        )
     }
 }
 
@@ -183,12 +179,13 @@ fn check_spec(spec: &LoaderSpec, dataset: &Dataset) -> Result<(), DataError> {
     check_packing(&spec.packing, dataset)
 }
 
-/// The boundaries a packing setting needs are recorded in every shard.
+/// The packing setting is consistent and the boundaries it needs are recorded in every shard.
 pub fn check_packing(packing: &Packing, dataset: &Dataset) -> Result<(), DataError> {
+    if let Some(problem) = packing.problem() {
+        return Err(DataError::Spec(problem.into()));
+    }
     match dataset.shard_without_documents() {
-        Some(path) if packing.reads_documents() => {
-            Err(DataError::NoDocuments { path: path.to_path_buf(), setting: packing.needs() })
-        }
+        Some(path) if packing.reads_documents() => Err(DataError::NoDocuments { path: path.to_path_buf() }),
         _ => Ok(()),
     }
 }
@@ -276,9 +273,7 @@ pub fn sample_documents(dataset: &Dataset, packing: &Packing, index: usize) -> R
     }
     match dataset.documents(index)? {
         Some(docs) => Ok(docs),
-        None => {
-            Err(DataError::NoDocuments { path: dataset.shard_path(index)?.to_path_buf(), setting: packing.needs() })
-        }
+        None => Err(DataError::NoDocuments { path: dataset.shard_path(index)?.to_path_buf() }),
     }
 }
 

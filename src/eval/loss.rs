@@ -77,7 +77,7 @@ pub fn run_loss(ev: &Evaluator, spec: &LossSpec, mesh: &Mesh, world: &dyn Collec
     }
     if spec.by == PositionBy::Document && !spec.packing.reads_documents() {
         return Err(EvalError::Usage(
-            "--by document needs the experiment's data.documents = \"mask\" (or data.positions = \"document\"), which read the shards' document boundaries".into(),
+            "--by document needs the experiment's data.documents = \"mask\", which reads the shards' document boundaries".into(),
         ));
     }
     crate::data::check_packing(&spec.packing, &dataset)?;

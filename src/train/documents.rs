@@ -48,13 +48,16 @@ pub fn kernel(
                 .map_err(|e| anyhow!("flash varlen attention refused the run's heads too: {e}"))?;
             Ok(Some(FusedAttention::Flash))
         }
-        (Err(e), kernel, _) => bail!(
-            "{} refused {} query / {} KV heads of {}: {e}; try parallel.attention = \"flash\" (or \"auto\")",
-            kernel.describe(true),
-            heads.0,
-            heads.1,
-            heads.2
-        ),
+        (Err(e), kernel, _) => {
+            let other = if kernel == FusedAttention::Flash { "\"cudnn\"" } else { "\"flash\" or \"auto\"" };
+            bail!(
+                "data.documents = \"mask\": {} refused {} query / {} KV heads of {}: {e}; try parallel.attention = {other}",
+                kernel.describe(true),
+                heads.0,
+                heads.1,
+                heads.2
+            )
+        }
     }
 }
 

@@ -1,5 +1,7 @@
 //! Helpers for tests that run the real binary, alone or under mpirun.
 #![allow(dead_code)]
+pub mod reference;
+
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
