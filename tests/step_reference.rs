@@ -105,7 +105,7 @@ fn check(spec: ModelSpec, mlp_tile: usize, loss_tile: usize, inputs: Place, keep
     }
     assert_eq!(checked, reference.named().len());
     // The profiler saw every kind of region of the step.
-    let split = profiler.finish();
+    let split = profiler.finish().split;
     assert!(split.attention > 0.0 && split.compute > 0.0 && split.comm > 0.0, "{split:?}");
 }
 

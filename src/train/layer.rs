@@ -124,10 +124,11 @@ impl DecoderLayer {
         x: Tensor,
         store: &mut ActivationStore,
     ) -> Result<(Tensor, SavedLayer)> {
+        let prof = seg.profiler;
         let (y, attention) = tch::no_grad(|| -> Result<_> {
             // Each activation is dropped as soon as the next one exists (sequence-long tensors).
-            let [qh, kh, vh] = self.head_shards(seg, w, &x)?;
-            let (oh, saved) = self.attention_forward(seg, &qh, &kh, &vh)?;
+            let [qh, kh, vh] = prof.phase(format_args!("pre-attention"), || self.head_shards(seg, w, &x))?;
+            let (oh, saved) = prof.phase(format_args!("attention"), || self.attention_forward(seg, &qh, &kh, &vh))?;
             let attention = match (self.attention.keeps(), saved) {
                 (Some(place), Some(saved)) => Some(KeptAttention {
                     out: store.put(oh.shallow_clone(), place)?,
@@ -137,9 +138,11 @@ impl DecoderLayer {
                 _ => None,
             };
             drop((qh, kh, vh));
-            let o = to_seq(seg, &oh)?;
-            drop(oh);
-            Ok((llama::post_attention_no_grad(seg.spec, w, &x, &o, seg.mlp_tile), attention))
+            prof.phase(format_args!("post-attention"), || {
+                let o = to_seq(seg, &oh)?;
+                drop(oh);
+                Ok((llama::post_attention_no_grad(seg.spec, w, &x, &o, seg.mlp_tile), attention))
+            })
         })?;
         let input = store.put(x, self.input)?;
         Ok((y, SavedLayer { input, attention }))
@@ -155,7 +158,7 @@ impl DecoderLayer {
         grad_y: Tensor,
         store: &mut ActivationStore,
     ) -> Result<Tensor> {
-        let l = self.index;
+        let (l, prof) = (self.index, seg.profiler);
         let x = leaf(&store.take(saved.input)?);
         // Segment 2's inputs: the kept output (the head shards are needed only after segment 3),
         // or the attention forward recomputed with a graph on the head shards as leaves.
@@ -164,34 +167,38 @@ impl DecoderLayer {
                 let kept = Saved { lse: store.take(k.lse)?, aux: k.aux };
                 (store.take(k.out)?, Some(kept), None)
             }
-            None => {
+            None => prof.phase(format_args!("attention forward (recompute)"), || -> Result<_> {
                 let [qh, kh, vh] = self.head_shards(seg, w, &x)?.map(|t| leaf(&t));
                 let oh = match self.attention {
                     AttentionPath::Skipped { .. } => qh.zeros_like(),
-                    _ => seg.profiler.attention(|| LocalAttention.attend(&qh, &kh, &vh)),
+                    _ => prof.attention(|| LocalAttention.attend(&qh, &kh, &vh)),
                 };
-                (oh, None, Some([qh, kh, vh]))
-            }
+                Ok((oh, None, Some([qh, kh, vh])))
+            })?,
         };
-        let grad_oh = self.post_attention_backward(seg, w, &x, &oh, grad_y)?;
+        let grad_oh =
+            prof.phase(format_args!("post-attention"), || self.post_attention_backward(seg, w, &x, &oh, grad_y))?;
         log_phase(seg, format_args!("backward layer {l}: post-attention"));
-        let [qh, kh, vh] = match shards {
-            Some(shards) => shards,
-            None => self.head_shards(seg, w, &x)?,
-        };
-        let (gq, gk, gv) = match (self.attention, kept) {
-            (AttentionPath::Skipped { .. }, _) => (qh.zeros_like(), kh.zeros_like(), vh.zeros_like()),
-            (AttentionPath::Kept { kernel, .. }, Some(kept)) => seg
-                .profiler
-                .attention(|| tch::no_grad(|| fused::backward(kernel, &grad_oh, &qh, &kh, &vh, &oh, &kept)))?,
-            _ => {
-                seg.profiler.attention(|| backprop(&[(&oh, &grad_oh)]))?;
-                (qh.grad(), kh.grad(), vh.grad())
-            }
-        };
-        drop((qh, kh, vh, oh, grad_oh));
+        let (gq, gk, gv) = prof.phase(format_args!("attention"), || -> Result<_> {
+            let [qh, kh, vh] = match shards {
+                Some(shards) => shards,
+                None => self.head_shards(seg, w, &x)?,
+            };
+            let g = match (self.attention, kept) {
+                (AttentionPath::Skipped { .. }, _) => (qh.zeros_like(), kh.zeros_like(), vh.zeros_like()),
+                (AttentionPath::Kept { kernel, .. }, Some(kept)) => {
+                    prof.attention(|| tch::no_grad(|| fused::backward(kernel, &grad_oh, &qh, &kh, &vh, &oh, &kept)))?
+                }
+                _ => {
+                    prof.attention(|| backprop(&[(&oh, &grad_oh)]))?;
+                    (qh.grad(), kh.grad(), vh.grad())
+                }
+            };
+            drop((qh, kh, vh, oh, grad_oh));
+            Ok(g)
+        })?;
         log_phase(seg, format_args!("backward layer {l}: attention"));
-        self.pre_attention_backward(seg, w, &x, [gq, gk, gv])?;
+        prof.phase(format_args!("pre-attention"), || self.pre_attention_backward(seg, w, &x, [gq, gk, gv]))?;
         log_phase(seg, format_args!("backward layer {l}: pre-attention"));
         Ok(grad(&x))
     }
