@@ -62,7 +62,13 @@ fn context<'a>(
     keep: bool,
 ) -> StepContext<'a> {
     let layers = spec.num_hidden_layers as usize;
-    let placement = Placement { inputs: vec![inputs; layers], attention: vec![keep.then_some(Place::Device); layers] };
+    // Segment 1 once in backward (kept attention with room for its graph) when the inputs wait on
+    // the device, twice otherwise: both orders are checked.
+    let placement = Placement {
+        inputs: vec![inputs; layers],
+        attention: vec![keep.then_some(Place::Device); layers],
+        qkv_once: inputs == Place::Device,
+    };
     let kernel = keep.then_some(FusedAttention::CpuFlash);
     StepContext {
         spec,

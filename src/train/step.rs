@@ -51,6 +51,7 @@ impl StepContext<'_> {
                 index: l,
                 input: placement.inputs[l],
                 attention: AttentionPath::choose(kernel, placement.attention[l], memory_fit && l + 1 < n),
+                qkv_once: placement.qkv_once,
             })
             .collect()
     }
