@@ -105,10 +105,17 @@ pub fn attention_residual(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, attn: 
 /// Second part of `post_attention`, per token: `h + down(silu(gate(n)) * up(n))` with
 /// `n = RMSNorm(h)`, h [b, tokens, h] -> [b, tokens, h]. Any tile of tokens can run alone.
 pub fn mlp_residual(spec: &ModelSpec, w: &LayerWeights, h: &Tensor) -> Tensor {
+    h + mlp_activation(spec, w, h).linear(&w.w_down, None::<Tensor>)
+}
+
+/// `mlp_residual` up to the down projection's input: `silu(gate(n)) * up(n)`, h [b, tokens, h] ->
+/// [b, tokens, intermediate]. A backward that has the output's gradient needs this, not the down
+/// projection's output.
+pub fn mlp_activation(spec: &ModelSpec, w: &LayerWeights, h: &Tensor) -> Tensor {
     let hn = rms_norm(h, &w.mlp_norm, spec.rms_norm_eps);
     let gate = hn.linear(&w.w_gate, None::<Tensor>).silu();
     let up = hn.linear(&w.w_up, None::<Tensor>);
-    h + (gate * up).linear(&w.w_down, None::<Tensor>)
+    gate * up
 }
 
 /// One decoder layer: `pre_attention` -> `core.attend` -> `post_attention`.

@@ -42,6 +42,11 @@ pub struct Placement {
     /// Where layer l's attention output and log-sum-exp are kept so backward skips recomputing
     /// the attention forward; None: recompute it.
     pub attention: Vec<Option<Place>>,
+    /// Whether a kept-attention layer's backward runs segment 1 (norm, q/k/v, RoPE) once and
+    /// keeps its graph through attention's backward, instead of running it twice (once without a
+    /// graph for the head shards, once with one after attention's gradients exist): faster, for
+    /// `MemoryPlan::qkv_graph` more GPU memory. Chosen when everything fits on the GPU anyway.
+    pub qkv_once: bool,
 }
 
 impl Placement {
@@ -117,6 +122,11 @@ pub struct MemoryPlan {
     /// room that earlier layers' kept tensors freed: the layer's own and the next layer's
     /// (fetched one layer ahead).
     pub staging: f64,
+    /// Segment 1's graph (the normed input, q, k and v before RoPE), kept through attention's
+    /// backward when the placement runs segment 1 once (`Placement::qkv_once`); else 0.
+    pub qkv_graph: f64,
+    /// `qkv_graph` of a placement that runs segment 1 once.
+    pub qkv_graph_once: f64,
     /// The policy `placement` follows (`parallel.activations`, `keep_attention`, `device`).
     pub activations: ActivationPlacement,
     pub keep_attention: bool,
@@ -125,7 +135,8 @@ pub struct MemoryPlan {
 
 impl MemoryPlan {
     /// The estimate at `seq_len` tokens, placed as the config asks when nothing limits it (with
-    /// "auto", everything on the GPU); `with_placement` gives it for a budget's placement.
+    /// "auto", everything on the GPU; segment 1 twice); `with_placement` gives it for a budget's
+    /// placement.
     pub fn new(p: &ParallelConfig, t: &TrainConfig, spec: &ModelSpec, world: usize, seq_len: usize) -> MemoryPlan {
         let tokens = (seq_len / p.sp * t.micro_batch) as f64;
         let h = spec.hidden_size as f64;
@@ -153,18 +164,27 @@ impl MemoryPlan {
             attention_gpu: 0.0,
             attention_host: 0.0,
             staging: 0.0,
+            qkv_graph: 0.0,
+            qkv_graph_once: tokens
+                * (spec.hidden_size + (spec.num_attention_heads + 2 * spec.num_key_value_heads) * spec.head_dim) as f64
+                * elt,
             activations: p.activations,
             keep_attention: p.keep_attention && p.fused_attention().is_some(),
             device: p.device,
         };
-        let unlimited = plan.placement(&Budget::UNLIMITED).expect("an unlimited budget holds every placement");
+        // The base estimate runs segment 1 twice in backward: a placement with room to spare
+        // chooses once (`Placement::qkv_once`), and `with_placement` adds its graph.
+        let unlimited = Placement {
+            qkv_once: false,
+            ..plan.placement(&Budget::UNLIMITED).expect("an unlimited budget holds every placement")
+        };
         plan.with_placement(&unlimited)
     }
 
     /// The larger of one layer's backward (with the copies in flight then) and the head's: only
     /// one runs at a time.
     pub fn working(&self) -> f64 {
-        (self.layer_working + self.staging).max(self.head_working)
+        (self.layer_working + self.staging + self.qkv_graph).max(self.head_working)
     }
 
     pub fn gpu_peak(&self) -> f64 {
@@ -221,6 +241,7 @@ impl MemoryPlan {
             attention_gpu: attention(Place::Device),
             attention_host: attention(Place::Host),
             staging: self.staging_of(placement),
+            qkv_graph: if placement.qkv_once { self.qkv_graph_once } else { 0.0 },
             ..*self
         }
     }
@@ -247,6 +268,7 @@ impl MemoryPlan {
             return Ok(Placement {
                 inputs: vec![input; n],
                 attention: vec![self.keep_attention.then_some(Place::Device); n],
+                qkv_once: true,
             });
         }
         if self.optimizer_host > budget.host {
@@ -254,12 +276,16 @@ impl MemoryPlan {
         }
         let allowed = |place| self.activations == ActivationPlacement::Auto || self.activations == place;
         if allowed(ActivationPlacement::Device) {
-            let all = Placement {
-                inputs: vec![Place::Device; n],
-                attention: vec![self.keep_attention.then_some(Place::Device); n],
-            };
-            if self.with_placement(&all).gpu_peak() <= budget.gpu {
-                return Ok(all);
+            // Everything on the GPU, with segment 1 run once if there is room for its graph too.
+            for qkv_once in [true, false] {
+                let all = Placement {
+                    inputs: vec![Place::Device; n],
+                    attention: vec![self.keep_attention.then_some(Place::Device); n],
+                    qkv_once,
+                };
+                if self.with_placement(&all).gpu_peak() <= budget.gpu {
+                    return Ok(all);
+                }
             }
         }
         let fixed_gpu = self.optimizer_gpu + (self.layer_working + self.staging_reserve()).max(self.head_working);
@@ -306,6 +332,7 @@ impl MemoryPlan {
             attention: (0..n)
                 .map(|l| [Some(Place::Device), Some(Place::Host), None][tier(l, attention_gpu, attention_host)])
                 .collect(),
+            qkv_once: false,
         })
     }
 }

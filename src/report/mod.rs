@@ -45,7 +45,7 @@ impl Metrics {
         let err = |e: hdf5::Error| ReportError::Read { path: path.display().to_string(), message: e.to_string() };
         let f = hdf5::File::open(path).map_err(err)?;
         let version: u32 = f.attr("schema_version").and_then(|a| a.read_scalar()).map_err(err)?;
-        // Version 3 added columns the report does not read (steps/documents).
+        // Versions 3 and 4 added what the report does not read (/time_split, steps/documents).
         if !(2..=crate::train::metrics::SCHEMA_VERSION).contains(&version) {
             return Err(ReportError::Read {
                 path: path.display().to_string(),

@@ -96,6 +96,10 @@ pub struct DecoderLayer {
     pub index: usize,
     pub input: Place,
     pub attention: AttentionPath,
+    /// With attention kept: run segment 1 once in backward and keep its graph through attention's
+    /// backward (the memory plan's `Placement::qkv_once`), instead of a graph-free pass for the
+    /// head shards and a second pass with a graph after.
+    pub qkv_once: bool,
 }
 
 /// What a layer's forward left for its backward.
@@ -134,10 +138,11 @@ impl DecoderLayer {
         x: Tensor,
         store: &mut ActivationStore,
     ) -> Result<(Tensor, SavedLayer)> {
+        let prof = seg.profiler;
         let (y, attention) = tch::no_grad(|| -> Result<_> {
             // Each activation is dropped as soon as the next one exists (sequence-long tensors).
-            let [qh, kh, vh] = self.head_shards(seg, w, &x)?;
-            let (oh, saved) = self.attention_forward(seg, &qh, &kh, &vh)?;
+            let [qh, kh, vh] = prof.phase(format_args!("pre-attention"), || self.head_shards(seg, w, &x))?;
+            let (oh, saved) = prof.phase(format_args!("attention"), || self.attention_forward(seg, &qh, &kh, &vh))?;
             let attention = match (self.attention.keeps(), saved) {
                 (Some(place), Some(saved)) => Some(KeptAttention {
                     out: store.put(oh.shallow_clone(), place)?,
@@ -147,9 +152,11 @@ impl DecoderLayer {
                 _ => None,
             };
             drop((qh, kh, vh));
-            let o = to_seq(seg, &oh)?;
-            drop(oh);
-            Ok((llama::post_attention_no_grad(seg.spec, w, &x, &o, seg.mlp_tile), attention))
+            prof.phase(format_args!("post-attention"), || {
+                let o = to_seq(seg, &oh)?;
+                drop(oh);
+                Ok((llama::post_attention_no_grad(seg.spec, w, &x, &o, seg.mlp_tile), attention))
+            })
         })?;
         let input = store.put(x, self.input)?;
         Ok((y, SavedLayer { input, attention }))
@@ -165,7 +172,7 @@ impl DecoderLayer {
         grad_y: Tensor,
         store: &mut ActivationStore,
     ) -> Result<Tensor> {
-        let l = self.index;
+        let (l, prof) = (self.index, seg.profiler);
         let x = leaf(&store.take(saved.input)?);
         // Segment 2's inputs: the kept output (the head shards are needed only after segment 3),
         // or the attention forward recomputed: with a graph on the head shards as leaves, or,
@@ -175,45 +182,56 @@ impl DecoderLayer {
                 let kept = Saved { lse: store.take(k.lse)?, aux: k.aux };
                 (store.take(k.out)?, Some(kept), None)
             }
-            None => match (self.attention, seg.mask) {
-                (AttentionPath::Skipped { .. }, _) => {
-                    let [qh, kh, vh] = self.head_shards(seg, w, &x)?;
-                    (qh.zeros_like(), None, Some([qh, kh, vh]))
-                }
-                (_, Some(mask)) => {
-                    let [qh, kh, vh] = self.head_shards(seg, w, &x)?;
-                    let (oh, kept) = seg.profiler.attention(|| fused::forward_masked(mask, &qh, &kh, &vh))?;
-                    (oh, Some(kept), Some([qh, kh, vh]))
-                }
-                (_, None) => {
-                    let [qh, kh, vh] = self.head_shards(seg, w, &x)?.map(|t| leaf(&t));
-                    let oh = seg.profiler.attention(|| LocalAttention.attend(&qh, &kh, &vh));
-                    (oh, None, Some([qh, kh, vh]))
-                }
-            },
+            None => prof.phase(format_args!("attention forward (recompute)"), || -> Result<_> {
+                Ok(match (self.attention, seg.mask) {
+                    (AttentionPath::Skipped { .. }, _) => {
+                        let [qh, kh, vh] = self.head_shards(seg, w, &x)?;
+                        (qh.zeros_like(), None, Some([qh, kh, vh]))
+                    }
+                    (_, Some(mask)) => {
+                        let [qh, kh, vh] = self.head_shards(seg, w, &x)?;
+                        let (oh, kept) = prof.attention(|| fused::forward_masked(mask, &qh, &kh, &vh))?;
+                        (oh, Some(kept), Some([qh, kh, vh]))
+                    }
+                    (_, None) => {
+                        let [qh, kh, vh] = self.head_shards(seg, w, &x)?.map(|t| leaf(&t));
+                        let oh = prof.attention(|| LocalAttention.attend(&qh, &kh, &vh));
+                        (oh, None, Some([qh, kh, vh]))
+                    }
+                })
+            })?,
         };
-        let grad_oh = self.post_attention_backward(seg, w, &x, &oh, grad_y)?;
+        let grad_oh =
+            prof.phase(format_args!("post-attention"), || self.post_attention_backward(seg, w, &x, &oh, grad_y))?;
         log_phase(seg, format_args!("backward layer {l}: post-attention"));
-        let [qh, kh, vh] = match shards {
-            Some(shards) => shards,
-            None => self.head_shards(seg, w, &x)?,
-        };
-        let (gq, gk, gv) = match (self.attention, kept, seg.mask) {
-            (AttentionPath::Skipped { .. }, _, _) => (qh.zeros_like(), kh.zeros_like(), vh.zeros_like()),
-            (_, Some(kept), Some(mask)) => seg
-                .profiler
-                .attention(|| tch::no_grad(|| fused::backward_masked(mask, &grad_oh, &qh, &kh, &vh, &oh, &kept)))?,
-            (AttentionPath::Kept { kernel, .. }, Some(kept), None) => seg
-                .profiler
-                .attention(|| tch::no_grad(|| fused::backward(kernel, &grad_oh, &qh, &kh, &vh, &oh, &kept)))?,
-            _ => {
-                seg.profiler.attention(|| backprop(&[(&oh, &grad_oh)]))?;
-                (qh.grad(), kh.grad(), vh.grad())
-            }
-        };
-        drop((qh, kh, vh, oh, grad_oh));
+        // Segment 1 with its graph now, when it runs once: its head shards feed the fused backward.
+        let qkv = (self.qkv_once && kept.is_some() && shards.is_none())
+            .then(|| prof.phase(format_args!("pre-attention recompute"), || self.qkv(seg, w, &x)));
+        let (gq, gk, gv) = prof.phase(format_args!("attention"), || -> Result<_> {
+            let [qh, kh, vh] = match (shards, &qkv) {
+                (Some(shards), _) => shards,
+                (None, Some((q, k, v))) => {
+                    tch::no_grad(|| -> Result<_> { Ok([to_heads(seg, q)?, to_heads(seg, k)?, to_heads(seg, v)?]) })?
+                }
+                (None, None) => self.head_shards(seg, w, &x)?,
+            };
+            let g = match (self.attention, kept, seg.mask) {
+                (AttentionPath::Skipped { .. }, _, _) => (qh.zeros_like(), kh.zeros_like(), vh.zeros_like()),
+                (_, Some(kept), Some(mask)) => prof
+                    .attention(|| tch::no_grad(|| fused::backward_masked(mask, &grad_oh, &qh, &kh, &vh, &oh, &kept)))?,
+                (AttentionPath::Kept { kernel, .. }, Some(kept), None) => {
+                    prof.attention(|| tch::no_grad(|| fused::backward(kernel, &grad_oh, &qh, &kh, &vh, &oh, &kept)))?
+                }
+                _ => {
+                    prof.attention(|| backprop(&[(&oh, &grad_oh)]))?;
+                    (qh.grad(), kh.grad(), vh.grad())
+                }
+            };
+            drop((qh, kh, vh, oh, grad_oh));
+            Ok(g)
+        })?;
         log_phase(seg, format_args!("backward layer {l}: attention"));
-        self.pre_attention_backward(seg, w, &x, [gq, gk, gv])?;
+        prof.phase(format_args!("pre-attention"), || self.pre_attention_backward(seg, w, &x, qkv, [gq, gk, gv]))?;
         log_phase(seg, format_args!("backward layer {l}: pre-attention"));
         Ok(grad(&x))
     }
@@ -275,33 +293,58 @@ impl DecoderLayer {
         {
             let h = llama::attention_residual(seg.spec, w, x, &o);
             let h_leaf = leaf(&h);
+            let (hidden, inter) = (seg.spec.hidden_size, seg.spec.intermediate_size);
             for (start, len) in seq_tiles(h.size()[1], seg.mlp_tile) {
-                let y = llama::mlp_residual(seg.spec, w, &h_leaf.narrow(1, start, len));
-                backprop(&[(&y, &grad_y.narrow(1, start, len))])?;
+                // y = h + act · W_downᵀ. The down projection is backpropagated by hand, so its
+                // output (a matmul's worth of work) is never recomputed: act's gradient is
+                // g · W_down and W_down's is gᵀ · act; the residual's share reaches h below.
+                let g = grad_y.narrow(1, start, len);
+                let act = llama::mlp_activation(seg.spec, w, &h_leaf.narrow(1, start, len));
+                // [b, t, h] @ [h, f] -> [b, t, f]
+                let grad_act = g.matmul(&w.w_down);
+                // [h, b·t] @ [b·t, f] -> [h, f]
+                let grad_down = g.reshape([-1, hidden]).tr().mm(&act.detach().reshape([-1, inter]));
+                backprop(&[(&act, &grad_act), (&w.w_down, &grad_down)])?;
             }
-            backprop(&[(&h, &grad(&h_leaf))])?;
+            let grad_h = grad(&h_leaf);
+            let _ = grad_h.shallow_clone().g_add_(&grad_y);
+            drop(grad_y);
+            backprop(&[(&h, &grad_h)])?;
         }
-        drop(grad_y);
         to_heads(seg, &o.grad())
     }
 
-    /// Segment 1 recomputed with a graph and backpropagated from the head shards' gradients
-    /// (moved back to the sequence-sharded layout); the input's gradient lands in `x.grad()`.
-    fn pre_attention_backward(&self, seg: &Segments, w: &LayerWeights, x: &Tensor, g: [Tensor; 3]) -> Result<()> {
+    /// Segment 1 backpropagated from the head shards' gradients (moved back to the
+    /// sequence-sharded layout): through `qkv`'s graph when it ran once, else recomputed with a
+    /// graph here. The input's gradient lands in `x.grad()`.
+    fn pre_attention_backward(
+        &self,
+        seg: &Segments,
+        w: &LayerWeights,
+        x: &Tensor,
+        qkv: Option<(Tensor, Tensor, Tensor)>,
+        g: [Tensor; 3],
+    ) -> Result<()> {
         let [gq, gk, gv] = g;
         let (gq, gk, gv) = (to_seq(seg, &gq)?, to_seq(seg, &gk)?, to_seq(seg, &gv)?);
-        let (q, k, v) = self.qkv(seg, w, x);
+        let (q, k, v) = qkv.unwrap_or_else(|| self.qkv(seg, w, x));
         backprop(&[(&q, &gq), (&k, &gk), (&v, &gv)])
     }
 }
 
-/// `[b, s/sp, H, d] -> [b, s, H/sp, d]` over the SP group.
+/// `[b, s/sp, H, d] -> [b, s, H/sp, d]` over the SP group; with one rank, the tensor itself.
 fn to_heads(seg: &Segments, t: &Tensor) -> Result<Tensor> {
+    if seg.sp.size() == 1 {
+        return Ok(t.shallow_clone());
+    }
     Ok(seg.profiler.comm(seg.sp, || seq_to_heads(seg.sp, t))?)
 }
 
-/// `[b, s, H/sp, d] -> [b, s/sp, H, d]` over the SP group.
+/// `[b, s, H/sp, d] -> [b, s/sp, H, d]` over the SP group; with one rank, the tensor itself.
 fn to_seq(seg: &Segments, t: &Tensor) -> Result<Tensor> {
+    if seg.sp.size() == 1 {
+        return Ok(t.shallow_clone());
+    }
     Ok(seg.profiler.comm(seg.sp, || heads_to_seq(seg.sp, t))?)
 }
 

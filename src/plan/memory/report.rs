@@ -82,6 +82,13 @@ pub fn summary(plan: &MemoryPlan, placement: &Placement, budget: &Budget) -> Str
     if plan.disk() > 0.0 {
         let _ = write!(s, ", {}/rank", used("disk", plan.disk(), budget.disk));
     }
+    if placement.qkv_once && plan.keep_attention {
+        let _ = write!(
+            s,
+            "; segment 1 runs once in backward (its graph, {}, kept through attention's)",
+            bytes(plan.qkv_graph)
+        );
+    }
     s
 }
 
