@@ -83,12 +83,19 @@ fn step(
     batch: &MicroBatch,
     documents: Option<FusedAttention>,
     keep: bool,
+    qkv_once: bool,
 ) -> (f64, Vec<(String, Tensor)>) {
     let groups = Groups::solo();
     let mut params = params(spec, &groups);
     let layers = spec.num_hidden_layers as usize;
-    let placement =
-        Placement { inputs: vec![Place::Device; layers], attention: vec![keep.then_some(Place::Device); layers] };
+    // Segment 1 once goes with the MLP projections kept, as the plan places them when everything
+    // fits on the GPU: the fastest path beside the plain one.
+    let placement = Placement {
+        inputs: vec![Place::Device; layers],
+        attention: vec![keep.then_some(Place::Device); layers],
+        qkv_once,
+        mlp: vec![qkv_once; layers],
+    };
     let profiler = Profiler::new(Device::Cpu, false);
     let ctx = StepContext {
         spec,
@@ -150,9 +157,9 @@ fn a_packed_step_equals_each_document_as_its_own_sample() {
     let names: Vec<String> = reference.named().iter().map(|(k, _)| k.clone()).collect();
     let per_document = reference.loss_and_grads(&alone);
     let masked_reference = reference.loss_and_grads(std::slice::from_ref(&batch));
-    for keep in [true, false] {
-        let (loss, grads) = step(&spec, &batch, Some(FusedAttention::CpuFlash), keep);
-        let what = if keep { "kept attention" } else { "recomputed attention" };
+    for (keep, qkv_once) in [(true, false), (true, true), (false, false), (false, true)] {
+        let (loss, grads) = step(&spec, &batch, Some(FusedAttention::CpuFlash), keep, qkv_once);
+        let what = format!("{} attention, qkv once: {qkv_once}", if keep { "kept" } else { "recomputed" });
         let clone = |r: &(f64, Vec<Tensor>)| (r.0, r.1.iter().map(Tensor::copy).collect());
         assert_close(&format!("{what} vs each document alone"), loss, n, &grads, clone(&per_document), &names);
         assert_close(
@@ -165,7 +172,7 @@ fn a_packed_step_equals_each_document_as_its_own_sample() {
         );
     }
     // Without the mask the documents see each other: the loss differs, so the test can fail.
-    let (unmasked, _) = step(&spec, &batch, None, true);
+    let (unmasked, _) = step(&spec, &batch, None, true, false);
     assert!(
         (unmasked / n - per_document.0).abs() > 1e-3,
         "masking changed nothing: {unmasked} vs {}",
@@ -184,7 +191,7 @@ fn global_positions_within_documents_give_the_same_attention() {
     let groups = Groups::solo();
     let reference = Reference::new(&spec, params(&spec, &groups).gather_named(groups.world.as_ref()).unwrap());
     let names: Vec<String> = reference.named().iter().map(|(k, _)| k.clone()).collect();
-    let (loss, grads) = step(&spec, &batch, Some(FusedAttention::CpuFlash), true);
+    let (loss, grads) = step(&spec, &batch, Some(FusedAttention::CpuFlash), true, false);
     let n = batch.valid_labels() as f64;
     let alone = reference.loss_and_grads(&each_document_alone(&batch, &rows));
     assert_close("global positions vs each document alone", loss, n, &grads, alone, &names);
@@ -195,12 +202,12 @@ fn single_document_samples_take_the_causal_path_bit_for_bit() {
     let spec = ModelSpec::preset(Preset::Tiny);
     let packing = Packing { documents: PackedDocuments::Mask, positions: Positions::Document };
     let (batch, _) = packed(&spec, &[Documents::whole(S), Documents::from_starts(&[0], S)], packing, 11);
-    for keep in [true, false] {
-        let (loss_masked, masked) = step(&spec, &batch, Some(FusedAttention::CpuFlash), keep);
-        let (loss_plain, plain) = step(&spec, &batch, None, keep);
-        assert_eq!(loss_masked.to_bits(), loss_plain.to_bits(), "keep = {keep}: loss");
+    for (keep, qkv_once) in [(true, false), (true, true), (false, false)] {
+        let (loss_masked, masked) = step(&spec, &batch, Some(FusedAttention::CpuFlash), keep, qkv_once);
+        let (loss_plain, plain) = step(&spec, &batch, None, keep, qkv_once);
+        assert_eq!(loss_masked.to_bits(), loss_plain.to_bits(), "keep = {keep}, qkv once {qkv_once}: loss");
         for ((name, a), (_, b)) in masked.iter().zip(&plain) {
-            assert!(a.equal(b), "keep = {keep}: {name} differs");
+            assert!(a.equal(b), "keep = {keep}, qkv once {qkv_once}: {name} differs");
         }
     }
 }
