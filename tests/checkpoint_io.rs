@@ -46,7 +46,7 @@ fn save_then_load_is_bit_exact() {
     }
     let run = tempfile::tempdir().unwrap();
     let state = run_state(2);
-    let dir = checkpoint::save(&params, &state, &spec, run.path(), 2, &Solo).unwrap();
+    let dir = checkpoint::save(&params, &state, &spec, &[], run.path(), 2, &Solo).unwrap();
     assert!(dir.ends_with("checkpoints/step-000002") && dir.join("COMPLETE").exists());
     assert_eq!(checkpoint::read_state(&dir).unwrap(), state);
     for stage in [ZeroStage::Replicated, ZeroStage::Sharded] {

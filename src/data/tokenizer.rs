@@ -111,3 +111,15 @@ impl TextTokenizer {
 fn source_name(path: &Path) -> String {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string()
 }
+
+/// The tokenizer.json that `data prepare` (or `synth`) made `ds` with, if the shards name one
+/// that is still there with the same contents (the hash the shards record); None for the byte
+/// tokenizer, or when the file moved or changed since.
+pub fn recorded_tokenizer(ds: &super::Dataset) -> Option<PathBuf> {
+    let hash = ds.tokenizer().strip_prefix("huggingface fnv1a64:")?;
+    let shard = *ds.shard_paths().first()?;
+    let file = hdf5::File::open(shard).ok()?;
+    let path = PathBuf::from(super::shard::read_str_attr(&file, shard, "tokenizer_source").ok()?);
+    let bytes = std::fs::read(&path).ok()?;
+    (format!("{:016x}", fnv1a64(&bytes)) == hash).then_some(path)
+}

@@ -3,7 +3,7 @@
 use super::checkpoint::{self, DataPosition, Layout, RunState, Versions};
 use crate::comm::{Collective, Mesh};
 use crate::config::{Experiment, Resume, ZeroStage};
-use crate::data::{Loader, LoaderState};
+use crate::data::{tokenizer::recorded_tokenizer, Dataset, Loader, LoaderState};
 use crate::model::params::init_tensor;
 use crate::model::spec::ModelSpec;
 use crate::model::weights;
@@ -17,7 +17,8 @@ pub struct StartSpec<'a> {
     /// `checkpoint.resume`.
     pub resume: &'a Resume,
     pub run_dir: PathBuf,
-    /// `model.weights`: initial weights in Hugging Face layout, else a seeded initialisation.
+    /// `model.path` or `model.weights`: initial weights in Hugging Face layout, else a seeded
+    /// initialisation.
     pub weights: Option<&'a Path>,
     pub seed: u64,
     pub zero_stage: ZeroStage,
@@ -31,7 +32,7 @@ impl StartSpec<'_> {
         StartSpec {
             resume: &exp.checkpoint.resume,
             run_dir: exp.run_dir(),
-            weights: exp.model.weights.as_deref(),
+            weights: exp.model.weights_path(),
             seed: exp.run.seed,
             zero_stage: exp.parallel.zero_stage,
             steps: exp.train.steps,
@@ -96,6 +97,23 @@ pub fn start_point(
         );
     }
     Ok((params, loader, state.step))
+}
+
+/// The tokenizer files every checkpoint of the run carries: those of the model folder
+/// (`model.path`, or the folder of `model.weights`), else the tokenizer.json the data was
+/// prepared with and the tokenizer files beside it; none for the byte tokenizer.
+pub fn tokenizer_files(exp: &Experiment, data: &Dataset) -> Vec<(PathBuf, &'static str)> {
+    let model_dir = exp.model.weights_path().map(|p| if p.is_dir() { p } else { p.parent().unwrap_or(p) });
+    if let Some(files) = model_dir.map(weights::tokenizer_files).filter(|f| !f.is_empty()) {
+        return files;
+    }
+    let Some(recorded) = recorded_tokenizer(data) else {
+        return Vec::new();
+    };
+    let beside = weights::tokenizer_files(recorded.parent().unwrap_or(Path::new(".")));
+    let mut files: Vec<_> = beside.into_iter().filter(|(_, name)| *name != "tokenizer.json").collect();
+    files.insert(0, (recorded, "tokenizer.json"));
+    files
 }
 
 /// What a checkpoint of step `step` records besides the tensors: the resolved experiment, the
