@@ -5,10 +5,10 @@ tests/model_families.rs): tiny random models built by transformers, one per fami
                                    tokenizer files, generation_config.json, written by
                                    save_pretrained) and OUT/<variant>/reference.safetensors (ids,
                                    logits, loss) from transformers' own forward
-  make_tiny_models.py logits MODEL IDS OUT
-                                   load MODEL with AutoModelForCausalLM (failing on any missing or
-                                   unexpected tensor) and write its logits for IDS, and its loss with
-                                   labels = IDS, to OUT
+  make_tiny_models.py logits MODEL IDS OUT [MODEL IDS OUT ...]
+                                   load each MODEL with AutoModelForCausalLM (failing on any missing
+                                   or unexpected tensor) and write its logits for IDS, and its loss
+                                   with labels = IDS, to OUT
   make_tiny_models.py tokenizer MODEL
                                    load MODEL's tokenizer with AutoTokenizer, check that it
                                    round-trips a text, and print what it is as JSON
@@ -34,19 +34,21 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Long contexts need rotary 
 # Shared tiny dimensions: 4 query heads, 2 KV heads (so sp = 4 replicates KV heads), 2 layers.
 DIMS = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-            attn_implementation="eager", bos_token_id=256, eos_token_id=257)
+            attn_implementation="eager", bos_token_id=299, eos_token_id=298)
 
 # original_max_position_embeddings = 64 puts the three head_dim=16 frequencies that matter in all
 # three llama3 regimes (wavelength 6.3 kept, 32.5 smoothed, >= 168 divided by `factor`), and
 # SEQ = 70 runs past it.
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-# YaRN over an original context of 32: head_dim 24 gives low/high correction dims 0 and 6 of 12
-# (both ramps and both flat parts are used), attention factor 0.1 ln 4 + 1.
+# YaRN over an original context of 32, SEQ = 70 past it: with head_dim 24 the truncated correction
+# range is dims [0, 2] of 12 (dim 1 half interpolated, dims 2.. divided by `factor`), and the
+# attention factor is 0.1 ln 4 + 1.
 YARN = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 32}
-# Qwen2.5's long-context recipe with the knobs that change the result set.
-YARN_QWEN2 = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 2.0, "original_max_position_embeddings": 48,
-              "beta_fast": 16.0, "beta_slow": 2.0, "truncate": False}
+# Qwen2.5's long-context recipe with the knobs that change the result set: untruncated, the ramp
+# runs from dim 0.54 to 1.75 of 8 (head_dim 16), so dim 1 is interpolated by 0.38.
+YARN_QWEN2 = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 2.0, "original_max_position_embeddings": 64,
+              "beta_fast": 4.0, "beta_slow": 0.5, "truncate": False}
 LINEAR = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
 DEFAULT_1M = {"rope_type": "default", "rope_theta": 1000000.0}
 
@@ -149,8 +151,9 @@ def check_tokenizer(model_dir: str) -> None:
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "make":
         make(sys.argv[2])
-    elif len(sys.argv) == 5 and sys.argv[1] == "logits":
-        logits(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif len(sys.argv) >= 5 and len(sys.argv) % 3 == 2 and sys.argv[1] == "logits":
+        for i in range(2, len(sys.argv), 3):
+            logits(*sys.argv[i:i + 3])
     elif len(sys.argv) == 3 and sys.argv[1] == "tokenizer":
         check_tokenizer(sys.argv[2])
     else:
