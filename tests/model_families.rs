@@ -24,9 +24,8 @@ mod common;
 mod model_support;
 
 use common::*;
-use model_support::{max_abs_diff, positions};
+use model_support::{hf_models, hf_python, max_abs_diff, positions};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 use ulysses::config::Experiment;
 use ulysses::model::llama::{forward_logits, LocalAttention};
@@ -37,26 +36,6 @@ use ulysses::model::weights::load_hf;
 /// attends across earlier ranks' tokens.
 const SEQ: usize = 32;
 const STEPS: usize = 3;
-
-fn python(args: &[&Path]) -> String {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hf/make_tiny_models.py");
-    let mut c = std::process::Command::new(PYTHON);
-    c.arg(&script).args(args);
-    let out = run_with_timeout(c, std::time::Duration::from_secs(600));
-    assert!(out.status.success(), "{} {args:?}: {}", script.display(), text(&out));
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-/// The transformers models, made once per test binary.
-fn hf_dir() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("temp dir");
-        python(&[Path::new("make"), dir.path()]);
-        dir
-    })
-    .path()
-}
 
 /// English text through the built-in byte tokenizer (258 ids < the models' 300): learnable, so
 /// the loss falls within the few steps the runs take.
@@ -127,7 +106,7 @@ fn our_logits_and_loss(dir: &Path, ids: &Tensor) -> (Tensor, f64) {
 }
 
 fn family_trains_like_llama(variant: &str) {
-    let hf = hf_dir().join(variant);
+    let hf = hf_models().join(variant);
     let dir = tempfile::tempdir().unwrap();
     let data = text_data(dir.path(), "byte");
     let model = format!("path = {:?}", hf.display().to_string());
@@ -164,8 +143,8 @@ fn family_trains_like_llama(variant: &str) {
     let ids_file = dir.path().join("ids.safetensors");
     Tensor::write_safetensors(&[("ids", &ids)], &ids_file).unwrap();
     let hf_file = dir.path().join("hf.safetensors");
-    python(&[Path::new("logits"), &final_dir, &ids_file, &hf_file]);
-    let tok = python(&[Path::new("tokenizer"), &final_dir]);
+    hf_python(&[Path::new("logits"), &final_dir, &ids_file, &hf_file]);
+    let tok = hf_python(&[Path::new("tokenizer"), &final_dir]);
     assert!(tok.contains(&format!("\"model_type\": \"{}\"", spec.family.model_type())), "{variant}: {tok}");
     let hf_out = Tensor::read_safetensors(&hf_file).unwrap();
     let get = |n: &str| hf_out.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
@@ -197,7 +176,7 @@ fn mistral_trains_like_llama_and_serves_in_transformers() {
 /// tokenizer files next to it, and AutoTokenizer loads it.
 #[test]
 fn checkpoints_carry_the_tokenizer_the_data_was_prepared_with() {
-    let hf = hf_dir().join("qwen3");
+    let hf = hf_models().join("qwen3");
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("model/config.json");
     std::fs::create_dir_all(config.parent().unwrap()).unwrap();
@@ -222,6 +201,6 @@ fn checkpoints_carry_the_tokenizer_the_data_was_prepared_with() {
         assert_eq!(std::fs::read(tok_dir.join(f)).unwrap(), std::fs::read(final_dir.join(f)).unwrap(), "{f}");
     }
     assert!(!final_dir.join("generation_config.json").exists(), "nothing is invented");
-    let tok = python(&[Path::new("tokenizer"), &final_dir]);
+    let tok = hf_python(&[Path::new("tokenizer"), &final_dir]);
     assert!(tok.contains("\"model_type\": \"qwen3\""), "{tok}");
 }

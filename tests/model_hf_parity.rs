@@ -8,10 +8,8 @@
 //! Nothing is skipped: without the project venv (torch, transformers) these tests fail.
 mod model_support;
 
-use model_support::{max_abs_diff, positions};
+use model_support::{hf_models, hf_python, max_abs_diff, positions};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 use ulysses::model::llama::{forward_logits, head_loss, LocalAttention, IGNORE_INDEX};
 use ulysses::model::spec::{Family, ModelSpec};
@@ -31,36 +29,6 @@ const VARIANTS: [(&str, Family, bool, &str); 7] = [
     ("mistral", Family::Mistral, false, "default"),
 ];
 
-fn run_python(args: &[&Path]) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".venv/bin/python3");
-    let script = root.join("tests/hf/make_tiny_models.py");
-    let out = Command::new(&python).arg(&script).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {}: {e}. The HF parity test needs the project venv: run scripts/setup.sh", python.display())
-    });
-    assert!(
-        out.status.success(),
-        "{} {} {:?} failed ({}):\n{}\n{}",
-        python.display(),
-        script.display(),
-        args,
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The transformers checkpoints, built once per test binary.
-fn hf_dir() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("temp dir");
-        run_python(&[Path::new("make"), dir.path()]);
-        dir
-    })
-    .path()
-}
-
 fn tensor(path: &Path, name: &str) -> Tensor {
     Tensor::read_safetensors(path)
         .expect("reference file")
@@ -71,12 +39,12 @@ fn tensor(path: &Path, name: &str) -> Tensor {
 }
 
 fn reference(variant: &str) -> (Tensor, Tensor, f64) {
-    let path = hf_dir().join(variant).join("reference.safetensors");
+    let path = hf_models().join(variant).join("reference.safetensors");
     (tensor(&path, "ids"), tensor(&path, "logits"), tensor(&path, "loss").double_value(&[0]))
 }
 
 fn load(variant: &str) -> (ModelSpec, ulysses::model::llama::ModelWeights) {
-    let dir = hf_dir().join(variant);
+    let dir = hf_models().join(variant);
     let spec = ModelSpec::from_hf_config(&dir.join("config.json")).expect("config.json");
     let w = load_hf(&dir, &spec, Kind::Float, Device::Cpu).expect("load_hf");
     (spec, w)
@@ -178,7 +146,7 @@ fn save_hf_round_trips_through_transformers() {
         let read = |p: &Path| -> serde_json::Value {
             serde_json::from_str(&std::fs::read_to_string(p.join("config.json")).unwrap()).unwrap()
         };
-        let (mut before, after) = (read(&hf_dir().join(variant)), read(&saved));
+        let (mut before, after) = (read(&hf_models().join(variant)), read(&saved));
         before["torch_dtype"] = "float32".into();
         before["dtype"] = "float32".into();
         assert_eq!(before, after, "{variant}: config.json changed beyond its dtype");
@@ -201,7 +169,7 @@ fn save_hf_round_trips_through_transformers() {
     }
     let mut python_args: Vec<&Path> = vec![Path::new("logits")];
     python_args.extend(args.iter().map(PathBuf::as_path));
-    run_python(&python_args);
+    hf_python(&python_args);
     for (variant, logits, ref_loss, hf_file) in ours {
         let diff = max_abs_diff(&logits, &tensor(&hf_file, "logits"));
         let loss = tensor(&hf_file, "loss").double_value(&[0]);
