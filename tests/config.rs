@@ -190,7 +190,6 @@ fn model_path_names_a_hugging_face_folder() {
     assert!(spec.qk_norm);
     let e = parse(&text);
     assert_eq!(e.model.weights_path(), Some(model.as_path()));
-    assert_eq!(e.model.config_file(), Some(model.join("config.json")));
 
     let both = with_model(&format!("path = {:?}\npreset = \"tiny\"", model.display().to_string()));
     let p = problems(&both, None);

@@ -73,11 +73,6 @@ impl ModelConfig {
         }
     }
 
-    /// The config.json the architecture comes from, if not a preset.
-    pub fn config_file(&self) -> Option<PathBuf> {
-        self.path.as_ref().map(|p| p.join("config.json")).or_else(|| self.config.clone())
-    }
-
     /// Where the initial weights are: the model folder, or `weights`.
     pub fn weights_path(&self) -> Option<&Path> {
         self.path.as_deref().or(self.weights.as_deref())

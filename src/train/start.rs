@@ -3,7 +3,8 @@
 use super::checkpoint::{self, DataPosition, Layout, RunState, Versions};
 use crate::comm::{Collective, Mesh};
 use crate::config::{Experiment, Resume, ZeroStage};
-use crate::data::{tokenizer::recorded_tokenizer, Dataset, Loader, LoaderState};
+use crate::data::tokenizer::{self, recorded_tokenizer};
+use crate::data::{Dataset, Loader, LoaderState};
 use crate::model::params::init_tensor;
 use crate::model::spec::ModelSpec;
 use crate::model::weights;
@@ -105,6 +106,7 @@ pub fn start_point(
 pub fn tokenizer_files(exp: &Experiment, data: &Dataset) -> Vec<(PathBuf, &'static str)> {
     let model_dir = exp.model.weights_path().map(|p| if p.is_dir() { p } else { p.parent().unwrap_or(p) });
     if let Some(files) = model_dir.map(weights::tokenizer_files).filter(|f| !f.is_empty()) {
+        warn_if_other_tokenizer(&files, data);
         return files;
     }
     let Some(recorded) = recorded_tokenizer(data) else {
@@ -114,6 +116,26 @@ pub fn tokenizer_files(exp: &Experiment, data: &Dataset) -> Vec<(PathBuf, &'stat
     let mut files: Vec<_> = beside.into_iter().filter(|(_, name)| *name != "tokenizer.json").collect();
     files.insert(0, (recorded, "tokenizer.json"));
     files
+}
+
+/// A model folder's tokenizer.json that is not the one the data was prepared with (shards made
+/// with a tokenizer.json record its hash; the byte tokenizer is not compared): the run goes on,
+/// as the ids may still fit the vocabulary, but the user is told.
+fn warn_if_other_tokenizer(files: &[(PathBuf, &str)], data: &Dataset) {
+    let Some((model_tokenizer, _)) = files.iter().find(|(_, name)| *name == "tokenizer.json") else {
+        return;
+    };
+    let Ok(bytes) = std::fs::read(model_tokenizer) else {
+        return;
+    };
+    if data.tokenizer().starts_with("huggingface") && tokenizer::identity(&bytes) != data.tokenizer() {
+        log::warn!(
+            "the data was prepared with another tokenizer.json ({}) than the model's {}: its token ids may mean \
+             other text to this model",
+            data.tokenizer(),
+            model_tokenizer.display()
+        );
+    }
 }
 
 /// What a checkpoint of step `step` records besides the tensors: the resolved experiment, the
