@@ -86,20 +86,34 @@ pub fn post_attention(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, attn: &Ten
 /// `post_attention` without autograd and without a second sequence-long tensor: each MLP tile's
 /// result overwrites its own tile of the residual stream (a tile's output depends only on that
 /// tile, computed whole before the write). For the step's forward pass, which keeps no graph.
+/// With `keep_mlp` it also returns the MLP's gate and up projections of every token
+/// (`[b, s, intermediate]` each), for a backward that does not recompute them.
 pub fn post_attention_no_grad(
     spec: &ModelSpec,
     w: &LayerWeights,
     x: &Tensor,
     attn: &Tensor,
     mlp_tile: usize,
-) -> Tensor {
+    keep_mlp: bool,
+) -> (Tensor, Option<(Tensor, Tensor)>) {
     tch::no_grad(|| {
         let h = attention_residual(spec, w, x, attn);
-        for (start, len) in seq_tiles(h.size()[1], mlp_tile) {
-            let y = mlp_residual(spec, w, &h.narrow(1, start, len));
-            h.narrow(1, start, len).copy_(&y);
+        let (b, s) = (h.size()[0], h.size()[1]);
+        let kept = keep_mlp.then(|| {
+            let empty = || Tensor::empty([b, s, spec.intermediate_size], (h.kind(), h.device()));
+            (empty(), empty())
+        });
+        for (start, len) in seq_tiles(s, mlp_tile) {
+            let mut tile = h.narrow(1, start, len);
+            let (gate, up) = mlp_projections(spec, w, &tile);
+            if let Some((g, u)) = &kept {
+                g.narrow(1, start, len).copy_(&gate);
+                u.narrow(1, start, len).copy_(&up);
+            }
+            let y = &tile + (gate.silu() * up).linear(&w.w_down, None::<Tensor>);
+            tile.copy_(&y);
         }
-        h
+        (h, kept)
     })
 }
 
@@ -114,10 +128,27 @@ pub fn attention_residual(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, attn: 
 /// Second part of `post_attention`, per token: `h + down(silu(gate(n)) * up(n))` with
 /// `n = RMSNorm(h)`, h [b, tokens, h] -> [b, tokens, h]. Any tile of tokens can run alone.
 pub fn mlp_residual(spec: &ModelSpec, w: &LayerWeights, h: &Tensor) -> Tensor {
+    h + mlp_activation(spec, w, h).linear(&w.w_down, None::<Tensor>)
+}
+
+/// `mlp_residual` up to the down projection's input: `silu(gate(n)) * up(n)`, h [b, tokens, h] ->
+/// [b, tokens, intermediate]. A backward that has the output's gradient needs this, not the down
+/// projection's output.
+pub fn mlp_activation(spec: &ModelSpec, w: &LayerWeights, h: &Tensor) -> Tensor {
+    let (gate, up) = mlp_projections(spec, w, h);
+    gate.silu() * up
+}
+
+/// The MLP's gate and up projections of `n = RMSNorm(h)`, each [b, tokens, intermediate].
+pub fn mlp_projections(spec: &ModelSpec, w: &LayerWeights, h: &Tensor) -> (Tensor, Tensor) {
     let hn = rms_norm(h, &w.mlp_norm, spec.rms_norm_eps);
-    let gate = hn.linear(&w.w_gate, None::<Tensor>).silu();
-    let up = hn.linear(&w.w_up, None::<Tensor>);
-    h + (gate * up).linear(&w.w_down, None::<Tensor>)
+    (hn.linear(&w.w_gate, None::<Tensor>), hn.linear(&w.w_up, None::<Tensor>))
+}
+
+/// The gradients of the gate and up projections' outputs from the gradient of
+/// `silu(gate) * up`: `(g · up · silu'(gate), g · silu(gate))`.
+pub fn swiglu_backward(gate: &Tensor, up: &Tensor, grad_act: &Tensor) -> (Tensor, Tensor) {
+    (gate.silu_backward(&(grad_act * up)), grad_act * gate.silu())
 }
 
 /// One decoder layer: `pre_attention` -> `core.attend` -> `post_attention`.

@@ -42,6 +42,15 @@ pub struct Placement {
     /// Where layer l's attention output and log-sum-exp are kept so backward skips recomputing
     /// the attention forward; None: recompute it.
     pub attention: Vec<Option<Place>>,
+    /// Whether a kept-attention layer's backward runs segment 1 (norm, q/k/v, RoPE) once and
+    /// keeps its graph through attention's backward, instead of running it twice (once without a
+    /// graph for the head shards, once with one after attention's gradients exist): faster, for
+    /// `MemoryPlan::qkv_graph` more GPU memory. Chosen when everything fits on the GPU anyway.
+    pub qkv_once: bool,
+    /// Whether layer l's forward keeps the MLP's gate and up projections on the GPU, so its
+    /// backward does not recompute them (`MemoryPlan::mlp_per_layer` each). Given, last layers
+    /// first, to the GPU room that is left when everything else fits on it.
+    pub mlp: Vec<bool>,
 }
 
 impl Placement {
@@ -117,6 +126,15 @@ pub struct MemoryPlan {
     /// room that earlier layers' kept tensors freed: the layer's own and the next layer's
     /// (fetched one layer ahead).
     pub staging: f64,
+    /// Segment 1's graph (the normed input, q, k and v before RoPE), kept through attention's
+    /// backward when the placement runs segment 1 once (`Placement::qkv_once`); else 0.
+    pub qkv_graph: f64,
+    /// `qkv_graph` of a placement that runs segment 1 once.
+    pub qkv_graph_once: f64,
+    /// One layer's MLP gate and up projections, when kept (`Placement::mlp`).
+    pub mlp_per_layer: f64,
+    /// Kept MLP projections, all on the GPU (the placement's total).
+    pub mlp_gpu: f64,
     /// The policy `placement` follows (`parallel.activations`, `keep_attention`, `device`).
     pub activations: ActivationPlacement,
     pub keep_attention: bool,
@@ -125,7 +143,8 @@ pub struct MemoryPlan {
 
 impl MemoryPlan {
     /// The estimate at `seq_len` tokens, placed as the config asks when nothing limits it (with
-    /// "auto", everything on the GPU); `with_placement` gives it for a budget's placement.
+    /// "auto", everything on the GPU; segment 1 twice); `with_placement` gives it for a budget's
+    /// placement.
     pub fn new(p: &ParallelConfig, t: &TrainConfig, spec: &ModelSpec, world: usize, seq_len: usize) -> MemoryPlan {
         let tokens = (seq_len / p.sp * t.micro_batch) as f64;
         let h = spec.hidden_size as f64;
@@ -160,22 +179,32 @@ impl MemoryPlan {
             attention_gpu: 0.0,
             attention_host: 0.0,
             staging: 0.0,
+            qkv_graph: 0.0,
+            qkv_graph_once: tokens
+                * (spec.hidden_size + (spec.num_attention_heads + 2 * spec.num_key_value_heads) * spec.head_dim) as f64
+                * elt,
+            mlp_per_layer: tokens * 2.0 * spec.intermediate_size as f64 * elt,
+            mlp_gpu: 0.0,
             activations: p.activations,
             keep_attention: p.keep_attention && p.fused_attention().is_some(),
             device: p.device,
         };
+        // The base estimate runs segment 1 twice in backward and keeps no MLP projections: a
+        // placement with room to spare does (`Placement::qkv_once`, `mlp`), and `with_placement`
+        // adds what they cost.
         let unlimited = plan.placement(&Budget::UNLIMITED).expect("an unlimited budget holds every placement");
+        let unlimited = Placement { qkv_once: false, mlp: vec![false; plan.layers], ..unlimited };
         plan.with_placement(&unlimited)
     }
 
     /// The larger of one layer's backward (with the copies in flight then) and the head's: only
     /// one runs at a time.
     pub fn working(&self) -> f64 {
-        (self.layer_working + self.staging).max(self.head_working)
+        (self.layer_working + self.staging + self.qkv_graph).max(self.head_working)
     }
 
     pub fn gpu_peak(&self) -> f64 {
-        self.optimizer_gpu + self.activations_gpu + self.attention_gpu + self.working()
+        self.optimizer_gpu + self.activations_gpu + self.attention_gpu + self.mlp_gpu + self.working()
     }
 
     /// Bytes on the GPU beyond the placed totals while layer l's backward runs, at most over the
@@ -228,6 +257,8 @@ impl MemoryPlan {
             attention_gpu: attention(Place::Device),
             attention_host: attention(Place::Host),
             staging: self.staging_of(placement),
+            qkv_graph: if placement.qkv_once { self.qkv_graph_once } else { 0.0 },
+            mlp_gpu: placement.mlp.iter().filter(|&&k| k).count() as f64 * self.mlp_per_layer,
             ..*self
         }
     }
@@ -254,6 +285,8 @@ impl MemoryPlan {
             return Ok(Placement {
                 inputs: vec![input; n],
                 attention: vec![self.keep_attention.then_some(Place::Device); n],
+                qkv_once: true,
+                mlp: vec![true; n],
             });
         }
         if self.optimizer_host > budget.host {
@@ -261,12 +294,25 @@ impl MemoryPlan {
         }
         let allowed = |place| self.activations == ActivationPlacement::Auto || self.activations == place;
         if allowed(ActivationPlacement::Device) {
-            let all = Placement {
-                inputs: vec![Place::Device; n],
-                attention: vec![self.keep_attention.then_some(Place::Device); n],
-            };
-            if self.with_placement(&all).gpu_peak() <= budget.gpu {
-                return Ok(all);
+            // Everything on the GPU, with segment 1 run once if there is room for its graph too,
+            // and the MLP projections kept in as many layers as the rest of the room holds.
+            for qkv_once in [true, false] {
+                let mut all = Placement {
+                    inputs: vec![Place::Device; n],
+                    attention: vec![self.keep_attention.then_some(Place::Device); n],
+                    qkv_once,
+                    mlp: vec![false; n],
+                };
+                let peak = self.with_placement(&all).gpu_peak();
+                if peak <= budget.gpu {
+                    let kept = if self.mlp_per_layer > 0.0 {
+                        ((budget.gpu - peak) / self.mlp_per_layer).floor().clamp(0.0, n as f64) as usize
+                    } else {
+                        n
+                    };
+                    all.mlp = (0..n).map(|l| l >= n - kept).collect();
+                    return Ok(all);
+                }
             }
         }
         let fixed_gpu = self.optimizer_gpu + (self.layer_working + self.staging_reserve()).max(self.head_working);
@@ -313,6 +359,8 @@ impl MemoryPlan {
             attention: (0..n)
                 .map(|l| [Some(Place::Device), Some(Place::Host), None][tier(l, attention_gpu, attention_host)])
                 .collect(),
+            qkv_once: false,
+            mlp: vec![false; n],
         })
     }
 }

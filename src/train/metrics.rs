@@ -1,11 +1,14 @@
 //! metrics.h5: one row per optimizer step, written by rank 0 and flushed every step so a crash
-//! loses at most the step in flight; per-position loss every M steps. Schema (version 2) in
-//! docs/metrics.md; every dataset also carries its meaning and unit in a `description` attribute.
+//! loses at most the step in flight; per-position loss every M steps; the time split of measured
+//! steps. Schema (version 3) in docs/metrics.md; every dataset also carries its meaning and unit
+//! in a `description` attribute.
 use crate::h5::{append_1d, append_row, write_scalar_attr, write_text_attr};
+use crate::train::profile::{KernelSplit, StepProfile};
 use anyhow::{Context, Result};
+use hdf5::types::VarLenUnicode;
 use std::path::Path;
 
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Wall time of one optimizer step's parts, in seconds. On GPU each part ends with a device
 /// synchronize, or kernels still running are billed to the next part.
@@ -89,6 +92,43 @@ fn f64_values(r: &StepRow) -> [f64; 14] {
     ]
 }
 
+/// (name, description) of the float64 columns of /time_split (one row per measured step), in
+/// `split_values` order.
+pub const SPLIT_COLUMNS: &[(&str, &str)] = &[
+    ("attention", "seconds in attention kernels (synchronised wall clock)"),
+    ("compute", "seconds in other compute (synchronised wall clock)"),
+    ("comm", "seconds moving data in collectives (synchronised wall clock)"),
+    ("wait", "seconds waiting for the slowest rank before collectives"),
+    ("kernel_matmul", "GPU seconds in matrix-product kernels (libtorch's profiler; NaN on CPU)"),
+    ("kernel_attention", "GPU seconds in fused attention kernels (NaN on CPU)"),
+    ("kernel_elementwise", "GPU seconds in other compute kernels: element-wise, norms, reductions, loss (NaN on CPU)"),
+    ("kernel_copy", "GPU seconds in copies and memsets (NaN on CPU)"),
+    ("kernel_comm", "GPU seconds in NCCL kernels (NaN on CPU)"),
+];
+
+/// (name, description) of the float64 columns of /time_split/phases (one row per phase of each
+/// measured step).
+pub const PHASE_COLUMNS: &[(&str, &str)] = &[
+    ("wall", "seconds from the phase's start to its end (synchronised)"),
+    ("matmul", "GPU seconds in matrix-product kernels"),
+    ("attention", "GPU seconds in fused attention kernels"),
+    ("elementwise", "GPU seconds in other compute kernels"),
+    ("copy", "GPU seconds in copies and memsets"),
+    ("comm", "GPU seconds in NCCL kernels"),
+];
+
+fn split_values(p: &StepProfile) -> [f64; 9] {
+    let s = &p.split;
+    let k = p.kernels.unwrap_or(KernelSplit {
+        matmul: f64::NAN,
+        attention: f64::NAN,
+        elementwise: f64::NAN,
+        copy: f64::NAN,
+        comm: f64::NAN,
+    });
+    [s.attention, s.compute, s.comm, s.wait, k.matmul, k.attention, k.elementwise, k.copy, k.comm]
+}
+
 /// What the file records about the run.
 pub struct RunInfo<'a> {
     /// The resolved experiment (`Experiment::to_toml`).
@@ -160,6 +200,23 @@ impl MetricsWriter {
             &pos.new_dataset_builder().with_data(info.bin_starts).create("bin_start")?,
             "first global position of each bin",
         )?;
+        let split = file.create_group("time_split")?;
+        describe(
+            &split.new_dataset::<u64>().chunk(64).shape(0..).create("step")?,
+            "measured steps (metrics.time_split_every)",
+        )?;
+        for (name, what) in SPLIT_COLUMNS {
+            describe(&split.new_dataset::<f64>().chunk(64).shape(0..).create(*name)?, what)?;
+        }
+        let phases = split.create_group("phases")?;
+        describe(&phases.new_dataset::<u64>().chunk(256).shape(0..).create("step")?, "the measured step")?;
+        describe(
+            &phases.new_dataset::<VarLenUnicode>().chunk(256).shape(0..).create("phase")?,
+            "the phase: \"forward layer 3 / attention\", \"head and loss\", ... (nested phases joined by ' / ')",
+        )?;
+        for (name, what) in PHASE_COLUMNS {
+            describe(&phases.new_dataset::<f64>().chunk(256).shape(0..).create(*name)?, what)?;
+        }
 
         let versions = crate::train::checkpoint::Versions::current();
         write_text_attr(&file, "config_toml", info.config_toml)?;
@@ -182,6 +239,15 @@ impl MetricsWriter {
             Ok(steps.iter().take_while(|&&s| s <= resume_step).count())
         };
         let (rows, position_rows) = (keep("steps")?, keep("position_loss")?);
+        let (split_rows, phase_rows) = (keep("time_split")?, keep("time_split/phases")?);
+        let split = file.group("time_split")?;
+        for name in std::iter::once("step").chain(SPLIT_COLUMNS.iter().map(|(n, _)| *n)) {
+            split.dataset(name)?.resize(split_rows)?;
+        }
+        let phases = split.group("phases")?;
+        for name in ["step", "phase"].into_iter().chain(PHASE_COLUMNS.iter().map(|(n, _)| *n)) {
+            phases.dataset(name)?.resize(phase_rows)?;
+        }
         let steps = file.group("steps")?;
         for (name, _) in F64_COLUMNS.iter().chain(U64_COLUMNS) {
             steps.dataset(name)?.resize(rows)?;
@@ -215,6 +281,34 @@ impl MetricsWriter {
                 *slot = v;
             }
             append_row(&steps.dataset(name)?, row)?;
+        }
+        self.file.flush()?;
+        Ok(())
+    }
+
+    /// The time split of measured step `step`, and its phases.
+    pub fn append_time_split(&mut self, step: u64, p: &StepProfile) -> Result<()> {
+        let split = self.file.group("time_split")?;
+        append_1d(&split.dataset("step")?, &[step])?;
+        for ((name, _), v) in SPLIT_COLUMNS.iter().zip(split_values(p)) {
+            append_1d(&split.dataset(name)?, &[v])?;
+        }
+        let phases = split.group("phases")?;
+        append_1d(&phases.dataset("step")?, &vec![step; p.phases.len()])?;
+        let names: Vec<VarLenUnicode> =
+            p.phases.iter().map(|x| x.phase.parse().map_err(|e| anyhow::anyhow!("{e}"))).collect::<Result<_>>()?;
+        append_1d(&phases.dataset("phase")?, &names)?;
+        let column = |f: fn(&crate::train::profile::PhaseSplit) -> f64| p.phases.iter().map(f).collect::<Vec<f64>>();
+        let columns = [
+            column(|x| x.wall),
+            column(|x| x.kernels.matmul),
+            column(|x| x.kernels.attention),
+            column(|x| x.kernels.elementwise),
+            column(|x| x.kernels.copy),
+            column(|x| x.kernels.comm),
+        ];
+        for ((name, _), values) in PHASE_COLUMNS.iter().zip(columns) {
+            append_1d(&phases.dataset(name)?, &values)?;
         }
         self.file.flush()?;
         Ok(())

@@ -246,12 +246,13 @@ impl<'a> Run<'a> {
         }
         let loss = all_reduce_f64(self.world, loss_local)? / n_total;
         let t_opt = Instant::now();
-        let (grad_norm, lr) = self.update(step)?;
+        let (grad_norm, lr) = ctx.profiler.phase(format_args!("optimizer"), || self.update(step))?;
         times.optimizer = t_opt.elapsed().as_secs_f64();
         let step_time = t0.elapsed().as_secs_f64();
+        let profile = ctx.profiler.is_on().then(|| ctx.profiler.finish());
         let position_bins = positions.map(|p| p.reduce(self.world)).transpose()?;
         let mut row = self.row(step, loss, lr, grad_norm, step_time, times)?;
-        self.print(&row, step, ctx.profiler);
+        self.print(&row, step, profile.as_ref());
 
         let preempted = self.preemption.requested(self.world)?;
         let t_ckpt = Instant::now();
@@ -263,6 +264,9 @@ impl<'a> Run<'a> {
             metrics.append(&row)?;
             if let Some(b) = &position_bins {
                 metrics.append_positions(step as u64, b)?;
+            }
+            if let Some(p) = &profile {
+                metrics.append_time_split(step as u64, p)?;
             }
         }
         if preempted && step < t.steps {
@@ -346,7 +350,7 @@ impl<'a> Run<'a> {
     }
 
     /// Rank 0's step line (and the time split on measured steps).
-    fn print(&self, row: &StepRow, step: usize, profiler: &Profiler) {
+    fn print(&self, row: &StepRow, step: usize, profile: Option<&profile::StepProfile>) {
         if self.mesh.world_rank != 0 {
             return;
         }
@@ -360,8 +364,8 @@ impl<'a> Run<'a> {
             steps,
             self.started.elapsed().as_secs_f64() / (step + 1 - self.first_step) as f64,
         );
-        if profiler.is_on() {
-            progress::print_time_split(step, &profiler.finish());
+        if let Some(p) = profile {
+            progress::print_time_split(step, p);
         }
     }
 

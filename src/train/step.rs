@@ -51,6 +51,8 @@ impl StepContext<'_> {
                 index: l,
                 input: placement.inputs[l],
                 attention: AttentionPath::choose(kernel, placement.attention[l], memory_fit && l + 1 < n),
+                qkv_once: placement.qkv_once,
+                keep_mlp: placement.mlp[l],
             })
             .collect()
     }
@@ -93,19 +95,24 @@ pub fn micro_step(
         device: ctx.device,
     };
 
-    let embedding = gather(ctx, params, UnitId::Embedding)?.remove(0);
-    let mut x = tch::no_grad(|| Tensor::embedding(&embedding, &batch.input_ids, -1, false, false));
-    drop(embedding);
+    let prof = ctx.profiler;
+    let mut x = prof.phase(format_args!("embedding"), || -> Result<_> {
+        let embedding = gather(ctx, params, UnitId::Embedding)?.remove(0);
+        Ok(tch::no_grad(|| Tensor::embedding(&embedding, &batch.input_ids, -1, false, false)))
+    })?;
     let mut saved = Vec::with_capacity(ctx.layers.len());
     for layer in &ctx.layers {
-        let w = layer_weights(ctx, gather(ctx, params, UnitId::Layer(layer.index))?)?;
-        let (y, s) = layer.forward(&seg, &w, x, store)?;
+        let (y, s) = prof.phase(format_args!("forward layer {}", layer.index), || -> Result<_> {
+            let w = layer_weights(ctx, gather(ctx, params, UnitId::Layer(layer.index))?)?;
+            layer.forward(&seg, &w, x, store)
+        })?;
         saved.push(s);
         x = y;
         log_phase(&seg, format_args!("forward layer {}", layer.index));
     }
 
-    let head = head_and_loss(ctx, params, x, batch, n_total, positions)?;
+    let head =
+        prof.phase(format_args!("head and loss"), || head_and_loss(ctx, params, x, batch, n_total, positions))?;
     let mut grad_x = head.grad_x;
     log_phase(&seg, format_args!("head and loss"));
     let backward_from = Instant::now();
@@ -122,22 +129,27 @@ pub fn micro_step(
             next.prefetch(store)?;
         }
         let id = UnitId::Layer(layer.index);
-        let w: Vec<Tensor> = gather(ctx, params, id)?.iter().map(leaf).collect();
-        let lw = layer_weights(ctx, w.iter().map(Tensor::shallow_clone).collect())?;
-        grad_x = layer.backward(&seg, &lw, s, grad_x, store)?;
-        accumulate(ctx, params, id, &grads(&w))?;
+        grad_x = prof.phase(format_args!("backward layer {}", layer.index), || -> Result<_> {
+            let w: Vec<Tensor> = gather(ctx, params, id)?.iter().map(leaf).collect();
+            let lw = layer_weights(ctx, w.iter().map(Tensor::shallow_clone).collect())?;
+            let grad_x = layer.backward(&seg, &lw, s, grad_x, store)?;
+            accumulate(ctx, params, id, &grads(&w))?;
+            Ok(grad_x)
+        })?;
         log_phase(&seg, format_args!("backward layer {}: gradient reduce-scatter", layer.index));
     }
 
     // The embedding's gradient, plus the LM head's when the two are tied.
-    let embedding = leaf(&gather(ctx, params, UnitId::Embedding)?[0]);
-    let e = Tensor::embedding(&embedding, &batch.input_ids, -1, false, false);
-    backprop(&[(&e, &grad_x)])?;
-    let g = match head.tied_grad {
-        Some(tied) => grad(&embedding) + tied,
-        None => grad(&embedding),
-    };
-    accumulate(ctx, params, UnitId::Embedding, &[g])?;
+    prof.phase(format_args!("embedding backward"), || -> Result<()> {
+        let embedding = leaf(&gather(ctx, params, UnitId::Embedding)?[0]);
+        let e = Tensor::embedding(&embedding, &batch.input_ids, -1, false, false);
+        backprop(&[(&e, &grad_x)])?;
+        let g = match head.tied_grad {
+            Some(tied) => grad(&embedding) + tied,
+            None => grad(&embedding),
+        };
+        accumulate(ctx, params, UnitId::Embedding, &[g])
+    })?;
     times.backward += backward_from.elapsed().as_secs_f64();
     Ok(head.loss)
 }

@@ -8,7 +8,10 @@
 #    tokens, 3 steps; every step's loss and gradient norm within rtol 1.6e-2 (bf16 rounding in a
 #    different order; fp32 equality to 1e-6 is tested on CPU by tests/train_equivalence.rs).
 # 2. Kept attention (the fused backward from the kept output and log-sum-exp) gives the losses and
-#    gradient norms of recomputed attention, and layer inputs in pinned host memory or on disk,
+#    gradient norms of recomputed attention. The "device" variant has room for everything, so its
+#    plan also runs segment 1 once in backward and keeps the MLP's gate and up projections (the
+#    faster paths); "host" and "disk" spill and take neither, so they compare the fast paths with
+#    the plain ones. Layer inputs in pinned host memory or on disk,
 #    and the optimizer state in host memory (gradients streamed there), give those of GPU-resident
 #    ones, within the same rtol (GPU runs are not bitwise reproducible
 #    run to run: cuDNN attention backward and embedding backward use atomics), with less GPU
@@ -24,6 +27,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 WORK="$(mktemp -d /tmp/ulysses-gputest.XXXXXX)"
 OUTD="${OUT:-$WORK}"
+mkdir -p "$OUTD"
 fails=0
 SP="${SP:-4}"
 u() { NGPU="$1" bash bundle/run-gpu.sh "${@:2}"; }
