@@ -1,5 +1,6 @@
-//! The Llama forward, cut into the segments the parallel step recomputes one at a time:
-//! `pre_attention` (RMSNorm, QKV, RoPE) | attention core | `post_attention` (O, residual, RMSNorm,
+//! The decoder forward of every family (Llama's layer; Qwen3's q/k norms and Qwen2's biases are
+//! switches of the spec), cut into the segments the parallel step recomputes one at a time:
+//! `pre_attention` (RMSNorm, QKV, q/k norms, RoPE) | attention core | `post_attention` (O, residual, RMSNorm,
 //! SwiGLU MLP, residual); then `head_loss`. Sequence parallelism enters only through the
 //! `AttentionCore` the caller passes: every function here sees just the rank's local tokens, with
 //! their global positions. `forward_logits` composes it all as the readable reference.
@@ -21,17 +22,25 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     x.rms_norm([hidden], Some(weight), eps)
 }
 
-/// Pre-attention segment: RMSNorm -> q, k, v projections -> RoPE at the global positions of
-/// `rope`. Returns (q [b, s, n_q, d], k [b, s, n_kv, d], v [b, s, n_kv, d]).
+/// Pre-attention segment: RMSNorm -> q, k, v projections (with the family's biases) -> per-head
+/// RMSNorm of q and k (Qwen3) -> RoPE at the global positions of `rope`. Everything here is per
+/// token and per head, so a rank holding a chunk of the sequence computes exactly its rows of the
+/// unsharded result, before any all-to-all. Returns (q [b, s, n_q, d], k [b, s, n_kv, d],
+/// v [b, s, n_kv, d]).
 pub fn pre_attention(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, rope: &Rope) -> (Tensor, Tensor, Tensor) {
     let (b, s) = (x.size()[0], x.size()[1]);
     let (n_q, n_kv, d) = (spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim);
     let xn = rms_norm(x, &w.attn_norm, spec.rms_norm_eps);
     // [b, s, h] -> [b, s, n_q*d] -> [b, s, n_q, d]
-    let q = xn.linear(&w.wq, None::<Tensor>).view([b, s, n_q, d]);
+    let q = xn.linear(&w.wq, w.bq.as_ref()).view([b, s, n_q, d]);
     // [b, s, h] -> [b, s, n_kv*d] -> [b, s, n_kv, d], for k and v
-    let k = xn.linear(&w.wk, None::<Tensor>).view([b, s, n_kv, d]);
-    let v = xn.linear(&w.wv, None::<Tensor>).view([b, s, n_kv, d]);
+    let k = xn.linear(&w.wk, w.bk.as_ref()).view([b, s, n_kv, d]);
+    let v = xn.linear(&w.wv, w.bv.as_ref()).view([b, s, n_kv, d]);
+    // Qwen3: RMSNorm over each head's d values (weights [d], shared by the heads).
+    let (q, k) = match (&w.q_norm, &w.k_norm) {
+        (Some(qn), Some(kn)) => (rms_norm(&q, qn, spec.rms_norm_eps), rms_norm(&k, kn, spec.rms_norm_eps)),
+        _ => (q, k),
+    };
     (apply_rope(&q, rope), apply_rope(&k, rope), v)
 }
 
@@ -113,7 +122,7 @@ pub fn attention_residual(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, attn: 
     let (b, s) = (x.size()[0], x.size()[1]);
     // [b, s, n_q, d] -> [b, s, n_q*d]
     let attn = attn.reshape([b, s, spec.num_attention_heads * spec.head_dim]);
-    x + attn.linear(&w.wo, None::<Tensor>)
+    x + attn.linear(&w.wo, w.bo.as_ref())
 }
 
 /// Second part of `post_attention`, per token: `h + down(silu(gate(n)) * up(n))` with

@@ -158,10 +158,17 @@ impl MemoryPlan {
         let head_params = (spec.vocab_size * spec.hidden_size) as f64;
         let loss_tile = if p.loss_tile == 0 { tokens } else { (p.loss_tile as f64).min(tokens) };
         let heads = spec.num_attention_heads as f64;
+        // Qwen3's per-head q/k norms keep their inputs (q and k before the norm) and each head's
+        // fp32 reciprocal RMS in segment 1's graph, beyond the Llama layer the constant measures.
+        let qk_norm = if spec.qk_norm {
+            tokens * (heads + spec.num_key_value_heads as f64) * (spec.head_dim as f64 * elt + 4.0)
+        } else {
+            0.0
+        };
         let plan = MemoryPlan {
             optimizer_gpu,
             optimizer_host,
-            layer_working: spec.layer_params() as f64 * 8.0 + LAYER_WORKING_SET_PER_TOKEN * tokens * h * 2.0,
+            layer_working: spec.layer_params() as f64 * 8.0 + LAYER_WORKING_SET_PER_TOKEN * tokens * h * 2.0 + qk_norm,
             head_working: head_params * 8.0 + 2.0 * loss_tile * spec.vocab_size as f64 * 4.0 + 3.0 * tokens * h * 2.0,
             layers: spec.num_hidden_layers as usize,
             input_per_layer: tokens * h * elt,

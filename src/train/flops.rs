@@ -47,4 +47,13 @@ mod tests {
         assert!((f.model / 1.94e16 - 1.0).abs() < 0.005, "{}", f.model);
         assert!(f.alst > f.model);
     }
+
+    #[test]
+    fn qwen3_8b_counts_its_own_shapes() {
+        // The peer's formula on Qwen3-8B's dimensions (36 layers, intermediate 12,288, vocab
+        // 151,936; q/k norms and biases are no matmuls): 2.1151e16 per step at 128K.
+        let spec = ModelSpec::preset(Preset::Qwen3_8b);
+        let f = step_flops(&spec, 131072, 1);
+        assert!((f.model / 2.1151e16 - 1.0).abs() < 1e-4, "{}", f.model);
+    }
 }

@@ -435,3 +435,17 @@ fn the_room_left_keeps_mlp_projections_last_layers_first() {
     let spilled = m.placement(&room(&m, 5.0, 32.0, 20.0, 0.0, f64::INFINITY)).unwrap();
     assert!(spilled.mlp.iter().all(|&k| !k) && !spilled.qkv_once);
 }
+
+#[test]
+fn qwen3_counts_its_q_k_norm_activations() {
+    // Qwen3-8B at sp = 4 and 256K tokens: beyond Llama's layer, segment 1's graph keeps q (32
+    // heads) and k (8 heads) before their norms, 128 bf16 values a head, and an fp32 reciprocal
+    // RMS per head, for each of the rank's 64K tokens; and the norms' weights (2 × 128).
+    let (exp, _) = bench(262144);
+    let qwen3 = ModelSpec::preset(Preset::Qwen3_8b);
+    let without = ModelSpec { qk_norm: false, ..qwen3.clone() };
+    let plan = |s: &ModelSpec| MemoryPlan::new(&exp.parallel, &exp.train, s, 4, 262144);
+    let extra = plan(&qwen3).layer_working - plan(&without).layer_working;
+    assert_eq!(extra, 65536.0 * 40.0 * (128.0 * 2.0 + 4.0) + 256.0 * 8.0);
+    assert_eq!(plan(&qwen3).layers, 36);
+}
