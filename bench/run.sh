@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# ulysses side of the benchmark against DeepSpeed-ALST (bench/README.md): Llama-3.1-8B dimensions,
-# random init, random tokens, SP over every GPU, one sample per step. Run on the GPU machine from
-# the repository root with the bundle (scripts/make-bundle.sh) in bundle/:
+# ulysses side of the benchmark against DeepSpeed-ALST (bench/README.md): a preset's dimensions
+# (Llama-3.1-8B by default), random init, random tokens, SP over every GPU, one sample per step.
+# Run on the GPU machine from the repository root with the bundle (scripts/make-bundle.sh) in
+# bundle/:
 #   SEQS="32768 131072 262144" STEPS=4 bash bench/run.sh
 # Each length: STEPS steps; step 1 is warm-up, the last is the synchronised time-split step, the
 # ones between are the timed steps (figures from them only); SPLIT=0 leaves the time split out
 # (every step after the first is timed). With STEPS=1 the one step is timed
 # (single step, no warm-up, no time split: say so wherever the figure goes). MEMORY_FIT=1 makes
 # memory-fit runs (train.memory_fit: attention in the last layer only), which prove a length fits
-# and give no speed. EXTRA goes into [parallel], MEMORY into [memory]. LAYERS=N replaces the
-# preset by Llama-3.1-8B's dimensions with N decoder layers (a config.json): the per-token working
-# set of one layer's backward at long sequences, measured in a step that takes seconds (memory
-# calibration, never a speed figure). DOC_LEN=N packs the random tokens into documents of N tokens
-# (data synth --doc-len) trained with data.documents = "mask" and positions restarting per document:
-# attention within documents, a different workload from full causal (its FLOPs count only the
-# documents' causal squares). Logs and a JSON summary go to $OUT.
+# and give no speed. EXTRA goes into [parallel], MEMORY into [memory]. MODEL is a preset
+# (llama3.1-8b, qwen3-8b, qwen2.5-7b, mistral-7b, ...); LAYERS=N keeps its dimensions with N
+# decoder layers (`[model] layers`), as the peer's `--model M --layers N`: side by side with it on
+# one GPU, e.g. MODEL=qwen3-8b LAYERS=8 SEQS="131072 262144" STEPS=3, or to measure the per-token
+# working set of one layer's backward (memory calibration). DOC_LEN=N packs the random tokens into
+# documents of N tokens (data synth --doc-len) trained with data.documents = "mask" and positions
+# restarting per document: attention within documents, a different workload from full causal (its
+# FLOPs count only the documents' causal squares). Logs and a JSON summary go to $OUT.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SEQS="${SEQS:-32768 131072 262144}"
@@ -45,16 +47,9 @@ mkdir -p "$OUTD"
 WORK="$(mktemp -d /tmp/ulysses-bench.XXXXXX)"
 MODEL_LINE="preset = \"$MODEL\""
 if [ -n "$LAYERS" ]; then
-  MODEL="llama3.1-8b-dims-${LAYERS}-layers"
-  cat > "$WORK/config.json" <<JSON
-{"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
- "num_hidden_layers": $LAYERS, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
- "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "max_position_embeddings": 131072,
- "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192},
- "tie_word_embeddings": false, "bos_token_id": 128000, "eos_token_id": 128001}
-JSON
-  MODEL_LINE="config = \"$WORK/config.json\""
+  MODEL_LINE="$MODEL_LINE
+layers = $LAYERS"
+  MODEL="$MODEL-${LAYERS}-layers"
 fi
 echo "== ulysses bench $(date -u +%FT%TZ): $MODEL, NGPU=$NGPU SP=$SP, SEQS=$SEQS, STEPS=$STEPS, attention=$ATTN, documents=${DOC_LEN:-none (full causal)}"
 for S in $SEQS; do

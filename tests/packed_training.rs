@@ -170,19 +170,6 @@ fn reference_on_each_document(exp: &Path) -> (Vec<f64>, BTreeMap<String, Tensor>
     (losses, params, seen)
 }
 
-fn assert_same(what: &str, a: &(Vec<f64>, BTreeMap<String, Tensor>), b: &(Vec<f64>, BTreeMap<String, Tensor>)) {
-    for (step, (x, y)) in a.0.iter().zip(&b.0).enumerate() {
-        let rel = (x - y).abs() / x.abs().max(1e-12);
-        assert!(rel <= 1e-6, "{what}: step {} loss {y} vs {x} (relative {rel:.2e})", step + 1);
-    }
-    assert_eq!(a.1.keys().collect::<Vec<_>>(), b.1.keys().collect::<Vec<_>>(), "{what}: parameter names");
-    for (name, x) in &a.1 {
-        let diff = (x - &b.1[name]).abs().max().double_value(&[]);
-        assert!(diff <= 1e-5, "{what}: {name} differs by {diff:.2e}");
-    }
-    assert!(a.0[STEPS - 1] < a.0[0], "{what}: the loss did not go down: {:?}", a.0);
-}
-
 #[test]
 fn packed_training_equals_each_document_alone_for_sp_1_2_4() {
     let dir = tempfile::tempdir().unwrap();
@@ -197,7 +184,7 @@ fn packed_training_equals_each_document_alone_for_sp_1_2_4() {
     assert!(seen.documents.iter().all(|&n| n >= 6), "each step holds several documents: {:?}", seen.documents);
     let reference = (losses, params);
     for r in &runs {
-        assert_same(&format!("sp = {} ({})", r.sp, r.name), &reference, &train(dir.path(), &data, r));
+        assert_same_run(&format!("sp = {} ({})", r.sp, r.name), &reference, &train(dir.path(), &data, r));
     }
     // metrics.h5: the documents of each step, and the loss binned by position in the document.
     let f = hdf5::File::open(dir.path().join("runs/sp1/metrics.h5")).unwrap();

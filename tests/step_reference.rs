@@ -62,12 +62,13 @@ fn context<'a>(
     keep: bool,
 ) -> StepContext<'a> {
     let layers = spec.num_hidden_layers as usize;
-    // Segment 1 once in backward (kept attention with room for its graph) when the inputs wait on
-    // the device, twice otherwise: both orders are checked.
+    // Segment 1 once in backward (kept attention with room for its graph) and the MLP projections
+    // kept when the inputs wait on the device, neither otherwise: both paths are checked.
     let placement = Placement {
         inputs: vec![inputs; layers],
         attention: vec![keep.then_some(Place::Device); layers],
         qkv_once: inputs == Place::Device,
+        mlp: vec![inputs == Place::Device; layers],
     };
     let kernel = keep.then_some(FusedAttention::CpuFlash);
     StepContext {

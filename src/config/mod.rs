@@ -46,22 +46,36 @@ impl Default for RunConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// A named architecture (`Preset`); exclusive with `config`.
+    /// A Hugging Face model folder: config.json, the safetensors weights and the tokenizer files
+    /// (which checkpoints then carry). Exclusive with `preset`, `config` and `weights`.
+    pub path: Option<PathBuf>,
+    /// A named architecture (`Preset`), with seeded random weights unless `weights` gives them.
     pub preset: Option<Preset>,
-    /// A Hugging Face Llama `config.json`.
+    /// The preset's dimensions with this many decoder layers (benchmarks, memory calibration).
+    pub layers: Option<i64>,
+    /// A Hugging Face `config.json` (Llama, Qwen3, Qwen2 / Qwen2.5 or Mistral).
     pub config: Option<PathBuf>,
     /// Initial weights: a folder (or a single .safetensors file) in Hugging Face layout.
     pub weights: Option<PathBuf>,
 }
 
 impl ModelConfig {
-    /// The model as the experiment names it: the preset, or the config.json path.
+    /// The model as the experiment names it: the folder, the preset, or the config.json path.
     pub fn name(&self) -> String {
-        match (&self.preset, &self.config) {
-            (Some(preset), _) => preset.to_string(),
-            (None, Some(config)) => config.display().to_string(),
-            (None, None) => "(no model)".into(),
+        match (&self.path, &self.preset, &self.config) {
+            (Some(path), _, _) => path.display().to_string(),
+            (None, Some(preset), _) => match self.layers {
+                Some(n) => format!("{preset} with {n} layers"),
+                None => preset.to_string(),
+            },
+            (None, None, Some(config)) => config.display().to_string(),
+            (None, None, None) => "(no model)".into(),
         }
+    }
+
+    /// Where the initial weights are: the model folder, or `weights`.
+    pub fn weights_path(&self) -> Option<&Path> {
+        self.path.as_deref().or(self.weights.as_deref())
     }
 }
 
@@ -465,6 +479,7 @@ impl Experiment {
             }
         };
         self.data.paths.iter_mut().for_each(fix);
+        self.model.path.iter_mut().for_each(fix);
         self.model.config.iter_mut().for_each(fix);
         self.model.weights.iter_mut().for_each(fix);
     }

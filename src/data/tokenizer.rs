@@ -28,6 +28,11 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
 }
 
+/// The identity shards record for a tokenizer.json with these bytes (`Dataset::tokenizer`).
+pub fn identity(tokenizer_json: &[u8]) -> String {
+    format!("huggingface fnv1a64:{:016x}", fnv1a64(tokenizer_json))
+}
+
 impl TextTokenizer {
     /// `spec` is `byte` or the path of a `tokenizer.json`; `eos_token` overrides the EOS lookup.
     pub fn load(spec: &str, eos_token: Option<&str>) -> Result<TextTokenizer, DataError> {
@@ -143,4 +148,15 @@ impl TextTokenizer {
 
 fn source_name(path: &Path) -> String {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string()
+}
+
+/// The tokenizer.json that `data prepare` (or `synth`) made `ds` with, if the shards name one
+/// that is still there with the same contents (the hash the shards record); None for the byte
+/// tokenizer, or when the file moved or changed since.
+pub fn recorded_tokenizer(ds: &super::Dataset) -> Option<PathBuf> {
+    let shard = *ds.shard_paths().first()?;
+    let file = hdf5::File::open(shard).ok()?;
+    let path = PathBuf::from(super::shard::read_str_attr(&file, shard, "tokenizer_source").ok()?);
+    let bytes = std::fs::read(&path).ok()?;
+    (identity(&bytes) == ds.tokenizer()).then_some(path)
 }

@@ -152,9 +152,13 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
                     spec.vocab_size
                 );
             }
+            let lengths = args.lengths.clone().unwrap_or_else(|| vec![exp.data.seq_len]);
+            for &len in &lengths {
+                spec.check_seq_len(len).map_err(|e| anyhow::anyhow!("--lengths {len}: {e}"))?;
+            }
             let grid = GridSpec {
                 task: if args.task == EvalTask::Niah { SynthTask::Niah } else { SynthTask::Passkey },
-                lengths: args.lengths.clone().unwrap_or_else(|| vec![exp.data.seq_len]),
+                lengths,
                 depths: args.depths.clone(),
                 samples: args.samples.unwrap_or(10),
                 seed: args.seed,

@@ -61,6 +61,7 @@ pub fn shard_seq_len(paths: &[PathBuf]) -> Result<usize, EvalError> {
 /// Evaluates the curve. Collective over the world: every rank calls it with the same spec.
 pub fn run_loss(ev: &Evaluator, spec: &LossSpec, mesh: &Mesh, world: &dyn Collective) -> Result<LossResult, EvalError> {
     let seq_len = shard_seq_len(&spec.paths)?;
+    ev.spec.check_seq_len(seq_len).map_err(|e| EvalError::Usage(format!("--data: {e}")))?;
     let dataset = Dataset::open(&spec.paths, seq_len)?;
     if dataset.vocab_size() > ev.spec.vocab_size {
         return Err(EvalError::Usage(format!(

@@ -47,6 +47,10 @@ pub struct Placement {
     /// graph for the head shards, once with one after attention's gradients exist): faster, for
     /// `MemoryPlan::qkv_graph` more GPU memory. Chosen when everything fits on the GPU anyway.
     pub qkv_once: bool,
+    /// Whether layer l's forward keeps the MLP's gate and up projections on the GPU, so its
+    /// backward does not recompute them (`MemoryPlan::mlp_per_layer` each). Given, last layers
+    /// first, to the GPU room that is left when everything else fits on it.
+    pub mlp: Vec<bool>,
 }
 
 impl Placement {
@@ -127,6 +131,10 @@ pub struct MemoryPlan {
     pub qkv_graph: f64,
     /// `qkv_graph` of a placement that runs segment 1 once.
     pub qkv_graph_once: f64,
+    /// One layer's MLP gate and up projections, when kept (`Placement::mlp`).
+    pub mlp_per_layer: f64,
+    /// Kept MLP projections, all on the GPU (the placement's total).
+    pub mlp_gpu: f64,
     /// The policy `placement` follows (`parallel.activations`, `keep_attention`, `device`).
     pub activations: ActivationPlacement,
     pub keep_attention: bool,
@@ -150,10 +158,17 @@ impl MemoryPlan {
         let head_params = (spec.vocab_size * spec.hidden_size) as f64;
         let loss_tile = if p.loss_tile == 0 { tokens } else { (p.loss_tile as f64).min(tokens) };
         let heads = spec.num_attention_heads as f64;
+        // Qwen3's per-head q/k norms keep their inputs (q and k before the norm) and each head's
+        // fp32 reciprocal RMS in segment 1's graph, beyond the Llama layer the constant measures.
+        let qk_norm = if spec.qk_norm {
+            tokens * (heads + spec.num_key_value_heads as f64) * (spec.head_dim as f64 * elt + 4.0)
+        } else {
+            0.0
+        };
         let plan = MemoryPlan {
             optimizer_gpu,
             optimizer_host,
-            layer_working: spec.layer_params() as f64 * 8.0 + LAYER_WORKING_SET_PER_TOKEN * tokens * h * 2.0,
+            layer_working: spec.layer_params() as f64 * 8.0 + LAYER_WORKING_SET_PER_TOKEN * tokens * h * 2.0 + qk_norm,
             head_working: head_params * 8.0 + 2.0 * loss_tile * spec.vocab_size as f64 * 4.0 + 3.0 * tokens * h * 2.0,
             layers: spec.num_hidden_layers as usize,
             input_per_layer: tokens * h * elt,
@@ -168,16 +183,17 @@ impl MemoryPlan {
             qkv_graph_once: tokens
                 * (spec.hidden_size + (spec.num_attention_heads + 2 * spec.num_key_value_heads) * spec.head_dim) as f64
                 * elt,
+            mlp_per_layer: tokens * 2.0 * spec.intermediate_size as f64 * elt,
+            mlp_gpu: 0.0,
             activations: p.activations,
             keep_attention: p.keep_attention && p.fused_attention().is_some(),
             device: p.device,
         };
-        // The base estimate runs segment 1 twice in backward: a placement with room to spare
-        // chooses once (`Placement::qkv_once`), and `with_placement` adds its graph.
-        let unlimited = Placement {
-            qkv_once: false,
-            ..plan.placement(&Budget::UNLIMITED).expect("an unlimited budget holds every placement")
-        };
+        // The base estimate runs segment 1 twice in backward and keeps no MLP projections: a
+        // placement with room to spare does (`Placement::qkv_once`, `mlp`), and `with_placement`
+        // adds what they cost.
+        let unlimited = plan.placement(&Budget::UNLIMITED).expect("an unlimited budget holds every placement");
+        let unlimited = Placement { qkv_once: false, mlp: vec![false; plan.layers], ..unlimited };
         plan.with_placement(&unlimited)
     }
 
@@ -188,7 +204,7 @@ impl MemoryPlan {
     }
 
     pub fn gpu_peak(&self) -> f64 {
-        self.optimizer_gpu + self.activations_gpu + self.attention_gpu + self.working()
+        self.optimizer_gpu + self.activations_gpu + self.attention_gpu + self.mlp_gpu + self.working()
     }
 
     /// Bytes on the GPU beyond the placed totals while layer l's backward runs, at most over the
@@ -242,6 +258,7 @@ impl MemoryPlan {
             attention_host: attention(Place::Host),
             staging: self.staging_of(placement),
             qkv_graph: if placement.qkv_once { self.qkv_graph_once } else { 0.0 },
+            mlp_gpu: placement.mlp.iter().filter(|&&k| k).count() as f64 * self.mlp_per_layer,
             ..*self
         }
     }
@@ -269,6 +286,7 @@ impl MemoryPlan {
                 inputs: vec![input; n],
                 attention: vec![self.keep_attention.then_some(Place::Device); n],
                 qkv_once: true,
+                mlp: vec![true; n],
             });
         }
         if self.optimizer_host > budget.host {
@@ -276,14 +294,23 @@ impl MemoryPlan {
         }
         let allowed = |place| self.activations == ActivationPlacement::Auto || self.activations == place;
         if allowed(ActivationPlacement::Device) {
-            // Everything on the GPU, with segment 1 run once if there is room for its graph too.
+            // Everything on the GPU, with segment 1 run once if there is room for its graph too,
+            // and the MLP projections kept in as many layers as the rest of the room holds.
             for qkv_once in [true, false] {
-                let all = Placement {
+                let mut all = Placement {
                     inputs: vec![Place::Device; n],
                     attention: vec![self.keep_attention.then_some(Place::Device); n],
                     qkv_once,
+                    mlp: vec![false; n],
                 };
-                if self.with_placement(&all).gpu_peak() <= budget.gpu {
+                let peak = self.with_placement(&all).gpu_peak();
+                if peak <= budget.gpu {
+                    let kept = if self.mlp_per_layer > 0.0 {
+                        ((budget.gpu - peak) / self.mlp_per_layer).floor().clamp(0.0, n as f64) as usize
+                    } else {
+                        n
+                    };
+                    all.mlp = (0..n).map(|l| l >= n - kept).collect();
                     return Ok(all);
                 }
             }
@@ -333,6 +360,7 @@ impl MemoryPlan {
                 .map(|l| [Some(Place::Device), Some(Place::Host), None][tier(l, attention_gpu, attention_host)])
                 .collect(),
             qkv_once: false,
+            mlp: vec![false; n],
         })
     }
 }

@@ -72,4 +72,13 @@ mod tests {
         let attention = full.model - dense.model;
         assert!((attention_forward(&spec, s * s) * 3.0 / attention - 1.0).abs() < 1e-12);
     }
+
+    #[test]
+    fn qwen3_8b_counts_its_own_shapes() {
+        // The peer's formula on Qwen3-8B's dimensions (36 layers, intermediate 12,288, vocab
+        // 151,936; q/k norms and biases are no matmuls): 2.1151e16 per step at 128K.
+        let spec = ModelSpec::preset(Preset::Qwen3_8b);
+        let f = step_flops(&spec, 131072, 1);
+        assert!((f.model / 2.1151e16 - 1.0).abs() < 1e-4, "{}", f.model);
+    }
 }

@@ -100,12 +100,17 @@ pub struct DecoderLayer {
     /// backward (the memory plan's `Placement::qkv_once`), instead of a graph-free pass for the
     /// head shards and a second pass with a graph after.
     pub qkv_once: bool,
+    /// Keep the MLP's gate and up projections from the forward (on the GPU), so backward does
+    /// not recompute them (the memory plan's `Placement::mlp`).
+    pub keep_mlp: bool,
 }
 
 /// What a layer's forward left for its backward.
 pub struct SavedLayer {
     input: Key,
     attention: Option<KeptAttention>,
+    /// The MLP's gate and up projections, when kept.
+    mlp: Option<(Key, Key)>,
 }
 
 /// A layer's kept attention: the head-sharded output, its log-sum-exp and the kernel's extras.
@@ -139,7 +144,7 @@ impl DecoderLayer {
         store: &mut ActivationStore,
     ) -> Result<(Tensor, SavedLayer)> {
         let prof = seg.profiler;
-        let (y, attention) = tch::no_grad(|| -> Result<_> {
+        let (y, attention, mlp) = tch::no_grad(|| -> Result<_> {
             // Each activation is dropped as soon as the next one exists (sequence-long tensors).
             let [qh, kh, vh] = prof.phase(format_args!("pre-attention"), || self.head_shards(seg, w, &x))?;
             let (oh, saved) = prof.phase(format_args!("attention"), || self.attention_forward(seg, &qh, &kh, &vh))?;
@@ -155,11 +160,16 @@ impl DecoderLayer {
             prof.phase(format_args!("post-attention"), || {
                 let o = to_seq(seg, &oh)?;
                 drop(oh);
-                Ok((llama::post_attention_no_grad(seg.spec, w, &x, &o, seg.mlp_tile), attention))
+                let (y, mlp) = llama::post_attention_no_grad(seg.spec, w, &x, &o, seg.mlp_tile, self.keep_mlp);
+                let mlp = match mlp {
+                    Some((gate, up)) => Some((store.put(gate, Place::Device)?, store.put(up, Place::Device)?)),
+                    None => None,
+                };
+                Ok((y, attention, mlp))
             })
         })?;
         let input = store.put(x, self.input)?;
-        Ok((y, SavedLayer { input, attention }))
+        Ok((y, SavedLayer { input, attention, mlp }))
     }
 
     /// The gradient of the layer's input from `grad_y`, the gradient of its output; the weight
@@ -201,8 +211,12 @@ impl DecoderLayer {
                 })
             })?,
         };
+        let mlp = match saved.mlp {
+            Some((gate, up)) => Some((store.take(gate)?, store.take(up)?)),
+            None => None,
+        };
         let grad_oh =
-            prof.phase(format_args!("post-attention"), || self.post_attention_backward(seg, w, &x, &oh, grad_y))?;
+            prof.phase(format_args!("post-attention"), || self.post_attention_backward(seg, w, &x, &oh, mlp, grad_y))?;
         log_phase(seg, format_args!("backward layer {l}: post-attention"));
         // Segment 1 with its graph now, when it runs once: its head shards feed the fused backward.
         let qkv = (self.qkv_once && kept.is_some() && shards.is_none())
@@ -279,39 +293,81 @@ impl DecoderLayer {
     }
 
     /// Segment 3 recomputed and backpropagated: the O projection and residual, then the MLP one
-    /// tile of tokens at a time so its wide activations exist for one tile. Returns the gradient
-    /// of attention's head-sharded output; its tensors and `grad_y` are gone when it returns.
+    /// tile of tokens at a time so its wide activations exist for one tile. The MLP's gate and up
+    /// projections come from `mlp` when the forward kept them, else they are recomputed. Returns
+    /// the gradient of attention's head-sharded output; its tensors and `grad_y` are gone when it
+    /// returns.
     fn post_attention_backward(
         &self,
         seg: &Segments,
         w: &LayerWeights,
         x: &Tensor,
         oh: &Tensor,
+        mlp: Option<(Tensor, Tensor)>,
         grad_y: Tensor,
     ) -> Result<Tensor> {
         let o = leaf(&to_seq(seg, oh)?);
         {
             let h = llama::attention_residual(seg.spec, w, x, &o);
             let h_leaf = leaf(&h);
-            let (hidden, inter) = (seg.spec.hidden_size, seg.spec.intermediate_size);
             for (start, len) in seq_tiles(h.size()[1], seg.mlp_tile) {
-                // y = h + act · W_downᵀ. The down projection is backpropagated by hand, so its
-                // output (a matmul's worth of work) is never recomputed: act's gradient is
-                // g · W_down and W_down's is gᵀ · act; the residual's share reaches h below.
-                let g = grad_y.narrow(1, start, len);
-                let act = llama::mlp_activation(seg.spec, w, &h_leaf.narrow(1, start, len));
-                // [b, t, h] @ [h, f] -> [b, t, f]
-                let grad_act = g.matmul(&w.w_down);
-                // [h, b·t] @ [b·t, f] -> [h, f]
-                let grad_down = g.reshape([-1, hidden]).tr().mm(&act.detach().reshape([-1, inter]));
-                backprop(&[(&act, &grad_act), (&w.w_down, &grad_down)])?;
+                let (g, h_tile) = (grad_y.narrow(1, start, len), h_leaf.narrow(1, start, len));
+                match &mlp {
+                    None => self.mlp_backward(seg, w, &h_tile, &g)?,
+                    Some((gate, up)) => self.kept_mlp_backward(
+                        seg,
+                        w,
+                        &h_tile,
+                        &gate.narrow(1, start, len),
+                        &up.narrow(1, start, len),
+                        &g,
+                    )?,
+                }
             }
+            drop(mlp);
             let grad_h = grad(&h_leaf);
             let _ = grad_h.shallow_clone().g_add_(&grad_y);
             drop(grad_y);
             backprop(&[(&h, &grad_h)])?;
         }
         to_heads(seg, &o.grad())
+    }
+
+    /// One MLP tile's backward, `y = h + act · W_downᵀ` with `act = silu(gate) * up` recomputed
+    /// with a graph. The down projection is backpropagated by hand, so its output (a matmul's
+    /// worth of work) is never recomputed: act's gradient is g · W_down and W_down's is gᵀ · act;
+    /// the residual's share of h's gradient is added by the caller.
+    fn mlp_backward(&self, seg: &Segments, w: &LayerWeights, h: &Tensor, g: &Tensor) -> Result<()> {
+        let act = llama::mlp_activation(seg.spec, w, h);
+        let (grad_act, grad_down) = tch::no_grad(|| (g.matmul(&w.w_down), transposed_mm(g, &act)));
+        backprop(&[(&act, &grad_act), (&w.w_down, &grad_down)])
+    }
+
+    /// `mlp_backward` from the kept gate and up projections: only the MLP's norm is recomputed
+    /// with a graph; the SwiGLU and the three projections are backpropagated by hand.
+    fn kept_mlp_backward(
+        &self,
+        seg: &Segments,
+        w: &LayerWeights,
+        h: &Tensor,
+        gate: &Tensor,
+        up: &Tensor,
+        g: &Tensor,
+    ) -> Result<()> {
+        let hn = llama::rms_norm(h, &w.mlp_norm, seg.spec.rms_norm_eps);
+        let grads = tch::no_grad(|| {
+            let act = gate.silu() * up;
+            let grad_act = g.matmul(&w.w_down);
+            let grad_down = transposed_mm(g, &act);
+            drop(act);
+            let (grad_gate, grad_up) = llama::swiglu_backward(gate, up, &grad_act);
+            drop(grad_act);
+            // [b, t, f] @ [f, h] -> [b, t, h]
+            let grad_hn = grad_gate.matmul(&w.w_gate) + grad_up.matmul(&w.w_up);
+            (grad_hn, grad_down, transposed_mm(&grad_gate, &hn), transposed_mm(&grad_up, &hn))
+        });
+        let (grad_hn, grad_down, grad_gate_w, grad_up_w) = grads;
+        backprop(&[(&hn, &grad_hn), (&w.w_down, &grad_down), (&w.w_gate, &grad_gate_w), (&w.w_up, &grad_up_w)])
     }
 
     /// Segment 1 backpropagated from the head shards' gradients (moved back to the
@@ -346,6 +402,14 @@ fn to_seq(seg: &Segments, t: &Tensor) -> Result<Tensor> {
         return Ok(t.shallow_clone());
     }
     Ok(seg.profiler.comm(seg.sp, || heads_to_seq(seg.sp, t))?)
+}
+
+/// The weight gradient of a linear map from `input` to an output whose gradient is `grad`:
+/// `gradᵀ · input`, `[b, t, out]` and `[b, t, in]` -> `[out, in]` (autograd's own formula).
+fn transposed_mm(grad: &Tensor, input: &Tensor) -> Tensor {
+    let (out, inp) = (*grad.size().last().expect("[b, t, out]"), *input.size().last().expect("[b, t, in]"));
+    // [out, b·t] @ [b·t, in] -> [out, in]
+    grad.reshape([-1, out]).tr().mm(&input.reshape([-1, inp]))
 }
 
 /// A memory-fit run's stand-in for attention's output and log-sum-exp: same sizes, zeros.

@@ -138,6 +138,8 @@ struct Run<'a> {
     device: Device,
     params: crate::parallel::zero::ShardedParams,
     loader: Loader,
+    /// Copied into every checkpoint (path, name there).
+    tokenizer: Vec<(PathBuf, &'static str)>,
     store: store::ActivationStore,
     /// Rank 0's metrics.h5 (no file on the other ranks and in memory-fit runs).
     metrics: Option<MetricsWriter>,
@@ -168,6 +170,17 @@ impl<'a> Run<'a> {
                 dataset.vocab_size(),
                 spec.vocab_size
             );
+        }
+        let tokenizer = start::tokenizer_files(exp, &dataset);
+        if mesh.world_rank == 0 {
+            match tokenizer.first() {
+                Some((from, _)) => {
+                    println!("checkpoints carry the tokenizer files of {}", from.parent().unwrap_or(from).display())
+                }
+                None => println!(
+                    "checkpoints carry no tokenizer files (none in the model folder; the data names no tokenizer.json)"
+                ),
+            }
         }
         // The fp32 master weights and Adam moments live on the GPU, or in host memory when
         // offloaded (AdamW then runs on the CPU with libtorch's multi-threaded vectorized kernels).
@@ -216,6 +229,7 @@ impl<'a> Run<'a> {
             device,
             params,
             loader,
+            tokenizer,
             store,
             metrics,
             preemption,
@@ -387,8 +401,8 @@ impl<'a> Run<'a> {
     /// Saves the checkpoint of step `step` (collective) and, at the last step, points `final` at it.
     fn save(&self, step: usize) -> Result<()> {
         let state = start::run_state(self.exp, self.mesh, step as u64, &self.loader);
-        let dir =
-            checkpoint::save(&self.params, &state, self.spec, &self.run_dir, self.exp.checkpoint.keep, self.world)?;
+        let (keep, tokenizer) = (self.exp.checkpoint.keep, &self.tokenizer);
+        let dir = checkpoint::save(&self.params, &state, self.spec, tokenizer, &self.run_dir, keep, self.world)?;
         if self.mesh.world_rank == 0 {
             if step == self.exp.train.steps {
                 checkpoint::link_final(&self.run_dir, &dir)?;

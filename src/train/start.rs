@@ -3,7 +3,8 @@
 use super::checkpoint::{self, DataPosition, Layout, RunState, Versions};
 use crate::comm::{Collective, Mesh};
 use crate::config::{Experiment, Resume, ZeroStage};
-use crate::data::{Loader, LoaderState};
+use crate::data::tokenizer::{self, recorded_tokenizer};
+use crate::data::{Dataset, Loader, LoaderState};
 use crate::model::params::init_tensor;
 use crate::model::spec::ModelSpec;
 use crate::model::weights;
@@ -17,7 +18,8 @@ pub struct StartSpec<'a> {
     /// `checkpoint.resume`.
     pub resume: &'a Resume,
     pub run_dir: PathBuf,
-    /// `model.weights`: initial weights in Hugging Face layout, else a seeded initialisation.
+    /// `model.path` or `model.weights`: initial weights in Hugging Face layout, else a seeded
+    /// initialisation.
     pub weights: Option<&'a Path>,
     pub seed: u64,
     pub zero_stage: ZeroStage,
@@ -31,7 +33,7 @@ impl StartSpec<'_> {
         StartSpec {
             resume: &exp.checkpoint.resume,
             run_dir: exp.run_dir(),
-            weights: exp.model.weights.as_deref(),
+            weights: exp.model.weights_path(),
             seed: exp.run.seed,
             zero_stage: exp.parallel.zero_stage,
             steps: exp.train.steps,
@@ -96,6 +98,44 @@ pub fn start_point(
         );
     }
     Ok((params, loader, state.step))
+}
+
+/// The tokenizer files every checkpoint of the run carries: those of the model folder
+/// (`model.path`, or the folder of `model.weights`), else the tokenizer.json the data was
+/// prepared with and the tokenizer files beside it; none for the byte tokenizer.
+pub fn tokenizer_files(exp: &Experiment, data: &Dataset) -> Vec<(PathBuf, &'static str)> {
+    let model_dir = exp.model.weights_path().map(|p| if p.is_dir() { p } else { p.parent().unwrap_or(p) });
+    if let Some(files) = model_dir.map(weights::tokenizer_files).filter(|f| !f.is_empty()) {
+        warn_if_other_tokenizer(&files, data);
+        return files;
+    }
+    let Some(recorded) = recorded_tokenizer(data) else {
+        return Vec::new();
+    };
+    let beside = weights::tokenizer_files(recorded.parent().unwrap_or(Path::new(".")));
+    let mut files: Vec<_> = beside.into_iter().filter(|(_, name)| *name != "tokenizer.json").collect();
+    files.insert(0, (recorded, "tokenizer.json"));
+    files
+}
+
+/// A model folder's tokenizer.json that is not the one the data was prepared with (shards made
+/// with a tokenizer.json record its hash; the byte tokenizer is not compared): the run goes on,
+/// as the ids may still fit the vocabulary, but the user is told.
+fn warn_if_other_tokenizer(files: &[(PathBuf, &str)], data: &Dataset) {
+    let Some((model_tokenizer, _)) = files.iter().find(|(_, name)| *name == "tokenizer.json") else {
+        return;
+    };
+    let Ok(bytes) = std::fs::read(model_tokenizer) else {
+        return;
+    };
+    if data.tokenizer().starts_with("huggingface") && tokenizer::identity(&bytes) != data.tokenizer() {
+        log::warn!(
+            "the data was prepared with another tokenizer.json ({}) than the model's {}: its token ids may mean \
+             other text to this model",
+            data.tokenizer(),
+            model_tokenizer.display()
+        );
+    }
 }
 
 /// What a checkpoint of step `step` records besides the tensors: the resolved experiment, the

@@ -56,6 +56,7 @@ impl StepContext<'_> {
                 input: placement.inputs[l],
                 attention: AttentionPath::choose(kernel, placement.attention[l], memory_fit && l + 1 < n),
                 qkv_once: placement.qkv_once,
+                keep_mlp: placement.mlp[l],
             })
             .collect()
     }

@@ -8,13 +8,23 @@ use ulysses::train::reference::Reference;
 
 pub fn reference_and_loader(exp: &Experiment) -> (Reference, Loader) {
     let spec = ulysses::config::validate(exp, Some(exp.parallel.sp * exp.parallel.dp)).unwrap();
-    let named = ModelWeights::shapes(&spec)
+    (Reference::new(&spec, initial_weights(exp)), loader(exp))
+}
+
+/// The experiment's seeded initial weights by name, as every rank initialises its shards.
+pub fn initial_weights(exp: &Experiment) -> Vec<(String, tch::Tensor)> {
+    let spec = ulysses::config::validate(exp, Some(exp.parallel.sp * exp.parallel.dp)).unwrap();
+    ModelWeights::shapes(&spec)
         .into_iter()
         .map(|(n, s)| {
             let t = init_tensor(&n, &s, exp.run.seed as i64, Kind::Float, Device::Cpu);
             (n, t)
         })
-        .collect();
+        .collect()
+}
+
+/// A loader at sp = dp = 1 dealing the samples the binary's single-rank run sees, in its order.
+pub fn loader(exp: &Experiment) -> Loader {
     let loader_spec = LoaderSpec {
         seed: exp.run.seed,
         shuffle: exp.data.shuffle,
@@ -27,5 +37,5 @@ pub fn reference_and_loader(exp: &Experiment) -> (Reference, Loader) {
         packing: exp.data.packing(),
     };
     let dataset = Dataset::open(&exp.data.paths, exp.data.seq_len).unwrap();
-    (Reference::new(&spec, named), Loader::new(dataset, loader_spec, LoaderState::default()).unwrap())
+    Loader::new(dataset, loader_spec, LoaderState::default()).unwrap()
 }

@@ -37,7 +37,15 @@ pub fn table(plan: &MemoryPlan, budget: &Budget) -> String {
         [Some(plan.attention_gpu), Some(plan.attention_host), None],
         bytes,
     );
+    if plan.mlp_gpu > 0.0 {
+        let k = (plan.mlp_gpu / plan.mlp_per_layer).round() as usize;
+        let name = format!("MLP gate + up projections kept ({k} of {n} × {})", bytes(plan.mlp_per_layer));
+        row(&name, [Some(plan.mlp_gpu), None, None], bytes);
+    }
     row("working set of one layer's backward", [Some(plan.layer_working), None, None], bytes);
+    if plan.qkv_graph > 0.0 {
+        row("segment 1's graph, kept through attention's backward", [Some(plan.qkv_graph), None, None], bytes);
+    }
     if plan.staging > 0.0 {
         row("kept tensors in flight to the GPU during a layer's backward", [Some(plan.staging), None, None], bytes);
     }
@@ -83,11 +91,11 @@ pub fn summary(plan: &MemoryPlan, placement: &Placement, budget: &Budget) -> Str
         let _ = write!(s, ", {}/rank", used("disk", plan.disk(), budget.disk));
     }
     if placement.qkv_once && plan.keep_attention {
-        let _ = write!(
-            s,
-            "; segment 1 runs once in backward (its graph, {}, kept through attention's)",
-            bytes(plan.qkv_graph)
-        );
+        let _ = write!(s, "; segment 1 runs once in backward");
+    }
+    let mlp = placement.mlp.iter().filter(|&&k| k).count();
+    if mlp > 0 {
+        let _ = write!(s, "; MLP projections kept in {mlp} of {n} layers");
     }
     s
 }

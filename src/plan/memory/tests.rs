@@ -68,7 +68,12 @@ fn matches_the_measured_peaks_within_ten_percent() {
         exp.parallel.activations = ActivationPlacement::Auto;
         exp.parallel.keep_attention = true;
         exp.parallel.offload_optimizer = offload;
-        let placement = Placement { inputs: inputs.to_vec(), attention: attention.map(Some).to_vec(), qkv_once: false };
+        let placement = Placement {
+            inputs: inputs.to_vec(),
+            attention: attention.map(Some).to_vec(),
+            qkv_once: false,
+            mlp: vec![false; 4],
+        };
         let est = peak_with(&exp, &spec, 2, seq, &placement);
         assert!((est / measured - 1.0).abs() < 0.10, "{seq}: estimate {est:.1} GiB, measured {measured}");
     }
@@ -82,11 +87,13 @@ fn predicted_the_peaks_of_full_size_runs_within_ten_percent() {
     // disk, 23 attention outputs kept on the GPU and 9 layers recomputing attention (memory-fit).
     let (dev, host, disk) = (Place::Device, Place::Host, Place::Disk);
     let spec = ModelSpec::preset(Preset::Llama31_8b);
-    let all_gpu = Placement { inputs: vec![dev; 32], attention: vec![Some(dev); 32], qkv_once: false };
+    let all_gpu =
+        Placement { inputs: vec![dev; 32], attention: vec![Some(dev); 32], qkv_once: false, mlp: vec![false; 32] };
     let spilled = Placement {
         inputs: [vec![disk; 4], vec![host; 28]].concat(),
         attention: [vec![None; 9], vec![Some(dev); 23]].concat(),
         qkv_once: false,
+        mlp: vec![false; 32],
     };
     for (seq, placement, measured) in [(262144, all_gpu, 74.9), (524288, spilled, 70.7)] {
         let (mut exp, _) = bench(seq);
@@ -114,6 +121,8 @@ fn predicted_the_peaks_of_full_size_runs_within_ten_percent() {
         exp.parallel.offload_optimizer = offload;
         let plan = MemoryPlan::new(&exp.parallel, &exp.train, &spec, 2, 16384);
         let placement = plan.placement(&Budget { gpu: 76.0 * GIB, host: 100.0 * GIB, disk: f64::INFINITY }).unwrap();
+        // As those runs placed them: segment 1 twice, no MLP projections kept (they came later).
+        let placement = Placement { qkv_once: false, mlp: vec![false; 16], ..placement };
         let est = plan.with_placement(&placement).gpu_peak() / GIB;
         assert!(
             (est / measured - 1.0).abs() < 0.10,
@@ -222,7 +231,8 @@ fn copies_in_flight_count_until_gpu_resident_layers_have_freed_room() {
     // Layer inputs in host memory except the last `gpu` layers', attention outputs all recomputed.
     let staging = |gpu: usize| {
         let inputs = (0..32).map(|l| if l >= 32 - gpu { Place::Device } else { Place::Host }).collect();
-        m.with_placement(&Placement { inputs, attention: vec![None; 32], qkv_once: false }).staging
+        m.with_placement(&Placement { inputs, attention: vec![None; 32], qkv_once: false, mlp: vec![false; 32] })
+            .staging
     };
     // Layer 31's input and layer 30's (fetched one layer ahead) with nothing freed yet; then
     // each GPU-resident last layer frees the room of one.
@@ -383,8 +393,12 @@ fn segment_one_runs_once_only_when_everything_fits_on_the_gpu_with_its_graph() {
     let m = plan(ActivationPlacement::Auto, true);
     // Llama-3.1-8B at 64K tokens per rank: the normed input, q, k and v, bf16.
     assert_eq!(m.qkv_graph_once, 65536.0 * (4096.0 + (32.0 + 2.0 * 8.0) * 128.0) * 2.0);
-    let all =
-        |qkv_once| Placement { inputs: vec![Place::Device; 32], attention: vec![Some(Place::Device); 32], qkv_once };
+    let all = |qkv_once| Placement {
+        inputs: vec![Place::Device; 32],
+        attention: vec![Some(Place::Device); 32],
+        qkv_once,
+        mlp: vec![false; 32],
+    };
     let (once, twice) = (m.with_placement(&all(true)).gpu_peak(), m.with_placement(&all(false)).gpu_peak());
     // The graph adds to the layer's working set, which is the larger one here only with it.
     let working = |qkv: f64| (m.layer_working + qkv).max(m.head_working);
@@ -396,4 +410,42 @@ fn segment_one_runs_once_only_when_everything_fits_on_the_gpu_with_its_graph() {
     assert_eq!(tight, all(false), "room for everything but the graph: segment 1 runs twice");
     let short = m.placement(&budget(twice - 1.0)).unwrap();
     assert!(!short.qkv_once && short.inputs_in(Place::Device) < 32, "{short:?}");
+}
+
+#[test]
+fn the_room_left_keeps_mlp_projections_last_layers_first() {
+    let m = plan(ActivationPlacement::Auto, true);
+    // Llama-3.1-8B at 64K tokens per rank: gate and up, 14336 wide each, bf16.
+    assert_eq!(m.mlp_per_layer, 65536.0 * 2.0 * 14336.0 * 2.0);
+    let once = Placement {
+        inputs: vec![Place::Device; 32],
+        attention: vec![Some(Place::Device); 32],
+        qkv_once: true,
+        mlp: vec![false; 32],
+    };
+    let base = m.with_placement(&once).gpu_peak();
+    let budget = |gpu: f64| Budget { gpu, host: 100.0 * GIB, disk: f64::INFINITY };
+    let p = m.placement(&budget(base + 3.5 * m.mlp_per_layer)).unwrap();
+    assert_eq!(p.mlp, [vec![false; 29], vec![true; 3]].concat(), "room for 3.5 layers: the last 3");
+    assert_eq!(m.with_placement(&p).gpu_peak(), base + 3.0 * m.mlp_per_layer);
+    assert!(m.placement(&budget(base + 0.5 * m.mlp_per_layer)).unwrap().mlp.iter().all(|&k| !k));
+    let all = m.placement(&budget(f64::INFINITY)).unwrap();
+    assert!(all.mlp.iter().all(|&k| k) && all.qkv_once);
+    // A placement that spills keeps none.
+    let spilled = m.placement(&room(&m, 5.0, 32.0, 20.0, 0.0, f64::INFINITY)).unwrap();
+    assert!(spilled.mlp.iter().all(|&k| !k) && !spilled.qkv_once);
+}
+
+#[test]
+fn qwen3_counts_its_q_k_norm_activations() {
+    // Qwen3-8B at sp = 4 and 256K tokens: beyond Llama's layer, segment 1's graph keeps q (32
+    // heads) and k (8 heads) before their norms, 128 bf16 values a head, and an fp32 reciprocal
+    // RMS per head, for each of the rank's 64K tokens; and the norms' weights (2 × 128).
+    let (exp, _) = bench(262144);
+    let qwen3 = ModelSpec::preset(Preset::Qwen3_8b);
+    let without = ModelSpec { qk_norm: false, ..qwen3.clone() };
+    let plan = |s: &ModelSpec| MemoryPlan::new(&exp.parallel, &exp.train, s, 4, 262144);
+    let extra = plan(&qwen3).layer_working - plan(&without).layer_working;
+    assert_eq!(extra, 65536.0 * 40.0 * (128.0 * 2.0 + 4.0) + 256.0 * 8.0);
+    assert_eq!(plan(&qwen3).layers, 36);
 }

@@ -6,19 +6,21 @@ use super::*;
 use crate::comm::Collective;
 use crate::model::params::ModelWeights;
 use crate::model::spec::ModelSpec;
-use crate::model::weights::save_hf;
+use crate::model::weights::{copy_tokenizer_files, save_hf};
 use crate::parallel::zero::{ShardedParams, State};
 use tch::Tensor;
 
 /// Largest model shard file; transformers' own default is 5 GB.
 const MAX_SHARD_BYTES: u64 = 5 << 30;
 
-/// Saves `params` with `state` as `RUN_DIR/checkpoints/step-<state.step>` and keeps the newest
-/// `keep`. Collective: every rank calls it; returns when the checkpoint is published.
+/// Saves `params` with `state` as `RUN_DIR/checkpoints/step-<state.step>`, with the `tokenizer`
+/// files (path, name) beside config.json so the folder serves as a Hugging Face model, and keeps
+/// the newest `keep`. Collective: every rank calls it; returns when the checkpoint is published.
 pub fn save(
     params: &ShardedParams,
     state: &RunState,
     spec: &ModelSpec,
+    tokenizer: &[(PathBuf, &str)],
     run_dir: &Path,
     keep: usize,
     world: &dyn Collective,
@@ -36,6 +38,7 @@ pub fn save(
     if root {
         let weights = ModelWeights::from_named(spec, master)?;
         save_hf(&weights, spec, &tmp, MAX_SHARD_BYTES)?;
+        copy_tokenizer_files(tokenizer, &tmp)?;
         slow_save_for_tests();
     }
     for (which, file) in [(State::ExpAvg, EXP_AVG), (State::ExpAvgSq, EXP_AVG_SQ)] {
