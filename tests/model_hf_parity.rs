@@ -142,7 +142,8 @@ fn save_hf_round_trips_through_transformers() {
         Tensor::write_safetensors(&[("ids", &ids)], &ids_file).unwrap();
         let hf_logits_file = out.path().join("hf_logits.safetensors");
         run_python(&[Path::new("logits"), &saved, &ids_file, &hf_logits_file]);
-        let hf_logits = Tensor::read_safetensors(&hf_logits_file).unwrap().remove(0).1;
+        let hf_logits =
+            Tensor::read_safetensors(&hf_logits_file).unwrap().into_iter().find(|(n, _)| n == "logits").unwrap().1;
         let diff = max_abs_diff(&our_logits(&spec, &w, &ids), &hf_logits);
         println!("{variant}: save_hf -> transformers: max abs logits diff = {diff:e}");
         assert!(diff <= LOGITS_TOL, "{variant}: transformers on our checkpoint differs by {diff:e}");

@@ -5,7 +5,8 @@
                                    (ids, logits, loss) from transformers' own forward
   make_tiny_llama.py logits MODEL IDS OUT
                                    load MODEL with from_pretrained (failing on any missing or
-                                   unexpected tensor) and write its logits for IDS to OUT
+                                   unexpected tensor) and write its logits for IDS, and its loss
+                                   with IDS as labels, to OUT
 
 Exits non-zero with a message on any problem, so the Rust test fails instead of skipping.
 """
@@ -68,11 +69,6 @@ def build(tied: bool, seed: int) -> LlamaForCausalLM:
     return model
 
 
-def logits_of(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits.float().contiguous()
-
-
 def make(out: str) -> None:
     for variant, tied, seed in (("untied", False, 1), ("tied", True, 2)):
         model = build(tied, seed)
@@ -99,7 +95,9 @@ def logits(model_dir: str, ids_file: str, out: str) -> None:
         sys.exit(f"transformers loaded {model_dir} with problems: {bad}")
     model.eval()
     ids = load_file(ids_file)["ids"]
-    save_file({"logits": logits_of(model, ids)}, out)
+    with torch.no_grad():
+        res = model(input_ids=ids, labels=ids)
+    save_file({"logits": res.logits.float().contiguous(), "loss": res.loss.float().reshape(1)}, out)
 
 
 def main() -> None:
