@@ -38,12 +38,14 @@ fn check_places_layer_inputs_and_kept_attention() {
     let t = text(&out);
     assert!(out.status.success(), "{t}");
     assert!(t.contains("attention output + log-sum-exp kept (32 of 32 × 260.0 MiB)"), "{t}");
+    let staging = t.lines().find(|l| l.contains("checkpoint staging (checkpoint.async)"));
+    assert!(staging.is_some_and(|l| l.trim_end().ends_with("11.2 GiB")), "the host column: {t}");
     assert!(
         t.contains("budget                                                       76.0 GiB   60.0 GiB  unlimited"),
         "{t}"
     );
     assert!(
-        t.contains("placement  layer inputs 0 GPU / 32 host / 0 disk; attention kept 32 of 32 layers (32 GPU, 0 host); GPU ~29.7 of 76.0 GiB, host ~8.0 of 60.0 GiB/rank"),
+        t.contains("placement  layer inputs 0 GPU / 32 host / 0 disk; attention kept 32 of 32 layers (32 GPU, 0 host); GPU ~29.7 of 76.0 GiB, host ~19.2 of 60.0 GiB/rank"),
         "{t}"
     );
     assert!(t.contains("fits       up to "), "{t}");
@@ -51,13 +53,32 @@ fn check_places_layer_inputs_and_kept_attention() {
 
 #[test]
 fn check_says_why_a_plan_does_not_fit_and_what_would_help() {
-    let args =
-        ["check", "experiments/llama8b.toml", "--gpu-mem-gib", "30", "--host-mem-gib", "40", "--disk-gib", "100"];
-    let out = ulysses(&args, root());
+    let flags = ["--gpu-mem-gib", "30", "--host-mem-gib", "40", "--disk-gib", "100"];
+    // The experiment's asynchronous checkpoints need 11.2 GiB of host staging per rank.
+    let out = ulysses(&[&["check", "experiments/llama8b.toml"][..], &flags].concat(), root());
     let t = text(&out);
     assert!(out.status.success(), "{t}");
     assert!(
-        t.contains("placement  does not fit in memory: the layer inputs need 8.0 GiB but host memory (after any offloaded optimizer state) leaves 5.0 GiB."),
+        t.contains("placement  does not fit in memory: the host staging of asynchronous checkpoints (11.2 GiB) needs 11.2 GiB of host memory but the budget is 5.0 GiB per rank."),
+        "{t}"
+    );
+    assert!(
+        t.contains(
+            "- checkpoint.async = false: saves block training while they write, but need no host staging (11.2 GiB)"
+        ),
+        "{t}"
+    );
+
+    // Saving synchronously, it is the layer inputs that do not fit.
+    let dir = tempfile::tempdir().unwrap();
+    let toml = std::fs::read_to_string(root().join("experiments/llama8b.toml")).unwrap();
+    let sync = dir.path().join("sync.toml");
+    std::fs::write(&sync, toml.replace("[checkpoint]\n", "[checkpoint]\nasync = false\n")).unwrap();
+    let out = ulysses(&[&["check", sync.to_str().unwrap()][..], &flags].concat(), root());
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("placement  does not fit in memory: the layer inputs need 8.0 GiB but host memory (after any offloaded optimizer state and checkpoint staging) leaves 5.0 GiB."),
         "{t}"
     );
     assert!(t.contains("budget per rank: GPU 30.0 GiB, host 5.0 GiB, disk 12.5 GiB"), "{t}");
@@ -67,9 +88,7 @@ fn check_says_why_a_plan_does_not_fit_and_what_would_help() {
     );
 
     // Without flags, the experiment's [memory] section is the budget.
-    let dir = tempfile::tempdir().unwrap();
-    let toml =
-        std::fs::read_to_string(root().join("experiments/llama8b.toml")).unwrap() + "\n[memory]\ngpu_gib = 20.0\n";
+    let toml = toml + "\n[memory]\ngpu_gib = 20.0\n";
     let path = dir.path().join("small.toml");
     std::fs::write(&path, toml).unwrap();
     let out = ulysses(&["check", path.to_str().unwrap()], dir.path());

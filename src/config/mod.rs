@@ -55,7 +55,8 @@ pub struct ModelConfig {
     pub layers: Option<i64>,
     /// A Hugging Face `config.json` (Llama, Qwen3, Qwen2 / Qwen2.5 or Mistral).
     pub config: Option<PathBuf>,
-    /// Initial weights: a folder (or a single .safetensors file) in Hugging Face layout.
+    /// Initial weights: a folder (or a single .safetensors file) in Hugging Face layout, or a
+    /// ulysses checkpoint folder (its master weights; the optimizer starts fresh).
     pub weights: Option<PathBuf>,
 }
 
@@ -340,11 +341,24 @@ pub struct CheckpointConfig {
     pub resume: Resume,
     /// Save the model at the end (benchmarks turn it off).
     pub save_final: bool,
+    /// `async`: the step waits only while each rank copies its shard into host staging, a
+    /// background thread writes it. Unset: on for GPU runs, off on CPU, where the state already
+    /// lives in host memory (staging would be a second copy of it) and the writer would compete
+    /// with training for the same cores.
+    #[serde(rename = "async", skip_serializing_if = "Option::is_none")]
+    pub asynchronous: Option<bool>,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        CheckpointConfig { every: 0, keep: 2, resume: Resume::Auto, save_final: true }
+        CheckpointConfig { every: 0, keep: 2, resume: Resume::Auto, save_final: true, asynchronous: None }
+    }
+}
+
+impl CheckpointConfig {
+    /// Whether saves are asynchronous on `device` (`async`, or its default).
+    pub fn is_async(&self, device: DeviceKind) -> bool {
+        self.asynchronous.unwrap_or(device == DeviceKind::Cuda)
     }
 }
 

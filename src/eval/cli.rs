@@ -11,7 +11,7 @@ use crate::config::{validate, DeviceKind, Dtype, Experiment, PositionBy};
 use crate::data::synth::SynthTask;
 use crate::data::tokenizer::TextTokenizer;
 use crate::launch::{init_logging, Backend, Launch};
-use crate::model::weights::load_hf;
+use crate::train::checkpoint::load_weights;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use tch::Kind;
@@ -22,7 +22,7 @@ pub struct EvalArgs {
     pub experiment: PathBuf,
     #[arg(long, value_enum)]
     pub task: EvalTask,
-    /// Hugging Face checkpoint folder [default: RUN_DIR/final, where training saves the model].
+    /// A Hugging Face model folder or a checkpoint folder [default: RUN_DIR/final, the exported model].
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// Results file [default: RUN_DIR/eval/TASK.h5]; the PNGs are written next to it.
@@ -109,7 +109,7 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
     let device = launch.device(backend)?;
     let groups = launch.groups(backend, &mesh)?;
     let checkpoint = args.checkpoint.clone().unwrap_or_else(|| exp.run_dir().join("final"));
-    let weights = load_hf(&checkpoint, &spec, kind, device)
+    let weights = load_weights(&checkpoint, &spec, kind, device)
         .with_context(|| format!("loading the checkpoint {}", checkpoint.display()))?;
     // The grid's sequences are one document each; held-out packed data attends within its
     // documents when training did.

@@ -1,4 +1,4 @@
-//! The forward pass of evaluation. Every rank holds the whole model (`load_hf`) and a contiguous
+//! The forward pass of evaluation. Every rank holds the whole model (`load_weights`) and a contiguous
 //! chunk of the sequence: SP rank r of a group of sp holds tokens `[r·L/sp, (r+1)·L/sp)` at their
 //! global positions, and attention crosses chunks through the Ulysses all-to-alls, so the hidden
 //! state of a token is the same as in a single-device forward over the whole sequence. Logits are

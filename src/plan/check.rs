@@ -43,7 +43,7 @@ pub fn report(exp: &Experiment, spec: &ModelSpec, world: usize, flags: &CheckBud
     s += &memory_report(exp, spec, world, &budget);
     let disk = flags.disk_gib.map_or("unlimited disk".into(), |d| format!("{d} GiB of disk"));
     let with = format!("{gpu_gib} GiB per GPU, {host_gib} GiB of host memory and {disk} per node ({per_node} ranks)");
-    let _ = match longest_fit(&exp.parallel, &exp.train, spec, world, &budget) {
+    let _ = match longest_fit(&exp.parallel, &exp.train, &exp.checkpoint, spec, world, &budget) {
         Some(fit) => writeln!(s, "fits       up to {fit} tokens with {with}"),
         None => writeln!(s, "fits       nothing: even {} tokens exceed {with}", exp.parallel.sp * 1024),
     };
@@ -115,7 +115,7 @@ fn attention_report(exp: &Experiment, spec: &ModelSpec) -> String {
 /// The memory estimate of a GPU run placed within `budget` (per rank), or why it does not fit.
 fn memory_report(exp: &Experiment, spec: &ModelSpec, world: usize, budget: &Budget) -> String {
     let mut s = String::new();
-    let plan = MemoryPlan::new(&exp.parallel, &exp.train, spec, world, exp.data.seq_len);
+    let plan = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, spec, world, exp.data.seq_len);
     match plan.placement(budget) {
         Ok(placement) => {
             let placed = plan.with_placement(&placement);
@@ -130,7 +130,16 @@ fn memory_report(exp: &Experiment, spec: &ModelSpec, world: usize, budget: &Budg
             let _ = writeln!(s, "placement  {}", memory::summary(&placed, &placement, budget));
         }
         Err(shortfall) => {
-            let refusal = memory::refusal(&exp.parallel, &exp.train, exp.data.seq_len, spec, world, budget, &shortfall);
+            let refusal = memory::refusal(
+                &exp.parallel,
+                &exp.train,
+                &exp.checkpoint,
+                exp.data.seq_len,
+                spec,
+                world,
+                budget,
+                &shortfall,
+            );
             let _ = writeln!(s, "placement  {}", refusal.replace('\n', "\n           "));
         }
     }

@@ -11,7 +11,7 @@ mod report;
 pub use budget::{Budget, BudgetError, DISK_RESERVE, GPU_RESERVE, HOST_RESERVE_PER_RANK};
 pub use report::{refusal, summary, table, DoesNotFit};
 
-use crate::config::{ActivationPlacement, DeviceKind, Dtype, ParallelConfig, TrainConfig};
+use crate::config::{ActivationPlacement, CheckpointConfig, DeviceKind, Dtype, ParallelConfig, TrainConfig};
 use crate::model::spec::ModelSpec;
 use crate::units::bytes;
 
@@ -75,11 +75,13 @@ pub enum Shortfall {
     )]
     Gpu { needed: f64, budget: f64 },
     #[error(
-        "the offloaded optimizer state needs {} of host memory but the budget is {} per rank",
-        bytes(*needed),
+        "{} need{} {} of host memory but the budget is {} per rank",
+        host_parts(*optimizer, *staging),
+        if *optimizer > 0.0 && *staging > 0.0 { "" } else { "s" },
+        bytes(optimizer + staging),
         bytes(*budget)
     )]
-    Host { needed: f64, budget: f64 },
+    Host { optimizer: f64, staging: f64, budget: f64 },
     #[error(
         "the layer inputs need {} but {} leave{} {}",
         bytes(*needed),
@@ -90,12 +92,25 @@ pub enum Shortfall {
     Inputs { needed: f64, room: f64, allowed: ActivationPlacement },
 }
 
+/// What takes host memory before any layer input: "the offloaded optimizer state (X)" and/or
+/// "the asynchronous checkpoint's staging (Y)".
+fn host_parts(optimizer: f64, staging: f64) -> String {
+    let mut parts = Vec::new();
+    if optimizer > 0.0 {
+        parts.push(format!("the offloaded optimizer state ({})", bytes(optimizer)));
+    }
+    if staging > 0.0 {
+        parts.push(format!("the host staging of asynchronous checkpoints ({})", bytes(staging)));
+    }
+    parts.join(" and ")
+}
+
 /// Where `parallel.activations` lets layer inputs wait, with what comes before them there.
 fn where_inputs_may_go(a: ActivationPlacement) -> &'static str {
     match a {
         ActivationPlacement::Auto => "the GPU, host memory and disk together",
         ActivationPlacement::Device => "the GPU (after the optimizer state and the working set)",
-        ActivationPlacement::Host => "host memory (after any offloaded optimizer state)",
+        ActivationPlacement::Host => "host memory (after any offloaded optimizer state and checkpoint staging)",
         ActivationPlacement::Disk => "the disk",
     }
 }
@@ -105,6 +120,10 @@ pub struct MemoryPlan {
     /// fp32 master weights, gradients and Adam moments of this rank's shard.
     pub optimizer_gpu: f64,
     pub optimizer_host: f64,
+    /// Pinned host memory holding this rank's slice of the checkpointed GPU state (fp32 master
+    /// weights and Adam moments) while an asynchronous save writes it (`checkpoint.async` with
+    /// `checkpoint.every` > 0, optimizer state on the GPU); kept for the whole run.
+    pub checkpoint_staging: f64,
     /// Backward of one layer: gathered bf16 weights and gradients, the fp32 gradient buffer, and
     /// the recompute's activations.
     pub layer_working: f64,
@@ -145,7 +164,14 @@ impl MemoryPlan {
     /// The estimate at `seq_len` tokens, placed as the config asks when nothing limits it (with
     /// "auto", everything on the GPU; segment 1 twice); `with_placement` gives it for a budget's
     /// placement.
-    pub fn new(p: &ParallelConfig, t: &TrainConfig, spec: &ModelSpec, world: usize, seq_len: usize) -> MemoryPlan {
+    pub fn new(
+        p: &ParallelConfig,
+        t: &TrainConfig,
+        c: &CheckpointConfig,
+        spec: &ModelSpec,
+        world: usize,
+        seq_len: usize,
+    ) -> MemoryPlan {
         let tokens = (seq_len / p.sp * t.micro_batch) as f64;
         let h = spec.hidden_size as f64;
         let elt = match t.dtype {
@@ -155,6 +181,11 @@ impl MemoryPlan {
         let shards = p.shards(world) as f64;
         let state = spec.total_params() as f64 / shards * 16.0;
         let (optimizer_gpu, optimizer_host) = if p.offload_optimizer { (0.0, state) } else { (state, 0.0) };
+        // Every rank saves a 1/world slice of each unit's master weights and two moments, at
+        // either ZeRO stage; only state on the GPU is staged (host-resident state is written
+        // where it lies, the next optimizer step waiting for the write).
+        let staged = c.is_async(p.device) && c.every > 0 && !p.offload_optimizer && p.device == DeviceKind::Cuda;
+        let checkpoint_staging = if staged { spec.total_params() as f64 / world as f64 * 12.0 } else { 0.0 };
         let head_params = (spec.vocab_size * spec.hidden_size) as f64;
         let loss_tile = if p.loss_tile == 0 { tokens } else { (p.loss_tile as f64).min(tokens) };
         let heads = spec.num_attention_heads as f64;
@@ -168,6 +199,7 @@ impl MemoryPlan {
         let plan = MemoryPlan {
             optimizer_gpu,
             optimizer_host,
+            checkpoint_staging,
             layer_working: spec.layer_params() as f64 * 8.0 + LAYER_WORKING_SET_PER_TOKEN * tokens * h * 2.0 + qk_norm,
             head_working: head_params * 8.0 + 2.0 * loss_tile * spec.vocab_size as f64 * 4.0 + 3.0 * tokens * h * 2.0,
             layers: spec.num_hidden_layers as usize,
@@ -239,7 +271,7 @@ impl MemoryPlan {
     }
 
     pub fn host(&self) -> f64 {
-        self.optimizer_host + self.activations_host + self.attention_host
+        self.optimizer_host + self.checkpoint_staging + self.activations_host + self.attention_host
     }
 
     pub fn disk(&self) -> f64 {
@@ -289,8 +321,10 @@ impl MemoryPlan {
                 mlp: vec![true; n],
             });
         }
-        if self.optimizer_host > budget.host {
-            return Err(Shortfall::Host { needed: self.optimizer_host, budget: budget.host });
+        let host_fixed = self.optimizer_host + self.checkpoint_staging;
+        if host_fixed > budget.host {
+            let (optimizer, staging) = (self.optimizer_host, self.checkpoint_staging);
+            return Err(Shortfall::Host { optimizer, staging, budget: budget.host });
         }
         let allowed = |place| self.activations == ActivationPlacement::Auto || self.activations == place;
         if allowed(ActivationPlacement::Device) {
@@ -319,7 +353,7 @@ impl MemoryPlan {
         if fixed_gpu > budget.gpu {
             return Err(Shortfall::Gpu { needed: fixed_gpu, budget: budget.gpu });
         }
-        let (mut gpu, mut host) = (budget.gpu - fixed_gpu, budget.host - self.optimizer_host);
+        let (mut gpu, mut host) = (budget.gpu - fixed_gpu, budget.host - host_fixed);
         // Whole layers of `size` bytes that `room` holds, at most n.
         let fit =
             |room: f64, size: f64| if size > 0.0 { (room / size).floor().clamp(0.0, n as f64) as usize } else { n };
@@ -370,6 +404,7 @@ impl MemoryPlan {
 pub fn longest_fit(
     p: &ParallelConfig,
     t: &TrainConfig,
+    c: &CheckpointConfig,
     spec: &ModelSpec,
     world: usize,
     budget: &Budget,
@@ -377,7 +412,7 @@ pub fn longest_fit(
     // A CPU run has no budgets; stop doubling somewhere.
     const MAX_TOKENS: usize = 1 << 34;
     let step = p.sp * 1024;
-    let fits = |s: usize| MemoryPlan::new(p, t, spec, world, s).placement(budget).is_ok();
+    let fits = |s: usize| MemoryPlan::new(p, t, c, spec, world, s).placement(budget).is_ok();
     let mut s = step;
     if !fits(s) {
         return None;

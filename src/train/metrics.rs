@@ -66,7 +66,11 @@ pub const F64_COLUMNS: &[(&str, &str)] = &[
     ("time_forward", "seconds in the forward (with the tiled loss and its backward)"),
     ("time_backward", "seconds in the layer-wise backward"),
     ("time_optimizer", "seconds in grad norm, clipping and AdamW"),
-    ("time_checkpoint", "seconds spent saving a checkpoint after this step (0 if none)"),
+    (
+        "time_checkpoint",
+        "seconds the step waited for checkpoints after its update: a save (an asynchronous one: its staging copy), \
+         waiting for and publishing an earlier asynchronous save, the final export (0 if none)",
+    ),
 ];
 pub const U64_COLUMNS: &[(&str, &str)] = &[
     ("step", "optimizer step, 1-based"),
@@ -151,6 +155,7 @@ pub struct RunInfo<'a> {
 
 pub struct MetricsWriter {
     file: hdf5::File,
+    path: std::path::PathBuf,
     world: usize,
 }
 
@@ -239,7 +244,7 @@ impl MetricsWriter {
         write_scalar_attr(&file, "peak_tflops", &info.peak_tflops)?;
         write_text_attr(&file, "position_by", info.position_by.name())?;
         file.flush()?;
-        Ok(MetricsWriter { file, world: w })
+        Ok(MetricsWriter { file, path: path.to_path_buf(), world: w })
     }
 
     fn reopen(path: &Path, world: usize, resume_step: u64) -> Result<MetricsWriter> {
@@ -277,7 +282,7 @@ impl MetricsWriter {
             ds.resize((position_rows, ds.shape()[1]))?;
         }
         file.flush()?;
-        Ok(MetricsWriter { file, world: width })
+        Ok(MetricsWriter { file, path: path.to_path_buf(), world: width })
     }
 
     pub fn append(&mut self, r: &StepRow) -> Result<()> {
@@ -323,6 +328,28 @@ impl MetricsWriter {
         for ((name, _), values) in PHASE_COLUMNS.iter().zip(columns) {
             append_1d(&phases.dataset(name)?, &values)?;
         }
+        self.file.flush()?;
+        Ok(())
+    }
+
+    /// Flushes the file to disk (fsync): a checkpoint published after this cannot outlive the
+    /// rows up to its step, even in a power cut.
+    pub fn sync(&self) -> Result<()> {
+        self.file.flush()?;
+        std::fs::File::open(&self.path)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("flushing {} to disk", self.path.display()))
+    }
+
+    /// Sets `time_checkpoint` of the last row, which is step `step`'s (the row is written before
+    /// the step's checkpoint, so that it is on disk first).
+    pub fn set_checkpoint_time(&mut self, step: u64, seconds: f64) -> Result<()> {
+        let steps = self.file.group("steps")?;
+        let rows = steps.dataset("step")?.shape()[0];
+        let last: Vec<u64> =
+            if rows > 0 { steps.dataset("step")?.read_slice_1d(rows - 1..rows)?.to_vec() } else { Vec::new() };
+        anyhow::ensure!(last == [step], "{}: the last row is not step {step}", self.path.display());
+        steps.dataset("time_checkpoint")?.write_slice(&[seconds], rows - 1..rows)?;
         self.file.flush()?;
         Ok(())
     }

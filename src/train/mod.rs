@@ -72,6 +72,11 @@ pub fn run(
         documents: document_kernel,
     };
     let mut run = Run::start(exp, spec, mesh, groups.world.as_ref(), device)?;
+    if run.first_step > exp.train.steps {
+        // Already complete; but a job killed between the last checkpoint and its export left
+        // no `final/`.
+        return run.finish(End::AlreadyComplete);
+    }
     for step in run.first_step..=exp.train.steps {
         if let Flow::Stop = run.step(&ctx, step)? {
             break;
@@ -105,11 +110,12 @@ fn plan_memory(
     let parts = Tensor::from_slice(&[mine.gpu, mine.host, mine.disk]).to_device(world.device());
     let all: Vec<f64> = Vec::try_from(world.all_gather(&parts)?.to_device(Device::Cpu))?;
     let budget = all.chunks(3).map(|b| Budget { gpu: b[0], host: b[1], disk: b[2] }).fold(mine, Budget::min);
-    let (p, t, seq_len, world_size) = (&exp.parallel, &exp.train, exp.data.seq_len, mesh.world_size());
-    let plan = MemoryPlan::new(p, t, spec, world_size, seq_len);
-    let placement = plan
-        .placement(&budget)
-        .map_err(|shortfall| DoesNotFit(memory_plan::refusal(p, t, seq_len, spec, world_size, &budget, &shortfall)))?;
+    let (p, t, c, seq_len, world_size) =
+        (&exp.parallel, &exp.train, &exp.checkpoint, exp.data.seq_len, mesh.world_size());
+    let plan = MemoryPlan::new(p, t, c, spec, world_size, seq_len);
+    let placement = plan.placement(&budget).map_err(|shortfall| {
+        DoesNotFit(memory_plan::refusal(p, t, c, seq_len, spec, world_size, &budget, &shortfall))
+    })?;
     if mesh.world_rank == 0 {
         log::info!("memory plan: {}", memory_plan::summary(&plan.with_placement(&placement), &placement, &budget));
     }
@@ -120,6 +126,17 @@ fn plan_memory(
 struct StepCost {
     documents: u64,
     flops: flops::StepFlops,
+}
+
+/// How a job ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Stopped by SIGTERM/SIGUSR1 before the last step.
+    Preempted,
+    /// The last step was trained now.
+    Trained,
+    /// The run had reached its last step before this job.
+    AlreadyComplete,
 }
 
 /// Whether training goes on after a step.
@@ -138,16 +155,19 @@ struct Run<'a> {
     device: Device,
     params: crate::parallel::zero::ShardedParams,
     loader: Loader,
-    /// Copied into every checkpoint (path, name there).
-    tokenizer: Vec<(PathBuf, &'static str)>,
     store: store::ActivationStore,
     /// Rank 0's metrics.h5 (no file on the other ranks and in memory-fit runs).
     metrics: Option<MetricsWriter>,
     preemption: preempt::Preemption,
+    checkpointer: checkpoint::Checkpointer,
+    /// Seconds this step's update waited for an asynchronous save to read the state.
+    checkpoint_wait: f64,
     adamw: AdamW,
     /// Tokens of one optimizer step over all ranks.
     tokens: u64,
     run_dir: PathBuf,
+    /// The checkpoint the run started from, if any.
+    resumed_from: Option<PathBuf>,
     first_step: usize,
     started: Instant,
 }
@@ -185,7 +205,7 @@ impl<'a> Run<'a> {
         // The fp32 master weights and Adam moments live on the GPU, or in host memory when
         // offloaded (AdamW then runs on the CPU with libtorch's multi-threaded vectorized kernels).
         let state_device = if exp.parallel.offload_optimizer { Device::Cpu } else { device };
-        let (params, loader_state, start) =
+        let (params, loader_state, start, resumed_from) =
             start::start_point(&start::StartSpec::of(exp), spec, mesh, world, state_device)?;
         let t = &exp.train;
         let loader_spec = LoaderSpec {
@@ -219,6 +239,15 @@ impl<'a> Run<'a> {
         if start == t.steps as u64 && mesh.world_rank == 0 {
             println!("the run is already complete (step {start} of {}); nothing to do", t.steps);
         }
+        let c = &exp.checkpoint;
+        if mesh.world_rank == 0 && c.save_final {
+            // A user's folder named `final` is never replaced: say so now, not after training.
+            checkpoint::export::check_replaceable(&run_dir.join(FINAL))?;
+        }
+        // Only periodic saves run in the background: after a preemption's save or the last one the
+        // job waits for the write anyway.
+        let asynchronous = c.is_async(exp.parallel.device) && c.every > 0;
+        let checkpointer = checkpoint::Checkpointer::new(&run_dir, c.keep, asynchronous, tokenizer, &params, world)?;
         let store = store::ActivationStore::new(device, &exp.memory.offload_dir, mesh.world_rank)?;
         let samples = mesh.dp * t.micro_batch * t.grad_accum;
         Ok(Run {
@@ -229,13 +258,15 @@ impl<'a> Run<'a> {
             device,
             params,
             loader,
-            tokenizer,
             store,
             metrics,
             preemption,
+            checkpointer,
+            checkpoint_wait: 0.0,
             adamw: AdamW::new(t),
             tokens: (exp.data.seq_len * samples) as u64,
             run_dir,
+            resumed_from,
             first_step: start as usize + 1,
             started: Instant::now(),
         })
@@ -264,19 +295,15 @@ impl<'a> Run<'a> {
         let loss = all_reduce_f64(self.world, loss_local)? / n_total;
         let t_opt = Instant::now();
         let (grad_norm, lr) = ctx.profiler.phase(format_args!("optimizer"), || self.update(step))?;
-        times.optimizer = t_opt.elapsed().as_secs_f64();
-        let step_time = t0.elapsed().as_secs_f64();
+        // A wait for a checkpoint's write is checkpoint time, not the optimizer's or the step's.
+        times.optimizer = t_opt.elapsed().as_secs_f64() - self.checkpoint_wait;
+        let step_time = t0.elapsed().as_secs_f64() - self.checkpoint_wait;
         let profile = ctx.profiler.is_on().then(|| ctx.profiler.finish());
         let position_bins = positions.map(|p| p.reduce(self.world)).transpose()?;
-        let mut row = self.row(step, loss, lr, grad_norm, step_time, times, cost)?;
+        let row = self.row(step, loss, lr, grad_norm, step_time, times, cost)?;
         self.print(&row, step, profile.as_ref());
-
-        let preempted = self.preemption.requested(self.world)?;
-        let t_ckpt = Instant::now();
-        if preempted || self.checkpoint_due(step) {
-            self.save(step)?;
-        }
-        row.checkpoint_time = t_ckpt.elapsed().as_secs_f64();
+        // The step's row goes to metrics.h5 before its checkpoint can be published: a resume
+        // from that checkpoint never lacks the row, and one from an earlier checkpoint drops it.
         if let Some(metrics) = self.metrics.as_mut() {
             metrics.append(&row)?;
             if let Some(b) = &position_bins {
@@ -286,7 +313,25 @@ impl<'a> Run<'a> {
                 metrics.append_time_split(step as u64, p)?;
             }
         }
-        if preempted && step < t.steps {
+
+        let t_ckpt = Instant::now();
+        let in_flight = self.checkpointer.in_flight();
+        self.checkpointer.poll(self.world).context("checkpoint")?;
+        let preempted = self.preemption.requested(self.world)?;
+        let stop = preempted && step < t.steps;
+        let due = preempted || self.checkpoint_due(step);
+        if due {
+            self.save(step, stop || step == t.steps)?;
+        }
+        if stop {
+            self.finish(End::Preempted)?;
+        } else if step == t.steps {
+            self.finish(End::Trained)?;
+        }
+        if let Some(metrics) = self.metrics.as_mut().filter(|_| in_flight || due || step == t.steps) {
+            metrics.set_checkpoint_time(step as u64, self.checkpoint_wait + t_ckpt.elapsed().as_secs_f64())?;
+        }
+        if stop {
             if self.mesh.world_rank == 0 {
                 println!(
                     "preempted (SIGTERM/SIGUSR1): stopped after step {step}; launch the same command again to resume"
@@ -318,6 +363,8 @@ impl<'a> Run<'a> {
     fn update(&mut self, step: usize) -> Result<(f64, f64)> {
         let t = &self.exp.train;
         let norm = grad_norm(&mut self.params, self.world)?;
+        // An asynchronous save may still be reading host-resident state that AdamW changes.
+        self.checkpoint_wait = self.checkpointer.before_update().context("checkpoint")?;
         let lr = schedule::lr_at(t, step);
         self.adamw.step(&mut self.params, lr, step as i64, clip_scale(norm, t.clip_grad_norm))?;
         if let Device::Cuda(i) = self.device {
@@ -398,17 +445,54 @@ impl<'a> Run<'a> {
         (step == self.exp.train.steps && c.save_final) || (c.every > 0 && step % c.every == 0)
     }
 
-    /// Saves the checkpoint of step `step` (collective) and, at the last step, points `final` at it.
-    fn save(&self, step: usize) -> Result<()> {
+    /// Saves the checkpoint of step `step` (collective; asynchronous saves return once staged,
+    /// unless the job is about to end: `last`).
+    fn save(&mut self, step: usize, last: bool) -> Result<()> {
+        if let Some(metrics) = &self.metrics {
+            metrics.sync()?;
+        }
         let state = start::run_state(self.exp, self.mesh, step as u64, &self.loader);
-        let (keep, tokenizer) = (self.exp.checkpoint.keep, &self.tokenizer);
-        let dir = checkpoint::save(&self.params, &state, self.spec, tokenizer, &self.run_dir, keep, self.world)?;
+        self.checkpointer
+            .save(&self.params, &state, self.spec, last, self.world)
+            .with_context(|| format!("saving the checkpoint of step {step}"))
+    }
+
+    /// The end of a job (collective): waits for the checkpoint still being written; at the end
+    /// of the run, exports the last step's checkpoint to `final/` for Hugging Face (a run that
+    /// was already complete only if `final/` is missing or older).
+    fn finish(&mut self, end: End) -> Result<()> {
+        self.checkpointer.finish(self.world).context("checkpoint")?;
+        let steps = self.exp.train.steps;
+        if end == End::Preempted || !self.checkpoint_due(steps) {
+            return Ok(());
+        }
+        let just_trained = end == End::Trained;
+        let out = self.run_dir.join(FINAL);
+        // Rank 0 looks, and tells the others.
+        let current =
+            self.mesh.world_rank == 0 && !just_trained && checkpoint::export::exported_step(&out) == Some(steps as u64);
+        if all_reduce_f64(self.world, if current { 1.0 } else { 0.0 })? > 0.0 {
+            return Ok(());
+        }
+        let checkpoint = match (&self.resumed_from, just_trained) {
+            (Some(dir), false) => dir.clone(),
+            _ => checkpoint::checkpoints_dir(&self.run_dir).join(checkpoint::step_dir_name(steps as u64)),
+        };
+        let options = checkpoint::export::ExportOptions {
+            dtype: match self.exp.train.dtype {
+                Dtype::Fp32 => Kind::Float,
+                Dtype::Bf16 => Kind::BFloat16,
+            },
+            max_shard_bytes: checkpoint::export::HF_MAX_SHARD_BYTES,
+        };
+        checkpoint::export::export_collective(&checkpoint, &out, options, self.checkpointer.job(), self.world)
+            .with_context(|| format!("exporting {} to {}", checkpoint.display(), out.display()))?;
         if self.mesh.world_rank == 0 {
-            if step == self.exp.train.steps {
-                checkpoint::link_final(&self.run_dir, &dir)?;
-            }
-            println!("saved checkpoint {}", dir.display());
+            println!("final model: {} (step {steps}, {:?}, Hugging Face layout)", out.display(), self.exp.train.dtype);
         }
         Ok(())
     }
 }
+
+/// The run's finished model, in Hugging Face layout: `RUN_DIR/final`.
+pub const FINAL: &str = "final";

@@ -1,6 +1,6 @@
 //! Where a run starts: fresh shards, or the shards, data position and step of a checkpoint; and
 //! the run state a checkpoint records.
-use super::checkpoint::{self, DataPosition, Layout, RunState, Versions};
+use super::checkpoint::{self, CheckpointError, DataPosition, Layout, RunState, Versions};
 use crate::comm::{Collective, Mesh};
 use crate::config::{Experiment, Resume, ZeroStage};
 use crate::data::tokenizer::{self, recorded_tokenizer};
@@ -9,7 +9,7 @@ use crate::model::params::init_tensor;
 use crate::model::spec::ModelSpec;
 use crate::model::weights;
 use crate::parallel::zero::ShardedParams;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
@@ -18,7 +18,7 @@ pub struct StartSpec<'a> {
     /// `checkpoint.resume`.
     pub resume: &'a Resume,
     pub run_dir: PathBuf,
-    /// `model.path` or `model.weights`: initial weights in Hugging Face layout, else a seeded
+    /// `model.path` or `model.weights`: initial weights (Hugging Face files or a checkpoint), else a seeded
     /// initialisation.
     pub weights: Option<&'a Path>,
     pub seed: u64,
@@ -46,7 +46,7 @@ impl StartSpec<'_> {
 fn fresh_params(s: &StartSpec, spec: &ModelSpec, world: &dyn Collective, device: Device) -> Result<ShardedParams> {
     let initial = match s.weights {
         Some(path) => Some(
-            weights::load_hf(path, spec, Kind::Float, Device::Cpu)
+            checkpoint::load_weights(path, spec, Kind::Float, Device::Cpu)
                 .with_context(|| format!("loading model.weights {}", path.display()))?
                 .named_tensors(),
         ),
@@ -64,40 +64,46 @@ fn fresh_params(s: &StartSpec, spec: &ModelSpec, world: &dyn Collective, device:
     }))
 }
 
-/// The shards and the data position to start from, and the step already done.
+/// The shards and the data position to start from, the step already done, and the checkpoint
+/// they come from (None: a fresh start).
 pub fn start_point(
     s: &StartSpec,
     spec: &ModelSpec,
     mesh: &Mesh,
     world: &dyn Collective,
     device: Device,
-) -> Result<(ShardedParams, LoaderState, u64)> {
-    let Some(dir) = checkpoint::resolve(s.resume, &s.run_dir, world)? else {
-        return Ok((fresh_params(s, spec, world, device)?, LoaderState::default(), 0));
+) -> Result<(ShardedParams, LoaderState, u64, Option<PathBuf>)> {
+    let resumed = checkpoint::resolve_and_load(s.resume, &s.run_dir, world, |dir| {
+        let state = checkpoint::read_state(dir)?;
+        if state.step > s.steps as u64 {
+            return Err(CheckpointError::Mismatch {
+                path: dir.display().to_string(),
+                message: format!(
+                    "the checkpoint is at step {}, beyond train.steps = {}; raise train.steps to continue",
+                    state.step, s.steps
+                ),
+            });
+        }
+        let loader = checkpoint::restore_loader_state(&state, dir, s.seed, mesh.dp, s.micro_batch)?;
+        let params = checkpoint::load_params(dir, state.format, spec, s.zero_stage, world, device)?;
+        Ok((state, loader, params))
+    })
+    .with_context(|| format!("checkpoint.resume = \"{}\"", String::from(s.resume.clone())))?;
+    let Some(checkpoint::Resumed { dir, loaded: (state, loader, params) }) = resumed else {
+        return Ok((fresh_params(s, spec, world, device)?, LoaderState::default(), 0, None));
     };
-    let state = checkpoint::read_state(&dir)?;
-    if state.step > s.steps as u64 {
-        bail!(
-            "{}: the checkpoint is at step {}, beyond train.steps = {}; raise train.steps to continue",
-            dir.display(),
-            state.step,
-            s.steps
-        );
-    }
-    let loader = checkpoint::restore_loader_state(&state, &dir, s.seed, mesh.dp, s.micro_batch)?;
-    let params = checkpoint::load_params(&dir, spec, s.zero_stage, world, device)
-        .with_context(|| format!("loading checkpoint {}", dir.display()))?;
     if mesh.world_rank == 0 {
         println!(
-            "resuming from {} (step {}, written by a {}-rank sp={} dp={} job)",
+            "resuming from {} (step {}, written by a {}-rank sp={} dp={} job, format {})",
             dir.display(),
             state.step,
             state.layout.world,
             state.layout.sp,
-            state.layout.dp
+            state.layout.dp,
+            state.format
         );
     }
-    Ok((params, loader, state.step))
+    Ok((params, loader, state.step, Some(dir)))
 }
 
 /// The tokenizer files every checkpoint of the run carries: those of the model folder
