@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# ulysses side of the benchmark against DeepSpeed-ALST (bench/README.md): Llama-3.1-8B dimensions,
-# random init, random tokens, SP over every GPU, one sample per step. Run on the GPU machine from
-# the repository root with the bundle (scripts/make-bundle.sh) in bundle/:
+# ulysses side of the benchmark against DeepSpeed-ALST (bench/README.md): a preset's dimensions
+# (Llama-3.1-8B by default), random init, random tokens, SP over every GPU, one sample per step.
+# Run on the GPU machine from the repository root with the bundle (scripts/make-bundle.sh) in
+# bundle/:
 #   SEQS="32768 131072 262144" STEPS=4 bash bench/run.sh
 # Each length: STEPS steps; step 1 is warm-up, the last is the synchronised time-split step, the
 # ones between are the timed steps (figures from them only); SPLIT=0 leaves the time split out
 # (every step after the first is timed). With STEPS=1 the one step is timed
 # (single step, no warm-up, no time split: say so wherever the figure goes). MEMORY_FIT=1 makes
 # memory-fit runs (train.memory_fit: attention in the last layer only), which prove a length fits
-# and give no speed. EXTRA goes into [parallel], MEMORY into [memory]. LAYERS=N replaces the
-# preset by Llama-3.1-8B's dimensions with N decoder layers (a config.json): the per-token working
-# set of one layer's backward at long sequences, measured in a step that takes seconds (memory
-# calibration, never a speed figure). Logs and a JSON summary go to $OUT.
+# and give no speed. EXTRA goes into [parallel], MEMORY into [memory]. MODEL is a preset
+# (llama3.1-8b, qwen3-8b, qwen2.5-7b, mistral-7b, ...); LAYERS=N keeps its dimensions with N
+# decoder layers (`[model] layers`), as the peer's `--model M --layers N`: side by side with it on
+# one GPU, e.g. MODEL=qwen3-8b LAYERS=8 SEQS="131072 262144" STEPS=3, or to measure the per-token
+# working set of one layer's backward (memory calibration). DOC_LEN=N packs the random tokens into
+# documents of N tokens (data synth --doc-len) trained with data.documents = "mask" and positions
+# restarting per document: attention within documents, a different workload from full causal (its
+# FLOPs count only the documents' causal squares). Logs and a JSON summary go to $OUT.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SEQS="${SEQS:-32768 131072 262144}"
@@ -24,6 +29,13 @@ EXTRA="${EXTRA:-}"
 MEMORY="${MEMORY:-}"
 MEMORY_FIT="${MEMORY_FIT:-0}"
 LAYERS="${LAYERS:-}"
+DOC_LEN="${DOC_LEN:-}"
+DOC_ARGS=""
+DOC_LINES=""
+if [ -n "$DOC_LEN" ]; then
+  DOC_ARGS="--doc-len $DOC_LEN"
+  DOC_LINES=$'documents = "mask"\npositions = "document"'
+fi
 FIT_LINE=""
 [ "$MEMORY_FIT" = 1 ] && FIT_LINE="memory_fit = true"
 SPLIT="${SPLIT:-1}"
@@ -35,21 +47,15 @@ mkdir -p "$OUTD"
 WORK="$(mktemp -d /tmp/ulysses-bench.XXXXXX)"
 MODEL_LINE="preset = \"$MODEL\""
 if [ -n "$LAYERS" ]; then
-  MODEL="llama3.1-8b-dims-${LAYERS}-layers"
-  cat > "$WORK/config.json" <<JSON
-{"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
- "num_hidden_layers": $LAYERS, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
- "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "max_position_embeddings": 131072,
- "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192},
- "tie_word_embeddings": false, "bos_token_id": 128000, "eos_token_id": 128001}
-JSON
-  MODEL_LINE="config = \"$WORK/config.json\""
+  MODEL_LINE="$MODEL_LINE
+layers = $LAYERS"
+  MODEL="$MODEL-${LAYERS}-layers"
 fi
-echo "== ulysses bench $(date -u +%FT%TZ): $MODEL, NGPU=$NGPU SP=$SP, SEQS=$SEQS, STEPS=$STEPS, attention=$ATTN"
+echo "== ulysses bench $(date -u +%FT%TZ): $MODEL, NGPU=$NGPU SP=$SP, SEQS=$SEQS, STEPS=$STEPS, attention=$ATTN, documents=${DOC_LEN:-none (full causal)}"
 for S in $SEQS; do
   data="$WORK/data-$S"
-  NGPU=1 bash bundle/run-gpu.sh data synth --task random --seq-len "$S" --num "$STEPS" --seed 1 --out "$data" >/dev/null || exit 1
+  # shellcheck disable=SC2086  # DOC_ARGS is two words or none
+  NGPU=1 bash bundle/run-gpu.sh data synth --task random --seq-len "$S" --num "$STEPS" --seed 1 $DOC_ARGS --out "$data" >/dev/null || exit 1
   exp="$WORK/bench-$S.toml"
   cat > "$exp" <<TOML
 [run]
@@ -71,6 +77,7 @@ $EXTRA
 paths = ["$data"]
 seq_len = $S
 shuffle = false
+$DOC_LINES
 [train]
 steps = $STEPS
 lr = 1e-5
@@ -94,9 +101,13 @@ TOML
   timeout --signal=INT --kill-after=20 "$RUN_TIMEOUT_S" env NGPU="$NGPU" bash bundle/run-gpu.sh "$exp" 2>&1 | tee "$log"
   echo "--- $S tokens: exit ${PIPESTATUS[0]}"
 done
-python3 - "$OUTD" "$STEPS" "$SPLIT_EVERY" <<'PY'
+python3 - "$OUTD" "$STEPS" "$SPLIT_EVERY" "${DOC_LEN:-0}" "${LAYERS:-32}" "$SP" <<'PY'
 import glob, json, re, sys
-out, steps, split_every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+out, steps, split_every, doc_len, layers, sp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+def attention_fwd_flops_per_gpu(seq):
+    # 2·Σ len²·n_q·d·L (train/flops.rs), Llama-3.1-8B's 32 query heads of 128, split over SP.
+    lens = [doc_len] * (seq // doc_len) + ([seq % doc_len] if seq % doc_len else []) if doc_len else [seq]
+    return 2.0 * sum(l * l for l in lens) * 32 * 128 * layers / sp
 rows = []
 for log in sorted(glob.glob(f"{out}/ulysses-*.log"), key=lambda p: int(re.findall(r"(\d+)\.log", p)[0])):
     seq = int(re.findall(r"(\d+)\.log", log)[0])
@@ -108,6 +119,10 @@ for log in sorted(glob.glob(f"{out}/ulysses-*.log"), key=lambda p: int(re.findal
     timed = [steps_seen[k] for k in (range(2, last + 1) if steps > 1 else [1]) if k in steps_seen]
     fit = re.findall(r"memory-fit step (\d+)/\d+ completed .*?peak GPU (\S+) GiB +peak host (\S+) GiB", text)
     row = {"seq_len": seq, "completed_steps": len(steps_seen) or len(fit), "oom": "out of memory" in text.lower()}
+    row["doc_len"] = doc_len or None
+    kernel = re.findall(r"attention within documents: (.+?) \(a micro batch", text)
+    row["attention_kernel"] = kernel[-1] if kernel else "full causal (parallel.attention)"
+    recomputed = re.findall(r"attention kept (\d+) of (\d+) layers", text)
     if steps == 1:
         row["timing"] = "single step, no warm-up"
     if fit:
@@ -121,6 +136,16 @@ for log in sorted(glob.glob(f"{out}/ulysses-*.log"), key=lambda p: int(re.findal
                    peak_gib=max(float(t[7]) for t in steps_seen.values()), loss=[float(steps_seen[k][1]) for k in sorted(steps_seen)])
     if split:
         row["time_split_s"] = dict(zip(["attention", "other_compute", "communication", "waiting"], map(float, split[-1])))
+        # The attention kernels' own TFLOP/s in the measured step, on the FLOPs they do (within
+        # documents: Σ len²): forward + backward = 3 × the forward where attention is kept, a
+        # layer that recomputes runs the forward twice. Kernel time from libtorch's profiler
+        # (the "GPU kernels" line), else the synchronised attention region.
+        kept, total = map(int, recomputed[-1]) if recomputed else (layers, layers)
+        work = attention_fwd_flops_per_gpu(seq) * (3 + (total - kept) / total)
+        kernels = re.findall(r"GPU kernels: matmul \S+ s +attention (\S+) s", text)
+        seconds = float(kernels[-1]) if kernels else row["time_split_s"]["attention"]
+        row["attention_seconds_source"] = "profiler kernels" if kernels else "synchronised region"
+        row["attention_tflops_per_gpu"] = round(work / seconds / 1e12, 1)
     rows.append(row)
     print(json.dumps(row))
 open(f"{out}/ulysses_results.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in rows))

@@ -25,14 +25,17 @@ cp "$VENV/bin/hydra_pmi_proxy" "$OUT/mpich/bin/"
 cp "$VENV/lib/libmpi.so.12" "$OUT/mpich/lib/"
 cp -rL "$VENV/lib/mpich" "$OUT/mpich/lib/mpich"
 cp "$ROOT/scripts/run-gpu.sh" "$OUT/"
-# The activation store's GPU tests (tests/store.rs, #[ignore]d on machines without CUDA), run by
-# tests/gpu/run.sh: the newest build of that test binary.
-STORE_TEST="$(ls -t "$ROOT/target/$PROFILE"/deps/store-* 2>/dev/null | grep -v '\.d$' | head -1)"
-[ -n "$STORE_TEST" ] || { echo "no store test binary: run \`cargo build --tests\` first" >&2; exit 1; }
+# The GPU tests bundled as test binaries (#[ignore]d on machines without CUDA), run by
+# tests/gpu/run.sh: the activation store's side-stream copies (tests/store.rs) and the masked
+# attention kernels (tests/masked_attention.rs); the newest build of each.
 mkdir -p "$OUT/tests"
-cp "$STORE_TEST" "$OUT/tests/store"
-strip "$OUT/tests/store"
-chmod +x "$OUT/tests/store"
+for TEST in store masked_attention; do
+  TEST_BIN="$(ls -t "$ROOT/target/$PROFILE"/deps/$TEST-* 2>/dev/null | grep -v '\.d$' | head -1)"
+  [ -n "$TEST_BIN" ] || { echo "no $TEST test binary: run \`cargo build --tests\` first" >&2; exit 1; }
+  cp "$TEST_BIN" "$OUT/tests/$TEST"
+  strip "$OUT/tests/$TEST"
+  chmod +x "$OUT/tests/$TEST"
+done
 chmod +x "$OUT/ulysses" "$OUT/run-gpu.sh" "$OUT"/mpich/bin/*
 
 links="$(find "$OUT" ! -type f ! -type d)"

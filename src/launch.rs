@@ -184,6 +184,14 @@ pub fn inject_failure(rank: usize) -> Result<()> {
     }
 }
 
+/// A file-size limit (`ulimit -f`, RLIMIT_FSIZE) makes a write past it fail with EFBIG, reported
+/// with the file's name, instead of killing the process with SIGXFSZ before it can say which.
+pub fn report_file_size_limits() {
+    // SAFETY: setting a signal's disposition to "ignore" runs no handler code; nothing else in
+    // ulysses handles SIGXFSZ.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+}
+
 /// A panic on one rank (a tch op that unwraps an error, say) must not leave the others hanging.
 fn install_abort_on_panic() {
     let default_hook = std::panic::take_hook();

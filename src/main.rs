@@ -88,11 +88,45 @@ enum Command {
         #[arg(long)]
         csv: bool,
     },
+    /// Write a checkpoint as a Hugging Face model folder (safetensors files + index, config.json,
+    /// tokenizer files), streamed in 64 MiB pieces: memory stays small whatever the model's size.
+    Export {
+        /// A checkpoint folder (RUN_DIR/checkpoints/step-NNNNNN), of either format.
+        checkpoint: PathBuf,
+        /// The folder to write; replaced if it is an earlier export, refused if it is anything else.
+        #[arg(long)]
+        out: PathBuf,
+        /// Weights' dtype (default: the checkpoint's train.dtype).
+        #[arg(long, value_enum)]
+        dtype: Option<ExportDtype>,
+        /// Largest weight file, e.g. 5GB (as transformers counts: 10^9 bytes), 500MB, 2GiB.
+        #[arg(long, default_value = "5GB")]
+        max_shard_size: String,
+    },
+    /// Time saving and loading the experiment's model state on this job: format 2 synchronous
+    /// and asynchronous against format 1, with each rank's peak memory
+    /// (`mpirun -n N ulysses bench-checkpoint EXPERIMENT.toml`; writes under RUN_DIR, then removes it).
+    BenchCheckpoint {
+        /// The experiment TOML whose model (dimensions, layout, device) is saved and loaded.
+        experiment: PathBuf,
+        /// Measure each operation this many times.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        /// Also write the numbers to this JSON file (rank 0).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Make, convert and check HDF5 token shards (`ulysses data --help`).
     Data {
         #[command(subcommand)]
         cmd: ulysses::data::cli::DataCommand,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportDtype {
+    Bf16,
+    Fp32,
 }
 
 fn main() {
@@ -101,6 +135,7 @@ fn main() {
     if std::env::var_os("PYTORCH_CUDA_ALLOC_CONF").is_none() {
         std::env::set_var("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True");
     }
+    ulysses::launch::report_file_size_limits();
     let cli = Cli::parse();
     if matches!(cli.command, Some(Command::Check { .. } | Command::Report { .. } | Command::Data { .. })) {
         quiet_on_closed_pipe();
@@ -121,6 +156,12 @@ fn main() {
             ulysses::report::report(&run_dir).map(drop).map_err(Into::into)
         }
         (Some(Command::Report { run_dir, csv: true }), _) => ulysses::report::csv(&run_dir).map_err(Into::into),
+        (Some(Command::Export { checkpoint, out, dtype, max_shard_size }), _) => {
+            export(&checkpoint, &out, dtype, &max_shard_size)
+        }
+        (Some(Command::BenchCheckpoint { experiment, repeat, json }), _) => {
+            bench_checkpoint(&experiment, repeat, json.as_deref())
+        }
         (None, Some(exp)) => train(&exp, &cli.set.set),
         (None, None) => {
             eprintln!("usage: ulysses train EXPERIMENT.toml | ulysses check EXPERIMENT.toml | ulysses --help");
@@ -188,14 +229,7 @@ fn train(path: &Path, set: &[String]) -> Result<()> {
         }
     };
     let run = || -> Result<()> {
-        let mesh = ulysses::comm::Mesh::new(exp.parallel.sp, exp.parallel.dp, launch.size, launch.rank)?;
-        // CPU tensors move over MPI, CUDA tensors over NCCL (one GPU per rank: the node-local rank).
-        let backend = match exp.parallel.device {
-            DeviceKind::Cpu => Backend::Mpi,
-            DeviceKind::Cuda => Backend::Nccl,
-        };
-        let device = launch.device(backend)?;
-        let groups = launch.groups(backend, &mesh)?;
+        let (mesh, groups, device) = job(&launch, &exp)?;
         let gpu = match device {
             tch::Device::Cuda(i) => Some(i),
             _ => None,
@@ -218,6 +252,45 @@ fn train(path: &Path, set: &[String]) -> Result<()> {
         }
         launch.abort(&e);
     }
+    Ok(())
+}
+
+/// The mesh, its communicators and this rank's device for an experiment's job.
+fn job(launch: &Launch, exp: &Experiment) -> Result<(ulysses::comm::Mesh, ulysses::comm::Groups, tch::Device)> {
+    let mesh = ulysses::comm::Mesh::new(exp.parallel.sp, exp.parallel.dp, launch.size, launch.rank)?;
+    // CPU tensors move over MPI, CUDA tensors over NCCL (one GPU per rank: the node-local rank).
+    let backend = match exp.parallel.device {
+        DeviceKind::Cpu => Backend::Mpi,
+        DeviceKind::Cuda => Backend::Nccl,
+    };
+    let device = launch.device(backend)?;
+    let groups = launch.groups(backend, &mesh)?;
+    Ok((mesh, groups, device))
+}
+
+fn export(checkpoint: &Path, out: &Path, dtype: Option<ExportDtype>, max_shard_size: &str) -> Result<()> {
+    use ulysses::train::checkpoint::export;
+    init_logging(0);
+    let max_shard_bytes = export::parse_size(max_shard_size).map_err(|e| anyhow::anyhow!("--max-shard-size: {e}"))?;
+    let dtype = match dtype {
+        Some(ExportDtype::Bf16) => tch::Kind::BFloat16,
+        Some(ExportDtype::Fp32) => tch::Kind::Float,
+        None => export::training_dtype(checkpoint)?,
+    };
+    export::export(checkpoint, out, export::ExportOptions { dtype, max_shard_bytes })?;
+    println!("exported {} to {}", checkpoint.display(), out.display());
+    Ok(())
+}
+
+fn bench_checkpoint(path: &Path, repeat: usize, json: Option<&Path>) -> Result<()> {
+    let launch = Launch::init()?;
+    init_logging(launch.rank);
+    let (exp, spec) = load_valid(path, &Overrides { set: &[], world: Some(launch.size), dp_replaced: false }).unwrap_or_else(|e| launch.abort(&e));
+    let run = || -> Result<()> {
+        let (mesh, groups, device) = job(&launch, &exp)?;
+        ulysses::train::checkpoint::bench::run(&exp, &spec, &mesh, groups.world.as_ref(), device, repeat, json)
+    };
+    run().unwrap_or_else(|e| launch.abort(&e));
     Ok(())
 }
 

@@ -38,12 +38,14 @@ fn check_places_layer_inputs_and_kept_attention() {
     let t = text(&out);
     assert!(out.status.success(), "{t}");
     assert!(t.contains("attention output + log-sum-exp kept (32 of 32 × 260.0 MiB)"), "{t}");
+    let staging = t.lines().find(|l| l.contains("checkpoint staging (checkpoint.async)"));
+    assert!(staging.is_some_and(|l| l.trim_end().ends_with("11.2 GiB")), "the host column: {t}");
     assert!(
         t.contains("budget                                                       76.0 GiB   60.0 GiB  unlimited"),
         "{t}"
     );
     assert!(
-        t.contains("placement  layer inputs 0 GPU / 32 host / 0 disk; attention kept 32 of 32 layers (32 GPU, 0 host); GPU ~29.7 of 76.0 GiB, host ~8.0 of 60.0 GiB/rank"),
+        t.contains("placement  layer inputs 0 GPU / 32 host / 0 disk; attention kept 32 of 32 layers (32 GPU, 0 host); GPU ~29.7 of 76.0 GiB, host ~19.2 of 60.0 GiB/rank"),
         "{t}"
     );
     assert!(t.contains("fits       up to "), "{t}");
@@ -51,13 +53,32 @@ fn check_places_layer_inputs_and_kept_attention() {
 
 #[test]
 fn check_says_why_a_plan_does_not_fit_and_what_would_help() {
-    let args =
-        ["check", "experiments/llama8b.toml", "--gpu-mem-gib", "30", "--host-mem-gib", "40", "--disk-gib", "100"];
-    let out = ulysses(&args, root());
+    let flags = ["--gpu-mem-gib", "30", "--host-mem-gib", "40", "--disk-gib", "100"];
+    // The experiment's asynchronous checkpoints need 11.2 GiB of host staging per rank.
+    let out = ulysses(&[&["check", "experiments/llama8b.toml"][..], &flags].concat(), root());
     let t = text(&out);
     assert!(out.status.success(), "{t}");
     assert!(
-        t.contains("placement  does not fit in memory: the layer inputs need 8.0 GiB but host memory (after any offloaded optimizer state) leaves 5.0 GiB."),
+        t.contains("placement  does not fit in memory: the host staging of asynchronous checkpoints (11.2 GiB) needs 11.2 GiB of host memory but the budget is 5.0 GiB per rank."),
+        "{t}"
+    );
+    assert!(
+        t.contains(
+            "- checkpoint.async = false: saves block training while they write, but need no host staging (11.2 GiB)"
+        ),
+        "{t}"
+    );
+
+    // Saving synchronously, it is the layer inputs that do not fit.
+    let dir = tempfile::tempdir().unwrap();
+    let toml = std::fs::read_to_string(root().join("experiments/llama8b.toml")).unwrap();
+    let sync = dir.path().join("sync.toml");
+    std::fs::write(&sync, toml.replace("[checkpoint]\n", "[checkpoint]\nasync = false\n")).unwrap();
+    let out = ulysses(&[&["check", sync.to_str().unwrap()][..], &flags].concat(), root());
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("placement  does not fit in memory: the layer inputs need 8.0 GiB but host memory (after any offloaded optimizer state and checkpoint staging) leaves 5.0 GiB."),
         "{t}"
     );
     assert!(t.contains("budget per rank: GPU 30.0 GiB, host 5.0 GiB, disk 12.5 GiB"), "{t}");
@@ -67,9 +88,7 @@ fn check_says_why_a_plan_does_not_fit_and_what_would_help() {
     );
 
     // Without flags, the experiment's [memory] section is the budget.
-    let dir = tempfile::tempdir().unwrap();
-    let toml =
-        std::fs::read_to_string(root().join("experiments/llama8b.toml")).unwrap() + "\n[memory]\ngpu_gib = 20.0\n";
+    let toml = toml + "\n[memory]\ngpu_gib = 20.0\n";
     let path = dir.path().join("small.toml");
     std::fs::write(&path, toml).unwrap();
     let out = ulysses(&["check", path.to_str().unwrap()], dir.path());
@@ -180,7 +199,7 @@ fn set_overrides_are_checked_like_the_file_and_recorded() {
     let f = hdf5::File::open(run.join("metrics.h5")).unwrap();
     let config: hdf5::types::VarLenUnicode = f.attr("config_toml").unwrap().read_scalar().unwrap();
     assert!(config.as_str().contains("lr = 0.00125") && config.as_str().contains("name = \"overridden\""), "{config}");
-    let saved = std::fs::read_to_string(run.join("final/experiment.toml")).unwrap();
+    let saved = std::fs::read_to_string(run.join("checkpoints/step-000002/experiment.toml")).unwrap();
     assert!(saved.contains("lr = 0.00125"), "{saved}");
 }
 
@@ -202,7 +221,7 @@ fn train_is_an_alias_and_dp_auto_fills_the_ranks() {
     let o = mpirun(4, &["train", exp], dir.path(), &[]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("4 ranks = dp 2 × sp 2") && text(&o).contains("step     2/2"), "{}", text(&o));
-    let saved = std::fs::read_to_string(dir.path().join("runs/t/final/experiment.toml")).unwrap();
+    let saved = std::fs::read_to_string(dir.path().join("runs/t/checkpoints/step-000002/experiment.toml")).unwrap();
     assert!(saved.contains("dp = 2"), "the resolved dp is recorded:\n{saved}");
 }
 
@@ -278,5 +297,32 @@ fn make_install_puts_ulysses_and_mpirun_on_the_path() {
     for (cmd, says) in [("ulysses --version", "ulysses 0.1.0"), ("mpirun --version", "HYDRA")] {
         let o = std::process::Command::new("sh").args(["-c", cmd]).env("PATH", &path).output().unwrap();
         assert!(o.status.success() && text(&o).contains(says), "{cmd}: {}", text(&o));
+    }
+}
+
+#[test]
+fn check_says_which_kernel_and_what_attention_within_documents_costs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("docs");
+    let args = ["data", "synth", "--task", "random", "--seq-len", "1024", "--num", "4", "--doc-len", "256"];
+    let o = ulysses(&[&args[..], &["--out", data.to_str().unwrap()]].concat(), dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    let text_in = std::fs::read_to_string(root().join("experiments/tiny.toml"))
+        .unwrap()
+        .replace("\"data/passkey-tiny\"", &format!("\"{}\"", data.display()))
+        .replace("# documents = \"mask\"", "documents = \"mask\"");
+    let path = dir.path().join("packed.toml");
+    std::fs::write(&path, text_in).unwrap();
+    let out = ulysses(&["check", path.to_str().unwrap()], dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    for expected in [
+        "kernel     CPU flash with a block-diagonal causal mask on samples of several documents, CPU flash (causal) on single-document ones",
+        "documents  data.documents = \"mask\": attention within each document",
+        "RoPE positions run on across documents",
+        "within the documents of 4 of the 4 sequences (4.0 documents each, median length in [256, 512)):",
+        "25.0% of full causal",
+    ] {
+        assert!(t.contains(expected), "check output lacks {expected:?}:\n{t}");
     }
 }

@@ -144,6 +144,11 @@ fn parameter_counts_match_the_published_models() {
     assert_eq!(p8, 8_030_261_248);
     let p1 = ModelSpec::preset(Preset::Llama32_1b).total_params();
     assert_eq!(p1, 1_235_814_400);
+    // transformers' own counts (AutoModelForCausalLM.from_config on the meta device): Qwen3-8B
+    // (q/k norms), Qwen2.5-7B (q/k/v biases), Mistral-7B-v0.3.
+    assert_eq!(ModelSpec::preset(Preset::Qwen3_8b).total_params(), 8_190_735_360);
+    assert_eq!(ModelSpec::preset(Preset::Qwen25_7b).total_params(), 7_615_616_512);
+    assert_eq!(ModelSpec::preset(Preset::Mistral7b).total_params(), 7_248_023_552);
 }
 
 #[test]
@@ -153,4 +158,142 @@ fn shipped_experiments_parse_and_validate() {
         let e = Experiment::load(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
         validate(&e, None).unwrap_or_else(|p| panic!("{}: {p:?}", path.display()));
     }
+}
+
+#[test]
+fn packed_documents_default_to_ignored_and_check_their_kernel() {
+    use ulysses::data::{PackedDocuments, Positions};
+    let e = parse(BASE);
+    assert_eq!((e.data.documents, e.data.positions), (PackedDocuments::Ignore, Positions::Global));
+    let masked = BASE.replace("seq_len = 1024", "seq_len = 1024\ndocuments = \"mask\"\npositions = \"document\"");
+    let e = parse(&masked);
+    assert_eq!((e.data.documents, e.data.positions), (PackedDocuments::Mask, Positions::Document));
+    assert!(validate(&e, Some(4)).is_ok());
+    let cuda = masked.replace("dp = 2", "dp = 2\ndevice = \"cuda\"\nattention = \"efficient\"");
+    let p = problems(&cuda.replace("[data]", "[train]\ndtype = \"bf16\"\n[data]"), Some(4));
+    assert!(
+        p.iter().any(|m| m.starts_with("data.documents: = \"mask\"")
+            && m.contains("\"efficient\"")
+            && m.contains("\"flash\"")),
+        "{p:?}"
+    );
+    let restart_across = BASE.replace("seq_len = 1024", "seq_len = 1024\npositions = \"document\"");
+    let p = problems(&restart_across, Some(4));
+    assert!(p.iter().any(|m| m.starts_with("data.positions: = \"document\" needs data.documents = \"mask\"")), "{p:?}");
+    let by_document = format!("{BASE}\n[metrics]\nposition_by = \"document\"\n");
+    let p = problems(&by_document, Some(4));
+    assert!(p.iter().any(|m| m.starts_with("metrics.position_by") && m.contains("data.documents = \"mask\"")), "{p:?}");
+    let err = Experiment::parse(&BASE.replace("seq_len = 1024", "seq_len = 1024\ndocuments = \"split\""), "x.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("split") && err.contains("mask") && err.contains("ignore"), "{err}");
+}
+
+/// A Hugging Face config.json of the `tiny` dimensions for `family`, written into `dir`.
+fn family_config(dir: &std::path::Path, model_type: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut v = serde_json::json!({
+        "model_type": model_type, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 176,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "sliding_window": null, "transformers_version": "5.17.0"
+    });
+    edit(&mut v);
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
+}
+
+fn with_model(model_lines: &str) -> String {
+    BASE.replace("preset = \"tiny\"", model_lines)
+}
+
+#[test]
+fn model_path_names_a_hugging_face_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("Qwen3-tiny");
+    family_config(&model, "qwen3", |_| {});
+    let text = with_model(&format!("path = {:?}", model.display().to_string()));
+    let p = problems(&text, None).join("\n");
+    assert!(p.contains("model.path") && p.contains("neither model.safetensors nor"), "{p}");
+    std::fs::write(model.join("model.safetensors"), b"").unwrap();
+    let spec = validate(&parse(&text), Some(4)).expect("valid");
+    assert_eq!(spec.family, ulysses::model::spec::Family::Qwen3);
+    assert!(spec.qk_norm);
+    let e = parse(&text);
+    assert_eq!(e.model.weights_path(), Some(model.as_path()));
+
+    let both = with_model(&format!("path = {:?}\npreset = \"tiny\"", model.display().to_string()));
+    let p = problems(&both, None);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].contains("`path` names the whole model folder"), "{p:?}");
+    let missing = with_model(&format!("path = {:?}", dir.path().join("nope").display().to_string()));
+    assert!(problems(&missing, None)[0].contains("is not a folder"));
+}
+
+#[test]
+fn layers_set_a_presets_depth_and_need_a_preset() {
+    let spec = validate(&parse(&with_model("preset = \"qwen3-8b\"\nlayers = 8")), None).expect("valid");
+    assert_eq!((spec.num_hidden_layers, spec.hidden_size, spec.vocab_size), (8, 4096, 151936));
+    assert_eq!(parse(&with_model("preset = \"qwen3-8b\"\nlayers = 8")).model.name(), "qwen3-8b with 8 layers");
+    let p = problems(&with_model("config = \"x.json\"\nlayers = 8"), None).join("\n");
+    assert!(p.contains("model.layers: needs model.preset"), "{p}");
+    let p = problems(&with_model("preset = \"tiny\"\nlayers = 0"), None).join("\n");
+    assert!(p.contains("model.layers: = 0 must be at least 1"), "{p}");
+}
+
+/// Each bad config.json gives exactly one problem, naming the file, the field and its value.
+#[test]
+fn bad_model_configs_each_give_one_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(&str, &str, Box<dyn FnOnce(&mut serde_json::Value)>, &[&str])> = vec![
+        ("gelu", "llama", Box::new(|v| v["hidden_act"] = "gelu".into()), &["`hidden_act` is \"gelu\"", "\"silu\""]),
+        ("type", "gemma2", Box::new(|_| {}), &["`model_type` is \"gemma2\"", "\"qwen3\""]),
+        (
+            "no-type",
+            "x",
+            Box::new(|v| drop(v.as_object_mut().unwrap().remove("model_type"))),
+            &["`model_type` is missing"],
+        ),
+        ("moe", "qwen3", Box::new(|v| v["num_experts"] = 64.into()), &["`num_experts` is 64", "dense models only"]),
+        ("moe-type", "qwen3_moe", Box::new(|_| {}), &["\"qwen3_moe\" (a mixture-of-experts model)"]),
+        (
+            "missing",
+            "mistral",
+            Box::new(|v| drop(v.as_object_mut().unwrap().remove("vocab_size"))),
+            &["`vocab_size` is missing"],
+        ),
+        ("bias", "llama", Box::new(|v| v["mlp_bias"] = true.into()), &["`mlp_bias` is true"]),
+        (
+            "rope",
+            "qwen2",
+            Box::new(|v| v["rope_scaling"] = serde_json::json!({"rope_type": "longrope"})),
+            &["`rope_scaling.rope_type` is \"longrope\"", "\"yarn\""],
+        ),
+        (
+            "window",
+            "mistral",
+            Box::new(|v| v["sliding_window"] = 512.into()),
+            &["data.seq_len", "sliding_window = 512", "1024 tokens"],
+        ),
+    ];
+    for (name, model_type, edit, expected) in cases {
+        let folder = dir.path().join(name);
+        family_config(&folder, model_type, edit);
+        let file = folder.join("config.json");
+        let p = problems(&with_model(&format!("config = {:?}", file.display().to_string())), Some(4));
+        assert_eq!(p.len(), 1, "{name}: one message expected: {p:?}");
+        for e in expected {
+            assert!(p[0].contains(e), "{name}: {:?} lacks {e:?}", p[0]);
+        }
+        if name != "window" {
+            assert!(p[0].starts_with("model.config: model config") && p[0].contains(&*file.to_string_lossy()), "{p:?}");
+        }
+    }
+}
+
+#[test]
+fn a_window_as_long_as_the_sequence_is_plain_causal_attention() {
+    let dir = tempfile::tempdir().unwrap();
+    family_config(dir.path(), "mistral", |v| v["sliding_window"] = 1024.into());
+    let file = dir.path().join("config.json");
+    let spec = validate(&parse(&with_model(&format!("config = {:?}", file.display().to_string()))), Some(4));
+    assert_eq!(spec.expect("valid").sliding_window, Some(1024));
 }

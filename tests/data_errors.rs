@@ -6,12 +6,27 @@ use data_common::{meta, ulysses, write_shard};
 use ndarray::{arr1, Array2};
 use std::path::{Path, PathBuf};
 use ulysses::data::format::ShardWriter;
-use ulysses::data::{Dataset, Loader, LoaderSpec, LoaderState, LossOn};
+use ulysses::data::{Dataset, Loader, LoaderSpec, LoaderState, LossOn, PackedDocuments, Packing, Positions};
 
 fn open_err(paths: &[PathBuf], seq_len: usize) -> String {
     match Dataset::open(paths, seq_len) {
         Ok(_) => panic!("{paths:?} opened although it is invalid"),
         Err(e) => e.to_string(),
+    }
+}
+
+/// One rank's loader over a dataset, unshuffled, one sequence per micro batch.
+fn loader_spec(sp: usize, sp_rank: usize, packing: Packing) -> LoaderSpec {
+    LoaderSpec {
+        seed: 0,
+        shuffle: false,
+        dp: 1,
+        dp_rank: 0,
+        sp,
+        sp_rank,
+        micro_batch: 1,
+        loss_on: LossOn::All,
+        packing,
     }
 }
 
@@ -77,16 +92,7 @@ fn wrong_dtype_rank_or_seq_len() {
 fn seq_len_must_divide_by_sp() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_shard(&dir.path().join("s.h5"), 0, 4, 30);
-    let spec = LoaderSpec {
-        seed: 0,
-        shuffle: false,
-        dp: 1,
-        dp_rank: 0,
-        sp: 4,
-        sp_rank: 0,
-        micro_batch: 1,
-        loss_on: LossOn::All,
-    };
+    let spec = loader_spec(4, 0, Packing::default());
     let err = Loader::new(Dataset::open(&[path.clone()], 30).unwrap(), spec, LoaderState::default()).err().unwrap();
     assert_names(&err.to_string(), &["seq_len = 30", "sp = 4"]);
     let err =
@@ -116,16 +122,7 @@ fn token_ids_at_or_above_the_vocabulary() {
     assert_names(&stderr, &["v.h5", "sequence 1", "position 13", "token id 258"]);
 
     // Through the loader, SP rank 1 of 2 reads tokens 8..16 of sequence 1 and must fail.
-    let spec = LoaderSpec {
-        seed: 0,
-        shuffle: false,
-        dp: 1,
-        dp_rank: 0,
-        sp: 2,
-        sp_rank: 1,
-        micro_batch: 1,
-        loss_on: LossOn::All,
-    };
+    let spec = loader_spec(2, 1, Packing::default());
     let mut loader = Loader::new(ds, spec, LoaderState::default()).unwrap();
     assert!(loader.next_batch().is_ok());
     assert_names(&loader.next_batch().unwrap_err().to_string(), &["v.h5", "token id 258"]);
@@ -198,4 +195,71 @@ fn bad_prepare_and_synth_input() {
     ]);
     assert_ne!(code, 0);
     assert_names(&stderr, &["tokenizer.json", "not a valid tokenizer.json"]);
+}
+
+/// A shard of 3 sequences of 16 tokens whose sequence 1 records `starts` (the others [0, 8]).
+fn with_starts(dir: &Path, name: &str, starts: &[i32]) -> PathBuf {
+    let path = dir.join(name);
+    let mut w = ShardWriter::create(&path, 16, &meta(258), true).unwrap();
+    for i in 0..3 {
+        w.push(&[7; 16], if i == 1 { starts } else { &[0, 8] }).unwrap();
+    }
+    w.finish().unwrap()
+}
+
+#[test]
+fn bad_document_starts_name_the_file_sequence_and_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[i32], &[&str]); 4] = [
+        ("unsorted.h5", &[0, 9, 4], &["document start 4", "entry 2", "below the previous start 9", "unsorted"]),
+        ("negative.h5", &[0, -3], &["document start -3", "negative", "out of range"]),
+        ("beyond.h5", &[0, 16], &["document start 16", "beyond the sequence (seq_len = 16)"]),
+        ("empty.h5", &[0, 5, 5], &["document start 5", "repeats the previous start 5", "empty document"]),
+    ];
+    let packing = Packing { documents: PackedDocuments::Mask, positions: Positions::Global };
+    for (name, starts, parts) in cases {
+        let path = with_starts(dir.path(), name, starts);
+        let ds = Dataset::open(&[path.clone()], 16).unwrap();
+        assert!(ds.documents(0).unwrap().is_some(), "{name}: a good sequence of the shard reads");
+        let err = ds.documents(1).unwrap_err().to_string();
+        assert_names(&err, &[name, "`docs/starts`", "sequence 1", "global index 1"]);
+        assert_names(&err, parts);
+        // Through the loader: every SP rank reads the sample's boundaries.
+        let spec = loader_spec(2, 1, packing);
+        let mut loader = Loader::new(ds, spec, LoaderState::default()).unwrap();
+        assert!(loader.next_batch().is_ok());
+        assert_names(&loader.next_batch().unwrap_err().to_string(), &[name, "sequence 1", parts[0]]);
+        if name == "unsorted.h5" {
+            // One case through the binary (each start of it loads libtorch, seconds on CI).
+            let (code, stdout, stderr) = ulysses(&["data", "inspect", path.to_str().unwrap()]);
+            assert_ne!(code, 0, "{stdout}");
+            assert_names(&stderr, &[name, "sequence 1", parts[0]]);
+        }
+    }
+}
+
+#[test]
+fn document_settings_need_recorded_boundaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_shard(&dir.path().join("plain.h5"), 0, 4, 8);
+    for (packing, message) in [
+        (
+            Packing { documents: PackedDocuments::Mask, positions: Positions::Global },
+            ["plain.h5", "no document boundaries", "data.documents = \"mask\"", "data prepare", "--doc-len"],
+        ),
+        (
+            Packing { documents: PackedDocuments::Ignore, positions: Positions::Document },
+            [
+                "data.positions = \"document\"",
+                "needs data.documents = \"mask\"",
+                "restart",
+                "across documents",
+                "later",
+            ],
+        ),
+    ] {
+        let spec = loader_spec(1, 0, packing);
+        let err = Loader::new(Dataset::open(&[path.clone()], 8).unwrap(), spec, LoaderState::default()).err().unwrap();
+        assert_names(&err.to_string(), &message);
+    }
 }

@@ -4,10 +4,23 @@ mod data_common;
 use data_common::{token, write_shard};
 use std::collections::HashSet;
 use std::path::PathBuf;
-use ulysses::data::{build_batch, Batch, Dataset, Loader, LoaderSpec, LoaderState, LossOn, IGNORE_INDEX};
+use ulysses::data::{
+    build_batch, Batch, Dataset, Loader, LoaderSpec, LoaderState, LossOn, PackedDocuments, Packing, Positions,
+    IGNORE_INDEX,
+};
 
 fn spec(dp: usize, dp_rank: usize, sp: usize, sp_rank: usize, micro_batch: usize) -> LoaderSpec {
-    LoaderSpec { seed: 42, shuffle: true, dp, dp_rank, sp, sp_rank, micro_batch, loss_on: LossOn::All }
+    LoaderSpec {
+        seed: 42,
+        shuffle: true,
+        dp,
+        dp_rank,
+        sp,
+        sp_rank,
+        micro_batch,
+        loss_on: LossOn::All,
+        packing: Packing::default(),
+    }
 }
 
 /// A dataset of `sizes[k]` sequences in shard k (global indices run across shards in order).
@@ -160,4 +173,77 @@ fn several_shards_form_one_dataset() {
     assert!(ds.read_span(6, 0, 1).is_err(), "index past the end");
     assert!(ds.read_span(0, 5, 11).is_err(), "span past the sequence");
     assert_eq!(ds.passkey(3).unwrap(), None);
+}
+
+/// A shard of recognizable tokens whose sequences record document starts `starts[i]` (and,
+/// where given, padding from `pads[i]`).
+fn packed_shard(dir: &tempfile::TempDir, seq_len: usize, starts: &[&[i32]], pads: Option<&[usize]>) -> Dataset {
+    let path = dir.path().join("packed.h5");
+    let w = ulysses::data::format::ShardWriter::create(&path, seq_len, &data_common::meta(data_common::VOCAB), true)
+        .unwrap();
+    let mut w = if pads.is_some() { w.with_padding() } else { w };
+    for (i, s) in starts.iter().enumerate() {
+        let seq: Vec<i32> = (0..seq_len).map(|p| token(i, p)).collect();
+        w.push_padded(&seq, s, pads.map_or(seq_len, |p| p[i])).unwrap();
+    }
+    w.finish().unwrap();
+    Dataset::open(&[path], seq_len).unwrap()
+}
+
+#[test]
+fn packed_documents_shape_labels_and_positions_the_same_on_every_sp_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    // Sequence 0 starts inside a document (the rest of one from before), sequence 1 at one; the
+    // documents cross the chunks of sp = 4 (10 tokens each), one has a single token.
+    let ds = packed_shard(&dir, 40, &[&[13, 14, 31], &[0, 22]], None);
+    let mask = Packing { documents: PackedDocuments::Mask, positions: Positions::Document };
+    for (packing, ignored_ends, restart) in
+        [(mask, true, true), (Packing { documents: PackedDocuments::Mask, positions: Positions::Global }, true, false)]
+    {
+        let (mut labels, mut positions) = (vec![Vec::new(); 2], vec![Vec::new(); 2]);
+        for r in 0..4 {
+            let b = build_batch(&ds, &LoaderSpec { packing, ..spec(1, 0, 4, r, 2) }, &[0, 1]).unwrap();
+            assert_eq!(b.documents[0].starts(), [0, 13, 14, 31], "sp rank {r}: the whole sample's documents");
+            assert_eq!(b.documents[1].starts(), [0, 22]);
+            for row in 0..2 {
+                labels[row].extend_from_slice(&b.labels[row * 10..(row + 1) * 10]);
+                positions[row].extend_from_slice(&b.position_ids[row * 10..(row + 1) * 10]);
+            }
+        }
+        for (row, ends) in [(0, vec![12, 13, 30]), (1, vec![21])] {
+            for p in 0..40 {
+                let next = if p == 39 || (ignored_ends && ends.contains(&p)) {
+                    IGNORE_INDEX
+                } else {
+                    token(row, p + 1) as i64
+                };
+                assert_eq!(labels[row][p], next, "{packing:?}: row {row}, position {p}");
+            }
+        }
+        let starts = [[0usize, 13, 14, 31].as_slice(), &[0, 22]];
+        for (row, s) in starts.iter().enumerate() {
+            let expected: Vec<i64> = (0..40)
+                .map(|p| if restart { (p - s.iter().rev().find(|&&x| x <= p).unwrap()) as i64 } else { p as i64 })
+                .collect();
+            assert_eq!(positions[row], expected, "{packing:?}: row {row} positions");
+        }
+    }
+    // Ignoring the boundaries leaves everything as on unpacked data, one document per sample.
+    let plain = build_batch(&ds, &spec(1, 0, 1, 0, 2), &[0, 1]).unwrap();
+    assert!(plain.documents.iter().all(|d| d.count() == 1));
+    assert_eq!(plain.labels.iter().filter(|&&l| l == IGNORE_INDEX).count(), 2);
+}
+
+#[test]
+fn padding_is_never_a_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = packed_shard(&dir, 16, &[&[0, 10], &[0]], Some(&[10, 16]));
+    assert_eq!((ds.pad_start(0).unwrap(), ds.pad_start(1).unwrap()), (Some(10), None));
+    let b = build_batch(&ds, &spec(1, 0, 2, 0, 2), &[0, 1]).unwrap();
+    let b1 = build_batch(&ds, &spec(1, 0, 2, 1, 2), &[0, 1]).unwrap();
+    let row0: Vec<i64> = [&b.labels[..8], &b1.labels[..8]].concat();
+    // Position 9 (the document's EOS) would predict padding; 10.. are padding.
+    let expected: Vec<i64> = (0..16).map(|p| if p >= 9 { IGNORE_INDEX } else { token(0, p + 1) as i64 }).collect();
+    assert_eq!(row0, expected);
+    assert_eq!(b1.labels[8..15], (9..16).map(|p| token(1, p) as i64).collect::<Vec<_>>()[..7]);
 }

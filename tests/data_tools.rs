@@ -9,7 +9,7 @@ use tokenizers::{
     AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, Tokenizer,
     TokenizerBuilder,
 };
-use ulysses::data::prepare::{prepare, InputFormat, PrepareOptions};
+use ulysses::data::prepare::{prepare, InputFormat, Layout, PrepareOptions};
 use ulysses::data::synth::{synth, SynthOptions, SynthTask};
 use ulysses::data::tokenizer::TextTokenizer;
 use ulysses::data::Dataset;
@@ -147,6 +147,8 @@ fn prepare_plain_text_streams_long_lines_exactly() {
         shard_mib: 1.0,
         out: out.clone(),
         force: false,
+        layout: Layout::Pack,
+        bos: None,
     };
     let mut consumed = 0;
     let summary = prepare(&opts, &TextTokenizer::load("byte", None).unwrap(), &mut |n| consumed += n).unwrap();
@@ -184,6 +186,7 @@ fn synth_passkey_is_deterministic_and_records_the_answer() {
             out: out.clone(),
             depths: Some(vec![0.0, 0.5, 1.0]),
             key_digits: 5,
+            doc_len: None,
             force: false,
         };
         assert_eq!(synth(&opts, &TextTokenizer::Byte).unwrap(), out.join("shard-00000.h5"));
@@ -260,4 +263,91 @@ fn synth_random_and_inspect() {
         assert!(stdout.contains(expected), "inspect output lacks {expected:?}:\n{stdout}");
     }
     assert!(stdout.contains(&format!("{:?}", &tokens[..4])), "{stdout}");
+}
+
+#[test]
+fn prepare_pads_one_document_per_sequence_with_bos_and_summarizes_lengths() {
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = dir.path().join("docs.jsonl");
+    let docs = ["a".repeat(5), "b".repeat(20), "c".repeat(3)];
+    let lines: Vec<String> = docs.iter().map(|d| format!("{{\"text\": \"{d}\"}}")).collect();
+    std::fs::write(&jsonl, lines.join("\n")).unwrap();
+    let out = dir.path().join("padded");
+    let (code, stdout, stderr) = ulysses(&[
+        "data",
+        "prepare",
+        jsonl.to_str().unwrap(),
+        "--seq-len",
+        "16",
+        "--layout",
+        "pad",
+        "--bos",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    // BOS + text + EOS: 7, 22 (longer than a sequence: it continues in the next) and 5 tokens.
+    for expected in [
+        "prepared 3 documents, 34 tokens -> 4 sequences of 16 tokens in 1 shard(s)",
+        "30 padding tokens",
+        "documents crossing into the next sequence: 1 of 3",
+        "3 documents, 34 tokens: min 5, mean 11.3, median in [4, 8), max 22",
+        "data.documents = \"mask\"",
+    ] {
+        assert!(stdout.contains(expected), "prepare output lacks {expected:?}:\n{stdout}");
+    }
+    let ds = Dataset::open(&[out.clone()], 16).unwrap();
+    let seq = |i| ds.read_span(i, 0, 16).unwrap();
+    let text = |c: u8, n| std::iter::repeat_n(c as i32, n);
+    let padded = |mut v: Vec<i32>| {
+        v.resize(16, 257);
+        v
+    };
+    assert_eq!(seq(0), padded([256].into_iter().chain(text(b'a', 5)).chain([257]).collect()));
+    assert_eq!(seq(1), [256].into_iter().chain(text(b'b', 15)).collect::<Vec<_>>());
+    assert_eq!(seq(2), padded(text(b'b', 5).chain([257]).collect()));
+    assert_eq!(seq(3), padded([256].into_iter().chain(text(b'c', 3)).chain([257]).collect()));
+    let starts: Vec<_> = (0..4).map(|i| ds.doc_starts(i).unwrap().unwrap()).collect();
+    assert_eq!(starts, vec![vec![0, 7], vec![0], vec![6], vec![0, 5]], "padding is a document of its own");
+    let pads: Vec<_> = (0..4).map(|i| ds.pad_start(i).unwrap()).collect();
+    assert_eq!(pads, vec![Some(7), None, Some(6), Some(5)]);
+
+    let shard = out.join("shard-00000.h5");
+    let (code, stdout, stderr) = ulysses(&["data", "inspect", shard.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    for expected in [
+        "documents       4 in 4 sequences (1.0 per sequence, at most 1), 3 padded",
+        "4 documents, 34 tokens: min 5, mean 8.5",
+        "within documents costs",
+    ] {
+        assert!(stdout.contains(expected), "inspect output lacks {expected:?}:\n{stdout}");
+    }
+}
+
+#[test]
+fn synth_random_packs_documents_of_a_fixed_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("docs");
+    let args = ["data", "synth", "--task", "random", "--seq-len", "100", "--num", "2", "--doc-len", "32"];
+    let (code, _, stderr) = ulysses(&[&args[..], &["--out", out.to_str().unwrap()]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    let ds = Dataset::open(&[out.clone()], 100).unwrap();
+    assert_eq!(ds.doc_starts(1).unwrap(), Some(vec![0, 32, 64, 96]));
+    let shard = out.join("shard-00000.h5");
+    let (_, stdout, _) = ulysses(&["data", "inspect", shard.to_str().unwrap()]);
+    // (3·32² + 4²) / 100² of full causal attention.
+    assert!(stdout.contains("within documents costs 30.88% of full causal attention"), "{stdout}");
+    let opts = SynthOptions {
+        task: SynthTask::Passkey,
+        seq_len: 100,
+        num: 1,
+        seed: 0,
+        out: dir.path().join("p"),
+        depths: None,
+        key_digits: 5,
+        doc_len: Some(8),
+        force: false,
+    };
+    let err = synth(&opts, &TextTokenizer::Byte).unwrap_err().to_string();
+    assert!(err.contains("--doc-len 8 applies to --task random"), "{err}");
 }

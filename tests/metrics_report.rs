@@ -56,7 +56,8 @@ fn metrics_file_is_as_documented_and_report_plots_it() {
     sorted_doc.sort();
     file_names.sort();
     assert_eq!(file_names, sorted_doc, "datasets in the file vs docs/metrics.md");
-    let dims = BTreeMap::from([("n", 4), ("ranks", 4), ("m", 2), ("bins", 8)]);
+    // No step of this run is measured (metrics.time_split_every = 0): /time_split is empty.
+    let dims = BTreeMap::from([("n", 4), ("ranks", 4), ("m", 2), ("bins", 8), ("k", 0), ("r", 0)]);
     for (name, dtype, shape) in &doc_datasets {
         let d = &datasets[name.as_str()];
         assert_eq!(d["dtype"], dtype.as_str(), "{name}");
@@ -69,7 +70,7 @@ fn metrics_file_is_as_documented_and_report_plots_it() {
     let mut doc_attrs: Vec<&String> = doc_attrs.iter().collect();
     doc_attrs.sort();
     assert_eq!(attrs, doc_attrs, "file attributes vs docs/metrics.md");
-    assert_eq!(dump["attrs"]["schema_version"], 2.0);
+    assert_eq!(dump["attrs"]["schema_version"], 4.0);
     assert!(dump["attrs"]["peak_tflops"].is_null(), "a CPU run has no peak: NaN");
     assert!(datasets["steps/mfu"]["values"].as_array().unwrap().iter().all(|v| v.is_null()), "no MFU on CPU");
     assert!(dump["attrs"]["config_toml"].as_str().unwrap().contains("position_bins = 8"));

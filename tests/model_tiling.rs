@@ -34,8 +34,17 @@ fn tiled_mlp_equals_untiled() {
     let full = post_attention(&spec, &layer, &x, &attn, 0);
     let full_grads = grads(&(&full * &grad_out).sum(Kind::Float), &inputs);
     for tile in [10, 1, 36, 37, 100] {
-        let in_place = post_attention_no_grad(&spec, &layer, &x, &attn, tile);
+        let (in_place, none) = post_attention_no_grad(&spec, &layer, &x, &attn, tile, false);
         assert_close(&format!("mlp_tile {tile}: in-place output"), &in_place, &full, 1e-6);
+        assert!(none.is_none());
+        // Keeping the MLP's gate and up projections changes nothing in the output.
+        let (kept_out, kept) = post_attention_no_grad(&spec, &layer, &x, &attn, tile, true);
+        assert!(kept_out.equal(&in_place), "mlp_tile {tile}: keeping the MLP changed the output");
+        let (gate, up) = kept.unwrap();
+        let h = ulysses::model::llama::attention_residual(&spec, &layer, &x, &attn);
+        let (gate_ref, up_ref) = ulysses::model::llama::mlp_projections(&spec, &layer, &h);
+        assert_close(&format!("mlp_tile {tile}: kept gate"), &gate, &gate_ref, 1e-6);
+        assert_close(&format!("mlp_tile {tile}: kept up"), &up, &up_ref, 1e-6);
         let tiled = post_attention(&spec, &layer, &x, &attn, tile);
         assert_close(&format!("mlp_tile {tile}: output"), &tiled, &full, 1e-6);
         let tiled_grads = grads(&(&tiled * &grad_out).sum(Kind::Float), &inputs);

@@ -50,7 +50,7 @@ fn batch(spec: &ModelSpec, rng: &mut SplitMix64) -> MicroBatch {
     let _ = labels.narrow(1, s - 1, 1).fill_(-100);
     let _ = labels.narrow(1, 3, 4).fill_(-100);
     let positions = Tensor::arange(s, (Kind::Int64, Device::Cpu)).unsqueeze(0).repeat([2, 1]);
-    MicroBatch { input_ids: ids, labels, position_ids: positions }
+    MicroBatch::unpacked(ids, labels, positions)
 }
 
 fn context<'a>(
@@ -62,7 +62,14 @@ fn context<'a>(
     keep: bool,
 ) -> StepContext<'a> {
     let layers = spec.num_hidden_layers as usize;
-    let placement = Placement { inputs: vec![inputs; layers], attention: vec![keep.then_some(Place::Device); layers] };
+    // Segment 1 once in backward (kept attention with room for its graph) and the MLP projections
+    // kept when the inputs wait on the device, neither otherwise: both paths are checked.
+    let placement = Placement {
+        inputs: vec![inputs; layers],
+        attention: vec![keep.then_some(Place::Device); layers],
+        qkv_once: inputs == Place::Device,
+        mlp: vec![inputs == Place::Device; layers],
+    };
     let kernel = keep.then_some(FusedAttention::CpuFlash);
     StepContext {
         spec,
@@ -73,6 +80,7 @@ fn context<'a>(
         loss_tile: tiles.1,
         profiler,
         layers: StepContext::layers(&placement, kernel, false),
+        documents: None,
     }
 }
 
@@ -105,7 +113,7 @@ fn check(spec: ModelSpec, mlp_tile: usize, loss_tile: usize, inputs: Place, keep
     }
     assert_eq!(checked, reference.named().len());
     // The profiler saw every kind of region of the step.
-    let split = profiler.finish();
+    let split = profiler.finish().split;
     assert!(split.attention > 0.0 && split.compute > 0.0 && split.comm > 0.0, "{split:?}");
 }
 

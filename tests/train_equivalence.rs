@@ -9,7 +9,6 @@
 //! reached 4e-5, at 2e-3 they stay under the 1e-5 bound while the loss still falls.
 mod common;
 use common::*;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 const SEQ: usize = 240;
@@ -99,45 +98,13 @@ resume = "none"
 }
 
 /// Trains and returns (loss per step, final parameters by name).
-fn train(dir: &Path, data: &Path, r: Run) -> (Vec<f64>, BTreeMap<String, tch::Tensor>) {
+fn train(dir: &Path, data: &Path, r: Run) -> RunOutputs {
     let exp = experiment(dir, data, &r);
     let out = mpirun(r.sp * r.dp, &[exp.to_str().unwrap()], dir, &[]);
     assert!(out.status.success(), "{}", text(&out));
-    let run_dir = dir.join("runs").join(exp.file_stem().unwrap());
-    let f = hdf5::File::open(run_dir.join("metrics.h5")).unwrap();
-    let losses: Vec<f64> = f.dataset("steps/loss").unwrap().read_raw().unwrap();
-    let mut params = BTreeMap::new();
-    for e in std::fs::read_dir(run_dir.join("final")).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "safetensors") {
-            params.extend(tch::Tensor::read_safetensors(&p).unwrap());
-        }
-    }
-    assert_eq!(losses.len(), STEPS);
-    (losses, params)
-}
-
-fn assert_same(
-    what: &str,
-    reference: &(Vec<f64>, BTreeMap<String, tch::Tensor>),
-    got: &(Vec<f64>, BTreeMap<String, tch::Tensor>),
-) {
-    for (step, (a, b)) in reference.0.iter().zip(&got.0).enumerate() {
-        let rel = (a - b).abs() / a.abs().max(1e-12);
-        assert!(rel <= 1e-6, "{what}: step {} loss {b} vs reference {a} (relative {rel:.2e})", step + 1);
-    }
-    assert_eq!(reference.1.keys().collect::<Vec<_>>(), got.1.keys().collect::<Vec<_>>(), "{what}: parameter names");
-    for (name, a) in &reference.1 {
-        let diff = (a - &got.1[name]).abs().max().double_value(&[]);
-        assert!(diff <= 1e-5, "{what}: {name} differs by {diff:.2e}");
-    }
-    // The run must have trained: the parameters moved away from the reference's initial values
-    // in the same way, so a run that did nothing would not pass by accident.
-    assert!(
-        reference.0[0].is_finite() && reference.0[STEPS - 1] < reference.0[0],
-        "{what}: loss did not go down: {:?}",
-        reference.0
-    );
+    let outputs = run_outputs(&dir.join("runs").join(exp.file_stem().unwrap()));
+    assert_eq!(outputs.0.len(), STEPS);
+    outputs
 }
 
 #[test]
@@ -153,7 +120,7 @@ fn sequence_parallel_and_zero_match_one_rank() {
             }
             let got =
                 train(dir.path(), &data, Run { sp, dp: 1, zero, micro_batch: 1, grad_accum: 1, answer_only: false });
-            assert_same(&format!("sp={sp} dp=1 zero={zero}"), &single, &got);
+            assert_same_run(&format!("sp={sp} dp=1 zero={zero}"), &single, &got);
         }
     }
 }
@@ -166,7 +133,7 @@ fn ranks_without_any_valid_label_contribute_zero() {
         |sp, zero| train(dir.path(), &data, Run { sp, dp: 1, zero, micro_batch: 1, grad_accum: 1, answer_only: true });
     let single = run(1, 0);
     for (sp, zero) in [(2, 3), (4, 0), (4, 3)] {
-        assert_same(&format!("answer-only sp={sp} zero={zero}"), &single, &run(sp, zero));
+        assert_same_run(&format!("answer-only sp={sp} zero={zero}"), &single, &run(sp, zero));
     }
 }
 
@@ -180,10 +147,10 @@ fn data_parallel_matches_one_rank_on_the_same_samples() {
         train(dir.path(), &data, Run { sp: 1, dp: 1, zero: 0, micro_batch: 2, grad_accum: 1, answer_only: false });
     let ga2 =
         train(dir.path(), &data, Run { sp: 1, dp: 1, zero: 0, micro_batch: 1, grad_accum: 2, answer_only: false });
-    assert_same("grad_accum=2 vs micro_batch=2", &mb2, &ga2);
+    assert_same_run("grad_accum=2 vs micro_batch=2", &mb2, &ga2);
     for (sp, zero) in [(1, 0), (1, 3), (2, 0), (2, 3), (4, 3)] {
         let got = train(dir.path(), &data, Run { sp, dp: 2, zero, micro_batch: 1, grad_accum: 1, answer_only: false });
-        assert_same(&format!("sp={sp} dp=2 zero={zero}"), &mb2, &got);
+        assert_same_run(&format!("sp={sp} dp=2 zero={zero}"), &mb2, &got);
     }
 }
 
@@ -193,12 +160,7 @@ fn data_parallel_matches_one_rank_on_the_same_samples() {
 /// parameter within 1e-5. With the tests above, every sharded layout equals the reference.
 #[test]
 fn single_rank_run_equals_the_reference_trainer() {
-    use tch::{Device, Kind, Tensor};
     use ulysses::config::Experiment;
-    use ulysses::data::{Dataset, Loader, LoaderSpec, LoaderState};
-    use ulysses::model::params::{init_tensor, ModelWeights};
-    use ulysses::optim::AdamW;
-    use ulysses::train::{reference::Reference, schedule::lr_at, step::MicroBatch};
 
     let dir = tempfile::tempdir().unwrap();
     let data = synth(dir.path());
@@ -206,42 +168,6 @@ fn single_rank_run_equals_the_reference_trainer() {
     let exp = Experiment::load(&experiment(dir.path(), &data, &run)).unwrap();
     let binary = train(dir.path(), &data, run);
 
-    let spec = ulysses::config::validate(&exp, Some(1)).unwrap();
-    let named = ModelWeights::shapes(&spec)
-        .into_iter()
-        .map(|(n, s)| {
-            let t = init_tensor(&n, &s, exp.run.seed as i64, Kind::Float, Device::Cpu);
-            (n, t)
-        })
-        .collect();
-    let mut reference = Reference::new(&spec, named);
-    let t = &exp.train;
-    let loader_spec = LoaderSpec {
-        seed: exp.run.seed,
-        shuffle: exp.data.shuffle,
-        dp: 1,
-        dp_rank: 0,
-        sp: 1,
-        sp_rank: 0,
-        micro_batch: t.micro_batch,
-        loss_on: exp.data.loss_on,
-    };
-    let mut loader =
-        Loader::new(Dataset::open(&exp.data.paths, exp.data.seq_len).unwrap(), loader_spec, LoaderState::default())
-            .unwrap();
-    let mut losses = Vec::new();
-    for step in 1..=t.steps {
-        let batches: Vec<MicroBatch> = (0..t.grad_accum)
-            .map(|_| {
-                let b = loader.next_batch().unwrap();
-                let shape = [b.micro_batch as i64, b.chunk_len as i64];
-                let v = |x: &[i64]| Tensor::from_slice(x).view(shape);
-                MicroBatch { input_ids: v(&b.input_ids), labels: v(&b.labels), position_ids: v(&b.position_ids) }
-            })
-            .collect();
-        losses.push(reference.step(&batches, &AdamW::new(t), lr_at(t, step), t.clip_grad_norm).0);
-    }
-    let final_params: BTreeMap<String, tch::Tensor> =
-        reference.named().iter().map(|(n, t)| (n.clone(), t.detach().copy())).collect();
-    assert_same("single rank vs the reference trainer", &(losses, final_params), &binary);
+    let initial = common::reference::initial_weights(&exp);
+    assert_same_run("single rank vs the reference trainer", &reference_run(&exp, initial), &binary);
 }

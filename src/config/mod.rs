@@ -50,22 +50,37 @@ impl Default for RunConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// A named architecture (`Preset`); exclusive with `config`.
+    /// A Hugging Face model folder: config.json, the safetensors weights and the tokenizer files
+    /// (which checkpoints then carry). Exclusive with `preset`, `config` and `weights`.
+    pub path: Option<PathBuf>,
+    /// A named architecture (`Preset`), with seeded random weights unless `weights` gives them.
     pub preset: Option<Preset>,
-    /// A Hugging Face Llama `config.json`.
+    /// The preset's dimensions with this many decoder layers (benchmarks, memory calibration).
+    pub layers: Option<i64>,
+    /// A Hugging Face `config.json` (Llama, Qwen3, Qwen2 / Qwen2.5 or Mistral).
     pub config: Option<PathBuf>,
-    /// Initial weights: a folder (or a single .safetensors file) in Hugging Face layout.
+    /// Initial weights: a folder (or a single .safetensors file) in Hugging Face layout, or a
+    /// ulysses checkpoint folder (its master weights; the optimizer starts fresh).
     pub weights: Option<PathBuf>,
 }
 
 impl ModelConfig {
-    /// The model as the experiment names it: the preset, or the config.json path.
+    /// The model as the experiment names it: the folder, the preset, or the config.json path.
     pub fn name(&self) -> String {
-        match (&self.preset, &self.config) {
-            (Some(preset), _) => preset.to_string(),
-            (None, Some(config)) => config.display().to_string(),
-            (None, None) => "(no model)".into(),
+        match (&self.path, &self.preset, &self.config) {
+            (Some(path), _, _) => path.display().to_string(),
+            (None, Some(preset), _) => match self.layers {
+                Some(n) => format!("{preset} with {n} layers"),
+                None => preset.to_string(),
+            },
+            (None, None, Some(config)) => config.display().to_string(),
+            (None, None, None) => "(no model)".into(),
         }
+    }
+
+    /// Where the initial weights are: the model folder, or `weights`.
+    pub fn weights_path(&self) -> Option<&Path> {
+        self.path.as_deref().or(self.weights.as_deref())
     }
 }
 
@@ -172,6 +187,21 @@ pub enum ActivationPlacement {
     Disk,
 }
 
+impl FusedAttention {
+    /// How `ulysses check` and the run's log name the kernel, on a full causal sample or on one
+    /// with several documents (`masked`).
+    pub fn describe(self, masked: bool) -> &'static str {
+        match (self, masked) {
+            (FusedAttention::Cudnn, false) => "cuDNN (causal)",
+            (FusedAttention::Flash, false) => "flash (causal)",
+            (FusedAttention::CpuFlash, false) => "CPU flash (causal)",
+            (FusedAttention::Cudnn, true) => "cuDNN varlen (cumulative sequence lengths)",
+            (FusedAttention::Flash, true) => "flash varlen (cumulative sequence lengths)",
+            (FusedAttention::CpuFlash, true) => "CPU flash with a block-diagonal causal mask",
+        }
+    }
+}
+
 impl ParallelConfig {
     /// The kernel that keeps attention's log-sum-exp here: libtorch's CPU flash attention on CPU;
     /// on CUDA cuDNN or flash as `attention` says, and None for the memory-efficient and math
@@ -223,6 +253,22 @@ pub struct DataConfig {
     /// "all" (every next-token label) or "answer" (only passkey answers).
     #[serde(default)]
     pub loss_on: crate::data::LossOn,
+    /// Packed documents (the boundaries shards record in `docs/*`): "ignore" (default: attention
+    /// runs across documents, as on unpacked text) or "mask" (block-diagonal causal attention, no
+    /// label across a boundary).
+    #[serde(default)]
+    pub documents: crate::data::PackedDocuments,
+    /// RoPE positions: "global" (default: position in the sequence) or "document" (restart at
+    /// each document, as ALST does; needs documents = "mask").
+    #[serde(default)]
+    pub positions: crate::data::Positions,
+}
+
+impl DataConfig {
+    /// What the loader does with the shards' document boundaries.
+    pub fn packing(&self) -> crate::data::Packing {
+        crate::data::Packing { documents: self.documents, positions: self.positions }
+    }
 }
 
 fn default_true() -> bool {
@@ -300,11 +346,24 @@ pub struct CheckpointConfig {
     pub resume: Resume,
     /// Save the model at the end (benchmarks turn it off).
     pub save_final: bool,
+    /// `async`: the step waits only while each rank copies its shard into host staging, a
+    /// background thread writes it. Unset: on for GPU runs, off on CPU, where the state already
+    /// lives in host memory (staging would be a second copy of it) and the writer would compete
+    /// with training for the same cores.
+    #[serde(rename = "async", skip_serializing_if = "Option::is_none")]
+    pub asynchronous: Option<bool>,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        CheckpointConfig { every: 0, keep: 2, resume: Resume::Auto, save_final: true }
+        CheckpointConfig { every: 0, keep: 2, resume: Resume::Auto, save_final: true, asynchronous: None }
+    }
+}
+
+impl CheckpointConfig {
+    /// Whether saves are asynchronous on `device` (`async`, or its default).
+    pub fn is_async(&self, device: DeviceKind) -> bool {
+        self.asynchronous.unwrap_or(device == DeviceKind::Cuda)
     }
 }
 
@@ -347,6 +406,9 @@ pub struct MetricsConfig {
     pub position_loss_every: usize,
     /// Number of position bins across the whole sequence.
     pub position_bins: usize,
+    /// Which position the per-position loss bins by: "sequence" (default: the position in the
+    /// sample) or "document" (the position within its document, for packed data).
+    pub position_by: PositionBy,
     /// Every N-th step, measure where the time goes (attention, other compute, communication,
     /// waiting) by synchronising the GPU around each region; 0: never. Such steps run slower.
     pub time_split_every: usize,
@@ -363,9 +425,31 @@ impl Default for MetricsConfig {
         MetricsConfig {
             position_loss_every: 10,
             position_bins: 64,
+            position_by: PositionBy::Sequence,
             time_split_every: 0,
             tensorboard: false,
             peak_tflops: 0.0,
+        }
+    }
+}
+
+/// The position a per-position loss curve bins each token by (`metrics.position_by`, `ulysses
+/// eval --task loss --by`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PositionBy {
+    /// The position in the sample.
+    #[default]
+    Sequence,
+    /// The position within the token's document (0 where a document begins).
+    Document,
+}
+
+impl PositionBy {
+    pub fn name(self) -> &'static str {
+        match self {
+            PositionBy::Sequence => "sequence",
+            PositionBy::Document => "document",
         }
     }
 }
@@ -447,6 +531,7 @@ impl Experiment {
             }
         };
         self.data.paths.iter_mut().for_each(fix);
+        self.model.path.iter_mut().for_each(fix);
         self.model.config.iter_mut().for_each(fix);
         self.model.weights.iter_mut().for_each(fix);
     }

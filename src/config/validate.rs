@@ -1,6 +1,7 @@
 //! Every rule of an experiment, checked at once. Each problem names its TOML path, the value found
 //! and what would be valid, so a user fixes the whole file in one go.
-use super::{DeviceKind, Dtype, Experiment, Resume, ZeroStage};
+use super::{DeviceKind, Dtype, Experiment, ModelConfig, PositionBy, Resume, ZeroStage};
+use crate::data::PackedDocuments;
 use crate::model::spec::{ModelSpec, Preset};
 use std::fmt;
 
@@ -17,9 +18,95 @@ impl fmt::Display for Problem {
     }
 }
 
+/// A config enum as the TOML spells it.
+fn serde_plain<T: serde::Serialize>(v: &T) -> String {
+    toml::Value::try_from(v).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+}
+
 fn divisors(n: i64) -> String {
     let d: Vec<String> = (1..=n.max(1)).filter(|k| n % k == 0).map(|k| k.to_string()).collect();
     d.join(", ")
+}
+
+/// The architecture `[model]` names, reporting what is wrong with it.
+fn model_spec(m: &ModelConfig, bad: &mut impl FnMut(&str, String)) -> Option<ModelSpec> {
+    if let Some(n) = m.layers {
+        if m.preset.is_none() {
+            bad("model.layers", "needs model.preset (it sets the preset's number of decoder layers)".into());
+        } else if n < 1 {
+            bad("model.layers", format!("= {n} must be at least 1"));
+        }
+    }
+    if let Some(w) = &m.weights {
+        if !w.exists() {
+            bad(
+                "model.weights",
+                format!("\"{}\" does not exist; give a folder with Hugging Face safetensors", w.display()),
+            );
+        }
+    }
+    let from_file = |bad: &mut dyn FnMut(&str, String), key: &str, file: &std::path::Path| {
+        ModelSpec::from_hf_config(file).map_err(|e| e.messages().into_iter().for_each(|msg| bad(key, msg))).ok()
+    };
+    match (&m.path, &m.preset, &m.config) {
+        (Some(dir), ..) => {
+            if m.preset.is_some() || m.config.is_some() || m.weights.is_some() {
+                bad(
+                    "model",
+                    "`path` names the whole model folder (config.json, weights, tokenizer); leave out `preset`, \
+                     `config` and `weights`"
+                        .into(),
+                );
+                return None;
+            }
+            if !dir.is_dir() {
+                bad(
+                    "model.path",
+                    format!(
+                        "\"{}\" is not a folder; give a Hugging Face model folder (config.json, model.safetensors \
+                         or its index, tokenizer files)",
+                        dir.display()
+                    ),
+                );
+                return None;
+            }
+            let has = |f: &str| dir.join(f).is_file();
+            if !has("model.safetensors") && !has("model.safetensors.index.json") {
+                bad(
+                    "model.path",
+                    format!(
+                        "\"{}\" has neither model.safetensors nor model.safetensors.index.json; to start from \
+                         random weights, name its config.json with `model.config` instead",
+                        dir.display()
+                    ),
+                );
+            }
+            from_file(bad, "model.path", &dir.join("config.json"))
+        }
+        (None, Some(_), Some(_)) => {
+            bad("model", "set either `preset` or `config`, not both".into());
+            None
+        }
+        (None, None, None) => {
+            bad(
+                "model",
+                format!(
+                    "set `preset` (one of {}), `path` (a Hugging Face model folder) or `config` (a Hugging Face \
+                     config.json)",
+                    Preset::names()
+                ),
+            );
+            None
+        }
+        (None, Some(preset), None) => {
+            let mut spec = ModelSpec::preset(*preset);
+            if let Some(n) = m.layers.filter(|n| *n >= 1) {
+                spec.num_hidden_layers = n;
+            }
+            Some(spec)
+        }
+        (None, None, Some(file)) => from_file(bad, "model.config", file),
+    }
 }
 
 /// Resolves the model architecture and checks every rule; `world_size` is the number of ranks the
@@ -28,32 +115,7 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
     let mut problems = Vec::new();
     let mut bad = |path: &str, message: String| problems.push(Problem { path: path.into(), message });
 
-    let spec = match (&exp.model.preset, &exp.model.config) {
-        (Some(_), Some(_)) => {
-            bad("model", "set either `preset` or `config`, not both".into());
-            None
-        }
-        (None, None) => {
-            bad("model", format!("set `preset` (one of {}) or `config` (a Hugging Face config.json)", Preset::names()));
-            None
-        }
-        (Some(preset), None) => Some(ModelSpec::preset(*preset)),
-        (None, Some(path)) => match ModelSpec::from_hf_config(path) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                bad("model.config", e.to_string());
-                None
-            }
-        },
-    };
-    if let Some(w) = &exp.model.weights {
-        if !w.exists() {
-            bad(
-                "model.weights",
-                format!("\"{}\" does not exist; give a folder with Hugging Face safetensors", w.display()),
-            );
-        }
-    }
+    let spec = model_spec(&exp.model, &mut bad);
 
     let p = &exp.parallel;
     if p.sp == 0 {
@@ -125,6 +187,9 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
         );
     }
     if let Some(s) = &spec {
+        if let Err(e) = s.check_seq_len(d.seq_len) {
+            bad("data.seq_len", format!("= {}: {e}", d.seq_len));
+        }
         if d.seq_len as i64 > s.max_position_embeddings * 64 {
             bad(
                 "data.seq_len",
@@ -134,6 +199,25 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
                 ),
             );
         }
+    }
+
+    if d.documents == PackedDocuments::Mask && p.fused_attention().is_none() {
+        bad(
+            "data.documents",
+            format!(
+                "= \"mask\" needs an attention kernel that takes document boundaries; parallel.attention = \"{}\" has none, use \"auto\", \"cudnn\" or \"flash\"",
+                serde_plain(&p.attention)
+            ),
+        );
+    }
+    if let Some(problem) = d.packing().problem() {
+        bad("data.positions", problem.trim_start_matches("data.positions ").into());
+    }
+    if exp.metrics.position_by == PositionBy::Document && !d.packing().reads_documents() {
+        bad(
+            "metrics.position_by",
+            "= \"document\" needs the document boundaries: set data.documents = \"mask\"".into(),
+        );
     }
 
     let t = &exp.train;

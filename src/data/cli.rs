@@ -1,7 +1,8 @@
 //! `ulysses data prepare | synth | inspect`: thin wrappers that parse arguments, show progress and
 //! print summaries; the work happens in the library functions they call.
+use super::documents::{spread, summarize};
 use super::format::TOKENS;
-use super::prepare::{prepare, InputFormat, PrepareOptions};
+use super::prepare::{prepare, InputFormat, Layout, PrepareOptions};
 use super::shard::{read_i64_attr, read_str_attr};
 use super::synth::{synth, SynthOptions, SynthTask};
 use super::tokenizer::TextTokenizer;
@@ -41,6 +42,17 @@ pub enum DataCommand {
         /// Replace shard-*.h5 files already in the output folder.
         #[arg(long)]
         force: bool,
+        /// pack: documents back to back, cut into sequences (the last partial one dropped);
+        /// pad: each document starts a sequence, the rest of its last sequence is padding (never
+        /// a target).
+        #[arg(long, value_enum, default_value_t = Layout::Pack)]
+        layout: Layout,
+        /// Begin every document with BOS (the byte tokenizer's 256, or a tokenizer.json's).
+        #[arg(long)]
+        bos: bool,
+        /// BOS token of a tokenizer.json for --bos (default: the first of the usual names it has).
+        #[arg(long)]
+        bos_token: Option<String>,
     },
     /// Write a synthetic long-context set (no download): passkey or needle-in-a-haystack
     /// retrieval (niah), or random tokens.
@@ -74,6 +86,10 @@ pub enum DataCommand {
         /// Digits of the pass key.
         #[arg(long, default_value_t = 5)]
         key_digits: u32,
+        /// `--task random` only: pack each sequence with documents of this many tokens (recorded
+        /// in `docs/*`, for `data.documents = "mask"`); the last one of a sequence may be shorter.
+        #[arg(long)]
+        doc_len: Option<usize>,
         /// Replace an existing output.
         #[arg(long)]
         force: bool,
@@ -92,31 +108,74 @@ pub enum DataCommand {
     },
 }
 
+/// Sequences `data inspect` reads the documents of without `--scan`.
+const INSPECT_SEQUENCES: usize = 4096;
+
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
-        DataCommand::Prepare { inputs, out, seq_len, tokenizer, eos_token, format, text_field, shard_mib, force } => {
+        DataCommand::Prepare {
+            inputs,
+            out,
+            seq_len,
+            tokenizer,
+            eos_token,
+            format,
+            text_field,
+            shard_mib,
+            force,
+            layout,
+            bos,
+            bos_token,
+        } => {
             let tok = TextTokenizer::load(&tokenizer, eos_token.as_deref())?;
+            if bos_token.is_some() && !bos {
+                anyhow::bail!("--bos-token names the BOS that --bos adds; pass --bos too");
+            }
+            let bos = if bos { Some(tok.bos_id(bos_token.as_deref())?) } else { None };
             let total: u64 = inputs.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
             let bar = indicatif::ProgressBar::new(total);
             let style = "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}";
             bar.set_style(indicatif::ProgressStyle::with_template(style).context("progress bar template")?);
-            let opts = PrepareOptions { inputs, format, text_field, seq_len, shard_mib, out, force };
+            let opts = PrepareOptions { inputs, format, text_field, seq_len, shard_mib, out, force, layout, bos };
             let summary = prepare(&opts, &tok, &mut |n| bar.inc(n));
             bar.finish_and_clear();
             let s = summary?;
+            let rest = match layout {
+                Layout::Pack => format!("{} trailing tokens dropped", s.dropped_tokens),
+                Layout::Pad => format!("{} padding tokens", s.padding_tokens),
+            };
             println!(
-                "prepared {} documents, {} tokens -> {} sequences of {seq_len} tokens in {} shard(s) under {} ({} trailing tokens dropped)",
+                "prepared {} documents, {} tokens -> {} sequences of {seq_len} tokens in {} shard(s) under {} ({rest})",
                 s.documents,
                 s.tokens,
                 s.sequences,
                 s.shards.len(),
                 opts.out.display(),
-                s.dropped_tokens
+            );
+            println!("documents crossing into the next sequence: {} of {}", s.split_documents, s.documents);
+            println!("document lengths (tokens, with EOS{}):", if bos.is_some() { " and BOS" } else { "" });
+            for line in s.lengths.render() {
+                println!("  {line}");
+            }
+            println!(
+                "train with data.documents = \"mask\" (attention within documents) or \"ignore\" (the default: across them); docs/data.md"
             );
         }
-        DataCommand::Synth { task, seq_len, num, seed, out, depths, tokenizer, eos_token, key_digits, force } => {
+        DataCommand::Synth {
+            task,
+            seq_len,
+            num,
+            seed,
+            out,
+            depths,
+            tokenizer,
+            eos_token,
+            key_digits,
+            doc_len,
+            force,
+        } => {
             let tok = TextTokenizer::load(&tokenizer, eos_token.as_deref())?;
-            let opts = SynthOptions { task, seq_len, num, seed, out, depths, key_digits, force };
+            let opts = SynthOptions { task, seq_len, num, seed, out, depths, key_digits, doc_len, force };
             let path = synth(&opts, &tok)?;
             println!("wrote {num} {} sequences of {seq_len} tokens (seed {seed}) to {}", task.name(), path.display());
         }
@@ -147,6 +206,27 @@ fn inspect(path: &Path, n_tokens: usize, scan: bool) -> Result<()> {
     }
     if let Some(docs) = ds.doc_starts(0)? {
         println!("  doc starts      {docs:?}");
+    }
+    // Every sequence's documents with --scan, else a spread of them (two small reads each).
+    let indices = if scan { (0..ds.len()).collect() } else { spread(ds.len(), INSPECT_SEQUENCES) };
+    if let Some(d) = summarize(&ds, &indices)? {
+        let p = &d.per_sequence;
+        let of = if d.sequences < ds.len() { format!(" (of {}; --scan reads all)", ds.len()) } else { String::new() };
+        println!(
+            "  documents       {} in {} sequences{of} ({:.1} per sequence, at most {}), {} padded; as cut into sequences:",
+            d.lengths.count(),
+            d.sequences,
+            p.mean(),
+            p.max(),
+            d.padded
+        );
+        for line in d.lengths.render() {
+            println!("    {line}");
+        }
+        println!(
+            "  attention       within documents costs {:.2}% of full causal attention (data.documents = \"mask\")",
+            100.0 * d.attention_share
+        );
     }
     if let Some(p) = ds.passkey(0)? {
         println!(

@@ -1,7 +1,8 @@
 //! The read side: several shard files seen as one dataset of fixed-length sequences. Every shard
 //! is checked when opened (see shard.rs) and every span is range-checked when read, so a bad file
 //! fails loudly instead of feeding wrong tokens.
-use super::format::TOKENS;
+use super::documents::{check_starts, Documents};
+use super::format::{PAD_START, TOKENS};
 use super::shard::{invalid, shard_files, Shard};
 use super::DataError;
 use ndarray::s;
@@ -83,6 +84,11 @@ impl Dataset {
         self.shards.iter().map(|s| s.path.as_path()).collect()
     }
 
+    /// The file that holds sequence `index`.
+    pub fn shard_path(&self, index: usize) -> Result<&Path, DataError> {
+        Ok(self.locate(index)?.0.path.as_path())
+    }
+
     /// The shard holding global sequence `index`, and the row inside it.
     fn locate(&self, index: usize) -> Result<(&Shard, usize), DataError> {
         if index >= self.len {
@@ -140,8 +146,15 @@ impl Dataset {
         }))
     }
 
-    /// Positions where a document begins in sequence `index`, if the shard records them
-    /// (`docs` group, written by `ulysses data prepare`).
+    /// The documents of sequence `index` over its whole sequence, if its shard records their
+    /// starts (`docs` group: `ulysses data prepare`, `data synth --doc-len`).
+    pub fn documents(&self, index: usize) -> Result<Option<Documents>, DataError> {
+        Ok(self.doc_starts(index)?.map(|starts| Documents::from_starts(&starts, self.seq_len)))
+    }
+
+    /// Positions where a document begins in sequence `index`, as its shard records them (None:
+    /// no `docs` group). Every start is checked: a bad one is an error naming the file, the
+    /// sequence and the value.
     pub fn doc_starts(&self, index: usize) -> Result<Option<Vec<usize>>, DataError> {
         let (shard, row) = self.locate(index)?;
         if !shard.file.link_exists("docs") {
@@ -155,8 +168,40 @@ impl Dataset {
             let expected = format!("a range inside docs/starts (0..={total})");
             return Err(invalid(&shard.path, "dataset", "docs/offsets", found, &expected));
         }
-        let v = shard.read_1d::<i32>("docs/starts", o[0] as usize..o[1] as usize)?;
-        Ok(Some(v.into_iter().map(|x| x as usize).collect()))
+        let raw: Vec<i64> =
+            shard.read_1d::<i32>("docs/starts", o[0] as usize..o[1] as usize)?.into_iter().map(i64::from).collect();
+        check_starts(&raw, self.seq_len).map_err(|bad| DataError::BadDocStart {
+            path: shard.path.clone(),
+            row,
+            index,
+            entry: bad.entry,
+            value: bad.value,
+            problem: bad.problem,
+            seq_len: self.seq_len,
+        })?;
+        Ok(Some(raw.into_iter().map(|s| s as usize).collect()))
+    }
+
+    /// Where padding begins in sequence `index` (`docs/pad_start`, written by `data prepare
+    /// --layout pad`); None: no padding. Padding is never a target: its labels, and the label
+    /// of the position before it, are -100.
+    pub fn pad_start(&self, index: usize) -> Result<Option<usize>, DataError> {
+        let (shard, row) = self.locate(index)?;
+        if !shard.has_padding {
+            return Ok(None);
+        }
+        let p = shard.read_1d::<i64>(PAD_START, row..row + 1)?[0];
+        if p < 1 || p as u64 > self.seq_len as u64 {
+            let found = format!("= {p} for sequence {row} (global index {index})");
+            let expected = format!("a position in 1..={} (seq_len: no padding)", self.seq_len);
+            return Err(invalid(&shard.path, "dataset", PAD_START, found, &expected));
+        }
+        Ok(((p as usize) < self.seq_len).then_some(p as usize))
+    }
+
+    /// The first shard that records no document boundaries, if any.
+    pub fn shard_without_documents(&self) -> Option<&Path> {
+        self.shards.iter().find(|s| !s.file.link_exists("docs")).map(|s| s.path.as_path())
     }
 }
 

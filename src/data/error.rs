@@ -21,6 +21,10 @@ pub enum DataError {
     Inconsistent { path: PathBuf, name: &'static str, found: String, expected: String, first: PathBuf },
     #[error("{}: dataset `tokens` sequence {row} (global index {index}) position {position} holds token id {value}, outside [0, vocab_size = {vocab_size}); the shard is corrupt or was made with another tokenizer", .path.display())]
     TokenOutOfRange { path: PathBuf, index: usize, row: usize, position: usize, value: i32, vocab_size: i64 },
+    #[error("{}: dataset `docs/starts` of sequence {row} (global index {index}): document start {value} (entry {entry} of the sequence) {problem}; starts must be positions in [0, seq_len = {seq_len}), strictly increasing; re-create the shard with `ulysses data prepare`", .path.display())]
+    BadDocStart { path: PathBuf, row: usize, index: usize, entry: usize, value: i64, problem: String, seq_len: usize },
+    #[error("{}: records no document boundaries (`docs/*`), but data.documents = \"mask\" needs them; make shards with `ulysses data prepare` or `ulysses data synth --task random --doc-len N`, or set data.documents = \"ignore\"", .path.display())]
+    NoDocuments { path: PathBuf },
     #[error("{}: reading dataset `{dataset}` failed ({detail}); the file is truncated or corrupt", .path.display())]
     Read { path: PathBuf, dataset: String, detail: String },
     #[error("{}: writing dataset `{dataset}` failed ({detail})", .path.display())]

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 pub const FORMAT_NAME: &str = "ulysses-tokens";
 pub const FORMAT_VERSION: i64 = 1;
 pub const TOKENS: &str = "tokens";
+/// Where padding begins in each sequence (`data prepare --layout pad`); seq_len: none.
+pub const PAD_START: &str = "docs/pad_start";
 /// Tokens per chunk along the sequence (256 KiB of int32): a rank of an SP group reads its slice
 /// plus at most one extra chunk, and the chunk index stays small for multi-million-token samples.
 pub const CHUNK_TOKENS: usize = 65536;
@@ -60,12 +62,14 @@ pub struct ShardWriter {
     docs: Option<DocsBuffer>,
 }
 
-/// `docs/starts` (appended with the tokens) and `docs/offsets` (one entry per sequence plus a
-/// leading 0, kept in memory: 8 bytes per sequence, written at `finish`).
+/// `docs/starts` (appended with the tokens), `docs/offsets` (one entry per sequence plus a
+/// leading 0) and, for padded sequences, `docs/pad_start` (one per sequence); the last two are
+/// kept in memory (8 bytes per sequence each) and written at `finish`.
 struct DocsBuffer {
     starts: hdf5::Dataset,
     pending: Vec<i32>,
     offsets: Vec<i64>,
+    pad_starts: Option<Vec<i64>>,
 }
 
 impl ShardWriter {
@@ -96,11 +100,20 @@ impl ShardWriter {
                 starts: create_1d::<i32>(&group, &partial, "starts")?,
                 pending: Vec::new(),
                 offsets: vec![0],
+                pad_starts: None,
             })
         } else {
             None
         };
         Ok(ShardWriter { path: path.to_path_buf(), partial, file, tokens, seq_len, rows: 0, buffer: Vec::new(), docs })
+    }
+
+    /// Also records where padding begins in each sequence (`docs/pad_start`; needs `with_docs`).
+    pub fn with_padding(mut self) -> ShardWriter {
+        if let Some(docs) = &mut self.docs {
+            docs.pad_starts = Some(Vec::new());
+        }
+        self
     }
 
     /// Sequences written or buffered so far.
@@ -120,7 +133,16 @@ impl ShardWriter {
     /// Appends one sequence; `doc_starts` are the positions where a document begins in it
     /// (required when the shard was created `with_docs`).
     pub fn push(&mut self, seq: &[i32], doc_starts: &[i32]) -> Result<(), DataError> {
+        self.push_padded(seq, doc_starts, self.seq_len)
+    }
+
+    /// `push` for a sequence whose positions from `pad_start` on are padding (a shard made
+    /// `with_padding`; `pad_start` = seq_len: none).
+    pub fn push_padded(&mut self, seq: &[i32], doc_starts: &[i32], pad_start: usize) -> Result<(), DataError> {
         debug_assert_eq!(seq.len(), self.seq_len);
+        if let Some(pads) = self.docs.as_mut().and_then(|d| d.pad_starts.as_mut()) {
+            pads.push(pad_start as i64);
+        }
         self.buffer.extend_from_slice(seq);
         if let Some(docs) = &mut self.docs {
             docs.pending.extend_from_slice(doc_starts);
@@ -161,6 +183,13 @@ impl ShardWriter {
                 .with_data(&Array1::from(docs.offsets.clone()))
                 .create("offsets")
                 .map_err(|e| DataError::write(&self.partial, "docs/offsets", e))?;
+            if let Some(pads) = &docs.pad_starts {
+                group
+                    .new_dataset_builder()
+                    .with_data(&Array1::from(pads.clone()))
+                    .create("pad_start")
+                    .map_err(|e| DataError::write(&self.partial, PAD_START, e))?;
+            }
         }
         let ShardWriter { path, partial, file, tokens, docs, .. } = self;
         drop((tokens, docs));

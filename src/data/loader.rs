@@ -3,7 +3,7 @@
 //! background thread. The state (epoch, position) fully determines what comes next, so a
 //! resumed run sees exactly the data it would have seen.
 use super::order::{epoch_order, micro_batch_indices, steps_per_epoch};
-use super::{DataError, Dataset};
+use super::{DataError, Dataset, Documents};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 /// The label that contributes no loss (PyTorch's and transformers' `ignore_index`): positions without
@@ -22,6 +22,52 @@ pub enum LossOn {
     Answer,
 }
 
+/// What training does with the document boundaries of packed samples (`data.documents`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PackedDocuments {
+    /// Attention runs causally over the whole sequence, across documents, and the label after a
+    /// document's last token is the next document's first (plain next-token prediction).
+    #[default]
+    Ignore,
+    /// Attention is block-diagonal causal: a token attends only to earlier tokens of its own
+    /// document; the label at a document's last position (before another document) is -100.
+    Mask,
+}
+
+/// The RoPE position of each token (`data.positions`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Positions {
+    /// Its position in the sequence.
+    #[default]
+    Global,
+    /// Its position in its document: positions restart at 0 where a document begins.
+    Document,
+}
+
+/// How packed documents are trained on: `data.documents` and `data.positions`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Packing {
+    pub documents: PackedDocuments,
+    pub positions: Positions,
+}
+
+impl Packing {
+    /// Whether the document boundaries are read at all (not for the default, which ignores them).
+    pub fn reads_documents(&self) -> bool {
+        self.documents == PackedDocuments::Mask
+    }
+
+    /// Positions that restart while attention runs across documents would put an earlier
+    /// document's tokens at later positions than the token attending to them.
+    pub fn problem(&self) -> Option<&'static str> {
+        (self.positions == Positions::Document && self.documents == PackedDocuments::Ignore).then_some(
+            "data.positions = \"document\" needs data.documents = \"mask\": positions that restart while attention runs across documents put an earlier document's tokens at later positions",
+        )
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct LoaderSpec {
     pub seed: u64,
@@ -32,21 +78,29 @@ pub struct LoaderSpec {
     pub sp_rank: usize,
     pub micro_batch: usize,
     pub loss_on: LossOn,
+    pub packing: Packing,
 }
 
 /// One rank's micro batch: row-major [micro_batch, chunk_len] (chunk_len = seq_len / sp).
-/// `labels[i]` is the token after `input_ids[i]`, also across the chunk boundary; in packed text
-/// the label after a document's EOS is the next document's first token (plain next-token
-/// prediction; document starts are recorded in the shard but not masked).
+/// `labels[i]` is the token after `input_ids[i]`, also across the chunk boundary. With
+/// `data.documents = "ignore"` the label after a document's EOS is the next document's first
+/// token (plain next-token prediction); with "mask" it is -100. Padding is never a target.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
     pub input_ids: Vec<i64>,
     pub labels: Vec<i64>,
+    /// RoPE positions: global, or within the document (`data.positions`).
     pub position_ids: Vec<i64>,
     pub micro_batch: usize,
     pub chunk_len: usize,
+    /// Global position of the chunk's first token.
+    pub chunk_start: usize,
     /// Global sequence index of each row (the same on every SP rank of a dp group).
     pub sample_indices: Vec<usize>,
+    /// Each row's documents over the WHOLE sequence, the same on every SP rank of the dp group
+    /// (after the all-to-all each rank attends over the whole sequence); one document per row
+    /// when the boundaries are ignored.
+    pub documents: Vec<Documents>,
 }
 
 /// Position in the data stream: `position` = micro batches consumed in this epoch (per dp rank).
@@ -122,7 +176,18 @@ fn check_spec(spec: &LoaderSpec, dataset: &Dataset) -> Result<(), DataError> {
     if steps_per_epoch(dataset.len(), dp, micro_batch) == 0 {
         return Err(DataError::TooFewSequences { sequences: dataset.len(), dp, micro_batch });
     }
-    Ok(())
+    check_packing(&spec.packing, dataset)
+}
+
+/// The packing setting is consistent and the boundaries it needs are recorded in every shard.
+pub fn check_packing(packing: &Packing, dataset: &Dataset) -> Result<(), DataError> {
+    if let Some(problem) = packing.problem() {
+        return Err(DataError::Spec(problem.into()));
+    }
+    match dataset.shard_without_documents() {
+        Some(path) if packing.reads_documents() => Err(DataError::NoDocuments { path: path.to_path_buf() }),
+        _ => Ok(()),
+    }
 }
 
 /// Worker loop: produces micro batches in order from `state` until the loader is dropped or a
@@ -152,7 +217,8 @@ fn prefetch(
 
 /// SP rank r reads its chunk `[r·c, (r+1)·c)` of each sample (`layout::sp_chunk`) and one token
 /// more (none for the last rank): inputs are the chunk, labels the same span shifted by one,
-/// -100 past the end.
+/// -100 past the end; with packing, the sample's documents over the whole sequence shape the
+/// labels and positions (`sample_targets`).
 pub fn build_batch(dataset: &Dataset, spec: &LoaderSpec, indices: &[usize]) -> Result<Batch, DataError> {
     let chunk = crate::layout::sp_chunk(dataset.seq_len(), spec.sp, spec.sp_rank);
     let (start, chunk_len) = (chunk.start, chunk.len());
@@ -160,6 +226,7 @@ pub fn build_batch(dataset: &Dataset, spec: &LoaderSpec, indices: &[usize]) -> R
     let n = indices.len() * chunk_len;
     let (mut input_ids, mut labels, mut position_ids) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut documents = Vec::with_capacity(indices.len());
     for &index in indices {
         let span = dataset.read_span(index, start, end)?;
         input_ids.extend(span[..chunk_len].iter().map(|&t| t as i64));
@@ -181,7 +248,10 @@ pub fn build_batch(dataset: &Dataset, spec: &LoaderSpec, indices: &[usize]) -> R
                 }
             }
         }
-        position_ids.extend((start..start + chunk_len).map(|p| p as i64));
+        let docs = sample_documents(dataset, &spec.packing, index)?;
+        let pad_start = dataset.pad_start(index)?;
+        position_ids.extend(sample_targets(&docs, &spec.packing, pad_start, start, &mut labels[row..]));
+        documents.push(docs);
     }
     Ok(Batch {
         input_ids,
@@ -189,6 +259,42 @@ pub fn build_batch(dataset: &Dataset, spec: &LoaderSpec, indices: &[usize]) -> R
         position_ids,
         micro_batch: indices.len(),
         chunk_len,
+        chunk_start: start,
         sample_indices: indices.to_vec(),
+        documents,
     })
+}
+
+/// Sequence `index`'s documents as `packing` uses them: the recorded ones, or the whole sequence
+/// as one when the boundaries are ignored.
+pub fn sample_documents(dataset: &Dataset, packing: &Packing, index: usize) -> Result<Documents, DataError> {
+    if !packing.reads_documents() {
+        return Ok(Documents::whole(dataset.seq_len()));
+    }
+    match dataset.documents(index)? {
+        Some(docs) => Ok(docs),
+        None => Err(DataError::NoDocuments { path: dataset.shard_path(index)?.to_path_buf() }),
+    }
+}
+
+/// Applies the sample's documents and padding to the labels of the chunk that starts at global
+/// position `start` (label i is the target of position `start + i`), and returns the chunk's
+/// RoPE positions. Padding (from `pad_start` on) is never a target, nor is the token that begins
+/// another document when attention stays within documents.
+pub fn sample_targets(
+    docs: &Documents,
+    packing: &Packing,
+    pad_start: Option<usize>,
+    start: usize,
+    labels: &mut [i64],
+) -> Vec<i64> {
+    for (i, label) in labels.iter_mut().enumerate() {
+        let p = start + i;
+        let padded = pad_start.is_some_and(|pad| p + 1 >= pad);
+        if padded || (packing.documents == PackedDocuments::Mask && docs.ends_before_next(p)) {
+            *label = IGNORE_INDEX;
+        }
+    }
+    let restart = packing.positions == Positions::Document;
+    (start..start + labels.len()).map(|p| if restart { (p - docs.start_of(p)) as i64 } else { p as i64 }).collect()
 }

@@ -5,6 +5,7 @@
 //! `[r*c, (r+1)*c + 1)` (c = seq_len / sp) of the sample its dp rank is dealt, one hyperslab.
 pub mod cli;
 mod dataset;
+pub mod documents;
 mod error;
 pub mod format;
 mod loader;
@@ -16,6 +17,10 @@ pub mod synth;
 pub mod tokenizer;
 
 pub use dataset::{Dataset, PasskeyInfo};
+pub use documents::Documents;
 pub use error::DataError;
-pub use loader::{build_batch, Batch, Loader, LoaderSpec, LoaderState, LossOn, IGNORE_INDEX};
+pub use loader::{
+    build_batch, check_packing, sample_documents, sample_targets, Batch, Loader, LoaderSpec, LoaderState, LossOn,
+    PackedDocuments, Packing, Positions, IGNORE_INDEX,
+};
 pub use shard::shard_files;

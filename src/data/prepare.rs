@@ -1,6 +1,9 @@
 //! `ulysses data prepare`: text to shards, streaming. Documents are tokenized one at a time
-//! (plain text: one piece of a line at a time), joined with EOS and cut into fixed-length
-//! sequences; only the current partial sequence and the shard's write buffer stay in memory.
+//! (plain text: one piece of a line at a time), each ended by EOS (and begun by BOS with
+//! `--bos`), and either packed back to back into fixed-length sequences or started each in a
+//! sequence of its own with the rest padded; only the current partial sequence and the shard's
+//! write buffer stay in memory.
+use super::documents::LengthStats;
 use super::format::{claim_output_dir, shard_name, ShardMeta, ShardWriter};
 use super::tokenizer::TextTokenizer;
 use super::DataError;
@@ -21,6 +24,18 @@ pub enum InputFormat {
     Text,
 }
 
+/// How documents become fixed-length sequences.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Layout {
+    /// Back to back: a sequence holds the end of one document and the starts of the next ones;
+    /// the last partial sequence is dropped.
+    #[default]
+    Pack,
+    /// Each document starts a sequence; the rest of its last sequence is padding (EOS ids, never
+    /// a target: `docs/pad_start`). A document longer than a sequence continues in the next.
+    Pad,
+}
+
 pub struct PrepareOptions {
     pub inputs: Vec<PathBuf>,
     pub format: InputFormat,
@@ -32,16 +47,25 @@ pub struct PrepareOptions {
     pub out: PathBuf,
     /// Replace `shard-*.h5` files already in `out`.
     pub force: bool,
+    pub layout: Layout,
+    /// Begin every document with this BOS id (None: no BOS).
+    pub bos: Option<i32>,
 }
 
 #[derive(Debug, Default, PartialEq)]
 pub struct PrepareSummary {
     pub documents: u64,
-    /// Tokens produced, EOS separators included.
+    /// Tokens produced, EOS separators (and BOS) included, padding excluded.
     pub tokens: u64,
     pub sequences: u64,
-    /// Tokens of the last, incomplete sequence (not written).
+    /// Tokens of the last, incomplete sequence (not written; `Layout::Pack`).
     pub dropped_tokens: u64,
+    /// Padding tokens written (`Layout::Pad`).
+    pub padding_tokens: u64,
+    /// Documents that cross from one sequence into the next.
+    pub split_documents: u64,
+    /// Document lengths in tokens (with their EOS and BOS).
+    pub lengths: LengthStats,
     pub shards: Vec<PathBuf>,
 }
 
@@ -161,8 +185,9 @@ fn read_text(
     }
 }
 
-/// Joins documents with EOS and cuts the stream into sequences, rolling over to a new shard
-/// every `per_shard` sequences. Records where each document starts inside a sequence.
+/// Ends documents with EOS (begins them with BOS when asked) and cuts the stream into
+/// sequences, packed or one document per sequence with padding, rolling over to a new shard every
+/// `per_shard` sequences. Records where each document starts inside a sequence.
 struct Packer<'a> {
     opts: &'a PrepareOptions,
     meta: ShardMeta,
@@ -172,7 +197,10 @@ struct Packer<'a> {
     doc_starts: Vec<i32>,
     /// A document began and its first token has not been placed yet.
     doc_pending: bool,
+    /// Tokens of the current document so far (BOS included, EOS not yet).
     doc_tokens: u64,
+    /// Sequences emitted when the current document's first token was placed.
+    doc_first_sequence: u64,
     writer: Option<ShardWriter>,
     summary: PrepareSummary,
 }
@@ -190,6 +218,7 @@ impl<'a> Packer<'a> {
             doc_starts: Vec::new(),
             doc_pending: false,
             doc_tokens: 0,
+            doc_first_sequence: 0,
             writer: None,
             summary,
         }
@@ -207,18 +236,36 @@ impl<'a> Packer<'a> {
             return Ok(());
         }
         self.summary.documents += 1;
-        self.push(&[self.eos])
+        self.push(&[self.eos])?;
+        self.summary.lengths.add(self.doc_tokens);
+        // A document that ended exactly at a sequence's end did not cross into the next one.
+        let last = self.summary.sequences - u64::from(self.current.is_empty());
+        if last > self.doc_first_sequence {
+            self.summary.split_documents += 1;
+        }
+        Ok(())
     }
 
-    fn push(&mut self, mut tokens: &[i32]) -> Result<(), DataError> {
+    fn push(&mut self, tokens: &[i32]) -> Result<(), DataError> {
         if tokens.is_empty() {
             return Ok(());
         }
         if self.doc_pending {
+            self.doc_pending = false;
+            if self.opts.layout == Layout::Pad && !self.current.is_empty() {
+                self.emit_padded()?;
+            }
             // `current` is never full here (it is emitted as soon as it fills).
             self.doc_starts.push(self.current.len() as i32);
-            self.doc_pending = false;
+            self.doc_first_sequence = self.summary.sequences;
+            if let Some(bos) = self.opts.bos {
+                self.place(&[bos])?;
+            }
         }
+        self.place(tokens)
+    }
+
+    fn place(&mut self, mut tokens: &[i32]) -> Result<(), DataError> {
         self.doc_tokens += tokens.len() as u64;
         self.summary.tokens += tokens.len() as u64;
         while !tokens.is_empty() {
@@ -226,19 +273,30 @@ impl<'a> Packer<'a> {
             self.current.extend_from_slice(&tokens[..take]);
             tokens = &tokens[take..];
             if self.current.len() == self.opts.seq_len {
-                self.emit()?;
+                self.emit(self.opts.seq_len)?;
             }
         }
         Ok(())
     }
 
-    fn emit(&mut self) -> Result<(), DataError> {
+    /// Fills the current sequence with padding and emits it. The padding is a document of its
+    /// own, so that with `data.documents = "mask"` attention spends nothing on it.
+    fn emit_padded(&mut self) -> Result<(), DataError> {
+        let pad_start = self.current.len();
+        self.doc_starts.push(pad_start as i32);
+        self.summary.padding_tokens += (self.opts.seq_len - pad_start) as u64;
+        self.current.resize(self.opts.seq_len, self.eos);
+        self.emit(pad_start)
+    }
+
+    fn emit(&mut self, pad_start: usize) -> Result<(), DataError> {
         if self.writer.is_none() {
             let path = self.opts.out.join(shard_name(self.summary.shards.len()));
-            self.writer = Some(ShardWriter::create(&path, self.opts.seq_len, &self.meta, true)?);
+            let writer = ShardWriter::create(&path, self.opts.seq_len, &self.meta, true)?;
+            self.writer = Some(if self.opts.layout == Layout::Pad { writer.with_padding() } else { writer });
         }
         let writer = self.writer.as_mut().expect("created above");
-        writer.push(&self.current, &self.doc_starts)?;
+        writer.push_padded(&self.current, &self.doc_starts, pad_start)?;
         self.summary.sequences += 1;
         self.current.clear();
         self.doc_starts.clear();
@@ -250,6 +308,9 @@ impl<'a> Packer<'a> {
     }
 
     fn finish(mut self) -> Result<PrepareSummary, DataError> {
+        if self.opts.layout == Layout::Pad && !self.current.is_empty() {
+            self.emit_padded()?;
+        }
         if let Some(w) = self.writer.take() {
             self.summary.shards.push(w.finish()?);
         }

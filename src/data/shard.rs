@@ -1,7 +1,7 @@
 //! Opening one shard: everything that can be checked without reading the tokens is checked here
 //! (format, version, attributes, dtype, rank, seq_len, per-sequence metadata), so a bad file is
 //! refused before training starts.
-use super::format::{FORMAT_NAME, FORMAT_VERSION, TOKENS};
+use super::format::{FORMAT_NAME, FORMAT_VERSION, PAD_START, TOKENS};
 use super::DataError;
 use hdf5::types::{IntSize, TypeDescriptor, VarLenUnicode};
 use ndarray::s;
@@ -18,6 +18,8 @@ pub(crate) struct Shard {
     pub vocab_size: i64,
     pub eos_id: i64,
     pub tokenizer: String,
+    /// The shard records where padding begins in each sequence (`docs/pad_start`).
+    pub has_padding: bool,
 }
 
 /// `paths` may name shard files or folders of `*.h5` shards (taken in name order).
@@ -116,7 +118,8 @@ impl Shard {
         }
         let len = shape[0];
         check_per_sequence(&file, path, len)?;
-        Ok(Shard { path: path.into(), file, tokens, len, vocab_size, eos_id, tokenizer })
+        let has_padding = file.link_exists("docs") && file.link_exists(PAD_START);
+        Ok(Shard { path: path.into(), file, tokens, len, vocab_size, eos_id, tokenizer, has_padding })
     }
 
     /// Elements `range` of the 1-D dataset `name` (per-sequence metadata).
@@ -133,6 +136,9 @@ fn check_per_sequence(file: &hdf5::File, path: &Path, len: usize) -> Result<(), 
     let mut expect = Vec::new();
     if file.link_exists("docs") {
         expect.push(("docs/offsets".to_string(), len + 1));
+        if file.link_exists(PAD_START) {
+            expect.push((PAD_START.to_string(), len));
+        }
     }
     if file.link_exists("passkey") {
         let names = ["depth", "key", "needle_start", "answer_start", "answer_len", "answer_tokens"];

@@ -3,7 +3,8 @@
 //!   hidden at a recorded depth, ending in "What is the pass key? The pass key is NNNNN"; the
 //!   answer's position and tokens are recorded per sequence (`passkey/*` datasets).
 //! - niah: the same layout with varied filler and "The special magic number is NNNNN." (needle.rs).
-//! - random: uniform token ids, for throughput runs.
+//! - random: uniform token ids, for throughput runs; with `doc_len`, packed into documents of that
+//!   many tokens (recorded in `docs/*`), for document-masked throughput runs.
 use super::format::{claim_output_dir, shard_name, ShardWriter};
 use super::needle::{check_key_digits, draw_key, NeedleParts};
 use super::tokenizer::TextTokenizer;
@@ -44,6 +45,8 @@ pub struct SynthOptions {
     pub depths: Option<Vec<f32>>,
     /// Digits of the pass key (1..=18).
     pub key_digits: u32,
+    /// Random task: record documents of this many tokens (the last of a sequence may be shorter).
+    pub doc_len: Option<usize>,
     pub force: bool,
 }
 
@@ -62,14 +65,19 @@ pub fn synth(opts: &SynthOptions, tokenizer: &TextTokenizer) -> Result<PathBuf, 
         claim_output_dir(&opts.out, opts.force)?;
         opts.out.join(shard_name(0))
     };
-    let mut writer = ShardWriter::create(&path, opts.seq_len, &tokenizer.shard_meta(opts.task.name()), false)?;
+    let meta = tokenizer.shard_meta(opts.task.name());
+    let mut writer = ShardWriter::create(&path, opts.seq_len, &meta, opts.doc_len.is_some())?;
     let mut rng = SplitMix64::new(opts.seed);
     match opts.task {
         SynthTask::Random => {
             let vocab = tokenizer.vocab_size() as u64;
+            let starts: Vec<i32> = match opts.doc_len {
+                Some(len) => (0..opts.seq_len).step_by(len).map(|p| p as i32).collect(),
+                None => Vec::new(),
+            };
             for _ in 0..opts.num {
                 let seq: Vec<i32> = (0..opts.seq_len).map(|_| rng.below(vocab) as i32).collect();
-                writer.push(&seq, &[])?;
+                writer.push(&seq, &starts)?;
             }
         }
         SynthTask::Passkey | SynthTask::Niah => {
@@ -96,6 +104,16 @@ fn check(opts: &SynthOptions) -> Result<(), DataError> {
         return Err(DataError::Usage("--seq-len and --num must be at least 1".into()));
     }
     check_key_digits(opts.key_digits)?;
+    match opts.doc_len {
+        Some(0) => return Err(DataError::Usage("--doc-len 0: give a document length of at least 1 token".into())),
+        Some(len) if opts.task != SynthTask::Random => {
+            return Err(DataError::Usage(format!(
+                "--doc-len {len} applies to --task random; a {} sequence is one document",
+                opts.task.name()
+            )))
+        }
+        _ => {}
+    }
     match &opts.depths {
         Some(d) if d.is_empty() || d.iter().any(|x| !(0.0..=1.0).contains(x)) => Err(DataError::Usage(format!(
             "--depths {d:?}: give one or more fractions in [0, 1], e.g. 0,0.25,0.5,0.75,1"

@@ -4,13 +4,18 @@ use super::format::ShardMeta;
 use super::DataError;
 use std::path::{Path, PathBuf};
 
-/// Built-in byte-level tokenizer: bytes are 0..=255, BOS 256 (never emitted by prepare or synth),
+/// Built-in byte-level tokenizer: bytes are 0..=255, BOS 256 (emitted only by `prepare --bos`),
 /// EOS 257.
+pub const BYTE_BOS: i32 = 256;
 pub const BYTE_EOS: i32 = 257;
 pub const BYTE_VOCAB: i64 = 258;
 
 /// End-of-text tokens of common tokenizer families, tried in order when `--eos-token` is absent.
 const EOS_CANDIDATES: &[&str] = &["<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eot_id|>", "[SEP]"];
+
+/// Beginning-of-text tokens of common tokenizer families, tried in order when `--bos-token` is
+/// absent.
+const BOS_CANDIDATES: &[&str] = &["<|begin_of_text|>", "<|startoftext|>", "<s>", "<bos>", "[CLS]"];
 
 pub enum TextTokenizer {
     Byte,
@@ -21,6 +26,11 @@ pub enum TextTokenizer {
 /// crypto dependency (this guards against mix-ups, not against adversaries).
 fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+/// The identity shards record for a tokenizer.json with these bytes (`Dataset::tokenizer`).
+pub fn identity(tokenizer_json: &[u8]) -> String {
+    format!("huggingface fnv1a64:{:016x}", fnv1a64(tokenizer_json))
 }
 
 impl TextTokenizer {
@@ -90,6 +100,34 @@ impl TextTokenizer {
         }
     }
 
+    /// The BOS id `prepare --bos` begins documents with: `bos_token` if given, else the usual
+    /// names a tokenizer.json has (256 for the byte tokenizer).
+    pub fn bos_id(&self, bos_token: Option<&str>) -> Result<i32, DataError> {
+        match self {
+            TextTokenizer::Byte => match bos_token {
+                None => Ok(BYTE_BOS),
+                Some(_) => Err(DataError::Usage(
+                    "--bos-token applies only to a tokenizer.json; the byte tokenizer's BOS is 256".into(),
+                )),
+            },
+            TextTokenizer::HuggingFace { tokenizer, path, .. } => {
+                let err = |message: String| DataError::Tokenizer { path: path.clone(), message };
+                let id = match bos_token {
+                    Some(t) => tokenizer
+                        .token_to_id(t)
+                        .ok_or_else(|| err(format!("has no token \"{t}\" (from --bos-token)")))?,
+                    None => BOS_CANDIDATES.iter().find_map(|t| tokenizer.token_to_id(t)).ok_or_else(|| {
+                        err(format!(
+                            "has none of the usual BOS tokens ({}); name it with --bos-token",
+                            BOS_CANDIDATES.join(", ")
+                        ))
+                    })?,
+                };
+                Ok(id as i32)
+            }
+        }
+    }
+
     /// The attributes a shard made with this tokenizer carries.
     pub fn shard_meta(&self, task: &str) -> ShardMeta {
         let (tokenizer, tokenizer_source) = match self {
@@ -110,4 +148,15 @@ impl TextTokenizer {
 
 fn source_name(path: &Path) -> String {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string()
+}
+
+/// The tokenizer.json that `data prepare` (or `synth`) made `ds` with, if the shards name one
+/// that is still there with the same contents (the hash the shards record); None for the byte
+/// tokenizer, or when the file moved or changed since.
+pub fn recorded_tokenizer(ds: &super::Dataset) -> Option<PathBuf> {
+    let shard = *ds.shard_paths().first()?;
+    let file = hdf5::File::open(shard).ok()?;
+    let path = PathBuf::from(super::shard::read_str_attr(&file, shard, "tokenizer_source").ok()?);
+    let bytes = std::fs::read(&path).ok()?;
+    (identity(&bytes) == ds.tokenizer()).then_some(path)
 }

@@ -7,11 +7,11 @@ use super::loss::{run_loss, LossSpec};
 use super::results::{write_grid, write_loss, Provenance};
 use super::{plot_eval, EvalTask};
 use crate::comm::Mesh;
-use crate::config::{validate, DeviceKind, Dtype, Experiment, Overrides, SetArgs};
+use crate::config::{validate, DeviceKind, Dtype, Experiment, Overrides, PositionBy, SetArgs};
 use crate::data::synth::SynthTask;
 use crate::data::tokenizer::TextTokenizer;
 use crate::launch::{init_logging, Backend, Launch};
-use crate::model::weights::load_hf;
+use crate::train::checkpoint::load_weights;
 use crate::train::tensorboard::Events;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
@@ -27,7 +27,7 @@ pub struct EvalArgs {
     /// position over held-out shards (--data).
     #[arg(long, value_enum)]
     pub task: EvalTask,
-    /// Hugging Face checkpoint folder [default: RUN_DIR/final, where training saves the model].
+    /// A Hugging Face model folder or a checkpoint folder [default: RUN_DIR/final, the exported model].
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// Results file [default: RUN_DIR/eval/TASK.h5]; the PNGs are written next to it.
@@ -62,6 +62,10 @@ pub struct EvalArgs {
     /// Position bins of the loss curve.
     #[arg(long, default_value_t = 64)]
     pub bins: usize,
+    /// What --task loss bins a token by: its position in the sequence, or within its document
+    /// (packed data; needs the experiment's data.documents = "mask").
+    #[arg(long, value_enum, default_value_t = PositionBy::Sequence)]
+    pub by: PositionBy,
 }
 
 /// The eval's TensorBoard events (`metrics.tensorboard`): RUN_DIR/tensorboard/eval, at the
@@ -138,8 +142,14 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
     let device = launch.device(backend)?;
     let groups = launch.groups(backend, &mesh)?;
     let checkpoint = args.checkpoint.clone().unwrap_or_else(|| exp.run_dir().join("final"));
-    let weights = load_hf(&checkpoint, &spec, kind, device)
+    let weights = load_weights(&checkpoint, &spec, kind, device)
         .with_context(|| format!("loading the checkpoint {}", checkpoint.display()))?;
+    // The grid's sequences are one document each; held-out packed data attends within its
+    // documents when training did.
+    let documents = match args.task {
+        EvalTask::Loss => crate::train::documents::kernel(&exp, &spec, launch.size, kind, device)?,
+        EvalTask::Passkey | EvalTask::Niah => None,
+    };
     let ev = Evaluator {
         spec: &spec,
         weights: &weights,
@@ -147,6 +157,7 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
         device,
         mlp_tile: exp.parallel.mlp_tile,
         loss_tile: exp.parallel.loss_tile,
+        documents,
     };
     let out = args.out.clone().unwrap_or_else(|| exp.run_dir().join("eval").join(format!("{}.h5", args.task.name())));
     let command: Vec<String> = std::env::args().collect();
@@ -174,9 +185,13 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
                     spec.vocab_size
                 );
             }
+            let lengths = args.lengths.clone().unwrap_or_else(|| vec![exp.data.seq_len]);
+            for &len in &lengths {
+                spec.check_seq_len(len).map_err(|e| anyhow::anyhow!("--lengths {len}: {e}"))?;
+            }
             let grid = GridSpec {
                 task: if args.task == EvalTask::Niah { SynthTask::Niah } else { SynthTask::Passkey },
-                lengths: args.lengths.clone().unwrap_or_else(|| vec![exp.data.seq_len]),
+                lengths,
                 depths: args.depths.clone(),
                 samples: args.samples.unwrap_or(10),
                 seed: args.seed,
@@ -194,7 +209,13 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
             if args.data.is_empty() {
                 bail!("--task loss needs --data: held-out shard files or folders (make them like the training data, from text the model was not trained on)");
             }
-            let spec = LossSpec { paths: args.data.clone(), bins: args.bins, max_sequences: args.samples };
+            let spec = LossSpec {
+                paths: args.data.clone(),
+                bins: args.bins,
+                max_sequences: args.samples,
+                by: args.by,
+                packing: exp.data.packing(),
+            };
             let result = run_loss(&ev, &spec, &mesh, world)?;
             if launch.rank == 0 {
                 write_loss(&out, &provenance, &args.data, &result)?;

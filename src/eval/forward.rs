@@ -1,12 +1,14 @@
-//! The forward pass of evaluation. Every rank holds the whole model (`load_hf`) and a contiguous
+//! The forward pass of evaluation. Every rank holds the whole model (`load_weights`) and a contiguous
 //! chunk of the sequence: SP rank r of a group of sp holds tokens `[r·L/sp, (r+1)·L/sp)` at their
 //! global positions, and attention crosses chunks through the Ulysses all-to-alls, so the hidden
 //! state of a token is the same as in a single-device forward over the whole sequence. Logits are
 //! computed only at the positions a rank scores; the caller sums the scores over the SP group.
 use super::EvalError;
 use crate::comm::Collective;
-use crate::data::IGNORE_INDEX;
+use crate::config::FusedAttention;
+use crate::data::{Documents, IGNORE_INDEX};
 use crate::model::llama::{self, ModelWeights};
+use crate::model::mask::DocumentMask;
 use crate::model::rope::Rope;
 use crate::model::spec::ModelSpec;
 use crate::parallel::ulysses::UlyssesAttention;
@@ -21,6 +23,9 @@ pub struct Evaluator<'a> {
     /// Tokens per MLP tile and per LM-head tile (0: untiled), as in training.
     pub mlp_tile: usize,
     pub loss_tile: usize,
+    /// With `data.documents = "mask"`: the kernel that attends within documents (None: the
+    /// sequence is one causal attention, whatever documents it holds).
+    pub documents: Option<FusedAttention>,
 }
 
 /// One rank's share of the score of one answer: sum these over the SP group.
@@ -52,13 +57,25 @@ impl Evaluator<'_> {
     /// Collective: every rank of the SP group calls it for its chunk of the same sequence.
     fn hidden(&self, ids: &[i32], start: usize) -> Tensor {
         let c = ids.len() as i64;
+        let positions: Vec<i64> = (start as i64..start as i64 + c).collect();
+        self.hidden_at(ids, &positions, None)
+    }
+
+    /// `hidden` at RoPE `positions` (one per token), attending within `docs` (the sequence's
+    /// documents) when the evaluator masks documents.
+    fn hidden_at(&self, ids: &[i32], positions: &[i64], docs: Option<&Documents>) -> Tensor {
+        let c = ids.len() as i64;
         let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
         // [c] -> [1, c]
         let ids = Tensor::from_slice(&ids).view([1, c]).to_device(self.device);
-        let start = start as i64;
-        let positions = Tensor::arange_start(start, start + c, (Kind::Int64, self.device)).view([1, c]);
-        let rope = Rope::new(self.spec, &positions, self.weights.embed.kind());
-        let core = UlyssesAttention { group: self.sp };
+        let positions = Tensor::from_slice(positions).view([1, c]).to_device(self.device);
+        let kind = self.weights.embed.kind();
+        let rope = Rope::new(self.spec, &positions, kind);
+        let mask = match (self.documents, docs) {
+            (Some(kernel), Some(docs)) => DocumentMask::new(std::slice::from_ref(docs), kernel, kind, self.device),
+            _ => None,
+        };
+        let core = UlyssesAttention { group: self.sp, mask: mask.as_ref() };
         tch::no_grad(|| {
             let x = llama::embed(self.weights, &ids);
             self.weights
@@ -105,30 +122,37 @@ impl Evaluator<'_> {
         })
     }
 
-    /// Next-token cross-entropy (nats) at each position of this rank's chunk. `span` holds the
-    /// chunk's tokens followed by the next token when there is one (the label of the chunk's last
-    /// position); the sequence's last position has no label and gets NaN. Collective over the
-    /// SP group.
-    pub fn position_losses(&self, span: &[i32], start: usize, seq_len: usize) -> Result<Vec<f32>, EvalError> {
-        let (chunk_start, end) = self.chunk(seq_len)?;
-        let c = end - chunk_start;
-        let expected = c + usize::from(end < seq_len);
-        if start != chunk_start || span.len() != expected {
+    /// Next-token cross-entropy (nats) at each position of this rank's chunk `ids`, whose labels
+    /// and RoPE positions are given (one each per token; `data::sample_targets` makes them), in a
+    /// sequence of documents `docs`; NaN where the label is -100. Collective over the SP group.
+    pub fn position_losses(
+        &self,
+        ids: &[i32],
+        labels: &[i64],
+        positions: &[i64],
+        docs: &Documents,
+    ) -> Result<Vec<f32>, EvalError> {
+        let seq_len = docs.seq_len();
+        let (start, end) = self.chunk(seq_len)?;
+        let c = end - start;
+        if ids.len() != c || labels.len() != c || positions.len() != c {
             return Err(EvalError::Usage(format!(
-                "position_losses: got {} tokens from {start}, this rank needs {expected} from {chunk_start}",
-                span.len()
+                "position_losses: got {} tokens, {} labels and {} positions; this rank holds {c}",
+                ids.len(),
+                labels.len(),
+                positions.len()
             )));
         }
-        let h = self.hidden(&span[..c], start);
-        let mut labels: Vec<i64> = span[1..].iter().map(|&t| t as i64).collect();
-        labels.resize(c, IGNORE_INDEX);
+        let h = self.hidden_at(ids, positions, Some(docs));
         // [c] -> [1, c]
-        let labels = Tensor::from_slice(&labels).view([1, c as i64]).to_device(self.device);
-        let losses = tch::no_grad(|| llama::token_losses(self.spec, self.weights, &h, &labels, self.loss_tile));
+        let labels_t = Tensor::from_slice(labels).view([1, c as i64]).to_device(self.device);
+        let losses = tch::no_grad(|| llama::token_losses(self.spec, self.weights, &h, &labels_t, self.loss_tile));
         // [1, c] -> [c]
         let mut out = Vec::<f32>::try_from(losses.view([c as i64]).to_device(Device::Cpu))?;
-        if end == seq_len {
-            out[c - 1] = f32::NAN;
+        for (loss, &label) in out.iter_mut().zip(labels) {
+            if label == IGNORE_INDEX {
+                *loss = f32::NAN;
+            }
         }
         Ok(out)
     }

@@ -5,6 +5,7 @@ use super::grid::GridResult;
 use super::loss::LossResult;
 use super::results::{read, EvalResults};
 use super::EvalError;
+use crate::config::PositionBy;
 use ndarray::Array2;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -171,7 +172,10 @@ fn draw_loss_curve(root: &DrawingArea<BitMapBackend, Shift>, r: &LossResult) -> 
         .build_cartesian_2d(0f64..r.seq_len as f64, (lo - pad)..(hi + pad))?;
     chart
         .configure_mesh()
-        .x_desc("position in the sequence (tokens)")
+        .x_desc(match r.by {
+            PositionBy::Sequence => "position in the sequence (tokens)",
+            PositionBy::Document => "position within the document (tokens)",
+        })
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("mean loss (nats)")
         .label_style((FAMILY, 16))

@@ -3,6 +3,7 @@
 use super::grid::{GridResult, GridSpec};
 use super::loss::LossResult;
 use super::{EvalError, EvalTask};
+use crate::config::PositionBy;
 use hdf5::types::VarLenUnicode;
 use hdf5::{H5Type, Location};
 use ndarray::{Array1, Array3, Dimension};
@@ -107,6 +108,7 @@ pub fn write_loss(path: &Path, p: &Provenance, data: &[PathBuf], r: &LossResult)
     text_attr(&file, path, "data", &data.join("\n"))?;
     int_attr(&file, path, "seq_len", r.seq_len as i64)?;
     int_attr(&file, path, "sequences", r.sequences as i64)?;
+    text_attr(&file, path, "position_by", r.by.name())?;
     dataset(&file, path, "bin_start", &to_i64(&r.bin_start))?;
     dataset(&file, path, "bin_end", &to_i64(&r.bin_end))?;
     dataset(&file, path, "loss", &Array1::from(r.loss.clone()))?;
@@ -159,6 +161,11 @@ pub fn read(path: &Path) -> Result<EvalResults, EvalError> {
             let r = LossResult {
                 seq_len: read_int_attr(&file, path, "seq_len")? as usize,
                 sequences: read_int_attr(&file, path, "sequences")? as usize,
+                // Files written before packed documents have no `position_by`: sequence positions.
+                by: match file.attr("position_by").and_then(|a| a.read_scalar::<VarLenUnicode>()) {
+                    Ok(v) if v.as_str() == "document" => PositionBy::Document,
+                    _ => PositionBy::Sequence,
+                },
                 bin_start: usizes(read_1d(&file, path, "bin_start")?),
                 bin_end: usizes(read_1d(&file, path, "bin_end")?),
                 loss: read_1d(&file, path, "loss")?,

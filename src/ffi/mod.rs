@@ -10,6 +10,7 @@ pub mod attention;
 pub mod autograd;
 pub mod cuda;
 pub mod optim;
+pub mod profiler;
 pub mod transfer;
 
 use std::ffi::{c_char, CStr};

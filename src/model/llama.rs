@@ -1,5 +1,6 @@
-//! The Llama forward, cut into the segments the parallel step recomputes one at a time:
-//! `pre_attention` (RMSNorm, QKV, RoPE) | attention core | `post_attention` (O, residual, RMSNorm,
+//! The decoder forward of every family (Llama's layer; Qwen3's q/k norms and Qwen2's biases are
+//! switches of the spec), cut into the segments the parallel step recomputes one at a time:
+//! `pre_attention` (RMSNorm, QKV, q/k norms, RoPE) | attention core | `post_attention` (O, residual, RMSNorm,
 //! SwiGLU MLP, residual); then `head_loss`. Sequence parallelism enters only through the
 //! `AttentionCore` the caller passes: every function here sees just the rank's local tokens, with
 //! their global positions. `forward_logits` composes it all as the readable reference.
@@ -21,17 +22,25 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     x.rms_norm([hidden], Some(weight), eps)
 }
 
-/// Pre-attention segment: RMSNorm -> q, k, v projections -> RoPE at the global positions of
-/// `rope`. Returns (q [b, s, n_q, d], k [b, s, n_kv, d], v [b, s, n_kv, d]).
+/// Pre-attention segment: RMSNorm -> q, k, v projections (with the family's biases) -> per-head
+/// RMSNorm of q and k (Qwen3) -> RoPE at the global positions of `rope`. Everything here is per
+/// token and per head, so a rank holding a chunk of the sequence computes exactly its rows of the
+/// unsharded result, before any all-to-all. Returns (q [b, s, n_q, d], k [b, s, n_kv, d],
+/// v [b, s, n_kv, d]).
 pub fn pre_attention(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, rope: &Rope) -> (Tensor, Tensor, Tensor) {
     let (b, s) = (x.size()[0], x.size()[1]);
     let (n_q, n_kv, d) = (spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim);
     let xn = rms_norm(x, &w.attn_norm, spec.rms_norm_eps);
     // [b, s, h] -> [b, s, n_q*d] -> [b, s, n_q, d]
-    let q = xn.linear(&w.wq, None::<Tensor>).view([b, s, n_q, d]);
+    let q = xn.linear(&w.wq, w.bq.as_ref()).view([b, s, n_q, d]);
     // [b, s, h] -> [b, s, n_kv*d] -> [b, s, n_kv, d], for k and v
-    let k = xn.linear(&w.wk, None::<Tensor>).view([b, s, n_kv, d]);
-    let v = xn.linear(&w.wv, None::<Tensor>).view([b, s, n_kv, d]);
+    let k = xn.linear(&w.wk, w.bk.as_ref()).view([b, s, n_kv, d]);
+    let v = xn.linear(&w.wv, w.bv.as_ref()).view([b, s, n_kv, d]);
+    // Qwen3: RMSNorm over each head's d values (weights [d], shared by the heads).
+    let (q, k) = match (&w.q_norm, &w.k_norm) {
+        (Some(qn), Some(kn)) => (rms_norm(&q, qn, spec.rms_norm_eps), rms_norm(&k, kn, spec.rms_norm_eps)),
+        _ => (q, k),
+    };
     (apply_rope(&q, rope), apply_rope(&k, rope), v)
 }
 
@@ -77,20 +86,34 @@ pub fn post_attention(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, attn: &Ten
 /// `post_attention` without autograd and without a second sequence-long tensor: each MLP tile's
 /// result overwrites its own tile of the residual stream (a tile's output depends only on that
 /// tile, computed whole before the write). For the step's forward pass, which keeps no graph.
+/// With `keep_mlp` it also returns the MLP's gate and up projections of every token
+/// (`[b, s, intermediate]` each), for a backward that does not recompute them.
 pub fn post_attention_no_grad(
     spec: &ModelSpec,
     w: &LayerWeights,
     x: &Tensor,
     attn: &Tensor,
     mlp_tile: usize,
-) -> Tensor {
+    keep_mlp: bool,
+) -> (Tensor, Option<(Tensor, Tensor)>) {
     tch::no_grad(|| {
         let h = attention_residual(spec, w, x, attn);
-        for (start, len) in seq_tiles(h.size()[1], mlp_tile) {
-            let y = mlp_residual(spec, w, &h.narrow(1, start, len));
-            h.narrow(1, start, len).copy_(&y);
+        let (b, s) = (h.size()[0], h.size()[1]);
+        let kept = keep_mlp.then(|| {
+            let empty = || Tensor::empty([b, s, spec.intermediate_size], (h.kind(), h.device()));
+            (empty(), empty())
+        });
+        for (start, len) in seq_tiles(s, mlp_tile) {
+            let mut tile = h.narrow(1, start, len);
+            let (gate, up) = mlp_projections(spec, w, &tile);
+            if let Some((g, u)) = &kept {
+                g.narrow(1, start, len).copy_(&gate);
+                u.narrow(1, start, len).copy_(&up);
+            }
+            let y = &tile + (gate.silu() * up).linear(&w.w_down, None::<Tensor>);
+            tile.copy_(&y);
         }
-        h
+        (h, kept)
     })
 }
 
@@ -99,16 +122,33 @@ pub fn attention_residual(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, attn: 
     let (b, s) = (x.size()[0], x.size()[1]);
     // [b, s, n_q, d] -> [b, s, n_q*d]
     let attn = attn.reshape([b, s, spec.num_attention_heads * spec.head_dim]);
-    x + attn.linear(&w.wo, None::<Tensor>)
+    x + attn.linear(&w.wo, w.bo.as_ref())
 }
 
 /// Second part of `post_attention`, per token: `h + down(silu(gate(n)) * up(n))` with
 /// `n = RMSNorm(h)`, h [b, tokens, h] -> [b, tokens, h]. Any tile of tokens can run alone.
 pub fn mlp_residual(spec: &ModelSpec, w: &LayerWeights, h: &Tensor) -> Tensor {
+    h + mlp_activation(spec, w, h).linear(&w.w_down, None::<Tensor>)
+}
+
+/// `mlp_residual` up to the down projection's input: `silu(gate(n)) * up(n)`, h [b, tokens, h] ->
+/// [b, tokens, intermediate]. A backward that has the output's gradient needs this, not the down
+/// projection's output.
+pub fn mlp_activation(spec: &ModelSpec, w: &LayerWeights, h: &Tensor) -> Tensor {
+    let (gate, up) = mlp_projections(spec, w, h);
+    gate.silu() * up
+}
+
+/// The MLP's gate and up projections of `n = RMSNorm(h)`, each [b, tokens, intermediate].
+pub fn mlp_projections(spec: &ModelSpec, w: &LayerWeights, h: &Tensor) -> (Tensor, Tensor) {
     let hn = rms_norm(h, &w.mlp_norm, spec.rms_norm_eps);
-    let gate = hn.linear(&w.w_gate, None::<Tensor>).silu();
-    let up = hn.linear(&w.w_up, None::<Tensor>);
-    h + (gate * up).linear(&w.w_down, None::<Tensor>)
+    (hn.linear(&w.w_gate, None::<Tensor>), hn.linear(&w.w_up, None::<Tensor>))
+}
+
+/// The gradients of the gate and up projections' outputs from the gradient of
+/// `silu(gate) * up`: `(g · up · silu'(gate), g · silu(gate))`.
+pub fn swiglu_backward(gate: &Tensor, up: &Tensor, grad_act: &Tensor) -> (Tensor, Tensor) {
+    (gate.silu_backward(&(grad_act * up)), grad_act * gate.silu())
 }
 
 /// One decoder layer: `pre_attention` -> `core.attend` -> `post_attention`.

@@ -6,7 +6,8 @@ use crate::rng::splitmix64;
 use std::collections::{HashMap, HashSet};
 use tch::{Device, Kind, Tensor};
 
-/// One decoder layer.
+/// One decoder layer: the nine tensors of Llama's layer, and the family's biases and q/k norms
+/// (`ModelSpec::layer_shapes` says which a spec has).
 pub struct LayerWeights {
     pub attn_norm: Tensor,
     /// [n_q*d, h]
@@ -24,6 +25,15 @@ pub struct LayerWeights {
     pub w_up: Tensor,
     /// [h, intermediate]
     pub w_down: Tensor,
+    /// [n_q*d], [n_kv*d], [n_kv*d] (`spec.qkv_bias`)
+    pub bq: Option<Tensor>,
+    pub bk: Option<Tensor>,
+    pub bv: Option<Tensor>,
+    /// [h] (`spec.o_bias`)
+    pub bo: Option<Tensor>,
+    /// [d] each, applied per head to q and k before RoPE (`spec.qk_norm`)
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
 }
 
 pub struct ModelWeights {
@@ -36,48 +46,41 @@ pub struct ModelWeights {
 }
 
 impl LayerWeights {
-    /// HF names relative to `model.layers.{i}.`, in the fixed order of `tensors()`.
-    pub const NAMES: [&'static str; 9] = [
-        "input_layernorm.weight",
-        "self_attn.q_proj.weight",
-        "self_attn.k_proj.weight",
-        "self_attn.v_proj.weight",
-        "self_attn.o_proj.weight",
-        "post_attention_layernorm.weight",
-        "mlp.gate_proj.weight",
-        "mlp.up_proj.weight",
-        "mlp.down_proj.weight",
-    ];
-
-    /// (name, shape) of every tensor of a layer, in the order of `NAMES`.
+    /// (name, shape) of every tensor of a layer of `spec`, in the order of `tensors()`.
     pub fn shapes(spec: &ModelSpec) -> Vec<(&'static str, Vec<i64>)> {
-        let shapes = spec.layer_shapes();
-        debug_assert!(shapes.iter().map(|(n, _)| *n).eq(Self::NAMES));
-        shapes
+        spec.layer_shapes()
     }
 
+    /// Every tensor the layer has, by HF name relative to `model.layers.{i}.`, in the order of
+    /// `ModelSpec::layer_shapes` (which lists the optional ones after the matrices they belong to).
     pub fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
-        let t = [
-            &self.attn_norm,
-            &self.wq,
-            &self.wk,
-            &self.wv,
-            &self.wo,
-            &self.mlp_norm,
-            &self.w_gate,
-            &self.w_up,
-            &self.w_down,
+        let all: [(&'static str, Option<&Tensor>); 15] = [
+            ("input_layernorm.weight", Some(&self.attn_norm)),
+            ("self_attn.q_proj.weight", Some(&self.wq)),
+            ("self_attn.q_proj.bias", self.bq.as_ref()),
+            ("self_attn.k_proj.weight", Some(&self.wk)),
+            ("self_attn.k_proj.bias", self.bk.as_ref()),
+            ("self_attn.v_proj.weight", Some(&self.wv)),
+            ("self_attn.v_proj.bias", self.bv.as_ref()),
+            ("self_attn.o_proj.weight", Some(&self.wo)),
+            ("self_attn.o_proj.bias", self.bo.as_ref()),
+            ("self_attn.q_norm.weight", self.q_norm.as_ref()),
+            ("self_attn.k_norm.weight", self.k_norm.as_ref()),
+            ("post_attention_layernorm.weight", Some(&self.mlp_norm)),
+            ("mlp.gate_proj.weight", Some(&self.w_gate)),
+            ("mlp.up_proj.weight", Some(&self.w_up)),
+            ("mlp.down_proj.weight", Some(&self.w_down)),
         ];
-        Self::NAMES.into_iter().zip(t).collect()
+        all.into_iter().filter_map(|(n, t)| t.map(|t| (n, t))).collect()
     }
 
-    /// Inverse of `tensors()`: takes the nine tensors by their HF suffix names (any order), checks
-    /// names and shapes against `spec`.
+    /// Inverse of `tensors()`: takes the layer's tensors by their HF suffix names (any order),
+    /// checks names and shapes against `spec`.
     pub fn from_tensors(spec: &ModelSpec, named: Vec<(String, Tensor)>) -> Result<LayerWeights, WeightsError> {
         let expected: Vec<(String, Vec<i64>)> =
             Self::shapes(spec).into_iter().map(|(n, s)| (n.to_string(), s)).collect();
         let ordered = check_and_order(&expected, named, &|_| "layer tensors".to_string(), "layer tensors")?;
-        Ok(Self::from_ordered(ordered))
+        Ok(Self::from_ordered(spec, ordered))
     }
 
     /// Layer `layer` of `ModelWeights::init` (same values), for callers that build one layer at a time.
@@ -86,14 +89,32 @@ impl LayerWeights {
             .into_iter()
             .map(|(n, s)| init_tensor(&format!("model.layers.{layer}.{n}"), &s, seed, kind, device))
             .collect();
-        Self::from_ordered(t)
+        Self::from_ordered(spec, t)
     }
 
-    /// Tensors in the order of `NAMES`; the caller guarantees there are nine.
-    fn from_ordered(t: Vec<Tensor>) -> LayerWeights {
-        let [attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down]: [Tensor; 9] =
-            t.try_into().unwrap_or_else(|_| unreachable!("a layer has exactly nine tensors"));
-        LayerWeights { attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down }
+    /// Tensors in the order of `shapes(spec)`; the caller guarantees that they are all there.
+    fn from_ordered(spec: &ModelSpec, t: Vec<Tensor>) -> LayerWeights {
+        let mut m: HashMap<&str, Tensor> = Self::shapes(spec).into_iter().map(|(n, _)| n).zip(t).collect();
+        let must = |m: &mut HashMap<&str, Tensor>, name: &str| {
+            m.remove(name).unwrap_or_else(|| unreachable!("every layer has {name}"))
+        };
+        LayerWeights {
+            attn_norm: must(&mut m, "input_layernorm.weight"),
+            wq: must(&mut m, "self_attn.q_proj.weight"),
+            wk: must(&mut m, "self_attn.k_proj.weight"),
+            wv: must(&mut m, "self_attn.v_proj.weight"),
+            wo: must(&mut m, "self_attn.o_proj.weight"),
+            mlp_norm: must(&mut m, "post_attention_layernorm.weight"),
+            w_gate: must(&mut m, "mlp.gate_proj.weight"),
+            w_up: must(&mut m, "mlp.up_proj.weight"),
+            w_down: must(&mut m, "mlp.down_proj.weight"),
+            bq: m.remove("self_attn.q_proj.bias"),
+            bk: m.remove("self_attn.k_proj.bias"),
+            bv: m.remove("self_attn.v_proj.bias"),
+            bo: m.remove("self_attn.o_proj.bias"),
+            q_norm: m.remove("self_attn.q_norm.weight"),
+            k_norm: m.remove("self_attn.k_norm.weight"),
+        }
     }
 }
 
@@ -162,8 +183,9 @@ impl ModelWeights {
         let mut it = t.into_iter();
         let mut next = || it.next().unwrap_or_else(|| unreachable!("checked against shapes(spec)"));
         let embed = next();
+        let per_layer = spec.layer_shapes().len();
         let layers = (0..spec.num_hidden_layers)
-            .map(|_| LayerWeights::from_ordered((0..LayerWeights::NAMES.len()).map(|_| next()).collect()))
+            .map(|_| LayerWeights::from_ordered(spec, (0..per_layer).map(|_| next()).collect()))
             .collect();
         let norm = next();
         let lm_head = (!spec.tie_word_embeddings).then(next);
@@ -171,10 +193,14 @@ impl ModelWeights {
     }
 }
 
-/// One tensor of `init`: norms are ones, everything else normal(0, 0.02) keyed by (seed, name).
+/// One tensor of `init`: norms are ones, biases zeros (as transformers initialises them),
+/// everything else normal(0, 0.02) keyed by (seed, name).
 pub fn init_tensor(name: &str, shape: &[i64], seed: i64, kind: Kind, device: Device) -> Tensor {
     if name.ends_with("norm.weight") {
         return Tensor::ones(shape, (kind, device));
+    }
+    if name.ends_with(".bias") {
+        return Tensor::zeros(shape, (kind, device));
     }
     // FNV-1a of the name, mixed with the seed.
     let key = name.bytes().fold(splitmix64(seed as u64), |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));

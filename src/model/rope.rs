@@ -2,7 +2,7 @@
 //! (`rotate_half`, cos/sin of `[freqs, freqs]`). Because the angles depend only on the global
 //! position, a rank holding the chunk `[c, 2c)` of a sequence rotates its q and k exactly as the
 //! whole sequence would be rotated.
-use super::spec::ModelSpec;
+use super::spec::{Llama3RopeScaling, ModelSpec, RopeScaling, YarnRopeScaling};
 use std::f64::consts::PI;
 use tch::{Device, Kind, Tensor};
 
@@ -14,38 +14,76 @@ pub struct Rope {
 
 impl Rope {
     /// Angles for `positions` [b, s] (i64, global). Computed in fp32 with the same operations as
-    /// transformers, so checkpoints behave as they did in training, then cast to `kind`.
+    /// transformers, so checkpoints behave as they did in training, then cast to `kind`. YaRN's
+    /// attention factor multiplies cos and sin, as transformers applies it.
     pub fn new(spec: &ModelSpec, positions: &Tensor, kind: Kind) -> Rope {
         let inv_freq = inv_freq(spec, positions.device());
         // [b, s] -> [b, s, 1] * [d/2] -> [b, s, d/2]
         let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq;
         // [b, s, d/2] -> [b, s, d]: both halves of a head use the same frequencies.
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
-        Rope { cos: emb.cos().to_kind(kind), sin: emb.sin().to_kind(kind) }
+        let (cos, sin) = match &spec.rope_scaling {
+            Some(RopeScaling::Yarn(y)) => (emb.cos() * y.attention_factor, emb.sin() * y.attention_factor),
+            _ => (emb.cos(), emb.sin()),
+        };
+        Rope { cos: cos.to_kind(kind), sin: sin.to_kind(kind) }
     }
 }
 
-/// Inverse frequencies [d/2] in fp32: `1 / theta^(2i/d)`, then the llama3 rescaling when
-/// `spec.rope_scaling` is set. Mirrors `_compute_default_rope_parameters` and
-/// `_compute_llama3_parameters` of transformers operation by operation (fp32 throughout).
+/// Inverse frequencies [d/2] in fp32: `1 / theta^(2i/d)`, rescaled as `spec.rope_scaling` says.
+/// Mirrors transformers' `_compute_default_rope_parameters`, `_compute_linear_scaling_rope_parameters`,
+/// `_compute_llama3_parameters` and `_compute_yarn_parameters` operation by operation (fp32
+/// tensors, f64 scalars as Python's floats).
 pub fn inv_freq(spec: &ModelSpec, device: Device) -> Tensor {
     let d = spec.head_dim;
     let exponent = Tensor::arange_start_step(0, d, 2, (Kind::Int64, device)).to_kind(Kind::Float) / (d as f64);
-    let inv_freq = Tensor::pow_scalar(spec.rope_theta, &exponent).reciprocal();
-    let Some(s) = &spec.rope_scaling else {
-        return inv_freq;
-    };
+    let pos_freqs = Tensor::pow_scalar(spec.rope_theta, &exponent);
+    let inv_freq = pos_freqs.reciprocal();
+    match &spec.rope_scaling {
+        None => inv_freq,
+        Some(RopeScaling::Linear { factor }) => inv_freq / *factor,
+        Some(RopeScaling::Llama3(s)) => llama3(&inv_freq, s),
+        Some(RopeScaling::Yarn(y)) => yarn(&pos_freqs, &inv_freq, y, spec.rope_theta, d, device),
+    }
+}
+
+/// Llama 3.1's rescaling: long wavelengths stretched by `factor`, short ones kept, in between a
+/// smooth blend.
+fn llama3(inv_freq: &Tensor, s: &Llama3RopeScaling) -> Tensor {
     let old_context = s.original_max_position_embeddings as f64;
     let low_freq_wavelen = old_context / s.low_freq_factor;
     let high_freq_wavelen = old_context / s.high_freq_factor;
     let wavelen = inv_freq.reciprocal() * (2.0 * PI);
     // Long wavelengths (low frequencies) are stretched by `factor`, short ones kept.
-    let stretched = (&inv_freq / s.factor).where_self(&wavelen.gt(low_freq_wavelen), &inv_freq);
+    let stretched = (inv_freq / s.factor).where_self(&wavelen.gt(low_freq_wavelen), inv_freq);
     // In between, interpolate smoothly between the stretched and the original frequency.
     let smooth = (wavelen.reciprocal() * old_context - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
     let smoothed = (1f64 - &smooth) * &stretched / s.factor + &smooth * &stretched;
     let medium = wavelen.lt(high_freq_wavelen).logical_not().logical_and(&wavelen.gt(low_freq_wavelen).logical_not());
     smoothed.where_self(&medium, &stretched)
+}
+
+/// YaRN: dimensions that rotate more than `beta_fast` times over the original context keep their
+/// frequency (extrapolation), those that rotate less than `beta_slow` times are divided by
+/// `factor` (interpolation), with a linear ramp between.
+fn yarn(pos_freqs: &Tensor, extrapolation: &Tensor, y: &YarnRopeScaling, base: f64, d: i64, device: Device) -> Tensor {
+    let dim = d as f64;
+    let original = y.original_max_position_embeddings as f64;
+    // The dimension that completes `rotations` turns over the original context.
+    let correction_dim = |rotations: f64| (dim * (original / (rotations * 2.0 * PI)).ln()) / (2.0 * base.ln());
+    let (mut low, mut high) = (correction_dim(y.beta_fast), correction_dim(y.beta_slow));
+    if y.truncate {
+        (low, high) = (low.floor(), high.ceil());
+    }
+    let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+    if low == high {
+        high += 0.001; // as transformers: no division by zero
+    }
+    let interpolation = (pos_freqs * y.factor).reciprocal();
+    // [d/2]: 0 below `low`, 1 above `high`
+    let ramp = ((Tensor::arange(d / 2, (Kind::Float, device)) - low) / (high - low)).clamp(0.0, 1.0);
+    let extrapolation_factor = 1.0 - ramp;
+    interpolation * (1.0 - &extrapolation_factor) + extrapolation * extrapolation_factor
 }
 
 /// Rotates `x` [b, s, heads, d] by the angles of `rope` ([b, s, d], broadcast over heads):

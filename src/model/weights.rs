@@ -125,7 +125,8 @@ fn checkpoint_files(path: &Path) -> Result<(Vec<PathBuf>, String), WeightsError>
     Ok((files, index_path))
 }
 
-/// Writes `w` as a Hugging Face checkpoint into `dir`: config.json, then shards of at most
+/// Writes `w` as a Hugging Face checkpoint into `dir`: config.json (the one the spec was read
+/// from, with only the dtype changed: the files hold `w`'s), then shards of at most
 /// `max_shard_bytes` (a tensor larger than that gets a shard of its own; 0 means one file) named
 /// like transformers names them, plus the index when there is more than one. Earlier weight files
 /// in `dir` are removed first so a stale shard cannot be mixed in.
@@ -178,6 +179,38 @@ pub fn save_hf(w: &ModelWeights, spec: &ModelSpec, dir: &Path, max_shard_bytes: 
     config["torch_dtype"] = dtype.into();
     config["dtype"] = dtype.into();
     write_json(&dir.join("config.json"), &config).map_err(|e| write_err(&dir.join("config.json"), &e))
+}
+
+/// The files besides config.json and the weights that make a model folder usable by
+/// `AutoTokenizer`, `pipeline` and `generate`: the tokenizer in its fast and slow forms, its
+/// special tokens and chat template, and the generation defaults.
+pub const TOKENIZER_FILES: [&str; 9] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
+/// The `TOKENIZER_FILES` that folder `dir` has: (path, name in a model folder).
+pub fn tokenizer_files(dir: &Path) -> Vec<(PathBuf, &'static str)> {
+    TOKENIZER_FILES.iter().map(|&f| (dir.join(f), f)).filter(|(p, _)| p.is_file()).collect()
+}
+
+/// Copies each of `files` (path, name) into the checkpoint folder `dir` under its name.
+pub fn copy_tokenizer_files(files: &[(PathBuf, &str)], dir: &Path) -> Result<(), WeightsError> {
+    for (file, name) in files {
+        let dest = dir.join(name);
+        std::fs::copy(file, &dest).map_err(|e| WeightsError::Write {
+            path: dest.display().to_string(),
+            message: format!("copying {}: {e}", file.display()),
+        })?;
+    }
+    Ok(())
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> std::io::Result<()> {

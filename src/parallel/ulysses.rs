@@ -2,7 +2,9 @@
 //! "the whole sequence, my share of the heads", attention runs locally, and a second all-to-all
 //! turns it back. With sp = 1 the all-to-alls are copies and this is plain local attention.
 use crate::comm::{Collective, CommError};
+use crate::ffi::attention::forward_masked;
 use crate::model::llama::{AttentionCore, LocalAttention};
+use crate::model::mask::DocumentMask;
 use tch::Tensor;
 
 /// `[b, s/sp, H, d]` (sequence-sharded) -> `[b, s, H/sp, d]` (head-sharded).
@@ -43,18 +45,30 @@ pub fn replicate_kv(k: &Tensor, sp: usize) -> Tensor {
 }
 
 /// Attention over the SP group: all-to-all q, k, v to head shards, causal attention over the whole
-/// sequence, all-to-all back. `q [b, s/sp, n_q, d]`, `k, v [b, s/sp, n_kv, d]` -> `[b, s/sp, n_q, d]`.
-pub fn attend(group: &dyn Collective, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor, CommError> {
+/// sequence (within its documents when `mask` is given), all-to-all back. `q [b, s/sp, n_q, d]`,
+/// `k, v [b, s/sp, n_kv, d]` -> `[b, s/sp, n_q, d]`. No autograd through the masked kernel.
+pub fn attend(
+    group: &dyn Collective,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&DocumentMask>,
+) -> Result<Tensor, String> {
     let sp = group.size();
-    let qh = seq_to_heads(group, q)?;
-    let kh = seq_to_heads(group, &replicate_kv(k, sp))?;
-    let vh = seq_to_heads(group, &replicate_kv(v, sp))?;
-    heads_to_seq(group, &LocalAttention.attend(&qh, &kh, &vh))
+    let heads = |t: &Tensor| seq_to_heads(group, t).map_err(|e| e.to_string());
+    let (qh, kh, vh) = (heads(q)?, heads(&replicate_kv(k, sp))?, heads(&replicate_kv(v, sp))?);
+    let oh = match mask {
+        Some(mask) => forward_masked(mask, &qh, &kh, &vh).map_err(|e| e.to_string())?.0,
+        None => LocalAttention.attend(&qh, &kh, &vh),
+    };
+    heads_to_seq(group, &oh).map_err(|e| e.to_string())
 }
 
 /// The Ulysses core behind the model's attention seam (forward passes: evaluation, inference).
 pub struct UlyssesAttention<'a> {
     pub group: &'a dyn Collective,
+    /// The sequence's documents when attention stays within them.
+    pub mask: Option<&'a DocumentMask>,
 }
 
 impl AttentionCore for UlyssesAttention<'_> {
@@ -62,7 +76,7 @@ impl AttentionCore for UlyssesAttention<'_> {
         // The seam returns a tensor. Shapes were validated with the config (sp divides the heads),
         // so an error here is a dead peer or a broken invariant: the launcher's panic hook then
         // aborts every rank instead of leaving them in a collective.
-        attend(self.group, q, k, v).unwrap_or_else(|e| panic!("Ulysses attention: {e}"))
+        attend(self.group, q, k, v, self.mask).unwrap_or_else(|e| panic!("Ulysses attention: {e}"))
     }
 }
 

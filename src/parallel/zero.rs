@@ -33,6 +33,17 @@ impl fmt::Display for UnitId {
     }
 }
 
+impl UnitId {
+    /// The unit's name in checkpoint files: `embedding`, `layers.3`, `head`.
+    pub fn key(self) -> String {
+        match self {
+            UnitId::Embedding => "embedding".into(),
+            UnitId::Layer(l) => format!("layers.{l}"),
+            UnitId::Head => "head".into(),
+        }
+    }
+}
+
 /// One gathered-together group of parameters.
 #[derive(Debug, Clone)]
 pub struct Unit {
@@ -93,6 +104,20 @@ pub enum State {
     ExpAvgSq,
 }
 
+impl State {
+    /// Every state a checkpoint holds, in the order it stores them.
+    pub const ALL: [State; 3] = [State::Master, State::ExpAvg, State::ExpAvgSq];
+
+    /// The state's name in checkpoint files.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Master => "master",
+            State::ExpAvg => "exp_avg",
+            State::ExpAvgSq => "exp_avg_sq",
+        }
+    }
+}
+
 impl Shard {
     fn state(&self, which: State) -> &Tensor {
         match which {
@@ -135,10 +160,7 @@ impl ShardedParams {
         mut full: impl FnMut(&Unit) -> Vec<Tensor>,
     ) -> ShardedParams {
         let rank = world.rank() as i64;
-        let shards_count = match stage {
-            ZeroStage::Replicated => 1,
-            ZeroStage::Sharded => world.size() as i64,
-        };
+        let shards_count = shard_count(stage, world);
         let units = model_units(spec, shards_count);
         let shards = units
             .iter()
@@ -155,9 +177,38 @@ impl ShardedParams {
         ShardedParams { units, shards, stage, rank, state_device, in_flight }
     }
 
+    /// Shards of zeros, allocated at their size on `state_device` (no whole unit is ever built),
+    /// for a checkpoint to fill in place (`shard_state_mut`).
+    pub fn zeroed(spec: &ModelSpec, stage: ZeroStage, world: &dyn Collective, state_device: Device) -> ShardedParams {
+        let shards_count = shard_count(stage, world);
+        let units = model_units(spec, shards_count);
+        let shards = units
+            .iter()
+            .map(|u| {
+                let zeros = || Tensor::zeros([u.padded / shards_count], (Kind::Float, state_device));
+                Shard { master: zeros(), grad: zeros(), exp_avg: zeros(), exp_avg_sq: zeros() }
+            })
+            .collect();
+        let in_flight = units.iter().map(|_| None).collect();
+        ShardedParams { units, shards, stage, rank: world.rank() as i64, state_device, in_flight }
+    }
+
     /// Every unit, in the order of `model_units`.
     pub fn units(&self) -> &[Unit] {
         &self.units
+    }
+
+    /// Where this rank's shard of a unit lies in the flat, padded unit: `(start, len)` (stage 0:
+    /// the whole padded unit).
+    pub fn shard_range(&self, id: UnitId) -> (i64, i64) {
+        let unit = self.index(id);
+        (self.shard_start(unit), self.shard_len(unit))
+    }
+
+    /// One fp32 state of this rank's shard of a unit (`[len]`, on `state_device`), for a
+    /// checkpoint to write, or to fill in place (`copy_`) when one is loaded.
+    pub fn shard_state(&self, id: UnitId, which: State) -> &Tensor {
+        self.shards[self.index(id)].state(which)
     }
 
     /// The position of a unit in `units()`.
@@ -330,6 +381,14 @@ impl ShardedParams {
             }
         }
         Ok(out)
+    }
+}
+
+/// Shards of each unit: one per rank at stage 3, one whole copy at stage 0.
+fn shard_count(stage: ZeroStage, world: &dyn Collective) -> i64 {
+    match stage {
+        ZeroStage::Replicated => 1,
+        ZeroStage::Sharded => world.size() as i64,
     }
 }
 

@@ -3,9 +3,15 @@
 //! that fits them.
 use super::memory::{self, longest_fit, Budget, MemoryPlan};
 use super::Plan;
-use crate::config::{DeviceKind, Experiment};
+use crate::config::{AttentionBackend, DeviceKind, Experiment, FusedAttention};
+use crate::data::documents::{spread, summarize};
+use crate::data::{Dataset, PackedDocuments, Positions};
 use crate::model::spec::ModelSpec;
+use crate::train::flops::attention_forward;
 use std::fmt::Write;
+
+/// Sequences `ulysses check` reads to describe the documents of a typical sample.
+const SAMPLED_SEQUENCES: usize = 256;
 
 /// `ulysses check`'s memory flags; None: the experiment's `[memory]` value, else the default.
 pub struct CheckBudget {
@@ -24,6 +30,7 @@ const DEFAULT_HOST_GIB: f64 = 480.0;
 /// The whole report for `exp` on `world` ranks.
 pub fn report(exp: &Experiment, spec: &ModelSpec, world: usize, flags: &CheckBudget) -> String {
     let mut s = Plan::new(&exp.parallel, exp.data.seq_len, spec, world).render(&exp.model.name(), spec, &exp.train);
+    s += &attention_report(exp, spec);
     if exp.parallel.device != DeviceKind::Cuda {
         return s;
     }
@@ -36,17 +43,79 @@ pub fn report(exp: &Experiment, spec: &ModelSpec, world: usize, flags: &CheckBud
     s += &memory_report(exp, spec, world, &budget);
     let disk = flags.disk_gib.map_or("unlimited disk".into(), |d| format!("{d} GiB of disk"));
     let with = format!("{gpu_gib} GiB per GPU, {host_gib} GiB of host memory and {disk} per node ({per_node} ranks)");
-    let _ = match longest_fit(&exp.parallel, &exp.train, spec, world, &budget) {
+    let _ = match longest_fit(&exp.parallel, &exp.train, &exp.checkpoint, spec, world, &budget) {
         Some(fit) => writeln!(s, "fits       up to {fit} tokens with {with}"),
         None => writeln!(s, "fits       nothing: even {} tokens exceed {with}", exp.parallel.sp * 1024),
     };
     s
 }
 
+/// The attention kernel and what attention costs per sample: full causal, and within the
+/// documents of the data when `data.documents = "mask"` and the shards can be read here.
+fn attention_report(exp: &Experiment, spec: &ModelSpec) -> String {
+    let mut s = String::new();
+    let d = &exp.data;
+    let seq = d.seq_len as f64;
+    // Forward + backward (3 × the forward), the model-FLOP convention of train::flops.
+    let full = 3.0 * attention_forward(spec, seq * seq);
+    let causal = match exp.parallel.fused_attention() {
+        Some(k) => k.describe(false).to_string(),
+        None => format!("libtorch SDPA (parallel.attention = {:?})", exp.parallel.attention).to_lowercase(),
+    };
+    let masked = d.documents == PackedDocuments::Mask;
+    let kernel = match exp.parallel.fused_attention() {
+        Some(k) if masked => {
+            let fallback = k == FusedAttention::Cudnn && exp.parallel.attention == AttentionBackend::Auto;
+            let fallback = if fallback { " (flash varlen if cuDNN refuses the heads when the run starts)" } else { "" };
+            format!("{} on samples of several documents{fallback}, {causal} on single-document ones", k.describe(true))
+        }
+        _ => causal,
+    };
+    let _ = writeln!(s, "kernel     {kernel}");
+    let positions = match d.positions {
+        Positions::Global => "RoPE positions run on across documents",
+        Positions::Document => "RoPE positions restart at each document",
+    };
+    let what = if masked {
+        "\"mask\": attention within each document (block-diagonal causal), no label across a boundary"
+    } else {
+        "\"ignore\": attention runs across documents (full causal)"
+    };
+    let _ = writeln!(s, "documents  data.documents = {what}; {positions}");
+    let _ = write!(s, "flops      attention per sample, forward + backward: {full:.3e} FLOP at full causal");
+    if !masked {
+        let _ = writeln!(s);
+        return s;
+    }
+    let summary = Dataset::open(&d.paths, d.seq_len).map_err(|e| e.to_string()).and_then(|ds| {
+        summarize(&ds, &spread(ds.len(), SAMPLED_SEQUENCES)).map(|sum| (ds.len(), sum)).map_err(|e| e.to_string())
+    });
+    match summary {
+        Ok((len, Some(sum))) => {
+            let (lo, hi) = sum.lengths.median_range().unwrap_or((0, 0));
+            let _ = writeln!(
+                s,
+                "; within the documents of {} of the {len} sequences ({:.1} documents each, median length in [{lo}, {hi})): {:.3e} FLOP, {:.1}% of full causal",
+                sum.sequences,
+                sum.per_sequence.mean(),
+                full * sum.attention_share,
+                100.0 * sum.attention_share
+            );
+        }
+        Ok((_, None)) => {
+            let _ = writeln!(s, "; the shards record no document boundaries (training would refuse them)");
+        }
+        Err(e) => {
+            let _ = writeln!(s, "; within documents: less, by Σ len² / seq_len² (the data cannot be read here: {e})");
+        }
+    }
+    s
+}
+
 /// The memory estimate of a GPU run placed within `budget` (per rank), or why it does not fit.
 fn memory_report(exp: &Experiment, spec: &ModelSpec, world: usize, budget: &Budget) -> String {
     let mut s = String::new();
-    let plan = MemoryPlan::new(&exp.parallel, &exp.train, spec, world, exp.data.seq_len);
+    let plan = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, spec, world, exp.data.seq_len);
     match plan.placement(budget) {
         Ok(placement) => {
             let placed = plan.with_placement(&placement);
@@ -61,7 +130,16 @@ fn memory_report(exp: &Experiment, spec: &ModelSpec, world: usize, budget: &Budg
             let _ = writeln!(s, "placement  {}", memory::summary(&placed, &placement, budget));
         }
         Err(shortfall) => {
-            let refusal = memory::refusal(&exp.parallel, &exp.train, exp.data.seq_len, spec, world, budget, &shortfall);
+            let refusal = memory::refusal(
+                &exp.parallel,
+                &exp.train,
+                &exp.checkpoint,
+                exp.data.seq_len,
+                spec,
+                world,
+                budget,
+                &shortfall,
+            );
             let _ = writeln!(s, "placement  {}", refusal.replace('\n', "\n           "));
         }
     }

@@ -11,7 +11,7 @@ mod report;
 pub use budget::{gpu_name, Budget, BudgetError, DISK_RESERVE, GPU_RESERVE, HOST_RESERVE_PER_RANK};
 pub use report::{refusal, summary, table, DoesNotFit};
 
-use crate::config::{ActivationPlacement, DeviceKind, Dtype, ParallelConfig, TrainConfig};
+use crate::config::{ActivationPlacement, CheckpointConfig, DeviceKind, Dtype, ParallelConfig, TrainConfig};
 use crate::model::spec::ModelSpec;
 use crate::units::bytes;
 
@@ -42,6 +42,15 @@ pub struct Placement {
     /// Where layer l's attention output and log-sum-exp are kept so backward skips recomputing
     /// the attention forward; None: recompute it.
     pub attention: Vec<Option<Place>>,
+    /// Whether a kept-attention layer's backward runs segment 1 (norm, q/k/v, RoPE) once and
+    /// keeps its graph through attention's backward, instead of running it twice (once without a
+    /// graph for the head shards, once with one after attention's gradients exist): faster, for
+    /// `MemoryPlan::qkv_graph` more GPU memory. Chosen when everything fits on the GPU anyway.
+    pub qkv_once: bool,
+    /// Whether layer l's forward keeps the MLP's gate and up projections on the GPU, so its
+    /// backward does not recompute them (`MemoryPlan::mlp_per_layer` each). Given, last layers
+    /// first, to the GPU room that is left when everything else fits on it.
+    pub mlp: Vec<bool>,
 }
 
 impl Placement {
@@ -66,11 +75,13 @@ pub enum Shortfall {
     )]
     Gpu { needed: f64, budget: f64 },
     #[error(
-        "the offloaded optimizer state needs {} of host memory but the budget is {} per rank",
-        bytes(*needed),
+        "{} need{} {} of host memory but the budget is {} per rank",
+        host_parts(*optimizer, *staging),
+        if *optimizer > 0.0 && *staging > 0.0 { "" } else { "s" },
+        bytes(optimizer + staging),
         bytes(*budget)
     )]
-    Host { needed: f64, budget: f64 },
+    Host { optimizer: f64, staging: f64, budget: f64 },
     #[error(
         "the layer inputs need {} but {} leave{} {}",
         bytes(*needed),
@@ -81,12 +92,25 @@ pub enum Shortfall {
     Inputs { needed: f64, room: f64, allowed: ActivationPlacement },
 }
 
+/// What takes host memory before any layer input: "the offloaded optimizer state (X)" and/or
+/// "the asynchronous checkpoint's staging (Y)".
+fn host_parts(optimizer: f64, staging: f64) -> String {
+    let mut parts = Vec::new();
+    if optimizer > 0.0 {
+        parts.push(format!("the offloaded optimizer state ({})", bytes(optimizer)));
+    }
+    if staging > 0.0 {
+        parts.push(format!("the host staging of asynchronous checkpoints ({})", bytes(staging)));
+    }
+    parts.join(" and ")
+}
+
 /// Where `parallel.activations` lets layer inputs wait, with what comes before them there.
 fn where_inputs_may_go(a: ActivationPlacement) -> &'static str {
     match a {
         ActivationPlacement::Auto => "the GPU, host memory and disk together",
         ActivationPlacement::Device => "the GPU (after the optimizer state and the working set)",
-        ActivationPlacement::Host => "host memory (after any offloaded optimizer state)",
+        ActivationPlacement::Host => "host memory (after any offloaded optimizer state and checkpoint staging)",
         ActivationPlacement::Disk => "the disk",
     }
 }
@@ -96,6 +120,10 @@ pub struct MemoryPlan {
     /// fp32 master weights, gradients and Adam moments of this rank's shard.
     pub optimizer_gpu: f64,
     pub optimizer_host: f64,
+    /// Pinned host memory holding this rank's slice of the checkpointed GPU state (fp32 master
+    /// weights and Adam moments) while an asynchronous save writes it (`checkpoint.async` with
+    /// `checkpoint.every` > 0, optimizer state on the GPU); kept for the whole run.
+    pub checkpoint_staging: f64,
     /// Backward of one layer: gathered bf16 weights and gradients, the fp32 gradient buffer, and
     /// the recompute's activations.
     pub layer_working: f64,
@@ -117,6 +145,15 @@ pub struct MemoryPlan {
     /// room that earlier layers' kept tensors freed: the layer's own and the next layer's
     /// (fetched one layer ahead).
     pub staging: f64,
+    /// Segment 1's graph (the normed input, q, k and v before RoPE), kept through attention's
+    /// backward when the placement runs segment 1 once (`Placement::qkv_once`); else 0.
+    pub qkv_graph: f64,
+    /// `qkv_graph` of a placement that runs segment 1 once.
+    pub qkv_graph_once: f64,
+    /// One layer's MLP gate and up projections, when kept (`Placement::mlp`).
+    pub mlp_per_layer: f64,
+    /// Kept MLP projections, all on the GPU (the placement's total).
+    pub mlp_gpu: f64,
     /// The policy `placement` follows (`parallel.activations`, `keep_attention`, `device`).
     pub activations: ActivationPlacement,
     pub keep_attention: bool,
@@ -125,8 +162,16 @@ pub struct MemoryPlan {
 
 impl MemoryPlan {
     /// The estimate at `seq_len` tokens, placed as the config asks when nothing limits it (with
-    /// "auto", everything on the GPU); `with_placement` gives it for a budget's placement.
-    pub fn new(p: &ParallelConfig, t: &TrainConfig, spec: &ModelSpec, world: usize, seq_len: usize) -> MemoryPlan {
+    /// "auto", everything on the GPU; segment 1 twice); `with_placement` gives it for a budget's
+    /// placement.
+    pub fn new(
+        p: &ParallelConfig,
+        t: &TrainConfig,
+        c: &CheckpointConfig,
+        spec: &ModelSpec,
+        world: usize,
+        seq_len: usize,
+    ) -> MemoryPlan {
         let tokens = (seq_len / p.sp * t.micro_batch) as f64;
         let h = spec.hidden_size as f64;
         let elt = match t.dtype {
@@ -136,13 +181,26 @@ impl MemoryPlan {
         let shards = p.shards(world) as f64;
         let state = spec.total_params() as f64 / shards * 16.0;
         let (optimizer_gpu, optimizer_host) = if p.offload_optimizer { (0.0, state) } else { (state, 0.0) };
+        // Every rank saves a 1/world slice of each unit's master weights and two moments, at
+        // either ZeRO stage; only state on the GPU is staged (host-resident state is written
+        // where it lies, the next optimizer step waiting for the write).
+        let staged = c.is_async(p.device) && c.every > 0 && !p.offload_optimizer && p.device == DeviceKind::Cuda;
+        let checkpoint_staging = if staged { spec.total_params() as f64 / world as f64 * 12.0 } else { 0.0 };
         let head_params = (spec.vocab_size * spec.hidden_size) as f64;
         let loss_tile = if p.loss_tile == 0 { tokens } else { (p.loss_tile as f64).min(tokens) };
         let heads = spec.num_attention_heads as f64;
+        // Qwen3's per-head q/k norms keep their inputs (q and k before the norm) and each head's
+        // fp32 reciprocal RMS in segment 1's graph, beyond the Llama layer the constant measures.
+        let qk_norm = if spec.qk_norm {
+            tokens * (heads + spec.num_key_value_heads as f64) * (spec.head_dim as f64 * elt + 4.0)
+        } else {
+            0.0
+        };
         let plan = MemoryPlan {
             optimizer_gpu,
             optimizer_host,
-            layer_working: spec.layer_params() as f64 * 8.0 + LAYER_WORKING_SET_PER_TOKEN * tokens * h * 2.0,
+            checkpoint_staging,
+            layer_working: spec.layer_params() as f64 * 8.0 + LAYER_WORKING_SET_PER_TOKEN * tokens * h * 2.0 + qk_norm,
             head_working: head_params * 8.0 + 2.0 * loss_tile * spec.vocab_size as f64 * 4.0 + 3.0 * tokens * h * 2.0,
             layers: spec.num_hidden_layers as usize,
             input_per_layer: tokens * h * elt,
@@ -153,22 +211,32 @@ impl MemoryPlan {
             attention_gpu: 0.0,
             attention_host: 0.0,
             staging: 0.0,
+            qkv_graph: 0.0,
+            qkv_graph_once: tokens
+                * (spec.hidden_size + (spec.num_attention_heads + 2 * spec.num_key_value_heads) * spec.head_dim) as f64
+                * elt,
+            mlp_per_layer: tokens * 2.0 * spec.intermediate_size as f64 * elt,
+            mlp_gpu: 0.0,
             activations: p.activations,
             keep_attention: p.keep_attention && p.fused_attention().is_some(),
             device: p.device,
         };
+        // The base estimate runs segment 1 twice in backward and keeps no MLP projections: a
+        // placement with room to spare does (`Placement::qkv_once`, `mlp`), and `with_placement`
+        // adds what they cost.
         let unlimited = plan.placement(&Budget::UNLIMITED).expect("an unlimited budget holds every placement");
+        let unlimited = Placement { qkv_once: false, mlp: vec![false; plan.layers], ..unlimited };
         plan.with_placement(&unlimited)
     }
 
     /// The larger of one layer's backward (with the copies in flight then) and the head's: only
     /// one runs at a time.
     pub fn working(&self) -> f64 {
-        (self.layer_working + self.staging).max(self.head_working)
+        (self.layer_working + self.staging + self.qkv_graph).max(self.head_working)
     }
 
     pub fn gpu_peak(&self) -> f64 {
-        self.optimizer_gpu + self.activations_gpu + self.attention_gpu + self.working()
+        self.optimizer_gpu + self.activations_gpu + self.attention_gpu + self.mlp_gpu + self.working()
     }
 
     /// Bytes on the GPU beyond the placed totals while layer l's backward runs, at most over the
@@ -203,7 +271,7 @@ impl MemoryPlan {
     }
 
     pub fn host(&self) -> f64 {
-        self.optimizer_host + self.activations_host + self.attention_host
+        self.optimizer_host + self.checkpoint_staging + self.activations_host + self.attention_host
     }
 
     pub fn disk(&self) -> f64 {
@@ -221,6 +289,8 @@ impl MemoryPlan {
             attention_gpu: attention(Place::Device),
             attention_host: attention(Place::Host),
             staging: self.staging_of(placement),
+            qkv_graph: if placement.qkv_once { self.qkv_graph_once } else { 0.0 },
+            mlp_gpu: placement.mlp.iter().filter(|&&k| k).count() as f64 * self.mlp_per_layer,
             ..*self
         }
     }
@@ -247,26 +317,43 @@ impl MemoryPlan {
             return Ok(Placement {
                 inputs: vec![input; n],
                 attention: vec![self.keep_attention.then_some(Place::Device); n],
+                qkv_once: true,
+                mlp: vec![true; n],
             });
         }
-        if self.optimizer_host > budget.host {
-            return Err(Shortfall::Host { needed: self.optimizer_host, budget: budget.host });
+        let host_fixed = self.optimizer_host + self.checkpoint_staging;
+        if host_fixed > budget.host {
+            let (optimizer, staging) = (self.optimizer_host, self.checkpoint_staging);
+            return Err(Shortfall::Host { optimizer, staging, budget: budget.host });
         }
         let allowed = |place| self.activations == ActivationPlacement::Auto || self.activations == place;
         if allowed(ActivationPlacement::Device) {
-            let all = Placement {
-                inputs: vec![Place::Device; n],
-                attention: vec![self.keep_attention.then_some(Place::Device); n],
-            };
-            if self.with_placement(&all).gpu_peak() <= budget.gpu {
-                return Ok(all);
+            // Everything on the GPU, with segment 1 run once if there is room for its graph too,
+            // and the MLP projections kept in as many layers as the rest of the room holds.
+            for qkv_once in [true, false] {
+                let mut all = Placement {
+                    inputs: vec![Place::Device; n],
+                    attention: vec![self.keep_attention.then_some(Place::Device); n],
+                    qkv_once,
+                    mlp: vec![false; n],
+                };
+                let peak = self.with_placement(&all).gpu_peak();
+                if peak <= budget.gpu {
+                    let kept = if self.mlp_per_layer > 0.0 {
+                        ((budget.gpu - peak) / self.mlp_per_layer).floor().clamp(0.0, n as f64) as usize
+                    } else {
+                        n
+                    };
+                    all.mlp = (0..n).map(|l| l >= n - kept).collect();
+                    return Ok(all);
+                }
             }
         }
         let fixed_gpu = self.optimizer_gpu + (self.layer_working + self.staging_reserve()).max(self.head_working);
         if fixed_gpu > budget.gpu {
             return Err(Shortfall::Gpu { needed: fixed_gpu, budget: budget.gpu });
         }
-        let (mut gpu, mut host) = (budget.gpu - fixed_gpu, budget.host - self.optimizer_host);
+        let (mut gpu, mut host) = (budget.gpu - fixed_gpu, budget.host - host_fixed);
         // Whole layers of `size` bytes that `room` holds, at most n.
         let fit =
             |room: f64, size: f64| if size > 0.0 { (room / size).floor().clamp(0.0, n as f64) as usize } else { n };
@@ -306,6 +393,8 @@ impl MemoryPlan {
             attention: (0..n)
                 .map(|l| [Some(Place::Device), Some(Place::Host), None][tier(l, attention_gpu, attention_host)])
                 .collect(),
+            qkv_once: false,
+            mlp: vec![false; n],
         })
     }
 }
@@ -315,6 +404,7 @@ impl MemoryPlan {
 pub fn longest_fit(
     p: &ParallelConfig,
     t: &TrainConfig,
+    c: &CheckpointConfig,
     spec: &ModelSpec,
     world: usize,
     budget: &Budget,
@@ -322,7 +412,7 @@ pub fn longest_fit(
     // A CPU run has no budgets; stop doubling somewhere.
     const MAX_TOKENS: usize = 1 << 34;
     let step = p.sp * 1024;
-    let fits = |s: usize| MemoryPlan::new(p, t, spec, world, s).placement(budget).is_ok();
+    let fits = |s: usize| MemoryPlan::new(p, t, c, spec, world, s).placement(budget).is_ok();
     let mut s = step;
     if !fits(s) {
         return None;

@@ -60,7 +60,8 @@ impl Plan {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "model      {model}: {} layers, hidden {}, {} query / {} KV heads of {}, vocab {}, {} parameters",
+            "model      {model}: {}, {} layers, hidden {}, {} query / {} KV heads of {}, vocab {}, {} parameters",
+            spec.describe_family(),
             spec.num_hidden_layers,
             spec.hidden_size,
             spec.num_attention_heads,
@@ -69,6 +70,14 @@ impl Plan {
             spec.vocab_size,
             count(self.params)
         );
+        if !spec.source.ignored.is_empty() {
+            let _ = writeln!(
+                s,
+                "           config.json fields not read (transformers' {} does not read them either): {}",
+                spec.family.architecture(),
+                spec.source.ignored.join(", ")
+            );
+        }
         let _ = writeln!(
             s,
             "mesh       {} ranks = dp {} × sp {}; SP groups are contiguous ranks",

@@ -57,11 +57,12 @@ impl Metrics {
         }
         let f = crate::h5::open_live(path).map_err(err)?;
         let version: u32 = f.attr("schema_version").and_then(|a| a.read_scalar()).map_err(err)?;
-        if version != crate::train::metrics::SCHEMA_VERSION {
+        // Versions 3 and 4 added what the report does not read (/time_split, steps/documents).
+        if !(2..=crate::train::metrics::SCHEMA_VERSION).contains(&version) {
             return Err(ReportError::Read {
                 path: path.display().to_string(),
                 message: format!(
-                    "schema version {version}; this ulysses reads version {}",
+                    "schema version {version}; this ulysses reads versions 2 to {}",
                     crate::train::metrics::SCHEMA_VERSION
                 ),
             });

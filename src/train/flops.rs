@@ -3,6 +3,10 @@
 //! - model FLOPs (Megatron convention, used for TFLOP/s and MFU): dense `6·N·T` plus causal
 //!   attention `3·A_fwd`, no recompute counted;
 //! - the ALST paper's counter: `8·N·T + 16·s²·n_q·d·L` per sample (non-causal, recompute counted).
+//!
+//! Attention within documents (`data.documents = "mask"`) computes only each document's causal
+//! square, so both count `Σ len²` over the documents where full causal attention counts `s²`:
+//! packed and full-causal figures are different workloads, each counted by the work it does.
 use crate::model::spec::ModelSpec;
 
 /// Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s, by a piece of
@@ -38,8 +42,15 @@ pub struct StepFlops {
     pub alst: f64,
 }
 
-/// `samples` sequences of `seq_len` tokens per optimizer step.
+/// `samples` sequences of `seq_len` tokens per optimizer step, full causal attention.
 pub fn step_flops(spec: &ModelSpec, seq_len: usize, samples: usize) -> StepFlops {
+    let s = seq_len as f64;
+    flops(spec, s * samples as f64, s * s * samples as f64)
+}
+
+/// `tokens` per optimizer step whose attention covers `squares` = Σ len² over every sample's
+/// documents (`data::Documents::square_sum`; full causal: samples × seq_len²).
+pub fn flops(spec: &ModelSpec, tokens: f64, squares: f64) -> StepFlops {
     let (h, d, l) = (spec.hidden_size as f64, spec.head_dim as f64, spec.num_hidden_layers as f64);
     let (nq, nkv, f, v) = (
         spec.num_attention_heads as f64,
@@ -49,13 +60,13 @@ pub fn step_flops(spec: &ModelSpec, seq_len: usize, samples: usize) -> StepFlops
     );
     let n_layers = l * (h * nq * d + 2.0 * h * nkv * d + nq * d * h + 3.0 * h * f);
     let n = n_layers + h * v; // the embedding is a lookup, not a matmul
-    let s = seq_len as f64;
-    let tokens = s * samples as f64;
-    let attn_fwd = 2.0 * s * s * nq * d * l * samples as f64; // QKᵀ and PV, causal half
-    StepFlops {
-        model: 6.0 * n * tokens + 3.0 * attn_fwd,
-        alst: 8.0 * n * tokens + 16.0 * s * s * nq * d * l * samples as f64,
-    }
+    let attn_fwd = 2.0 * squares * nq * d * l; // QKᵀ and PV, causal half
+    StepFlops { model: 6.0 * n * tokens + 3.0 * attn_fwd, alst: 8.0 * n * tokens + 16.0 * squares * nq * d * l }
+}
+
+/// The forward attention FLOPs of one sample with documents `docs` (causal within each).
+pub fn attention_forward(spec: &ModelSpec, squares: f64) -> f64 {
+    2.0 * squares * (spec.num_attention_heads * spec.head_dim * spec.num_hidden_layers) as f64
 }
 
 #[cfg(test)]
@@ -81,5 +92,28 @@ mod tests {
         // The peer's README: F = 5.90e15 (dense) + 1.35e16 (attention) = 1.94e16 per step.
         assert!((f.model / 1.94e16 - 1.0).abs() < 0.005, "{}", f.model);
         assert!(f.alst > f.model);
+    }
+
+    #[test]
+    fn documents_count_their_own_causal_squares() {
+        let spec = ModelSpec::preset(Preset::Llama31_8b);
+        let (s, doc) = (262144.0, 32768.0);
+        let full = flops(&spec, s, s * s);
+        let packed = flops(&spec, s, 8.0 * doc * doc);
+        // The dense part is the same; attention is an eighth of full causal's.
+        let dense = flops(&spec, s, 0.0);
+        assert!(((packed.model - dense.model) * 8.0 / (full.model - dense.model) - 1.0).abs() < 1e-12);
+        assert_eq!(step_flops(&spec, 262144, 1), full);
+        let attention = full.model - dense.model;
+        assert!((attention_forward(&spec, s * s) * 3.0 / attention - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn qwen3_8b_counts_its_own_shapes() {
+        // The peer's formula on Qwen3-8B's dimensions (36 layers, intermediate 12,288, vocab
+        // 151,936; q/k norms and biases are no matmuls): 2.1151e16 per step at 128K.
+        let spec = ModelSpec::preset(Preset::Qwen3_8b);
+        let f = step_flops(&spec, 131072, 1);
+        assert!((f.model / 2.1151e16 - 1.0).abs() < 1e-4, "{}", f.model);
     }
 }

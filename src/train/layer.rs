@@ -17,6 +17,12 @@
 //!
 //! Backward runs segment 3 first (it needs only attention's output), then attention, then
 //! segment 1, so that no two segments' graphs exist at once.
+//!
+//! With packed documents (`data.documents = "mask"`) a micro batch whose samples hold more than
+//! one document brings a `DocumentMask`: attention then runs the masked kernel on both paths,
+//! kept (output and log-sum-exp kept, fused backward) and recomputed (the masked forward again in
+//! backward, then its fused backward). A micro batch of single-document samples has no mask and
+//! takes exactly the path of unpacked data.
 use super::profile::Profiler;
 use super::store::{ActivationStore, Key};
 use crate::comm::Collective;
@@ -24,6 +30,7 @@ use crate::config::FusedAttention;
 use crate::ffi::attention::{self as fused, Saved};
 use crate::ffi::autograd;
 use crate::model::llama::{self, seq_tiles, AttentionCore, LayerWeights, LocalAttention};
+use crate::model::mask::DocumentMask;
 use crate::model::rope::Rope;
 use crate::model::spec::ModelSpec;
 use crate::parallel::ulysses::{heads_to_seq, replicate_kv, seq_to_heads};
@@ -78,6 +85,9 @@ pub struct Segments<'a> {
     /// Tokens per MLP tile (0: untiled).
     pub mlp_tile: usize,
     pub device: Device,
+    /// This micro batch's documents, when attention stays within them and some sample holds more
+    /// than one (None: plain causal attention).
+    pub mask: Option<&'a DocumentMask>,
 }
 
 /// One decoder layer of the step: where its input waits and how its attention is done.
@@ -86,12 +96,21 @@ pub struct DecoderLayer {
     pub index: usize,
     pub input: Place,
     pub attention: AttentionPath,
+    /// With attention kept: run segment 1 once in backward and keep its graph through attention's
+    /// backward (the memory plan's `Placement::qkv_once`), instead of a graph-free pass for the
+    /// head shards and a second pass with a graph after.
+    pub qkv_once: bool,
+    /// Keep the MLP's gate and up projections from the forward (on the GPU), so backward does
+    /// not recompute them (the memory plan's `Placement::mlp`).
+    pub keep_mlp: bool,
 }
 
 /// What a layer's forward left for its backward.
 pub struct SavedLayer {
     input: Key,
     attention: Option<KeptAttention>,
+    /// The MLP's gate and up projections, when kept.
+    mlp: Option<(Key, Key)>,
 }
 
 /// A layer's kept attention: the head-sharded output, its log-sum-exp and the kernel's extras.
@@ -124,10 +143,11 @@ impl DecoderLayer {
         x: Tensor,
         store: &mut ActivationStore,
     ) -> Result<(Tensor, SavedLayer)> {
-        let (y, attention) = tch::no_grad(|| -> Result<_> {
+        let prof = seg.profiler;
+        let (y, attention, mlp) = tch::no_grad(|| -> Result<_> {
             // Each activation is dropped as soon as the next one exists (sequence-long tensors).
-            let [qh, kh, vh] = self.head_shards(seg, w, &x)?;
-            let (oh, saved) = self.attention_forward(seg, &qh, &kh, &vh)?;
+            let [qh, kh, vh] = prof.phase(format_args!("pre-attention"), || self.head_shards(seg, w, &x))?;
+            let (oh, saved) = prof.phase(format_args!("attention"), || self.attention_forward(seg, &qh, &kh, &vh))?;
             let attention = match (self.attention.keeps(), saved) {
                 (Some(place), Some(saved)) => Some(KeptAttention {
                     out: store.put(oh.shallow_clone(), place)?,
@@ -137,12 +157,19 @@ impl DecoderLayer {
                 _ => None,
             };
             drop((qh, kh, vh));
-            let o = to_seq(seg, &oh)?;
-            drop(oh);
-            Ok((llama::post_attention_no_grad(seg.spec, w, &x, &o, seg.mlp_tile), attention))
+            prof.phase(format_args!("post-attention"), || {
+                let o = to_seq(seg, &oh)?;
+                drop(oh);
+                let (y, mlp) = llama::post_attention_no_grad(seg.spec, w, &x, &o, seg.mlp_tile, self.keep_mlp);
+                let mlp = match mlp {
+                    Some((gate, up)) => Some((store.put(gate, Place::Device)?, store.put(up, Place::Device)?)),
+                    None => None,
+                };
+                Ok((y, attention, mlp))
+            })
         })?;
         let input = store.put(x, self.input)?;
-        Ok((y, SavedLayer { input, attention }))
+        Ok((y, SavedLayer { input, attention, mlp }))
     }
 
     /// The gradient of the layer's input from `grad_y`, the gradient of its output; the weight
@@ -155,43 +182,70 @@ impl DecoderLayer {
         grad_y: Tensor,
         store: &mut ActivationStore,
     ) -> Result<Tensor> {
-        let l = self.index;
+        let (l, prof) = (self.index, seg.profiler);
         let x = leaf(&store.take(saved.input)?);
         // Segment 2's inputs: the kept output (the head shards are needed only after segment 3),
-        // or the attention forward recomputed with a graph on the head shards as leaves.
+        // or the attention forward recomputed: with a graph on the head shards as leaves, or,
+        // within documents, by the masked kernel, whose fused backward then takes its output.
         let (oh, kept, shards) = match saved.attention {
             Some(k) => {
                 let kept = Saved { lse: store.take(k.lse)?, aux: k.aux };
                 (store.take(k.out)?, Some(kept), None)
             }
-            None => {
-                let [qh, kh, vh] = self.head_shards(seg, w, &x)?.map(|t| leaf(&t));
-                let oh = match self.attention {
-                    AttentionPath::Skipped { .. } => qh.zeros_like(),
-                    _ => seg.profiler.attention(|| LocalAttention.attend(&qh, &kh, &vh)),
-                };
-                (oh, None, Some([qh, kh, vh]))
-            }
+            None => prof.phase(format_args!("attention forward (recompute)"), || -> Result<_> {
+                Ok(match (self.attention, seg.mask) {
+                    (AttentionPath::Skipped { .. }, _) => {
+                        let [qh, kh, vh] = self.head_shards(seg, w, &x)?;
+                        (qh.zeros_like(), None, Some([qh, kh, vh]))
+                    }
+                    (_, Some(mask)) => {
+                        let [qh, kh, vh] = self.head_shards(seg, w, &x)?;
+                        let (oh, kept) = prof.attention(|| fused::forward_masked(mask, &qh, &kh, &vh))?;
+                        (oh, Some(kept), Some([qh, kh, vh]))
+                    }
+                    (_, None) => {
+                        let [qh, kh, vh] = self.head_shards(seg, w, &x)?.map(|t| leaf(&t));
+                        let oh = prof.attention(|| LocalAttention.attend(&qh, &kh, &vh));
+                        (oh, None, Some([qh, kh, vh]))
+                    }
+                })
+            })?,
         };
-        let grad_oh = self.post_attention_backward(seg, w, &x, &oh, grad_y)?;
+        let mlp = match saved.mlp {
+            Some((gate, up)) => Some((store.take(gate)?, store.take(up)?)),
+            None => None,
+        };
+        let grad_oh =
+            prof.phase(format_args!("post-attention"), || self.post_attention_backward(seg, w, &x, &oh, mlp, grad_y))?;
         log_phase(seg, format_args!("backward layer {l}: post-attention"));
-        let [qh, kh, vh] = match shards {
-            Some(shards) => shards,
-            None => self.head_shards(seg, w, &x)?,
-        };
-        let (gq, gk, gv) = match (self.attention, kept) {
-            (AttentionPath::Skipped { .. }, _) => (qh.zeros_like(), kh.zeros_like(), vh.zeros_like()),
-            (AttentionPath::Kept { kernel, .. }, Some(kept)) => seg
-                .profiler
-                .attention(|| tch::no_grad(|| fused::backward(kernel, &grad_oh, &qh, &kh, &vh, &oh, &kept)))?,
-            _ => {
-                seg.profiler.attention(|| backprop(&[(&oh, &grad_oh)]))?;
-                (qh.grad(), kh.grad(), vh.grad())
-            }
-        };
-        drop((qh, kh, vh, oh, grad_oh));
+        // Segment 1 with its graph now, when it runs once: its head shards feed the fused backward.
+        let qkv = (self.qkv_once && kept.is_some() && shards.is_none())
+            .then(|| prof.phase(format_args!("pre-attention recompute"), || self.qkv(seg, w, &x)));
+        let (gq, gk, gv) = prof.phase(format_args!("attention"), || -> Result<_> {
+            let [qh, kh, vh] = match (shards, &qkv) {
+                (Some(shards), _) => shards,
+                (None, Some((q, k, v))) => {
+                    tch::no_grad(|| -> Result<_> { Ok([to_heads(seg, q)?, to_heads(seg, k)?, to_heads(seg, v)?]) })?
+                }
+                (None, None) => self.head_shards(seg, w, &x)?,
+            };
+            let g = match (self.attention, kept, seg.mask) {
+                (AttentionPath::Skipped { .. }, _, _) => (qh.zeros_like(), kh.zeros_like(), vh.zeros_like()),
+                (_, Some(kept), Some(mask)) => prof
+                    .attention(|| tch::no_grad(|| fused::backward_masked(mask, &grad_oh, &qh, &kh, &vh, &oh, &kept)))?,
+                (AttentionPath::Kept { kernel, .. }, Some(kept), None) => {
+                    prof.attention(|| tch::no_grad(|| fused::backward(kernel, &grad_oh, &qh, &kh, &vh, &oh, &kept)))?
+                }
+                _ => {
+                    prof.attention(|| backprop(&[(&oh, &grad_oh)]))?;
+                    (qh.grad(), kh.grad(), vh.grad())
+                }
+            };
+            drop((qh, kh, vh, oh, grad_oh));
+            Ok(g)
+        })?;
         log_phase(seg, format_args!("backward layer {l}: attention"));
-        self.pre_attention_backward(seg, w, &x, [gq, gk, gv])?;
+        prof.phase(format_args!("pre-attention"), || self.pre_attention_backward(seg, w, &x, qkv, [gq, gk, gv]))?;
         log_phase(seg, format_args!("backward layer {l}: pre-attention"));
         Ok(grad(&x))
     }
@@ -220,26 +274,36 @@ impl DecoderLayer {
         kh: &Tensor,
         vh: &Tensor,
     ) -> Result<(Tensor, Option<Saved>)> {
-        Ok(match self.attention {
-            AttentionPath::Kept { kernel, .. } => {
+        Ok(match (self.attention, seg.mask) {
+            (AttentionPath::Kept { .. }, Some(mask)) => {
+                let (oh, saved) = seg.profiler.attention(|| fused::forward_masked(mask, qh, kh, vh))?;
+                (oh, Some(saved))
+            }
+            (AttentionPath::Kept { kernel, .. }, None) => {
                 let (oh, saved) = seg.profiler.attention(|| fused::forward(kernel, qh, kh, vh))?;
                 (oh, Some(saved))
             }
-            AttentionPath::Recomputed => (seg.profiler.attention(|| LocalAttention.attend(qh, kh, vh)), None),
-            AttentionPath::Skipped { keep: Some(_) } => zero_attention(qh),
-            AttentionPath::Skipped { keep: None } => (qh.zeros_like(), None),
+            (AttentionPath::Recomputed, Some(mask)) => {
+                (seg.profiler.attention(|| fused::forward_masked(mask, qh, kh, vh))?.0, None)
+            }
+            (AttentionPath::Recomputed, None) => (seg.profiler.attention(|| LocalAttention.attend(qh, kh, vh)), None),
+            (AttentionPath::Skipped { keep: Some(_) }, _) => zero_attention(qh),
+            (AttentionPath::Skipped { keep: None }, _) => (qh.zeros_like(), None),
         })
     }
 
     /// Segment 3 recomputed and backpropagated: the O projection and residual, then the MLP one
-    /// tile of tokens at a time so its wide activations exist for one tile. Returns the gradient
-    /// of attention's head-sharded output; its tensors and `grad_y` are gone when it returns.
+    /// tile of tokens at a time so its wide activations exist for one tile. The MLP's gate and up
+    /// projections come from `mlp` when the forward kept them, else they are recomputed. Returns
+    /// the gradient of attention's head-sharded output; its tensors and `grad_y` are gone when it
+    /// returns.
     fn post_attention_backward(
         &self,
         seg: &Segments,
         w: &LayerWeights,
         x: &Tensor,
         oh: &Tensor,
+        mlp: Option<(Tensor, Tensor)>,
         grad_y: Tensor,
     ) -> Result<Tensor> {
         let o = leaf(&to_seq(seg, oh)?);
@@ -247,33 +311,105 @@ impl DecoderLayer {
             let h = llama::attention_residual(seg.spec, w, x, &o);
             let h_leaf = leaf(&h);
             for (start, len) in seq_tiles(h.size()[1], seg.mlp_tile) {
-                let y = llama::mlp_residual(seg.spec, w, &h_leaf.narrow(1, start, len));
-                backprop(&[(&y, &grad_y.narrow(1, start, len))])?;
+                let (g, h_tile) = (grad_y.narrow(1, start, len), h_leaf.narrow(1, start, len));
+                match &mlp {
+                    None => self.mlp_backward(seg, w, &h_tile, &g)?,
+                    Some((gate, up)) => self.kept_mlp_backward(
+                        seg,
+                        w,
+                        &h_tile,
+                        &gate.narrow(1, start, len),
+                        &up.narrow(1, start, len),
+                        &g,
+                    )?,
+                }
             }
-            backprop(&[(&h, &grad(&h_leaf))])?;
+            drop(mlp);
+            let grad_h = grad(&h_leaf);
+            let _ = grad_h.shallow_clone().g_add_(&grad_y);
+            drop(grad_y);
+            backprop(&[(&h, &grad_h)])?;
         }
-        drop(grad_y);
         to_heads(seg, &o.grad())
     }
 
-    /// Segment 1 recomputed with a graph and backpropagated from the head shards' gradients
-    /// (moved back to the sequence-sharded layout); the input's gradient lands in `x.grad()`.
-    fn pre_attention_backward(&self, seg: &Segments, w: &LayerWeights, x: &Tensor, g: [Tensor; 3]) -> Result<()> {
+    /// One MLP tile's backward, `y = h + act · W_downᵀ` with `act = silu(gate) * up` recomputed
+    /// with a graph. The down projection is backpropagated by hand, so its output (a matmul's
+    /// worth of work) is never recomputed: act's gradient is g · W_down and W_down's is gᵀ · act;
+    /// the residual's share of h's gradient is added by the caller.
+    fn mlp_backward(&self, seg: &Segments, w: &LayerWeights, h: &Tensor, g: &Tensor) -> Result<()> {
+        let act = llama::mlp_activation(seg.spec, w, h);
+        let (grad_act, grad_down) = tch::no_grad(|| (g.matmul(&w.w_down), transposed_mm(g, &act)));
+        backprop(&[(&act, &grad_act), (&w.w_down, &grad_down)])
+    }
+
+    /// `mlp_backward` from the kept gate and up projections: only the MLP's norm is recomputed
+    /// with a graph; the SwiGLU and the three projections are backpropagated by hand.
+    fn kept_mlp_backward(
+        &self,
+        seg: &Segments,
+        w: &LayerWeights,
+        h: &Tensor,
+        gate: &Tensor,
+        up: &Tensor,
+        g: &Tensor,
+    ) -> Result<()> {
+        let hn = llama::rms_norm(h, &w.mlp_norm, seg.spec.rms_norm_eps);
+        let grads = tch::no_grad(|| {
+            let act = gate.silu() * up;
+            let grad_act = g.matmul(&w.w_down);
+            let grad_down = transposed_mm(g, &act);
+            drop(act);
+            let (grad_gate, grad_up) = llama::swiglu_backward(gate, up, &grad_act);
+            drop(grad_act);
+            // [b, t, f] @ [f, h] -> [b, t, h]
+            let grad_hn = grad_gate.matmul(&w.w_gate) + grad_up.matmul(&w.w_up);
+            (grad_hn, grad_down, transposed_mm(&grad_gate, &hn), transposed_mm(&grad_up, &hn))
+        });
+        let (grad_hn, grad_down, grad_gate_w, grad_up_w) = grads;
+        backprop(&[(&hn, &grad_hn), (&w.w_down, &grad_down), (&w.w_gate, &grad_gate_w), (&w.w_up, &grad_up_w)])
+    }
+
+    /// Segment 1 backpropagated from the head shards' gradients (moved back to the
+    /// sequence-sharded layout): through `qkv`'s graph when it ran once, else recomputed with a
+    /// graph here. The input's gradient lands in `x.grad()`.
+    fn pre_attention_backward(
+        &self,
+        seg: &Segments,
+        w: &LayerWeights,
+        x: &Tensor,
+        qkv: Option<(Tensor, Tensor, Tensor)>,
+        g: [Tensor; 3],
+    ) -> Result<()> {
         let [gq, gk, gv] = g;
         let (gq, gk, gv) = (to_seq(seg, &gq)?, to_seq(seg, &gk)?, to_seq(seg, &gv)?);
-        let (q, k, v) = self.qkv(seg, w, x);
+        let (q, k, v) = qkv.unwrap_or_else(|| self.qkv(seg, w, x));
         backprop(&[(&q, &gq), (&k, &gk), (&v, &gv)])
     }
 }
 
-/// `[b, s/sp, H, d] -> [b, s, H/sp, d]` over the SP group.
+/// `[b, s/sp, H, d] -> [b, s, H/sp, d]` over the SP group; with one rank, the tensor itself.
 fn to_heads(seg: &Segments, t: &Tensor) -> Result<Tensor> {
+    if seg.sp.size() == 1 {
+        return Ok(t.shallow_clone());
+    }
     Ok(seg.profiler.comm(seg.sp, || seq_to_heads(seg.sp, t))?)
 }
 
-/// `[b, s, H/sp, d] -> [b, s/sp, H, d]` over the SP group.
+/// `[b, s, H/sp, d] -> [b, s/sp, H, d]` over the SP group; with one rank, the tensor itself.
 fn to_seq(seg: &Segments, t: &Tensor) -> Result<Tensor> {
+    if seg.sp.size() == 1 {
+        return Ok(t.shallow_clone());
+    }
     Ok(seg.profiler.comm(seg.sp, || heads_to_seq(seg.sp, t))?)
+}
+
+/// The weight gradient of a linear map from `input` to an output whose gradient is `grad`:
+/// `gradᵀ · input`, `[b, t, out]` and `[b, t, in]` -> `[out, in]` (autograd's own formula).
+fn transposed_mm(grad: &Tensor, input: &Tensor) -> Tensor {
+    let (out, inp) = (*grad.size().last().expect("[b, t, out]"), *input.size().last().expect("[b, t, in]"));
+    // [out, b·t] @ [b·t, in] -> [out, in]
+    grad.reshape([-1, out]).tr().mm(&input.reshape([-1, inp]))
 }
 
 /// A memory-fit run's stand-in for attention's output and log-sum-exp: same sizes, zeros.

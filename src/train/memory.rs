@@ -18,6 +18,26 @@ pub fn peak_host_bytes() -> u64 {
     PEAK_HOST.fetch_max(now, Ordering::Relaxed).max(now)
 }
 
+/// (VmRSS, VmHWM) of this process now, bytes: resident and peak resident memory.
+pub fn host_resident_and_peak() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Resets the kernel's peak resident memory (VmHWM) of this process to what is resident now, so
+/// the peak of one operation can be measured (`echo 5 > /proc/self/clear_refs`). `peak_host_bytes`
+/// keeps its own running maximum, so the metrics' peaks do not drop.
+pub fn reset_host_peak() -> std::io::Result<()> {
+    std::fs::write("/proc/self/clear_refs", "5")
+}
+
 /// Peak GPU memory allocated by this rank's caching allocator in bytes since the last
 /// `reset_peak_gpu` (torch.cuda.max_memory_allocated); 0 on CPU runs.
 pub fn peak_gpu_bytes(device: tch::Device) -> u64 {

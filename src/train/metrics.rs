@@ -1,6 +1,7 @@
 //! metrics.h5: one row per optimizer step, written by rank 0 and flushed every step so a crash
-//! loses at most the step in flight; per-position loss every M steps. Schema (version 2) in
-//! docs/metrics.md; every dataset also carries its meaning and unit in a `description` attribute.
+//! loses at most the step in flight; per-position loss every M steps; the time split of measured
+//! steps. Schema (version 4) in docs/metrics.md; every dataset also carries its meaning and unit
+//! in a `description` attribute.
 //!
 //! The file is written in HDF5's SWMR mode (single writer, multiple readers): every dataset and
 //! attribute exists before the first step, rows are only appended, and readers that open it in
@@ -9,12 +10,14 @@
 //! files (`metrics.tensorboard`, `super::tensorboard`).
 use super::tensorboard::Events;
 use crate::h5::{append_1d, append_row, append_rows, open_live, write_scalar_attr, write_text_attr};
+use crate::train::profile::{KernelSplit, StepProfile};
 use anyhow::{Context, Result};
 use hdf5::file::LibraryVersion;
+use hdf5::types::VarLenUnicode;
 use ndarray::{s, Array2};
 use std::path::{Path, PathBuf};
 
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Wall time of one optimizer step's parts, in seconds. On GPU each part ends with a device
 /// synchronize, or kernels still running are billed to the next part.
@@ -33,6 +36,9 @@ pub struct StepTimes {
 pub struct StepRow {
     pub step: u64,
     pub tokens: u64,
+    /// Documents attention ran over in the step, whole job (one per sample when the boundaries
+    /// are ignored).
+    pub documents: u64,
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
@@ -58,7 +64,10 @@ pub const F64_COLUMNS: &[(&str, &str)] = &[
     ("grad_norm", "global L2 norm of the gradient before clipping"),
     ("step_time", "wall time of the step, seconds (checkpoint saves excluded)"),
     ("tokens_per_s", "tokens / step_time, whole job"),
-    ("tflops", "causal model TFLOP/s per rank (Megatron convention: 6·N·T + causal attention, no recompute)"),
+    (
+        "tflops",
+        "causal model TFLOP/s per rank (Megatron convention: 6·N·T + causal attention within documents, no recompute)",
+    ),
     ("mfu", "tflops / the device's peak dense bf16 TFLOP/s (attribute peak_tflops); NaN when no peak is known"),
     ("tflops_alst", "TFLOP/s per rank in the ALST-paper convention (8·N·T + 16·L·h·s², non-causal, recompute)"),
     ("mfu_alst", "tflops_alst / peak_tflops; NaN when no peak is known"),
@@ -66,10 +75,17 @@ pub const F64_COLUMNS: &[(&str, &str)] = &[
     ("time_forward", "seconds in the forward (with the tiled loss and its backward)"),
     ("time_backward", "seconds in the layer-wise backward"),
     ("time_optimizer", "seconds in grad norm, clipping and AdamW"),
-    ("time_checkpoint", "seconds spent saving a checkpoint after this step (0 if none)"),
+    (
+        "time_checkpoint",
+        "seconds the step waited for checkpoints after its update: a save (an asynchronous one: its staging copy), \
+         waiting for and publishing an earlier asynchronous save, the final export (0 if none)",
+    ),
 ];
-pub const U64_COLUMNS: &[(&str, &str)] =
-    &[("step", "optimizer step, 1-based"), ("tokens", "tokens processed in the step, whole job")];
+pub const U64_COLUMNS: &[(&str, &str)] = &[
+    ("step", "optimizer step, 1-based"),
+    ("tokens", "tokens processed in the step, whole job"),
+    ("documents", "documents attention ran over in the step, whole job (samples when data.documents = \"ignore\")"),
+];
 pub const RANK_COLUMNS: &[(&str, &str)] = &[
     (
         "peak_host_mem",
@@ -98,6 +114,43 @@ fn f64_values(r: &StepRow) -> [f64; 14] {
     ]
 }
 
+/// (name, description) of the float64 columns of /time_split (one row per measured step), in
+/// `split_values` order.
+pub const SPLIT_COLUMNS: &[(&str, &str)] = &[
+    ("attention", "seconds in attention kernels (synchronised wall clock)"),
+    ("compute", "seconds in other compute (synchronised wall clock)"),
+    ("comm", "seconds moving data in collectives (synchronised wall clock)"),
+    ("wait", "seconds waiting for the slowest rank before collectives"),
+    ("kernel_matmul", "GPU seconds in matrix-product kernels (libtorch's profiler; NaN on CPU)"),
+    ("kernel_attention", "GPU seconds in fused attention kernels (NaN on CPU)"),
+    ("kernel_elementwise", "GPU seconds in other compute kernels: element-wise, norms, reductions, loss (NaN on CPU)"),
+    ("kernel_copy", "GPU seconds in copies and memsets (NaN on CPU)"),
+    ("kernel_comm", "GPU seconds in NCCL kernels (NaN on CPU)"),
+];
+
+/// (name, description) of the float64 columns of /time_split/phases (one row per phase of each
+/// measured step).
+pub const PHASE_COLUMNS: &[(&str, &str)] = &[
+    ("wall", "seconds from the phase's start to its end (synchronised)"),
+    ("matmul", "GPU seconds in matrix-product kernels"),
+    ("attention", "GPU seconds in fused attention kernels"),
+    ("elementwise", "GPU seconds in other compute kernels"),
+    ("copy", "GPU seconds in copies and memsets"),
+    ("comm", "GPU seconds in NCCL kernels"),
+];
+
+fn split_values(p: &StepProfile) -> [f64; 9] {
+    let s = &p.split;
+    let k = p.kernels.unwrap_or(KernelSplit {
+        matmul: f64::NAN,
+        attention: f64::NAN,
+        elementwise: f64::NAN,
+        copy: f64::NAN,
+        comm: f64::NAN,
+    });
+    [s.attention, s.compute, s.comm, s.wait, k.matmul, k.attention, k.elementwise, k.copy, k.comm]
+}
+
 /// What the file records about the run.
 pub struct RunInfo<'a> {
     /// The resolved experiment (`Experiment::to_toml`).
@@ -108,10 +161,13 @@ pub struct RunInfo<'a> {
     pub bin_starts: &'a [u64],
     /// Folder for TensorBoard event files, when `metrics.tensorboard` is on.
     pub tensorboard: Option<PathBuf>,
+    /// What the per-position loss bins by.
+    pub position_by: crate::config::PositionBy,
 }
 
 pub struct MetricsWriter {
     file: hdf5::File,
+    path: PathBuf,
     world: usize,
     events: Option<Events>,
     bin_starts: Vec<u64>,
@@ -149,7 +205,7 @@ impl MetricsWriter {
             }
             None => None,
         };
-        Ok(MetricsWriter { file, world, events, bin_starts: info.bin_starts.to_vec() })
+        Ok(MetricsWriter { file, path: path.to_path_buf(), world, events, bin_starts: info.bin_starts.to_vec() })
     }
 
     /// Writes the complete file next to `path`, switches it to SWMR writing and moves it into
@@ -189,8 +245,25 @@ impl MetricsWriter {
         )?;
         describe(
             &pos.new_dataset_builder().with_data(info.bin_starts).create("bin_start")?,
-            "first global position of each bin",
+            "first position of each bin (in the sample, or in the document: attribute position_by)",
         )?;
+        let split = file.create_group("time_split")?;
+        describe(
+            &split.new_dataset::<u64>().chunk(64).shape(0..).create("step")?,
+            "measured steps (metrics.time_split_every)",
+        )?;
+        for (name, what) in SPLIT_COLUMNS {
+            describe(&split.new_dataset::<f64>().chunk(64).shape(0..).create(*name)?, what)?;
+        }
+        let phases = split.create_group("phases")?;
+        describe(&phases.new_dataset::<u64>().chunk(256).shape(0..).create("step")?, "the measured step")?;
+        describe(
+            &phases.new_dataset::<VarLenUnicode>().chunk(256).shape(0..).create("phase")?,
+            "the phase: \"forward layer 3 / attention\", \"head and loss\", ... (nested phases joined by ' / ')",
+        )?;
+        for (name, what) in PHASE_COLUMNS {
+            describe(&phases.new_dataset::<f64>().chunk(256).shape(0..).create(*name)?, what)?;
+        }
         if let Some(kept) = kept {
             kept.write(&file, w)?;
         }
@@ -203,6 +276,7 @@ impl MetricsWriter {
         write_scalar_attr(&file, "schema_version", &SCHEMA_VERSION)?;
         write_scalar_attr(&file, "world_size", &(info.world_size as u64))?;
         write_scalar_attr(&file, "peak_tflops", &info.peak_tflops.unwrap_or(f64::NAN))?;
+        write_text_attr(&file, "position_by", info.position_by.name())?;
         file.flush()?;
         // From here on rows are only appended: no new datasets or attributes (SWMR's rule).
         file.start_swmr().with_context(|| format!("starting SWMR writing of {}", fresh.display()))?;
@@ -218,6 +292,7 @@ impl MetricsWriter {
         }
         append_1d(&steps.dataset("step")?, &[r.step])?;
         append_1d(&steps.dataset("tokens")?, &[r.tokens])?;
+        append_1d(&steps.dataset("documents")?, &[r.documents])?;
         for ((name, _), per_rank) in RANK_COLUMNS.iter().zip([&r.peak_host_mem, &r.peak_gpu_mem]) {
             let mut row = vec![0u64; self.world];
             for (slot, &v) in row.iter_mut().zip(per_rank.iter()) {
@@ -229,6 +304,56 @@ impl MetricsWriter {
         if let Some(events) = self.events.as_mut() {
             events.step(r, F64_COLUMNS.iter().map(|(name, _)| *name).zip(f64_values(r)))?;
         }
+        Ok(())
+    }
+
+    /// The time split of measured step `step`, and its phases.
+    pub fn append_time_split(&mut self, step: u64, p: &StepProfile) -> Result<()> {
+        let split = self.file.group("time_split")?;
+        append_1d(&split.dataset("step")?, &[step])?;
+        for ((name, _), v) in SPLIT_COLUMNS.iter().zip(split_values(p)) {
+            append_1d(&split.dataset(name)?, &[v])?;
+        }
+        let phases = split.group("phases")?;
+        append_1d(&phases.dataset("step")?, &vec![step; p.phases.len()])?;
+        let names: Vec<VarLenUnicode> =
+            p.phases.iter().map(|x| x.phase.parse().map_err(|e| anyhow::anyhow!("{e}"))).collect::<Result<_>>()?;
+        append_1d(&phases.dataset("phase")?, &names)?;
+        let column = |f: fn(&crate::train::profile::PhaseSplit) -> f64| p.phases.iter().map(f).collect::<Vec<f64>>();
+        let columns = [
+            column(|x| x.wall),
+            column(|x| x.kernels.matmul),
+            column(|x| x.kernels.attention),
+            column(|x| x.kernels.elementwise),
+            column(|x| x.kernels.copy),
+            column(|x| x.kernels.comm),
+        ];
+        for ((name, _), values) in PHASE_COLUMNS.iter().zip(columns) {
+            append_1d(&phases.dataset(name)?, &values)?;
+        }
+        self.file.flush()?;
+        Ok(())
+    }
+
+    /// Flushes the file to disk (fsync): a checkpoint published after this cannot outlive the
+    /// rows up to its step, even in a power cut.
+    pub fn sync(&self) -> Result<()> {
+        self.file.flush()?;
+        std::fs::File::open(&self.path)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("flushing {} to disk", self.path.display()))
+    }
+
+    /// Sets `time_checkpoint` of the last row, which is step `step`'s (the row is written before
+    /// the step's checkpoint, so that it is on disk first).
+    pub fn set_checkpoint_time(&mut self, step: u64, seconds: f64) -> Result<()> {
+        let steps = self.file.group("steps")?;
+        let rows = steps.dataset("step")?.shape()[0];
+        let last: Vec<u64> =
+            if rows > 0 { steps.dataset("step")?.read_slice_1d(rows - 1..rows)?.to_vec() } else { Vec::new() };
+        anyhow::ensure!(last == [step], "{}: the last row is not step {step}", self.path.display());
+        steps.dataset("time_checkpoint")?.write_slice(&[seconds], rows - 1..rows)?;
+        self.file.flush()?;
         Ok(())
     }
 
@@ -253,6 +378,12 @@ struct Kept {
     position_step: Vec<u64>,
     position_loss: Array2<f64>,
     position_tokens: Array2<u64>,
+    /// /time_split: its steps and SPLIT_COLUMNS; /time_split/phases: steps, names, PHASE_COLUMNS.
+    split_step: Vec<u64>,
+    split: Vec<Vec<f64>>,
+    phase_step: Vec<u64>,
+    phase: Vec<VarLenUnicode>,
+    phases: Vec<Vec<f64>>,
 }
 
 impl Kept {
@@ -296,6 +427,24 @@ impl Kept {
             position_loss = Array2::zeros((0, bins));
             position_tokens = Array2::zeros((0, bins));
         }
+        // The time split's rows, whole rows only likewise.
+        let table = |group: &str, columns: &[(&str, &str)]| -> Result<(Vec<u64>, usize)> {
+            let steps: Vec<u64> = file.dataset(&format!("{group}/step"))?.read_raw()?;
+            let mut rows = upto(&steps);
+            for (name, _) in columns {
+                rows = rows.min(file.dataset(&format!("{group}/{name}"))?.shape()[0]);
+            }
+            Ok((steps[..rows].to_vec(), rows))
+        };
+        let floats = |group: &str, columns: &[(&str, &str)], rows: usize| -> Result<Vec<Vec<f64>>> {
+            columns
+                .iter()
+                .map(|(name, _)| Ok(file.dataset(&format!("{group}/{name}"))?.read_raw::<f64>()?[..rows].to_vec()))
+                .collect()
+        };
+        let (split_step, split_rows) = table("time_split", SPLIT_COLUMNS)?;
+        let (phase_step, phase_rows) = table("time_split/phases", PHASE_COLUMNS)?;
+        let phase_rows = phase_rows.min(file.dataset("time_split/phases/phase")?.shape()[0]);
         Ok(Kept {
             f64s,
             u64s,
@@ -303,6 +452,11 @@ impl Kept {
             position_step: position_step[..keep].to_vec(),
             position_loss: position_loss.slice(s![..keep, ..]).to_owned(),
             position_tokens: position_tokens.slice(s![..keep, ..]).to_owned(),
+            split: floats("time_split", SPLIT_COLUMNS, split_rows)?,
+            split_step,
+            phases: floats("time_split/phases", PHASE_COLUMNS, phase_rows)?,
+            phase: file.dataset("time_split/phases/phase")?.read_raw::<VarLenUnicode>()?[..phase_rows].to_vec(),
+            phase_step: phase_step[..phase_rows].to_vec(),
         })
     }
 
@@ -330,6 +484,17 @@ impl Kept {
         append_1d(&pos.dataset("step")?, &self.position_step)?;
         append_rows(&pos.dataset("loss")?, self.position_loss.view())?;
         append_rows(&pos.dataset("tokens")?, self.position_tokens.view())?;
+        let split = file.group("time_split")?;
+        append_1d(&split.dataset("step")?, &self.split_step)?;
+        for ((name, _), values) in SPLIT_COLUMNS.iter().zip(&self.split) {
+            append_1d(&split.dataset(name)?, values)?;
+        }
+        let phases = split.group("phases")?;
+        append_1d(&phases.dataset("step")?, &self.phase_step)?;
+        append_1d(&phases.dataset("phase")?, &self.phase)?;
+        for ((name, _), values) in PHASE_COLUMNS.iter().zip(&self.phases) {
+            append_1d(&phases.dataset(name)?, values)?;
+        }
         Ok(())
     }
 }

@@ -4,6 +4,7 @@
 //! outputs. `Run::step` is one optimizer step, from its micro batches to its metrics row and
 //! checkpoint, with a clean stop on preemption.
 pub mod checkpoint;
+pub mod documents;
 pub mod flops;
 pub mod layer;
 pub mod memory;
@@ -47,22 +48,36 @@ pub fn run(
     if let Device::Cuda(_) = device {
         allow_attention_kernels(exp.parallel.attention);
     }
+    let kind = match exp.train.dtype {
+        Dtype::Fp32 => Kind::Float,
+        Dtype::Bf16 => Kind::BFloat16,
+    };
+    let document_kernel = documents::kernel(exp, spec, mesh.world_size(), kind, device)?;
+    if let (Some(k), 0) = (document_kernel, mesh.world_rank) {
+        log::info!(
+            "attention within documents: {} (a micro batch of single-document samples: the causal kernel)",
+            k.describe(true)
+        );
+    }
     let placement = plan_memory(exp, spec, mesh, groups.world.as_ref(), budget)?;
     let profiler = Profiler::new(device, false);
     let ctx = StepContext {
         spec,
         groups,
-        kind: match exp.train.dtype {
-            Dtype::Fp32 => Kind::Float,
-            Dtype::Bf16 => Kind::BFloat16,
-        },
+        kind,
         device,
         mlp_tile: exp.parallel.mlp_tile,
         loss_tile: exp.parallel.loss_tile,
         profiler: &profiler,
         layers: StepContext::layers(&placement, exp.parallel.fused_attention(), exp.train.memory_fit),
+        documents: document_kernel,
     };
     let mut run = Run::start(exp, spec, mesh, groups.world.as_ref(), device)?;
+    if run.first_step > exp.train.steps {
+        // Already complete; but a job killed between the last checkpoint and its export left
+        // no `final/`.
+        return run.finish(End::AlreadyComplete);
+    }
     for step in run.first_step..=exp.train.steps {
         if let Flow::Stop = run.step(&ctx, step)? {
             break;
@@ -96,11 +111,12 @@ fn plan_memory(
     let parts = Tensor::from_slice(&[mine.gpu, mine.host, mine.disk]).to_device(world.device());
     let all: Vec<f64> = Vec::try_from(world.all_gather(&parts)?.to_device(Device::Cpu))?;
     let budget = all.chunks(3).map(|b| Budget { gpu: b[0], host: b[1], disk: b[2] }).fold(mine, Budget::min);
-    let (p, t, seq_len, world_size) = (&exp.parallel, &exp.train, exp.data.seq_len, mesh.world_size());
-    let plan = MemoryPlan::new(p, t, spec, world_size, seq_len);
-    let placement = plan
-        .placement(&budget)
-        .map_err(|shortfall| DoesNotFit(memory_plan::refusal(p, t, seq_len, spec, world_size, &budget, &shortfall)))?;
+    let (p, t, c, seq_len, world_size) =
+        (&exp.parallel, &exp.train, &exp.checkpoint, exp.data.seq_len, mesh.world_size());
+    let plan = MemoryPlan::new(p, t, c, spec, world_size, seq_len);
+    let placement = plan.placement(&budget).map_err(|shortfall| {
+        DoesNotFit(memory_plan::refusal(p, t, c, seq_len, spec, world_size, &budget, &shortfall))
+    })?;
     if mesh.world_rank == 0 {
         log::info!("memory plan: {}", memory_plan::summary(&plan.with_placement(&placement), &placement, &budget));
     }
@@ -125,6 +141,23 @@ fn peak_tflops(configured: f64, device: Device) -> Result<Option<f64>> {
     Ok(peak.map(|(tflops, _)| tflops))
 }
 
+/// What one optimizer step's samples cost over the whole job.
+struct StepCost {
+    documents: u64,
+    flops: flops::StepFlops,
+}
+
+/// How a job ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Stopped by SIGTERM/SIGUSR1 before the last step.
+    Preempted,
+    /// The last step was trained now.
+    Trained,
+    /// The run had reached its last step before this job.
+    AlreadyComplete,
+}
+
 /// Whether training goes on after a step.
 enum Flow {
     Continue,
@@ -145,13 +178,17 @@ struct Run<'a> {
     /// Rank 0's metrics.h5 (no file on the other ranks and in memory-fit runs).
     metrics: Option<MetricsWriter>,
     preemption: preempt::Preemption,
+    checkpointer: checkpoint::Checkpointer,
+    /// Seconds this step's update waited for an asynchronous save to read the state.
+    checkpoint_wait: f64,
     adamw: AdamW,
-    /// Tokens and model FLOPs of one optimizer step over all ranks.
+    /// Tokens of one optimizer step over all ranks.
     tokens: u64,
-    step_flops: flops::StepFlops,
     /// The device's peak TFLOP/s, the MFU denominator; None: no MFU (CPU, an unknown GPU).
     peak_tflops: Option<f64>,
     run_dir: PathBuf,
+    /// The checkpoint the run started from, if any.
+    resumed_from: Option<PathBuf>,
     first_step: usize,
     started: Instant,
 }
@@ -175,10 +212,21 @@ impl<'a> Run<'a> {
                 spec.vocab_size
             );
         }
+        let tokenizer = start::tokenizer_files(exp, &dataset);
+        if mesh.world_rank == 0 {
+            match tokenizer.first() {
+                Some((from, _)) => {
+                    println!("checkpoints carry the tokenizer files of {}", from.parent().unwrap_or(from).display())
+                }
+                None => println!(
+                    "checkpoints carry no tokenizer files (none in the model folder; the data names no tokenizer.json)"
+                ),
+            }
+        }
         // The fp32 master weights and Adam moments live on the GPU, or in host memory when
         // offloaded (AdamW then runs on the CPU with libtorch's multi-threaded vectorized kernels).
         let state_device = if exp.parallel.offload_optimizer { Device::Cpu } else { device };
-        let (params, loader_state, start) =
+        let (params, loader_state, start, resumed_from) =
             start::start_point(&start::StartSpec::of(exp), spec, mesh, world, state_device)?;
         let t = &exp.train;
         let loader_spec = LoaderSpec {
@@ -190,6 +238,7 @@ impl<'a> Run<'a> {
             sp_rank: mesh.sp_rank,
             micro_batch: t.micro_batch,
             loss_on: exp.data.loss_on,
+            packing: exp.data.packing(),
         };
         let loader = Loader::new(dataset, loader_spec, loader_state)?;
         let run_dir = exp.run_dir();
@@ -204,6 +253,7 @@ impl<'a> Run<'a> {
                 peak_tflops,
                 bin_starts: &bin_starts,
                 tensorboard: exp.metrics.tensorboard.then(|| run_dir.join(TENSORBOARD)),
+                position_by: exp.metrics.position_by,
             };
             Some(MetricsWriter::open(&run_dir.join("metrics.h5"), &info, (start > 0).then_some(start))?)
         } else {
@@ -212,6 +262,15 @@ impl<'a> Run<'a> {
         if start == t.steps as u64 && mesh.world_rank == 0 {
             println!("the run is already complete (step {start} of {}); nothing to do", t.steps);
         }
+        let c = &exp.checkpoint;
+        if mesh.world_rank == 0 && c.save_final {
+            // A user's folder named `final` is never replaced: say so now, not after training.
+            checkpoint::export::check_replaceable(&run_dir.join(FINAL))?;
+        }
+        // Only periodic saves run in the background: after a preemption's save or the last one the
+        // job waits for the write anyway.
+        let asynchronous = c.is_async(exp.parallel.device) && c.every > 0;
+        let checkpointer = checkpoint::Checkpointer::new(&run_dir, c.keep, asynchronous, tokenizer, &params, world)?;
         let store = store::ActivationStore::new(device, &exp.memory.offload_dir, mesh.world_rank)?;
         let samples = mesh.dp * t.micro_batch * t.grad_accum;
         Ok(Run {
@@ -225,11 +284,13 @@ impl<'a> Run<'a> {
             store,
             metrics,
             preemption,
+            checkpointer,
+            checkpoint_wait: 0.0,
             adamw: AdamW::new(t),
             tokens: (exp.data.seq_len * samples) as u64,
-            step_flops: flops::step_flops(spec, exp.data.seq_len, samples),
             peak_tflops,
             run_dir,
+            resumed_from,
             first_step: start as usize + 1,
             started: Instant::now(),
         })
@@ -247,8 +308,9 @@ impl<'a> Run<'a> {
         times.data = t0.elapsed().as_secs_f64();
         let n_local: i64 = batches.iter().map(MicroBatch::valid_labels).sum();
         let n_total = all_reduce_f64(self.world, n_local as f64)?.max(1.0);
+        let cost = self.step_cost(&batches)?;
         let mut positions = (m.position_loss_every > 0 && step % m.position_loss_every == 0)
-            .then(|| PositionLoss::new(m.position_bins, self.exp.data.seq_len, self.device));
+            .then(|| PositionLoss::new(m.position_by, m.position_bins, self.exp.data.seq_len, self.device));
         let mut loss_local = 0.0;
         for b in &batches {
             loss_local +=
@@ -256,26 +318,44 @@ impl<'a> Run<'a> {
         }
         let loss = all_reduce_f64(self.world, loss_local)? / n_total;
         let t_opt = Instant::now();
-        let (grad_norm, lr) = self.update(step)?;
-        times.optimizer = t_opt.elapsed().as_secs_f64();
-        let step_time = t0.elapsed().as_secs_f64();
+        let (grad_norm, lr) = ctx.profiler.phase(format_args!("optimizer"), || self.update(step))?;
+        // A wait for a checkpoint's write is checkpoint time, not the optimizer's or the step's.
+        times.optimizer = t_opt.elapsed().as_secs_f64() - self.checkpoint_wait;
+        let step_time = t0.elapsed().as_secs_f64() - self.checkpoint_wait;
+        let profile = ctx.profiler.is_on().then(|| ctx.profiler.finish());
         let position_bins = positions.map(|p| p.reduce(self.world)).transpose()?;
-        let mut row = self.row(step, loss, lr, grad_norm, step_time, times)?;
-        self.print(&row, step, ctx.profiler);
-
-        let preempted = self.preemption.requested(self.world)?;
-        let t_ckpt = Instant::now();
-        if preempted || self.checkpoint_due(step) {
-            self.save(step)?;
-        }
-        row.checkpoint_time = t_ckpt.elapsed().as_secs_f64();
+        let row = self.row(step, loss, lr, grad_norm, step_time, times, cost)?;
+        self.print(&row, step, profile.as_ref());
+        // The step's row goes to metrics.h5 before its checkpoint can be published: a resume
+        // from that checkpoint never lacks the row, and one from an earlier checkpoint drops it.
         if let Some(metrics) = self.metrics.as_mut() {
             metrics.append(&row)?;
             if let Some(b) = &position_bins {
                 metrics.append_positions(step as u64, b)?;
             }
+            if let Some(p) = &profile {
+                metrics.append_time_split(step as u64, p)?;
+            }
         }
-        if preempted && step < t.steps {
+
+        let t_ckpt = Instant::now();
+        let in_flight = self.checkpointer.in_flight();
+        self.checkpointer.poll(self.world).context("checkpoint")?;
+        let preempted = self.preemption.requested(self.world)?;
+        let stop = preempted && step < t.steps;
+        let due = preempted || self.checkpoint_due(step);
+        if due {
+            self.save(step, stop || step == t.steps)?;
+        }
+        if stop {
+            self.finish(End::Preempted)?;
+        } else if step == t.steps {
+            self.finish(End::Trained)?;
+        }
+        if let Some(metrics) = self.metrics.as_mut().filter(|_| in_flight || due || step == t.steps) {
+            metrics.set_checkpoint_time(step as u64, self.checkpoint_wait + t_ckpt.elapsed().as_secs_f64())?;
+        }
+        if stop {
             if self.mesh.world_rank == 0 {
                 println!(
                     "preempted (SIGTERM/SIGUSR1): stopped after step {step}; launch the same command again to resume"
@@ -289,13 +369,17 @@ impl<'a> Run<'a> {
     /// The step's `train.grad_accum` micro batches, on the compute device.
     fn next_batches(&mut self) -> Result<Vec<MicroBatch>> {
         (0..self.exp.train.grad_accum)
-            .map(|_| {
-                let b = self.loader.next_batch()?;
-                let shape = [b.micro_batch as i64, b.chunk_len as i64];
-                let t = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(self.device);
-                Ok(MicroBatch { input_ids: t(&b.input_ids), labels: t(&b.labels), position_ids: t(&b.position_ids) })
-            })
+            .map(|_| Ok(MicroBatch::from_batch(&self.loader.next_batch()?, self.device)))
             .collect()
+    }
+
+    /// The step's documents and Σ len² over the whole job (collective): SP rank 0 of each dp
+    /// group counts its samples, which every rank of the group shares.
+    fn step_cost(&self, batches: &[MicroBatch]) -> Result<StepCost> {
+        let (documents, squares) = if self.mesh.sp_rank == 0 { documents::step_cost(batches) } else { (0.0, 0.0) };
+        let both = Tensor::from_slice(&[documents, squares]).to_device(self.world.device());
+        let total: Vec<f64> = Vec::try_from(self.world.all_reduce(&both)?.to_device(Device::Cpu))?;
+        Ok(StepCost { documents: total[0] as u64, flops: flops::flops(self.spec, self.tokens as f64, total[1]) })
     }
 
     /// The gradient norm, clipping and AdamW at the schedule's learning rate; returns both. GPU
@@ -303,6 +387,8 @@ impl<'a> Run<'a> {
     fn update(&mut self, step: usize) -> Result<(f64, f64)> {
         let t = &self.exp.train;
         let norm = grad_norm(&mut self.params, self.world)?;
+        // An asynchronous save may still be reading host-resident state that AdamW changes.
+        self.checkpoint_wait = self.checkpointer.before_update().context("checkpoint")?;
         let lr = schedule::lr_at(t, step);
         self.adamw.step(&mut self.params, lr, step as i64, clip_scale(norm, t.clip_grad_norm))?;
         if let Device::Cuda(i) = self.device {
@@ -320,14 +406,16 @@ impl<'a> Run<'a> {
         grad_norm: f64,
         step_time: f64,
         times: StepTimes,
+        cost: StepCost,
     ) -> Result<StepRow> {
         let [peak_host_mem, peak_gpu_mem, peak_disk] = self.memory_per_rank()?;
         self.store.reset_peaks();
-        let (tokens, step_flops) = (self.tokens, self.step_flops);
+        let (tokens, step_flops) = (self.tokens, cost.flops);
         let per_rank_tflops = |f: f64| f / step_time / self.mesh.world_size() as f64 / 1e12;
         Ok(StepRow {
             step: step as u64,
             tokens,
+            documents: cost.documents,
             loss,
             lr,
             grad_norm,
@@ -356,7 +444,7 @@ impl<'a> Run<'a> {
     }
 
     /// Rank 0's step line (and the time split on measured steps).
-    fn print(&self, row: &StepRow, step: usize, profiler: &Profiler) {
+    fn print(&self, row: &StepRow, step: usize, profile: Option<&profile::StepProfile>) {
         if self.mesh.world_rank != 0 {
             return;
         }
@@ -370,8 +458,8 @@ impl<'a> Run<'a> {
             steps,
             self.started.elapsed().as_secs_f64() / (step + 1 - self.first_step) as f64,
         );
-        if profiler.is_on() {
-            progress::print_time_split(step, &profiler.finish());
+        if let Some(p) = profile {
+            progress::print_time_split(step, p);
         }
     }
 
@@ -381,17 +469,54 @@ impl<'a> Run<'a> {
         (step == self.exp.train.steps && c.save_final) || (c.every > 0 && step % c.every == 0)
     }
 
-    /// Saves the checkpoint of step `step` (collective) and, at the last step, points `final` at it.
-    fn save(&self, step: usize) -> Result<()> {
+    /// Saves the checkpoint of step `step` (collective; asynchronous saves return once staged,
+    /// unless the job is about to end: `last`).
+    fn save(&mut self, step: usize, last: bool) -> Result<()> {
+        if let Some(metrics) = &self.metrics {
+            metrics.sync()?;
+        }
         let state = start::run_state(self.exp, self.mesh, step as u64, &self.loader);
-        let dir =
-            checkpoint::save(&self.params, &state, self.spec, &self.run_dir, self.exp.checkpoint.keep, self.world)?;
+        self.checkpointer
+            .save(&self.params, &state, self.spec, last, self.world)
+            .with_context(|| format!("saving the checkpoint of step {step}"))
+    }
+
+    /// The end of a job (collective): waits for the checkpoint still being written; at the end
+    /// of the run, exports the last step's checkpoint to `final/` for Hugging Face (a run that
+    /// was already complete only if `final/` is missing or older).
+    fn finish(&mut self, end: End) -> Result<()> {
+        self.checkpointer.finish(self.world).context("checkpoint")?;
+        let steps = self.exp.train.steps;
+        if end == End::Preempted || !self.checkpoint_due(steps) {
+            return Ok(());
+        }
+        let just_trained = end == End::Trained;
+        let out = self.run_dir.join(FINAL);
+        // Rank 0 looks, and tells the others.
+        let current =
+            self.mesh.world_rank == 0 && !just_trained && checkpoint::export::exported_step(&out) == Some(steps as u64);
+        if all_reduce_f64(self.world, if current { 1.0 } else { 0.0 })? > 0.0 {
+            return Ok(());
+        }
+        let checkpoint = match (&self.resumed_from, just_trained) {
+            (Some(dir), false) => dir.clone(),
+            _ => checkpoint::checkpoints_dir(&self.run_dir).join(checkpoint::step_dir_name(steps as u64)),
+        };
+        let options = checkpoint::export::ExportOptions {
+            dtype: match self.exp.train.dtype {
+                Dtype::Fp32 => Kind::Float,
+                Dtype::Bf16 => Kind::BFloat16,
+            },
+            max_shard_bytes: checkpoint::export::HF_MAX_SHARD_BYTES,
+        };
+        checkpoint::export::export_collective(&checkpoint, &out, options, self.checkpointer.job(), self.world)
+            .with_context(|| format!("exporting {} to {}", checkpoint.display(), out.display()))?;
         if self.mesh.world_rank == 0 {
-            if step == self.exp.train.steps {
-                checkpoint::link_final(&self.run_dir, &dir)?;
-            }
-            println!("saved checkpoint {}", dir.display());
+            println!("final model: {} (step {steps}, {:?}, Hugging Face layout)", out.display(), self.exp.train.dtype);
         }
         Ok(())
     }
 }
+
+/// The run's finished model, in Hugging Face layout: `RUN_DIR/final`.
+pub const FINAL: &str = "final";

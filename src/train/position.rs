@@ -1,12 +1,15 @@
-//! Per-position loss: the mean token loss in `bins` equal ranges of global positions across the
-//! whole sequence, summed over every rank (each SP rank holds one chunk of positions, each dp
-//! rank other samples). Shows whether the model uses long context: the loss should fall with
-//! position.
+//! Per-position loss: the mean token loss in `bins` equal ranges of positions across the whole
+//! sequence, summed over every rank (each SP rank holds one chunk of positions, each dp rank other
+//! samples). Shows whether the model uses long context: the loss should fall with position. The
+//! position is the token's place in its sample, or within its document (`metrics.position_by`),
+//! which on packed data shows what the context inside a document buys.
 use crate::comm::{Collective, CommError};
+use crate::config::PositionBy;
 use crate::data::IGNORE_INDEX;
 use tch::{Kind, Tensor};
 
 pub struct PositionLoss {
+    by: PositionBy,
     bins: i64,
     seq_len: i64,
     /// [bins] f64 sums of token losses and counts of valid labels.
@@ -21,10 +24,15 @@ pub struct PositionBins {
 }
 
 impl PositionLoss {
-    pub fn new(bins: usize, seq_len: usize, device: tch::Device) -> PositionLoss {
+    pub fn new(by: PositionBy, bins: usize, seq_len: usize, device: tch::Device) -> PositionLoss {
         let bins = bins.clamp(1, seq_len.max(1)) as i64;
         let zeros = || Tensor::zeros([bins], (Kind::Double, device));
-        PositionLoss { bins, seq_len: seq_len as i64, sums: zeros(), counts: zeros() }
+        PositionLoss { by, bins, seq_len: seq_len as i64, sums: zeros(), counts: zeros() }
+    }
+
+    /// Which position it bins by.
+    pub fn by(&self) -> PositionBy {
+        self.by
     }
 
     /// First position of each bin.
@@ -33,7 +41,8 @@ impl PositionLoss {
         (0..b).map(|i| (i * seq_len as u64).div_ceil(b)).collect()
     }
 
-    /// Adds token losses [b, t] whose labels and global positions are [b, t].
+    /// Adds token losses [b, t] whose labels and positions (in the sample or in the document, as
+    /// `by` says) are [b, t].
     pub fn add(&mut self, token_losses: &Tensor, labels: &Tensor, positions: &Tensor) {
         let valid = labels.ne(IGNORE_INDEX).reshape([-1]);
         // bin = position · bins / seq_len: equal ranges of global positions.
@@ -61,7 +70,7 @@ mod tests {
 
     #[test]
     fn bins_average_valid_tokens_by_global_position() {
-        let mut p = PositionLoss::new(4, 8, tch::Device::Cpu);
+        let mut p = PositionLoss::new(PositionBy::Sequence, 4, 8, tch::Device::Cpu);
         // Two chunks of one sample (as two SP ranks would hold them), positions 0..4 and 4..8.
         let losses = [Tensor::from_slice(&[1.0f32, 3.0, 5.0, 7.0]), Tensor::from_slice(&[2.0f32, 4.0, 6.0, 8.0])];
         let labels = [Tensor::from_slice(&[1i64, 1, -100, 1]), Tensor::from_slice(&[1i64, 1, 1, -100])];

@@ -1,5 +1,6 @@
 //! Rank 0's line per step, each starting with its UTC time stamp.
 use super::metrics::StepRow;
+use super::profile::{KernelSplit, PhaseSplit, StepProfile};
 use crate::units::gib;
 
 /// Now in UTC to the second, as in `2026-12-01T20:35:50Z`.
@@ -62,13 +63,74 @@ pub fn print_memory_fit(r: &StepRow, steps: usize) {
     );
 }
 
-/// The synchronised time split of a profiled step (`[metrics] time_split_every`).
-pub fn print_time_split(step: usize, s: &super::profile::TimeSplit) {
+/// What a measured step found (`[metrics] time_split_every`): the synchronised split by region,
+/// and on a GPU the kernel time by kind, overall and per phase summed over the layers (each
+/// layer's own rows at debug level).
+pub fn print_time_split(step: usize, p: &StepProfile) {
+    let s = &p.split;
     println!(
         "{}  step {step:>5} time split (synchronised): attention {:.2} s  other compute {:.2} s  communication {:.2} s  waiting {:.2} s",
         now(),
         s.attention, s.compute, s.comm, s.wait
     );
+    let Some(k) = &p.kernels else { return };
+    println!(
+        "step {step:>5} GPU kernels: matmul {:.2} s  attention {:.2} s  elementwise {:.2} s  copies {:.2} s  NCCL {:.2} s",
+        k.matmul, k.attention, k.elementwise, k.copy, k.comm
+    );
+    println!(
+        "           {:<44} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "phase (summed over layers)", "n", "wall s", "matmul", "attn", "elemwise", "copies", "NCCL"
+    );
+    for (phase, n, wall, k) in by_layerless_phase(&p.phases) {
+        println!(
+            "           {phase:<44} {n:>5} {wall:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}",
+            k.matmul, k.attention, k.elementwise, k.copy, k.comm
+        );
+    }
+    for x in &p.phases {
+        let k = &x.kernels;
+        log::debug!(
+            "step {step} phase {}: wall {:.4} s, matmul {:.4}, attention {:.4}, elementwise {:.4}, copies {:.4}, NCCL {:.4}",
+            x.phase, x.wall, k.matmul, k.attention, k.elementwise, k.copy, k.comm
+        );
+    }
+}
+
+/// Phases with the layer number taken out ("forward layer 3 / attention" -> "forward layer * /
+/// attention"), summed, in order of first appearance: (phase, count, wall, kernels).
+fn by_layerless_phase(phases: &[PhaseSplit]) -> Vec<(String, usize, f64, KernelSplit)> {
+    let mut out: Vec<(String, usize, f64, KernelSplit)> = Vec::new();
+    for x in phases {
+        let key = layerless(&x.phase);
+        let i = match out.iter().position(|(k, ..)| *k == key) {
+            Some(i) => i,
+            None => {
+                out.push((key, 0, 0.0, KernelSplit::default()));
+                out.len() - 1
+            }
+        };
+        let (_, n, wall, k) = &mut out[i];
+        *n += 1;
+        *wall += x.wall;
+        k.matmul += x.kernels.matmul;
+        k.attention += x.kernels.attention;
+        k.elementwise += x.kernels.elementwise;
+        k.copy += x.kernels.copy;
+        k.comm += x.kernels.comm;
+    }
+    out
+}
+
+fn layerless(phase: &str) -> String {
+    let mut out = String::new();
+    let mut rest = phase;
+    while let Some(i) = rest.find("layer ") {
+        out.push_str(&rest[..i + "layer ".len()]);
+        rest = rest[i + "layer ".len()..].trim_start_matches(|c: char| c.is_ascii_digit());
+        out.push('*');
+    }
+    out + rest
 }
 
 fn eta_text(secs: f64) -> String {
@@ -92,6 +154,31 @@ pub(crate) fn sig3(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn phases_are_summed_over_layers() {
+        let phase = |name: &str, wall: f64| PhaseSplit {
+            phase: name.into(),
+            wall,
+            kernels: KernelSplit { matmul: wall / 2.0, ..KernelSplit::default() },
+        };
+        let rows = by_layerless_phase(&[
+            phase("forward layer 0 / attention", 1.0),
+            phase("forward layer 1 / attention", 2.0),
+            phase("head and loss", 4.0),
+            phase("backward layer 12 / attention", 8.0),
+        ]);
+        let summary: Vec<(&str, usize, f64)> = rows.iter().map(|(p, n, w, _)| (p.as_str(), *n, *w)).collect();
+        assert_eq!(
+            summary,
+            [
+                ("forward layer * / attention", 2, 3.0),
+                ("head and loss", 1, 4.0),
+                ("backward layer * / attention", 1, 8.0)
+            ]
+        );
+        assert_eq!(rows[0].3.matmul, 1.5);
+    }
 
     #[test]
     fn eta_and_three_digits() {

@@ -1,12 +1,14 @@
 //! The single-rank training reference, the role llm.c's CPU file plays: the whole model as one
 //! autograd graph on unsharded fp32 weights, then cross-entropy, backward, gradient clipping and
 //! AdamW written out operation by operation. Nothing here is sharded, tiled, recomputed, kept,
-//! offloaded or fused, so it is slow and easy to check by reading; the layer-wise sharded step
+//! offloaded or fused (packed documents: SDPA with a dense mask), so it is slow and easy to check
+//! by reading; the layer-wise sharded step
 //! (`step`, `parallel::zero`, `optim`) must give the same losses and parameters, and the tests
 //! compare the two (tests/step_reference.rs, tests/train_equivalence.rs).
 use super::step::MicroBatch;
 use crate::data::IGNORE_INDEX;
-use crate::model::llama::{forward_logits, LocalAttention, ModelWeights};
+use crate::model::llama::{forward_logits, AttentionCore, LocalAttention, ModelWeights};
+use crate::model::mask::{dense_mask, MaskedAttention};
 use crate::model::spec::ModelSpec;
 use crate::optim::AdamW;
 use tch::{Kind, Reduction, Tensor};
@@ -44,7 +46,18 @@ impl Reference {
         let valid: i64 = batches.iter().map(MicroBatch::valid_labels).sum();
         let mut loss = Tensor::zeros([], (Kind::Float, self.params[0].1.device()));
         for b in batches {
-            let logits = forward_logits(&self.spec, &w, &b.input_ids, &b.position_ids, &LocalAttention);
+            // Packed samples attend within their documents: SDPA with the dense block-diagonal
+            // causal mask (the micro batch holds whole samples here).
+            let mask = b
+                .documents
+                .iter()
+                .any(|d| d.count() > 1)
+                .then(|| dense_mask(&b.documents, Kind::Float, b.input_ids.device()));
+            let core: &dyn AttentionCore = match &mask {
+                Some(mask) => &MaskedAttention { mask },
+                None => &LocalAttention,
+            };
+            let logits = forward_logits(&self.spec, &w, &b.input_ids, &b.position_ids, core);
             // [b, s, V] -> [b*s, V]; labels [b, s] -> [b*s]
             let flat = logits.view([-1, self.spec.vocab_size]);
             loss =

@@ -1,14 +1,15 @@
 //! Where a run starts: fresh shards, or the shards, data position and step of a checkpoint; and
 //! the run state a checkpoint records.
-use super::checkpoint::{self, DataPosition, Layout, RunState, Versions};
+use super::checkpoint::{self, CheckpointError, DataPosition, Layout, RunState, Versions};
 use crate::comm::{Collective, Mesh};
 use crate::config::{Experiment, Resume, ZeroStage};
-use crate::data::{Loader, LoaderState};
+use crate::data::tokenizer::{self, recorded_tokenizer};
+use crate::data::{Dataset, Loader, LoaderState};
 use crate::model::params::init_tensor;
 use crate::model::spec::ModelSpec;
 use crate::model::weights;
 use crate::parallel::zero::ShardedParams;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
@@ -17,7 +18,8 @@ pub struct StartSpec<'a> {
     /// `checkpoint.resume`.
     pub resume: &'a Resume,
     pub run_dir: PathBuf,
-    /// `model.weights`: initial weights in Hugging Face layout, else a seeded initialisation.
+    /// `model.path` or `model.weights`: initial weights (Hugging Face files or a checkpoint), else a seeded
+    /// initialisation.
     pub weights: Option<&'a Path>,
     pub seed: u64,
     pub zero_stage: ZeroStage,
@@ -31,7 +33,7 @@ impl StartSpec<'_> {
         StartSpec {
             resume: &exp.checkpoint.resume,
             run_dir: exp.run_dir(),
-            weights: exp.model.weights.as_deref(),
+            weights: exp.model.weights_path(),
             seed: exp.run.seed,
             zero_stage: exp.parallel.zero_stage,
             steps: exp.train.steps,
@@ -44,7 +46,7 @@ impl StartSpec<'_> {
 fn fresh_params(s: &StartSpec, spec: &ModelSpec, world: &dyn Collective, device: Device) -> Result<ShardedParams> {
     let initial = match s.weights {
         Some(path) => Some(
-            weights::load_hf(path, spec, Kind::Float, Device::Cpu)
+            checkpoint::load_weights(path, spec, Kind::Float, Device::Cpu)
                 .with_context(|| format!("loading model.weights {}", path.display()))?
                 .named_tensors(),
         ),
@@ -62,40 +64,84 @@ fn fresh_params(s: &StartSpec, spec: &ModelSpec, world: &dyn Collective, device:
     }))
 }
 
-/// The shards and the data position to start from, and the step already done.
+/// The shards and the data position to start from, the step already done, and the checkpoint
+/// they come from (None: a fresh start).
 pub fn start_point(
     s: &StartSpec,
     spec: &ModelSpec,
     mesh: &Mesh,
     world: &dyn Collective,
     device: Device,
-) -> Result<(ShardedParams, LoaderState, u64)> {
-    let Some(dir) = checkpoint::resolve(s.resume, &s.run_dir, world)? else {
-        return Ok((fresh_params(s, spec, world, device)?, LoaderState::default(), 0));
+) -> Result<(ShardedParams, LoaderState, u64, Option<PathBuf>)> {
+    let resumed = checkpoint::resolve_and_load(s.resume, &s.run_dir, world, |dir| {
+        let state = checkpoint::read_state(dir)?;
+        if state.step > s.steps as u64 {
+            return Err(CheckpointError::Mismatch {
+                path: dir.display().to_string(),
+                message: format!(
+                    "the checkpoint is at step {}, beyond train.steps = {}; raise train.steps to continue",
+                    state.step, s.steps
+                ),
+            });
+        }
+        let loader = checkpoint::restore_loader_state(&state, dir, s.seed, mesh.dp, s.micro_batch)?;
+        let params = checkpoint::load_params(dir, state.format, spec, s.zero_stage, world, device)?;
+        Ok((state, loader, params))
+    })
+    .with_context(|| format!("checkpoint.resume = \"{}\"", String::from(s.resume.clone())))?;
+    let Some(checkpoint::Resumed { dir, loaded: (state, loader, params) }) = resumed else {
+        return Ok((fresh_params(s, spec, world, device)?, LoaderState::default(), 0, None));
     };
-    let state = checkpoint::read_state(&dir)?;
-    if state.step > s.steps as u64 {
-        bail!(
-            "{}: the checkpoint is at step {}, beyond train.steps = {}; raise train.steps to continue",
-            dir.display(),
-            state.step,
-            s.steps
-        );
-    }
-    let loader = checkpoint::restore_loader_state(&state, &dir, s.seed, mesh.dp, s.micro_batch)?;
-    let params = checkpoint::load_params(&dir, spec, s.zero_stage, world, device)
-        .with_context(|| format!("loading checkpoint {}", dir.display()))?;
     if mesh.world_rank == 0 {
         println!(
-            "resuming from {} (step {}, written by a {}-rank sp={} dp={} job)",
+            "resuming from {} (step {}, written by a {}-rank sp={} dp={} job, format {})",
             dir.display(),
             state.step,
             state.layout.world,
             state.layout.sp,
-            state.layout.dp
+            state.layout.dp,
+            state.format
         );
     }
-    Ok((params, loader, state.step))
+    Ok((params, loader, state.step, Some(dir)))
+}
+
+/// The tokenizer files every checkpoint of the run carries: those of the model folder
+/// (`model.path`, or the folder of `model.weights`), else the tokenizer.json the data was
+/// prepared with and the tokenizer files beside it; none for the byte tokenizer.
+pub fn tokenizer_files(exp: &Experiment, data: &Dataset) -> Vec<(PathBuf, &'static str)> {
+    let model_dir = exp.model.weights_path().map(|p| if p.is_dir() { p } else { p.parent().unwrap_or(p) });
+    if let Some(files) = model_dir.map(weights::tokenizer_files).filter(|f| !f.is_empty()) {
+        warn_if_other_tokenizer(&files, data);
+        return files;
+    }
+    let Some(recorded) = recorded_tokenizer(data) else {
+        return Vec::new();
+    };
+    let beside = weights::tokenizer_files(recorded.parent().unwrap_or(Path::new(".")));
+    let mut files: Vec<_> = beside.into_iter().filter(|(_, name)| *name != "tokenizer.json").collect();
+    files.insert(0, (recorded, "tokenizer.json"));
+    files
+}
+
+/// A model folder's tokenizer.json that is not the one the data was prepared with (shards made
+/// with a tokenizer.json record its hash; the byte tokenizer is not compared): the run goes on,
+/// as the ids may still fit the vocabulary, but the user is told.
+fn warn_if_other_tokenizer(files: &[(PathBuf, &str)], data: &Dataset) {
+    let Some((model_tokenizer, _)) = files.iter().find(|(_, name)| *name == "tokenizer.json") else {
+        return;
+    };
+    let Ok(bytes) = std::fs::read(model_tokenizer) else {
+        return;
+    };
+    if data.tokenizer().starts_with("huggingface") && tokenizer::identity(&bytes) != data.tokenizer() {
+        log::warn!(
+            "the data was prepared with another tokenizer.json ({}) than the model's {}: its token ids may mean \
+             other text to this model",
+            data.tokenizer(),
+            model_tokenizer.display()
+        );
+    }
 }
 
 /// What a checkpoint of step `step` records besides the tensors: the resolved experiment, the

@@ -13,9 +13,10 @@ use super::layer::{backprop, grad, leaf, log_phase, AttentionPath, DecoderLayer,
 use super::profile::Profiler;
 use super::store::ActivationStore;
 use crate::comm::Groups;
-use crate::config::FusedAttention;
-use crate::data::IGNORE_INDEX;
+use crate::config::{FusedAttention, PositionBy};
+use crate::data::{Batch, Documents, IGNORE_INDEX};
 use crate::model::llama::{self, seq_tiles, LayerWeights};
+use crate::model::mask::DocumentMask;
 use crate::model::rope::Rope;
 use crate::model::spec::ModelSpec;
 use crate::parallel::zero::{ShardedParams, UnitId};
@@ -38,6 +39,9 @@ pub struct StepContext<'a> {
     pub profiler: &'a Profiler,
     /// Each decoder layer: where its input waits and how its attention is done.
     pub layers: Vec<DecoderLayer>,
+    /// With `data.documents = "mask"`: the kernel that attends within documents (its masked
+    /// form), for micro batches where some sample holds more than one; None: plain causal.
+    pub documents: Option<FusedAttention>,
 }
 
 impl StepContext<'_> {
@@ -51,6 +55,8 @@ impl StepContext<'_> {
                 index: l,
                 input: placement.inputs[l],
                 attention: AttentionPath::choose(kernel, placement.attention[l], memory_fit && l + 1 < n),
+                qkv_once: placement.qkv_once,
+                keep_mlp: placement.mlp[l],
             })
             .collect()
     }
@@ -60,12 +66,55 @@ impl StepContext<'_> {
 pub struct MicroBatch {
     pub input_ids: Tensor,
     pub labels: Tensor,
+    /// RoPE positions (global, or within the document).
     pub position_ids: Tensor,
+    /// Each sample's documents over the whole sequence (the same on every SP rank).
+    pub documents: Vec<Documents>,
+    /// Global position of the rank's first token.
+    pub chunk_start: usize,
 }
 
 impl MicroBatch {
+    /// The loader's batch on `device`.
+    pub fn from_batch(b: &Batch, device: Device) -> MicroBatch {
+        let shape = [b.micro_batch as i64, b.chunk_len as i64];
+        let t = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
+        MicroBatch {
+            input_ids: t(&b.input_ids),
+            labels: t(&b.labels),
+            position_ids: t(&b.position_ids),
+            documents: b.documents.clone(),
+            chunk_start: b.chunk_start,
+        }
+    }
+
+    /// A micro batch of unpacked samples (each one document) starting at position 0.
+    pub fn unpacked(input_ids: Tensor, labels: Tensor, position_ids: Tensor) -> MicroBatch {
+        let (b, s) = (input_ids.size()[0] as usize, input_ids.size()[1] as usize);
+        MicroBatch { input_ids, labels, position_ids, documents: vec![Documents::whole(s); b], chunk_start: 0 }
+    }
+
     pub fn valid_labels(&self) -> i64 {
         self.labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[])
+    }
+
+    /// Each token's position in its sample, `[b, s_local]`.
+    pub fn sequence_positions(&self) -> Tensor {
+        let (b, s_local) = (self.input_ids.size()[0], self.input_ids.size()[1]);
+        let start = self.chunk_start as i64;
+        let p = Tensor::arange_start(start, start + s_local, (Kind::Int64, self.input_ids.device()));
+        p.unsqueeze(0).repeat([b, 1])
+    }
+
+    /// Each token's position within its document, `[b, s_local]`.
+    pub fn document_positions(&self) -> Tensor {
+        let s_local = self.input_ids.size()[1] as usize;
+        let v: Vec<i64> = self
+            .documents
+            .iter()
+            .flat_map(|d| (self.chunk_start..self.chunk_start + s_local).map(move |p| (p - d.start_of(p)) as i64))
+            .collect();
+        Tensor::from_slice(&v).view([self.documents.len() as i64, s_local as i64]).to_device(self.input_ids.device())
     }
 }
 
@@ -84,6 +133,7 @@ pub fn micro_step(
 ) -> Result<f64> {
     let started = Instant::now();
     let rope = Rope::new(ctx.spec, &batch.position_ids, ctx.kind);
+    let mask = ctx.documents.and_then(|kernel| DocumentMask::new(&batch.documents, kernel, ctx.kind, ctx.device));
     let seg = Segments {
         spec: ctx.spec,
         sp: ctx.groups.sp.as_ref(),
@@ -91,21 +141,27 @@ pub fn micro_step(
         profiler: ctx.profiler,
         mlp_tile: ctx.mlp_tile,
         device: ctx.device,
+        mask: mask.as_ref(),
     };
 
-    let embedding = gather(ctx, params, UnitId::Embedding)?.remove(0);
-    let mut x = tch::no_grad(|| Tensor::embedding(&embedding, &batch.input_ids, -1, false, false));
-    drop(embedding);
+    let prof = ctx.profiler;
+    let mut x = prof.phase(format_args!("embedding"), || -> Result<_> {
+        let embedding = gather(ctx, params, UnitId::Embedding)?.remove(0);
+        Ok(tch::no_grad(|| Tensor::embedding(&embedding, &batch.input_ids, -1, false, false)))
+    })?;
     let mut saved = Vec::with_capacity(ctx.layers.len());
     for layer in &ctx.layers {
-        let w = layer_weights(ctx, gather(ctx, params, UnitId::Layer(layer.index))?)?;
-        let (y, s) = layer.forward(&seg, &w, x, store)?;
+        let (y, s) = prof.phase(format_args!("forward layer {}", layer.index), || -> Result<_> {
+            let w = layer_weights(ctx, gather(ctx, params, UnitId::Layer(layer.index))?)?;
+            layer.forward(&seg, &w, x, store)
+        })?;
         saved.push(s);
         x = y;
         log_phase(&seg, format_args!("forward layer {}", layer.index));
     }
 
-    let head = head_and_loss(ctx, params, x, batch, n_total, positions)?;
+    let head =
+        prof.phase(format_args!("head and loss"), || head_and_loss(ctx, params, x, batch, n_total, positions))?;
     let mut grad_x = head.grad_x;
     log_phase(&seg, format_args!("head and loss"));
     let backward_from = Instant::now();
@@ -122,22 +178,27 @@ pub fn micro_step(
             next.prefetch(store)?;
         }
         let id = UnitId::Layer(layer.index);
-        let w: Vec<Tensor> = gather(ctx, params, id)?.iter().map(leaf).collect();
-        let lw = layer_weights(ctx, w.iter().map(Tensor::shallow_clone).collect())?;
-        grad_x = layer.backward(&seg, &lw, s, grad_x, store)?;
-        accumulate(ctx, params, id, &grads(&w))?;
+        grad_x = prof.phase(format_args!("backward layer {}", layer.index), || -> Result<_> {
+            let w: Vec<Tensor> = gather(ctx, params, id)?.iter().map(leaf).collect();
+            let lw = layer_weights(ctx, w.iter().map(Tensor::shallow_clone).collect())?;
+            let grad_x = layer.backward(&seg, &lw, s, grad_x, store)?;
+            accumulate(ctx, params, id, &grads(&w))?;
+            Ok(grad_x)
+        })?;
         log_phase(&seg, format_args!("backward layer {}: gradient reduce-scatter", layer.index));
     }
 
     // The embedding's gradient, plus the LM head's when the two are tied.
-    let embedding = leaf(&gather(ctx, params, UnitId::Embedding)?[0]);
-    let e = Tensor::embedding(&embedding, &batch.input_ids, -1, false, false);
-    backprop(&[(&e, &grad_x)])?;
-    let g = match head.tied_grad {
-        Some(tied) => grad(&embedding) + tied,
-        None => grad(&embedding),
-    };
-    accumulate(ctx, params, UnitId::Embedding, &[g])?;
+    prof.phase(format_args!("embedding backward"), || -> Result<()> {
+        let embedding = leaf(&gather(ctx, params, UnitId::Embedding)?[0]);
+        let e = Tensor::embedding(&embedding, &batch.input_ids, -1, false, false);
+        backprop(&[(&e, &grad_x)])?;
+        let g = match head.tied_grad {
+            Some(tied) => grad(&embedding) + tied,
+            None => grad(&embedding),
+        };
+        accumulate(ctx, params, UnitId::Embedding, &[g])
+    })?;
     times.backward += backward_from.elapsed().as_secs_f64();
     Ok(head.loss)
 }
@@ -169,12 +230,17 @@ fn head_and_loss(
     let x_last = leaf(&x);
     let (norm, lm_head) = (&head[0], tied.as_ref().unwrap_or_else(|| &head[1]));
     let mut loss = 0.0;
+    // The positions the per-position loss bins by, [b, s_local].
+    let bin_positions = positions.as_ref().map(|p| match p.by() {
+        PositionBy::Sequence => batch.sequence_positions(),
+        PositionBy::Document => batch.document_positions(),
+    });
     for (start, len) in seq_tiles(x_last.size()[1], ctx.loss_tile) {
         let labels = batch.labels.narrow(1, start, len);
         // [b, tile] fp32 losses
         let token_loss = llama::head_token_losses(ctx.spec, norm, lm_head, &x_last.narrow(1, start, len), &labels);
-        if let Some(p) = positions.as_deref_mut() {
-            p.add(&token_loss, &labels, &batch.position_ids.narrow(1, start, len));
+        if let (Some(p), Some(at)) = (positions.as_deref_mut(), &bin_positions) {
+            p.add(&token_loss, &labels, &at.narrow(1, start, len));
         }
         let loss_tile = token_loss.sum(Kind::Float);
         if loss_tile.requires_grad() {

@@ -31,6 +31,8 @@ pub struct Exp {
     pub seed: u64,
     /// Extra TOML lines for [model] (e.g. `config = "..."` instead of the preset).
     pub model: String,
+    /// `checkpoint.async` (None: the default, off on CPU).
+    pub asynchronous: Option<bool>,
 }
 
 impl Exp {
@@ -46,6 +48,7 @@ impl Exp {
             resume: "auto".into(),
             seed: 11,
             model: "preset = \"tiny\"".into(),
+            asynchronous: None,
         }
     }
 
@@ -58,7 +61,7 @@ impl Exp {
         let toml = format!(
             "[run]\nname = \"{}\"\noutput_dir = \"{}\"\nseed = {}\n[model]\n{}\n[parallel]\nsp = {}\ndp = {}\nzero_stage = {}\n\
              [data]\npaths = [\"{}\"]\nseq_len = {SEQ}\n[train]\nsteps = {}\nmicro_batch = {}\nlr = 2e-3\nmin_lr = 2e-4\n\
-             warmup_steps = 1\nweight_decay = 0.1\n[checkpoint]\nevery = {}\nkeep = 3\nresume = \"{}\"\n\
+             warmup_steps = 1\nweight_decay = 0.1\n[checkpoint]\nevery = {}\nkeep = 3\nresume = \"{}\"\n{}\
              [metrics]\nposition_loss_every = 2\nposition_bins = 8\n",
             self.name,
             dir.join("runs").display(),
@@ -71,7 +74,8 @@ impl Exp {
             self.steps,
             self.micro_batch,
             self.every,
-            self.resume
+            self.resume,
+            self.asynchronous.map_or(String::new(), |a| format!("async = {a}\n"))
         );
         let path = dir.join(format!("{}.toml", self.name));
         std::fs::write(&path, toml).unwrap();
@@ -160,4 +164,22 @@ pub fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(&p, &dest).unwrap();
         }
     }
+}
+
+/// Loads every complete checkpoint of a run in this process (one rank holding everything, so
+/// every byte of every file is read), panicking with the one that does not load.
+pub fn load_every_complete(run_dir: &Path) -> Vec<u64> {
+    use ulysses::train::checkpoint;
+    let solo = ulysses::comm::solo::Solo;
+    let mut steps = Vec::new();
+    for (step, dir) in checkpoint::list_complete(run_dir).unwrap() {
+        let spec = ulysses::model::spec::ModelSpec::from_hf_config(&dir.join("config.json")).unwrap();
+        let state = checkpoint::read_state(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        assert_eq!(state.step, step, "{}", dir.display());
+        let zero = ulysses::config::ZeroStage::Sharded;
+        checkpoint::load_params(&dir, state.format, &spec, zero, &solo, tch::Device::Cpu)
+            .unwrap_or_else(|e| panic!("a complete checkpoint does not load: {}: {e}", dir.display()));
+        steps.push(step);
+    }
+    steps
 }

@@ -1,5 +1,7 @@
 //! Helpers for tests that run the real binary, alone or under mpirun.
 #![allow(dead_code)]
+pub mod reference;
+
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -60,4 +62,63 @@ pub fn assert_clean_failure(o: &Output) -> String {
     assert!(!o.status.success(), "expected failure, got success:\n{t}");
     assert!(!t.contains("panicked at") && !t.contains("RUST_BACKTRACE"), "panic instead of a clear error:\n{t}");
     t
+}
+
+/// What a training run left: its loss per step (metrics.h5) and its final parameters by name.
+pub type RunOutputs = (Vec<f64>, std::collections::BTreeMap<String, tch::Tensor>);
+
+/// The losses of `run_dir`'s metrics.h5 and the tensors of its `final` checkpoint.
+pub fn run_outputs(run_dir: &Path) -> RunOutputs {
+    let f = hdf5::File::open(run_dir.join("metrics.h5")).unwrap();
+    let losses: Vec<f64> = f.dataset("steps/loss").unwrap().read_raw().unwrap();
+    let mut params = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(run_dir.join("final")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            params.extend(tch::Tensor::read_safetensors(&p).unwrap());
+        }
+    }
+    (losses, params)
+}
+
+/// Sharded equals unsharded: every step's loss within 1e-6 relative and every parameter within
+/// 1e-5 of `reference`, which must have trained (its loss went down), so that a run that did
+/// nothing cannot pass by accident.
+pub fn assert_same_run(what: &str, reference: &RunOutputs, got: &RunOutputs) {
+    assert_eq!(reference.0.len(), got.0.len(), "{what}: steps");
+    for (step, (a, b)) in reference.0.iter().zip(&got.0).enumerate() {
+        let rel = (a - b).abs() / a.abs().max(1e-12);
+        assert!(rel <= 1e-6, "{what}: step {} loss {b} vs reference {a} (relative {rel:.2e})", step + 1);
+    }
+    assert_eq!(reference.1.keys().collect::<Vec<_>>(), got.1.keys().collect::<Vec<_>>(), "{what}: parameter names");
+    for (name, a) in &reference.1 {
+        let diff = (a - &got.1[name]).abs().max().double_value(&[]);
+        assert!(diff <= 1e-5, "{what}: {name} differs by {diff:.2e}");
+    }
+    let last = reference.0.len() - 1;
+    assert!(
+        reference.0[0].is_finite() && reference.0[last] < reference.0[0],
+        "{what}: loss did not go down: {:?}",
+        reference.0
+    );
+}
+
+/// The readable single-rank trainer (`train::reference`) on the run `exp` describes, from the
+/// parameters `initial` (by name): the same samples in the same order, schedule, clipping and
+/// weight decay as the binary's single-rank run.
+pub fn reference_run(exp: &ulysses::config::Experiment, initial: Vec<(String, tch::Tensor)>) -> RunOutputs {
+    use ulysses::optim::AdamW;
+    use ulysses::train::{reference::Reference, schedule::lr_at, step::MicroBatch};
+    let spec = ulysses::config::validate(exp, Some(1)).unwrap();
+    let mut reference = Reference::new(&spec, initial);
+    let mut loader = reference::loader(exp);
+    let t = &exp.train;
+    let mut losses = Vec::new();
+    for step in 1..=t.steps {
+        let batches: Vec<MicroBatch> = (0..t.grad_accum)
+            .map(|_| MicroBatch::from_batch(&loader.next_batch().unwrap(), tch::Device::Cpu))
+            .collect();
+        losses.push(reference.step(&batches, &AdamW::new(t), lr_at(t, step), t.clip_grad_norm).0);
+    }
+    (losses, reference.named().iter().map(|(n, t)| (n.clone(), t.detach().copy())).collect())
 }

@@ -64,3 +64,37 @@ pub fn layer_leaves(spec: &ModelSpec, w: &ModelWeights, i: usize) -> LayerWeight
         w.layers[i].tensors().into_iter().map(|(n, t)| (n.to_string(), t.detach().set_requires_grad(true))).collect();
     LayerWeights::from_tensors(spec, named).expect("layer tensors")
 }
+
+/// Runs tests/hf/make_tiny_models.py with `args` in the project venv; its stdout. Fails the test
+/// (nothing is skipped) when the venv or transformers is missing or the script fails.
+pub fn hf_python(args: &[&std::path::Path]) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join(".venv/bin/python3");
+    let script = root.join("tests/hf/make_tiny_models.py");
+    let out = std::process::Command::new(&python).arg(&script).args(args).output().unwrap_or_else(|e| {
+        panic!("cannot run {}: {e}. These tests need the project venv: run scripts/setup.sh", python.display())
+    });
+    assert!(
+        out.status.success(),
+        "{} {} {:?} failed ({}):\n{}\n{}",
+        python.display(),
+        script.display(),
+        args,
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The tiny transformers models of every family and variant (`make_tiny_models.py make`), built
+/// once per test binary.
+pub fn hf_models() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        hf_python(&[std::path::Path::new("make"), dir.path()]);
+        dir
+    })
+    .path()
+}

@@ -163,7 +163,8 @@ grep -q "requeueing job $JOB" "$OUT" || fail "the job did not requeue itself"
 grep -q "resuming from $RUN/checkpoints/step-" "$OUT" || fail "the second start did not resume"
 [ -f "$RUN/checkpoints/step-0000$STEPS/COMPLETE" ] || fail "no final checkpoint"
 [ -f "$RUN/final/model.safetensors" ] || fail "no final model"
-[ -f "$RUN/final/optimizer/exp_avg.safetensors" ] || fail "no optimizer state in the final checkpoint"
+[ -f "$RUN/final/ulysses-export.json" ] || fail "final is not the export of the last checkpoint"
+ls "$RUN/checkpoints/step-0000$STEPS"/rank-*-of-*.safetensors >/dev/null || fail "no rank files (shards and optimizer state) in the last checkpoint"
 "$ROOT/.venv/bin/python" - "$RUN/metrics.h5" "$STEPS" <<'PY' || fail "metrics.h5 is not as expected"
 import sys, h5py, numpy as np
 path, steps = sys.argv[1], int(sys.argv[2])

@@ -1,7 +1,7 @@
 //! The memory plan in words: the table `ulysses check` prints, the one-line placement a run logs,
 //! and the message that stops a run that cannot fit.
 use super::{longest_fit, Budget, MemoryPlan, Place, Placement, Shortfall};
-use crate::config::{ActivationPlacement, DeviceKind, ParallelConfig, TrainConfig};
+use crate::config::{ActivationPlacement, CheckpointConfig, DeviceKind, ParallelConfig, TrainConfig};
 use crate::model::spec::ModelSpec;
 use crate::units::{bytes, gib_limit, limit, GIB};
 use std::fmt::Write;
@@ -37,7 +37,18 @@ pub fn table(plan: &MemoryPlan, budget: &Budget) -> String {
         [Some(plan.attention_gpu), Some(plan.attention_host), None],
         bytes,
     );
+    if plan.checkpoint_staging > 0.0 {
+        row("checkpoint staging (checkpoint.async)", [None, Some(plan.checkpoint_staging), None], bytes);
+    }
+    if plan.mlp_gpu > 0.0 {
+        let k = (plan.mlp_gpu / plan.mlp_per_layer).round() as usize;
+        let name = format!("MLP gate + up projections kept ({k} of {n} × {})", bytes(plan.mlp_per_layer));
+        row(&name, [Some(plan.mlp_gpu), None, None], bytes);
+    }
     row("working set of one layer's backward", [Some(plan.layer_working), None, None], bytes);
+    if plan.qkv_graph > 0.0 {
+        row("segment 1's graph, kept through attention's backward", [Some(plan.qkv_graph), None, None], bytes);
+    }
     if plan.staging > 0.0 {
         row("kept tensors in flight to the GPU during a layer's backward", [Some(plan.staging), None, None], bytes);
     }
@@ -82,6 +93,13 @@ pub fn summary(plan: &MemoryPlan, placement: &Placement, budget: &Budget) -> Str
     if plan.disk() > 0.0 {
         let _ = write!(s, ", {}/rank", used("disk", plan.disk(), budget.disk));
     }
+    if placement.qkv_once && plan.keep_attention {
+        let _ = write!(s, "; segment 1 runs once in backward");
+    }
+    let mlp = placement.mlp.iter().filter(|&&k| k).count();
+    if mlp > 0 {
+        let _ = write!(s, "; MLP projections kept in {mlp} of {n} layers");
+    }
     s
 }
 
@@ -94,6 +112,7 @@ fn recomputed() -> String {
 pub fn refusal(
     p: &ParallelConfig,
     t: &TrainConfig,
+    c: &CheckpointConfig,
     seq_len: usize,
     spec: &ModelSpec,
     world: usize,
@@ -101,7 +120,7 @@ pub fn refusal(
     shortfall: &Shortfall,
 ) -> String {
     use ActivationPlacement::{Auto, Device, Disk, Host};
-    let plan = MemoryPlan::new(p, t, spec, world, seq_len);
+    let plan = MemoryPlan::new(p, t, c, spec, world, seq_len);
     let n = plan.layers;
     let quoted = |a: ActivationPlacement| format!("parallel.activations = \"{}\"", format!("{a:?}").to_lowercase());
     let mut s = format!("does not fit in memory: {shortfall}.\n");
@@ -121,6 +140,13 @@ pub fn refusal(
         plan.optimizer_gpu + plan.optimizer_host,
         if p.offload_optimizer { "in host memory (parallel.offload_optimizer = true)" } else { "on the GPU" }.into(),
     );
+    if plan.checkpoint_staging > 0.0 {
+        row(
+            "checkpoint staging (asynchronous saves)".into(),
+            plan.checkpoint_staging,
+            "in host memory (checkpoint.async = true, checkpoint.every > 0)".into(),
+        );
+    }
     // Where the GPU ran short because of a layer's backward, the copies in flight then are part
     // of what it needs.
     let in_flight = match shortfall {
@@ -180,6 +206,12 @@ pub fn refusal(
             plan.optimizer_gpu / GIB
         ));
     }
+    if matches!(shortfall, Shortfall::Host { .. }) && plan.checkpoint_staging > 0.0 {
+        help.push(format!(
+            "checkpoint.async = false: saves block training while they write, but need no host staging ({:.1} GiB)",
+            plan.checkpoint_staging / GIB
+        ));
+    }
     if matches!(shortfall, Shortfall::Host { .. }) {
         help.push(
             "more ranks (a larger parallel.sp or parallel.dp): ZeRO-3 shards the optimizer state over all of them"
@@ -189,7 +221,7 @@ pub fn refusal(
     } else {
         help.push("a larger parallel.sp (more GPUs): each rank's layer inputs and working sets shrink as 1/sp".into());
     }
-    help.push(match longest_fit(p, t, spec, world, budget) {
+    help.push(match longest_fit(p, t, c, spec, world, budget) {
         Some(fit) => format!("a smaller data.seq_len: up to {fit} tokens fit these budgets"),
         None => format!("not a smaller data.seq_len: even {} tokens do not fit these budgets", p.sp * 1024),
     });

@@ -19,7 +19,7 @@ fn plan(activations: ActivationPlacement, keep_attention: bool) -> MemoryPlan {
     let (mut exp, spec) = bench(262144);
     exp.parallel.activations = activations;
     exp.parallel.keep_attention = keep_attention;
-    MemoryPlan::new(&exp.parallel, &exp.train, &spec, 4, 262144)
+    MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 262144)
 }
 
 /// A budget with room for `gpu` inputs and `gpu_attention` attention outputs beyond the GPU's
@@ -46,7 +46,8 @@ fn count<T: PartialEq>(v: &[T], x: T) -> usize {
 
 /// Peak GPU memory of the plan with `placement`, GiB.
 fn peak_with(exp: &Experiment, spec: &ModelSpec, world: usize, seq: usize, placement: &Placement) -> f64 {
-    MemoryPlan::new(&exp.parallel, &exp.train, spec, world, seq).with_placement(placement).gpu_peak() / GIB
+    MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, spec, world, seq).with_placement(placement).gpu_peak()
+        / GIB
 }
 
 #[test]
@@ -68,7 +69,12 @@ fn matches_the_measured_peaks_within_ten_percent() {
         exp.parallel.activations = ActivationPlacement::Auto;
         exp.parallel.keep_attention = true;
         exp.parallel.offload_optimizer = offload;
-        let placement = Placement { inputs: inputs.to_vec(), attention: attention.map(Some).to_vec() };
+        let placement = Placement {
+            inputs: inputs.to_vec(),
+            attention: attention.map(Some).to_vec(),
+            qkv_once: false,
+            mlp: vec![false; 4],
+        };
         let est = peak_with(&exp, &spec, 2, seq, &placement);
         assert!((est / measured - 1.0).abs() < 0.10, "{seq}: estimate {est:.1} GiB, measured {measured}");
     }
@@ -82,10 +88,13 @@ fn predicted_the_peaks_of_full_size_runs_within_ten_percent() {
     // disk, 23 attention outputs kept on the GPU and 9 layers recomputing attention (memory-fit).
     let (dev, host, disk) = (Place::Device, Place::Host, Place::Disk);
     let spec = ModelSpec::preset(Preset::Llama31_8b);
-    let all_gpu = Placement { inputs: vec![dev; 32], attention: vec![Some(dev); 32] };
+    let all_gpu =
+        Placement { inputs: vec![dev; 32], attention: vec![Some(dev); 32], qkv_once: false, mlp: vec![false; 32] };
     let spilled = Placement {
         inputs: [vec![disk; 4], vec![host; 28]].concat(),
         attention: [vec![None; 9], vec![Some(dev); 23]].concat(),
+        qkv_once: false,
+        mlp: vec![false; 32],
     };
     for (seq, placement, measured) in [(262144, all_gpu, 74.9), (524288, spilled, 70.7)] {
         let (mut exp, _) = bench(seq);
@@ -111,8 +120,10 @@ fn predicted_the_peaks_of_full_size_runs_within_ten_percent() {
         exp.parallel.activations = activations;
         exp.parallel.keep_attention = keep;
         exp.parallel.offload_optimizer = offload;
-        let plan = MemoryPlan::new(&exp.parallel, &exp.train, &spec, 2, 16384);
+        let plan = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 2, 16384);
         let placement = plan.placement(&Budget { gpu: 76.0 * GIB, host: 100.0 * GIB, disk: f64::INFINITY }).unwrap();
+        // As those runs placed them: segment 1 twice, no MLP projections kept (they came later).
+        let placement = Placement { qkv_once: false, mlp: vec![false; 16], ..placement };
         let est = plan.with_placement(&placement).gpu_peak() / GIB;
         assert!(
             (est / measured - 1.0).abs() < 0.10,
@@ -127,8 +138,9 @@ fn backends_without_a_log_sum_exp_kernel_never_keep_attention() {
     exp.parallel.keep_attention = true;
     for (backend, keeps) in [(AttentionBackend::Cudnn, true), (AttentionBackend::Math, false)] {
         exp.parallel.attention = backend;
-        let placement =
-            MemoryPlan::new(&exp.parallel, &exp.train, &spec, 4, 262144).placement(&Budget::UNLIMITED).unwrap();
+        let placement = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 262144)
+            .placement(&Budget::UNLIMITED)
+            .unwrap();
         assert_eq!(placement.attention_in(None) == 0, keeps, "{backend:?}");
     }
 }
@@ -137,12 +149,12 @@ fn backends_without_a_log_sum_exp_kernel_never_keep_attention() {
 fn offloading_moves_memory_to_the_host_and_lengthens_the_fit() {
     let (mut exp, spec) = bench(262144);
     let budget = Budget::from_gib(76.0, 480.0, None, 4);
-    let on_gpu = longest_fit(&exp.parallel, &exp.train, &spec, 4, &budget).unwrap();
+    let on_gpu = longest_fit(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, &budget).unwrap();
     exp.parallel.activations = ActivationPlacement::Host;
     exp.parallel.offload_optimizer = true;
-    let offloaded = longest_fit(&exp.parallel, &exp.train, &spec, 4, &budget).unwrap();
+    let offloaded = longest_fit(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, &budget).unwrap();
     assert!(offloaded > 2 * on_gpu, "{on_gpu} -> {offloaded}");
-    let m = MemoryPlan::new(&exp.parallel, &exp.train, &spec, 4, 262144);
+    let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 262144);
     assert_eq!(m.activations_gpu + m.optimizer_gpu, 0.0);
     assert!(m.host() > 40.0 * GIB);
 }
@@ -221,7 +233,8 @@ fn copies_in_flight_count_until_gpu_resident_layers_have_freed_room() {
     // Layer inputs in host memory except the last `gpu` layers', attention outputs all recomputed.
     let staging = |gpu: usize| {
         let inputs = (0..32).map(|l| if l >= 32 - gpu { Place::Device } else { Place::Host }).collect();
-        m.with_placement(&Placement { inputs, attention: vec![None; 32] }).staging
+        m.with_placement(&Placement { inputs, attention: vec![None; 32], qkv_once: false, mlp: vec![false; 32] })
+            .staging
     };
     // Layer 31's input and layer 30's (fetched one layer ahead) with nothing freed yet; then
     // each GPU-resident last layer frees the room of one.
@@ -286,7 +299,7 @@ fn shortfalls_say_what_does_not_fit_where() {
     // An offloaded optimizer state larger than the host budget.
     let (mut exp, spec) = bench(262144);
     exp.parallel.offload_optimizer = true;
-    let m = MemoryPlan::new(&exp.parallel, &exp.train, &spec, 4, 262144);
+    let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 262144);
     let budget = Budget { host: m.optimizer_host / 2.0, ..Budget::UNLIMITED };
     assert!(matches!(m.placement(&budget), Err(Shortfall::Host { .. })));
 }
@@ -299,12 +312,12 @@ fn a_gpu_refusal_counts_the_copies_in_flight_it_needs() {
     exp.parallel.activations = ActivationPlacement::Auto;
     exp.parallel.keep_attention = true;
     exp.parallel.offload_optimizer = true;
-    let m = MemoryPlan::new(&exp.parallel, &exp.train, &spec, 4, 3145728);
+    let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 3145728);
     let in_flight = 2.0 * (m.input_per_layer + m.attention_per_layer);
     let budget = Budget { gpu: 76.0 * GIB, host: 1000.0 * GIB, disk: f64::INFINITY };
     let shortfall = m.placement(&budget).unwrap_err();
     assert_eq!(shortfall, Shortfall::Gpu { needed: m.layer_working + in_flight, budget: budget.gpu });
-    let text = refusal(&exp.parallel, &exp.train, exp.data.seq_len, &spec, 4, &budget, &shortfall);
+    let text = refusal(&exp.parallel, &exp.train, &exp.checkpoint, exp.data.seq_len, &spec, 4, &budget, &shortfall);
     let rows = [
         ("working set (a layer's backward or the LM head)", m.layer_working),
         ("kept tensors in flight from host memory or disk", in_flight),
@@ -322,11 +335,11 @@ fn cpu_runs_have_no_budgets_but_can_use_the_disk() {
     exp.parallel.device = DeviceKind::Cpu;
     exp.parallel.activations = ActivationPlacement::Host;
     exp.parallel.keep_attention = true;
-    let p = MemoryPlan::new(&exp.parallel, &exp.train, &spec, 4, 8192).placement(&nothing).unwrap();
+    let p = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 8192).placement(&nothing).unwrap();
     assert_eq!((p.inputs, p.attention), (vec![Place::Device; 32], vec![Some(Place::Device); 32]));
     exp.parallel.activations = ActivationPlacement::Disk;
     exp.parallel.keep_attention = false;
-    let p = MemoryPlan::new(&exp.parallel, &exp.train, &spec, 4, 8192).placement(&nothing).unwrap();
+    let p = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 8192).placement(&nothing).unwrap();
     assert_eq!((p.inputs, p.attention), (vec![Place::Disk; 32], vec![None; 32]));
 }
 
@@ -349,11 +362,11 @@ fn the_summary_counts_layers_by_place() {
 fn the_refusal_gives_sizes_budget_and_what_would_help() {
     let (mut exp, spec) = bench(262144);
     exp.parallel.keep_attention = true;
-    let m = MemoryPlan::new(&exp.parallel, &exp.train, &spec, 4, 262144);
+    let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 262144);
     let budget =
         Budget { gpu: m.optimizer_gpu + m.working() + 4.0 * m.input_per_layer, host: 100.0 * GIB, disk: f64::INFINITY };
     let shortfall = m.placement(&budget).unwrap_err();
-    let text = refusal(&exp.parallel, &exp.train, exp.data.seq_len, &spec, 4, &budget, &shortfall);
+    let text = refusal(&exp.parallel, &exp.train, &exp.checkpoint, exp.data.seq_len, &spec, 4, &budget, &shortfall);
     for want in [
         "does not fit in memory: the layer inputs need 16.0 GiB but the GPU (after the optimizer state and the working set) leaves 2.0 GiB.",
         "per rank at data.seq_len = 262144 (65536 tokens per rank) on 4 ranks (sp = 4, dp = 1), GiB:",
@@ -372,7 +385,115 @@ fn the_refusal_gives_sizes_budget_and_what_would_help() {
     // The fit it proposes does fit, at "device" as configured.
     let fit: usize = text.split("up to ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
     assert!(
-        fit < 262144 && MemoryPlan::new(&exp.parallel, &exp.train, &spec, 4, fit).placement(&budget).is_ok(),
+        fit < 262144
+            && MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, fit).placement(&budget).is_ok(),
         "{fit}"
     );
+}
+
+#[test]
+fn segment_one_runs_once_only_when_everything_fits_on_the_gpu_with_its_graph() {
+    let m = plan(ActivationPlacement::Auto, true);
+    // Llama-3.1-8B at 64K tokens per rank: the normed input, q, k and v, bf16.
+    assert_eq!(m.qkv_graph_once, 65536.0 * (4096.0 + (32.0 + 2.0 * 8.0) * 128.0) * 2.0);
+    let all = |qkv_once| Placement {
+        inputs: vec![Place::Device; 32],
+        attention: vec![Some(Place::Device); 32],
+        qkv_once,
+        mlp: vec![false; 32],
+    };
+    let (once, twice) = (m.with_placement(&all(true)).gpu_peak(), m.with_placement(&all(false)).gpu_peak());
+    // The graph adds to the layer's working set, which is the larger one here only with it.
+    let working = |qkv: f64| (m.layer_working + qkv).max(m.head_working);
+    assert_eq!(once - twice, working(m.qkv_graph_once) - working(0.0));
+    assert!(once > twice);
+    let budget = |gpu: f64| Budget { gpu, host: 100.0 * GIB, disk: f64::INFINITY };
+    assert!(m.placement(&budget(once + 1.0)).unwrap().qkv_once, "room for everything and the graph");
+    let tight = m.placement(&budget(once - 1.0)).unwrap();
+    assert_eq!(tight, all(false), "room for everything but the graph: segment 1 runs twice");
+    let short = m.placement(&budget(twice - 1.0)).unwrap();
+    assert!(!short.qkv_once && short.inputs_in(Place::Device) < 32, "{short:?}");
+}
+
+#[test]
+fn the_room_left_keeps_mlp_projections_last_layers_first() {
+    let m = plan(ActivationPlacement::Auto, true);
+    // Llama-3.1-8B at 64K tokens per rank: gate and up, 14336 wide each, bf16.
+    assert_eq!(m.mlp_per_layer, 65536.0 * 2.0 * 14336.0 * 2.0);
+    let once = Placement {
+        inputs: vec![Place::Device; 32],
+        attention: vec![Some(Place::Device); 32],
+        qkv_once: true,
+        mlp: vec![false; 32],
+    };
+    let base = m.with_placement(&once).gpu_peak();
+    let budget = |gpu: f64| Budget { gpu, host: 100.0 * GIB, disk: f64::INFINITY };
+    let p = m.placement(&budget(base + 3.5 * m.mlp_per_layer)).unwrap();
+    assert_eq!(p.mlp, [vec![false; 29], vec![true; 3]].concat(), "room for 3.5 layers: the last 3");
+    assert_eq!(m.with_placement(&p).gpu_peak(), base + 3.0 * m.mlp_per_layer);
+    assert!(m.placement(&budget(base + 0.5 * m.mlp_per_layer)).unwrap().mlp.iter().all(|&k| !k));
+    let all = m.placement(&budget(f64::INFINITY)).unwrap();
+    assert!(all.mlp.iter().all(|&k| k) && all.qkv_once);
+    // A placement that spills keeps none.
+    let spilled = m.placement(&room(&m, 5.0, 32.0, 20.0, 0.0, f64::INFINITY)).unwrap();
+    assert!(spilled.mlp.iter().all(|&k| !k) && !spilled.qkv_once);
+}
+
+#[test]
+fn qwen3_counts_its_q_k_norm_activations() {
+    // Qwen3-8B at sp = 4 and 256K tokens: beyond Llama's layer, segment 1's graph keeps q (32
+    // heads) and k (8 heads) before their norms, 128 bf16 values a head, and an fp32 reciprocal
+    // RMS per head, for each of the rank's 64K tokens; and the norms' weights (2 × 128).
+    let (exp, _) = bench(262144);
+    let qwen3 = ModelSpec::preset(Preset::Qwen3_8b);
+    let without = ModelSpec { qk_norm: false, ..qwen3.clone() };
+    let plan = |s: &ModelSpec| MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, s, 4, 262144);
+    let extra = plan(&qwen3).layer_working - plan(&without).layer_working;
+    assert_eq!(extra, 65536.0 * 40.0 * (128.0 * 2.0 + 4.0) + 256.0 * 8.0);
+    assert_eq!(plan(&qwen3).layers, 36);
+}
+
+#[test]
+fn asynchronous_checkpoints_count_their_host_staging_and_are_refused_without_room() {
+    let (mut exp, spec) = bench(262144);
+    exp.checkpoint.every = 25; // periodic saves, asynchronous by default on GPU
+    let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 262144);
+    // Each rank stages its quarter of the fp32 master weights and both Adam moments.
+    let staging = spec.total_params() as f64 / 4.0 * 12.0;
+    assert_eq!(m.checkpoint_staging, staging);
+    assert_eq!(m.host(), staging, "everything else of this plan is on the GPU");
+    let budget = Budget { host: staging / 2.0, ..Budget::UNLIMITED };
+    let shortfall = m.placement(&budget).unwrap_err();
+    assert_eq!(shortfall, Shortfall::Host { optimizer: 0.0, staging, budget: staging / 2.0 });
+    let text = refusal(&exp.parallel, &exp.train, &exp.checkpoint, exp.data.seq_len, &spec, 4, &budget, &shortfall);
+    assert!(
+        text.starts_with(
+            "does not fit in memory: the host staging of asynchronous checkpoints (22.4 GiB) needs 22.4 GiB"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("checkpoint.async = false: saves block training"), "{text}");
+    // The layer inputs get host memory only after the staging.
+    exp.parallel.activations = ActivationPlacement::Host;
+    let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 262144);
+    let budget = room(&m, 0.0, 0.0, 32.0, 0.0, 0.0);
+    assert!(m.placement(&budget).is_err(), "room for the inputs, none for the staging");
+    let budget = Budget { host: budget.host + staging, ..budget };
+    assert_eq!(m.placement(&budget).unwrap().inputs, vec![Place::Host; 32]);
+
+    // No staging: synchronous saves, no periodic saves (the last one is synchronous), state in
+    // host memory (written where it lies), CPU runs.
+    let none = |exp: &Experiment| {
+        MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 262144).checkpoint_staging
+    };
+    let mut sync = exp.clone();
+    sync.checkpoint.asynchronous = Some(false);
+    let mut last_only = exp.clone();
+    last_only.checkpoint.every = 0;
+    let mut offloaded = exp.clone();
+    offloaded.parallel.offload_optimizer = true;
+    let mut cpu = exp.clone();
+    cpu.parallel.device = crate::config::DeviceKind::Cpu;
+    cpu.checkpoint.asynchronous = Some(true);
+    assert_eq!([none(&sync), none(&last_only), none(&offloaded), none(&cpu)], [0.0; 4]);
 }

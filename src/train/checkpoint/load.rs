@@ -1,35 +1,92 @@
-//! Reading a checkpoint back: which one (`checkpoint.resume`), its run state, and the sharded
-//! parameters and Adam moments for the layout of the job that loads it.
+//! Reading a checkpoint back: which one (`checkpoint.resume`), its run state, and the shards of
+//! the job that loads it. Each rank reads only the byte ranges of its own shards, in any layout,
+//! from a checkpoint of either format: loading needs no collective.
 use super::*;
-use crate::comm::Collective;
+use crate::comm::{all_reduce_f64, Collective};
 use crate::config::{Resume, ZeroStage};
 use crate::data::LoaderState;
+use crate::model::params::ModelWeights;
 use crate::model::spec::ModelSpec;
 use crate::model::weights::load_hf;
 use crate::parallel::zero::{ShardedParams, State};
-use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
-/// The checkpoint to resume from: `resume` is "none", "auto" (the newest complete checkpoint of
-/// the run directory, if any) or a checkpoint folder. Rank 0 decides and tells the others, so
-/// every rank loads the same one even while a file system is still settling.
-pub fn resolve(resume: &Resume, run_dir: &Path, world: &dyn Collective) -> Result<Option<PathBuf>, CheckpointError> {
-    match resume {
-        Resume::None => Ok(None),
-        Resume::Auto => {
-            let newest =
-                if world.rank() == 0 { list_complete(run_dir)?.last().map_or(-1, |(s, _)| *s as i64) } else { 0 };
-            let step = world.broadcast(&Tensor::from_slice(&[newest]), 0)?.int64_value(&[0]);
-            Ok((step >= 0).then(|| checkpoints_dir(run_dir).join(step_dir_name(step as u64))))
-        }
+/// A checkpoint the run starts from, loaded.
+pub struct Resumed<T> {
+    pub dir: PathBuf,
+    pub loaded: T,
+}
+
+/// The checkpoint `checkpoint.resume` names, loaded by `load` on every rank (collective):
+/// - "none": None;
+/// - a folder: that one; any failure is an error;
+/// - "auto": the newest complete checkpoint of the run directory that every rank can read. One
+///   whose files are damaged (`CheckpointError::is_damage`) is skipped with a warning naming it,
+///   for the next older one; when none is left, or there is none, rank 0 says so and the run
+///   starts from the beginning (None). A checkpoint that is readable but does not fit the
+///   experiment (another model, seed, ...) stops the run instead: an older one would not fit
+///   either, and starting over would replace the run's checkpoints.
+///
+/// Rank 0 lists the candidates and tells the others, so every rank tries the same one even
+/// while a shared file system is still settling.
+pub fn resolve_and_load<T>(
+    resume: &Resume,
+    run_dir: &Path,
+    world: &dyn Collective,
+    mut load: impl FnMut(&Path) -> Result<T, CheckpointError>,
+) -> Result<Option<Resumed<T>>, CheckpointError> {
+    let root = world.rank() == 0;
+    let candidates: Vec<u64> = match resume {
+        Resume::None => return Ok(None),
         Resume::From(dir) => {
-            let dir = dir.clone();
             if !dir.join(COMPLETE).is_file() {
                 return Err(CheckpointError::Incomplete { path: dir.display().to_string() });
             }
-            Ok(Some(dir))
+            return Ok(Some(Resumed { dir: dir.clone(), loaded: load(dir)? }));
+        }
+        Resume::Auto if root => list_complete(run_dir)?.into_iter().rev().map(|(s, _)| s).collect(),
+        Resume::Auto => Vec::new(),
+    };
+    let dir = checkpoints_dir(run_dir);
+    let mut skipped = Vec::new();
+    for i in 0.. {
+        let next = candidates.get(i).map_or(-1, |&s| s as i64);
+        let step = world.broadcast(&Tensor::from_slice(&[next]), 0)?.int64_value(&[0]);
+        if step < 0 {
+            break;
+        }
+        let path = dir.join(step_dir_name(step as u64));
+        let result = match load(&path) {
+            Err(e) if e.is_damage() => {
+                log::warn!("cannot load checkpoint {}: {e}", path.display());
+                None
+            }
+            other => Some(other?),
+        };
+        if all_reduce_f64(world, if result.is_none() { 1.0 } else { 0.0 })? == 0.0 {
+            let loaded = result.unwrap_or_else(|| unreachable!("no rank failed"));
+            return Ok(Some(Resumed { dir: path, loaded }));
+        }
+        if root {
+            log::warn!(
+                "resume = \"auto\": skipping {}: it cannot be read (see the warnings above); trying an older checkpoint",
+                path.display()
+            );
+        }
+        skipped.push(path.display().to_string());
+    }
+    if root {
+        if skipped.is_empty() {
+            println!("resume = \"auto\": no checkpoint in {}; starting from the beginning", dir.display());
+        } else {
+            log::warn!(
+                "resume = \"auto\": no checkpoint in {} can be read (skipped {}); starting from the beginning",
+                dir.display(),
+                skipped.join(", ")
+            );
         }
     }
+    Ok(None)
 }
 
 pub fn read_state(dir: &Path) -> Result<RunState, CheckpointError> {
@@ -39,9 +96,10 @@ pub fn read_state(dir: &Path) -> Result<RunState, CheckpointError> {
     let format = serde_json::from_str::<serde_json::Value>(&text)
         .map_err(|e| bad(format!("not valid JSON: {e}")))?
         .get("format")
-        .and_then(|f| f.as_u64());
-    if format != Some(FORMAT as u64) {
-        return Err(bad(format!("has format {format:?}; this ulysses reads format {FORMAT}")));
+        .cloned()
+        .unwrap_or(serde_json::Value::Null);
+    if format != 1 && format != FORMAT {
+        return Err(CheckpointError::Format { path: path.display().to_string(), found: format.to_string() });
     }
     serde_json::from_str(&text).map_err(|e| bad(format!("unexpected content: {e}")))
 }
@@ -72,55 +130,55 @@ pub fn restore_loader_state(
     Ok(LoaderState { epoch: state.data.epoch, position: state.data.samples / per_step })
 }
 
-/// The parameters and Adam moments of checkpoint `dir`, sharded for this job (any stage and world
-/// size). Rank 0 reads each file, checking every tensor's name and shape against `spec`, and
-/// broadcasts it unit by unit; the other ranks keep only their slices.
+/// The parameters and Adam moments of checkpoint `dir` (of run-state format `format`), sharded
+/// for this job: any ZeRO stage and world size. Each rank reads its own shards' byte ranges,
+/// holding nothing else (state on a GPU passes through a 64 MiB host buffer).
 pub fn load_params(
     dir: &Path,
+    format: u32,
     spec: &ModelSpec,
     stage: ZeroStage,
     world: &dyn Collective,
     state_device: Device,
 ) -> Result<ShardedParams, CheckpointError> {
-    let root = world.rank() == 0;
-    let mut params = ShardedParams::new(spec, stage, world, state_device, |u| {
-        u.tensors.iter().map(|(_, shape)| Tensor::zeros(shape.as_slice(), (Kind::Float, Device::Cpu))).collect()
-    });
-    let optimizer = dir.join(OPTIMIZER);
-    for (which, path) in [
-        (State::Master, dir.to_path_buf()),
-        (State::ExpAvg, optimizer.join(EXP_AVG)),
-        (State::ExpAvgSq, optimizer.join(EXP_AVG_SQ)),
-    ] {
-        let named: Option<HashMap<String, Tensor>> = if root {
-            Some(load_hf(&path, spec, Kind::Float, Device::Cpu)?.named_tensors().into_iter().collect())
-        } else {
-            None
-        };
-        let units = params.units().to_vec();
-        for u in &units {
-            let full = match &named {
-                Some(named) => Some(unit_tensors(named, &u.tensors, &path)?),
-                None => None,
-            };
-            params.load_state(world, u.id, which, 0, full.as_deref())?;
+    let source = Source::open(dir, spec, format)?;
+    let params = ShardedParams::zeroed(spec, stage, world, state_device);
+    for (i, u) in params.units().iter().enumerate() {
+        let (start, _) = params.shard_range(u.id);
+        for state in State::ALL {
+            source.read(i, state, start, params.shard_state(u.id, state))?;
         }
     }
     Ok(params)
 }
 
-/// A unit's tensors, in its order, from a file `load_hf` has already checked against the spec.
-fn unit_tensors(
-    named: &HashMap<String, Tensor>,
-    unit: &[(String, Vec<i64>)],
+/// A model's weights, whole, as `kind` on `device`: from a ulysses checkpoint folder (either
+/// format: its fp32 master weights), else from Hugging Face files (`load_hf`: a folder or one
+/// `.safetensors` file). For evaluation and `model.weights`.
+pub fn load_weights(
     path: &Path,
-) -> Result<Vec<Tensor>, CheckpointError> {
-    unit.iter()
-        .map(|(name, _)| {
-            named.get(name).map(Tensor::shallow_clone).ok_or_else(|| CheckpointError::Mismatch {
-                path: path.display().to_string(),
-                message: format!("has no tensor `{name}`"),
-            })
-        })
-        .collect()
+    spec: &ModelSpec,
+    kind: Kind,
+    device: Device,
+) -> Result<ModelWeights, CheckpointError> {
+    if !path.join(RUN_STATE).is_file() {
+        return Ok(load_hf(path, spec, kind, device)?);
+    }
+    if !path.join(COMPLETE).is_file() {
+        return Err(CheckpointError::Incomplete { path: path.display().to_string() });
+    }
+    let state = read_state(path)?;
+    let source = Source::open(path, spec, state.format)?;
+    let mut named = Vec::new();
+    for unit in 0..crate::parallel::zero::model_units(spec, 1).len() {
+        let mut offset = 0;
+        for (name, shape) in source.unit_tensors(unit) {
+            let numel: i64 = shape.iter().product();
+            let t = Tensor::empty([numel], (Kind::Float, Device::Cpu));
+            source.read(unit, State::Master, offset, &t)?;
+            named.push((name.clone(), t.view(shape.as_slice()).to_kind(kind).to_device(device)));
+            offset += numel;
+        }
+    }
+    Ok(ModelWeights::from_named(spec, named)?)
 }

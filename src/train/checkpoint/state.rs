@@ -2,8 +2,10 @@
 //! not depend on the layout (sp, dp, ZeRO stage) the checkpoint was written with.
 use serde::{Deserialize, Serialize};
 
-/// Bumped when a field changes meaning; a checkpoint of another format is refused, not guessed at.
-pub const FORMAT: u32 = 1;
+/// The format this ulysses writes: 2, each rank's shards in its own file (`index.json`); 1 was
+/// whole tensors in Hugging Face files, which still load. Bumped when a file or field changes
+/// meaning; a checkpoint of an unknown format is refused, not guessed at.
+pub const FORMAT: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunState {
@@ -20,8 +22,7 @@ pub struct RunState {
     /// The layout at save time, for the record: loading works with any other.
     pub layout: Layout,
     pub versions: Versions,
-    /// dtype of the model files (the fp32 master weights, or a bf16 copy on GPU runs; see
-    /// docs/checkpoints.md).
+    /// dtype of the saved weights: "float32", the master weights, whatever `train.dtype` is.
     pub model_dtype: String,
     /// The resolved experiment the checkpoint was written by.
     pub config_toml: String,
