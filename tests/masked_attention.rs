@@ -2,8 +2,8 @@
 //! plain causal attention over each document alone, forward and backward, with grouped-query
 //! heads, several samples per micro batch, tiny documents and one spanning a whole sample.
 //! - CPU (fp32): libtorch's CPU flash kernel with the dense block-diagonal mask, within 1e-5.
-//! - GPU (`--ignored gpu_`, tests/gpu/run.sh runs this binary from the bundle): cuDNN and flash
-//!   varlen in bf16 against an fp32 reference on the same bf16 inputs, each of the output and the
+//! - GPU (`--ignored gpu_`, tests/gpu/run.sh runs this binary from the bundle): flash varlen (and
+//!   cuDNN varlen where the start-up check lets it through) in bf16 against an fp32 reference on the same bf16 inputs, each of the output and the
 //!   q/k/v gradients within 2e-2 of the reference's largest entry (bf16 keeps 8 bits of mantissa);
 //!   the plain causal kernels are held to the same bound on one document, and each test prints
 //!   its worst difference so the two can be compared.
@@ -13,6 +13,7 @@ use ulysses::data::Documents;
 use ulysses::ffi::attention::{backward_masked, forward_masked};
 use ulysses::model::llama::{AttentionCore, LocalAttention};
 use ulysses::model::mask::DocumentMask;
+use ulysses::train::documents::trial;
 
 /// Output and q/k/v gradients of attention within `docs`, each document alone through
 /// `LocalAttention` with autograd (in `reference_kind`), for the gradient `grad_out`.
@@ -109,9 +110,18 @@ fn gpu_flash_varlen_within_documents_equals_each_document_alone() {
 
 #[test]
 #[ignore = "needs a CUDA GPU (tests/gpu/run.sh)"]
-fn gpu_cudnn_varlen_within_documents_equals_each_document_alone() {
+fn gpu_cudnn_varlen_is_used_only_where_it_is_right() {
+    // cuDNN varlen computed garbage here (libtorch 2.11, cuDNN 9.19, one H200, 2026-12-01: 1.7e35
+    // on this micro batch), so a run checks it at start (`train::documents::trial`) and gives way
+    // to flash varlen. Either the kernel is right, or that check refuses it.
     let worst = check(FusedAttention::Cudnn, &documents(4096), GPU_HEADS, Kind::BFloat16, gpu());
-    assert!(worst < GPU_TOL, "cuDNN varlen: {worst:.2e}");
+    if worst >= GPU_TOL {
+        let verdict = trial(FusedAttention::Cudnn, GPU_HEADS, Kind::BFloat16, gpu());
+        println!("cuDNN varlen is wrong here ({worst:.2e}); the start-up check says: {verdict:?}");
+        assert!(verdict.is_err(), "cuDNN varlen is wrong ({worst:.2e}) but the start-up check lets it through");
+    }
+    // The check passes the kernel that is right.
+    assert_eq!(trial(FusedAttention::Flash, GPU_HEADS, Kind::BFloat16, gpu()), Ok(()));
 }
 
 #[test]
@@ -139,4 +149,10 @@ fn gpu_causal_kernels_set_the_scale_of_the_tolerance() {
         println!("{}: worst relative difference {worst:.2e}", kernel.describe(false));
         assert!(worst < GPU_TOL, "{}: {worst:.2e}", kernel.describe(false));
     }
+}
+
+#[test]
+fn the_start_up_check_passes_a_right_kernel() {
+    // On CPU the only masked kernel, in fp32 (held to 1e-4 there).
+    assert_eq!(trial(FusedAttention::CpuFlash, (8, 2, 16), Kind::Float, Device::Cpu), Ok(()));
 }

@@ -88,3 +88,9 @@ pub fn all_reduce_f64(c: &dyn Collective, x: f64) -> Result<f64, CommError> {
     let t = Tensor::from_slice(&[x]).to_device(c.device());
     Ok(c.all_reduce(&t)?.double_value(&[0]))
 }
+
+/// Rank `root`'s `x` on every rank. Through the backend's device: NCCL takes only GPU tensors.
+pub fn broadcast_i64(c: &dyn Collective, x: i64, root: usize) -> Result<i64, CommError> {
+    let t = Tensor::from_slice(&[x]).to_device(c.device());
+    Ok(c.broadcast(&t, root)?.int64_value(&[0]))
+}

@@ -6,7 +6,8 @@ use crate::config::{AttentionBackend, Experiment, FusedAttention};
 use crate::data::{Documents, PackedDocuments};
 use crate::ffi::attention as fused;
 use crate::ffi::ShimError;
-use crate::model::mask::DocumentMask;
+use crate::model::llama::AttentionCore;
+use crate::model::mask::{dense_mask, DocumentMask, MaskedAttention};
 use crate::model::spec::ModelSpec;
 use crate::plan::Plan;
 use anyhow::{anyhow, bail, Result};
@@ -14,8 +15,9 @@ use tch::{Device, Kind, Tensor};
 
 /// The kernel that attends within documents, or None when the run ignores them. On CUDA the
 /// kernel `parallel.attention` names is tried on two small documents with the head counts each
-/// rank attends with after the all-to-all; with "auto", a cuDNN that refuses them gives way to
-/// flash varlen (logged), otherwise the refusal ends the run with libtorch's message.
+/// rank attends with after the all-to-all, and its results checked (`trial`); with "auto", a
+/// cuDNN that refuses them or gets them wrong gives way to flash varlen (logged), otherwise that
+/// ends the run with the reason.
 pub fn kernel(
     exp: &Experiment,
     spec: &ModelSpec,
@@ -39,19 +41,19 @@ pub fn kernel(
         (Ok(()), _, _) => Ok(Some(first)),
         (Err(e), FusedAttention::Cudnn, AttentionBackend::Auto) => {
             log::warn!(
-                "cuDNN varlen attention refused {} query / {} KV heads of {} ({e}); using flash varlen",
+                "cuDNN varlen attention cannot be used for {} query / {} KV heads of {} ({e}); using flash varlen",
                 heads.0,
                 heads.1,
                 heads.2
             );
             trial(FusedAttention::Flash, heads, kind, device)
-                .map_err(|e| anyhow!("flash varlen attention refused the run's heads too: {e}"))?;
+                .map_err(|e| anyhow!("flash varlen attention cannot be used for the run's heads either: {e}"))?;
             Ok(Some(FusedAttention::Flash))
         }
         (Err(e), kernel, _) => {
             let other = if kernel == FusedAttention::Flash { "\"cudnn\"" } else { "\"flash\" or \"auto\"" };
             bail!(
-                "data.documents = \"mask\": {} refused {} query / {} KV heads of {}: {e}; try parallel.attention = {other}",
+                "data.documents = \"mask\": {} cannot be used for {} query / {} KV heads of {}: {e}; try parallel.attention = {other}",
                 kernel.describe(true),
                 heads.0,
                 heads.1,
@@ -61,16 +63,49 @@ pub fn kernel(
     }
 }
 
-/// Forward and backward of `kernel`'s masked form on two documents of 96 and 160 tokens.
-fn trial(kernel: FusedAttention, (n_q, n_kv, d): (i64, i64, i64), kind: Kind, device: Device) -> Result<(), ShimError> {
-    let docs = [Documents::from_starts(&[0, 96], 256)];
-    let mask = DocumentMask::new(&docs, kernel, kind, device).expect("two documents make a mask");
-    let t = |heads| Tensor::randn([1, 256, heads, d], (kind, device));
-    let (q, k, v) = (t(n_q), t(n_kv), t(n_kv));
-    tch::no_grad(|| {
+/// Forward and backward of `kernel`'s masked form on a micro batch of two samples of 256 tokens
+/// (documents of 1, 95 and 160 tokens; one whole sample), against block-diagonal causal attention
+/// by SDPA with a dense mask in fp32 on the same inputs. A kernel that refuses the heads, or that
+/// runs but computes something else, is not used: cuDNN varlen did the latter on one H200 with
+/// libtorch 2.11 and cuDNN 9.19 (2026-12-01, tests/masked_attention.rs: differences of 1e35 on
+/// several samples per micro batch).
+pub fn trial(
+    kernel: FusedAttention,
+    (n_q, n_kv, d): (i64, i64, i64),
+    kind: Kind,
+    device: Device,
+) -> Result<(), String> {
+    let docs = [Documents::from_starts(&[0, 1, 96], 256), Documents::whole(256)];
+    let mask = DocumentMask::new(&docs, kernel, kind, device).expect("three documents make a mask");
+    tch::manual_seed(7);
+    let t = |heads| Tensor::randn([2, 256, heads, d], (kind, device));
+    let (q, k, v, g) = (t(n_q), t(n_kv), t(n_kv), t(n_q));
+    let got = tch::no_grad(|| -> Result<[Tensor; 4], ShimError> {
         let (out, saved) = fused::forward_masked(&mask, &q, &k, &v)?;
-        fused::backward_masked(&mask, &out, &q, &k, &v, &out, &saved).map(drop)
+        let (dq, dk, dv) = fused::backward_masked(&mask, &g, &q, &k, &v, &out, &saved)?;
+        Ok([out, dq, dk, dv])
     })
+    .map_err(|e| e.to_string())?;
+    let leaf = |x: &Tensor| x.to_kind(Kind::Float).detach().set_requires_grad(true);
+    let (qf, kf, vf) = (leaf(&q), leaf(&k), leaf(&v));
+    let dense = dense_mask(&docs, Kind::Float, device);
+    let out = MaskedAttention { mask: &dense }.attend(&qf, &kf, &vf);
+    (&out * g.to_kind(Kind::Float)).sum(Kind::Float).backward();
+    // bf16 keeps 8 bits of mantissa: 2e-2 of the largest entry, as the GPU tests hold the kernels.
+    let tolerance = if kind == Kind::Float { 1e-4 } else { 2e-2 };
+    for (name, got, want) in [
+        ("output", &got[0], out.detach()),
+        ("dq", &got[1], qf.grad()),
+        ("dk", &got[2], kf.grad()),
+        ("dv", &got[3], vf.grad()),
+    ] {
+        let scale = want.abs().max().double_value(&[]).max(1e-12);
+        let diff = (got.to_kind(Kind::Float) - &want).abs().max().double_value(&[]) / scale;
+        if !(diff <= tolerance) {
+            return Err(format!("its {name} differs from attention within each document by {diff:.2e} of the largest entry (tolerance {tolerance:.0e})"));
+        }
+    }
+    Ok(())
 }
 
 /// What a step's micro batches cost: the documents attention ran over and Σ len² over them.

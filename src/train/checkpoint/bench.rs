@@ -8,7 +8,7 @@
 //! tests/checkpoint_memory.rs). The checkpoints go to `RUN_DIR/bench-checkpoint/` and are
 //! removed after each measurement.
 use super::*;
-use crate::comm::{Collective, Mesh};
+use crate::comm::{broadcast_i64, Collective, Mesh};
 use crate::config::Experiment;
 use crate::model::spec::ModelSpec;
 use crate::parallel::zero::{ShardedParams, State};
@@ -196,8 +196,7 @@ fn dir_bytes(dir: &Path, world: &dyn Collective) -> Result<u64> {
             }
         }
     }
-    let t = world.broadcast(&Tensor::from_slice(&[total as i64]).to_device(world.device()), 0)?;
-    Ok(t.int64_value(&[0]) as u64)
+    Ok(broadcast_i64(world, total as i64, 0)? as u64)
 }
 
 fn remove(run_dir: &Path, world: &dyn Collective) -> Result<()> {

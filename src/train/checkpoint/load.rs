@@ -2,7 +2,7 @@
 //! the job that loads it. Each rank reads only the byte ranges of its own shards, in any layout,
 //! from a checkpoint of either format: loading needs no collective.
 use super::*;
-use crate::comm::{all_reduce_f64, Collective};
+use crate::comm::{all_reduce_f64, broadcast_i64, Collective};
 use crate::config::{Resume, ZeroStage};
 use crate::data::LoaderState;
 use crate::model::params::ModelWeights;
@@ -51,7 +51,7 @@ pub fn resolve_and_load<T>(
     let mut skipped = Vec::new();
     for i in 0.. {
         let next = candidates.get(i).map_or(-1, |&s| s as i64);
-        let step = world.broadcast(&Tensor::from_slice(&[next]), 0)?.int64_value(&[0]);
+        let step = broadcast_i64(world, next, 0)?;
         if step < 0 {
             break;
         }

@@ -23,7 +23,7 @@ use super::commit::{prepare_dir, prune, publish, write_synced};
 use super::index::{rank_file_name, rank_layout, saved_range, Index, INDEX};
 use super::tensor_file::{Layout, Writer};
 use super::*;
-use crate::comm::{all_reduce_f64, Collective};
+use crate::comm::{all_reduce_f64, broadcast_i64, Collective};
 use crate::ffi::transfer;
 use crate::model::spec::ModelSpec;
 use crate::model::weights::copy_tokenizer_files;
@@ -138,7 +138,7 @@ impl Checkpointer {
         params: &ShardedParams,
         world: &dyn Collective,
     ) -> Result<Checkpointer, CheckpointError> {
-        let job = world.broadcast(&Tensor::from_slice(&[std::process::id() as i64]), 0)?.int64_value(&[0]);
+        let job = broadcast_i64(world, std::process::id() as i64, 0)?;
         let (rank, size) = (world.rank(), world.size());
         // Only state on a GPU is staged; state in host memory is written where it lies.
         let on_gpu = staged_elements(params, &slices(params.units(), params, rank, size));
