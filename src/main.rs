@@ -9,6 +9,7 @@ use ulysses::plan::check::{self, CheckBudget};
 use ulysses::plan::data::check_data;
 use ulysses::plan::memory::{Budget, DoesNotFit};
 use ulysses::plan::Plan;
+use ulysses::train::guard::NonFinite;
 
 #[derive(Parser)]
 #[command(
@@ -242,9 +243,10 @@ fn train(path: &Path, set: &[String]) -> Result<()> {
         ulysses::train::run(&exp, &spec, &mesh, &groups, device, budget)
     };
     if let Err(e) = run() {
-        if e.is::<DoesNotFit>() {
-            // Every rank plans with the same budget (the smallest of any rank's), so all of them
-            // stop here alike: rank 0 says why, the others give it a moment to.
+        if e.is::<DoesNotFit>() || e.is::<NonFinite>() {
+            // Every rank plans with the same budget (the smallest of any rank's), and sees the
+            // same job-wide loss and gradient norm, so all of them stop here alike: rank 0 says
+            // why, the others give it a moment to.
             if launch.rank != 0 {
                 std::thread::sleep(std::time::Duration::from_secs(2));
             }
@@ -285,7 +287,8 @@ fn export(checkpoint: &Path, out: &Path, dtype: Option<ExportDtype>, max_shard_s
 fn bench_checkpoint(path: &Path, repeat: usize, json: Option<&Path>) -> Result<()> {
     let launch = Launch::init()?;
     init_logging(launch.rank);
-    let (exp, spec) = load_valid(path, &Overrides { set: &[], world: Some(launch.size), dp_replaced: false }).unwrap_or_else(|e| launch.abort(&e));
+    let (exp, spec) = load_valid(path, &Overrides { set: &[], world: Some(launch.size), dp_replaced: false })
+        .unwrap_or_else(|e| launch.abort(&e));
     let run = || -> Result<()> {
         let (mesh, groups, device) = job(&launch, &exp)?;
         ulysses::train::checkpoint::bench::run(&exp, &spec, &mesh, groups.world.as_ref(), device, repeat, json)

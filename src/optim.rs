@@ -5,8 +5,8 @@
 use crate::comm::{all_reduce_f64, Collective};
 use crate::config::{TrainConfig, ZeroStage};
 use crate::ffi::{optim::fused_adamw, ShimError};
-use crate::parallel::zero::{ShardedParams, Unit, ZeroError};
-use tch::Kind;
+use crate::parallel::zero::{ShardedParams, Unit, UnitId, ZeroError};
+use tch::{Device, Kind, Tensor};
 
 /// AdamW's hyperparameters (the learning rate comes from the schedule, step by step).
 #[derive(Debug, Clone, Copy)]
@@ -89,6 +89,23 @@ pub fn grad_norm(params: &mut ShardedParams, world: &dyn Collective) -> Result<f
         ZeroStage::Sharded => all_reduce_f64(world, local)?,
     };
     Ok(total.sqrt())
+}
+
+/// Each unit's squared gradient norm over the job, in unit order: where a non-finite norm comes
+/// from (`train::guard`).
+pub fn unit_grad_squares(params: &mut ShardedParams, world: &dyn Collective) -> Result<Vec<(UnitId, f64)>, ZeroError> {
+    let stage = params.stage();
+    let (ids, local): (Vec<UnitId>, Vec<f64>) =
+        params.local_shards()?.map(|(u, _, s)| (u.id, s.grad.square().sum(Kind::Double).double_value(&[]))).unzip();
+    let total = match stage {
+        ZeroStage::Replicated => local,
+        ZeroStage::Sharded => {
+            let summed = world.all_reduce(&Tensor::from_slice(&local).to_device(world.device()))?;
+            Vec::<f64>::try_from(&summed.to_device(Device::Cpu).to_kind(Kind::Double))
+                .expect("a 1-D float64 tensor converts to a Vec")
+        }
+    };
+    Ok(ids.into_iter().zip(total).collect())
 }
 
 /// The factor that scales gradients of norm `norm` down to `max_norm` (torch's

@@ -326,3 +326,32 @@ fn check_says_which_kernel_and_what_attention_within_documents_costs() {
         assert!(t.contains(expected), "check output lacks {expected:?}:\n{t}");
     }
 }
+
+#[test]
+fn a_diverging_run_stops_on_the_first_non_finite_step_and_saves_nothing_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = tiny_experiment(dir.path(), "every = 1");
+    let diverging =
+        std::fs::read_to_string(&exp).unwrap().replace("steps = 2", "steps = 5\nlr = 1e30\nwarmup_steps = 0");
+    std::fs::write(&exp, diverging).unwrap();
+    let o = mpirun(2, &["train", exp.to_str().unwrap()], dir.path(), &[]);
+    let t = assert_clean_failure(&o);
+    // lr = 1e30 makes the weights of step 1's update huge: step 2's loss is no longer finite.
+    assert!(t.contains("step 2: the loss is") && t.contains("stopped before this step's optimizer update"), "{t}");
+    assert!(t.contains("not finite"), "the message says where: {t}");
+    assert_eq!(t.matches("stopped before this step's optimizer update").count(), 1, "said once (rank 0):\n{t}");
+    let run = dir.path().join("runs/t");
+    let mut saved: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-") && !n.contains(".tmp"))
+        .collect();
+    saved.sort();
+    assert_eq!(saved, ["step-000001"], "only the last finite step's checkpoint");
+    assert!(!run.join("final").exists(), "no final model of a diverged run");
+    // The metrics hold step 1 alone, and its loss is finite (read as a live file: the job was
+    // aborted while it held it open for SWMR writing).
+    let f = ulysses::h5::open_live(&run.join("metrics.h5")).unwrap();
+    let losses: Vec<f64> = f.dataset("steps/loss").unwrap().read_raw().unwrap();
+    assert!(losses.len() == 1 && losses[0].is_finite(), "{losses:?}");
+}

@@ -297,3 +297,17 @@ fn a_window_as_long_as_the_sequence_is_plain_causal_attention() {
     let spec = validate(&parse(&with_model(&format!("config = {:?}", file.display().to_string()))), Some(4));
     assert_eq!(spec.expect("valid").sliding_window, Some(1024));
 }
+
+#[test]
+fn run_name_is_one_plain_folder_name() {
+    // The run folder is output_dir/name; "." and ".." would make it output_dir or its parent.
+    for name in ["", ".", "..", "a/b", "../x", "a\\b", "tab\tname"] {
+        let text = format!("[run]\nname = {name:?}\n{BASE}");
+        let p = problems(&text, Some(4));
+        assert!(
+            p.len() == 1 && p[0].starts_with("run.name") && p[0].contains("one plain folder name"),
+            "{name:?}: {p:?}"
+        );
+    }
+    assert!(validate(&parse(&format!("[run]\nname = \"llama-1m.v2\"\n{BASE}")), Some(4)).is_ok());
+}

@@ -188,6 +188,16 @@ fn broken_sharded_checkpoints_are_named() {
     Tensor::write_safetensors(&second, &shard).unwrap();
     let msg = load_err(dir.path(), &spec);
     assert!(msg.contains(&format!("`{}` appears more than once", first[0].0)), "{msg}");
+    // An index naming a file outside the model folder is refused before anything is opened.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::copy(&shard, outside.path().join("stolen.safetensors")).unwrap();
+    for name in ["../stolen.safetensors".to_string(), outside.path().join("stolen.safetensors").display().to_string()] {
+        let mut escaped = json.clone();
+        escaped["weight_map"]["model.norm.weight"] = name.clone().into();
+        std::fs::write(&index, escaped.to_string()).unwrap();
+        let msg = load_err(dir.path(), &spec);
+        assert!(msg.contains(&name) && msg.contains("not a file inside the model folder"), "{msg}");
+    }
     // A broken index.
     std::fs::write(&index, "{\"metadata\": {}}").unwrap();
     let msg = load_err(dir.path(), &spec);

@@ -296,8 +296,19 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
             bad(&format!("memory.{name}"), format!("= {gib} must be a number of GiB >= 0 (0: measure at start)"));
         }
     }
-    if exp.run.name.is_empty() || exp.run.name.contains('/') {
-        bad("run.name", format!("\"{}\" must be a non-empty folder name without '/'", exp.run.name));
+    // The run folder is output_dir/name and everything the run writes or deletes is inside it:
+    // "." or ".." would make it output_dir itself or its parent.
+    let name = &exp.run.name;
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.contains(['/', '\\'])
+        || name.chars().any(char::is_control)
+    {
+        bad(
+            "run.name",
+            format!("{name:?} must be one plain folder name: not empty, not \".\" or \"..\", no '/', '\\' or control characters"),
+        );
     }
 
     match spec {

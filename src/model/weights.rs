@@ -116,6 +116,13 @@ fn checkpoint_files(path: &Path) -> Result<(Vec<PathBuf>, String), WeightsError>
     let mut files = Vec::new();
     for (tensor, file) in map {
         let file = file.as_str().ok_or_else(|| bad(format!("weight_map[\"{tensor}\"] is not a file name")))?;
+        // A weight file lives in the model folder: an index is never a way to open other files.
+        let plain = std::path::Path::new(file).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !plain {
+            return Err(bad(format!(
+                "weight_map[\"{tensor}\"] = \"{file}\" is not a file inside the model folder (no absolute paths or '..')"
+            )));
+        }
         let file = path.join(file);
         if !files.contains(&file) {
             files.push(file);

@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod documents;
 pub mod flops;
+pub mod guard;
 pub mod layer;
 pub mod memory;
 pub mod metrics;
@@ -318,7 +319,7 @@ impl<'a> Run<'a> {
         }
         let loss = all_reduce_f64(self.world, loss_local)? / n_total;
         let t_opt = Instant::now();
-        let (grad_norm, lr) = ctx.profiler.phase(format_args!("optimizer"), || self.update(step))?;
+        let (grad_norm, lr) = ctx.profiler.phase(format_args!("optimizer"), || self.update(step, loss, loss_local))?;
         // A wait for a checkpoint's write is checkpoint time, not the optimizer's or the step's.
         times.optimizer = t_opt.elapsed().as_secs_f64() - self.checkpoint_wait;
         let step_time = t0.elapsed().as_secs_f64() - self.checkpoint_wait;
@@ -384,9 +385,12 @@ impl<'a> Run<'a> {
 
     /// The gradient norm, clipping and AdamW at the schedule's learning rate; returns both. GPU
     /// work is asynchronous: the update ends when the device is done.
-    fn update(&mut self, step: usize) -> Result<(f64, f64)> {
+    /// The optimizer step, after the non-finite guard on the step's `loss` (job-wide; this rank's
+    /// part `loss_local`) and gradient norm.
+    fn update(&mut self, step: usize, loss: f64, loss_local: f64) -> Result<(f64, f64)> {
         let t = &self.exp.train;
         let norm = grad_norm(&mut self.params, self.world)?;
+        guard::check(step, (loss, loss_local, norm), &mut self.params, self.mesh, self.world, &self.run_dir)?;
         // An asynchronous save may still be reading host-resident state that AdamW changes.
         self.checkpoint_wait = self.checkpointer.before_update().context("checkpoint")?;
         let lr = schedule::lr_at(t, step);

@@ -141,7 +141,8 @@ pub fn kill_group(child: &Child, signal: i32) {
 
 /// (step, loss) rows of a run's metrics.h5.
 pub fn losses(run_dir: &Path) -> (Vec<u64>, Vec<f64>) {
-    let f = hdf5::File::open(run_dir.join("metrics.h5")).unwrap();
+    // Live: a job killed with -9 leaves the file marked as open for SWMR writing.
+    let f = ulysses::h5::open_live(&run_dir.join("metrics.h5")).unwrap();
     (f.dataset("steps/step").unwrap().read_raw().unwrap(), f.dataset("steps/loss").unwrap().read_raw().unwrap())
 }
 

@@ -44,12 +44,17 @@ pub fn ulysses(args: &[&str], dir: &Path) -> Output {
 
 /// `mpirun -n N ulysses ARGS` in `dir`.
 pub fn mpirun(n: usize, args: &[&str], dir: &Path, envs: &[(&str, &str)]) -> Output {
+    mpirun_within(n, args, dir, envs, Duration::from_secs(600))
+}
+
+/// `mpirun` with a deadline of its own, for the few runs that train for minutes on purpose.
+pub fn mpirun_within(n: usize, args: &[&str], dir: &Path, envs: &[(&str, &str)], limit: Duration) -> Output {
     let mut c = Command::new(MPIRUN);
     c.arg("-n").arg(n.to_string()).arg(BIN).args(args).current_dir(dir);
     for (k, v) in envs {
         c.env(k, v);
     }
-    run_with_timeout(c, Duration::from_secs(600))
+    run_with_timeout(c, limit)
 }
 
 pub fn text(o: &Output) -> String {
