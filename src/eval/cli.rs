@@ -71,7 +71,13 @@ pub struct EvalArgs {
 /// The eval's TensorBoard events (`metrics.tensorboard`): RUN_DIR/tensorboard/eval, at the
 /// training step of the checkpoint (0 for one without a run state, such as imported weights).
 fn eval_events(exp: &Experiment, checkpoint: &std::path::Path) -> Result<(u64, Events)> {
-    let step = crate::train::checkpoint::read_state(checkpoint).map_or(0, |s| s.step);
+    // The training step the weights are from: a checkpoint's run state, or an export's marker
+    // (`final/`); 0 for other Hugging Face folders.
+    let step = crate::train::checkpoint::read_state(checkpoint)
+        .map(|s| s.step)
+        .ok()
+        .or_else(|| crate::train::checkpoint::export::exported_step(checkpoint))
+        .unwrap_or(0);
     let dir = exp.run_dir().join(crate::train::TENSORBOARD).join("eval");
     let events = Events::create(&dir, "eval").with_context(|| format!("TensorBoard events in {}", dir.display()))?;
     Ok((step, events))

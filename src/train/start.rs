@@ -1,6 +1,6 @@
 //! Where a run starts: fresh shards, or the shards, data position and step of a checkpoint; and
 //! the run state a checkpoint records.
-use super::checkpoint::{self, CheckpointError, DataPosition, Layout, RunState, Versions};
+use super::checkpoint::{self, CheckpointError, DataPosition, RunState};
 use crate::comm::{Collective, Mesh};
 use crate::config::{Experiment, Resume, ZeroStage};
 use crate::data::tokenizer::{self, recorded_tokenizer};
@@ -148,22 +148,6 @@ fn warn_if_other_tokenizer(files: &[(PathBuf, &str)], data: &Dataset) {
 /// data position and the layout it was written with.
 pub fn run_state(exp: &Experiment, mesh: &Mesh, step: u64, loader: &Loader) -> RunState {
     let l = loader.state();
-    RunState {
-        format: checkpoint::FORMAT,
-        step,
-        total_steps: exp.train.steps as u64,
-        data: DataPosition { epoch: l.epoch, samples: l.position * (mesh.dp * exp.train.micro_batch) as u64 },
-        seed: exp.run.seed,
-        layout: Layout {
-            world: mesh.world_size(),
-            sp: mesh.sp,
-            dp: mesh.dp,
-            zero_stage: exp.parallel.zero_stage,
-            micro_batch: exp.train.micro_batch,
-            grad_accum: exp.train.grad_accum,
-        },
-        versions: Versions::current(),
-        model_dtype: "float32".into(),
-        config_toml: exp.to_toml(),
-    }
+    let samples = l.position * (mesh.dp * exp.train.micro_batch) as u64;
+    RunState::new(exp, mesh, step, DataPosition { epoch: l.epoch, samples })
 }

@@ -211,24 +211,7 @@ fn remove(run_dir: &Path, world: &dyn Collective) -> Result<()> {
 
 /// The run state of a checkpoint at step 1 of this experiment, as a run would record it.
 fn run_state(exp: &Experiment, mesh: &Mesh) -> RunState {
-    RunState {
-        format: FORMAT,
-        step: 1,
-        total_steps: exp.train.steps as u64,
-        data: DataPosition { epoch: 0, samples: 0 },
-        seed: exp.run.seed,
-        layout: Layout {
-            world: mesh.world_size(),
-            sp: mesh.sp,
-            dp: mesh.dp,
-            zero_stage: exp.parallel.zero_stage,
-            micro_batch: exp.train.micro_batch,
-            grad_accum: exp.train.grad_accum,
-        },
-        versions: Versions::current(),
-        model_dtype: "float32".into(),
-        config_toml: exp.to_toml(),
-    }
+    RunState::new(exp, mesh, 1, DataPosition { epoch: 0, samples: 0 })
 }
 
 fn print(r: &Report) {

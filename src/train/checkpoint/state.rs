@@ -28,6 +28,31 @@ pub struct RunState {
     pub config_toml: String,
 }
 
+impl RunState {
+    /// What a checkpoint of step `step` at data position `data` records besides the tensors: the
+    /// resolved experiment and the layout it is written with.
+    pub fn new(exp: &crate::config::Experiment, mesh: &crate::comm::Mesh, step: u64, data: DataPosition) -> RunState {
+        RunState {
+            format: FORMAT,
+            step,
+            total_steps: exp.train.steps as u64,
+            data,
+            seed: exp.run.seed,
+            layout: Layout {
+                world: mesh.world_size(),
+                sp: mesh.sp,
+                dp: mesh.dp,
+                zero_stage: exp.parallel.zero_stage,
+                micro_batch: exp.train.micro_batch,
+                grad_accum: exp.train.grad_accum,
+            },
+            versions: Versions::current(),
+            model_dtype: "float32".into(),
+            config_toml: exp.to_toml(),
+        }
+    }
+}
+
 /// Where the data stream stands: `samples` sequences of `epoch` have been consumed by the job as
 /// a whole. Counted in samples, not per-dp-rank micro batches, so another dp or micro batch size
 /// continues at the same sample.
