@@ -11,6 +11,8 @@ pub const MPIRUN: &str = env!("ULYSSES_MPIRUN");
 pub const PYTHON: &str = env!("ULYSSES_PYTHON");
 
 /// Runs a command with a deadline; a test never hangs (a hang is a failure with the output so far).
+/// Its output is read while it runs: a pipe left unread blocks the child once 64 KiB are waiting
+/// (a long training run prints more than that).
 pub fn run_with_timeout(mut cmd: Command, limit: Duration) -> Output {
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
@@ -18,22 +20,41 @@ pub fn run_with_timeout(mut cmd: Command, limit: Duration) -> Output {
         .env("OMP_NUM_THREADS", "1")
         .spawn()
         .expect("spawn");
+    let stdout = drain(child.stdout.take().expect("piped stdout"));
+    let stderr = drain(child.stderr.take().expect("piped stderr"));
     let start = Instant::now();
     loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
+        if let Some(status) = child.try_wait().expect("wait") {
+            return Output { status, stdout: collect(stdout), stderr: collect(stderr) };
         }
         if start.elapsed() > limit {
             let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
+            let _ = child.wait();
             panic!(
                 "command timed out after {limit:?} (a hang)\nstdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
+                String::from_utf8_lossy(&collect(stdout)),
+                String::from_utf8_lossy(&collect(stderr))
             );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Reads `pipe` to its end on a thread of its own.
+fn drain(mut pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        let _ = send.send(bytes);
+    });
+    receive
+}
+
+/// What `drain` read; after a grace period, nothing, should a killed job's orphaned ranks still
+/// hold the pipe open.
+fn collect(output: std::sync::mpsc::Receiver<Vec<u8>>) -> Vec<u8> {
+    output.recv_timeout(Duration::from_secs(30)).unwrap_or_default()
 }
 
 pub fn ulysses(args: &[&str], dir: &Path) -> Output {
