@@ -100,8 +100,8 @@ fn the_passkey_demo_learns_retrieval() {
     assert!(o.status.success(), "{}", text(&o));
     let out = dir.path().join("runs").display().to_string();
     let set = ["--set", "data.paths=[\"data\"]", "--set", &format!("run.output_dir=\"{out}\"")];
-    // 1200 steps of 4 ranks on a 2-core CI machine beside this binary's other test: 0.4 s a step
-    // when measured there (2026-12-02), so about 8 minutes; a hang still ends the test.
+    // 1200 steps of 4 ranks on a 2-core machine beside this binary's other test: 0.2-0.4 s a
+    // step there (2026-12-02), 4 to 8 minutes; a hang still ends the test.
     let limit = std::time::Duration::from_secs(1500);
     let o = mpirun_within(4, &[&["train", exp.to_str().unwrap()][..], &set].concat(), dir.path(), &[], limit);
     assert!(o.status.success(), "{}", text(&o));
