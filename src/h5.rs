@@ -1,6 +1,7 @@
 //! HDF5 helpers shared by every file ulysses writes (token shards, metrics.h5, eval results):
 //! scalar attributes, appending to growable datasets, and opening a file that a running job may
-//! be writing. They return hdf5's own error; each caller says which file and what it was doing.
+//! be writing. They return hdf5's own error; each caller says which file and what it was doing,
+//! and [`explain`] turns the library's error stack into what happened.
 use hdf5::types::VarLenUnicode;
 use hdf5::{H5Type, OpenMode};
 use ndarray::{s, Array1, Array2, ArrayView2};
@@ -49,4 +50,49 @@ pub fn append_rows<T: H5Type>(ds: &hdf5::Dataset, rows: ArrayView2<T>) -> hdf5::
     }
     ds.resize((n + add, k))?;
     ds.write_slice(&rows, s![n..n + add, ..])
+}
+
+/// What an HDF5 error means, in a line: the operating system's error when the library hit one
+/// (a full disk, a file-size limit, a permission), else the library's outermost description.
+/// Its own text for such failures is a dump of the low-level call (`file write failed: time =
+/// ..., filename = ..., file descriptor = 5, errno = 28, error message = ..., buf = ...`).
+pub fn explain(err: &hdf5::Error) -> String {
+    let hdf5::Error::HDF5(stack) = err else { return err.to_string() };
+    let Ok(frames) = stack.clone().expand() else { return err.to_string() };
+    let os = frames.iter().find_map(|f| os_error(f.desc()));
+    match (os, frames.top()) {
+        (Some((errno, text)), _) => format!("{text} (os error {errno})"),
+        (None, Some(top)) => top.desc().to_string(),
+        (None, None) => err.to_string(),
+    }
+}
+
+/// `errno = 28, error message = 'No space left on device'` in an HDF5 low-level message.
+fn os_error(desc: &str) -> Option<(i32, String)> {
+    let errno = desc.split("errno = ").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+    let text = desc.split("error message = '").nth(1)?.split('\'').next()?.to_string();
+    Some((errno, text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_os_error_is_found_in_a_low_level_message() {
+        let desc = "file write failed: time = Wed Dec  2 02:30:00 2026, filename = 'runs/x/metrics.h5', \
+                    file descriptor = 5, errno = 28, error message = 'No space left on device', buf = 0x5, \
+                    total write size = 512, bytes this sub-write = 512, bytes actually written = 18446744073709551615, offset = 0";
+        assert_eq!(os_error(desc), Some((28, "No space left on device".to_string())));
+        assert_eq!(os_error("unable to open file"), None);
+    }
+
+    #[test]
+    fn a_failure_without_an_os_error_is_the_outermost_description() {
+        // A real HDF5 failure: the path is a folder, which the library cannot open as a file.
+        let dir = tempfile::tempdir().unwrap();
+        let err = hdf5::File::open(dir.path()).unwrap_err();
+        let text = explain(&err);
+        assert!(!text.contains("file descriptor") && !text.is_empty(), "{text}");
+    }
 }

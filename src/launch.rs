@@ -56,11 +56,11 @@ impl Launch {
     pub fn mpi_groups(&self, mesh: &Mesh) -> Result<Groups> {
         let (sp, dp) = self.split(mesh)?;
         let world = self.world.duplicate();
-        Ok(Groups {
-            world: Box::new(MpiCollective::new(world)),
-            sp: Box::new(MpiCollective::new(sp)),
-            dp: Box::new(MpiCollective::new(dp)),
-        })
+        Ok(Groups::new(
+            Box::new(MpiCollective::new(world)),
+            Box::new(MpiCollective::new(sp)),
+            Box::new(MpiCollective::new(dp)),
+        ))
     }
 
     /// One NCCL communicator per group of the mesh, on GPU `local_rank` (made torch's current
@@ -73,7 +73,7 @@ impl Launch {
                 NcclCollective::new(group, gpu).with_context(|| format!("NCCL communicator for the {what} group"))?;
             Ok(Box::new(c))
         };
-        Ok(Groups { world: nccl(&self.world, "world")?, sp: nccl(&sp, "sp")?, dp: nccl(&dp, "dp")? })
+        Ok(Groups::new(nccl(&self.world, "world")?, nccl(&sp, "sp")?, nccl(&dp, "dp")?))
     }
 
     /// Selects this rank's GPU (its node-local rank) as torch's current device.
@@ -161,18 +161,67 @@ impl Launch {
     }
 
     /// Ends the whole job from one rank: prints why, then MPI_Abort (mpirun kills every rank).
+    /// An error every rank hits alike (the same experiment file, the same data, the same budget)
+    /// is printed once: rank 0 says it at once and ends the job, another rank gives it a moment
+    /// first; a rank that fails alone still reports, a moment later.
     pub fn abort(&self, err: &anyhow::Error) -> ! {
-        eprintln!("[rank {}] error: {err:#}", self.rank);
-        if self.size > 1 {
-            eprintln!("[rank {}] aborting all {} ranks", self.rank, self.size);
-            let _ = std::io::stderr().flush();
-            // mpirun forwards our stderr through its proxy; MPI_Abort tears the job down at once,
-            // and without a moment's grace the message above can be lost on a loaded machine.
-            std::thread::sleep(std::time::Duration::from_millis(500));
-            self.world.abort(1);
+        if self.rank != 0 && self.size > 1 {
+            std::thread::sleep(std::time::Duration::from_secs(2));
         }
-        std::process::exit(1);
+        let text = format!("error: {}", render_error(err));
+        if self.size == 1 {
+            print_tagged(self.rank, &text);
+            std::process::exit(1);
+        }
+        end_job(self.rank, Some(&format!("{text}\naborting all {} ranks", self.size)))
     }
+}
+
+/// Each line of `message` tagged with the rank, written in one piece: ranks failing at once
+/// never interleave within a line.
+fn print_tagged(rank: usize, message: &str) {
+    let text: String = message.lines().map(|l| format!("[rank {rank}] {l}\n")).collect();
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}
+
+/// Ends the job from rank `rank` (MPI_Abort: mpirun kills every rank), printing `message` first
+/// when there is one. Also what the collective watchdog calls, from its own thread.
+pub fn end_job(rank: usize, message: Option<&str>) -> ! {
+    if let Some(m) = message {
+        print_tagged(rank, m);
+    }
+    if mpi::environment::is_initialized() && !mpi::environment::is_finalized() {
+        // mpirun forwards our stderr through its proxy; MPI_Abort tears the job down at once,
+        // and without a moment's grace the message above can be lost on a loaded machine.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        // SAFETY: MPI is initialised and not finalised; MPI_Abort on COMM_WORLD never returns. It
+        // may come from the watchdog's thread while the main thread is blocked in a collective:
+        // it only asks the process manager to end the job.
+        unsafe { mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 1) };
+    }
+    std::process::exit(1);
+}
+
+/// An error and its causes on one line, each said once: a context that already quotes its
+/// cause (`reading x.h5: No such file or directory (os error 2)`) is not followed by it again,
+/// and HDF5's error stacks are said as what happened (`crate::h5::explain`).
+pub fn render_error(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    let said = |c: &(dyn std::error::Error + 'static)| match c.downcast_ref::<hdf5::Error>() {
+        Some(h5) => crate::h5::explain(h5),
+        None => c.to_string(),
+    };
+    for cause in err.chain().map(said) {
+        let cause = cause.trim();
+        if cause.is_empty() || text.contains(cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(cause);
+    }
+    text
 }
 
 /// Fault injection for the abort tests: `ULYSSES_INJECT_FAILURE=R` makes rank R fail before its
@@ -212,4 +261,31 @@ pub fn init_logging(rank: usize) {
     let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
         .format(move |buf, record| writeln!(buf, "[rank {rank}] {}: {}", record.level(), record.args()))
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::render_error;
+    use anyhow::Context;
+
+    #[test]
+    fn a_cause_already_quoted_is_not_said_twice() {
+        let io = std::fs::read("/nonexistent/ulysses-test").unwrap_err();
+        let quoted = format!("reading /nonexistent/ulysses-test: {io}");
+        let e = Err::<(), _>(io).context(quoted).context("loading the experiment").unwrap_err();
+        assert_eq!(
+            render_error(&e),
+            "loading the experiment: reading /nonexistent/ulysses-test: No such file or directory (os error 2)"
+        );
+    }
+
+    #[test]
+    fn hdf5_errors_are_said_as_what_happened() {
+        let dir = tempfile::tempdir().unwrap();
+        let h5 = hdf5::File::open(dir.path()).unwrap_err();
+        let e = Err::<(), _>(h5).with_context(|| format!("opening {}", dir.path().display())).unwrap_err();
+        let text = render_error(&e);
+        assert!(text.starts_with(&format!("opening {}: ", dir.path().display())), "{text}");
+        assert_eq!(text, format!("opening {}: {}", dir.path().display(), crate::h5::explain(e.downcast_ref().unwrap())));
+    }
 }

@@ -4,7 +4,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use ulysses::config::{validate, DeviceKind, Experiment, Overrides, SetArgs};
-use ulysses::launch::{init_logging, Backend, Launch};
+use std::time::Duration;
+use ulysses::comm::watchdog::{self, Watchdog};
+use ulysses::launch::{end_job, init_logging, render_error, Backend, Launch};
 use ulysses::plan::check::{self, CheckBudget};
 use ulysses::plan::data::check_data;
 use ulysses::plan::memory::{Budget, DoesNotFit};
@@ -170,7 +172,7 @@ fn main() {
         }
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", render_error(&e));
         std::process::exit(1);
     }
 }
@@ -217,20 +219,19 @@ fn check_experiment(path: &Path, set: &[String], world_size: Option<usize>, flag
 fn train(path: &Path, set: &[String]) -> Result<()> {
     let launch = Launch::init()?;
     init_logging(launch.rank);
-    // The experiment is the same file on every rank, so its problems usually are too: rank 0
-    // reports them and ends the job; another rank that fails alone (a file missing on its node)
-    // reports after a moment unless rank 0 has ended the job already.
-    let (exp, spec) = match load_valid(path, &Overrides { set, world: Some(launch.size), dp_replaced: false }) {
-        Ok(v) => v,
-        Err(e) => {
-            if launch.rank != 0 {
-                std::thread::sleep(std::time::Duration::from_secs(2));
-            }
-            launch.abort(&e)
-        }
-    };
+    let (exp, spec) = load_valid(path, &Overrides { set, world: Some(launch.size), dp_replaced: false })
+        .unwrap_or_else(|e| launch.abort(&e));
     let run = || -> Result<()> {
         let (mesh, groups, device) = job(&launch, &exp)?;
+        let settings = watchdog::Settings {
+            timeout: Duration::from_secs_f64(exp.parallel.collective_timeout_s),
+            folder: exp.run_dir().join("watchdog"),
+            rank: launch.rank,
+            size: launch.size,
+        };
+        let folder = settings.folder.display().to_string();
+        let _watchdog = Watchdog::start(groups.progress.clone(), settings, end_job)
+            .with_context(|| format!("starting the collective watchdog in {folder}"))?;
         let gpu = match device {
             tch::Device::Cuda(i) => Some(i),
             _ => None,
@@ -243,13 +244,8 @@ fn train(path: &Path, set: &[String]) -> Result<()> {
         ulysses::train::run(&exp, &spec, &mesh, &groups, device, budget)
     };
     if let Err(e) = run() {
+        // The budget and the non-finite verdict are the job's, not a file's: say which experiment.
         if e.is::<DoesNotFit>() || e.is::<NonFinite>() {
-            // Every rank plans with the same budget (the smallest of any rank's), and sees the
-            // same job-wide loss and gradient norm, so all of them stop here alike: rank 0 says
-            // why, the others give it a moment to.
-            if launch.rank != 0 {
-                std::thread::sleep(std::time::Duration::from_secs(2));
-            }
             launch.abort(&e.context(path.display().to_string()));
         }
         launch.abort(&e);

@@ -8,10 +8,13 @@ pub mod mpi;
 pub mod nccl;
 pub mod selfcheck;
 pub mod solo;
+pub mod watchdog;
 
 pub use mesh::Mesh;
 
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
+use watchdog::{Group, Progress, Watched};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CommError {
@@ -54,17 +57,25 @@ pub trait Collective {
 }
 
 /// The communicators a training rank uses: the whole world (ZeRO shards), its SP group
-/// (all-to-alls) and its DP group.
+/// (all-to-alls) and its DP group; each call through them marks `progress` for the watchdog.
 pub struct Groups {
     pub world: Box<dyn Collective>,
     pub sp: Box<dyn Collective>,
     pub dp: Box<dyn Collective>,
+    pub progress: Arc<Progress>,
 }
 
 impl Groups {
+    /// The mesh's three communicators, watched.
+    pub fn new(world: Box<dyn Collective>, sp: Box<dyn Collective>, dp: Box<dyn Collective>) -> Groups {
+        let progress = Arc::new(Progress::default());
+        let watched = |c, g| Box::new(Watched::new(c, g, progress.clone())) as Box<dyn Collective>;
+        Groups { world: watched(world, Group::World), sp: watched(sp, Group::Sp), dp: watched(dp, Group::Dp), progress }
+    }
+
     /// A single process with no launcher: every group is the process itself.
     pub fn solo() -> Groups {
-        Groups { world: Box::new(solo::Solo), sp: Box::new(solo::Solo), dp: Box::new(solo::Solo) }
+        Groups::new(Box::new(solo::Solo), Box::new(solo::Solo), Box::new(solo::Solo))
     }
 }
 

@@ -128,6 +128,11 @@ pub struct ParallelConfig {
     pub mlp_tile: usize,
     /// Tokens per LM-head + cross-entropy tile (0 = untiled).
     pub loss_tile: usize,
+    /// Seconds a rank may make no progress (no collective entered or left, no step begun) before
+    /// the collective watchdog aborts the job, naming the ranks that did not arrive. The default
+    /// (DeepSpeed's) leaves room for a layer of a 1M-token step, an optimizer update in host
+    /// memory and a synchronous checkpoint of an 8B model.
+    pub collective_timeout_s: f64,
 }
 
 /// How ZeRO splits parameters, gradients and optimizer state; written as its stage number.
@@ -237,6 +242,7 @@ impl Default for ParallelConfig {
             keep_attention: true,
             mlp_tile: 0,
             loss_tile: 0,
+            collective_timeout_s: 1800.0,
         }
     }
 }

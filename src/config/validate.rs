@@ -137,6 +137,12 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
             );
         }
     }
+    if !(p.collective_timeout_s.is_finite() && p.collective_timeout_s >= 1.0) {
+        bad(
+            "parallel.collective_timeout_s",
+            format!("= {} must be a number of seconds, at least 1 (default 1800)", p.collective_timeout_s),
+        );
+    }
     if p.offload_optimizer && p.zero_stage != ZeroStage::Sharded {
         bad(
             "parallel.offload_optimizer",

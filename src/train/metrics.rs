@@ -286,6 +286,10 @@ impl MetricsWriter {
 
     /// Appends the step's row (and its TensorBoard scalars) and flushes.
     pub fn append(&mut self, r: &StepRow) -> Result<()> {
+        self.write_row(r).with_context(|| format!("writing step {}'s row to {}", r.step, self.path.display()))
+    }
+
+    fn write_row(&mut self, r: &StepRow) -> Result<()> {
         let steps = self.file.group("steps")?;
         for ((name, _), v) in F64_COLUMNS.iter().zip(f64_values(r)) {
             append_1d(&steps.dataset(name)?, &[v])?;
@@ -309,6 +313,11 @@ impl MetricsWriter {
 
     /// The time split of measured step `step`, and its phases.
     pub fn append_time_split(&mut self, step: u64, p: &StepProfile) -> Result<()> {
+        self.write_time_split(step, p)
+            .with_context(|| format!("writing step {step}'s time split to {}", self.path.display()))
+    }
+
+    fn write_time_split(&mut self, step: u64, p: &StepProfile) -> Result<()> {
         let split = self.file.group("time_split")?;
         append_1d(&split.dataset("step")?, &[step])?;
         for ((name, _), v) in SPLIT_COLUMNS.iter().zip(split_values(p)) {
@@ -338,7 +347,7 @@ impl MetricsWriter {
     /// Flushes the file to disk (fsync): a checkpoint published after this cannot outlive the
     /// rows up to its step, even in a power cut.
     pub fn sync(&self) -> Result<()> {
-        self.file.flush()?;
+        self.file.flush().with_context(|| format!("flushing {}", self.path.display()))?;
         std::fs::File::open(&self.path)
             .and_then(|f| f.sync_all())
             .with_context(|| format!("flushing {} to disk", self.path.display()))
@@ -347,17 +356,27 @@ impl MetricsWriter {
     /// Sets `time_checkpoint` of the last row, which is step `step`'s (the row is written before
     /// the step's checkpoint, so that it is on disk first).
     pub fn set_checkpoint_time(&mut self, step: u64, seconds: f64) -> Result<()> {
+        self.write_checkpoint_time(step, seconds)
+            .with_context(|| format!("writing step {step}'s checkpoint time to {}", self.path.display()))
+    }
+
+    fn write_checkpoint_time(&mut self, step: u64, seconds: f64) -> Result<()> {
         let steps = self.file.group("steps")?;
         let rows = steps.dataset("step")?.shape()[0];
         let last: Vec<u64> =
             if rows > 0 { steps.dataset("step")?.read_slice_1d(rows - 1..rows)?.to_vec() } else { Vec::new() };
-        anyhow::ensure!(last == [step], "{}: the last row is not step {step}", self.path.display());
+        anyhow::ensure!(last == [step], "the last row is not step {step}");
         steps.dataset("time_checkpoint")?.write_slice(&[seconds], rows - 1..rows)?;
         self.file.flush()?;
         Ok(())
     }
 
     pub fn append_positions(&mut self, step: u64, bins: &crate::train::position::PositionBins) -> Result<()> {
+        self.write_positions(step, bins)
+            .with_context(|| format!("writing step {step}'s per-position loss to {}", self.path.display()))
+    }
+
+    fn write_positions(&mut self, step: u64, bins: &crate::train::position::PositionBins) -> Result<()> {
         let pos = self.file.group("position_loss")?;
         append_1d(&pos.dataset("step")?, &[step])?;
         append_row(&pos.dataset("loss")?, bins.loss.clone())?;

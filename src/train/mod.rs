@@ -80,6 +80,7 @@ pub fn run(
         return run.finish(End::AlreadyComplete);
     }
     for step in run.first_step..=exp.train.steps {
+        groups.progress.begin_step(step);
         if let Flow::Stop = run.step(&ctx, step)? {
             break;
         }

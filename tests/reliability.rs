@@ -1,0 +1,168 @@
+//! A job that cannot go on ends whole and says why once: a stopped rank is found by the collective
+//! watchdog, an error every rank hits is printed by rank 0 alone in whole lines, and a metrics.h5
+//! that cannot be written is reported as what happened to which file, not as HDF5's stack.
+mod ckpt_common;
+mod common;
+use ckpt_common::*;
+use common::*;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `mpirun -n N ulysses EXP ARGS` in its own process group, output in DIR/NAME.log.
+fn spawn_with(exp: &Exp, dir: &Path, data: &Path, args: &[&str]) -> Child {
+    let path = exp.write(dir, data);
+    let log = std::fs::File::create(dir.join(format!("{}.log", exp.name))).unwrap();
+    let mut c = Command::new(MPIRUN);
+    c.arg("-n").arg(exp.ranks().to_string()).arg(BIN).arg(&path).args(args).current_dir(dir);
+    c.env("OMP_NUM_THREADS", "1").process_group(0);
+    c.stdout(Stdio::from(log.try_clone().unwrap())).stderr(Stdio::from(log)).spawn().unwrap()
+}
+
+/// The pid of rank `rank` of the job running in `dir` (its environment names the rank).
+fn rank_pid(dir: &Path, rank: usize) -> i32 {
+    let want = format!("PMI_RANK={rank}");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let exe = std::fs::read_link(entry.path().join("exe")).ok();
+        let cwd = std::fs::read_link(entry.path().join("cwd")).ok();
+        if exe.as_deref() != Some(Path::new(BIN)) || cwd.as_deref() != Some(dir) {
+            continue;
+        }
+        let env = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        if env.split(|&b| b == 0).any(|v| v == want.as_bytes()) {
+            found.push(pid);
+        }
+    }
+    assert_eq!(found.len(), 1, "one process of rank {rank} in {}: {found:?}", dir.display());
+    found[0]
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie has ended; only its exit status waits for its parent.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+}
+
+#[test]
+fn a_stopped_rank_ends_the_job_within_the_timeout_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().canonicalize().unwrap();
+    let data = synth(&dir);
+    let exp = Exp::new("stopped", 2, 2, 100_000, 100_000);
+    let timeout = 4;
+    let mut job = spawn_with(&exp, &dir, &data, &["--set", &format!("parallel.collective_timeout_s={timeout}")]);
+    wait_for("step 3", || exp.log(&dir).contains("step     3/"));
+    let stopped = rank_pid(&dir, 3);
+    // SAFETY: a signal to a process of this test's own job.
+    assert_eq!(unsafe { libc::kill(stopped, libc::SIGSTOP) }, 0);
+    let t0 = Instant::now();
+    let status = wait_exit(&mut job);
+    let took = t0.elapsed();
+    let log = exp.log(&dir);
+    let still_there = (0..40).all(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        alive(stopped)
+    });
+    if still_there {
+        // SAFETY: as above; the test must not leave a stopped process behind.
+        unsafe { libc::kill(stopped, libc::SIGKILL) };
+    }
+    assert!(!status.success(), "{log}");
+    assert!(!still_there, "the stopped rank outlived the job\n{log}");
+    assert!(took < Duration::from_secs(timeout + 10), "the job took {took:?} to end\n{log}");
+    assert_eq!(log.matches("collective watchdog: no progress for").count(), 1, "printed once\n{log}");
+    assert!(log.contains("(parallel.collective_timeout_s = 4)"), "{log}");
+    assert!(log.contains("rank 3: did not arrive, and sent no report"), "{log}");
+    let waiting = log.lines().find(|l| l.contains(": waiting in ")).unwrap_or_else(|| panic!("{log}"));
+    assert!(waiting.contains("ranks ") && waiting.contains(" group (its call "), "{waiting}");
+}
+
+#[test]
+fn an_error_every_rank_hits_is_printed_once_in_whole_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let missing = dir.join("no-such-data");
+    let exp = Exp::new("no_data", 2, 2, 4, 4);
+    let path = exp.write(dir, &missing);
+    let o = mpirun(4, &[path.to_str().unwrap()], dir, &[]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert_eq!(t.matches("error:").count(), 1, "one error message\n{t}");
+    assert!(t.contains("[rank 0] error:") && t.contains("no-such-data"), "{t}");
+    assert_eq!(t.matches("no-such-data").count(), 1, "the path said once\n{t}");
+    for line in t.lines().filter(|l| l.contains("[rank")) {
+        assert!(line.starts_with("[rank ") && line.matches("[rank").count() == 1, "a whole line: {line}\n{t}");
+    }
+}
+
+/// In the child that `a_metrics_file_that_cannot_grow_is_reported_as_what_happened` starts:
+/// every file limited to 64 KiB (RLIMIT_FSIZE: EFBIG, the same failed write as a full disk),
+/// rows appended to a new metrics.h5 until one fails; prints the error as the binary would.
+fn grow_metrics_until_it_fails(dir: &Path) {
+    use ulysses::train::metrics::{MetricsWriter, RunInfo, StepRow, StepTimes};
+    let limit = libc::rlimit { rlim_cur: 64 << 10, rlim_max: 64 << 10 };
+    // SAFETY: a plain syscall on this (single-test) child process.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &limit) }, 0);
+    // SAFETY: the default disposition of SIGXFSZ kills the process; ignored, the write fails.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    let info = RunInfo {
+        config_toml: "",
+        world_size: 1,
+        peak_tflops: None,
+        bin_starts: &[0],
+        tensorboard: None,
+        position_by: Default::default(),
+    };
+    let mut w = MetricsWriter::open(&dir.join("metrics.h5"), &info, None).unwrap();
+    for step in 1..100_000 {
+        let row = StepRow {
+            step,
+            tokens: 128,
+            documents: 1,
+            loss: 1.0,
+            lr: 1e-3,
+            grad_norm: 1.0,
+            step_time: 0.1,
+            tokens_per_s: 1280.0,
+            tflops: 0.0,
+            mfu: f64::NAN,
+            tflops_alst: 0.0,
+            mfu_alst: f64::NAN,
+            times: StepTimes::default(),
+            checkpoint_time: 0.0,
+            peak_host_mem: vec![0],
+            peak_gpu_mem: vec![0],
+            peak_disk: vec![0],
+        };
+        if let Err(e) = w.append(&row) {
+            println!("error: {}", ulysses::launch::render_error(&e));
+            return;
+        }
+    }
+    panic!("100,000 rows fit in 64 KiB");
+}
+
+#[test]
+fn a_metrics_file_that_cannot_grow_is_reported_as_what_happened() {
+    if let Some(dir) = std::env::var_os("ULYSSES_TEST_GROW_METRICS") {
+        return grow_metrics_until_it_fails(Path::new(&dir));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args(["--exact", "a_metrics_file_that_cannot_grow_is_reported_as_what_happened", "--nocapture"]);
+    c.env("ULYSSES_TEST_GROW_METRICS", dir.path());
+    let o = run_with_timeout(c, Duration::from_secs(120));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let line = t.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("{t}"));
+    let metrics = dir.path().join("metrics.h5");
+    assert!(line.starts_with(&format!("error: writing step ")), "says what it was doing: {line}");
+    assert!(line.contains(&format!("'s row to {}: ", metrics.display())), "names the file: {line}");
+    assert!(line.ends_with(": File too large (os error 27)"), "says what happened: {line}");
+    for raw in ["file descriptor", "errno =", "H5FD", "buf ="] {
+        assert!(!t.contains(raw), "no HDF5 internals ({raw}): {t}");
+    }
+}
