@@ -286,6 +286,9 @@ mod tests {
         let e = Err::<(), _>(h5).with_context(|| format!("opening {}", dir.path().display())).unwrap_err();
         let text = render_error(&e);
         assert!(text.starts_with(&format!("opening {}: ", dir.path().display())), "{text}");
-        assert_eq!(text, format!("opening {}: {}", dir.path().display(), crate::h5::explain(e.downcast_ref().unwrap())));
+        assert_eq!(
+            text,
+            format!("opening {}: {}", dir.path().display(), crate::h5::explain(e.downcast_ref().unwrap()))
+        );
     }
 }

@@ -3,9 +3,9 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
-use ulysses::config::{validate, DeviceKind, Experiment, Overrides, SetArgs};
 use std::time::Duration;
 use ulysses::comm::watchdog::{self, Watchdog};
+use ulysses::config::{validate, DeviceKind, Experiment, Overrides, SetArgs};
 use ulysses::launch::{end_job, init_logging, render_error, Backend, Launch};
 use ulysses::plan::check::{self, CheckBudget};
 use ulysses::plan::data::check_data;

@@ -5,20 +5,9 @@ mod ckpt_common;
 mod common;
 use ckpt_common::*;
 use common::*;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// `mpirun -n N ulysses EXP ARGS` in its own process group, output in DIR/NAME.log.
-fn spawn_with(exp: &Exp, dir: &Path, data: &Path, args: &[&str]) -> Child {
-    let path = exp.write(dir, data);
-    let log = std::fs::File::create(dir.join(format!("{}.log", exp.name))).unwrap();
-    let mut c = Command::new(MPIRUN);
-    c.arg("-n").arg(exp.ranks().to_string()).arg(BIN).arg(&path).args(args).current_dir(dir);
-    c.env("OMP_NUM_THREADS", "1").process_group(0);
-    c.stdout(Stdio::from(log.try_clone().unwrap())).stderr(Stdio::from(log)).spawn().unwrap()
-}
 
 /// The pid of rank `rank` of the job running in `dir` (its environment names the rank).
 fn rank_pid(dir: &Path, rank: usize) -> i32 {
@@ -53,7 +42,7 @@ fn a_stopped_rank_ends_the_job_within_the_timeout_naming_it() {
     let data = synth(&dir);
     let exp = Exp::new("stopped", 2, 2, 100_000, 100_000);
     let timeout = 4;
-    let mut job = spawn_with(&exp, &dir, &data, &["--set", &format!("parallel.collective_timeout_s={timeout}")]);
+    let mut job = exp.spawn_with(&dir, &data, &[], &["--set", &format!("parallel.collective_timeout_s={timeout}")]);
     wait_for("step 3", || exp.log(&dir).contains("step     3/"));
     let stopped = rank_pid(&dir, 3);
     // SAFETY: a signal to a process of this test's own job.

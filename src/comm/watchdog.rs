@@ -304,7 +304,9 @@ fn message(live: &[Report], size: usize, timeout: Duration) -> String {
     let mut places: Vec<(String, Vec<usize>)> = Vec::new();
     for r in live {
         let place = match r.inside {
-            Some((g, op, call)) => format!("waiting in {} on the {} group (its call {call}), step {}", op_name(op), group_name(g), r.step),
+            Some((g, op, call)) => {
+                format!("waiting in {} on the {} group (its call {call}), step {}", op_name(op), group_name(g), r.step)
+            }
             None => format!("not in a collective (busy or blocked elsewhere), step {}", r.step),
         };
         match places.iter_mut().find(|(p, _)| *p == place) {

@@ -96,10 +96,15 @@ impl Exp {
 
     /// Starts the job in its own process group with stdout and stderr in DIR/NAME.log.
     pub fn spawn(&self, dir: &Path, data: &Path, envs: &[(&str, &str)]) -> Child {
+        self.spawn_with(dir, data, envs, &[])
+    }
+
+    /// `spawn`, with more arguments after the experiment (`--set KEY=VALUE`).
+    pub fn spawn_with(&self, dir: &Path, data: &Path, envs: &[(&str, &str)], args: &[&str]) -> Child {
         let exp = self.write(dir, data);
         let log = std::fs::File::create(dir.join(format!("{}.log", self.name))).unwrap();
         let mut c = Command::new(MPIRUN);
-        c.arg("-n").arg(self.ranks().to_string()).arg(BIN).arg(&exp).current_dir(dir);
+        c.arg("-n").arg(self.ranks().to_string()).arg(BIN).arg(&exp).args(args).current_dir(dir);
         c.env("OMP_NUM_THREADS", "1").envs(envs.iter().copied()).process_group(0);
         c.stdout(Stdio::from(log.try_clone().unwrap())).stderr(Stdio::from(log)).spawn().unwrap()
     }
