@@ -214,6 +214,8 @@ impl Drop for Watchdog {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
+            // Woken at once: a run does not end a tick (up to 10 s) late.
+            t.thread().unpark();
             let _ = t.join();
         }
     }
@@ -241,7 +243,10 @@ fn watch(progress: &Progress, s: &Settings, stop: &AtomicBool, abort: fn(usize, 
             .and_then(|_| std::fs::rename(&tmp, &own));
     };
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(tick);
+        std::thread::park_timeout(tick);
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
         let stalled = progress.stalled();
         if stalled < s.timeout / 2 {
             if beat > 0 {
@@ -264,8 +269,13 @@ fn watch(progress: &Progress, s: &Settings, stop: &AtomicBool, abort: fn(usize, 
             write_own(beat);
         }
         let after = read_reports(&s.folder, s.size);
-        let live: Vec<Report> =
+        let mut live: Vec<Report> =
             after.into_iter().filter(|r| before.iter().all(|b| b.rank != r.rank || b.beat != r.beat)).collect();
+        // This rank is alive whether or not its report could be written (an unwritable run folder).
+        if live.iter().all(|r| r.rank != s.rank) {
+            live.push(progress.snapshot(s.rank, beat));
+            live.sort_by_key(|r| r.rank);
+        }
         if progress.stalled() < s.timeout {
             continue; // it moved after all (a very slow collective, not a hang)
         }
