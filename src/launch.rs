@@ -190,16 +190,21 @@ pub fn end_job(rank: usize, message: Option<&str>) -> ! {
     if let Some(m) = message {
         print_tagged(rank, m);
     }
-    if mpi::environment::is_initialized() && !mpi::environment::is_finalized() {
-        // mpirun forwards our stderr through its proxy; MPI_Abort tears the job down at once,
-        // and without a moment's grace the message above can be lost on a loaded machine.
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        // SAFETY: MPI is initialised and not finalised; MPI_Abort on COMM_WORLD never returns. It
-        // may come from the watchdog's thread while the main thread is blocked in a collective:
-        // it only asks the process manager to end the job.
-        unsafe { mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 1) };
-    }
+    // mpirun forwards our stderr through its proxy; MPI_Abort tears the job down at once, and
+    // without a moment's grace the message above can be lost on a loaded machine.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    mpi_abort(1);
     std::process::exit(1);
+}
+
+/// MPI_Abort on the world, when MPI is running: mpirun ends every rank with exit status `code`.
+fn mpi_abort(code: i32) {
+    if mpi::environment::is_initialized() && !mpi::environment::is_finalized() {
+        // SAFETY: MPI is initialised and not finalised; MPI_Abort on COMM_WORLD never returns. It
+        // may come from the watchdog's thread or a panic hook while the main thread is blocked in
+        // a collective: it only asks the process manager to end the job.
+        unsafe { mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, code) };
+    }
 }
 
 /// An error and its causes on one line, each said once: a context that already quotes its
@@ -248,9 +253,8 @@ fn install_abort_on_panic() {
         default_hook(info);
         if mpi::environment::is_initialized() && !mpi::environment::is_finalized() {
             eprintln!("panic on an MPI rank: aborting the job");
-            // SAFETY: MPI is initialised and not finalised; MPI_Abort on COMM_WORLD never returns.
-            unsafe { mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 2) };
         }
+        mpi_abort(2);
     }));
 }
 

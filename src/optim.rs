@@ -2,11 +2,11 @@
 //! to the matrices only, not to norms), the global gradient norm and its clipping factor. The
 //! update of each shard is libtorch's fused kernel (`ffi::optim`), on whichever device the
 //! shard's fp32 state lives: the GPU, or host memory when the optimizer is offloaded.
-use crate::comm::{all_reduce_f64, Collective};
+use crate::comm::{all_reduce_f64, all_reduce_f64s, Collective};
 use crate::config::{TrainConfig, ZeroStage};
 use crate::ffi::{optim::fused_adamw, ShimError};
 use crate::parallel::zero::{ShardedParams, Unit, UnitId, ZeroError};
-use tch::{Device, Kind, Tensor};
+use tch::Kind;
 
 /// AdamW's hyperparameters (the learning rate comes from the schedule, step by step).
 #[derive(Debug, Clone, Copy)]
@@ -99,11 +99,7 @@ pub fn unit_grad_squares(params: &mut ShardedParams, world: &dyn Collective) -> 
         params.local_shards()?.map(|(u, _, s)| (u.id, s.grad.square().sum(Kind::Double).double_value(&[]))).unzip();
     let total = match stage {
         ZeroStage::Replicated => local,
-        ZeroStage::Sharded => {
-            let summed = world.all_reduce(&Tensor::from_slice(&local).to_device(world.device()))?;
-            Vec::<f64>::try_from(&summed.to_device(Device::Cpu).to_kind(Kind::Double))
-                .expect("a 1-D float64 tensor converts to a Vec")
-        }
+        ZeroStage::Sharded => all_reduce_f64s(world, &local)?,
     };
     Ok(ids.into_iter().zip(total).collect())
 }

@@ -298,6 +298,24 @@ fn a_window_as_long_as_the_sequence_is_plain_causal_attention() {
     assert_eq!(spec.expect("valid").sliding_window, Some(1024));
 }
 
+fn with_timeout(seconds: &str) -> String {
+    BASE.replace("dp = 2\n", &format!("dp = 2\ncollective_timeout_s = {seconds}\n"))
+}
+
+#[test]
+fn the_collective_timeout_is_a_sane_number_of_seconds() {
+    for bad in ["0", "0.5", "nan", "inf", "1e300"] {
+        let p = problems(&with_timeout(bad), Some(4));
+        assert!(
+            p.len() == 1 && p[0].starts_with("parallel.collective_timeout_s") && p[0].contains("from 1 to 31536000"),
+            "{bad}: {p:?}"
+        );
+    }
+    for good in ["1", "4", "1800"] {
+        assert!(validate(&parse(&with_timeout(good)), Some(4)).is_ok(), "{good}");
+    }
+}
+
 #[test]
 fn run_name_is_one_plain_folder_name() {
     // The run folder is output_dir/name; "." and ".." would make it output_dir or its parent.

@@ -100,6 +100,13 @@ pub fn all_reduce_f64(c: &dyn Collective, x: f64) -> Result<f64, CommError> {
     Ok(c.all_reduce(&t)?.double_value(&[0]))
 }
 
+/// Sums each of `xs` over the group (per-rank flags, per-unit norms), through the backend's device.
+pub fn all_reduce_f64s(c: &dyn Collective, xs: &[f64]) -> Result<Vec<f64>, CommError> {
+    let summed = c.all_reduce(&Tensor::from_slice(xs).to_device(c.device()))?;
+    Ok(Vec::<f64>::try_from(&summed.to_device(Device::Cpu).to_kind(Kind::Double))
+        .expect("a 1-D float64 tensor converts"))
+}
+
 /// Rank `root`'s `x` on every rank. Through the backend's device: NCCL takes only GPU tensors.
 pub fn broadcast_i64(c: &dyn Collective, x: i64, root: usize) -> Result<i64, CommError> {
     let t = Tensor::from_slice(&[x]).to_device(c.device());

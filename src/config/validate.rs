@@ -109,6 +109,9 @@ fn model_spec(m: &ModelConfig, bad: &mut impl FnMut(&str, String)) -> Option<Mod
     }
 }
 
+/// The longest `parallel.collective_timeout_s`: a year is "never" for a job.
+const YEAR_S: f64 = 365.0 * 24.0 * 3600.0;
+
 /// Resolves the model architecture and checks every rule; `world_size` is the number of ranks the
 /// job runs on (`None`: skip the rule sp × dp = world size).
 pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec, Vec<Problem>> {
@@ -137,10 +140,14 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
             );
         }
     }
-    if !(p.collective_timeout_s.is_finite() && p.collective_timeout_s >= 1.0) {
+    // Beyond a year the value would not even be a valid Duration.
+    if !(1.0..=YEAR_S).contains(&p.collective_timeout_s) {
         bad(
             "parallel.collective_timeout_s",
-            format!("= {} must be a number of seconds, at least 1 (default 1800)", p.collective_timeout_s),
+            format!(
+                "= {} must be a number of seconds from 1 to {YEAR_S} (a year; default 1800)",
+                p.collective_timeout_s
+            ),
         );
     }
     if p.offload_optimizer && p.zero_stage != ZeroStage::Sharded {

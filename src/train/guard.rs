@@ -2,12 +2,11 @@
 //! before its optimizer update, so no weights, checkpoint or `final/` ever hold what it computed.
 //! The loss and the norm are reduced over the job, so every rank takes the same decision in the
 //! same collective; the message then says where the non-finite numbers came from.
-use crate::comm::{Collective, Mesh};
+use crate::comm::{all_reduce_f64s, Collective, Mesh};
 use crate::optim::unit_grad_squares;
 use crate::parallel::zero::ShardedParams;
 use anyhow::Result;
 use std::path::Path;
-use tch::{Device, Kind, Tensor};
 
 /// The run stopped on non-finite numbers. Every rank returns it alike: rank 0 reports it.
 #[derive(Debug, thiserror::Error)]
@@ -30,8 +29,7 @@ pub fn check(
     }
     let mut mine = vec![0.0; mesh.world_size()];
     mine[mesh.world_rank] = if loss_local.is_finite() { 0.0 } else { 1.0 };
-    let flags = world.all_reduce(&Tensor::from_slice(&mine).to_device(world.device()))?;
-    let flags = Vec::<f64>::try_from(&flags.to_device(Device::Cpu).to_kind(Kind::Double))?;
+    let flags = all_reduce_f64s(world, &mine)?;
     let ranks: Vec<String> = flags.iter().enumerate().filter(|(_, &f)| f > 0.0).map(|(r, _)| r.to_string()).collect();
     let units: Vec<String> = unit_grad_squares(params, world)?
         .into_iter()
