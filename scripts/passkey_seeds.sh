@@ -9,6 +9,9 @@
 #   JOBS=4 LAUNCH="env NGPU=4 bash bundle/run-gpu.sh" \
 #     SINGLE="bash bundle/run-gpu.sh --exec bundle/ulysses" bash scripts/passkey_seeds.sh 1 2 3 4 5 6 7 8
 #       (the GPU machine's CPU cores, from the bundle: 4 CPU ranks per run, parallel.device = "cpu")
+#   ONE_RANK=1 THREADS=2 JOBS=8 SINGLE="bash bundle/run-gpu.sh --exec bundle/ulysses" \
+#     bash scripts/passkey_seeds.sh 1 2 3 4 5 6 7 8 9 10
+#       (how docs/eval.md's ten seeds were measured on its 16 cores: ~230 s for eight at once)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -25,7 +28,7 @@ fi
 OUT="${OUT:-runs/passkey-seeds}"
 EXP=experiments/passkey_tiny.toml
 [ $# -gt 0 ] && SEEDS=("$@") || SEEDS=(1 2 3 4 5)
-export OMP_NUM_THREADS=1
+export OMP_NUM_THREADS="${THREADS:-1}"
 mkdir -p "$OUT"
 # The experiment's data, as its header comment makes it.
 DATA="$(sed -n 's/^paths = \["\(.*\)"\]/\1/p' "$EXP")"

@@ -237,6 +237,9 @@ fn train(path: &Path, set: &[String]) -> Result<()> {
             _ => None,
         };
         let budget = Budget::measure(&exp.memory, gpu, launch.local_size)?;
+        if gpu.is_some() {
+            cpu_threads_for_host_work(launch.local_size, launch.rank);
+        }
         if launch.rank == 0 {
             let plan = Plan::new(&exp.parallel, exp.data.seq_len, &spec, launch.size);
             print!("{}", plan.render(&exp.model.name(), &spec, &exp.train));
@@ -251,6 +254,23 @@ fn train(path: &Path, set: &[String]) -> Result<()> {
         launch.abort(&e);
     }
     Ok(())
+}
+
+/// Gives libtorch's CPU kernels (AdamW on state in host memory or on disk, the gradient norm
+/// there) this rank's share of the node's cores. Under mpirun libtorch sized its thread pool to
+/// one thread (measured on the H200 machine, 2026-12-02: 1 thread of 16 cores, where the same
+/// binary run alone gets all of them). OMP_NUM_THREADS, when set, is the user's choice and stays.
+/// CPU runs keep libtorch's own choice: their ranks share the cores for compute.
+fn cpu_threads_for_host_work(ranks_on_node: usize, rank: usize) {
+    if std::env::var_os("OMP_NUM_THREADS").is_some() {
+        return;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / ranks_on_node.max(1)).max(1);
+    tch::set_num_threads(threads as i32);
+    if rank == 0 {
+        log::info!("CPU threads per rank: {threads} ({cores} cores for {ranks_on_node} rank(s) on this node)");
+    }
 }
 
 /// The mesh, its communicators and this rank's device for an experiment's job.

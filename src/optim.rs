@@ -5,8 +5,10 @@
 use crate::comm::{all_reduce_f64, all_reduce_f64s, Collective};
 use crate::config::{TrainConfig, ZeroStage};
 use crate::ffi::{optim::fused_adamw, ShimError};
-use crate::parallel::zero::{ShardedParams, Unit, UnitId, ZeroError};
-use tch::Kind;
+use crate::parallel::tiers::{DiskError, Region};
+use crate::parallel::zero::{ShardMut, ShardedParams, Unit, UnitId, ZeroError};
+use crate::plan::memory::DISK_CHUNK;
+use tch::{Device, Kind, Tensor};
 
 /// AdamW's hyperparameters (the learning rate comes from the schedule, step by step).
 #[derive(Debug, Clone, Copy)]
@@ -24,43 +26,67 @@ impl AdamW {
 
     /// One update of every local shard at learning rate `lr` and 1-based `step`, with the
     /// gradients scaled by `grad_scale` (clipping: `clip_scale`); then clears the gradients.
-    /// Waits for gradients still on their way to host memory first.
+    /// Waits for gradients still on their way to host memory first. A shard in memory is
+    /// updated in one pass (libtorch's fused kernel, on the GPU or multi-threaded on the CPU);
+    /// one on disk chunk by chunk as it streams through host memory.
     pub fn step(&self, params: &mut ShardedParams, lr: f64, step: i64, grad_scale: f64) -> Result<(), OptimError> {
-        for (unit, start, s) in params.local_shards()? {
-            let len = s.master.size()[0];
-            if grad_scale != 1.0 {
-                let _ = s.grad.g_mul_scalar_(grad_scale);
-            }
-            if self.weight_decay > 0.0 {
-                // Decay only the matrices: intersect their flat ranges with this shard's slice.
-                for (a, b) in matrix_ranges(unit) {
-                    let (lo, hi) = (a.max(start), b.min(start + len));
-                    if lo < hi {
-                        let _ = s.master.narrow(0, lo - start, hi - lo).g_mul_scalar_(1.0 - lr * self.weight_decay);
-                    }
+        for (unit, start, shard) in params.shards_mut()? {
+            match shard {
+                ShardMut::Memory(s) => {
+                    self.update(unit, start, [&s.master, &s.grad, &s.exp_avg, &s.exp_avg_sq], lr, step, grad_scale)?;
+                    let _ = s.grad.zero_();
+                    s.grad_zero = true;
+                }
+                ShardMut::Disk(d) => {
+                    let read = [Region::Master, Region::Grad, Region::ExpAvg, Region::ExpAvgSq];
+                    let write = [Region::Master, Region::ExpAvg, Region::ExpAvgSq];
+                    d.stream(&read, &write, |at, c: &[Tensor]| {
+                        self.update(unit, start + at, [&c[0], &c[1], &c[2], &c[3]], lr, step, grad_scale)
+                    })?;
+                    d.grad_live = false;
                 }
             }
-            fused_adamw(
-                &s.master,
-                &s.grad,
-                &s.exp_avg,
-                &s.exp_avg_sq,
-                step as f64,
-                lr,
-                (self.beta1, self.beta2),
-                self.eps,
-            )?;
-            let _ = s.grad.zero_();
         }
+        Ok(())
+    }
+
+    /// AdamW on one contiguous piece of a unit's flat vector that starts at element `start` of
+    /// the unit: `[master, grad, exp_avg, exp_avg_sq]`, changed in place (the gradient scaled).
+    fn update(
+        &self,
+        unit: &Unit,
+        start: i64,
+        [master, grad, exp_avg, exp_avg_sq]: [&Tensor; 4],
+        lr: f64,
+        step: i64,
+        grad_scale: f64,
+    ) -> Result<(), OptimError> {
+        let len = master.size()[0];
+        if grad_scale != 1.0 {
+            let _ = grad.shallow_clone().g_mul_scalar_(grad_scale);
+        }
+        if self.weight_decay > 0.0 {
+            // Decay only the matrices: intersect their flat ranges with this piece.
+            for (a, b) in matrix_ranges(unit) {
+                let (lo, hi) = (a.max(start), b.min(start + len));
+                if lo < hi {
+                    let _ = master.narrow(0, lo - start, hi - lo).g_mul_scalar_(1.0 - lr * self.weight_decay);
+                }
+            }
+        }
+        fused_adamw(master, grad, exp_avg, exp_avg_sq, step as f64, lr, (self.beta1, self.beta2), self.eps)?;
         Ok(())
     }
 }
 
-/// The optimizer step failed: a gradient did not arrive, or libtorch's kernel refused.
+/// The optimizer step failed: a gradient did not arrive, the disk tier failed, or libtorch's
+/// kernel refused.
 #[derive(Debug, thiserror::Error)]
 pub enum OptimError {
     #[error(transparent)]
     Gradients(#[from] ZeroError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     #[error(transparent)]
     Kernel(#[from] ShimError),
 }
@@ -83,7 +109,7 @@ fn matrix_ranges(unit: &Unit) -> Vec<(i64, i64)> {
 /// every rank's shards (stage 3), or of this rank's full copy (stage 0).
 pub fn grad_norm(params: &mut ShardedParams, world: &dyn Collective) -> Result<f64, ZeroError> {
     let stage = params.stage();
-    let local: f64 = params.local_shards()?.map(|(_, _, s)| s.grad.square().sum(Kind::Double).double_value(&[])).sum();
+    let local: f64 = local_grad_squares(params)?.into_iter().map(|(_, sq)| sq).sum();
     let total = match stage {
         ZeroStage::Replicated => local,
         ZeroStage::Sharded => all_reduce_f64(world, local)?,
@@ -95,13 +121,47 @@ pub fn grad_norm(params: &mut ShardedParams, world: &dyn Collective) -> Result<f
 /// from (`train::guard`).
 pub fn unit_grad_squares(params: &mut ShardedParams, world: &dyn Collective) -> Result<Vec<(UnitId, f64)>, ZeroError> {
     let stage = params.stage();
-    let (ids, local): (Vec<UnitId>, Vec<f64>) =
-        params.local_shards()?.map(|(u, _, s)| (u.id, s.grad.square().sum(Kind::Double).double_value(&[]))).unzip();
+    let (ids, local): (Vec<UnitId>, Vec<f64>) = local_grad_squares(params)?.into_iter().unzip();
     let total = match stage {
         ZeroStage::Replicated => local,
         ZeroStage::Sharded => all_reduce_f64s(world, &local)?,
     };
     Ok(ids.into_iter().zip(total).collect())
+}
+
+/// The squared norm of this rank's gradient shard of each unit (a shard on disk streamed).
+fn local_grad_squares(params: &mut ShardedParams) -> Result<Vec<(UnitId, f64)>, ZeroError> {
+    params
+        .shards_mut()?
+        .map(|(u, _, shard)| {
+            let sq = match shard {
+                ShardMut::Memory(s) => square_sum(&s.grad),
+                ShardMut::Disk(d) if !d.grad_live => 0.0,
+                ShardMut::Disk(d) => {
+                    let mut sq = 0.0;
+                    d.stream(&[Region::Grad], &[], |_, c: &[Tensor]| -> Result<(), DiskError> {
+                        sq += square_sum(&c[0]);
+                        Ok(())
+                    })?;
+                    sq
+                }
+            };
+            Ok((u.id, sq))
+        })
+        .collect()
+}
+
+/// Σ t² in fp64. In host memory piece by piece, as a shard on disk streams: the same sums in the
+/// same order whichever tier holds a unit, and no temporary the size of the shard.
+fn square_sum(t: &Tensor) -> f64 {
+    if t.device() != Device::Cpu {
+        return t.square().sum(Kind::Double).double_value(&[]);
+    }
+    let len = t.numel() as i64;
+    (0..len)
+        .step_by(DISK_CHUNK as usize)
+        .map(|at| t.narrow(0, at, DISK_CHUNK.min(len - at)).square().sum(Kind::Double).double_value(&[]))
+        .sum()
 }
 
 /// The factor that scales gradients of norm `norm` down to `max_norm` (torch's

@@ -15,7 +15,7 @@ use ulysses::model::llama::{forward_logits, LocalAttention};
 use ulysses::model::params::init_tensor;
 use ulysses::model::spec::{ModelSpec, Preset};
 use ulysses::optim::AdamW;
-use ulysses::parallel::zero::{ShardedParams, State};
+use ulysses::parallel::zero::{ShardMut, ShardedParams, State};
 use ulysses::train::checkpoint::{self, format1, Checkpointer, DataPosition, Layout, RunState, Versions};
 
 fn run_state(step: u64) -> RunState {
@@ -37,11 +37,12 @@ fn save_then_load_is_bit_exact() {
     let spec = ModelSpec::preset(Preset::Tiny);
     let mut params = ShardedParams::new(&spec, ZeroStage::Sharded, &Solo, Device::Cpu, |u| {
         u.tensors.iter().map(|(n, s)| init_tensor(n, s, 3, Kind::Float, Device::Cpu)).collect()
-    });
+    }).unwrap();
     // Two optimizer steps on random gradients, so the moments are non-zero and unlike the weights.
     let adamw = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     for step in 1..=2 {
-        for (_, _, s) in params.local_shards().unwrap() {
+        for (_, _, s) in params.shards_mut().unwrap() {
+            let ShardMut::Memory(s) = s else { unreachable!("in memory") };
             s.grad = Tensor::randn(s.grad.size(), (Kind::Float, Device::Cpu));
         }
         adamw.step(&mut params, 1e-2, step, 0.7).unwrap();

@@ -45,7 +45,7 @@ fn check_places_layer_inputs_and_kept_attention() {
         "{t}"
     );
     assert!(
-        t.contains("placement  layer inputs 0 GPU / 32 host / 0 disk; attention kept 32 of 32 layers (32 GPU, 0 host); GPU ~29.7 of 76.0 GiB, host ~19.2 of 60.0 GiB/rank"),
+        t.contains("placement  optimizer state of 34 units 34 GPU / 0 host / 0 disk; layer inputs 0 GPU / 32 host / 0 disk; attention kept 32 of 32 layers (32 GPU, 0 host); GPU ~29.7 of 76.0 GiB, host ~19.2 of 60.0 GiB/rank"),
         "{t}"
     );
     assert!(t.contains("fits       up to "), "{t}");
@@ -96,7 +96,7 @@ fn check_says_why_a_plan_does_not_fit_and_what_would_help() {
     assert!(out.status.success(), "{t}");
     assert!(t.contains("need 21.6 GiB of GPU memory but the budget is 20.0 GiB"), "{t}");
     assert!(
-        t.contains("- parallel.offload_optimizer = true: moves the optimizer state (15.0 GiB) to host memory"),
+        t.contains("- parallel.offload_optimizer = \"auto\": moves the optimizer state (15.0 GiB) unit by unit to host memory, then disk, as far as the GPU needs"),
         "{t}"
     );
 }

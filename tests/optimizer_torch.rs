@@ -9,7 +9,7 @@ use ulysses::comm::Groups;
 use ulysses::config::ZeroStage;
 use ulysses::model::spec::{ModelSpec, Preset};
 use ulysses::optim::AdamW;
-use ulysses::parallel::zero::ShardedParams;
+use ulysses::parallel::zero::{ShardMut, ShardedParams};
 
 #[test]
 fn adamw_equals_torch() {
@@ -19,20 +19,21 @@ fn adamw_equals_torch() {
     tch::manual_seed(3);
     let mut params = ShardedParams::new(&spec, ZeroStage::Replicated, groups.world.as_ref(), Device::Cpu, |u| {
         u.tensors.iter().map(|(_, s)| Tensor::randn(s.as_slice(), (Kind::Float, Device::Cpu)) * 0.1).collect()
-    });
+    }).unwrap();
     let h = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     let lrs = [1e-2, 5e-3, 2e-3];
     let named = |p: &ShardedParams| -> Vec<(String, Tensor)> { p.gather_named(groups.world.as_ref()).unwrap() };
     Tensor::write_safetensors(&named(&params), dir.path().join("init.safetensors")).unwrap();
     for (i, lr) in lrs.iter().enumerate() {
         // Gradients of very different scales, so Adam's normalisation is exercised.
-        for (u, (_, _, shard)) in params.local_shards().unwrap().enumerate() {
+        for (u, (_, _, shard)) in params.shards_mut().unwrap().enumerate() {
+            let ShardMut::Memory(shard) = shard else { unreachable!("in memory") };
             let g =
                 Tensor::randn(shard.grad.size().as_slice(), (Kind::Float, Device::Cpu)) * 10f64.powi(u as i32 % 3 - 1);
             shard.grad.copy_(&g);
         }
         let grads: Vec<(String, Tensor)> =
-            params.units().iter().flat_map(|u| params.unit_grads(u.id)).map(|(n, t)| (n, t.copy())).collect();
+            params.units().iter().flat_map(|u| params.unit_grads(u.id).unwrap()).map(|(n, t)| (n, t.copy())).collect();
         Tensor::write_safetensors(&grads, dir.path().join(format!("grads-{}.safetensors", i + 1))).unwrap();
         h.step(&mut params, *lr, i as i64 + 1, 1.0).unwrap();
     }

@@ -36,7 +36,7 @@ fn params(spec: &ModelSpec, groups: &Groups) -> ShardedParams {
                 }
             })
             .collect()
-    })
+    }).unwrap()
 }
 
 /// Random tokens for `docs` (one entry per sample), labels and positions as the loader makes
@@ -91,6 +91,7 @@ fn step(
     // Segment 1 once goes with the MLP projections kept, as the plan places them when everything
     // fits on the GPU: the fastest path beside the plain one.
     let placement = Placement {
+        state: vec![Place::Device; layers + 2],
         inputs: vec![Place::Device; layers],
         attention: vec![keep.then_some(Place::Device); layers],
         qkv_once,
@@ -112,7 +113,7 @@ fn step(
     let mut store = ActivationStore::new(Device::Cpu, dir.path(), 0).unwrap();
     let n = batch.valid_labels() as f64;
     let loss = micro_step(&ctx, &mut params, &mut store, batch, n, &mut Default::default(), None).unwrap();
-    let grads = params.units().to_vec().iter().flat_map(|u| params.unit_grads(u.id)).collect();
+    let grads = params.units().to_vec().iter().flat_map(|u| params.unit_grads(u.id).unwrap()).collect();
     (loss, grads)
 }
 

@@ -37,7 +37,7 @@ fn setup(spec: &ModelSpec) -> (ShardedParams, Groups) {
                 }
             })
             .collect()
-    });
+    }).unwrap();
     (params, groups)
 }
 
@@ -65,6 +65,7 @@ fn context<'a>(
     // Segment 1 once in backward (kept attention with room for its graph) and the MLP projections
     // kept when the inputs wait on the device, neither otherwise: both paths are checked.
     let placement = Placement {
+        state: vec![Place::Device; layers + 2],
         inputs: vec![inputs; layers],
         attention: vec![keep.then_some(Place::Device); layers],
         qkv_once: inputs == Place::Device,
@@ -102,7 +103,7 @@ fn check(spec: ModelSpec, mlp_tile: usize, loss_tile: usize, inputs: Place, keep
     assert!((loss_sum / n - loss).abs() < 1e-5, "loss {} vs {}", loss_sum / n, loss);
     let mut checked = 0;
     for u in params.units().to_vec() {
-        for (name, g) in params.unit_grads(u.id) {
+        for (name, g) in params.unit_grads(u.id).unwrap() {
             let i = reference.named().iter().position(|(k, _)| *k == name).unwrap();
             let reference = &reference_grads[i];
             let scale = reference.abs().max().double_value(&[]).max(1e-6);

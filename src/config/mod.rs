@@ -114,8 +114,11 @@ pub struct ParallelConfig {
     pub zero_stage: ZeroStage,
     pub device: DeviceKind,
     pub attention: AttentionBackend,
-    /// Keep fp32 master weights and Adam moments in host memory (CPU AdamW).
-    pub offload_optimizer: bool,
+    /// Where each ZeRO unit's fp32 state (master weights, gradient buffer, Adam moments) lives:
+    /// "auto" (the memory plan chooses per unit: the GPU while it fits, then pinned host memory,
+    /// then files in `memory.offload_dir`), or every unit on "device", "host" or "disk". The
+    /// switch it used to be still reads: `true` is "host", `false` is "device".
+    pub offload_optimizer: StatePlacement,
     /// Where layer inputs wait between forward and backward: "auto" (the memory plan chooses per
     /// layer: GPU while it fits, then pinned host memory, then local disk), or every layer on
     /// "device", "host" or "disk". Host and disk copies run on a side stream.
@@ -183,6 +186,65 @@ pub enum FusedAttention {
     CpuFlash,
 }
 
+/// Where the optimizer state of each ZeRO unit lives (`parallel.offload_optimizer`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(try_from = "StateSetting", into = "&'static str")]
+pub enum StatePlacement {
+    Auto,
+    Device,
+    Host,
+    Disk,
+}
+
+/// `parallel.offload_optimizer` as written: a name, or the switch of old experiment files.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StateSetting {
+    Switch(bool),
+    Name(String),
+}
+
+impl TryFrom<StateSetting> for StatePlacement {
+    type Error = String;
+    fn try_from(s: StateSetting) -> Result<StatePlacement, String> {
+        match s {
+            StateSetting::Switch(true) => Ok(StatePlacement::Host),
+            StateSetting::Switch(false) => Ok(StatePlacement::Device),
+            StateSetting::Name(name) => match name.as_str() {
+                "auto" => Ok(StatePlacement::Auto),
+                "device" => Ok(StatePlacement::Device),
+                "host" => Ok(StatePlacement::Host),
+                "disk" => Ok(StatePlacement::Disk),
+                _ => Err(format!(
+                    "parallel.offload_optimizer = \"{name}\" is not a placement; use \"auto\", \"device\", \"host\" or \"disk\" (or true = \"host\", false = \"device\")"
+                )),
+            },
+        }
+    }
+}
+
+impl From<StatePlacement> for &'static str {
+    fn from(p: StatePlacement) -> &'static str {
+        p.name()
+    }
+}
+
+impl StatePlacement {
+    pub fn name(self) -> &'static str {
+        match self {
+            StatePlacement::Auto => "auto",
+            StatePlacement::Device => "device",
+            StatePlacement::Host => "host",
+            StatePlacement::Disk => "disk",
+        }
+    }
+
+    /// Whether the configuration sends the state off the compute device whatever the budgets.
+    pub fn forced_off_device(self) -> bool {
+        matches!(self, StatePlacement::Host | StatePlacement::Disk)
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ActivationPlacement {
@@ -237,7 +299,7 @@ impl Default for ParallelConfig {
             zero_stage: ZeroStage::Sharded,
             device: DeviceKind::Cpu,
             attention: AttentionBackend::Auto,
-            offload_optimizer: false,
+            offload_optimizer: StatePlacement::Auto,
             activations: ActivationPlacement::Auto,
             keep_attention: true,
             mlp_tile: 0,
@@ -471,6 +533,18 @@ pub struct MemoryConfig {
     pub host_gib: f64,
     /// Local folder for activations the plan sends to disk; empty: the system temp folder.
     pub offload_dir: PathBuf,
+}
+
+impl MemoryConfig {
+    /// The folder offloaded activations and model state go to: `offload_dir`, or the system's
+    /// temp folder when it is empty.
+    pub fn offload_dir(&self) -> PathBuf {
+        if self.offload_dir.as_os_str().is_empty() {
+            std::env::temp_dir()
+        } else {
+            self.offload_dir.clone()
+        }
+    }
 }
 
 impl Default for MemoryConfig {

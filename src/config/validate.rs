@@ -150,10 +150,13 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
             ),
         );
     }
-    if p.offload_optimizer && p.zero_stage != ZeroStage::Sharded {
+    if p.offload_optimizer.forced_off_device() && p.zero_stage != ZeroStage::Sharded {
         bad(
             "parallel.offload_optimizer",
-            "needs parallel.zero_stage = 3 (the offloaded optimizer works on shards)".into(),
+            format!(
+                "= \"{}\" needs parallel.zero_stage = 3 (the offloaded optimizer works on shards)",
+                p.offload_optimizer.name()
+            ),
         );
     }
     if let Some(s) = &spec {

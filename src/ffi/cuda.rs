@@ -62,3 +62,50 @@ pub fn reset_peak(idx: usize) {
     // SAFETY: the shim catches every exception.
     unsafe { ulysses_cuda_reset_peak(idx as c_int) };
 }
+
+/// Host memory of a CPU tensor page-locked for GPU `gpu`'s DMA engines (cuMemHostRegister), so
+/// that copies between it and the GPU run at full PCIe speed instead of through the driver's
+/// pageable staging. The model state in host memory (`parallel::zero`) is registered rather
+/// than allocated pinned: torch's pinned allocator rounds every block up to a power of two,
+/// which would nearly double a large unit. Unregistered on drop, which must come before the
+/// tensor's memory is freed.
+pub struct HostRegistration {
+    ptr: *mut c_void,
+}
+
+// SAFETY: the registration is a handle to a driver-side record; unregistering it from another
+// thread is allowed by the driver API.
+unsafe impl Send for HostRegistration {}
+
+impl HostRegistration {
+    /// Page-locks the bytes of `t` (a contiguous CPU tensor) for GPU `gpu`.
+    pub fn register(t: &tch::Tensor, gpu: usize) -> Result<HostRegistration, String> {
+        use cudarc::driver::{result, sys};
+        let bytes = t.numel() * t.kind().elt_size_in_bytes();
+        let ptr = t.data_ptr();
+        // libtorch has made GPU `gpu`'s primary context current on this thread by now (the
+        // plan's collectives ran there); make sure, for a driver-API call.
+        if result::ctx::get_current().map_err(|e| e.to_string())?.is_none() {
+            let device = result::device::get(gpu as c_int).map_err(|e| format!("cuDeviceGet: {e}"))?;
+            // SAFETY: `device` came from cuDeviceGet; the primary context is retained for the
+            // process (torch uses the same one).
+            unsafe {
+                let ctx = result::primary_ctx::retain(device).map_err(|e| format!("cuDevicePrimaryCtxRetain: {e}"))?;
+                result::ctx::set_current(ctx).map_err(|e| format!("cuCtxSetCurrent: {e}"))?;
+            }
+        }
+        // SAFETY: `ptr` points to `bytes` bytes of host memory that `t` owns; the caller keeps
+        // `t` alive until this registration is dropped.
+        unsafe { sys::cuMemHostRegister_v2(ptr, bytes, 0) }
+            .result()
+            .map_err(|e| format!("cuMemHostRegister of {} MiB: {e}", bytes >> 20))?;
+        Ok(HostRegistration { ptr })
+    }
+}
+
+impl Drop for HostRegistration {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` was registered by `register` and is still allocated.
+        let _ = unsafe { cudarc::driver::sys::cuMemHostUnregister(self.ptr) };
+    }
+}

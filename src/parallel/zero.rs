@@ -7,9 +7,13 @@
 //! the optimizer's (`crate::optim`).
 use crate::comm::{Collective, CommError};
 use crate::config::ZeroStage;
+use crate::ffi::cuda::HostRegistration;
 use crate::ffi::transfer::{self, CopyEvent, TransferError};
 use crate::model::spec::ModelSpec;
+use crate::parallel::tiers::{DiskError, DiskShard, Region};
+use crate::plan::memory::Place;
 use std::fmt;
+use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
 /// A parameter unit by what it holds.
@@ -79,21 +83,38 @@ pub fn model_units(spec: &ModelSpec, shards: i64) -> Vec<Unit> {
     units
 }
 
-/// A collective of the shards failed, or (optimizer offload) a gradient's copy to host memory.
+/// A collective of the shards failed, a gradient's copy to host memory, or the disk tier.
 #[derive(Debug, thiserror::Error)]
 pub enum ZeroError {
     #[error(transparent)]
     Comm(#[from] CommError),
     #[error("gradient offload to host memory: {0}")]
     Offload(#[from] TransferError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("page-locking the optimizer state in host memory: {0}")]
+    Pin(String),
 }
 
-/// Per-unit optimizer state of this rank: the slice `[rank·len, (rank+1)·len)` of the flat unit.
+/// Per-unit optimizer state of this rank in memory (the GPU, or host memory): the slice
+/// `[rank·len, (rank+1)·len)` of the flat unit.
 pub struct Shard {
+    /// In host memory beside a GPU: the master weights and gradient page-locked, as they cross
+    /// to and from the GPU every step (the moments never do). First, to be dropped first.
+    _pinned: Vec<HostRegistration>,
     pub master: Tensor,
     pub grad: Tensor,
     pub exp_avg: Tensor,
     pub exp_avg_sq: Tensor,
+    /// Whether `grad` is all zeros (fresh, or cleared by the optimizer): a gradient for host
+    /// memory is then copied straight into it instead of through a staging buffer.
+    pub grad_zero: bool,
+}
+
+/// This rank's shard of a unit wherever it lives, for the optimizer.
+pub enum ShardMut<'a> {
+    Memory(&'a mut Shard),
+    Disk(&'a mut DiskShard),
 }
 
 /// The fp32 states a checkpoint saves and restores (the gradient is always zero between steps).
@@ -116,6 +137,15 @@ impl State {
             State::ExpAvgSq => "exp_avg_sq",
         }
     }
+
+    /// Where the state lies in a disk shard's file.
+    pub fn region(self) -> Region {
+        match self {
+            State::Master => Region::Master,
+            State::ExpAvg => Region::ExpAvg,
+            State::ExpAvgSq => Region::ExpAvgSq,
+        }
+    }
 }
 
 impl Shard {
@@ -127,70 +157,130 @@ impl Shard {
         }
     }
 
-    fn state_mut(&mut self, which: State) -> &mut Tensor {
-        match which {
-            State::Master => &mut self.master,
-            State::ExpAvg => &mut self.exp_avg,
-            State::ExpAvgSq => &mut self.exp_avg_sq,
+    fn zeros(len: i64, device: Device) -> Shard {
+        let zeros = || Tensor::zeros([len], (Kind::Float, device));
+        Shard {
+            _pinned: Vec::new(),
+            master: zeros(),
+            grad: zeros(),
+            exp_avg: zeros(),
+            exp_avg_sq: zeros(),
+            grad_zero: true,
         }
     }
+
+    /// Zeros in host memory, for a run computing on `compute` (pinned where that is a GPU).
+    fn host(len: i64, compute: Device) -> Result<Shard, ZeroError> {
+        let mut shard = Shard::zeros(len, Device::Cpu);
+        if let Device::Cuda(gpu) = compute {
+            for t in [&shard.master, &shard.grad] {
+                shard._pinned.push(HostRegistration::register(t, gpu).map_err(ZeroError::Pin)?);
+            }
+        }
+        Ok(shard)
+    }
+}
+
+/// Where each unit's state lives (the memory plan's `Placement::state`): `Place::Device` on the
+/// compute device, `Place::Host` in host memory, `Place::Disk` in unlinked files in `dir`.
+#[derive(Debug, Clone)]
+pub struct StateTiers {
+    /// Per unit in `model_units` order; None: every unit on `device`.
+    pub places: Option<Vec<Place>>,
+    pub device: Device,
+    pub dir: PathBuf,
+}
+
+impl From<Device> for StateTiers {
+    /// Every unit's state on `device`.
+    fn from(device: Device) -> StateTiers {
+        StateTiers { places: None, device, dir: PathBuf::new() }
+    }
+}
+
+impl StateTiers {
+    fn place(&self, unit: usize) -> Place {
+        self.places.as_ref().map_or(Place::Device, |p| p[unit])
+    }
+}
+
+/// Where a unit's shard lives.
+enum Slot {
+    /// Four tensors on the GPU or in host memory.
+    Memory(Shard),
+    Disk(DiskShard),
 }
 
 pub struct ShardedParams {
     units: Vec<Unit>,
-    shards: Vec<Shard>,
+    slots: Vec<Slot>,
     stage: ZeroStage,
     rank: i64,
-    /// Where the fp32 state lives (CPU when the optimizer is offloaded).
-    pub state_device: Device,
-    /// With the optimizer offloaded: each unit's reduced gradient on its way to pinned host
-    /// memory (a side-stream copy started as soon as the reduce-scatter is queued), added to
-    /// the shard's gradient by `land_grads`. The backward pass never waits for these copies.
-    in_flight: Vec<Option<(Tensor, CopyEvent)>>,
+    /// The compute device: gathers and gradients arrive there.
+    device: Device,
+    /// For state off the compute device: each unit's reduced gradient on its way to host memory
+    /// (a side-stream copy started as soon as the reduce-scatter is queued), finished by
+    /// `land_unit`. The backward pass never waits for these copies.
+    in_flight: Vec<Option<Landing>>,
+}
+
+/// A gradient on its way to host memory.
+struct Landing {
+    /// The pinned buffer it is copied into, to be added to the shard's gradient (in memory or in
+    /// its file); None: copied straight into a cleared gradient in host memory.
+    staged: Option<Tensor>,
+    copied: CopyEvent,
 }
 
 impl ShardedParams {
     /// Builds the shards from full fp32 tensors that `full(unit)` returns for each unit (in the
-    /// unit's tensor order); only this rank's slice is kept.
+    /// unit's tensor order); only this rank's slice is kept, where `state` places it.
     pub fn new(
         spec: &ModelSpec,
         stage: ZeroStage,
         world: &dyn Collective,
-        state_device: Device,
+        state: impl Into<StateTiers>,
         mut full: impl FnMut(&Unit) -> Vec<Tensor>,
-    ) -> ShardedParams {
-        let rank = world.rank() as i64;
-        let shards_count = shard_count(stage, world);
-        let units = model_units(spec, shards_count);
-        let shards = units
-            .iter()
-            .map(|u| {
-                let flat = flatten_padded(&full(u), u.padded);
-                let len = u.padded / shards_count;
-                let start = if stage == ZeroStage::Sharded { rank * len } else { 0 };
-                let master = flat.narrow(0, start, len).to_device(state_device).copy();
-                let zeros = || Tensor::zeros([len], (Kind::Float, state_device));
-                Shard { master, grad: zeros(), exp_avg: zeros(), exp_avg_sq: zeros() }
-            })
-            .collect();
-        let in_flight = units.iter().map(|_| None).collect();
-        ShardedParams { units, shards, stage, rank, state_device, in_flight }
+    ) -> Result<ShardedParams, ZeroError> {
+        let params = ShardedParams::zeroed(spec, stage, world, state)?;
+        for u in 0..params.units.len() {
+            let unit = &params.units[u];
+            let flat = flatten_padded(&full(unit), unit.padded);
+            let (start, len) = (params.shard_start(u), params.shard_len(u));
+            params.write_state(unit.id, State::Master, 0, &flat.narrow(0, start, len))?;
+        }
+        Ok(params)
     }
 
-    /// Shards of zeros, allocated at their size on `state_device` (no whole unit is ever built),
-    /// for a checkpoint to fill in place (`shard_state_mut`).
-    pub fn zeroed(spec: &ModelSpec, stage: ZeroStage, world: &dyn Collective, state_device: Device) -> ShardedParams {
+    /// Shards of zeros, allocated at their size where `state` places them (no whole unit is ever
+    /// built), for a checkpoint to fill (`write_state`).
+    pub fn zeroed(
+        spec: &ModelSpec,
+        stage: ZeroStage,
+        world: &dyn Collective,
+        state: impl Into<StateTiers>,
+    ) -> Result<ShardedParams, ZeroError> {
+        let state = state.into();
         let shards_count = shard_count(stage, world);
         let units = model_units(spec, shards_count);
-        let shards = units
+        let rank = world.rank();
+        let slots = units
             .iter()
-            .map(|u| {
-                let zeros = || Tensor::zeros([u.padded / shards_count], (Kind::Float, state_device));
-                Shard { master: zeros(), grad: zeros(), exp_avg: zeros(), exp_avg_sq: zeros() }
+            .enumerate()
+            .map(|(i, u)| {
+                let len = u.padded / shards_count;
+                Ok(match state.place(i) {
+                    Place::Device => Slot::Memory(Shard::zeros(len, state.device)),
+                    Place::Host => Slot::Memory(Shard::host(len, state.device)?),
+                    Place::Disk => {
+                        let name = format!("ulysses-state-{}-rank{rank}-{}", std::process::id(), u.id.key());
+                        Slot::Disk(DiskShard::create(&state.dir, &name, u.id.to_string(), len)?)
+                    }
+                })
             })
-            .collect();
+            .collect::<Result<Vec<Slot>, ZeroError>>()?;
         let in_flight = units.iter().map(|_| None).collect();
-        ShardedParams { units, shards, stage, rank: world.rank() as i64, state_device, in_flight }
+        Ok(ShardedParams { units, slots, stage, rank: rank as i64, device: state.device, in_flight })
     }
 
     /// Every unit, in the order of `model_units`.
@@ -205,10 +295,51 @@ impl ShardedParams {
         (self.shard_start(unit), self.shard_len(unit))
     }
 
-    /// One fp32 state of this rank's shard of a unit (`[len]`, on `state_device`), for a
-    /// checkpoint to write, or to fill in place (`copy_`) when one is loaded.
-    pub fn shard_state(&self, id: UnitId, which: State) -> &Tensor {
-        self.shards[self.index(id)].state(which)
+    /// Where a unit's state lives: `Place::Device` on the compute device (a CPU run's memory),
+    /// `Place::Host` in host memory, `Place::Disk` in a file.
+    pub fn place(&self, id: UnitId) -> Place {
+        match &self.slots[self.index(id)] {
+            Slot::Memory(s) if s.master.device() == self.device => Place::Device,
+            Slot::Memory(_) => Place::Host,
+            Slot::Disk(_) => Place::Disk,
+        }
+    }
+
+    /// One fp32 state of this rank's shard of a unit in memory (`[len]`, on the GPU or in host
+    /// memory), for a checkpoint to write where it lies; None for a unit on disk.
+    pub fn memory_state(&self, id: UnitId, which: State) -> Option<&Tensor> {
+        match &self.slots[self.index(id)] {
+            Slot::Memory(s) => Some(s.state(which)),
+            Slot::Disk(_) => None,
+        }
+    }
+
+    /// The disk shard of a unit whose state is on disk.
+    pub fn disk_shard(&self, id: UnitId) -> Option<&DiskShard> {
+        match &self.slots[self.index(id)] {
+            Slot::Disk(d) => Some(d),
+            Slot::Memory(_) => None,
+        }
+    }
+
+    /// Elements `[at, at + n)` of one state of this rank's shard of a unit: a view where it lies
+    /// in memory, a new CPU tensor read from its file on disk.
+    pub fn read_state(&self, id: UnitId, which: State, at: i64, n: i64) -> Result<Tensor, DiskError> {
+        match &self.slots[self.index(id)] {
+            Slot::Memory(s) => Ok(s.state(which).narrow(0, at, n)),
+            Slot::Disk(d) => d.read(which.region(), at, n),
+        }
+    }
+
+    /// Overwrites elements `[at, at + len(src))` of one state of this rank's shard of a unit.
+    pub fn write_state(&self, id: UnitId, which: State, at: i64, src: &Tensor) -> Result<(), DiskError> {
+        match &self.slots[self.index(id)] {
+            Slot::Memory(s) => {
+                s.state(which).narrow(0, at, src.numel() as i64).copy_(src);
+                Ok(())
+            }
+            Slot::Disk(d) => d.write(which.region(), at, &src.to_device(Device::Cpu)),
+        }
     }
 
     /// The position of a unit in `units()`.
@@ -225,7 +356,10 @@ impl ShardedParams {
     }
 
     fn shard_len(&self, unit: usize) -> i64 {
-        self.shards[unit].master.size()[0]
+        match &self.slots[unit] {
+            Slot::Memory(s) => s.master.size()[0],
+            Slot::Disk(d) => d.len(),
+        }
     }
 
     /// Where this rank's shard starts in the flat unit.
@@ -243,7 +377,7 @@ impl ShardedParams {
         id: UnitId,
         kind: Kind,
         device: Device,
-    ) -> Result<Vec<Tensor>, CommError> {
+    ) -> Result<Vec<Tensor>, ZeroError> {
         self.gather_state(world, id, State::Master, kind, device)
     }
 
@@ -255,9 +389,12 @@ impl ShardedParams {
         which: State,
         kind: Kind,
         device: Device,
-    ) -> Result<Vec<Tensor>, CommError> {
+    ) -> Result<Vec<Tensor>, ZeroError> {
         let unit = self.index(id);
-        let local = self.shards[unit].state(which).to_device(device).to_kind(kind);
+        let local = match &self.slots[unit] {
+            Slot::Memory(s) => s.state(which).to_device(device).to_kind(kind),
+            Slot::Disk(d) => d.read(which.region(), 0, d.len())?.to_device(device).to_kind(kind),
+        };
         let flat = match self.stage {
             ZeroStage::Replicated => local,
             ZeroStage::Sharded => world.all_gather(&local)?,
@@ -275,16 +412,22 @@ impl ShardedParams {
         which: State,
         root: usize,
         full: Option<&[Tensor]>,
-    ) -> Result<(), CommError> {
+    ) -> Result<(), ZeroError> {
         let unit = self.index(id);
         let u = &self.units[unit];
         let flat = match full {
             Some(tensors) => flatten_padded(tensors, u.padded),
             None => Tensor::zeros([u.padded], (Kind::Float, Device::Cpu)),
         };
-        let flat = world.broadcast(&flat.to_device(self.state_device), root)?;
+        let flat = world.broadcast(&flat.to_device(world.device()), root)?;
         let (start, len) = (self.shard_start(unit), self.shard_len(unit));
-        *self.shards[unit].state_mut(which) = flat.narrow(0, start, len).copy();
+        let mine = flat.narrow(0, start, len);
+        match &mut self.slots[unit] {
+            Slot::Memory(s) => {
+                s.state(which).shallow_clone().copy_(&mine);
+            }
+            Slot::Disk(d) => d.write(which.region(), 0, &mine.to_device(Device::Cpu))?,
+        }
         Ok(())
     }
 
@@ -297,24 +440,41 @@ impl ShardedParams {
             ZeroStage::Replicated => world.all_reduce(&flat)?,
             ZeroStage::Sharded => world.reduce_scatter(&flat)?,
         };
-        if mine.device() == self.state_device {
-            let _ = self.shards[unit].grad.g_add_(&mine);
-            return Ok(());
+        if let Slot::Memory(s) = &self.slots[unit] {
+            if mine.device() == s.grad.device() {
+                let _ = s.grad.shallow_clone().g_add_(&mine);
+                return Ok(());
+            }
         }
-        // Offloaded optimizer: stream the shard to host memory instead of a synchronous copy
+        if mine.device() == Device::Cpu {
+            // A CPU run's unit on disk: the gradient is already in host memory.
+            return self.add_landed(unit, &mine);
+        }
+        // State off the GPU: stream the shard to host memory instead of a synchronous copy
         // that would stall the host until the GPU drained its queue, once per unit.
         self.land_unit(unit)?;
         self.land_arrived()?;
-        self.in_flight[unit] = Some(transfer::to_host(&mine)?);
+        let landing = match &mut self.slots[unit] {
+            Slot::Memory(s) if s.grad_zero => {
+                s.grad_zero = false;
+                let ready = CopyEvent::record_current(mine.device())?;
+                Landing { staged: None, copied: transfer::side_copy(&s.grad, &mine, Some(&ready))? }
+            }
+            _ => {
+                let (staged, copied) = transfer::to_host(&mine)?;
+                Landing { staged: Some(staged), copied }
+            }
+        };
+        self.in_flight[unit] = Some(landing);
         Ok(())
     }
 
     /// Adds the in-flight gradients whose copies have finished, so that only the last unit or two
     /// hold pinned staging memory (a layer's backward outlasts its copy by far).
-    fn land_arrived(&mut self) -> Result<(), TransferError> {
+    fn land_arrived(&mut self) -> Result<(), ZeroError> {
         for u in 0..self.units.len() {
             let arrived = match &self.in_flight[u] {
-                Some((_, copied)) => copied.is_complete()?,
+                Some(landing) => landing.copied.is_complete()?,
                 None => false,
             };
             if arrived {
@@ -325,20 +485,40 @@ impl ShardedParams {
     }
 
     /// Waits for a unit's gradient copy to host memory, if one is in flight, and adds it.
-    fn land_unit(&mut self, unit: usize) -> Result<(), TransferError> {
-        if let Some((host, copied)) = self.in_flight[unit].take() {
-            copied.synchronize()?;
-            let _ = self.shards[unit].grad.g_add_(&host);
+    fn land_unit(&mut self, unit: usize) -> Result<(), ZeroError> {
+        if let Some(landing) = self.in_flight[unit].take() {
+            landing.copied.synchronize()?;
+            if let Some(staged) = landing.staged {
+                self.add_landed(unit, &staged)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a gradient in host memory to a unit's shard off the GPU.
+    fn add_landed(&mut self, unit: usize, grad: &Tensor) -> Result<(), ZeroError> {
+        match &mut self.slots[unit] {
+            Slot::Memory(s) => {
+                let _ = s.grad.g_add_(grad);
+                s.grad_zero = false;
+            }
+            Slot::Disk(d) => d.add_grad(grad)?,
         }
         Ok(())
     }
 
     /// This rank's shards with where each starts in its flat unit, for the optimizer, once every
-    /// gradient still on its way to host memory (optimizer offload) has landed.
-    pub fn local_shards(&mut self) -> Result<impl Iterator<Item = (&Unit, i64, &mut Shard)>, ZeroError> {
+    /// gradient still on its way to host memory has landed.
+    pub fn shards_mut(&mut self) -> Result<impl Iterator<Item = (&Unit, i64, ShardMut<'_>)>, ZeroError> {
         (0..self.units.len()).try_for_each(|u| self.land_unit(u))?;
         let starts: Vec<i64> = (0..self.units.len()).map(|u| self.shard_start(u)).collect();
-        Ok(self.units.iter().zip(starts).zip(self.shards.iter_mut()).map(|((u, start), s)| (u, start, s)))
+        Ok(self.units.iter().zip(starts).zip(self.slots.iter_mut()).map(|((u, start), s)| {
+            let shard = match s {
+                Slot::Memory(m) => ShardMut::Memory(m),
+                Slot::Disk(d) => ShardMut::Disk(d),
+            };
+            (u, start, shard)
+        }))
     }
 
     /// Whether gradients are summed over ranks into shards (stage 3: the shards of all ranks
@@ -349,16 +529,20 @@ impl ShardedParams {
 
     /// This rank's accumulated gradient of a unit as named tensors; the whole gradient when the
     /// shard is the whole unit (stage 0, or a world of one rank).
-    pub fn unit_grads(&self, id: UnitId) -> Vec<(String, Tensor)> {
+    pub fn unit_grads(&self, id: UnitId) -> Result<Vec<(String, Tensor)>, DiskError> {
         let unit = self.index(id);
-        assert!(self.in_flight[unit].is_none(), "unit_grads before the gradients landed (local_shards)");
+        assert!(self.in_flight[unit].is_none(), "unit_grads before the gradients landed (shards_mut)");
         let u = &self.units[unit];
         assert_eq!(self.shard_len(unit), u.padded, "unit_grads needs whole (unsharded) units");
-        u.tensors.iter().map(|(n, _)| n.clone()).zip(split_flat(&self.shards[unit].grad, u)).collect()
+        let grad = match &self.slots[unit] {
+            Slot::Memory(s) => s.grad.shallow_clone(),
+            Slot::Disk(d) => d.read(Region::Grad, 0, d.len())?,
+        };
+        Ok(u.tensors.iter().map(|(n, _)| n.clone()).zip(split_flat(&grad, u)).collect())
     }
 
     /// Every parameter, gathered whole in fp32 on the CPU, by Hugging Face name.
-    pub fn gather_named(&self, world: &dyn Collective) -> Result<Vec<(String, Tensor)>, CommError> {
+    pub fn gather_named(&self, world: &dyn Collective) -> Result<Vec<(String, Tensor)>, ZeroError> {
         self.gather_named_state(world, State::Master, true)
     }
 
@@ -370,10 +554,10 @@ impl ShardedParams {
         world: &dyn Collective,
         which: State,
         keep: bool,
-    ) -> Result<Vec<(String, Tensor)>, CommError> {
+    ) -> Result<Vec<(String, Tensor)>, ZeroError> {
         let mut out = Vec::new();
         for u in &self.units {
-            let tensors = self.gather_state(world, u.id, which, Kind::Float, self.state_device)?;
+            let tensors = self.gather_state(world, u.id, which, Kind::Float, world.device())?;
             if keep {
                 for ((name, _), t) in u.tensors.iter().zip(tensors) {
                     out.push((name.clone(), t.to_device(Device::Cpu).copy()));

@@ -11,7 +11,9 @@ mod report;
 pub use budget::{gpu_name, Budget, BudgetError, DISK_RESERVE, GPU_RESERVE, HOST_RESERVE_PER_RANK};
 pub use report::{refusal, summary, table, DoesNotFit};
 
-use crate::config::{ActivationPlacement, CheckpointConfig, DeviceKind, Dtype, ParallelConfig, TrainConfig};
+use crate::config::{
+    ActivationPlacement, CheckpointConfig, DeviceKind, Dtype, ParallelConfig, StatePlacement, TrainConfig, ZeroStage,
+};
 use crate::model::spec::ModelSpec;
 use crate::units::bytes;
 
@@ -22,6 +24,12 @@ use crate::units::bytes;
 /// kernel's workspace). Measured: 8.8 to 9.35 per token at 64K to 512K tokens per rank, beyond
 /// the layer input itself (a kept tensor) and the copies in flight (`MemoryPlan::staging`).
 const LAYER_WORKING_SET_PER_TOKEN: f64 = 9.5;
+
+/// fp32 elements per state of one read-update-write chunk of a unit whose state is on disk
+/// (`parallel::tiers`): 64 MiB each of master, gradient and the two moments.
+pub const DISK_CHUNK: i64 = 16 << 20;
+/// Chunks a disk unit's update holds at once: one being read, one updated, one written back.
+pub const DISK_CHUNKS_IN_FLIGHT: i64 = 3;
 
 /// Where one kept tensor waits between forward and backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,9 +42,13 @@ pub enum Place {
     Disk,
 }
 
-/// The plan's per-layer decisions for one micro batch.
+/// The plan's per-unit and per-layer decisions.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Placement {
+    /// Where each ZeRO unit's fp32 state (master, gradient, Adam moments) lives, in the order of
+    /// `parallel::zero::model_units` (embedding, the layers, the head). `Device` on a CPU run:
+    /// in memory.
+    pub state: Vec<Place>,
     /// Where layer l's input is kept.
     pub inputs: Vec<Place>,
     /// Where layer l's attention output and log-sum-exp are kept so backward skips recomputing
@@ -54,6 +66,11 @@ pub struct Placement {
 }
 
 impl Placement {
+    /// Units whose state lives in `place`.
+    pub fn state_in(&self, place: Place) -> usize {
+        self.state.iter().filter(|&&p| p == place).count()
+    }
+
     /// Layers whose input waits in `place`.
     pub fn inputs_in(&self, place: Place) -> usize {
         self.inputs.iter().filter(|&&p| p == place).count()
@@ -76,12 +93,18 @@ pub enum Shortfall {
     Gpu { needed: f64, budget: f64 },
     #[error(
         "{} need{} {} of host memory but the budget is {} per rank",
-        host_parts(*optimizer, *staging),
-        if *optimizer > 0.0 && *staging > 0.0 { "" } else { "s" },
-        bytes(optimizer + staging),
+        host_parts(*optimizer, *staging, *state_staging),
+        if [*optimizer, *staging, *state_staging].iter().filter(|&&b| b > 0.0).count() > 1 { "" } else { "s" },
+        bytes(optimizer + staging + state_staging),
         bytes(*budget)
     )]
-    Host { optimizer: f64, staging: f64, budget: f64 },
+    Host { optimizer: f64, staging: f64, state_staging: f64, budget: f64 },
+    #[error(
+        "the optimizer state on disk needs {} in memory.offload_dir but the budget is {} per rank",
+        bytes(*needed),
+        bytes(*budget)
+    )]
+    Disk { needed: f64, budget: f64 },
     #[error(
         "the layer inputs need {} but {} leave{} {}",
         bytes(*needed),
@@ -92,15 +115,18 @@ pub enum Shortfall {
     Inputs { needed: f64, room: f64, allowed: ActivationPlacement },
 }
 
-/// What takes host memory before any layer input: "the offloaded optimizer state (X)" and/or
-/// "the asynchronous checkpoint's staging (Y)".
-fn host_parts(optimizer: f64, staging: f64) -> String {
+/// What takes host memory before any layer input: the offloaded optimizer state, the staging
+/// of asynchronous checkpoints, the staging of the state off the GPU.
+fn host_parts(optimizer: f64, staging: f64, state_staging: f64) -> String {
     let mut parts = Vec::new();
     if optimizer > 0.0 {
         parts.push(format!("the offloaded optimizer state ({})", bytes(optimizer)));
     }
     if staging > 0.0 {
         parts.push(format!("the host staging of asynchronous checkpoints ({})", bytes(staging)));
+    }
+    if state_staging > 0.0 {
+        parts.push(format!("the staging of the state off the GPU ({})", bytes(state_staging)));
     }
     parts.join(" and ")
 }
@@ -117,13 +143,31 @@ fn where_inputs_may_go(a: ActivationPlacement) -> &'static str {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MemoryPlan {
-    /// fp32 master weights, gradients and Adam moments of this rank's shard.
+    /// fp32 master weights, gradient buffer and Adam moments of this rank's shard of one unit
+    /// (16 bytes a parameter): the embedding, a decoder layer, the head.
+    pub state_embedding: f64,
+    pub state_layer: f64,
+    pub state_head: f64,
+    /// The state of this rank's shards by tier (the placement's totals).
     pub optimizer_gpu: f64,
     pub optimizer_host: f64,
+    pub optimizer_disk: f64,
     /// Pinned host memory holding this rank's slice of the checkpointed GPU state (fp32 master
     /// weights and Adam moments) while an asynchronous save writes it (`checkpoint.async` with
-    /// `checkpoint.every` > 0, optimizer state on the GPU); kept for the whole run.
+    /// `checkpoint.every` > 0, for the units whose state is on the GPU); kept for the whole run.
     pub checkpoint_staging: f64,
+    /// `checkpoint_staging` per byte of state on the GPU (0: no asynchronous saves).
+    pub checkpoint_staging_per_state: f64,
+    /// Host memory the state off the GPU passes through: the pinned buffers its gradients land
+    /// in, and for units on disk (`parallel::tiers`) the update's chunks in flight and the
+    /// master weights a gather reads.
+    pub state_staging: f64,
+    /// `parallel.offload_optimizer`, and whether the state may leave the GPU under "auto"
+    /// (only ZeRO-3 shards can).
+    pub state: StatePlacement,
+    pub sharded: bool,
+    /// Whether gradients accumulate over several micro batches (`train.grad_accum` > 1).
+    pub accumulates: bool,
     /// Backward of one layer: gathered bf16 weights and gradients, the fp32 gradient buffer, and
     /// the recompute's activations.
     pub layer_working: f64,
@@ -179,13 +223,16 @@ impl MemoryPlan {
             Dtype::Fp32 => 4.0,
         };
         let shards = p.shards(world) as f64;
-        let state = spec.total_params() as f64 / shards * 16.0;
-        let (optimizer_gpu, optimizer_host) = if p.offload_optimizer { (0.0, state) } else { (state, 0.0) };
-        // Every rank saves a 1/world slice of each unit's master weights and two moments, at
-        // either ZeRO stage; only state on the GPU is staged (host-resident state is written
-        // where it lies, the next optimizer step waiting for the write).
-        let staged = c.is_async(p.device) && c.every > 0 && !p.offload_optimizer && p.device == DeviceKind::Cuda;
-        let checkpoint_staging = if staged { spec.total_params() as f64 / world as f64 * 12.0 } else { 0.0 };
+        // Each unit's shard, padded like `parallel::zero::Unit`, 16 bytes a parameter.
+        let shard_state = |params: i64| (params as f64 / shards).ceil() * 16.0;
+        let embedding = spec.vocab_size * spec.hidden_size;
+        let head = spec.hidden_size + if spec.tie_word_embeddings { 0 } else { embedding };
+        // Every rank saves a 1/world slice of each unit's master weights and two moments (12 of
+        // the 16 bytes), at either ZeRO stage; only state on the GPU is staged (state in host
+        // memory or on disk is written where it lies, the next optimizer step waiting for the
+        // write).
+        let staged = c.is_async(p.device) && c.every > 0 && p.device == DeviceKind::Cuda;
+        let checkpoint_staging_per_state = if staged { shards / world as f64 * 12.0 / 16.0 } else { 0.0 };
         let head_params = (spec.vocab_size * spec.hidden_size) as f64;
         let loss_tile = if p.loss_tile == 0 { tokens } else { (p.loss_tile as f64).min(tokens) };
         let heads = spec.num_attention_heads as f64;
@@ -197,9 +244,18 @@ impl MemoryPlan {
             0.0
         };
         let plan = MemoryPlan {
-            optimizer_gpu,
-            optimizer_host,
-            checkpoint_staging,
+            state_embedding: shard_state(embedding),
+            state_layer: shard_state(spec.layer_params()),
+            state_head: shard_state(head),
+            optimizer_gpu: 0.0,
+            optimizer_host: 0.0,
+            optimizer_disk: 0.0,
+            checkpoint_staging: 0.0,
+            checkpoint_staging_per_state,
+            state_staging: 0.0,
+            state: p.offload_optimizer,
+            sharded: p.zero_stage == ZeroStage::Sharded,
+            accumulates: t.grad_accum > 1,
             layer_working: spec.layer_params() as f64 * 8.0 + LAYER_WORKING_SET_PER_TOKEN * tokens * h * 2.0 + qk_norm,
             head_working: head_params * 8.0 + 2.0 * loss_tile * spec.vocab_size as f64 * 4.0 + 3.0 * tokens * h * 2.0,
             layers: spec.num_hidden_layers as usize,
@@ -271,17 +327,63 @@ impl MemoryPlan {
     }
 
     pub fn host(&self) -> f64 {
-        self.optimizer_host + self.checkpoint_staging + self.activations_host + self.attention_host
+        self.host_fixed() + self.activations_host + self.attention_host
+    }
+
+    /// Host memory taken before any layer input: state, checkpoint and disk-tier staging.
+    fn host_fixed(&self) -> f64 {
+        self.optimizer_host + self.checkpoint_staging + self.state_staging
     }
 
     pub fn disk(&self) -> f64 {
-        self.activations_disk
+        self.optimizer_disk + self.activations_disk
+    }
+
+    /// Bytes of unit u's state on this rank (units in `model_units` order).
+    pub fn unit_state(&self, u: usize) -> f64 {
+        match u {
+            0 => self.state_embedding,
+            u if u <= self.layers => self.state_layer,
+            _ => self.state_head,
+        }
+    }
+
+    /// This estimate with the state of each unit where `state` says (and what that costs in
+    /// staging), layer inputs and attention as they were.
+    fn with_state(&self, state: &[Place]) -> MemoryPlan {
+        let total = |place| (0..state.len()).filter(|&u| state[u] == place).map(|u| self.unit_state(u)).fold(0.0, |a, b| a + b);
+        let largest = |tiers: &[Place]| {
+            (0..state.len()).filter(|&u| tiers.contains(&state[u])).map(|u| self.unit_state(u)).fold(0.0, f64::max)
+        };
+        // A GPU run's gradients for a unit on disk, or for one in host memory whose gradient
+        // accumulates over micro batches, land in pinned buffers: two units at most at once,
+        // each up to twice its size (torch's pinned allocator rounds to a power of two). A
+        // cleared gradient in host memory takes its copy directly. A unit on disk also passes
+        // its update's chunks of four fp32 vectors through host memory, and its master weights
+        // (a quarter of its state) when a gather reads them.
+        let staged = if self.accumulates { &[Place::Host, Place::Disk][..] } else { &[Place::Disk][..] };
+        let landing = if self.device == DeviceKind::Cpu { 0.0 } else { largest(staged) };
+        let on_disk = largest(&[Place::Disk]);
+        let mut state_staging = 2.0 * 2.0 * landing / 4.0;
+        if on_disk > 0.0 {
+            state_staging += (DISK_CHUNKS_IN_FLIGHT * DISK_CHUNK * 4 * 4) as f64 + on_disk / 4.0;
+        }
+        let optimizer_gpu = if self.device == DeviceKind::Cpu { 0.0 } else { total(Place::Device) };
+        MemoryPlan {
+            optimizer_gpu,
+            optimizer_host: total(Place::Host) + if self.device == DeviceKind::Cpu { total(Place::Device) } else { 0.0 },
+            optimizer_disk: total(Place::Disk),
+            checkpoint_staging: optimizer_gpu * self.checkpoint_staging_per_state,
+            state_staging,
+            ..*self
+        }
     }
 
     /// This estimate with `placement`'s totals by place.
     pub fn with_placement(&self, placement: &Placement) -> MemoryPlan {
         let inputs = |p| placement.inputs_in(p) as f64 * self.input_per_layer;
         let attention = |p| placement.attention_in(Some(p)) as f64 * self.attention_per_layer;
+        let with_state = self.with_state(&placement.state);
         MemoryPlan {
             activations_gpu: inputs(Place::Device),
             activations_host: inputs(Place::Host),
@@ -291,7 +393,53 @@ impl MemoryPlan {
             staging: self.staging_of(placement),
             qkv_graph: if placement.qkv_once { self.qkv_graph_once } else { 0.0 },
             mlp_gpu: placement.mlp.iter().filter(|&&k| k).count() as f64 * self.mlp_per_layer,
-            ..*self
+            ..with_state
+        }
+    }
+
+    /// The state placements `placement` tries, fastest first:
+    /// - "device", "host", "disk": every unit there (a CPU run's "device" and "host" are both
+    ///   its memory).
+    /// - "auto": every unit on the GPU; then k units off it, for k = 1, 2, ... all, of which as
+    ///   many as possible in host memory and the rest on disk. The first units take the slower
+    ///   tiers, [disk | host | GPU] as with the layer inputs: the last units' gradients land
+    ///   first and the first ones' updates are needed first by the next step, so neither end
+    ///   waits on the slowest tier alone. Only ZeRO-3 shards leave the GPU. A CPU run keeps its
+    ///   state in memory within `memory.host_gib` when that is set (its host budget), last
+    ///   units first, and the first units on disk.
+    fn state_candidates(&self, budget: &Budget) -> Vec<Vec<Place>> {
+        let units = self.layers + 2;
+        let every = |place| vec![vec![place; units]];
+        let cpu = self.device == DeviceKind::Cpu;
+        match self.state {
+            StatePlacement::Device => every(Place::Device),
+            StatePlacement::Host => every(if cpu { Place::Device } else { Place::Host }),
+            StatePlacement::Disk => every(Place::Disk),
+            StatePlacement::Auto if !self.sharded => every(Place::Device),
+            StatePlacement::Auto if cpu => {
+                let mut held = 0.0;
+                let mut state = vec![Place::Disk; units];
+                for u in (0..units).rev() {
+                    held += self.unit_state(u);
+                    if held > budget.host {
+                        break;
+                    }
+                    state[u] = Place::Device;
+                }
+                vec![state]
+            }
+            StatePlacement::Auto => {
+                let mut out = Vec::new();
+                for off in 0..=units {
+                    for host in (0..=off).rev() {
+                        let mut state = vec![Place::Device; units];
+                        state[..off - host].fill(Place::Disk);
+                        state[off - host..off].fill(Place::Host);
+                        out.push(state);
+                    }
+                }
+                out
+            }
         }
     }
 
@@ -310,21 +458,48 @@ impl MemoryPlan {
     ///
     /// A CPU run has no budgets: everything stays in memory (`Device`), except that "disk" puts
     /// the inputs on disk so that the disk path runs on CPU too.
+    ///
+    /// The model state goes first (`state_candidates`): each unit's on the GPU while the rest
+    /// still fits, then in host memory, then on disk; the layer inputs and attention are then
+    /// placed around it. The first state placement with room for everything wins; the last
+    /// one's shortfall is the refusal's.
     pub fn placement(&self, budget: &Budget) -> Result<Placement, Shortfall> {
+        let mut shortfall = None;
+        for state in self.state_candidates(budget) {
+            match self.with_state(&state).place_kept(budget, state) {
+                Ok(placement) => return Ok(placement),
+                Err(s) => shortfall = Some(s),
+            }
+        }
+        Err(shortfall.expect("at least one state placement is tried"))
+    }
+
+    /// `placement` for the layer inputs and kept attention, with the state placed (`state`, its
+    /// totals already in `self`).
+    fn place_kept(&self, budget: &Budget, state: Vec<Place>) -> Result<Placement, Shortfall> {
         let n = self.layers;
+        if self.optimizer_disk > budget.disk {
+            return Err(Shortfall::Disk { needed: self.optimizer_disk, budget: budget.disk });
+        }
+        let disk_room = budget.disk - self.optimizer_disk;
         if self.device == DeviceKind::Cpu {
             let input = if self.activations == ActivationPlacement::Disk { Place::Disk } else { Place::Device };
             return Ok(Placement {
+                state,
                 inputs: vec![input; n],
                 attention: vec![self.keep_attention.then_some(Place::Device); n],
                 qkv_once: true,
                 mlp: vec![true; n],
             });
         }
-        let host_fixed = self.optimizer_host + self.checkpoint_staging;
+        let host_fixed = self.host_fixed();
         if host_fixed > budget.host {
-            let (optimizer, staging) = (self.optimizer_host, self.checkpoint_staging);
-            return Err(Shortfall::Host { optimizer, staging, budget: budget.host });
+            return Err(Shortfall::Host {
+                optimizer: self.optimizer_host,
+                staging: self.checkpoint_staging,
+                state_staging: self.state_staging,
+                budget: budget.host,
+            });
         }
         let allowed = |place| self.activations == ActivationPlacement::Auto || self.activations == place;
         if allowed(ActivationPlacement::Device) {
@@ -332,6 +507,7 @@ impl MemoryPlan {
             // and the MLP projections kept in as many layers as the rest of the room holds.
             for qkv_once in [true, false] {
                 let mut all = Placement {
+                    state: state.clone(),
                     inputs: vec![Place::Device; n],
                     attention: vec![self.keep_attention.then_some(Place::Device); n],
                     qkv_once,
@@ -361,7 +537,7 @@ impl MemoryPlan {
         let rooms = [
             (ActivationPlacement::Device, gpu),
             (ActivationPlacement::Host, host),
-            (ActivationPlacement::Disk, budget.disk),
+            (ActivationPlacement::Disk, disk_room),
         ];
         let [gpu_cap, host_cap, disk_cap] =
             rooms.map(|(place, room)| if allowed(place) { fit(room, input) } else { 0 });
@@ -387,6 +563,7 @@ impl MemoryPlan {
             _ => 2,
         };
         Ok(Placement {
+            state,
             inputs: (0..n)
                 .map(|l| [Place::Device, Place::Host, Place::Disk][tier(l, inputs_gpu, inputs_host)])
                 .collect(),

@@ -26,6 +26,7 @@ use crate::config::{AttentionBackend, Dtype, Experiment};
 use crate::data::{Dataset, Loader, LoaderSpec};
 use crate::model::spec::ModelSpec;
 use crate::optim::{clip_scale, grad_norm, AdamW};
+use crate::parallel::zero::StateTiers;
 use crate::plan::memory::{self as memory_plan, Budget, DoesNotFit, MemoryPlan, Placement};
 use anyhow::{bail, Context, Result};
 use metrics::{MetricsWriter, RunInfo, StepRow, StepTimes};
@@ -73,7 +74,7 @@ pub fn run(
         layers: StepContext::layers(&placement, exp.parallel.fused_attention(), exp.train.memory_fit),
         documents: document_kernel,
     };
-    let mut run = Run::start(exp, spec, mesh, groups.world.as_ref(), device)?;
+    let mut run = Run::start(exp, spec, mesh, groups.world.as_ref(), device, &placement)?;
     if run.first_step > exp.train.steps {
         // Already complete; but a job killed between the last checkpoint and its export left
         // no `final/`.
@@ -204,6 +205,7 @@ impl<'a> Run<'a> {
         mesh: &'a Mesh,
         world: &'a dyn Collective,
         device: Device,
+        placement: &Placement,
     ) -> Result<Run<'a>> {
         let preemption = preempt::Preemption::install().context("installing the SIGTERM/SIGUSR1 handlers")?;
         let dataset = Dataset::open(&exp.data.paths, exp.data.seq_len)?;
@@ -225,11 +227,12 @@ impl<'a> Run<'a> {
                 ),
             }
         }
-        // The fp32 master weights and Adam moments live on the GPU, or in host memory when
-        // offloaded (AdamW then runs on the CPU with libtorch's multi-threaded vectorized kernels).
-        let state_device = if exp.parallel.offload_optimizer { Device::Cpu } else { device };
+        // Each unit's fp32 master weights, gradient and Adam moments live where the plan put
+        // them: on the GPU, in host memory (AdamW then runs on the CPU with libtorch's
+        // multi-threaded vectorized kernel), or in files of the offload folder.
+        let state = StateTiers { places: Some(placement.state.clone()), device, dir: exp.memory.offload_dir() };
         let (params, loader_state, start, resumed_from) =
-            start::start_point(&start::StartSpec::of(exp), spec, mesh, world, state_device)?;
+            start::start_point(&start::StartSpec::of(exp), spec, mesh, world, &state)?;
         let t = &exp.train;
         let loader_spec = LoaderSpec {
             seed: exp.run.seed,
@@ -390,14 +393,25 @@ impl<'a> Run<'a> {
     /// part `loss_local`) and gradient norm.
     fn update(&mut self, step: usize, loss: f64, loss_local: f64) -> Result<(f64, f64)> {
         let t = &self.exp.train;
+        let started = Instant::now();
         let norm = grad_norm(&mut self.params, self.world)?;
+        let landed_and_normed = started.elapsed().as_secs_f64();
         guard::check(step, (loss, loss_local, norm), &mut self.params, self.mesh, self.world, &self.run_dir)?;
         // An asynchronous save may still be reading host-resident state that AdamW changes.
         self.checkpoint_wait = self.checkpointer.before_update().context("checkpoint")?;
         let lr = schedule::lr_at(t, step);
+        let updating = Instant::now();
         self.adamw.step(&mut self.params, lr, step as i64, clip_scale(norm, t.clip_grad_norm))?;
         if let Device::Cuda(i) = self.device {
             tch::Cuda::synchronize(i as i64);
+        }
+        if self.mesh.world_rank == 0 && self.exp.metrics.time_split_every > 0 && step % self.exp.metrics.time_split_every == 0 {
+            // Where an update with state off the GPU spends its time (rank 0's view).
+            log::info!(
+                "optimizer of step {step}: gradients landed and norm {landed_and_normed:.2} s, AdamW {:.2} s ({} threads)",
+                updating.elapsed().as_secs_f64(),
+                tch::get_num_threads()
+            );
         }
         Ok((norm, lr))
     }

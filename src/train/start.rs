@@ -8,7 +8,7 @@ use crate::data::{Dataset, Loader, LoaderState};
 use crate::model::params::init_tensor;
 use crate::model::spec::ModelSpec;
 use crate::model::weights;
-use crate::parallel::zero::ShardedParams;
+use crate::parallel::zero::{ShardedParams, StateTiers};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
@@ -43,7 +43,7 @@ impl StartSpec<'_> {
 }
 
 /// Fresh shards: `weights` when given, else the seeded initialisation.
-fn fresh_params(s: &StartSpec, spec: &ModelSpec, world: &dyn Collective, device: Device) -> Result<ShardedParams> {
+fn fresh_params(s: &StartSpec, spec: &ModelSpec, world: &dyn Collective, state: &StateTiers) -> Result<ShardedParams> {
     let initial = match s.weights {
         Some(path) => Some(
             checkpoint::load_weights(path, spec, Kind::Float, Device::Cpu)
@@ -52,7 +52,7 @@ fn fresh_params(s: &StartSpec, spec: &ModelSpec, world: &dyn Collective, device:
         ),
         None => None,
     };
-    Ok(ShardedParams::new(spec, s.zero_stage, world, device, |u| match &initial {
+    Ok(ShardedParams::new(spec, s.zero_stage, world, state.clone(), |u| match &initial {
         Some(named) => u
             .tensors
             .iter()
@@ -61,7 +61,7 @@ fn fresh_params(s: &StartSpec, spec: &ModelSpec, world: &dyn Collective, device:
         None => {
             u.tensors.iter().map(|(n, shape)| init_tensor(n, shape, s.seed as i64, Kind::Float, Device::Cpu)).collect()
         }
-    }))
+    })?)
 }
 
 /// The shards and the data position to start from, the step already done, and the checkpoint
@@ -71,26 +71,26 @@ pub fn start_point(
     spec: &ModelSpec,
     mesh: &Mesh,
     world: &dyn Collective,
-    device: Device,
+    state: &StateTiers,
 ) -> Result<(ShardedParams, LoaderState, u64, Option<PathBuf>)> {
     let resumed = checkpoint::resolve_and_load(s.resume, &s.run_dir, world, |dir| {
-        let state = checkpoint::read_state(dir)?;
-        if state.step > s.steps as u64 {
+        let run_state = checkpoint::read_state(dir)?;
+        if run_state.step > s.steps as u64 {
             return Err(CheckpointError::Mismatch {
                 path: dir.display().to_string(),
                 message: format!(
                     "the checkpoint is at step {}, beyond train.steps = {}; raise train.steps to continue",
-                    state.step, s.steps
+                    run_state.step, s.steps
                 ),
             });
         }
-        let loader = checkpoint::restore_loader_state(&state, dir, s.seed, mesh.dp, s.micro_batch)?;
-        let params = checkpoint::load_params(dir, state.format, spec, s.zero_stage, world, device)?;
-        Ok((state, loader, params))
+        let loader = checkpoint::restore_loader_state(&run_state, dir, s.seed, mesh.dp, s.micro_batch)?;
+        let params = checkpoint::load_params(dir, run_state.format, spec, s.zero_stage, world, state.clone())?;
+        Ok((run_state, loader, params))
     })
     .with_context(|| format!("checkpoint.resume = \"{}\"", String::from(s.resume.clone())))?;
     let Some(checkpoint::Resumed { dir, loaded: (state, loader, params) }) = resumed else {
-        return Ok((fresh_params(s, spec, world, device)?, LoaderState::default(), 0, None));
+        return Ok((fresh_params(s, spec, world, state)?, LoaderState::default(), 0, None));
     };
     if mesh.world_rank == 0 {
         println!(

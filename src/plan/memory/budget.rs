@@ -57,11 +57,17 @@ impl Budget {
     /// `memory.host_gib` per node or MemAvailable now, shared by the node's ranks, less
     /// `HOST_RESERVE_PER_RANK`; the free space of `memory.offload_dir` (the system temp folder
     /// when empty) less `DISK_RESERVE`, shared likewise, or unlimited when it cannot be read.
+    ///
+    /// A CPU run has no GPU and its working memory is unplanned; only its model state is
+    /// placed: in memory, within `memory.host_gib` when that is set, the rest in the offload
+    /// folder, within its free space.
     pub fn measure(memory: &MemoryConfig, gpu: Option<usize>, ranks_per_node: usize) -> Result<Budget, BudgetError> {
-        let Some(gpu) = gpu else {
-            return Ok(Budget::UNLIMITED);
-        };
         let ranks = ranks_per_node.max(1) as f64;
+        let disk = free_disk_bytes(&memory.offload_dir()).map_or(f64::INFINITY, |free| (free - DISK_RESERVE).max(0.0) / ranks);
+        let Some(gpu) = gpu else {
+            let host = if memory.host_gib > 0.0 { memory.host_gib * GIB / ranks } else { f64::INFINITY };
+            return Ok(Budget { gpu: f64::INFINITY, host, disk });
+        };
         let gpu_bytes = if memory.gpu_gib > 0.0 {
             memory.gpu_gib * GIB
         } else {
@@ -84,9 +90,6 @@ impl Budget {
             );
             (available / ranks - HOST_RESERVE_PER_RANK).max(0.0)
         };
-        let dir =
-            if memory.offload_dir.as_os_str().is_empty() { std::env::temp_dir() } else { memory.offload_dir.clone() };
-        let disk = free_disk_bytes(&dir).map_or(f64::INFINITY, |free| (free - DISK_RESERVE).max(0.0) / ranks);
         Ok(Budget { gpu: gpu_bytes, host, disk })
     }
 
@@ -168,7 +171,10 @@ mod tests {
 
     #[test]
     fn measured_budgets_are_shared_by_the_node_and_cpu_runs_have_none() {
-        assert_eq!(Budget::measure(&MemoryConfig::default(), None, 8).unwrap(), Budget::UNLIMITED);
+        let cpu = Budget::measure(&MemoryConfig::default(), None, 8).unwrap();
+        assert_eq!((cpu.gpu, cpu.host), (f64::INFINITY, f64::INFINITY));
+        let cpu = Budget::measure(&MemoryConfig { host_gib: 16.0, ..MemoryConfig::default() }, None, 8).unwrap();
+        assert_eq!(cpu.host, 2.0 * GIB);
         let set = MemoryConfig { gpu_gib: 70.0, host_gib: 400.0, offload_dir: "/".into() };
         let b = Budget::measure(&set, Some(0), 8).unwrap();
         assert_eq!((b.gpu, b.host), (70.0 * GIB, 50.0 * GIB));

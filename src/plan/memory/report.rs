@@ -1,7 +1,7 @@
 //! The memory plan in words: the table `ulysses check` prints, the one-line placement a run logs,
 //! and the message that stops a run that cannot fit.
 use super::{longest_fit, Budget, MemoryPlan, Place, Placement, Shortfall};
-use crate::config::{ActivationPlacement, CheckpointConfig, DeviceKind, ParallelConfig, TrainConfig};
+use crate::config::{ActivationPlacement, CheckpointConfig, DeviceKind, ParallelConfig, StatePlacement, TrainConfig};
 use crate::model::spec::ModelSpec;
 use crate::units::{bytes, gib_limit, limit, GIB};
 use std::fmt::Write;
@@ -24,9 +24,12 @@ pub fn table(plan: &MemoryPlan, budget: &Budget) -> String {
     };
     row(
         "optimizer state (fp32 master, grad, Adam m, v)",
-        [Some(plan.optimizer_gpu), Some(plan.optimizer_host), None],
+        [Some(plan.optimizer_gpu), Some(plan.optimizer_host), Some(plan.optimizer_disk)],
         bytes,
     );
+    if plan.state_staging > 0.0 {
+        row("staging of the state off the GPU (landing grads, disk chunks)", [None, Some(plan.state_staging), None], bytes);
+    }
     row(
         &format!("layer inputs kept for backward ({n} × {})", bytes(plan.input_per_layer)),
         [Some(plan.activations_gpu), Some(plan.activations_host), Some(plan.activations_disk)],
@@ -63,11 +66,14 @@ pub fn table(plan: &MemoryPlan, budget: &Budget) -> String {
 pub fn summary(plan: &MemoryPlan, placement: &Placement, budget: &Budget) -> String {
     let n = placement.inputs.len();
     let kept = n - placement.attention_in(None);
+    let units = placement.state.len();
     if plan.device == DeviceKind::Cpu {
         let attention =
             if plan.keep_attention { format!("attention kept in {kept} of {n} layers") } else { recomputed() };
         return format!(
-            "layer inputs {} in memory / {} on disk; {attention} (a CPU run has no memory budgets)",
+            "optimizer state of {} of {units} units in memory / {} on disk; layer inputs {} in memory / {} on disk; {attention} (a CPU run budgets only its model state)",
+            placement.state_in(Place::Device),
+            placement.state_in(Place::Disk),
             placement.inputs_in(Place::Device),
             placement.inputs_in(Place::Disk)
         );
@@ -83,7 +89,10 @@ pub fn summary(plan: &MemoryPlan, placement: &Placement, budget: &Budget) -> Str
     };
     let used = |what: &str, used: f64, budget: f64| format!("{what} ~{:.1} of {}", used / GIB, gib_limit(budget));
     let mut s = format!(
-        "layer inputs {} GPU / {} host / {} disk; {attention}; {}, {}/rank",
+        "optimizer state of {units} units {} GPU / {} host / {} disk; layer inputs {} GPU / {} host / {} disk; {attention}; {}, {}/rank",
+        placement.state_in(Place::Device),
+        placement.state_in(Place::Host),
+        placement.state_in(Place::Disk),
         placement.inputs_in(Place::Device),
         placement.inputs_in(Place::Host),
         placement.inputs_in(Place::Disk),
@@ -122,6 +131,7 @@ pub fn refusal(
     use ActivationPlacement::{Auto, Device, Disk, Host};
     let plan = MemoryPlan::new(p, t, c, spec, world, seq_len);
     let n = plan.layers;
+    let state_total = (0..n + 2).map(|u| plan.unit_state(u)).sum::<f64>();
     let quoted = |a: ActivationPlacement| format!("parallel.activations = \"{}\"", format!("{a:?}").to_lowercase());
     let mut s = format!("does not fit in memory: {shortfall}.\n");
     let _ = writeln!(
@@ -135,16 +145,23 @@ pub fn refusal(
     let mut row = |name: String, size: f64, place: String| {
         let _ = writeln!(s, "    {name:<52} {:>8.1}  {place}", size / GIB);
     };
+    let state_where = match p.offload_optimizer {
+        StatePlacement::Auto if plan.sharded => "on the GPU, in host memory or on disk, unit by unit",
+        StatePlacement::Auto | StatePlacement::Device => "on the GPU",
+        StatePlacement::Host => "in host memory",
+        StatePlacement::Disk => "on disk",
+    };
     row(
         "optimizer state (fp32 master, grad, Adam m, v)".into(),
-        plan.optimizer_gpu + plan.optimizer_host,
-        if p.offload_optimizer { "in host memory (parallel.offload_optimizer = true)" } else { "on the GPU" }.into(),
+        state_total,
+        format!("{state_where} (parallel.offload_optimizer = \"{}\")", p.offload_optimizer.name()),
     );
-    if plan.checkpoint_staging > 0.0 {
+    let staging_if_on_gpu = state_total * plan.checkpoint_staging_per_state;
+    if staging_if_on_gpu > 0.0 {
         row(
-            "checkpoint staging (asynchronous saves)".into(),
-            plan.checkpoint_staging,
-            "in host memory (checkpoint.async = true, checkpoint.every > 0)".into(),
+            "checkpoint staging (asynchronous saves), at most".into(),
+            staging_if_on_gpu,
+            "in host memory, for the state on the GPU (checkpoint.async = true, checkpoint.every > 0)".into(),
         );
     }
     // Where the GPU ran short because of a layer's backward, the copies in flight then are part
@@ -185,6 +202,26 @@ pub fn refusal(
         gib_limit(budget.host),
         gib_limit(budget.disk)
     );
+    // Each tier's least need: on the GPU a working set and the copies in flight, and the state
+    // unless it may leave; the rest then waits in host memory and on disk.
+    let state_leaves = match p.offload_optimizer {
+        StatePlacement::Auto => plan.sharded,
+        StatePlacement::Device => false,
+        StatePlacement::Host | StatePlacement::Disk => true,
+    };
+    let (state_on_gpu, state_off) = if state_leaves { (0.0, state_total) } else { (state_total, 0.0) };
+    let gpu_least = plan.layer_working.max(plan.head_working) + plan.staging_reserve() + state_on_gpu;
+    let elsewhere = state_off + n as f64 * plan.input_per_layer;
+    let _ = writeln!(
+        s,
+        "    least need: GPU {:.1} GiB (a working set, two layers' copies in flight{}) of {}; host and disk together {:.1} GiB (the layer inputs{}) of {}",
+        gpu_least / GIB,
+        if state_leaves { "" } else { ", the optimizer state" },
+        gib_limit(budget.gpu),
+        elsewhere / GIB,
+        if state_leaves { " and the optimizer state" } else { "" },
+        gib_limit(budget.host + budget.disk)
+    );
     let mut help = Vec::new();
     let inputs_short = matches!(shortfall, Shortfall::Inputs { .. });
     match p.activations {
@@ -200,11 +237,16 @@ pub fn refusal(
     }
     let gpu_short =
         matches!(shortfall, Shortfall::Gpu { .. }) || (inputs_short && matches!(p.activations, Auto | Device));
-    if gpu_short && !p.offload_optimizer && plan.optimizer_gpu > 0.0 {
+    if gpu_short && p.offload_optimizer == StatePlacement::Device {
         help.push(format!(
-            "parallel.offload_optimizer = true: moves the optimizer state ({:.1} GiB) to host memory",
-            plan.optimizer_gpu / GIB
+            "parallel.offload_optimizer = \"auto\": moves the optimizer state ({:.1} GiB) unit by unit to host memory, then disk, as far as the GPU needs",
+            state_total / GIB
         ));
+    }
+    if matches!(shortfall, Shortfall::Host { .. }) && p.offload_optimizer == StatePlacement::Host {
+        help.push(
+            "parallel.offload_optimizer = \"auto\": the optimizer state on the GPU where it has room, the rest in host memory, then on disk".into(),
+        );
     }
     if matches!(shortfall, Shortfall::Host { .. }) && plan.checkpoint_staging > 0.0 {
         help.push(format!(
@@ -217,7 +259,9 @@ pub fn refusal(
             "more ranks (a larger parallel.sp or parallel.dp): ZeRO-3 shards the optimizer state over all of them"
                 .into(),
         );
-        help.push("parallel.offload_optimizer = false, if the GPU has room for the optimizer state".into());
+        if p.offload_optimizer.forced_off_device() {
+            help.push("parallel.offload_optimizer = \"device\", if the GPU has room for the optimizer state".into());
+        }
     } else {
         help.push("a larger parallel.sp (more GPUs): each rank's layer inputs and working sets shrink as 1/sp".into());
     }
@@ -225,7 +269,8 @@ pub fn refusal(
         Some(fit) => format!("a smaller data.seq_len: up to {fit} tokens fit these budgets"),
         None => format!("not a smaller data.seq_len: even {} tokens do not fit these budgets", p.sp * 1024),
     });
-    let disk = if matches!(p.activations, Auto | Disk) {
+    let state_may_use_disk = matches!(p.offload_optimizer, StatePlacement::Auto | StatePlacement::Disk);
+    let disk = if matches!(p.activations, Auto | Disk) || state_may_use_disk {
         "; memory.offload_dir on a file system with more free space"
     } else {
         ""

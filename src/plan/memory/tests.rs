@@ -7,7 +7,7 @@ use crate::units::GIB;
 /// recomputed in backward.
 fn bench(seq: usize) -> (Experiment, ModelSpec) {
     let toml = format!(
-        "[model]\npreset = \"llama3.1-8b\"\n[parallel]\nsp = 4\ndevice = \"cuda\"\nactivations = \"device\"\nkeep_attention = false\nmlp_tile = 16384\nloss_tile = 2048\n[data]\npaths = [\"x\"]\nseq_len = {seq}\n[train]\ndtype = \"bf16\"\n"
+        "[model]\npreset = \"llama3.1-8b\"\n[parallel]\nsp = 4\ndevice = \"cuda\"\noffload_optimizer = \"device\"\nactivations = \"device\"\nkeep_attention = false\nmlp_tile = 16384\nloss_tile = 2048\n[data]\npaths = [\"x\"]\nseq_len = {seq}\n[train]\ndtype = \"bf16\"\n"
     );
     let exp = Experiment::parse(&toml, "bench").unwrap();
     let spec = ModelSpec::preset(Preset::Llama31_8b);
@@ -68,8 +68,9 @@ fn matches_the_measured_peaks_within_ten_percent() {
         exp.parallel.sp = 2;
         exp.parallel.activations = ActivationPlacement::Auto;
         exp.parallel.keep_attention = true;
-        exp.parallel.offload_optimizer = offload;
+        exp.parallel.offload_optimizer = if offload { StatePlacement::Host } else { StatePlacement::Device };
         let placement = Placement {
+            state: vec![if offload { host } else { dev }; 6],
             inputs: inputs.to_vec(),
             attention: attention.map(Some).to_vec(),
             qkv_once: false,
@@ -88,9 +89,15 @@ fn predicted_the_peaks_of_full_size_runs_within_ten_percent() {
     // disk, 23 attention outputs kept on the GPU and 9 layers recomputing attention (memory-fit).
     let (dev, host, disk) = (Place::Device, Place::Host, Place::Disk);
     let spec = ModelSpec::preset(Preset::Llama31_8b);
-    let all_gpu =
-        Placement { inputs: vec![dev; 32], attention: vec![Some(dev); 32], qkv_once: false, mlp: vec![false; 32] };
+    let all_gpu = Placement {
+        state: vec![host; 34],
+        inputs: vec![dev; 32],
+        attention: vec![Some(dev); 32],
+        qkv_once: false,
+        mlp: vec![false; 32],
+    };
     let spilled = Placement {
+        state: vec![host; 34],
         inputs: [vec![disk; 4], vec![host; 28]].concat(),
         attention: [vec![None; 9], vec![Some(dev); 23]].concat(),
         qkv_once: false,
@@ -101,7 +108,7 @@ fn predicted_the_peaks_of_full_size_runs_within_ten_percent() {
         exp.parallel.sp = 2;
         exp.parallel.activations = ActivationPlacement::Auto;
         exp.parallel.keep_attention = true;
-        exp.parallel.offload_optimizer = true;
+        exp.parallel.offload_optimizer = StatePlacement::Host;
         let est = peak_with(&exp, &spec, 2, seq, &placement);
         assert!((est / measured - 1.0).abs() < 0.10, "8B {seq}: estimate {est:.1} GiB, measured {measured}");
     }
@@ -119,7 +126,7 @@ fn predicted_the_peaks_of_full_size_runs_within_ten_percent() {
         let mut exp = Experiment::parse(toml, "gputest").unwrap();
         exp.parallel.activations = activations;
         exp.parallel.keep_attention = keep;
-        exp.parallel.offload_optimizer = offload;
+        exp.parallel.offload_optimizer = if offload { StatePlacement::Host } else { StatePlacement::Device };
         let plan = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 2, 16384);
         let placement = plan.placement(&Budget { gpu: 76.0 * GIB, host: 100.0 * GIB, disk: f64::INFINITY }).unwrap();
         // As those runs placed them: segment 1 twice, no MLP projections kept (they came later).
@@ -151,7 +158,7 @@ fn offloading_moves_memory_to_the_host_and_lengthens_the_fit() {
     let budget = Budget::from_gib(76.0, 480.0, None, 4);
     let on_gpu = longest_fit(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, &budget).unwrap();
     exp.parallel.activations = ActivationPlacement::Host;
-    exp.parallel.offload_optimizer = true;
+    exp.parallel.offload_optimizer = StatePlacement::Host;
     let offloaded = longest_fit(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, &budget).unwrap();
     assert!(offloaded > 2 * on_gpu, "{on_gpu} -> {offloaded}");
     let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 262144);
@@ -233,7 +240,13 @@ fn copies_in_flight_count_until_gpu_resident_layers_have_freed_room() {
     // Layer inputs in host memory except the last `gpu` layers', attention outputs all recomputed.
     let staging = |gpu: usize| {
         let inputs = (0..32).map(|l| if l >= 32 - gpu { Place::Device } else { Place::Host }).collect();
-        m.with_placement(&Placement { inputs, attention: vec![None; 32], qkv_once: false, mlp: vec![false; 32] })
+        m.with_placement(&Placement {
+            state: vec![Place::Device; 34],
+            inputs,
+            attention: vec![None; 32],
+            qkv_once: false,
+            mlp: vec![false; 32],
+        })
             .staging
     };
     // Layer 31's input and layer 30's (fetched one layer ahead) with nothing freed yet; then
@@ -298,7 +311,7 @@ fn shortfalls_say_what_does_not_fit_where() {
 
     // An offloaded optimizer state larger than the host budget.
     let (mut exp, spec) = bench(262144);
-    exp.parallel.offload_optimizer = true;
+    exp.parallel.offload_optimizer = StatePlacement::Host;
     let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 262144);
     let budget = Budget { host: m.optimizer_host / 2.0, ..Budget::UNLIMITED };
     assert!(matches!(m.placement(&budget), Err(Shortfall::Host { .. })));
@@ -311,7 +324,7 @@ fn a_gpu_refusal_counts_the_copies_in_flight_it_needs() {
     let (mut exp, spec) = bench(3145728);
     exp.parallel.activations = ActivationPlacement::Auto;
     exp.parallel.keep_attention = true;
-    exp.parallel.offload_optimizer = true;
+    exp.parallel.offload_optimizer = StatePlacement::Host;
     let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 3145728);
     let in_flight = 2.0 * (m.input_per_layer + m.attention_per_layer);
     let budget = Budget { gpu: 76.0 * GIB, host: 1000.0 * GIB, disk: f64::INFINITY };
@@ -350,7 +363,7 @@ fn the_summary_counts_layers_by_place() {
     let p = m.placement(&budget).unwrap();
     let s = summary(&m.with_placement(&p), &p, &budget);
     assert!(
-        s.starts_with("layer inputs 5 GPU / 20 host / 7 disk; attention kept 32 of 32 layers (32 GPU, 0 host); GPU ~"),
+        s.starts_with("optimizer state of 34 units 34 GPU / 0 host / 0 disk; layer inputs 5 GPU / 20 host / 7 disk; attention kept 32 of 32 layers (32 GPU, 0 host); GPU ~"),
         "{s}"
     );
     assert!(s.contains("/rank, disk ~") && s.contains("of unlimited/rank"), "{s}");
@@ -375,7 +388,9 @@ fn the_refusal_gives_sizes_budget_and_what_would_help() {
         "kept attention (32 layers × 0.51), optional",
         "budget per rank: GPU 39.3 GiB, host 100.0 GiB, disk unlimited",
         "parallel.activations = \"auto\" or \"host\"",
-        "parallel.offload_optimizer = true: moves the optimizer state (29.9 GiB) to host memory",
+        "optimizer state (fp32 master, grad, Adam m, v)           29.9  on the GPU (parallel.offload_optimizer = \"device\")",
+        "least need: GPU ",
+        "parallel.offload_optimizer = \"auto\": moves the optimizer state (29.9 GiB) unit by unit to host memory, then disk, as far as the GPU needs",
         "a larger parallel.sp",
         "a smaller data.seq_len: up to ",
         "memory.gpu_gib (per GPU) or memory.host_gib (per node)",
@@ -397,6 +412,7 @@ fn segment_one_runs_once_only_when_everything_fits_on_the_gpu_with_its_graph() {
     // Llama-3.1-8B at 64K tokens per rank: the normed input, q, k and v, bf16.
     assert_eq!(m.qkv_graph_once, 65536.0 * (4096.0 + (32.0 + 2.0 * 8.0) * 128.0) * 2.0);
     let all = |qkv_once| Placement {
+        state: vec![Place::Device; 34],
         inputs: vec![Place::Device; 32],
         attention: vec![Some(Place::Device); 32],
         qkv_once,
@@ -421,6 +437,7 @@ fn the_room_left_keeps_mlp_projections_last_layers_first() {
     // Llama-3.1-8B at 64K tokens per rank: gate and up, 14336 wide each, bf16.
     assert_eq!(m.mlp_per_layer, 65536.0 * 2.0 * 14336.0 * 2.0);
     let once = Placement {
+        state: vec![Place::Device; 34],
         inputs: vec![Place::Device; 32],
         attention: vec![Some(Place::Device); 32],
         qkv_once: true,
@@ -459,12 +476,12 @@ fn asynchronous_checkpoints_count_their_host_staging_and_are_refused_without_roo
     exp.checkpoint.every = 25; // periodic saves, asynchronous by default on GPU
     let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 262144);
     // Each rank stages its quarter of the fp32 master weights and both Adam moments.
-    let staging = spec.total_params() as f64 / 4.0 * 12.0;
-    assert_eq!(m.checkpoint_staging, staging);
+    let staging = m.checkpoint_staging;
+    assert!((staging / (spec.total_params() as f64 / 4.0 * 12.0) - 1.0).abs() < 1e-6, "{staging}");
     assert_eq!(m.host(), staging, "everything else of this plan is on the GPU");
     let budget = Budget { host: staging / 2.0, ..Budget::UNLIMITED };
     let shortfall = m.placement(&budget).unwrap_err();
-    assert_eq!(shortfall, Shortfall::Host { optimizer: 0.0, staging, budget: staging / 2.0 });
+    assert_eq!(shortfall, Shortfall::Host { optimizer: 0.0, staging, state_staging: 0.0, budget: staging / 2.0 });
     let text = refusal(&exp.parallel, &exp.train, &exp.checkpoint, exp.data.seq_len, &spec, 4, &budget, &shortfall);
     assert!(
         text.starts_with(
@@ -491,9 +508,119 @@ fn asynchronous_checkpoints_count_their_host_staging_and_are_refused_without_roo
     let mut last_only = exp.clone();
     last_only.checkpoint.every = 0;
     let mut offloaded = exp.clone();
-    offloaded.parallel.offload_optimizer = true;
+    offloaded.parallel.offload_optimizer = StatePlacement::Host;
     let mut cpu = exp.clone();
     cpu.parallel.device = crate::config::DeviceKind::Cpu;
     cpu.checkpoint.asynchronous = Some(true);
     assert_eq!([none(&sync), none(&last_only), none(&offloaded), none(&cpu)], [0.0; 4]);
+}
+
+/// Llama-3.1-8B (32 layers) on the lent H200 as bench/run.sh runs it: one rank, sp = 1, and the
+/// budgets that machine measured on 2026-12-01 (GPU 139.8 GiB less the 3 GiB reserve; host
+/// 116.3 GiB after the reserve; disk: most of its 64 GiB).
+fn one_h200(seq: usize, state: StatePlacement) -> (Experiment, ModelSpec, MemoryPlan, Budget) {
+    let toml = format!(
+        "[model]\npreset = \"llama3.1-8b\"\n[parallel]\nsp = 1\ndevice = \"cuda\"\nmlp_tile = 16384\nloss_tile = 2048\n[data]\npaths = [\"x\"]\nseq_len = {seq}\n[train]\ndtype = \"bf16\"\n"
+    );
+    let mut exp = Experiment::parse(&toml, "h200").unwrap();
+    exp.parallel.offload_optimizer = state;
+    let spec = ModelSpec::preset(Preset::Llama31_8b);
+    let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 1, seq);
+    let budget = Budget { gpu: 136.8 * GIB, host: 116.3 * GIB, disk: 58.0 * GIB };
+    (exp, spec, m, budget)
+}
+
+#[test]
+fn one_h200_trains_8b_with_the_state_split_between_gpu_and_host() {
+    // 128K: the whole state (16 bytes a parameter, 119.7 GiB) does not fit in host memory beside
+    // the rest, but on the GPU with the layer inputs in host memory; "auto" keeps it there.
+    let (_, spec, m, budget) = one_h200(131072, StatePlacement::Host);
+    assert!(matches!(m.placement(&budget), Err(Shortfall::Host { .. })), "all of it in host memory: refused");
+    let (_, _, m, _) = one_h200(131072, StatePlacement::Auto);
+    let p = m.placement(&budget).unwrap();
+    assert_eq!(p.state, vec![Place::Device; 34]);
+    let total: f64 = (0..34).map(|u| m.unit_state(u)).sum();
+    assert!((total / (spec.total_params() as f64 * 16.0) - 1.0).abs() < 1e-6);
+    // 512K: on the GPU alone it is refused; "auto" moves the first units to host memory.
+    let (_, _, m, _) = one_h200(524288, StatePlacement::Device);
+    assert!(matches!(m.placement(&budget), Err(Shortfall::Gpu { .. })), "512K with all the state on the GPU");
+    let (exp, spec, m, _) = one_h200(524288, StatePlacement::Auto);
+    let p = m.placement(&budget).unwrap();
+    let placed = m.with_placement(&p);
+    let (gpu, host, disk) = (p.state_in(Place::Device), p.state_in(Place::Host), p.state_in(Place::Disk));
+    assert!(gpu > 0 && host > 0 && gpu + host + disk == 34, "{gpu} GPU, {host} host, {disk} disk");
+    assert_ne!(p.state[0], Place::Device, "the first units leave the GPU");
+    assert_eq!(p.state[33], Place::Device, "the head stays");
+    assert!(placed.gpu_peak() <= budget.gpu && placed.host() <= budget.host && placed.disk() <= budget.disk);
+    assert!((placed.optimizer_gpu + placed.optimizer_host + placed.optimizer_disk - total).abs() < 1.0);
+    // The longest fit: under 200K with the state forced onto the GPU (`ulysses check` said 171K
+    // on 2026-12-01, without kept attention), at least 512K once the state may use every tier.
+    let mut forced = exp.clone();
+    forced.parallel.offload_optimizer = StatePlacement::Device;
+    let fit = longest_fit(&forced.parallel, &forced.train, &forced.checkpoint, &spec, 1, &budget).unwrap();
+    assert!((131_072..200_000).contains(&fit), "forced onto the GPU: {fit}");
+    let fit = longest_fit(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 1, &budget).unwrap();
+    assert!(fit >= 1 << 19, "longest fit {fit}");
+}
+
+#[test]
+fn auto_moves_state_off_the_gpu_first_units_first_host_before_disk() {
+    let (_, _, m, budget) = one_h200(65536, StatePlacement::Auto);
+    // Room for everything on the GPU: the state stays there.
+    let roomy = Budget { gpu: 400.0 * GIB, ..budget };
+    assert_eq!(m.placement(&roomy).unwrap().state, vec![Place::Device; 34]);
+    // Less GPU memory, more units leave it; always a prefix of the units.
+    let mut off_before = 0;
+    for gpu in [130.0, 110.0, 90.0, 70.0] {
+        let p = m.placement(&Budget { gpu: gpu * GIB, ..budget }).unwrap();
+        let off = p.state.iter().take_while(|&&s| s != Place::Device).count();
+        assert_eq!(off, 34 - p.state_in(Place::Device), "{gpu} GiB: off the GPU is a prefix: {:?}", p.state);
+        let disk = p.state.iter().take_while(|&&s| s == Place::Disk).count();
+        assert_eq!(disk, p.state_in(Place::Disk), "{gpu} GiB: disk units come first: {:?}", p.state);
+        assert!(off >= off_before, "{gpu} GiB: {off} after {off_before}");
+        off_before = off;
+    }
+    // Host memory short too: what it cannot hold goes to disk, after the host units.
+    let p = m.placement(&Budget { gpu: 70.0 * GIB, host: 20.0 * GIB, disk: 1000.0 * GIB }).unwrap();
+    let host = p.state_in(Place::Host);
+    assert!(host > 0 && p.state_in(Place::Disk) > 0, "{:?}", p.state);
+    let placed = m.with_placement(&p);
+    assert!(placed.state_staging > 0.0 && placed.host() <= 20.0 * GIB, "{}", placed.host() / GIB);
+    assert!(table(&placed, &budget).contains("staging of the state off the GPU"));
+    // Disk too small for what must go there.
+    let tight = Budget { gpu: 70.0 * GIB, host: 20.0 * GIB, disk: 10.0 * GIB };
+    assert!(matches!(m.placement(&tight), Err(Shortfall::Disk { .. }) | Err(Shortfall::Inputs { .. })));
+}
+
+#[test]
+fn forced_tiers_put_every_unit_there_and_zero_stage_0_keeps_it_on_the_gpu() {
+    let (_, _, m, _) = one_h200(65536, StatePlacement::Disk);
+    let p = m.placement(&Budget { gpu: 400.0 * GIB, host: 400.0 * GIB, disk: 400.0 * GIB }).unwrap();
+    assert_eq!(p.state, vec![Place::Disk; 34]);
+    let need = m.with_placement(&p).optimizer_disk;
+    let short = m.placement(&Budget { gpu: 400.0 * GIB, host: 400.0 * GIB, disk: need / 2.0 }).unwrap_err();
+    assert_eq!(short, Shortfall::Disk { needed: need, budget: need / 2.0 });
+    assert!(short.to_string().contains("in memory.offload_dir"), "{short}");
+    let (mut exp, spec, _, budget) = one_h200(524288, StatePlacement::Auto);
+    exp.parallel.zero_stage = crate::config::ZeroStage::Replicated;
+    let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 1, 524288);
+    assert!(matches!(m.placement(&budget), Err(Shortfall::Gpu { .. })), "stage 0 state never leaves the GPU");
+}
+
+#[test]
+fn cpu_runs_keep_the_state_in_memory_within_host_gib_then_on_disk() {
+    let toml = "[model]\npreset = \"tiny\"\n[data]\npaths = [\"x\"]\nseq_len = 256\n";
+    let exp = Experiment::parse(toml, "cpu").unwrap();
+    let spec = ModelSpec::preset(Preset::Tiny);
+    let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 1, 256);
+    let units = spec.num_hidden_layers as usize + 2;
+    assert_eq!(m.placement(&Budget::UNLIMITED).unwrap().state, vec![Place::Device; units]);
+    // Room for the head and the last layer: the other units go to disk.
+    let host = m.unit_state(units - 1) + m.unit_state(units - 2) + 1.0;
+    let p = m.placement(&Budget { host, ..Budget::UNLIMITED }).unwrap();
+    let mut want = vec![Place::Disk; units];
+    want[units - 2..].fill(Place::Device);
+    assert_eq!(p.state, want);
+    assert!(summary(&m.with_placement(&p), &p, &Budget::UNLIMITED)
+        .starts_with(&format!("optimizer state of 2 of {units} units in memory / {} on disk", units - 2)));
 }

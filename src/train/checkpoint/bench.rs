@@ -9,7 +9,7 @@
 //! removed after each measurement.
 use super::*;
 use crate::comm::{broadcast_i64, Collective, Mesh};
-use crate::config::Experiment;
+use crate::config::{Experiment, StatePlacement};
 use crate::model::spec::ModelSpec;
 use crate::parallel::zero::{ShardedParams, State};
 use crate::train::memory::{host_resident_and_peak, reset_host_peak};
@@ -60,12 +60,14 @@ pub fn run(
     repeat: usize,
     json: Option<&Path>,
 ) -> Result<()> {
-    let state_device = if exp.parallel.offload_optimizer { Device::Cpu } else { device };
-    let params = ShardedParams::zeroed(spec, exp.parallel.zero_stage, world, state_device);
+    // The tier `parallel.offload_optimizer` forces for every unit ("auto": the GPU).
+    let state_device = if exp.parallel.offload_optimizer == StatePlacement::Host { Device::Cpu } else { device };
+    let params = ShardedParams::zeroed(spec, exp.parallel.zero_stage, world, state_device)?;
     tch::manual_seed(mesh.world_rank as i64 + 1);
     for u in params.units() {
         for state in State::ALL {
-            let _ = params.shard_state(u.id, state).shallow_clone().normal_(0.0, 0.02);
+            let t = params.memory_state(u.id, state).expect("in memory");
+            let _ = t.shallow_clone().normal_(0.0, 0.02);
         }
     }
     sync_device(device);
@@ -98,7 +100,7 @@ pub fn run(
             for u in params.units() {
                 for s in State::ALL {
                     ensure!(
-                        params.shard_state(u.id, s).equal(back.shard_state(u.id, s)),
+                        params.memory_state(u.id, s).expect("in memory").equal(back.memory_state(u.id, s).expect("in memory")),
                         "the loaded {} of {} differs from the saved one",
                         s.name(),
                         u.id

@@ -8,7 +8,8 @@ use crate::data::LoaderState;
 use crate::model::params::ModelWeights;
 use crate::model::spec::ModelSpec;
 use crate::model::weights::load_hf;
-use crate::parallel::zero::{ShardedParams, State};
+use crate::parallel::zero::{ShardedParams, State, StateTiers};
+use crate::plan::memory::DISK_CHUNK;
 use tch::{Device, Kind, Tensor};
 
 /// A checkpoint the run starts from, loaded.
@@ -139,14 +140,26 @@ pub fn load_params(
     spec: &ModelSpec,
     stage: ZeroStage,
     world: &dyn Collective,
-    state_device: Device,
+    state: impl Into<StateTiers>,
 ) -> Result<ShardedParams, CheckpointError> {
     let source = Source::open(dir, spec, format)?;
-    let params = ShardedParams::zeroed(spec, stage, world, state_device);
+    let params = ShardedParams::zeroed(spec, stage, world, state)?;
     for (i, u) in params.units().iter().enumerate() {
-        let (start, _) = params.shard_range(u.id);
+        let (start, len) = params.shard_range(u.id);
         for state in State::ALL {
-            source.read(i, state, start, params.shard_state(u.id, state))?;
+            match params.memory_state(u.id, state) {
+                Some(dest) => source.read(i, state, start, dest)?,
+                // A shard on disk: in chunks through host memory.
+                None => {
+                    let mut at = 0;
+                    while at < len {
+                        let part = Tensor::empty([DISK_CHUNK.min(len - at)], (Kind::Float, Device::Cpu));
+                        source.read(i, state, start + at, &part)?;
+                        params.write_state(u.id, state, at, &part)?;
+                        at += part.numel() as i64;
+                    }
+                }
+            }
         }
     }
     Ok(params)

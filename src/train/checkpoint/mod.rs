@@ -67,6 +67,10 @@ pub enum CheckpointError {
     Weights(#[from] WeightsError),
     #[error(transparent)]
     Comm(#[from] CommError),
+    #[error(transparent)]
+    Zero(#[from] crate::parallel::zero::ZeroError),
+    #[error(transparent)]
+    Disk(#[from] crate::parallel::tiers::DiskError),
 }
 
 impl CheckpointError {

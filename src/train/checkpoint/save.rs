@@ -27,6 +27,7 @@ use crate::comm::{all_reduce_f64, broadcast_i64, Collective};
 use crate::ffi::transfer;
 use crate::model::spec::ModelSpec;
 use crate::model::weights::copy_tokenizer_files;
+use crate::parallel::tiers::DiskShard;
 use crate::parallel::zero::{ShardedParams, State, Unit};
 use crate::units::bytes;
 use std::thread::JoinHandle;
@@ -204,7 +205,7 @@ impl Checkpointer {
         }
         let staging = self.staging.take().unwrap_or_else(|| Staging { blocks: Vec::new() });
         let parts = stage(params, &slices, &staging);
-        let reads_live = parts.iter().any(|p| matches!(p, Part::Live(_)));
+        let reads_live = parts.iter().any(|p| matches!(p, Part::Live(_) | Part::Disk(..)));
         let blocked = started.elapsed().as_secs_f64();
         let writer = std::thread::Builder::new()
             .name(format!("checkpoint-{}", state.step))
@@ -347,7 +348,12 @@ fn write_now(
 ) -> Result<u64, CheckpointError> {
     let mut w = Writer::create(file, layout)?;
     for (s, state) in slices {
-        let src = params.shard_state(s.id, *state).narrow(0, s.offset, s.len);
+        let Some(src) = params.memory_state(s.id, *state) else {
+            let disk = params.disk_shard(s.id).expect("a unit not in memory is on disk");
+            disk.read_chunks(state.region(), s.offset, s.len, |t| w.write_tensor(t))?;
+            continue;
+        };
+        let src = src.narrow(0, s.offset, s.len);
         if src.device() == Device::Cpu {
             w.write_tensor(&src)?;
             continue;
@@ -373,6 +379,9 @@ enum Part {
     /// Host memory the run keeps using: written where it lies, and the next optimizer step
     /// waits for the write (`Checkpointer::before_update`).
     Live(Tensor),
+    /// A range `(at, len)` of a state on disk, read back in chunks as it is written (the next
+    /// optimizer step waits for the write too).
+    Disk(DiskShard, State, i64, i64),
 }
 
 /// Where the next slice goes in the staging blocks.
@@ -407,7 +416,11 @@ fn stage(params: &ShardedParams, slices: &[(UnitSlice, State)], staging: &Stagin
     slices
         .iter()
         .map(|(s, state)| {
-            let src = params.shard_state(s.id, *state).narrow(0, s.offset, s.len);
+            let Some(src) = params.memory_state(s.id, *state) else {
+                let disk = params.disk_shard(s.id).expect("a unit not in memory is on disk");
+                return Part::Disk(disk.reader(), *state, s.offset, s.len);
+            };
+            let src = src.narrow(0, s.offset, s.len);
             match src.device() {
                 Device::Cpu => Part::Live(src),
                 _ => Part::Staged(cursor.copy(&src, &staging.blocks)),
@@ -420,7 +433,7 @@ fn stage(params: &ShardedParams, slices: &[(UnitSlice, State)], staging: &Stagin
 fn staged_elements(params: &ShardedParams, slices: &[(UnitSlice, State)]) -> i64 {
     slices
         .iter()
-        .filter(|(s, state)| params.shard_state(s.id, *state).device() != Device::Cpu)
+        .filter(|(s, state)| params.memory_state(s.id, *state).is_some_and(|t| t.device() != Device::Cpu))
         .map(|(s, _)| s.len)
         .sum()
 }
@@ -436,6 +449,7 @@ fn write_staged(file: &Path, layout: &Layout, staging: &Staging, parts: &[Part])
                 }
             }
             Part::Live(t) => w.write_tensor(t)?,
+            Part::Disk(disk, state, at, len) => disk.read_chunks(state.region(), *at, *len, |t| w.write_tensor(t))?,
         }
     }
     slow_save_for_tests();
