@@ -11,12 +11,13 @@ use super::*;
 use crate::comm::{broadcast_i64, Collective, Mesh};
 use crate::config::{Experiment, StatePlacement};
 use crate::model::spec::ModelSpec;
-use crate::parallel::zero::{ShardedParams, State};
+use crate::parallel::zero::{ShardedParams, State, StateTiers};
+use crate::plan::memory::{Place, DISK_CHUNK};
 use crate::train::memory::{host_resident_and_peak, reset_host_peak};
 use crate::units::bytes;
 use anyhow::{ensure, Context, Result};
 use std::time::Instant;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// One measured operation, over every rank.
 #[derive(Debug, serde::Serialize)]
@@ -60,14 +61,32 @@ pub fn run(
     repeat: usize,
     json: Option<&Path>,
 ) -> Result<()> {
-    // The tier `parallel.offload_optimizer` forces for every unit ("auto": the GPU).
-    let state_device = if exp.parallel.offload_optimizer == StatePlacement::Host { Device::Cpu } else { device };
-    let params = ShardedParams::zeroed(spec, exp.parallel.zero_stage, world, state_device)?;
+    // Every unit on the tier `parallel.offload_optimizer` forces ("auto": the GPU), so each
+    // tier's saves and loads can be timed.
+    let place = match exp.parallel.offload_optimizer {
+        StatePlacement::Auto | StatePlacement::Device => Place::Device,
+        StatePlacement::Host => Place::Host,
+        StatePlacement::Disk => Place::Disk,
+    };
+    let units = spec.num_hidden_layers as usize + 2;
+    let tiers = StateTiers { places: Some(vec![place; units]), device, dir: exp.memory.offload_dir() };
+    let params = ShardedParams::zeroed(spec, exp.parallel.zero_stage, world, tiers.clone())?;
     tch::manual_seed(mesh.world_rank as i64 + 1);
     for u in params.units() {
+        let (_, len) = params.shard_range(u.id);
         for state in State::ALL {
-            let t = params.memory_state(u.id, state).expect("in memory");
-            let _ = t.shallow_clone().normal_(0.0, 0.02);
+            match params.memory_state(u.id, state) {
+                // In place: no temporary a shard's size that the measured operations would reuse.
+                Some(t) => {
+                    let _ = t.shallow_clone().normal_(0.0, 0.02);
+                }
+                None => {
+                    for at in (0..len).step_by(DISK_CHUNK as usize) {
+                        let mut part = Tensor::empty([DISK_CHUNK.min(len - at)], (Kind::Float, Device::Cpu));
+                        params.write_state(u.id, state, at, &part.normal_(0.0, 0.02))?;
+                    }
+                }
+            }
         }
     }
     sync_device(device);
@@ -94,13 +113,14 @@ pub fn run(
         })?);
         runs.last_mut().unwrap_or_else(|| unreachable!()).bytes = dir_bytes(&dir, world)?;
         runs.push(measure(world, "format 2 load (and check)", || {
-            let back = load_params(&dir, FORMAT, spec, exp.parallel.zero_stage, world, state_device)?;
+            let back = load_params(&dir, FORMAT, spec, exp.parallel.zero_stage, world, tiers.clone())?;
             sync_device(device);
             let waited = Instant::now();
             for u in params.units() {
+                let (_, len) = params.shard_range(u.id);
                 for s in State::ALL {
                     ensure!(
-                        params.memory_state(u.id, s).expect("in memory").equal(back.memory_state(u.id, s).expect("in memory")),
+                        params.read_state(u.id, s, 0, len)?.equal(&back.read_state(u.id, s, 0, len)?),
                         "the loaded {} of {} differs from the saved one",
                         s.name(),
                         u.id
