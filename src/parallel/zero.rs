@@ -4,7 +4,9 @@
 //! moments. A unit is all-gathered just before use and dropped after; its gradients are
 //! reduce-scattered, which also sums the partial weight gradients of the SP ranks. At stage 0
 //! every rank keeps the whole vector and gradients are all-reduced. The update of the shards is
-//! the optimizer's (`crate::optim`).
+//! the optimizer's (`crate::optim`). Each unit's shard lives where the memory plan put it
+//! (`StateTiers`): on the GPU, in host memory (its master weights and gradient page-locked, as
+//! they cross to the GPU every step), or in a file (`parallel::tiers`).
 use crate::comm::{Collective, CommError};
 use crate::config::ZeroStage;
 use crate::ffi::cuda::HostRegistration;

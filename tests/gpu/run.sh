@@ -115,6 +115,7 @@ variant recompute 'activations = "device"\nkeep_attention = false'
 variant host 'activations = "host"'
 variant disk 'activations = "disk"'
 variant offload 'activations = "device"\noffload_optimizer = true'
+variant statedisk 'activations = "device"\noffload_optimizer = "disk"'
 python3 - "$OUTD" <<'PY' || fails=$((fails + 1))
 import re, sys
 def run(name):
@@ -122,17 +123,18 @@ def run(name):
     steps = [(float(l), float(g)) for l, g in re.findall(r"step +\d+/\d+ +loss (\S+) +lr \S+ +grad_norm (\S+)", t)]
     return steps, max([float(x) for x in re.findall(r"peak (\S+) GiB", t)] or [0.0])
 base, peak = {}, {}
-for name in ["device", "recompute", "host", "disk", "offload"]:
+for name in ["device", "recompute", "host", "disk", "offload", "statedisk"]:
     base[name], peak[name] = run(name)
     assert len(base[name]) == 3, f"{name}: {len(base[name])} steps completed"
 for name, what in [("recompute", "recomputed attention"), ("host", "inputs in host memory"), ("disk", "inputs on disk"),
-                   ("offload", "the optimizer in host memory (gradients streamed there)")]:
+                   ("offload", "the optimizer in host memory (gradients streamed there)"),
+                   ("statedisk", "the optimizer state on disk (streamed through host memory)")]:
     for (ld, gd), (lv, gv) in zip(base["device"], base[name]):
         rl, rg = abs(ld - lv) / abs(ld), abs(gd - gv) / abs(gd)
         print(f"{name}: loss {lv:.5f} vs {ld:.5f} (rel {rl:.1e})  grad_norm {gv:.5f} vs {gd:.5f} (rel {rg:.1e})")
         assert rl <= 1.6e-2 and rg <= 1.6e-2, f"{what} changed the numbers beyond rtol 1.6e-2"
 print("peak GPU memory GiB: " + ", ".join(f"{k} {v}" for k, v in peak.items()))
-assert all(peak[k] < peak["device"] for k in ["host", "disk", "offload"]), "offloading did not lower peak GPU memory"
+assert all(peak[k] < peak["device"] for k in ["host", "disk", "offload", "statedisk"]), "offloading did not lower peak GPU memory"
 assert peak["recompute"] < peak["device"], "kept attention should cost GPU memory (it is kept on the GPU here)"
 print("PASS kept attention == recomputed; inputs in host memory or on disk and the optimizer in host memory == all on the GPU, with less GPU memory")
 PY
