@@ -329,3 +329,31 @@ fn run_name_is_one_plain_folder_name() {
     }
     assert!(validate(&parse(&format!("[run]\nname = \"llama-1m.v2\"\n{BASE}")), Some(4)).is_ok());
 }
+
+#[test]
+fn offload_optimizer_is_a_placement_and_the_old_switch_still_reads() {
+    use ulysses::config::StatePlacement;
+    let with = |v: &str| BASE.replace("dp = 2", &format!("dp = 2\noffload_optimizer = {v}"));
+    assert_eq!(parse(BASE).parallel.offload_optimizer, StatePlacement::Auto, "the default");
+    for (v, want) in [
+        ("\"auto\"", StatePlacement::Auto),
+        ("\"device\"", StatePlacement::Device),
+        ("\"host\"", StatePlacement::Host),
+        ("\"disk\"", StatePlacement::Disk),
+        ("true", StatePlacement::Host),
+        ("false", StatePlacement::Device),
+    ] {
+        let e = parse(&with(v));
+        assert_eq!(e.parallel.offload_optimizer, want, "{v}");
+        // Written back as its name, and read again the same.
+        assert_eq!(parse(&e.to_toml()).parallel.offload_optimizer, want, "{v} round trip");
+    }
+    for bad in ["\"gpu\"", "3"] {
+        let err = Experiment::parse(&with(bad), "exp.toml").unwrap_err().to_string();
+        assert!(err.contains("exp.toml") && err.contains("offload_optimizer"), "{err}");
+        assert!(err.contains("\"auto\", \"device\", \"host\" or \"disk\""), "{err}");
+    }
+    // Forced off the GPU, the state needs ZeRO-3 shards.
+    let p = problems(&with("\"disk\"").replace("dp = 2", "dp = 2\nzero_stage = 0"), None);
+    assert!(p.iter().any(|m| m.contains("parallel.offload_optimizer") && m.contains("= \"disk\" needs parallel.zero_stage = 3")), "{p:?}");
+}

@@ -186,9 +186,11 @@ pub enum FusedAttention {
     CpuFlash,
 }
 
-/// Where the optimizer state of each ZeRO unit lives (`parallel.offload_optimizer`).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(try_from = "StateSetting", into = "&'static str")]
+/// Where the optimizer state of each ZeRO unit lives (`parallel.offload_optimizer`): written
+/// `"auto"`, `"device"`, `"host"`, `"disk"`, or as the switch it was (`true`: "host", `false`:
+/// "device").
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(into = "&'static str")]
 pub enum StatePlacement {
     Auto,
     Device,
@@ -196,30 +198,28 @@ pub enum StatePlacement {
     Disk,
 }
 
-/// `parallel.offload_optimizer` as written: a name, or the switch of old experiment files.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum StateSetting {
-    Switch(bool),
-    Name(String),
-}
-
-impl TryFrom<StateSetting> for StatePlacement {
-    type Error = String;
-    fn try_from(s: StateSetting) -> Result<StatePlacement, String> {
-        match s {
-            StateSetting::Switch(true) => Ok(StatePlacement::Host),
-            StateSetting::Switch(false) => Ok(StatePlacement::Device),
-            StateSetting::Name(name) => match name.as_str() {
-                "auto" => Ok(StatePlacement::Auto),
-                "device" => Ok(StatePlacement::Device),
-                "host" => Ok(StatePlacement::Host),
-                "disk" => Ok(StatePlacement::Disk),
-                _ => Err(format!(
-                    "parallel.offload_optimizer = \"{name}\" is not a placement; use \"auto\", \"device\", \"host\" or \"disk\" (or true = \"host\", false = \"device\")"
-                )),
-            },
+impl<'de> Deserialize<'de> for StatePlacement {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<StatePlacement, D::Error> {
+        struct Setting;
+        impl serde::de::Visitor<'_> for Setting {
+            type Value = StatePlacement;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"auto\", \"device\", \"host\" or \"disk\" (or true = \"host\", false = \"device\")")
+            }
+            fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<StatePlacement, E> {
+                Ok(if on { StatePlacement::Host } else { StatePlacement::Device })
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<StatePlacement, E> {
+                match name {
+                    "auto" => Ok(StatePlacement::Auto),
+                    "device" => Ok(StatePlacement::Device),
+                    "host" => Ok(StatePlacement::Host),
+                    "disk" => Ok(StatePlacement::Disk),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(name), &self)),
+                }
+            }
         }
+        d.deserialize_any(Setting)
     }
 }
 
