@@ -63,12 +63,25 @@ pub fn reset_peak(idx: usize) {
     unsafe { ulysses_cuda_reset_peak(idx as c_int) };
 }
 
-/// Host memory of a CPU tensor page-locked for GPU `gpu`'s DMA engines (cuMemHostRegister), so
+/// A fp32 CPU tensor of zeros page-locked for GPU `gpu`'s DMA engines (cuMemHostRegister), so
 /// that copies between it and the GPU run at full PCIe speed instead of through the driver's
 /// pageable staging. The model state in host memory (`parallel::zero`) is registered rather
 /// than allocated pinned: torch's pinned allocator rounds every block up to a power of two,
-/// which would nearly double a large unit. Unregistered on drop, which must come before the
-/// tensor's memory is freed.
+/// which would nearly double a large unit. The tensor lies on whole pages of an allocation of
+/// its own (a view two pages into a slightly larger one), and only those pages are registered:
+/// two registrations never share a page, which the driver refuses. The registration must be
+/// dropped before the tensor.
+pub fn pinned_zeros(len: i64, gpu: usize) -> Result<(tch::Tensor, HostRegistration), String> {
+    const PAGE: usize = 4096;
+    let padded = tch::Tensor::zeros([len + 2 * (PAGE / 4) as i64], (tch::Kind::Float, tch::Device::Cpu));
+    let skip = (PAGE - padded.data_ptr() as usize % PAGE) % PAGE / 4;
+    let t = padded.narrow(0, skip as i64, len);
+    let bytes = (len as usize * 4).div_ceil(PAGE) * PAGE;
+    let registration = HostRegistration::register(t.data_ptr(), bytes, gpu)?;
+    Ok((t, registration))
+}
+
+/// A page-locked range of host memory; unregistered on drop.
 pub struct HostRegistration {
     ptr: *mut c_void,
 }
@@ -78,11 +91,9 @@ pub struct HostRegistration {
 unsafe impl Send for HostRegistration {}
 
 impl HostRegistration {
-    /// Page-locks the bytes of `t` (a contiguous CPU tensor) for GPU `gpu`.
-    pub fn register(t: &tch::Tensor, gpu: usize) -> Result<HostRegistration, String> {
+    /// Page-locks `bytes` bytes at `ptr` (whole pages) for GPU `gpu`.
+    fn register(ptr: *mut c_void, bytes: usize, gpu: usize) -> Result<HostRegistration, String> {
         use cudarc::driver::{result, sys};
-        let bytes = t.numel() * t.kind().elt_size_in_bytes();
-        let ptr = t.data_ptr();
         // libtorch has made GPU `gpu`'s primary context current on this thread by now (the
         // plan's collectives ran there); make sure, for a driver-API call.
         if result::ctx::get_current().map_err(|e| e.to_string())?.is_none() {
@@ -94,8 +105,8 @@ impl HostRegistration {
                 result::ctx::set_current(ctx).map_err(|e| format!("cuCtxSetCurrent: {e}"))?;
             }
         }
-        // SAFETY: `ptr` points to `bytes` bytes of host memory that `t` owns; the caller keeps
-        // `t` alive until this registration is dropped.
+        // SAFETY: the caller owns `bytes` bytes at `ptr` and keeps them allocated until this
+        // registration is dropped.
         unsafe { sys::cuMemHostRegister_v2(ptr, bytes, 0) }
             .result()
             .map_err(|e| format!("cuMemHostRegister of {} MiB: {e}", bytes >> 20))?;

@@ -9,7 +9,7 @@
 //! they cross to the GPU every step), or in a file (`parallel::tiers`).
 use crate::comm::{Collective, CommError};
 use crate::config::ZeroStage;
-use crate::ffi::cuda::HostRegistration;
+use crate::ffi::cuda::{pinned_zeros, HostRegistration};
 use crate::ffi::transfer::{self, CopyEvent, TransferError};
 use crate::model::spec::ModelSpec;
 use crate::parallel::tiers::{DiskError, DiskShard, Region};
@@ -171,13 +171,14 @@ impl Shard {
         }
     }
 
-    /// Zeros in host memory, for a run computing on `compute` (pinned where that is a GPU).
+    /// Zeros in host memory, for a run computing on `compute` (the master weights and gradient
+    /// page-locked where that is a GPU).
     fn host(len: i64, compute: Device) -> Result<Shard, ZeroError> {
         let mut shard = Shard::zeros(len, Device::Cpu);
         if let Device::Cuda(gpu) = compute {
-            for t in [&shard.master, &shard.grad] {
-                shard._pinned.push(HostRegistration::register(t, gpu).map_err(ZeroError::Pin)?);
-            }
+            let (master, m) = pinned_zeros(len, gpu).map_err(ZeroError::Pin)?;
+            let (grad, g) = pinned_zeros(len, gpu).map_err(ZeroError::Pin)?;
+            shard = Shard { _pinned: vec![m, g], master, grad, ..shard };
         }
         Ok(shard)
     }
