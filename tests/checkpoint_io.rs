@@ -37,7 +37,8 @@ fn save_then_load_is_bit_exact() {
     let spec = ModelSpec::preset(Preset::Tiny);
     let mut params = ShardedParams::new(&spec, ZeroStage::Sharded, &Solo, Device::Cpu, |u| {
         u.tensors.iter().map(|(n, s)| init_tensor(n, s, 3, Kind::Float, Device::Cpu)).collect()
-    }).unwrap();
+    })
+    .unwrap();
     // Two optimizer steps on random gradients, so the moments are non-zero and unlike the weights.
     let adamw = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     for step in 1..=2 {

@@ -19,7 +19,8 @@ fn adamw_equals_torch() {
     tch::manual_seed(3);
     let mut params = ShardedParams::new(&spec, ZeroStage::Replicated, groups.world.as_ref(), Device::Cpu, |u| {
         u.tensors.iter().map(|(_, s)| Tensor::randn(s.as_slice(), (Kind::Float, Device::Cpu)) * 0.1).collect()
-    }).unwrap();
+    })
+    .unwrap();
     let h = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     let lrs = [1e-2, 5e-3, 2e-3];
     let named = |p: &ShardedParams| -> Vec<(String, Tensor)> { p.gather_named(groups.world.as_ref()).unwrap() };

@@ -36,7 +36,8 @@ fn params(spec: &ModelSpec, groups: &Groups) -> ShardedParams {
                 }
             })
             .collect()
-    }).unwrap()
+    })
+    .unwrap()
 }
 
 /// Random tokens for `docs` (one entry per sample), labels and positions as the loader makes

@@ -73,7 +73,8 @@ fn state_counts(log: &str) -> (usize, usize) {
 
 /// The state file's units are made in the offload folder and gone at once (unlinked).
 fn assert_no_state_files(dir: &Path) {
-    let left: Vec<_> = std::fs::read_dir(dir.join("off")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    let left: Vec<_> =
+        std::fs::read_dir(dir.join("off")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     assert!(left.iter().all(|p| !p.to_string_lossy().contains("ulysses-state")), "left behind: {left:?}");
 }
 

@@ -37,7 +37,8 @@ fn setup(spec: &ModelSpec) -> (ShardedParams, Groups) {
                 }
             })
             .collect()
-    }).unwrap();
+    })
+    .unwrap();
     (params, groups)
 }
 

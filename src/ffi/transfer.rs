@@ -202,3 +202,27 @@ pub fn to_device(t: &Tensor, device: Device) -> Result<(Tensor, CopyEvent), Tran
     let done = side_copy(&dst, &src, Some(&ready))?;
     Ok((dst, done))
 }
+
+/// The bytes of a contiguous host tensor.
+pub fn host_bytes(t: &Tensor) -> &[u8] {
+    assert!(t.device() == Device::Cpu && t.is_contiguous(), "host_bytes of a strided or device tensor");
+    let n = t.numel() * t.kind().elt_size_in_bytes();
+    if n == 0 {
+        return &[];
+    }
+    // SAFETY: a contiguous CPU tensor's storage holds `numel × element size` bytes from
+    // `data_ptr`, and it stays alive (and in place) while `t` is borrowed.
+    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) }
+}
+
+/// The bytes of a contiguous host tensor, to fill in place. The caller must hold the only use of
+/// the tensor's memory for the borrow (no other thread reads or writes it meanwhile).
+pub fn host_bytes_mut(t: &mut Tensor) -> &mut [u8] {
+    assert!(t.device() == Device::Cpu && t.is_contiguous(), "host_bytes_mut of a strided or device tensor");
+    let n = t.numel() * t.kind().elt_size_in_bytes();
+    if n == 0 {
+        return &mut [];
+    }
+    // SAFETY: as in `host_bytes`; the exclusive borrow of `t` stands for exclusive use of its memory.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, n) }
+}

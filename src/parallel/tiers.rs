@@ -8,6 +8,7 @@
 //! The file is unlinked as soon as it is made: it vanishes when the process ends, however it
 //! ends, and no other program sees it. Its space is allocated at creation, so a full disk is an
 //! error before training, not in the middle of a step.
+use crate::ffi::transfer::{host_bytes, host_bytes_mut};
 use crate::plan::memory::{DISK_CHUNK, DISK_CHUNKS_IN_FLIGHT};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -76,7 +77,13 @@ impl DiskShard {
     /// Another handle on the same file, for a background checkpoint writer to read the master
     /// weights and moments while training goes on (the next update waits for it).
     pub fn reader(&self) -> DiskShard {
-        DiskShard { file: self.file.clone(), len: self.len, unit: self.unit.clone(), dir: self.dir.clone(), grad_live: false }
+        DiskShard {
+            file: self.file.clone(),
+            len: self.len,
+            unit: self.unit.clone(),
+            dir: self.dir.clone(),
+            grad_live: false,
+        }
     }
 
     /// Writes elements `[at, at + n)` of a region to `sink` in chunks of at most `DISK_CHUNK`.
@@ -121,18 +128,16 @@ impl DiskShard {
             let _ = dst.shallow_clone().zero_();
             return Ok(());
         }
-        // SAFETY: `dst` is a contiguous fp32 CPU tensor, borrowed for the call.
-        let buf = unsafe { bytes_mut(dst) };
-        self.file.read_exact_at(buf, self.offset(region, at)).map_err(self.failed("reading"))
+        // The caller's tensor is this call's alone while it is filled.
+        let mut dst = dst.shallow_clone();
+        self.file.read_exact_at(host_bytes_mut(&mut dst), self.offset(region, at)).map_err(self.failed("reading"))
     }
 
     /// Writes `src` (any float CPU tensor; fp32 contiguous is copied as is) into the region from
     /// element `at`.
     pub fn write(&self, region: Region, at: i64, src: &Tensor) -> Result<(), DiskError> {
         let src = src.to_kind(Kind::Float).contiguous();
-        // SAFETY: a contiguous fp32 CPU tensor, alive for the call.
-        let buf = unsafe { bytes(&src) };
-        self.file.write_all_at(buf, self.offset(region, at)).map_err(self.failed("writing"))
+        self.file.write_all_at(host_bytes(&src), self.offset(region, at)).map_err(self.failed("writing"))
     }
 
     /// Adds a landed gradient (`[len]`, CPU) into the gradient region, chunk by chunk: a write
@@ -237,21 +242,4 @@ impl DiskShard {
             written.map_err(E::from)
         })
     }
-}
-
-/// The bytes of a contiguous CPU tensor.
-///
-/// # Safety
-/// `t` must be a contiguous CPU tensor that outlives the slice and is not written meanwhile.
-unsafe fn bytes(t: &Tensor) -> &[u8] {
-    std::slice::from_raw_parts(t.data_ptr() as *const u8, t.numel() * t.kind().elt_size_in_bytes())
-}
-
-/// The bytes of a contiguous CPU tensor, to fill.
-///
-/// # Safety
-/// `t` must be a contiguous CPU tensor that outlives the slice, with no other access meanwhile.
-#[allow(clippy::mut_from_ref)]
-unsafe fn bytes_mut(t: &Tensor) -> &mut [u8] {
-    std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, t.numel() * t.kind().elt_size_in_bytes())
 }

@@ -351,7 +351,8 @@ impl MemoryPlan {
     /// This estimate with the state of each unit where `state` says (and what that costs in
     /// staging), layer inputs and attention as they were.
     fn with_state(&self, state: &[Place]) -> MemoryPlan {
-        let total = |place| (0..state.len()).filter(|&u| state[u] == place).map(|u| self.unit_state(u)).fold(0.0, |a, b| a + b);
+        let total =
+            |place| (0..state.len()).filter(|&u| state[u] == place).map(|u| self.unit_state(u)).fold(0.0, |a, b| a + b);
         let largest = |tiers: &[Place]| {
             (0..state.len()).filter(|&u| tiers.contains(&state[u])).map(|u| self.unit_state(u)).fold(0.0, f64::max)
         };
@@ -371,7 +372,8 @@ impl MemoryPlan {
         let optimizer_gpu = if self.device == DeviceKind::Cpu { 0.0 } else { total(Place::Device) };
         MemoryPlan {
             optimizer_gpu,
-            optimizer_host: total(Place::Host) + if self.device == DeviceKind::Cpu { total(Place::Device) } else { 0.0 },
+            optimizer_host: total(Place::Host)
+                + if self.device == DeviceKind::Cpu { total(Place::Device) } else { 0.0 },
             optimizer_disk: total(Place::Disk),
             checkpoint_staging: optimizer_gpu * self.checkpoint_staging_per_state,
             state_staging,

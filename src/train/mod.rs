@@ -405,7 +405,10 @@ impl<'a> Run<'a> {
         if let Device::Cuda(i) = self.device {
             tch::Cuda::synchronize(i as i64);
         }
-        if self.mesh.world_rank == 0 && self.exp.metrics.time_split_every > 0 && step % self.exp.metrics.time_split_every == 0 {
+        if self.mesh.world_rank == 0
+            && self.exp.metrics.time_split_every > 0
+            && step % self.exp.metrics.time_split_every == 0
+        {
             // Where an update with state off the GPU spends its time (rank 0's view).
             log::info!(
                 "optimizer of step {step}: gradients landed and norm {landed_and_normed:.2} s, AdamW {:.2} s ({} threads)",

@@ -63,7 +63,8 @@ impl Budget {
     /// folder, within its free space.
     pub fn measure(memory: &MemoryConfig, gpu: Option<usize>, ranks_per_node: usize) -> Result<Budget, BudgetError> {
         let ranks = ranks_per_node.max(1) as f64;
-        let disk = free_disk_bytes(&memory.offload_dir()).map_or(f64::INFINITY, |free| (free - DISK_RESERVE).max(0.0) / ranks);
+        let disk =
+            free_disk_bytes(&memory.offload_dir()).map_or(f64::INFINITY, |free| (free - DISK_RESERVE).max(0.0) / ranks);
         let Some(gpu) = gpu else {
             let host = if memory.host_gib > 0.0 { memory.host_gib * GIB / ranks } else { f64::INFINITY };
             return Ok(Budget { gpu: f64::INFINITY, host, disk });

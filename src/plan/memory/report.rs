@@ -28,7 +28,11 @@ pub fn table(plan: &MemoryPlan, budget: &Budget) -> String {
         bytes,
     );
     if plan.state_staging > 0.0 {
-        row("staging of the state off the GPU (landing grads, disk chunks)", [None, Some(plan.state_staging), None], bytes);
+        row(
+            "staging of the state off the GPU (landing grads, disk chunks)",
+            [None, Some(plan.state_staging), None],
+            bytes,
+        );
     }
     row(
         &format!("layer inputs kept for backward ({n} × {})", bytes(plan.input_per_layer)),

@@ -247,7 +247,7 @@ fn copies_in_flight_count_until_gpu_resident_layers_have_freed_room() {
             qkv_once: false,
             mlp: vec![false; 32],
         })
-            .staging
+        .staging
     };
     // Layer 31's input and layer 30's (fetched one layer ahead) with nothing freed yet; then
     // each GPU-resident last layer frees the room of one.

@@ -3,8 +3,9 @@
 //! (names, shapes, flat offsets) and each slice's file and byte offsets. `Source` reads any flat
 //! range of any unit from a checkpoint of either format, touching only the bytes of that range,
 //! so a job of any layout loads what any other layout saved.
-use super::tensor_file::{self, host_bytes_mut, read_at, Layout};
+use super::tensor_file::{self, read_at, Layout};
 use super::{io_err, CheckpointError, EXP_AVG, EXP_AVG_SQ, OPTIMIZER};
+use crate::ffi::transfer::host_bytes_mut;
 use crate::model::spec::ModelSpec;
 use crate::model::weights::WeightsError;
 use crate::parallel::zero::{model_units, State, Unit};

@@ -4,13 +4,14 @@
 //! of it. The bytes are the safetensors format (8-byte little-endian header length, a JSON
 //! header, then the data), so `safetensors.safe_open` and transformers read these files too.
 use super::{io_err, CheckpointError};
+use crate::ffi::transfer::host_bytes;
 use safetensors::tensor::{Dtype, TensorInfo};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// The header of a file to write: every tensor's name, dtype, shape and place, in data order.
 pub struct Layout {
@@ -201,33 +202,10 @@ pub fn dtype_of(kind: Kind) -> Dtype {
     }
 }
 
-/// The bytes of a contiguous host tensor.
-pub fn host_bytes(t: &Tensor) -> &[u8] {
-    assert!(t.device() == Device::Cpu && t.is_contiguous(), "host_bytes of a strided or device tensor");
-    let n = t.numel() * t.kind().elt_size_in_bytes();
-    if n == 0 {
-        return &[];
-    }
-    // SAFETY: a contiguous CPU tensor's storage holds `numel × element size` bytes from
-    // `data_ptr`, and it stays alive (and in place) while `t` is borrowed.
-    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) }
-}
-
-/// The bytes of a contiguous host tensor, to fill in place. The caller must hold the only use of
-/// the tensor's memory for the borrow (no other thread reads or writes it meanwhile).
-pub fn host_bytes_mut(t: &mut Tensor) -> &mut [u8] {
-    assert!(t.device() == Device::Cpu && t.is_contiguous(), "host_bytes_mut of a strided or device tensor");
-    let n = t.numel() * t.kind().elt_size_in_bytes();
-    if n == 0 {
-        return &mut [];
-    }
-    // SAFETY: as in `host_bytes`; the exclusive borrow of `t` stands for exclusive use of its memory.
-    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, n) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
 
     #[test]
     fn a_streamed_file_is_a_safetensors_file_and_truncation_is_caught() {
