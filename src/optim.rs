@@ -4,7 +4,7 @@
 //! shard's fp32 state lives: the GPU, or host memory when the optimizer is offloaded.
 use crate::comm::{all_reduce_f64, all_reduce_f64s, Collective};
 use crate::config::{TrainConfig, ZeroStage};
-use crate::ffi::{optim::fused_adamw, ShimError};
+use crate::ffi::{optim::fused_adamw, transfer::host_f32s, ShimError};
 use crate::parallel::tiers::{DiskError, Region};
 use crate::parallel::zero::{ShardMut, ShardedParams, Unit, UnitId, ZeroError};
 use crate::plan::memory::DISK_CHUNK;
@@ -152,16 +152,44 @@ fn local_grad_squares(params: &mut ShardedParams) -> Result<Vec<(UnitId, f64)>, 
 }
 
 /// Σ t² in fp64. In host memory piece by piece, as a shard on disk streams: the same sums in the
-/// same order whichever tier holds a unit, and no temporary the size of the shard.
+/// same order whichever tier holds a unit.
 fn square_sum(t: &Tensor) -> f64 {
     if t.device() != Device::Cpu {
         return t.square().sum(Kind::Double).double_value(&[]);
     }
-    let len = t.numel() as i64;
-    (0..len)
-        .step_by(DISK_CHUNK as usize)
-        .map(|at| t.narrow(0, at, DISK_CHUNK.min(len - at)).square().sum(Kind::Double).double_value(&[]))
-        .sum()
+    let threads = tch::get_num_threads().max(1) as usize;
+    host_f32s(&t.contiguous()).chunks(DISK_CHUNK as usize).map(|piece| host_square_sum(piece, threads)).sum()
+}
+
+/// Σ x² in fp64 of a host piece, on `threads` threads: fixed blocks, each summed by one thread,
+/// the block sums added in order, so the bits do not depend on the thread count. libtorch's
+/// `square().sum(Double)` made two passes through a temporary and took several times AdamW's
+/// own time over the same state (a 2-core machine, 200M parameters: 1.47 s against 0.25 s).
+fn host_square_sum(x: &[f32], threads: usize) -> f64 {
+    const BLOCK: usize = 1 << 16;
+    let blocks: Vec<&[f32]> = x.chunks(BLOCK).collect();
+    let mut sums = vec![0.0; blocks.len()];
+    let per_thread = blocks.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (out, mine) in sums.chunks_mut(per_thread).zip(blocks.chunks(per_thread)) {
+            scope.spawn(move || out.iter_mut().zip(mine).for_each(|(o, b)| *o = block_square_sum(b)));
+        }
+    });
+    sums.iter().sum()
+}
+
+/// Σ x² in fp64 over eight running sums: independent additions the core overlaps, where one sum
+/// would wait for each addition before the next.
+fn block_square_sum(x: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let mut lanes = x.chunks_exact(8);
+    for lane in &mut lanes {
+        for (a, &v) in acc.iter_mut().zip(lane) {
+            *a += f64::from(v) * f64::from(v);
+        }
+    }
+    let rest: f64 = lanes.remainder().iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    acc.iter().sum::<f64>() + rest
 }
 
 /// The factor that scales gradients of norm `norm` down to `max_norm` (torch's
@@ -183,5 +211,18 @@ mod tests {
         assert_eq!(clip_scale(0.5, 1.0), 1.0);
         assert_eq!(clip_scale(5.0, 0.0), 1.0);
         assert!((clip_scale(4.0, 1.0) - 1.0 / (4.0 + 1e-6)).abs() < 1e-15);
+    }
+
+    #[test]
+    fn the_host_square_sum_is_exact_in_fp64_and_the_same_on_any_thread_count() {
+        // Not a multiple of the block or of the eight lanes: the remainders are summed too.
+        let x = Tensor::randn([(1 << 18) + 12_345], (Kind::Float, Device::Cpu));
+        let exact = x.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]);
+        let one = host_square_sum(host_f32s(&x), 1);
+        assert!((one - exact).abs() <= 1e-12 * exact, "{one} against {exact}");
+        for threads in [2, 3, 16] {
+            assert_eq!(host_square_sum(host_f32s(&x), threads).to_bits(), one.to_bits(), "{threads} threads");
+        }
+        assert_eq!(square_sum(&x).to_bits(), one.to_bits(), "one piece: the shard's sum");
     }
 }

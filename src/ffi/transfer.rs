@@ -215,6 +215,15 @@ pub fn host_bytes(t: &Tensor) -> &[u8] {
     unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) }
 }
 
+/// The values of a contiguous fp32 host tensor.
+pub fn host_f32s(t: &Tensor) -> &[f32] {
+    assert!(t.kind() == tch::Kind::Float, "host_f32s of a {:?} tensor", t.kind());
+    let bytes = host_bytes(t);
+    // SAFETY: an fp32 tensor's storage is aligned for f32 (libtorch allocates 64-byte aligned
+    // blocks and views start on element boundaries) and holds `bytes.len() / 4` of them.
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const f32, bytes.len() / 4) }
+}
+
 /// The bytes of a contiguous host tensor, to fill in place. The caller must hold the only use of
 /// the tensor's memory for the borrow (no other thread reads or writes it meanwhile).
 pub fn host_bytes_mut(t: &mut Tensor) -> &mut [u8] {
