@@ -167,12 +167,11 @@ fn square_sum(t: &Tensor) -> f64 {
 /// own time over the same state (a 2-core machine, 200M parameters: 1.47 s against 0.25 s).
 fn host_square_sum(x: &[f32], threads: usize) -> f64 {
     const BLOCK: usize = 1 << 16;
-    let blocks: Vec<&[f32]> = x.chunks(BLOCK).collect();
-    let mut sums = vec![0.0; blocks.len()];
-    let per_thread = blocks.len().div_ceil(threads).max(1);
+    let mut sums = vec![0.0; x.len().div_ceil(BLOCK)];
+    let per_thread = sums.len().div_ceil(threads).max(1);
     std::thread::scope(|scope| {
-        for (out, mine) in sums.chunks_mut(per_thread).zip(blocks.chunks(per_thread)) {
-            scope.spawn(move || out.iter_mut().zip(mine).for_each(|(o, b)| *o = block_square_sum(b)));
+        for (out, mine) in sums.chunks_mut(per_thread).zip(x.chunks(per_thread * BLOCK)) {
+            scope.spawn(move || out.iter_mut().zip(mine.chunks(BLOCK)).for_each(|(o, b)| *o = block_square_sum(b)));
         }
     });
     sums.iter().sum()
