@@ -1,10 +1,12 @@
 //! AdamW on this rank's ZeRO shards: torch.optim.AdamW's update (decoupled weight decay, applied
 //! to the matrices only, not to norms), the global gradient norm and its clipping factor. The
 //! update of each shard is libtorch's fused kernel (`ffi::optim`), on whichever device the
-//! shard's fp32 state lives: the GPU, or host memory when the optimizer is offloaded.
+//! shard's fp32 state lives: the GPU, host memory (on a worker thread, beside the next step's
+//! forward) or streamed from disk.
 use crate::comm::{all_reduce_f64, all_reduce_f64s, Collective};
 use crate::config::{TrainConfig, ZeroStage};
 use crate::ffi::{optim::fused_adamw, transfer::host_f32s, ShimError};
+use crate::parallel::deferred::HostJob;
 use crate::parallel::tiers::{DiskError, Region};
 use crate::parallel::zero::{ShardMut, ShardedParams, Unit, UnitId, ZeroError};
 use crate::plan::memory::DISK_CHUNK;
@@ -27,13 +29,33 @@ impl AdamW {
     /// One update of every local shard at learning rate `lr` and 1-based `step`, with the
     /// gradients scaled by `grad_scale` (clipping: `clip_scale`); then clears the gradients.
     /// Waits for gradients still on their way to host memory first. A shard in memory is
-    /// updated in one pass (libtorch's fused kernel, on the GPU or multi-threaded on the CPU);
-    /// one on disk chunk by chunk as it streams through host memory.
+    /// updated in one pass of libtorch's fused kernel: on the GPU, queued there; in host memory,
+    /// multi-threaded on the CPU by `params`' worker thread, and this returns before it is done
+    /// (the next step's forward waits for each unit as it gathers it, so the host's work overlaps
+    /// the GPU's). One on disk is updated chunk by chunk as it streams through host memory.
     pub fn step(&self, params: &mut ShardedParams, lr: f64, step: i64, grad_scale: f64) -> Result<(), OptimError> {
+        let mut host: Vec<(UnitId, HostJob)> = Vec::new();
         for (unit, start, shard) in params.shards_mut()? {
+            let decay = matrix_ranges(unit);
             match shard {
+                ShardMut::Memory(s) if s.master.device() == Device::Cpu => {
+                    let t = [&s.master, &s.grad, &s.exp_avg, &s.exp_avg_sq].map(Tensor::shallow_clone);
+                    // Cleared by the job; the gradient's next use waits for it.
+                    s.grad_zero = true;
+                    let adamw = *self;
+                    host.push((
+                        unit.id,
+                        Box::new(move || {
+                            adamw
+                                .update(&decay, start, [&t[0], &t[1], &t[2], &t[3]], lr, step, grad_scale)
+                                .map_err(|e| e.to_string())?;
+                            let _ = t[1].shallow_clone().zero_();
+                            Ok(())
+                        }),
+                    ));
+                }
                 ShardMut::Memory(s) => {
-                    self.update(unit, start, [&s.master, &s.grad, &s.exp_avg, &s.exp_avg_sq], lr, step, grad_scale)?;
+                    self.update(&decay, start, [&s.master, &s.grad, &s.exp_avg, &s.exp_avg_sq], lr, step, grad_scale)?;
                     let _ = s.grad.zero_();
                     s.grad_zero = true;
                 }
@@ -41,20 +63,22 @@ impl AdamW {
                     let read = [Region::Master, Region::Grad, Region::ExpAvg, Region::ExpAvgSq];
                     let write = [Region::Master, Region::ExpAvg, Region::ExpAvgSq];
                     d.stream(&read, &write, |at, c: &[Tensor]| {
-                        self.update(unit, start + at, [&c[0], &c[1], &c[2], &c[3]], lr, step, grad_scale)
+                        self.update(&decay, start + at, [&c[0], &c[1], &c[2], &c[3]], lr, step, grad_scale)
                     })?;
                     d.grad_live = false;
                 }
             }
         }
+        params.defer(host)?;
         Ok(())
     }
 
     /// AdamW on one contiguous piece of a unit's flat vector that starts at element `start` of
-    /// the unit: `[master, grad, exp_avg, exp_avg_sq]`, changed in place (the gradient scaled).
+    /// the unit: `[master, grad, exp_avg, exp_avg_sq]`, changed in place (the gradient scaled);
+    /// weight decay on the unit's flat ranges `decay` (its matrices).
     fn update(
         &self,
-        unit: &Unit,
+        decay: &[(i64, i64)],
         start: i64,
         [master, grad, exp_avg, exp_avg_sq]: [&Tensor; 4],
         lr: f64,
@@ -67,7 +91,7 @@ impl AdamW {
         }
         if self.weight_decay > 0.0 {
             // Decay only the matrices: intersect their flat ranges with this piece.
-            for (a, b) in matrix_ranges(unit) {
+            for &(a, b) in decay {
                 let (lo, hi) = (a.max(start), b.min(start + len));
                 if lo < hi {
                     let _ = master.narrow(0, lo - start, hi - lo).g_mul_scalar_(1.0 - lr * self.weight_decay);

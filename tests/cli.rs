@@ -49,6 +49,10 @@ fn check_places_layer_inputs_and_kept_attention() {
         "{t}"
     );
     assert!(t.contains("fits       up to "), "{t}");
+    // experiments/llama8b.toml sets no budget: all three are defaults, and the report says so.
+    let defaults = "budgets    defaults, not this machine's, where not given: --gpu-mem-gib (memory.gpu_gib), \
+                    --host-mem-gib (memory.host_gib), --disk-gib\n";
+    assert!(t.contains(defaults), "{t}");
 }
 
 #[test]
@@ -58,6 +62,7 @@ fn check_says_why_a_plan_does_not_fit_and_what_would_help() {
     let out = ulysses(&[&["check", "experiments/llama8b.toml"][..], &flags].concat(), root());
     let t = text(&out);
     assert!(out.status.success(), "{t}");
+    assert!(!t.contains("budgets    defaults"), "every budget was given: {t}");
     assert!(
         t.contains("placement  does not fit in memory: the host staging of asynchronous checkpoints (11.2 GiB) needs 11.2 GiB of host memory but the budget is 5.0 GiB per rank."),
         "{t}"

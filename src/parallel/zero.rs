@@ -6,12 +6,15 @@
 //! every rank keeps the whole vector and gradients are all-reduced. The update of the shards is
 //! the optimizer's (`crate::optim`). Each unit's shard lives where the memory plan put it
 //! (`StateTiers`): on the GPU, in host memory (its master weights and gradient page-locked, as
-//! they cross to the GPU every step), or in a file (`parallel::tiers`).
+//! they cross to the GPU every step), or in a file (`parallel::tiers`). The update of a shard in
+//! host memory can run on a worker thread (`defer`) while the GPU goes on; every use of that
+//! unit's state waits for it.
 use crate::comm::{Collective, CommError};
 use crate::config::ZeroStage;
 use crate::ffi::cuda::{pinned_zeros, HostRegistration};
 use crate::ffi::transfer::{self, CopyEvent, TransferError};
 use crate::model::spec::ModelSpec;
+use crate::parallel::deferred::{Deferred, HostJob};
 use crate::parallel::tiers::{DiskError, DiskShard, Region};
 use crate::plan::memory::Place;
 use std::fmt;
@@ -96,6 +99,8 @@ pub enum ZeroError {
     Disk(#[from] DiskError),
     #[error("page-locking the optimizer state in host memory: {0}")]
     Pin(String),
+    #[error("the optimizer update of {unit} in host memory: {reason}")]
+    Update { unit: UnitId, reason: String },
 }
 
 /// Per-unit optimizer state of this rank in memory (the GPU, or host memory): the slice
@@ -215,6 +220,9 @@ enum Slot {
 }
 
 pub struct ShardedParams {
+    /// Per unit: the job on its state in host memory that a worker thread may still be running
+    /// (`defer`). First, to be dropped first: dropping waits for the jobs.
+    deferred: Deferred,
     units: Vec<Unit>,
     slots: Vec<Slot>,
     stage: ZeroStage,
@@ -283,7 +291,8 @@ impl ShardedParams {
             })
             .collect::<Result<Vec<Slot>, ZeroError>>()?;
         let in_flight = units.iter().map(|_| None).collect();
-        Ok(ShardedParams { units, slots, stage, rank: rank as i64, device: state.device, in_flight })
+        let deferred = Deferred::new(units.len());
+        Ok(ShardedParams { units, slots, stage, rank: rank as i64, device: state.device, in_flight, deferred })
     }
 
     /// Every unit, in the order of `model_units`.
@@ -311,6 +320,7 @@ impl ShardedParams {
     /// One fp32 state of this rank's shard of a unit in memory (`[len]`, on the GPU or in host
     /// memory), for a checkpoint to write where it lies; None for a unit on disk.
     pub fn memory_state(&self, id: UnitId, which: State) -> Option<&Tensor> {
+        self.assert_settled(id);
         match &self.slots[self.index(id)] {
             Slot::Memory(s) => Some(s.state(which)),
             Slot::Disk(_) => None,
@@ -319,6 +329,7 @@ impl ShardedParams {
 
     /// The disk shard of a unit whose state is on disk.
     pub fn disk_shard(&self, id: UnitId) -> Option<&DiskShard> {
+        self.assert_settled(id);
         match &self.slots[self.index(id)] {
             Slot::Disk(d) => Some(d),
             Slot::Memory(_) => None,
@@ -328,6 +339,7 @@ impl ShardedParams {
     /// Elements `[at, at + n)` of one state of this rank's shard of a unit: a view where it lies
     /// in memory, a new CPU tensor read from its file on disk.
     pub fn read_state(&self, id: UnitId, which: State, at: i64, n: i64) -> Result<Tensor, DiskError> {
+        self.assert_settled(id);
         match &self.slots[self.index(id)] {
             Slot::Memory(s) => Ok(s.state(which).narrow(0, at, n)),
             Slot::Disk(d) => d.read(which.region(), at, n),
@@ -336,6 +348,7 @@ impl ShardedParams {
 
     /// Overwrites elements `[at, at + len(src))` of one state of this rank's shard of a unit.
     pub fn write_state(&self, id: UnitId, which: State, at: i64, src: &Tensor) -> Result<(), DiskError> {
+        self.assert_settled(id);
         match &self.slots[self.index(id)] {
             Slot::Memory(s) => {
                 s.state(which).narrow(0, at, src.numel() as i64).copy_(src);
@@ -394,6 +407,7 @@ impl ShardedParams {
         device: Device,
     ) -> Result<Vec<Tensor>, ZeroError> {
         let unit = self.index(id);
+        self.wait(unit)?;
         let local = match &self.slots[unit] {
             Slot::Memory(s) => s.state(which).to_device(device).to_kind(kind),
             Slot::Disk(d) => d.read(which.region(), 0, d.len())?.to_device(device).to_kind(kind),
@@ -417,6 +431,7 @@ impl ShardedParams {
         full: Option<&[Tensor]>,
     ) -> Result<(), ZeroError> {
         let unit = self.index(id);
+        self.wait(unit)?;
         let u = &self.units[unit];
         let flat = match full {
             Some(tensors) => flatten_padded(tensors, u.padded),
@@ -438,6 +453,7 @@ impl ShardedParams {
     /// summed over every rank in fp32, then each rank keeps its slice.
     pub fn accumulate(&mut self, world: &dyn Collective, id: UnitId, grads: &[Tensor]) -> Result<(), ZeroError> {
         let unit = self.index(id);
+        self.wait(unit)?;
         let flat = flatten_padded(grads, self.units[unit].padded);
         let mine = match self.stage {
             ZeroStage::Replicated => world.all_reduce(&flat)?,
@@ -513,6 +529,7 @@ impl ShardedParams {
     /// This rank's shards with where each starts in its flat unit, for the optimizer, once every
     /// gradient still on its way to host memory has landed.
     pub fn shards_mut(&mut self) -> Result<impl Iterator<Item = (&Unit, i64, ShardMut<'_>)>, ZeroError> {
+        self.settle()?;
         (0..self.units.len()).try_for_each(|u| self.land_unit(u))?;
         let starts: Vec<i64> = (0..self.units.len()).map(|u| self.shard_start(u)).collect();
         Ok(self.units.iter().zip(starts).zip(self.slots.iter_mut()).map(|((u, start), s)| {
@@ -524,6 +541,34 @@ impl ShardedParams {
         }))
     }
 
+    /// Hands `jobs` (each on the state of its unit in host memory, in the order given: the order
+    /// the next forward gathers them) to the worker thread and returns at once. Each unit's
+    /// next use waits for its job: a gather, a load or a gradient (`wait`), the optimizer
+    /// (`shards_mut`); the other accessors need `settle` first.
+    pub fn defer(&mut self, jobs: Vec<(UnitId, HostJob)>) -> Result<(), ZeroError> {
+        for (id, job) in jobs {
+            let unit = self.index(id);
+            self.deferred.push(unit, job).map_err(|reason| ZeroError::Update { unit: id, reason })?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every deferred job; fails with the first that failed.
+    pub fn settle(&self) -> Result<(), ZeroError> {
+        (0..self.units.len()).try_for_each(|u| self.wait(u))
+    }
+
+    /// Waits for a unit's deferred job, if one is pending.
+    fn wait(&self, unit: usize) -> Result<(), ZeroError> {
+        self.deferred.wait(unit).map_err(|reason| ZeroError::Update { unit: self.units[unit].id, reason })
+    }
+
+    /// A use of the state that cannot wait (it returns no ZeroError) comes after `settle`.
+    fn assert_settled(&self, id: UnitId) {
+        let pending = self.deferred.is_pending(self.index(id));
+        assert!(!pending, "the state of {id} used while its deferred update may run: settle() first");
+    }
+
     /// Whether gradients are summed over ranks into shards (stage 3: the shards of all ranks
     /// together hold the model) or replicated (stage 0: every rank holds all of it).
     pub fn stage(&self) -> ZeroStage {
@@ -533,6 +578,7 @@ impl ShardedParams {
     /// This rank's accumulated gradient of a unit as named tensors; the whole gradient when the
     /// shard is the whole unit (stage 0, or a world of one rank).
     pub fn unit_grads(&self, id: UnitId) -> Result<Vec<(String, Tensor)>, DiskError> {
+        self.assert_settled(id);
         let unit = self.index(id);
         assert!(self.in_flight[unit].is_none(), "unit_grads before the gradients landed (shards_mut)");
         let u = &self.units[unit];

@@ -43,6 +43,18 @@ pub fn report(exp: &Experiment, spec: &ModelSpec, world: usize, flags: &CheckBud
     s += &memory_report(exp, spec, world, &budget);
     let disk = flags.disk_gib.map_or("unlimited disk".into(), |d| format!("{d} GiB of disk"));
     let with = format!("{gpu_gib} GiB per GPU, {host_gib} GiB of host memory and {disk} per node ({per_node} ranks)");
+    // `check` plans for stated budgets, not for the machine it runs on (often a login node).
+    let defaults: Vec<&str> = [
+        (flags.gpu_gib.is_none() && exp.memory.gpu_gib <= 0.0, "--gpu-mem-gib (memory.gpu_gib)"),
+        (flags.host_gib.is_none() && exp.memory.host_gib <= 0.0, "--host-mem-gib (memory.host_gib)"),
+        (flags.disk_gib.is_none(), "--disk-gib"),
+    ]
+    .into_iter()
+    .filter_map(|(default, name)| default.then_some(name))
+    .collect();
+    if !defaults.is_empty() {
+        let _ = writeln!(s, "budgets    defaults, not this machine's, where not given: {}", defaults.join(", "));
+    }
     let _ = match longest_fit(&exp.parallel, &exp.train, &exp.checkpoint, spec, world, &budget) {
         Some(fit) => writeln!(s, "fits       up to {fit} tokens with {with}"),
         None => writeln!(s, "fits       nothing: even {} tokens exceed {with}", exp.parallel.sp * 1024),

@@ -409,9 +409,11 @@ impl<'a> Run<'a> {
             && self.exp.metrics.time_split_every > 0
             && step % self.exp.metrics.time_split_every == 0
         {
-            // Where an update with state off the GPU spends its time (rank 0's view).
+            // Where an update with state off the GPU spends its time (rank 0's view). The host
+            // units' AdamW is not in it: it runs beside the next step's forward.
             log::info!(
-                "optimizer of step {step}: gradients landed and norm {landed_and_normed:.2} s, AdamW {:.2} s ({} threads)",
+                "optimizer of step {step}: gradients landed and norm {landed_and_normed:.2} s, AdamW on the GPU and \
+                 disk {:.2} s ({} threads)",
                 updating.elapsed().as_secs_f64(),
                 tch::get_num_threads()
             );

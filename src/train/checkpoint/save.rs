@@ -180,6 +180,8 @@ impl Checkpointer {
     ) -> Result<(), CheckpointError> {
         self.finish(world)?;
         let started = Instant::now();
+        // The state to save is the updated one: the update of host-memory units may still run.
+        params.settle()?;
         let tmp = checkpoints_dir(&self.run_dir).join(format!("{}.tmp-{}", step_dir_name(state.step), self.job));
         if self.rank == 0 {
             prepare_dir(&self.run_dir)?;
