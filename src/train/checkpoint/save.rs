@@ -141,6 +141,7 @@ impl Checkpointer {
     ) -> Result<Checkpointer, CheckpointError> {
         let job = broadcast_i64(world, std::process::id() as i64, 0)?;
         let (rank, size) = (world.rank(), world.size());
+        params.settle()?;
         // Only state on a GPU is staged; state in host memory is written where it lies.
         let on_gpu = staged_elements(params, &slices(params.units(), params, rank, size));
         let staging = match (asynchronous, on_gpu > 0) {
