@@ -145,7 +145,11 @@ for _ in $(seq 120); do
 done
 [ "$(state)" = PENDING ] || fail "job $JOB did not requeue itself (state $(state))"
 # Slurm holds a requeued job back for a while (Reason=BeginTime, about two minutes); a test
-# need not wait for that.
+# need not wait for that, but past the second of the first start's end it must: slurmd refuses
+# a credential issued in the same second as the revocation of the old one ("Job credential
+# revoked", the job FAILED). A start time in the future would wait for the scheduler's next
+# periodic pass (a minute); now, two seconds on, starts it at once.
+sleep 2
 scontrol update JobId="$JOB" StartTime=now
 say "job $JOB requeued itself ($(scontrol show job "$JOB" | grep -o 'Restarts=[0-9]*')); waiting for it to resume and finish"
 
