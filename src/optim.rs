@@ -38,25 +38,22 @@ impl AdamW {
         for (unit, start, shard) in params.shards_mut()? {
             let decay = matrix_ranges(unit);
             match shard {
-                ShardMut::Memory(s) if s.master.device() == Device::Cpu => {
-                    let t = [&s.master, &s.grad, &s.exp_avg, &s.exp_avg_sq].map(Tensor::shallow_clone);
-                    // Cleared by the job; the gradient's next use waits for it.
-                    s.grad_zero = true;
-                    let adamw = *self;
-                    host.push((
-                        unit.id,
-                        Box::new(move || {
-                            adamw
-                                .update(&decay, start, [&t[0], &t[1], &t[2], &t[3]], lr, step, grad_scale)
-                                .map_err(|e| e.to_string())?;
-                            let _ = t[1].shallow_clone().zero_();
-                            Ok(())
-                        }),
-                    ));
-                }
                 ShardMut::Memory(s) => {
-                    self.update(&decay, start, [&s.master, &s.grad, &s.exp_avg, &s.exp_avg_sq], lr, step, grad_scale)?;
-                    let _ = s.grad.zero_();
+                    let state = [&s.master, &s.grad, &s.exp_avg, &s.exp_avg_sq].map(Tensor::shallow_clone);
+                    if s.master.device() == Device::Cpu {
+                        let adamw = *self;
+                        host.push((
+                            unit.id,
+                            Box::new(move || {
+                                adamw
+                                    .update_and_clear(&decay, start, &state, lr, step, grad_scale)
+                                    .map_err(|e| e.to_string())
+                            }),
+                        ));
+                    } else {
+                        self.update_and_clear(&decay, start, &state, lr, step, grad_scale)?;
+                    }
+                    // In host memory the job clears it; the gradient's next use waits for the job.
                     s.grad_zero = true;
                 }
                 ShardMut::Disk(d) => {
@@ -70,6 +67,22 @@ impl AdamW {
             }
         }
         params.defer(host)?;
+        Ok(())
+    }
+
+    /// `update` of a whole shard in memory, `[master, grad, exp_avg, exp_avg_sq]`, then its
+    /// gradient cleared for the next step's accumulation.
+    fn update_and_clear(
+        &self,
+        decay: &[(i64, i64)],
+        start: i64,
+        [master, grad, exp_avg, exp_avg_sq]: &[Tensor; 4],
+        lr: f64,
+        step: i64,
+        grad_scale: f64,
+    ) -> Result<(), OptimError> {
+        self.update(decay, start, [master, grad, exp_avg, exp_avg_sq], lr, step, grad_scale)?;
+        let _ = grad.shallow_clone().zero_();
         Ok(())
     }
 

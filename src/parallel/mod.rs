@@ -3,4 +3,5 @@
 pub mod deferred;
 pub mod tiers;
 pub mod ulysses;
+pub mod units;
 pub mod zero;
