@@ -105,7 +105,7 @@ python3 - "$OUTD" "$STEPS" "$SPLIT_EVERY" "${DOC_LEN:-0}" "${LAYERS:-32}" "$SP" 
 import glob, json, re, sys
 out, steps, split_every, doc_len, layers, sp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 def attention_fwd_flops_per_gpu(seq):
-    # 2·Σ len²·n_q·d·L (train/flops.rs), Llama-3.1-8B's 32 query heads of 128, split over SP.
+    # 2·Σ len²·n_q·d·L (plan/flops.rs), Llama-3.1-8B's 32 query heads of 128, split over SP.
     lens = [doc_len] * (seq // doc_len) + ([seq % doc_len] if seq % doc_len else []) if doc_len else [seq]
     return 2.0 * sum(l * l for l in lens) * 32 * 128 * layers / sp
 rows = []

@@ -7,7 +7,7 @@
 #   python3 bench/varlen_probe.py                 # 256K tokens, 32 query / 8 KV heads of 128
 #   S=65536 HQ=8 HKV=2 python3 bench/varlen_probe.py
 # Prints one JSON object. FLOPs: forward 2·Σ len²·n_q·d (causal half of QKᵀ and PV, as
-# src/train/flops.rs), forward + backward 3.5× that (the backward recomputes QKᵀ); full causal
+# src/plan/flops.rs), forward + backward 3.5× that (the backward recomputes QKᵀ); full causal
 # has one document of S tokens. Adapted from ../shared/probes/varlen_probe.py.
 import json
 import os

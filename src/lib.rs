@@ -9,7 +9,10 @@
 //! - `model`: Llama on tch, unaware of any parallelism (attention comes through a seam);
 //! - `parallel`: Ulysses all-to-alls and ZeRO parameter shards; `optim`: AdamW on the shards;
 //! - `plan`: what `ulysses check` prints, including the memory plan (plain arithmetic);
-//! - `train` (the step, the loop, checkpoints, metrics), `eval`, `report`, `launch`.
+//! - `checkpoint` (the sharded checkpoint format and the Hugging Face export), `metrics` (metrics.h5,
+//!   TensorBoard, progress lines, the time split);
+//! - `train` (the step and the loop), `eval`, `report`, `launch`.
+pub mod checkpoint;
 pub mod comm;
 pub mod config;
 pub mod data;
@@ -18,6 +21,7 @@ pub mod ffi;
 pub mod h5;
 pub mod launch;
 pub mod layout;
+pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod parallel;
@@ -26,3 +30,4 @@ pub mod report;
 pub mod rng;
 pub mod train;
 pub mod units;
+pub mod versions;

@@ -287,7 +287,7 @@ fn job(launch: &Launch, exp: &Experiment) -> Result<(ulysses::comm::Mesh, ulysse
 }
 
 fn export(checkpoint: &Path, out: &Path, dtype: Option<ExportDtype>, max_shard_size: &str) -> Result<()> {
-    use ulysses::train::checkpoint::export;
+    use ulysses::checkpoint::export;
     init_logging(0);
     let max_shard_bytes = export::parse_size(max_shard_size).map_err(|e| anyhow::anyhow!("--max-shard-size: {e}"))?;
     let dtype = match dtype {
@@ -307,7 +307,7 @@ fn bench_checkpoint(path: &Path, repeat: usize, json: Option<&Path>) -> Result<(
         .unwrap_or_else(|e| launch.abort(&e));
     let run = || -> Result<()> {
         let (mesh, groups, device) = job(&launch, &exp)?;
-        ulysses::train::checkpoint::bench::run(&exp, &spec, &mesh, groups.world.as_ref(), device, repeat, json)
+        ulysses::checkpoint::bench::run(&exp, &spec, &mesh, groups.world.as_ref(), device, repeat, json)
     };
     run().unwrap_or_else(|e| launch.abort(&e));
     Ok(())

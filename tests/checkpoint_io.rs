@@ -9,6 +9,7 @@ use ckpt_common::*;
 use common::*;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
+use ulysses::checkpoint::{self, format1, Checkpointer, DataPosition, Layout, RunState, Versions};
 use ulysses::comm::solo::Solo;
 use ulysses::config::ZeroStage;
 use ulysses::model::llama::{forward_logits, LocalAttention};
@@ -16,7 +17,6 @@ use ulysses::model::params::init_tensor;
 use ulysses::model::spec::{ModelSpec, Preset};
 use ulysses::optim::AdamW;
 use ulysses::parallel::zero::{ShardMut, ShardedParams, State};
-use ulysses::train::checkpoint::{self, format1, Checkpointer, DataPosition, Layout, RunState, Versions};
 
 fn run_state(step: u64) -> RunState {
     RunState {

@@ -13,7 +13,7 @@ use ulysses::data::Documents;
 use ulysses::ffi::attention::{backward_masked, forward_masked};
 use ulysses::model::llama::{AttentionCore, LocalAttention};
 use ulysses::model::mask::DocumentMask;
-use ulysses::train::documents::trial;
+use ulysses::parallel::attention::trial;
 
 /// Output and q/k/v gradients of attention within `docs`, each document alone through
 /// `LocalAttention` with autograd (in `reference_kind`), for the gradient `grad_out`.
@@ -112,7 +112,7 @@ fn gpu_flash_varlen_within_documents_equals_each_document_alone() {
 #[ignore = "needs a CUDA GPU (tests/gpu/run.sh)"]
 fn gpu_cudnn_varlen_is_used_only_where_it_is_right() {
     // cuDNN varlen computed garbage here (libtorch 2.11, cuDNN 9.19, one H200, 2026-12-01: 1.7e35
-    // on this micro batch), so a run checks it at start (`train::documents::trial`) and gives way
+    // on this micro batch), so a run checks it at start (`parallel::attention::trial`) and gives way
     // to flash varlen. Either the kernel is right, or that check refuses it.
     let worst = check(FusedAttention::Cudnn, &documents(4096), GPU_HEADS, Kind::BFloat16, gpu());
     if worst >= GPU_TOL {

@@ -91,7 +91,7 @@ fn an_error_every_rank_hits_is_printed_once_in_whole_lines() {
 /// every file limited to 64 KiB (RLIMIT_FSIZE: EFBIG, the same failed write as a full disk),
 /// rows appended to a new metrics.h5 until one fails; prints the error as the binary would.
 fn grow_metrics_until_it_fails(dir: &Path) {
-    use ulysses::train::metrics::{MetricsWriter, RunInfo, StepRow, StepTimes};
+    use ulysses::metrics::{MetricsWriter, RunInfo, StepRow, StepTimes};
     let limit = libc::rlimit { rlim_cur: 64 << 10, rlim_max: 64 << 10 };
     // SAFETY: a plain syscall on this (single-test) child process.
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &limit) }, 0);

@@ -5,12 +5,12 @@
 use tch::{Device, Kind, Tensor};
 use ulysses::comm::Groups;
 use ulysses::config::{FusedAttention, ZeroStage};
+use ulysses::metrics::profile::Profiler;
 use ulysses::model::spec::{ModelSpec, Preset};
 use ulysses::optim::{clip_scale, grad_norm, AdamW};
 use ulysses::parallel::zero::ShardedParams;
 use ulysses::plan::memory::{Place, Placement};
 use ulysses::rng::SplitMix64;
-use ulysses::train::profile::Profiler;
 use ulysses::train::reference::Reference;
 use ulysses::train::step::{micro_step, MicroBatch, StepContext};
 use ulysses::train::store::ActivationStore;

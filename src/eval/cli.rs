@@ -6,13 +6,13 @@ use super::grid::{run_grid, GridSpec};
 use super::loss::{run_loss, LossSpec};
 use super::results::{write_grid, write_loss, Provenance};
 use super::{plot_eval, EvalTask};
+use crate::checkpoint::load_weights;
 use crate::comm::Mesh;
 use crate::config::{validate, DeviceKind, Dtype, Experiment, Overrides, PositionBy, SetArgs};
 use crate::data::synth::SynthTask;
 use crate::data::tokenizer::TextTokenizer;
 use crate::launch::{init_logging, Backend, Launch};
-use crate::train::checkpoint::load_weights;
-use crate::train::tensorboard::Events;
+use crate::metrics::tensorboard::Events;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use tch::Kind;
@@ -73,12 +73,12 @@ pub struct EvalArgs {
 fn eval_events(exp: &Experiment, checkpoint: &std::path::Path) -> Result<(u64, Events)> {
     // The training step the weights are from: a checkpoint's run state, or an export's marker
     // (`final/`); 0 for other Hugging Face folders.
-    let step = crate::train::checkpoint::read_state(checkpoint)
+    let step = crate::checkpoint::read_state(checkpoint)
         .map(|s| s.step)
         .ok()
-        .or_else(|| crate::train::checkpoint::export::exported_step(checkpoint))
+        .or_else(|| crate::checkpoint::export::exported_step(checkpoint))
         .unwrap_or(0);
-    let dir = exp.run_dir().join(crate::train::TENSORBOARD).join("eval");
+    let dir = exp.run_dir().join(crate::metrics::TENSORBOARD).join("eval");
     let events = Events::create(&dir, "eval").with_context(|| format!("TensorBoard events in {}", dir.display()))?;
     Ok((step, events))
 }
@@ -153,7 +153,7 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
     // The grid's sequences are one document each; held-out packed data attends within its
     // documents when training did.
     let documents = match args.task {
-        EvalTask::Loss => crate::train::documents::kernel(&exp, &spec, launch.size, kind, device)?,
+        EvalTask::Loss => crate::parallel::attention::document_kernel(&exp, &spec, launch.size, kind, device)?,
         EvalTask::Passkey | EvalTask::Niah => None,
     };
     let ev = Evaluator {

@@ -1,5 +1,6 @@
 //! What libtorch offers that tch 0.24 does not expose, reached through the C++ shim (shim/*.cpp):
-//! every `extern "C"` declaration of the crate lives in this folder, one file per shim file, and
+//! every `extern "C"` declaration of the crate lives in this folder, one file per subject (attention,
+//! autograd, CUDA, the optimizer, the profiler, transfers; shim.cpp serves several of them), and
 //! every shim call reports failure the same way, as a [`ShimError`].
 //!
 //! The protocol: a shim function returns null on success, or a message (the C++ exception's

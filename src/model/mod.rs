@@ -6,3 +6,4 @@ pub mod params;
 pub mod rope;
 pub mod spec;
 pub mod weights;
+

@@ -7,7 +7,7 @@ use crate::config::{AttentionBackend, DeviceKind, Experiment, FusedAttention};
 use crate::data::documents::{spread, summarize};
 use crate::data::{Dataset, PackedDocuments, Positions};
 use crate::model::spec::ModelSpec;
-use crate::train::flops::attention_forward;
+use crate::plan::flops::attention_forward;
 use std::fmt::Write;
 
 /// Sequences `ulysses check` reads to describe the documents of a typical sample.

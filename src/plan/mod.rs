@@ -5,6 +5,7 @@
 //! when they are on this machine.
 pub mod check;
 pub mod data;
+pub mod flops;
 pub mod memory;
 
 use crate::config::{ParallelConfig, TrainConfig, ZeroStage};

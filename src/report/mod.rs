@@ -3,7 +3,7 @@
 //! in SWMR mode, so it works on a laptop with no MPI job and on a run still writing it.
 mod plots;
 
-use crate::train::progress::sig3;
+use crate::metrics::progress::sig3;
 use hdf5::types::VarLenUnicode;
 use ndarray::Array2;
 use std::path::{Path, PathBuf};
@@ -58,12 +58,12 @@ impl Metrics {
         let f = crate::h5::open_live(path).map_err(err)?;
         let version: u32 = f.attr("schema_version").and_then(|a| a.read_scalar()).map_err(err)?;
         // Versions 3 and 4 added what the report does not read (/time_split, steps/documents).
-        if !(2..=crate::train::metrics::SCHEMA_VERSION).contains(&version) {
+        if !(2..=crate::metrics::SCHEMA_VERSION).contains(&version) {
             return Err(ReportError::Read {
                 path: path.display().to_string(),
                 message: format!(
                     "schema version {version}; this ulysses reads versions 2 to {}",
-                    crate::train::metrics::SCHEMA_VERSION
+                    crate::metrics::SCHEMA_VERSION
                 ),
             });
         }
@@ -177,8 +177,8 @@ pub fn summary(run_dir: &Path, m: &Metrics) -> String {
         .filter(|(name, _)| *name != "checkpoint")
         .map(|(name, v)| format!("{name} {:.3}", mean(&v[steady..])))
         .collect();
-    let checkpoints = crate::train::checkpoint::list_complete(run_dir)
-        .map(|v| v.iter().map(|(s, _)| crate::train::checkpoint::step_dir_name(*s)).collect::<Vec<_>>().join(", "))
+    let checkpoints = crate::checkpoint::list_complete(run_dir)
+        .map(|v| v.iter().map(|(s, _)| crate::checkpoint::step_dir_name(*s)).collect::<Vec<_>>().join(", "))
         .unwrap_or_default();
     let rows = [
         ("run", format!("{} ({} ranks; {})", run_dir.display(), m.world_size, m.versions)),

@@ -23,56 +23,21 @@
 //! kept (output and log-sum-exp kept, fused backward) and recomputed (the masked forward again in
 //! backward, then its fused backward). A micro batch of single-document samples has no mask and
 //! takes exactly the path of unpacked data.
-use super::profile::Profiler;
 use super::store::{ActivationStore, Key};
 use crate::comm::Collective;
-use crate::config::FusedAttention;
 use crate::ffi::attention::{self as fused, Saved};
 use crate::ffi::autograd;
+use crate::metrics::profile::Profiler;
 use crate::model::llama::{self, seq_tiles, AttentionCore, LayerWeights, LocalAttention};
 use crate::model::mask::DocumentMask;
 use crate::model::rope::Rope;
 use crate::model::spec::ModelSpec;
+use crate::parallel::attention::AttentionPath;
 use crate::parallel::ulysses::{heads_to_seq, replicate_kv, seq_to_heads};
 use crate::plan::memory::Place;
 use crate::units::gib;
 use anyhow::{anyhow, Result};
 use tch::{Device, Kind, Tensor};
-
-/// How a layer's attention is done, decided once per layer from the memory plan.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttentionPath {
-    /// The fused kernel's output and log-sum-exp wait in `place`; backward calls the fused
-    /// attention backward without recomputing the attention forward.
-    Kept { kernel: FusedAttention, place: Place },
-    /// Backward recomputes the attention forward with a graph (no room to keep it, or no fused
-    /// kernel with a log-sum-exp).
-    Recomputed,
-    /// A memory-fit run (`train.memory_fit`): no attention kernel at all, zeros of the same sizes
-    /// instead, kept in `keep` where the real run would keep them, so that every allocation of
-    /// the real step still happens.
-    Skipped { keep: Option<Place> },
-}
-
-impl AttentionPath {
-    /// The path for a layer the plan gives `kept` (where its attention output waits, None: no
-    /// room), with the run's fused kernel; `skip` for the layers a memory-fit run skips.
-    pub fn choose(kernel: Option<FusedAttention>, kept: Option<Place>, skip: bool) -> AttentionPath {
-        match (kernel.zip(kept), skip) {
-            (keep, true) => AttentionPath::Skipped { keep: keep.map(|(_, place)| place) },
-            (Some((kernel, place)), false) => AttentionPath::Kept { kernel, place },
-            (None, false) => AttentionPath::Recomputed,
-        }
-    }
-
-    /// Where the attention output waits between forward and backward, if anywhere.
-    fn keeps(self) -> Option<Place> {
-        match self {
-            AttentionPath::Kept { place, .. } | AttentionPath::Skipped { keep: Some(place) } => Some(place),
-            AttentionPath::Recomputed | AttentionPath::Skipped { keep: None } => None,
-        }
-    }
-}
 
 /// What every layer's segments share in one micro batch.
 pub struct Segments<'a> {
@@ -446,7 +411,7 @@ const PHASES: &str = "ulysses::train::step";
 /// run shows where its working set peaks.
 pub(super) fn log_phase(seg: &Segments, phase: std::fmt::Arguments) {
     if log::log_enabled!(target: PHASES, log::Level::Debug) && seg.device.is_cuda() {
-        let (peak, now) = crate::train::memory::phase_peak_gpu(seg.device);
+        let (peak, now) = crate::metrics::memory::phase_peak_gpu(seg.device);
         log::debug!(target: PHASES, "{phase}: peak {:.2} GiB, then {:.2} GiB allocated", gib(peak), gib(now));
     }
 }

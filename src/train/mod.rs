@@ -3,34 +3,28 @@
 //! numbers), the step context, then the shards (fresh or from a checkpoint), the data and the
 //! outputs. `Run::step` is one optimizer step, from its micro batches to its metrics row and
 //! checkpoint, with a clean stop on preemption.
-pub mod checkpoint;
-pub mod documents;
-pub mod flops;
 pub mod guard;
 pub mod layer;
-pub mod memory;
-pub mod metrics;
-pub mod position;
 pub mod preempt;
-pub mod profile;
-pub(crate) mod progress;
 pub mod reference;
 pub mod schedule;
 mod start;
 pub mod step;
 pub mod store;
-pub mod tensorboard;
 
+use crate::checkpoint;
 use crate::comm::{all_reduce_f64, Collective, Groups, Mesh};
-use crate::config::{AttentionBackend, Dtype, Experiment};
+use crate::config::{Dtype, Experiment};
 use crate::data::{Dataset, Loader, LoaderSpec};
+use crate::metrics::position::PositionLoss;
+use crate::metrics::{memory, profile, progress, MetricsWriter, RunInfo, StepRow, StepTimes};
 use crate::model::spec::ModelSpec;
 use crate::optim::{clip_scale, grad_norm, AdamW};
+use crate::parallel::attention::{allow_sdp_kernels, document_kernel};
 use crate::parallel::zero::StateTiers;
+use crate::plan::flops;
 use crate::plan::memory::{self as memory_plan, Budget, DoesNotFit, MemoryPlan, Placement};
 use anyhow::{bail, Context, Result};
-use metrics::{MetricsWriter, RunInfo, StepRow, StepTimes};
-use position::PositionLoss;
 use profile::Profiler;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -48,13 +42,13 @@ pub fn run(
     budget: Budget,
 ) -> Result<()> {
     if let Device::Cuda(_) = device {
-        allow_attention_kernels(exp.parallel.attention);
+        allow_sdp_kernels(exp.parallel.attention);
     }
     let kind = match exp.train.dtype {
         Dtype::Fp32 => Kind::Float,
         Dtype::Bf16 => Kind::BFloat16,
     };
-    let document_kernel = documents::kernel(exp, spec, mesh.world_size(), kind, device)?;
+    let document_kernel = document_kernel(exp, spec, mesh.world_size(), kind, device)?;
     if let (Some(k), 0) = (document_kernel, mesh.world_rank) {
         log::info!(
             "attention within documents: {} (a micro batch of single-document samples: the causal kernel)",
@@ -89,18 +83,6 @@ pub fn run(
     Ok(())
 }
 
-/// Which fused kernels libtorch's SDPA may pick from, as `parallel.attention` says.
-fn allow_attention_kernels(backend: AttentionBackend) {
-    let (flash, efficient, math, cudnn) = match backend {
-        AttentionBackend::Auto => (true, true, true, true),
-        AttentionBackend::Cudnn => (false, false, false, true),
-        AttentionBackend::Flash => (true, false, false, false),
-        AttentionBackend::Efficient => (false, true, false, false),
-        AttentionBackend::Math => (false, false, true, false),
-    };
-    crate::ffi::cuda::set_sdp_backends(flash, efficient, math, cudnn);
-}
-
 /// Where layer inputs and kept attention wait, decided within the smallest budget of any rank (so
 /// every rank makes the same plan: ranks must agree on which layers recompute attention, since
 /// the recompute runs all-to-alls, and MemAvailable differs from rank to rank).
@@ -125,9 +107,6 @@ fn plan_memory(
     }
     Ok(placement)
 }
-
-/// The folder of a run's TensorBoard event files (`metrics.tensorboard`).
-pub const TENSORBOARD: &str = "tensorboard";
 
 /// The MFU denominator of this rank's device (`flops::peak_tflops`), said once by rank 0's log.
 fn peak_tflops(configured: f64, device: Device) -> Result<Option<f64>> {
@@ -257,7 +236,7 @@ impl<'a> Run<'a> {
                 world_size: mesh.world_size(),
                 peak_tflops,
                 bin_starts: &bin_starts,
-                tensorboard: exp.metrics.tensorboard.then(|| run_dir.join(TENSORBOARD)),
+                tensorboard: exp.metrics.tensorboard.then(|| run_dir.join(crate::metrics::TENSORBOARD)),
                 position_by: exp.metrics.position_by,
             };
             Some(MetricsWriter::open(&run_dir.join("metrics.h5"), &info, (start > 0).then_some(start))?)
@@ -270,7 +249,7 @@ impl<'a> Run<'a> {
         let c = &exp.checkpoint;
         if mesh.world_rank == 0 && c.save_final {
             // A user's folder named `final` is never replaced: say so now, not after training.
-            checkpoint::export::check_replaceable(&run_dir.join(FINAL))?;
+            checkpoint::export::check_replaceable(&run_dir.join(checkpoint::FINAL))?;
         }
         // Only periodic saves run in the background: after a preemption's save or the last one the
         // job waits for the write anyway.
@@ -381,7 +360,7 @@ impl<'a> Run<'a> {
     /// The step's documents and Σ len² over the whole job (collective): SP rank 0 of each dp
     /// group counts its samples, which every rank of the group shares.
     fn step_cost(&self, batches: &[MicroBatch]) -> Result<StepCost> {
-        let (documents, squares) = if self.mesh.sp_rank == 0 { documents::step_cost(batches) } else { (0.0, 0.0) };
+        let (documents, squares) = if self.mesh.sp_rank == 0 { documents_and_squares(batches) } else { (0.0, 0.0) };
         let both = Tensor::from_slice(&[documents, squares]).to_device(self.world.device());
         let total: Vec<f64> = Vec::try_from(self.world.all_reduce(&both)?.to_device(Device::Cpu))?;
         Ok(StepCost { documents: total[0] as u64, flops: flops::flops(self.spec, self.tokens as f64, total[1]) })
@@ -515,7 +494,7 @@ impl<'a> Run<'a> {
             return Ok(());
         }
         let just_trained = end == End::Trained;
-        let out = self.run_dir.join(FINAL);
+        let out = self.run_dir.join(checkpoint::FINAL);
         // Rank 0 looks, and tells the others.
         let current =
             self.mesh.world_rank == 0 && !just_trained && checkpoint::export::exported_step(&out) == Some(steps as u64);
@@ -542,5 +521,8 @@ impl<'a> Run<'a> {
     }
 }
 
-/// The run's finished model, in Hugging Face layout: `RUN_DIR/final`.
-pub const FINAL: &str = "final";
+/// What a step's micro batches cost: the documents attention ran over and Σ len² over them.
+fn documents_and_squares(batches: &[MicroBatch]) -> (f64, f64) {
+    let docs = batches.iter().flat_map(|b| &b.documents);
+    docs.fold((0.0, 0.0), |(n, squares), d| (n + d.count() as f64, squares + d.square_sum()))
+}

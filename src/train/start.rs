@@ -1,6 +1,6 @@
 //! Where a run starts: fresh shards, or the shards, data position and step of a checkpoint; and
 //! the run state a checkpoint records.
-use super::checkpoint::{self, CheckpointError, DataPosition, RunState};
+use crate::checkpoint::{self, CheckpointError, DataPosition, RunState};
 use crate::comm::{Collective, Mesh};
 use crate::config::{Experiment, Resume, ZeroStage};
 use crate::data::tokenizer::{self, recorded_tokenizer};

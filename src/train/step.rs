@@ -9,20 +9,21 @@
 //! backward rebuilds one layer at a time in segments that end at the all-to-alls
 //! (`layer::DecoderLayer::backward`) and carries the gradient across them by hand. The readable
 //! single-rank reference this is tested against is `train::reference`.
-use super::layer::{backprop, grad, leaf, log_phase, AttentionPath, DecoderLayer, Segments};
-use super::profile::Profiler;
+use super::layer::{backprop, grad, leaf, log_phase, DecoderLayer, Segments};
 use super::store::ActivationStore;
 use crate::comm::Groups;
 use crate::config::{FusedAttention, PositionBy};
 use crate::data::{Batch, Documents, IGNORE_INDEX};
+use crate::metrics::position::PositionLoss;
+use crate::metrics::profile::Profiler;
+use crate::metrics::StepTimes;
 use crate::model::llama::{self, seq_tiles, LayerWeights};
 use crate::model::mask::DocumentMask;
 use crate::model::rope::Rope;
 use crate::model::spec::ModelSpec;
+use crate::parallel::attention::AttentionPath;
 use crate::parallel::zero::{ShardedParams, UnitId};
 use crate::plan::memory::Placement;
-use crate::train::metrics::StepTimes;
-use crate::train::position::PositionLoss;
 use anyhow::Result;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};

@@ -175,7 +175,7 @@ pub fn copy_dir(from: &Path, to: &Path) {
 /// Loads every complete checkpoint of a run in this process (one rank holding everything, so
 /// every byte of every file is read), panicking with the one that does not load.
 pub fn load_every_complete(run_dir: &Path) -> Vec<u64> {
-    use ulysses::train::checkpoint;
+    use ulysses::checkpoint;
     let solo = ulysses::comm::solo::Solo;
     let mut steps = Vec::new();
     for (step, dir) in checkpoint::list_complete(run_dir).unwrap() {

@@ -1,6 +1,6 @@
 //! Rank 0's line per step, each starting with its UTC time stamp.
-use super::metrics::StepRow;
 use super::profile::{KernelSplit, PhaseSplit, StepProfile};
+use super::row::StepRow;
 use crate::units::gib;
 
 /// Now in UTC to the second, as in `2026-12-01T20:35:50Z`.

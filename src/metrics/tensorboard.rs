@@ -8,7 +8,7 @@
 //! - every `metrics.position_loss_every` steps: `position_loss/P`, the mean loss of the bin that
 //!   starts at position P, one chart per bin over training steps;
 //! - `ulysses eval` (in `eval/`): `eval/TASK/...` at the checkpoint's step.
-use super::metrics::StepRow;
+use super::row::StepRow;
 use crate::units::gib;
 use std::fs::File;
 use std::io::BufWriter;

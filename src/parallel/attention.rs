@@ -1,24 +1,76 @@
-//! Packed documents in a run: which kernel attends within them (decided once, at start, with a
-//! small trial of the masked kernel on this device at the run's head counts), and what a step's
-//! samples cost (documents and Σ len², for the FLOP count and metrics.h5).
-use super::step::MicroBatch;
+//! Which attention kernel runs, and why, in one place:
+//! - the fused kernels libtorch's SDPA may pick from (`allow_sdp_kernels`, from
+//!   `parallel.attention`);
+//! - each layer's path (`AttentionPath`): the fused kernel's output kept for backward, attention
+//!   recomputed in backward, or skipped by a memory-fit run, as the memory plan placed it;
+//! - with packed documents, the kernel that attends within them (`document_kernel`), decided once
+//!   at start with a small trial of the masked kernel on this device at the run's head counts
+//!   (`trial`).
 use crate::config::{AttentionBackend, Experiment, FusedAttention};
 use crate::data::{Documents, PackedDocuments};
 use crate::ffi::attention as fused;
+use crate::ffi::cuda::set_sdp_backends;
 use crate::ffi::ShimError;
 use crate::model::llama::AttentionCore;
 use crate::model::mask::{dense_mask, DocumentMask, MaskedAttention};
 use crate::model::spec::ModelSpec;
+use crate::plan::memory::Place;
 use crate::plan::Plan;
 use anyhow::{anyhow, bail, Result};
 use tch::{Device, Kind, Tensor};
+/// Which fused kernels libtorch's SDPA may pick from, as `parallel.attention` says.
+pub fn allow_sdp_kernels(backend: AttentionBackend) {
+    let (flash, efficient, math, cudnn) = match backend {
+        AttentionBackend::Auto => (true, true, true, true),
+        AttentionBackend::Cudnn => (false, false, false, true),
+        AttentionBackend::Flash => (true, false, false, false),
+        AttentionBackend::Efficient => (false, true, false, false),
+        AttentionBackend::Math => (false, false, true, false),
+    };
+    set_sdp_backends(flash, efficient, math, cudnn);
+}
+
+/// How a layer's attention is done, decided once per layer from the memory plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// The fused kernel's output and log-sum-exp wait in `place`; backward calls the fused
+    /// attention backward without recomputing the attention forward.
+    Kept { kernel: FusedAttention, place: Place },
+    /// Backward recomputes the attention forward with a graph (no room to keep it, or no fused
+    /// kernel with a log-sum-exp).
+    Recomputed,
+    /// A memory-fit run (`train.memory_fit`): no attention kernel at all, zeros of the same sizes
+    /// instead, kept in `keep` where the real run would keep them, so that every allocation of
+    /// the real step still happens.
+    Skipped { keep: Option<Place> },
+}
+
+impl AttentionPath {
+    /// The path for a layer the plan gives `kept` (where its attention output waits, None: no
+    /// room), with the run's fused kernel; `skip` for the layers a memory-fit run skips.
+    pub fn choose(kernel: Option<FusedAttention>, kept: Option<Place>, skip: bool) -> AttentionPath {
+        match (kernel.zip(kept), skip) {
+            (keep, true) => AttentionPath::Skipped { keep: keep.map(|(_, place)| place) },
+            (Some((kernel, place)), false) => AttentionPath::Kept { kernel, place },
+            (None, false) => AttentionPath::Recomputed,
+        }
+    }
+
+    /// Where the attention output waits between forward and backward, if anywhere.
+    pub(crate) fn keeps(self) -> Option<Place> {
+        match self {
+            AttentionPath::Kept { place, .. } | AttentionPath::Skipped { keep: Some(place) } => Some(place),
+            AttentionPath::Recomputed | AttentionPath::Skipped { keep: None } => None,
+        }
+    }
+}
 
 /// The kernel that attends within documents, or None when the run ignores them. On CUDA the
 /// kernel `parallel.attention` names is tried on two small documents with the head counts each
 /// rank attends with after the all-to-all, and its results checked (`trial`); with "auto", a
 /// cuDNN that refuses them or gets them wrong gives way to flash varlen (logged), otherwise that
 /// ends the run with the reason.
-pub fn kernel(
+pub fn document_kernel(
     exp: &Experiment,
     spec: &ModelSpec,
     world: usize,
@@ -106,10 +158,4 @@ pub fn trial(
         }
     }
     Ok(())
-}
-
-/// What a step's micro batches cost: the documents attention ran over and Σ len² over them.
-pub fn step_cost(batches: &[MicroBatch]) -> (f64, f64) {
-    let docs = batches.iter().flat_map(|b| &b.documents);
-    docs.fold((0.0, 0.0), |(n, squares), d| (n + d.count() as f64, squares + d.square_sum()))
 }

@@ -8,9 +8,10 @@
 //! SWMR mode (`h5py.File(path, "r", swmr=True)`, `ulysses report`) see a consistent file while the
 //! run writes it, with HDF5's file locking left on. The same rows can also go to TensorBoard event
 //! files (`metrics.tensorboard`, `super::tensorboard`).
+use super::profile::{KernelSplit, StepProfile};
+use super::row::StepRow;
 use super::tensorboard::Events;
 use crate::h5::{append_1d, append_row, append_rows, open_live, write_scalar_attr, write_text_attr};
-use crate::train::profile::{KernelSplit, StepProfile};
 use anyhow::{Context, Result};
 use hdf5::file::LibraryVersion;
 use hdf5::types::VarLenUnicode;
@@ -18,44 +19,6 @@ use ndarray::{s, Array2};
 use std::path::{Path, PathBuf};
 
 pub const SCHEMA_VERSION: u32 = 4;
-
-/// Wall time of one optimizer step's parts, in seconds. On GPU each part ends with a device
-/// synchronize, or kernels still running are billed to the next part.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StepTimes {
-    /// Waiting for the loader (its prefetch thread should make this ~0).
-    pub data: f64,
-    /// Embedding, layers and the tiled loss with its own backward (interleaved tile by tile).
-    pub forward: f64,
-    /// Layer-wise backward with recompute, all-to-alls and gradient reduce-scatters.
-    pub backward: f64,
-    /// Gradient norm, clipping and AdamW on the local shards.
-    pub optimizer: f64,
-}
-
-pub struct StepRow {
-    pub step: u64,
-    pub tokens: u64,
-    /// Documents attention ran over in the step, whole job (one per sample when the boundaries
-    /// are ignored).
-    pub documents: u64,
-    pub loss: f64,
-    pub lr: f64,
-    pub grad_norm: f64,
-    pub step_time: f64,
-    pub tokens_per_s: f64,
-    pub tflops: f64,
-    pub mfu: f64,
-    pub tflops_alst: f64,
-    pub mfu_alst: f64,
-    pub times: StepTimes,
-    pub checkpoint_time: f64,
-    /// One entry per world rank, bytes.
-    pub peak_host_mem: Vec<u64>,
-    pub peak_gpu_mem: Vec<u64>,
-    /// Activation-store files on local disk, at peak (printed, not in metrics.h5).
-    pub peak_disk: Vec<u64>,
-}
 
 /// (name, description) of the float64 columns of /steps, in `f64_values` order.
 pub const F64_COLUMNS: &[(&str, &str)] = &[
@@ -268,7 +231,7 @@ impl MetricsWriter {
             kept.write(&file, w)?;
         }
 
-        let versions = crate::train::checkpoint::Versions::current();
+        let versions = crate::versions::Versions::current();
         write_text_attr(&file, "config_toml", info.config_toml)?;
         write_text_attr(&file, "ulysses_version", &versions.ulysses)?;
         write_text_attr(&file, "tch_version", &versions.tch)?;
@@ -328,7 +291,7 @@ impl MetricsWriter {
         let names: Vec<VarLenUnicode> =
             p.phases.iter().map(|x| x.phase.parse().map_err(|e| anyhow::anyhow!("{e}"))).collect::<Result<_>>()?;
         append_1d(&phases.dataset("phase")?, &names)?;
-        let column = |f: fn(&crate::train::profile::PhaseSplit) -> f64| p.phases.iter().map(f).collect::<Vec<f64>>();
+        let column = |f: fn(&super::profile::PhaseSplit) -> f64| p.phases.iter().map(f).collect::<Vec<f64>>();
         let columns = [
             column(|x| x.wall),
             column(|x| x.kernels.matmul),
@@ -371,12 +334,12 @@ impl MetricsWriter {
         Ok(())
     }
 
-    pub fn append_positions(&mut self, step: u64, bins: &crate::train::position::PositionBins) -> Result<()> {
+    pub fn append_positions(&mut self, step: u64, bins: &super::position::PositionBins) -> Result<()> {
         self.write_positions(step, bins)
             .with_context(|| format!("writing step {step}'s per-position loss to {}", self.path.display()))
     }
 
-    fn write_positions(&mut self, step: u64, bins: &crate::train::position::PositionBins) -> Result<()> {
+    fn write_positions(&mut self, step: u64, bins: &super::position::PositionBins) -> Result<()> {
         let pos = self.file.group("position_loss")?;
         append_1d(&pos.dataset("step")?, &[step])?;
         append_row(&pos.dataset("loss")?, bins.loss.clone())?;

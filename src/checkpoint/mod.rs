@@ -38,6 +38,8 @@ pub const COMPLETE: &str = "COMPLETE";
 pub const RUN_STATE: &str = "run_state.json";
 pub const EXPERIMENT: &str = "experiment.toml";
 pub const CONFIG: &str = "config.json";
+/// The run's finished model, in Hugging Face layout: `RUN_DIR/final`.
+pub const FINAL: &str = "final";
 /// Format 1's Adam moments, in `optimizer/` next to the Hugging Face model files.
 pub const OPTIMIZER: &str = "optimizer";
 pub const EXP_AVG: &str = "exp_avg.safetensors";

@@ -10,10 +10,10 @@
 use super::*;
 use crate::comm::{broadcast_i64, Collective, Mesh};
 use crate::config::{Experiment, StatePlacement};
+use crate::metrics::memory::{host_resident_and_peak, reset_host_peak};
 use crate::model::spec::ModelSpec;
 use crate::parallel::zero::{ShardedParams, State, StateTiers};
 use crate::plan::memory::{Place, DISK_CHUNK};
-use crate::train::memory::{host_resident_and_peak, reset_host_peak};
 use crate::units::bytes;
 use anyhow::{ensure, Context, Result};
 use std::time::Instant;

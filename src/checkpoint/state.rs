@@ -1,5 +1,6 @@
 //! `run_state.json`: everything besides the tensors that an exact resume needs, in terms that do
 //! not depend on the layout (sp, dp, ZeRO stage) the checkpoint was written with.
+pub use crate::versions::Versions;
 use serde::{Deserialize, Serialize};
 
 /// The format this ulysses writes: 2, each rank's shards in its own file (`index.json`); 1 was
@@ -70,21 +71,4 @@ pub struct Layout {
     pub zero_stage: crate::config::ZeroStage,
     pub micro_batch: usize,
     pub grad_accum: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Versions {
-    pub ulysses: String,
-    pub tch: String,
-    pub libtorch: String,
-}
-
-impl Versions {
-    pub fn current() -> Versions {
-        Versions {
-            ulysses: env!("CARGO_PKG_VERSION").into(),
-            tch: "0.24.0".into(),
-            libtorch: option_env!("ULYSSES_LIBTORCH_VERSION").unwrap_or("unknown").into(),
-        }
-    }
 }
