@@ -8,7 +8,7 @@ use super::results::{write_grid, write_loss, Provenance};
 use super::{plot_eval, EvalTask};
 use crate::checkpoint::load_weights;
 use crate::comm::Mesh;
-use crate::config::{validate, DeviceKind, Dtype, Experiment, Overrides, PositionBy, SetArgs};
+use crate::config::{validate, DeviceKind, Experiment, Overrides, PositionBy, SetArgs};
 use crate::data::synth::SynthTask;
 use crate::data::tokenizer::TextTokenizer;
 use crate::launch::{init_logging, Backend, Launch};
@@ -140,10 +140,9 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
     })?;
     let mesh = Mesh::new(sp, exp.parallel.dp, launch.size, launch.rank)?;
     // As in training: CPU tensors over MPI, or this rank's GPU over NCCL in the run's dtype.
-    let (backend, kind) = match (exp.parallel.device, exp.train.dtype) {
-        (DeviceKind::Cpu, _) => (Backend::Mpi, Kind::Float),
-        (DeviceKind::Cuda, Dtype::Fp32) => (Backend::Nccl, Kind::Float),
-        (DeviceKind::Cuda, Dtype::Bf16) => (Backend::Nccl, Kind::BFloat16),
+    let (backend, kind) = match exp.parallel.device {
+        DeviceKind::Cpu => (Backend::Mpi, Kind::Float),
+        DeviceKind::Cuda => (Backend::Nccl, crate::model::kind_of(exp.train.dtype)),
     };
     let device = launch.device(backend)?;
     let groups = launch.groups(backend, &mesh)?;

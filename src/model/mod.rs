@@ -7,3 +7,12 @@ pub mod rope;
 pub mod spec;
 pub mod weights;
 
+use crate::config::Dtype;
+
+/// The tensor kind of `train.dtype`: the one mapping from the plain-data config to libtorch.
+pub fn kind_of(dtype: Dtype) -> tch::Kind {
+    match dtype {
+        Dtype::Fp32 => tch::Kind::Float,
+        Dtype::Bf16 => tch::Kind::BFloat16,
+    }
+}

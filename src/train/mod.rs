@@ -14,7 +14,7 @@ pub mod store;
 
 use crate::checkpoint;
 use crate::comm::{all_reduce_f64, Collective, Groups, Mesh};
-use crate::config::{Dtype, Experiment};
+use crate::config::Experiment;
 use crate::data::{Dataset, Loader, LoaderSpec};
 use crate::metrics::position::PositionLoss;
 use crate::metrics::{memory, profile, progress, MetricsWriter, RunInfo, StepRow, StepTimes};
@@ -29,7 +29,7 @@ use profile::Profiler;
 use std::path::PathBuf;
 use std::time::Instant;
 use step::{micro_step, MicroBatch, StepContext};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// Trains on `device` (this rank's GPU, or the CPU) with the mesh's communicators, within this
 /// rank's memory `budget` (`Budget::measure`).
@@ -44,10 +44,7 @@ pub fn run(
     if let Device::Cuda(_) = device {
         allow_sdp_kernels(exp.parallel.attention);
     }
-    let kind = match exp.train.dtype {
-        Dtype::Fp32 => Kind::Float,
-        Dtype::Bf16 => Kind::BFloat16,
-    };
+    let kind = crate::model::kind_of(exp.train.dtype);
     let document_kernel = document_kernel(exp, spec, mesh.world_size(), kind, device)?;
     if let (Some(k), 0) = (document_kernel, mesh.world_rank) {
         log::info!(
@@ -506,10 +503,7 @@ impl<'a> Run<'a> {
             _ => checkpoint::checkpoints_dir(&self.run_dir).join(checkpoint::step_dir_name(steps as u64)),
         };
         let options = checkpoint::export::ExportOptions {
-            dtype: match self.exp.train.dtype {
-                Dtype::Fp32 => Kind::Float,
-                Dtype::Bf16 => Kind::BFloat16,
-            },
+            dtype: crate::model::kind_of(self.exp.train.dtype),
             max_shard_bytes: checkpoint::export::HF_MAX_SHARD_BYTES,
         };
         checkpoint::export::export_collective(&checkpoint, &out, options, self.checkpointer.job(), self.world)
