@@ -80,12 +80,54 @@ fn wrong_dtype_rank_or_seq_len() {
     );
     let file = hdf5::File::open_rw(&good).unwrap();
     file.delete_attr("format_version").unwrap();
-    file.new_attr::<i64>().create("format_version").unwrap().write_scalar(&2).unwrap();
+    file.new_attr::<i64>().create("format_version").unwrap().write_scalar(&3).unwrap();
     drop(file);
     assert_names(
         &open_err(&[good], 8),
-        &["good.h5", "`format_version`", "= 2", "expected 1 (the version this build reads"],
+        &["good.h5", "`format_version`", "= 3", "expected 1 to 2 (the versions this build reads"],
     );
+}
+
+/// A valid shard of 2 sequences of 8 tokens with a `loss_mask` that `change` then alters.
+fn with_mask(dir: &Path, change: impl FnOnce(&hdf5::File)) -> PathBuf {
+    let path = dir.join("masked.h5");
+    let mut w = ShardWriter::create(&path, 8, &meta(258), false).unwrap().with_loss_mask().unwrap();
+    w.push_masked(&[7; 8], Some(&[0, 0, 1, 1, 1, 0, 0, 0]), &[], 8).unwrap();
+    w.push_masked(&[7; 8], Some(&[1; 8]), &[], 8).unwrap();
+    w.finish().unwrap();
+    change(&hdf5::File::open_rw(&path).unwrap());
+    path
+}
+
+#[test]
+fn bad_loss_masks_name_the_file_and_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let replace = |f: &hdf5::File, mask: &dyn Fn(&hdf5::File)| {
+        f.unlink("loss_mask").unwrap();
+        mask(f);
+    };
+    let int32 = with_mask(dir.path(), |f| {
+        replace(f, &|f| drop(f.new_dataset_builder().with_data(&Array2::<i32>::ones((2, 8))).create("loss_mask")))
+    });
+    assert_names(&open_err(&[int32], 8), &["masked.h5", "`loss_mask`", "dtype int32", "uint8"]);
+    let short = with_mask(dir.path(), |f| {
+        replace(f, &|f| drop(f.new_dataset_builder().with_data(&Array2::<u8>::ones((1, 8))).create("loss_mask")))
+    });
+    assert_names(&open_err(&[short], 8), &["masked.h5", "`loss_mask`", "shape [1, 8]", "shape of `tokens`, [2, 8]"]);
+    let v1 = with_mask(dir.path(), |f| {
+        f.delete_attr("format_version").unwrap();
+        f.new_attr::<i64>().create("format_version").unwrap().write_scalar(&1).unwrap();
+    });
+    assert_names(&open_err(&[v1], 8), &["masked.h5", "`format_version`", "= 1", "`loss_mask`", "expected 2"]);
+    let two = with_mask(dir.path(), |f| {
+        let mut m = Array2::<u8>::ones((2, 8));
+        m[[1, 5]] = 2;
+        replace(f, &|f| drop(f.new_dataset_builder().with_data(&m).create("loss_mask")))
+    });
+    let ds = Dataset::open(&[two], 8).unwrap();
+    assert_eq!(ds.loss_mask(1, 0, 5).unwrap(), Some(vec![1; 5]), "a clean span reads fine");
+    let err = ds.loss_mask(1, 2, 8).unwrap_err().to_string();
+    assert_names(&err, &["masked.h5", "`loss_mask`", "holds 2 at sequence 1", "position 5", "0 (not trained) or 1"]);
 }
 
 #[test]

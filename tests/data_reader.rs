@@ -247,3 +247,92 @@ fn padding_is_never_a_target() {
     assert_eq!(row0, expected);
     assert_eq!(b1.labels[8..15], (9..16).map(|p| token(1, p) as i64).collect::<Vec<_>>()[..7]);
 }
+
+/// Which tokens of the masked test shard are trained: a pattern that changes within chunks and
+/// across the chunk boundaries of sp = 2 and 4.
+fn trained(i: usize, p: usize) -> bool {
+    (p / 3 + i) % 2 == 0 || p % 7 == 0
+}
+
+#[test]
+fn the_loss_mask_survives_packing_padding_positions_and_every_sp_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (seq_len, path) = (40, dir.path().join("masked.h5"));
+    let starts: [&[i32]; 3] = [&[0, 13, 14, 31], &[0, 22], &[5]];
+    let pads = [40, 30, 40];
+    let w = ulysses::data::format::ShardWriter::create(&path, seq_len, &data_common::meta(data_common::VOCAB), true)
+        .unwrap();
+    let mut w = w.with_padding().with_loss_mask().unwrap();
+    for (i, s) in starts.iter().enumerate() {
+        let seq: Vec<i32> = (0..seq_len).map(|p| token(i, p)).collect();
+        let mask: Vec<u8> = (0..seq_len).map(|p| u8::from(trained(i, p))).collect();
+        w.push_masked(&seq, Some(&mask), s, pads[i]).unwrap();
+    }
+    w.finish().unwrap();
+    let ds = Dataset::open(&[path], seq_len).unwrap();
+    assert!(ds.has_loss_mask());
+    assert_eq!(ds.loss_mask(1, 3, 6).unwrap(), Some((3..6).map(|p| u8::from(trained(1, p))).collect()));
+
+    let layouts = [
+        Packing::default(),
+        Packing { documents: PackedDocuments::Mask, positions: Positions::Global },
+        Packing { documents: PackedDocuments::Mask, positions: Positions::Document },
+    ];
+    for packing in layouts {
+        let one = build_batch(&ds, &LoaderSpec { packing, ..spec(1, 0, 1, 0, 3) }, &[0, 1, 2]).unwrap();
+        for (row, &i) in [0, 1, 2].iter().enumerate() {
+            let docs = ds.documents(i).unwrap().unwrap();
+            for p in 0..seq_len {
+                let padded = p + 1 >= pads[i];
+                let doc_end = packing.documents == PackedDocuments::Mask && docs.ends_before_next(p);
+                let expected = if p + 1 == seq_len || padded || doc_end || !trained(i, p + 1) {
+                    IGNORE_INDEX
+                } else {
+                    token(i, p + 1) as i64
+                };
+                assert_eq!(one.labels[row * seq_len + p], expected, "{packing:?}: sequence {i}, position {p}");
+            }
+        }
+        for sp in [2, 4] {
+            let c = seq_len / sp;
+            let (mut labels, mut positions) = (vec![Vec::new(); 3], vec![Vec::new(); 3]);
+            for r in 0..sp {
+                let b = build_batch(&ds, &LoaderSpec { packing, ..spec(1, 0, sp, r, 3) }, &[0, 1, 2]).unwrap();
+                for row in 0..3 {
+                    labels[row].extend_from_slice(&b.labels[row * c..(row + 1) * c]);
+                    positions[row].extend_from_slice(&b.position_ids[row * c..(row + 1) * c]);
+                }
+            }
+            assert_eq!(labels.concat(), one.labels, "{packing:?}: sp = {sp} labels are the one-rank labels");
+            assert_eq!(positions.concat(), one.position_ids, "{packing:?}: sp = {sp} positions");
+        }
+    }
+    // A sequence whose mask trains nothing has no target at all (no error, no stray label).
+    let dir2 = tempfile::tempdir().unwrap();
+    let path = dir2.path().join("none.h5");
+    let w = ulysses::data::format::ShardWriter::create(&path, 8, &data_common::meta(data_common::VOCAB), false);
+    let mut w = w.unwrap().with_loss_mask().unwrap();
+    w.push_masked(&[1; 8], Some(&[0; 8]), &[], 8).unwrap();
+    w.push(&[2; 8], &[]).unwrap();
+    w.finish().unwrap();
+    let ds = Dataset::open(&[path], 8).unwrap();
+    let b = build_batch(&ds, &spec(1, 0, 1, 0, 2), &[0, 1]).unwrap();
+    assert!(b.labels[..8].iter().all(|&l| l == IGNORE_INDEX), "{:?}", b.labels);
+    assert_eq!(b.labels[8..], [2, 2, 2, 2, 2, 2, 2, IGNORE_INDEX], "pushed without a mask: every token trained");
+}
+
+#[test]
+fn version_1_shards_read_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_shard(&dir.path().join("v1.h5"), 0, 2, 16);
+    let before = build_batch(&Dataset::open(&[path.clone()], 16).unwrap(), &spec(1, 0, 2, 1, 2), &[1, 0]).unwrap();
+    {
+        let file = hdf5::File::open_rw(&path).unwrap();
+        file.delete_attr("format_version").unwrap();
+        file.new_attr::<i64>().create("format_version").unwrap().write_scalar(&1).unwrap();
+    }
+    let ds = Dataset::open(&[path], 16).unwrap();
+    assert!(!ds.has_loss_mask());
+    assert_eq!(ds.loss_mask(0, 0, 16).unwrap(), None);
+    assert_eq!(build_batch(&ds, &spec(1, 0, 2, 1, 2), &[1, 0]).unwrap(), before);
+}

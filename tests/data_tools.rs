@@ -254,7 +254,7 @@ fn synth_random_and_inspect() {
         "shape [3, 96]",
         "chunks Some([1, 96])",
         "Fletcher32",
-        "format_version  1",
+        "format_version  2",
         "task            random",
         "tokenizer       byte",
         "vocab_size      258",

@@ -2,7 +2,7 @@
 //! is checked when opened (see shard.rs) and every span is range-checked when read, so a bad file
 //! fails loudly instead of feeding wrong tokens.
 use super::documents::{check_starts, Documents};
-use super::format::{PAD_START, TOKENS};
+use super::format::{LOSS_MASK, PAD_START, TOKENS};
 use super::shard::{invalid, shard_files, Shard};
 use super::DataError;
 use ndarray::s;
@@ -197,6 +197,30 @@ impl Dataset {
             return Err(invalid(&shard.path, "dataset", PAD_START, found, &expected));
         }
         Ok(((p as usize) < self.seq_len).then_some(p as usize))
+    }
+
+    /// Entries `[start, end)` of sequence `index`'s loss mask (1: the token is a target), if its
+    /// shard records one (`loss_mask`); every entry is checked to be 0 or 1.
+    pub fn loss_mask(&self, index: usize, start: usize, end: usize) -> Result<Option<Vec<u8>>, DataError> {
+        if start > end || end > self.seq_len {
+            return Err(DataError::SpanOutOfRange { start, end, seq_len: self.seq_len });
+        }
+        let (shard, row) = self.locate(index)?;
+        let Some(mask) = &shard.loss_mask else { return Ok(None) };
+        let span = mask.read_slice_1d::<u8, _>(s![row, start..end]).map_err(|e| {
+            DataError::read(&shard.path, LOSS_MASK, format!("sequence {row}, tokens {start}..{end}: {e}"))
+        })?;
+        let span = span.into_raw_vec_and_offset().0;
+        if let Some(i) = span.iter().position(|&m| m > 1) {
+            let found = format!("holds {} at sequence {row} (global index {index}) position {}", span[i], start + i);
+            return Err(invalid(&shard.path, "dataset", LOSS_MASK, found, "0 (not trained) or 1 (trained)"));
+        }
+        Ok(Some(span))
+    }
+
+    /// Whether any shard records a loss mask.
+    pub fn has_loss_mask(&self) -> bool {
+        self.shards.iter().any(|s| s.loss_mask.is_some())
     }
 
     /// The first shard that records no document boundaries, if any.

@@ -1,14 +1,19 @@
 //! The shard format (docs/data.md is the spec) and its writer. One shard is one HDF5 file:
 //! `tokens` int32 [num_sequences, seq_len], chunked along the sequence so that one rank's slice is
-//! a cheap hyperslab read, plus root attributes naming the format and the tokenizer. Optional
-//! groups: `docs` (document starts of packed text) and `passkey` (task metadata from synth).
+//! a cheap hyperslab read, plus root attributes naming the format and the tokenizer. Optional:
+//! `loss_mask` (which tokens are trained, from version 2), the groups `docs` (document starts of
+//! packed text) and `passkey` (task metadata from synth).
 use super::DataError;
 use ndarray::{s, Array1, ArrayView2};
 use std::path::{Path, PathBuf};
 
 pub const FORMAT_NAME: &str = "ulysses-tokens";
-pub const FORMAT_VERSION: i64 = 1;
+/// Version 2 added the optional `loss_mask`; version 1 shards (no mask) read as before.
+pub const FORMAT_VERSION: i64 = 2;
 pub const TOKENS: &str = "tokens";
+/// uint8 `[num_sequences, seq_len]`, laid out as `tokens`: 1 where the token is a target (the
+/// label of the position before it counts in the loss), 0 where it is not.
+pub const LOSS_MASK: &str = "loss_mask";
 /// Where padding begins in each sequence (`data prepare --layout pad`); seq_len: none.
 pub const PAD_START: &str = "docs/pad_start";
 /// Tokens per chunk along the sequence (256 KiB of int32): a rank of an SP group reads its slice
@@ -39,6 +44,20 @@ pub(crate) fn write_i64_attr(loc: &hdf5::Location, path: &Path, name: &str, valu
     crate::h5::write_scalar_attr(loc, name, &value).map_err(|e| DataError::write(path, name, e))
 }
 
+/// A growable `[rows, seq_len]` dataset of per-token values (`tokens`, `loss_mask`), chunked
+/// along the sequence, with Fletcher-32 checksums per chunk: a corrupt chunk fails the read
+/// instead of yielding wrong values (h5py reads it without plugins).
+fn create_rows<T: hdf5::H5Type>(
+    file: &hdf5::File,
+    path: &Path,
+    name: &str,
+    seq_len: usize,
+) -> Result<hdf5::Dataset, DataError> {
+    let chunk = seq_len.clamp(1, CHUNK_TOKENS);
+    let builder = file.new_dataset::<T>().chunk((1, chunk)).fletcher32().shape((0.., seq_len));
+    builder.create(name).map_err(|e| DataError::write(path, name, e))
+}
+
 /// A growable 1-D dataset (chunked, unlimited length), appended to while streaming.
 fn create_1d<T: hdf5::H5Type>(group: &hdf5::Group, path: &Path, name: &str) -> Result<hdf5::Dataset, DataError> {
     group.new_dataset::<T>().chunk(4096).shape(0..).create(name).map_err(|e| DataError::write(path, name, e))
@@ -60,6 +79,8 @@ pub struct ShardWriter {
     rows: usize,
     buffer: Vec<i32>,
     docs: Option<DocsBuffer>,
+    /// `loss_mask` and its rows not yet written, buffered with the tokens.
+    mask: Option<(hdf5::Dataset, Vec<u8>)>,
 }
 
 /// `docs/starts` (appended with the tokens), `docs/offsets` (one entry per sequence plus a
@@ -77,16 +98,7 @@ impl ShardWriter {
         let partial = PathBuf::from(format!("{}.partial", path.display()));
         let file = hdf5::File::create(&partial)
             .map_err(|e| DataError::Open { path: partial.clone(), detail: e.to_string() })?;
-        let chunk = seq_len.clamp(1, CHUNK_TOKENS);
-        // Fletcher-32 checksums per chunk: a corrupt chunk fails the read instead of yielding
-        // wrong tokens (h5py reads it without plugins).
-        let tokens = file
-            .new_dataset::<i32>()
-            .chunk((1, chunk))
-            .fletcher32()
-            .shape((0.., seq_len))
-            .create(TOKENS)
-            .map_err(|e| DataError::write(&partial, TOKENS, e))?;
+        let tokens = create_rows::<i32>(&file, &partial, TOKENS, seq_len)?;
         write_str_attr(&file, &partial, "format", FORMAT_NAME)?;
         write_i64_attr(&file, &partial, "format_version", FORMAT_VERSION)?;
         write_i64_attr(&file, &partial, "vocab_size", meta.vocab_size)?;
@@ -105,7 +117,14 @@ impl ShardWriter {
         } else {
             None
         };
-        Ok(ShardWriter { path: path.to_path_buf(), partial, file, tokens, seq_len, rows: 0, buffer: Vec::new(), docs })
+        let (path, buffer) = (path.to_path_buf(), Vec::new());
+        Ok(ShardWriter { path, partial, file, tokens, seq_len, rows: 0, buffer, docs, mask: None })
+    }
+
+    /// Also records which tokens are trained (`loss_mask`; see `push_masked`).
+    pub fn with_loss_mask(mut self) -> Result<ShardWriter, DataError> {
+        self.mask = Some((create_rows::<u8>(&self.file, &self.partial, LOSS_MASK, self.seq_len)?, Vec::new()));
+        Ok(self)
     }
 
     /// Also records where padding begins in each sequence (`docs/pad_start`; needs `with_docs`).
@@ -139,7 +158,28 @@ impl ShardWriter {
     /// `push` for a sequence whose positions from `pad_start` on are padding (a shard made
     /// `with_padding`; `pad_start` = seq_len: none).
     pub fn push_padded(&mut self, seq: &[i32], doc_starts: &[i32], pad_start: usize) -> Result<(), DataError> {
+        self.push_masked(seq, None, doc_starts, pad_start)
+    }
+
+    /// `push_padded` with the sequence's loss mask (a shard made `with_loss_mask`: 1 = the token
+    /// is a target); a sequence pushed without one trains on every token.
+    pub fn push_masked(
+        &mut self,
+        seq: &[i32],
+        mask: Option<&[u8]>,
+        doc_starts: &[i32],
+        pad_start: usize,
+    ) -> Result<(), DataError> {
         debug_assert_eq!(seq.len(), self.seq_len);
+        if let Some((_, buffer)) = &mut self.mask {
+            match mask {
+                Some(m) => {
+                    debug_assert_eq!(m.len(), seq.len());
+                    buffer.extend_from_slice(m)
+                }
+                None => buffer.resize(buffer.len() + seq.len(), 1),
+            }
+        }
         if let Some(pads) = self.docs.as_mut().and_then(|d| d.pad_starts.as_mut()) {
             pads.push(pad_start as i64);
         }
@@ -164,6 +204,13 @@ impl ShardWriter {
             ArrayView2::from_shape((k, self.seq_len), &self.buffer).map_err(|e| DataError::write(path, TOKENS, e))?;
         self.tokens.resize((n + k, self.seq_len)).map_err(|e| DataError::write(path, TOKENS, e))?;
         self.tokens.write_slice(view, s![n..n + k, ..]).map_err(|e| DataError::write(path, TOKENS, e))?;
+        if let Some((mask, buffer)) = &mut self.mask {
+            let view =
+                ArrayView2::from_shape((k, self.seq_len), buffer).map_err(|e| DataError::write(path, LOSS_MASK, e))?;
+            mask.resize((n + k, self.seq_len)).map_err(|e| DataError::write(path, LOSS_MASK, e))?;
+            mask.write_slice(view, s![n..n + k, ..]).map_err(|e| DataError::write(path, LOSS_MASK, e))?;
+            buffer.clear();
+        }
         self.rows += k;
         self.buffer.clear();
         if let Some(docs) = &mut self.docs {
@@ -191,8 +238,8 @@ impl ShardWriter {
                     .map_err(|e| DataError::write(&self.partial, PAD_START, e))?;
             }
         }
-        let ShardWriter { path, partial, file, tokens, docs, .. } = self;
-        drop((tokens, docs));
+        let ShardWriter { path, partial, file, tokens, docs, mask, .. } = self;
+        drop((tokens, docs, mask));
         file.close().map_err(|e| DataError::write(&partial, TOKENS, e))?;
         std::fs::rename(&partial, &path).map_err(|e| DataError::io(&path, e))?;
         Ok(path)

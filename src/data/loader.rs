@@ -7,7 +7,8 @@ use super::{DataError, Dataset, Documents};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 /// The label that contributes no loss (PyTorch's and transformers' `ignore_index`): positions without
-/// a next token, and every label outside the answer with `data.loss_on = "answer"`.
+/// a next token, tokens the shard's `loss_mask` does not train, and every label outside the answer
+/// with `data.loss_on = "answer"`.
 pub const IGNORE_INDEX: i64 = -100;
 
 /// Which next-token labels count in the loss.
@@ -84,7 +85,8 @@ pub struct LoaderSpec {
 /// One rank's micro batch: row-major [micro_batch, chunk_len] (chunk_len = seq_len / sp).
 /// `labels[i]` is the token after `input_ids[i]`, also across the chunk boundary. With
 /// `data.documents = "ignore"` the label after a document's EOS is the next document's first
-/// token (plain next-token prediction); with "mask" it is -100. Padding is never a target.
+/// token (plain next-token prediction); with "mask" it is -100. Padding is never a target, nor
+/// is a token the shard's `loss_mask` marks 0 (chat data: everything but the assistant's turns).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
     pub input_ids: Vec<i64>,
@@ -233,6 +235,11 @@ pub fn build_batch(dataset: &Dataset, spec: &LoaderSpec, indices: &[usize]) -> R
         let row = labels.len();
         labels.extend(span[1..].iter().map(|&t| t as i64));
         labels.resize(input_ids.len(), IGNORE_INDEX);
+        let targets = &mut labels[row..];
+        // Label i is the target of position start + i: token start + i + 1.
+        if let Some(mask) = dataset.loss_mask(index, start + 1, end)? {
+            keep_targets(targets, |i| mask.get(i).is_some_and(|&m| m == 1));
+        }
         if spec.loss_on == LossOn::Answer {
             let info = dataset.passkey(index)?.ok_or_else(|| {
                 DataError::Spec(format!(
@@ -241,12 +248,7 @@ pub fn build_batch(dataset: &Dataset, spec: &LoaderSpec, indices: &[usize]) -> R
                 ))
             })?;
             let answer = info.answer_start..info.answer_start + info.answer_tokens.len();
-            // Position p's label is token p + 1.
-            for (i, label) in labels[row..].iter_mut().enumerate() {
-                if !answer.contains(&(start + i + 1)) {
-                    *label = IGNORE_INDEX;
-                }
-            }
+            keep_targets(targets, |i| answer.contains(&(start + i + 1)));
         }
         let docs = sample_documents(dataset, &spec.packing, index)?;
         let pad_start = dataset.pad_start(index)?;
@@ -263,6 +265,17 @@ pub fn build_batch(dataset: &Dataset, spec: &LoaderSpec, indices: &[usize]) -> R
         sample_indices: indices.to_vec(),
         documents,
     })
+}
+
+/// Sets to -100 every label whose target is not trained: `trained(i)` says whether label i (the
+/// token after the chunk's position i) is. The shard's loss mask and a passkey answer both go
+/// through here; padding and document ends are applied after, by `sample_targets`.
+fn keep_targets(labels: &mut [i64], trained: impl Fn(usize) -> bool) {
+    for (i, label) in labels.iter_mut().enumerate() {
+        if !trained(i) {
+            *label = IGNORE_INDEX;
+        }
+    }
 }
 
 /// Sequence `index`'s documents as `packing` uses them: the recorded ones, or the whole sequence

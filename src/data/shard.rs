@@ -1,7 +1,7 @@
 //! Opening one shard: everything that can be checked without reading the tokens is checked here
 //! (format, version, attributes, dtype, rank, seq_len, per-sequence metadata), so a bad file is
 //! refused before training starts.
-use super::format::{FORMAT_NAME, FORMAT_VERSION, PAD_START, TOKENS};
+use super::format::{FORMAT_NAME, FORMAT_VERSION, LOSS_MASK, PAD_START, TOKENS};
 use super::DataError;
 use hdf5::types::{IntSize, TypeDescriptor, VarLenUnicode};
 use ndarray::s;
@@ -20,6 +20,8 @@ pub(crate) struct Shard {
     pub tokenizer: String,
     /// The shard records where padding begins in each sequence (`docs/pad_start`).
     pub has_padding: bool,
+    /// Which tokens are trained (`loss_mask`, format version 2), checked to match `tokens`.
+    pub loss_mask: Option<hdf5::Dataset>,
 }
 
 /// `paths` may name shard files or folders of `*.h5` shards (taken in name order).
@@ -84,9 +86,10 @@ impl Shard {
             return Err(invalid(path, "attribute", "format", found, &expected));
         }
         let version = read_i64_attr(&file, path, "format_version")?;
-        if version != FORMAT_VERSION {
-            let expected =
-                format!("{FORMAT_VERSION} (the version this build reads; re-create the shard or upgrade ulysses)");
+        if !(1..=FORMAT_VERSION).contains(&version) {
+            let expected = format!(
+                "1 to {FORMAT_VERSION} (the versions this build reads; re-create the shard or upgrade ulysses)"
+            );
             return Err(invalid(path, "attribute", "format_version", format!("= {version}"), &expected));
         }
         let vocab_size = read_i64_attr(&file, path, "vocab_size")?;
@@ -119,7 +122,8 @@ impl Shard {
         let len = shape[0];
         check_per_sequence(&file, path, len)?;
         let has_padding = file.link_exists("docs") && file.link_exists(PAD_START);
-        Ok(Shard { path: path.into(), file, tokens, len, vocab_size, eos_id, tokenizer, has_padding })
+        let loss_mask = open_loss_mask(&file, path, version, &shape)?;
+        Ok(Shard { path: path.into(), file, tokens, len, vocab_size, eos_id, tokenizer, has_padding, loss_mask })
     }
 
     /// Elements `range` of the 1-D dataset `name` (per-sequence metadata).
@@ -128,6 +132,34 @@ impl Shard {
         let v = ds.read_slice_1d::<T, _>(s![range]).map_err(|e| DataError::read(&self.path, name, e))?;
         Ok(v.into_raw_vec_and_offset().0)
     }
+}
+
+/// The optional `loss_mask`: uint8, shaped as `tokens`, in a shard of version 2 or later (a
+/// version 1 reader would train on every token of it without a word).
+fn open_loss_mask(
+    file: &hdf5::File,
+    path: &Path,
+    version: i64,
+    shape: &[usize],
+) -> Result<Option<hdf5::Dataset>, DataError> {
+    if !file.link_exists(LOSS_MASK) {
+        return Ok(None);
+    }
+    if version < 2 {
+        let found = format!("= {version}, but the shard has a `{LOSS_MASK}`");
+        return Err(invalid(path, "attribute", "format_version", found, "2 (the version that added the mask)"));
+    }
+    let mask = file.dataset(LOSS_MASK).map_err(|e| DataError::read(path, LOSS_MASK, e))?;
+    let dtype = mask.dtype().and_then(|t| t.to_descriptor()).map_err(|e| DataError::read(path, LOSS_MASK, e))?;
+    if dtype != TypeDescriptor::Unsigned(IntSize::U1) {
+        let found = format!("has dtype {dtype}");
+        return Err(invalid(path, "dataset", LOSS_MASK, found, "uint8 0/1 per token (numpy: mask.astype(np.uint8))"));
+    }
+    if mask.shape() != shape {
+        let found = format!("has shape {:?}", mask.shape());
+        return Err(invalid(path, "dataset", LOSS_MASK, found, &format!("the shape of `tokens`, {shape:?}")));
+    }
+    Ok(Some(mask))
 }
 
 /// Optional per-sequence datasets must have one entry per sequence, or their lookups would
