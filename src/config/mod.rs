@@ -625,7 +625,8 @@ impl Experiment {
     }
 }
 
-/// toml's messages carry a source excerpt; keep them, prefix the line/column.
+/// toml's message already names the line and column and quotes the line; only its trailing
+/// newline goes.
 fn describe_toml_error(e: &toml::de::Error) -> String {
     e.to_string().trim_end().to_string()
 }

@@ -1,6 +1,9 @@
 //! Every rule of an experiment, checked at once. Each problem names its TOML path, the value found
 //! and what would be valid, so a user fixes the whole file in one go.
-use super::{DeviceKind, Dtype, Experiment, ModelConfig, PositionBy, Resume, ZeroStage};
+use super::{
+    CheckpointConfig, DataConfig, DeviceKind, Dtype, Experiment, MemoryConfig, MetricsConfig, ModelConfig,
+    ParallelConfig, PositionBy, Resume, RunConfig, TrainConfig, ZeroStage,
+};
 use crate::data::PackedDocuments;
 use crate::model::spec::{ModelSpec, Preset};
 use std::fmt;
@@ -114,13 +117,42 @@ const YEAR_S: f64 = 365.0 * 24.0 * 3600.0;
 
 /// Resolves the model architecture and checks every rule; `world_size` is the number of ranks the
 /// job runs on (`None`: skip the rule sp × dp = world size).
+///
+/// One function per TOML section. A rule between two sections lives in the section whose path it
+/// reports, except the few noted where they are, which keep the order problems were always listed in.
 pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec, Vec<Problem>> {
     let mut problems = Vec::new();
     let mut bad = |path: &str, message: String| problems.push(Problem { path: path.into(), message });
 
     let spec = model_spec(&exp.model, &mut bad);
+    parallel(&exp.parallel, spec.as_ref(), world_size, &mut bad);
+    data(&exp.data, &exp.parallel, spec.as_ref(), &mut bad);
+    // Reported right after data's rules: its fix is data.documents.
+    if exp.metrics.position_by == PositionBy::Document && !exp.data.packing().reads_documents() {
+        bad(
+            "metrics.position_by",
+            "= \"document\" needs the document boundaries: set data.documents = \"mask\"".into(),
+        );
+    }
+    train(&exp.train, &exp.parallel, &mut bad);
+    checkpoint(&exp.checkpoint, &exp.train, &mut bad);
+    metrics(&exp.metrics, &exp.data, &mut bad);
+    memory(&exp.memory, &mut bad);
+    run(&exp.run, &mut bad);
 
-    let p = &exp.parallel;
+    match spec {
+        Some(s) if problems.is_empty() => Ok(s),
+        _ => Err(problems),
+    }
+}
+
+/// `[parallel]`: the mesh against the job and the model's heads, the watchdog, the offload.
+fn parallel(
+    p: &ParallelConfig,
+    spec: Option<&ModelSpec>,
+    world_size: Option<usize>,
+    bad: &mut impl FnMut(&str, String),
+) {
     if p.sp == 0 {
         bad("parallel.sp", "is 0; must be at least 1".into());
     }
@@ -159,7 +191,7 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
             ),
         );
     }
-    if let Some(s) = &spec {
+    if let Some(s) = spec {
         let heads = s.num_attention_heads;
         if p.sp > 0 && heads % p.sp as i64 != 0 {
             bad(
@@ -167,6 +199,7 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
                 format!("= {} does not divide the model's {heads} query heads; use one of {}", p.sp, divisors(heads)),
             );
         }
+        // A rule of the model's alone, reported here among the head rules as it always was.
         if s.num_key_value_heads > 0 && heads % s.num_key_value_heads != 0 {
             bad("model", format!("{heads} query heads are not a multiple of {} KV heads", s.num_key_value_heads));
         }
@@ -179,8 +212,10 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
             }
         }
     }
+}
 
-    let d = &exp.data;
+/// `[data]`: the shards, the sequence length against the mesh and the model, packed documents.
+fn data(d: &DataConfig, p: &ParallelConfig, spec: Option<&ModelSpec>, bad: &mut impl FnMut(&str, String)) {
     if d.paths.is_empty() {
         bad(
             "data.paths",
@@ -202,7 +237,7 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
             ),
         );
     }
-    if let Some(s) = &spec {
+    if let Some(s) = spec {
         if let Err(e) = s.check_seq_len(d.seq_len) {
             bad("data.seq_len", format!("= {}: {e}", d.seq_len));
         }
@@ -229,14 +264,10 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
     if let Some(problem) = d.packing().problem() {
         bad("data.positions", problem.trim_start_matches("data.positions ").into());
     }
-    if exp.metrics.position_by == PositionBy::Document && !d.packing().reads_documents() {
-        bad(
-            "metrics.position_by",
-            "= \"document\" needs the document boundaries: set data.documents = \"mask\"".into(),
-        );
-    }
+}
 
-    let t = &exp.train;
+/// `[train]`: the step counts, the optimizer's numbers, the dtype against the device.
+fn train(t: &TrainConfig, p: &ParallelConfig, bad: &mut impl FnMut(&str, String)) {
     if t.steps == 0 {
         bad("train.steps", "is 0; must be at least 1".into());
     }
@@ -272,8 +303,11 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
     if t.dtype == Dtype::Bf16 && p.device == DeviceKind::Cpu {
         bad("train.dtype", "= \"bf16\" needs parallel.device = \"cuda\"; CPU runs are fp32".into());
     }
+}
 
-    let c = &exp.checkpoint;
+/// `[checkpoint]`: how many to keep, where to resume from; a memory-fit run saves none (reported
+/// between the two, under `train.memory_fit`, where it always was).
+fn checkpoint(c: &CheckpointConfig, t: &TrainConfig, bad: &mut impl FnMut(&str, String)) {
     if c.keep == 0 {
         bad("checkpoint.keep", "is 0; keep at least 1 checkpoint".into());
     }
@@ -292,29 +326,38 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
             );
         }
     }
-    if exp.metrics.position_bins == 0 {
+}
+
+/// `[metrics]`: the loss-by-position bins against the sequence, the peak FLOP/s.
+fn metrics(m: &MetricsConfig, d: &DataConfig, bad: &mut impl FnMut(&str, String)) {
+    if m.position_bins == 0 {
         bad("metrics.position_bins", "is 0; must be at least 1".into());
-    } else if exp.metrics.position_bins > d.seq_len && d.seq_len > 0 {
+    } else if m.position_bins > d.seq_len && d.seq_len > 0 {
         bad(
             "metrics.position_bins",
-            format!(
-                "= {} exceeds data.seq_len = {}; use at most one bin per position",
-                exp.metrics.position_bins, d.seq_len
-            ),
+            format!("= {} exceeds data.seq_len = {}; use at most one bin per position", m.position_bins, d.seq_len),
         );
     }
-    let peak = exp.metrics.peak_tflops;
+    let peak = m.peak_tflops;
     if !(peak >= 0.0 && peak.is_finite()) {
         bad("metrics.peak_tflops", format!("= {peak} must be a number of TFLOP/s >= 0 (0: from the GPU's name)"));
     }
-    for (name, gib) in [("gpu_gib", exp.memory.gpu_gib), ("host_gib", exp.memory.host_gib)] {
+}
+
+/// `[memory]`: the budgets.
+fn memory(m: &MemoryConfig, bad: &mut impl FnMut(&str, String)) {
+    for (name, gib) in [("gpu_gib", m.gpu_gib), ("host_gib", m.host_gib)] {
         if !(gib >= 0.0 && gib.is_finite()) {
             bad(&format!("memory.{name}"), format!("= {gib} must be a number of GiB >= 0 (0: measure at start)"));
         }
     }
+}
+
+/// `[run]`: the run folder's name.
+fn run(r: &RunConfig, bad: &mut impl FnMut(&str, String)) {
     // The run folder is output_dir/name and everything the run writes or deletes is inside it:
     // "." or ".." would make it output_dir itself or its parent.
-    let name = &exp.run.name;
+    let name = &r.name;
     if name.is_empty()
         || name == "."
         || name == ".."
@@ -325,10 +368,5 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
             "run.name",
             format!("{name:?} must be one plain folder name: not empty, not \".\" or \"..\", no '/', '\\' or control characters"),
         );
-    }
-
-    match spec {
-        Some(s) if problems.is_empty() => Ok(s),
-        _ => Err(problems),
     }
 }
