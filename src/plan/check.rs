@@ -1,7 +1,7 @@
 //! The report of `ulysses check` for a valid experiment: the plan and, for a GPU run, the memory
 //! estimate placed within the budgets the flags (or `[memory]`) give, and the longest sequence
 //! that fits them.
-use super::memory::{self, longest_fit, Budget, MemoryPlan};
+use super::memory::{self, longest_fit, Budget, Estimate, PlanInputs};
 use super::Plan;
 use crate::config::{AttentionBackend, DeviceKind, Experiment, FusedAttention};
 use crate::data::documents::{spread, summarize};
@@ -55,7 +55,7 @@ pub fn report(exp: &Experiment, spec: &ModelSpec, world: usize, flags: &CheckBud
     if !defaults.is_empty() {
         let _ = writeln!(s, "budgets    defaults, not this machine's, where not given: {}", defaults.join(", "));
     }
-    let _ = match longest_fit(&exp.parallel, &exp.train, &exp.checkpoint, spec, world, &budget) {
+    let _ = match longest_fit(&PlanInputs::new(exp, spec, world), &budget) {
         Some(fit) => writeln!(s, "fits       up to {fit} tokens with {with}"),
         None => writeln!(s, "fits       nothing: even {} tokens exceed {with}", exp.parallel.sp * 1024),
     };
@@ -127,10 +127,11 @@ fn attention_report(exp: &Experiment, spec: &ModelSpec) -> String {
 /// The memory estimate of a GPU run placed within `budget` (per rank), or why it does not fit.
 fn memory_report(exp: &Experiment, spec: &ModelSpec, world: usize, budget: &Budget) -> String {
     let mut s = String::new();
-    let plan = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, spec, world, exp.data.seq_len);
-    match plan.placement(budget) {
+    let inputs = PlanInputs::new(exp, spec, world);
+    let estimate = Estimate::new(&inputs);
+    match estimate.placement(budget) {
         Ok(placement) => {
-            let placed = plan.with_placement(&placement);
+            let placed = estimate.with_placement(&placement);
             let _ = writeln!(
                 s,
                 "memory     per rank at {} tokens (estimate, torch allocator; CUDA context and NCCL come on top):",
@@ -142,16 +143,7 @@ fn memory_report(exp: &Experiment, spec: &ModelSpec, world: usize, budget: &Budg
             let _ = writeln!(s, "placement  {}", memory::summary(&placed, &placement, budget));
         }
         Err(shortfall) => {
-            let refusal = memory::refusal(
-                &exp.parallel,
-                &exp.train,
-                &exp.checkpoint,
-                exp.data.seq_len,
-                spec,
-                world,
-                budget,
-                &shortfall,
-            );
+            let refusal = memory::refusal(&inputs, budget, &shortfall);
             let _ = writeln!(s, "placement  {}", refusal.replace('\n', "\n           "));
         }
     }

@@ -1,6 +1,7 @@
-//! Per-rank memory estimate of a CUDA training step, by component; where each layer's kept tensors
-//! wait between forward and backward (`MemoryPlan::placement`, within a `Budget`); and the longest
-//! sequence that fits. Bytes of torch's caching allocator (like `torch.cuda.max_memory_allocated`;
+//! Per-rank memory estimate of a CUDA training step, by component (`Estimate`, from `PlanInputs`);
+//! where the model state and each layer's kept tensors wait between forward and backward
+//! (`Estimate::placement`, within a `Budget`), and what each place then holds (`MemoryPlan`); and
+//! the longest sequence that fits. Bytes of torch's caching allocator (like `torch.cuda.max_memory_allocated`;
 //! the CUDA context and NCCL buffers come on top, see `budget::GPU_RESERVE`). The layer's
 //! working set is calibrated on measured runs (bench/RESULTS.md, 2026-11-26, 2×H100, sp = 2:
 //! Llama-3.1-8B's dimensions with 4 layers at 64K to 512K tokens per rank, peaks read per phase
@@ -12,7 +13,8 @@ pub use budget::{gpu_name, Budget, BudgetError, DISK_RESERVE, GPU_RESERVE, HOST_
 pub use report::{refusal, summary, table, DoesNotFit};
 
 use crate::config::{
-    ActivationPlacement, CheckpointConfig, DeviceKind, Dtype, ParallelConfig, StatePlacement, TrainConfig, ZeroStage,
+    ActivationPlacement, CheckpointConfig, DeviceKind, Dtype, Experiment, ParallelConfig, StatePlacement, TrainConfig,
+    ZeroStage,
 };
 use crate::model::spec::ModelSpec;
 use crate::units::bytes;
@@ -60,7 +62,7 @@ pub struct Placement {
     /// `MemoryPlan::qkv_graph` more GPU memory. Chosen when everything fits on the GPU anyway.
     pub qkv_once: bool,
     /// Whether layer l's forward keeps the MLP's gate and up projections on the GPU, so its
-    /// backward does not recompute them (`MemoryPlan::mlp_per_layer` each). Given, last layers
+    /// backward does not recompute them (`Estimate::mlp_per_layer` each). Given, last layers
     /// first, to the GPU room that is left when everything else fits on it.
     pub mlp: Vec<bool>,
 }
@@ -141,27 +143,48 @@ fn where_inputs_may_go(a: ActivationPlacement) -> &'static str {
     }
 }
 
+/// What a memory plan is computed from: the config sections it reads, the model, the number of
+/// ranks and the sequence length.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanInputs<'a> {
+    pub parallel: &'a ParallelConfig,
+    pub train: &'a TrainConfig,
+    pub checkpoint: &'a CheckpointConfig,
+    pub spec: &'a ModelSpec,
+    pub world: usize,
+    pub seq_len: usize,
+}
+
+impl<'a> PlanInputs<'a> {
+    /// `exp` on `world` ranks at its `data.seq_len`.
+    pub fn new(exp: &'a Experiment, spec: &'a ModelSpec, world: usize) -> PlanInputs<'a> {
+        PlanInputs {
+            parallel: &exp.parallel,
+            train: &exp.train,
+            checkpoint: &exp.checkpoint,
+            spec,
+            world,
+            seq_len: exp.data.seq_len,
+        }
+    }
+
+    /// The same at `seq_len` tokens.
+    pub fn at(self, seq_len: usize) -> PlanInputs<'a> {
+        PlanInputs { seq_len, ..self }
+    }
+}
+
+/// What each piece of a step takes per rank, wherever it is placed, and the policy a placement
+/// follows.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct MemoryPlan {
+pub struct Estimate {
     /// fp32 master weights, gradient buffer and Adam moments of this rank's shard of one unit
     /// (16 bytes a parameter): the embedding, a decoder layer, the head.
     pub state_embedding: f64,
     pub state_layer: f64,
     pub state_head: f64,
-    /// The state of this rank's shards by tier (the placement's totals).
-    pub optimizer_gpu: f64,
-    pub optimizer_host: f64,
-    pub optimizer_disk: f64,
-    /// Pinned host memory holding this rank's slice of the checkpointed GPU state (fp32 master
-    /// weights and Adam moments) while an asynchronous save writes it (`checkpoint.async` with
-    /// `checkpoint.every` > 0, for the units whose state is on the GPU); kept for the whole run.
-    pub checkpoint_staging: f64,
-    /// `checkpoint_staging` per byte of state on the GPU (0: no asynchronous saves).
+    /// `MemoryPlan::checkpoint_staging` per byte of state on the GPU (0: no asynchronous saves).
     pub checkpoint_staging_per_state: f64,
-    /// Host memory the state off the GPU passes through: the pinned buffers its gradients land
-    /// in, and for units on disk (`parallel::tiers`) the update's chunks in flight and the
-    /// master weights a gather reads.
-    pub state_staging: f64,
     /// `parallel.offload_optimizer`, and whether the state may leave the GPU under "auto"
     /// (only ZeRO-3 shards can).
     pub state: StatePlacement,
@@ -178,7 +201,51 @@ pub struct MemoryPlan {
     pub input_per_layer: f64,
     /// One layer's attention output (head-sharded) and log-sum-exp (fp32), when kept.
     pub attention_per_layer: f64,
-    /// Layer inputs kept for backward, by place (the placement's totals).
+    /// Segment 1's graph (the normed input, q, k and v before RoPE), kept through attention's
+    /// backward by a placement that runs segment 1 once (`Placement::qkv_once`).
+    pub qkv_graph_once: f64,
+    /// One layer's MLP gate and up projections, when kept (`Placement::mlp`).
+    pub mlp_per_layer: f64,
+    /// The policy `placement` follows (`parallel.activations`, `keep_attention`, `device`).
+    pub activations: ActivationPlacement,
+    pub keep_attention: bool,
+    pub device: DeviceKind,
+}
+
+/// Where the model state is (`Placement::state`) and what that costs, per rank.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct StateTotals {
+    optimizer_gpu: f64,
+    optimizer_host: f64,
+    optimizer_disk: f64,
+    checkpoint_staging: f64,
+    state_staging: f64,
+}
+
+impl StateTotals {
+    /// Host memory taken before any layer input: state, checkpoint and disk-tier staging.
+    fn host_fixed(&self) -> f64 {
+        self.optimizer_host + self.checkpoint_staging + self.state_staging
+    }
+}
+
+/// An estimate placed: what each place holds per rank (`Estimate::with_placement`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryPlan {
+    pub estimate: Estimate,
+    /// The state of this rank's shards by tier.
+    pub optimizer_gpu: f64,
+    pub optimizer_host: f64,
+    pub optimizer_disk: f64,
+    /// Pinned host memory holding this rank's slice of the checkpointed GPU state (fp32 master
+    /// weights and Adam moments) while an asynchronous save writes it (`checkpoint.async` with
+    /// `checkpoint.every` > 0, for the units whose state is on the GPU); kept for the whole run.
+    pub checkpoint_staging: f64,
+    /// Host memory the state off the GPU passes through: the pinned buffers its gradients land
+    /// in, and for units on disk (`parallel::tiers`) the update's chunks in flight and the
+    /// master weights a gather reads.
+    pub state_staging: f64,
+    /// Layer inputs kept for backward, by place.
     pub activations_gpu: f64,
     pub activations_host: f64,
     pub activations_disk: f64,
@@ -189,33 +256,36 @@ pub struct MemoryPlan {
     /// room that earlier layers' kept tensors freed: the layer's own and the next layer's
     /// (fetched one layer ahead).
     pub staging: f64,
-    /// Segment 1's graph (the normed input, q, k and v before RoPE), kept through attention's
-    /// backward when the placement runs segment 1 once (`Placement::qkv_once`); else 0.
+    /// `Estimate::qkv_graph_once` when the placement runs segment 1 once; else 0.
     pub qkv_graph: f64,
-    /// `qkv_graph` of a placement that runs segment 1 once.
-    pub qkv_graph_once: f64,
-    /// One layer's MLP gate and up projections, when kept (`Placement::mlp`).
-    pub mlp_per_layer: f64,
-    /// Kept MLP projections, all on the GPU (the placement's total).
+    /// Kept MLP projections, all on the GPU.
     pub mlp_gpu: f64,
-    /// The policy `placement` follows (`parallel.activations`, `keep_attention`, `device`).
-    pub activations: ActivationPlacement,
-    pub keep_attention: bool,
-    pub device: DeviceKind,
 }
 
 impl MemoryPlan {
-    /// The estimate at `seq_len` tokens, placed as the config asks when nothing limits it (with
-    /// "auto", everything on the GPU; segment 1 twice); `with_placement` gives it for a budget's
-    /// placement.
-    pub fn new(
-        p: &ParallelConfig,
-        t: &TrainConfig,
-        c: &CheckpointConfig,
-        spec: &ModelSpec,
-        world: usize,
-        seq_len: usize,
-    ) -> MemoryPlan {
+    /// The larger of one layer's backward (with the copies in flight then) and the head's: only
+    /// one runs at a time.
+    pub fn working(&self) -> f64 {
+        (self.estimate.layer_working + self.staging + self.qkv_graph).max(self.estimate.head_working)
+    }
+
+    pub fn gpu_peak(&self) -> f64 {
+        self.optimizer_gpu + self.activations_gpu + self.attention_gpu + self.mlp_gpu + self.working()
+    }
+
+    pub fn host(&self) -> f64 {
+        self.optimizer_host + self.checkpoint_staging + self.state_staging + self.activations_host + self.attention_host
+    }
+
+    pub fn disk(&self) -> f64 {
+        self.optimizer_disk + self.activations_disk
+    }
+}
+
+impl Estimate {
+    /// The sizes at `inputs.seq_len` tokens.
+    pub fn new(inputs: &PlanInputs) -> Estimate {
+        let PlanInputs { parallel: p, train: t, checkpoint: c, spec, world, seq_len } = *inputs;
         let tokens = (seq_len / p.sp * t.micro_batch) as f64;
         let h = spec.hidden_size as f64;
         let elt = match t.dtype {
@@ -243,16 +313,11 @@ impl MemoryPlan {
         } else {
             0.0
         };
-        let plan = MemoryPlan {
+        Estimate {
             state_embedding: shard_state(embedding),
             state_layer: shard_state(spec.layer_params()),
             state_head: shard_state(head),
-            optimizer_gpu: 0.0,
-            optimizer_host: 0.0,
-            optimizer_disk: 0.0,
-            checkpoint_staging: 0.0,
             checkpoint_staging_per_state,
-            state_staging: 0.0,
             state: p.offload_optimizer,
             sharded: p.zero_stage == ZeroStage::Sharded,
             accumulates: t.grad_accum > 1,
@@ -261,38 +326,23 @@ impl MemoryPlan {
             layers: spec.num_hidden_layers as usize,
             input_per_layer: tokens * h * elt,
             attention_per_layer: tokens * (heads * spec.head_dim as f64 * elt + heads * 4.0),
-            activations_gpu: 0.0,
-            activations_host: 0.0,
-            activations_disk: 0.0,
-            attention_gpu: 0.0,
-            attention_host: 0.0,
-            staging: 0.0,
-            qkv_graph: 0.0,
             qkv_graph_once: tokens
                 * (spec.hidden_size + (spec.num_attention_heads + 2 * spec.num_key_value_heads) * spec.head_dim) as f64
                 * elt,
             mlp_per_layer: tokens * 2.0 * spec.intermediate_size as f64 * elt,
-            mlp_gpu: 0.0,
             activations: p.activations,
             keep_attention: p.keep_attention && p.fused_attention().is_some(),
             device: p.device,
-        };
-        // The base estimate runs segment 1 twice in backward and keeps no MLP projections: a
-        // placement with room to spare does (`Placement::qkv_once`, `mlp`), and `with_placement`
-        // adds what they cost.
-        let unlimited = plan.placement(&Budget::UNLIMITED).expect("an unlimited budget holds every placement");
-        let unlimited = Placement { qkv_once: false, mlp: vec![false; plan.layers], ..unlimited };
-        plan.with_placement(&unlimited)
+        }
     }
 
-    /// The larger of one layer's backward (with the copies in flight then) and the head's: only
-    /// one runs at a time.
-    pub fn working(&self) -> f64 {
-        (self.layer_working + self.staging + self.qkv_graph).max(self.head_working)
-    }
-
-    pub fn gpu_peak(&self) -> f64 {
-        self.optimizer_gpu + self.activations_gpu + self.attention_gpu + self.mlp_gpu + self.working()
+    /// This estimate placed as the config asks when nothing limits it: with "auto", everything on
+    /// the GPU, segment 1 run twice in backward and no MLP projections kept (a placement with
+    /// room to spare does those, `Placement::qkv_once` and `mlp`, and `with_placement` adds what
+    /// they cost).
+    pub fn as_configured(&self) -> MemoryPlan {
+        let unlimited = self.placement(&Budget::UNLIMITED).expect("an unlimited budget holds every placement");
+        self.with_placement(&Placement { qkv_once: false, mlp: vec![false; self.layers], ..unlimited })
     }
 
     /// Bytes on the GPU beyond the placed totals while layer l's backward runs, at most over the
@@ -326,19 +376,6 @@ impl MemoryPlan {
         2.0 * (input + attention)
     }
 
-    pub fn host(&self) -> f64 {
-        self.host_fixed() + self.activations_host + self.attention_host
-    }
-
-    /// Host memory taken before any layer input: state, checkpoint and disk-tier staging.
-    fn host_fixed(&self) -> f64 {
-        self.optimizer_host + self.checkpoint_staging + self.state_staging
-    }
-
-    pub fn disk(&self) -> f64 {
-        self.optimizer_disk + self.activations_disk
-    }
-
     /// Bytes of unit u's state on this rank (units in `model_units` order).
     pub fn unit_state(&self, u: usize) -> f64 {
         match u {
@@ -348,9 +385,8 @@ impl MemoryPlan {
         }
     }
 
-    /// This estimate with the state of each unit where `state` says (and what that costs in
-    /// staging), layer inputs and attention as they were.
-    fn with_state(&self, state: &[Place]) -> MemoryPlan {
+    /// The state of each unit where `state` says, and what that costs in staging.
+    fn state_totals(&self, state: &[Place]) -> StateTotals {
         let total =
             |place| (0..state.len()).filter(|&u| state[u] == place).map(|u| self.unit_state(u)).fold(0.0, |a, b| a + b);
         let largest = |tiers: &[Place]| {
@@ -370,14 +406,13 @@ impl MemoryPlan {
             state_staging += (DISK_CHUNKS_IN_FLIGHT * DISK_CHUNK * 4 * 4) as f64 + on_disk / 4.0;
         }
         let optimizer_gpu = if self.device == DeviceKind::Cpu { 0.0 } else { total(Place::Device) };
-        MemoryPlan {
+        StateTotals {
             optimizer_gpu,
             optimizer_host: total(Place::Host)
                 + if self.device == DeviceKind::Cpu { total(Place::Device) } else { 0.0 },
             optimizer_disk: total(Place::Disk),
             checkpoint_staging: optimizer_gpu * self.checkpoint_staging_per_state,
             state_staging,
-            ..*self
         }
     }
 
@@ -385,8 +420,15 @@ impl MemoryPlan {
     pub fn with_placement(&self, placement: &Placement) -> MemoryPlan {
         let inputs = |p| placement.inputs_in(p) as f64 * self.input_per_layer;
         let attention = |p| placement.attention_in(Some(p)) as f64 * self.attention_per_layer;
-        let with_state = self.with_state(&placement.state);
+        let StateTotals { optimizer_gpu, optimizer_host, optimizer_disk, checkpoint_staging, state_staging } =
+            self.state_totals(&placement.state);
         MemoryPlan {
+            estimate: *self,
+            optimizer_gpu,
+            optimizer_host,
+            optimizer_disk,
+            checkpoint_staging,
+            state_staging,
             activations_gpu: inputs(Place::Device),
             activations_host: inputs(Place::Host),
             activations_disk: inputs(Place::Disk),
@@ -395,7 +437,6 @@ impl MemoryPlan {
             staging: self.staging_of(placement),
             qkv_graph: if placement.qkv_once { self.qkv_graph_once } else { 0.0 },
             mlp_gpu: placement.mlp.iter().filter(|&&k| k).count() as f64 * self.mlp_per_layer,
-            ..with_state
         }
     }
 
@@ -468,7 +509,7 @@ impl MemoryPlan {
     pub fn placement(&self, budget: &Budget) -> Result<Placement, Shortfall> {
         let mut shortfall = None;
         for state in self.state_candidates(budget) {
-            match self.with_state(&state).place_kept(budget, state) {
+            match self.place_kept(budget, state) {
                 Ok(placement) => return Ok(placement),
                 Err(s) => shortfall = Some(s),
             }
@@ -476,14 +517,14 @@ impl MemoryPlan {
         Err(shortfall.expect("at least one state placement is tried"))
     }
 
-    /// `placement` for the layer inputs and kept attention, with the state placed (`state`, its
-    /// totals already in `self`).
+    /// `placement` for the layer inputs and kept attention, with the state placed (`state`).
     fn place_kept(&self, budget: &Budget, state: Vec<Place>) -> Result<Placement, Shortfall> {
         let n = self.layers;
-        if self.optimizer_disk > budget.disk {
-            return Err(Shortfall::Disk { needed: self.optimizer_disk, budget: budget.disk });
+        let totals = self.state_totals(&state);
+        if totals.optimizer_disk > budget.disk {
+            return Err(Shortfall::Disk { needed: totals.optimizer_disk, budget: budget.disk });
         }
-        let disk_room = budget.disk - self.optimizer_disk;
+        let disk_room = budget.disk - totals.optimizer_disk;
         if self.device == DeviceKind::Cpu {
             let input = if self.activations == ActivationPlacement::Disk { Place::Disk } else { Place::Device };
             return Ok(Placement {
@@ -494,12 +535,12 @@ impl MemoryPlan {
                 mlp: vec![true; n],
             });
         }
-        let host_fixed = self.host_fixed();
+        let host_fixed = totals.host_fixed();
         if host_fixed > budget.host {
             return Err(Shortfall::Host {
-                optimizer: self.optimizer_host,
-                staging: self.checkpoint_staging,
-                state_staging: self.state_staging,
+                optimizer: totals.optimizer_host,
+                staging: totals.checkpoint_staging,
+                state_staging: totals.state_staging,
                 budget: budget.host,
             });
         }
@@ -527,7 +568,7 @@ impl MemoryPlan {
                 }
             }
         }
-        let fixed_gpu = self.optimizer_gpu + (self.layer_working + self.staging_reserve()).max(self.head_working);
+        let fixed_gpu = totals.optimizer_gpu + (self.layer_working + self.staging_reserve()).max(self.head_working);
         if fixed_gpu > budget.gpu {
             return Err(Shortfall::Gpu { needed: fixed_gpu, budget: budget.gpu });
         }
@@ -579,19 +620,13 @@ impl MemoryPlan {
 }
 
 /// The longest sequence (a multiple of `sp × 1024` tokens) for which `placement` finds room in
-/// `budget` (bytes per rank); None when even the shortest does not fit.
-pub fn longest_fit(
-    p: &ParallelConfig,
-    t: &TrainConfig,
-    c: &CheckpointConfig,
-    spec: &ModelSpec,
-    world: usize,
-    budget: &Budget,
-) -> Option<usize> {
+/// `budget` (bytes per rank), whatever `inputs.seq_len` is; None when even the shortest does not
+/// fit.
+pub fn longest_fit(inputs: &PlanInputs, budget: &Budget) -> Option<usize> {
     // A CPU run has no budgets; stop doubling somewhere.
     const MAX_TOKENS: usize = 1 << 34;
-    let step = p.sp * 1024;
-    let fits = |s: usize| MemoryPlan::new(p, t, c, spec, world, s).placement(budget).is_ok();
+    let step = inputs.parallel.sp * 1024;
+    let fits = |s: usize| Estimate::new(&inputs.at(s)).placement(budget).is_ok();
     let mut s = step;
     if !fits(s) {
         return None;

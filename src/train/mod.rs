@@ -23,7 +23,7 @@ use crate::optim::{clip_scale, grad_norm, AdamW};
 use crate::parallel::attention::{allow_sdp_kernels, document_kernel};
 use crate::parallel::zero::StateTiers;
 use crate::plan::flops;
-use crate::plan::memory::{self as memory_plan, Budget, DoesNotFit, MemoryPlan, Placement};
+use crate::plan::memory::{self as memory_plan, Budget, DoesNotFit, Estimate, Placement, PlanInputs};
 use anyhow::{bail, Context, Result};
 use profile::Profiler;
 use std::path::PathBuf;
@@ -93,14 +93,13 @@ fn plan_memory(
     let parts = Tensor::from_slice(&[mine.gpu, mine.host, mine.disk]).to_device(world.device());
     let all: Vec<f64> = Vec::try_from(world.all_gather(&parts)?.to_device(Device::Cpu))?;
     let budget = all.chunks(3).map(|b| Budget { gpu: b[0], host: b[1], disk: b[2] }).fold(mine, Budget::min);
-    let (p, t, c, seq_len, world_size) =
-        (&exp.parallel, &exp.train, &exp.checkpoint, exp.data.seq_len, mesh.world_size());
-    let plan = MemoryPlan::new(p, t, c, spec, world_size, seq_len);
-    let placement = plan.placement(&budget).map_err(|shortfall| {
-        DoesNotFit(memory_plan::refusal(p, t, c, seq_len, spec, world_size, &budget, &shortfall))
-    })?;
+    let inputs = PlanInputs::new(exp, spec, mesh.world_size());
+    let estimate = Estimate::new(&inputs);
+    let placement = estimate
+        .placement(&budget)
+        .map_err(|shortfall| DoesNotFit(memory_plan::refusal(&inputs, &budget, &shortfall)))?;
     if mesh.world_rank == 0 {
-        log::info!("memory plan: {}", memory_plan::summary(&plan.with_placement(&placement), &placement, &budget));
+        log::info!("memory plan: {}", memory_plan::summary(&estimate.with_placement(&placement), &placement, &budget));
     }
     Ok(placement)
 }

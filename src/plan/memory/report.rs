@@ -1,8 +1,7 @@
 //! The memory plan in words: the table `ulysses check` prints, the one-line placement a run logs,
 //! and the message that stops a run that cannot fit.
-use super::{longest_fit, Budget, MemoryPlan, Place, Placement, Shortfall};
-use crate::config::{ActivationPlacement, CheckpointConfig, DeviceKind, ParallelConfig, StatePlacement, TrainConfig};
-use crate::model::spec::ModelSpec;
+use super::{longest_fit, Budget, Estimate, MemoryPlan, Place, Placement, PlanInputs, Shortfall};
+use crate::config::{ActivationPlacement, DeviceKind, StatePlacement};
 use crate::units::{bytes, gib_limit, limit, GIB};
 use std::fmt::Write;
 
@@ -12,11 +11,11 @@ use std::fmt::Write;
 #[error("{0}")]
 pub struct DoesNotFit(pub String);
 
-/// The estimate by component and place, per rank, and the budget (`plan` placed by
-/// `MemoryPlan::with_placement`).
+/// The estimate by component and place, per rank, and the budget.
 pub fn table(plan: &MemoryPlan, budget: &Budget) -> String {
-    let n = plan.layers;
-    let kept = ((plan.attention_gpu + plan.attention_host) / plan.attention_per_layer).round() as usize;
+    let est = &plan.estimate;
+    let n = est.layers;
+    let kept = ((plan.attention_gpu + plan.attention_host) / est.attention_per_layer).round() as usize;
     let mut s = format!("{:<58} {:>10} {:>10} {:>10}\n", "", "GPU", "host", "disk");
     let mut row = |name: &str, cells: [Option<f64>; 3], fmt: fn(f64) -> String| {
         let [gpu, host, disk] = cells.map(|c| c.map_or(String::new(), fmt));
@@ -35,12 +34,12 @@ pub fn table(plan: &MemoryPlan, budget: &Budget) -> String {
         );
     }
     row(
-        &format!("layer inputs kept for backward ({n} × {})", bytes(plan.input_per_layer)),
+        &format!("layer inputs kept for backward ({n} × {})", bytes(est.input_per_layer)),
         [Some(plan.activations_gpu), Some(plan.activations_host), Some(plan.activations_disk)],
         bytes,
     );
     row(
-        &format!("attention output + log-sum-exp kept ({kept} of {n} × {})", bytes(plan.attention_per_layer)),
+        &format!("attention output + log-sum-exp kept ({kept} of {n} × {})", bytes(est.attention_per_layer)),
         [Some(plan.attention_gpu), Some(plan.attention_host), None],
         bytes,
     );
@@ -48,32 +47,33 @@ pub fn table(plan: &MemoryPlan, budget: &Budget) -> String {
         row("checkpoint staging (checkpoint.async)", [None, Some(plan.checkpoint_staging), None], bytes);
     }
     if plan.mlp_gpu > 0.0 {
-        let k = (plan.mlp_gpu / plan.mlp_per_layer).round() as usize;
-        let name = format!("MLP gate + up projections kept ({k} of {n} × {})", bytes(plan.mlp_per_layer));
+        let k = (plan.mlp_gpu / est.mlp_per_layer).round() as usize;
+        let name = format!("MLP gate + up projections kept ({k} of {n} × {})", bytes(est.mlp_per_layer));
         row(&name, [Some(plan.mlp_gpu), None, None], bytes);
     }
-    row("working set of one layer's backward", [Some(plan.layer_working), None, None], bytes);
+    row("working set of one layer's backward", [Some(est.layer_working), None, None], bytes);
     if plan.qkv_graph > 0.0 {
         row("segment 1's graph, kept through attention's backward", [Some(plan.qkv_graph), None, None], bytes);
     }
     if plan.staging > 0.0 {
         row("kept tensors in flight to the GPU during a layer's backward", [Some(plan.staging), None, None], bytes);
     }
-    row("working set of the LM head and loss tiles", [Some(plan.head_working), None, None], bytes);
+    row("working set of the LM head and loss tiles", [Some(est.head_working), None, None], bytes);
     row("peak (one working set at a time)", [Some(plan.gpu_peak()), Some(plan.host()), Some(plan.disk())], bytes);
     row("budget", [Some(budget.gpu), Some(budget.host), Some(budget.disk)], limit);
     s
 }
 
 /// One line: where the layer inputs and kept attention wait, and the use of each budget (`plan`
-/// placed by `MemoryPlan::with_placement(placement)`).
+/// placed by `Estimate::with_placement(placement)`).
 pub fn summary(plan: &MemoryPlan, placement: &Placement, budget: &Budget) -> String {
+    let est = &plan.estimate;
     let n = placement.inputs.len();
     let kept = n - placement.attention_in(None);
     let units = placement.state.len();
-    if plan.device == DeviceKind::Cpu {
+    if est.device == DeviceKind::Cpu {
         let attention =
-            if plan.keep_attention { format!("attention kept in {kept} of {n} layers") } else { recomputed() };
+            if est.keep_attention { format!("attention kept in {kept} of {n} layers") } else { recomputed() };
         return format!(
             "optimizer state of {} of {units} units in memory / {} on disk; layer inputs {} in memory / {} on disk; {attention} (a CPU run budgets only its model state)",
             placement.state_in(Place::Device),
@@ -82,7 +82,7 @@ pub fn summary(plan: &MemoryPlan, placement: &Placement, budget: &Budget) -> Str
             placement.inputs_in(Place::Disk)
         );
     }
-    let attention = if plan.keep_attention {
+    let attention = if est.keep_attention {
         format!(
             "attention kept {kept} of {n} layers ({} GPU, {} host)",
             placement.attention_in(Some(Place::Device)),
@@ -106,7 +106,7 @@ pub fn summary(plan: &MemoryPlan, placement: &Placement, budget: &Budget) -> Str
     if plan.disk() > 0.0 {
         let _ = write!(s, ", {}/rank", used("disk", plan.disk(), budget.disk));
     }
-    if placement.qkv_once && plan.keep_attention {
+    if placement.qkv_once && est.keep_attention {
         let _ = write!(s, "; segment 1 runs once in backward");
     }
     let mlp = placement.mlp.iter().filter(|&&k| k).count();
@@ -120,22 +120,15 @@ fn recomputed() -> String {
     "attention recomputed in every layer (parallel.keep_attention = false)".into()
 }
 
-/// Why a run of `seq_len` tokens on `world` ranks cannot start within `budget` (bytes per rank),
-/// each component's size, and what would help.
-pub fn refusal(
-    p: &ParallelConfig,
-    t: &TrainConfig,
-    c: &CheckpointConfig,
-    seq_len: usize,
-    spec: &ModelSpec,
-    world: usize,
-    budget: &Budget,
-    shortfall: &Shortfall,
-) -> String {
+/// Why a run of `inputs` cannot start within `budget` (bytes per rank), each component's size, and
+/// what would help.
+pub fn refusal(inputs: &PlanInputs, budget: &Budget, shortfall: &Shortfall) -> String {
     use ActivationPlacement::{Auto, Device, Disk, Host};
-    let plan = MemoryPlan::new(p, t, c, spec, world, seq_len);
-    let n = plan.layers;
-    let state_total = (0..n + 2).map(|u| plan.unit_state(u)).sum::<f64>();
+    let PlanInputs { parallel: p, train: t, world, seq_len, .. } = *inputs;
+    let est = Estimate::new(inputs);
+    let configured = est.as_configured();
+    let n = est.layers;
+    let state_total = (0..n + 2).map(|u| est.unit_state(u)).sum::<f64>();
     let quoted = |a: ActivationPlacement| format!("parallel.activations = \"{}\"", format!("{a:?}").to_lowercase());
     let mut s = format!("does not fit in memory: {shortfall}.\n");
     let _ = writeln!(
@@ -150,7 +143,7 @@ pub fn refusal(
         let _ = writeln!(s, "    {name:<52} {:>8.1}  {place}", size / GIB);
     };
     let state_where = match p.offload_optimizer {
-        StatePlacement::Auto if plan.sharded => "on the GPU, in host memory or on disk, unit by unit",
+        StatePlacement::Auto if est.sharded => "on the GPU, in host memory or on disk, unit by unit",
         StatePlacement::Auto | StatePlacement::Device => "on the GPU",
         StatePlacement::Host => "in host memory",
         StatePlacement::Disk => "on disk",
@@ -160,7 +153,7 @@ pub fn refusal(
         state_total,
         format!("{state_where} (parallel.offload_optimizer = \"{}\")", p.offload_optimizer.name()),
     );
-    let staging_if_on_gpu = state_total * plan.checkpoint_staging_per_state;
+    let staging_if_on_gpu = state_total * est.checkpoint_staging_per_state;
     if staging_if_on_gpu > 0.0 {
         row(
             "checkpoint staging (asynchronous saves), at most".into(),
@@ -171,12 +164,10 @@ pub fn refusal(
     // Where the GPU ran short because of a layer's backward, the copies in flight then are part
     // of what it needs.
     let in_flight = match shortfall {
-        Shortfall::Gpu { .. } if plan.layer_working + plan.staging_reserve() > plan.head_working => {
-            plan.staging_reserve()
-        }
+        Shortfall::Gpu { .. } if est.layer_working + est.staging_reserve() > est.head_working => est.staging_reserve(),
         _ => 0.0,
     };
-    let working = if in_flight > 0.0 { plan.layer_working } else { plan.working() };
+    let working = if in_flight > 0.0 { est.layer_working } else { configured.working() };
     row("working set (a layer's backward or the LM head)".into(), working, "on the GPU".into());
     if in_flight > 0.0 {
         row("kept tensors in flight from host memory or disk".into(), in_flight, "on the GPU".into());
@@ -188,14 +179,14 @@ pub fn refusal(
         Disk => "on disk",
     };
     row(
-        format!("layer inputs ({n} layers × {:.2})", plan.input_per_layer / GIB),
-        n as f64 * plan.input_per_layer,
+        format!("layer inputs ({n} layers × {:.2})", est.input_per_layer / GIB),
+        n as f64 * est.input_per_layer,
         format!("{inputs_where} ({})", quoted(p.activations)),
     );
     if p.keep_attention {
         row(
-            format!("kept attention ({n} layers × {:.2}), optional", plan.attention_per_layer / GIB),
-            n as f64 * plan.attention_per_layer,
+            format!("kept attention ({n} layers × {:.2}), optional", est.attention_per_layer / GIB),
+            n as f64 * est.attention_per_layer,
             "where room is left on the GPU or in host memory; else recomputed".into(),
         );
     }
@@ -209,13 +200,13 @@ pub fn refusal(
     // Each tier's least need: on the GPU a working set and the copies in flight, and the state
     // unless it may leave; the rest then waits in host memory and on disk.
     let state_leaves = match p.offload_optimizer {
-        StatePlacement::Auto => plan.sharded,
+        StatePlacement::Auto => est.sharded,
         StatePlacement::Device => false,
         StatePlacement::Host | StatePlacement::Disk => true,
     };
     let (state_on_gpu, state_off) = if state_leaves { (0.0, state_total) } else { (state_total, 0.0) };
-    let gpu_least = plan.layer_working.max(plan.head_working) + plan.staging_reserve() + state_on_gpu;
-    let elsewhere = state_off + n as f64 * plan.input_per_layer;
+    let gpu_least = est.layer_working.max(est.head_working) + est.staging_reserve() + state_on_gpu;
+    let elsewhere = state_off + n as f64 * est.input_per_layer;
     let _ = writeln!(
         s,
         "    least need: GPU {:.1} GiB (a working set, two layers' copies in flight{}) of {}; host and disk together {:.1} GiB (the layer inputs{}) of {}",
@@ -252,10 +243,10 @@ pub fn refusal(
             "parallel.offload_optimizer = \"auto\": the optimizer state on the GPU where it has room, the rest in host memory, then on disk".into(),
         );
     }
-    if matches!(shortfall, Shortfall::Host { .. }) && plan.checkpoint_staging > 0.0 {
+    if matches!(shortfall, Shortfall::Host { .. }) && configured.checkpoint_staging > 0.0 {
         help.push(format!(
             "checkpoint.async = false: saves block training while they write, but need no host staging ({:.1} GiB)",
-            plan.checkpoint_staging / GIB
+            configured.checkpoint_staging / GIB
         ));
     }
     if matches!(shortfall, Shortfall::Host { .. }) {
@@ -269,7 +260,7 @@ pub fn refusal(
     } else {
         help.push("a larger parallel.sp (more GPUs): each rank's layer inputs and working sets shrink as 1/sp".into());
     }
-    help.push(match longest_fit(p, t, c, spec, world, budget) {
+    help.push(match longest_fit(inputs, budget) {
         Some(fit) => format!("a smaller data.seq_len: up to {fit} tokens fit these budgets"),
         None => format!("not a smaller data.seq_len: even {} tokens do not fit these budgets", p.sp * 1024),
     });

@@ -15,27 +15,28 @@ fn bench(seq: usize) -> (Experiment, ModelSpec) {
 }
 
 /// Llama-3.1-8B, sp = 4, 256K tokens, with the given policy.
-fn plan(activations: ActivationPlacement, keep_attention: bool) -> MemoryPlan {
+fn plan(activations: ActivationPlacement, keep_attention: bool) -> Estimate {
     let (mut exp, spec) = bench(262144);
     exp.parallel.activations = activations;
     exp.parallel.keep_attention = keep_attention;
-    MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 262144)
+    Estimate::new(&PlanInputs::new(&exp, &spec, 4))
 }
 
 /// A budget with room for `gpu` inputs and `gpu_attention` attention outputs beyond the GPU's
 /// fixed parts, `host` inputs and `host_attention` outputs in host memory, and `disk` inputs.
 /// The GPU's share also holds two layers' kept tensors in flight, as `placement` reserves.
-fn room(m: &MemoryPlan, gpu: f64, gpu_attention: f64, host: f64, host_attention: f64, disk: f64) -> Budget {
+fn room(m: &Estimate, gpu: f64, gpu_attention: f64, host: f64, host_attention: f64, disk: f64) -> Budget {
     let (input, attention) = (m.input_per_layer, m.attention_per_layer);
+    let configured = m.as_configured();
     let leaves = if m.activations == ActivationPlacement::Device { 0.0 } else { 1.0 };
     let staging = 2.0 * (leaves * input + if m.keep_attention { attention } else { 0.0 });
     Budget {
-        gpu: m.optimizer_gpu
+        gpu: configured.optimizer_gpu
             + (m.layer_working + staging).max(m.head_working)
             + gpu * input
             + gpu_attention * attention
             + 1.0,
-        host: m.optimizer_host + host * input + host_attention * attention + 1.0,
+        host: configured.optimizer_host + host * input + host_attention * attention + 1.0,
         disk: disk * input + 1.0,
     }
 }
@@ -46,8 +47,7 @@ fn count<T: PartialEq>(v: &[T], x: T) -> usize {
 
 /// Peak GPU memory of the plan with `placement`, GiB.
 fn peak_with(exp: &Experiment, spec: &ModelSpec, world: usize, seq: usize, placement: &Placement) -> f64 {
-    MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, spec, world, seq).with_placement(placement).gpu_peak()
-        / GIB
+    Estimate::new(&PlanInputs::new(exp, spec, world).at(seq)).with_placement(placement).gpu_peak() / GIB
 }
 
 #[test]
@@ -127,7 +127,7 @@ fn predicted_the_peaks_of_full_size_runs_within_ten_percent() {
         exp.parallel.activations = activations;
         exp.parallel.keep_attention = keep;
         exp.parallel.offload_optimizer = if offload { StatePlacement::Host } else { StatePlacement::Device };
-        let plan = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 2, 16384);
+        let plan = Estimate::new(&PlanInputs::new(&exp, &spec, 2));
         let placement = plan.placement(&Budget { gpu: 76.0 * GIB, host: 100.0 * GIB, disk: f64::INFINITY }).unwrap();
         // As those runs placed them: segment 1 twice, no MLP projections kept (they came later).
         let placement = Placement { qkv_once: false, mlp: vec![false; 16], ..placement };
@@ -145,9 +145,7 @@ fn backends_without_a_log_sum_exp_kernel_never_keep_attention() {
     exp.parallel.keep_attention = true;
     for (backend, keeps) in [(AttentionBackend::Cudnn, true), (AttentionBackend::Math, false)] {
         exp.parallel.attention = backend;
-        let placement = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 262144)
-            .placement(&Budget::UNLIMITED)
-            .unwrap();
+        let placement = Estimate::new(&PlanInputs::new(&exp, &spec, 4)).placement(&Budget::UNLIMITED).unwrap();
         assert_eq!(placement.attention_in(None) == 0, keeps, "{backend:?}");
     }
 }
@@ -156,12 +154,12 @@ fn backends_without_a_log_sum_exp_kernel_never_keep_attention() {
 fn offloading_moves_memory_to_the_host_and_lengthens_the_fit() {
     let (mut exp, spec) = bench(262144);
     let budget = Budget::from_gib(76.0, 480.0, None, 4);
-    let on_gpu = longest_fit(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, &budget).unwrap();
+    let on_gpu = longest_fit(&PlanInputs::new(&exp, &spec, 4), &budget).unwrap();
     exp.parallel.activations = ActivationPlacement::Host;
     exp.parallel.offload_optimizer = StatePlacement::Host;
-    let offloaded = longest_fit(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, &budget).unwrap();
+    let offloaded = longest_fit(&PlanInputs::new(&exp, &spec, 4), &budget).unwrap();
     assert!(offloaded > 2 * on_gpu, "{on_gpu} -> {offloaded}");
-    let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 262144);
+    let m = Estimate::new(&PlanInputs::new(&exp, &spec, 4)).as_configured();
     assert_eq!(m.activations_gpu + m.optimizer_gpu, 0.0);
     assert!(m.host() > 40.0 * GIB);
 }
@@ -194,7 +192,8 @@ fn auto_spills_inputs_from_the_gpu_to_host_then_disk_with_the_last_layers_fastes
     // The estimate follows the placement.
     let placed = m.with_placement(&p);
     let (input, attn) = (m.input_per_layer, m.attention_per_layer);
-    assert_eq!(placed.gpu_peak(), m.optimizer_gpu + m.working() + 5.0 * input + 32.0 * attn);
+    let configured = m.as_configured();
+    assert_eq!(placed.gpu_peak(), configured.optimizer_gpu + configured.working() + 5.0 * input + 32.0 * attn);
     assert_eq!((placed.host(), placed.disk()), (20.0 * input, 7.0 * input));
     assert!(placed.gpu_peak() <= budget.gpu && placed.host() <= budget.host);
 }
@@ -220,7 +219,7 @@ fn auto_gives_the_gpu_to_attention_first_and_host_memory_to_inputs_first() {
     let staging = 2.0 * m.input_per_layer;
     assert_eq!(placed.staging, staging);
     let working = (m.layer_working + staging).max(m.head_working);
-    assert_eq!(placed.gpu_peak(), m.optimizer_gpu + working + 10.0 * m.attention_per_layer);
+    assert_eq!(placed.gpu_peak(), m.as_configured().optimizer_gpu + working + 10.0 * m.attention_per_layer);
     assert_eq!(placed.host(), 32.0 * m.input_per_layer + 3.0 * m.attention_per_layer);
 }
 
@@ -260,7 +259,8 @@ fn without_kept_attention_every_layer_recomputes_it() {
     let p = m.placement(&Budget::UNLIMITED).unwrap();
     assert_eq!(p.attention, vec![None; 32]);
     assert_eq!(p.inputs, vec![Place::Device; 32]);
-    assert_eq!(m.attention_gpu + m.attention_host, 0.0);
+    let configured = m.as_configured();
+    assert_eq!(configured.attention_gpu + configured.attention_host, 0.0);
 }
 
 #[test]
@@ -287,8 +287,8 @@ fn forced_placements_put_every_input_there_and_attention_where_room_is_left() {
 fn shortfalls_say_what_does_not_fit_where() {
     let m = plan(ActivationPlacement::Auto, true);
     // With two layers' inputs and attention outputs in flight.
-    let fixed =
-        m.optimizer_gpu + (m.layer_working + 2.0 * (m.input_per_layer + m.attention_per_layer)).max(m.head_working);
+    let fixed = m.as_configured().optimizer_gpu
+        + (m.layer_working + 2.0 * (m.input_per_layer + m.attention_per_layer)).max(m.head_working);
     let tight = Budget { gpu: fixed - 1.0, ..Budget::UNLIMITED };
     assert_eq!(m.placement(&tight), Err(Shortfall::Gpu { needed: fixed, budget: fixed - 1.0 }));
 
@@ -312,8 +312,8 @@ fn shortfalls_say_what_does_not_fit_where() {
     // An offloaded optimizer state larger than the host budget.
     let (mut exp, spec) = bench(262144);
     exp.parallel.offload_optimizer = StatePlacement::Host;
-    let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 262144);
-    let budget = Budget { host: m.optimizer_host / 2.0, ..Budget::UNLIMITED };
+    let m = Estimate::new(&PlanInputs::new(&exp, &spec, 4));
+    let budget = Budget { host: m.as_configured().optimizer_host / 2.0, ..Budget::UNLIMITED };
     assert!(matches!(m.placement(&budget), Err(Shortfall::Host { .. })));
 }
 
@@ -325,12 +325,12 @@ fn a_gpu_refusal_counts_the_copies_in_flight_it_needs() {
     exp.parallel.activations = ActivationPlacement::Auto;
     exp.parallel.keep_attention = true;
     exp.parallel.offload_optimizer = StatePlacement::Host;
-    let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 3145728);
+    let m = Estimate::new(&PlanInputs::new(&exp, &spec, 4));
     let in_flight = 2.0 * (m.input_per_layer + m.attention_per_layer);
     let budget = Budget { gpu: 76.0 * GIB, host: 1000.0 * GIB, disk: f64::INFINITY };
     let shortfall = m.placement(&budget).unwrap_err();
     assert_eq!(shortfall, Shortfall::Gpu { needed: m.layer_working + in_flight, budget: budget.gpu });
-    let text = refusal(&exp.parallel, &exp.train, &exp.checkpoint, exp.data.seq_len, &spec, 4, &budget, &shortfall);
+    let text = refusal(&PlanInputs::new(&exp, &spec, 4), &budget, &shortfall);
     let rows = [
         ("working set (a layer's backward or the LM head)", m.layer_working),
         ("kept tensors in flight from host memory or disk", in_flight),
@@ -348,11 +348,11 @@ fn cpu_runs_have_no_budgets_but_can_use_the_disk() {
     exp.parallel.device = DeviceKind::Cpu;
     exp.parallel.activations = ActivationPlacement::Host;
     exp.parallel.keep_attention = true;
-    let p = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 8192).placement(&nothing).unwrap();
+    let p = Estimate::new(&PlanInputs::new(&exp, &spec, 4)).placement(&nothing).unwrap();
     assert_eq!((p.inputs, p.attention), (vec![Place::Device; 32], vec![Some(Place::Device); 32]));
     exp.parallel.activations = ActivationPlacement::Disk;
     exp.parallel.keep_attention = false;
-    let p = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 8192).placement(&nothing).unwrap();
+    let p = Estimate::new(&PlanInputs::new(&exp, &spec, 4)).placement(&nothing).unwrap();
     assert_eq!((p.inputs, p.attention), (vec![Place::Disk; 32], vec![None; 32]));
 }
 
@@ -375,11 +375,15 @@ fn the_summary_counts_layers_by_place() {
 fn the_refusal_gives_sizes_budget_and_what_would_help() {
     let (mut exp, spec) = bench(262144);
     exp.parallel.keep_attention = true;
-    let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 262144);
-    let budget =
-        Budget { gpu: m.optimizer_gpu + m.working() + 4.0 * m.input_per_layer, host: 100.0 * GIB, disk: f64::INFINITY };
+    let m = Estimate::new(&PlanInputs::new(&exp, &spec, 4));
+    let configured = m.as_configured();
+    let budget = Budget {
+        gpu: configured.optimizer_gpu + configured.working() + 4.0 * m.input_per_layer,
+        host: 100.0 * GIB,
+        disk: f64::INFINITY,
+    };
     let shortfall = m.placement(&budget).unwrap_err();
-    let text = refusal(&exp.parallel, &exp.train, &exp.checkpoint, exp.data.seq_len, &spec, 4, &budget, &shortfall);
+    let text = refusal(&PlanInputs::new(&exp, &spec, 4), &budget, &shortfall);
     for want in [
         "does not fit in memory: the layer inputs need 16.0 GiB but the GPU (after the optimizer state and the working set) leaves 2.0 GiB.",
         "per rank at data.seq_len = 262144 (65536 tokens per rank) on 4 ranks (sp = 4, dp = 1), GiB:",
@@ -400,8 +404,7 @@ fn the_refusal_gives_sizes_budget_and_what_would_help() {
     // The fit it proposes does fit, at "device" as configured.
     let fit: usize = text.split("up to ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
     assert!(
-        fit < 262144
-            && MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, fit).placement(&budget).is_ok(),
+        fit < 262144 && Estimate::new(&PlanInputs::new(&exp, &spec, 4).at(fit)).placement(&budget).is_ok(),
         "{fit}"
     );
 }
@@ -464,7 +467,7 @@ fn qwen3_counts_its_q_k_norm_activations() {
     let (exp, _) = bench(262144);
     let qwen3 = ModelSpec::preset(Preset::Qwen3_8b);
     let without = ModelSpec { qk_norm: false, ..qwen3.clone() };
-    let plan = |s: &ModelSpec| MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, s, 4, 262144);
+    let plan = |s: &ModelSpec| Estimate::new(&PlanInputs::new(&exp, s, 4));
     let extra = plan(&qwen3).layer_working - plan(&without).layer_working;
     assert_eq!(extra, 65536.0 * 40.0 * (128.0 * 2.0 + 4.0) + 256.0 * 8.0);
     assert_eq!(plan(&qwen3).layers, 36);
@@ -474,15 +477,15 @@ fn qwen3_counts_its_q_k_norm_activations() {
 fn asynchronous_checkpoints_count_their_host_staging_and_are_refused_without_room() {
     let (mut exp, spec) = bench(262144);
     exp.checkpoint.every = 25; // periodic saves, asynchronous by default on GPU
-    let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 262144);
+    let m = Estimate::new(&PlanInputs::new(&exp, &spec, 4));
     // Each rank stages its quarter of the fp32 master weights and both Adam moments.
-    let staging = m.checkpoint_staging;
+    let staging = m.as_configured().checkpoint_staging;
     assert!((staging / (spec.total_params() as f64 / 4.0 * 12.0) - 1.0).abs() < 1e-6, "{staging}");
-    assert_eq!(m.host(), staging, "everything else of this plan is on the GPU");
+    assert_eq!(m.as_configured().host(), staging, "everything else of this plan is on the GPU");
     let budget = Budget { host: staging / 2.0, ..Budget::UNLIMITED };
     let shortfall = m.placement(&budget).unwrap_err();
     assert_eq!(shortfall, Shortfall::Host { optimizer: 0.0, staging, state_staging: 0.0, budget: staging / 2.0 });
-    let text = refusal(&exp.parallel, &exp.train, &exp.checkpoint, exp.data.seq_len, &spec, 4, &budget, &shortfall);
+    let text = refusal(&PlanInputs::new(&exp, &spec, 4), &budget, &shortfall);
     assert!(
         text.starts_with(
             "does not fit in memory: the host staging of asynchronous checkpoints (22.4 GiB) needs 22.4 GiB"
@@ -492,7 +495,7 @@ fn asynchronous_checkpoints_count_their_host_staging_and_are_refused_without_roo
     assert!(text.contains("checkpoint.async = false: saves block training"), "{text}");
     // The layer inputs get host memory only after the staging.
     exp.parallel.activations = ActivationPlacement::Host;
-    let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 262144);
+    let m = Estimate::new(&PlanInputs::new(&exp, &spec, 4));
     let budget = room(&m, 0.0, 0.0, 32.0, 0.0, 0.0);
     assert!(m.placement(&budget).is_err(), "room for the inputs, none for the staging");
     let budget = Budget { host: budget.host + staging, ..budget };
@@ -500,9 +503,7 @@ fn asynchronous_checkpoints_count_their_host_staging_and_are_refused_without_roo
 
     // No staging: synchronous saves, no periodic saves (the last one is synchronous), state in
     // host memory (written where it lies), CPU runs.
-    let none = |exp: &Experiment| {
-        MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 4, 262144).checkpoint_staging
-    };
+    let none = |exp: &Experiment| Estimate::new(&PlanInputs::new(&exp, &spec, 4)).as_configured().checkpoint_staging;
     let mut sync = exp.clone();
     sync.checkpoint.asynchronous = Some(false);
     let mut last_only = exp.clone();
@@ -518,14 +519,14 @@ fn asynchronous_checkpoints_count_their_host_staging_and_are_refused_without_roo
 /// Llama-3.1-8B (32 layers) on the lent H200 as bench/run.sh runs it: one rank, sp = 1, and the
 /// budgets that machine measured on 2026-12-01 (GPU 139.8 GiB less the 3 GiB reserve; host
 /// 116.3 GiB after the reserve; disk: most of its 64 GiB).
-fn one_h200(seq: usize, state: StatePlacement) -> (Experiment, ModelSpec, MemoryPlan, Budget) {
+fn one_h200(seq: usize, state: StatePlacement) -> (Experiment, ModelSpec, Estimate, Budget) {
     let toml = format!(
         "[model]\npreset = \"llama3.1-8b\"\n[parallel]\nsp = 1\ndevice = \"cuda\"\nmlp_tile = 16384\nloss_tile = 2048\n[data]\npaths = [\"x\"]\nseq_len = {seq}\n[train]\ndtype = \"bf16\"\n"
     );
     let mut exp = Experiment::parse(&toml, "h200").unwrap();
     exp.parallel.offload_optimizer = state;
     let spec = ModelSpec::preset(Preset::Llama31_8b);
-    let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 1, seq);
+    let m = Estimate::new(&PlanInputs::new(&exp, &spec, 1));
     let budget = Budget { gpu: 136.8 * GIB, host: 116.3 * GIB, disk: 58.0 * GIB };
     (exp, spec, m, budget)
 }
@@ -557,9 +558,9 @@ fn one_h200_trains_8b_with_the_state_split_between_gpu_and_host() {
     // on 2026-12-01, without kept attention), at least 512K once the state may use every tier.
     let mut forced = exp.clone();
     forced.parallel.offload_optimizer = StatePlacement::Device;
-    let fit = longest_fit(&forced.parallel, &forced.train, &forced.checkpoint, &spec, 1, &budget).unwrap();
+    let fit = longest_fit(&PlanInputs::new(&forced, &spec, 1), &budget).unwrap();
     assert!((131_072..200_000).contains(&fit), "forced onto the GPU: {fit}");
-    let fit = longest_fit(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 1, &budget).unwrap();
+    let fit = longest_fit(&PlanInputs::new(&exp, &spec, 1), &budget).unwrap();
     assert!(fit >= 1 << 19, "longest fit {fit}");
 }
 
@@ -603,7 +604,7 @@ fn forced_tiers_put_every_unit_there_and_zero_stage_0_keeps_it_on_the_gpu() {
     assert!(short.to_string().contains("in memory.offload_dir"), "{short}");
     let (mut exp, spec, _, budget) = one_h200(524288, StatePlacement::Auto);
     exp.parallel.zero_stage = crate::config::ZeroStage::Replicated;
-    let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 1, 524288);
+    let m = Estimate::new(&PlanInputs::new(&exp, &spec, 1));
     assert!(matches!(m.placement(&budget), Err(Shortfall::Gpu { .. })), "stage 0 state never leaves the GPU");
 }
 
@@ -612,7 +613,7 @@ fn cpu_runs_keep_the_state_in_memory_within_host_gib_then_on_disk() {
     let toml = "[model]\npreset = \"tiny\"\n[data]\npaths = [\"x\"]\nseq_len = 256\n";
     let exp = Experiment::parse(toml, "cpu").unwrap();
     let spec = ModelSpec::preset(Preset::Tiny);
-    let m = MemoryPlan::new(&exp.parallel, &exp.train, &exp.checkpoint, &spec, 1, 256);
+    let m = Estimate::new(&PlanInputs::new(&exp, &spec, 1));
     let units = spec.num_hidden_layers as usize + 2;
     assert_eq!(m.placement(&Budget::UNLIMITED).unwrap().state, vec![Place::Device; units]);
     // Room for the head and the last layer: the other units go to disk.
