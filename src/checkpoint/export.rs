@@ -123,7 +123,7 @@ impl Export {
                     at += k;
                 }
             }
-            let size = w.finish()?;
+            let size = w.finish()?.bytes;
             log::info!("export: wrote {} ({}, file {} of {n})", path.display(), bytes(size as f64), i + 1);
         }
         Ok(())

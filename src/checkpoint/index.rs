@@ -64,6 +64,10 @@ pub struct Index {
 pub struct IndexFile {
     pub name: String,
     pub bytes: u64,
+    /// The file's CRC-32 (8 hex digits), taken while it was written; checked by the first read
+    /// of the file. Absent in checkpoints of ulysses before 2026-12-06.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -99,10 +103,11 @@ impl Index {
     /// The index of a checkpoint that `world` ranks wrote with `rank_layout`.
     pub fn new(units: &[Unit], world: usize) -> Index {
         let layouts: Vec<Layout> = (0..world).map(|r| rank_layout(units, r, world)).collect();
-        let files = layouts
-            .iter()
-            .enumerate()
-            .map(|(r, l)| IndexFile { name: rank_file_name(r, world), bytes: l.file_bytes() });
+        let files = layouts.iter().enumerate().map(|(r, l)| IndexFile {
+            name: rank_file_name(r, world),
+            bytes: l.file_bytes(),
+            crc32: None,
+        });
         let units = units.iter().enumerate().map(|(i, u)| IndexUnit {
             unit: u.id.key(),
             numel: u.numel,
@@ -148,6 +153,8 @@ struct Extent {
 
 /// A unit as a checkpoint holds it: its tensors and, per state, where its elements are.
 struct SourceUnit {
+    /// The unit's name (`UnitId::key`), for messages.
+    name: String,
     numel: i64,
     tensors: Vec<(String, Vec<i64>)>,
     extents: [Vec<Extent>; 3],
@@ -158,6 +165,10 @@ pub struct Source {
     files: Vec<PathBuf>,
     /// The size each file must have (format 2: from the index), checked when it is opened.
     sizes: Vec<Option<u64>>,
+    /// The CRC-32 each file must have (format 2 since checksums), checked at its first opening:
+    /// a whole read of the file, once per file this process reads from.
+    crc32: Vec<Option<u32>>,
+    verified: Vec<std::sync::OnceLock<()>>,
     units: Vec<SourceUnit>,
 }
 
@@ -223,11 +234,21 @@ impl Source {
                     .map(|p| Extent { start: p.start, len: p.len, file: p.file, byte: p.bytes[s], kind: Kind::Float })
                     .collect()
             });
-            units.push(SourceUnit { numel: u.numel, tensors: u.tensors.clone(), extents });
+            units.push(SourceUnit { name: u.id.key(), numel: u.numel, tensors: u.tensors.clone(), extents });
+        }
+        let mut crc32 = Vec::new();
+        for f in &index.files {
+            let parsed = f.crc32.as_deref().map(|c| {
+                u32::from_str_radix(c, 16)
+                    .map_err(|_| corrupt(format!("file `{}` has crc32 \"{c}\", not 8 hex digits", f.name)))
+            });
+            crc32.push(parsed.transpose()?);
         }
         Ok(Source {
             files: index.files.iter().map(|f| dir.join(&f.name)).collect(),
             sizes: index.files.iter().map(|f| Some(f.bytes)).collect(),
+            verified: index.files.iter().map(|_| std::sync::OnceLock::new()).collect(),
+            crc32,
             units,
         })
     }
@@ -277,10 +298,17 @@ impl Source {
                         })
                         .collect()
                 });
-                SourceUnit { numel: u.numel, tensors: u.tensors.clone(), extents }
+                SourceUnit { name: u.id.key(), numel: u.numel, tensors: u.tensors.clone(), extents }
             })
             .collect();
-        Ok(Source { sizes: vec![None; files.len()], files, units })
+        let n = files.len();
+        Ok(Source {
+            sizes: vec![None; n],
+            crc32: vec![None; n],
+            verified: (0..n).map(|_| std::sync::OnceLock::new()).collect(),
+            files,
+            units,
+        })
     }
 
     /// The units' tensors (Hugging Face names and shapes) in flattening order, by unit.
@@ -290,7 +318,8 @@ impl Source {
 
     /// Fills `dest` (1-D, any device and float kind) with elements `[start, start + len)` of one
     /// state of unit `unit`; elements past the unit's end (ZeRO padding) are left as they are.
-    /// Reads straight into host memory when it can, else through a 64 MiB buffer.
+    /// Reads straight into host memory when it can, else through a 64 MiB buffer. A NaN or
+    /// infinity among them is an error: training from it would stop at its first step.
     pub fn read(&self, unit: usize, state: State, start: i64, dest: &Tensor) -> Result<(), CheckpointError> {
         let u = &self.units[unit];
         let end = (start + dest.numel() as i64).min(u.numel);
@@ -303,8 +332,18 @@ impl Source {
             let (file, path) = (self.open_file(e.file)?, &self.files[e.file]);
             let elt = e.kind.elt_size_in_bytes() as u64;
             let byte = |at: i64| e.byte + (at - e.start) as u64 * elt;
+            let non_finite = |t: &Tensor| -> Result<(), CheckpointError> {
+                let count = t.isfinite().logical_not().sum(Kind::Int64).int64_value(&[]);
+                if count == 0 {
+                    return Ok(());
+                }
+                let what = format!("unit `{}`'s {} (elements {lo}..{hi})", u.name, state.name());
+                Err(CheckpointError::NonFiniteState { path: path.display().to_string(), what, count })
+            };
             if dest.device() == Device::Cpu && dest.kind() == e.kind && dest.is_contiguous() {
-                read_at(&file, path, byte(lo), host_bytes_mut(&mut dest.narrow(0, lo - start, hi - lo)))?;
+                let mut part = dest.narrow(0, lo - start, hi - lo);
+                read_at(&file, path, byte(lo), host_bytes_mut(&mut part))?;
+                non_finite(&part)?;
                 continue;
             }
             let mut at = lo;
@@ -312,6 +351,7 @@ impl Source {
                 let n = (hi - at).min(CHUNK);
                 let mut buf = Tensor::empty([n], (e.kind, Device::Cpu));
                 read_at(&file, path, byte(at), host_bytes_mut(&mut buf))?;
+                non_finite(&buf)?;
                 dest.narrow(0, at - start, n).copy_(&buf);
                 at += n;
             }
@@ -319,7 +359,8 @@ impl Source {
         Ok(())
     }
 
-    /// File `i`, after checking it has the size the index gives it.
+    /// File `i`, after checking it has the size the index gives it and, the first time, its
+    /// checksum.
     fn open_file(&self, i: usize) -> Result<File, CheckpointError> {
         let path = &self.files[i];
         let file = File::open(path).map_err(io_err(path))?;
@@ -331,6 +372,13 @@ impl Source {
                     message: format!("{len} bytes, but the checkpoint's index says {expected}"),
                 });
             }
+        }
+        if let (Some(expected), None) = (self.crc32[i], self.verified[i].get()) {
+            let found = tensor_file::file_crc32(path)?;
+            if found != expected {
+                return Err(CheckpointError::Checksum { path: path.display().to_string(), expected, found });
+            }
+            let _ = self.verified[i].set(());
         }
         Ok(file)
     }

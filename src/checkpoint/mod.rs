@@ -57,6 +57,12 @@ pub enum CheckpointError {
     RunState { path: String, message: String },
     #[error("{path}: has format {found}; this ulysses reads formats 1 and 2 (a newer ulysses wrote it?)")]
     Format { path: String, found: String },
+    #[error("{path}: its CRC-32 is {found:08x}, but the checkpoint's index says {expected:08x}: the file was changed or damaged after it was written (or is another rank's file)")]
+    Checksum { path: String, expected: u32, found: u32 },
+    #[error("{path}: {count} non-finite value(s) in {what}; a checkpoint must hold finite numbers (this one was saved by a ulysses that did not check them, or changed since): resume from an earlier checkpoint")]
+    NonFiniteState { path: String, what: String, count: i64 },
+    #[error("{0}")]
+    NonFinite(String),
     #[error("{path}: {message}")]
     Mismatch { path: String, message: String },
     #[error("checkpoint staging: {0}")]
@@ -76,12 +82,17 @@ pub enum CheckpointError {
 }
 
 impl CheckpointError {
-    /// Whether the checkpoint itself is unreadable (missing, truncated or corrupt files), as
+    /// Whether the checkpoint itself is unusable (missing, truncated, corrupt or changed files,
+    /// non-finite numbers), as
     /// opposed to readable but not for this experiment (another model, seed or format): with
     /// `resume = "auto"` the first kind is skipped for an older checkpoint, the second stops.
     pub fn is_damage(&self) -> bool {
         match self {
-            CheckpointError::Io { .. } | CheckpointError::Corrupt { .. } | CheckpointError::RunState { .. } => true,
+            CheckpointError::Io { .. }
+            | CheckpointError::Corrupt { .. }
+            | CheckpointError::RunState { .. }
+            | CheckpointError::Checksum { .. }
+            | CheckpointError::NonFiniteState { .. } => true,
             CheckpointError::Weights(w) => matches!(
                 w,
                 WeightsError::Io { .. }

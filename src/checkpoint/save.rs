@@ -6,8 +6,11 @@
 //! 2. every rank writes `rank-R-of-W.safetensors` there and fsyncs it (rank 0 also the run
 //!    state, the experiment and config.json);
 //! 3. when every rank is done (a barrier, or for an asynchronous save an all-reduce at a later
-//!    step boundary), rank 0 checks every file's size, writes `index.json`, `COMPLETE`, renames
-//!    the folder to `step-N` and deletes the checkpoints beyond `keep`.
+//!    step boundary), the ranks gather what each writer saw: its file's CRC-32 and the non-finite
+//!    values of each unit and state. A state with any is refused on every rank (a checkpoint is
+//!    the resume point: a poisoned one would stop every relaunch at the same step). Otherwise rank
+//!    0 checks every file's size, writes `index.json` with the checksums, `COMPLETE`, renames the
+//!    folder to `step-N` and deletes the checkpoints beyond `keep`.
 //!
 //! Synchronous (`checkpoint.async = false`): the step waits for all of it; shard state on the
 //! GPU passes through one 256 MiB pinned block, state in host memory is written where it is.
@@ -21,13 +24,14 @@
 //! that fails stops the run at the next step boundary; nothing earlier is touched.
 use super::commit::{prepare_dir, prune, publish, write_synced};
 use super::index::{rank_file_name, rank_layout, saved_range, Index, INDEX};
-use super::tensor_file::{Layout, Writer};
+use super::tensor_file::{Layout, Writer, Written};
 use super::*;
 use crate::comm::{all_reduce_f64, broadcast_i64, Collective};
 use crate::ffi::transfer;
 use crate::model::spec::ModelSpec;
 use crate::model::weights::copy_tokenizer_files;
 use crate::parallel::tiers::DiskShard;
+use crate::parallel::zero::UnitId;
 use crate::parallel::zero::{ShardedParams, State, Unit};
 use crate::units::bytes;
 use std::thread::JoinHandle;
@@ -87,7 +91,7 @@ fn slices(units: &[Unit], params: &ShardedParams, rank: usize, world: usize) -> 
 }
 
 struct UnitSlice {
-    id: crate::parallel::zero::UnitId,
+    id: UnitId,
     offset: i64,
     len: i64,
 }
@@ -102,7 +106,9 @@ struct InFlight {
     /// The writer reads state in host memory that the run keeps: the optimizer must wait.
     reads_live: bool,
     /// None once joined.
-    writer: Option<JoinHandle<(Result<u64, CheckpointError>, Staging)>>,
+    writer: Option<JoinHandle<(Result<Written, CheckpointError>, Staging)>>,
+    /// What the writer wrote, once joined.
+    written: Option<Written>,
 }
 
 /// How a run saves: where, synchronously or not, and the staging it keeps for the run.
@@ -199,9 +205,10 @@ impl Checkpointer {
         let file = tmp.join(rank_file_name(self.rank, self.world));
         let slices = slices(&self.units, params, self.rank, self.world);
         if !self.asynchronous || wait {
-            write_now(params, &slices, &file, &layout, self.staging.as_ref())?;
-            world.barrier()?;
-            self.commit(state.step, &tmp, started, None)?;
+            let written = write_now(params, &slices, &file, &layout, self.staging.as_ref())?;
+            // Every rank's file is on disk when every rank has sent what it wrote.
+            let all = gather_written(world, &written)?;
+            self.commit(state.step, &tmp, started, None, &all)?;
             // No rank goes on (or exits, after a preemption) before the checkpoint is published.
             world.barrier()?;
             return Ok(());
@@ -217,7 +224,8 @@ impl Checkpointer {
                 (result, staging)
             })
             .map_err(|e| CheckpointError::Staging(format!("cannot start the checkpoint writer thread: {e}")))?;
-        self.in_flight = Some(InFlight { step: state.step, tmp, started, blocked, reads_live, writer: Some(writer) });
+        self.in_flight =
+            Some(InFlight { step: state.step, tmp, started, blocked, reads_live, writer: Some(writer), written: None });
         Ok(())
     }
 
@@ -230,7 +238,7 @@ impl Checkpointer {
         let done = self.join(false)?;
         // Every rank's file is on disk when every rank reports done: the all-reduce is the barrier.
         if all_reduce_f64(world, if done { 0.0 } else { 1.0 })? == 0.0 {
-            self.commit_in_flight()?;
+            self.commit_in_flight(world)?;
         }
         Ok(())
     }
@@ -242,8 +250,7 @@ impl Checkpointer {
             return Ok(());
         }
         self.join(true)?;
-        world.barrier()?;
-        self.commit_in_flight()?;
+        self.commit_in_flight(world)?;
         // No rank goes on (or exits) before the checkpoint is published.
         world.barrier()?;
         Ok(())
@@ -287,21 +294,43 @@ impl Checkpointer {
         let (result, staging) =
             writer.join().map_err(|_| CheckpointError::Staging("the checkpoint writer thread panicked".into()))?;
         self.staging = Some(staging);
-        result.map(|_| true).map_err(|e| CheckpointError::Failed { step: f.step, source: Box::new(e) })
+        f.written = Some(result.map_err(|e| CheckpointError::Failed { step: f.step, source: Box::new(e) })?);
+        Ok(true)
     }
 
-    fn commit_in_flight(&mut self) -> Result<(), CheckpointError> {
+    /// Commits the joined save in flight (collective: every rank's writer is done).
+    fn commit_in_flight(&mut self, world: &dyn Collective) -> Result<(), CheckpointError> {
         let f = self.in_flight.take().unwrap_or_else(|| unreachable!("called with a save in flight"));
-        self.commit(f.step, &f.tmp, f.started, Some(f.blocked))
+        let written = f.written.unwrap_or_else(|| unreachable!("joined before its commit"));
+        let all = gather_written(world, &written)?;
+        self.commit(f.step, &f.tmp, f.started, Some(f.blocked), &all)
     }
 
-    /// Rank 0, once every rank's file is on disk: checks their sizes, writes the index, publishes
-    /// and prunes. `blocked`: what an asynchronous save made the step wait.
-    fn commit(&self, step: u64, tmp: &Path, started: Instant, blocked: Option<f64>) -> Result<(), CheckpointError> {
+    /// Once every rank's file is on disk, with what each rank's writer saw (`all`, by rank):
+    /// every rank refuses a state with non-finite values; rank 0 checks the files' sizes, writes
+    /// the index with their checksums, publishes and prunes. `blocked`: what an asynchronous save
+    /// made the step wait.
+    fn commit(
+        &self,
+        step: u64,
+        tmp: &Path,
+        started: Instant,
+        blocked: Option<f64>,
+        all: &[Written],
+    ) -> Result<(), CheckpointError> {
+        if let Err(e) = refuse_non_finite(step, all, &self.units, &checkpoints_dir(&self.run_dir)) {
+            if self.rank == 0 {
+                let _ = std::fs::remove_dir_all(tmp);
+            }
+            return Err(e);
+        }
         if self.rank != 0 {
             return Ok(());
         }
-        let index = Index::new(&self.units, self.world);
+        let mut index = Index::new(&self.units, self.world);
+        for (f, w) in index.files.iter_mut().zip(all) {
+            f.crc32 = Some(format!("{:08x}", w.crc32));
+        }
         for f in &index.files {
             let path = tmp.join(&f.name);
             let len = std::fs::metadata(&path).map_err(io_err(&path))?.len();
@@ -340,6 +369,47 @@ fn write_run_files(tmp: &Path, state: &RunState, spec: &ModelSpec) -> Result<(),
     write_synced(&tmp.join(CONFIG), config.as_bytes())
 }
 
+/// Every rank's `Written` (collective), by rank: the CRC-32 and the non-finite counts.
+fn gather_written(world: &dyn Collective, mine: &Written) -> Result<Vec<Written>, CheckpointError> {
+    let mut row = vec![i64::from(mine.crc32)];
+    row.extend(mine.non_finite.iter().map(|&n| n as i64));
+    let n = row.len();
+    let all = world.all_gather(&Tensor::from_slice(&row).to_device(world.device()))?;
+    let all: Vec<i64> = Vec::try_from(all.to_device(Device::Cpu))
+        .map_err(|e: tch::TchError| CheckpointError::Staging(e.to_string()))?;
+    Ok(all
+        .chunks(n)
+        .map(|r| Written { bytes: 0, crc32: r[0] as u32, non_finite: r[1..].iter().map(|&v| v as u64).collect() })
+        .collect())
+}
+
+/// An error when any rank's state to save holds NaN or infinity, naming the units and states.
+/// Every rank's file has one tensor per state and unit, in `rank_layout`'s order.
+fn refuse_non_finite(step: u64, all: &[Written], units: &[Unit], checkpoints: &Path) -> Result<(), CheckpointError> {
+    let count = |k: usize| all.iter().map(|w| w.non_finite[k]).sum::<u64>();
+    let total: u64 = (0..units.len() * State::ALL.len()).map(count).sum();
+    if total == 0 {
+        return Ok(());
+    }
+    let values: i64 = units.iter().map(|u| u.numel).sum::<i64>() * State::ALL.len() as i64;
+    let mut found = Vec::new();
+    for (s, state) in State::ALL.iter().enumerate() {
+        for (i, u) in units.iter().enumerate() {
+            let n = count(s * units.len() + i);
+            if n > 0 {
+                found.push(format!("{} {} {n} of {}", u.id.key(), state.name(), u.numel));
+            }
+        }
+    }
+    let listed = if found.len() > 6 { format!("{}, ...", found[..6].join(", ")) } else { found.join(", ") };
+    Err(CheckpointError::NonFinite(format!(
+        "step {step}: the state after the optimizer update holds {total} non-finite value(s) of {values} ({listed}); \
+         it was not saved, and the newest checkpoint in {} stays the resume point. Usual causes: train.lr too high, \
+         train.eps too small, train.weight_decay too large, no gradient clipping (train.clip_grad_norm)",
+        checkpoints.display()
+    )))
+}
+
 /// A synchronous save of this rank's slices: state in host memory is written where it lies,
 /// state on a GPU passes through the staging block.
 fn write_now(
@@ -348,7 +418,7 @@ fn write_now(
     file: &Path,
     layout: &Layout,
     block: Option<&Staging>,
-) -> Result<u64, CheckpointError> {
+) -> Result<Written, CheckpointError> {
     let mut w = Writer::create(file, layout)?;
     for (s, state) in slices {
         let Some(src) = params.memory_state(s.id, *state) else {
@@ -442,7 +512,7 @@ fn staged_elements(params: &ShardedParams, slices: &[(UnitSlice, State)]) -> i64
 }
 
 /// The background writer of an asynchronous save: every part in file order, then fsync.
-fn write_staged(file: &Path, layout: &Layout, staging: &Staging, parts: &[Part]) -> Result<u64, CheckpointError> {
+fn write_staged(file: &Path, layout: &Layout, staging: &Staging, parts: &[Part]) -> Result<Written, CheckpointError> {
     let mut w = Writer::create(file, layout)?;
     for part in parts {
         match part {
@@ -493,7 +563,7 @@ mod tests {
         let layout = Layout::new(names.iter().zip([3, 6, 4, 3]).map(|(n, len)| (n.to_string(), Dtype::F32, vec![len])));
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("rank.safetensors");
-        assert_eq!(write_staged(&file, &layout, &staging, &parts).unwrap(), layout.file_bytes());
+        assert_eq!(write_staged(&file, &layout, &staging, &parts).unwrap().bytes, layout.file_bytes());
         let back: std::collections::HashMap<String, Tensor> =
             Tensor::read_safetensors(&file).unwrap().into_iter().collect();
         for (name, t) in names.iter().zip([&a, &b, &live, &c]) {

@@ -4,7 +4,7 @@
 //! of it. The bytes are the safetensors format (8-byte little-endian header length, a JSON
 //! header, then the data), so `safetensors.safe_open` and transformers read these files too.
 use super::{io_err, CheckpointError};
-use crate::ffi::transfer::host_bytes;
+use crate::ffi::transfer::{host_bytes, host_f32s};
 use safetensors::tensor::{Dtype, TensorInfo};
 use std::collections::HashMap;
 use std::fs::File;
@@ -68,39 +68,69 @@ impl Layout {
 }
 
 /// A file being written: its header first, then the data in order; `finish` checks that the
-/// layout's every byte was written and flushes the file to disk.
+/// layout's every byte was written and flushes the file to disk. On the way it takes the file's
+/// CRC-32 and counts each tensor's non-finite fp32 values: the bytes are in the cache then, so
+/// neither costs a second read.
 pub struct Writer {
     file: File,
     path: PathBuf,
     written: u64,
     expected: u64,
+    crc: crc32fast::Hasher,
+    /// Where each tensor's data starts in the file, in data order.
+    starts: Vec<u64>,
+    non_finite: Vec<u64>,
+}
+
+/// A finished file: its size, its CRC-32 (`checksum`) and the non-finite fp32 values of each
+/// tensor of its layout, in data order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Written {
+    pub bytes: u64,
+    pub crc32: u32,
+    pub non_finite: Vec<u64>,
 }
 
 impl Writer {
     pub fn create(path: &Path, layout: &Layout) -> Result<Writer, CheckpointError> {
         let mut file = File::create(path).map_err(io_err(path))?;
         file.write_all(layout.header()).map_err(io_err(path))?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(layout.header());
+        let starts: Vec<u64> = (0..layout.tensors.len()).map(|i| layout.offset_of(i)).collect();
         Ok(Writer {
             file,
             path: path.to_path_buf(),
             written: layout.header().len() as u64,
             expected: layout.file_bytes(),
+            crc,
+            non_finite: vec![0; starts.len()],
+            starts,
         })
     }
 
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), CheckpointError> {
         self.file.write_all(bytes).map_err(io_err(&self.path))?;
+        self.crc.update(bytes);
         self.written += bytes.len() as u64;
         Ok(())
     }
 
-    /// The bytes of a contiguous host tensor.
+    /// The bytes of a contiguous host tensor (a piece of one tensor of the layout, or all of it).
     pub fn write_tensor(&mut self, t: &Tensor) -> Result<(), CheckpointError> {
+        if t.kind() == Kind::Float {
+            let n = count_non_finite(host_f32s(t));
+            if n > 0 {
+                // The tensor this piece starts in: the last one starting at or before it.
+                let i = self.starts.partition_point(|&s| s <= self.written).saturating_sub(1);
+                self.non_finite[i] += n;
+            }
+        }
         self.write(host_bytes(t))
     }
 
-    /// Flushes the file to disk (fsync) and returns its size.
-    pub fn finish(self) -> Result<u64, CheckpointError> {
+    /// Flushes the file to disk (fsync); returns what was written.
+    pub fn finish(self) -> Result<Written, CheckpointError> {
         assert_eq!(
             self.written,
             self.expected,
@@ -108,7 +138,26 @@ impl Writer {
             self.path.display()
         );
         self.file.sync_all().map_err(io_err(&self.path))?;
-        Ok(self.written)
+        Ok(Written { bytes: self.written, crc32: self.crc.finalize(), non_finite: self.non_finite })
+    }
+}
+
+/// NaNs and infinities among `x` (all exponent bits set).
+pub fn count_non_finite(x: &[f32]) -> u64 {
+    x.iter().filter(|v| v.to_bits() & 0x7f80_0000 == 0x7f80_0000).count() as u64
+}
+
+/// The CRC-32 of a whole file, read in 8 MiB pieces: what `Written::crc32` was when it was written.
+pub fn file_crc32(path: &Path) -> Result<u32, CheckpointError> {
+    let mut file = File::open(path).map_err(io_err(path))?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 8 << 20];
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            return Ok(crc.finalize());
+        }
+        crc.update(&buf[..n]);
     }
 }
 
@@ -218,7 +267,11 @@ mod tests {
         w.write_tensor(&a.narrow(0, 0, 4)).unwrap();
         w.write_tensor(&a.narrow(0, 4, 2)).unwrap();
         w.write_tensor(&b).unwrap();
-        assert_eq!(w.finish().unwrap(), layout.file_bytes());
+        let written = w.finish().unwrap();
+        assert_eq!(written.bytes, layout.file_bytes());
+        assert_eq!(written.crc32, crc32fast::hash(&std::fs::read(&path).unwrap()), "the CRC of the bytes on disk");
+        assert_eq!(file_crc32(&path).unwrap(), written.crc32);
+        assert_eq!(written.non_finite, vec![0, 0]);
         // tch's own (whole-file) reader agrees.
         let back: HashMap<String, Tensor> = Tensor::read_safetensors(&path).unwrap().into_iter().collect();
         assert!(back["a"].equal(&a.view([2, 3])) && back["b"].equal(&b));
