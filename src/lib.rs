@@ -4,7 +4,8 @@
 //! docs/architecture.md draws the picture):
 //! - plain data, no libtorch: `config` (the experiment TOML), `model::spec` (architectures),
 //!   `data` (HDF5 shards), `layout` (which tokens each rank holds), `units`, `rng`, `h5`;
-//! - `ffi`: every call into libtorch that tch does not expose, through shim/*.cpp;
+//! - `ffi`: every call into libtorch that tch does not expose, through shim/*.cpp; `files`: files
+//!   made without following a link planted at their name;
 //! - `comm`: the collectives (MPI, NCCL) and the mesh;
 //! - `model`: Llama on tch, unaware of any parallelism (attention comes through a seam);
 //! - `parallel`: Ulysses all-to-alls and ZeRO parameter shards; `optim`: AdamW on the shards;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod data;
 pub mod eval;
 pub mod ffi;
+pub mod files;
 pub mod h5;
 pub mod launch;
 pub mod layout;

@@ -1,6 +1,7 @@
 //! A job that cannot go on ends whole and says why once: a stopped rank is found by the collective
 //! watchdog, an error every rank hits is printed by rank 0 alone in whole lines, and a metrics.h5
 //! that cannot be written is reported as what happened to which file, not as HDF5's stack.
+//! A link planted at a name the run writes is replaced, never followed.
 mod ckpt_common;
 mod common;
 use ckpt_common::*;
@@ -154,4 +155,35 @@ fn a_metrics_file_that_cannot_grow_is_reported_as_what_happened() {
     for raw in ["file descriptor", "errno =", "H5FD", "buf ="] {
         assert!(!t.contains(raw), "no HDF5 internals ({raw}): {t}");
     }
+}
+
+#[test]
+fn links_planted_at_the_names_a_run_writes_are_never_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dir, data) = (dir.path(), synth(dir.path()));
+    let outside = dir.join("outside");
+    std::fs::create_dir_all(outside.join("folder")).unwrap();
+    let (victim, victim_dir) = (outside.join("victim"), outside.join("folder"));
+    std::fs::write(&victim, "not the run's").unwrap();
+    let exp = Exp::new("planted", 1, 2, 4, 2);
+    let run = exp.run_dir(dir);
+    let files = ["metrics.h5", "metrics.h5.new", "plots/loss.png", "plots/memory.png", "plots/throughput.png"];
+    let folders = ["checkpoints/step-000002.tmp-1", "checkpoints/step-000004.tmp-1", "final.tmp-1"];
+    for (names, target) in [(&files[..], &victim), (&folders[..], &victim_dir)] {
+        for name in names {
+            let link = run.join(name);
+            std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+            std::os::unix::fs::symlink(target, &link).unwrap();
+        }
+    }
+    exp.train(dir, &data);
+    let o = ulysses(&["report", run.to_str().unwrap()], dir);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "not the run's", "a file outside the run was written");
+    assert_eq!(std::fs::read_dir(&victim_dir).unwrap().count(), 0, "a folder outside the run was written");
+    for name in ["metrics.h5", "plots/loss.png", "checkpoints/step-000004/index.json", "final/config.json"] {
+        let m = std::fs::symlink_metadata(run.join(name)).unwrap();
+        assert!(m.file_type().is_file(), "{name} is the run's own file");
+    }
+    assert_eq!(losses(&run).0, vec![1, 2, 3, 4]);
 }

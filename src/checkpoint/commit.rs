@@ -13,7 +13,7 @@ pub fn fsync(path: &Path) -> Result<(), CheckpointError> {
 
 /// Writes a small file and flushes it to disk.
 pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    std::fs::write(path, bytes).map_err(io_err(path))?;
+    crate::files::write(path, bytes).map_err(io_err(path))?;
     fsync(path)
 }
 

@@ -159,7 +159,7 @@ impl Export {
         // The tokenizer files the checkpoint carries (`Checkpointer` copied the run's).
         for (from, name) in tokenizer_files(&self.checkpoint) {
             let to = dir.join(name);
-            std::fs::copy(&from, &to).map_err(io_err(&to))?;
+            crate::files::copy(&from, &to).map_err(io_err(&to))?;
             fsync(&to)?;
         }
         let marker = serde_json::json!({
@@ -201,7 +201,8 @@ pub fn export(checkpoint: &Path, out: &Path, options: ExportOptions) -> Result<(
     let export = Export::open(checkpoint, options)?;
     let tmp = temporary(out, std::process::id() as i64);
     remove_temporaries(out)?;
-    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    // A new folder, never one (or a link) already at that name.
+    std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
     export.write_part(&tmp, 0, 1)?;
     export.finish(&tmp, out)
 }
@@ -220,7 +221,7 @@ pub fn export_collective(
     if root {
         check_replaceable(out)?;
         remove_temporaries(out)?;
-        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
     }
     world.barrier()?;
     let export = Export::open(checkpoint, options)?;

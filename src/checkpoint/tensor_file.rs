@@ -93,7 +93,7 @@ pub struct Written {
 
 impl Writer {
     pub fn create(path: &Path, layout: &Layout) -> Result<Writer, CheckpointError> {
-        let mut file = File::create(path).map_err(io_err(path))?;
+        let mut file = crate::files::create(path).map_err(io_err(path))?;
         file.write_all(layout.header()).map_err(io_err(path))?;
         let mut crc = crc32fast::Hasher::new();
         crc.update(layout.header());

@@ -240,7 +240,7 @@ fn watch(progress: &Progress, s: &Settings, stop: &AtomicBool, abort: fn(usize, 
         // Whole or not at all: a reader never sees half a report.
         let tmp = own.with_extension("tmp");
         let _ = std::fs::create_dir_all(&s.folder)
-            .and_then(|_| std::fs::write(&tmp, text))
+            .and_then(|_| crate::files::write(&tmp, text.as_bytes()))
             .and_then(|_| std::fs::rename(&tmp, &own));
     };
     while !stop.load(Ordering::Relaxed) {

@@ -67,6 +67,8 @@ const BAR_WIDTH: u32 = 110;
 
 fn heat_map(path: &Path, title: &str, r: &GridResult, values: &Array2<f64>) -> Result<(), EvalError> {
     let height = (160 + 70 * r.lengths.len()).max(360) as u32;
+    // The encoder creates the file: a link planted at its name is removed, not followed.
+    crate::files::clear(path).map_err(|e| plot_error(path, e))?;
     let root = BitMapBackend::new(path, (900 + BAR_WIDTH, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_error(path, e))?;
     let (map, bar) = root.split_horizontally(900);
@@ -148,6 +150,8 @@ fn draw_heat_map(
 }
 
 fn loss_curve(path: &Path, r: &LossResult) -> Result<(), EvalError> {
+    // The encoder creates the file: a link planted at its name is removed, not followed.
+    crate::files::clear(path).map_err(|e| plot_error(path, e))?;
     let root = BitMapBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_error(path, e))?;
     draw_loss_curve(&root, r).map_err(|e| plot_error(path, e))?;

@@ -63,7 +63,8 @@ fn create(path: &Path, task: EvalTask, p: &Provenance) -> Result<hdf5::File, Eva
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| EvalError::results(dir, "creating the folder", e))?;
     }
-    let file = hdf5::File::create(path).map_err(|e| EvalError::results(path, "creating the file", e))?;
+    crate::files::clear(path).map_err(|e| EvalError::results(path, "replacing the file", e))?;
+    let file = hdf5::File::create_excl(path).map_err(|e| EvalError::results(path, "creating the file", e))?;
     text_attr(&file, path, "task", task.name())?;
     text_attr(&file, path, "checkpoint", &p.checkpoint.display().to_string())?;
     text_attr(&file, path, "config_toml", p.config_toml)?;

@@ -175,11 +175,12 @@ impl MetricsWriter {
     /// place, so a reader finds either the old file or the new one, never a half-made one.
     fn create(path: &Path, info: &RunInfo, kept: Option<&Kept>) -> Result<(hdf5::File, usize)> {
         let fresh = path.with_extension("h5.new");
+        crate::files::clear(&fresh).with_context(|| format!("removing {}", fresh.display()))?;
         // SWMR needs the HDF5 1.10 file format; capping it there keeps the file readable by every
         // h5py and HDF5 tool from 1.10 on.
         let file = hdf5::File::with_options()
             .with_fapl(|p| p.libver_bounds(LibraryVersion::V110, LibraryVersion::V110))
-            .create(&fresh)
+            .create_excl(&fresh)
             .with_context(|| format!("creating {}", fresh.display()))?;
         let steps = file.create_group("steps")?;
         for (name, what) in F64_COLUMNS {

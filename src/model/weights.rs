@@ -212,7 +212,7 @@ pub fn tokenizer_files(dir: &Path) -> Vec<(PathBuf, &'static str)> {
 pub fn copy_tokenizer_files(files: &[(PathBuf, &str)], dir: &Path) -> Result<(), WeightsError> {
     for (file, name) in files {
         let dest = dir.join(name);
-        std::fs::copy(file, &dest).map_err(|e| WeightsError::Write {
+        crate::files::copy(file, &dest).map_err(|e| WeightsError::Write {
             path: dest.display().to_string(),
             message: format!("copying {}: {e}", file.display()),
         })?;
@@ -222,7 +222,7 @@ pub fn copy_tokenizer_files(files: &[(PathBuf, &str)], dir: &Path) -> Result<(),
 
 fn write_json(path: &Path, value: &serde_json::Value) -> std::io::Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
-    std::fs::write(path, text + "\n")
+    crate::files::write(path, (text + "\n").as_bytes())
 }
 
 fn dtype_name(kind: Kind) -> &'static str {

@@ -158,6 +158,8 @@ fn p<'a>(title: &'a str, x_desc: &'a str, y_desc: &'a str, lines: Vec<Series>, f
 /// A PNG of vertically stacked panels.
 fn figure(path: &Path, panels: &[Panel]) -> Result<PathBuf, ReportError> {
     let plot_err = |message: String| ReportError::Plot { path: path.display().to_string(), message };
+    // The encoder creates the file: a link planted at its name is removed, not followed.
+    crate::files::clear(path).map_err(|e| plot_err(e.to_string()))?;
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(e.to_string()))?;
     for (area, one) in root.split_evenly((panels.len(), 1)).iter().zip(panels) {
