@@ -164,7 +164,9 @@ fn per_process_folder_lives_as_long_as_the_store() {
     let tmp = tempfile::tempdir().unwrap();
     let mut s = ActivationStore::new(Device::Cpu, tmp.path(), 3).unwrap();
     let dir = s.dir().to_path_buf();
-    assert_eq!(dir, tmp.path().join(format!("ulysses-{}-rank3", std::process::id())));
+    let name = dir.file_name().unwrap().to_string_lossy().to_string();
+    assert!(name.starts_with("ulysses-") && name.ends_with(&format!("-{}-rank3", std::process::id())), "{name}");
+    assert_eq!(dir.parent(), Some(tmp.path()));
     assert!(dir.is_dir());
     let _kept_on_disk = s.put(sample(Kind::Float, &[16, 16], 1), Place::Disk).unwrap();
     let taken = s.put(sample(Kind::Float, &[16, 16], 2), Place::Disk).unwrap();
@@ -179,7 +181,7 @@ fn per_process_folder_lives_as_long_as_the_store() {
 fn empty_offload_dir_means_the_temp_dir() {
     let s = ActivationStore::new(Device::Cpu, Path::new(""), 7).unwrap();
     let dir = s.dir().to_path_buf();
-    assert_eq!(dir, std::env::temp_dir().join(format!("ulysses-{}-rank7", std::process::id())));
+    assert_eq!(dir.parent(), Some(std::env::temp_dir().as_path()));
     assert!(dir.is_dir());
     drop(s);
     assert!(!dir.exists());
@@ -455,4 +457,33 @@ fn without_a_gpu_cuda_calls_are_errors_not_crashes() {
     assert!(err.starts_with("allocating pinned host memory: "), "{err}");
     let err = transfer::to_device(&host, dev).map(|_| ()).unwrap_err().to_string();
     assert!(err.starts_with("copy to device: "), "{err}");
+}
+
+#[test]
+fn folders_of_processes_that_are_gone_are_removed_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pid = std::process::id();
+    let s = ActivationStore::new(Device::Cpu, tmp.path(), 0).unwrap();
+    let name = s.dir().file_name().unwrap().to_string_lossy().to_string();
+    let host = name.strip_prefix("ulysses-").unwrap().strip_suffix(&format!("-{pid}-rank0")).unwrap().to_string();
+    drop(s);
+    // A process that has ended (killed with -9, aborted): its pid runs nothing now.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let stale = [format!("ulysses-{host}-{dead}-rank1"), format!("ulysses-{dead}-rank2")];
+    let kept =
+        [format!("ulysses-elsewhere-{dead}-rank1"), format!("ulysses-{host}-{pid}-rank5"), "ulysses-notes".into()];
+    for folder in stale.iter().chain(&kept) {
+        std::fs::create_dir_all(tmp.path().join(folder)).unwrap();
+        std::fs::write(tmp.path().join(folder).join("0.bin"), b"x").unwrap();
+    }
+    let s = ActivationStore::new(Device::Cpu, tmp.path(), 0).unwrap();
+    for folder in &stale {
+        assert!(!tmp.path().join(folder).exists(), "{folder} (a process of this host that is gone) is left");
+    }
+    for folder in &kept {
+        assert!(tmp.path().join(folder).exists(), "{folder} (another host's, a live process's, not ours) was removed");
+    }
+    drop(s);
 }

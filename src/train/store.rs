@@ -111,11 +111,14 @@ pub struct ActivationStore {
 
 impl ActivationStore {
     /// `device` is the compute device; disk files go under `offload_dir` (empty path:
-    /// `std::env::temp_dir()`) in a per-process folder `ulysses-<pid>-rank<rank>`, created here
-    /// and removed on drop.
+    /// `std::env::temp_dir()`) in a per-process folder `ulysses-<host>-<pid>-rank<rank>`, created
+    /// here and removed on drop. A process killed with -9 or by MPI_Abort cannot remove its own:
+    /// the folders of this host's processes that are gone are removed here first.
     pub fn new(device: Device, offload_dir: &Path, rank: usize) -> Result<Self> {
         let base = if offload_dir.as_os_str().is_empty() { std::env::temp_dir() } else { offload_dir.to_path_buf() };
-        let dir = base.join(format!("ulysses-{}-rank{rank}", std::process::id()));
+        let host = host_name();
+        remove_stale_folders(&base, &host);
+        let dir = base.join(format!("ulysses-{host}-{}-rank{rank}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| {
             format!(
                 "cannot create the activation offload folder {}; set memory.offload_dir to a writable folder",
@@ -467,9 +470,48 @@ fn bytes_of(t: &Tensor) -> &[u8] {
 
 /// Writes the tensor's bytes and drops them from the page cache, so disk offload does not turn
 /// into host memory use.
+/// This machine's name, as store folders carry it (an offload folder on a shared file system may
+/// hold other hosts' folders, whose processes this host cannot see).
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into the buffer it is given.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    let name = if rc == 0 { &buf[..buf.iter().position(|&b| b == 0).unwrap_or(buf.len())] } else { b"localhost" };
+    String::from_utf8_lossy(name).replace(['/', '-'], "_")
+}
+
+/// The process id of a store folder name of host `host`: `ulysses-<host>-<pid>-rank<r>`, or
+/// `ulysses-<pid>-rank<r>` as ulysses before 2026-12-06 named them (always in the node-local
+/// temporary folder by default).
+fn folder_pid(name: &str, host: &str) -> Option<i32> {
+    let (head, rank) = name.strip_prefix("ulysses-")?.rsplit_once("-rank")?;
+    let pid = match head.rsplit_once('-') {
+        Some((h, pid)) if h == host => pid,
+        Some(_) => return None,
+        None => head,
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(pid) && digits(rank)).then(|| pid.parse().ok()).flatten()
+}
+
+/// Removes the store folders in `base` of this host's processes that no longer run.
+fn remove_stale_folders(base: &Path, host: &str) {
+    let Ok(entries) = std::fs::read_dir(base) else { return };
+    for entry in entries.flatten() {
+        let Some(pid) = folder_pid(&entry.file_name().to_string_lossy(), host) else { continue };
+        // SAFETY: signal 0 checks that the process exists; nothing is sent.
+        let gone =
+            unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone && entry.path().is_dir() {
+            log::info!("removing {} (left by a process that ended without cleaning up)", entry.path().display());
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 fn write_file(path: &Path, t: &Tensor) -> Result<(), String> {
     let fail = |e: std::io::Error| format!("writing {}: {e}", path.display());
-    let mut f = File::create(path).map_err(fail)?;
+    let mut f = crate::files::create(path).map_err(fail)?;
     f.write_all(bytes_of(t)).map_err(fail)?;
     f.sync_data().map_err(fail)?;
     drop_page_cache(&f);
