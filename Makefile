@@ -4,7 +4,7 @@ SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
 .PHONY: setup build install demo test check bundle fmt
-# `make install` puts wrappers for `ulysses` and the venv's `mpirun` in $(PREFIX)/bin.
+# `make install` puts wrappers for `ulysses` and the venv's `mpirun` (as `ulysses-mpirun`) in $(PREFIX)/bin.
 PREFIX ?= $(HOME)/.local
 setup:
 	@bash scripts/setup.sh

@@ -9,8 +9,9 @@
 # Preemption: Slurm signals the batch shell (`--signal=B:USR1@300`: 5 minutes before the time
 # limit; or `scancel --signal=USR1 --batch JOB`); the trap forwards it to the launcher, which
 # forwards it to every rank; the ranks agree at the next step boundary, save a checkpoint and exit
-# 0; then the job requeues itself and the next start resumes (checkpoint.resume = "auto"). A
-# preemption that signals every process (PreemptMode=REQUEUE sends SIGTERM) works the same way.
+# 75 (ulysses' status for "preempted at a checkpoint"; 0 means the run is complete); then the job
+# requeues itself and the next start resumes (checkpoint.resume = "auto"). A preemption that
+# signals every process (PreemptMode=REQUEUE sends SIGTERM) works the same way.
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$PWD}"
 : "${EXPERIMENT:?set EXPERIMENT to an experiment TOML}"
@@ -30,9 +31,7 @@ case "$LAUNCHER" in
   *) echo "[slurm] LAUNCHER must be mpirun or srun, not $LAUNCHER" >&2; exit 2 ;;
 esac
 
-preempted=0
 forward() {
-  preempted=1
   echo "[slurm] $1 received: asking the ranks to save a checkpoint and stop"
   kill -USR1 "$pid" 2>/dev/null || true
 }
@@ -49,8 +48,9 @@ while :; do
   break
 done
 
-if [ "$preempted" = 1 ] && [ "$rc" = 0 ]; then
+if [ "$rc" = 75 ]; then
   echo "[slurm] stopped at a checkpoint; requeueing job $SLURM_JOB_ID to resume"
   scontrol requeue "$SLURM_JOB_ID"
+  exit 0
 fi
 exit "$rc"

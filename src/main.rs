@@ -12,6 +12,8 @@ use ulysses::plan::data::check_data;
 use ulysses::plan::memory::{Budget, DoesNotFit};
 use ulysses::plan::Plan;
 use ulysses::train::guard::NonFinite;
+use ulysses::train::preempt::EXIT_PREEMPTED;
+use ulysses::train::Outcome;
 
 #[derive(Parser)]
 #[command(
@@ -221,7 +223,7 @@ fn train(path: &Path, set: &[String]) -> Result<()> {
     init_logging(launch.rank);
     let (exp, spec) = load_valid(path, &Overrides { set, world: Some(launch.size), dp_replaced: false })
         .unwrap_or_else(|e| launch.abort(&e));
-    let run = || -> Result<()> {
+    let run = || -> Result<Outcome> {
         let (mesh, groups, device) = job(&launch, &exp)?;
         let settings = watchdog::Settings {
             timeout: Duration::from_secs_f64(exp.parallel.collective_timeout_s),
@@ -246,14 +248,16 @@ fn train(path: &Path, set: &[String]) -> Result<()> {
         }
         ulysses::train::run(&exp, &spec, &mesh, &groups, device, budget)
     };
-    if let Err(e) = run() {
-        // The budget and the non-finite verdict are the job's, not a file's: say which experiment.
-        if e.is::<DoesNotFit>() || e.is::<NonFinite>() {
-            launch.abort(&e.context(path.display().to_string()));
+    match run() {
+        Ok(Outcome::Complete) => Ok(()),
+        Ok(Outcome::Preempted) => {
+            drop(launch); // MPI_Finalize: every rank is past the checkpoint's last collective
+            std::process::exit(EXIT_PREEMPTED)
         }
-        launch.abort(&e);
+        // The budget and the non-finite verdict are the job's, not a file's: say which experiment.
+        Err(e) if e.is::<DoesNotFit>() || e.is::<NonFinite>() => launch.abort(&e.context(path.display().to_string())),
+        Err(e) => launch.abort(&e),
     }
-    Ok(())
 }
 
 /// Gives libtorch's CPU kernels (AdamW on state in host memory or on disk, the gradient norm

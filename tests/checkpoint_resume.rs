@@ -5,7 +5,7 @@
 //! dozen random moments, leaves every complete checkpoint loadable, `resume = "auto"` resumes
 //! from the newest, and every step's metrics row ends up in metrics.h5 exactly once; a damaged
 //! newest checkpoint is skipped with a warning. SIGTERM saves at the next step boundary, waits
-//! for an asynchronous save in flight, and exits 0.
+//! for an asynchronous save in flight, and exits 75 (preempted: resume me).
 mod ckpt_common;
 mod common;
 use ckpt_common::*;
@@ -221,7 +221,7 @@ fn auto_skips_a_damaged_checkpoint_and_says_when_it_starts_over() {
 }
 
 #[test]
-fn sigterm_saves_at_the_next_step_and_exits_zero() {
+fn sigterm_saves_at_the_next_step_and_exits_75() {
     let dir = tempfile::tempdir().unwrap();
     let (dir, data) = (dir.path(), synth(dir.path()));
     let reference = Exp::new("reference", 2, 1, 60, 0);
@@ -236,7 +236,8 @@ fn sigterm_saves_at_the_next_step_and_exits_zero() {
     unsafe { libc::kill(job.id() as i32, libc::SIGTERM) };
     let status = wait_exit(&mut job);
     let log = exp.log(dir);
-    assert!(status.success(), "exit {status}: {log}");
+    // 75 (EX_TEMPFAIL): stopped at a checkpoint, to be resumed; 0 would say the run is complete.
+    assert_eq!(status.code(), Some(75), "exit {status}: {log}");
     assert!(log.contains("preempted"), "{log}");
     let names = checkpoint_names(&exp.run_dir(dir));
     assert_eq!(names.len(), 1, "{names:?}");
@@ -272,7 +273,7 @@ fn sigterm_waits_for_an_asynchronous_save_in_flight() {
     unsafe { libc::kill(job.id() as i32, libc::SIGTERM) };
     let status = wait_exit(&mut job);
     let log = exp.log(dir);
-    assert!(status.success() && log.contains("preempted"), "exit {status}: {log}");
+    assert!(status.code() == Some(75) && log.contains("preempted"), "exit {status}: {log}");
     let names = checkpoint_names(&run_dir);
     assert!(names.iter().all(|n| !n.contains(".tmp-")), "every save finished before exit 0: {names:?}");
     let complete = load_every_complete(&run_dir);

@@ -283,7 +283,7 @@ fn check_validates_the_data_and_says_what_it_did_not_check() {
 }
 
 #[test]
-fn make_install_puts_ulysses_and_mpirun_on_the_path() {
+fn make_install_puts_ulysses_and_its_launcher_on_the_path_without_shadowing_mpirun() {
     let dir = tempfile::tempdir().unwrap();
     let o = std::process::Command::new("bash")
         .arg(root().join("scripts/install.sh"))
@@ -299,10 +299,17 @@ fn make_install_puts_ulysses_and_mpirun_on_the_path() {
         "{t}"
     );
     let path = format!("{}/bin:/usr/bin:/bin", dir.path().display());
-    for (cmd, says) in [("ulysses --version", "ulysses 0.1.0"), ("mpirun --version", "HYDRA")] {
+    for (cmd, says) in [("ulysses --version", "ulysses 0.1.0"), ("ulysses-mpirun --version", "HYDRA")] {
         let o = std::process::Command::new("sh").args(["-c", cmd]).env("PATH", &path).output().unwrap();
         assert!(o.status.success() && text(&o).contains(says), "{cmd}: {}", text(&o));
     }
+    // A cluster's own `mpirun`, later on PATH, is not hidden.
+    let installed: Vec<String> = std::fs::read_dir(dir.path().join("bin"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(!installed.contains(&"mpirun".to_string()), "{installed:?}");
+    assert!(t.contains("does not hide another `mpirun`"), "{t}");
 }
 
 #[test]

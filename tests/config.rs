@@ -1,5 +1,6 @@
 //! The experiment TOML: strict parsing, every problem reported at once with its path, defaults.
-use ulysses::config::{validate, Experiment, ZeroStage};
+use std::path::Path;
+use ulysses::config::{validate, Experiment, Resume, ZeroStage};
 
 const BASE: &str = r#"
 [model]
@@ -356,4 +357,13 @@ fn offload_optimizer_is_a_placement_and_the_old_switch_still_reads() {
     // Forced off the GPU, the state needs ZeRO-3 shards.
     let p = problems(&with("\"disk\"").replace("dp = 2", "dp = 2\nzero_stage = 0"), None);
     assert!(p.iter().any(|m| m.contains("parallel.offload_optimizer") && m.contains("= \"disk\" needs parallel.zero_stage = 3")), "{p:?}");
+}
+
+#[test]
+fn the_demo_experiment_resumes_as_the_readme_says() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let exp = Experiment::load(&root.join("experiments/tiny.toml")).unwrap();
+    assert_eq!(exp.checkpoint.resume, Resume::Auto, "experiments/tiny.toml");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(readme.contains("Launched again it resumes"), "the README says what the demo does again");
 }

@@ -143,7 +143,7 @@ fn memory_report(exp: &Experiment, spec: &ModelSpec, world: usize, budget: &Budg
             let _ = writeln!(s, "placement  {}", memory::summary(&placed, &placement, budget));
         }
         Err(shortfall) => {
-            let refusal = memory::refusal(&inputs, budget, &shortfall);
+            let refusal = memory::refusal(&inputs, budget, &shortfall, &exp.memory.offload_dir());
             let _ = writeln!(s, "placement  {}", refusal.replace('\n', "\n           "));
         }
     }

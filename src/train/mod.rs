@@ -31,6 +31,15 @@ use std::time::Instant;
 use step::{micro_step, MicroBatch, StepContext};
 use tch::{Device, Tensor};
 
+/// How `run` ended, when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The run has trained its last step (now or before).
+    Complete,
+    /// Stopped by SIGTERM/SIGUSR1 at a checkpoint; launching it again resumes it.
+    Preempted,
+}
+
 /// Trains on `device` (this rank's GPU, or the CPU) with the mesh's communicators, within this
 /// rank's memory `budget` (`Budget::measure`).
 pub fn run(
@@ -40,7 +49,7 @@ pub fn run(
     groups: &Groups,
     device: Device,
     budget: Budget,
-) -> Result<()> {
+) -> Result<Outcome> {
     if let Device::Cuda(_) = device {
         allow_sdp_kernels(exp.parallel.attention);
     }
@@ -69,15 +78,15 @@ pub fn run(
     if run.first_step > exp.train.steps {
         // Already complete; but a job killed between the last checkpoint and its export left
         // no `final/`.
-        return run.finish(End::AlreadyComplete);
+        return run.finish(End::AlreadyComplete).map(|_| Outcome::Complete);
     }
     for step in run.first_step..=exp.train.steps {
         groups.progress.begin_step(step);
         if let Flow::Stop = run.step(&ctx, step)? {
-            break;
+            return Ok(Outcome::Preempted);
         }
     }
-    Ok(())
+    Ok(Outcome::Complete)
 }
 
 /// Where layer inputs and kept attention wait, decided within the smallest budget of any rank (so
@@ -97,7 +106,7 @@ fn plan_memory(
     let estimate = Estimate::new(&inputs);
     let placement = estimate
         .placement(&budget)
-        .map_err(|shortfall| DoesNotFit(memory_plan::refusal(&inputs, &budget, &shortfall)))?;
+        .map_err(|shortfall| DoesNotFit(memory_plan::refusal(&inputs, &budget, &shortfall, &exp.memory.offload_dir())))?;
     if mesh.world_rank == 0 {
         log::info!("memory plan: {}", memory_plan::summary(&estimate.with_placement(&placement), &placement, &budget));
     }

@@ -1,9 +1,14 @@
 //! Preemption: SIGTERM or SIGUSR1 (what Slurm sends before a time limit or a preemption) sets a
 //! flag; at the next step boundary the ranks agree, so they all save the same step together and
-//! exit 0, and the next launch resumes from that checkpoint.
+//! exit with `EXIT_PREEMPTED`, and the next launch resumes from that checkpoint.
 use crate::comm::{all_reduce_f64, Collective, CommError};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+/// The exit status of a job stopped by preemption at a checkpoint: EX_TEMPFAIL (sysexits.h,
+/// "try again later"), not 0, so a script tells it from a finished run (slurm/launch.sh requeues
+/// the job on it) and not 1, an error.
+pub const EXIT_PREEMPTED: i32 = 75;
 
 pub struct Preemption {
     flag: Arc<AtomicBool>,

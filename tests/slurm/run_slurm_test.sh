@@ -3,7 +3,7 @@
 # installs munge and Slurm (Debian's slurm-wlm), starts munged, slurmctld and slurmd on
 # localhost with a minimal slurm.conf, then `sbatch slurm/train_1m.sh` with a tiny CPU
 # experiment (2 ranks). While it trains, `scancel --signal=USR1 --batch` plays the time-limit
-# warning: the ranks must checkpoint and exit 0, the job must requeue itself and the second start
+# warning: the ranks must checkpoint and exit 75, the job must requeue itself and the second start
 # must resume and finish. Checks the job's metrics.h5 (every step exactly once) and checkpoints.
 # Needs target/debug/ulysses (make test builds it). Every daemon it starts is stopped on exit.
 set -euo pipefail

@@ -144,7 +144,7 @@ fn parse_mem_available(meminfo: &str) -> Option<f64> {
 
 /// Bytes an unprivileged process may still write on the file system holding `dir` (or its
 /// nearest existing ancestor: the folder may be made later); None when statvfs cannot tell.
-fn free_disk_bytes(dir: &Path) -> Option<f64> {
+pub fn free_disk_bytes(dir: &Path) -> Option<f64> {
     use std::os::unix::ffi::OsStrExt;
     let absolute = if dir.is_absolute() { dir.to_path_buf() } else { std::env::current_dir().ok()?.join(dir) };
     let existing: PathBuf = absolute.ancestors().find(|p| p.exists())?.to_path_buf();

@@ -4,6 +4,7 @@ use super::{longest_fit, Budget, Estimate, MemoryPlan, Place, Placement, PlanInp
 use crate::config::{ActivationPlacement, DeviceKind, StatePlacement};
 use crate::units::{bytes, gib_limit, limit, GIB};
 use std::fmt::Write;
+use std::path::Path;
 
 /// A run stopped before allocating: the plan does not fit its budget. The message says by how
 /// much and what would help (`refusal`).
@@ -121,8 +122,9 @@ fn recomputed() -> String {
 }
 
 /// Why a run of `inputs` cannot start within `budget` (bytes per rank), each component's size, and
-/// what would help.
-pub fn refusal(inputs: &PlanInputs, budget: &Budget, shortfall: &Shortfall) -> String {
+/// what would help. `offload_dir`: where state and layer inputs on disk go
+/// (`MemoryConfig::offload_dir`).
+pub fn refusal(inputs: &PlanInputs, budget: &Budget, shortfall: &Shortfall, offload_dir: &Path) -> String {
     use ActivationPlacement::{Auto, Device, Disk, Host};
     let PlanInputs { parallel: p, train: t, world, seq_len, .. } = *inputs;
     let est = Estimate::new(inputs);
@@ -217,6 +219,16 @@ pub fn refusal(inputs: &PlanInputs, budget: &Budget, shortfall: &Shortfall) -> S
         if state_leaves { " and the optimizer state" } else { "" },
         gib_limit(budget.host + budget.disk)
     );
+    if matches!(shortfall, Shortfall::Disk { .. }) {
+        let free = super::budget::free_disk_bytes(offload_dir).map_or("unknown".into(), bytes);
+        let _ = writeln!(
+            s,
+            "    memory.offload_dir: {} ({free} free; {} of it stay free, the rest is shared by the node's ranks)",
+            offload_dir.display(),
+            bytes(super::DISK_RESERVE)
+        );
+    }
+    let cpu = p.device == DeviceKind::Cpu;
     let mut help = Vec::new();
     let inputs_short = matches!(shortfall, Shortfall::Inputs { .. });
     match p.activations {
@@ -257,7 +269,13 @@ pub fn refusal(inputs: &PlanInputs, budget: &Budget, shortfall: &Shortfall) -> S
         if p.offload_optimizer.forced_off_device() {
             help.push("parallel.offload_optimizer = \"device\", if the GPU has room for the optimizer state".into());
         }
-    } else {
+    } else if matches!(shortfall, Shortfall::Disk { .. }) {
+        help.push(format!(
+            "memory.offload_dir on a file system with more free space than {} (or free some there)",
+            offload_dir.display()
+        ));
+        help.push("more ranks (a larger parallel.sp or parallel.dp): ZeRO-3 shards the optimizer state over all of them".into());
+    } else if !cpu {
         help.push("a larger parallel.sp (more GPUs): each rank's layer inputs and working sets shrink as 1/sp".into());
     }
     help.push(match longest_fit(inputs, budget) {
@@ -270,10 +288,16 @@ pub fn refusal(inputs: &PlanInputs, budget: &Budget, shortfall: &Shortfall) -> S
     } else {
         ""
     };
-    help.push(format!(
-        "memory.gpu_gib (per GPU) or memory.host_gib (per node), if the budget is wrong for these machines \
-         (unset, each is measured at start less a reserve, the smallest of any rank){disk}"
-    ));
+    if cpu {
+        help.push(format!(
+            "memory.host_gib (per node), if the budget is wrong for these machines (unset on CPU: unlimited){disk}"
+        ));
+    } else {
+        help.push(format!(
+            "memory.gpu_gib (per GPU) or memory.host_gib (per node), if the budget is wrong for these machines \
+             (unset, each is measured at start less a reserve, the smallest of any rank){disk}"
+        ));
+    }
     let _ = writeln!(s, "  what would help:");
     for h in help {
         let _ = writeln!(s, "    - {h}");

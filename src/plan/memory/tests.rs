@@ -2,6 +2,7 @@ use super::*;
 use crate::config::{AttentionBackend, Experiment};
 use crate::model::spec::Preset;
 use crate::units::GIB;
+use std::path::Path;
 
 /// The benchmark's configuration (bench/RESULTS.md): layer inputs on the GPU, attention
 /// recomputed in backward.
@@ -330,7 +331,7 @@ fn a_gpu_refusal_counts_the_copies_in_flight_it_needs() {
     let budget = Budget { gpu: 76.0 * GIB, host: 1000.0 * GIB, disk: f64::INFINITY };
     let shortfall = m.placement(&budget).unwrap_err();
     assert_eq!(shortfall, Shortfall::Gpu { needed: m.layer_working + in_flight, budget: budget.gpu });
-    let text = refusal(&PlanInputs::new(&exp, &spec, 4), &budget, &shortfall);
+    let text = refusal(&PlanInputs::new(&exp, &spec, 4), &budget, &shortfall, Path::new("/tmp"));
     let rows = [
         ("working set (a layer's backward or the LM head)", m.layer_working),
         ("kept tensors in flight from host memory or disk", in_flight),
@@ -354,6 +355,26 @@ fn cpu_runs_have_no_budgets_but_can_use_the_disk() {
     exp.parallel.keep_attention = false;
     let p = Estimate::new(&PlanInputs::new(&exp, &spec, 4)).placement(&nothing).unwrap();
     assert_eq!((p.inputs, p.attention), (vec![Place::Disk; 32], vec![None; 32]));
+}
+
+#[test]
+fn a_cpu_run_short_of_disk_names_the_folder_its_free_space_and_the_reserve_not_gpus() {
+    let (mut exp, spec) = bench(8192);
+    exp.parallel.device = DeviceKind::Cpu;
+    exp.parallel.offload_optimizer = StatePlacement::Disk;
+    let budget = Budget { gpu: f64::INFINITY, host: f64::INFINITY, disk: 1.0 * GIB };
+    let inputs = PlanInputs::new(&exp, &spec, 4);
+    let shortfall = Estimate::new(&inputs).placement(&budget).unwrap_err();
+    assert!(matches!(shortfall, Shortfall::Disk { .. }), "{shortfall}");
+    let dir = tempfile::tempdir().unwrap();
+    let text = refusal(&inputs, &budget, &shortfall, dir.path());
+    let folder = format!("memory.offload_dir: {} (", dir.path().display());
+    for want in [folder.as_str(), " free; 2.0 GiB of it stay free", "a file system with more free space than"] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    for gpu in ["GPUs", "gpu_gib", "on the GPU where"] {
+        assert!(!text.contains(gpu), "GPU advice ({gpu:?}) for a CPU run:\n{text}");
+    }
 }
 
 #[test]
@@ -383,7 +404,7 @@ fn the_refusal_gives_sizes_budget_and_what_would_help() {
         disk: f64::INFINITY,
     };
     let shortfall = m.placement(&budget).unwrap_err();
-    let text = refusal(&PlanInputs::new(&exp, &spec, 4), &budget, &shortfall);
+    let text = refusal(&PlanInputs::new(&exp, &spec, 4), &budget, &shortfall, Path::new("/tmp"));
     for want in [
         "does not fit in memory: the layer inputs need 16.0 GiB but the GPU (after the optimizer state and the working set) leaves 2.0 GiB.",
         "per rank at data.seq_len = 262144 (65536 tokens per rank) on 4 ranks (sp = 4, dp = 1), GiB:",
@@ -485,7 +506,7 @@ fn asynchronous_checkpoints_count_their_host_staging_and_are_refused_without_roo
     let budget = Budget { host: staging / 2.0, ..Budget::UNLIMITED };
     let shortfall = m.placement(&budget).unwrap_err();
     assert_eq!(shortfall, Shortfall::Host { optimizer: 0.0, staging, state_staging: 0.0, budget: staging / 2.0 });
-    let text = refusal(&PlanInputs::new(&exp, &spec, 4), &budget, &shortfall);
+    let text = refusal(&PlanInputs::new(&exp, &spec, 4), &budget, &shortfall, Path::new("/tmp"));
     assert!(
         text.starts_with(
             "does not fit in memory: the host staging of asynchronous checkpoints (22.4 GiB) needs 22.4 GiB"
