@@ -1,14 +1,9 @@
 //! `ulysses data prepare | synth | inspect`: round trips through the built binary and the library.
 mod data_common;
 
-use data_common::ulysses;
+use data_common::{train_tokenizer, ulysses};
 use std::path::Path;
-use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, Tokenizer,
-    TokenizerBuilder,
-};
+use tokenizers::Tokenizer;
 use ulysses::data::prepare::{prepare, InputFormat, Layout, PrepareOptions};
 use ulysses::data::synth::{synth, SynthOptions, SynthTask};
 use ulysses::data::tokenizer::TextTokenizer;
@@ -20,28 +15,6 @@ fn documents() -> Vec<String> {
     (0..30)
         .map(|k| (0..5 + (k * 7) % 23).map(|j| words[(k * 3 + j * 5) % words.len()]).collect::<Vec<_>>().join(" "))
         .collect()
-}
-
-/// A byte-level BPE (GPT-2 style) trained on the corpus with the `tokenizers` crate.
-fn train_tokenizer(corpus: &Path, out: &Path) {
-    let mut trainer = BpeTrainerBuilder::new()
-        .show_progress(false)
-        .vocab_size(400)
-        .min_frequency(0)
-        .special_tokens(vec![AddedToken::from("<|endoftext|>", true)])
-        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-        .build();
-    let mut tok =
-        TokenizerBuilder::<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>::new()
-            .with_model(BPE::default())
-            .with_normalizer(None)
-            .with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::default())))
-            .with_post_processor(None)
-            .with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())))
-            .build()
-            .unwrap();
-    tok.train_from_files(&mut trainer, vec![corpus.display().to_string()]).unwrap();
-    tok.save(out, false).unwrap();
 }
 
 #[test]

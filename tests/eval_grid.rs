@@ -3,6 +3,7 @@
 //! `depth` of the filler (so the stated depth falls inside the sentence that follows the needle),
 //! and the answer (the key) ends the sequence after the question. Plus the CLI's refusals.
 mod common;
+mod data_common;
 mod eval_common;
 use common::*;
 use eval_common::*;
@@ -121,4 +122,69 @@ fn bad_eval_arguments_fail_cleanly() {
         &[],
     ));
     assert!(t.contains("161 is not a multiple of sp = 2") && t.contains("use e.g. 160 or 162"), "{t}");
+}
+
+/// The grid's text goes through the checkpoint's own tokenizer.json when it carries one (each
+/// answer is the key as that tokenizer splits it, and the results file names it), a
+/// `--tokenizer` that is not the checkpoint's is refused, and a checkpoint without a
+/// tokenizer.json (a run on byte-tokenized data) gets the byte tokenizer, said so on the way.
+#[test]
+fn the_grid_uses_the_checkpoints_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = experiment(dir.path(), &dir.path().join("unused"));
+    let (plain, carrying) = (random_checkpoint(dir.path(), 1), random_checkpoint(dir.path(), 2));
+    // Passkey text with numbers: the BPE learns the filler's words and some digit pairs.
+    let corpus = dir.path().join("corpus.txt");
+    let lines: Vec<String> = (0..400)
+        .map(|k| format!("The grass is green. The pass key is {}. Here we go.", 10_007 * k % 100_000))
+        .collect();
+    std::fs::write(&corpus, lines.join("\n")).unwrap();
+    let own = carrying.join("tokenizer.json");
+    data_common::train_tokenizer(&corpus, &own);
+    let tokenizer = TextTokenizer::load(own.to_str().unwrap(), None).unwrap();
+
+    let eval = |ckpt: &std::path::Path, extra: &[&str]| {
+        let out = dir.path().join(format!("{}.h5", ckpt.file_name().unwrap().to_str().unwrap()));
+        let args = [
+            &["eval", exp.to_str().unwrap(), "--task", "passkey", "--checkpoint", ckpt.to_str().unwrap()][..],
+            &["--lengths", "160", "--depths", "0,1", "--samples", "2", "--out", out.to_str().unwrap()],
+            extra,
+        ];
+        (ulysses(&args.concat(), dir.path()), out)
+    };
+    let grid = |out: &std::path::Path| {
+        let named = hdf5::File::open(out).unwrap().attr("tokenizer").unwrap();
+        let named = named.read_scalar::<hdf5::types::VarLenUnicode>().unwrap().to_string();
+        match results(out) {
+            ulysses::eval::results::EvalResults::Grid { result, .. } => (named, *result),
+            _ => panic!("expected a grid"),
+        }
+    };
+
+    let (o, out) = eval(&carrying, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains(&format!("tokenizer {}", tokenizer.name())), "{}", text(&o));
+    let (named, r) = grid(&out);
+    assert_eq!(named, tokenizer.name());
+    let mut other_than_digits = 0;
+    for (&key, &answer) in r.key.iter().zip(r.answer_tokens.iter()) {
+        let expected = tokenizer.encode(&key.to_string()).unwrap().len() as i64;
+        assert_eq!(answer, expected, "key {key}: answer tokens as the checkpoint's tokenizer splits it");
+        other_than_digits += usize::from(answer != 5);
+    }
+    assert!(other_than_digits > 0, "the BPE splits keys otherwise than into digits: {:?}", r.answer_tokens);
+
+    // Naming the checkpoint's own tokenizer is fine; another one is refused.
+    let (o, _) = eval(&carrying, &["--tokenizer", own.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = assert_clean_failure(&eval(&carrying, &["--tokenizer", "byte"]).0);
+    assert!(t.contains("--tokenizer byte (byte) is not the tokenizer the checkpoint carries"), "{t}");
+    assert!(t.contains(own.to_str().unwrap()) && t.contains("leave --tokenizer out"), "{t}");
+
+    let (o, out) = eval(&plain, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("tokenizer byte"), "{}", text(&o));
+    let (named, r) = grid(&out);
+    assert_eq!(named, "byte");
+    assert!(r.answer_tokens.iter().all(|&n| n == 5), "byte tokens: one per digit: {:?}", r.answer_tokens);
 }

@@ -30,7 +30,11 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 
 /// The identity shards record for a tokenizer.json with these bytes (`Dataset::tokenizer`).
 pub fn identity(tokenizer_json: &[u8]) -> String {
-    format!("huggingface fnv1a64:{:016x}", fnv1a64(tokenizer_json))
+    hash_identity(fnv1a64(tokenizer_json))
+}
+
+fn hash_identity(hash: u64) -> String {
+    format!("huggingface fnv1a64:{hash:016x}")
 }
 
 impl TextTokenizer {
@@ -128,18 +132,25 @@ impl TextTokenizer {
         }
     }
 
+    /// What identifies the tokenizer: `byte`, or a tokenizer.json's `identity` (its hash), as
+    /// shards record it.
+    pub fn name(&self) -> String {
+        match self {
+            TextTokenizer::Byte => "byte".to_string(),
+            TextTokenizer::HuggingFace { hash, .. } => hash_identity(*hash),
+        }
+    }
+
     /// The attributes a shard made with this tokenizer carries.
     pub fn shard_meta(&self, task: &str) -> ShardMeta {
-        let (tokenizer, tokenizer_source) = match self {
-            TextTokenizer::Byte => ("byte".to_string(), "built-in".to_string()),
-            TextTokenizer::HuggingFace { path, hash, .. } => {
-                (format!("huggingface fnv1a64:{hash:016x}"), source_name(path))
-            }
+        let tokenizer_source = match self {
+            TextTokenizer::Byte => "built-in".to_string(),
+            TextTokenizer::HuggingFace { path, .. } => source_name(path),
         };
         ShardMeta {
             vocab_size: self.vocab_size(),
             eos_id: self.eos_id() as i64,
-            tokenizer,
+            tokenizer: self.name(),
             tokenizer_source,
             task: task.into(),
         }

@@ -53,9 +53,11 @@ pub struct EvalArgs {
     /// Digits of the grid's keys.
     #[arg(long, default_value_t = 5)]
     pub key_digits: u32,
-    /// The model's tokenizer: `byte` or a tokenizer.json path.
-    #[arg(long, default_value = "byte")]
-    pub tokenizer: String,
+    /// The model's tokenizer: `byte` or a tokenizer.json path [default: the checkpoint's
+    /// tokenizer.json; the byte tokenizer for a checkpoint without one]. One that is not the
+    /// checkpoint's own is refused.
+    #[arg(long)]
+    pub tokenizer: Option<String>,
     /// Held-out shards (files or folders) for --task loss.
     #[arg(long, num_args = 1..)]
     pub data: Vec<PathBuf>,
@@ -98,6 +100,31 @@ fn tensorboard_grid(
         }
     }
     Ok(())
+}
+
+/// The tokenizer the grid's text goes through: the checkpoint's own tokenizer.json when it
+/// carries one (training copies it into every checkpoint and export), else the byte tokenizer
+/// (what a run on byte-tokenized data leaves: no tokenizer files). `--tokenizer` may name the
+/// same tokenizer, never another: the ids of another tokenizer mean other text to the model, and
+/// the grid would score noise.
+fn grid_tokenizer(arg: Option<&str>, checkpoint: &std::path::Path) -> Result<TextTokenizer> {
+    let own = checkpoint.join("tokenizer.json");
+    let own = own.is_file().then(|| own.display().to_string());
+    let Some(arg) = arg else {
+        return Ok(TextTokenizer::load(own.as_deref().unwrap_or("byte"), None)?);
+    };
+    let tokenizer = TextTokenizer::load(arg, None)?;
+    if let Some(own) = own {
+        let carried = TextTokenizer::load(&own, None)?;
+        if tokenizer.name() != carried.name() {
+            bail!(
+                "--tokenizer {arg} ({}) is not the tokenizer the checkpoint carries, {own} ({}); leave --tokenizer out to use the checkpoint's",
+                tokenizer.name(),
+                carried.name()
+            );
+        }
+    }
+    Ok(tokenizer)
 }
 
 /// Runs on every rank; a failure on any rank ends the job (MPI_Abort) with its message.
@@ -181,14 +208,17 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
     let world = groups.world.as_ref();
     match args.task {
         EvalTask::Passkey | EvalTask::Niah => {
-            let tokenizer = TextTokenizer::load(&args.tokenizer, None)?;
+            let tokenizer = grid_tokenizer(args.tokenizer.as_deref(), &checkpoint)?;
             if tokenizer.vocab_size() > spec.vocab_size {
                 bail!(
-                    "--tokenizer {}: {} tokens do not fit the model's vocabulary of {}",
-                    args.tokenizer,
+                    "tokenizer {}: {} tokens do not fit the model's vocabulary of {}",
+                    tokenizer.name(),
                     tokenizer.vocab_size(),
                     spec.vocab_size
                 );
+            }
+            if launch.rank == 0 {
+                println!("tokenizer {}", tokenizer.name());
             }
             let lengths = args.lengths.clone().unwrap_or_else(|| vec![exp.data.seq_len]);
             for &len in &lengths {
@@ -204,7 +234,7 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
             };
             let result = run_grid(&ev, &grid, &tokenizer, &mesh, world)?;
             if launch.rank == 0 {
-                write_grid(&out, args.task, &provenance, &grid, &result)?;
+                write_grid(&out, args.task, &provenance, &grid, &tokenizer.name(), &result)?;
                 if exp.metrics.tensorboard {
                     tensorboard_grid(&exp, &checkpoint, args.task, &result)?;
                 }

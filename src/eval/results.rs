@@ -76,15 +76,18 @@ fn create(path: &Path, task: EvalTask, p: &Provenance) -> Result<hdf5::File, Eva
     Ok(file)
 }
 
-/// `task`: passkey or niah, the task `grid` was made for.
+/// `task`: passkey or niah, the task `grid` was made for; `tokenizer`: the name of the tokenizer
+/// its text went through (`TextTokenizer::name`).
 pub fn write_grid(
     path: &Path,
     task: EvalTask,
     p: &Provenance,
     grid: &GridSpec,
+    tokenizer: &str,
     r: &GridResult,
 ) -> Result<(), EvalError> {
     let file = create(path, task, p)?;
+    text_attr(&file, path, "tokenizer", tokenizer)?;
     int_attr(&file, path, "key_digits", i64::from(grid.key_digits))?;
     int_attr(&file, path, "seed", grid.seed as i64)?;
     dataset(&file, path, "lengths", &to_i64(&r.lengths))?;

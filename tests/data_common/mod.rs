@@ -1,6 +1,11 @@
 //! Helpers shared by the tests/data_*.rs suites: shards with recognizable tokens.
 #![allow(dead_code)] // each suite uses a different subset
 use std::path::{Path, PathBuf};
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder,
+};
 use ulysses::data::format::{ShardMeta, ShardWriter};
 
 /// Vocabulary of the recognizable shards: token (i, p) = i * 1000 + p fits for i < 100.
@@ -35,4 +40,26 @@ pub fn ulysses(args: &[&str]) -> (i32, String, String) {
         .unwrap();
     let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
     (out.status.code().unwrap_or(-1), text(out.stdout), text(out.stderr))
+}
+
+/// A byte-level BPE (GPT-2 style) trained on the corpus with the `tokenizers` crate.
+pub fn train_tokenizer(corpus: &Path, out: &Path) {
+    let mut trainer = BpeTrainerBuilder::new()
+        .show_progress(false)
+        .vocab_size(400)
+        .min_frequency(0)
+        .special_tokens(vec![AddedToken::from("<|endoftext|>", true)])
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build();
+    let mut tok =
+        TokenizerBuilder::<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>::new()
+            .with_model(BPE::default())
+            .with_normalizer(None)
+            .with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::default())))
+            .with_post_processor(None)
+            .with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())))
+            .build()
+            .unwrap();
+    tok.train_from_files(&mut trainer, vec![corpus.display().to_string()]).unwrap();
+    tok.save(out, false).unwrap();
 }
