@@ -314,6 +314,10 @@ impl Default for ParallelConfig {
 pub struct DataConfig {
     /// HDF5 shard files, or folders holding `*.h5` shards; together they form one dataset.
     pub paths: Vec<PathBuf>,
+    /// Held-out shards (files or folders) whose loss is evaluated every `train.eval_every` steps,
+    /// read and masked as `paths` are (`data prepare --split` makes them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub eval_paths: Vec<PathBuf>,
     /// Tokens per sample; must equal the shards' sequence length.
     pub seq_len: usize,
     #[serde(default = "default_true")]
@@ -380,6 +384,8 @@ pub struct TrainConfig {
     /// shown to fit. Its losses and timings mean nothing; the log says so on every step and no
     /// metrics are written.
     pub memory_fit: bool,
+    /// Evaluate the held-out loss on `data.eval_paths` every N steps and after the last (0: never).
+    pub eval_every: usize,
 }
 
 impl Default for TrainConfig {
@@ -399,6 +405,7 @@ impl Default for TrainConfig {
             clip_grad_norm: 1.0,
             dtype: Dtype::Fp32,
             memory_fit: false,
+            eval_every: 0,
         }
     }
 }

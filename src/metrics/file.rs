@@ -1,6 +1,6 @@
 //! metrics.h5: one row per optimizer step, written by rank 0 and flushed every step so a crash
 //! loses at most the step in flight; per-position loss every M steps; the time split of measured
-//! steps. Schema (version 4) in docs/metrics.md; every dataset also carries its meaning and unit
+//! steps. Schema (version 5) in docs/metrics.md; every dataset also carries its meaning and unit
 //! in a `description` attribute.
 //!
 //! The file is written in HDF5's SWMR mode (single writer, multiple readers): every dataset and
@@ -18,11 +18,16 @@ use hdf5::types::VarLenUnicode;
 use ndarray::{s, Array2};
 use std::path::{Path, PathBuf};
 
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// (name, description) of the float64 columns of /steps, in `f64_values` order.
 pub const F64_COLUMNS: &[(&str, &str)] = &[
     ("loss", "mean cross-entropy over every valid label of the step (all ranks), nats"),
+    (
+        "eval_loss",
+        "mean cross-entropy over the held-out set's valid labels after this step's update (data.eval_paths, \
+         train.eval_every), nats; NaN on steps without one",
+    ),
     ("lr", "learning rate used by this step"),
     ("grad_norm", "global L2 norm of the gradient before clipping"),
     ("step_time", "wall time of the step, seconds (checkpoint saves excluded)"),
@@ -38,6 +43,7 @@ pub const F64_COLUMNS: &[(&str, &str)] = &[
     ("time_forward", "seconds in the forward (with the tiled loss and its backward)"),
     ("time_backward", "seconds in the layer-wise backward"),
     ("time_optimizer", "seconds in grad norm, clipping and AdamW"),
+    ("time_eval", "seconds evaluating the held-out set after the update (not in step_time; 0 if none)"),
     (
         "time_checkpoint",
         "seconds the step waited for checkpoints after its update: a save (an asynchronous one: its staging copy), \
@@ -47,6 +53,8 @@ pub const F64_COLUMNS: &[(&str, &str)] = &[
 pub const U64_COLUMNS: &[(&str, &str)] = &[
     ("step", "optimizer step, 1-based"),
     ("tokens", "tokens processed in the step, whole job"),
+    ("trained_tokens", "labels the step's loss was taken over (not ignored), whole job"),
+    ("eval_tokens", "valid labels of the held-out set when it was evaluated at this step, else 0"),
     ("documents", "documents attention ran over in the step, whole job (samples when data.documents = \"ignore\")"),
 ];
 pub const RANK_COLUMNS: &[(&str, &str)] = &[
@@ -57,10 +65,11 @@ pub const RANK_COLUMNS: &[(&str, &str)] = &[
     ("peak_gpu_mem", "[step, rank] peak allocated GPU memory of each rank so far, bytes; 0 on CPU runs"),
 ];
 
-fn f64_values(r: &StepRow) -> [f64; 14] {
+fn f64_values(r: &StepRow) -> [f64; 16] {
     let t = &r.times;
     [
         r.loss,
+        r.eval_loss,
         r.lr,
         r.grad_norm,
         r.step_time,
@@ -73,6 +82,7 @@ fn f64_values(r: &StepRow) -> [f64; 14] {
         t.forward,
         t.backward,
         t.optimizer,
+        t.eval,
         r.checkpoint_time,
     ]
 }
@@ -260,6 +270,8 @@ impl MetricsWriter {
         }
         append_1d(&steps.dataset("step")?, &[r.step])?;
         append_1d(&steps.dataset("tokens")?, &[r.tokens])?;
+        append_1d(&steps.dataset("trained_tokens")?, &[r.trained_tokens])?;
+        append_1d(&steps.dataset("eval_tokens")?, &[r.eval_tokens])?;
         append_1d(&steps.dataset("documents")?, &[r.documents])?;
         for ((name, _), per_rank) in RANK_COLUMNS.iter().zip([&r.peak_host_mem, &r.peak_gpu_mem]) {
             let mut row = vec![0u64; self.world];

@@ -35,10 +35,12 @@ pub fn print_progress(r: &StepRow, steps: usize, secs_per_step: f64) {
     } else {
         disk(r)
     };
+    // The held-out loss on the steps that evaluate it (`train.eval_every`).
+    let eval = if r.eval_loss.is_finite() { format!("  eval_loss {:.4}", r.eval_loss) } else { String::new() };
     // MFU only against a known peak (NaN otherwise: CPU runs, unknown GPUs).
     let mfu = if r.mfu.is_finite() { format!("  MFU {}%", sig3(100.0 * r.mfu)) } else { String::new() };
     println!(
-        "{}  step {:>5}/{steps}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.1} tok/s  {:.2} s/step  {} TFLOP/s/{per}{mfu}{gpu}  eta {}",
+        "{}  step {:>5}/{steps}  loss {:.4}{eval}  lr {:.2e}  grad_norm {:.3}  {:.1} tok/s  {:.2} s/step  {} TFLOP/s/{per}{mfu}{gpu}  eta {}",
         now(),
         r.step,
         r.loss,

@@ -12,6 +12,9 @@ pub struct StepTimes {
     pub backward: f64,
     /// Gradient norm, clipping and AdamW on the local shards.
     pub optimizer: f64,
+    /// The held-out loss after the update (`train.eval_every`; 0 on other steps): not part of
+    /// `step_time`.
+    pub eval: f64,
 }
 
 pub struct StepRow {
@@ -21,6 +24,12 @@ pub struct StepRow {
     /// are ignored).
     pub documents: u64,
     pub loss: f64,
+    /// Labels the loss was taken over (not ignored: -100), whole job.
+    pub trained_tokens: u64,
+    /// The held-out loss after this step's update (`train.eval_every`), NaN on other steps.
+    pub eval_loss: f64,
+    /// Trained labels of the held-out set (0 on steps without one).
+    pub eval_tokens: u64,
     pub lr: f64,
     pub grad_norm: f64,
     pub step_time: f64,

@@ -3,7 +3,7 @@
 //! `syntaxdot-summary` (TFRecord framing, CRC32C and the Event protobuf, checked byte for byte
 //! against TensorFlow's writer), flushed after every event, so `tensorboard --logdir runs` shows a
 //! run while it trains. Tags (docs/metrics.md):
-//! - every step: `train/loss`, `train/lr`, `train/grad_norm`, `perf/*` (throughput, TFLOP/s, MFU
+//! - every step: `train/loss`, `eval/loss` (the held-out loss, on the steps that evaluate it), `train/lr`, `train/grad_norm`, `perf/*` (throughput, TFLOP/s, MFU
 //!   when a peak is known), `time/*` (the time split) and `memory/*` (largest rank, GiB);
 //! - every `metrics.position_loss_every` steps: `position_loss/P`, the mean loss of the bin that
 //!   starts at position P, one chart per bin over training steps;
@@ -62,6 +62,8 @@ impl Events {
 fn column_tag(name: &str) -> String {
     match name {
         "loss" | "lr" | "grad_norm" => format!("train/{name}"),
+        // The held-out loss beside `ulysses eval`'s `eval/...` tags.
+        "eval_loss" => "eval/loss".into(),
         _ => match name.strip_prefix("time_") {
             Some(part) => format!("time/{part}"),
             None => format!("perf/{name}"),
@@ -76,6 +78,7 @@ mod tests {
     #[test]
     fn columns_are_grouped() {
         assert_eq!(column_tag("loss"), "train/loss");
+        assert_eq!(column_tag("eval_loss"), "eval/loss");
         assert_eq!(column_tag("mfu"), "perf/mfu");
         assert_eq!(column_tag("step_time"), "perf/step_time");
         assert_eq!(column_tag("time_checkpoint"), "time/checkpoint");

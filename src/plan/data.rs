@@ -1,10 +1,11 @@
 //! `ulysses check`'s look at the data: when the experiment's shards are on this machine, the checks
 //! training makes before its first step (every shard's format and attributes, the sequence length,
 //! the vocabulary against the model's, passkey answers for `loss_on = "answer"`, enough sequences
-//! for one step), and what remains unchecked. A machine without the data (a laptop planning a
+//! for one step, the held-out shards of `data.eval_paths`), the fraction of labels training takes
+//! its loss over, and what remains unchecked. A machine without the data (a laptop planning a
 //! cluster job) gets the plan and a clear "not checked", not a failure.
 use crate::config::Experiment;
-use crate::data::{shard_files, Dataset, LossOn};
+use crate::data::{build_batch, shard_files, DataError, Dataset, LoaderSpec, LossOn, IGNORE_INDEX};
 use crate::model::spec::ModelSpec;
 use std::fmt::Write;
 
@@ -94,6 +95,12 @@ pub fn check_data(exp: &Experiment, spec: &ModelSpec) -> DataCheck {
         "           {steps_per_epoch} optimizer steps per epoch: train.steps = {} is {epochs:.2} epoch(s)",
         exp.train.steps
     );
+    if problems.is_empty() {
+        trained_line(exp, &dataset, "data", &mut report, &mut problems);
+    }
+    if !d.eval_paths.is_empty() {
+        check_held_out(exp, spec, &mut report, &mut problems);
+    }
     if !problems.is_empty() {
         return fail(problems, report);
     }
@@ -103,4 +110,91 @@ pub fn check_data(exp: &Experiment, spec: &ModelSpec) -> DataCheck {
          tokenizer is the model's (only the vocabulary size is compared)"
     );
     DataCheck { report, problems, checked: true }
+}
+
+/// Sequences the trained fraction reads at most, spread evenly over the data: enough for a
+/// fraction to two digits, few enough that `check` stays quick on terabytes of shards.
+const TRAINED_SAMPLE: usize = 256;
+
+/// The fraction of labels the loss is taken over, as the loader makes them (loss mask, passkey
+/// answers, document boundaries, padding), over up to `TRAINED_SAMPLE` sequences: (trained
+/// labels, labels, sequences read).
+fn trained_fraction(exp: &Experiment, dataset: &Dataset) -> Result<(usize, usize, usize), DataError> {
+    let spec = LoaderSpec {
+        seed: 0,
+        shuffle: false,
+        dp: 1,
+        dp_rank: 0,
+        sp: 1,
+        sp_rank: 0,
+        micro_batch: 1,
+        loss_on: exp.data.loss_on,
+        packing: exp.data.packing(),
+    };
+    let n = dataset.len().min(TRAINED_SAMPLE);
+    let (mut trained, mut labels) = (0, 0);
+    for k in 0..n {
+        let batch = build_batch(dataset, &spec, &[k * dataset.len() / n])?;
+        trained += batch.labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+        // The last position has no next token: never a label.
+        labels += batch.labels.len() - 1;
+    }
+    Ok((trained, labels, n))
+}
+
+/// The report's line on the trained fraction of `what` (`data` or `data.eval_paths`); a set that
+/// trains no label at all is a problem (training on it learns nothing, a held-out loss of it is
+/// NaN).
+fn trained_line(exp: &Experiment, dataset: &Dataset, what: &str, report: &mut String, problems: &mut Vec<String>) {
+    let (trained, labels, read) = match trained_fraction(exp, dataset) {
+        Ok(counts) => counts,
+        Err(e) => return problems.push(format!("{what}: {e}")),
+    };
+    let of = if read < dataset.len() {
+        format!("{read} of {} sequences read", dataset.len())
+    } else {
+        "every sequence read".into()
+    };
+    let mask = if dataset.has_loss_mask() { "loss mask recorded" } else { "no loss mask" };
+    let _ = writeln!(
+        report,
+        "           trained: {trained} of {labels} labels ({:.1}%; {mask}, data.loss_on = \"{}\"; {of})",
+        100.0 * trained as f64 / labels.max(1) as f64,
+        match exp.data.loss_on {
+            LossOn::All => "all",
+            LossOn::Answer => "answer",
+        },
+    );
+    if trained == 0 {
+        problems.push(format!(
+            "{what}: no label is trained in the {read} sequence(s) read (loss mask, data.loss_on, documents and padding leave none); check how the data was prepared"
+        ));
+    }
+}
+
+/// `data.eval_paths`: the held-out shards open with the training data's sequence length and
+/// vocabulary, and train some label.
+fn check_held_out(exp: &Experiment, spec: &ModelSpec, report: &mut String, problems: &mut Vec<String>) {
+    let d = &exp.data;
+    if let Some(p) = d.eval_paths.iter().find(|p| !p.exists()) {
+        return problems.push(format!("data.eval_paths: \"{}\" does not exist", p.display()));
+    }
+    let dataset = match Dataset::open(&d.eval_paths, d.seq_len) {
+        Ok(ds) => ds,
+        Err(e) => return problems.push(format!("data.eval_paths: {e}")),
+    };
+    if dataset.vocab_size() > spec.vocab_size {
+        return problems.push(format!(
+            "data.eval_paths: the shards' vocabulary has {} tokens but the model's has {}; prepare the held-out data with the model's tokenizer",
+            dataset.vocab_size(),
+            spec.vocab_size
+        ));
+    }
+    let _ = writeln!(
+        report,
+        "held-out   {} sequences (data.eval_paths), evaluated every {} steps",
+        dataset.len(),
+        exp.train.eval_every
+    );
+    trained_line(exp, &dataset, "data.eval_paths", report, problems);
 }

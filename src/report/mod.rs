@@ -57,7 +57,8 @@ impl Metrics {
         }
         let f = crate::h5::open_live(path).map_err(err)?;
         let version: u32 = f.attr("schema_version").and_then(|a| a.read_scalar()).map_err(err)?;
-        // Versions 3 and 4 added what the report does not read (/time_split, steps/documents).
+        // Versions 3 to 5 added what the report does not read (/time_split, steps/documents, the
+        // trained tokens and the held-out loss).
         if !(2..=crate::metrics::SCHEMA_VERSION).contains(&version) {
             return Err(ReportError::Read {
                 path: path.display().to_string(),

@@ -86,6 +86,21 @@ struct KeptAttention {
 }
 
 impl SavedLayer {
+    /// Frees what the forward kept, after a forward that has no backward (validation).
+    pub fn release(self, store: &mut ActivationStore) -> Result<()> {
+        let mut keys = vec![self.input];
+        if let Some(k) = self.attention {
+            keys.extend([k.out, k.lse]);
+        }
+        if let Some((gate, up)) = self.mlp {
+            keys.extend([gate, up]);
+        }
+        for key in keys {
+            drop(store.take(key)?);
+        }
+        Ok(())
+    }
+
     /// Starts bringing this layer's kept tensors back to the GPU, so the copies overlap the
     /// compute of the layer after it in backward.
     pub fn prefetch(&self, store: &mut ActivationStore) -> Result<()> {
@@ -99,6 +114,18 @@ impl SavedLayer {
 }
 
 impl DecoderLayer {
+    /// This layer for a forward without backward (validation): the same attention kernel, but
+    /// whatever it keeps stays on the device (no copies to host memory or disk), to be released
+    /// as soon as the layer is done.
+    pub fn forward_only(self) -> DecoderLayer {
+        let attention = match self.attention {
+            AttentionPath::Kept { kernel, .. } => AttentionPath::Kept { kernel, place: Place::Device },
+            AttentionPath::Skipped { keep } => AttentionPath::Skipped { keep: keep.map(|_| Place::Device) },
+            AttentionPath::Recomputed => AttentionPath::Recomputed,
+        };
+        DecoderLayer { input: Place::Device, attention, keep_mlp: false, ..self }
+    }
+
     /// The layer's output for input `x` (no graph), and what its backward needs: `x` itself and,
     /// on the kept path, attention's output and log-sum-exp, stored where the plan placed them.
     pub fn forward(

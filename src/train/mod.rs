@@ -11,6 +11,7 @@ pub mod schedule;
 mod start;
 pub mod step;
 pub mod store;
+mod validation;
 
 use crate::checkpoint;
 use crate::comm::{all_reduce_f64, Collective, Groups, Mesh};
@@ -134,6 +135,13 @@ struct StepCost {
     flops: flops::StepFlops,
 }
 
+/// A step's loss, the labels it was taken over, and the held-out loss when it was evaluated.
+struct StepLosses {
+    loss: f64,
+    trained: u64,
+    held_out: Option<validation::HeldOut>,
+}
+
 /// How a job ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -161,6 +169,8 @@ struct Run<'a> {
     device: Device,
     params: crate::parallel::zero::ShardedParams,
     loader: Loader,
+    /// The held-out set (`data.eval_paths`) and how often it is evaluated.
+    validation: Option<validation::Validation>,
     store: store::ActivationStore,
     /// Rank 0's metrics.h5 (no file on the other ranks and in memory-fit runs).
     metrics: Option<MetricsWriter>,
@@ -230,6 +240,20 @@ impl<'a> Run<'a> {
             packing: exp.data.packing(),
         };
         let loader = Loader::new(dataset, loader_spec, loader_state)?;
+        let validation =
+            validation::Validation::open(&exp.data.eval_paths, exp.data.seq_len, loader_spec, t.eval_every)?;
+        if let Some(v) = &validation {
+            if v.vocab_size() > spec.vocab_size {
+                bail!(
+                    "data.eval_paths: the shards' vocabulary has {} tokens but the model's has {}; prepare the held-out data with the model's tokenizer",
+                    v.vocab_size(),
+                    spec.vocab_size
+                );
+            }
+            if mesh.world_rank == 0 {
+                println!("held-out loss every {} steps over {} sequences", t.eval_every, v.len());
+            }
+        }
         let run_dir = exp.run_dir();
         let peak_tflops = peak_tflops(exp.metrics.peak_tflops, device)?;
         let metrics = if mesh.world_rank == 0 && !t.memory_fit {
@@ -270,6 +294,7 @@ impl<'a> Run<'a> {
             device,
             params,
             loader,
+            validation,
             store,
             metrics,
             preemption,
@@ -296,7 +321,9 @@ impl<'a> Run<'a> {
         let batches = self.next_batches()?;
         times.data = t0.elapsed().as_secs_f64();
         let n_local: i64 = batches.iter().map(MicroBatch::valid_labels).sum();
-        let n_total = all_reduce_f64(self.world, n_local as f64)?.max(1.0);
+        // A step whose labels are all ignored has loss 0 and no gradient, not 0 / 0.
+        let trained = all_reduce_f64(self.world, n_local as f64)?;
+        let n_total = trained.max(1.0);
         let cost = self.step_cost(&batches)?;
         let mut positions = (m.position_loss_every > 0 && step % m.position_loss_every == 0)
             .then(|| PositionLoss::new(m.position_by, m.position_bins, self.exp.data.seq_len, self.device));
@@ -313,7 +340,15 @@ impl<'a> Run<'a> {
         let step_time = t0.elapsed().as_secs_f64() - self.checkpoint_wait;
         let profile = ctx.profiler.is_on().then(|| ctx.profiler.finish());
         let position_bins = positions.map(|p| p.reduce(self.world)).transpose()?;
-        let row = self.row(step, loss, lr, grad_norm, step_time, times, cost)?;
+        let held_out = match &self.validation {
+            Some(v) if v.due(step, t.steps) => {
+                Some(v.run(ctx, &mut self.params, &mut self.store, self.world, self.device).context("held-out loss")?)
+            }
+            _ => None,
+        };
+        times.eval = held_out.map_or(0.0, |h| h.seconds);
+        let losses = StepLosses { loss, trained: trained as u64, held_out };
+        let row = self.row(step, losses, lr, grad_norm, step_time, times, cost)?;
         self.print(&row, step, profile.as_ref());
         // The step's row goes to metrics.h5 before its checkpoint can be published: a resume
         // from that checkpoint never lacks the row, and one from an earlier checkpoint drops it.
@@ -409,7 +444,7 @@ impl<'a> Run<'a> {
     fn row(
         &mut self,
         step: usize,
-        loss: f64,
+        losses: StepLosses,
         lr: f64,
         grad_norm: f64,
         step_time: f64,
@@ -424,7 +459,10 @@ impl<'a> Run<'a> {
             step: step as u64,
             tokens,
             documents: cost.documents,
-            loss,
+            loss: losses.loss,
+            trained_tokens: losses.trained,
+            eval_loss: losses.held_out.map_or(f64::NAN, |h| h.loss),
+            eval_tokens: losses.held_out.map_or(0, |h| h.tokens),
             lr,
             grad_norm,
             step_time,

@@ -9,7 +9,7 @@
 //! backward rebuilds one layer at a time in segments that end at the all-to-alls
 //! (`layer::DecoderLayer::backward`) and carries the gradient across them by hand. The readable
 //! single-rank reference this is tested against is `train::reference`.
-use super::layer::{backprop, grad, leaf, log_phase, DecoderLayer, Segments};
+use super::layer::{backprop, grad, leaf, log_phase, DecoderLayer, SavedLayer, Segments};
 use super::store::ActivationStore;
 use crate::comm::Groups;
 use crate::config::{FusedAttention, PositionBy};
@@ -135,32 +135,9 @@ pub fn micro_step(
     let started = Instant::now();
     let rope = Rope::new(ctx.spec, &batch.position_ids, ctx.kind);
     let mask = ctx.documents.and_then(|kernel| DocumentMask::new(&batch.documents, kernel, ctx.kind, ctx.device));
-    let seg = Segments {
-        spec: ctx.spec,
-        sp: ctx.groups.sp.as_ref(),
-        rope: &rope,
-        profiler: ctx.profiler,
-        mlp_tile: ctx.mlp_tile,
-        device: ctx.device,
-        mask: mask.as_ref(),
-    };
-
+    let seg = segments(ctx, &rope, mask.as_ref());
     let prof = ctx.profiler;
-    let mut x = prof.phase(format_args!("embedding"), || -> Result<_> {
-        let embedding = gather(ctx, params, UnitId::Embedding)?.remove(0);
-        Ok(tch::no_grad(|| Tensor::embedding(&embedding, &batch.input_ids, -1, false, false)))
-    })?;
-    let mut saved = Vec::with_capacity(ctx.layers.len());
-    for layer in &ctx.layers {
-        let (y, s) = prof.phase(format_args!("forward layer {}", layer.index), || -> Result<_> {
-            let w = layer_weights(ctx, gather(ctx, params, UnitId::Layer(layer.index))?)?;
-            layer.forward(&seg, &w, x, store)
-        })?;
-        saved.push(s);
-        x = y;
-        log_phase(&seg, format_args!("forward layer {}", layer.index));
-    }
-
+    let (x, mut saved) = layers_forward(ctx, &seg, params, store, batch, &ctx.layers, false)?;
     let head =
         prof.phase(format_args!("head and loss"), || head_and_loss(ctx, params, x, batch, n_total, positions))?;
     let mut grad_x = head.grad_x;
@@ -202,6 +179,82 @@ pub fn micro_step(
     })?;
     times.backward += backward_from.elapsed().as_secs_f64();
     Ok(head.loss)
+}
+
+/// This rank's summed token loss of a micro batch by the step's forward without its backward
+/// (validation): the same embedding, layers and tiled LM head and cross-entropy as `micro_step`,
+/// each layer's kept tensors released as soon as it is done, no graph and no gradient.
+pub fn forward_loss(
+    ctx: &StepContext,
+    params: &mut ShardedParams,
+    store: &mut ActivationStore,
+    batch: &MicroBatch,
+) -> Result<f64> {
+    let rope = Rope::new(ctx.spec, &batch.position_ids, ctx.kind);
+    let mask = ctx.documents.and_then(|kernel| DocumentMask::new(&batch.documents, kernel, ctx.kind, ctx.device));
+    let seg = segments(ctx, &rope, mask.as_ref());
+    let layers: Vec<DecoderLayer> = ctx.layers.iter().map(|l| l.forward_only()).collect();
+    let (x, _) = layers_forward(ctx, &seg, params, store, batch, &layers, true)?;
+    let head = gather(ctx, params, UnitId::Head)?;
+    let tied =
+        if ctx.spec.tie_word_embeddings { Some(gather(ctx, params, UnitId::Embedding)?.remove(0)) } else { None };
+    let (norm, lm_head) = (&head[0], tied.as_ref().unwrap_or_else(|| &head[1]));
+    tch::no_grad(|| {
+        let mut loss = 0.0;
+        for (start, len) in seq_tiles(x.size()[1], ctx.loss_tile) {
+            let labels = batch.labels.narrow(1, start, len);
+            // [b, tile] fp32 losses
+            let token_loss = llama::head_token_losses(ctx.spec, norm, lm_head, &x.narrow(1, start, len), &labels);
+            loss += token_loss.sum(Kind::Float).double_value(&[]);
+        }
+        Ok(loss)
+    })
+}
+
+fn segments<'a>(ctx: &StepContext<'a>, rope: &'a Rope, mask: Option<&'a DocumentMask>) -> Segments<'a> {
+    Segments {
+        spec: ctx.spec,
+        sp: ctx.groups.sp.as_ref(),
+        rope,
+        profiler: ctx.profiler,
+        mlp_tile: ctx.mlp_tile,
+        device: ctx.device,
+        mask,
+    }
+}
+
+/// The embedding of the micro batch's tokens and `layers` forward without a graph, each layer's
+/// weights gathered just before it runs: the last layer's output and what each layer kept for
+/// backward (nothing with `release`: each layer's kept tensors are freed when it is done).
+fn layers_forward(
+    ctx: &StepContext,
+    seg: &Segments,
+    params: &mut ShardedParams,
+    store: &mut ActivationStore,
+    batch: &MicroBatch,
+    layers: &[DecoderLayer],
+    release: bool,
+) -> Result<(Tensor, Vec<SavedLayer>)> {
+    let prof = ctx.profiler;
+    let mut x = prof.phase(format_args!("embedding"), || -> Result<_> {
+        let embedding = gather(ctx, params, UnitId::Embedding)?.remove(0);
+        Ok(tch::no_grad(|| Tensor::embedding(&embedding, &batch.input_ids, -1, false, false)))
+    })?;
+    let mut saved = Vec::with_capacity(layers.len());
+    for layer in layers {
+        let (y, s) = prof.phase(format_args!("forward layer {}", layer.index), || -> Result<_> {
+            let w = layer_weights(ctx, gather(ctx, params, UnitId::Layer(layer.index))?)?;
+            layer.forward(seg, &w, x, store)
+        })?;
+        if release {
+            s.release(store)?;
+        } else {
+            saved.push(s);
+        }
+        x = y;
+        log_phase(seg, format_args!("forward layer {}", layer.index));
+    }
+    Ok((x, saved))
 }
 
 /// The LM head's forward and backward.
