@@ -367,3 +367,20 @@ fn the_demo_experiment_resumes_as_the_readme_says() {
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     assert!(readme.contains("Launched again it resumes"), "the README says what the demo does again");
 }
+
+#[test]
+fn held_out_loss_needs_both_its_keys() {
+    let with = |data: &str, train: &str| format!("{BASE}{data}\n[train]\n{train}\n");
+    let e = parse(&with("eval_paths = [\"data/held-out\"]", "eval_every = 50"));
+    assert_eq!((e.data.eval_paths.len(), e.train.eval_every), (1, 50));
+    assert!(validate(&e, Some(4)).is_ok());
+    assert_eq!(parse(BASE).train.eval_every, 0, "off by default");
+
+    let p = problems(&with("eval_paths = [\"data/held-out\"]", ""), None).join("\n");
+    assert!(p.contains("data.eval_paths: is set but train.eval_every = 0 never evaluates it"), "{p}");
+    let p = problems(&with("", "eval_every = 50\nmemory_fit = true"), None).join("\n");
+    assert!(p.contains("train.eval_every: = 50 needs held-out shards in data.eval_paths"), "{p}");
+    assert!(p.contains("train.eval_every: = 50 with train.memory_fit = true"), "{p}");
+    let err = Experiment::parse(&with("eval_path = [\"x\"]", ""), "exp.toml").unwrap_err().to_string();
+    assert!(err.contains("eval_path"), "an unknown key is named: {err}");
+}

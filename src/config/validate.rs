@@ -126,7 +126,7 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
 
     let spec = model_spec(&exp.model, &mut bad);
     parallel(&exp.parallel, spec.as_ref(), world_size, &mut bad);
-    data(&exp.data, &exp.parallel, spec.as_ref(), &mut bad);
+    data(&exp.data, &exp.parallel, &exp.train, spec.as_ref(), &mut bad);
     // Reported right after data's rules: its fix is data.documents.
     if exp.metrics.position_by == PositionBy::Document && !exp.data.packing().reads_documents() {
         bad(
@@ -134,7 +134,7 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
             "= \"document\" needs the document boundaries: set data.documents = \"mask\"".into(),
         );
     }
-    train(&exp.train, &exp.parallel, &mut bad);
+    train(&exp.train, &exp.parallel, &exp.data, &mut bad);
     checkpoint(&exp.checkpoint, &exp.train, &mut bad);
     metrics(&exp.metrics, &exp.data, &mut bad);
     memory(&exp.memory, &mut bad);
@@ -215,7 +215,13 @@ fn parallel(
 }
 
 /// `[data]`: the shards, the sequence length against the mesh and the model, packed documents.
-fn data(d: &DataConfig, p: &ParallelConfig, spec: Option<&ModelSpec>, bad: &mut impl FnMut(&str, String)) {
+fn data(
+    d: &DataConfig,
+    p: &ParallelConfig,
+    t: &TrainConfig,
+    spec: Option<&ModelSpec>,
+    bad: &mut impl FnMut(&str, String),
+) {
     if d.paths.is_empty() {
         bad(
             "data.paths",
@@ -264,10 +270,16 @@ fn data(d: &DataConfig, p: &ParallelConfig, spec: Option<&ModelSpec>, bad: &mut 
     if let Some(problem) = d.packing().problem() {
         bad("data.positions", problem.trim_start_matches("data.positions ").into());
     }
+    if !d.eval_paths.is_empty() && t.eval_every == 0 {
+        bad(
+            "data.eval_paths",
+            "is set but train.eval_every = 0 never evaluates it; set train.eval_every = N to evaluate the held-out loss every N steps".into(),
+        );
+    }
 }
 
 /// `[train]`: the step counts, the optimizer's numbers, the dtype against the device.
-fn train(t: &TrainConfig, p: &ParallelConfig, bad: &mut impl FnMut(&str, String)) {
+fn train(t: &TrainConfig, p: &ParallelConfig, d: &DataConfig, bad: &mut impl FnMut(&str, String)) {
     if t.steps == 0 {
         bad("train.steps", "is 0; must be at least 1".into());
     }
@@ -302,6 +314,24 @@ fn train(t: &TrainConfig, p: &ParallelConfig, bad: &mut impl FnMut(&str, String)
     }
     if t.dtype == Dtype::Bf16 && p.device == DeviceKind::Cpu {
         bad("train.dtype", "= \"bf16\" needs parallel.device = \"cuda\"; CPU runs are fp32".into());
+    }
+    if t.eval_every > 0 && d.eval_paths.is_empty() {
+        bad(
+            "train.eval_every",
+            format!(
+                "= {} needs held-out shards in data.eval_paths (make them with `ulysses data prepare --split`)",
+                t.eval_every
+            ),
+        );
+    }
+    if t.eval_every > 0 && t.memory_fit {
+        bad(
+            "train.eval_every",
+            format!(
+                "= {} with train.memory_fit = true: a memory-fit run's losses mean nothing; set it to 0",
+                t.eval_every
+            ),
+        );
     }
 }
 
