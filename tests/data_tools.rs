@@ -2,7 +2,6 @@
 mod data_common;
 
 use data_common::{train_tokenizer, ulysses};
-use std::path::Path;
 use tokenizers::Tokenizer;
 use ulysses::data::prepare::{prepare, InputFormat, Layout, PrepareOptions};
 use ulysses::data::synth::{synth, SynthOptions, SynthTask};

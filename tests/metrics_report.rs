@@ -70,7 +70,7 @@ fn metrics_file_is_as_documented_and_report_plots_it() {
     let mut doc_attrs: Vec<&String> = doc_attrs.iter().collect();
     doc_attrs.sort();
     assert_eq!(attrs, doc_attrs, "file attributes vs docs/metrics.md");
-    assert_eq!(dump["attrs"]["schema_version"], 4.0);
+    assert_eq!(dump["attrs"]["schema_version"], 5.0);
     assert!(dump["attrs"]["peak_tflops"].is_null(), "a CPU run has no peak: NaN");
     assert!(datasets["steps/mfu"]["values"].as_array().unwrap().iter().all(|v| v.is_null()), "no MFU on CPU");
     assert!(dump["attrs"]["config_toml"].as_str().unwrap().contains("position_bins = 8"));
@@ -80,6 +80,10 @@ fn metrics_file_is_as_documented_and_report_plots_it() {
     };
     assert_eq!(col("steps/step"), [1.0, 2.0, 3.0, 4.0]);
     assert_eq!(col("position_loss/step"), [2.0, 4.0]);
+    // Every label but each sample's last trains (2 samples × 127 labels per step); no held-out set.
+    assert_eq!(col("steps/trained_tokens"), [254.0; 4]);
+    assert!(col("steps/eval_loss").iter().all(|v| v.is_nan()), "no held-out set: NaN");
+    assert_eq!((col("steps/eval_tokens"), col("steps/time_eval")), (vec![0.0; 4], vec![0.0; 4]));
     let host = datasets["steps/peak_host_mem"]["values"].as_array().unwrap();
     assert!(
         host.iter().flat_map(|r| r.as_array().unwrap()).all(|v| v.as_u64().unwrap() > 10 << 20),
