@@ -41,12 +41,9 @@ fn sequence(i: usize, silent_start: bool) -> (Vec<i32>, Vec<u8>) {
     (tokens, mask)
 }
 
-/// Writes sequences `first..first + n` (the first of them with a silent first half) into a shard
-/// with a loss mask; returns the folder and each sequence's trained labels (label p counts when
-/// token p + 1 is trained).
-fn masked_shard(dir: &Path, name: &str, first: usize, n: usize) -> (PathBuf, Vec<u64>) {
-    let out = dir.join(name);
-    std::fs::create_dir_all(&out).unwrap();
+/// A shard of byte tokens with a loss mask, in `dir`.
+fn masked_writer(dir: &Path) -> ShardWriter {
+    std::fs::create_dir_all(dir).unwrap();
     let meta = ShardMeta {
         vocab_size: 258,
         eos_id: 257,
@@ -54,7 +51,15 @@ fn masked_shard(dir: &Path, name: &str, first: usize, n: usize) -> (PathBuf, Vec
         tokenizer_source: "built-in".into(),
         task: "chat".into(),
     };
-    let mut w = ShardWriter::create(&out.join("shard-00000.h5"), SEQ, &meta, false).unwrap().with_loss_mask().unwrap();
+    ShardWriter::create(&dir.join("shard-00000.h5"), SEQ, &meta, false).unwrap().with_loss_mask().unwrap()
+}
+
+/// Writes sequences `first..first + n` (the first of them with a silent first half) into a shard
+/// with a loss mask; returns the folder and each sequence's trained labels (label p counts when
+/// token p + 1 is trained).
+fn masked_shard(dir: &Path, name: &str, first: usize, n: usize) -> (PathBuf, Vec<u64>) {
+    let out = dir.join(name);
+    let mut w = masked_writer(&out);
     let mut trained = Vec::new();
     for i in first..first + n {
         let (tokens, mask) = sequence(i, i == first);
@@ -236,16 +241,7 @@ fn check_reports_the_trained_fraction() {
 
     // A held-out set whose mask trains nothing: its loss would be NaN.
     let silent = dir.path().join("silent");
-    std::fs::create_dir_all(&silent).unwrap();
-    let meta = ShardMeta {
-        vocab_size: 258,
-        eos_id: 257,
-        tokenizer: "byte".into(),
-        tokenizer_source: "x".into(),
-        task: "chat".into(),
-    };
-    let mut w =
-        ShardWriter::create(&silent.join("shard-00000.h5"), SEQ, &meta, false).unwrap().with_loss_mask().unwrap();
+    let mut w = masked_writer(&silent);
     w.push_masked(&sequence(0, false).0, Some(&[0; SEQ]), &[], SEQ).unwrap();
     w.finish().unwrap();
     let set = format!("data.eval_paths=[\"{}\"]", silent.display());
