@@ -10,6 +10,7 @@
 //!   held-out sequence counted once (5 sequences over 2 dp ranks: the last round is short), and it
 //!   is recorded on the steps it says (NaN elsewhere), with its labels and time, and printed.
 mod common;
+mod model_support;
 use common::*;
 use std::path::{Path, PathBuf};
 use ulysses::config::Experiment;
@@ -76,11 +77,16 @@ struct Run {
     zero: u8,
     /// `data.eval_paths` and `train.eval_every`, when the run evaluates a held-out set.
     held_out: Option<(PathBuf, usize)>,
+    /// A Hugging Face model folder (`model.path`); None: the tiny preset.
+    model: Option<PathBuf>,
 }
 
 impl Run {
     fn name(&self) -> String {
-        format!("sp{}-dp{}-z{}-{}", self.sp, self.dp, self.zero, if self.held_out.is_some() { "eval" } else { "train" })
+        let model =
+            self.model.as_ref().map_or("tiny".into(), |p| p.file_name().unwrap().to_string_lossy().into_owned());
+        let set = if self.held_out.is_some() { "eval" } else { "train" };
+        format!("{model}-sp{}-dp{}-z{}-{set}", self.sp, self.dp, self.zero)
     }
 }
 
@@ -89,13 +95,14 @@ fn experiment(dir: &Path, data: &Path, r: &Run) -> PathBuf {
         Some((path, every)) => (format!("eval_paths = [\"{}\"]", path.display()), format!("eval_every = {every}")),
         None => (String::new(), String::new()),
     };
+    let model = r.model.as_ref().map_or("preset = \"tiny\"".into(), |p| format!("path = \"{}\"", p.display()));
     let toml = format!(
         r#"[run]
 name = "{name}"
 output_dir = "{out}"
 seed = 11
 [model]
-preset = "tiny"
+{model}
 [parallel]
 sp = {sp}
 dp = {dp}
@@ -148,13 +155,15 @@ fn column<T: hdf5::H5Type>(run_dir: &Path, name: &str) -> Vec<T> {
 fn masked_training_under_sp_1_2_4_equals_one_rank_and_the_reference() {
     let dir = tempfile::tempdir().unwrap();
     let (data, trained) = masked_shard(dir.path(), "chat", 0, 8);
-    let run = |sp, zero| train(dir.path(), &data, &Run { sp, dp: 1, zero, held_out: None });
+    let run = |sp, zero| train(dir.path(), &data, &Run { sp, dp: 1, zero, held_out: None, model: None });
     let (single, run_dir, _) = run(1, 0);
     // One sample per step, in order (no shuffling): the step trains on what its sample's mask says.
     assert_eq!(column::<u64>(&run_dir, "trained_tokens"), trained[..STEPS].to_vec());
     assert!(trained[0] < trained[1], "the first sample's silent half trains less: {trained:?}");
 
-    let exp = Experiment::load(&experiment(dir.path(), &data, &Run { sp: 1, dp: 1, zero: 0, held_out: None })).unwrap();
+    let exp =
+        Experiment::load(&experiment(dir.path(), &data, &Run { sp: 1, dp: 1, zero: 0, held_out: None, model: None }))
+            .unwrap();
     let reference = reference_run(&exp, common::reference::initial_weights(&exp));
     assert_same_run("single rank vs the reference trainer on masked labels", &reference, &single);
     for (sp, zero) in [(2, 3), (4, 0), (4, 3)] {
@@ -195,7 +204,7 @@ fn held_out_loss_under_every_layout_is_the_reference_forward() {
     let expected_tokens: u64 = held_out_trained.iter().sum();
     for (sp, dp, zero) in [(1, 1, 0), (2, 2, 3), (4, 1, 3)] {
         let what = format!("sp={sp} dp={dp} zero={zero}");
-        let r = Run { sp, dp, zero, held_out: Some((held_out.clone(), 2)) };
+        let r = Run { sp, dp, zero, held_out: Some((held_out.clone(), 2)), model: None };
         let (outputs, run_dir, printed) = train(dir.path(), &data, &r);
         // Every second step and the last.
         let eval_loss = column::<f64>(&run_dir, "eval_loss");
@@ -225,7 +234,7 @@ fn check_reports_the_trained_fraction() {
     let dir = tempfile::tempdir().unwrap();
     let (data, trained) = masked_shard(dir.path(), "chat", 0, 8);
     let (held_out, held_out_trained) = masked_shard(dir.path(), "held-out", 100, 5);
-    let exp = experiment(dir.path(), &data, &Run { sp: 1, dp: 1, zero: 0, held_out: Some((held_out, 2)) });
+    let exp = experiment(dir.path(), &data, &Run { sp: 1, dp: 1, zero: 0, held_out: Some((held_out, 2)), model: None });
     let o = ulysses(&["check", exp.to_str().unwrap()], dir.path());
     let t = text(&o);
     assert!(o.status.success(), "{t}");
@@ -247,4 +256,27 @@ fn check_reports_the_trained_fraction() {
     let set = format!("data.eval_paths=[\"{}\"]", silent.display());
     let t = assert_clean_failure(&ulysses(&["check", exp.to_str().unwrap(), "--set", &set], dir.path()));
     assert!(t.contains("data.eval_paths: no label is trained in the 1 sequence(s) read"), "{t}");
+}
+
+/// The newcomer's path: a Hugging Face model folder (Qwen3, made by transformers with its
+/// tokenizer) trained on masked shards under sp = 2; transformers loads the run's `final/` and
+/// its loss on the held-out batch, labels masked as the shard's `loss_mask` says (its own shift),
+/// equals the run's held-out loss after the last step, on the same trained labels.
+#[test]
+fn the_final_checkpoints_masked_loss_is_transformers_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = masked_shard(dir.path(), "chat", 0, 8);
+    let (held_out, held_out_trained) = masked_shard(dir.path(), "held-out", 100, 5);
+    let model = model_support::hf_models().join("qwen3");
+    let r = Run { sp: 2, dp: 1, zero: 3, held_out: Some((held_out.clone(), STEPS)), model: Some(model) };
+    let (_, run_dir, _) = train(dir.path(), &data, &r);
+    let eval_loss = column::<f64>(&run_dir, "eval_loss")[STEPS - 1];
+
+    let shard = held_out.join("shard-00000.h5");
+    let out = model_support::hf_python(&[Path::new("masked_loss"), &run_dir.join("final"), &shard]);
+    let hf: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(hf["trained"].as_u64().unwrap(), held_out_trained.iter().sum::<u64>(), "the same trained labels");
+    let hf_loss = hf["loss"].as_f64().unwrap();
+    let rel = (eval_loss - hf_loss).abs() / hf_loss;
+    assert!(rel <= 1e-5, "held-out loss {eval_loss} vs transformers' {hf_loss} (relative {rel:.2e})");
 }

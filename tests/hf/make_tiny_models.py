@@ -12,6 +12,11 @@ tests/model_families.rs): tiny random models built by transformers, one per fami
   make_tiny_models.py tokenizer MODEL
                                    load MODEL's tokenizer with AutoTokenizer, check that it
                                    round-trips a text, and print what it is as JSON
+  make_tiny_models.py masked_loss MODEL SHARD
+                                   load MODEL with AutoModelForCausalLM and print, as JSON, its
+                                   loss on every sequence of the ulysses shard SHARD (h5py) as one
+                                   batch, with labels = the tokens its `loss_mask` trains, -100
+                                   elsewhere (transformers shifts them itself)
 
 Exits non-zero with a message on any problem, so the Rust tests fail instead of skipping.
 """
@@ -148,6 +153,18 @@ def check_tokenizer(model_dir: str) -> None:
                       "model_type": config.model_type, "files": sorted(os.listdir(model_dir))}))
 
 
+def masked_loss(model_dir: str, shard: str) -> None:
+    import h5py
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with h5py.File(shard, "r") as f:
+        ids = torch.from_numpy(f["tokens"][:].astype("int64"))
+        mask = torch.from_numpy(f["loss_mask"][:].astype("bool"))
+    labels = torch.where(mask, ids, torch.full_like(ids, -100))
+    with torch.no_grad():
+        res = model(input_ids=ids, labels=labels)
+    print(json.dumps({"loss": res.loss.item(), "trained": int(mask[:, 1:].sum())}))
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "make":
         make(sys.argv[2])
@@ -156,6 +173,8 @@ def main() -> None:
             logits(*sys.argv[i:i + 3])
     elif len(sys.argv) == 3 and sys.argv[1] == "tokenizer":
         check_tokenizer(sys.argv[2])
+    elif len(sys.argv) == 4 and sys.argv[1] == "masked_loss":
+        masked_loss(sys.argv[2], sys.argv[3])
     else:
         sys.exit(__doc__)
 
