@@ -8,7 +8,9 @@
 //! - the held-out loss (`data.eval_paths`, `train.eval_every`) under sp = 1, sp = 2 × dp = 2 and
 //!   sp = 4 is the reference's masked loss of the run's final weights on the held-out set, each
 //!   held-out sequence counted once (5 sequences over 2 dp ranks: the last round is short), and it
-//!   is recorded on the steps it says (NaN elsewhere), with its labels and time, and printed.
+//!   is recorded on the steps it says (NaN elsewhere), with its labels and time, and printed;
+//!   `eval --task loss` of the final weights scores the same labels to the same loss;
+//! - transformers' masked loss of the final checkpoint of a model folder it made equals the run's.
 mod common;
 mod model_support;
 use common::*;
@@ -224,6 +226,34 @@ fn held_out_loss_under_every_layout_is_the_reference_forward() {
         );
         // The model learned between the two evaluations, on the same held-out labels.
         assert_ne!(eval_loss[1], eval_loss[2], "{what}");
+        if sp == 1 {
+            // `eval --task loss` of the final weights scores the same trained labels.
+            let out = dir.path().join("loss.h5");
+            let (exp, final_dir) = (experiment(dir.path(), &data, &r), run_dir.join("final"));
+            let args = [
+                "eval",
+                exp.to_str().unwrap(),
+                "--task",
+                "loss",
+                "--data",
+                held_out.to_str().unwrap(),
+                "--checkpoint",
+                final_dir.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ];
+            let o = ulysses(&args, dir.path());
+            assert!(o.status.success(), "{}", text(&o));
+            let Ok(ulysses::eval::results::EvalResults::Loss(curve)) = ulysses::eval::results::read(&out) else {
+                panic!("{}: no loss curve", out.display())
+            };
+            assert_eq!(curve.tokens.iter().sum::<i64>() as u64, expected_tokens, "eval --task loss: trained labels");
+            let mean =
+                curve.loss.iter().zip(&curve.tokens).filter(|(_, &n)| n > 0).map(|(l, &n)| l * n as f64).sum::<f64>()
+                    / expected_tokens as f64;
+            let rel = (mean - eval_loss[2]).abs() / eval_loss[2];
+            assert!(rel <= 1e-5, "eval --task loss {mean} vs the run's held-out loss {} ({rel:.2e})", eval_loss[2]);
+        }
     }
 }
 

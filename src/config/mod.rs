@@ -315,7 +315,7 @@ pub struct DataConfig {
     /// HDF5 shard files, or folders holding `*.h5` shards; together they form one dataset.
     pub paths: Vec<PathBuf>,
     /// Held-out shards (files or folders) whose loss is evaluated every `train.eval_every` steps,
-    /// read and masked as `paths` are (`data prepare --split` makes them).
+    /// read and masked as `paths` are (prepared like them, from documents kept out of them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub eval_paths: Vec<PathBuf>,
     /// Tokens per sample; must equal the shards' sequence length.

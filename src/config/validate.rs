@@ -319,7 +319,7 @@ fn train(t: &TrainConfig, p: &ParallelConfig, d: &DataConfig, bad: &mut impl FnM
         bad(
             "train.eval_every",
             format!(
-                "= {} needs held-out shards in data.eval_paths (make them with `ulysses data prepare --split`)",
+                "= {} needs held-out shards in data.eval_paths (`ulysses data prepare` of documents kept out of data.paths)",
                 t.eval_every
             ),
         );

@@ -236,10 +236,7 @@ pub fn build_batch(dataset: &Dataset, spec: &LoaderSpec, indices: &[usize]) -> R
         labels.extend(span[1..].iter().map(|&t| t as i64));
         labels.resize(input_ids.len(), IGNORE_INDEX);
         let targets = &mut labels[row..];
-        // Label i is the target of position start + i: token start + i + 1.
-        if let Some(mask) = dataset.loss_mask(index, start + 1, end)? {
-            keep_targets(targets, |i| mask.get(i).is_some_and(|&m| m == 1));
-        }
+        mask_targets(dataset, index, start, end, targets)?;
         if spec.loss_on == LossOn::Answer {
             let info = dataset.passkey(index)?.ok_or_else(|| {
                 DataError::Spec(format!(
@@ -265,6 +262,23 @@ pub fn build_batch(dataset: &Dataset, spec: &LoaderSpec, indices: &[usize]) -> R
         sample_indices: indices.to_vec(),
         documents,
     })
+}
+
+/// Sets to -100 the labels of the chunk that starts at `start` whose target the shard's loss mask
+/// does not train (label i is the target of position start + i: token start + i + 1; `end` is
+/// the end of the span read, the chunk's end + 1 within the sequence). Training and
+/// `eval --task loss` both mask through here.
+pub fn mask_targets(
+    dataset: &Dataset,
+    index: usize,
+    start: usize,
+    end: usize,
+    labels: &mut [i64],
+) -> Result<(), DataError> {
+    if let Some(mask) = dataset.loss_mask(index, start + 1, end)? {
+        keep_targets(labels, |i| mask.get(i).is_some_and(|&m| m == 1));
+    }
+    Ok(())
 }
 
 /// Sets to -100 every label whose target is not trained: `trained(i)` says whether label i (the

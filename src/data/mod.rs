@@ -20,7 +20,7 @@ pub use dataset::{Dataset, PasskeyInfo};
 pub use documents::Documents;
 pub use error::DataError;
 pub use loader::{
-    build_batch, check_packing, sample_documents, sample_targets, Batch, Loader, LoaderSpec, LoaderState, LossOn,
-    PackedDocuments, Packing, Positions, IGNORE_INDEX,
+    build_batch, check_packing, mask_targets, sample_documents, sample_targets, Batch, Loader, LoaderSpec, LoaderState,
+    LossOn, PackedDocuments, Packing, Positions, IGNORE_INDEX,
 };
 pub use shard::shard_files;

@@ -11,7 +11,9 @@ use super::EvalError;
 use crate::comm::{Collective, Mesh};
 use crate::config::PositionBy;
 use crate::data::format::TOKENS;
-use crate::data::{sample_documents, sample_targets, shard_files, DataError, Dataset, Packing, IGNORE_INDEX};
+use crate::data::{
+    mask_targets, sample_documents, sample_targets, shard_files, DataError, Dataset, Packing, IGNORE_INDEX,
+};
 use std::path::PathBuf;
 use tch::Tensor;
 
@@ -100,6 +102,9 @@ pub fn run_loss(ev: &Evaluator, spec: &LossSpec, mesh: &Mesh, world: &dyn Collec
         let docs = sample_documents(&dataset, &spec.packing, index)?;
         let mut labels: Vec<i64> = span[1..].iter().map(|&t| t as i64).collect();
         labels.resize(end - start, IGNORE_INDEX);
+        // Chat data scores the tokens training trains (the shard's loss mask), as the held-out
+        // loss of a run does.
+        mask_targets(&dataset, index, start, (end + 1).min(seq_len), &mut labels)?;
         let positions = sample_targets(&docs, &spec.packing, dataset.pad_start(index)?, start, &mut labels);
         let losses = ev.position_losses(&span[..end - start], &labels, &positions, &docs)?;
         for (i, loss) in losses.iter().enumerate().filter(|(_, l)| l.is_finite()) {
