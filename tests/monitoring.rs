@@ -87,7 +87,10 @@ fn tensorboard_files_parse_with_every_step_and_eval_result() {
     let (dir, data) = (dir.path(), synth(dir.path()));
     let exp = Exp::new("tb", 2, 1, 6, 0);
     let toml = exp.write(dir, &data);
-    let o = mpirun(2, &["train", toml.to_str().unwrap(), "--set", "metrics.tensorboard=true"], dir, &[]);
+    // The training data stands in for a held-out set: the held-out loss at steps 3 and 6.
+    let held_out = format!("data.eval_paths=[\"{}\"]", data.display());
+    let sets = ["--set", "metrics.tensorboard=true", "--set", &held_out, "--set", "train.eval_every=3"];
+    let o = mpirun(2, &[&["train", toml.to_str().unwrap()][..], &sets].concat(), dir, &[]);
     assert!(o.status.success(), "{}", text(&o));
     let args = ["eval", toml.to_str().unwrap(), "--task", "passkey", "--lengths", "128", "--samples", "2"];
     let o = ulysses(&[&args[..], &["--depths", "0,1", "--set", "metrics.tensorboard=true"]].concat(), dir);
@@ -115,6 +118,12 @@ fn tensorboard_files_parse_with_every_step_and_eval_result() {
     let (_, h5_loss) = losses(&exp.run_dir(dir));
     let first = scalars["train/loss"][0][1].as_f64().unwrap();
     assert!((first - h5_loss[0]).abs() < 1e-5 * h5_loss[0], "TensorBoard {first} vs metrics.h5 {}", h5_loss[0]);
+    assert_eq!(steps("eval/loss"), [3, 6]);
+    let f = hdf5::File::open(exp.run_dir(dir).join("metrics.h5")).unwrap();
+    let h5_eval: Vec<f64> = f.dataset("steps/eval_loss").unwrap().read_raw().unwrap();
+    let last = scalars["eval/loss"][1][1].as_f64().unwrap();
+    assert!((last - h5_eval[5]).abs() < 1e-5 * h5_eval[5], "TensorBoard eval/loss {last} vs metrics.h5 {}", h5_eval[5]);
+    assert_eq!(steps("time/eval").len(), 6, "time/eval every step (0 without a held-out loss)");
     // position_loss_every = 2 and 8 bins over 128 tokens: 8 tags at steps 2, 4, 6.
     let bins: Vec<&String> = scalars.as_object().unwrap().keys().filter(|t| t.starts_with("position_loss/")).collect();
     assert_eq!(bins.len(), 8, "{bins:?}");
