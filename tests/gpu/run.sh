@@ -29,6 +29,10 @@
 #    sp = 1, every step's loss within rtol 2e-2 and gradient norm within rtol 5e-2 (bf16 against
 #    fp32; fp32 equality of every layout is tested on CPU by tests/model_families.rs). PARTS=qwen3
 #    runs it alone (about a minute).
+# 7. The held-out loss during training (data.eval_paths, train.eval_every = 2) on the GPU: the
+#    step's forward without its backward, kept attention released layer by layer. SP = 4 (kept
+#    attention and recomputed) equals SP = 1: the held-out loss after steps 2 and 3 within rtol
+#    1.6e-2, finite, NaN-free. PARTS=heldout runs it alone.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 WORK="$(mktemp -d /tmp/ulysses-gputest.XXXXXX)"
@@ -38,7 +42,7 @@ fails=0
 SP="${SP:-4}"
 u() { NGPU="$1" bash bundle/run-gpu.sh "${@:2}"; }
 # PARTS picks parts (a short check before a benchmark in the same device call); default all.
-want() { [[ " ${PARTS:-store varlen sp variants packed qwen3 learn} " == *" $1 "* ]]; }
+want() { [[ " ${PARTS:-store varlen sp variants packed qwen3 heldout learn} " == *" $1 "* ]]; }
 
 exp() {  # name model sp seq steps lr data [extra data line]
   cat > "$WORK/$1.toml" <<TOML
@@ -172,6 +176,34 @@ for what, other in [("sp4 vs sp1", b), ("recomputed vs kept (sp4)", None)]:
         print(f"{what} step {i}: loss {la:.5f} / {lb:.5f} (rel {rl:.2e})  grad_norm {ga:.5f} / {gb:.5f} (rel {rg:.2e})")
         assert rl <= 1.6e-2 and rg <= 1.6e-2, f"{what} differs beyond rtol 1.6e-2"
 print("PASS packed documents: sp4 == sp1 and recomputed == kept within documents")
+PY
+fi
+
+# 7. The held-out loss on the GPU: SP = 4, kept and recomputed attention, against SP = 1.
+if want heldout; then
+for name in sp1 sp4; do
+  sed "s/name = \"$name\"/name = \"heldout-$name\"/; s|^shuffle = false|shuffle = false\neval_paths = [\"$WORK/rand16k\"]|; s/^dtype = \"bf16\"/dtype = \"bf16\"\neval_every = 2/" \
+    "$WORK/$name.toml" > "$WORK/heldout-$name.toml"
+done
+sed 's/^mlp_tile/keep_attention = false\nmlp_tile/; s/name = "heldout-sp4"/name = "heldout-sp4recompute"/' "$WORK/heldout-sp4.toml" > "$WORK/heldout-sp4recompute.toml"
+for name in sp1 sp4 sp4recompute; do
+  n=1; [ $name = sp1 ] || n="$SP"
+  u "$n" "$WORK/heldout-$name.toml" 2>&1 | tee "$OUTD/gputest-heldout-$name.log"
+done
+python3 - "$OUTD" <<'PY' || fails=$((fails + 1))
+import math, re, sys
+def run(name):
+    t = open(f"{sys.argv[1]}/gputest-heldout-{name}.log").read()
+    return {int(s): float(l) for s, l in re.findall(r"step +(\d+)/\d+ +loss \S+  eval_loss (\S+)", t)}
+a, b, c = run("sp1"), run("sp4"), run("sp4recompute")
+assert sorted(a) == sorted(b) == sorted(c) == [2, 3], f"held-out steps: {sorted(a)}, {sorted(b)}, {sorted(c)}"
+for what, got in [("sp4 (kept)", b), ("sp4 (recomputed)", c)]:
+    for step in (2, 3):
+        assert math.isfinite(got[step]), f"{what} step {step}: held-out loss {got[step]}"
+        rel = abs(got[step] - a[step]) / abs(a[step])
+        print(f"{what} step {step}: held-out loss sp1 {a[step]:.5f} vs {got[step]:.5f} (rel {rel:.2e})")
+        assert rel <= 1.6e-2, f"{what} held-out loss differs from sp1 beyond rtol 1.6e-2"
+print("PASS held-out loss on the GPU: sp4 (kept, recomputed) == sp1")
 PY
 fi
 
