@@ -37,7 +37,7 @@ impl Launch {
         let (rank, size) = (world.rank() as usize, world.size() as usize);
         let node = world.split_shared(world.rank());
         let (local_rank, local_size) = (node.rank() as usize, node.size() as usize);
-        install_abort_on_panic();
+        install_abort_on_panic(rank);
         Ok(Launch { _universe: universe, world, rank, size, local_rank, local_size })
     }
 
@@ -168,7 +168,7 @@ impl Launch {
         if self.rank != 0 && self.size > 1 {
             std::thread::sleep(std::time::Duration::from_secs(2));
         }
-        let text = format!("error: {}", render_error(err));
+        let text = format!("error: {}", explain(err));
         if self.size == 1 {
             print_tagged(self.rank, &text);
             std::process::exit(1);
@@ -205,6 +205,12 @@ fn mpi_abort(code: i32) {
         // a collective: it only asks the process manager to end the job.
         unsafe { mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, code) };
     }
+}
+
+/// `render_error`, or for CUDA out of memory the one message `oom::explain` makes of it.
+pub fn explain(err: &anyhow::Error) -> String {
+    let text = render_error(err);
+    crate::oom::explain(&text).unwrap_or(text)
 }
 
 /// An error and its causes on one line, each said once: a context that already quotes its
@@ -247,9 +253,20 @@ pub fn report_file_size_limits() {
 }
 
 /// A panic on one rank (a tch op that unwraps an error, say) must not leave the others hanging.
-fn install_abort_on_panic() {
+/// CUDA running out of memory is said as one message (`oom::explain`), not as a panic with
+/// libtorch's C++ backtrace.
+fn install_abort_on_panic(rank: usize) {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let text = payload.downcast_ref::<String>().map(String::as_str).or(payload.downcast_ref::<&str>().copied());
+        if let Some(message) = text.and_then(crate::oom::explain) {
+            // As in `Launch::abort`: when every rank runs out alike, rank 0 says it once.
+            if rank != 0 {
+                std::thread::sleep(std::time::Duration::from_secs(2));
+            }
+            end_job(rank, Some(&format!("error: {message}")));
+        }
         default_hook(info);
         if mpi::environment::is_initialized() && !mpi::environment::is_finalized() {
             eprintln!("panic on an MPI rank: aborting the job");

@@ -5,7 +5,8 @@
 //! - plain data, no libtorch: `config` (the experiment TOML), `model::spec` (architectures),
 //!   `data` (HDF5 shards), `layout` (which tokens each rank holds), `units`, `rng`, `h5`;
 //! - `ffi`: every call into libtorch that tch does not expose, through shim/*.cpp; `files`: files
-//!   made without following a link planted at their name;
+//!   made without following a link planted at their name; `oom`: CUDA out of memory said as
+//!   one message;
 //! - `comm`: the collectives (MPI, NCCL) and the mesh;
 //! - `model`: Llama on tch, unaware of any parallelism (attention comes through a seam);
 //! - `parallel`: Ulysses all-to-alls and ZeRO parameter shards; `optim`: AdamW on the shards;
@@ -25,6 +26,7 @@ pub mod launch;
 pub mod layout;
 pub mod metrics;
 pub mod model;
+pub mod oom;
 pub mod optim;
 pub mod parallel;
 pub mod plan;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use ulysses::comm::watchdog::{self, Watchdog};
 use ulysses::config::{validate, DeviceKind, Experiment, Overrides, SetArgs};
-use ulysses::launch::{end_job, init_logging, render_error, Backend, Launch};
+use ulysses::launch::{end_job, explain, init_logging, Backend, Launch};
 use ulysses::plan::check::{self, CheckBudget};
 use ulysses::plan::data::check_data;
 use ulysses::plan::memory::{Budget, DoesNotFit};
@@ -174,7 +174,7 @@ fn main() {
         }
     };
     if let Err(e) = result {
-        eprintln!("error: {}", render_error(&e));
+        eprintln!("error: {}", explain(&e));
         std::process::exit(1);
     }
 }

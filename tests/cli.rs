@@ -187,7 +187,7 @@ fn set_overrides_are_checked_like_the_file_and_recorded() {
     for (set, says) in [
         ("train.steps=many", "invalid type: string \"many\", expected usize in `train.steps`"),
         ("train.stepz=3", "unknown field `stepz`"),
-        ("trian.steps=3", "unknown field `trian`"),
+        ("trian.steps=3", "unknown section(s) [trian]"),
         ("steps=3", "--set steps=3: `steps` is not a key inside a section"),
         ("train.steps", "expected SECTION.KEY=VALUE"),
         ("train.lr=-1", "train.lr: = -1 must be a positive number"),

@@ -39,9 +39,44 @@ fn unknown_key_is_an_error_naming_it() {
 }
 
 #[test]
-fn unknown_section_is_an_error() {
-    let err = Experiment::parse(&format!("{BASE}\n[trian]\nsteps = 3\n"), "exp.toml").unwrap_err().to_string();
-    assert!(err.contains("trian"), "{err}");
+fn unknown_sections_are_all_named_at_once() {
+    let text = format!("{BASE}\n[trian]\nsteps = 3\n[checkpiont]\nevery = 2\n");
+    let err = Experiment::parse(&text, "exp.toml").unwrap_err().to_string();
+    assert!(err.contains("exp.toml") && err.contains("unknown section(s) [checkpiont], [trian]"), "{err}");
+    assert!(err.contains("the sections are [run], [model], [parallel], [data], [train], [checkpoint]"), "{err}");
+    // Every listed section is one the experiment reads.
+    for section in ulysses::config::SECTIONS {
+        assert!(
+            BASE.contains(&format!("[{section}]")) || Experiment::parse(&format!("{BASE}[{section}]\n"), "x").is_ok()
+        );
+    }
+}
+
+#[test]
+fn optimizer_numbers_out_of_range_are_refused() {
+    for (train, field, value) in [
+        ("lr = 1e39", "train.lr", "= 1e39 must be a positive number within fp32's range"),
+        ("lr = inf", "train.lr", "= inf must be a positive number"),
+        ("eps = 1e-50", "train.eps", "= 1e-50 must be in [1e-30, 1]"),
+        ("eps = inf", "train.eps", "= inf must be in [1e-30, 1]"),
+        ("weight_decay = inf", "train.weight_decay", "= inf must be a finite number >= 0"),
+        ("lr = 0.1\nweight_decay = 20.0", "train.weight_decay", "train.lr × train.weight_decay < 1"),
+        ("beta2 = 1.0", "train.beta2", "= 1 must be in [0, 1)"),
+    ] {
+        let joined = problems(&format!("{BASE}\n[train]\n{train}\n"), Some(4)).join("\n");
+        assert!(joined.contains(&format!("{field}: {value}")) || joined.contains(value), "{train}: {joined}");
+        assert!(joined.contains(field), "{train}: {joined}");
+    }
+    let fine = parse(&format!("{BASE}\n[train]\nlr = 1.0\neps = 1e-30\nweight_decay = 0.5\n"));
+    validate(&fine, Some(4)).expect("the range's ends are valid");
+}
+
+#[test]
+fn one_rank_without_mpirun_says_how_to_launch() {
+    let joined = problems(BASE, Some(1)).join("\n");
+    assert!(joined.contains("sp × dp = 2 × 2 = 4 but the job has 1 rank: launch it under MPI"), "{joined}");
+    assert!(joined.contains("mpirun -n 4 ulysses train"), "{joined}");
+    assert!(!joined.contains("1 ranks"), "{joined}");
 }
 
 #[test]

@@ -250,7 +250,7 @@ fn with_starts(dir: &Path, name: &str, starts: &[i32]) -> PathBuf {
 }
 
 #[test]
-fn bad_document_starts_name_the_file_sequence_and_value() {
+fn bad_document_starts_are_caught_at_open_naming_the_file_sequence_and_value() {
     let dir = tempfile::tempdir().unwrap();
     let cases: [(&str, &[i32], &[&str]); 4] = [
         ("unsorted.h5", &[0, 9, 4], &["document start 4", "entry 2", "below the previous start 9", "unsorted"]),
@@ -258,19 +258,12 @@ fn bad_document_starts_name_the_file_sequence_and_value() {
         ("beyond.h5", &[0, 16], &["document start 16", "beyond the sequence (seq_len = 16)"]),
         ("empty.h5", &[0, 5, 5], &["document start 5", "repeats the previous start 5", "empty document"]),
     ];
-    let packing = Packing { documents: PackedDocuments::Mask, positions: Positions::Global };
     for (name, starts, parts) in cases {
         let path = with_starts(dir.path(), name, starts);
-        let ds = Dataset::open(&[path.clone()], 16).unwrap();
-        assert!(ds.documents(0).unwrap().is_some(), "{name}: a good sequence of the shard reads");
-        let err = ds.documents(1).unwrap_err().to_string();
+        // At open, before any sequence is read: a run stops before it trains.
+        let err = Dataset::open(&[path.clone()], 16).err().expect("a bad start is refused at open").to_string();
         assert_names(&err, &[name, "`docs/starts`", "sequence 1", "global index 1"]);
         assert_names(&err, parts);
-        // Through the loader: every SP rank reads the sample's boundaries.
-        let spec = loader_spec(2, 1, packing);
-        let mut loader = Loader::new(ds, spec, LoaderState::default()).unwrap();
-        assert!(loader.next_batch().is_ok());
-        assert_names(&loader.next_batch().unwrap_err().to_string(), &[name, "sequence 1", parts[0]]);
         if name == "unsorted.h5" {
             // One case through the binary (each start of it loads libtorch, seconds on CI).
             let (code, stdout, stderr) = ulysses(&["data", "inspect", path.to_str().unwrap()]);
@@ -278,6 +271,11 @@ fn bad_document_starts_name_the_file_sequence_and_value() {
             assert_names(&stderr, &[name, "sequence 1", parts[0]]);
         }
     }
+    // The same starts in a later shard: the global index counts the shards before it.
+    let good = with_starts(dir.path(), "a-good.h5", &[0, 8]);
+    let bad = with_starts(dir.path(), "b-beyond.h5", &[0, 16]);
+    let err = Dataset::open(&[good, bad], 16).err().expect("refused").to_string();
+    assert_names(&err, &["b-beyond.h5", "sequence 1", "global index 4"]);
 }
 
 #[test]

@@ -68,6 +68,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
             "files",
             "metrics",
             "model",
+            "oom",
             "optim",
             "parallel",
             "plan",
@@ -92,10 +93,10 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
         ],
     ),
     ("report", &["checkpoint", "eval", "files", "h5", "metrics", "units"]),
-    ("launch", &["comm", "ffi", "h5", "parallel"]),
+    ("launch", &["comm", "ffi", "h5", "oom", "parallel"]),
     (
         "checkpoint",
-        &["comm", "config", "data", "ffi", "files", "metrics", "model", "parallel", "plan", "units", "versions"],
+        &["comm", "config", "data", "ffi", "files", "metrics", "model", "oom", "parallel", "plan", "units", "versions"],
     ),
     ("metrics", &["comm", "config", "data", "ffi", "files", "h5", "units", "versions"]),
     // parallel and optim are one layer: the ZeRO shards run AdamW, AdamW walks the shards.
@@ -108,6 +109,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
     ("data", &["h5", "layout", "rng"]),
     ("config", &["data", "model"]),
     ("files", &[]),
+    ("oom", &[]),
     ("h5", &[]),
     ("layout", &[]),
     ("rng", &[]),

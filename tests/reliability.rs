@@ -190,3 +190,60 @@ fn links_planted_at_the_names_a_run_writes_are_never_followed() {
     }
     assert_eq!(losses(&run).0, vec![1, 2, 3, 4]);
 }
+
+/// A small but complete tokenizer.json (word level).
+const TOKENIZER_JSON: &str = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+"model":{"type":"WordLevel","vocab":{"hello":0,"world":1,"[UNK]":2},"unk_token":"[UNK]"}}"#;
+
+#[test]
+fn model_folder_tokenizer_files_are_parsed_at_start_and_copied_with_the_runs_modes() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (dir, data) = (dir.path(), synth(dir.path()));
+    Exp::new("source", 1, 1, 1, 1).train(dir, &data);
+    let model = dir.join("runs/source/final");
+    let tokenizer = model.join("tokenizer.json");
+    std::fs::write(&tokenizer, TOKENIZER_JSON).unwrap();
+    std::fs::set_permissions(&tokenizer, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let from_folder = format!("path = \"{}\"", model.display());
+
+    let exp = Exp { model: from_folder.clone(), ..Exp::new("carried", 1, 1, 1, 1) };
+    exp.train(dir, &data);
+    for copy in ["checkpoints/step-000001/tokenizer.json", "final/tokenizer.json"] {
+        let copy = exp.run_dir(dir).join(copy);
+        assert_eq!(std::fs::read_to_string(&copy).unwrap(), TOKENIZER_JSON);
+        let mode = std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o022, 0, "{}: mode {mode:o}, the source's world-writable bits came along", copy.display());
+    }
+
+    // Truncated: refused at start, naming the file, before anything is trained or written.
+    std::fs::write(&tokenizer, &TOKENIZER_JSON[..TOKENIZER_JSON.len() / 2]).unwrap();
+    let exp = Exp { model: from_folder, ..Exp::new("truncated", 1, 1, 1, 1) };
+    let o = mpirun(1, &[exp.write(dir, &data).to_str().unwrap()], dir, &[]);
+    let out = assert_clean_failure(&o);
+    assert!(out.contains(&tokenizer.display().to_string()) && out.contains("not a usable tokenizer"), "{out}");
+    assert!(!exp.run_dir(dir).join("checkpoints").exists(), "{out}");
+}
+
+#[test]
+fn cuda_out_of_memory_is_one_message_naming_the_phase_the_numbers_and_what_to_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dir, data) = (dir.path(), synth(dir.path()));
+    let exp = Exp::new("oom", 1, 2, 2, 0);
+    // libtorch's own text, raised where a tch call would panic with it (src/oom.rs SAMPLE).
+    let o = mpirun(2, &[exp.write(dir, &data).to_str().unwrap()], dir, &[("ULYSSES_TEST_CUDA_OOM", "step")]);
+    let out = assert_clean_failure(&o);
+    for want in [
+        "error: CUDA out of memory in step 1, forward and backward",
+        "asked for 20.00 GiB on GPU 0, 3.38 GiB free of its 79.19 GiB",
+        "memory.gpu_gib",
+        "parallel.activations = \"host\"",
+        "parallel.offload_optimizer = \"host\"",
+        "a shorter data.seq_len",
+    ] {
+        assert!(out.contains(want), "{want:?} not in:\n{out}");
+    }
+    assert!(!out.contains("frame #") && !out.contains("Exception raised from"), "libtorch's backtrace:\n{out}");
+    assert_eq!(out.matches("CUDA out of memory").count(), 1, "said once:\n{out}");
+}

@@ -61,15 +61,9 @@ pub fn run(
     repeat: usize,
     json: Option<&Path>,
 ) -> Result<()> {
-    // Every unit on the tier `parallel.offload_optimizer` forces ("auto": the GPU), so each
-    // tier's saves and loads can be timed.
-    let place = match exp.parallel.offload_optimizer {
-        StatePlacement::Auto | StatePlacement::Device => Place::Device,
-        StatePlacement::Host => Place::Host,
-        StatePlacement::Disk => Place::Disk,
-    };
-    let units = spec.num_hidden_layers as usize + 2;
-    let tiers = StateTiers { places: Some(vec![place; units]), device, dir: exp.memory.offload_dir() };
+    crate::oom::set_phase("bench-checkpoint: the model state");
+    let places = placement(exp, spec, world, device)?;
+    let tiers = StateTiers { places: Some(places), device, dir: exp.memory.offload_dir() };
     let params = ShardedParams::zeroed(spec, exp.parallel.zero_stage, world, tiers.clone())?;
     tch::manual_seed(mesh.world_rank as i64 + 1);
     for u in params.units() {
@@ -174,10 +168,77 @@ pub fn run(
     Ok(())
 }
 
+/// Where each unit's state lies (collective): on the tier `parallel.offload_optimizer` forces, so
+/// that each tier's saves and loads can be timed; "auto" plans as training does, within the
+/// smallest GPU budget of any rank: units on the GPU while twice their state (the saved state and
+/// the copy a load is checked against) and the largest unit gathered whole (format 1) fit, the
+/// rest in host memory. A forced "device" that cannot fit is refused before anything is allocated.
+fn placement(exp: &Experiment, spec: &ModelSpec, world: &dyn Collective, device: Device) -> Result<Vec<Place>> {
+    let shards = match exp.parallel.zero_stage {
+        crate::config::ZeroStage::Replicated => 1,
+        crate::config::ZeroStage::Sharded => world.size() as i64,
+    };
+    let units = crate::parallel::zero::model_units(spec, shards);
+    let forced = match exp.parallel.offload_optimizer {
+        StatePlacement::Auto | StatePlacement::Device => Place::Device,
+        StatePlacement::Host => Place::Host,
+        StatePlacement::Disk => Place::Disk,
+    };
+    let Device::Cuda(gpu) = device else { return Ok(vec![forced; units.len()]) };
+    if forced != Place::Device {
+        return Ok(vec![forced; units.len()]);
+    }
+    let mine = crate::plan::memory::Budget::measure(&exp.memory, Some(gpu), 1)?.gpu;
+    let all = world.all_gather(&Tensor::from_slice(&[mine]).to_device(world.device()))?;
+    let budget = Vec::<f64>::try_from(all.to_device(Device::Cpu))?.into_iter().fold(mine, f64::min);
+    // fp32 master, gradient and two moments, twice; the largest unit whole, fp32, once.
+    let need = |u: &crate::parallel::zero::Unit| (u.padded / shards) as f64 * 16.0 * 2.0;
+    let gathered = units.iter().map(|u| u.numel as f64 * 4.0).fold(0.0, f64::max);
+    let mut used = gathered;
+    let places: Vec<Place> = units
+        .iter()
+        .map(|u| {
+            let fits = used + need(u) <= budget;
+            used += if fits { need(u) } else { 0.0 };
+            if fits {
+                Place::Device
+            } else {
+                Place::Host
+            }
+        })
+        .collect();
+    let on_gpu = places.iter().filter(|&&p| p == Place::Device).count();
+    let total: f64 = gathered + units.iter().map(need).sum::<f64>();
+    ensure!(
+        on_gpu == units.len() || exp.parallel.offload_optimizer == StatePlacement::Auto,
+        "bench-checkpoint: the model state on the GPU, the copy a load is checked against and a whole unit need \
+         {} per rank but the GPU budget is {} (memory.gpu_gib, else the GPU less a reserve); use \
+         parallel.offload_optimizer = \"auto\" (units that do not fit go to host memory) or \"host\", or more ranks",
+        bytes(total),
+        bytes(budget)
+    );
+    if world.rank() == 0 {
+        println!(
+            "bench-checkpoint: {on_gpu} of {} units' state on the GPU, the rest in host memory (the state, the copy a \
+             load is checked against and a whole unit need {} per rank; the GPU budget is {})",
+            units.len(),
+            bytes(total),
+            bytes(budget)
+        );
+    }
+    crate::oom::set_plan(format!(
+        "{} of state and load copies on the GPU per rank within a budget of {}",
+        bytes(used),
+        bytes(budget)
+    ));
+    Ok(places)
+}
+
 /// Runs `op` on every rank from a common start, with this rank's peak memory reset first.
 /// `op` may return seconds of its own to leave out (a check after the load).
 fn measure(world: &dyn Collective, what: &'static str, op: impl FnOnce() -> Result<Option<f64>>) -> Result<Measured> {
     world.barrier()?;
+    crate::oom::set_phase(format!("bench-checkpoint: {what}"));
     let (before, _) = host_resident_and_peak();
     reset_host_peak().context("resetting the peak resident memory (/proc/self/clear_refs)")?;
     let t = Instant::now();

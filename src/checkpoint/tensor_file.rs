@@ -32,6 +32,9 @@ impl Layout {
             })
             .collect();
         let mut map = serde_json::Map::new();
+        // transformers before 4.47 reads `__metadata__.format` of every file it loads and fails
+        // on a file without it ('NoneType' object has no attribute 'get'); torch's writer says "pt".
+        map.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
         for (name, info) in &tensors {
             map.insert(name.clone(), serde_json::to_value(info).expect("a TensorInfo always serializes"));
         }

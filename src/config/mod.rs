@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+/// The sections of an experiment file: `Experiment`'s fields.
+pub const SECTIONS: [&str; 8] = ["run", "model", "parallel", "data", "train", "checkpoint", "metrics", "memory"];
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Experiment {
@@ -591,11 +594,13 @@ impl Experiment {
     pub fn parse_with(text: &str, origin: &str, overrides: &Overrides) -> Result<Experiment, ConfigError> {
         let parse_error = |message: String| ConfigError::Parse { path: origin.to_string(), message };
         let mut table: toml::Table = toml::from_str(text).map_err(|e| parse_error(describe_toml_error(&e)))?;
+        unknown_sections(&table).map_err(parse_error)?;
         if overrides.set.is_empty() && !overrides::wants_auto_dp(&table) {
             // Typed straight from the text, so a wrong value is shown in its line of the file.
             return toml::from_str(text).map_err(|e| parse_error(describe_toml_error(&e)));
         }
         overrides::apply(&mut table, overrides.set).map_err(parse_error)?;
+        unknown_sections(&table).map_err(parse_error)?;
         overrides::resolve_auto_dp(&mut table, overrides).map_err(parse_error)?;
         let with = if overrides.set.is_empty() {
             String::new()
@@ -630,6 +635,17 @@ impl Experiment {
     pub fn run_dir(&self) -> PathBuf {
         self.run.output_dir.join(&self.run.name)
     }
+}
+
+/// Every unknown section at once (serde stops at the first), with the ones there are.
+fn unknown_sections(table: &toml::Table) -> Result<(), String> {
+    let unknown: Vec<String> =
+        table.keys().filter(|k| !SECTIONS.contains(&k.as_str())).map(|k| format!("[{k}]")).collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let known: Vec<String> = SECTIONS.iter().map(|s| format!("[{s}]")).collect();
+    Err(format!("unknown section(s) {}; the sections are {}", unknown.join(", "), known.join(", ")))
 }
 
 /// toml's message already names the line and column and quotes the line; only its trailing

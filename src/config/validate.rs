@@ -160,16 +160,16 @@ fn parallel(
         bad("parallel.dp", "is 0; must be at least 1".into());
     }
     if let Some(world) = world_size {
-        if p.sp * p.dp != world {
-            bad(
-                "parallel",
-                format!(
-                    "sp × dp = {} × {} = {} but the job has {world} ranks; sp × dp must equal the number of ranks (parallel.dp = \"auto\" takes ranks / sp)",
-                    p.sp,
-                    p.dp,
-                    p.sp * p.dp
-                ),
-            );
+        let want = p.sp * p.dp;
+        if want != world {
+            let ranks = if world == 1 { "1 rank".to_string() } else { format!("{world} ranks") };
+            // One rank is what a command started without a launcher gets.
+            let launch = if world == 1 {
+                format!(": launch it under MPI, `mpirun -n {want} ulysses train EXPERIMENT.toml`, or set sp and dp for one rank")
+            } else {
+                "; sp × dp must equal the number of ranks (parallel.dp = \"auto\" takes ranks / sp)".into()
+            };
+            bad("parallel", format!("sp × dp = {} × {} = {want} but the job has {ranks}{launch}", p.sp, p.dp));
         }
     }
     // Beyond a year the value would not even be a valid Duration.
@@ -278,6 +278,15 @@ fn data(
     }
 }
 
+/// A number as a user writes it: 1e39 and 1e-50 in exponent form, not forty digits.
+fn num(v: f64) -> String {
+    if v != 0.0 && v.is_finite() && !(1e-4..1e6).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        v.to_string()
+    }
+}
+
 /// `[train]`: the step counts, the optimizer's numbers, the dtype against the device.
 fn train(t: &TrainConfig, p: &ParallelConfig, d: &DataConfig, bad: &mut impl FnMut(&str, String)) {
     if t.steps == 0 {
@@ -289,8 +298,15 @@ fn train(t: &TrainConfig, p: &ParallelConfig, d: &DataConfig, bad: &mut impl FnM
     if t.grad_accum == 0 {
         bad("train.grad_accum", "is 0; must be at least 1".into());
     }
-    if !(t.lr > 0.0 && t.lr.is_finite()) {
-        bad("train.lr", format!("= {} must be a positive number", t.lr));
+    // The optimizer computes in fp32: a larger lr is infinite there, and every weight with it.
+    if !(t.lr > 0.0 && t.lr <= f64::from(f32::MAX)) {
+        bad(
+            "train.lr",
+            format!(
+                "= {} must be a positive number within fp32's range (at most 3.4e38; typical 1e-5 to 1e-3)",
+                num(t.lr)
+            ),
+        );
     }
     if !(t.min_lr >= 0.0 && t.min_lr <= t.lr) {
         bad("train.min_lr", format!("= {} must be between 0 and train.lr = {}", t.min_lr, t.lr));
@@ -303,11 +319,25 @@ fn train(t: &TrainConfig, p: &ParallelConfig, d: &DataConfig, bad: &mut impl FnM
             bad(&format!("train.{name}"), format!("= {v} must be in [0, 1)"));
         }
     }
-    if !(t.eps > 0.0) {
-        bad("train.eps", format!("= {} must be positive", t.eps));
+    if !(1e-30..=1.0).contains(&t.eps) {
+        bad(
+            "train.eps",
+            format!(
+                "= {} must be in [1e-30, 1] (the fp32 state rounds a smaller one to 0, and 0 / 0 is NaN where a gradient is 0; typical 1e-8)",
+                num(t.eps)
+            ),
+        );
     }
-    if !(t.weight_decay >= 0.0) {
-        bad("train.weight_decay", format!("= {} must be >= 0", t.weight_decay));
+    // Decay multiplies the weights by 1 - lr × weight_decay each step: at 1 or more it zeroes or
+    // flips them.
+    if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite() && t.lr * t.weight_decay < 1.0) {
+        bad(
+            "train.weight_decay",
+            format!(
+                "= {} must be a finite number >= 0 with train.lr × train.weight_decay < 1 (each step multiplies the weights by 1 - lr × weight_decay; typical 0 to 0.1)",
+                num(t.weight_decay)
+            ),
+        );
     }
     if !(t.clip_grad_norm >= 0.0) {
         bad("train.clip_grad_norm", format!("= {} must be >= 0 (0 disables clipping)", t.clip_grad_norm));

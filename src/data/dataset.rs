@@ -52,7 +52,30 @@ impl Dataset {
             len += shard.len;
             shards.push(shard);
         }
-        Ok(Dataset { shards, first_index, len, seq_len })
+        let dataset = Dataset { shards, first_index, len, seq_len };
+        for s in 0..dataset.shards.len() {
+            dataset.check_documents(s)?;
+        }
+        Ok(dataset)
+    }
+
+    /// Every sequence's document starts in shard `s`, read in two pieces and checked now: a bad
+    /// one stops a run before it trains, not when its sequence comes up hours later.
+    fn check_documents(&self, s: usize) -> Result<(), DataError> {
+        let shard = &self.shards[s];
+        if !shard.file.link_exists("docs") {
+            return Ok(());
+        }
+        let offsets = shard.read_1d::<i64>("docs/offsets", 0..shard.len + 1)?;
+        let total = starts_len(shard)?;
+        let starts = shard.read_1d::<i32>("docs/starts", 0..total as usize)?;
+        for row in 0..shard.len {
+            let o = [offsets[row], offsets[row + 1]];
+            check_offsets(shard, row, o, total)?;
+            let raw: Vec<i64> = starts[o[0] as usize..o[1] as usize].iter().map(|&v| i64::from(v)).collect();
+            check_row(shard, row, self.first_index[s] + row, &raw, self.seq_len)?;
+        }
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
@@ -161,24 +184,10 @@ impl Dataset {
             return Ok(None);
         }
         let o = shard.read_1d::<i64>("docs/offsets", row..row + 2)?;
-        let starts = shard.file.dataset("docs/starts").map_err(|e| DataError::read(&shard.path, "docs/starts", e))?;
-        let total = starts.shape().first().copied().unwrap_or(0) as i64;
-        if o[0] < 0 || o[0] > o[1] || o[1] > total {
-            let found = format!("= [{}, {}] for sequence {row}", o[0], o[1]);
-            let expected = format!("a range inside docs/starts (0..={total})");
-            return Err(invalid(&shard.path, "dataset", "docs/offsets", found, &expected));
-        }
+        check_offsets(shard, row, [o[0], o[1]], starts_len(shard)?)?;
         let raw: Vec<i64> =
             shard.read_1d::<i32>("docs/starts", o[0] as usize..o[1] as usize)?.into_iter().map(i64::from).collect();
-        check_starts(&raw, self.seq_len).map_err(|bad| DataError::BadDocStart {
-            path: shard.path.clone(),
-            row,
-            index,
-            entry: bad.entry,
-            value: bad.value,
-            problem: bad.problem,
-            seq_len: self.seq_len,
-        })?;
+        check_row(shard, row, index, &raw, self.seq_len)?;
         Ok(Some(raw.into_iter().map(|s| s as usize).collect()))
     }
 
@@ -227,6 +236,35 @@ impl Dataset {
     pub fn shard_without_documents(&self) -> Option<&Path> {
         self.shards.iter().find(|s| !s.file.link_exists("docs")).map(|s| s.path.as_path())
     }
+}
+
+/// Entries of a shard's `docs/starts`.
+fn starts_len(shard: &Shard) -> Result<i64, DataError> {
+    let starts = shard.file.dataset("docs/starts").map_err(|e| DataError::read(&shard.path, "docs/starts", e))?;
+    Ok(starts.shape().first().copied().unwrap_or(0) as i64)
+}
+
+/// Sequence `row`'s range `o` of `docs/starts` must lie inside its `total` entries.
+fn check_offsets(shard: &Shard, row: usize, o: [i64; 2], total: i64) -> Result<(), DataError> {
+    if o[0] < 0 || o[0] > o[1] || o[1] > total {
+        let found = format!("= [{}, {}] for sequence {row}", o[0], o[1]);
+        let expected = format!("a range inside docs/starts (0..={total})");
+        return Err(invalid(&shard.path, "dataset", "docs/offsets", found, &expected));
+    }
+    Ok(())
+}
+
+/// Sequence `row` (global `index`)'s document starts `raw` (`check_starts`).
+fn check_row(shard: &Shard, row: usize, index: usize, raw: &[i64], seq_len: usize) -> Result<(), DataError> {
+    check_starts(raw, seq_len).map_err(|bad| DataError::BadDocStart {
+        path: shard.path.clone(),
+        row,
+        index,
+        entry: bad.entry,
+        value: bad.value,
+        problem: bad.problem,
+        seq_len,
+    })
 }
 
 /// Shards of one dataset must share the vocabulary, the EOS id and the tokenizer.

@@ -35,6 +35,8 @@ pub enum WeightsError {
     Placement { tensor: String, found: String, expected: String, reference: String },
     #[error("cannot write {path}: {message}")]
     Write { path: String, message: String },
+    #[error("{path} is not a usable tokenizer file ({message}); checkpoints and final/ carry it for AutoTokenizer: replace it with a complete one, or remove it")]
+    Tokenizer { path: String, message: String },
 }
 
 /// "missing [a, b]; unexpected [c]", at most 8 names each so a wrong config stays readable.
@@ -208,7 +210,24 @@ pub fn tokenizer_files(dir: &Path) -> Vec<(PathBuf, &'static str)> {
     TOKENIZER_FILES.iter().map(|&f| (dir.join(f), f)).filter(|(p, _)| p.is_file()).collect()
 }
 
-/// Copies each of `files` (path, name) into the checkpoint folder `dir` under its name.
+/// Reads each of `files` (path, name) that is JSON, tokenizer.json as a tokenizer: a truncated
+/// or broken one is refused at the start of a run, not copied into every checkpoint and `final/`
+/// for AutoTokenizer to fail on later.
+pub fn check_tokenizer_files(files: &[(PathBuf, &str)]) -> Result<(), WeightsError> {
+    for (path, name) in files {
+        let bad = |message: String| WeightsError::Tokenizer { path: path.display().to_string(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        if *name == "tokenizer.json" {
+            <tokenizers::Tokenizer as std::str::FromStr>::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        } else if name.ends_with(".json") {
+            serde_json::from_str::<serde_json::Value>(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies each of `files` (path, name) into the checkpoint folder `dir` under its name, as new
+/// files with the run's own modes (a world-writable source does not make world-writable copies).
 pub fn copy_tokenizer_files(files: &[(PathBuf, &str)], dir: &Path) -> Result<(), WeightsError> {
     for (file, name) in files {
         let dest = dir.join(name);

@@ -105,11 +105,19 @@ fn plan_memory(
     let budget = all.chunks(3).map(|b| Budget { gpu: b[0], host: b[1], disk: b[2] }).fold(mine, Budget::min);
     let inputs = PlanInputs::new(exp, spec, mesh.world_size());
     let estimate = Estimate::new(&inputs);
-    let placement = estimate
-        .placement(&budget)
-        .map_err(|shortfall| DoesNotFit(memory_plan::refusal(&inputs, &budget, &shortfall, &exp.memory.offload_dir())))?;
+    let placement = estimate.placement(&budget).map_err(|shortfall| {
+        DoesNotFit(memory_plan::refusal(&inputs, &budget, &shortfall, &exp.memory.offload_dir()))
+    })?;
+    let plan = estimate.with_placement(&placement);
     if mesh.world_rank == 0 {
-        log::info!("memory plan: {}", memory_plan::summary(&estimate.with_placement(&placement), &placement, &budget));
+        log::info!("memory plan: {}", memory_plan::summary(&plan, &placement, &budget));
+    }
+    if exp.parallel.device == crate::config::DeviceKind::Cuda {
+        crate::oom::set_plan(format!(
+            "a GPU peak of {} per rank within a budget of {}",
+            crate::units::bytes(plan.gpu_peak()),
+            crate::units::bytes(budget.gpu)
+        ));
     }
     Ok(placement)
 }
@@ -201,6 +209,7 @@ impl<'a> Run<'a> {
         device: Device,
         placement: &Placement,
     ) -> Result<Run<'a>> {
+        crate::oom::set_phase("setup (the model state, the data, the checkpoint staging)");
         let preemption = preempt::Preemption::install().context("installing the SIGTERM/SIGUSR1 handlers")?;
         let dataset = Dataset::open(&exp.data.paths, exp.data.seq_len)?;
         if dataset.vocab_size() > spec.vocab_size {
@@ -210,7 +219,7 @@ impl<'a> Run<'a> {
                 spec.vocab_size
             );
         }
-        let tokenizer = start::tokenizer_files(exp, &dataset);
+        let tokenizer = start::tokenizer_files(exp, &dataset)?;
         if mesh.world_rank == 0 {
             match tokenizer.first() {
                 Some((from, _)) => {
@@ -318,6 +327,8 @@ impl<'a> Run<'a> {
         memory::reset_peak_gpu(self.device);
         let mut times = StepTimes::default();
         let t0 = Instant::now();
+        crate::oom::set_phase(format!("step {step}, forward and backward"));
+        crate::oom::inject_for_tests("step");
         let batches = self.next_batches()?;
         times.data = t0.elapsed().as_secs_f64();
         let n_local: i64 = batches.iter().map(MicroBatch::valid_labels).sum();
@@ -334,6 +345,7 @@ impl<'a> Run<'a> {
         }
         let loss = all_reduce_f64(self.world, loss_local)? / n_total;
         let t_opt = Instant::now();
+        crate::oom::set_phase(format!("step {step}, optimizer update"));
         let (grad_norm, lr) = ctx.profiler.phase(format_args!("optimizer"), || self.update(step, loss, loss_local))?;
         // A wait for a checkpoint's write is checkpoint time, not the optimizer's or the step's.
         times.optimizer = t_opt.elapsed().as_secs_f64() - self.checkpoint_wait;
@@ -518,6 +530,7 @@ impl<'a> Run<'a> {
     /// Saves the checkpoint of step `step` (collective; asynchronous saves return once staged,
     /// unless the job is about to end: `last`).
     fn save(&mut self, step: usize, last: bool) -> Result<()> {
+        crate::oom::set_phase(format!("the checkpoint of step {step}"));
         if let Some(metrics) = &self.metrics {
             metrics.sync()?;
         }
@@ -537,6 +550,7 @@ impl<'a> Run<'a> {
             return Ok(());
         }
         let just_trained = end == End::Trained;
+        crate::oom::set_phase("the export to final/");
         let out = self.run_dir.join(checkpoint::FINAL);
         // Rank 0 looks, and tells the others.
         let current =

@@ -109,19 +109,25 @@ pub fn start_point(
 /// The tokenizer files every checkpoint of the run carries: those of the model folder
 /// (`model.path`, or the folder of `model.weights`), else the tokenizer.json the data was
 /// prepared with and the tokenizer files beside it; none for the byte tokenizer.
-pub fn tokenizer_files(exp: &Experiment, data: &Dataset) -> Vec<(PathBuf, &'static str)> {
+/// Each is read now: a broken one stops the run before it trains.
+pub fn tokenizer_files(
+    exp: &Experiment,
+    data: &Dataset,
+) -> Result<Vec<(PathBuf, &'static str)>, weights::WeightsError> {
     let model_dir = exp.model.weights_path().map(|p| if p.is_dir() { p } else { p.parent().unwrap_or(p) });
     if let Some(files) = model_dir.map(weights::tokenizer_files).filter(|f| !f.is_empty()) {
+        weights::check_tokenizer_files(&files)?;
         warn_if_other_tokenizer(&files, data);
-        return files;
+        return Ok(files);
     }
     let Some(recorded) = recorded_tokenizer(data) else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
     let beside = weights::tokenizer_files(recorded.parent().unwrap_or(Path::new(".")));
     let mut files: Vec<_> = beside.into_iter().filter(|(_, name)| *name != "tokenizer.json").collect();
     files.insert(0, (recorded, "tokenizer.json"));
-    files
+    weights::check_tokenizer_files(&files)?;
+    Ok(files)
 }
 
 /// A model folder's tokenizer.json that is not the one the data was prepared with (shards made

@@ -33,6 +33,9 @@
 #    step's forward without its backward, kept attention released layer by layer. SP = 4 (kept
 #    attention and recomputed) equals SP = 1: the held-out loss after steps 2 and 3 within rtol
 #    1.6e-2, finite, NaN-free. PARTS=heldout runs it alone.
+# 8. (PARTS=oom only) CUDA out of memory is one message naming the phase, the numbers and what to
+#    change, exit != 0, no C++ backtrace; bench-checkpoint of Llama-3.1-8B dims × 8 layers plans
+#    its memory on one GPU and finishes.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 WORK="$(mktemp -d /tmp/ulysses-gputest.XXXXXX)"
@@ -257,6 +260,57 @@ for i, ((la, ga), (lb, gb)) in enumerate(zip(a, b), 1):
     assert rl <= 2e-2 and rg <= 5e-2, "Qwen3 on the GPU in bf16 differs from the CPU fp32 run beyond rtol 2e-2 (loss) / 5e-2 (grad norm)"
 print("PASS qwen3: GPU bf16 == CPU fp32 within rtol 2e-2 (loss), 5e-2 (grad norm)")
 PY
+fi
+
+if want oom; then
+  # CUDA out of memory is one message (phase, asked and free, the plan's estimate, what to change):
+  # Llama-3.1-8B whole on one GPU with every tier forced onto it and a budget claimed far above the
+  # card, so the plan lets it start and CUDA refuses (the state at setup on an H100, the step on
+  # an H200). Then bench-checkpoint at 8 layers, which panicked on an H100, plans its memory.
+  u 1 data synth --task random --seq-len 65536 --num 2 --seed 4 --out "$WORK/rand64k" >/dev/null
+  cat > "$WORK/oom.toml" <<TOML
+[run]
+name = "oom"
+output_dir = "$WORK/runs"
+[model]
+preset = "llama3.1-8b"
+[parallel]
+device = "cuda"
+offload_optimizer = "device"
+activations = "device"
+[data]
+paths = ["$WORK/rand64k"]
+seq_len = 65536
+[train]
+steps = 1
+dtype = "bf16"
+[checkpoint]
+resume = "none"
+save_final = false
+[memory]
+gpu_gib = 2000.0
+TOML
+  u 1 "$WORK/oom.toml" > "$OUTD/gputest-oom.log" 2>&1
+  rc=$?
+  python3 - "$OUTD/gputest-oom.log" "$rc" <<'PY' || fails=$((fails + 1))
+import sys
+text, rc = open(sys.argv[1]).read(), int(sys.argv[2])
+lines = [l for l in text.splitlines() if "CUDA out of memory in" in l]
+print("\n".join(lines) or text[-3000:])
+assert rc != 0, "the run did not fail"
+assert len(lines) == 1, f"{len(lines)} out-of-memory messages"
+for want in ("asked for", "free of its", "the memory plan expected", "memory.gpu_gib", "data.seq_len"):
+    assert want in lines[0], want
+for bad in ("frame #", "panicked at", "Exception raised from"):
+    assert bad not in text, f"{bad!r} in the output"
+print("PASS oom: one message, exit", rc)
+PY
+  if bash bench/checkpoint.sh > "$OUTD/gputest-bench-checkpoint.log" 2>&1 && grep -q "units' state on the GPU" "$OUTD/gputest-bench-checkpoint.log"; then
+    grep "units' state on the GPU" "$OUTD/gputest-bench-checkpoint.log"
+    echo "PASS bench-checkpoint (Llama-3.1-8B dims, 8 layers) planned its memory and finished"
+  else
+    tail -20 "$OUTD/gputest-bench-checkpoint.log"; echo "FAIL bench-checkpoint"; fails=$((fails + 1))
+  fi
 fi
 
 want learn || { echo "gpu tests ($PARTS): $fails failed"; exit $fails; }

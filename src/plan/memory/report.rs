@@ -274,7 +274,10 @@ pub fn refusal(inputs: &PlanInputs, budget: &Budget, shortfall: &Shortfall, offl
             "memory.offload_dir on a file system with more free space than {} (or free some there)",
             offload_dir.display()
         ));
-        help.push("more ranks (a larger parallel.sp or parallel.dp): ZeRO-3 shards the optimizer state over all of them".into());
+        help.push(
+            "more ranks (a larger parallel.sp or parallel.dp): ZeRO-3 shards the optimizer state over all of them"
+                .into(),
+        );
     } else if !cpu {
         help.push("a larger parallel.sp (more GPUs): each rank's layer inputs and working sets shrink as 1/sp".into());
     }
