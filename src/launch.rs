@@ -1,15 +1,18 @@
 //! Process start-up under MPI: world and node-local rank, the mesh's sub-communicators, rank-tagged
 //! logging, and the rule that a failure on one rank aborts the whole job (MPI_Abort) instead of
 //! leaving the other ranks blocked in a collective.
+pub mod nodes;
+
 use crate::comm::bench;
 use crate::comm::mpi::MpiCollective;
 use crate::comm::nccl::NcclCollective;
 use crate::comm::selfcheck::{conformance, values};
 use crate::comm::{Collective, Groups, Mesh};
 use crate::ffi::cuda;
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
+use nodes::{GpuSlot, Nodes, RANKS_PER_GPU_VAR};
 use std::io::Write;
 use tch::{Device, Tensor};
 
@@ -21,6 +24,11 @@ pub struct Launch {
     /// Rank among the processes of this node (MPI_Comm_split_type SHARED): the GPU index.
     pub local_rank: usize,
     pub local_size: usize,
+    /// Where every rank of the job runs.
+    pub nodes: Nodes,
+    /// `ULYSSES_RANKS_PER_GPU` as set; read when a GPU is chosen, so a bad value is reported
+    /// once, by rank 0, like any other error of the job.
+    ranks_per_gpu: Option<String>,
 }
 
 /// Which library moves the tensors: MPI (CPU tensors) or NCCL (CUDA tensors, one GPU per rank).
@@ -38,7 +46,43 @@ impl Launch {
         let node = world.split_shared(world.rank());
         let (local_rank, local_size) = (node.rank() as usize, node.size() as usize);
         install_abort_on_panic(rank);
-        Ok(Launch { _universe: universe, world, rank, size, local_rank, local_size })
+        let nodes = gather_nodes(&world, &node);
+        let ranks_per_gpu = std::env::var(RANKS_PER_GPU_VAR).ok();
+        Ok(Launch { _universe: universe, world, rank, size, local_rank, local_size, nodes, ranks_per_gpu })
+    }
+
+    /// Ranks of this node on one GPU: 1 unless `ULYSSES_RANKS_PER_GPU` says more (the value
+    /// itself is checked by `gpu_slot`).
+    pub fn ranks_per_gpu(&self) -> usize {
+        nodes::ranks_per_gpu(self.ranks_per_gpu.as_deref()).unwrap_or(1)
+    }
+
+    /// This rank's GPU among the `gpus` visible ones, by the switch's rules (`nodes::gpu_slot`).
+    fn gpu_slot(&self, gpus: usize) -> Result<GpuSlot> {
+        let per_gpu = nodes::ranks_per_gpu(self.ranks_per_gpu.as_deref())?;
+        let host = &self.nodes.host[self.rank];
+        Ok(nodes::gpu_slot(host, self.local_rank, self.local_size, gpus, per_gpu)?)
+    }
+
+    /// The job's placement rules, before any training: one MPI node per machine, every SP group
+    /// (`sp` consecutive ranks) on one node.
+    pub fn check_nodes(&self, sp: usize) -> Result<()> {
+        self.nodes.check_distinct_machines()?;
+        self.nodes.check_sp_within_nodes(sp)?;
+        Ok(())
+    }
+
+    /// Which node holds which rank (and, on GPUs, which GPU), one line per node; a collective
+    /// call (every rank gathers every rank's GPU).
+    pub fn describe_nodes(&self, device: Device) -> String {
+        let mine = match device {
+            Device::Cuda(i) => i as i64,
+            _ => -1,
+        };
+        let mut all = vec![0i64; self.size];
+        self.world.all_gather_into(&mine, &mut all[..]);
+        let gpu_of: Vec<Option<usize>> = all.iter().map(|&g| (g >= 0).then_some(g as usize)).collect();
+        self.nodes.describe(&gpu_of)
     }
 
     /// The mesh's SP and DP groups as MPI communicators (ranks with the same dp_rank share an SP
@@ -76,16 +120,31 @@ impl Launch {
         Ok(Groups::new(nccl(&self.world, "world")?, nccl(&sp, "sp")?, nccl(&dp, "dp")?))
     }
 
-    /// Selects this rank's GPU (its node-local rank) as torch's current device.
+    /// Selects this rank's GPU as torch's current device: its node-local rank, or with
+    /// `ULYSSES_RANKS_PER_GPU=N` the node's ranks round-robin on its GPUs, N to a GPU, each rank
+    /// then with its own NCCL host identity (set here, before any NCCL call reads it).
     pub fn cuda_device(&self) -> Result<usize> {
-        let (rank, gpu, gpus) = (self.rank, self.local_rank, cuda::device_count());
-        if gpus == 0 {
-            bail!("rank {rank}: no CUDA device is available (torch sees 0 GPUs); the nccl backend needs one GPU per rank (use --backend mpi on CPU)");
+        let rank = self.rank;
+        self.nodes.check_distinct_machines()?;
+        let slot = self.gpu_slot(cuda::device_count()).with_context(|| format!("rank {rank}"))?;
+        if slot.ranks_per_gpu > 1 {
+            let id = nodes::nccl_host_id(&self.nodes.machine[rank], slot.slot);
+            // The process's environment is changed before any NCCL call and before the watchdog
+            // thread starts; NCCL reads NCCL_HOSTID when it first makes a communicator. A user's
+            // own NCCL_HOSTID would be the same on every rank of the node: NCCL would refuse
+            // the shared GPU, so it is replaced.
+            std::env::set_var("NCCL_HOSTID", &id);
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                if rank == 0 {
+                    log::info!(
+                        "{RANKS_PER_GPU_VAR}={}: this node's {} ranks share {} GPU(s) round-robin, {} to a GPU, each rank with its own NCCL host identity (NCCL_HOSTID) and 1/{} of the GPU's memory budget; for correctness checks, never for speed",
+                        slot.ranks_per_gpu, self.local_size, slot.gpus_used, slot.ranks_per_gpu, slot.ranks_per_gpu
+                    );
+                }
+            });
         }
-        ensure!(
-            gpu < gpus,
-            "rank {rank} needs GPU {gpu} but this node has {gpus}; start at most {gpus} ranks per node"
-        );
+        let gpu = slot.gpu;
         ensure!(cuda::set_device(gpu), "rank {rank}: torch could not select GPU {gpu}");
         Ok(gpu)
     }
@@ -175,6 +234,30 @@ impl Launch {
         }
         end_job(self.rank, Some(&format!("{text}\naborting all {} ranks", self.size)))
     }
+}
+
+/// Every rank's node (the world rank of its node's first rank), host name and machine (host name
+/// and kernel boot id: network namespaces with their own host names are nodes of one kernel;
+/// one machine named twice in a host list is two MPI nodes of one host name and boot id).
+fn gather_nodes(world: &SimpleCommunicator, node: &SimpleCommunicator) -> Nodes {
+    const LEN: usize = 256;
+    let mut leader = world.rank();
+    node.process_at_rank(0).broadcast_into(&mut leader);
+    let mut node_of = vec![0i32; world.size() as usize];
+    world.all_gather_into(&leader, &mut node_of[..]);
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default().trim().to_string();
+    let host = read("/proc/sys/kernel/hostname");
+    let machine = format!("{host} {}", read("/proc/sys/kernel/random/boot_id"));
+    let gather = |text: &str| -> Vec<String> {
+        let mut mine = [0u8; LEN];
+        let bytes = text.as_bytes();
+        let n = bytes.len().min(LEN);
+        mine[..n].copy_from_slice(&bytes[..n]);
+        let mut all = vec![0u8; LEN * world.size() as usize];
+        world.all_gather_into(&mine[..], &mut all[..]);
+        all.chunks(LEN).map(|c| String::from_utf8_lossy(c).trim_end_matches('\0').to_string()).collect()
+    };
+    Nodes { node_of: node_of.iter().map(|&r| r as usize).collect(), host: gather(&host), machine: gather(&machine) }
 }
 
 /// Each line of `message` tagged with the rank, written in one piece: ranks failing at once

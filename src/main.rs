@@ -238,13 +238,17 @@ fn train(path: &Path, set: &[String]) -> Result<()> {
             tch::Device::Cuda(i) => Some(i),
             _ => None,
         };
-        let budget = Budget::measure(&exp.memory, gpu, launch.local_size)?;
+        let budget = Budget::measure(&exp.memory, gpu, launch.local_size, launch.ranks_per_gpu())?;
         if gpu.is_some() {
             cpu_threads_for_host_work(launch.local_size, launch.rank);
         }
+        let nodes = launch.describe_nodes(device);
         if launch.rank == 0 {
             let plan = Plan::new(&exp.parallel, exp.data.seq_len, &spec, launch.size);
             print!("{}", plan.render(&exp.model.name(), &spec, &exp.train));
+            for (i, line) in nodes.lines().enumerate() {
+                println!("{:<11}{line}", if i == 0 { "nodes" } else { "" });
+            }
         }
         ulysses::train::run(&exp, &spec, &mesh, &groups, device, budget)
     };
@@ -280,6 +284,13 @@ fn cpu_threads_for_host_work(ranks_on_node: usize, rank: usize) {
 /// The mesh, its communicators and this rank's device for an experiment's job.
 fn job(launch: &Launch, exp: &Experiment) -> Result<(ulysses::comm::Mesh, ulysses::comm::Groups, tch::Device)> {
     let mesh = ulysses::comm::Mesh::new(exp.parallel.sp, exp.parallel.dp, launch.size, launch.rank)?;
+    launch.check_nodes(mesh.sp)?;
+    log::info!(
+        "on node {}: node-local rank {} of {}",
+        launch.nodes.host[launch.rank],
+        launch.local_rank,
+        launch.local_size
+    );
     // CPU tensors move over MPI, CUDA tensors over NCCL (one GPU per rank: the node-local rank).
     let backend = match exp.parallel.device {
         DeviceKind::Cpu => Backend::Mpi,

@@ -188,7 +188,8 @@ fn placement(exp: &Experiment, spec: &ModelSpec, world: &dyn Collective, device:
     if forced != Place::Device {
         return Ok(vec![forced; units.len()]);
     }
-    let mine = crate::plan::memory::Budget::measure(&exp.memory, Some(gpu), 1)?.gpu;
+    // One rank per GPU: a bench under ULYSSES_RANKS_PER_GPU plans with the whole GPU per rank.
+    let mine = crate::plan::memory::Budget::measure(&exp.memory, Some(gpu), 1, 1)?.gpu;
     let all = world.all_gather(&Tensor::from_slice(&[mine]).to_device(world.device()))?;
     let budget = Vec::<f64>::try_from(all.to_device(Device::Cpu))?.into_iter().fold(mine, f64::min);
     // fp32 master, gradient and two moments, twice; the largest unit whole, fp32, once.

@@ -53,7 +53,9 @@ impl Budget {
     }
 
     /// The budget of a rank on GPU `gpu` (None: a CPU run, which has none) among `ranks_per_node`
-    /// ranks of its node: `memory.gpu_gib` or the GPU's total memory less `GPU_RESERVE`;
+    /// ranks of its node, `ranks_per_gpu` of them on its GPU (`ULYSSES_RANKS_PER_GPU`; 1 for one
+    /// rank per GPU): `memory.gpu_gib` or the GPU's total memory less one `GPU_RESERVE` per rank
+    /// on it, shared by those ranks;
     /// `memory.host_gib` per node or MemAvailable now, shared by the node's ranks, less
     /// `HOST_RESERVE_PER_RANK`; the free space of `memory.offload_dir` (the system temp folder
     /// when empty) less `DISK_RESERVE`, shared likewise, or unlimited when it cannot be read.
@@ -61,25 +63,39 @@ impl Budget {
     /// A CPU run has no GPU and its working memory is unplanned; only its model state is
     /// placed: in memory, within `memory.host_gib` when that is set, the rest in the offload
     /// folder, within its free space.
-    pub fn measure(memory: &MemoryConfig, gpu: Option<usize>, ranks_per_node: usize) -> Result<Budget, BudgetError> {
+    pub fn measure(
+        memory: &MemoryConfig,
+        gpu: Option<usize>,
+        ranks_per_node: usize,
+        ranks_per_gpu: usize,
+    ) -> Result<Budget, BudgetError> {
         let ranks = ranks_per_node.max(1) as f64;
+        let sharing = ranks_per_gpu.max(1) as f64;
         let disk =
             free_disk_bytes(&memory.offload_dir()).map_or(f64::INFINITY, |free| (free - DISK_RESERVE).max(0.0) / ranks);
         let Some(gpu) = gpu else {
             let host = if memory.host_gib > 0.0 { memory.host_gib * GIB / ranks } else { f64::INFINITY };
             return Ok(Budget { gpu: f64::INFINITY, host, disk });
         };
+        // Each rank sharing the GPU has its own CUDA context, NCCL buffers and allocator slack.
         let gpu_bytes = if memory.gpu_gib > 0.0 {
-            memory.gpu_gib * GIB
+            memory.gpu_gib * GIB / sharing
         } else {
             let total = gpu_total_bytes(gpu)?;
             log::info!(
-                "memory budget: GPU {gpu} has {:.1} GiB; {:.1} GiB of it stay outside the plan (CUDA context, NCCL, allocator slack)",
+                "memory budget: GPU {gpu} has {:.1} GiB; {:.1} GiB of it stay outside the plan (CUDA context, NCCL, allocator slack{})",
                 total / GIB,
-                GPU_RESERVE / GIB
+                sharing * GPU_RESERVE / GIB,
+                if ranks_per_gpu > 1 { format!(" of each of its {ranks_per_gpu} ranks") } else { String::new() }
             );
-            (total - GPU_RESERVE).max(0.0)
+            (total - sharing * GPU_RESERVE).max(0.0) / sharing
         };
+        if ranks_per_gpu > 1 {
+            log::info!(
+                "memory budget: {ranks_per_gpu} ranks share GPU {gpu}: {:.1} GiB of it for each rank's plan",
+                gpu_bytes / GIB
+            );
+        }
         let host = if memory.host_gib > 0.0 {
             memory.host_gib * GIB / ranks
         } else {
@@ -172,13 +188,17 @@ mod tests {
 
     #[test]
     fn measured_budgets_are_shared_by_the_node_and_cpu_runs_have_none() {
-        let cpu = Budget::measure(&MemoryConfig::default(), None, 8).unwrap();
+        let cpu = Budget::measure(&MemoryConfig::default(), None, 8, 1).unwrap();
         assert_eq!((cpu.gpu, cpu.host), (f64::INFINITY, f64::INFINITY));
-        let cpu = Budget::measure(&MemoryConfig { host_gib: 16.0, ..MemoryConfig::default() }, None, 8).unwrap();
+        let cpu = Budget::measure(&MemoryConfig { host_gib: 16.0, ..MemoryConfig::default() }, None, 8, 1).unwrap();
         assert_eq!(cpu.host, 2.0 * GIB);
         let set = MemoryConfig { gpu_gib: 70.0, host_gib: 400.0, offload_dir: "/".into() };
-        let b = Budget::measure(&set, Some(0), 8).unwrap();
+        let b = Budget::measure(&set, Some(0), 8, 1).unwrap();
         assert_eq!((b.gpu, b.host), (70.0 * GIB, 50.0 * GIB));
+        // Ranks sharing a GPU (ULYSSES_RANKS_PER_GPU) share its budget; the node's host budget
+        // was already shared by all of its ranks.
+        let shared = Budget::measure(&set, Some(0), 8, 4).unwrap();
+        assert_eq!((shared.gpu, shared.host), (17.5 * GIB, 50.0 * GIB));
         let free = free_disk_bytes(Path::new("/")).unwrap();
         // The reserve is kept back first; a nearly full disk (CI machines have had < 1 GiB free)
         // leaves nothing, never a negative budget.
