@@ -19,10 +19,12 @@ demo: build
 	@bash scripts/demo.sh
 
 # cargo's tests (unit, multi-rank under mpirun, Hugging Face parity), then the Slurm path for
-# real (installs slurm-wlm and munge, starts a local slurmctld + slurmd; needs root).
+# real (installs slurm-wlm and munge, starts a local slurmctld + slurmd; needs root), then two
+# nodes on this machine (network namespaces; mpirun and sbatch -N 2 over them; needs root).
 test: setup
 	@$(ENV) cargo build --tests && $(ENV) cargo test --no-fail-fast
 	@bash tests/slurm/run_slurm_test.sh
+	@bash tests/multinode/run.sh
 
 check: build
 	@for f in experiments/*.toml; do target/debug/ulysses check $$f || exit 1; done

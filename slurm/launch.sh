@@ -6,6 +6,7 @@
 #   LAUNCHER     mpirun: the MPICH mpirun next to the binary's libraries (scripts/env.sh puts it
 #                on PATH); under Slurm it starts its proxies with srun. srun: srun --mpi=pmi2.
 #   ULYSSES_ENV  a file to source first (default scripts/env.sh when it exists)
+#   ULYSSES_ARGS more arguments for ulysses, split at spaces (e.g. `--set parallel.dp=auto`)
 # Preemption: Slurm signals the batch shell (`--signal=B:USR1@300`: 5 minutes before the time
 # limit; or `scancel --signal=USR1 --batch JOB`); the trap forwards it to the launcher, which
 # forwards it to every rank; the ranks agree at the next step boundary, save a checkpoint and exit
@@ -38,7 +39,8 @@ forward() {
 trap 'forward SIGUSR1' USR1
 trap 'forward SIGTERM' TERM
 
-"${launch[@]}" "$ULYSSES" "$EXPERIMENT" &
+# shellcheck disable=SC2086 # ULYSSES_ARGS is a list of words
+"${launch[@]}" "$ULYSSES" "$EXPERIMENT" ${ULYSSES_ARGS:-} &
 pid=$!
 # A trapped signal interrupts `wait` (status > 128) while the launcher still runs: wait again.
 while :; do
