@@ -49,6 +49,12 @@ ns_of() {
   esac
 }
 
+# The host's cgroup mounts as shell commands (each ending in "&&"), to replay in a node before a
+# daemon that needs them (slurmd): ip netns exec mounts the namespace's own /sys, without them.
+cgroup_mounts() {
+  awk '$2 ~ "^/sys/fs/cgroup" { printf "mkdir -p %s && mount -t %s -o %s %s %s && ", $2, $3, $4, $3, $2 }' /proc/self/mounts
+}
+
 # on_node NODE CMD...: runs CMD on NODE (its network namespace, with its host name).
 on_node() {
   local node="$1" ns

@@ -10,7 +10,10 @@
 # 3. a checkpoint written on two nodes resumes on one, and one written on one resumes on two,
 #    the losses again bit for bit;
 # 4. killing the ranks of one node (kill -9) ends the whole job within KILL_BOUND_S seconds;
-# 5. `sbatch -N 2 slurm/multinode.sh` under a local Slurm with one slurmd in each fake node
+# 5. the watchdog with a run folder the nodes do not share (node-b's ranks write their reports
+#    where node-a's cannot read them): the job still ends, and the message names the other node's
+#    ranks as unseen, among the causes a node that does not see the run folder (docs/multinode.md);
+# 6. `sbatch -N 2 slurm/multinode.sh` under a local Slurm with one slurmd in each fake node
 #    (slurmctld on node-a, munged's socket shared as a file) trains with the one-node losses.
 # Every namespace and process it starts is removed on exit, failed or not.
 set -euo pipefail
@@ -164,7 +167,39 @@ left="$(ip netns pids "$NS_A") $(ip netns pids "$NS_B")"
 for p in $left; do [ "$(cat /proc/"$p"/comm 2>/dev/null)" != ulysses ] || fail "rank $p outlived the job"; done
 say "   the job ended (exit $rc) ${took} s after $NODE_B's ranks were killed (bound ${KILL_BOUND_S} s)"
 
-say "5. sbatch -N 2 slurm/multinode.sh: a local Slurm with one slurmd per fake node"
+say "5. the watchdog when the nodes do not share the run folder"
+# node-b's ranks get their own empty RUN_DIR/watchdog: each node sees only its own reports.
+exp private 100000
+mkdir -p "$WORK/runs/private/watchdog"
+FAKE_PRIVATE="$WORK/runs/private/watchdog" two_nodes "$WORK/private.log" "$WORK/private.toml" \
+  --set parallel.collective_timeout_s=4 &
+job=$!
+for _ in $(seq 600); do
+  grep -q "step     3/" "$WORK/private.log" 2>/dev/null && break
+  kill -0 "$job" 2>/dev/null || fail "the job ended early"
+  sleep 0.2
+done
+victim="$(for p in $(ip netns pids "$NS_B"); do
+  [ "$(cat /proc/"$p"/comm 2>/dev/null)" = ulysses ] && tr '\0' '\n' </proc/"$p"/environ | grep -qx PMI_RANK=3 && echo "$p"
+done)"
+[ -n "$victim" ] || fail "rank 3 not found on $NODE_B"
+kill -STOP "$victim"
+stopped=$(date +%s.%N)
+for _ in $(seq 300); do kill -0 "$job" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$job" 2>/dev/null && fail "the job still runs 30 s after rank 3 was stopped"
+rc=0
+wait "$job" || rc=$?
+took=$(awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $stopped }")
+kill -9 "$victim" 2>/dev/null || true
+[ "$rc" != 0 ] || fail "the job exited 0"
+grep -q "collective watchdog: no progress for" "$WORK/private.log" || fail "no watchdog message"
+# The lowest rank each node sees prints (rank 0, or rank 2 of node-b, whichever aborts first):
+# the stopped rank and the other node's live ones as unseen, with the unshared folder as a cause.
+grep -E "^\[rank (0\] +ranks 2, 3|2\] +ranks 0, 1, 3): did not arrive, and sent no report \(.*a node that does not see the run folder\)" "$WORK/private.log" >/dev/null ||
+  fail "no message names the other node's ranks and rank 3 as unseen, with the unshared run folder as a cause"
+say "   the job ended (exit $rc) ${took} s after rank 3 was stopped (timeout 4 s): $(grep -o "ranks [0-9, ]*: did not arrive, and sent no report" "$WORK/private.log" | head -1)"
+
+say "6. sbatch -N 2 slurm/multinode.sh: a local Slurm with one slurmd per fake node"
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null || ! command -v munged >/dev/null; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
@@ -214,8 +249,10 @@ NodeName=$NODE_B NodeAddr=$ADDR_B CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=ci Nodes=$NODE_A,$NODE_B Default=YES MaxTime=INFINITE State=UP
 CONF
 on_node "$NODE_A" slurmctld -c -f "$SLURM_CONF" || fail "slurmctld did not start"
-on_node "$NODE_A" slurmd -f "$SLURM_CONF" -N "$NODE_A" || fail "slurmd of $NODE_A did not start"
-on_node "$NODE_B" slurmd -f "$SLURM_CONF" -N "$NODE_B" || fail "slurmd of $NODE_B did not start"
+for node in "$NODE_A" "$NODE_B"; do
+  mkdir -p "$WORK/spool-$node"
+  on_node "$node" sh -c "$(cgroup_mounts) exec slurmd -f $SLURM_CONF -N $node" || fail "slurmd of $node did not start"
+done
 for _ in $(seq 60); do
   on_node "$NODE_A" sinfo -h -o "%D %T" 2>/dev/null | grep -qx "2 idle" && break
   sleep 1
