@@ -36,6 +36,9 @@
 # 8. (PARTS=oom only) CUDA out of memory is one message naming the phase, the numbers and what to
 #    change, exit != 0, no C++ backtrace; bench-checkpoint of Llama-3.1-8B dims × 8 layers plans
 #    its memory on one GPU and finishes.
+# 9. PARTS=colocated (not in the default set): the sharded parts with 2 and 4 ranks sharing one
+#    GPU (ULYSSES_RANKS_PER_GPU); see the part below for what it checks. From the repository root
+#    after `make bundle`:  PARTS=colocated bash tests/gpu/run.sh
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 WORK="$(mktemp -d /tmp/ulysses-gputest.XXXXXX)"
@@ -210,8 +213,7 @@ print("PASS held-out loss on the GPU: sp4 (kept, recomputed) == sp1")
 PY
 fi
 
-# 6. Qwen3 in bf16 on the GPU against the CPU fp32 run.
-if want qwen3; then
+# 6. Qwen3 in bf16 on the GPU against the CPU fp32 run (its config serves part 9 too).
 cat > "$WORK/qwen3-config.json" <<JSON
 {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "vocab_size": 512, "hidden_size": 256,
  "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
@@ -219,6 +221,7 @@ cat > "$WORK/qwen3-config.json" <<JSON
  "rope_parameters": {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
                      "original_max_position_embeddings": 1024}}
 JSON
+if want qwen3; then
 u 1 data synth --task random --seq-len 4096 --num 3 --seed 4 --out "$WORK/rand4k" >/dev/null
 for dev in cpu cuda; do
   [ $dev = cpu ] && { sp=1; dtype=fp32; } || { sp="$SP"; dtype=bf16; }
@@ -311,6 +314,199 @@ PY
   else
     tail -20 "$OUTD/gputest-bench-checkpoint.log"; echo "FAIL bench-checkpoint"; fails=$((fails + 1))
   fi
+fi
+
+# 9. Several ranks on one GPU (PARTS=colocated; ULYSSES_RANKS_PER_GPU, docs/multinode.md): the
+#    sharded paths with 2 and 4 ranks sharing GPU 0, NCCL between them over its network
+#    transport. A small Llama (4 layers, hidden 512, 8 / 4 heads of 64, vocab 4096) at 8192 tokens,
+#    bf16, 3 steps, every comparison on losses and gradient norms within rtol 1.6e-2 (bf16 summed in
+#    another order): sp = 4 against sp = 1; sp = 2 × dp = 2 against sp = 1 × dp = 2; packed
+#    documents at sp = 4 against sp = 1; Qwen3 (the config of part 6) at sp = 4 against sp = 1;
+#    at sp = 2, recomputed attention, layer inputs in host memory and on disk, and the optimizer
+#    state in host memory and on disk against kept attention all on the GPU; a format-2
+#    checkpoint written by 4 ranks (sp = 4, step 3 of 6) resumed by 1 rank and by 2 (steps 4-6
+#    against the uninterrupted run). Then the watchdog: a 4-rank job (collective_timeout_s = 20)
+#    whose rank 2 gets SIGSTOP must end within the timeout + 20 s, its message naming the
+#    collective the live ranks wait in and rank 2 as the one that did not arrive. Prints a
+#    summary (each check, the worst relative difference, the watchdog's time); about 5 minutes
+#    on one H100.
+if want colocated; then
+colocated_start=$SECONDS
+C="$WORK/colocated"
+mkdir -p "$C"
+SUMMARY="$C/summary.txt"
+: > "$SUMMARY"
+cu() {  # ranks name: runs $C/name.toml on one GPU, `ranks` ranks sharing it
+  ULYSSES_RANKS_PER_GPU="$1" NGPU="$1" bash bundle/run-gpu.sh "$C/$2.toml" > "$OUTD/gputest-colocated-$2.log" 2>&1
+  echo "ran $2 on $1 rank(s) sharing one GPU: exit $?"
+}
+cexp() {  # name model-config sp dp data steps [extra [parallel] lines]
+  cat > "$C/$1.toml" <<TOML
+[run]
+name = "$1"
+output_dir = "$C/runs"
+seed = 5
+[model]
+config = "$2"
+[parallel]
+sp = $3
+dp = $4
+device = "cuda"
+$7
+[data]
+paths = ["$5"]
+seq_len = $(cat "$5.seq")
+shuffle = false
+$(cat "$5.extra" 2>/dev/null)
+[train]
+steps = $6
+lr = 1e-4
+min_lr = 1e-4
+warmup_steps = 0
+dtype = "bf16"
+[checkpoint]
+every = ${EVERY:-100000}
+resume = "auto"
+save_final = false
+TOML
+}
+cat > "$C/llama.json" <<JSON
+{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 4096, "hidden_size": 512,
+ "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
+ "head_dim": 64, "rms_norm_eps": 1e-05, "max_position_embeddings": 8192, "rope_theta": 500000.0,
+ "tie_word_embeddings": false}
+JSON
+u 1 data synth --task random --seq-len 8192 --num 12 --seed 2 --out "$C/rand8k" >/dev/null
+echo 8192 > "$C/rand8k.seq"
+u 1 data synth --task random --seq-len 8192 --num 12 --seed 2 --doc-len 1500 --out "$C/docs8k" >/dev/null
+echo 8192 > "$C/docs8k.seq"
+printf 'documents = "mask"\npositions = "document"\n' > "$C/docs8k.extra"
+u 1 data synth --task random --seq-len 4096 --num 12 --seed 4 --out "$C/rand4k" >/dev/null
+echo 4096 > "$C/rand4k.seq"
+L="$C/llama.json"
+cexp sp1 "$L" 1 1 "$C/rand8k" 3
+cexp sp4 "$L" 4 1 "$C/rand8k" 3
+cexp sp1dp2 "$L" 1 2 "$C/rand8k" 3
+cexp sp2dp2 "$L" 2 2 "$C/rand8k" 3
+cexp packed-sp1 "$L" 1 1 "$C/docs8k" 3
+cexp packed-sp4 "$L" 4 1 "$C/docs8k" 3
+cexp qwen3-sp1 "$WORK/qwen3-config.json" 1 1 "$C/rand4k" 3
+cexp qwen3-sp4 "$WORK/qwen3-config.json" 4 1 "$C/rand4k" 3
+cexp sp2-device "$L" 2 1 "$C/rand8k" 3 'activations = "device"'
+cexp sp2-recompute "$L" 2 1 "$C/rand8k" 3 $'activations = "device"\nkeep_attention = false'
+cexp sp2-host "$L" 2 1 "$C/rand8k" 3 'activations = "host"'
+cexp sp2-disk "$L" 2 1 "$C/rand8k" 3 'activations = "disk"'
+cexp sp2-offload "$L" 2 1 "$C/rand8k" 3 $'activations = "device"\noffload_optimizer = true'
+cexp sp2-statedisk "$L" 2 1 "$C/rand8k" 3 $'activations = "device"\noffload_optimizer = "disk"'
+EVERY=3 cexp ckpt-sp4 "$L" 4 1 "$C/rand8k" 6
+EVERY=3 cexp ckpt-sp1 "$L" 1 1 "$C/rand8k" 6
+EVERY=3 cexp ckpt-sp2 "$L" 2 1 "$C/rand8k" 6
+for run in sp1:1 sp4:4 sp1dp2:2 sp2dp2:4 packed-sp1:1 packed-sp4:4 qwen3-sp1:1 qwen3-sp4:4 \
+           sp2-device:2 sp2-recompute:2 sp2-host:2 sp2-disk:2 sp2-offload:2 sp2-statedisk:2 ckpt-sp4:4; do
+  cu "${run#*:}" "${run%%:*}"
+done
+# The 4-rank checkpoint of step 3, resumed by 1 rank and by 2.
+for n in 1 2; do
+  mkdir -p "$C/runs/ckpt-sp$n/checkpoints"
+  cp -r "$C/runs/ckpt-sp4/checkpoints/step-000003" "$C/runs/ckpt-sp$n/checkpoints/"
+  cu "$n" "ckpt-sp$n"
+done
+python3 - "$OUTD" "$SUMMARY" <<'PY' || fails=$((fails + 1))
+import re, sys
+out, summary = sys.argv[1], open(sys.argv[2], "a")
+def steps(name):
+    t = open(f"{out}/gputest-colocated-{name}.log").read()
+    return {int(s): (float(l), float(g)) for s, l, g in re.findall(r"step +(\d+)/\d+ +loss (\S+) +lr \S+ +grad_norm (\S+)", t)}, t
+failed = []
+def compare(what, ref, got, want_steps, needle=None):
+    (a, ta), (b, tb) = steps(ref), steps(got)
+    problems = []
+    if needle and not (needle in ta and needle in tb):
+        problems.append(f"no '{needle}' in both logs")
+    if "ULYSSES_RANKS_PER_GPU=" not in tb and "ULYSSES_RANKS_PER_GPU=" not in ta:
+        problems.append("no run said it shares its GPU")
+    worst = 0.0
+    for s in want_steps:
+        if s not in a or s not in b:
+            problems.append(f"step {s} missing ({ref}: {sorted(a)}, {got}: {sorted(b)})")
+            continue
+        (la, ga), (lb, gb) = a[s], b[s]
+        rl, rg = abs(la - lb) / abs(la), abs(ga - gb) / abs(ga)
+        worst = max(worst, rl, rg)
+        print(f"{what} step {s}: loss {la:.5f} / {lb:.5f} (rel {rl:.1e})  grad_norm {ga:.4f} / {gb:.4f} (rel {rg:.1e})")
+    if worst > 1.6e-2:
+        problems.append(f"worst relative difference {worst:.2e} > 1.6e-2")
+    verdict = "PASS" if not problems else "FAIL"
+    line = f"{verdict} {what}: worst relative difference {worst:.2e}" + ("" if not problems else " (" + "; ".join(problems) + ")")
+    print(line)
+    summary.write(line + "\n")
+    if problems:
+        failed.append(what)
+three = [1, 2, 3]
+compare("sp=4 (4 ranks on one GPU) == sp=1", "sp1", "sp4", three)
+compare("sp=2 x dp=2 (4 ranks) == sp=1 x dp=2 (2 ranks)", "sp1dp2", "sp2dp2", three)
+compare("packed documents sp=4 == sp=1", "packed-sp1", "packed-sp4", three, "attention within documents")
+compare("qwen3 sp=4 == sp=1", "qwen3-sp1", "qwen3-sp4", three)
+for v, what in [("recompute", "recomputed attention"), ("host", "layer inputs in host memory"), ("disk", "layer inputs on disk"),
+                ("offload", "optimizer state in host memory"), ("statedisk", "optimizer state on disk")]:
+    compare(f"sp=2 {what} == kept attention on the GPU", "sp2-device", f"sp2-{v}", three)
+for n in (1, 2):
+    _, t = steps(f"ckpt-sp{n}")
+    if "resuming from" not in t or "step-000003" not in t:
+        failed.append(f"resume by {n}")
+        summary.write(f"FAIL format-2 checkpoint of 4 ranks resumed by {n}: did not resume from step 3\n")
+        continue
+    compare(f"format-2 checkpoint of 4 ranks resumed by {n} rank(s), steps 4-6", "ckpt-sp4", f"ckpt-sp{n}", [4, 5, 6])
+sys.exit(1 if failed else 0)
+PY
+
+# The watchdog on NCCL: rank 2 of a 4-rank job stopped.
+TIMEOUT=20
+BOUND=20
+cexp watchdog "$L" 4 1 "$C/rand8k" 100000 "collective_timeout_s = $TIMEOUT"
+log="$OUTD/gputest-colocated-watchdog.log"
+ULYSSES_RANKS_PER_GPU=4 NGPU=4 bash bundle/run-gpu.sh "$C/watchdog.toml" > "$log" 2>&1 &
+job=$!
+for _ in $(seq 600); do grep -q "step     3/" "$log" 2>/dev/null && break; kill -0 $job 2>/dev/null || break; sleep 0.2; done
+# Rank 2: the third ulysses process of this job (mpirun starts them in rank order; PMI_RANK says).
+victim=""
+for p in $(pgrep -f "ulysses $C/watchdog.toml"); do
+  tr '\0' '\n' < /proc/$p/environ 2>/dev/null | grep -qx "PMI_RANK=2" && victim=$p
+done
+if [ -z "$victim" ] || ! grep -q "step     3/" "$log"; then
+  echo "FAIL watchdog: the job did not reach step 3 or rank 2 was not found" | tee -a "$SUMMARY"
+  fails=$((fails + 1))
+  kill $job 2>/dev/null
+else
+  kill -STOP "$victim"
+  t0=$(date +%s.%N)
+  while kill -0 $job 2>/dev/null; do
+    sleep 0.2
+    if [ "$(awk "BEGIN { print ($(date +%s.%N) - $t0 > $TIMEOUT + $BOUND + 30) }")" = 1 ]; then kill -9 $job; break; fi
+  done
+  took=$(awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $t0 }")
+  wait $job; rc=$?
+  kill -CONT "$victim" 2>/dev/null; kill -9 "$victim" 2>/dev/null
+  grep -A8 "collective watchdog" "$log" | head -12
+  python3 - "$log" "$took" "$TIMEOUT" "$BOUND" "$rc" "$SUMMARY" <<'PY' || fails=$((fails + 1))
+import re, sys
+log, took, timeout, bound, rc = open(sys.argv[1]).read(), float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+problems = []
+if rc == 0: problems.append("the job exited 0")
+if took > timeout + bound: problems.append(f"took {took:.1f} s > timeout {timeout:.0f} + {bound:.0f} s")
+if log.count("collective watchdog: no progress for") != 1: problems.append("no single watchdog message")
+if "rank 2: did not arrive" not in log: problems.append("rank 2 not named as the one that did not arrive")
+named = re.findall(r"waiting in (all_to_all|all_gather|reduce_scatter|all_reduce|broadcast|barrier) on the (\w+) group", log)
+if not named: problems.append("no collective named (live ranks not inside a collective)")
+line = f"{'PASS' if not problems else 'FAIL'} watchdog: 4 ranks on one GPU, rank 2 stopped, the job ended in {took:.1f} s (timeout {timeout:.0f} s, bound +{bound:.0f} s), exit {rc}" + (f", waiting in {named[0][0]} on the {named[0][1]} group" if named else "") + ("" if not problems else " (" + "; ".join(problems) + ")")
+print(line)
+open(sys.argv[6], "a").write(line + "\n")
+sys.exit(1 if problems else 0)
+PY
+fi
+echo "== colocated summary (one GPU, ULYSSES_RANKS_PER_GPU = 2 and 4):"
+cat "$SUMMARY"
+echo "colocated: $(grep -c '^PASS' "$SUMMARY") passed, $(grep -c '^FAIL' "$SUMMARY") failed, $((SECONDS - colocated_start)) s"
 fi
 
 want learn || { echo "gpu tests ($PARTS): $fails failed"; exit $fails; }
