@@ -352,7 +352,7 @@ config = "$2"
 sp = $3
 dp = $4
 device = "cuda"
-$7
+${7:-}
 [data]
 paths = ["$5"]
 seq_len = $(cat "$5.seq")
