@@ -329,7 +329,7 @@ fn check_says_which_kernel_and_what_attention_within_documents_costs() {
     assert!(out.status.success(), "{}", text(&out));
     let t = text(&out);
     for expected in [
-        "kernel     CPU flash with a block-diagonal causal mask on samples of several documents, CPU flash (causal) on single-document ones",
+        "kernel     CPU flash (causal) on each document of ≥ 4096 tokens (one call per run of equal-length ones), CPU flash with a block-diagonal causal mask on the shorter ones; CPU flash (causal) on single-document samples",
         "documents  data.documents = \"mask\": attention within each document",
         "RoPE positions run on across documents",
         "within the documents of 4 of the 4 sequences (4.0 documents each, median length in [256, 512)):",

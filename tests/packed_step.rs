@@ -1,13 +1,14 @@
 //! Packed documents in one process (CPU, fp32): the layer-wise step with attention within
 //! documents gives the loss and every gradient of running each document as its own sample (summed
 //! token losses), on the kept path (CPU flash with a block-diagonal mask, fused backward) and the
-//! recomputed one, with restarting or global positions, tiny documents and samples that differ;
+//! recomputed one, every document by the masked kernel or the long ones by the causal kernel
+//! one by one, with restarting or global positions, tiny documents and samples that differ;
 //! the readable reference with its dense mask agrees; and a micro batch whose samples are one
 //! document each takes exactly today's causal path, bit for bit. tests/packed_training.rs runs
 //! the same under mpirun for sp ∈ {1, 2, 4}.
 use tch::{Device, Kind, Tensor};
 use ulysses::comm::Groups;
-use ulysses::config::{FusedAttention, ZeroStage};
+use ulysses::config::{DocumentKernels, FusedAttention, ZeroStage};
 use ulysses::data::{sample_targets, Documents, PackedDocuments, Packing, Positions, IGNORE_INDEX};
 use ulysses::metrics::profile::Profiler;
 use ulysses::model::spec::{ModelSpec, Preset};
@@ -77,12 +78,18 @@ fn each_document_alone(batch: &MicroBatch, rows: &[Vec<i64>]) -> Vec<MicroBatch>
     out
 }
 
-/// The step's loss sum and gradients (divided by `n`) for `batch` with `documents` as the masked
-/// kernel (None: documents ignored), attention kept or recomputed.
+/// The CPU's kernels within documents: documents of at least `min_len` tokens by the causal
+/// kernel, the rest with the dense mask (0: every document with the mask).
+fn cpu(min_len: usize) -> Option<DocumentKernels> {
+    Some(DocumentKernels { varlen: FusedAttention::CpuFlash, causal: FusedAttention::CpuFlash, min_len })
+}
+
+/// The step's loss sum and gradients (divided by `n`) for `batch` with `documents` as the
+/// kernels within documents (None: documents ignored), attention kept or recomputed.
 fn step(
     spec: &ModelSpec,
     batch: &MicroBatch,
-    documents: Option<FusedAttention>,
+    documents: Option<DocumentKernels>,
     keep: bool,
     qkv_once: bool,
 ) -> (f64, Vec<(String, Tensor)>) {
@@ -159,9 +166,15 @@ fn a_packed_step_equals_each_document_as_its_own_sample() {
     let names: Vec<String> = reference.named().iter().map(|(k, _)| k.clone()).collect();
     let per_document = reference.loss_and_grads(&alone);
     let masked_reference = reference.loss_and_grads(std::slice::from_ref(&batch));
-    for (keep, qkv_once) in [(true, false), (true, true), (false, false), (false, true)] {
-        let (loss, grads) = step(&spec, &batch, Some(FusedAttention::CpuFlash), keep, qkv_once);
-        let what = format!("{} attention, qkv once: {qkv_once}", if keep { "kept" } else { "recomputed" });
+    // min_len 5: documents of 7, 13, 17, 31 and 8 tokens one by one, the tiny ones with the mask.
+    let paths =
+        [(true, false, 0), (true, true, 0), (false, false, 0), (false, true, 0), (true, false, 5), (false, false, 5)];
+    for (keep, qkv_once, min_len) in paths {
+        let (loss, grads) = step(&spec, &batch, cpu(min_len), keep, qkv_once);
+        let what = format!(
+            "{} attention, qkv once: {qkv_once}, causal kernel from {min_len} tokens",
+            if keep { "kept" } else { "recomputed" }
+        );
         let clone = |r: &(f64, Vec<Tensor>)| (r.0, r.1.iter().map(Tensor::copy).collect());
         assert_close(&format!("{what} vs each document alone"), loss, n, &grads, clone(&per_document), &names);
         assert_close(
@@ -193,7 +206,7 @@ fn global_positions_within_documents_give_the_same_attention() {
     let groups = Groups::solo();
     let reference = Reference::new(&spec, params(&spec, &groups).gather_named(groups.world.as_ref()).unwrap());
     let names: Vec<String> = reference.named().iter().map(|(k, _)| k.clone()).collect();
-    let (loss, grads) = step(&spec, &batch, Some(FusedAttention::CpuFlash), true, false);
+    let (loss, grads) = step(&spec, &batch, cpu(0), true, false);
     let n = batch.valid_labels() as f64;
     let alone = reference.loss_and_grads(&each_document_alone(&batch, &rows));
     assert_close("global positions vs each document alone", loss, n, &grads, alone, &names);
@@ -205,7 +218,7 @@ fn single_document_samples_take_the_causal_path_bit_for_bit() {
     let packing = Packing { documents: PackedDocuments::Mask, positions: Positions::Document };
     let (batch, _) = packed(&spec, &[Documents::whole(S), Documents::from_starts(&[0], S)], packing, 11);
     for (keep, qkv_once) in [(true, false), (true, true), (false, false)] {
-        let (loss_masked, masked) = step(&spec, &batch, Some(FusedAttention::CpuFlash), keep, qkv_once);
+        let (loss_masked, masked) = step(&spec, &batch, cpu(0), keep, qkv_once);
         let (loss_plain, plain) = step(&spec, &batch, None, keep, qkv_once);
         assert_eq!(loss_masked.to_bits(), loss_plain.to_bits(), "keep = {keep}, qkv once {qkv_once}: loss");
         for ((name, a), (_, b)) in masked.iter().zip(&plain) {

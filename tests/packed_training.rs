@@ -1,7 +1,8 @@
 //! Packed documents in real multi-rank jobs (mpirun, CPU, fp32), against the readable reference
 //! trainer fed every document as its own sample:
 //! - training on packed text with `data.documents = "mask"` and restarting positions gives, for
-//!   sp ∈ {1, 2, 4} (kept and recomputed attention, two samples per micro batch), every step's
+//!   sp ∈ {1, 2, 4} (kept and recomputed attention, every document by the masked kernel or the
+//!   long ones by the causal kernel one by one, two samples per micro batch), every step's
 //!   loss within 1e-6 and every parameter within 1e-5 of the reference's (at lr 1e-3: Adam turns
 //!   fp32 rounding in near-zero gradient entries into parameter differences proportional to the
 //!   learning rate, see tests/train_equivalence.rs; at 2e-3 they reached 1.5e-5), with documents that
@@ -179,6 +180,15 @@ fn packed_training_equals_each_document_alone_for_sp_1_2_4() {
         Run { name: "sp1", sp: 1, zero: 0, parallel: "", data: MASK, metrics },
         Run { name: "sp2-recompute", sp: 2, zero: 3, parallel: "keep_attention = false", data: MASK, metrics: "" },
         Run { name: "sp4", sp: 4, zero: 3, parallel: "", data: MASK, metrics: "" },
+        // Documents of 16 tokens or more by the causal kernel one by one, the rest by the mask.
+        Run {
+            name: "sp2-per-document",
+            sp: 2,
+            zero: 3,
+            parallel: "per_document_min_len = 16",
+            data: MASK,
+            metrics: "",
+        },
     ];
     let (losses, params, seen) = reference_on_each_document(&experiment(dir.path(), &data, &runs[0]));
     assert!(seen.documents.iter().all(|&n| n >= 6), "each step holds several documents: {:?}", seen.documents);

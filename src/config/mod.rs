@@ -139,6 +139,11 @@ pub struct ParallelConfig {
     /// (DeepSpeed's) leaves room for a layer of a 1M-token step, an optimizer update in host
     /// memory and a synchronous checkpoint of an 8B model.
     pub collective_timeout_s: f64,
+    /// With `data.documents = "mask"`: documents of at least this many tokens attend by the
+    /// causal kernel, one call per run of consecutive equal-length ones (the causal kernel is
+    /// faster than the varlen ones on long documents); shorter ones by the varlen kernel, one
+    /// call per run of them. 0: every document by the varlen kernel.
+    pub per_document_min_len: usize,
 }
 
 /// How ZeRO splits parameters, gradients and optimizer state; written as its stage number.
@@ -257,6 +262,33 @@ pub enum ActivationPlacement {
     Disk,
 }
 
+/// The kernels that attend within packed documents (`data.documents = "mask"`), decided once at
+/// start (`parallel::attention::document_kernels`); which one runs on which documents of a micro
+/// batch is `parallel::attention::pieces`. Plain data, as `FusedAttention`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DocumentKernels {
+    /// The varlen kernel (cumulative sequence lengths; on CPU the flash kernel with a dense mask).
+    pub varlen: FusedAttention,
+    /// The causal kernel that attends one document (or a batch of equal-length ones) at a time.
+    pub causal: FusedAttention,
+    /// Documents of at least this many tokens go to `causal` (0: none do).
+    pub min_len: usize,
+}
+
+impl DocumentKernels {
+    /// The rule in words, for `ulysses check` and the run's log.
+    pub fn describe(&self) -> String {
+        let varlen = self.varlen.describe(true);
+        match self.min_len {
+            0 => format!("{varlen} on samples of several documents"),
+            n => format!(
+                "{} on each document of ≥ {n} tokens (one call per run of equal-length ones), {varlen} on the shorter ones",
+                self.causal.describe(false)
+            ),
+        }
+    }
+}
+
 impl FusedAttention {
     /// How `ulysses check` and the run's log name the kernel, on a full causal sample or on one
     /// with several documents (`masked`).
@@ -308,6 +340,7 @@ impl Default for ParallelConfig {
             mlp_tile: 0,
             loss_tile: 0,
             collective_timeout_s: 1800.0,
+            per_document_min_len: 4096,
         }
     }
 }

@@ -179,7 +179,7 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
     // The grid's sequences are one document each; held-out packed data attends within its
     // documents when training did.
     let documents = match args.task {
-        EvalTask::Loss => crate::parallel::attention::document_kernel(&exp, &spec, launch.size, kind, device)?,
+        EvalTask::Loss => crate::parallel::attention::document_kernels(&exp, &spec, launch.size, kind, device)?,
         EvalTask::Passkey | EvalTask::Niah => None,
     };
     let ev = Evaluator {

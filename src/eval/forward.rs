@@ -5,12 +5,12 @@
 //! computed only at the positions a rank scores; the caller sums the scores over the SP group.
 use super::EvalError;
 use crate::comm::Collective;
-use crate::config::FusedAttention;
+use crate::config::DocumentKernels;
 use crate::data::{Documents, IGNORE_INDEX};
 use crate::model::llama::{self, ModelWeights};
-use crate::model::mask::DocumentMask;
 use crate::model::rope::Rope;
 use crate::model::spec::ModelSpec;
+use crate::parallel::attention::document_mask;
 use crate::parallel::ulysses::UlyssesAttention;
 use tch::{Device, Kind, Tensor};
 
@@ -23,9 +23,9 @@ pub struct Evaluator<'a> {
     /// Tokens per MLP tile and per LM-head tile (0: untiled), as in training.
     pub mlp_tile: usize,
     pub loss_tile: usize,
-    /// With `data.documents = "mask"`: the kernel that attends within documents (None: the
+    /// With `data.documents = "mask"`: the kernels that attend within documents (None: the
     /// sequence is one causal attention, whatever documents it holds).
-    pub documents: Option<FusedAttention>,
+    pub documents: Option<DocumentKernels>,
 }
 
 /// One rank's share of the score of one answer: sum these over the SP group.
@@ -72,7 +72,7 @@ impl Evaluator<'_> {
         let kind = self.weights.embed.kind();
         let rope = Rope::new(self.spec, &positions, kind);
         let mask = match (self.documents, docs) {
-            (Some(kernel), Some(docs)) => DocumentMask::new(std::slice::from_ref(docs), kernel, kind, self.device),
+            (Some(kernels), Some(docs)) => document_mask(std::slice::from_ref(docs), kernels, kind, self.device),
             _ => None,
         };
         let core = UlyssesAttention { group: self.sp, mask: mask.as_ref() };

@@ -1,49 +1,117 @@
 //! Block-diagonal causal attention over the documents of packed samples: a token attends only to
-//! the earlier tokens of its own document. [`DocumentMask`] is one micro batch's documents in the
-//! form a masked kernel takes them (`ffi::attention::forward_masked`); [`MaskedAttention`] is the
+//! the earlier tokens of its own document. [`DocumentMask`] is one micro batch's documents as the
+//! kernel calls that attend within them (`ffi::attention::forward_masked`): the causal kernel on
+//! long documents, a varlen kernel on runs of short ones ([`Piece`]); [`MaskedAttention`] is the
 //! readable reference behind the attention seam, SDPA with a dense mask. Both are built from the
 //! same plain `data::Documents`, identical on every SP rank: after the all-to-all each rank
 //! attends over the whole sequence, so each needs the whole sample's boundaries.
 use super::llama::AttentionCore;
-use crate::config::FusedAttention;
+use crate::config::{DocumentKernels, FusedAttention};
 use crate::data::Documents;
 use tch::{Device, Kind, Tensor};
 
-/// One micro batch's documents as `kernel` takes them. Built only when some sample holds more
+/// A stretch of a micro batch's tokens (its samples laid end to end) and the kernel call that
+/// attends within its documents; `parallel::attention::pieces` cuts a micro batch into these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// `count` consecutive documents of `len` tokens each from token `start`: the causal kernel,
+    /// one call with the documents as its batch (a view, no copy).
+    Causal { start: usize, count: usize, len: usize },
+    /// The consecutive documents of lengths `lens` from token `start`: one varlen call.
+    Varlen { start: usize, lens: Vec<usize> },
+}
+
+impl Piece {
+    /// Its tokens.
+    pub fn tokens(&self) -> usize {
+        match self {
+            Piece::Causal { count, len, .. } => count * len,
+            Piece::Varlen { lens, .. } => lens.iter().sum(),
+        }
+    }
+}
+
+/// One kernel call of a `DocumentMask`, in the form the kernel takes it.
+pub enum Call {
+    /// `count` documents of `len` tokens from token `start`, by the causal kernel.
+    Causal { start: i64, count: i64, len: i64 },
+    /// `tokens` tokens from `start` by the varlen kernel.
+    Varlen {
+        start: i64,
+        tokens: i64,
+        /// int32 `[documents + 1]` on the device: where each document of the stretch begins,
+        /// then its length (cuDNN and flash varlen).
+        cu_seqlens: Tensor,
+        /// The stretch's longest document.
+        max_len: i64,
+        /// CPU flash only (undefined otherwise): additive `[1, 1, tokens, tokens]` in the compute
+        /// dtype.
+        dense: Tensor,
+    },
+}
+
+impl Call {
+    /// Its first token in the micro batch.
+    pub fn start(&self) -> i64 {
+        match self {
+            Call::Causal { start, .. } | Call::Varlen { start, .. } => *start,
+        }
+    }
+}
+
+/// One micro batch's documents as the kernels take them. Built only when some sample holds more
 /// than one document: a micro batch of single-document samples runs the plain causal kernel,
 /// bit for bit the path without documents.
 pub struct DocumentMask {
-    /// The masked kernel it is built for: cuDNN and flash varlen take the cumulative lengths, the
-    /// CPU flash kernel the dense mask.
-    pub kernel: FusedAttention,
-    /// int32 `[documents + 1]` on the device: where each document begins in the micro batch's
-    /// samples laid end to end (sample i's positions start at `i·s`), then the total.
-    pub cu_seqlens: Tensor,
-    /// The longest document.
-    pub max_len: i64,
-    /// CPU flash only (undefined otherwise): additive `[b, 1, s, s]` in the compute dtype.
-    pub dense: Tensor,
+    pub kernels: DocumentKernels,
+    /// The kernel calls, in token order; together they cover the micro batch.
+    pub calls: Vec<Call>,
 }
 
 impl DocumentMask {
-    /// None when every sample of `docs` is one document.
-    pub fn new(docs: &[Documents], kernel: FusedAttention, kind: Kind, device: Device) -> Option<DocumentMask> {
+    /// None when every sample of `docs` is one document; else the calls of `pieces`, which
+    /// cover `docs`' samples laid end to end.
+    pub fn new(
+        docs: &[Documents],
+        pieces: &[Piece],
+        kernels: DocumentKernels,
+        kind: Kind,
+        device: Device,
+    ) -> Option<DocumentMask> {
         if docs.iter().all(|d| d.count() == 1) {
             return None;
         }
-        let mut cu = Vec::with_capacity(docs.iter().map(Documents::count).sum::<usize>() + 1);
-        let mut offset = 0;
-        for d in docs {
-            cu.extend(d.starts().iter().map(|&s| (offset + s) as i32));
-            offset += d.seq_len();
-        }
-        cu.push(offset as i32);
-        let max_len = docs.iter().map(Documents::max_len).max().unwrap_or(0) as i64;
-        let dense = match kernel {
-            FusedAttention::CpuFlash => dense_mask(docs, kind, device),
-            FusedAttention::Cudnn | FusedAttention::Flash => Tensor::new(),
-        };
-        Some(DocumentMask { kernel, cu_seqlens: Tensor::from_slice(&cu).to_device(device), max_len, dense })
+        let calls = pieces
+            .iter()
+            .map(|piece| match piece {
+                &Piece::Causal { start, count, len } => {
+                    Call::Causal { start: start as i64, count: count as i64, len: len as i64 }
+                }
+                Piece::Varlen { start, lens } => {
+                    let mut cu = vec![0i32];
+                    cu.extend(lens.iter().scan(0, |end, &l| {
+                        *end += l;
+                        Some(*end as i32)
+                    }));
+                    let tokens = piece.tokens();
+                    let dense = match kernels.varlen {
+                        FusedAttention::CpuFlash => {
+                            let starts: Vec<usize> = cu[..lens.len()].iter().map(|&c| c as usize).collect();
+                            dense_mask(&[Documents::from_starts(&starts, tokens)], kind, device)
+                        }
+                        FusedAttention::Cudnn | FusedAttention::Flash => Tensor::new(),
+                    };
+                    Call::Varlen {
+                        start: *start as i64,
+                        tokens: tokens as i64,
+                        cu_seqlens: Tensor::from_slice(&cu).to_device(device),
+                        max_len: lens.iter().copied().max().unwrap_or(0) as i64,
+                        dense,
+                    }
+                }
+            })
+            .collect();
+        Some(DocumentMask { kernels, calls })
     }
 }
 
@@ -112,13 +180,27 @@ mod tests {
     }
 
     #[test]
-    fn the_kernels_mask_lists_every_document_of_the_micro_batch() {
+    fn the_kernels_mask_lists_every_document_of_each_varlen_call() {
         let docs = [Documents::from_starts(&[3], 8), Documents::whole(8)];
-        let m = DocumentMask::new(&docs, FusedAttention::Flash, Kind::Float, Device::Cpu).unwrap();
-        assert_eq!(Vec::<i32>::try_from(&m.cu_seqlens).unwrap(), vec![0, 3, 8, 16]);
-        assert_eq!((m.max_len, m.dense.defined()), (8, false));
-        let cpu = DocumentMask::new(&docs, FusedAttention::CpuFlash, Kind::Float, Device::Cpu).unwrap();
-        assert_eq!(cpu.dense.size(), [2, 1, 8, 8]);
-        assert!(DocumentMask::new(&[Documents::whole(8)], FusedAttention::CpuFlash, Kind::Float, Device::Cpu).is_none());
+        let pieces = [Piece::Varlen { start: 0, lens: vec![3, 5] }, Piece::Causal { start: 8, count: 1, len: 8 }];
+        let kernels = |varlen| DocumentKernels { varlen, causal: FusedAttention::CpuFlash, min_len: 8 };
+        let m = DocumentMask::new(&docs, &pieces, kernels(FusedAttention::Flash), Kind::Float, Device::Cpu).unwrap();
+        match &m.calls[..] {
+            [Call::Varlen { start: 0, tokens: 8, cu_seqlens, max_len: 5, dense }, Call::Causal { start: 8, count: 1, len: 8 }] =>
+            {
+                assert_eq!(Vec::<i32>::try_from(cu_seqlens).unwrap(), vec![0, 3, 8]);
+                assert!(!dense.defined());
+            }
+            _ => panic!("two calls: varlen over the first sample, causal over the second"),
+        }
+        let cpu =
+            DocumentMask::new(&docs, &pieces, kernels(FusedAttention::CpuFlash), Kind::Float, Device::Cpu).unwrap();
+        match &cpu.calls[0] {
+            Call::Varlen { dense, .. } => assert_eq!(dense.size(), [1, 1, 8, 8]),
+            Call::Causal { .. } => panic!("the first call is varlen"),
+        }
+        let whole = [Documents::whole(8)];
+        let one = [Piece::Causal { start: 0, count: 1, len: 8 }];
+        assert!(DocumentMask::new(&whole, &one, kernels(FusedAttention::CpuFlash), Kind::Float, Device::Cpu).is_none());
     }
 }

@@ -3,7 +3,7 @@
 //! that fits them.
 use super::memory::{self, longest_fit, Budget, Estimate, PlanInputs};
 use super::Plan;
-use crate::config::{AttentionBackend, DeviceKind, Experiment, FusedAttention};
+use crate::config::{AttentionBackend, DeviceKind, DocumentKernels, Experiment, FusedAttention};
 use crate::data::documents::{spread, summarize};
 use crate::data::{Dataset, PackedDocuments, Positions};
 use crate::model::spec::ModelSpec;
@@ -78,8 +78,10 @@ fn attention_report(exp: &Experiment, spec: &ModelSpec) -> String {
     let kernel = match exp.parallel.fused_attention() {
         Some(k) if masked => {
             let fallback = k == FusedAttention::Cudnn && exp.parallel.attention == AttentionBackend::Auto;
-            let fallback = if fallback { " (flash varlen if cuDNN refuses the heads when the run starts)" } else { "" };
-            format!("{} on samples of several documents{fallback}, {causal} on single-document ones", k.describe(true))
+            let fallback =
+                if fallback { " (flash varlen if cuDNN varlen refuses the heads when the run starts)" } else { "" };
+            let rule = DocumentKernels { varlen: k, causal: k, min_len: exp.parallel.per_document_min_len };
+            format!("{}{fallback}; {causal} on single-document samples", rule.describe())
         }
         _ => causal,
     };

@@ -25,7 +25,7 @@
 //! takes exactly the path of unpacked data.
 use super::store::{ActivationStore, Key};
 use crate::comm::Collective;
-use crate::ffi::attention::{self as fused, Saved};
+use crate::ffi::attention::{self as fused, KernelCall, Saved};
 use crate::ffi::autograd;
 use crate::metrics::profile::Profiler;
 use crate::model::llama::{self, seq_tiles, AttentionCore, LayerWeights, LocalAttention};
@@ -78,11 +78,12 @@ pub struct SavedLayer {
     mlp: Option<(Key, Key)>,
 }
 
-/// A layer's kept attention: the head-sharded output, its log-sum-exp and the kernel's extras.
+/// A layer's kept attention: the head-sharded output, its log-sum-exp and the kernel calls'
+/// extras.
 struct KeptAttention {
     out: Key,
     lse: Key,
-    aux: [Tensor; 2],
+    calls: Vec<KernelCall>,
 }
 
 impl SavedLayer {
@@ -144,7 +145,7 @@ impl DecoderLayer {
                 (Some(place), Some(saved)) => Some(KeptAttention {
                     out: store.put(oh.shallow_clone(), place)?,
                     lse: store.put(saved.lse, place)?,
-                    aux: saved.aux,
+                    calls: saved.calls,
                 }),
                 _ => None,
             };
@@ -181,7 +182,7 @@ impl DecoderLayer {
         // within documents, by the masked kernel, whose fused backward then takes its output.
         let (oh, kept, shards) = match saved.attention {
             Some(k) => {
-                let kept = Saved { lse: store.take(k.lse)?, aux: k.aux };
+                let kept = Saved { lse: store.take(k.lse)?, calls: k.calls };
                 (store.take(k.out)?, Some(kept), None)
             }
             None => prof.phase(format_args!("attention forward (recompute)"), || -> Result<_> {
@@ -408,7 +409,7 @@ fn transposed_mm(grad: &Tensor, input: &Tensor) -> Tensor {
 fn zero_attention(qh: &Tensor) -> (Tensor, Option<Saved>) {
     let (b, s, heads, _) = qh.size4().expect("attention tensors are [b, s, heads, d]");
     let lse = Tensor::zeros([b, heads, s], (Kind::Float, qh.device()));
-    (qh.zeros_like(), Some(Saved { lse, aux: [Tensor::new(), Tensor::new()] }))
+    (qh.zeros_like(), Some(Saved { lse, calls: Vec::new() }))
 }
 
 /// A new leaf of the graph that starts at `t`.

@@ -21,7 +21,7 @@ use crate::metrics::position::PositionLoss;
 use crate::metrics::{memory, profile, progress, MetricsWriter, RunInfo, StepRow, StepTimes};
 use crate::model::spec::ModelSpec;
 use crate::optim::{clip_scale, grad_norm, AdamW};
-use crate::parallel::attention::{allow_sdp_kernels, document_kernel};
+use crate::parallel::attention::{allow_sdp_kernels, document_kernels};
 use crate::parallel::zero::StateTiers;
 use crate::plan::flops;
 use crate::plan::memory::{self as memory_plan, Budget, DoesNotFit, Estimate, Placement, PlanInputs};
@@ -55,11 +55,11 @@ pub fn run(
         allow_sdp_kernels(exp.parallel.attention);
     }
     let kind = crate::model::kind_of(exp.train.dtype);
-    let document_kernel = document_kernel(exp, spec, mesh.world_size(), kind, device)?;
-    if let (Some(k), 0) = (document_kernel, mesh.world_rank) {
+    let document_kernels = document_kernels(exp, spec, mesh.world_size(), kind, device)?;
+    if let (Some(k), 0) = (document_kernels, mesh.world_rank) {
         log::info!(
             "attention within documents: {} (a micro batch of single-document samples: the causal kernel)",
-            k.describe(true)
+            k.describe()
         );
     }
     let placement = plan_memory(exp, spec, mesh, groups.world.as_ref(), budget)?;
@@ -73,7 +73,7 @@ pub fn run(
         loss_tile: exp.parallel.loss_tile,
         profiler: &profiler,
         layers: StepContext::layers(&placement, exp.parallel.fused_attention(), exp.train.memory_fit),
-        documents: document_kernel,
+        documents: document_kernels,
     };
     let mut run = Run::start(exp, spec, mesh, groups.world.as_ref(), device, &placement)?;
     if run.first_step > exp.train.steps {

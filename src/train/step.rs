@@ -12,16 +12,16 @@
 use super::layer::{backprop, grad, leaf, log_phase, DecoderLayer, SavedLayer, Segments};
 use super::store::ActivationStore;
 use crate::comm::Groups;
-use crate::config::{FusedAttention, PositionBy};
+use crate::config::{DocumentKernels, FusedAttention, PositionBy};
 use crate::data::{Batch, Documents, IGNORE_INDEX};
 use crate::metrics::position::PositionLoss;
 use crate::metrics::profile::Profiler;
 use crate::metrics::StepTimes;
 use crate::model::llama::{self, seq_tiles, LayerWeights};
-use crate::model::mask::DocumentMask;
 use crate::model::rope::Rope;
 use crate::model::spec::ModelSpec;
-use crate::parallel::attention::AttentionPath;
+use crate::model::mask::DocumentMask;
+use crate::parallel::attention::{document_mask, AttentionPath};
 use crate::parallel::zero::{ShardedParams, UnitId};
 use crate::plan::memory::Placement;
 use anyhow::Result;
@@ -40,9 +40,9 @@ pub struct StepContext<'a> {
     pub profiler: &'a Profiler,
     /// Each decoder layer: where its input waits and how its attention is done.
     pub layers: Vec<DecoderLayer>,
-    /// With `data.documents = "mask"`: the kernel that attends within documents (its masked
-    /// form), for micro batches where some sample holds more than one; None: plain causal.
-    pub documents: Option<FusedAttention>,
+    /// With `data.documents = "mask"`: the kernels that attend within documents, for micro
+    /// batches where some sample holds more than one; None: plain causal.
+    pub documents: Option<DocumentKernels>,
 }
 
 impl StepContext<'_> {
@@ -134,7 +134,7 @@ pub fn micro_step(
 ) -> Result<f64> {
     let started = Instant::now();
     let rope = Rope::new(ctx.spec, &batch.position_ids, ctx.kind);
-    let mask = ctx.documents.and_then(|kernel| DocumentMask::new(&batch.documents, kernel, ctx.kind, ctx.device));
+    let mask = ctx.documents.and_then(|kernels| document_mask(&batch.documents, kernels, ctx.kind, ctx.device));
     let seg = segments(ctx, &rope, mask.as_ref());
     let prof = ctx.profiler;
     let (x, mut saved) = layers_forward(ctx, &seg, params, store, batch, &ctx.layers, false)?;
@@ -191,7 +191,7 @@ pub fn forward_loss(
     batch: &MicroBatch,
 ) -> Result<f64> {
     let rope = Rope::new(ctx.spec, &batch.position_ids, ctx.kind);
-    let mask = ctx.documents.and_then(|kernel| DocumentMask::new(&batch.documents, kernel, ctx.kind, ctx.device));
+    let mask = ctx.documents.and_then(|kernels| document_mask(&batch.documents, kernels, ctx.kind, ctx.device));
     let seg = segments(ctx, &rope, mask.as_ref());
     let layers: Vec<DecoderLayer> = ctx.layers.iter().map(|l| l.forward_only()).collect();
     let (x, _) = layers_forward(ctx, &seg, params, store, batch, &layers, true)?;
