@@ -143,6 +143,10 @@ for log in sorted(glob.glob(f"{out}/ulysses-*.log"), key=lambda p: int(re.findal
         kept, total = map(int, recomputed[-1]) if recomputed else (layers, layers)
         work = attention_fwd_flops_per_gpu(seq) * (3 + (total - kept) / total)
         kernels = re.findall(r"GPU kernels: matmul \S+ s +attention (\S+) s", text)
+        split_k = re.findall(r"GPU kernels: matmul (\S+) s +attention (\S+) s +elementwise (\S+) s +copies (\S+) s +NCCL (\S+) s", text)
+        if split_k:
+            # The profiled step's GPU kernel seconds by kind (src/metrics/profile.rs).
+            row["kernel_split_s"] = dict(zip(["matmul", "attention", "elementwise", "copies", "nccl"], map(float, split_k[-1])))
         seconds = float(kernels[-1]) if kernels else row["time_split_s"]["attention"]
         row["attention_seconds_source"] = "profiler kernels" if kernels else "synchronised region"
         row["attention_tflops_per_gpu"] = round(work / seconds / 1e12, 1)
