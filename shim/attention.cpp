@@ -16,23 +16,24 @@ at::Tensor *boxed(at::Tensor t) { return new at::Tensor(std::move(t)); }
 
 extern "C" {
 
-// q [b, n_q, s, d], k, v [b, n_kv, s, d] (GQA when n_kv < n_q); causal, scale 1/sqrt(d), no
+// q [b, n_q, s_q, d], k, v [b, n_kv, s_k, d] (GQA when n_kv < n_q); causal (s_q = s_k) or, for
+// ring attention's off-diagonal blocks, `causal` = 0: every query sees every key; scale 1/sqrt(d), no
 // dropout. Sets `out` [b, n_q, s, d], `lse` and two kernel-specific tensors the backward needs
 // (cuDNN: philox seed/offset; flash: rng state; CPU: undefined). Returns nullptr or a malloc'ed
 // message.
-char *ulysses_attention_forward(int kernel, const at::Tensor *q, const at::Tensor *k, const at::Tensor *v,
+char *ulysses_attention_forward(int kernel, int causal, const at::Tensor *q, const at::Tensor *k, const at::Tensor *v,
                                 at::Tensor **out, at::Tensor **lse, at::Tensor **aux0, at::Tensor **aux1) {
   try {
     at::Tensor o, l, a0, a1;
     if (kernel == CUDNN) {
       auto r = at::_scaled_dot_product_cudnn_attention(*q, *k, *v, std::nullopt, /*compute_log_sumexp=*/true, 0.0,
-                                                       /*is_causal=*/true, false);
+                                                       causal != 0, false);
       o = std::get<0>(r), l = std::get<1>(r), a0 = std::get<6>(r), a1 = std::get<7>(r);
     } else if (kernel == FLASH) {
-      auto r = at::_scaled_dot_product_flash_attention(*q, *k, *v, 0.0, /*is_causal=*/true, false);
+      auto r = at::_scaled_dot_product_flash_attention(*q, *k, *v, 0.0, causal != 0, false);
       o = std::get<0>(r), l = std::get<1>(r), a0 = std::get<6>(r), a1 = std::get<7>(r);
     } else {
-      auto r = at::_scaled_dot_product_flash_attention_for_cpu(*q, *k, *v, 0.0, /*is_causal=*/true);
+      auto r = at::_scaled_dot_product_flash_attention_for_cpu(*q, *k, *v, 0.0, causal != 0);
       o = std::get<0>(r), l = std::get<1>(r);
     }
     *out = boxed(o), *lse = boxed(l), *aux0 = boxed(a0), *aux1 = boxed(a1);
@@ -43,7 +44,7 @@ char *ulysses_attention_forward(int kernel, const at::Tensor *q, const at::Tenso
 }
 
 // Gradients of q, k, v from the forward's saved tensors; `grad_out` has `out`'s shape and strides.
-char *ulysses_attention_backward(int kernel, const at::Tensor *grad_out, const at::Tensor *q, const at::Tensor *k,
+char *ulysses_attention_backward(int kernel, int causal, const at::Tensor *grad_out, const at::Tensor *q, const at::Tensor *k,
                                  const at::Tensor *v, const at::Tensor *out, const at::Tensor *lse,
                                  const at::Tensor *aux0, const at::Tensor *aux1, at::Tensor **dq, at::Tensor **dk,
                                  at::Tensor **dv) {
@@ -53,14 +54,14 @@ char *ulysses_attention_backward(int kernel, const at::Tensor *grad_out, const a
     if (kernel == CUDNN) {
       r = at::_scaled_dot_product_cudnn_attention_backward(*grad_out, *q, *k, *v, *out, *lse, *aux0, *aux1,
                                                            at::Tensor(), at::Tensor(), at::Tensor(), s_q, s_k, 0.0,
-                                                           /*is_causal=*/true);
+                                                           causal != 0);
     } else if (kernel == FLASH) {
       r = at::_scaled_dot_product_flash_attention_backward(*grad_out, *q, *k, *v, *out, *lse, at::Tensor(),
-                                                           at::Tensor(), s_q, s_k, 0.0, /*is_causal=*/true, *aux0,
+                                                           at::Tensor(), s_q, s_k, 0.0, causal != 0, *aux0,
                                                            *aux1);
     } else {
       r = at::_scaled_dot_product_flash_attention_for_cpu_backward(*grad_out, *q, *k, *v, *out, *lse, 0.0,
-                                                                   /*is_causal=*/true);
+                                                                   causal != 0);
     }
     *dq = boxed(std::get<0>(r)), *dk = boxed(std::get<1>(r)), *dv = boxed(std::get<2>(r));
     return nullptr;

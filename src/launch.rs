@@ -85,39 +85,41 @@ impl Launch {
         self.nodes.describe(&gpu_of)
     }
 
-    /// The mesh's SP and DP groups as MPI communicators (ranks with the same dp_rank share an SP
-    /// group, ranks with the same sp_rank a DP group).
-    fn split(&self, mesh: &Mesh) -> Result<(SimpleCommunicator, SimpleCommunicator)> {
+    /// The mesh's Ulysses, DP and ring groups as MPI communicators (ranks with the same dp_rank
+    /// and ring_rank share a Ulysses group, ranks with the same sp_rank a DP group, ranks with the
+    /// same dp_rank and ulysses_rank a ring group; ranks keep their world order in each).
+    fn split(&self, mesh: &Mesh) -> Result<[SimpleCommunicator; 3]> {
         let split = |color: usize, what: &str| {
             self.world
                 .split_by_color(Color::with_value(color as i32))
                 .with_context(|| format!("MPI_Comm_split for the {what} group returned no communicator"))
         };
-        Ok((split(mesh.dp_rank, "sp")?, split(mesh.sp_rank, "dp")?))
+        Ok([
+            split(mesh.dp_rank * mesh.ring + mesh.ring_rank(), "sp")?,
+            split(mesh.sp_rank, "dp")?,
+            split(mesh.dp_rank * mesh.ulysses() + mesh.ulysses_rank(), "ring")?,
+        ])
     }
 
-    /// Splits the world into the mesh's SP and DP groups (MPI backend).
+    /// Splits the world into the mesh's groups (MPI backend).
     pub fn mpi_groups(&self, mesh: &Mesh) -> Result<Groups> {
-        let (sp, dp) = self.split(mesh)?;
+        let [sp, dp, ring] = self.split(mesh)?;
         let world = self.world.duplicate();
-        Ok(Groups::new(
-            Box::new(MpiCollective::new(world)),
-            Box::new(MpiCollective::new(sp)),
-            Box::new(MpiCollective::new(dp)),
-        ))
+        let mpi = |c| Box::new(MpiCollective::new(c)) as Box<dyn Collective>;
+        Ok(Groups::new(mpi(world), mpi(sp), mpi(dp), mpi(ring)))
     }
 
     /// One NCCL communicator per group of the mesh, on GPU `local_rank` (made torch's current
     /// device here, before any CUDA tensor or communicator exists).
     pub fn nccl_groups(&self, mesh: &Mesh) -> Result<Groups> {
         let gpu = self.cuda_device()?;
-        let (sp, dp) = self.split(mesh)?;
+        let [sp, dp, ring] = self.split(mesh)?;
         let nccl = |group: &SimpleCommunicator, what: &str| -> Result<Box<dyn Collective>> {
             let c =
                 NcclCollective::new(group, gpu).with_context(|| format!("NCCL communicator for the {what} group"))?;
             Ok(Box::new(c))
         };
-        Ok(Groups::new(nccl(&self.world, "world")?, nccl(&sp, "sp")?, nccl(&dp, "dp")?))
+        Ok(Groups::new(nccl(&self.world, "world")?, nccl(&sp, "sp")?, nccl(&dp, "dp")?, nccl(&ring, "ring")?))
     }
 
     /// Selects this rank's GPU as torch's current device: its node-local rank, or with
@@ -179,34 +181,48 @@ impl Launch {
         Ok(())
     }
 
-    /// The conformance suite over the job: the world, then the SP and DP groups of every mesh the
-    /// world size allows, checking that each group holds exactly the ranks the mesh says.
+    /// The conformance suite over the job: the world, then the Ulysses, DP and ring groups of
+    /// every mesh (sp, ring) the world size allows, checking that each group holds exactly the
+    /// ranks the mesh says; Ulysses attention over each Ulysses group and ring attention over each
+    /// ring group against local attention.
     pub fn comm_check(&self, backend: Backend) -> Result<()> {
         inject_failure(self.rank)?;
         let device = self.device(backend)?;
         let world = self.size;
         for sp in (1..=world).filter(|sp| world % sp == 0) {
             let dp = world / sp;
-            let mesh = Mesh::new(sp, dp, world, self.rank)?;
-            let groups = self.groups(backend, &mesh)?;
-            if sp == 1 {
-                conformance(groups.world.as_ref(), device, "world")?;
+            for ring in (1..=sp).filter(|ring| sp % ring == 0) {
+                let mesh = Mesh::new(sp, dp, world, self.rank)?.with_ring(ring)?;
+                let groups = self.groups(backend, &mesh)?;
+                if sp == 1 {
+                    conformance(groups.world.as_ref(), device, "world")?;
+                }
+                let layout = format!("mesh sp={sp} (ulysses {} x ring {ring}) dp={dp}", mesh.ulysses());
+                for (name, group, members) in [
+                    ("sp", &groups.sp, mesh.ulysses_group()),
+                    ("dp", &groups.dp, mesh.dp_group()),
+                    ("ring", &groups.ring, mesh.ring_group()),
+                ] {
+                    let tag = format!("{layout} {name} group");
+                    let me = Tensor::from_slice(&[self.rank as i64]).to_device(device);
+                    let got: Vec<usize> = values(&group.all_gather(&me)?).iter().map(|&v| v as usize).collect();
+                    ensure!(got == members, "{tag}: holds world ranks {got:?}, the mesh says {members:?}");
+                    conformance(group.as_ref(), device, &tag)?;
+                }
+                // Ulysses attention over the Ulysses group and ring attention over the ring group
+                // against local attention on the whole sequence (fp32): outputs and q/k/v gradients.
+                let err = crate::parallel::ulysses::check_against_local(groups.sp.as_ref(), device)?;
+                ensure!(
+                    err <= 1e-5,
+                    "{layout}: Ulysses attention differs from local attention by {err:.2e} (relative)"
+                );
+                let (ring_err, tolerance) = crate::parallel::ring::check_against_local(groups.ring.as_ref(), device)?;
+                ensure!(
+                    ring_err <= tolerance,
+                    "{layout}: ring attention differs from local attention by {ring_err:.2e} (relative; tolerance {tolerance:.0e})"
+                );
+                log::info!("collectives exact, Ulysses attention within {err:.1e} and ring attention within {ring_err:.1e} of local for {layout} on {world} rank(s)");
             }
-            for (name, group, members) in [("sp", &groups.sp, mesh.sp_group()), ("dp", &groups.dp, mesh.dp_group())] {
-                let tag = format!("mesh sp={sp} dp={dp} {name} group");
-                let me = Tensor::from_slice(&[self.rank as i64]).to_device(device);
-                let got: Vec<usize> = values(&group.all_gather(&me)?).iter().map(|&v| v as usize).collect();
-                ensure!(got == members, "{tag}: holds world ranks {got:?}, the mesh says {members:?}");
-                conformance(group.as_ref(), device, &tag)?;
-            }
-            // Ulysses attention over this SP group against local attention on the whole
-            // sequence (fp32): outputs and q/k/v gradients.
-            let err = crate::parallel::ulysses::check_against_local(groups.sp.as_ref(), device)?;
-            ensure!(
-                err <= 1e-5,
-                "mesh sp={sp} dp={dp}: Ulysses attention differs from local attention by {err:.2e} (relative)"
-            );
-            log::info!("collectives exact and Ulysses attention within {err:.1e} of local for mesh sp={sp} x dp={dp} on {world} rank(s)");
         }
         self.world.barrier();
         if self.rank == 0 {
@@ -214,7 +230,7 @@ impl Launch {
                 Backend::Mpi => "MPI backend, CPU tensors",
                 Backend::Nccl => "NCCL backend, CUDA tensors",
             };
-            println!("comm-check: all collectives exact on {world} rank(s) ({what}); Ulysses attention matches local attention (outputs and q/k/v gradients) for every SP degree");
+            println!("comm-check: all collectives exact on {world} rank(s) ({what}); Ulysses attention matches local attention (outputs and q/k/v gradients) for every SP degree; ring attention matches it for every ring degree");
         }
         Ok(())
     }

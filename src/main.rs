@@ -283,8 +283,10 @@ fn cpu_threads_for_host_work(ranks_on_node: usize, rank: usize) {
 
 /// The mesh, its communicators and this rank's device for an experiment's job.
 fn job(launch: &Launch, exp: &Experiment) -> Result<(ulysses::comm::Mesh, ulysses::comm::Groups, tch::Device)> {
-    let mesh = ulysses::comm::Mesh::new(exp.parallel.sp, exp.parallel.dp, launch.size, launch.rank)?;
-    launch.check_nodes(mesh.sp)?;
+    let mesh = ulysses::comm::Mesh::new(exp.parallel.sp, exp.parallel.dp, launch.size, launch.rank)?
+        .with_ring(exp.parallel.ring)?;
+    // The all-to-alls' groups must stay on one node; a ring group may span nodes (docs/ring.md).
+    launch.check_nodes(mesh.ulysses())?;
     log::info!(
         "on node {}: node-local rank {} of {}",
         launch.nodes.host[launch.rank],

@@ -11,6 +11,7 @@ fn comm_check(n: usize) {
     assert!(out.status.success(), "{t}");
     assert!(t.contains(&format!("comm-check: all collectives exact on {n} rank(s)")), "{t}");
     assert!(t.contains("Ulysses attention matches local attention"), "{t}");
+    assert!(t.contains("ring attention matches it for every ring degree"), "{t}");
 }
 
 #[test]
@@ -46,7 +47,7 @@ fn bandwidth_of_every_collective_is_reported() {
     let out = mpirun(2, &["comm-check", "--bench-mib", "1"], dir.path(), &[]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
-    for op in ["all_to_all", "all_gather", "reduce_scatter", "all_reduce"] {
+    for op in ["all_to_all", "all_gather", "reduce_scatter", "all_reduce", "ring_shift"] {
         assert!(t.contains(&format!("bandwidth Mpi 2 ranks {op:<14} 1 MiB/rank")), "{op} missing:\n{t}");
     }
 }

@@ -24,6 +24,7 @@ fn loader_spec(sp: usize, sp_rank: usize, packing: Packing) -> LoaderSpec {
         dp_rank: 0,
         sp,
         sp_rank,
+        ring: 1,
         micro_batch: 1,
         loss_on: LossOn::All,
         packing,

@@ -17,6 +17,7 @@ fn spec(dp: usize, dp_rank: usize, sp: usize, sp_rank: usize, micro_batch: usize
         dp_rank,
         sp,
         sp_rank,
+        ring: 1,
         micro_batch,
         loss_on: LossOn::All,
         packing: Packing::default(),

@@ -100,7 +100,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
     ),
     ("metrics", &["comm", "config", "data", "ffi", "files", "h5", "units", "versions"]),
     // parallel and optim are one layer: the ZeRO shards run AdamW, AdamW walks the shards.
-    ("parallel", &["comm", "config", "data", "ffi", "model", "optim", "plan"]),
+    ("parallel", &["comm", "config", "data", "ffi", "layout", "model", "optim", "plan"]),
     ("optim", &["comm", "config", "ffi", "parallel", "plan"]),
     ("model", &["config", "data", "files", "rng"]),
     ("comm", &["ffi", "files", "layout"]),

@@ -189,6 +189,7 @@ fn reference_loss(exp: &Experiment, params: &RunOutputs, data: &Path) -> f64 {
         dp_rank: 0,
         sp: 1,
         sp_rank: 0,
+        ring: 1,
         micro_batch: dataset.len(),
         loss_on: exp.data.loss_on,
         packing: exp.data.packing(),

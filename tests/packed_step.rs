@@ -116,6 +116,7 @@ fn step(
         profiler: &profiler,
         layers: StepContext::layers(&placement, Some(FusedAttention::CpuFlash), false),
         documents,
+        ring: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let mut store = ActivationStore::new(Device::Cpu, dir.path(), 0).unwrap();

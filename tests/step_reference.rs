@@ -83,6 +83,7 @@ fn context<'a>(
         profiler,
         layers: StepContext::layers(&placement, kernel, false),
         documents: None,
+        ring: None,
     }
 }
 

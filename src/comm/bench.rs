@@ -1,7 +1,7 @@
 //! Bandwidth of each collective on one group, in nccl-tests' terms: algbw = bytes / time, and
 //! busbw = algbw × the share of the data that crosses links, comparable to link bandwidth.
 //! Bytes are per rank: the full tensor of all_to_all, reduce_scatter and all_reduce, and the
-//! gathered output of all_gather.
+//! gathered output of all_gather, the tensor passed on by ring_shift.
 use super::{Collective, CommError};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -24,11 +24,13 @@ pub fn measure(c: &dyn Collective, device: Device, mib: usize, iters: usize) -> 
     let shard = full.narrow(0, 0, elems / n as i64); // contiguous: a prefix of a 1-D tensor
     let ring = (n as f64 - 1.0) / n as f64;
     type Op<'a> = &'a dyn Fn() -> Result<Tensor, CommError>;
-    let ops: [(&str, f64, Op); 4] = [
+    let ops: [(&str, f64, Op); 5] = [
         ("all_to_all", ring, &|| c.all_to_all(&full)),
         ("all_gather", ring, &|| c.all_gather(&shard)),
         ("reduce_scatter", ring, &|| c.reduce_scatter(&full)),
         ("all_reduce", 2.0 * ring, &|| c.all_reduce(&full)),
+        // Each byte crosses one link (to the next rank), whatever the ring's size.
+        ("ring_shift", 1.0, &|| c.ring_shift(&full)),
     ];
     let bytes = elems as usize * 2;
     let mut rows = Vec::new();

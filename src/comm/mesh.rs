@@ -1,10 +1,16 @@
 //! The dp × sp mesh. SP groups are contiguous ranks (`rank = dp_rank * sp + sp_rank`), so an SP
 //! group, whose all-to-alls carry the most traffic, sits on one node whenever sp ≤ GPUs per node.
+//! With ring attention (`ring` > 1) an SP group is ring × ulysses: its Ulysses groups (the
+//! all-to-alls) are contiguous ranks (`sp_rank = ring_rank * ulysses + ulysses_rank`), one node
+//! each when ulysses ≤ GPUs per node, and its ring groups take one rank of each, strided across
+//! the nodes (the ring's point-to-point shifts ride the slower links).
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mesh {
     pub sp: usize,
     pub dp: usize,
+    /// Ring attention's degree (1: Ulysses alone); divides sp.
+    pub ring: usize,
     pub world_rank: usize,
     pub sp_rank: usize,
     pub dp_rank: usize,
@@ -18,6 +24,8 @@ pub enum MeshError {
     Zero { sp: usize, dp: usize },
     #[error("rank {rank} is outside a world of {world}")]
     RankOutOfRange { rank: usize, world: usize },
+    #[error("ring = {ring} does not divide sp = {sp}")]
+    RingIndivisible { ring: usize, sp: usize },
 }
 
 impl Mesh {
@@ -31,7 +39,39 @@ impl Mesh {
         if world_rank >= world_size {
             return Err(MeshError::RankOutOfRange { rank: world_rank, world: world_size });
         }
-        Ok(Mesh { sp, dp, world_rank, sp_rank: world_rank % sp, dp_rank: world_rank / sp })
+        Ok(Mesh { sp, dp, ring: 1, world_rank, sp_rank: world_rank % sp, dp_rank: world_rank / sp })
+    }
+
+    /// This mesh with each SP group split into `ring` ring ranks of sp / ring Ulysses ranks.
+    pub fn with_ring(self, ring: usize) -> Result<Mesh, MeshError> {
+        if ring == 0 || self.sp % ring != 0 {
+            return Err(MeshError::RingIndivisible { ring, sp: self.sp });
+        }
+        Ok(Mesh { ring, ..self })
+    }
+
+    /// Ranks of a Ulysses group (the all-to-alls): sp / ring.
+    pub fn ulysses(&self) -> usize {
+        self.sp / self.ring
+    }
+
+    pub fn ulysses_rank(&self) -> usize {
+        self.sp_rank % self.ulysses()
+    }
+
+    pub fn ring_rank(&self) -> usize {
+        self.sp_rank / self.ulysses()
+    }
+
+    /// World ranks of this rank's Ulysses group (contiguous; the whole SP group when ring = 1).
+    pub fn ulysses_group(&self) -> Vec<usize> {
+        let first = self.dp_rank * self.sp + self.ring_rank() * self.ulysses();
+        (first..first + self.ulysses()).collect()
+    }
+
+    /// World ranks of this rank's ring group (one rank of each Ulysses group of its SP group).
+    pub fn ring_group(&self) -> Vec<usize> {
+        (0..self.ring).map(|r| self.dp_rank * self.sp + r * self.ulysses() + self.ulysses_rank()).collect()
     }
 
     pub fn world_size(&self) -> usize {
@@ -48,9 +88,10 @@ impl Mesh {
         (0..self.dp).map(|d| d * self.sp + self.sp_rank).collect()
     }
 
-    /// Tokens of the sample this rank holds, for a sequence of `seq_len` tokens.
-    pub fn chunk(&self, seq_len: usize) -> std::ops::Range<usize> {
-        crate::layout::sp_chunk(seq_len, self.sp, self.sp_rank)
+    /// Tokens of the sample this rank holds, for a sequence of `seq_len` tokens, in the order it
+    /// holds them (two zigzag pieces at most with a ring).
+    pub fn spans(&self, seq_len: usize) -> Vec<std::ops::Range<usize>> {
+        crate::layout::sp_spans(seq_len, self.ulysses(), self.ring, self.sp_rank)
     }
 }
 
@@ -86,8 +127,36 @@ mod tests {
     #[test]
     fn chunks_tile_the_sequence() {
         let m = |r| Mesh::new(4, 1, 4, r).unwrap();
-        assert_eq!(m(0).chunk(12), 0..3);
-        assert_eq!(m(3).chunk(12), 9..12);
+        assert_eq!(m(0).spans(12), [0..3]);
+        assert_eq!(m(3).spans(12), [9..12]);
+        let m = |r| Mesh::new(4, 1, 4, r).unwrap().with_ring(2).unwrap();
+        assert_eq!(m(1).spans(16), [12..16]);
+    }
+
+    #[test]
+    fn ulysses_groups_are_contiguous_and_ring_groups_strided() {
+        for (ulysses, ring, dp) in [(1, 2, 1), (2, 2, 1), (1, 4, 1), (4, 2, 1), (2, 2, 2), (2, 1, 2)] {
+            let (sp, world) = (ulysses * ring, ulysses * ring * dp);
+            let mut seen = vec![(0, 0); world];
+            for r in 0..world {
+                let m = Mesh::new(sp, dp, world, r).unwrap().with_ring(ring).unwrap();
+                let (u, g) = (m.ulysses_group(), m.ring_group());
+                assert_eq!((u.len(), g.len()), (ulysses, ring));
+                assert!(u.windows(2).all(|w| w[1] == w[0] + 1));
+                assert!(g.windows(2).all(|w| w[1] == w[0] + ulysses));
+                assert_eq!((u[m.ulysses_rank()], g[m.ring_rank()]), (r, r));
+                assert!(u.iter().chain(&g).all(|x| m.sp_group().contains(x)));
+                if m.ulysses_rank() == 0 {
+                    u.iter().for_each(|&x| seen[x].0 += 1);
+                }
+                if m.ring_rank() == 0 {
+                    g.iter().for_each(|&x| seen[x].1 += 1);
+                }
+            }
+            assert!(seen.iter().all(|&c| c == (1, 1)), "groups partition ({ulysses}, {ring}) × dp {dp}");
+        }
+        let m = Mesh::new(4, 1, 4, 0).unwrap();
+        assert_eq!(m.with_ring(3), Err(MeshError::RingIndivisible { ring: 3, sp: 4 }));
     }
 
     #[test]

@@ -53,29 +53,47 @@ pub trait Collective {
     fn all_reduce(&self, input: &Tensor) -> Result<Tensor, CommError>;
     /// `root`'s tensor, everywhere (every rank passes a tensor of the same shape and dtype).
     fn broadcast(&self, input: &Tensor, root: usize) -> Result<Tensor, CommError>;
+    /// A ring shift: this rank's tensor goes to rank `(rank + 1) % size`, and the result came from
+    /// rank `(rank - 1) % size`; one grouped send and receive (every rank passes the same shape
+    /// and dtype). Ring attention passes K/V blocks and their gradients around with it.
+    fn ring_shift(&self, input: &Tensor) -> Result<Tensor, CommError>;
     fn barrier(&self) -> Result<(), CommError>;
 }
 
-/// The communicators a training rank uses: the whole world (ZeRO shards), its SP group
-/// (all-to-alls) and its DP group; each call through them marks `progress` for the watchdog.
+/// The communicators a training rank uses: the whole world (ZeRO shards), its Ulysses group
+/// (`sp`: the all-to-alls; the whole SP group unless there is a ring), its DP group and its ring
+/// group (ring attention's shifts; one rank without a ring); each call through them marks
+/// `progress` for the watchdog.
 pub struct Groups {
     pub world: Box<dyn Collective>,
     pub sp: Box<dyn Collective>,
     pub dp: Box<dyn Collective>,
+    pub ring: Box<dyn Collective>,
     pub progress: Arc<Progress>,
 }
 
 impl Groups {
-    /// The mesh's three communicators, watched.
-    pub fn new(world: Box<dyn Collective>, sp: Box<dyn Collective>, dp: Box<dyn Collective>) -> Groups {
+    /// The mesh's four communicators, watched.
+    pub fn new(
+        world: Box<dyn Collective>,
+        sp: Box<dyn Collective>,
+        dp: Box<dyn Collective>,
+        ring: Box<dyn Collective>,
+    ) -> Groups {
         let progress = Arc::new(Progress::default());
         let watched = |c, g| Box::new(Watched::new(c, g, progress.clone())) as Box<dyn Collective>;
-        Groups { world: watched(world, Group::World), sp: watched(sp, Group::Sp), dp: watched(dp, Group::Dp), progress }
+        Groups {
+            world: watched(world, Group::World),
+            sp: watched(sp, Group::Sp),
+            dp: watched(dp, Group::Dp),
+            ring: watched(ring, Group::Ring),
+            progress,
+        }
     }
 
     /// A single process with no launcher: every group is the process itself.
     pub fn solo() -> Groups {
-        Groups::new(Box::new(solo::Solo), Box::new(solo::Solo), Box::new(solo::Solo))
+        Groups::new(Box::new(solo::Solo), Box::new(solo::Solo), Box::new(solo::Solo), Box::new(solo::Solo))
     }
 }
 

@@ -161,6 +161,20 @@ impl Collective for MpiCollective {
         Ok(out)
     }
 
+    fn ring_shift(&self, input: &Tensor) -> Result<Tensor, CommError> {
+        const OP: &str = "ring_shift";
+        cpu(OP, input)?;
+        check_blocks(OP, input, self.size(), false)?;
+        count_ok(OP, nbytes(input))?;
+        let (rank, size) = (self.comm.rank(), self.comm.size());
+        let (next, prev) =
+            (self.comm.process_at_rank((rank + 1) % size), self.comm.process_at_rank((rank + size - 1) % size));
+        let mut out = input.empty_like();
+        // MPI_Sendrecv: every rank sends and receives in one call, so the ring cannot deadlock.
+        mpi::point_to_point::send_receive_into(bytes(input), &next, bytes_mut(&mut out), &prev);
+        Ok(out)
+    }
+
     fn barrier(&self) -> Result<(), CommError> {
         self.comm.barrier();
         Ok(())

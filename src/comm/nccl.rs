@@ -236,6 +236,27 @@ impl Collective for NcclCollective {
         Ok(out)
     }
 
+    fn ring_shift(&self, input: &Tensor) -> Result<Tensor, CommError> {
+        const OP: &str = "ring_shift";
+        let stream = self.prepare(OP, input, false)?;
+        let out = input.empty_like();
+        let (next, prev) = ((self.rank + 1) % self.size, (self.rank + self.size - 1) % self.size);
+        let n = nbytes(input);
+        // Grouped: the send to the next rank and the receive from the previous one run as one
+        // operation on every rank, so the ring cannot deadlock.
+        self.check(OP, nccl::group_start())?;
+        // SAFETY: both tensors are contiguous on our GPU with `n` bytes; lifetimes and stream
+        // order as in all_to_all.
+        let sent = unsafe {
+            nccl::send(input.data_ptr(), n, Dt::ncclUint8, next as i32, self.comm, stream)
+                .and_then(|_| nccl::recv(out.data_ptr(), n, Dt::ncclUint8, prev as i32, self.comm, stream))
+        };
+        let ended = nccl::group_end();
+        self.check(OP, sent)?;
+        self.check(OP, ended)?;
+        Ok(out)
+    }
+
     /// NCCL has no barrier: a one-element all_reduce, then reading its value, which waits for the
     /// stream: every rank's earlier GPU work in this group is done when it returns.
     fn barrier(&self) -> Result<(), CommError> {

@@ -57,6 +57,22 @@ pub fn conformance(c: &dyn Collective, device: Device, tag: &str) -> Result<()> 
     let root = n - 1;
     let t = f32_on(vec![r * 3.0, -r], &[2]);
     expect_eq(&format!("{tag} broadcast"), &c.broadcast(&t, root)?, &[root as f64 * 3.0, -(root as f64)], &[2])?;
+    // ring_shift: rank r sends [[r, r + 0.5, -r], [10 r, 1, 2]] and receives its predecessor's.
+    let prev = ((c.rank() + n - 1) % n) as f64;
+    for kind in [Kind::Float, Kind::BFloat16, Kind::Int64] {
+        let t = f32_on(vec![r, r + 0.5, -r, 10.0 * r, 1.0, 2.0], &[2, 3]).to_kind(kind);
+        let w: Vec<f64> = [prev, prev + 0.5, -prev, 10.0 * prev, 1.0, 2.0]
+            .iter()
+            .map(|v| values(&Tensor::from_slice(&[*v]).to_kind(kind))[0])
+            .collect();
+        expect_eq(&format!("{tag} ring_shift {kind:?}"), &c.ring_shift(&t)?, &w, &[2, 3])?;
+    }
+    // n shifts bring a tensor home.
+    let mut t = f32_on(vec![r; 4], &[4]);
+    for _ in 0..n {
+        t = c.ring_shift(&t)?;
+    }
+    expect_eq(&format!("{tag} ring_shift {n} times"), &t, &[r; 4], &[4])?;
     c.barrier()?;
 
     // Invalid inputs are typed errors, identical on every rank (so no rank enters the collective).
@@ -78,6 +94,11 @@ pub fn conformance(c: &dyn Collective, device: Device, tag: &str) -> Result<()> 
         &format!("{tag} non-contiguous"),
         c.all_gather(&strided),
         CommError::NotContiguous { op: "all_gather" },
+    )?;
+    expect_err(
+        &format!("{tag} non-contiguous ring_shift"),
+        c.ring_shift(&strided),
+        CommError::NotContiguous { op: "ring_shift" },
     )?;
     let flags = Tensor::zeros([n as i64], (Kind::Bool, device));
     match c.all_reduce(&flags) {

@@ -25,8 +25,11 @@ use tch::{Device, Tensor};
 #[serde(rename_all = "lowercase")]
 pub enum Group {
     World,
+    /// The Ulysses group: the all-to-alls (the whole SP group without a ring).
     Sp,
     Dp,
+    /// Ring attention's group (`parallel.ring` > 1).
+    Ring,
 }
 
 /// A collective (in `OPS` order: the discriminant is the index).
@@ -38,11 +41,13 @@ pub enum Op {
     ReduceScatter,
     AllReduce,
     Broadcast,
+    RingShift,
     Barrier,
 }
 
-const GROUPS: [Group; 3] = [Group::World, Group::Sp, Group::Dp];
-const OPS: [Op; 6] = [Op::AllToAll, Op::AllGather, Op::ReduceScatter, Op::AllReduce, Op::Broadcast, Op::Barrier];
+const GROUPS: [Group; 4] = [Group::World, Group::Sp, Group::Dp, Group::Ring];
+const OPS: [Op; 7] =
+    [Op::AllToAll, Op::AllGather, Op::ReduceScatter, Op::AllReduce, Op::Broadcast, Op::RingShift, Op::Barrier];
 /// `Progress::current` when the rank is not inside a collective.
 const OUTSIDE: u64 = u64::MAX;
 
@@ -54,7 +59,7 @@ pub struct Progress {
     /// The collective this rank is in (`group * OPS.len() + op`), or OUTSIDE.
     current: AtomicU64,
     /// Collectives called on each group so far: ranks that did arrive have called one more.
-    calls: [AtomicU64; 3],
+    calls: [AtomicU64; 4],
     step: AtomicU64,
 }
 
@@ -110,7 +115,7 @@ impl Progress {
             step: self.step.load(Ordering::Relaxed),
             stalled_s: self.stalled().as_secs_f64(),
             inside,
-            calls: [0, 1, 2].map(|g| self.calls[g].load(Ordering::Relaxed)),
+            calls: [0, 1, 2, 3].map(|g| self.calls[g].load(Ordering::Relaxed)),
         }
     }
 }
@@ -160,6 +165,9 @@ impl Collective for Watched {
     fn broadcast(&self, input: &Tensor, root: usize) -> Result<Tensor, CommError> {
         self.call(Op::Broadcast, |c| c.broadcast(input, root))
     }
+    fn ring_shift(&self, input: &Tensor) -> Result<Tensor, CommError> {
+        self.call(Op::RingShift, |c| c.ring_shift(input))
+    }
     fn barrier(&self) -> Result<(), CommError> {
         self.call(Op::Barrier, |c| c.barrier())
     }
@@ -175,7 +183,7 @@ struct Report {
     stalled_s: f64,
     /// The collective it waits in, and that group's call count.
     inside: Option<(Group, Op, u64)>,
-    calls: [u64; 3],
+    calls: [u64; 4],
 }
 
 /// The watchdog's settings for one rank of a job.
@@ -367,6 +375,7 @@ fn group_name(g: Group) -> &'static str {
         Group::World => "world",
         Group::Sp => "sp",
         Group::Dp => "dp",
+        Group::Ring => "ring",
     }
 }
 
@@ -377,6 +386,7 @@ fn op_name(op: Op) -> &'static str {
         Op::ReduceScatter => "reduce_scatter",
         Op::AllReduce => "all_reduce",
         Op::Broadcast => "broadcast",
+        Op::RingShift => "ring_shift",
         Op::Barrier => "barrier",
     }
 }
@@ -399,7 +409,7 @@ mod tests {
         w.barrier().unwrap();
         let _sum = w.all_reduce(&Tensor::from_slice(&[1.0f32])).unwrap();
         let r = p.snapshot(0, 1);
-        assert_eq!(r.calls, [0, 2, 0]);
+        assert_eq!(r.calls, [0, 2, 0, 0]);
         assert_eq!(r.inside, None);
         p.enter(Group::World, Op::AllToAll);
         assert_eq!(p.snapshot(0, 2).inside, Some((Group::World, Op::AllToAll, 1)));
@@ -413,9 +423,9 @@ mod tests {
             step: 3,
             stalled_s: 5.2,
             inside: Some((Group::World, Op::AllReduce, 57)),
-            calls: [57, 10, 2],
+            calls: [57, 10, 2, 0],
         };
-        let behind = Report { inside: None, calls: [56, 10, 2], ..waiting(2) };
+        let behind = Report { inside: None, calls: [56, 10, 2, 0], ..waiting(2) };
         let m = message(&[waiting(0), waiting(1), behind], 4, Duration::from_secs(5));
         assert!(m.starts_with("collective watchdog: no progress for 5 s (parallel.collective_timeout_s = 5)"), "{m}");
         assert!(m.contains("ranks 0, 1: waiting in all_reduce on the world group (its call 57), step 3"), "{m}");

@@ -108,8 +108,14 @@ pub enum AttentionBackend {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ParallelConfig {
-    /// Sequence-parallel degree: ranks that share one sample.
+    /// Sequence-parallel degree: ranks that share one sample (ulysses × ring).
     pub sp: usize,
+    /// Ring attention's degree: the SP group is `ring` ring ranks of sp / ring Ulysses ranks each
+    /// (Ulysses groups contiguous, ring groups strided); 1: Ulysses alone (docs/ring.md).
+    pub ring: usize,
+    /// Bandwidth of the link a ring shift crosses, GB/s per rank, for the plan's estimate of
+    /// whether the shifts hide behind attention (default 25: one 200 Gb/s InfiniBand port per GPU).
+    pub ring_link_gb_s: f64,
     /// Data-parallel degree: samples processed side by side. `"auto"` in the file: the job's
     /// ranks / sp (resolved when the experiment is loaded, `Overrides::world`).
     pub dp: usize,
@@ -317,6 +323,11 @@ impl ParallelConfig {
         }
     }
 
+    /// Ranks of a Ulysses group (the all-to-alls): sp / ring.
+    pub fn ulysses(&self) -> usize {
+        self.sp / self.ring.max(1)
+    }
+
     /// Shards of each parameter unit on a job of `world` ranks.
     pub fn shards(&self, world: usize) -> usize {
         match self.zero_stage {
@@ -330,6 +341,8 @@ impl Default for ParallelConfig {
     fn default() -> Self {
         ParallelConfig {
             sp: 1,
+            ring: 1,
+            ring_link_gb_s: 25.0,
             dp: 1,
             zero_stage: ZeroStage::Sharded,
             device: DeviceKind::Cpu,

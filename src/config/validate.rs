@@ -191,25 +191,49 @@ fn parallel(
             ),
         );
     }
-    if let Some(s) = spec {
-        let heads = s.num_attention_heads;
-        if p.sp > 0 && heads % p.sp as i64 != 0 {
+    let ring_ok = p.ring > 0 && p.sp > 0 && p.sp % p.ring == 0;
+    if p.ring == 0 {
+        bad("parallel.ring", "is 0; must be at least 1 (1: Ulysses alone)".into());
+    } else if p.sp > 0 && !ring_ok {
+        bad(
+            "parallel.ring",
+            format!("= {} does not divide parallel.sp = {}; use one of {}", p.ring, p.sp, divisors(p.sp as i64)),
+        );
+    }
+    if !(p.ring_link_gb_s > 0.0 && p.ring_link_gb_s.is_finite()) {
+        bad(
+            "parallel.ring_link_gb_s",
+            format!("= {} must be a positive bandwidth in GB/s (default 25)", p.ring_link_gb_s),
+        );
+    }
+    // The all-to-alls split heads over the Ulysses group (sp / ring ranks): whole query heads
+    // each, and KV heads either split over it or replicated so each rank holds whole heads.
+    if let Some(s) = spec.filter(|_| ring_ok) {
+        let (heads, kv) = (s.num_attention_heads, s.num_key_value_heads);
+        let fits = |u: i64| heads % u == 0 && (kv % u == 0 || u % kv == 0);
+        let ulysses = p.ulysses() as i64;
+        // A rule of the model's alone, reported here among the head rules as it always was.
+        if s.num_key_value_heads > 0 && heads % kv != 0 {
+            bad("model", format!("{heads} query heads are not a multiple of {kv} KV heads"));
+        } else if p.ring == 1 && heads % ulysses != 0 {
             bad(
                 "parallel.sp",
                 format!("= {} does not divide the model's {heads} query heads; use one of {}", p.sp, divisors(heads)),
             );
-        }
-        // A rule of the model's alone, reported here among the head rules as it always was.
-        if s.num_key_value_heads > 0 && heads % s.num_key_value_heads != 0 {
-            bad("model", format!("{heads} query heads are not a multiple of {} KV heads", s.num_key_value_heads));
-        }
-        if p.sp > 0 {
-            let kv = s.num_key_value_heads;
-            let sp = p.sp as i64;
-            // KV heads are either split over sp or replicated so each rank holds whole heads.
-            if kv % sp != 0 && sp % kv != 0 {
-                bad("parallel.sp", format!("= {} neither divides nor is a multiple of the {kv} KV heads", p.sp));
-            }
+        } else if p.ring == 1 && !fits(ulysses) {
+            bad("parallel.sp", format!("= {} neither divides nor is a multiple of the {kv} KV heads", p.sp));
+        } else if !fits(ulysses) {
+            let rings: Vec<String> =
+                (1..=p.sp).filter(|r| p.sp % r == 0 && fits((p.sp / r) as i64)).map(|r| r.to_string()).collect();
+            bad(
+                "parallel.ring",
+                format!(
+                    "= {} leaves Ulysses groups of sp / ring = {ulysses} ranks, which must divide the model's {heads} query heads and divide or be a multiple of its {kv} KV heads; with parallel.sp = {} use parallel.ring = {}",
+                    p.ring,
+                    p.sp,
+                    if rings.is_empty() { "none (change parallel.sp)".to_string() } else { rings.join(", ") }
+                ),
+            );
         }
     }
 }
@@ -228,8 +252,24 @@ fn data(
             "is empty; list HDF5 shard files or folders of them (make some with `ulysses data synth`)".into(),
         );
     }
+    let ring_ok = p.ring > 0 && p.sp > 0 && p.sp % p.ring == 0;
     if d.seq_len == 0 {
         bad("data.seq_len", "is 0; must be a positive number of tokens".into());
+    } else if ring_ok && p.ring > 1 && d.seq_len % (2 * p.sp) != 0 {
+        // The zigzag layout: 2·ring chunks, each split over the Ulysses group.
+        let unit = 2 * p.sp;
+        let lo = d.seq_len / unit * unit;
+        bad(
+            "data.seq_len",
+            format!(
+                "= {} is not divisible by 2 × parallel.ring × ulysses = 2 × {} × {} = {unit} (the zigzag layout); use e.g. {} or {}",
+                d.seq_len,
+                p.ring,
+                p.sp / p.ring,
+                lo.max(unit),
+                lo + unit
+            ),
+        );
     } else if p.sp > 0 && d.seq_len % p.sp != 0 {
         let lo = d.seq_len / p.sp * p.sp;
         bad(
@@ -258,6 +298,25 @@ fn data(
         }
     }
 
+    if d.documents == PackedDocuments::Mask && p.ring > 1 {
+        bad(
+            "data.documents",
+            format!(
+                "= \"mask\" is not supported with parallel.ring = {} (ring attention's blocks are plain causal or unmasked; documents that cross blocks would need per-block masks); use parallel.ring = 1 or data.documents = \"ignore\"",
+                p.ring
+            ),
+        );
+    }
+    if p.ring > 1 && p.fused_attention().is_none() {
+        bad(
+            "parallel.attention",
+            format!(
+                "= \"{}\" has no kernel that returns the log-sum-exp, which ring attention merges blocks with (parallel.ring = {}); use \"auto\", \"cudnn\" or \"flash\"",
+                serde_plain(&p.attention),
+                p.ring
+            ),
+        );
+    }
     if d.documents == PackedDocuments::Mask && p.fused_attention().is_none() {
         bad(
             "data.documents",

@@ -4,6 +4,7 @@
 //! resumed run sees exactly the data it would have seen.
 use super::order::{epoch_order, micro_batch_indices, steps_per_epoch};
 use super::{DataError, Dataset, Documents};
+use std::ops::Range;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 /// The label that contributes no loss (PyTorch's and transformers' `ignore_index`): positions without
@@ -77,13 +78,17 @@ pub struct LoaderSpec {
     pub dp_rank: usize,
     pub sp: usize,
     pub sp_rank: usize,
+    /// Ring attention's degree (`parallel.ring`): 1, or the zigzag layout over sp = ulysses × ring
+    /// (`layout::sp_spans`).
+    pub ring: usize,
     pub micro_batch: usize,
     pub loss_on: LossOn,
     pub packing: Packing,
 }
 
-/// One rank's micro batch: row-major [micro_batch, chunk_len] (chunk_len = seq_len / sp).
-/// `labels[i]` is the token after `input_ids[i]`, also across the chunk boundary. With
+/// One rank's micro batch: row-major [micro_batch, chunk_len] (chunk_len = seq_len / sp), the
+/// tokens of `spans` end to end. `labels[i]` is the token after `input_ids[i]`, also across the
+/// chunk boundary. With
 /// `data.documents = "ignore"` the label after a document's EOS is the next document's first
 /// token (plain next-token prediction); with "mask" it is -100. Padding is never a target, nor
 /// is a token the shard's `loss_mask` marks 0 (chat data: everything but the assistant's turns).
@@ -95,8 +100,8 @@ pub struct Batch {
     pub position_ids: Vec<i64>,
     pub micro_batch: usize,
     pub chunk_len: usize,
-    /// Global position of the chunk's first token.
-    pub chunk_start: usize,
+    /// The global token ranges the rank holds, in order (one, or two zigzag pieces with a ring).
+    pub spans: Vec<Range<usize>>,
     /// Global sequence index of each row (the same on every SP rank of a dp group).
     pub sample_indices: Vec<usize>,
     /// Each row's documents over the WHOLE sequence, the same on every SP rank of the dp group
@@ -161,10 +166,10 @@ impl Loader {
 }
 
 fn check_spec(spec: &LoaderSpec, dataset: &Dataset) -> Result<(), DataError> {
-    let LoaderSpec { dp, dp_rank, sp, sp_rank, micro_batch, .. } = *spec;
-    if sp == 0 || dp == 0 || micro_batch == 0 {
+    let LoaderSpec { dp, dp_rank, sp, sp_rank, ring, micro_batch, .. } = *spec;
+    if sp == 0 || dp == 0 || micro_batch == 0 || ring == 0 || sp % ring != 0 {
         return Err(DataError::Spec(format!(
-            "sp = {sp}, dp = {dp}, micro_batch = {micro_batch}; each must be at least 1"
+            "sp = {sp}, dp = {dp}, micro_batch = {micro_batch}, ring = {ring}; each must be at least 1 and ring must divide sp"
         )));
     }
     if sp_rank >= sp || dp_rank >= dp {
@@ -174,6 +179,15 @@ fn check_spec(spec: &LoaderSpec, dataset: &Dataset) -> Result<(), DataError> {
     }
     if dataset.seq_len() % sp != 0 {
         return Err(DataError::Indivisible { seq_len: dataset.seq_len(), sp });
+    }
+    // The zigzag layout cuts the sample into 2·ring chunks, each split over the Ulysses group.
+    if ring > 1 && dataset.seq_len() % (2 * sp) != 0 {
+        return Err(DataError::Spec(format!(
+            "data.seq_len = {} is not divisible by 2 × parallel.sp = {} (the zigzag layout of parallel.ring = {ring}); use a multiple of {}",
+            dataset.seq_len(),
+            2 * sp,
+            2 * sp
+        )));
     }
     if steps_per_epoch(dataset.len(), dp, micro_batch) == 0 {
         return Err(DataError::TooFewSequences { sequences: dataset.len(), dp, micro_batch });
@@ -217,39 +231,50 @@ fn prefetch(
     }
 }
 
-/// SP rank r reads its chunk `[r·c, (r+1)·c)` of each sample (`layout::sp_chunk`) and one token
-/// more (none for the last rank): inputs are the chunk, labels the same span shifted by one,
-/// -100 past the end; with packing, the sample's documents over the whole sequence shape the
-/// labels and positions (`sample_targets`).
+/// SP rank r reads its span(s) of each sample (`layout::sp_spans`: its chunk `[r·c, (r+1)·c)`, or
+/// its zigzag pieces with a ring) and one token more after each (none at the sample's end):
+/// inputs are the spans end to end, labels each span shifted by one, -100 past the end; with
+/// packing, the sample's documents over the whole sequence shape the labels and positions
+/// (`sample_targets`). Labels and RoPE positions move with their tokens, so attention never
+/// reorders anything.
 pub fn build_batch(dataset: &Dataset, spec: &LoaderSpec, indices: &[usize]) -> Result<Batch, DataError> {
-    let chunk = crate::layout::sp_chunk(dataset.seq_len(), spec.sp, spec.sp_rank);
-    let (start, chunk_len) = (chunk.start, chunk.len());
-    let end = (chunk.end + 1).min(dataset.seq_len());
+    let seq_len = dataset.seq_len();
+    let spans = crate::layout::sp_spans(seq_len, spec.sp / spec.ring, spec.ring, spec.sp_rank);
+    let chunk_len: usize = spans.iter().map(|r| r.len()).sum();
     let n = indices.len() * chunk_len;
     let (mut input_ids, mut labels, mut position_ids) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     let mut documents = Vec::with_capacity(indices.len());
     for &index in indices {
-        let span = dataset.read_span(index, start, end)?;
-        input_ids.extend(span[..chunk_len].iter().map(|&t| t as i64));
-        let row = labels.len();
-        labels.extend(span[1..].iter().map(|&t| t as i64));
-        labels.resize(input_ids.len(), IGNORE_INDEX);
-        let targets = &mut labels[row..];
-        mask_targets(dataset, index, start, end, targets)?;
-        if spec.loss_on == LossOn::Answer {
-            let info = dataset.passkey(index)?.ok_or_else(|| {
-                DataError::Spec(format!(
-                    "data.loss_on = \"answer\" needs passkey metadata, but sequence {index} of {} has none (make such data with `ulysses data synth --task passkey`)",
-                    dataset.shard_paths().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-                ))
-            })?;
-            let answer = info.answer_start..info.answer_start + info.answer_tokens.len();
-            keep_targets(targets, |i| answer.contains(&(start + i + 1)));
-        }
+        let answer = match spec.loss_on {
+            LossOn::Answer => {
+                let info = dataset.passkey(index)?.ok_or_else(|| {
+                    DataError::Spec(format!(
+                        "data.loss_on = \"answer\" needs passkey metadata, but sequence {index} of {} has none (make such data with `ulysses data synth --task passkey`)",
+                        dataset.shard_paths().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                    ))
+                })?;
+                Some(info.answer_start..info.answer_start + info.answer_tokens.len())
+            }
+            LossOn::All => None,
+        };
         let docs = sample_documents(dataset, &spec.packing, index)?;
         let pad_start = dataset.pad_start(index)?;
-        position_ids.extend(sample_targets(&docs, &spec.packing, pad_start, start, &mut labels[row..]));
+        for span in &spans {
+            let (start, end) = (span.start, (span.end + 1).min(seq_len));
+            let span_tokens = dataset.read_span(index, start, end)?;
+            input_ids.extend(span_tokens[..span.len()].iter().map(|&t| t as i64));
+            let row = labels.len();
+            labels.extend(span_tokens[1..].iter().map(|&t| t as i64));
+            labels.resize(input_ids.len(), IGNORE_INDEX);
+            let targets = &mut labels[row..];
+            // Label i is the target of position start + i: token start + i + 1.
+            mask_targets(dataset, index, start, end, targets)?;
+            if let Some(answer) = &answer {
+                keep_targets(targets, |i| answer.contains(&(start + i + 1)));
+            }
+            position_ids.extend(sample_targets(&docs, &spec.packing, pad_start, start, targets));
+        }
         documents.push(docs);
     }
     Ok(Batch {
@@ -258,7 +283,7 @@ pub fn build_batch(dataset: &Dataset, spec: &LoaderSpec, indices: &[usize]) -> R
         position_ids,
         micro_batch: indices.len(),
         chunk_len,
-        chunk_start: start,
+        spans,
         sample_indices: indices.to_vec(),
         documents,
     })

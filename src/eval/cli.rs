@@ -156,6 +156,9 @@ fn run_rank(launch: &Launch, args: &EvalArgs) -> Result<()> {
     // The eval's own mesh; validate checks it against the model (sp divides the heads) as for training.
     exp.parallel.sp = sp;
     exp.parallel.dp = launch.size / sp;
+    // Evaluation attends with Ulysses alone (its forward has no ring attention), whatever ring
+    // the run trained with: the weights are the same.
+    exp.parallel.ring = 1;
     let spec = validate(&exp, Some(launch.size)).map_err(|problems| {
         let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
         anyhow::anyhow!(

@@ -19,6 +19,7 @@ use torch_sys::C_tensor;
 extern "C" {
     fn ulysses_attention_forward(
         kernel: c_int,
+        causal: c_int,
         q: *const C_tensor,
         k: *const C_tensor,
         v: *const C_tensor,
@@ -29,6 +30,7 @@ extern "C" {
     ) -> *mut c_char;
     fn ulysses_attention_backward(
         kernel: c_int,
+        causal: c_int,
         grad_out: *const C_tensor,
         q: *const C_tensor,
         k: *const C_tensor,
@@ -135,6 +137,19 @@ impl Saved {
 /// Causal attention, `q [b, s, n_q, d]`, `k, v [b, s, n_kv, d]` (GQA when n_kv < n_q) ->
 /// `[b, s, n_q, d]` and what `backward` needs.
 pub fn forward(kernel: FusedAttention, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Saved), ShimError> {
+    forward_block(kernel, true, q, k, v)
+}
+
+/// `forward`, or with `causal` false attention where every query sees every key (ring
+/// attention's blocks of keys wholly before the queries); then `q [b, s_q, n_q, d]` and
+/// `k, v [b, s_k, n_kv, d]` may differ in length.
+pub fn forward_block(
+    kernel: FusedAttention,
+    causal: bool,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<(Tensor, Saved), ShimError> {
     // [b, s, heads, d] -> [b, heads, s, d]
     let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
     let mut outs = [ptr::null_mut(); 4];
@@ -142,7 +157,7 @@ pub fn forward(kernel: FusedAttention, q: &Tensor, k: &Tensor, v: &Tensor) -> Re
     // SAFETY: live tch handles borrowed for the call; on success the shim sets four new
     // `at::Tensor*` that we own from here on (wrapped once each).
     check("fused attention forward", unsafe {
-        ulysses_attention_forward(code(kernel), q.as_ptr(), k.as_ptr(), v.as_ptr(), o, l, a0, a1)
+        ulysses_attention_forward(code(kernel), causal as c_int, q.as_ptr(), k.as_ptr(), v.as_ptr(), o, l, a0, a1)
     })?;
     let [out, lse, aux0, aux1] = outs.map(|p| unsafe { Tensor::from_ptr(p) });
     // The kernels lay the output out like q ([b, s, heads, d] in memory), so this is contiguous.
@@ -153,6 +168,22 @@ pub fn forward(kernel: FusedAttention, q: &Tensor, k: &Tensor, v: &Tensor) -> Re
 /// `[b, s, n_q, d]` and the kept `out` and `saved`.
 pub fn backward(
     kernel: FusedAttention,
+    grad_out: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    saved: &Saved,
+) -> Result<(Tensor, Tensor, Tensor), ShimError> {
+    backward_block(kernel, true, grad_out, q, k, v, out, saved)
+}
+
+/// `backward` of `forward_block`. Ring attention passes the whole row's merged output and
+/// log-sum-exp for `out` and `saved.lse`, which gives this block's share of the gradients.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_block(
+    kernel: FusedAttention,
+    causal: bool,
     grad_out: &Tensor,
     q: &Tensor,
     k: &Tensor,
@@ -174,6 +205,7 @@ pub fn backward(
     check("fused attention backward", unsafe {
         ulysses_attention_backward(
             code(kernel),
+            causal as c_int,
             g.as_ptr(),
             q.as_ptr(),
             k.as_ptr(),

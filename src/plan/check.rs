@@ -2,6 +2,7 @@
 //! estimate placed within the budgets the flags (or `[memory]`) give, and the longest sequence
 //! that fits them.
 use super::memory::{self, longest_fit, Budget, Estimate, PlanInputs};
+use super::ring::RingCost;
 use super::Plan;
 use crate::config::{AttentionBackend, DeviceKind, DocumentKernels, Experiment, FusedAttention};
 use crate::data::documents::{spread, summarize};
@@ -31,6 +32,9 @@ const DEFAULT_HOST_GIB: f64 = 480.0;
 pub fn report(exp: &Experiment, spec: &ModelSpec, world: usize, flags: &CheckBudget) -> String {
     let mut s = Plan::new(&exp.parallel, exp.data.seq_len, spec, world).render(&exp.model.name(), spec, &exp.train);
     s += &attention_report(exp, spec);
+    if let Some(ring) = RingCost::new(&exp.parallel, spec, exp.data.seq_len, exp.train.micro_batch, exp.train.dtype) {
+        s += &ring.render();
+    }
     if exp.parallel.device != DeviceKind::Cuda {
         return s;
     }

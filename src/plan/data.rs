@@ -127,6 +127,7 @@ fn trained_fraction(exp: &Experiment, dataset: &Dataset) -> Result<(usize, usize
         dp_rank: 0,
         sp: 1,
         sp_rank: 0,
+        ring: 1,
         micro_batch: 1,
         loss_on: exp.data.loss_on,
         packing: exp.data.packing(),

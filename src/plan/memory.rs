@@ -192,7 +192,7 @@ pub struct Estimate {
     /// Whether gradients accumulate over several micro batches (`train.grad_accum` > 1).
     pub accumulates: bool,
     /// Backward of one layer: gathered bf16 weights and gradients, the fp32 gradient buffer, and
-    /// the recompute's activations.
+    /// the recompute's activations, and the ring's buffers (`plan::ring`) when there is one.
     pub layer_working: f64,
     /// Head: gathered LM head and its gradients, two loss tiles of fp32 logits.
     pub head_working: f64,
@@ -321,7 +321,10 @@ impl Estimate {
             state: p.offload_optimizer,
             sharded: p.zero_stage == ZeroStage::Sharded,
             accumulates: t.grad_accum > 1,
-            layer_working: spec.layer_params() as f64 * 8.0 + LAYER_WORKING_SET_PER_TOKEN * tokens * h * 2.0 + qk_norm,
+            layer_working: spec.layer_params() as f64 * 8.0
+                + LAYER_WORKING_SET_PER_TOKEN * tokens * h * 2.0
+                + qk_norm
+                + super::ring::RingCost::new(p, spec, seq_len, t.micro_batch, t.dtype).map_or(0.0, |r| r.buffers),
             head_working: head_params * 8.0 + 2.0 * loss_tile * spec.vocab_size as f64 * 4.0 + 3.0 * tokens * h * 2.0,
             layers: spec.num_hidden_layers as usize,
             input_per_layer: tokens * h * elt,

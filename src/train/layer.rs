@@ -18,6 +18,10 @@
 //! Backward runs segment 3 first (it needs only attention's output), then attention, then
 //! segment 1, so that no two segments' graphs exist at once.
 //!
+//! With a ring (`parallel.ring` > 1) segment 2 is ring attention (`parallel::ring`) over the ring
+//! group after the Ulysses all-to-all: kept (output and merged log-sum-exp kept, the ring backward
+//! from them) or recomputed (the ring forward again in backward, then the ring backward).
+//!
 //! With packed documents (`data.documents = "mask"`) a micro batch whose samples hold more than
 //! one document brings a `DocumentMask`: attention then runs the masked kernel on both paths,
 //! kept (output and log-sum-exp kept, fused backward) and recomputed (the masked forward again in
@@ -33,6 +37,7 @@ use crate::model::mask::DocumentMask;
 use crate::model::rope::Rope;
 use crate::model::spec::ModelSpec;
 use crate::parallel::attention::AttentionPath;
+use crate::parallel::ring::Ring;
 use crate::parallel::ulysses::{heads_to_seq, replicate_kv, seq_to_heads};
 use crate::plan::memory::Place;
 use crate::units::gib;
@@ -53,6 +58,8 @@ pub struct Segments<'a> {
     /// This micro batch's documents, when attention stays within them and some sample holds more
     /// than one (None: plain causal attention).
     pub mask: Option<&'a DocumentMask>,
+    /// Ring attention over the ring group (`parallel.ring` > 1), else None.
+    pub ring: Option<Ring<'a>>,
 }
 
 /// One decoder layer of the step: where its input waits and how its attention is done.
@@ -191,6 +198,12 @@ impl DecoderLayer {
                         let [qh, kh, vh] = self.head_shards(seg, w, &x)?;
                         (qh.zeros_like(), None, Some([qh, kh, vh]))
                     }
+                    (_, _) if seg.ring.is_some() => {
+                        let ring = seg.ring.expect("checked");
+                        let [qh, kh, vh] = self.head_shards(seg, w, &x)?;
+                        let (oh, kept) = prof.attention(|| ring.forward(&qh, &kh, &vh))?;
+                        (oh, Some(kept), Some([qh, kh, vh]))
+                    }
                     (_, Some(mask)) => {
                         let [qh, kh, vh] = self.head_shards(seg, w, &x)?;
                         let (oh, kept) = prof.attention(|| fused::forward_masked(mask, &qh, &kh, &vh))?;
@@ -224,6 +237,10 @@ impl DecoderLayer {
             };
             let g = match (self.attention, kept, seg.mask) {
                 (AttentionPath::Skipped { .. }, _, _) => (qh.zeros_like(), kh.zeros_like(), vh.zeros_like()),
+                (_, Some(kept), _) if seg.ring.is_some() => {
+                    let ring = seg.ring.expect("checked");
+                    prof.attention(|| tch::no_grad(|| ring.backward(&grad_oh, (&qh, &kh, &vh), &oh, &kept)))?
+                }
                 (_, Some(kept), Some(mask)) => prof
                     .attention(|| tch::no_grad(|| fused::backward_masked(mask, &grad_oh, &qh, &kh, &vh, &oh, &kept)))?,
                 (AttentionPath::Kept { kernel, .. }, Some(kept), None) => {
@@ -268,6 +285,11 @@ impl DecoderLayer {
         vh: &Tensor,
     ) -> Result<(Tensor, Option<Saved>)> {
         Ok(match (self.attention, seg.mask) {
+            (AttentionPath::Kept { .. } | AttentionPath::Recomputed, _) if seg.ring.is_some() => {
+                let ring = seg.ring.expect("checked");
+                let (oh, saved) = seg.profiler.attention(|| ring.forward(qh, kh, vh))?;
+                (oh, self.attention.keeps().map(|_| saved))
+            }
             (AttentionPath::Kept { .. }, Some(mask)) => {
                 let (oh, saved) = seg.profiler.attention(|| fused::forward_masked(mask, qh, kh, vh))?;
                 (oh, Some(saved))

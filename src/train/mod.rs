@@ -74,7 +74,17 @@ pub fn run(
         profiler: &profiler,
         layers: StepContext::layers(&placement, exp.parallel.fused_attention(), exp.train.memory_fit),
         documents: document_kernels,
+        // The config validator refused a ring without a kernel that returns the log-sum-exp.
+        ring: (mesh.ring > 1).then(|| exp.parallel.fused_attention()).flatten(),
     };
+    if let (Some(k), 0) = (ctx.ring, mesh.world_rank) {
+        log::info!(
+            "ring attention: ulysses {} × ring {}, every hop by {}",
+            mesh.ulysses(),
+            mesh.ring,
+            k.describe(false)
+        );
+    }
     let mut run = Run::start(exp, spec, mesh, groups.world.as_ref(), device, &placement)?;
     if run.first_step > exp.train.steps {
         // Already complete; but a job killed between the last checkpoint and its export left
@@ -244,6 +254,7 @@ impl<'a> Run<'a> {
             dp_rank: mesh.dp_rank,
             sp: mesh.sp,
             sp_rank: mesh.sp_rank,
+            ring: mesh.ring,
             micro_batch: t.micro_batch,
             loss_on: exp.data.loss_on,
             packing: exp.data.packing(),

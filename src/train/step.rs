@@ -18,10 +18,11 @@ use crate::metrics::position::PositionLoss;
 use crate::metrics::profile::Profiler;
 use crate::metrics::StepTimes;
 use crate::model::llama::{self, seq_tiles, LayerWeights};
+use crate::model::mask::DocumentMask;
 use crate::model::rope::Rope;
 use crate::model::spec::ModelSpec;
-use crate::model::mask::DocumentMask;
 use crate::parallel::attention::{document_mask, AttentionPath};
+use crate::parallel::ring::Ring;
 use crate::parallel::zero::{ShardedParams, UnitId};
 use crate::plan::memory::Placement;
 use anyhow::Result;
@@ -43,6 +44,8 @@ pub struct StepContext<'a> {
     /// With `data.documents = "mask"`: the kernels that attend within documents, for micro
     /// batches where some sample holds more than one; None: plain causal.
     pub documents: Option<DocumentKernels>,
+    /// With `parallel.ring` > 1: the kernel ring attention's hops run (over `groups.ring`).
+    pub ring: Option<FusedAttention>,
 }
 
 impl StepContext<'_> {
@@ -71,8 +74,8 @@ pub struct MicroBatch {
     pub position_ids: Tensor,
     /// Each sample's documents over the whole sequence (the same on every SP rank).
     pub documents: Vec<Documents>,
-    /// Global position of the rank's first token.
-    pub chunk_start: usize,
+    /// The global token ranges the rank holds, in order (two zigzag pieces at most with a ring).
+    pub spans: Vec<std::ops::Range<usize>>,
 }
 
 impl MicroBatch {
@@ -85,36 +88,37 @@ impl MicroBatch {
             labels: t(&b.labels),
             position_ids: t(&b.position_ids),
             documents: b.documents.clone(),
-            chunk_start: b.chunk_start,
+            spans: b.spans.clone(),
         }
     }
 
     /// A micro batch of unpacked samples (each one document) starting at position 0.
     pub fn unpacked(input_ids: Tensor, labels: Tensor, position_ids: Tensor) -> MicroBatch {
         let (b, s) = (input_ids.size()[0] as usize, input_ids.size()[1] as usize);
-        MicroBatch { input_ids, labels, position_ids, documents: vec![Documents::whole(s); b], chunk_start: 0 }
+        MicroBatch { input_ids, labels, position_ids, documents: vec![Documents::whole(s); b], spans: vec![0..s] }
     }
 
     pub fn valid_labels(&self) -> i64 {
         self.labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[])
     }
 
+    /// The global positions of the rank's tokens, in the order it holds them.
+    fn positions(&self) -> impl Iterator<Item = usize> + Clone + '_ {
+        self.spans.iter().flat_map(|r| r.clone())
+    }
+
     /// Each token's position in its sample, `[b, s_local]`.
     pub fn sequence_positions(&self) -> Tensor {
-        let (b, s_local) = (self.input_ids.size()[0], self.input_ids.size()[1]);
-        let start = self.chunk_start as i64;
-        let p = Tensor::arange_start(start, start + s_local, (Kind::Int64, self.input_ids.device()));
-        p.unsqueeze(0).repeat([b, 1])
+        let b = self.input_ids.size()[0];
+        let p: Vec<i64> = self.positions().map(|p| p as i64).collect();
+        Tensor::from_slice(&p).to_device(self.input_ids.device()).unsqueeze(0).repeat([b, 1])
     }
 
     /// Each token's position within its document, `[b, s_local]`.
     pub fn document_positions(&self) -> Tensor {
         let s_local = self.input_ids.size()[1] as usize;
-        let v: Vec<i64> = self
-            .documents
-            .iter()
-            .flat_map(|d| (self.chunk_start..self.chunk_start + s_local).map(move |p| (p - d.start_of(p)) as i64))
-            .collect();
+        let v: Vec<i64> =
+            self.documents.iter().flat_map(|d| self.positions().map(move |p| (p - d.start_of(p)) as i64)).collect();
         Tensor::from_slice(&v).view([self.documents.len() as i64, s_local as i64]).to_device(self.input_ids.device())
     }
 }
@@ -220,6 +224,7 @@ fn segments<'a>(ctx: &StepContext<'a>, rope: &'a Rope, mask: Option<&'a Document
         mlp_tile: ctx.mlp_tile,
         device: ctx.device,
         mask,
+        ring: ctx.ring.map(|kernel| Ring { group: ctx.groups.ring.as_ref(), kernel }),
     }
 }
 

@@ -32,6 +32,7 @@ pub fn loader(exp: &Experiment) -> Loader {
         dp_rank: 0,
         sp: 1,
         sp_rank: 0,
+        ring: 1,
         micro_batch: exp.train.micro_batch,
         loss_on: exp.data.loss_on,
         packing: exp.data.packing(),
