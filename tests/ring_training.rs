@@ -194,3 +194,31 @@ fn bad_layouts_are_refused_with_the_value_and_a_valid_one() {
     assert!(t.contains("parallel.ring: = 2 leaves Ulysses groups of sp / ring = 8 ranks"), "{t}");
     assert!(t.contains("use parallel.ring = 4, 8, 16"), "{t}");
 }
+
+#[test]
+fn check_shows_the_groups_the_layout_the_ring_costs_and_a_longer_fit() {
+    let check = |args: &[&str]| {
+        let out = ulysses(
+            &[&["check", "experiments/llama8b_ring.toml"][..], args].concat(),
+            Path::new(env!("CARGO_MANIFEST_DIR")),
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        text(&out)
+    };
+    let t = check(&["--world-size", "16"]);
+    assert!(t.contains("16 ranks = dp 1 × sp 16 (ulysses 8 × ring 2)"), "{t}");
+    assert!(
+        t.contains("ulysses groups [0, 1, 2, 3, 4, 5, 6, 7] [8, 9, 10, 11, 12, 13, 14, 15]; ring groups [0, 8] [1, 9]"),
+        "{t}"
+    );
+    assert!(t.contains("4 zigzag chunks of 131072: ring rank r holds chunks r and 3−r"), "{t}");
+    assert!(t.contains("per hop a rank sends 128.0 MiB forward (its K/V block) and 384.0 MiB backward"), "{t}");
+    assert!(t.contains("forward hides") && t.contains("backward hides"), "{t}");
+    // The same Ulysses groups without the ring (half the ranks) fit half the tokens or so.
+    let fit = |t: &str| -> usize {
+        let line = t.lines().find(|l| l.starts_with("fits       up to ")).unwrap_or_else(|| panic!("{t}"));
+        line["fits       up to ".len()..].split(' ').next().unwrap().parse().unwrap()
+    };
+    let plain = check(&["--world-size", "8", "--set", "parallel.sp=8", "--set", "parallel.ring=1"]);
+    assert!(fit(&t) > fit(&plain) * 3 / 2, "ring 2: {} tokens, without: {}", fit(&t), fit(&plain));
+}

@@ -86,11 +86,12 @@ fn lse3(lse: &Tensor, like_out: &Tensor) -> Tensor {
     lse.reshape([b, h, s]).to_kind(Kind::Float)
 }
 
-/// The log-sum-exp in the shape `kernel`'s backward takes (cuDNN: a trailing unit dimension).
-fn kernel_lse(kernel: FusedAttention, lse: &Tensor) -> Tensor {
-    match kernel {
-        FusedAttention::Cudnn => lse.unsqueeze(-1).contiguous(),
-        FusedAttention::Flash | FusedAttention::CpuFlash => lse.contiguous(),
+/// `[b, heads, s]` back in the shape the kernel gave its log-sum-exp (`dims` dimensions: some
+/// kernels add a trailing unit dimension), which its backward takes.
+fn kernel_lse(lse: &Tensor, dims: usize) -> Tensor {
+    match dims {
+        4 => lse.unsqueeze(-1).contiguous(),
+        _ => lse.contiguous(),
     }
 }
 
@@ -122,7 +123,7 @@ fn stack_kv(k: &Tensor, v: &Tensor) -> Tensor {
 
 /// Ring attention forward: `q [b, s, h, d]`, `k, v [b, s, kv, d]` (this rank's two zigzag chunks,
 /// end to end) -> the output `[b, s, h, d]` in q's dtype and the merged log-sum-exp in the shape
-/// `kernel`'s backward takes (with the diagonal block's kernel extras).
+/// `kernel` gives it (with the diagonal block's kernel extras), which `backward` takes.
 pub fn forward(
     ring: &dyn Collective,
     kernel: FusedAttention,
@@ -136,7 +137,7 @@ pub fn forward(
     let mut out = q.zeros_like().to_kind(Kind::Float);
     let mut lse = Tensor::full([b, h, s], f64::NEG_INFINITY, (Kind::Float, q.device()));
     let mut kv = stack_kv(k, v);
-    let mut aux = None;
+    let mut diagonal = None;
     for hop in 0..size {
         // Issued before this hop's compute, which does not depend on it.
         let next = if hop + 1 < size { Some(ring.ring_shift(&kv)?) } else { None };
@@ -145,7 +146,7 @@ pub fn forward(
             Block::Diagonal => {
                 let (o, saved) = forward_block(kernel, true, q, &kb, &vb)?;
                 merge(&mut out, &mut lse, &o, &lse3(&saved.lse, &o));
-                aux = Some(saved.aux);
+                diagonal = Some((saved.aux, saved.lse.dim()));
             }
             Block::FirstKeys => {
                 let (o, saved) = forward_block(kernel, false, q, &kb.narrow(1, 0, half), &vb.narrow(1, 0, half))?;
@@ -161,8 +162,8 @@ pub fn forward(
             kv = next;
         }
     }
-    let aux = aux.expect("hop 0 is the diagonal block");
-    Ok((out.to_kind(q.kind()), Saved { lse: kernel_lse(kernel, &lse), aux }))
+    let (aux, dims) = diagonal.expect("hop 0 is the diagonal block");
+    Ok((out.to_kind(q.kind()), Saved { lse: kernel_lse(&lse, dims), aux }))
 }
 
 /// Ring attention backward from the output's gradient `grad_out`, the final merged output `out`
@@ -184,7 +185,7 @@ pub fn backward(
     // The second half of the rows: the queries, their output, its gradient and log-sum-exp.
     let rows = |t: &Tensor| t.narrow(1, half, half);
     let last = Saved {
-        lse: kernel_lse(kernel, &lse.narrow(2, half, half)),
+        lse: kernel_lse(&lse.narrow(2, half, half), saved.lse.dim()),
         aux: saved.aux.each_ref().map(|t| t.shallow_clone()),
     };
     let mut dq = q.zeros_like().to_kind(Kind::Float);

@@ -131,7 +131,7 @@ impl Plan {
             let chunk = self.seq_len / (2 * self.ring);
             let _ = writeln!(
                 s,
-                "sequence   {} tokens per sample in {} zigzag chunks of {chunk}: ring rank r holds chunks r and {}−r, its ulysses group {} tokens each of them end to end",
+                "sequence   {} tokens per sample in {} zigzag chunks of {chunk}: ring rank r holds chunks r and {}−r; each rank of its Ulysses group {} tokens of the two",
                 self.seq_len, 2 * self.ring, 2 * self.ring - 1, self.seq_local
             );
             let _ = writeln!(s, "attention  after the all-to-all each rank holds its ring rank's {} tokens with {} query heads and {} KV heads{}; ring attention over {} hops (the K/V blocks pass around the ring)",

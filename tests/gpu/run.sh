@@ -39,6 +39,16 @@
 # 9. PARTS=colocated (not in the default set): the sharded parts with 2 and 4 ranks sharing one
 #    GPU (ULYSSES_RANKS_PER_GPU); see the part below for what it checks. From the repository root
 #    after `make bundle`:  PARTS=colocated bash tests/gpu/run.sh
+# 10. PARTS=ring (not in the default set; needs ULYSSES_RANKS_PER_GPU, the several-ranks-per-GPU
+#    switch): ring attention on one GPU with co-located ranks. `comm-check --backend nccl` on 4
+#    ranks (ring_shift exact and ring attention within 2e-2 of local attention in bf16 for every
+#    ring degree); a small Llama (4 layers, hidden 512, 8 / 4 heads of 64) at 8192 tokens, bf16,
+#    3 steps: ulysses 2 × ring 2 (4 ranks) with kept attention (cuDNN), recomputed attention and
+#    flash, each against sp = 1, losses and gradient norms within rtol 1.6e-2; then one step of
+#    Llama-3.1-8B dimensions with 8 layers at 65536 tokens at ulysses 1 × ring 2 (2 ranks sharing
+#    the GPU) against sp = 1 on the same GPU: the loss within rtol 1.6e-2 and each run's peak GPU
+#    memory printed (a correctness and memory figure, not a speed one).
+#    From the repository root after `make bundle`:  PARTS=ring bash tests/gpu/run.sh
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 WORK="$(mktemp -d /tmp/ulysses-gputest.XXXXXX)"
@@ -507,6 +517,91 @@ fi
 echo "== colocated summary (one GPU, ULYSSES_RANKS_PER_GPU = 2 and 4):"
 cat "$SUMMARY"
 echo "colocated: $(grep -c '^PASS' "$SUMMARY") passed, $(grep -c '^FAIL' "$SUMMARY") failed, $((SECONDS - colocated_start)) s"
+fi
+
+# 10. Ring attention with co-located ranks (PARTS=ring; docs/ring.md).
+if want ring; then
+R="$WORK/ring"
+mkdir -p "$R"
+ru() {  # ranks name: runs $R/name.toml with `ranks` ranks sharing GPU 0
+  ULYSSES_RANKS_PER_GPU="$1" NGPU="$1" bash bundle/run-gpu.sh "$R/$2.toml" > "$OUTD/gputest-ring-$2.log" 2>&1
+  echo "ran $2 on $1 rank(s) sharing one GPU: exit $?"
+}
+rexp() {  # name model-lines sp ring seq data steps [extra [parallel] lines]
+  cat > "$R/$1.toml" <<TOML
+[run]
+name = "$1"
+output_dir = "$R/runs"
+seed = 5
+[model]
+$2
+[parallel]
+sp = $3
+ring = $4
+dp = 1
+device = "cuda"
+mlp_tile = 4096
+loss_tile = 2048
+$8
+[data]
+paths = ["$6"]
+seq_len = $5
+shuffle = false
+[train]
+steps = $7
+lr = 1e-4
+min_lr = 1e-4
+warmup_steps = 0
+dtype = "bf16"
+[checkpoint]
+resume = "none"
+save_final = false
+TOML
+}
+ULYSSES_RANKS_PER_GPU=4 NGPU=4 bash bundle/run-gpu.sh comm-check --backend nccl 2>&1 | tee "$OUTD/gputest-ring-commcheck.log"
+grep -q "ring attention matches it for every ring degree" "$OUTD/gputest-ring-commcheck.log" \
+  && echo "PASS comm-check on 4 co-located NCCL ranks: ring_shift exact, ring attention == local attention" || fails=$((fails + 1))
+cat > "$R/llama.json" <<JSON
+{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 4096, "hidden_size": 512,
+ "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
+ "head_dim": 64, "rms_norm_eps": 1e-05, "max_position_embeddings": 8192, "rope_theta": 500000.0,
+ "tie_word_embeddings": false}
+JSON
+u 1 data synth --task random --seq-len 8192 --num 3 --seed 2 --out "$R/rand8k" >/dev/null
+u 1 data synth --task random --seq-len 65536 --num 1 --seed 2 --out "$R/rand64k" >/dev/null
+L="config = \"$R/llama.json\""
+rexp sp1 "$L" 1 1 8192 "$R/rand8k" 3
+rexp u2r2 "$L" 4 2 8192 "$R/rand8k" 3
+rexp u2r2-recompute "$L" 4 2 8192 "$R/rand8k" 3 'keep_attention = false'
+rexp u2r2-flash "$L" 4 2 8192 "$R/rand8k" 3 'attention = "flash"'
+B=$'preset = "llama3.1-8b"\nlayers = 8'
+rexp 8b-sp1 "$B" 1 1 65536 "$R/rand64k" 1
+rexp 8b-u1r2 "$B" 2 2 65536 "$R/rand64k" 1
+ru 1 sp1; ru 4 u2r2; ru 4 u2r2-recompute; ru 4 u2r2-flash; ru 1 8b-sp1; ru 2 8b-u1r2
+python3 - "$OUTD" <<'PY' || fails=$((fails + 1))
+import re, sys
+def run(name, steps):
+    t = open(f"{sys.argv[1]}/gputest-ring-{name}.log").read()
+    got = [(float(l), float(g)) for l, g in re.findall(r"step +\d+/\d+ +loss (\S+) +lr \S+ +grad_norm (\S+)", t)]
+    assert len(got) == steps, f"{name}: {len(got)} of {steps} steps completed (see gputest-ring-{name}.log)"
+    assert name.endswith("sp1") or "ring attention: ulysses" in t, f"{name}: the run did not say it ran ring attention"
+    return got, max([float(x) for x in re.findall(r"peak (\S+) GiB", t)] or [0.0])
+base, _ = run("sp1", 3)
+worst = 0.0
+for name in ["u2r2", "u2r2-recompute", "u2r2-flash"]:
+    got, _ = run(name, 3)
+    for i, ((la, ga), (lb, gb)) in enumerate(zip(base, got), 1):
+        rl, rg = abs(la - lb) / abs(la), abs(ga - gb) / abs(ga)
+        worst = max(worst, rl, rg)
+        print(f"{name} step {i}: loss sp1 {la:.5f} ring {lb:.5f} (rel {rl:.2e})  grad_norm {ga:.5f} / {gb:.5f} (rel {rg:.2e})")
+        assert rl <= 1.6e-2 and rg <= 1.6e-2, f"{name} differs from sp = 1 beyond rtol 1.6e-2"
+print(f"PASS ulysses 2 x ring 2 == sp 1 in bf16 (kept cuDNN, recomputed, flash; worst relative difference {worst:.2e})")
+(a, pa), (b, pb) = run("8b-sp1", 1), run("8b-u1r2", 1)
+rl = abs(a[0][0] - b[0][0]) / abs(a[0][0])
+print(f"8B dims, 8 layers, 65536 tokens, one step: loss sp1 {a[0][0]:.5f} (peak {pa} GiB), ulysses 1 x ring 2 on 2 co-located ranks {b[0][0]:.5f} (rel {rl:.2e}; peak {pb} GiB per rank)")
+assert rl <= 1.6e-2, "the 8B-dims ring step differs from sp = 1 beyond rtol 1.6e-2"
+print("PASS 8B dims 64K step at ulysses 1 x ring 2 (a correctness and memory figure, not speed)")
+PY
 fi
 
 want learn || { echo "gpu tests ($PARTS): $fails failed"; exit $fails; }
