@@ -107,6 +107,12 @@ impl Saved {
         Saved { calls: vec![KernelCall { lse_shape: lse.size(), aux }], lse }
     }
 
+    /// One call's extras with another log-sum-exp in the shape that call gave its own: ring
+    /// attention's merged one over every block, or some of its rows.
+    pub fn with_lse(&self, lse: Tensor) -> Saved {
+        Saved::one(lse, self.calls[0].aux.each_ref().map(|t| t.shallow_clone()))
+    }
+
     /// Several calls' outputs, their log-sum-exps laid end to end (one: as it is).
     fn join(mut parts: Vec<Saved>) -> Saved {
         if parts.len() == 1 {

@@ -146,7 +146,7 @@ pub fn forward(
             Block::Diagonal => {
                 let (o, saved) = forward_block(kernel, true, q, &kb, &vb)?;
                 merge(&mut out, &mut lse, &o, &lse3(&saved.lse, &o));
-                diagonal = Some((saved.aux, saved.lse.dim()));
+                diagonal = Some(saved);
             }
             Block::FirstKeys => {
                 let (o, saved) = forward_block(kernel, false, q, &kb.narrow(1, 0, half), &vb.narrow(1, 0, half))?;
@@ -162,8 +162,9 @@ pub fn forward(
             kv = next;
         }
     }
-    let (aux, dims) = diagonal.expect("hop 0 is the diagonal block");
-    Ok((out.to_kind(q.kind()), Saved { lse: kernel_lse(&lse, dims), aux }))
+    let diagonal = diagonal.expect("hop 0 is the diagonal block");
+    let merged = kernel_lse(&lse, diagonal.lse.dim());
+    Ok((out.to_kind(q.kind()), diagonal.with_lse(merged)))
 }
 
 /// Ring attention backward from the output's gradient `grad_out`, the final merged output `out`
@@ -184,10 +185,7 @@ pub fn backward(
     let lse = lse3(&saved.lse, out);
     // The second half of the rows: the queries, their output, its gradient and log-sum-exp.
     let rows = |t: &Tensor| t.narrow(1, half, half);
-    let last = Saved {
-        lse: kernel_lse(&lse.narrow(2, half, half), saved.lse.dim()),
-        aux: saved.aux.each_ref().map(|t| t.shallow_clone()),
-    };
+    let last = saved.with_lse(kernel_lse(&lse.narrow(2, half, half), saved.lse.dim()));
     let mut dq = q.zeros_like().to_kind(Kind::Float);
     let mut kv = stack_kv(k, v);
     // dk and dv of the visiting block, travelling with it: [2, b, s, kv, d] fp32.
