@@ -133,10 +133,6 @@ impl LengthStats {
         self.buckets[(63 - len.leading_zeros() as usize).min(31)] += 1;
     }
 
-    pub fn add_documents(&mut self, docs: &Documents) {
-        docs.lens().for_each(|l| self.add(l as u64));
-    }
-
     pub fn count(&self) -> u64 {
         self.count
     }

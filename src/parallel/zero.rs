@@ -352,36 +352,6 @@ impl ShardedParams {
         Ok(split_flat(&flat, &self.units[unit]))
     }
 
-    /// Replaces one state of a unit with this rank's slice of the whole unit, which `root` gives
-    /// as full tensors in the unit's order (the other ranks pass `None`) and broadcasts: only the
-    /// root reads a checkpoint, and any world size or stage can load what any other wrote.
-    pub fn load_state(
-        &mut self,
-        world: &dyn Collective,
-        id: UnitId,
-        which: State,
-        root: usize,
-        full: Option<&[Tensor]>,
-    ) -> Result<(), ZeroError> {
-        let unit = self.index(id);
-        self.wait(unit)?;
-        let u = &self.units[unit];
-        let flat = match full {
-            Some(tensors) => flatten_padded(tensors, u.padded),
-            None => Tensor::zeros([u.padded], (Kind::Float, Device::Cpu)),
-        };
-        let flat = world.broadcast(&flat.to_device(world.device()), root)?;
-        let (start, len) = (self.shard_start(unit), self.shard_len(unit));
-        let mine = flat.narrow(0, start, len);
-        match &mut self.slots[unit] {
-            Slot::Memory(s) => {
-                s.state(which).shallow_clone().copy_(&mine);
-            }
-            Slot::Disk(d) => d.write(which.region(), 0, &mine.to_device(Device::Cpu))?,
-        }
-        Ok(())
-    }
-
     /// Adds this rank's gradients of a unit (full tensors, any float dtype) into the shards:
     /// summed over every rank in fp32, then each rank keeps its slice.
     pub fn accumulate(&mut self, world: &dyn Collective, id: UnitId, grads: &[Tensor]) -> Result<(), ZeroError> {
