@@ -5,7 +5,7 @@
 //! forward) or streamed from disk.
 use crate::comm::{all_reduce_f64, all_reduce_f64s, Collective};
 use crate::config::{TrainConfig, ZeroStage};
-use crate::ffi::{optim::fused_adamw, transfer::host_f32s, ShimError};
+use crate::ffi::{optim::fused_adamw, transfer::host_values, ShimError};
 use crate::parallel::deferred::HostJob;
 use crate::parallel::tiers::{DiskError, Region};
 use crate::parallel::zero::{ShardMut, ShardedParams, Unit, UnitId, ZeroError};
@@ -195,7 +195,7 @@ fn square_sum(t: &Tensor) -> f64 {
         return t.square().sum(Kind::Double).double_value(&[]);
     }
     let threads = tch::get_num_threads().max(1) as usize;
-    host_f32s(&t.contiguous()).chunks(DISK_CHUNK as usize).map(|piece| host_square_sum(piece, threads)).sum()
+    host_values::<f32>(&t.contiguous()).chunks(DISK_CHUNK as usize).map(|piece| host_square_sum(piece, threads)).sum()
 }
 
 /// Σ x² in fp64 of a host piece, on `threads` threads: fixed blocks, each summed by one thread,
@@ -254,10 +254,10 @@ mod tests {
         // Not a multiple of the block or of the eight lanes: the remainders are summed too.
         let x = Tensor::randn([(1 << 18) + 12_345], (Kind::Float, Device::Cpu));
         let exact = x.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]);
-        let one = host_square_sum(host_f32s(&x), 1);
+        let one = host_square_sum(host_values::<f32>(&x), 1);
         assert!((one - exact).abs() <= 1e-12 * exact, "{one} against {exact}");
         for threads in [2, 3, 16] {
-            assert_eq!(host_square_sum(host_f32s(&x), threads).to_bits(), one.to_bits(), "{threads} threads");
+            assert_eq!(host_square_sum(host_values::<f32>(&x), threads).to_bits(), one.to_bits(), "{threads} threads");
         }
         assert_eq!(square_sum(&x).to_bits(), one.to_bits(), "one piece: the shard's sum");
     }

@@ -4,7 +4,7 @@
 //! of it. The bytes are the safetensors format (8-byte little-endian header length, a JSON
 //! header, then the data), so `safetensors.safe_open` and transformers read these files too.
 use super::{io_err, CheckpointError};
-use crate::ffi::transfer::{host_bytes, host_f32s};
+use crate::ffi::transfer::{host_bytes, host_values};
 use safetensors::tensor::{Dtype, TensorInfo};
 use std::collections::HashMap;
 use std::fs::File;
@@ -122,7 +122,7 @@ impl Writer {
     /// The bytes of a contiguous host tensor (a piece of one tensor of the layout, or all of it).
     pub fn write_tensor(&mut self, t: &Tensor) -> Result<(), CheckpointError> {
         if t.kind() == Kind::Float {
-            let n = count_non_finite(host_f32s(t));
+            let n = count_non_finite(host_values::<f32>(t));
             if n > 0 {
                 // The tensor this piece starts in: the last one starting at or before it.
                 let i = self.starts.partition_point(|&s| s <= self.written).saturating_sub(1);

@@ -3,6 +3,7 @@
 //! Data movement (all_to_all, all_gather, broadcast) is dtype-agnostic and moves bytes; reductions
 //! are typed (f32, f64, i32, i64; bf16/f16 are summed in f32, as MPI has no 16-bit float type).
 use super::{check_blocks, Collective, CommError};
+use crate::ffi::transfer::{host_bytes, host_bytes_mut, host_values, host_values_mut};
 use mpi::collective::SystemOperation;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
@@ -38,27 +39,6 @@ fn nbytes(t: &Tensor) -> usize {
     t.numel() * t.kind().elt_size_in_bytes()
 }
 
-fn bytes(t: &Tensor) -> &[u8] {
-    // SAFETY: `t` is a contiguous CPU tensor (checked by the callers) whose storage holds
-    // `numel * elt_size` initialised bytes starting at data_ptr, alive as long as `t` is borrowed.
-    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, nbytes(t)) }
-}
-
-fn bytes_mut(t: &mut Tensor) -> &mut [u8] {
-    // SAFETY: as in `bytes`; `t` was freshly allocated by the caller and is not aliased.
-    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, nbytes(t)) }
-}
-
-fn typed<T>(t: &Tensor) -> &[T] {
-    // SAFETY: callers match T to t.kind() and pass contiguous CPU tensors.
-    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, t.numel()) }
-}
-
-fn typed_mut<T>(t: &mut Tensor) -> &mut [T] {
-    // SAFETY: as in `typed`; the output tensor is freshly allocated and unaliased.
-    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel()) }
-}
-
 const REDUCE_KINDS: &str = "f32, f64, i32, i64, bf16, f16";
 
 impl MpiCollective {
@@ -88,10 +68,18 @@ impl MpiCollective {
 macro_rules! dispatch_sum {
     ($comm:expr, $send:expr, $recv:expr, $method:ident) => {
         match $send.kind() {
-            Kind::Float => $comm.$method(typed::<f32>($send), typed_mut::<f32>($recv), SystemOperation::sum()),
-            Kind::Double => $comm.$method(typed::<f64>($send), typed_mut::<f64>($recv), SystemOperation::sum()),
-            Kind::Int => $comm.$method(typed::<i32>($send), typed_mut::<i32>($recv), SystemOperation::sum()),
-            Kind::Int64 => $comm.$method(typed::<i64>($send), typed_mut::<i64>($recv), SystemOperation::sum()),
+            Kind::Float => {
+                $comm.$method(host_values::<f32>($send), host_values_mut::<f32>($recv), SystemOperation::sum())
+            }
+            Kind::Double => {
+                $comm.$method(host_values::<f64>($send), host_values_mut::<f64>($recv), SystemOperation::sum())
+            }
+            Kind::Int => {
+                $comm.$method(host_values::<i32>($send), host_values_mut::<i32>($recv), SystemOperation::sum())
+            }
+            Kind::Int64 => {
+                $comm.$method(host_values::<i64>($send), host_values_mut::<i64>($recv), SystemOperation::sum())
+            }
             k => unreachable!("reduce widened every dtype to a summable one, got {k:?}"),
         }
     };
@@ -116,7 +104,7 @@ impl Collective for MpiCollective {
         check_blocks(OP, input, self.size(), true)?;
         count_ok(OP, nbytes(input) / self.size())?;
         let mut out = Tensor::empty(input.size().as_slice(), (input.kind(), Device::Cpu));
-        self.comm.all_to_all_into(bytes(input), bytes_mut(&mut out));
+        self.comm.all_to_all_into(host_bytes(input), host_bytes_mut(&mut out));
         Ok(out)
     }
 
@@ -128,7 +116,7 @@ impl Collective for MpiCollective {
         let mut shape = input.size();
         shape[0] *= self.size() as i64;
         let mut out = Tensor::empty(shape.as_slice(), (input.kind(), Device::Cpu));
-        self.comm.all_gather_into(bytes(input), bytes_mut(&mut out));
+        self.comm.all_gather_into(host_bytes(input), host_bytes_mut(&mut out));
         Ok(out)
     }
 
@@ -157,7 +145,7 @@ impl Collective for MpiCollective {
         }
         count_ok(OP, nbytes(input))?;
         let mut out = input.copy();
-        self.comm.process_at_rank(root as i32).broadcast_into(bytes_mut(&mut out));
+        self.comm.process_at_rank(root as i32).broadcast_into(host_bytes_mut(&mut out));
         Ok(out)
     }
 
@@ -171,7 +159,7 @@ impl Collective for MpiCollective {
             (self.comm.process_at_rank((rank + 1) % size), self.comm.process_at_rank((rank + size - 1) % size));
         let mut out = input.empty_like();
         // MPI_Sendrecv: every rank sends and receives in one call, so the ring cannot deadlock.
-        mpi::point_to_point::send_receive_into(bytes(input), &next, bytes_mut(&mut out), &prev);
+        mpi::point_to_point::send_receive_into(host_bytes(input), &next, host_bytes_mut(&mut out), &prev);
         Ok(out)
     }
 

@@ -12,6 +12,7 @@
 //! event has completed. On a CPU device every function is a plain no-op move.
 use super::{check, ShimError};
 use std::ffi::{c_char, c_int, c_void};
+use tch::kind::Element;
 use tch::{Device, Tensor};
 use torch_sys::C_tensor;
 
@@ -215,13 +216,27 @@ pub fn host_bytes(t: &Tensor) -> &[u8] {
     unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) }
 }
 
-/// The values of a contiguous fp32 host tensor.
-pub fn host_f32s(t: &Tensor) -> &[f32] {
-    assert!(t.kind() == tch::Kind::Float, "host_f32s of a {:?} tensor", t.kind());
+/// The values of a contiguous host tensor of `T`'s kind.
+pub fn host_values<T: Element>(t: &Tensor) -> &[T] {
+    assert!(t.kind() == T::KIND, "host_values::<{:?}> of a {:?} tensor", T::KIND, t.kind());
     let bytes = host_bytes(t);
-    // SAFETY: an fp32 tensor's storage is aligned for f32 (libtorch allocates 64-byte aligned
-    // blocks and views start on element boundaries) and holds `bytes.len() / 4` of them.
-    unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const f32, bytes.len() / 4) }
+    if bytes.is_empty() {
+        return &[];
+    }
+    // SAFETY: a tensor of T's kind holds `bytes.len() / size_of::<T>()` of them, aligned for T
+    // (libtorch allocates 64-byte aligned blocks and views start on element boundaries).
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / std::mem::size_of::<T>()) }
+}
+
+/// The values of a contiguous host tensor of `T`'s kind, to fill in place (as `host_bytes_mut`).
+pub fn host_values_mut<T: Element>(t: &mut Tensor) -> &mut [T] {
+    assert!(t.kind() == T::KIND, "host_values_mut::<{:?}> of a {:?} tensor", T::KIND, t.kind());
+    let bytes = host_bytes_mut(t);
+    if bytes.is_empty() {
+        return &mut [];
+    }
+    // SAFETY: as in `host_values`; the exclusive borrow stands for exclusive use of the memory.
+    unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr() as *mut T, bytes.len() / std::mem::size_of::<T>()) }
 }
 
 /// The bytes of a contiguous host tensor, to fill in place. The caller must hold the only use of

@@ -7,7 +7,7 @@
 //! when `MAX_WRITES_IN_FLIGHT` writes are pending, and at most `MAX_READS_AHEAD` items are being
 //! read back (or read and not yet taken) besides the one `take` asks for; further prefetches wait
 //! their turn.
-use crate::ffi::transfer::{self, CopyEvent};
+use crate::ffi::transfer::{self, host_bytes, host_bytes_mut, CopyEvent};
 use crate::plan::memory::Place;
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::{HashMap, VecDeque};
@@ -457,19 +457,6 @@ fn io_loop(jobs: Receiver<Job>, done: Sender<Done>, cancel: Arc<AtomicBool>) {
     }
 }
 
-/// The bytes of a contiguous CPU tensor.
-fn bytes_of(t: &Tensor) -> &[u8] {
-    let n = t.numel() * t.kind().elt_size_in_bytes();
-    if n == 0 {
-        return &[];
-    }
-    // SAFETY: `t` is a contiguous CPU tensor (checked by the callers' construction: staging
-    // buffers are contiguous host tensors) of `n` bytes starting at data_ptr, alive while borrowed.
-    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) }
-}
-
-/// Writes the tensor's bytes and drops them from the page cache, so disk offload does not turn
-/// into host memory use.
 /// This machine's name, as store folders carry it (an offload folder on a shared file system may
 /// hold other hosts' folders, whose processes this host cannot see).
 fn host_name() -> String {
@@ -509,16 +496,18 @@ fn remove_stale_folders(base: &Path, host: &str) {
     }
 }
 
+/// Writes the tensor's bytes and drops them from the page cache, so disk offload does not turn
+/// into host memory use.
 fn write_file(path: &Path, t: &Tensor) -> Result<(), String> {
     let fail = |e: std::io::Error| format!("writing {}: {e}", path.display());
     let mut f = crate::files::create(path).map_err(fail)?;
-    f.write_all(bytes_of(t)).map_err(fail)?;
+    f.write_all(host_bytes(t)).map_err(fail)?;
     f.sync_data().map_err(fail)?;
     drop_page_cache(&f);
     Ok(())
 }
 
-fn read_back(path: &Path, staging: Tensor, to: Option<(Tensor, CopyEvent)>) -> Result<(Tensor, CopyEvent), String> {
+fn read_back(path: &Path, mut staging: Tensor, to: Option<(Tensor, CopyEvent)>) -> Result<(Tensor, CopyEvent), String> {
     let fail = |e: std::io::Error| format!("reading {}: {e}", path.display());
     let mut f = File::open(path).map_err(fail)?;
     let n = staging.numel() * staging.kind().elt_size_in_bytes();
@@ -526,12 +515,9 @@ fn read_back(path: &Path, staging: Tensor, to: Option<(Tensor, CopyEvent)>) -> R
     if len != n as u64 {
         return Err(format!("reading {}: expected {n} bytes, found {len}", path.display()));
     }
-    if n > 0 {
-        // SAFETY: `staging` is a new contiguous host tensor of `n` bytes that only this thread
-        // uses until it is sent back or handed to the copy below.
-        let buf = unsafe { std::slice::from_raw_parts_mut(staging.data_ptr() as *mut u8, n) };
-        f.read_exact(buf).map_err(fail)?;
-    }
+    // `staging` is a new host tensor that only this thread uses until it is sent back or handed
+    // to the copy below.
+    f.read_exact(host_bytes_mut(&mut staging)).map_err(fail)?;
     drop_page_cache(&f);
     match to {
         None => Ok((staging, CopyEvent::complete())),
