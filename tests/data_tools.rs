@@ -3,8 +3,9 @@ mod data_common;
 
 use data_common::{train_tokenizer, ulysses};
 use tokenizers::Tokenizer;
+use ulysses::data::needle::SynthTask;
 use ulysses::data::prepare::{prepare, InputFormat, Layout, PrepareOptions};
-use ulysses::data::synth::{synth, SynthOptions, SynthTask};
+use ulysses::data::synth::{synth, SynthOptions};
 use ulysses::data::tokenizer::TextTokenizer;
 use ulysses::data::Dataset;
 

@@ -8,7 +8,7 @@ mod eval_common;
 use common::*;
 use eval_common::*;
 use ulysses::data::needle::needle_sample;
-use ulysses::data::synth::SynthTask;
+use ulysses::data::needle::SynthTask;
 use ulysses::data::tokenizer::TextTokenizer;
 
 fn text_of(tokens: &[i32]) -> String {

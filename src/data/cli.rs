@@ -2,9 +2,10 @@
 //! print summaries; the work happens in the library functions they call.
 use super::documents::{spread, summarize};
 use super::format::TOKENS;
+use super::needle::SynthTask;
 use super::prepare::{prepare, InputFormat, Layout, PrepareOptions};
 use super::shard::{read_i64_attr, read_str_attr};
-use super::synth::{synth, SynthOptions, SynthTask};
+use super::synth::{synth, SynthOptions};
 use super::tokenizer::TextTokenizer;
 use super::{DataError, Dataset};
 use anyhow::{Context, Result};

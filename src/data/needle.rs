@@ -6,7 +6,6 @@
 //!   "The pass key is NNNNN. Remember it. NNNNN is the pass key. ".
 //! - niah: varied filler sentences drawn at random and a single fact "The special magic number is
 //!   NNNNN. " (needle-in-a-haystack style), asked for at the end.
-use super::synth::SynthTask;
 use super::tokenizer::TextTokenizer;
 use super::{DataError, PasskeyInfo};
 use crate::rng::SplitMix64;
@@ -40,6 +39,30 @@ const NIAH_FILLER: &[&str] = &[
 ];
 const NIAH_QUESTION: &str =
     "What is the special magic number mentioned in the text above? The special magic number is ";
+
+/// The tasks `ulysses data synth` writes: the two needle tasks, whose text this file builds, and
+/// random tokens (synth.rs). Defined here because synth.rs builds on this file, not the reverse;
+/// evaluation's grid picks its task from it too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SynthTask {
+    /// Pass-key retrieval: "The pass key is NNNNN." hidden in repeated filler, asked for at the end.
+    Passkey,
+    /// Needle in a haystack: varied filler, "The special magic number is NNNNN."
+    Niah,
+    /// Uniform random tokens (no answer).
+    Random,
+}
+
+impl SynthTask {
+    /// The shard's `task` attribute.
+    pub fn name(self) -> &'static str {
+        match self {
+            SynthTask::Passkey => "passkey",
+            SynthTask::Niah => "niah",
+            SynthTask::Random => "random",
+        }
+    }
+}
 
 /// The tokenized pieces every sequence of one task is built from.
 pub(crate) struct NeedleParts {

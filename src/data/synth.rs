@@ -6,33 +6,12 @@
 //! - random: uniform token ids, for throughput runs; with `doc_len`, packed into documents of that
 //!   many tokens (recorded in `docs/*`), for document-masked throughput runs.
 use super::format::{claim_output_dir, shard_name, ShardWriter};
-use super::needle::{check_key_digits, draw_key, NeedleParts};
+use super::needle::{check_key_digits, draw_key, NeedleParts, SynthTask};
 use super::tokenizer::TextTokenizer;
 use super::{DataError, PasskeyInfo};
 use crate::rng::SplitMix64;
 use ndarray::{Array1, Array2};
 use std::path::{Path, PathBuf};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum SynthTask {
-    /// Pass-key retrieval: "The pass key is NNNNN." hidden in repeated filler, asked for at the end.
-    Passkey,
-    /// Needle in a haystack: varied filler, "The special magic number is NNNNN."
-    Niah,
-    /// Uniform random tokens (no answer).
-    Random,
-}
-
-impl SynthTask {
-    /// The shard's `task` attribute.
-    pub fn name(self) -> &'static str {
-        match self {
-            SynthTask::Passkey => "passkey",
-            SynthTask::Niah => "niah",
-            SynthTask::Random => "random",
-        }
-    }
-}
 
 pub struct SynthOptions {
     pub task: SynthTask,

@@ -9,7 +9,7 @@ use super::{plot_eval, EvalTask};
 use crate::checkpoint::load_weights;
 use crate::comm::Mesh;
 use crate::config::{validate, DeviceKind, Experiment, Overrides, PositionBy, SetArgs};
-use crate::data::synth::SynthTask;
+use crate::data::needle::SynthTask;
 use crate::data::tokenizer::TextTokenizer;
 use crate::launch::{init_logging, Backend, Launch};
 use crate::metrics::tensorboard::Events;

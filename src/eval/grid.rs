@@ -7,7 +7,7 @@ use super::forward::Evaluator;
 use super::EvalError;
 use crate::comm::{Collective, Mesh};
 use crate::data::needle::needle_sample;
-use crate::data::synth::SynthTask;
+use crate::data::needle::SynthTask;
 use crate::data::tokenizer::TextTokenizer;
 use ndarray::{Array2, Array3, Axis};
 use tch::Tensor;
