@@ -1,5 +1,6 @@
 //! Llama on tch. Parallelism reaches the model only through seams (attention core, parameter
 //! source); nothing here imports `comm`.
+mod error;
 pub mod llama;
 pub mod mask;
 pub mod params;
