@@ -157,6 +157,8 @@ pub struct ShardedParams {
     /// (`defer`). First, to be dropped first: dropping waits for the jobs.
     deferred: Deferred,
     units: Vec<Unit>,
+    /// The model's decoder layers: `units` is `UnitId::all(layers)`.
+    layers: usize,
     slots: Vec<Slot>,
     stage: ZeroStage,
     rank: i64,
@@ -225,7 +227,8 @@ impl ShardedParams {
             .collect::<Result<Vec<Slot>, ZeroError>>()?;
         let in_flight = units.iter().map(|_| None).collect();
         let deferred = Deferred::new(units.len());
-        Ok(ShardedParams { units, slots, stage, rank: rank as i64, device: state.device, in_flight, deferred })
+        let layers = spec.num_hidden_layers as usize;
+        Ok(ShardedParams { units, layers, slots, stage, rank: rank as i64, device: state.device, in_flight, deferred })
     }
 
     /// Every unit, in the order of `model_units`.
@@ -293,15 +296,7 @@ impl ShardedParams {
 
     /// The position of a unit in `units()`.
     fn index(&self, id: UnitId) -> usize {
-        let layers = self.units.len() - 2;
-        match id {
-            UnitId::Embedding => 0,
-            UnitId::Layer(l) => {
-                assert!(l < layers, "layer {l} of a {layers}-layer model");
-                1 + l
-            }
-            UnitId::Head => layers + 1,
-        }
+        id.index(self.layers)
     }
 
     fn shard_len(&self, unit: usize) -> i64 {

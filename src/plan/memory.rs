@@ -16,7 +16,7 @@ use crate::config::{
     ActivationPlacement, CheckpointConfig, DeviceKind, Dtype, Experiment, ParallelConfig, StatePlacement, TrainConfig,
     ZeroStage,
 };
-use crate::model::spec::ModelSpec;
+use crate::model::spec::{ModelSpec, UnitId};
 use crate::units::bytes;
 
 /// Bytes per token of one layer's recompute in backward, in units of `hidden × 2 B`: it peaks
@@ -48,7 +48,7 @@ pub enum Place {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Placement {
     /// Where each ZeRO unit's fp32 state (master, gradient, Adam moments) lives, in the order of
-    /// `parallel::zero::model_units` (embedding, the layers, the head). `Device` on a CPU run:
+    /// `UnitId::all` (embedding, the layers, the head). `Device` on a CPU run:
     /// in memory.
     pub state: Vec<Place>,
     /// Where layer l's input is kept.
@@ -379,21 +379,22 @@ impl Estimate {
         2.0 * (input + attention)
     }
 
-    /// Bytes of unit u's state on this rank (units in `model_units` order).
-    pub fn unit_state(&self, u: usize) -> f64 {
-        match u {
-            0 => self.state_embedding,
-            u if u <= self.layers => self.state_layer,
-            _ => self.state_head,
+    /// Bytes of a unit's state on this rank.
+    pub fn unit_state(&self, id: UnitId) -> f64 {
+        match id {
+            UnitId::Embedding => self.state_embedding,
+            UnitId::Layer(_) => self.state_layer,
+            UnitId::Head => self.state_head,
         }
     }
 
     /// The state of each unit where `state` says, and what that costs in staging.
     fn state_totals(&self, state: &[Place]) -> StateTotals {
+        let units = || UnitId::all(self.layers).zip(state);
         let total =
-            |place| (0..state.len()).filter(|&u| state[u] == place).map(|u| self.unit_state(u)).fold(0.0, |a, b| a + b);
+            |place| units().filter(|(_, p)| **p == place).map(|(id, _)| self.unit_state(id)).fold(0.0, |a, b| a + b);
         let largest = |tiers: &[Place]| {
-            (0..state.len()).filter(|&u| tiers.contains(&state[u])).map(|u| self.unit_state(u)).fold(0.0, f64::max)
+            units().filter(|(_, p)| tiers.contains(p)).map(|(id, _)| self.unit_state(id)).fold(0.0, f64::max)
         };
         // A GPU run's gradients for a unit on disk, or for one in host memory whose gradient
         // accumulates over micro batches, land in pinned buffers: two units at most at once,
@@ -454,7 +455,7 @@ impl Estimate {
     ///   state in memory within `memory.host_gib` when that is set (its host budget), last
     ///   units first, and the first units on disk.
     fn state_candidates(&self, budget: &Budget) -> Vec<Vec<Place>> {
-        let units = self.layers + 2;
+        let units = UnitId::count(self.layers);
         let every = |place| vec![vec![place; units]];
         let cpu = self.device == DeviceKind::Cpu;
         match self.state {
@@ -465,12 +466,12 @@ impl Estimate {
             StatePlacement::Auto if cpu => {
                 let mut held = 0.0;
                 let mut state = vec![Place::Disk; units];
-                for u in (0..units).rev() {
-                    held += self.unit_state(u);
+                for id in UnitId::all(self.layers).rev() {
+                    held += self.unit_state(id);
                     if held > budget.host {
                         break;
                     }
-                    state[u] = Place::Device;
+                    state[id.index(self.layers)] = Place::Device;
                 }
                 vec![state]
             }

@@ -2,10 +2,12 @@
 //! presets, and Hugging Face `config.json` (read in `hf`). Plain data (no tch), so the config
 //! validator and the memory plan can use it without touching libtorch.
 mod hf;
+mod units;
 
 pub use hf::SourceConfig;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+pub use units::UnitId;
 
 /// A decoder-only family, named by `config.json`'s `model_type`. All share Llama's layer (RMSNorm,
 /// grouped-query attention with RoPE, SwiGLU MLP); they differ in the spec's switches below.

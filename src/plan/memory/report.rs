@@ -2,6 +2,7 @@
 //! and the message that stops a run that cannot fit.
 use super::{longest_fit, Budget, Estimate, MemoryPlan, Place, Placement, PlanInputs, Shortfall};
 use crate::config::{ActivationPlacement, DeviceKind, StatePlacement};
+use crate::model::spec::UnitId;
 use crate::units::{bytes, gib_limit, limit, GIB};
 use std::fmt::Write;
 use std::path::Path;
@@ -130,7 +131,7 @@ pub fn refusal(inputs: &PlanInputs, budget: &Budget, shortfall: &Shortfall, offl
     let est = Estimate::new(inputs);
     let configured = est.as_configured();
     let n = est.layers;
-    let state_total = (0..n + 2).map(|u| est.unit_state(u)).sum::<f64>();
+    let state_total = UnitId::all(n).map(|id| est.unit_state(id)).sum::<f64>();
     let quoted = |a: ActivationPlacement| format!("parallel.activations = \"{}\"", format!("{a:?}").to_lowercase());
     let mut s = format!("does not fit in memory: {shortfall}.\n");
     let _ = writeln!(

@@ -561,7 +561,7 @@ fn one_h200_trains_8b_with_the_state_split_between_gpu_and_host() {
     let (_, _, m, _) = one_h200(131072, StatePlacement::Auto);
     let p = m.placement(&budget).unwrap();
     assert_eq!(p.state, vec![Place::Device; 34]);
-    let total: f64 = (0..34).map(|u| m.unit_state(u)).sum();
+    let total: f64 = UnitId::all(32).map(|id| m.unit_state(id)).sum();
     assert!((total / (spec.total_params() as f64 * 16.0) - 1.0).abs() < 1e-6);
     // 512K: on the GPU alone it is refused; "auto" moves the first units to host memory.
     let (_, _, m, _) = one_h200(524288, StatePlacement::Device);
@@ -635,10 +635,11 @@ fn cpu_runs_keep_the_state_in_memory_within_host_gib_then_on_disk() {
     let exp = Experiment::parse(toml, "cpu").unwrap();
     let spec = ModelSpec::preset(Preset::Tiny);
     let m = Estimate::new(&PlanInputs::new(&exp, &spec, 1));
-    let units = spec.num_hidden_layers as usize + 2;
+    let layers = spec.num_hidden_layers as usize;
+    let units = UnitId::count(layers);
     assert_eq!(m.placement(&Budget::UNLIMITED).unwrap().state, vec![Place::Device; units]);
     // Room for the head and the last layer: the other units go to disk.
-    let host = m.unit_state(units - 1) + m.unit_state(units - 2) + 1.0;
+    let host = m.unit_state(UnitId::Head) + m.unit_state(UnitId::Layer(layers - 1)) + 1.0;
     let p = m.placement(&Budget { host, ..Budget::UNLIMITED }).unwrap();
     let mut want = vec![Place::Disk; units];
     want[units - 2..].fill(Place::Device);
