@@ -2,9 +2,11 @@
 //! `load` parses (with the command line's `--set` overrides and `parallel.dp = "auto"` applied to
 //! the TOML value first); `validate` checks every rule at once and lists every problem with its
 //! TOML path.
+pub mod lora;
 mod overrides;
 mod validate;
 
+pub use lora::{FullModule, LoraConfig, LoraTarget};
 pub use overrides::{Overrides, SetArgs};
 pub use validate::{validate, Problem};
 
@@ -33,6 +35,9 @@ pub struct Experiment {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub memory: MemoryConfig,
+    /// Low-rank adapters on a frozen base; absent: every parameter trains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -672,6 +677,9 @@ impl Experiment {
         self.model.path.iter_mut().for_each(fix);
         self.model.config.iter_mut().for_each(fix);
         self.model.weights.iter_mut().for_each(fix);
+        if let Some(lora) = &mut self.lora {
+            lora.adapter.iter_mut().for_each(fix);
+        }
     }
 
     pub fn to_toml(&self) -> String {

@@ -139,6 +139,11 @@ pub fn validate(exp: &Experiment, world_size: Option<usize>) -> Result<ModelSpec
     metrics(&exp.metrics, &exp.data, &mut bad);
     memory(&exp.memory, &mut bad);
     run(&exp.run, &mut bad);
+    if let Some(lora) = &exp.lora {
+        for (path, message) in super::lora::problems(lora, spec.as_ref()) {
+            bad(&path, message);
+        }
+    }
 
     match spec {
         Some(s) if problems.is_empty() => Ok(s),

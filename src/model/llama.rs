@@ -6,6 +6,7 @@
 //! their global positions. `forward_logits` composes it all as the readable reference.
 use super::rope::{apply_rope, Rope};
 use super::spec::ModelSpec;
+use crate::config::lora::LoraTarget;
 pub use crate::data::IGNORE_INDEX;
 use tch::{Kind, Reduction, Tensor};
 
@@ -32,10 +33,10 @@ pub fn pre_attention(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, rope: &Rope
     let (n_q, n_kv, d) = (spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim);
     let xn = rms_norm(x, &w.attn_norm, spec.rms_norm_eps);
     // [b, s, h] -> [b, s, n_q*d] -> [b, s, n_q, d]
-    let q = xn.linear(&w.wq, w.bq.as_ref()).view([b, s, n_q, d]);
+    let q = w.project(LoraTarget::Q, &xn).view([b, s, n_q, d]);
     // [b, s, h] -> [b, s, n_kv*d] -> [b, s, n_kv, d], for k and v
-    let k = xn.linear(&w.wk, w.bk.as_ref()).view([b, s, n_kv, d]);
-    let v = xn.linear(&w.wv, w.bv.as_ref()).view([b, s, n_kv, d]);
+    let k = w.project(LoraTarget::K, &xn).view([b, s, n_kv, d]);
+    let v = w.project(LoraTarget::V, &xn).view([b, s, n_kv, d]);
     // Qwen3: RMSNorm over each head's d values (weights [d], shared by the heads).
     let (q, k) = match (&w.q_norm, &w.k_norm) {
         (Some(qn), Some(kn)) => (rms_norm(&q, qn, spec.rms_norm_eps), rms_norm(&k, kn, spec.rms_norm_eps)),
@@ -110,7 +111,7 @@ pub fn post_attention_no_grad(
                 g.narrow(1, start, len).copy_(&gate);
                 u.narrow(1, start, len).copy_(&up);
             }
-            let y = &tile + (gate.silu() * up).linear(&w.w_down, None::<Tensor>);
+            let y = &tile + w.project(LoraTarget::Down, &(gate.silu() * up));
             tile.copy_(&y);
         }
         (h, kept)
@@ -122,13 +123,13 @@ pub fn attention_residual(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, attn: 
     let (b, s) = (x.size()[0], x.size()[1]);
     // [b, s, n_q, d] -> [b, s, n_q*d]
     let attn = attn.reshape([b, s, spec.num_attention_heads * spec.head_dim]);
-    x + attn.linear(&w.wo, w.bo.as_ref())
+    x + w.project(LoraTarget::O, &attn)
 }
 
 /// Second part of `post_attention`, per token: `h + down(silu(gate(n)) * up(n))` with
 /// `n = RMSNorm(h)`, h [b, tokens, h] -> [b, tokens, h]. Any tile of tokens can run alone.
 pub fn mlp_residual(spec: &ModelSpec, w: &LayerWeights, h: &Tensor) -> Tensor {
-    h + mlp_activation(spec, w, h).linear(&w.w_down, None::<Tensor>)
+    h + w.project(LoraTarget::Down, &mlp_activation(spec, w, h))
 }
 
 /// `mlp_residual` up to the down projection's input: `silu(gate(n)) * up(n)`, h [b, tokens, h] ->
@@ -142,7 +143,7 @@ pub fn mlp_activation(spec: &ModelSpec, w: &LayerWeights, h: &Tensor) -> Tensor 
 /// The MLP's gate and up projections of `n = RMSNorm(h)`, each [b, tokens, intermediate].
 pub fn mlp_projections(spec: &ModelSpec, w: &LayerWeights, h: &Tensor) -> (Tensor, Tensor) {
     let hn = rms_norm(h, &w.mlp_norm, spec.rms_norm_eps);
-    (hn.linear(&w.w_gate, None::<Tensor>), hn.linear(&w.w_up, None::<Tensor>))
+    (w.project(LoraTarget::Gate, &hn), w.project(LoraTarget::Up, &hn))
 }
 
 /// The gradients of the gate and up projections' outputs from the gradient of

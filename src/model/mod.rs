@@ -2,6 +2,7 @@
 //! source); nothing here imports `comm`.
 mod error;
 pub mod llama;
+pub mod lora;
 pub mod mask;
 pub mod params;
 pub mod rope;

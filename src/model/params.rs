@@ -1,6 +1,7 @@
 //! The Llama parameters in Hugging Face layout (`nn.Linear` weights are [out, in]) and naming, so
 //! a checkpoint maps onto these structs name for name with no transposes. Re-exported by `llama`.
 use super::error::WeightsError;
+use super::lora::LayerAdapters;
 use super::spec::ModelSpec;
 use crate::rng::splitmix64;
 use std::collections::{HashMap, HashSet};
@@ -34,6 +35,8 @@ pub struct LayerWeights {
     /// [d] each, applied per head to q and k before RoPE (`spec.qk_norm`)
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
+    /// LoRA adapters on some of the projections (`LayerWeights::project` applies them).
+    pub adapters: LayerAdapters,
 }
 
 pub struct ModelWeights {
@@ -114,6 +117,7 @@ impl LayerWeights {
             bo: m.remove("self_attn.o_proj.bias"),
             q_norm: m.remove("self_attn.q_norm.weight"),
             k_norm: m.remove("self_attn.k_norm.weight"),
+            adapters: LayerAdapters::default(),
         }
     }
 }

@@ -29,6 +29,7 @@
 //! takes exactly the path of unpacked data.
 use super::store::{ActivationStore, Key};
 use crate::comm::Collective;
+use crate::config::LoraTarget;
 use crate::ffi::attention::{self as fused, KernelCall, Saved};
 use crate::ffi::autograd;
 use crate::metrics::profile::Profiler;
@@ -349,13 +350,15 @@ impl DecoderLayer {
     }
 
     /// One MLP tile's backward, `y = h + act · W_downᵀ` with `act = silu(gate) * up` recomputed
-    /// with a graph. The down projection is backpropagated by hand, so its output (a matmul's
-    /// worth of work) is never recomputed: act's gradient is g · W_down and W_down's is gᵀ · act;
-    /// the residual's share of h's gradient is added by the caller.
+    /// with a graph. The down projection is backpropagated by hand (`project_backward`), so its
+    /// output (a matmul's worth of work) is never recomputed; the residual's share of h's
+    /// gradient is added by the caller.
     fn mlp_backward(&self, seg: &Segments, w: &LayerWeights, h: &Tensor, g: &Tensor) -> Result<()> {
         let act = llama::mlp_activation(seg.spec, w, h);
-        let (grad_act, grad_down) = tch::no_grad(|| (g.matmul(&w.w_down), transposed_mm(g, &act)));
-        backprop(&[(&act, &grad_act), (&w.w_down, &grad_down)])
+        let mut grads = Vec::new();
+        let grad_act = tch::no_grad(|| project_backward(w, LoraTarget::Down, &act, g, &mut grads));
+        grads.push((&act, grad_act));
+        backprop(&grads.iter().map(|(t, g)| (*t, g)).collect::<Vec<_>>())
     }
 
     /// `mlp_backward` from the kept gate and up projections: only the MLP's norm is recomputed
@@ -370,19 +373,18 @@ impl DecoderLayer {
         g: &Tensor,
     ) -> Result<()> {
         let hn = llama::rms_norm(h, &w.mlp_norm, seg.spec.rms_norm_eps);
-        let grads = tch::no_grad(|| {
+        let mut grads = Vec::new();
+        let grad_hn = tch::no_grad(|| {
             let act = gate.silu() * up;
-            let grad_act = g.matmul(&w.w_down);
-            let grad_down = transposed_mm(g, &act);
+            let grad_act = project_backward(w, LoraTarget::Down, &act, g, &mut grads);
             drop(act);
             let (grad_gate, grad_up) = llama::swiglu_backward(gate, up, &grad_act);
             drop(grad_act);
-            // [b, t, f] @ [f, h] -> [b, t, h]
-            let grad_hn = grad_gate.matmul(&w.w_gate) + grad_up.matmul(&w.w_up);
-            (grad_hn, grad_down, transposed_mm(&grad_gate, &hn), transposed_mm(&grad_up, &hn))
+            project_backward(w, LoraTarget::Gate, &hn, &grad_gate, &mut grads)
+                + project_backward(w, LoraTarget::Up, &hn, &grad_up, &mut grads)
         });
-        let (grad_hn, grad_down, grad_gate_w, grad_up_w) = grads;
-        backprop(&[(&hn, &grad_hn), (&w.w_down, &grad_down), (&w.w_gate, &grad_gate_w), (&w.w_up, &grad_up_w)])
+        grads.push((&hn, grad_hn));
+        backprop(&grads.iter().map(|(t, g)| (*t, g)).collect::<Vec<_>>())
     }
 
     /// Segment 1 backpropagated from the head shards' gradients (moved back to the
@@ -417,6 +419,32 @@ fn to_seq(seg: &Segments, t: &Tensor) -> Result<Tensor> {
         return Ok(t.shallow_clone());
     }
     Ok(seg.profiler.comm(seg.sp, || heads_to_seq(seg.sp, t))?)
+}
+
+/// A projection of `w` backpropagated by hand from its input `x` [b, t, in] and its output's
+/// gradient `g` [b, t, out]: returns x's gradient, and pushes (leaf, gradient) for the base
+/// weight when it trains (a frozen base costs no weight-gradient matmul) and for its adapter.
+fn project_backward<'w>(
+    w: &'w LayerWeights,
+    target: LoraTarget,
+    x: &Tensor,
+    g: &Tensor,
+    grads: &mut Vec<(&'w Tensor, Tensor)>,
+) -> Tensor {
+    let weight = w.weight(target).0;
+    // [b, t, out] @ [out, in] -> [b, t, in]
+    let grad_x = g.matmul(weight);
+    if weight.requires_grad() {
+        grads.push((weight, transposed_mm(g, x)));
+    }
+    match w.adapters.get(target) {
+        Some(a) => {
+            let (extra, grad_a, grad_b) = a.backward(x, g);
+            grads.extend([(&a.a, grad_a), (&a.b, grad_b)]);
+            grad_x + extra
+        }
+        None => grad_x,
+    }
 }
 
 /// The weight gradient of a linear map from `input` to an output whose gradient is `grad`:

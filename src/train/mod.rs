@@ -51,6 +51,12 @@ pub fn run(
     device: Device,
     budget: Budget,
 ) -> Result<Outcome> {
+    if exp.lora.is_some() {
+        anyhow::bail!(
+            "[lora]: training with adapters is not in this build yet (the section is read and checked, and the \
+             reference trains adapters); remove [lora] to train every parameter"
+        );
+    }
     if let Device::Cuda(_) = device {
         allow_sdp_kernels(exp.parallel.attention);
     }

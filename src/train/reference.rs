@@ -6,8 +6,10 @@
 //! (`step`, `parallel::zero`, `optim`) must give the same losses and parameters, and the tests
 //! compare the two (tests/step_reference.rs, tests/train_equivalence.rs).
 use super::step::MicroBatch;
+use crate::config::LoraConfig;
 use crate::data::IGNORE_INDEX;
 use crate::model::llama::{forward_logits, AttentionCore, LocalAttention, ModelWeights};
+use crate::model::lora;
 use crate::model::mask::{dense_mask, MaskedAttention};
 use crate::model::spec::ModelSpec;
 use crate::optim::AdamW;
@@ -21,6 +23,9 @@ pub struct Reference {
     exp_avg_sq: Vec<Tensor>,
     /// Optimizer steps done (Adam's bias correction depends on it).
     steps: i64,
+    /// With LoRA: the section and the frozen base weights (fp32, no gradient); `params` are then
+    /// the adapters and the modules trained in full.
+    lora: Option<(LoraConfig, Vec<(String, Tensor)>)>,
 }
 
 impl Reference {
@@ -31,7 +36,40 @@ impl Reference {
             .map(|(n, t)| (n, t.to_kind(Kind::Float).detach().copy().set_requires_grad(true)))
             .collect();
         let zeros = |p: &[(String, Tensor)]| p.iter().map(|(_, t)| t.zeros_like()).collect();
-        Reference { spec: spec.clone(), exp_avg: zeros(&params), exp_avg_sq: zeros(&params), params, steps: 0 }
+        Reference {
+            spec: spec.clone(),
+            exp_avg: zeros(&params),
+            exp_avg_sq: zeros(&params),
+            params,
+            steps: 0,
+            lora: None,
+        }
+    }
+
+    /// LoRA on a frozen base: `base` is every weight of `spec`'s model, `trainable` the adapters
+    /// and modules trained in full (`adapter::trainable_shapes`), which alone get gradients and
+    /// optimizer steps.
+    pub fn with_lora(
+        spec: &ModelSpec,
+        lora: &LoraConfig,
+        base: Vec<(String, Tensor)>,
+        trainable: Vec<(String, Tensor)>,
+    ) -> Reference {
+        let frozen = base.into_iter().map(|(n, t)| (n, t.to_kind(Kind::Float).detach())).collect();
+        Reference { lora: Some((lora.clone(), frozen)), ..Reference::new(spec, trainable) }
+    }
+
+    /// The model the parameters make: all of it, or the frozen base with the adapters attached.
+    pub fn weights(&self) -> ModelWeights {
+        let clone = |p: &[(String, Tensor)]| p.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        match &self.lora {
+            None => ModelWeights::from_named(&self.spec, clone(&self.params)),
+            Some((lora, base)) => ModelWeights::from_named(&self.spec, clone(base)).map(|mut w| {
+                lora::attach(&mut w, &self.spec, lora, &self.params);
+                w
+            }),
+        }
+        .expect("the reference holds every parameter of its spec")
     }
 
     pub fn named(&self) -> &[(String, Tensor)] {
@@ -41,8 +79,7 @@ impl Reference {
     /// The optimizer step's loss, the sum of every token's cross-entropy over `batches` divided by
     /// their valid labels (the token-weighted mean), and its gradient for each parameter.
     pub fn loss_and_grads(&self, batches: &[MicroBatch]) -> (f64, Vec<Tensor>) {
-        let named = self.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
-        let w = ModelWeights::from_named(&self.spec, named).expect("the reference holds every parameter of its spec");
+        let w = self.weights();
         let valid: i64 = batches.iter().map(MicroBatch::valid_labels).sum();
         let mut loss = Tensor::zeros([], (Kind::Float, self.params[0].1.device()));
         for b in batches {

@@ -1,6 +1,7 @@
 //! Model architectures: the families we train (Llama, Qwen3, Qwen2 / Qwen2.5, Mistral), their
 //! presets, and Hugging Face `config.json` (read in `hf`). Plain data (no tch), so the config
 //! validator and the memory plan can use it without touching libtorch.
+pub mod adapter;
 mod hf;
 mod units;
 
