@@ -117,6 +117,7 @@ fn step(
         layers: StepContext::layers(&placement, Some(FusedAttention::CpuFlash), false),
         documents,
         ring: None,
+        frozen: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let mut store = ActivationStore::new(Device::Cpu, dir.path(), 0).unwrap();

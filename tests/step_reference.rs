@@ -84,6 +84,7 @@ fn context<'a>(
         layers: StepContext::layers(&placement, kernel, false),
         documents: None,
         ring: None,
+        frozen: None,
     }
 }
 

@@ -2,6 +2,7 @@
 //! attention), ring attention across the ring group, and ZeRO-3 parameter sharding. The model itself never sees any of it.
 pub mod attention;
 pub mod deferred;
+pub mod frozen;
 pub mod ring;
 pub mod tiers;
 pub mod ulysses;

@@ -2,6 +2,8 @@
 //! (the embedding, each decoder layer, the head), with their flat layout.
 pub use crate::model::spec::UnitId;
 
+use crate::config::LoraConfig;
+use crate::model::spec::adapter::{full_module_shapes, layer_adapter_shapes};
 use crate::model::spec::ModelSpec;
 
 /// One gathered-together group of parameters.
@@ -38,4 +40,27 @@ pub fn model_units(spec: &ModelSpec, shards: i64) -> Vec<Unit> {
         UnitId::Head => [named("model.norm.weight"), named("lm_head.weight")].concat(),
     };
     UnitId::all(spec.num_hidden_layers as usize).map(|id| Unit::new(id, tensors(id), shards)).collect()
+}
+
+/// The trainable units of a LoRA run: each decoder layer's adapters (`layer_adapter_shapes`),
+/// and the embedding and the LM head when they train in full; a unit with nothing to train is
+/// left out (the step then takes that part from the frozen base).
+pub fn lora_units(spec: &ModelSpec, lora: &LoraConfig, shards: i64) -> Vec<Unit> {
+    let full = full_module_shapes(spec, lora);
+    let named = |n: &str| full.iter().filter(|(k, _)| k == n).cloned().collect::<Vec<_>>();
+    let mut units = Vec::new();
+    let embed = named("model.embed_tokens.weight");
+    if !embed.is_empty() {
+        units.push(Unit::new(UnitId::Embedding, embed, shards));
+    }
+    for l in 0..spec.num_hidden_layers as usize {
+        let t =
+            layer_adapter_shapes(spec, lora).into_iter().map(|(k, s)| (format!("model.layers.{l}.{k}"), s)).collect();
+        units.push(Unit::new(UnitId::Layer(l), t, shards));
+    }
+    let head = named("lm_head.weight");
+    if !head.is_empty() {
+        units.push(Unit::new(UnitId::Head, head, shards));
+    }
+    units
 }

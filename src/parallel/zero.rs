@@ -157,8 +157,6 @@ pub struct ShardedParams {
     /// (`defer`). First, to be dropped first: dropping waits for the jobs.
     deferred: Deferred,
     units: Vec<Unit>,
-    /// The model's decoder layers: `units` is `UnitId::all(layers)`.
-    layers: usize,
     slots: Vec<Slot>,
     stage: ZeroStage,
     rank: i64,
@@ -186,16 +184,9 @@ impl ShardedParams {
         stage: ZeroStage,
         world: &dyn Collective,
         state: impl Into<StateTiers>,
-        mut full: impl FnMut(&Unit) -> Vec<Tensor>,
+        full: impl FnMut(&Unit) -> Vec<Tensor>,
     ) -> Result<ShardedParams, ZeroError> {
-        let params = ShardedParams::zeroed(spec, stage, world, state)?;
-        for u in 0..params.units.len() {
-            let unit = &params.units[u];
-            let flat = flatten_padded(&full(unit), unit.padded);
-            let (start, len) = (params.shard_start(u), params.shard_len(u));
-            params.write_state(unit.id, State::Master, 0, &flat.narrow(0, start, len))?;
-        }
-        Ok(params)
+        Self::new_units(|shards| model_units(spec, shards), stage, world, state, full)
     }
 
     /// Shards of zeros, allocated at their size where `state` places them (no whole unit is ever
@@ -206,9 +197,37 @@ impl ShardedParams {
         world: &dyn Collective,
         state: impl Into<StateTiers>,
     ) -> Result<ShardedParams, ZeroError> {
+        Self::zeroed_units(|shards| model_units(spec, shards), stage, world, state)
+    }
+
+    /// `new` for the units `units(shards)` gives (e.g. `lora_units`) instead of the whole model.
+    pub fn new_units(
+        units: impl FnOnce(i64) -> Vec<Unit>,
+        stage: ZeroStage,
+        world: &dyn Collective,
+        state: impl Into<StateTiers>,
+        mut full: impl FnMut(&Unit) -> Vec<Tensor>,
+    ) -> Result<ShardedParams, ZeroError> {
+        let params = ShardedParams::zeroed_units(units, stage, world, state)?;
+        for u in 0..params.units.len() {
+            let unit = &params.units[u];
+            let flat = flatten_padded(&full(unit), unit.padded);
+            let (start, len) = (params.shard_start(u), params.shard_len(u));
+            params.write_state(unit.id, State::Master, 0, &flat.narrow(0, start, len))?;
+        }
+        Ok(params)
+    }
+
+    /// `zeroed` for the units `units(shards)` gives.
+    pub fn zeroed_units(
+        units: impl FnOnce(i64) -> Vec<Unit>,
+        stage: ZeroStage,
+        world: &dyn Collective,
+        state: impl Into<StateTiers>,
+    ) -> Result<ShardedParams, ZeroError> {
         let state = state.into();
         let shards_count = shard_count(stage, world);
-        let units = model_units(spec, shards_count);
+        let units = units(shards_count);
         let rank = world.rank();
         let slots = units
             .iter()
@@ -227,8 +246,7 @@ impl ShardedParams {
             .collect::<Result<Vec<Slot>, ZeroError>>()?;
         let in_flight = units.iter().map(|_| None).collect();
         let deferred = Deferred::new(units.len());
-        let layers = spec.num_hidden_layers as usize;
-        Ok(ShardedParams { units, layers, slots, stage, rank: rank as i64, device: state.device, in_flight, deferred })
+        Ok(ShardedParams { units, slots, stage, rank: rank as i64, device: state.device, in_flight, deferred })
     }
 
     /// Every unit, in the order of `model_units`.
@@ -296,7 +314,12 @@ impl ShardedParams {
 
     /// The position of a unit in `units()`.
     fn index(&self, id: UnitId) -> usize {
-        id.index(self.layers)
+        self.units.iter().position(|u| u.id == id).unwrap_or_else(|| panic!("{id} is not a unit of these shards"))
+    }
+
+    /// Whether these shards hold unit `id` (a LoRA run's trainable units leave some out).
+    pub fn has(&self, id: UnitId) -> bool {
+        self.units.iter().any(|u| u.id == id)
     }
 
     fn shard_len(&self, unit: usize) -> i64 {
@@ -525,7 +548,7 @@ fn shard_count(stage: ZeroStage, world: &dyn Collective) -> i64 {
 
 /// Copies tensors, flattened and as fp32, into one zero-padded vector of `padded` elements
 /// (one allocation: a unit's gradients can be a gigabyte).
-fn flatten_padded(tensors: &[Tensor], padded: i64) -> Tensor {
+pub(crate) fn flatten_padded(tensors: &[Tensor], padded: i64) -> Tensor {
     let flat = Tensor::zeros([padded], (Kind::Float, tensors[0].device()));
     let mut at = 0;
     for t in tensors {
@@ -537,7 +560,7 @@ fn flatten_padded(tensors: &[Tensor], padded: i64) -> Tensor {
 }
 
 /// Splits a flat unit buffer back into its tensors (views sharing the buffer).
-fn split_flat(flat: &Tensor, unit: &Unit) -> Vec<Tensor> {
+pub(crate) fn split_flat(flat: &Tensor, unit: &Unit) -> Vec<Tensor> {
     let mut at = 0;
     unit.tensors
         .iter()

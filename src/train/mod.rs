@@ -82,6 +82,7 @@ pub fn run(
         documents: document_kernels,
         // The config validator refused a ring without a kernel that returns the log-sum-exp.
         ring: (mesh.ring > 1).then(|| exp.parallel.fused_attention()).flatten(),
+        frozen: None,
     };
     if let (Some(k), 0) = (ctx.ring, mesh.world_rank) {
         log::info!(

@@ -12,17 +12,19 @@
 use super::layer::{backprop, grad, leaf, log_phase, DecoderLayer, SavedLayer, Segments};
 use super::store::ActivationStore;
 use crate::comm::Groups;
-use crate::config::{DocumentKernels, FusedAttention, PositionBy};
+use crate::config::{DocumentKernels, FusedAttention, LoraConfig, PositionBy};
 use crate::data::{Batch, Documents, IGNORE_INDEX};
 use crate::metrics::position::PositionLoss;
 use crate::metrics::profile::Profiler;
 use crate::metrics::StepTimes;
 use crate::model::llama::{self, seq_tiles, LayerWeights};
+use crate::model::lora::LayerAdapters;
 use crate::model::mask::DocumentMask;
 use crate::model::rope::Rope;
 use crate::model::spec::ModelSpec;
 use crate::parallel::attention::{document_mask, AttentionPath};
 use crate::parallel::ring::Ring;
+use crate::parallel::frozen::FrozenParams;
 use crate::parallel::zero::{ShardedParams, UnitId};
 use crate::plan::memory::Placement;
 use anyhow::Result;
@@ -46,6 +48,16 @@ pub struct StepContext<'a> {
     pub documents: Option<DocumentKernels>,
     /// With `parallel.ring` > 1: the kernel ring attention's hops run (over `groups.ring`).
     pub ring: Option<FusedAttention>,
+    /// A LoRA run's frozen base (the parameters the step gets are then the adapters and the
+    /// modules trained in full); None: every parameter trains.
+    pub frozen: Option<Frozen<'a>>,
+}
+
+/// The frozen base of a LoRA run and its `[lora]` section.
+#[derive(Clone, Copy)]
+pub struct Frozen<'a> {
+    pub base: &'a FrozenParams,
+    pub lora: &'a LoraConfig,
 }
 
 impl StepContext<'_> {
@@ -161,16 +173,19 @@ pub fn micro_step(
         }
         let id = UnitId::Layer(layer.index);
         grad_x = prof.phase(format_args!("backward layer {}", layer.index), || -> Result<_> {
-            let w: Vec<Tensor> = gather(ctx, params, id)?.iter().map(leaf).collect();
-            let lw = layer_weights(ctx, w.iter().map(Tensor::shallow_clone).collect())?;
+            let (lw, trained) = layer_weights(ctx, params, layer.index, true)?;
             let grad_x = layer.backward(&seg, &lw, s, grad_x, store)?;
-            accumulate(ctx, params, id, &grads(&w))?;
+            accumulate(ctx, params, id, &grads(&trained))?;
             Ok(grad_x)
         })?;
         log_phase(&seg, format_args!("backward layer {}: gradient reduce-scatter", layer.index));
     }
 
-    // The embedding's gradient, plus the LM head's when the two are tied.
+    // The embedding's gradient, plus the LM head's when the two are tied (none when it is frozen).
+    if !params.has(UnitId::Embedding) {
+        times.backward += backward_from.elapsed().as_secs_f64();
+        return Ok(head.loss);
+    }
     prof.phase(format_args!("embedding backward"), || -> Result<()> {
         let embedding = leaf(&gather(ctx, params, UnitId::Embedding)?[0]);
         let e = Tensor::embedding(&embedding, &batch.input_ids, -1, false, false);
@@ -199,10 +214,8 @@ pub fn forward_loss(
     let seg = segments(ctx, &rope, mask.as_ref());
     let layers: Vec<DecoderLayer> = ctx.layers.iter().map(|l| l.forward_only()).collect();
     let (x, _) = layers_forward(ctx, &seg, params, store, batch, &layers, true)?;
-    let head = gather(ctx, params, UnitId::Head)?;
-    let tied =
-        if ctx.spec.tie_word_embeddings { Some(gather(ctx, params, UnitId::Embedding)?.remove(0)) } else { None };
-    let (norm, lm_head) = (&head[0], tied.as_ref().unwrap_or_else(|| &head[1]));
+    let (norm, lm_head) = head_weights(ctx, params)?;
+    let (norm, lm_head) = (&norm, &lm_head);
     tch::no_grad(|| {
         let mut loss = 0.0;
         for (start, len) in seq_tiles(x.size()[1], ctx.loss_tile) {
@@ -242,13 +255,13 @@ fn layers_forward(
 ) -> Result<(Tensor, Vec<SavedLayer>)> {
     let prof = ctx.profiler;
     let mut x = prof.phase(format_args!("embedding"), || -> Result<_> {
-        let embedding = gather(ctx, params, UnitId::Embedding)?.remove(0);
+        let embedding = embedding(ctx, params)?;
         Ok(tch::no_grad(|| Tensor::embedding(&embedding, &batch.input_ids, -1, false, false)))
     })?;
     let mut saved = Vec::with_capacity(layers.len());
     for layer in layers {
         let (y, s) = prof.phase(format_args!("forward layer {}", layer.index), || -> Result<_> {
-            let w = layer_weights(ctx, gather(ctx, params, UnitId::Layer(layer.index))?)?;
+            let (w, _) = layer_weights(ctx, params, layer.index, false)?;
             layer.forward(seg, &w, x, store)
         })?;
         if release {
@@ -283,11 +296,32 @@ fn head_and_loss(
     n_total: f64,
     mut positions: Option<&mut PositionLoss>,
 ) -> Result<HeadResult> {
-    let head = gather(ctx, params, UnitId::Head)?.iter().map(leaf).collect::<Vec<_>>();
-    let tied =
-        if ctx.spec.tie_word_embeddings { Some(leaf(&gather(ctx, params, UnitId::Embedding)?[0])) } else { None };
+    // The trained head's tensors as leaves: [norm, lm_head] (lm_head absent when tied); under
+    // LoRA at most [lm_head], the rest from the frozen base.
+    let head = match params.has(UnitId::Head) {
+        true => gather(ctx, params, UnitId::Head)?.iter().map(leaf).collect::<Vec<_>>(),
+        false => Vec::new(),
+    };
+    let tied = match (ctx.spec.tie_word_embeddings, params.has(UnitId::Embedding)) {
+        (true, true) => Some(leaf(&gather(ctx, params, UnitId::Embedding)?[0])),
+        _ => None,
+    };
     let x_last = leaf(&x);
-    let (norm, lm_head) = (&head[0], tied.as_ref().unwrap_or_else(|| &head[1]));
+    let (norm, lm_head) = match ctx.frozen {
+        None => (head[0].shallow_clone(), tied.as_ref().unwrap_or_else(|| &head[1]).shallow_clone()),
+        Some(f) => {
+            let world = ctx.groups.world.as_ref();
+            let base = ctx.profiler.comm(world, || f.base.gather(world, UnitId::Head))?;
+            let lm_head = match (&tied, ctx.spec.tie_word_embeddings, head.first()) {
+                (Some(t), _, _) => t.shallow_clone(),
+                (None, true, _) => embedding(ctx, params)?,
+                (None, false, Some(trained)) => trained.shallow_clone(),
+                (None, false, None) => base[1].shallow_clone(),
+            };
+            (base[0].shallow_clone(), lm_head)
+        }
+    };
+    let (norm, lm_head) = (&norm, &lm_head);
     let mut loss = 0.0;
     // The positions the per-position loss bins by, [b, s_local].
     let bin_positions = positions.as_ref().map(|p| match p.by() {
@@ -307,7 +341,9 @@ fn head_and_loss(
         }
         loss += loss_tile.double_value(&[]);
     }
-    accumulate(ctx, params, UnitId::Head, &grads(&head))?;
+    if !head.is_empty() {
+        accumulate(ctx, params, UnitId::Head, &grads(&head))?;
+    }
     Ok(HeadResult { loss, grad_x: grad(&x_last), tied_grad: tied.as_ref().map(grad) })
 }
 
@@ -323,10 +359,66 @@ fn accumulate(ctx: &StepContext, params: &mut ShardedParams, id: UnitId, grads: 
     Ok(ctx.profiler.comm(world, || params.accumulate(world, id, grads))?)
 }
 
-/// A decoder layer's weights from its unit's tensors (in `ModelSpec::layer_shapes` order).
-fn layer_weights(ctx: &StepContext, tensors: Vec<Tensor>) -> Result<LayerWeights> {
-    let named = ctx.spec.layer_shapes().into_iter().zip(tensors).map(|((n, _), t)| (n.to_string(), t)).collect();
-    Ok(LayerWeights::from_tensors(ctx.spec, named)?)
+/// Decoder layer `l`'s weights, and its trained tensors (leaves of a graph when `train`), whose
+/// gradients the caller reduce-scatters: every tensor of the layer, or under LoRA the adapters on
+/// the frozen base (whose tensors are no leaves, so backward skips their gradients).
+fn layer_weights(
+    ctx: &StepContext,
+    params: &ShardedParams,
+    l: usize,
+    train: bool,
+) -> Result<(LayerWeights, Vec<Tensor>)> {
+    let id = UnitId::Layer(l);
+    let trained: Vec<Tensor> =
+        gather(ctx, params, id)?.iter().map(|t| if train { leaf(t) } else { t.shallow_clone() }).collect();
+    let from = |tensors: Vec<Tensor>| -> Result<LayerWeights> {
+        let named = ctx.spec.layer_shapes().into_iter().zip(tensors).map(|((n, _), t)| (n.to_string(), t)).collect();
+        Ok(LayerWeights::from_tensors(ctx.spec, named)?)
+    };
+    let w = match ctx.frozen {
+        None => from(trained.iter().map(Tensor::shallow_clone).collect())?,
+        Some(f) => {
+            let world = ctx.groups.world.as_ref();
+            let mut w = from(ctx.profiler.comm(world, || f.base.gather(world, id))?)?;
+            let adapters = trained.iter().map(Tensor::shallow_clone).collect();
+            w.adapters = LayerAdapters::from_ordered(ctx.spec, f.lora, adapters);
+            w
+        }
+    };
+    Ok((w, trained))
+}
+
+/// The final norm and the LM head without a graph: trained, or the frozen base's.
+fn head_weights(ctx: &StepContext, params: &ShardedParams) -> Result<(Tensor, Tensor)> {
+    let tied = ctx.spec.tie_word_embeddings;
+    let (norm, head) = match ctx.frozen {
+        None => {
+            let mut head = gather(ctx, params, UnitId::Head)?;
+            (head.remove(0), head.pop())
+        }
+        Some(f) => {
+            let world = ctx.groups.world.as_ref();
+            let mut base = ctx.profiler.comm(world, || f.base.gather(world, UnitId::Head))?;
+            let trained = if params.has(UnitId::Head) { gather(ctx, params, UnitId::Head)?.pop() } else { None };
+            (base.remove(0), trained.or(base.pop()))
+        }
+    };
+    let lm_head = match (tied, head) {
+        (false, Some(h)) => h,
+        _ => embedding(ctx, params)?,
+    };
+    Ok((norm, lm_head))
+}
+
+/// The token embedding [V, h]: trained, or the frozen base's.
+fn embedding(ctx: &StepContext, params: &ShardedParams) -> Result<Tensor> {
+    match ctx.frozen {
+        Some(f) if !params.has(UnitId::Embedding) => {
+            let world = ctx.groups.world.as_ref();
+            Ok(ctx.profiler.comm(world, || f.base.gather(world, UnitId::Embedding))?.remove(0))
+        }
+        _ => Ok(gather(ctx, params, UnitId::Embedding)?.remove(0)),
+    }
 }
 
 fn grads(ts: &[Tensor]) -> Vec<Tensor> {

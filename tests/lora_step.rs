@@ -1,0 +1,142 @@
+//! The layer-wise step with LoRA (a frozen base in `FrozenParams`, the adapters and any module
+//! trained in full as ZeRO units) gives the readable reference's loss and the gradient of every
+//! trainable tensor (`Reference::with_lora`: one autograd graph, the base a constant), on the
+//! recomputed and the kept-attention paths, with the MLP's projections recomputed or kept (the
+//! hand-written MLP backward), tied and untied, with and without modules trained in full.
+mod model_support;
+
+use model_support::{positions, scaled_weights};
+use tch::{Device, Kind, Tensor};
+use ulysses::comm::Groups;
+use ulysses::config::{FullModule, FusedAttention, LoraConfig, ZeroStage};
+use ulysses::metrics::profile::Profiler;
+use ulysses::model::spec::adapter::trainable_shapes;
+use ulysses::model::spec::{ModelSpec, Preset};
+use ulysses::parallel::frozen::FrozenParams;
+use ulysses::parallel::units::lora_units;
+use ulysses::parallel::zero::ShardedParams;
+use ulysses::plan::memory::{Place, Placement};
+use ulysses::rng::SplitMix64;
+use ulysses::train::reference::Reference;
+use ulysses::train::step::{micro_step, Frozen, MicroBatch, StepContext};
+use ulysses::train::store::ActivationStore;
+
+fn named(list: &[(String, Tensor)], name: &str) -> Tensor {
+    list.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no {name}")).1.shallow_clone()
+}
+
+/// Random trainable tensors (B too, so every adapter gradient is non-zero), keyed by name.
+fn trainable(spec: &ModelSpec, lora: &LoraConfig, base: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    let mut rng = SplitMix64::new(3);
+    trainable_shapes(spec, lora)
+        .into_iter()
+        .map(|(n, s)| {
+            let t = if n.contains(".lora_") {
+                let v: Vec<f32> = (0..s.iter().product::<i64>()).map(|_| (rng.unit_f64() as f32 - 0.5) * 0.6).collect();
+                Tensor::from_slice(&v).view(s.as_slice())
+            } else {
+                named(base, &n).copy()
+            };
+            (n, t)
+        })
+        .collect()
+}
+
+fn check(tied: bool, full: &[FullModule], keep: bool, kept_mlp: bool) {
+    let spec = ModelSpec { tie_word_embeddings: tied, ..ModelSpec::preset(Preset::Tiny) };
+    let lora = LoraConfig { rank: 4, alpha: 8.0, train_fully: full.to_vec(), ..LoraConfig::default() };
+    let base = scaled_weights(&spec, 9).named_tensors();
+    let train = trainable(&spec, &lora, &base);
+    let groups = Groups::solo();
+    let world = groups.world.as_ref();
+    let frozen = FrozenParams::new(&spec, ZeroStage::Sharded, world, Kind::Float, Device::Cpu, |u| {
+        u.tensors.iter().map(|(n, _)| named(&base, n)).collect()
+    });
+    let mut params = ShardedParams::new_units(
+        |s| lora_units(&spec, &lora, s),
+        ZeroStage::Sharded,
+        world,
+        Device::Cpu,
+        |u| u.tensors.iter().map(|(n, _)| named(&train, n)).collect(),
+    )
+    .unwrap();
+
+    let (b, s) = (2, 29);
+    let mut rng = SplitMix64::new(8);
+    let ids = Tensor::from_slice(&(0..b * s).map(|_| rng.below(spec.vocab_size as u64) as i64).collect::<Vec<_>>())
+        .view([b, s]);
+    let labels = ids.roll([-1], [1]);
+    let _ = labels.narrow(1, s - 1, 1).fill_(-100);
+    let batch = MicroBatch::unpacked(ids, labels, positions(b, 0, s).copy());
+    let n = batch.valid_labels() as f64;
+
+    let copy = |l: &[(String, Tensor)]| l.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+    let reference = Reference::with_lora(&spec, &lora, copy(&base), copy(&train));
+    let (loss, grads) = reference.loss_and_grads(std::slice::from_ref(&batch));
+
+    let layers = spec.num_hidden_layers as usize;
+    let placement = Placement {
+        state: vec![Place::Device; layers + 2],
+        inputs: vec![Place::Device; layers],
+        attention: vec![keep.then_some(Place::Device); layers],
+        qkv_once: keep,
+        mlp: vec![kept_mlp; layers],
+    };
+    let profiler = Profiler::new(Device::Cpu, false);
+    let ctx = StepContext {
+        spec: &spec,
+        groups: &groups,
+        kind: Kind::Float,
+        device: Device::Cpu,
+        mlp_tile: 8,
+        loss_tile: 16,
+        profiler: &profiler,
+        layers: StepContext::layers(&placement, keep.then_some(FusedAttention::CpuFlash), false),
+        documents: None,
+        frozen: Some(Frozen { base: &frozen, lora: &lora }),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = ActivationStore::new(Device::Cpu, dir.path(), 0).unwrap();
+    let sum = micro_step(&ctx, &mut params, &mut store, &batch, n, &mut Default::default(), None).unwrap();
+    assert!((sum / n - loss).abs() <= 1e-5 * loss.abs(), "loss {} vs reference {loss}", sum / n);
+
+    let mut checked = 0;
+    for u in params.units().to_vec() {
+        for (name, g) in params.unit_grads(u.id).unwrap() {
+            let i = reference.named().iter().position(|(k, _)| *k == name).expect("a trainable tensor");
+            let scale = grads[i].abs().max().double_value(&[]);
+            assert!(scale > 0.0, "{name}: the reference gradient is zero");
+            let diff = (&g - &grads[i]).abs().max().double_value(&[]);
+            assert!(diff / scale < 1e-5, "{name}: max diff {diff:.3e} (scale {scale:.3e})");
+            checked += 1;
+        }
+    }
+    // Exactly the trainable tensors are units: the base has no gradient anywhere.
+    assert_eq!(checked, reference.named().len());
+    assert!(frozen.bytes() > 0);
+}
+
+#[test]
+fn lora_step_equals_the_reference_recomputed_attention() {
+    check(false, &[], false, false);
+}
+
+#[test]
+fn lora_step_equals_the_reference_kept_attention_and_mlp() {
+    check(false, &[], true, true);
+}
+
+#[test]
+fn lora_step_with_the_lm_head_trained_in_full() {
+    check(false, &[FullModule::LmHead], true, false);
+}
+
+#[test]
+fn lora_step_tied_with_the_embedding_trained_in_full() {
+    check(true, &[FullModule::Embed], false, true);
+}
+
+#[test]
+fn lora_step_tied_with_a_frozen_embedding() {
+    check(true, &[], true, true);
+}
