@@ -93,6 +93,7 @@ fn check(tied: bool, full: &[FullModule], keep: bool, kept_mlp: bool) {
         profiler: &profiler,
         layers: StepContext::layers(&placement, keep.then_some(FusedAttention::CpuFlash), false),
         documents: None,
+        ring: None,
         frozen: Some(Frozen { base: &frozen, lora: &lora }),
     };
     let dir = tempfile::tempdir().unwrap();
@@ -139,4 +140,29 @@ fn lora_step_tied_with_the_embedding_trained_in_full() {
 #[test]
 fn lora_step_tied_with_a_frozen_embedding() {
     check(true, &[], true, true);
+}
+
+/// `ulysses check` says what a `[lora]` section trains: for Llama-3.1-8B with rank 16 on every
+/// projection, 41,943,040 trainable parameters (peft's `print_trainable_parameters` for the
+/// same adapter) beside the 8.03B frozen.
+#[test]
+fn check_prints_trainable_and_frozen_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = dir.path().join("exp.toml");
+    std::fs::write(
+        &exp,
+        "[model]\npreset = \"llama3.1-8b\"\n[parallel]\nsp = 1\ndp = 1\n[data]\npaths = [\"nowhere\"]\nseq_len = 4096\n\
+         [lora]\nrank = 16\nalpha = 32.0\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ulysses")).arg("check").arg(&exp).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains(
+            "lora       rank 16, alpha 32 (scale 2) on q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("trainable 41.94M parameters (0.52%), frozen 8.030B"), "{text}");
 }

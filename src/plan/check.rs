@@ -4,9 +4,10 @@
 use super::memory::{self, longest_fit, Budget, Estimate, PlanInputs};
 use super::ring::RingCost;
 use super::Plan;
-use crate::config::{AttentionBackend, DeviceKind, DocumentKernels, Experiment, FusedAttention};
+use crate::config::{AttentionBackend, DeviceKind, DocumentKernels, Experiment, FusedAttention, LoraConfig};
 use crate::data::documents::{spread, summarize};
 use crate::data::{Dataset, PackedDocuments, Positions};
+use crate::model::spec::adapter::param_counts;
 use crate::model::spec::ModelSpec;
 use crate::plan::flops::attention_forward;
 use std::fmt::Write;
@@ -34,6 +35,9 @@ pub fn report(exp: &Experiment, spec: &ModelSpec, world: usize, flags: &CheckBud
     s += &attention_report(exp, spec);
     if let Some(ring) = RingCost::new(&exp.parallel, spec, exp.data.seq_len, exp.train.micro_batch, exp.train.dtype) {
         s += &ring.render();
+    }
+    if let Some(lora) = &exp.lora {
+        s += &lora_report(lora, spec);
     }
     if exp.parallel.device != DeviceKind::Cuda {
         return s;
@@ -64,6 +68,24 @@ pub fn report(exp: &Experiment, spec: &ModelSpec, world: usize, flags: &CheckBud
         None => writeln!(s, "fits       nothing: even {} tokens exceed {with}", exp.parallel.sp * 1024),
     };
     s
+}
+
+/// What a `[lora]` section trains: the adapters, and the parameters that train and stay frozen.
+fn lora_report(lora: &LoraConfig, spec: &ModelSpec) -> String {
+    let (trained, frozen) = param_counts(spec, lora);
+    let targets: Vec<&str> = lora.targets.iter().map(|t| t.peft_name()).collect();
+    let full: Vec<&str> = lora.train_fully.iter().map(|m| m.peft_name()).collect();
+    let full = if full.is_empty() { String::new() } else { format!(", {} in full", full.join(", ")) };
+    let pct = 100.0 * trained as f64 / (trained + frozen) as f64;
+    format!(
+        "lora       rank {}, alpha {} (scale {}) on {}{full}\n           trainable {} parameters ({pct:.2}%), frozen {}\n",
+        lora.rank,
+        lora.alpha,
+        lora.scale(),
+        targets.join(", "),
+        crate::units::count(trained),
+        crate::units::count(frozen),
+    )
 }
 
 /// The attention kernel and what attention costs per sample: full causal, and within the
