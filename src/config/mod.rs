@@ -16,7 +16,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// The sections of an experiment file: `Experiment`'s fields.
-pub const SECTIONS: [&str; 8] = ["run", "model", "parallel", "data", "train", "checkpoint", "metrics", "memory"];
+pub const SECTIONS: [&str; 9] =
+    ["run", "model", "parallel", "data", "train", "checkpoint", "metrics", "memory", "lora"];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
