@@ -5,7 +5,7 @@
 //! so a job of any layout loads what any other layout saved.
 use super::tensor_file::{self, read_at, Layout};
 use super::{io_err, CheckpointError, EXP_AVG, EXP_AVG_SQ, OPTIMIZER};
-use crate::ffi::transfer::host_bytes_mut;
+use crate::ffi::transfer::{host_bytes_mut, host_values};
 use crate::model::spec::ModelSpec;
 use crate::model::weights::WeightsError;
 use crate::parallel::zero::{model_units, State, Unit};
@@ -333,7 +333,13 @@ impl Source {
             let elt = e.kind.elt_size_in_bytes() as u64;
             let byte = |at: i64| e.byte + (at - e.start) as u64 * elt;
             let non_finite = |t: &Tensor| -> Result<(), CheckpointError> {
-                let count = t.isfinite().logical_not().sum(Kind::Int64).int64_value(&[]);
+                // fp32 (the state's kind) is counted in place: libtorch's isfinite would make a
+                // temporary the size of the shard, on top of the peak a load may hold.
+                let count = if t.kind() == Kind::Float && t.device() == Device::Cpu {
+                    host_values::<f32>(t).iter().filter(|v| !v.is_finite()).count() as i64
+                } else {
+                    t.isfinite().logical_not().sum(Kind::Int64).int64_value(&[])
+                };
                 if count == 0 {
                     return Ok(());
                 }

@@ -154,7 +154,7 @@ pub fn count_non_finite(x: &[f32]) -> u64 {
 pub fn file_crc32(path: &Path) -> Result<u32, CheckpointError> {
     let mut file = File::open(path).map_err(io_err(path))?;
     let mut crc = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; 8 << 20];
+    let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = std::io::Read::read(&mut file, &mut buf).map_err(io_err(path))?;
         if n == 0 {
