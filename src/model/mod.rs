@@ -1,5 +1,6 @@
 //! Llama on tch. Parallelism reaches the model only through seams (attention core, parameter
 //! source); nothing here imports `comm`.
+pub mod adapter;
 mod error;
 pub mod llama;
 pub mod lora;

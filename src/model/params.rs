@@ -1,7 +1,7 @@
 //! The Llama parameters in Hugging Face layout (`nn.Linear` weights are [out, in]) and naming, so
 //! a checkpoint maps onto these structs name for name with no transposes. Re-exported by `llama`.
+use super::adapter::LayerAdapters;
 use super::error::WeightsError;
-use super::lora::LayerAdapters;
 use super::spec::ModelSpec;
 use crate::rng::splitmix64;
 use std::collections::{HashMap, HashSet};
