@@ -218,7 +218,7 @@ fn bad_prepare_and_synth_input() {
     let (code, _, stderr) =
         ulysses(&["data", "prepare", jsonl.to_str().unwrap(), "--seq-len", "4", "--out", out.to_str().unwrap()]);
     assert_ne!(code, 0);
-    assert_names(&stderr, &["in.jsonl", "line 2", "no string field \"text\"", "--text-field"]);
+    assert_names(&stderr, &["in.jsonl", "record 2", "field `messages`: is missing, and so is `text`", "--text-field"]);
 
     let tok = dir.path().join("tokenizer.json");
     std::fs::write(&tok, "{not json").unwrap();

@@ -1,5 +1,6 @@
 //! `ulysses data prepare | synth | inspect`: thin wrappers that parse arguments, show progress and
 //! print summaries; the work happens in the library functions they call.
+use super::chat::TrainOn;
 use super::documents::{spread, summarize};
 use super::format::TOKENS;
 use super::needle::SynthTask;
@@ -13,9 +14,11 @@ use std::path::{Path, PathBuf};
 
 #[derive(clap::Subcommand)]
 pub enum DataCommand {
-    /// Tokenize text (JSONL or plain text) into HDF5 shards of fixed-length sequences.
+    /// Tokenize texts and conversations (JSONL, Parquet, Arrow, datasets folders, plain text)
+    /// into HDF5 shards of fixed-length sequences.
     Prepare {
-        /// Input files: `.jsonl`/`.json` (one JSON object per line) or plain text (one document per file).
+        /// Input files: JSONL (`.jsonl`/`.json`, also `.gz`/`.zst`), Parquet, Arrow IPC, folders
+        /// written by `datasets.save_to_disk`, or plain text (one document per file).
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
         /// Output folder; receives shard-00000.h5, shard-00001.h5, ...
@@ -24,19 +27,37 @@ pub enum DataCommand {
         /// Tokens per sequence (must equal data.seq_len of the experiment).
         #[arg(long)]
         seq_len: usize,
-        /// `byte` (built-in byte-level: bytes 0..=255, BOS 256, EOS 257) or a tokenizer.json path.
+        /// `byte` (built-in byte-level: bytes 0..=255, BOS 256, EOS 257), a tokenizer.json, or a
+        /// Hugging Face model folder (tokenizer.json, tokenizer_config.json: EOS, BOS, chat
+        /// template).
         #[arg(long, default_value = "byte")]
         tokenizer: String,
-        /// EOS token of a tokenizer.json (default: the first of the usual names it has).
+        /// EOS token (default: tokenizer_config.json's `eos_token`, else generation_config.json's
+        /// `eos_token_id`; for a bare tokenizer.json the first of the usual names it has).
         #[arg(long)]
         eos_token: Option<String>,
-        /// How to read the inputs: auto (by extension: .jsonl/.json as JSONL, anything else as
-        /// text), jsonl or text.
+        /// How to read the inputs: auto (Parquet and Arrow by their first bytes, .jsonl/.json
+        /// as JSONL, anything else as text), jsonl, parquet, arrow or text.
         #[arg(long, value_enum, default_value_t = InputFormat::Auto)]
         format: InputFormat,
-        /// JSONL field holding the document text.
+        /// Record field holding a document's text.
         #[arg(long, default_value = "text")]
         text_field: String,
+        /// Record field holding a conversation: a list of {role, content}, rendered with the
+        /// tokenizer's chat template.
+        #[arg(long, default_value = "messages")]
+        messages_field: String,
+        /// Record field holding a prompt (with --response-field): the pair is rendered as a user
+        /// and an assistant message.
+        #[arg(long, requires = "response_field")]
+        prompt_field: Option<String>,
+        /// Record field holding the response to --prompt-field.
+        #[arg(long, requires = "prompt_field")]
+        response_field: Option<String>,
+        /// Which tokens of a conversation are trained: assistant (every assistant turn, header
+        /// excluded, end-of-turn included), last-assistant, or all.
+        #[arg(long, value_enum, default_value_t = TrainOn::Assistant)]
+        train_on: TrainOn,
         /// Target shard size in MiB (a shard holds at least one sequence).
         #[arg(long, default_value_t = 1024.0)]
         shard_mib: f64,
@@ -106,6 +127,9 @@ pub enum DataCommand {
         /// reads; this finds bad ids up front).
         #[arg(long)]
         scan: bool,
+        /// The sequence shown with its trained tokens marked (shards with a loss mask).
+        #[arg(long, default_value_t = 0)]
+        sample: usize,
     },
 }
 
@@ -122,6 +146,10 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             eos_token,
             format,
             text_field,
+            messages_field,
+            prompt_field,
+            response_field,
+            train_on,
             shard_mib,
             force,
             layout,
@@ -137,7 +165,21 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             let bar = indicatif::ProgressBar::new(total);
             let style = "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}";
             bar.set_style(indicatif::ProgressStyle::with_template(style).context("progress bar template")?);
-            let opts = PrepareOptions { inputs, format, text_field, seq_len, shard_mib, out, force, layout, bos };
+            let pair_fields = prompt_field.zip(response_field);
+            let opts = PrepareOptions {
+                inputs,
+                format,
+                text_field,
+                messages_field,
+                pair_fields,
+                train_on,
+                seq_len,
+                shard_mib,
+                out,
+                force,
+                layout,
+                bos,
+            };
             let summary = prepare(&opts, &tok, &mut |n| bar.inc(n));
             bar.finish_and_clear();
             let s = summary?;
@@ -154,6 +196,10 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 opts.out.display(),
             );
             println!("documents crossing into the next sequence: {} of {}", s.split_documents, s.documents);
+            if s.trained_tokens < s.tokens {
+                let share = 100.0 * s.trained_tokens as f64 / s.tokens.max(1) as f64;
+                println!("trained tokens (loss mask): {} of {} ({share:.1}%)", s.trained_tokens, s.tokens);
+            }
             println!("document lengths (tokens, with EOS{}):", if bos.is_some() { " and BOS" } else { "" });
             for line in s.lengths.render() {
                 println!("  {line}");
@@ -180,13 +226,13 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             let path = synth(&opts, &tok)?;
             println!("wrote {num} {} sequences of {seq_len} tokens (seed {seed}) to {}", task.name(), path.display());
         }
-        DataCommand::Inspect { file, tokens, scan } => inspect(&file, tokens, scan)?,
+        DataCommand::Inspect { file, tokens, scan, sample } => inspect(&file, tokens, scan, sample)?,
     }
     Ok(())
 }
 
 /// Validates the shard as training would (every check of `Dataset::open`) and prints it.
-fn inspect(path: &Path, n_tokens: usize, scan: bool) -> Result<()> {
+fn inspect(path: &Path, n_tokens: usize, scan: bool, sample: usize) -> Result<()> {
     let (seq_len, lines) = layout(path)?;
     let ds = Dataset::open(&[path.to_path_buf()], seq_len)?;
     println!("{}", path.display());
@@ -229,6 +275,13 @@ fn inspect(path: &Path, n_tokens: usize, scan: bool) -> Result<()> {
             100.0 * d.attention_share
         );
     }
+    if ds.has_loss_mask() {
+        show_trained(
+            &ds,
+            sample.min(ds.len() - 1),
+            if scan { (0..ds.len()).collect() } else { spread(ds.len(), INSPECT_SEQUENCES) },
+        )?;
+    }
     if let Some(p) = ds.passkey(0)? {
         println!(
             "  passkey         key {}, depth {:.3}, needle at {}, answer at {} = {:?}",
@@ -245,6 +298,70 @@ fn inspect(path: &Path, n_tokens: usize, scan: bool) -> Result<()> {
         println!("  ok: {n} sequences; layout and attributes pass (--scan checks every token id)");
     }
     Ok(())
+}
+
+/// Characters of the marked sample `data inspect` prints.
+const MARKED_CHARS: usize = 4000;
+
+/// The share of trained tokens over `indices`, and sequence `sample` as text (ids where the
+/// tokenizer is not at hand) with every trained span between `[[` and `]]`.
+fn show_trained(ds: &Dataset, sample: usize, indices: Vec<usize>) -> Result<()> {
+    let (mut trained, mut total) = (0u64, 0u64);
+    for &i in &indices {
+        let end = ds.pad_start(i)?.unwrap_or(ds.seq_len());
+        let mask = ds.loss_mask(i, 0, end)?.unwrap_or_else(|| vec![1; end]);
+        trained += mask.iter().map(|&m| u64::from(m)).sum::<u64>();
+        total += end as u64;
+    }
+    let share = 100.0 * trained as f64 / total.max(1) as f64;
+    let of = if indices.len() < ds.len() { " (--scan reads all)" } else { "" };
+    println!("  loss mask       {trained} of {total} tokens trained ({share:.1}%) in {} sequences{of}", indices.len());
+    let end = ds.pad_start(sample)?.unwrap_or(ds.seq_len());
+    let tokens = ds.read_span(sample, 0, end)?;
+    let mask = ds.loss_mask(sample, 0, end)?.unwrap_or_else(|| vec![1; end]);
+    let decoder = decoder(ds);
+    let mut text = String::new();
+    let mut start = 0;
+    while start < tokens.len() {
+        let run = mask[start..].iter().take_while(|&&m| m == mask[start]).count();
+        let piece = decoder(&tokens[start..start + run]);
+        if mask[start] == 1 {
+            text.push_str(&format!("[[{piece}]]"));
+        } else {
+            text.push_str(&piece);
+        }
+        start += run;
+    }
+    let cut = text.char_indices().nth(MARKED_CHARS).map_or(text.len(), |(i, _)| i);
+    let more = if cut < text.len() {
+        format!(" ... ({} more characters)", text[cut..].chars().count())
+    } else {
+        String::new()
+    };
+    println!(
+        "  sequence {sample} with its trained tokens between [[ and ]] (labels of the positions before them count):"
+    );
+    println!("{}{more}", &text[..cut]);
+    Ok(())
+}
+
+/// Token ids to text with the dataset's tokenizer: bytes for the byte tokenizer, the recorded
+/// tokenizer.json if it is still there, else the ids themselves.
+fn decoder(ds: &Dataset) -> Box<dyn Fn(&[i32]) -> String> {
+    if ds.tokenizer() == "byte" {
+        return Box::new(|ids| {
+            let bytes: Vec<u8> = ids.iter().map(|&t| u8::try_from(t).unwrap_or(b'?')).collect();
+            String::from_utf8_lossy(&bytes).into_owned()
+        });
+    }
+    let tokenizer = super::tokenizer::recorded_tokenizer(ds).and_then(|p| tokenizers::Tokenizer::from_file(p).ok());
+    match tokenizer {
+        Some(t) => Box::new(move |ids| {
+            let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+            t.decode(&ids, false).unwrap_or_else(|_| format!("{ids:?}"))
+        }),
+        None => Box::new(|ids| format!("{ids:?}")),
+    }
 }
 
 /// What `Dataset` does not expose: the raw layout of `tokens` and the informational attributes.

@@ -45,6 +45,8 @@ pub enum DataError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{}: line {line}: {message}", .path.display())]
     Input { path: PathBuf, line: u64, message: String },
+    #[error("{}: record {record}, field `{field}`: {message}", .path.display())]
+    Record { path: PathBuf, record: u64, field: String, message: String },
     #[error("tokenizer {}: {message}", .path.display())]
     Tokenizer { path: PathBuf, message: String },
     #[error("{0}")]

@@ -3,17 +3,21 @@
 //!
 //! A rank never reads a whole sample: SP rank r of a dp group reads tokens
 //! `[r*c, (r+1)*c + 1)` (c = seq_len / sp) of the sample its dp rank is dealt, one hyperslab.
+pub mod chat;
 pub mod cli;
 mod dataset;
 pub mod documents;
 mod error;
 pub mod format;
 mod loader;
+pub mod model_files;
 pub mod needle;
 mod order;
 pub mod prepare;
+mod records;
 mod shard;
 pub mod synth;
+pub mod template;
 pub mod tokenizer;
 
 pub use dataset::{Dataset, PasskeyInfo};

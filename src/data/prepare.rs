@@ -1,12 +1,16 @@
-//! `ulysses data prepare`: text to shards, streaming. Documents are tokenized one at a time
-//! (plain text: one piece of a line at a time), each ended by EOS (and begun by BOS with
-//! `--bos`), and either packed back to back into fixed-length sequences or started each in a
-//! sequence of its own with the rest padded; only the current partial sequence and the shard's
-//! write buffer stay in memory.
+//! `ulysses data prepare`: text and conversations to shards, streaming. Each record is one
+//! document: a text (tokenized, ended by EOS, begun by BOS with `--bos`), a conversation
+//! (`messages`, rendered by the model's chat template, with a loss mask: chat.rs) or a
+//! prompt/response pair (a two-message conversation). Documents are either packed back to back
+//! into fixed-length sequences or started each in a sequence of its own with the rest padded;
+//! only the current partial sequence and the shard's write buffer stay in memory.
+use super::chat::{ChatRenderer, TrainOn};
 use super::documents::LengthStats;
 use super::format::{claim_output_dir, shard_name, ShardMeta, ShardWriter};
+use super::records::{read_records, saved_dataset_files, Record, RecordFile};
 use super::tokenizer::TextTokenizer;
 use super::DataError;
+use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
@@ -16,10 +20,14 @@ const PIECE_BYTES: u64 = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum InputFormat {
-    /// `.jsonl` / `.json` files are JSONL, anything else plain text.
+    /// Parquet and Arrow files by their first bytes, `.jsonl` / `.json` (also `.gz`, `.zst`) as
+    /// JSONL, anything else plain text.
     Auto,
-    /// One JSON object per line; the text field is one document.
+    /// One JSON object per line (one record).
     Jsonl,
+    Parquet,
+    /// Arrow IPC, file or stream format.
+    Arrow,
     /// Each file is one document.
     Text,
 }
@@ -39,8 +47,14 @@ pub enum Layout {
 pub struct PrepareOptions {
     pub inputs: Vec<PathBuf>,
     pub format: InputFormat,
-    /// Field of a JSONL object holding the document text.
+    /// Field of a record holding a document's text.
     pub text_field: String,
+    /// Field of a record holding a conversation (a list of {role, content}).
+    pub messages_field: String,
+    /// Fields of a prompt/response record (both or neither).
+    pub pair_fields: Option<(String, String)>,
+    /// Which tokens of a conversation are trained.
+    pub train_on: TrainOn,
     pub seq_len: usize,
     /// Target shard size in MiB; a shard holds at least one sequence.
     pub shard_mib: f64,
@@ -66,6 +80,8 @@ pub struct PrepareSummary {
     pub split_documents: u64,
     /// Document lengths in tokens (with their EOS and BOS).
     pub lengths: LengthStats,
+    /// Of `tokens`, those that are targets (a loss mask's ones; every token of a text).
+    pub trained_tokens: u64,
     pub shards: Vec<PathBuf>,
 }
 
@@ -82,30 +98,38 @@ pub fn prepare(
             opts.seq_len, opts.shard_mib
         )));
     }
-    for input in &opts.inputs {
-        if input.is_dir() {
-            let hint = format!("{} is a folder; pass its files (e.g. {0}/*.jsonl)", input.display());
-            return Err(DataError::Usage(hint));
-        }
-        if !input.is_file() {
-            return Err(DataError::NotFound { path: input.clone() });
-        }
-    }
+    let inputs = input_files(&opts.inputs)?;
     claim_output_dir(&opts.out, opts.force)?;
     let per_shard = (opts.shard_mib * (1 << 20) as f64 / (opts.seq_len * 4) as f64) as usize;
     let mut packer = Packer::new(opts, tokenizer.shard_meta("text"), per_shard.max(1), tokenizer.eos_id());
-    for input in &opts.inputs {
-        let file = std::fs::File::open(input).map_err(|e| DataError::io(input, e))?;
-        let reader = BufReader::with_capacity(1 << 16, file);
-        let jsonl = match opts.format {
-            InputFormat::Auto => input.extension().is_some_and(|e| e == "jsonl" || e == "json"),
-            InputFormat::Jsonl => true,
-            InputFormat::Text => false,
+    let renderer = match tokenizer.chat_template() {
+        Some(t) => Some(ChatRenderer::new(t, tokenizer).map_err(|message| DataError::Tokenizer {
+            path: tokenizer.shard_meta("text").tokenizer_source.into(),
+            message,
+        })?),
+        None => None,
+    };
+    let records = Records { opts, tokenizer, renderer: renderer.as_ref() };
+    for input in &inputs {
+        let kind = match opts.format {
+            InputFormat::Auto => RecordFile::detect(input)?,
+            InputFormat::Jsonl => Some(RecordFile::Jsonl),
+            InputFormat::Parquet => Some(RecordFile::Parquet),
+            InputFormat::Arrow => Some(RecordFile::Arrow),
+            InputFormat::Text => None,
         };
-        if jsonl {
-            read_jsonl(input, reader, &opts.text_field, tokenizer, &mut packer, progress)?;
-        } else {
-            read_text(input, reader, tokenizer, &mut packer, progress)?;
+        match kind {
+            Some(kind) => {
+                let fields = records.fields();
+                read_records(input, kind, &fields, progress, &mut |record| {
+                    let doc = records.of(input, &record)?;
+                    packer.document(&doc)
+                })?
+            }
+            None => {
+                let file = std::fs::File::open(input).map_err(|e| DataError::io(input, e))?;
+                read_text(input, BufReader::with_capacity(1 << 16, file), tokenizer, &mut packer, progress)?;
+            }
         }
     }
     let summary = packer.finish()?;
@@ -118,37 +142,118 @@ pub fn prepare(
     Ok(summary)
 }
 
-fn read_jsonl(
-    path: &Path,
-    mut reader: impl BufRead,
-    field: &str,
-    tokenizer: &TextTokenizer,
-    packer: &mut Packer,
-    progress: &mut dyn FnMut(u64),
-) -> Result<(), DataError> {
-    let mut buf = Vec::new();
-    let mut line = 0;
-    loop {
-        buf.clear();
-        let n = reader.read_until(b'\n', &mut buf).map_err(|e| DataError::io(path, e))?;
-        if n == 0 {
-            return Ok(());
+/// The files of `inputs`: files as given, folders written by `datasets.save_to_disk` as their
+/// Arrow files.
+fn input_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {
+    let mut files = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            match saved_dataset_files(input)? {
+                Some(arrow) => files.extend(arrow),
+                None => {
+                    let hint = format!(
+                        "{} is a folder but not one written by datasets.save_to_disk (no state.json or dataset_info.json); pass its files (e.g. {0}/*.parquet)",
+                        input.display()
+                    );
+                    return Err(DataError::Usage(hint));
+                }
+            }
+        } else if input.is_file() {
+            files.push(input.clone());
+        } else {
+            return Err(DataError::NotFound { path: input.clone() });
         }
-        progress(n as u64);
-        line += 1;
-        let bytes = buf.trim_ascii();
-        if bytes.is_empty() {
-            continue;
+    }
+    Ok(files)
+}
+
+/// One record made into a document.
+struct Document {
+    tokens: Vec<i32>,
+    /// 1 = trained; None: every token.
+    mask: Option<Vec<u8>>,
+    /// A text: the packer ends it with EOS (and begins it with BOS with `--bos`). A rendered
+    /// conversation carries its own special tokens.
+    text: bool,
+}
+
+/// Makes records into documents: which layout a record has, and the message that names the
+/// file, the record and the field when it has none or a bad one.
+struct Records<'a> {
+    opts: &'a PrepareOptions,
+    tokenizer: &'a TextTokenizer,
+    renderer: Option<&'a ChatRenderer<'a>>,
+}
+
+impl Records<'_> {
+    /// The fields a columnar file must give.
+    fn fields(&self) -> Vec<&str> {
+        match &self.opts.pair_fields {
+            Some((prompt, response)) => vec![prompt.as_str(), response.as_str()],
+            None => vec![self.opts.text_field.as_str(), self.opts.messages_field.as_str()],
         }
-        let input_err = |message: String| DataError::Input { path: path.into(), line, message };
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| input_err(format!("not valid JSON ({e})")))?;
-        let text = value.get(field).and_then(|t| t.as_str()).ok_or_else(|| {
-            input_err(format!("has no string field \"{field}\"; name the text field with --text-field"))
+    }
+
+    fn of(&self, path: &Path, record: &Record) -> Result<Document, DataError> {
+        let err = |field: &str, message: String| DataError::Record {
+            path: path.into(),
+            record: record.number,
+            field: field.into(),
+            message,
+        };
+        let string = |field: &str| match record.fields.get(field) {
+            Some(Value::String(s)) => Ok(s.as_str()),
+            Some(other) => Err(err(field, format!("is {}, expected a string", short(other)))),
+            None => Err(err(field, "is missing".into())),
+        };
+        if let Some((prompt_field, response_field)) = &self.opts.pair_fields {
+            let (prompt, response) = (string(prompt_field)?, string(response_field)?);
+            if self.renderer.is_none() {
+                // No template: the prompt's tokens, then the response's and EOS, trained.
+                let prompt = self.tokenizer.encode(prompt)?;
+                let response = self.tokenizer.encode(response)?;
+                let mut mask = vec![0u8; prompt.len()];
+                mask.resize(prompt.len() + response.len(), 1);
+                let tokens = [prompt, response].concat();
+                return Ok(Document { tokens, mask: Some(mask), text: true });
+            }
+            let messages = json!([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]);
+            return self.chat(&messages).map_err(|m| err(&format!("{prompt_field}/{response_field}"), m));
+        }
+        let messages_field = &self.opts.messages_field;
+        if let Some(messages) = record.fields.get(messages_field) {
+            return self.chat(messages).map_err(|m| err(messages_field, m));
+        }
+        match record.fields.get(&self.opts.text_field) {
+            Some(_) => {
+                let tokens = self.tokenizer.encode(string(&self.opts.text_field)?)?;
+                Ok(Document { tokens, mask: None, text: true })
+            }
+            None => Err(err(
+                messages_field,
+                format!(
+                    "is missing, and so is `{}`: a record is a conversation (`{messages_field}`: a list of {{role, content}}) or a text; name the fields with --messages-field, --text-field or --prompt-field/--response-field",
+                    self.opts.text_field
+                ),
+            )),
+        }
+    }
+
+    fn chat(&self, messages: &Value) -> Result<Document, String> {
+        let renderer = self.renderer.ok_or_else(|| {
+            "is a conversation, but the tokenizer has no chat template; pass --tokenizer a model folder whose tokenizer_config.json or chat_template.jinja has one".to_string()
         })?;
-        packer.begin_doc();
-        packer.push(&tokenizer.encode(text)?)?;
-        packer.end_doc()?;
+        let sample = renderer.sample(messages, self.opts.train_on)?;
+        Ok(Document { tokens: sample.tokens, mask: sample.mask, text: false })
+    }
+}
+
+/// A value named briefly in a message.
+fn short(v: &Value) -> String {
+    let text = v.to_string();
+    match text.char_indices().nth(40) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None => text,
     }
 }
 
@@ -194,6 +299,9 @@ struct Packer<'a> {
     per_shard: usize,
     eos: i32,
     current: Vec<i32>,
+    /// The loss mask of `current` (1 = trained), written once a document has had one.
+    current_mask: Vec<u8>,
+    masked: bool,
     doc_starts: Vec<i32>,
     /// A document began and its first token has not been placed yet.
     doc_pending: bool,
@@ -215,12 +323,27 @@ impl<'a> Packer<'a> {
             per_shard,
             eos,
             current,
+            current_mask: Vec::with_capacity(opts.seq_len),
+            masked: false,
             doc_starts: Vec::new(),
             doc_pending: false,
             doc_tokens: 0,
             doc_first_sequence: 0,
             writer: None,
             summary,
+        }
+    }
+
+    /// One record's document: a text gets EOS (and BOS), a conversation goes in as rendered.
+    fn document(&mut self, doc: &Document) -> Result<(), DataError> {
+        self.masked |= doc.mask.is_some();
+        self.begin_doc();
+        self.push_masked(&doc.tokens, doc.mask.as_deref())?;
+        if doc.text {
+            self.end_doc()
+        } else {
+            self.finish_doc();
+            Ok(())
         }
     }
 
@@ -231,22 +354,34 @@ impl<'a> Packer<'a> {
 
     /// Ends the document with EOS; an empty document is skipped.
     fn end_doc(&mut self) -> Result<(), DataError> {
+        if self.doc_tokens > 0 {
+            self.push(&[self.eos])?;
+        }
+        self.finish_doc();
+        Ok(())
+    }
+
+    /// Counts the document just placed (none if it was empty).
+    fn finish_doc(&mut self) {
+        self.doc_pending = false;
         if self.doc_tokens == 0 {
-            self.doc_pending = false;
-            return Ok(());
+            return;
         }
         self.summary.documents += 1;
-        self.push(&[self.eos])?;
         self.summary.lengths.add(self.doc_tokens);
         // A document that ended exactly at a sequence's end did not cross into the next one.
         let last = self.summary.sequences - u64::from(self.current.is_empty());
         if last > self.doc_first_sequence {
             self.summary.split_documents += 1;
         }
-        Ok(())
     }
 
     fn push(&mut self, tokens: &[i32]) -> Result<(), DataError> {
+        self.push_masked(tokens, None)
+    }
+
+    /// Places `tokens` with their loss mask (None: all trained), opening the document first.
+    fn push_masked(&mut self, tokens: &[i32], mask: Option<&[u8]>) -> Result<(), DataError> {
         if tokens.is_empty() {
             return Ok(());
         }
@@ -259,19 +394,28 @@ impl<'a> Packer<'a> {
             self.doc_starts.push(self.current.len() as i32);
             self.doc_first_sequence = self.summary.sequences;
             if let Some(bos) = self.opts.bos {
-                self.place(&[bos])?;
+                // A BOS is trained where its document is (not before a masked prompt).
+                self.place(&[bos], mask.map(|_| &[0u8][..]))?;
             }
         }
-        self.place(tokens)
+        self.place(tokens, mask)
     }
 
-    fn place(&mut self, mut tokens: &[i32]) -> Result<(), DataError> {
+    fn place(&mut self, mut tokens: &[i32], mut mask: Option<&[u8]>) -> Result<(), DataError> {
         self.doc_tokens += tokens.len() as u64;
         self.summary.tokens += tokens.len() as u64;
+        self.summary.trained_tokens += mask.map_or(tokens.len(), |m| m.iter().filter(|&&x| x == 1).count()) as u64;
         while !tokens.is_empty() {
             let take = (self.opts.seq_len - self.current.len()).min(tokens.len());
             self.current.extend_from_slice(&tokens[..take]);
             tokens = &tokens[take..];
+            match mask {
+                Some(m) => {
+                    self.current_mask.extend_from_slice(&m[..take]);
+                    mask = Some(&m[take..]);
+                }
+                None => self.current_mask.resize(self.current.len(), 1),
+            }
             if self.current.len() == self.opts.seq_len {
                 self.emit(self.opts.seq_len)?;
             }
@@ -286,6 +430,7 @@ impl<'a> Packer<'a> {
         self.doc_starts.push(pad_start as i32);
         self.summary.padding_tokens += (self.opts.seq_len - pad_start) as u64;
         self.current.resize(self.opts.seq_len, self.eos);
+        self.current_mask.resize(self.opts.seq_len, 0);
         self.emit(pad_start)
     }
 
@@ -293,12 +438,15 @@ impl<'a> Packer<'a> {
         if self.writer.is_none() {
             let path = self.opts.out.join(shard_name(self.summary.shards.len()));
             let writer = ShardWriter::create(&path, self.opts.seq_len, &self.meta, true)?;
-            self.writer = Some(if self.opts.layout == Layout::Pad { writer.with_padding() } else { writer });
+            let writer = if self.opts.layout == Layout::Pad { writer.with_padding() } else { writer };
+            self.writer = Some(if self.masked { writer.with_loss_mask()? } else { writer });
         }
         let writer = self.writer.as_mut().expect("created above");
-        writer.push_padded(&self.current, &self.doc_starts, pad_start)?;
+        let mask = self.masked.then_some(self.current_mask.as_slice());
+        writer.push_masked(&self.current, mask, &self.doc_starts, pad_start)?;
         self.summary.sequences += 1;
         self.current.clear();
+        self.current_mask.clear();
         self.doc_starts.clear();
         if writer.rows() == self.per_shard {
             let done = self.writer.take().expect("a writer is open").finish()?;

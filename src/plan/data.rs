@@ -5,6 +5,7 @@
 //! its loss over, and what remains unchecked. A machine without the data (a laptop planning a
 //! cluster job) gets the plan and a clear "not checked", not a failure.
 use crate::config::Experiment;
+use crate::data::model_files::model_eos_ids;
 use crate::data::{build_batch, shard_files, DataError, Dataset, LoaderSpec, LossOn, IGNORE_INDEX};
 use crate::model::spec::ModelSpec;
 use std::fmt::Write;
@@ -75,6 +76,7 @@ pub fn check_data(exp: &Experiment, spec: &ModelSpec) -> DataCheck {
             "data.loss_on: = \"answer\" needs passkey answers in the shards, and they have none; use loss_on = \"all\" or data from `ulysses data synth --task passkey`".into(),
         );
     }
+    let eos_note = check_eos(exp, &dataset, &mut problems);
     let documents = matches!(dataset.doc_starts(0), Ok(Some(_)));
     let samples_per_step = per_step * exp.train.grad_accum;
     let steps_per_epoch = dataset.len() / samples_per_step.max(1);
@@ -90,6 +92,9 @@ pub fn check_data(exp: &Experiment, spec: &ModelSpec) -> DataCheck {
         if answers { "passkey answers recorded" } else { "no passkey answers" },
         if documents { ", document boundaries recorded" } else { "" },
     );
+    if let Some(note) = eos_note {
+        let _ = writeln!(report, "           {note}");
+    }
     let _ = writeln!(
         report,
         "           {steps_per_epoch} optimizer steps per epoch: train.steps = {} is {epochs:.2} epoch(s)",
@@ -198,4 +203,35 @@ fn check_held_out(exp: &Experiment, spec: &ModelSpec, report: &mut String, probl
         exp.train.eval_every
     );
     trained_line(exp, &dataset, "data.eval_paths", report, problems);
+}
+
+/// The shards' EOS against the ids the model folder ends sequences with (tokenizer_config.json's
+/// `eos_token`, generation_config.json's and config.json's `eos_token_id`): data prepared with
+/// another EOS teaches the model to stop with a token it never stops on. A problem for data of a
+/// Hugging Face tokenizer; for the byte tokenizer's (test and demo data) a note.
+fn check_eos(exp: &Experiment, dataset: &Dataset, problems: &mut Vec<String>) -> Option<String> {
+    let dir = exp.model.weights_path()?;
+    let dir = if dir.is_dir() { dir } else { dir.parent()? };
+    let ids = match model_eos_ids(dir) {
+        Ok(ids) if !ids.is_empty() => ids,
+        Ok(_) => return None,
+        Err(e) => {
+            problems.push(format!("model: {e}"));
+            return None;
+        }
+    };
+    if ids.contains(&dataset.eos_id()) {
+        return None;
+    }
+    let message = format!(
+        "the shards' EOS id is {} but the model {} ends sequences with {ids:?} (tokenizer_config.json `eos_token`, generation_config.json / config.json `eos_token_id`); prepare the data with `ulysses data prepare --tokenizer {}`",
+        dataset.eos_id(),
+        dir.display(),
+        dir.display()
+    );
+    if dataset.tokenizer() == "byte" {
+        return Some(format!("note: {message}"));
+    }
+    problems.push(format!("data: {message}"));
+    None
 }
