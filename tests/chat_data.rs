@@ -281,7 +281,8 @@ fn bad_chat_input_names_the_file_record_and_field() {
     assert_refused(&cut, "qwen3", &[], &["cut.parquet", "Parquet", "truncated"]);
 }
 
-/// A Qwen3 model folder without weights: config.json and the qwen3 test tokenizer.
+/// A Qwen3 model folder without weights (`model.config` names its config.json): config.json and
+/// the qwen3 test tokenizer.
 fn model_folder(dir: &Path) -> PathBuf {
     let model = dir.join("model");
     std::fs::create_dir(&model).unwrap();
@@ -310,7 +311,7 @@ fn check_flags_shards_whose_eos_is_not_the_models() {
         let data = dir.path().join(family);
         assert_eq!(prepare(&[&jsonl], family, &data, &[]).0, 0);
         let exp = tiny
-            .replace("preset = \"tiny\"", &format!("path = {:?}", model.to_str().unwrap()))
+            .replace("preset = \"tiny\"", &format!("config = {:?}", model.join("config.json").to_str().unwrap()))
             .replace("paths = [\"data/passkey-tiny\"]", &format!("paths = [{:?}]", data.to_str().unwrap()))
             .replace("seq_len = 1024", &format!("seq_len = {SEQ}"))
             .replace("sp = 2", "sp = 1")

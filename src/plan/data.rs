@@ -210,8 +210,9 @@ fn check_held_out(exp: &Experiment, spec: &ModelSpec, report: &mut String, probl
 /// another EOS teaches the model to stop with a token it never stops on. A problem for data of a
 /// Hugging Face tokenizer; for the byte tokenizer's (test and demo data) a note.
 fn check_eos(exp: &Experiment, dataset: &Dataset, problems: &mut Vec<String>) -> Option<String> {
-    let dir = exp.model.weights_path()?;
-    let dir = if dir.is_dir() { dir } else { dir.parent()? };
+    // The model folder: model.path, or the folder of model.weights or model.config.
+    let named = exp.model.weights_path().or(exp.model.config.as_deref())?;
+    let dir = if named.is_dir() { named } else { named.parent()? };
     let ids = match model_eos_ids(dir) {
         Ok(ids) if !ids.is_empty() => ids,
         Ok(_) => return None,
