@@ -125,9 +125,11 @@ fn prepare_plain_text_streams_long_lines_exactly() {
         force: false,
         layout: Layout::Pack,
         bos: None,
+        split: None,
+        seed: 0,
     };
     let mut consumed = 0;
-    let summary = prepare(&opts, &TextTokenizer::load("byte", None).unwrap(), &mut |n| consumed += n).unwrap();
+    let summary = prepare(&opts, &TextTokenizer::load("byte", None).unwrap(), &mut |n| consumed += n).unwrap().train;
     let total = long.len() + 10;
     assert_eq!(consumed, total as u64, "progress reports every input byte");
     assert_eq!((summary.documents, summary.tokens), (2, total as u64 + 2));
@@ -326,4 +328,67 @@ fn synth_random_packs_documents_of_a_fixed_length() {
     };
     let err = synth(&opts, &TextTokenizer::Byte).unwrap_err().to_string();
     assert!(err.contains("--doc-len 8 applies to --task random"), "{err}");
+}
+
+/// The documents of a `--layout pad` set of byte-tokenized texts, each up to its EOS.
+fn padded_texts(out: &std::path::Path, seq_len: usize) -> Vec<String> {
+    let ds = Dataset::open(&[out.to_path_buf()], seq_len).unwrap();
+    (0..ds.len())
+        .map(|i| {
+            let end = ds.pad_start(i).unwrap().unwrap();
+            let bytes: Vec<u8> = ds.read_span(i, 0, end - 1).unwrap().iter().map(|&t| t as u8).collect();
+            String::from_utf8(bytes).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn prepare_split_holds_out_documents_by_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs: Vec<String> = (0..40).map(|k| format!("document {k}: {}", documents()[k % 30])).collect();
+    let jsonl = dir.path().join("docs.jsonl");
+    let lines: Vec<String> = docs.iter().map(|d| serde_json::json!({ "text": d }).to_string()).collect();
+    std::fs::write(&jsonl, lines.join("\n")).unwrap();
+    const SEQ: usize = 256;
+    let run = |name: &str, split: &str, seed: &str| {
+        let out = dir.path().join(name);
+        let args = ["data", "prepare", jsonl.to_str().unwrap(), "--seq-len", "256", "--layout", "pad", "--out"];
+        let (code, stdout, stderr) =
+            ulysses(&[&args[..], &[out.to_str().unwrap(), "--split", split, "--seed", seed]].concat());
+        assert_eq!(code, 0, "{stderr}");
+        let (train, held) = (padded_texts(&out, SEQ), padded_texts(&out.join("heldout"), SEQ));
+        // Every document once, in one of the two sets.
+        let mut all: Vec<&String> = train.iter().chain(&held).collect();
+        all.sort();
+        let mut want: Vec<&String> = docs.iter().collect();
+        want.sort();
+        assert_eq!(all, want, "--split {split} --seed {seed}");
+        assert!(stdout.contains(&format!("held out {} documents", held.len())), "{stdout}");
+        assert!(stdout.contains("data.eval_paths"), "{stdout}");
+        held
+    };
+    let held = run("n5", "5", "1");
+    assert_eq!(held.len(), 5);
+    let index = |d: &String| docs.iter().position(|x| x == d).unwrap();
+    assert!(held.windows(2).all(|w| index(&w[0]) < index(&w[1])), "held out in input order: {held:?}");
+    assert_eq!(run("n5-again", "5", "1"), held, "the same seed holds out the same documents");
+    assert_ne!(run("n5-seed2", "5", "2"), held, "another seed, others");
+    let quarter = run("quarter", "0.25", "1");
+    assert!((3..=20).contains(&quarter.len()), "about 10 of 40: {}", quarter.len());
+    assert_eq!(run("quarter-again", "0.25", "1"), quarter);
+
+    // A held-out set too small for one packed sequence, a count over plain text, bad values.
+    let refused = |args: &[&str], wanted: &[&str]| {
+        let out = dir.path().join("refused");
+        let base = ["data", "prepare", "--seq-len", "256", "--force", "--out", out.to_str().unwrap()];
+        let (code, _, stderr) = ulysses(&[&base[..], args].concat());
+        assert_ne!(code, 0, "{args:?} was accepted");
+        assert!(wanted.iter().all(|w| stderr.contains(w)) && !stderr.contains("panicked"), "{args:?}: {stderr}");
+    };
+    refused(&[jsonl.to_str().unwrap(), "--split", "1"], &["--split held out 1 documents", "--layout pad"]);
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, docs.concat()).unwrap();
+    refused(&[text.to_str().unwrap(), "--split", "3"], &["notes.txt", "plain-text", "--split 0.01"]);
+    refused(&[jsonl.to_str().unwrap(), "--split", "0"], &["--split", "holds out nothing"]);
+    refused(&[jsonl.to_str().unwrap(), "--split", "1.5"], &["--split", "a fraction of the documents in (0, 1)"]);
 }

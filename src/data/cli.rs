@@ -4,8 +4,9 @@ use super::chat::TrainOn;
 use super::documents::{spread, summarize};
 use super::format::TOKENS;
 use super::needle::SynthTask;
-use super::prepare::{prepare, InputFormat, Layout, PrepareOptions};
+use super::prepare::{prepare, InputFormat, Layout, PrepareOptions, PrepareSummary, HELD_OUT_DIR};
 use super::shard::{read_i64_attr, read_str_attr};
+use super::split::Split;
 use super::synth::{synth, SynthOptions};
 use super::tokenizer::TextTokenizer;
 use super::{DataError, Dataset};
@@ -75,6 +76,14 @@ pub enum DataCommand {
         /// BOS token of a tokenizer.json for --bos (default: the first of the usual names it has).
         #[arg(long)]
         bos_token: Option<String>,
+        /// Hold out documents for `data.eval_paths`, written to OUT/heldout/: a fraction (0.01:
+        /// each document with that probability) or a number of documents (200: exactly that
+        /// many, drawn uniformly). The same inputs and --seed hold out the same documents.
+        #[arg(long)]
+        split: Option<Split>,
+        /// Seed of --split.
+        #[arg(long, default_value_t = 0, requires = "split")]
+        seed: u64,
     },
     /// Write a synthetic long-context set (no download): passkey or needle-in-a-haystack
     /// retrieval (niah), or random tokens.
@@ -133,6 +142,22 @@ pub enum DataCommand {
     },
 }
 
+/// One set's line of the `data prepare` summary.
+fn sets_line(s: &PrepareSummary, seq_len: usize, layout: Layout, dir: &Path) -> String {
+    let rest = match layout {
+        Layout::Pack => format!("{} trailing tokens dropped", s.dropped_tokens),
+        Layout::Pad => format!("{} padding tokens", s.padding_tokens),
+    };
+    format!(
+        "{} documents, {} tokens -> {} sequences of {seq_len} tokens in {} shard(s) under {} ({rest})",
+        s.documents,
+        s.tokens,
+        s.sequences,
+        s.shards.len(),
+        dir.display(),
+    )
+}
+
 /// Sequences `data inspect` reads the documents of without `--scan`.
 const INSPECT_SEQUENCES: usize = 4096;
 
@@ -155,6 +180,8 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             layout,
             bos,
             bos_token,
+            split,
+            seed,
         } => {
             let tok = TextTokenizer::load(&tokenizer, eos_token.as_deref())?;
             if bos_token.is_some() && !bos {
@@ -179,26 +206,26 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 force,
                 layout,
                 bos,
+                split,
+                seed,
             };
-            let summary = prepare(&opts, &tok, &mut |n| bar.inc(n));
+            let prepared = prepare(&opts, &tok, &mut |n| bar.inc(n));
             bar.finish_and_clear();
-            let s = summary?;
-            let rest = match layout {
-                Layout::Pack => format!("{} trailing tokens dropped", s.dropped_tokens),
-                Layout::Pad => format!("{} padding tokens", s.padding_tokens),
-            };
-            println!(
-                "prepared {} documents, {} tokens -> {} sequences of {seq_len} tokens in {} shard(s) under {} ({rest})",
-                s.documents,
-                s.tokens,
-                s.sequences,
-                s.shards.len(),
-                opts.out.display(),
-            );
+            let prepared = prepared?;
+            let s = &prepared.train;
+            println!("prepared {}", sets_line(s, seq_len, layout, &opts.out));
             println!("documents crossing into the next sequence: {} of {}", s.split_documents, s.documents);
             if s.trained_tokens < s.tokens {
                 let share = 100.0 * s.trained_tokens as f64 / s.tokens.max(1) as f64;
                 println!("trained tokens (loss mask): {} of {} ({share:.1}%)", s.trained_tokens, s.tokens);
+            }
+            if let Some(h) = &prepared.held_out {
+                let dir = opts.out.join(HELD_OUT_DIR);
+                println!("held out {}", sets_line(h, seq_len, layout, &dir));
+                println!(
+                    "  evaluate it during training with data.eval_paths = [\"{}\"] and train.eval_every = N",
+                    dir.display()
+                );
             }
             println!("document lengths (tokens, with EOS{}):", if bos.is_some() { " and BOS" } else { "" });
             for line in s.lengths.render() {

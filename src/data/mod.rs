@@ -16,6 +16,7 @@ mod order;
 pub mod prepare;
 mod records;
 mod shard;
+pub mod split;
 pub mod synth;
 pub mod template;
 pub mod tokenizer;

@@ -3,11 +3,13 @@
 //! (`messages`, rendered by the model's chat template, with a loss mask: chat.rs) or a
 //! prompt/response pair (a two-message conversation). Documents are either packed back to back
 //! into fixed-length sequences or started each in a sequence of its own with the rest padded;
-//! only the current partial sequence and the shard's write buffer stay in memory.
+//! only the current partial sequence and the shard's write buffer stay in memory. With `--split`
+//! some documents go to a held-out set of shards in `OUT/heldout/` instead (split.rs).
 use super::chat::{ChatRenderer, TrainOn};
 use super::documents::LengthStats;
 use super::format::{claim_output_dir, shard_name, ShardMeta, ShardWriter};
 use super::records::{read_records, saved_dataset_files, Record, RecordFile};
+use super::split::{Routed, Split, Splitter};
 use super::tokenizer::TextTokenizer;
 use super::DataError;
 use serde_json::{json, Value};
@@ -64,6 +66,22 @@ pub struct PrepareOptions {
     pub layout: Layout,
     /// Begin every document with this BOS id (None: no BOS).
     pub bos: Option<i32>,
+    /// Documents held out into `out/heldout/` (for `data.eval_paths`).
+    pub split: Option<Split>,
+    /// Seed of the split.
+    pub seed: u64,
+}
+
+/// Folder of the held-out shards under `--out`. The training folder's shards are the `.h5` files
+/// directly in it, so a subfolder never joins them.
+pub const HELD_OUT_DIR: &str = "heldout";
+
+/// What `prepare` wrote.
+#[derive(Debug)]
+pub struct Prepared {
+    pub train: PrepareSummary,
+    /// The held-out set (`--split`).
+    pub held_out: Option<PrepareSummary>,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -85,13 +103,13 @@ pub struct PrepareSummary {
     pub shards: Vec<PathBuf>,
 }
 
-/// Tokenizes `opts.inputs` into shards under `opts.out`; `progress` is told how many input
-/// bytes were consumed, as they are.
+/// Tokenizes `opts.inputs` into shards under `opts.out` (and `opts.out/heldout` with a split);
+/// `progress` is told how many input bytes were consumed, as they are.
 pub fn prepare(
     opts: &PrepareOptions,
     tokenizer: &TextTokenizer,
     progress: &mut dyn FnMut(u64),
-) -> Result<PrepareSummary, DataError> {
+) -> Result<Prepared, DataError> {
     if opts.seq_len == 0 || !(opts.shard_mib > 0.0) {
         return Err(DataError::Usage(format!(
             "--seq-len {} and --shard-mib {} must be positive",
@@ -101,7 +119,14 @@ pub fn prepare(
     let inputs = input_files(&opts.inputs)?;
     claim_output_dir(&opts.out, opts.force)?;
     let per_shard = (opts.shard_mib * (1 << 20) as f64 / (opts.seq_len * 4) as f64) as usize;
-    let mut packer = Packer::new(opts, tokenizer.shard_meta("text"), per_shard.max(1), tokenizer.eos_id());
+    let packer =
+        |out: PathBuf| Packer::new(opts, out, tokenizer.shard_meta("text"), per_shard.max(1), tokenizer.eos_id());
+    let mut sets = Sets { train: packer(opts.out.clone()), held_out: None };
+    if let Some(split) = opts.split {
+        let dir = opts.out.join(HELD_OUT_DIR);
+        claim_output_dir(&dir, opts.force)?;
+        sets.held_out = Some((Splitter::new(split, opts.seed), packer(dir)));
+    }
     let renderer = match tokenizer.chat_template() {
         Some(t) => Some(ChatRenderer::new(t, tokenizer).map_err(|message| DataError::Tokenizer {
             path: tokenizer.shard_meta("text").tokenizer_source.into(),
@@ -123,23 +148,74 @@ pub fn prepare(
                 let fields = records.fields();
                 read_records(input, kind, &fields, progress, &mut |record| {
                     let doc = records.of(input, &record)?;
-                    packer.document(&doc)
+                    sets.document(doc)
                 })?
             }
             None => {
+                let packer = sets.text_packer(input)?;
                 let file = std::fs::File::open(input).map_err(|e| DataError::io(input, e))?;
-                read_text(input, BufReader::with_capacity(1 << 16, file), tokenizer, &mut packer, progress)?;
+                read_text(input, BufReader::with_capacity(1 << 16, file), tokenizer, packer, progress)?;
             }
         }
     }
-    let summary = packer.finish()?;
-    if summary.sequences == 0 {
+    let prepared = sets.finish()?;
+    if prepared.train.sequences == 0 {
         return Err(DataError::Usage(format!(
             "the input holds {} tokens, not enough for one sequence of --seq-len {}; give more text or a shorter --seq-len",
-            summary.tokens, opts.seq_len
+            prepared.train.tokens, opts.seq_len
         )));
     }
-    Ok(summary)
+    if let Some(h) = prepared.held_out.as_ref().filter(|h| h.sequences == 0) {
+        return Err(DataError::Usage(format!(
+            "--split held out {} documents of {} tokens, not enough for one sequence of --seq-len {}; hold out more (a larger --split) or pass --layout pad (a sequence per document)",
+            h.documents, h.tokens, opts.seq_len
+        )));
+    }
+    Ok(prepared)
+}
+
+/// The training set's packer and, with `--split`, the held-out set's with its splitter.
+struct Sets<'a> {
+    train: Packer<'a>,
+    held_out: Option<(Splitter<Document>, Packer<'a>)>,
+}
+
+impl<'a> Sets<'a> {
+    fn document(&mut self, doc: Document) -> Result<(), DataError> {
+        let Some((splitter, held_out)) = &mut self.held_out else {
+            return self.train.document(&doc);
+        };
+        match splitter.route(doc) {
+            Routed::Train(doc) => self.train.document(&doc),
+            Routed::HeldOut(doc) => held_out.document(&doc),
+            Routed::Kept => Ok(()),
+        }
+    }
+
+    /// The packer a plain-text file (one document, streamed) goes to.
+    fn text_packer(&mut self, path: &Path) -> Result<&mut Packer<'a>, DataError> {
+        let Some((splitter, held_out)) = &mut self.held_out else {
+            return Ok(&mut self.train);
+        };
+        match splitter.next_is_held_out() {
+            Some(true) => Ok(held_out),
+            Some(false) => Ok(&mut self.train),
+            None => Err(DataError::Usage(format!(
+                "{}: --split N keeps its N candidates in memory until the input ends, and a plain-text file is one document of any size; hold out a fraction instead (e.g. --split 0.01)",
+                path.display()
+            ))),
+        }
+    }
+
+    fn finish(self) -> Result<Prepared, DataError> {
+        let Some((splitter, mut held_out)) = self.held_out else {
+            return Ok(Prepared { train: self.train.finish()?, held_out: None });
+        };
+        for doc in splitter.finish() {
+            held_out.document(&doc)?;
+        }
+        Ok(Prepared { train: self.train.finish()?, held_out: Some(held_out.finish()?) })
+    }
 }
 
 /// The files of `inputs`: files as given, folders written by `datasets.save_to_disk` as their
@@ -295,6 +371,8 @@ fn read_text(
 /// `per_shard` sequences. Records where each document starts inside a sequence.
 struct Packer<'a> {
     opts: &'a PrepareOptions,
+    /// The folder the shards go to.
+    out: PathBuf,
     meta: ShardMeta,
     per_shard: usize,
     eos: i32,
@@ -314,11 +392,12 @@ struct Packer<'a> {
 }
 
 impl<'a> Packer<'a> {
-    fn new(opts: &'a PrepareOptions, meta: ShardMeta, per_shard: usize, eos: i32) -> Packer<'a> {
+    fn new(opts: &'a PrepareOptions, out: PathBuf, meta: ShardMeta, per_shard: usize, eos: i32) -> Packer<'a> {
         let current = Vec::with_capacity(opts.seq_len);
         let summary = PrepareSummary::default();
         Packer {
             opts,
+            out,
             meta,
             per_shard,
             eos,
@@ -436,7 +515,7 @@ impl<'a> Packer<'a> {
 
     fn emit(&mut self, pad_start: usize) -> Result<(), DataError> {
         if self.writer.is_none() {
-            let path = self.opts.out.join(shard_name(self.summary.shards.len()));
+            let path = self.out.join(shard_name(self.summary.shards.len()));
             let writer = ShardWriter::create(&path, self.opts.seq_len, &self.meta, true)?;
             let writer = if self.opts.layout == Layout::Pad { writer.with_padding() } else { writer };
             self.writer = Some(if self.masked { writer.with_loss_mask()? } else { writer });
