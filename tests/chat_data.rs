@@ -4,8 +4,10 @@
 //! (tests/hf/chat_templates.py builds Llama-3-style and Qwen3-style tokenizers locally); Parquet,
 //! Arrow and `save_to_disk` folders written by pyarrow read back to the same shards; bad input
 //! gives one message naming the file, the record and the field.
+mod chat_common;
 mod data_common;
 
+use chat_common::chat_python;
 use data_common::ulysses;
 use serde_json::{json, Value};
 use std::io::Write;
@@ -13,18 +15,6 @@ use std::path::{Path, PathBuf};
 use ulysses::data::Dataset;
 
 const SEQ: usize = 256;
-
-fn chat_python(args: &[&str]) -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".venv/bin/python3");
-    let script = root.join("tests/hf/chat_templates.py");
-    let out = std::process::Command::new(&python).arg(&script).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {}: {e}. These tests need the project venv: run scripts/setup.sh", python.display())
-    });
-    let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
-    assert!(out.status.success(), "{script:?} {args:?} failed:\n{}\n{}", text(&out.stdout), text(&out.stderr));
-    text(&out.stdout)
-}
 
 /// The tiny llama3 and qwen3 tokenizer folders, built once per test binary.
 fn models() -> &'static Path {

@@ -148,11 +148,6 @@ fn train(dir: &Path, data: &Path, r: &Run) -> (RunOutputs, PathBuf, String) {
     (outputs, run_dir, text(&out))
 }
 
-fn column<T: hdf5::H5Type>(run_dir: &Path, name: &str) -> Vec<T> {
-    let f = hdf5::File::open(run_dir.join("metrics.h5")).unwrap();
-    f.dataset(&format!("steps/{name}")).unwrap().read_raw().unwrap()
-}
-
 #[test]
 fn masked_training_under_sp_1_2_4_equals_one_rank_and_the_reference() {
     let dir = tempfile::tempdir().unwrap();

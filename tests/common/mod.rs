@@ -107,6 +107,12 @@ pub fn run_outputs(run_dir: &Path) -> RunOutputs {
     (losses, params)
 }
 
+/// Column `name` of metrics.h5's per-step table (`steps/NAME`) in `run_dir`.
+pub fn column<T: hdf5::H5Type>(run_dir: &Path, name: &str) -> Vec<T> {
+    let f = hdf5::File::open(run_dir.join("metrics.h5")).unwrap();
+    f.dataset(&format!("steps/{name}")).unwrap().read_raw().unwrap()
+}
+
 /// Sharded equals unsharded: every step's loss within 1e-6 relative and every parameter within
 /// 1e-5 of `reference`, which must have trained (its loss went down), so that a run that did
 /// nothing cannot pass by accident.

@@ -16,6 +16,22 @@ own `apply_chat_template` makes of conversations.
                                      chat.parquet, chat.arrow (IPC file), chat-stream.arrow (IPC
                                      stream) and saved/ (the layout of datasets.save_to_disk: Arrow
                                      stream files, state.json, dataset_info.json), all by pyarrow
+  chat_templates.py parquet CONVERSATIONS.json OUT_DIR
+                                     the conversations as {"messages": [{role, content}]} rows
+                                     in two Parquet files, as a dataset on the Hub ships them
+                                     (train-00000-of-00002.parquet, ...), by pyarrow
+  chat_templates.py model OUT        OUT/: a tiny random Qwen3ForCausalLM with the qwen3 tokenizer
+                                     and its chat template, as save_pretrained writes a model
+                                     folder (config.json, model.safetensors, tokenizer files,
+                                     generation_config.json)
+  chat_templates.py chat_loss MODEL CONVERSATIONS.json SHARD [SHARD ...]
+                                     for each packed ulysses shard, a JSON line: MODEL's loss
+                                     (AutoModelForCausalLM) on all its sequences as one batch,
+                                     with labels made by transformers alone (the stream of
+                                     conversations the shard packs, each recognised by its
+                                     apply_chat_template ids and labelled by its assistant mask,
+                                     -100 elsewhere), the trained labels, and which conversations
+                                     (indices) the shard holds, in order
 
 Exits non-zero with a message on any problem, so the Rust tests fail instead of skipping.
 """
@@ -135,21 +151,33 @@ def plain(template: str) -> str:
     return template
 
 
+def tokenizer(family: str) -> PreTrainedTokenizerFast:
+    """The family's tokenizer with its chat template (without the markers)."""
+    template, special, added, bos, eos, _ = FAMILIES[family]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TEXT] * 4, trainer)
+    tok.add_special_tokens(special)
+    tok.add_tokens(added)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos)
+    fast.chat_template = plain(template)
+    return fast
+
+
+def save_tokenizer(family: str, fast: PreTrainedTokenizerFast, d: str) -> None:
+    """The tokenizer files and generation_config.json (the family's EOS ids) in `d`."""
+    fast.save_pretrained(d)
+    GenerationConfig(eos_token_id=[fast.convert_tokens_to_ids(t) for t in FAMILIES[family][5]]).save_pretrained(d)
+
+
 def make(out: str) -> None:
-    for family, (template, special, added, bos, eos, gen_eos) in FAMILIES.items():
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-        tok.train_from_iterator([TEXT] * 4, trainer)
-        tok.add_special_tokens(special)
-        tok.add_tokens(added)
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos)
-        fast.chat_template = plain(template)
+    for family in FAMILIES:
+        fast = tokenizer(family)
         d = os.path.join(out, family)
-        fast.save_pretrained(d)
-        GenerationConfig(eos_token_id=[fast.convert_tokens_to_ids(t) for t in gen_eos]).save_pretrained(d)
+        save_tokenizer(family, fast, d)
         print(json.dumps({"family": family, "dir": d, "files": sorted(os.listdir(d)), "vocab": len(fast)}))
 
 
@@ -204,6 +232,78 @@ def tables(conversations: str, out: str) -> None:
     print(json.dumps({"rows": len(rows), "files": sorted(os.listdir(out))}))
 
 
+def parquet(conversations: str, out: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"messages": m} for m in json.load(open(conversations))]
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("messages", pa.list_(message))]))
+    os.makedirs(out, exist_ok=True)
+    half = (len(rows) + 1) // 2
+    for k, part in enumerate([table.slice(0, half), table.slice(half)]):
+        pq.write_table(part, os.path.join(out, f"train-{k:05d}-of-00002.parquet"), row_group_size=4)
+    print(json.dumps({"rows": len(rows), "files": sorted(os.listdir(out))}))
+
+
+def model(out: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    tok = tokenizer("qwen3")
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                         tie_word_embeddings=True, attn_implementation="eager",
+                         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    torch.manual_seed(31)
+    lm = AutoModelForCausalLM.from_config(config).float().eval()
+    # HF's init (std 0.02) gives near-uniform predictions; weights of O(1) activations make a wrong
+    # label or mask visible in the loss.
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
+    lm.save_pretrained(out, safe_serialization=True)
+    save_tokenizer("qwen3", tok, out)
+    print(json.dumps({"dir": out, "files": sorted(os.listdir(out)), "vocab": len(tok)}))
+
+
+def chat_loss(model_dir: str, conversations: str, *shards: str) -> None:
+    import h5py
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rendered = []
+    for messages in json.load(open(conversations)):
+        marked = tok.apply_chat_template(messages, chat_template=FAMILIES["qwen3"][0], tokenize=True,
+                                         return_dict=True, return_assistant_tokens_mask=True)
+        rendered.append((list(marked["input_ids"]), list(marked["assistant_masks"])))
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for shard in shards:
+        with h5py.File(shard, "r") as f:
+            ids = torch.from_numpy(f["tokens"][:].astype("int64"))
+        stream = ids.flatten().tolist()
+        # Walk the packed stream: one conversation after another, the last one possibly cut.
+        labels, held = [], []
+        while len(labels) < len(stream):
+            rest = stream[len(labels):]
+            found = [k for k, (c, _) in enumerate(rendered) if c[:len(rest)] == rest[:len(c)]]
+            if len(found) != 1:
+                sys.exit(f"{shard}: at token {len(labels)} the stream goes on with {len(found)} of the "
+                         f"conversations (expected exactly one): {rest[:20]}")
+            c, m = rendered[found[0]]
+            labels.extend(t if mask else -100 for t, mask in zip(c, m))
+            held.append(found[0])
+        labels = torch.tensor(labels[:len(stream)]).reshape(ids.shape)
+        with torch.no_grad():
+            res = lm(input_ids=ids, labels=labels)
+        print(json.dumps({"shard": shard, "loss": res.loss.item(), "trained": int((labels[:, 1:] != -100).sum()),
+                          "conversations": held, "sequences": ids.shape[0]}))
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "make":
         make(sys.argv[2])
@@ -211,6 +311,12 @@ def main() -> None:
         expect(*sys.argv[2:])
     elif len(sys.argv) == 4 and sys.argv[1] == "tables":
         tables(*sys.argv[2:])
+    elif len(sys.argv) == 4 and sys.argv[1] == "parquet":
+        parquet(*sys.argv[2:])
+    elif len(sys.argv) == 3 and sys.argv[1] == "model":
+        model(sys.argv[2])
+    elif len(sys.argv) >= 5 and sys.argv[1] == "chat_loss":
+        chat_loss(*sys.argv[2:])
     else:
         sys.exit(__doc__)
 
