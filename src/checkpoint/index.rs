@@ -5,9 +5,13 @@
 //! so a job of any layout loads what any other layout saved.
 use super::tensor_file::{self, read_at, Layout};
 use super::{io_err, CheckpointError, EXP_AVG, EXP_AVG_SQ, OPTIMIZER};
+use crate::config::LoraConfig;
 use crate::ffi::transfer::{host_bytes_mut, host_values};
+use crate::model::params::ModelWeights;
+use crate::model::spec::adapter::trainable_shapes;
 use crate::model::spec::ModelSpec;
 use crate::model::weights::WeightsError;
+use crate::parallel::units::lora_units;
 use crate::parallel::zero::{model_units, State, Unit};
 use safetensors::tensor::Dtype;
 use serde::{Deserialize, Serialize};
@@ -176,13 +180,32 @@ impl Source {
     /// The checkpoint folder `dir` of `format` (its run_state.json's), for `spec`: every unit's
     /// tensors must have the spec's names and shapes.
     pub fn open(dir: &Path, spec: &ModelSpec, format: u32) -> Result<Source, CheckpointError> {
-        match format {
-            1 => Self::open_format1(dir, spec),
-            _ => Self::open_format2(dir, spec),
+        Self::open_trained(dir, spec, None, format)
+    }
+
+    /// `open` for the parameters a run trains: the whole model, or under `lora` its trainable
+    /// units (`lora_units`: the adapters and the modules trained in full), which only format 2
+    /// holds.
+    pub fn open_trained(
+        dir: &Path,
+        spec: &ModelSpec,
+        lora: Option<&LoraConfig>,
+        format: u32,
+    ) -> Result<Source, CheckpointError> {
+        match (format, lora) {
+            (1, None) => Self::open_format1(dir, spec),
+            (1, Some(_)) => Err(CheckpointError::Mismatch {
+                path: dir.display().to_string(),
+                message: "a format-1 checkpoint holds a whole model and no LoRA adapters; remove [lora] to resume it"
+                    .into(),
+            }),
+            (_, None) => Self::open_format2(dir, model_units(spec, 1), &ModelWeights::shapes(spec)),
+            (_, Some(l)) => Self::open_format2(dir, lora_units(spec, l, 1), &trainable_shapes(spec, l)),
         }
     }
 
-    fn open_format2(dir: &Path, spec: &ModelSpec) -> Result<Source, CheckpointError> {
+    /// A format-2 checkpoint that must hold the units `expected`, whose tensors are `shapes`.
+    fn open_format2(dir: &Path, expected: Vec<Unit>, shapes: &[(String, Vec<i64>)]) -> Result<Source, CheckpointError> {
         let path = dir.join(INDEX);
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
         let corrupt = |message: String| CheckpointError::Corrupt { path: path.display().to_string(), message };
@@ -204,8 +227,7 @@ impl Source {
         }
         let found: Vec<(String, Vec<i64>)> =
             index.units.iter().flat_map(|u| u.tensors.iter().map(|t| (t.name.clone(), t.shape.clone()))).collect();
-        check_tensors(spec, &found, &path.display().to_string())?;
-        let expected = model_units(spec, 1);
+        check_tensors(shapes, &found, &path.display().to_string())?;
         if index.units.len() != expected.len() {
             return Err(corrupt(format!("{} units, the model has {}", index.units.len(), expected.len())));
         }
@@ -284,7 +306,7 @@ impl Source {
             let found: Vec<(String, Vec<i64>)> =
                 by_name[s].iter().map(|(n, (_, e))| (n.clone(), e.shape.iter().map(|&d| d as i64).collect())).collect();
             let origin = if paths.len() == 1 { paths[0].display().to_string() } else { dir.display().to_string() };
-            check_tensors(spec, &found, &origin)?;
+            check_tensors(&ModelWeights::shapes(spec), &found, &origin)?;
         }
         let units = model_units(spec, 1)
             .into_iter()
@@ -428,11 +450,14 @@ fn model_files(dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
     Ok(files)
 }
 
-/// Every tensor of `spec` must be among `found` with its shape, and nothing else.
-fn check_tensors(spec: &ModelSpec, found: &[(String, Vec<i64>)], origin: &str) -> Result<(), CheckpointError> {
+/// Every tensor of `expected` must be among `found` with its shape, and nothing else.
+fn check_tensors(
+    expected: &[(String, Vec<i64>)],
+    found: &[(String, Vec<i64>)],
+    origin: &str,
+) -> Result<(), CheckpointError> {
     let found: HashMap<&str, &Vec<i64>> = found.iter().map(|(n, s)| (n.as_str(), s)).collect();
-    let expected: Vec<(String, Vec<i64>)> = crate::model::params::ModelWeights::shapes(spec);
-    for (name, shape) in &expected {
+    for (name, shape) in expected {
         if let Some(&got) = found.get(name.as_str()) {
             if got != shape {
                 let (tensor, expected, found) = (name.clone(), shape.clone(), got.clone());

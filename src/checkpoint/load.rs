@@ -3,11 +3,12 @@
 //! from a checkpoint of either format: loading needs no collective.
 use super::*;
 use crate::comm::{all_reduce_f64, broadcast_i64, Collective};
-use crate::config::{Resume, ZeroStage};
+use crate::config::{LoraConfig, Resume, ZeroStage};
 use crate::data::LoaderState;
 use crate::model::params::ModelWeights;
 use crate::model::spec::ModelSpec;
 use crate::model::weights::load_hf;
+use crate::parallel::units::lora_units;
 use crate::parallel::zero::{ShardedParams, State, StateTiers};
 use crate::plan::memory::DISK_CHUNK;
 use tch::{Device, Kind, Tensor};
@@ -142,8 +143,25 @@ pub fn load_params(
     world: &dyn Collective,
     state: impl Into<StateTiers>,
 ) -> Result<ShardedParams, CheckpointError> {
-    let source = Source::open(dir, spec, format)?;
-    let params = ShardedParams::zeroed(spec, stage, world, state)?;
+    load_trained(dir, format, spec, None, stage, world, state)
+}
+
+/// `load_params` for the parameters a run trains: the whole model, or under `lora` the adapters
+/// and the modules trained in full (`lora_units`), with their Adam moments.
+pub fn load_trained(
+    dir: &Path,
+    format: u32,
+    spec: &ModelSpec,
+    lora: Option<&LoraConfig>,
+    stage: ZeroStage,
+    world: &dyn Collective,
+    state: impl Into<StateTiers>,
+) -> Result<ShardedParams, CheckpointError> {
+    let source = Source::open_trained(dir, spec, lora, format)?;
+    let params = match lora {
+        None => ShardedParams::zeroed(spec, stage, world, state)?,
+        Some(l) => ShardedParams::zeroed_units(|shards| lora_units(spec, l, shards), stage, world, state)?,
+    };
     for (i, u) in params.units().iter().enumerate() {
         let (start, len) = params.shard_range(u.id);
         for state in State::ALL {

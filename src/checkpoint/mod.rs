@@ -25,7 +25,7 @@ mod state;
 mod tensor_file;
 
 pub use index::Source;
-pub use load::{load_params, load_weights, read_state, resolve_and_load, restore_loader_state, Resumed};
+pub use load::{load_params, load_trained, load_weights, read_state, resolve_and_load, restore_loader_state, Resumed};
 pub use save::Checkpointer;
 pub use state::{DataPosition, Layout, RunState, Versions, FORMAT};
 

@@ -126,7 +126,7 @@ impl Shard {
 /// compute device, `Place::Host` in host memory, `Place::Disk` in unlinked files in `dir`.
 #[derive(Debug, Clone)]
 pub struct StateTiers {
-    /// Per unit in `model_units` order; None: every unit on `device`.
+    /// Per unit of the model in `model_units` order; None: every unit on `device`.
     pub places: Option<Vec<Place>>,
     pub device: Device,
     pub dir: PathBuf,
@@ -140,8 +140,10 @@ impl From<Device> for StateTiers {
 }
 
 impl StateTiers {
-    fn place(&self, unit: usize) -> Place {
-        self.places.as_ref().map_or(Place::Device, |p| p[unit])
+    /// Where unit `id` goes: by its position among all the model's units, so a run that shards
+    /// only some of them (LoRA's trainable units) places each where the plan placed it.
+    fn place(&self, id: UnitId) -> Place {
+        self.places.as_ref().map_or(Place::Device, |p| p[id.index(p.len() - UnitId::count(0))])
     }
 }
 
@@ -231,10 +233,9 @@ impl ShardedParams {
         let rank = world.rank();
         let slots = units
             .iter()
-            .enumerate()
-            .map(|(i, u)| {
+            .map(|u| {
                 let len = u.padded / shards_count;
-                Ok(match state.place(i) {
+                Ok(match state.place(u.id) {
                     Place::Device => Slot::Memory(Shard::zeros(len, state.device)),
                     Place::Host => Slot::Memory(Shard::host(len, state.device)?),
                     Place::Disk => {

@@ -22,6 +22,7 @@ use crate::metrics::{memory, profile, progress, MetricsWriter, RunInfo, StepRow,
 use crate::model::spec::ModelSpec;
 use crate::optim::{clip_scale, grad_norm, AdamW};
 use crate::parallel::attention::{allow_sdp_kernels, document_kernels};
+use crate::parallel::frozen::FrozenParams;
 use crate::parallel::zero::StateTiers;
 use crate::plan::flops;
 use crate::plan::memory::{self as memory_plan, Budget, DoesNotFit, Estimate, Placement, PlanInputs};
@@ -51,12 +52,6 @@ pub fn run(
     device: Device,
     budget: Budget,
 ) -> Result<Outcome> {
-    if exp.lora.is_some() {
-        anyhow::bail!(
-            "[lora]: training with adapters is not in this build yet (the section is read and checked, and the \
-             reference trains adapters); remove [lora] to train every parameter"
-        );
-    }
     if let Device::Cuda(_) = device {
         allow_sdp_kernels(exp.parallel.attention);
     }
@@ -69,6 +64,11 @@ pub fn run(
         );
     }
     let placement = plan_memory(exp, spec, mesh, groups.world.as_ref(), budget)?;
+    // A LoRA run's base: in the compute dtype on the device, never updated.
+    let base = match &exp.lora {
+        Some(_) => Some(start::frozen_base(&start::StartSpec::of(exp), spec, groups.world.as_ref(), kind, device)?),
+        None => None,
+    };
     let profiler = Profiler::new(device, false);
     let ctx = StepContext {
         spec,
@@ -82,7 +82,7 @@ pub fn run(
         documents: document_kernels,
         // The config validator refused a ring without a kernel that returns the log-sum-exp.
         ring: (mesh.ring > 1).then(|| exp.parallel.fused_attention()).flatten(),
-        frozen: None,
+        frozen: base.as_ref().zip(exp.lora.as_ref()).map(|(base, lora)| step::Frozen { base, lora }),
     };
     if let (Some(k), 0) = (ctx.ring, mesh.world_rank) {
         log::info!(
@@ -92,7 +92,7 @@ pub fn run(
             k.describe(false)
         );
     }
-    let mut run = Run::start(exp, spec, mesh, groups.world.as_ref(), device, &placement)?;
+    let mut run = Run::start(exp, spec, mesh, groups.world.as_ref(), device, &placement, base.as_ref())?;
     if run.first_step > exp.train.steps {
         // Already complete; but a job killed between the last checkpoint and its export left
         // no `final/`.
@@ -225,6 +225,7 @@ impl<'a> Run<'a> {
         world: &'a dyn Collective,
         device: Device,
         placement: &Placement,
+        base: Option<&FrozenParams>,
     ) -> Result<Run<'a>> {
         crate::oom::set_phase("setup (the model state, the data, the checkpoint staging)");
         let preemption = preempt::Preemption::install().context("installing the SIGTERM/SIGUSR1 handlers")?;
@@ -252,7 +253,7 @@ impl<'a> Run<'a> {
         // multi-threaded vectorized kernel), or in files of the offload folder.
         let state = StateTiers { places: Some(placement.state.clone()), device, dir: exp.memory.offload_dir() };
         let (params, loader_state, start, resumed_from) =
-            start::start_point(&start::StartSpec::of(exp), spec, mesh, world, &state)?;
+            start::start_point(&start::StartSpec::of(exp), spec, mesh, world, &state, base)?;
         let t = &exp.train;
         let loader_spec = LoaderSpec {
             seed: exp.run.seed,
@@ -565,6 +566,15 @@ impl<'a> Run<'a> {
         self.checkpointer.finish(self.world).context("checkpoint")?;
         let steps = self.exp.train.steps;
         if end == End::Preempted || !self.checkpoint_due(steps) {
+            return Ok(());
+        }
+        if self.exp.lora.is_some() {
+            // A LoRA run's final/ is a PEFT adapter folder (issue 32), which this build does not
+            // write yet: the trained adapters are in the last checkpoint.
+            if self.mesh.world_rank == 0 {
+                let dir = checkpoint::checkpoints_dir(&self.run_dir).join(checkpoint::step_dir_name(steps as u64));
+                println!("the trained adapters (step {steps}): {} (no final/ for a [lora] run yet)", dir.display());
+            }
             return Ok(());
         }
         let just_trained = end == End::Trained;
