@@ -42,6 +42,62 @@ fn trainable(spec: &ModelSpec, lora: &LoraConfig, base: &[(String, Tensor)]) -> 
         .collect()
 }
 
+/// The frozen base of `base` and the ZeRO units of `train` on one process at `stage`.
+fn shards(
+    spec: &ModelSpec,
+    lora: &LoraConfig,
+    base: &[(String, Tensor)],
+    train: &[(String, Tensor)],
+    stage: ZeroStage,
+    world: &dyn ulysses::comm::Collective,
+) -> (FrozenParams, ShardedParams) {
+    let frozen = FrozenParams::new(spec, stage, world, Kind::Float, Device::Cpu, |u| {
+        u.tensors.iter().map(|(n, _)| named(base, n).copy()).collect()
+    });
+    let params = ShardedParams::new_units(
+        |s| lora_units(spec, lora, s),
+        stage,
+        world,
+        Device::Cpu,
+        |u| u.tensors.iter().map(|(n, _)| named(train, n)).collect(),
+    )
+    .unwrap();
+    (frozen, params)
+}
+
+/// The step's context on one CPU process over the base `frozen`: attention kept (`keep`) or
+/// recomputed, the MLP's projections kept (`kept_mlp`) or recomputed.
+fn context<'a>(
+    spec: &'a ModelSpec,
+    groups: &'a Groups,
+    profiler: &'a Profiler,
+    frozen: Frozen<'a>,
+    keep: bool,
+    kept_mlp: bool,
+) -> StepContext<'a> {
+    let layers = spec.num_hidden_layers as usize;
+    let placement = Placement {
+        state: vec![Place::Device; layers + 2],
+        inputs: vec![Place::Device; layers],
+        attention: vec![keep.then_some(Place::Device); layers],
+        qkv_once: keep,
+        mlp: vec![kept_mlp; layers],
+    };
+    StepContext {
+        spec,
+        groups,
+        kind: Kind::Float,
+        device: Device::Cpu,
+        mlp_tile: 8,
+        loss_tile: 16,
+        profiler,
+        layers: StepContext::layers(&placement, keep.then_some(FusedAttention::CpuFlash), false),
+        documents: None,
+        ring: None,
+        frozen: Some(frozen),
+    }
+}
+
 fn check(tied: bool, full: &[FullModule], keep: bool, kept_mlp: bool) {
     let spec = ModelSpec { tie_word_embeddings: tied, ..ModelSpec::preset(Preset::Tiny) };
     let lora = LoraConfig { rank: 4, alpha: 8.0, train_fully: full.to_vec(), ..LoraConfig::default() };
@@ -49,17 +105,7 @@ fn check(tied: bool, full: &[FullModule], keep: bool, kept_mlp: bool) {
     let train = trainable(&spec, &lora, &base);
     let groups = Groups::solo();
     let world = groups.world.as_ref();
-    let frozen = FrozenParams::new(&spec, ZeroStage::Sharded, world, Kind::Float, Device::Cpu, |u| {
-        u.tensors.iter().map(|(n, _)| named(&base, n)).collect()
-    });
-    let mut params = ShardedParams::new_units(
-        |s| lora_units(&spec, &lora, s),
-        ZeroStage::Sharded,
-        world,
-        Device::Cpu,
-        |u| u.tensors.iter().map(|(n, _)| named(&train, n)).collect(),
-    )
-    .unwrap();
+    let (frozen, mut params) = shards(&spec, &lora, &base, &train, ZeroStage::Sharded, world);
 
     let (b, s) = (2, 29);
     let mut rng = SplitMix64::new(8);
@@ -74,28 +120,8 @@ fn check(tied: bool, full: &[FullModule], keep: bool, kept_mlp: bool) {
     let reference = Reference::with_lora(&spec, &lora, copy(&base), copy(&train));
     let (loss, grads) = reference.loss_and_grads(std::slice::from_ref(&batch));
 
-    let layers = spec.num_hidden_layers as usize;
-    let placement = Placement {
-        state: vec![Place::Device; layers + 2],
-        inputs: vec![Place::Device; layers],
-        attention: vec![keep.then_some(Place::Device); layers],
-        qkv_once: keep,
-        mlp: vec![kept_mlp; layers],
-    };
     let profiler = Profiler::new(Device::Cpu, false);
-    let ctx = StepContext {
-        spec: &spec,
-        groups: &groups,
-        kind: Kind::Float,
-        device: Device::Cpu,
-        mlp_tile: 8,
-        loss_tile: 16,
-        profiler: &profiler,
-        layers: StepContext::layers(&placement, keep.then_some(FusedAttention::CpuFlash), false),
-        documents: None,
-        ring: None,
-        frozen: Some(Frozen { base: &frozen, lora: &lora }),
-    };
+    let ctx = context(&spec, &groups, &profiler, Frozen { base: &frozen, lora: &lora }, keep, kept_mlp);
     let dir = tempfile::tempdir().unwrap();
     let mut store = ActivationStore::new(Device::Cpu, dir.path(), 0).unwrap();
     let sum = micro_step(&ctx, &mut params, &mut store, &batch, n, &mut Default::default(), None).unwrap();
@@ -183,39 +209,9 @@ fn training_leaves_the_frozen_base_bit_identical() {
         let train = trainable(&spec, &lora, &base);
         let groups = Groups::solo();
         let world = groups.world.as_ref();
-        let frozen = FrozenParams::new(&spec, stage, world, Kind::Float, Device::Cpu, |u| {
-            u.tensors.iter().map(|(n, _)| named(&base, n).copy()).collect()
-        });
-        let mut params = ShardedParams::new_units(
-            |s| lora_units(&spec, &lora, s),
-            stage,
-            world,
-            Device::Cpu,
-            |u| u.tensors.iter().map(|(n, _)| named(&train, n)).collect(),
-        )
-        .unwrap();
-        let layers = spec.num_hidden_layers as usize;
-        let placement = Placement {
-            state: vec![Place::Device; layers + 2],
-            inputs: vec![Place::Device; layers],
-            attention: vec![Some(Place::Device); layers],
-            qkv_once: true,
-            mlp: vec![true; layers],
-        };
+        let (frozen, mut params) = shards(&spec, &lora, &base, &train, stage, world);
         let profiler = Profiler::new(Device::Cpu, false);
-        let ctx = StepContext {
-            spec: &spec,
-            groups: &groups,
-            kind: Kind::Float,
-            device: Device::Cpu,
-            mlp_tile: 8,
-            loss_tile: 16,
-            profiler: &profiler,
-            layers: StepContext::layers(&placement, Some(FusedAttention::CpuFlash), false),
-            documents: None,
-            ring: None,
-            frozen: Some(Frozen { base: &frozen, lora: &lora }),
-        };
+        let ctx = context(&spec, &groups, &profiler, Frozen { base: &frozen, lora: &lora }, true, true);
         let dir = tempfile::tempdir().unwrap();
         let mut store = ActivationStore::new(Device::Cpu, dir.path(), 0).unwrap();
         let adamw = AdamW::new(&TrainConfig { weight_decay: 0.1, ..TrainConfig::default() });

@@ -143,8 +143,7 @@ fn assert_adapters_only(params: &BTreeMap<String, Tensor>, full: &[&str]) {
 fn single_rank_lora_run_equals_the_reference() {
     use ulysses::config::Experiment;
     use ulysses::model::lora::init_adapters;
-    use ulysses::optim::AdamW;
-    use ulysses::train::{reference::Reference, schedule::lr_at, step::MicroBatch};
+    use ulysses::train::reference::Reference;
 
     let dir = tempfile::tempdir().unwrap();
     let data = synth(dir.path());
@@ -157,17 +156,8 @@ fn single_rank_lora_run_equals_the_reference() {
     let spec = ulysses::config::validate(&exp, Some(1)).unwrap();
     let lora = exp.lora.clone().unwrap();
     let base = common::reference::initial_weights(&exp);
-    let mut reference = Reference::with_lora(&spec, &lora, base, init_adapters(&spec, &lora, exp.run.seed));
-    let mut loader = common::reference::loader(&exp);
-    let t = &exp.train;
-    let mut losses = Vec::new();
-    for step in 1..=t.steps {
-        let batches: Vec<MicroBatch> = (0..t.grad_accum)
-            .map(|_| MicroBatch::from_batch(&loader.next_batch().unwrap(), tch::Device::Cpu))
-            .collect();
-        losses.push(reference.step(&batches, &AdamW::new(t), lr_at(t, step), t.clip_grad_norm).0);
-    }
-    let want = (losses, reference.named().iter().map(|(n, t)| (n.clone(), t.detach().copy())).collect());
+    let reference = Reference::with_lora(&spec, &lora, base, init_adapters(&spec, &lora, exp.run.seed));
+    let want = train_reference(&exp, reference);
     assert_same_run("single-rank LoRA vs the reference", &want, &got);
 }
 

@@ -139,10 +139,17 @@ pub fn assert_same_run(what: &str, reference: &RunOutputs, got: &RunOutputs) {
 /// parameters `initial` (by name): the same samples in the same order, schedule, clipping and
 /// weight decay as the binary's single-rank run.
 pub fn reference_run(exp: &ulysses::config::Experiment, initial: Vec<(String, tch::Tensor)>) -> RunOutputs {
-    use ulysses::optim::AdamW;
-    use ulysses::train::{reference::Reference, schedule::lr_at, step::MicroBatch};
     let spec = ulysses::config::validate(exp, Some(1)).unwrap();
-    let mut reference = Reference::new(&spec, initial);
+    train_reference(exp, ulysses::train::reference::Reference::new(&spec, initial))
+}
+
+/// `reference_run` of a reference already set up (e.g. `Reference::with_lora`).
+pub fn train_reference(
+    exp: &ulysses::config::Experiment,
+    mut reference: ulysses::train::reference::Reference,
+) -> RunOutputs {
+    use ulysses::optim::AdamW;
+    use ulysses::train::{schedule::lr_at, step::MicroBatch};
     let mut loader = reference::loader(exp);
     let t = &exp.train;
     let mut losses = Vec::new();
