@@ -234,12 +234,8 @@ fn train(path: &Path, set: &[String]) -> Result<()> {
         let folder = settings.folder.display().to_string();
         let _watchdog = Watchdog::start(groups.progress.clone(), settings, end_job)
             .with_context(|| format!("starting the collective watchdog in {folder}"))?;
-        let gpu = match device {
-            tch::Device::Cuda(i) => Some(i),
-            _ => None,
-        };
-        let budget = Budget::measure(&exp.memory, gpu, launch.local_size, launch.ranks_per_gpu())?;
-        if gpu.is_some() {
+        let budget = rank_budget(&launch, &exp, device)?;
+        if device.is_cuda() {
             cpu_threads_for_host_work(launch.local_size, launch.rank);
         }
         let nodes = launch.describe_nodes(device);
@@ -262,6 +258,16 @@ fn train(path: &Path, set: &[String]) -> Result<()> {
         Err(e) if e.is::<DoesNotFit>() || e.is::<NonFinite>() => launch.abort(&e.context(path.display().to_string())),
         Err(e) => launch.abort(&e),
     }
+}
+
+/// This rank's memory budget: its GPU's shared by the ranks on it (`ULYSSES_RANKS_PER_GPU`), the
+/// node's host memory and disk by the node's ranks.
+fn rank_budget(launch: &Launch, exp: &Experiment, device: tch::Device) -> Result<Budget> {
+    let gpu = match device {
+        tch::Device::Cuda(i) => Some(i),
+        _ => None,
+    };
+    Ok(Budget::measure(&exp.memory, gpu, launch.local_size, launch.ranks_per_gpu())?)
 }
 
 /// Gives libtorch's CPU kernels (AdamW on state in host memory or on disk, the gradient norm
@@ -324,7 +330,8 @@ fn bench_checkpoint(path: &Path, repeat: usize, json: Option<&Path>) -> Result<(
         .unwrap_or_else(|e| launch.abort(&e));
     let run = || -> Result<()> {
         let (mesh, groups, device) = job(&launch, &exp)?;
-        ulysses::checkpoint::bench::run(&exp, &spec, &mesh, groups.world.as_ref(), device, repeat, json)
+        let gpu_budget = rank_budget(&launch, &exp, device)?.gpu;
+        ulysses::checkpoint::bench::run(&exp, &spec, &mesh, groups.world.as_ref(), device, gpu_budget, repeat, json)
     };
     run().unwrap_or_else(|e| launch.abort(&e));
     Ok(())

@@ -51,18 +51,21 @@ struct Report {
     runs: Vec<Measured>,
 }
 
-/// The benchmark (collective); `repeat` times each operation.
+/// The benchmark (collective); `repeat` times each operation. `gpu_budget`: this rank's bytes of
+/// its GPU, as training measures them (`Budget::measure`: shared by the ranks on one GPU).
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     exp: &Experiment,
     spec: &ModelSpec,
     mesh: &Mesh,
     world: &dyn Collective,
     device: Device,
+    gpu_budget: f64,
     repeat: usize,
     json: Option<&Path>,
 ) -> Result<()> {
     crate::oom::set_phase("bench-checkpoint: the model state");
-    let places = placement(exp, spec, world, device)?;
+    let places = placement(exp, spec, world, device, gpu_budget)?;
     let tiers = StateTiers { places: Some(places), device, dir: exp.memory.offload_dir() };
     let params = ShardedParams::zeroed(spec, exp.parallel.zero_stage, world, tiers.clone())?;
     tch::manual_seed(mesh.world_rank as i64 + 1);
@@ -170,10 +173,16 @@ pub fn run(
 
 /// Where each unit's state lies (collective): on the tier `parallel.offload_optimizer` forces, so
 /// that each tier's saves and loads can be timed; "auto" plans as training does, within the
-/// smallest GPU budget of any rank: units on the GPU while twice their state (the saved state and
+/// smallest GPU budget of any rank (`mine` is this rank's): units on the GPU while twice their state (the saved state and
 /// the copy a load is checked against) and the largest unit gathered whole (format 1) fit, the
 /// rest in host memory. A forced "device" that cannot fit is refused before anything is allocated.
-fn placement(exp: &Experiment, spec: &ModelSpec, world: &dyn Collective, device: Device) -> Result<Vec<Place>> {
+fn placement(
+    exp: &Experiment,
+    spec: &ModelSpec,
+    world: &dyn Collective,
+    device: Device,
+    mine: f64,
+) -> Result<Vec<Place>> {
     let shards = match exp.parallel.zero_stage {
         crate::config::ZeroStage::Replicated => 1,
         crate::config::ZeroStage::Sharded => world.size() as i64,
@@ -184,12 +193,9 @@ fn placement(exp: &Experiment, spec: &ModelSpec, world: &dyn Collective, device:
         StatePlacement::Host => Place::Host,
         StatePlacement::Disk => Place::Disk,
     };
-    let Device::Cuda(gpu) = device else { return Ok(vec![forced; units.len()]) };
-    if forced != Place::Device {
+    if !matches!(device, Device::Cuda(_)) || forced != Place::Device {
         return Ok(vec![forced; units.len()]);
     }
-    // One rank per GPU: a bench under ULYSSES_RANKS_PER_GPU plans with the whole GPU per rank.
-    let mine = crate::plan::memory::Budget::measure(&exp.memory, Some(gpu), 1, 1)?.gpu;
     let all = world.all_gather(&Tensor::from_slice(&[mine]).to_device(world.device()))?;
     let budget = Vec::<f64>::try_from(all.to_device(Device::Cpu))?.into_iter().fold(mine, f64::min);
     // fp32 master, gradient and two moments, twice; the largest unit whole, fp32, once.

@@ -6,15 +6,17 @@ pub mod bench;
 pub mod mesh;
 pub mod mpi;
 pub mod nccl;
+pub mod queued;
 pub mod selfcheck;
 pub mod solo;
 pub mod watchdog;
 
 pub use mesh::Mesh;
 
+use crate::ffi::cuda::Stream;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
-use watchdog::{Group, Progress, Watched};
+use watchdog::{Group, Op, Progress, Watched};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CommError {
@@ -58,6 +60,12 @@ pub trait Collective {
     /// and dtype). Ring attention passes K/V blocks and their gradients around with it.
     fn ring_shift(&self, input: &Tensor) -> Result<Tensor, CommError>;
     fn barrier(&self) -> Result<(), CommError>;
+    /// The CUDA stream `op` is enqueued on, for a backend whose operations return before they are
+    /// done (NCCL); None where a returned operation has finished (MPI, solo). The watchdog
+    /// follows the work there (comm::queued).
+    fn stream(&self, _op: Op) -> Option<Stream> {
+        None
+    }
 }
 
 /// The communicators a training rank uses: the whole world (ZeRO shards), its Ulysses group

@@ -6,8 +6,9 @@
 //! memory to another stream while NCCL still writes it. Data movement (all_to_all, all_gather,
 //! broadcast) moves bytes, like the MPI backend; reductions sum in the tensor's own dtype.
 //! NCCL is dlopened at run time (cudarc's `dynamic-loading`); MPI only carries the unique id.
+use super::watchdog::Op;
 use super::{check_blocks, Collective, CommError};
-use crate::ffi::cuda;
+use crate::ffi::cuda::{self, Stream};
 use cudarc::nccl::result::{self as nccl, NcclError, NcclStatus};
 use cudarc::nccl::sys::{self, ncclDataType_t as Dt, ncclRedOp_t};
 use mpi::topology::SimpleCommunicator;
@@ -267,6 +268,11 @@ impl Collective for NcclCollective {
             return Err(CommError::Backend { op: "barrier", message });
         }
         Ok(())
+    }
+
+    /// Every operation goes on torch's current stream (see `prepare`).
+    fn stream(&self, _op: Op) -> Option<Stream> {
+        cuda::current_stream(self.gpu).map(|raw| Stream { gpu: self.gpu, raw })
     }
 }
 

@@ -3,6 +3,9 @@
 //!
 //! Every collective a rank calls goes through [`Watched`], which marks progress in the rank's
 //! [`Progress`] (two clock reads and a few atomic stores: nothing measurable beside a collective).
+//! A collective that returns before it is done (NCCL: enqueued on a CUDA stream) also leaves a
+//! marker behind it in the rank's [`Ledger`]: the rank then waits in the oldest one its GPU has not
+//! finished, wherever its host thread blocks, and a GPU finishing collectives is progress too.
 //! A thread per rank ([`Watchdog`]) looks at it a few times per timeout. When a rank has made no
 //! progress for half the timeout it starts writing a small report into the run folder
 //! (`RUN_DIR/watchdog/rank-N.json`: where it waits, and a heartbeat; a healthy run writes
@@ -11,11 +14,13 @@
 //! stale ones, and aborts the job. The lowest live rank prints one message naming the operation
 //! the live ranks wait in and the ranks that did not arrive. A stopped rank writes nothing, so
 //! the run folder is the side channel that needs no MPI call from a second thread.
+use super::queued::{Ledger, Place};
 use super::{Collective, CommError};
+use crate::ffi::cuda::Stream;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tch::{Device, Tensor};
 
@@ -61,30 +66,62 @@ pub struct Progress {
     /// Collectives called on each group so far: ranks that did arrive have called one more.
     calls: [AtomicU64; 4],
     step: AtomicU64,
+    /// Collectives enqueued on the GPU and not known to be finished.
+    queued: Mutex<Ledger>,
 }
 
 impl Default for Progress {
+    /// Markers are CUDA events (made only when a backend enqueues on a GPU).
     fn default() -> Self {
+        Progress::with_ledger(Ledger::default())
+    }
+}
+
+impl Progress {
+    pub fn with_ledger(queued: Ledger) -> Progress {
         Progress {
             start: Instant::now(),
             last_ns: AtomicU64::new(0),
             current: AtomicU64::new(OUTSIDE),
             calls: Default::default(),
             step: AtomicU64::new(0),
+            queued: Mutex::new(queued),
         }
     }
-}
 
-impl Progress {
     fn touch(&self) {
         self.last_ns.store(self.start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
-    fn enter(&self, group: Group, op: Op) {
+    /// Returns the call's number on its group (1 for the first).
+    fn enter(&self, group: Group, op: Op) -> u64 {
         let (g, o) = (group as usize, op as usize);
-        self.calls[g].fetch_add(1, Ordering::Relaxed);
+        let call = self.calls[g].fetch_add(1, Ordering::Relaxed) + 1;
         self.current.store((g * OPS.len() + o) as u64, Ordering::Relaxed);
         self.touch();
+        call
+    }
+
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        // A panic while holding it has already ended the job (the launcher's panic hook).
+        self.queued.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Collective `place` was enqueued on `stream` and returned before it is done.
+    fn enqueued(&self, place: Place, stream: Stream) -> Result<(), String> {
+        let mut marker = self.ledger().marker(stream)?;
+        marker.record(stream)?; // without the lock: see Ledger::marker
+        self.ledger().push(place, marker);
+        Ok(())
+    }
+
+    /// The oldest collective the GPU has not finished; finished ones count as progress.
+    fn oldest_queued(&self) -> Option<Place> {
+        let mut ledger = self.ledger();
+        if ledger.retire() > 0 {
+            self.touch();
+        }
+        ledger.oldest()
     }
 
     fn leave(&self) {
@@ -115,6 +152,7 @@ impl Progress {
             step: self.step.load(Ordering::Relaxed),
             stalled_s: self.stalled().as_secs_f64(),
             inside,
+            queued: self.oldest_queued(),
             calls: [0, 1, 2, 3].map(|g| self.calls[g].load(Ordering::Relaxed)),
         }
     }
@@ -132,10 +170,15 @@ impl Watched {
         Watched { inner, group, progress }
     }
 
-    fn call<T>(&self, op: Op, f: impl FnOnce(&dyn Collective) -> T) -> T {
-        self.progress.enter(self.group, op);
+    fn call<T>(&self, op: Op, f: impl FnOnce(&dyn Collective) -> Result<T, CommError>) -> Result<T, CommError> {
+        let call = self.progress.enter(self.group, op);
         let out = f(self.inner.as_ref());
         self.progress.leave();
+        if let (Ok(_), Some(stream)) = (&out, self.inner.stream(op)) {
+            self.progress
+                .enqueued((self.group, op, call), stream)
+                .map_err(|message| CommError::Backend { op: op_name(op), message })?;
+        }
         out
     }
 }
@@ -171,6 +214,9 @@ impl Collective for Watched {
     fn barrier(&self) -> Result<(), CommError> {
         self.call(Op::Barrier, |c| c.barrier())
     }
+    fn stream(&self, op: Op) -> Option<Stream> {
+        self.inner.stream(op)
+    }
 }
 
 /// One rank's report, written once it has stalled for half the timeout.
@@ -181,8 +227,10 @@ struct Report {
     beat: u64,
     step: u64,
     stalled_s: f64,
-    /// The collective it waits in, and that group's call count.
-    inside: Option<(Group, Op, u64)>,
+    /// The collective its host thread is in, and that group's call count.
+    inside: Option<Place>,
+    /// The oldest collective enqueued on its GPU and not finished (NCCL), and its call number.
+    queued: Option<Place>,
     calls: [u64; 4],
 }
 
@@ -256,6 +304,7 @@ fn watch(progress: &Progress, s: &Settings, stop: &AtomicBool, abort: fn(usize, 
         if stop.load(Ordering::Relaxed) {
             break;
         }
+        progress.oldest_queued(); // a host waiting on a GPU that finishes collectives is not stalled
         let stalled = progress.stalled();
         if stalled < s.timeout / 2 {
             if beat > 0 {
@@ -285,6 +334,7 @@ fn watch(progress: &Progress, s: &Settings, stop: &AtomicBool, abort: fn(usize, 
             live.push(progress.snapshot(s.rank, beat));
             live.sort_by_key(|r| r.rank);
         }
+        progress.oldest_queued();
         if progress.stalled() < s.timeout {
             continue; // it moved after all (a very slow collective, not a hang)
         }
@@ -322,11 +372,18 @@ fn message(live: &[Report], size: usize, timeout: Duration) -> String {
     // Live ranks grouped by where they are.
     let mut places: Vec<(String, Vec<usize>)> = Vec::new();
     for r in live {
-        let place = match r.inside {
-            Some((g, op, call)) => {
+        // The GPU's oldest unfinished collective first: the host may wait behind it anywhere.
+        let place = match (r.queued, r.inside) {
+            (Some((g, op, call)), _) => format!(
+                "waiting in {} on the {} group (its call {call}, enqueued on the GPU and not finished), step {}",
+                op_name(op),
+                group_name(g),
+                r.step
+            ),
+            (None, Some((g, op, call))) => {
                 format!("waiting in {} on the {} group (its call {call}), step {}", op_name(op), group_name(g), r.step)
             }
-            None => format!("not in a collective (busy or blocked elsewhere), step {}", r.step),
+            (None, None) => format!("not in a collective (busy or blocked elsewhere), step {}", r.step),
         };
         match places.iter_mut().find(|(p, _)| *p == place) {
             Some((_, ranks)) => ranks.push(r.rank),
@@ -346,7 +403,8 @@ fn message(live: &[Report], size: usize, timeout: Duration) -> String {
     // A live rank that has called fewer collectives on a group than others waiting there did
     // not arrive either: it is stuck before that call.
     for (gi, g) in GROUPS.iter().enumerate() {
-        let waiting = live.iter().filter_map(|r| r.inside.filter(|(x, _, _)| x == g).map(|(_, _, c)| c)).max();
+        let waiting =
+            live.iter().filter_map(|r| r.queued.or(r.inside).filter(|(x, _, _)| x == g).map(|(_, _, c)| c)).max();
         if let Some(call) = waiting {
             let behind: Vec<usize> = live.iter().filter(|r| r.calls[gi] < call).map(|r| r.rank).collect();
             if !behind.is_empty() {
@@ -394,6 +452,7 @@ fn op_name(op: Op) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::comm::queued::tests as fake;
     use crate::comm::solo::Solo;
 
     #[test]
@@ -415,6 +474,100 @@ mod tests {
         assert_eq!(p.snapshot(0, 2).inside, Some((Group::World, Op::AllToAll, 1)));
     }
 
+    /// Solo's results, but "enqueued on a GPU stream" as NCCL's are.
+    struct Enqueuing;
+
+    impl Collective for Enqueuing {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn size(&self) -> usize {
+            1
+        }
+        fn device(&self) -> Device {
+            Device::Cpu
+        }
+        fn all_to_all(&self, input: &Tensor) -> Result<Tensor, CommError> {
+            Solo.all_to_all(input)
+        }
+        fn all_gather(&self, input: &Tensor) -> Result<Tensor, CommError> {
+            Solo.all_gather(input)
+        }
+        fn reduce_scatter(&self, input: &Tensor) -> Result<Tensor, CommError> {
+            Solo.reduce_scatter(input)
+        }
+        fn all_reduce(&self, input: &Tensor) -> Result<Tensor, CommError> {
+            Solo.all_reduce(input)
+        }
+        fn broadcast(&self, input: &Tensor, root: usize) -> Result<Tensor, CommError> {
+            Solo.broadcast(input, root)
+        }
+        fn ring_shift(&self, input: &Tensor) -> Result<Tensor, CommError> {
+            Solo.ring_shift(input)
+        }
+        fn barrier(&self) -> Result<(), CommError> {
+            Solo.barrier()
+        }
+        fn stream(&self, _op: Op) -> Option<Stream> {
+            Some(fake::stream())
+        }
+    }
+
+    #[test]
+    fn an_enqueued_collective_is_waited_in_until_the_gpu_finishes_it() {
+        let gpu = Arc::new(fake::FakeGpu::default());
+        let p = Arc::new(Progress::with_ledger(fake::fake_ledger(&gpu)));
+        let sp = Watched::new(Box::new(Enqueuing), Group::Sp, p.clone());
+        let world = Watched::new(Box::new(Enqueuing), Group::World, p.clone());
+        let x = Tensor::from_slice(&[1.0f32, 2.0]);
+        let _ = sp.all_to_all(&x).unwrap();
+        let _ = world.all_gather(&x).unwrap();
+        let _ = sp.all_to_all(&x).unwrap();
+        // The host has returned from all three; the GPU has finished the first.
+        gpu.finished.store(1, Ordering::Relaxed);
+        let r = p.snapshot(0, 1);
+        assert_eq!(r.inside, None);
+        assert_eq!(r.queued, Some((Group::World, Op::AllGather, 1)));
+        assert_eq!(r.calls, [1, 2, 0, 0]);
+        // A GPU that finishes collectives is progress, though the host has not moved.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(p.stalled() >= Duration::from_millis(50));
+        gpu.finished.store(2, Ordering::Relaxed);
+        assert_eq!(p.snapshot(0, 2).queued, Some((Group::Sp, Op::AllToAll, 2)));
+        assert!(p.stalled() < Duration::from_millis(50), "{:?}", p.stalled());
+        gpu.finished.store(3, Ordering::Relaxed);
+        assert_eq!(p.snapshot(0, 3).queued, None);
+        // MPI's calls are done when they return: nothing is queued behind them.
+        let mpi_like = Watched::new(Box::new(Solo), Group::Dp, p.clone());
+        let _ = mpi_like.all_reduce(&x).unwrap();
+        assert_eq!(p.snapshot(0, 4).queued, None);
+    }
+
+    #[test]
+    fn the_message_names_the_collective_the_gpu_waits_in() {
+        // NCCL: the live ranks' hosts wait elsewhere (a loss read back), their GPUs in all_to_all
+        // call 12 of the sp group, which rank 2 never enqueued.
+        let live = |rank| Report {
+            rank,
+            beat: 4,
+            step: 3,
+            stalled_s: 21.0,
+            inside: None,
+            queued: Some((Group::Sp, Op::AllToAll, 12)),
+            calls: [0, 14, 0, 0],
+        };
+        let m = message(&[live(0), live(1), live(3)], 4, Duration::from_secs(20));
+        assert!(
+            m.contains("ranks 0, 1, 3: waiting in all_to_all on the sp group (its call 12, enqueued on the GPU and not finished), step 3"),
+            "{m}"
+        );
+        assert!(m.contains("rank 2: did not arrive, and sent no report"), "{m}");
+        // A live rank whose host never got to call 12 did not arrive either.
+        let late = Report { queued: None, calls: [0, 11, 0, 0], ..live(3) };
+        let m = message(&[live(0), live(1), late], 4, Duration::from_secs(20));
+        assert!(m.contains("rank 3: did not arrive at call 12 on the sp group"), "{m}");
+    }
+
     #[test]
     fn the_message_names_who_waits_and_who_did_not_arrive() {
         let waiting = |rank| Report {
@@ -423,6 +576,7 @@ mod tests {
             step: 3,
             stalled_s: 5.2,
             inside: Some((Group::World, Op::AllReduce, 57)),
+            queued: None,
             calls: [57, 10, 2, 0],
         };
         let behind = Report { inside: None, calls: [56, 10, 2, 0], ..waiting(2) };

@@ -63,6 +63,82 @@ pub fn reset_peak(idx: usize) {
     unsafe { ulysses_cuda_reset_peak(idx as c_int) };
 }
 
+/// The CUDA context current on this thread for driver-API calls on GPU `gpu`: libtorch has made
+/// the GPU's primary context current on the training thread by now (the plan's collectives ran
+/// there); where it has not, the primary context is made current, as torch uses the same one.
+fn current_context(gpu: usize) -> Result<cudarc::driver::sys::CUcontext, String> {
+    use cudarc::driver::result;
+    if let Some(ctx) = result::ctx::get_current().map_err(|e| e.to_string())? {
+        return Ok(ctx);
+    }
+    let device = result::device::get(gpu as c_int).map_err(|e| format!("cuDeviceGet: {e}"))?;
+    // SAFETY: `device` came from cuDeviceGet; the primary context is retained for the process
+    // (torch uses the same one).
+    unsafe {
+        let ctx = result::primary_ctx::retain(device).map_err(|e| format!("cuDevicePrimaryCtxRetain: {e}"))?;
+        result::ctx::set_current(ctx).map_err(|e| format!("cuCtxSetCurrent: {e}"))?;
+        Ok(ctx)
+    }
+}
+
+/// A CUDA stream of GPU `gpu` (`raw` is its `cudaStream_t`; null is the legacy default stream).
+#[derive(Debug, Clone, Copy)]
+pub struct Stream {
+    pub gpu: usize,
+    pub raw: *mut c_void,
+}
+
+/// A CUDA event without timing (the cheapest kind), recorded on a stream to learn from another
+/// thread, without waiting, whether the stream has reached it.
+pub struct Event {
+    raw: cudarc::driver::sys::CUevent,
+    /// The context it was made in: a thread that asks must have it current.
+    ctx: cudarc::driver::sys::CUcontext,
+}
+
+// SAFETY: an event and its context are driver handles usable from any thread (the watchdog asks
+// from its own); `done` makes the context current on the asking thread first.
+unsafe impl Send for Event {}
+
+impl Event {
+    pub fn new(gpu: usize) -> Result<Event, String> {
+        use cudarc::driver::{result, sys::CUevent_flags};
+        let ctx = current_context(gpu)?;
+        let raw =
+            result::event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| format!("cuEventCreate: {e}"))?;
+        Ok(Event { raw, ctx })
+    }
+
+    /// Marks the point `stream` has reached in its queue (again, for a reused event).
+    pub fn record(&mut self, stream: Stream) -> Result<(), String> {
+        // SAFETY: `raw` is a live event of this stream's context; a recorded event may be
+        // recorded again (the newer record replaces the older).
+        unsafe { cudarc::driver::result::event::record(self.raw, stream.raw as _) }
+            .map_err(|e| format!("cuEventRecord: {e}"))
+    }
+
+    /// Whether the stream has run past the last record (never waits). A thread without a current
+    /// context (the watchdog's) takes the event's. An error (a context broken by a fault) counts
+    /// as not done: the GPU never confirmed the work.
+    pub fn done(&self) -> bool {
+        use cudarc::driver::result;
+        if matches!(result::ctx::get_current(), Ok(None)) {
+            // SAFETY: `ctx` is the retained primary context the event was made in.
+            let _ = unsafe { result::ctx::set_current(self.ctx) };
+        }
+        // SAFETY: `raw` is a live event.
+        unsafe { result::event::query(self.raw) }.is_ok()
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from cuEventCreate and is destroyed once, here; the driver releases
+        // it when work recorded on it is done.
+        let _ = unsafe { cudarc::driver::result::event::destroy(self.raw) };
+    }
+}
+
 /// A fp32 CPU tensor of zeros page-locked for GPU `gpu`'s DMA engines (cuMemHostRegister), so
 /// that copies between it and the GPU run at full PCIe speed instead of through the driver's
 /// pageable staging. The model state in host memory (`parallel::zero`) is registered rather
@@ -93,18 +169,8 @@ unsafe impl Send for HostRegistration {}
 impl HostRegistration {
     /// Page-locks `bytes` bytes at `ptr` (whole pages) for GPU `gpu`.
     fn register(ptr: *mut c_void, bytes: usize, gpu: usize) -> Result<HostRegistration, String> {
-        use cudarc::driver::{result, sys};
-        // libtorch has made GPU `gpu`'s primary context current on this thread by now (the
-        // plan's collectives ran there); make sure, for a driver-API call.
-        if result::ctx::get_current().map_err(|e| e.to_string())?.is_none() {
-            let device = result::device::get(gpu as c_int).map_err(|e| format!("cuDeviceGet: {e}"))?;
-            // SAFETY: `device` came from cuDeviceGet; the primary context is retained for the
-            // process (torch uses the same one).
-            unsafe {
-                let ctx = result::primary_ctx::retain(device).map_err(|e| format!("cuDevicePrimaryCtxRetain: {e}"))?;
-                result::ctx::set_current(ctx).map_err(|e| format!("cuCtxSetCurrent: {e}"))?;
-            }
-        }
+        use cudarc::driver::sys;
+        current_context(gpu)?;
         // SAFETY: the caller owns `bytes` bytes at `ptr` and keeps them allocated until this
         // registration is dropped.
         unsafe { sys::cuMemHostRegister_v2(ptr, bytes, 0) }

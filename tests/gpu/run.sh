@@ -343,9 +343,10 @@ fi
 #    at sp = 2, recomputed attention, layer inputs in host memory and on disk, and the optimizer
 #    state in host memory and on disk against kept attention all on the GPU; a format-2
 #    checkpoint written by 4 ranks (sp = 4, step 3 of 6) resumed by 1 rank and by 2 (steps 4-6
-#    against the uninterrupted run). Then the watchdog: a 4-rank job (collective_timeout_s = 20)
-#    whose rank 2 gets SIGSTOP must end within the timeout + 20 s, its message naming the
-#    collective the live ranks wait in and rank 2 as the one that did not arrive. Prints a
+#    against the uninterrupted run). bench-checkpoint on 2 ranks sharing the GPU plans with half
+#    of memory.gpu_gib each. Then the watchdog: a 4-rank job (collective_timeout_s = 20) whose
+#    rank 2 gets SIGSTOP must end within the timeout + 20 s, its message naming the collective
+#    the live ranks wait in (enqueued on their GPUs) and rank 2 as the one that did not arrive. Prints a
 #    summary (each check, the worst relative difference, the watchdog's time); about 5 minutes
 #    on one H100.
 if want colocated; then
@@ -478,7 +479,24 @@ for n in (1, 2):
 sys.exit(1 if failed else 0)
 PY
 
-# The watchdog on NCCL: rank 2 of a 4-rank job stopped.
+# bench-checkpoint plans with each co-located rank's share of the GPU, as train does: 2 ranks
+# on one GPU with memory.gpu_gib = 8 get 4 GiB each.
+cexp bench-shared "$L" 2 1 "$C/rand8k" 3
+printf '[memory]\ngpu_gib = 8\n' >> "$C/bench-shared.toml"
+ULYSSES_RANKS_PER_GPU=2 NGPU=2 bash bundle/run-gpu.sh bench-checkpoint "$C/bench-shared.toml" > "$OUTD/gputest-colocated-bench.log" 2>&1
+grep "units' state on the GPU" "$OUTD/gputest-colocated-bench.log"
+if grep -q "the GPU budget is 4.0 GiB)" "$OUTD/gputest-colocated-bench.log"; then
+  echo "PASS bench-checkpoint on 2 ranks sharing a GPU plans with 4.0 GiB each (memory.gpu_gib = 8 / 2)" | tee -a "$SUMMARY"
+else
+  tail -20 "$OUTD/gputest-colocated-bench.log"
+  echo "FAIL bench-checkpoint on 2 ranks sharing a GPU: no 'the GPU budget is 4.0 GiB' (memory.gpu_gib = 8 / 2)" | tee -a "$SUMMARY"
+  fails=$((fails + 1))
+fi
+
+# The watchdog on NCCL: rank 2 of a 4-rank job stopped. The live ranks' NCCL calls return once
+# enqueued; the watchdog names the oldest one their GPUs have not finished (comm::queued). It
+# aborts after the timeout plus at most 4 looks (timeout / 20 each: 4 s here), plus the time the
+# live ranks take to block after the stop (part of a step) and MPI_Abort: BOUND = 20 s.
 TIMEOUT=20
 BOUND=20
 cexp watchdog "$L" 4 1 "$C/rand8k" 100000 "collective_timeout_s = $TIMEOUT"
@@ -514,9 +532,10 @@ if rc == 0: problems.append("the job exited 0")
 if took > timeout + bound: problems.append(f"took {took:.1f} s > timeout {timeout:.0f} + {bound:.0f} s")
 if log.count("collective watchdog: no progress for") != 1: problems.append("no single watchdog message")
 if "rank 2: did not arrive" not in log: problems.append("rank 2 not named as the one that did not arrive")
-named = re.findall(r"waiting in (all_to_all|all_gather|reduce_scatter|all_reduce|broadcast|barrier) on the (\w+) group", log)
+named = re.findall(r"waiting in (all_to_all|all_gather|reduce_scatter|all_reduce|broadcast|ring_shift|barrier) on the (\w+) group \(its call (\d+)(, enqueued on the GPU)?", log)
 if not named: problems.append("no collective named (live ranks not inside a collective)")
-line = f"{'PASS' if not problems else 'FAIL'} watchdog: 4 ranks on one GPU, rank 2 stopped, the job ended in {took:.1f} s (timeout {timeout:.0f} s, bound +{bound:.0f} s), exit {rc}" + (f", waiting in {named[0][0]} on the {named[0][1]} group" if named else "") + ("" if not problems else " (" + "; ".join(problems) + ")")
+where = f", waiting in {named[0][0]} on the {named[0][1]} group (call {named[0][2]}{', on the GPU' if named[0][3] else ', on the host'})" if named else ""
+line = f"{'PASS' if not problems else 'FAIL'} watchdog: 4 ranks on one GPU, rank 2 stopped, the job ended in {took:.1f} s (timeout {timeout:.0f} s, bound +{bound:.0f} s), exit {rc}" + where + ("" if not problems else " (" + "; ".join(problems) + ")")
 print(line)
 open(sys.argv[6], "a").write(line + "\n")
 sys.exit(1 if problems else 0)

@@ -5,6 +5,7 @@
 # into a node is tests/multinode/netns-ssh. Asserts:
 # 1. each node's ranks find their node-local rank, and the start-up printout says which node
 #    holds which rank; SP groups that would span the nodes are refused before training;
+#    the hosts come from a host list (-hosts) and, for one job, a hostfile (-f);
 # 2. the losses equal the same job on one node bit for bit (sp = 2 within each node, dp = 2
 #    across them: the same ranks do the same arithmetic);
 # 3. a checkpoint written on two nodes resumes on one, and one written on one resumes on two,
@@ -48,13 +49,15 @@ export FAKE_NODES="$NODE_A=$NS_A $NODE_B=$NS_B"
 say "fake nodes $NODE_A ($ADDR_A, namespace $NS_A) and $NODE_B ($ADDR_B, namespace $NS_B)"
 
 # mpirun on node A over both nodes, 2 ranks each; MPI's traffic between them goes over the veth
-# (TCP through libfabric: the namespaces have no other way between them).
+# (TCP through libfabric: the namespaces have no other way between them). The nodes come from a
+# host list, or with HOSTFILE=FILE from that hostfile.
 two_nodes() {  # log, ulysses args...
-  local log="$1"
+  local log="$1" hosts=(-hosts "$NODE_A:2,$NODE_B:2")
   shift
+  [ -z "${HOSTFILE:-}" ] || hosts=(-f "$HOSTFILE")
   on_node "$NODE_A" env OMP_NUM_THREADS=1 RUST_LOG=info MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp \
     "$MPIRUN" -launcher ssh -launcher-exec "$ROOT/tests/multinode/netns-ssh" \
-    -hosts "$NODE_A:2,$NODE_B:2" -n 4 "$BIN" "$@" >"$log" 2>&1
+    "${hosts[@]}" -n 4 "$BIN" "$@" >"$log" 2>&1
 }
 one_node() {  # log, ulysses args...
   local log="$1"
@@ -125,14 +128,18 @@ grep -q "parallel.sp = 4 puts world ranks 0..3 in one SP group, but they lie on 
 ! grep -q "panicked" "$WORK/span.log" || fail "a panic instead of an error"
 [ ! -e "$WORK/runs/span/metrics.h5" ] || fail "the refused job wrote metrics"
 
-say "3. checkpoints cross between two nodes and one"
+say "3. checkpoints cross between two nodes and one (the two-node resume with a hostfile)"
+printf '%s:2\n%s:2\n' "$NODE_A" "$NODE_B" >"$WORK/hosts.txt"
 for pair in "two one two-on-one" "one two one-on-two"; do
   read -r from layout name <<<"$pair"
   mkdir -p "$WORK/runs/$name/checkpoints"
   cp -a "$WORK/runs/$from/checkpoints/step-000002" "$WORK/runs/$name/checkpoints/"
   exp "$name" 6
-  if [ "$layout" = one ]; then one_node "$WORK/$name.log" "$WORK/$name.toml"; else two_nodes "$WORK/$name.log" "$WORK/$name.toml"; fi ||
+  if [ "$layout" = one ]; then one_node "$WORK/$name.log" "$WORK/$name.toml"; else
+    HOSTFILE="$WORK/hosts.txt" two_nodes "$WORK/$name.log" "$WORK/$name.toml"; fi ||
     fail "$name: the resumed job failed"
+  [ "$layout" = one ] || grep -q "^           $NODE_B holds ranks 2-3$" "$WORK/$name.log" ||
+    fail "$name: the hostfile's job does not say that $NODE_B holds ranks 2-3"
   grep -q "resuming from $WORK/runs/$name/checkpoints/step-000002" "$WORK/$name.log" || fail "$name did not resume from step 2"
   [ "$(losses "$WORK/runs/$name")" = "$(losses "$WORK/runs/one" | tail -n 4)" ] || {
     paste <(losses "$WORK/runs/one" | tail -n 4) <(losses "$WORK/runs/$name")
