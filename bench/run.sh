@@ -101,9 +101,29 @@ TOML
   timeout --signal=INT --kill-after=20 "$RUN_TIMEOUT_S" env NGPU="$NGPU" bash bundle/run-gpu.sh "$exp" 2>&1 | tee "$log"
   echo "--- $S tokens: exit ${PIPESTATUS[0]}"
 done
-python3 - "$OUTD" "$STEPS" "$SPLIT_EVERY" "${DOC_LEN:-0}" "${LAYERS:-32}" "$SP" <<'PY'
+python3 - "$OUTD" "$STEPS" "$SPLIT_EVERY" "${DOC_LEN:-0}" "${LAYERS:-32}" "$SP" "${MODEL%-"${LAYERS}"-layers}" <<'PY'
 import glob, json, re, sys
 out, steps, split_every, doc_len, layers, sp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+preset = sys.argv[7]
+# Projection widths of the presets whose matmul work is counted (hidden, q, k + v, intermediate, vocab).
+DIMS = {"llama3.1-8b": (4096, 4096, 2048, 14336, 128256)}
+def matmul_flops_per_gpu(seq, text):
+    """The step's matmul FLOPs as the step runs them (src/train/layer.rs): forward, backward
+    (input and weight gradients, 2x), and what backward recomputes: the O projection, the gate
+    and up projections where the forward did not keep them, q/k/v once where segment 1 runs once
+    with kept attention, else twice; the LM head forward and backward."""
+    if preset not in DIMS:
+        return None
+    h, q, kv, inter, vocab = DIMS[preset]
+    qkv, o, gate_up, down = 2 * h * (q + kv), 2 * q * h, 4 * h * inter, 2 * inter * h
+    kept = re.findall(r"attention kept (\d+) of (\d+) layers", text)
+    kept_attn = int(kept[-1][0]) if kept else layers
+    mlp = re.findall(r"MLP projections kept in (\d+) of", text)
+    kept_mlp = int(mlp[-1]) if mlp else 0
+    once = "segment 1 runs once in backward" in text
+    per_token = (layers * (3 * (qkv + o + gate_up + down) + o) + qkv * (kept_attn * (1 if once else 2) + (layers - kept_attn) * 2)
+                 + gate_up * (layers - kept_mlp) + 3 * 2 * h * vocab)
+    return per_token * seq / sp
 def attention_fwd_flops_per_gpu(seq):
     # 2·Σ len²·n_q·d·L (plan/flops.rs), Llama-3.1-8B's 32 query heads of 128, split over SP.
     lens = [doc_len] * (seq // doc_len) + ([seq % doc_len] if seq % doc_len else []) if doc_len else [seq]
@@ -147,6 +167,17 @@ for log in sorted(glob.glob(f"{out}/ulysses-*.log"), key=lambda p: int(re.findal
         if split_k:
             # The profiled step's GPU kernel seconds by kind (src/metrics/profile.rs).
             row["kernel_split_s"] = dict(zip(["matmul", "attention", "elementwise", "copies", "nccl"], map(float, split_k[-1])))
+            # The longest kernels by name (the "kernel" lines of the profiled step) and the matmul
+            # floor: the step's matmul FLOPs at the matmul kernels' own rate and at 650 TFLOP/s
+            # (an H100's dense bf16 GEMM rate at these shapes, an estimate); elementwise + copies
+            # is what sits above it outside attention.
+            top = re.findall(r"^step +\d+ kernel +(\S+) s +(\d+) calls  (\S+) +(.*)$", text, re.M)
+            row["top_kernels"] = [{"s": float(t[0]), "calls": int(t[1]), "kind": t[2], "name": t[3][:120]} for t in top]
+            flops = matmul_flops_per_gpu(seq, text)
+            if flops:
+                k = row["kernel_split_s"]
+                row["matmul_floor"] = {"tflop": round(flops / 1e12, 1), "matmul_tflops_per_s": round(flops / k["matmul"] / 1e12, 1) if k["matmul"] else None,
+                                       "at_650_tflops_s": round(flops / 650e12, 3), "elementwise_plus_copies_s": round(k["elementwise"] + k["copies"], 3)}
         seconds = float(kernels[-1]) if kernels else row["time_split_s"]["attention"]
         row["attention_seconds_source"] = "profiler kernels" if kernels else "synchronised region"
         row["attention_tflops_per_gpu"] = round(work / seconds / 1e12, 1)

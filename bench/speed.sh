@@ -14,6 +14,8 @@
 #     timed, step 3 the profiled time split): 256K packed in 32K-token documents (per-document
 #     causal, the default), 128K full causal, 256K packed in 8K-token documents, and last the
 #     256K / 32K run with every document by varlen (per_document_min_len = 0, today's path).
+# For the 128K step the summary adds the matmul floor (the step's matmul FLOPs at the matmul
+# kernels' rate and at 650 TFLOP/s) and the longest elementwise and copy kernels by name.
 # Ends with a summary (what each number is: bench/README.md "Issue 34") and exits != 0 if a
 # correctness check failed or a step run completed no timed step; the speed targets are printed
 # as MET / NOT MET, never a failure.
@@ -106,6 +108,11 @@ for name in ["doc32k-per-document", "full128k", "doc8k-per-document", "doc32k-va
     print(f"step {name}: {r['step_time_s']:.2f} s/step, {r['tokens_per_s']:.0f} tok/s, attention kernels {r.get('attention_tflops_per_gpu')} TFLOP/s "
           f"({r.get('attention_seconds_source')}); kernels s: matmul {k.get('matmul')} attention {k.get('attention')} elementwise {k.get('elementwise')} "
           f"copies {k.get('copies')}; split {r.get('time_split_s')}; peak {r.get('peak_gib')} GiB; kernel: {r.get('attention_kernel')}")
+    if name == "full128k":
+        # Deliverable 3: the non-attention time against the matmul floor, and where it goes.
+        print(f"  matmul floor (128K full causal): {r.get('matmul_floor')}")
+        for t in [t for t in r.get("top_kernels", []) if t["kind"] in ("elementwise", "copies")][:15]:
+            print(f"  {t['s']:7.3f} s {t['calls']:6d} calls  {t['kind']:<11} {t['name']}")
 new, full, old = steps.get("doc32k-per-document"), steps.get("full128k"), steps.get("doc32k-varlen")
 if new and full and new.get("attention_tflops_per_gpu") and full.get("attention_tflops_per_gpu"):
     ratio = new["attention_tflops_per_gpu"] / full["attention_tflops_per_gpu"]

@@ -10,7 +10,7 @@ use ulysses::model::llama::{
     embed, forward_logits, head_loss, layer_forward, post_attention, pre_attention, AttentionCore, LayerWeights,
     LocalAttention, ModelWeights,
 };
-use ulysses::model::rope::{apply_rope, Rope};
+use ulysses::model::rope::{apply_rope, rotate, Rope, Turn};
 
 const F32: (Kind, Device) = (Kind::Float, Device::Cpu);
 
@@ -177,6 +177,34 @@ fn rope_at_global_positions_matches_full_sequence() {
         let local = apply_rope(&x.narrow(1, c, c), &Rope::new(&spec, &positions(2, 0, c), Kind::Float));
         assert!(!local.allclose(&chunk, 1e-3, 1e-3, false));
     }
+}
+
+/// The step's RoPE (`rotate`, out-variants into one tensor) is `apply_rope` bit for bit, and its
+/// inverse is `apply_rope`'s autograd backward bit for bit, in fp32 and in bf16. Llama 3.1's scaled frequencies, positions far from 0,
+/// non-contiguous gradients (as attention's backward may return them).
+#[test]
+fn step_rope_equals_apply_rope_and_its_backward() {
+    let spec = ulysses::model::spec::ModelSpec::preset(ulysses::model::spec::Preset::Llama31_8b);
+    let (b, s, heads, d) = (2, 37, 3, spec.head_dim);
+    let rope = Rope::new(&spec, &positions(b, 70_000, s), Kind::Float);
+    let x = Tensor::randn([b, s, heads, d], F32).set_requires_grad(true);
+    let y = apply_rope(&x, &rope);
+    let turned = tch::no_grad(|| rotate(&x, &rope, Turn::Forward));
+    assert!(turned.equal(&y), "rotate != apply_rope: max diff {:e}", (&turned - &y).abs().max().double_value(&[]));
+    // [b, heads, s, d] transposed to [b, s, heads, d]: strided like a kernel's gradient
+    let g = Tensor::randn([b, heads, s, d], F32).transpose(1, 2);
+    let reference = Tensor::run_backward(&[(&y * &g).sum(Kind::Float)], &[&x], false, false);
+    let back = tch::no_grad(|| rotate(&g, &rope, Turn::Inverse));
+    assert!(back.equal(&reference[0]), "inverse rotate != the backward of apply_rope");
+    assert!(!back.allclose(&g, 1e-3, 1e-3, false), "the inverse really turns");
+    // bf16, each product and the sum rounded to bf16 as in apply_rope.
+    let rope16 = Rope::new(&spec, &positions(b, 70_000, s), Kind::BFloat16);
+    let (x16, g16) = (x.detach().to_kind(Kind::BFloat16).set_requires_grad(true), g.to_kind(Kind::BFloat16));
+    let y16 = apply_rope(&x16, &rope16);
+    assert!(tch::no_grad(|| rotate(&x16, &rope16, Turn::Forward)).equal(&y16), "bf16 rotate != apply_rope");
+    let reference16 = Tensor::run_backward(&[(&y16 * &g16).sum(Kind::Float)], &[&x16], false, false);
+    assert!(tch::no_grad(|| rotate(&g16, &rope16, Turn::Inverse)).equal(&reference16[0]), "bf16 inverse rotate");
+    assert_close("bf16 against fp32", &y16.to_kind(Kind::Float), &y.detach(), 2e-2);
 }
 
 /// Causal softmax attention written out, with KV heads repeated for GQA.

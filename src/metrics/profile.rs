@@ -69,6 +69,16 @@ pub struct PhaseSplit {
     pub kernels: KernelSplit,
 }
 
+/// One GPU kernel (or copy) of a measured step by name: how often it ran and for how long.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelTotal {
+    pub name: String,
+    /// "matmul", "attention", "elementwise", "copies" or "NCCL".
+    pub kind: &'static str,
+    pub calls: usize,
+    pub secs: f64,
+}
+
 /// Everything a measured step found.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepProfile {
@@ -77,6 +87,9 @@ pub struct StepProfile {
     pub kernels: Option<KernelSplit>,
     /// By phase, in the order the phases began.
     pub phases: Vec<PhaseSplit>,
+    /// Each kernel by name, longest total first (GPU runs): which elementwise and copy kernels
+    /// the non-matmul time goes to.
+    pub by_name: Vec<KernelTotal>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +99,37 @@ enum KernelKind {
     Elementwise,
     Copy,
     Comm,
+}
+
+impl KernelKind {
+    fn label(self) -> &'static str {
+        match self {
+            KernelKind::Matmul => "matmul",
+            KernelKind::Attention => "attention",
+            KernelKind::Elementwise => "elementwise",
+            KernelKind::Copy => "copies",
+            KernelKind::Comm => "NCCL",
+        }
+    }
+}
+
+/// Every GPU event's time summed by name, longest first.
+fn by_name(events: &[Event]) -> Vec<KernelTotal> {
+    let mut totals: std::collections::HashMap<&str, KernelTotal> = std::collections::HashMap::new();
+    for e in events {
+        let Some(kind) = kernel_kind(e) else { continue };
+        let t = totals.entry(&e.name).or_insert_with(|| KernelTotal {
+            name: e.name.clone(),
+            kind: kind.label(),
+            calls: 0,
+            secs: 0.0,
+        });
+        t.calls += 1;
+        t.secs += e.end_ns.saturating_sub(e.start_ns) as f64 * 1e-9;
+    }
+    let mut out: Vec<KernelTotal> = totals.into_values().collect();
+    out.sort_by(|a, b| b.secs.total_cmp(&a.secs).then_with(|| a.name.cmp(&b.name)));
+    out
 }
 
 /// The kind of a GPU event, by its activity and name (CUDA 13's cuBLAS names Hopper kernels
@@ -251,7 +295,9 @@ impl Profiler {
         match session.stop() {
             Ok(events) => {
                 let (kernels, phases) = attribute(&events);
-                StepProfile { split, kernels: self.device.is_cuda().then_some(kernels), phases }
+                let cuda = self.device.is_cuda();
+                let by_name = if cuda { by_name(&events) } else { Vec::new() };
+                StepProfile { split, kernels: cuda.then_some(kernels), phases, by_name }
             }
             Err(e) => {
                 log::warn!("no kernel breakdown for this step: {e}");
@@ -298,6 +344,31 @@ mod tests {
         let pre = &phases[2].kernels;
         assert_eq!((pre.matmul, pre.elementwise, pre.copy), (100.0 * ns, 40.0 * ns, 30.0 * ns));
         assert_eq!(phases[2].wall, 500.0 * ns);
+        let named = by_name(&events);
+        let gemm = named.iter().find(|k| k.name.starts_with("nvjet")).unwrap();
+        assert_eq!((gemm.kind, gemm.calls, gemm.secs), ("matmul", 1, 100.0 * ns));
+        assert_eq!((named[0].kind, named[0].secs), ("attention", 200.0 * ns), "longest first: {named:?}");
+        assert!(
+            named.iter().all(|k| !k.name.starts_with("ulysses") && k.name != "aten::mm"),
+            "CPU events are no kernels"
+        );
+        assert!((named.iter().map(|k| k.secs).sum::<f64>() - total.total()).abs() < 1e-15, "every kernel counted once");
+    }
+
+    #[test]
+    fn kernels_by_name_sum_their_calls() {
+        let events = [
+            ev(Activity::Kernel, 0, 10, "silu"),
+            ev(Activity::Kernel, 20, 60, "mul"),
+            ev(Activity::Kernel, 70, 90, "silu"),
+            ev(Activity::Memset, 100, 105, "Memset (Device)"),
+        ];
+        let named = by_name(&events);
+        let row =
+            |n: &str| named.iter().find(|k| k.name == n).map(|k| (k.kind, k.calls, (k.secs * 1e9).round())).unwrap();
+        assert_eq!(named.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), ["mul", "silu", "Memset (Device)"]);
+        assert_eq!(row("silu"), ("elementwise", 2, 30.0));
+        assert_eq!(row("Memset (Device)"), ("copies", 1, 5.0));
     }
 
     #[test]

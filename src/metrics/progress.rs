@@ -67,7 +67,7 @@ pub fn print_memory_fit(r: &StepRow, steps: usize) {
 
 /// What a measured step found (`[metrics] time_split_every`): the synchronised split by region,
 /// and on a GPU the kernel time by kind, overall and per phase summed over the layers (each
-/// layer's own rows at debug level).
+/// layer's own rows at debug level), and the longest kernels by name.
 pub fn print_time_split(step: usize, p: &StepProfile) {
     let s = &p.split;
     println!(
@@ -90,6 +90,15 @@ pub fn print_time_split(step: usize, p: &StepProfile) {
             k.matmul, k.attention, k.elementwise, k.copy, k.comm
         );
     }
+    for k in p.by_name.iter().take(TOP_KERNELS) {
+        println!(
+            "step {step:>5} kernel {:>8.3} s {:>7} calls  {:<11} {}",
+            k.secs,
+            k.calls,
+            k.kind,
+            short_kernel_name(&k.name)
+        );
+    }
     for x in &p.phases {
         let k = &x.kernels;
         log::debug!(
@@ -97,6 +106,16 @@ pub fn print_time_split(step: usize, p: &StepProfile) {
             x.phase, x.wall, k.matmul, k.attention, k.elementwise, k.copy, k.comm
         );
     }
+}
+
+/// How many kernels by name a measured step prints (the rest are each a small share).
+const TOP_KERNELS: usize = 30;
+
+/// A kernel's name on one line: CUDA's template names run to hundreds of characters; the
+/// return type goes and the rest is cut where the functor that tells kernels apart has shown.
+fn short_kernel_name(name: &str) -> String {
+    let name = name.strip_prefix("void ").unwrap_or(name);
+    name.chars().take(160).collect()
 }
 
 /// Phases with the layer number taken out ("forward layer 3 / attention" -> "forward layer * /

@@ -29,6 +29,13 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
 /// unsharded result, before any all-to-all. Returns (q [b, s, n_q, d], k [b, s, n_kv, d],
 /// v [b, s, n_kv, d]).
 pub fn pre_attention(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, rope: &Rope) -> (Tensor, Tensor, Tensor) {
+    let (q, k, v) = qkv_projections(spec, w, x);
+    (apply_rope(&q, rope), apply_rope(&k, rope), v)
+}
+
+/// `pre_attention` up to RoPE: q and k not yet rotated. The step rotates them itself
+/// (`rope::rotate`), and their gradients back, outside the graph.
+pub fn qkv_projections(spec: &ModelSpec, w: &LayerWeights, x: &Tensor) -> (Tensor, Tensor, Tensor) {
     let (b, s) = (x.size()[0], x.size()[1]);
     let (n_q, n_kv, d) = (spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim);
     let xn = rms_norm(x, &w.attn_norm, spec.rms_norm_eps);
@@ -38,11 +45,10 @@ pub fn pre_attention(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, rope: &Rope
     let k = w.project(LoraTarget::K, &xn).view([b, s, n_kv, d]);
     let v = w.project(LoraTarget::V, &xn).view([b, s, n_kv, d]);
     // Qwen3: RMSNorm over each head's d values (weights [d], shared by the heads).
-    let (q, k) = match (&w.q_norm, &w.k_norm) {
-        (Some(qn), Some(kn)) => (rms_norm(&q, qn, spec.rms_norm_eps), rms_norm(&k, kn, spec.rms_norm_eps)),
-        _ => (q, k),
-    };
-    (apply_rope(&q, rope), apply_rope(&k, rope), v)
+    match (&w.q_norm, &w.k_norm) {
+        (Some(qn), Some(kn)) => (rms_norm(&q, qn, spec.rms_norm_eps), rms_norm(&k, kn, spec.rms_norm_eps), v),
+        _ => (q, k, v),
+    }
 }
 
 /// The attention seam. `attend(q [b, s, n_q, d], k [b, s, n_kv, d], v [b, s, n_kv, d])` returns
@@ -85,8 +91,10 @@ pub fn post_attention(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, attn: &Ten
 }
 
 /// `post_attention` without autograd and without a second sequence-long tensor: each MLP tile's
-/// result overwrites its own tile of the residual stream (a tile's output depends only on that
-/// tile, computed whole before the write). For the step's forward pass, which keeps no graph.
+/// down projection is added in place to its own tile of the residual stream (a tile's output
+/// depends only on that tile, computed whole before the write), and the SwiGLU overwrites the
+/// gate projection, so no tile-sized temporary is written and copied back. For the step's forward
+/// pass, which keeps no graph.
 /// With `keep_mlp` it also returns the MLP's gate and up projections of every token
 /// (`[b, s, intermediate]` each), for a backward that does not recompute them.
 pub fn post_attention_no_grad(
@@ -106,13 +114,15 @@ pub fn post_attention_no_grad(
         });
         for (start, len) in seq_tiles(s, mlp_tile) {
             let mut tile = h.narrow(1, start, len);
-            let (gate, up) = mlp_projections(spec, w, &tile);
+            let (mut gate, up) = mlp_projections(spec, w, &tile);
             if let Some((g, u)) = &kept {
                 g.narrow(1, start, len).copy_(&gate);
                 u.narrow(1, start, len).copy_(&up);
             }
-            let y = &tile + w.project(LoraTarget::Down, &(gate.silu() * up));
-            tile.copy_(&y);
+            // silu(gate) * up, in gate's memory
+            let act = gate.silu_().g_mul_(&up);
+            drop(up);
+            let _ = tile.g_add_(&w.project(LoraTarget::Down, &act));
         }
         (h, kept)
     })

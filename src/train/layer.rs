@@ -35,7 +35,7 @@ use crate::ffi::autograd;
 use crate::metrics::profile::Profiler;
 use crate::model::llama::{self, seq_tiles, AttentionCore, LayerWeights, LocalAttention};
 use crate::model::mask::DocumentMask;
-use crate::model::rope::Rope;
+use crate::model::rope::{rotate, Rope, Turn};
 use crate::model::spec::ModelSpec;
 use crate::parallel::attention::AttentionPath;
 use crate::parallel::ring::Ring;
@@ -231,9 +231,10 @@ impl DecoderLayer {
         let (gq, gk, gv) = prof.phase(format_args!("attention"), || -> Result<_> {
             let [qh, kh, vh] = match (shards, &qkv) {
                 (Some(shards), _) => shards,
-                (None, Some((q, k, v))) => {
-                    tch::no_grad(|| -> Result<_> { Ok([to_heads(seg, q)?, to_heads(seg, k)?, to_heads(seg, v)?]) })?
-                }
+                (None, Some((q, k, v))) => tch::no_grad(|| -> Result<_> {
+                    let (q, k) = rotated(seg, q, k, Turn::Forward);
+                    Ok([to_heads(seg, &q)?, to_heads(seg, &k)?, to_heads(seg, v)?])
+                })?,
                 (None, None) => self.head_shards(seg, w, &x)?,
             };
             let g = match (self.attention, kept, seg.mask) {
@@ -261,10 +262,13 @@ impl DecoderLayer {
         Ok(grad(&x))
     }
 
-    /// Segment 1: norm, q/k/v projections and RoPE on the rank's chunk, with KV heads replicated
-    /// when there are fewer than SP ranks (inside any graph, so their gradients sum back).
+    /// Segment 1 up to RoPE: norm and q/k/v projections on the rank's chunk, with KV heads
+    /// replicated when there are fewer than SP ranks (inside any graph, so their gradients sum
+    /// back). q and k are rotated by `rotated` outside any graph, and their gradients turned back
+    /// by `unrotated` (RoPE is a rotation: its backward is the inverse rotation; the same per
+    /// head, so it commutes with the replication).
     fn qkv(&self, seg: &Segments, w: &LayerWeights, x: &Tensor) -> (Tensor, Tensor, Tensor) {
-        let (q, k, v) = llama::pre_attention(seg.spec, w, x, seg.rope);
+        let (q, k, v) = llama::qkv_projections(seg.spec, w, x);
         (q, replicate_kv(&k, seg.sp.size()), replicate_kv(&v, seg.sp.size()))
     }
 
@@ -272,6 +276,7 @@ impl DecoderLayer {
     fn head_shards(&self, seg: &Segments, w: &LayerWeights, x: &Tensor) -> Result<[Tensor; 3]> {
         tch::no_grad(|| {
             let (q, k, v) = self.qkv(seg, w, x);
+            let (q, k) = rotated(seg, &q, &k, Turn::Forward);
             Ok([to_heads(seg, &q)?, to_heads(seg, &k)?, to_heads(seg, &v)?])
         })
     }
@@ -325,9 +330,13 @@ impl DecoderLayer {
         let o = leaf(&to_seq(seg, oh)?);
         {
             let h = llama::attention_residual(seg.spec, w, x, &o);
-            let h_leaf = leaf(&h);
+            // h's gradient is the residual's `grad_y` plus the MLP's, which each tile adds in place
+            // to its own tokens of `grad_y`: a tile's leaf is a view of h's values, so its gradient
+            // is tile-sized (a leaf for all of h would get each tile's gradient padded with zeros
+            // to the whole sequence and summed, three sequence-long passes per tile).
+            let grad_h = grad_y;
             for (start, len) in seq_tiles(h.size()[1], seg.mlp_tile) {
-                let (g, h_tile) = (grad_y.narrow(1, start, len), h_leaf.narrow(1, start, len));
+                let (mut g, h_tile) = (grad_h.narrow(1, start, len), leaf(&h.narrow(1, start, len)));
                 match &mlp {
                     None => self.mlp_backward(seg, w, &h_tile, &g)?,
                     Some((gate, up)) => self.kept_mlp_backward(
@@ -339,11 +348,9 @@ impl DecoderLayer {
                         &g,
                     )?,
                 }
+                let _ = g.g_add_(&grad(&h_tile));
             }
             drop(mlp);
-            let grad_h = grad(&h_leaf);
-            let _ = grad_h.shallow_clone().g_add_(&grad_y);
-            drop(grad_y);
             backprop(&[(&h, &grad_h)])?;
         }
         to_heads(seg, &o.grad())
@@ -400,9 +407,16 @@ impl DecoderLayer {
     ) -> Result<()> {
         let [gq, gk, gv] = g;
         let (gq, gk, gv) = (to_seq(seg, &gq)?, to_seq(seg, &gk)?, to_seq(seg, &gv)?);
+        // The gradients of q and k before RoPE.
+        let (gq, gk) = tch::no_grad(|| rotated(seg, &gq, &gk, Turn::Inverse));
         let (q, k, v) = qkv.unwrap_or_else(|| self.qkv(seg, w, x));
         backprop(&[(&q, &gq), (&k, &gk), (&v, &gv)])
     }
+}
+
+/// q and k (`[b, s/sp, heads, d]`) rotated by RoPE at this micro batch's positions, or back.
+fn rotated(seg: &Segments, q: &Tensor, k: &Tensor, turn: Turn) -> (Tensor, Tensor) {
+    (rotate(q, seg.rope, turn), rotate(k, seg.rope, turn))
 }
 
 /// `[b, s/sp, H, d] -> [b, s, H/sp, d]` over the SP group; with one rank, the tensor itself.
