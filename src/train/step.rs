@@ -306,7 +306,6 @@ fn head_and_loss(
         (true, true) => Some(leaf(&gather(ctx, params, UnitId::Embedding)?[0])),
         _ => None,
     };
-    let x_last = leaf(&x);
     let (norm, lm_head) = match ctx.frozen {
         None => (head[0].shallow_clone(), tied.as_ref().unwrap_or_else(|| &head[1]).shallow_clone()),
         Some(f) => {
@@ -328,23 +327,27 @@ fn head_and_loss(
         PositionBy::Sequence => batch.sequence_positions(),
         PositionBy::Document => batch.document_positions(),
     });
-    for (start, len) in seq_tiles(x_last.size()[1], ctx.loss_tile) {
+    // The last layer's output gradient, written tile by tile. Each tile is its own leaf (a view of
+    // x's values): with one leaf for all of x, every tile's gradient would be padded with zeros
+    // to the whole sequence and summed into it, four sequence-long passes per tile.
+    let grad_x = x.empty_like();
+    for (start, len) in seq_tiles(x.size()[1], ctx.loss_tile) {
         let labels = batch.labels.narrow(1, start, len);
+        let x_tile = leaf(&x.narrow(1, start, len));
         // [b, tile] fp32 losses
-        let token_loss = llama::head_token_losses(ctx.spec, norm, lm_head, &x_last.narrow(1, start, len), &labels);
+        let token_loss = llama::head_token_losses(ctx.spec, norm, lm_head, &x_tile, &labels);
         if let (Some(p), Some(at)) = (positions.as_deref_mut(), &bin_positions) {
             p.add(&token_loss, &labels, &at.narrow(1, start, len));
         }
         let loss_tile = token_loss.sum(Kind::Float);
-        if loss_tile.requires_grad() {
-            (&loss_tile / n_total).backward();
-        }
+        (&loss_tile / n_total).backward();
+        grad_x.narrow(1, start, len).copy_(&grad(&x_tile));
         loss += loss_tile.double_value(&[]);
     }
     if !head.is_empty() {
         accumulate(ctx, params, UnitId::Head, &grads(&head))?;
     }
-    Ok(HeadResult { loss, grad_x: grad(&x_last), tied_grad: tied.as_ref().map(grad) })
+    Ok(HeadResult { loss, grad_x, tied_grad: tied.as_ref().map(grad) })
 }
 
 /// A unit's tensors, gathered in the compute dtype on the compute device (timed as communication).
