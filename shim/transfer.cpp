@@ -1,6 +1,8 @@
 // Copies between GPU memory and pinned host memory on a side stream, so activation offload
-// overlaps compute on the current ("compute") stream. Needs only torch headers: streams and events
-// through c10's device-guard interface, pinned memory through ATen's host allocator.
+// overlaps compute on the current ("compute") stream; and the communication stream that ring
+// attention's shifts run on beside compute (src/ffi/comm_stream.rs). Needs only torch headers:
+// streams and events through c10's device-guard interface, pinned memory through ATen's host
+// allocator.
 //
 // Every function catches all exceptions: returns nullptr on success, else a malloc'ed message
 // that the caller frees. Events are cudaEvent_t handles created by the guard interface (timing
@@ -23,17 +25,30 @@ const c10::impl::DeviceGuardImplInterface *cuda() {
 
 c10::Device gpu(int dev) { return c10::Device(c10::DeviceType::CUDA, (c10::DeviceIndex)dev); }
 
-// One copy stream per GPU, taken from torch's stream pool on first use and kept for the process,
-// so every offload copy of a device is ordered on the same stream.
-c10::Stream side_stream(int dev) {
+// One stream per GPU and purpose, taken from torch's stream pool on first use and kept for the
+// process (`streams` is the purpose's), so all work of that purpose on a device is ordered on it.
+c10::Stream pooled(std::map<int, c10::Stream> &streams, int dev, bool high_priority) {
   static std::mutex mu;
-  static std::map<int, c10::Stream> streams;
   std::lock_guard<std::mutex> lock(mu);
   auto it = streams.find(dev);
   if (it == streams.end()) {
-    it = streams.emplace(dev, cuda()->getStreamFromGlobalPool(gpu(dev), /*isHighPriority=*/false)).first;
+    it = streams.emplace(dev, cuda()->getStreamFromGlobalPool(gpu(dev), high_priority)).first;
   }
   return it->second;
+}
+
+// The stream of every offload copy of a device.
+c10::Stream side_stream(int dev) {
+  static std::map<int, c10::Stream> streams;
+  return pooled(streams, dev, /*high_priority=*/false);
+}
+
+// The communication stream: high priority (its transfers take the SMs they need while compute
+// kernels fill the rest), apart from the copy stream so a ring shift never queues behind an
+// activation copy.
+c10::Stream comm_stream(int dev) {
+  static std::map<int, c10::Stream> streams;
+  return pooled(streams, dev, /*high_priority=*/true);
 }
 
 // Records `event` (created on first use) on `stream`, after all work queued there so far.
@@ -155,6 +170,40 @@ char *ulysses_side_copy(const at::Tensor *dst, const at::Tensor *src, void *afte
       }
     }
     *done = record(side, dev);
+    return nullptr;
+  } catch (...) {
+    return error_message();
+  }
+}
+
+// GPU `dev`'s communication stream, made to wait (on the device) for the work queued on the
+// calling thread's current stream so far: what it sends has been produced, and what last used
+// the memory it receives into is done. *stream is its cudaStream_t, for NCCL.
+char *ulysses_comm_stream_after_current(int dev, void **stream) {
+  try {
+    c10::DeviceGuard device_guard(gpu(dev));
+    c10::Stream comm = comm_stream(dev);
+    void *ready = record(cuda()->getStream(gpu(dev)), dev);
+    cuda()->block(ready, comm);
+    cuda()->destroyEvent(ready, (c10::DeviceIndex)dev);
+    *stream = cuda()->getStreamNativeHandle(comm);
+    return nullptr;
+  } catch (...) {
+    return error_message();
+  }
+}
+
+// After work queued on GPU `dev`'s communication stream that reads or writes `tensors`: marks
+// their memory as used there, so the caching allocator hands none of it out again before the
+// stream has passed this point, whenever the caller drops them; then records *event there.
+char *ulysses_comm_stream_done(int dev, const at::Tensor **tensors, int n, void **event) {
+  try {
+    c10::DeviceGuard device_guard(gpu(dev));
+    c10::Stream comm = comm_stream(dev);
+    for (int i = 0; i < n; i++) {
+      cuda()->recordDataPtrOnStream(tensors[i]->storage().data_ptr(), comm);
+    }
+    *event = record(comm, dev);
     return nullptr;
   } catch (...) {
     return error_message();

@@ -189,6 +189,8 @@ impl Launch {
         inject_failure(self.rank)?;
         let device = self.device(backend)?;
         let world = self.size;
+        // Rank 1's figures from the overlap check over the whole world's ring (CUDA only).
+        let mut overlap = None;
         for sp in (1..=world).filter(|sp| world % sp == 0) {
             let dp = world / sp;
             for ring in (1..=sp).filter(|ring| sp % ring == 0) {
@@ -222,6 +224,9 @@ impl Launch {
                     "{layout}: ring attention differs from local attention by {ring_err:.2e} (relative; tolerance {tolerance:.0e})"
                 );
                 log::info!("collectives exact, Ulysses attention within {err:.1e} and ring attention within {ring_err:.1e} of local for {layout} on {world} rank(s)");
+                if ring == world {
+                    overlap = crate::comm::selfcheck::shift_overlaps(groups.ring.as_ref(), device)?;
+                }
             }
         }
         self.world.barrier();
@@ -231,6 +236,9 @@ impl Launch {
                 Backend::Nccl => "NCCL backend, CUDA tensors",
             };
             println!("comm-check: all collectives exact on {world} rank(s) ({what}); Ulysses attention matches local attention (outputs and q/k/v gradients) for every SP degree; ring attention matches it for every ring degree");
+            if let Some((compute_ms, later_ms)) = overlap {
+                println!("comm-check: ring shifts overlap compute: a matmul queued behind a shift still waiting for its peer finished in {compute_ms:.1} ms, the shift arrived {later_ms:.1} ms later");
+            }
         }
         Ok(())
     }

@@ -14,7 +14,7 @@
 use tch::{Device, Kind, Tensor};
 use ulysses::config::{DocumentKernels, FusedAttention};
 use ulysses::data::Documents;
-use ulysses::ffi::attention::{backward_masked, forward_masked};
+use ulysses::ffi::attention::{backward_masked, forward_masked, Backward};
 use ulysses::model::llama::{AttentionCore, LocalAttention};
 use ulysses::parallel::attention::{document_mask, trial};
 
@@ -67,7 +67,10 @@ fn check(kernels: DocumentKernels, docs: &[Documents], heads: (i64, i64, i64), k
     let g = Tensor::randn([b, s, n_q, d], opts);
     let mask = document_mask(docs, kernels, kind, device).expect("several documents");
     let (out, saved) = tch::no_grad(|| forward_masked(&mask, &q, &k, &v)).unwrap();
-    let (dq, dk, dv) = tch::no_grad(|| backward_masked(&mask, &g, &q, &k, &v, &out, &saved)).unwrap();
+    let (dq, dk, dv) = tch::no_grad(|| {
+        backward_masked(&mask, Backward { grad_out: &g, q: &q, k: &k, v: &v, out: &out, saved: &saved })
+    })
+    .unwrap();
     assert_eq!((out.size(), dk.size()), (q.size(), k.size()));
     let want = per_document(docs, &q, &k, &v, &g, Kind::Float);
     let worst = [&out, &dq, &dk, &dv].iter().zip(&want).map(|(got, want)| rel(got, want)).fold(0.0, f64::max);
@@ -197,8 +200,13 @@ fn gpu_causal_kernels_set_the_scale_of_the_tolerance() {
     let want = per_document(&docs, &q, &k, &v, &g, Kind::Float);
     for kernel in [FusedAttention::Cudnn, FusedAttention::Flash] {
         let (out, saved) = tch::no_grad(|| ulysses::ffi::attention::forward(kernel, &q, &k, &v)).unwrap();
-        let (dq, dk, dv) =
-            tch::no_grad(|| ulysses::ffi::attention::backward(kernel, &g, &q, &k, &v, &out, &saved)).unwrap();
+        let (dq, dk, dv) = tch::no_grad(|| {
+            ulysses::ffi::attention::backward(
+                kernel,
+                Backward { grad_out: &g, q: &q, k: &k, v: &v, out: &out, saved: &saved },
+            )
+        })
+        .unwrap();
         let worst = [&out, &dq, &dk, &dv].iter().zip(&want).map(|(got, want)| rel(got, want)).fold(0.0, f64::max);
         println!("{}: worst relative difference {worst:.2e}", kernel.describe(false));
         assert!(worst < GPU_TOL, "{}: {worst:.2e}", kernel.describe(false));

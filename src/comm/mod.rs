@@ -8,10 +8,12 @@ pub mod mpi;
 pub mod nccl;
 pub mod queued;
 pub mod selfcheck;
+pub mod shift;
 pub mod solo;
 pub mod watchdog;
 
 pub use mesh::Mesh;
+pub use shift::Shift;
 
 use crate::ffi::cuda::Stream;
 use std::sync::Arc;
@@ -59,6 +61,14 @@ pub trait Collective {
     /// rank `(rank - 1) % size`; one grouped send and receive (every rank passes the same shape
     /// and dtype). Ring attention passes K/V blocks and their gradients around with it.
     fn ring_shift(&self, input: &Tensor) -> Result<Tensor, CommError>;
+    /// `ring_shift` started and finished later by `Shift::wait`, so that the transfer can run
+    /// while this rank computes (NCCL: on the communication stream beside the compute stream).
+    /// Every rank starts its shifts in the same order. `input` must not be written in place
+    /// before the shift is waited for. Backends whose calls complete before they return shift
+    /// at once.
+    fn ring_shift_start(&self, input: &Tensor) -> Result<Shift, CommError> {
+        Ok(Shift::done(self.ring_shift(input)?))
+    }
     fn barrier(&self) -> Result<(), CommError>;
     /// The CUDA stream `op` is enqueued on, for a backend whose operations return before they are
     /// done (NCCL); None where a returned operation has finished (MPI, solo). The watchdog

@@ -1,13 +1,18 @@
 //! NCCL backend of `Collective` for CUDA tensors (training on GPUs).
 //!
-//! Every operation is enqueued on torch's *current* CUDA stream, so it runs after the kernels that
-//! produced its input and before the ones that read its output, with no host synchronisation; the
-//! output is allocated by torch on that same stream, so the caching allocator never hands its
-//! memory to another stream while NCCL still writes it. Data movement (all_to_all, all_gather,
-//! broadcast) moves bytes, like the MPI backend; reductions sum in the tensor's own dtype.
+//! Every operation but the ring shift is enqueued on torch's *current* CUDA stream, so it runs
+//! after the kernels that produced its input and before the ones that read its output, with no
+//! host synchronisation; the output is allocated by torch on that same stream, so the caching
+//! allocator never hands its memory to another stream while NCCL still writes it. Ring shifts run
+//! on the communication stream (`ffi::comm_stream`), ordered with the compute stream by events,
+//! so that ring attention's transfers overlap its kernels (`Collective::ring_shift_start`). Data
+//! movement (all_to_all, all_gather, broadcast, ring_shift) moves bytes, like the MPI backend;
+//! reductions sum in the tensor's own dtype.
 //! NCCL is dlopened at run time (cudarc's `dynamic-loading`); MPI only carries the unique id.
+use super::shift::{stream_error, Shift};
 use super::watchdog::Op;
 use super::{check_blocks, Collective, CommError};
+use crate::ffi::comm_stream;
 use crate::ffi::cuda::{self, Stream};
 use cudarc::nccl::result::{self as nccl, NcclError, NcclStatus};
 use cudarc::nccl::sys::{self, ncclDataType_t as Dt, ncclRedOp_t};
@@ -238,16 +243,25 @@ impl Collective for NcclCollective {
     }
 
     fn ring_shift(&self, input: &Tensor) -> Result<Tensor, CommError> {
+        self.ring_shift_start(input)?.wait()
+    }
+
+    /// On the communication stream (`ffi::comm_stream`), so that ring attention's next block
+    /// travels while the compute stream runs this hop's kernels.
+    fn ring_shift_start(&self, input: &Tensor) -> Result<Shift, CommError> {
         const OP: &str = "ring_shift";
-        let stream = self.prepare(OP, input, false)?;
+        self.prepare(OP, input, false)?;
+        // Allocated on the compute stream, which the communication stream waits for below.
         let out = input.empty_like();
+        let stream = comm_stream::after_current(self.gpu).map_err(stream_error)? as sys::cudaStream_t;
         let (next, prev) = ((self.rank + 1) % self.size, (self.rank + self.size - 1) % self.size);
         let n = nbytes(input);
         // Grouped: the send to the next rank and the receive from the previous one run as one
         // operation on every rank, so the ring cannot deadlock.
         self.check(OP, nccl::group_start())?;
-        // SAFETY: both tensors are contiguous on our GPU with `n` bytes; lifetimes and stream
-        // order as in all_to_all.
+        // SAFETY: both tensors are contiguous on our GPU with `n` bytes; the communication stream
+        // waits for the compute stream's work so far, and `comm_stream::done` keeps both blocks
+        // from reuse until it is past the transfer.
         let sent = unsafe {
             nccl::send(input.data_ptr(), n, Dt::ncclUint8, next as i32, self.comm, stream)
                 .and_then(|_| nccl::recv(out.data_ptr(), n, Dt::ncclUint8, prev as i32, self.comm, stream))
@@ -255,7 +269,8 @@ impl Collective for NcclCollective {
         let ended = nccl::group_end();
         self.check(OP, sent)?;
         self.check(OP, ended)?;
-        Ok(out)
+        let arrived = comm_stream::done(self.gpu, &[input, &out]).map_err(stream_error)?;
+        Ok(Shift::in_flight(out, arrived))
     }
 
     /// NCCL has no barrier: a one-element all_reduce, then reading its value, which waits for the
@@ -270,9 +285,15 @@ impl Collective for NcclCollective {
         Ok(())
     }
 
-    /// Every operation goes on torch's current stream (see `prepare`).
-    fn stream(&self, _op: Op) -> Option<Stream> {
-        cuda::current_stream(self.gpu).map(|raw| Stream { gpu: self.gpu, raw })
+    /// Ring shifts go on the communication stream, every other operation on torch's current
+    /// stream (see `prepare`). The watchdog asks right after the call, with nothing queued on the
+    /// compute stream since, so ordering the communication stream after it again changes nothing.
+    fn stream(&self, op: Op) -> Option<Stream> {
+        let raw = match op {
+            Op::RingShift => comm_stream::after_current(self.gpu).ok()?,
+            _ => cuda::current_stream(self.gpu)?,
+        };
+        Some(Stream { gpu: self.gpu, raw })
     }
 }
 

@@ -73,6 +73,15 @@ pub fn conformance(c: &dyn Collective, device: Device, tag: &str) -> Result<()> 
         t = c.ring_shift(&t)?;
     }
     expect_eq(&format!("{tag} ring_shift {n} times"), &t, &[r; 4], &[4])?;
+    // Two shifts in flight at once (ring attention's backward: K/V and their gradients), waited
+    // for in the order they started and in the other.
+    let (a, b) = (f32_on(vec![r, -r], &[2]), f32_on(vec![2.0 * r; 3], &[3]));
+    let (sa, sb) = (c.ring_shift_start(&a)?, c.ring_shift_start(&b)?);
+    let (sb2, sa2) = (c.ring_shift_start(&b)?, c.ring_shift_start(&a)?);
+    expect_eq(&format!("{tag} ring_shift_start"), &sa.wait()?, &[prev, -prev], &[2])?;
+    expect_eq(&format!("{tag} ring_shift_start, second in flight"), &sb.wait()?, &[2.0 * prev; 3], &[3])?;
+    expect_eq(&format!("{tag} ring_shift_start, waited out of order"), &sa2.wait()?, &[prev, -prev], &[2])?;
+    expect_eq(&format!("{tag} ring_shift_start, first started"), &sb2.wait()?, &[2.0 * prev; 3], &[3])?;
     c.barrier()?;
 
     // Invalid inputs are typed errors, identical on every rank (so no rank enters the collective).
@@ -110,4 +119,46 @@ pub fn conformance(c: &dyn Collective, device: Device, tag: &str) -> Result<()> 
         other => bail!("{tag} broadcast from rank {n}: expected BadRoot, got {:?}", other.map(|t| t.size())),
     }
     Ok(())
+}
+
+/// That a started ring shift leaves the compute stream free (`Collective::ring_shift_start` on
+/// NCCL runs on the communication stream): rank 0 starts its shift `DELAY` late, so rank 1's
+/// shift cannot arrive before then; rank 1 queues a matmul on the compute stream after starting
+/// its shift, and the matmul must finish while the shift is still waiting. On a backend whose
+/// shifts complete at once (MPI, one rank) there is nothing to overlap: None. Otherwise every
+/// rank returns rank 1's times (ms): the matmul's, and how much later the shift arrived.
+pub fn shift_overlaps(c: &dyn Collective, device: Device) -> Result<Option<(f64, f64)>> {
+    use crate::ffi::transfer::CopyEvent;
+    use std::time::{Duration, Instant};
+    const DELAY: Duration = Duration::from_millis(500);
+    if !device.is_cuda() || c.size() < 2 {
+        return Ok(None);
+    }
+    let (rank, n) = (c.rank(), c.size());
+    let sent = Tensor::full([1 << 16], rank as f64, (Kind::Float, device));
+    let a = Tensor::randn([2048, 2048], (Kind::BFloat16, device)) / 64.0;
+    c.barrier()?;
+    if rank == 0 {
+        std::thread::sleep(DELAY);
+    }
+    let t0 = Instant::now();
+    let shift = c.ring_shift_start(&sent)?;
+    let _ = a.matmul(&a).matmul(&a);
+    let computed = CopyEvent::record_current(device)?;
+    computed.synchronize()?;
+    let compute_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let pending = !shift.arrived()?;
+    let received = shift.wait()?;
+    let arrived_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let prev = ((rank + n - 1) % n) as f64;
+    ensure!(values(&received).iter().all(|&v| v == prev), "ring_shift_start: rank {rank} received wrong values");
+    // Rank 1's figures, on every rank, so that every rank reaches the same verdict.
+    let mine = if rank == 1 { [pending as u8 as f64, compute_ms, arrived_ms - compute_ms] } else { [0.0; 3] };
+    let sums = super::all_reduce_f64s(c, &mine)?;
+    let (pending, compute_ms, later_ms) = (sums[0], sums[1], sums[2]);
+    ensure!(
+        pending == 1.0,
+        "ring_shift_start does not overlap compute: a matmul queued after a shift still waiting for its peer took {compute_ms:.1} ms and finished after the shift (the shift must run on its own stream)"
+    );
+    Ok(Some((compute_ms, later_ms)))
 }

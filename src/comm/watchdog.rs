@@ -211,6 +211,9 @@ impl Collective for Watched {
     fn ring_shift(&self, input: &Tensor) -> Result<Tensor, CommError> {
         self.call(Op::RingShift, |c| c.ring_shift(input))
     }
+    fn ring_shift_start(&self, input: &Tensor) -> Result<super::Shift, CommError> {
+        self.call(Op::RingShift, |c| c.ring_shift_start(input))
+    }
     fn barrier(&self) -> Result<(), CommError> {
         self.call(Op::Barrier, |c| c.barrier())
     }

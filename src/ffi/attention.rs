@@ -170,33 +170,31 @@ pub fn forward_block(
     Ok((out.transpose(1, 2), Saved::one(lse, [aux0, aux1])))
 }
 
-/// Gradients of `q, k, v` (shapes as in `forward`) from the output's gradient `grad_out`
-/// `[b, s, n_q, d]` and the kept `out` and `saved`.
-pub fn backward(
-    kernel: FusedAttention,
-    grad_out: &Tensor,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    out: &Tensor,
-    saved: &Saved,
-) -> Result<(Tensor, Tensor, Tensor), ShimError> {
-    backward_block(kernel, true, grad_out, q, k, v, out, saved)
+/// What an attention backward takes: the output's gradient `grad_out` `[b, s, n_q, d]`, the
+/// forward's `q, k, v` (shapes as in `forward`) and its kept `out` and `saved`.
+#[derive(Clone, Copy)]
+pub struct Backward<'a> {
+    pub grad_out: &'a Tensor,
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub out: &'a Tensor,
+    pub saved: &'a Saved,
+}
+
+/// Gradients of `q, k, v` of `forward`.
+pub fn backward(kernel: FusedAttention, x: Backward) -> Result<(Tensor, Tensor, Tensor), ShimError> {
+    backward_block(kernel, true, x)
 }
 
 /// `backward` of `forward_block`. Ring attention passes the whole row's merged output and
 /// log-sum-exp for `out` and `saved.lse`, which gives this block's share of the gradients.
-#[allow(clippy::too_many_arguments)]
 pub fn backward_block(
     kernel: FusedAttention,
     causal: bool,
-    grad_out: &Tensor,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    out: &Tensor,
-    saved: &Saved,
+    x: Backward,
 ) -> Result<(Tensor, Tensor, Tensor), ShimError> {
+    let Backward { grad_out, q, k, v, out, saved } = x;
     let t = |x: &Tensor| x.transpose(1, 2);
     // The kernels expect the output's gradient laid out like the output.
     let (g, o) = (t(&grad_out.contiguous()), t(&out.contiguous()));
@@ -385,15 +383,8 @@ fn varlen_backward(
 }
 
 /// `backward` of `forward_masked`, with the same `mask`.
-pub fn backward_masked(
-    mask: &DocumentMask,
-    grad_out: &Tensor,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    out: &Tensor,
-    saved: &Saved,
-) -> Result<(Tensor, Tensor, Tensor), ShimError> {
+pub fn backward_masked(mask: &DocumentMask, x: Backward) -> Result<(Tensor, Tensor, Tensor), ShimError> {
+    let Backward { grad_out, q, k, v, out, saved } = x;
     let DocumentKernels { varlen, causal, .. } = mask.kernels;
     let kept = saved.split();
     if kept.len() != mask.calls.len() {
@@ -409,7 +400,7 @@ pub fn backward_masked(
         let (dq, dk, dv) = match call {
             Call::Causal { .. } => {
                 let one = Saved::one(lse, [aux[0].shallow_clone(), aux[1].shallow_clone()]);
-                backward(causal, &gc, &qc, &kc, &vc, &oc, &one)?
+                backward(causal, Backward { grad_out: &gc, q: &qc, k: &kc, v: &vc, out: &oc, saved: &one })?
             }
             Call::Varlen { .. } => varlen_backward(varlen, call, [&gc, &qc, &kc, &vc, &oc], &lse, aux)?,
         };
@@ -439,7 +430,8 @@ mod tests {
         (&reference * &grad_out).sum(Kind::Float).backward();
 
         let (out, saved) = tch::no_grad(|| forward(FusedAttention::CpuFlash, &q, &k, &v)).unwrap();
-        let (dq, dk, dv) = backward(FusedAttention::CpuFlash, &grad_out, &q, &k, &v, &out, &saved).unwrap();
+        let x = Backward { grad_out: &grad_out, q: &q, k: &k, v: &v, out: &out, saved: &saved };
+        let (dq, dk, dv) = backward(FusedAttention::CpuFlash, x).unwrap();
         let close = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]) < 1e-5;
         assert_eq!(out.size(), [b, s, n_q, d]);
         assert!(close(&out, &reference.detach()));

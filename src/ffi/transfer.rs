@@ -46,7 +46,7 @@ fn torch(op: &'static str, message: impl ToString) -> TransferError {
 }
 
 /// A recorded event from the shim; null would mean it failed without a message (strdup failing).
-fn event(op: &'static str, raw: *mut c_void, dev: usize) -> Result<CopyEvent, TransferError> {
+pub(super) fn event(op: &'static str, raw: *mut c_void, dev: usize) -> Result<CopyEvent, TransferError> {
     if raw.is_null() {
         return Err(torch(op, "the shim returned no event"));
     }

@@ -183,7 +183,10 @@ pub fn trial(
     let (q, k, v, g) = (t(n_q), t(n_kv), t(n_kv), t(n_q));
     let got = tch::no_grad(|| -> Result<[Tensor; 4], ShimError> {
         let (out, saved) = fused::forward_masked(&mask, &q, &k, &v)?;
-        let (dq, dk, dv) = fused::backward_masked(&mask, &g, &q, &k, &v, &out, &saved)?;
+        let (dq, dk, dv) = fused::backward_masked(
+            &mask,
+            fused::Backward { grad_out: &g, q: &q, k: &k, v: &v, out: &out, saved: &saved },
+        )?;
         Ok([out, dq, dk, dv])
     })
     .map_err(|e| e.to_string())?;

@@ -16,11 +16,13 @@
 //! dk/dv accumulate in fp32 buffers that travel the ring with their K/V and are home after R
 //! shifts. Only the KV heads circulate (GQA kernels), never copies repeated per query head.
 //!
-//! The next hop's K/V shift is issued before this hop's compute: on CUDA the shift is enqueued
-//! ahead of the kernels it does not depend on; on CPU (MPI) it completes first.
-use crate::comm::{Collective, CommError};
+//! Each hop starts the next K/V shift before its own attention, and the dk/dv shift of the
+//! previous hop is in flight while its attention backward runs: on CUDA (NCCL) the shifts run on
+//! the communication stream while the kernels run on the compute stream, ordered by events
+//! (`Collective::ring_shift_start`); on CPU (MPI) each shift completes before the hop computes.
+use crate::comm::{Collective, CommError, Shift};
 use crate::config::FusedAttention;
-use crate::ffi::attention::{backward_block, forward_block, Saved};
+use crate::ffi::attention::{backward_block, forward_block, Backward, Saved};
 use crate::ffi::ShimError;
 use tch::{Kind, Tensor};
 
@@ -47,37 +49,38 @@ impl Ring<'_> {
     }
 
     /// `backward` over this ring.
-    pub fn backward(
-        &self,
-        grad_out: &Tensor,
-        (q, k, v): (&Tensor, &Tensor, &Tensor),
-        out: &Tensor,
-        saved: &Saved,
-    ) -> Result<(Tensor, Tensor, Tensor), RingError> {
-        backward(self.group, self.kernel, grad_out, q, k, v, out, saved)
+    pub fn backward(&self, x: Backward) -> Result<(Tensor, Tensor, Tensor), RingError> {
+        backward(self.group, self.kernel, x)
     }
 }
 
-/// Which part of a visiting block the local queries attend to (see the module comment).
-enum Block {
-    Diagonal,
-    /// Every query, the first half of the keys, no mask.
-    FirstKeys,
-    /// The second half of the queries, every key, no mask.
-    LastQueries,
+/// What the local queries attend at one hop (see the module comment): the rows of the queries
+/// and of the visiting block's keys, as (start, length) along the sequence of `s` tokens, and
+/// whether causally (the diagonal block).
+struct Hop {
+    causal: bool,
+    queries: (i64, i64),
+    keys: (i64, i64),
 }
 
-fn block(rank: usize, owner: usize) -> Block {
-    match owner.cmp(&rank) {
-        std::cmp::Ordering::Equal => Block::Diagonal,
-        std::cmp::Ordering::Less => Block::FirstKeys,
-        std::cmp::Ordering::Greater => Block::LastQueries,
+impl Hop {
+    fn new(rank: usize, size: usize, hop: usize, s: i64) -> Hop {
+        let (all, first, last) = ((0, s), (0, s / 2), (s / 2, s / 2));
+        // The block a rank holds at hop `hop` came from `hop` ranks back.
+        let owner = (rank + size - hop % size) % size;
+        match owner.cmp(&rank) {
+            std::cmp::Ordering::Equal => Hop { causal: true, queries: all, keys: all },
+            // Every query, the first half of the keys.
+            std::cmp::Ordering::Less => Hop { causal: false, queries: all, keys: first },
+            // The second half of the queries, every key.
+            std::cmp::Ordering::Greater => Hop { causal: false, queries: last, keys: all },
+        }
     }
 }
 
-/// The owner of the block a rank holds at hop `hop` (blocks move to the next rank each hop).
-fn owner(rank: usize, size: usize, hop: usize) -> usize {
-    (rank + size - hop % size) % size
+/// Rows `(start, len)` of `t` along dimension `dim`.
+fn rows(t: &Tensor, dim: i64, (start, len): (i64, i64)) -> Tensor {
+    t.narrow(dim, start, len)
 }
 
 /// The log-sum-exp as `[b, heads, s]` fp32, whatever trailing unit dimension the kernel adds.
@@ -132,34 +135,24 @@ pub fn forward(
     v: &Tensor,
 ) -> Result<(Tensor, Saved), RingError> {
     let (rank, size) = (ring.rank(), ring.size());
-    let half = q.size()[1] / 2;
     let (b, s, h, _) = q.size4().expect("attention tensors are [b, s, heads, d]");
-    let mut out = q.zeros_like().to_kind(Kind::Float);
-    let mut lse = Tensor::full([b, h, s], f64::NEG_INFINITY, (Kind::Float, q.device()));
+    let out = q.zeros_like().to_kind(Kind::Float);
+    let lse = Tensor::full([b, h, s], f64::NEG_INFINITY, (Kind::Float, q.device()));
     let mut kv = stack_kv(k, v);
     let mut diagonal = None;
     for hop in 0..size {
-        // Issued before this hop's compute, which does not depend on it.
-        let next = if hop + 1 < size { Some(ring.ring_shift(&kv)?) } else { None };
-        let (kb, vb) = (kv.get(0), kv.get(1));
-        match block(rank, owner(rank, size, hop)) {
-            Block::Diagonal => {
-                let (o, saved) = forward_block(kernel, true, q, &kb, &vb)?;
-                merge(&mut out, &mut lse, &o, &lse3(&saved.lse, &o));
-                diagonal = Some(saved);
-            }
-            Block::FirstKeys => {
-                let (o, saved) = forward_block(kernel, false, q, &kb.narrow(1, 0, half), &vb.narrow(1, 0, half))?;
-                merge(&mut out, &mut lse, &o, &lse3(&saved.lse, &o));
-            }
-            Block::LastQueries => {
-                let (o, saved) = forward_block(kernel, false, &q.narrow(1, half, half), &kb, &vb)?;
-                let (mut out_rows, mut lse_rows) = (out.narrow(1, half, half), lse.narrow(2, half, half));
-                merge(&mut out_rows, &mut lse_rows, &o, &lse3(&saved.lse, &o));
-            }
+        // The next block travels while this hop's attention runs (on CUDA: the shift on the
+        // communication stream, the kernels on the compute stream).
+        let next = if hop + 1 < size { Some(ring.ring_shift_start(&kv)?) } else { None };
+        let at = Hop::new(rank, size, hop, s);
+        let (kb, vb) = (rows(&kv.get(0), 1, at.keys), rows(&kv.get(1), 1, at.keys));
+        let (o, saved) = forward_block(kernel, at.causal, &rows(q, 1, at.queries), &kb, &vb)?;
+        merge(&mut rows(&out, 1, at.queries), &mut rows(&lse, 2, at.queries), &o, &lse3(&saved.lse, &o));
+        if at.causal {
+            diagonal = Some(saved);
         }
         if let Some(next) = next {
-            kv = next;
+            kv = next.wait()?;
         }
     }
     let diagonal = diagonal.expect("hop 0 is the diagonal block");
@@ -167,61 +160,48 @@ pub fn forward(
     Ok((out.to_kind(q.kind()), diagonal.with_lse(merged)))
 }
 
-/// Ring attention backward from the output's gradient `grad_out`, the final merged output `out`
-/// and `saved` (from `forward`): the gradients of q, k, v in their dtypes.
-#[allow(clippy::too_many_arguments)]
+/// Ring attention backward from the output's gradient, the forward's inputs, the final merged
+/// output and what `forward` saved: the gradients of q, k, v in their dtypes.
 pub fn backward(
     ring: &dyn Collective,
     kernel: FusedAttention,
-    grad_out: &Tensor,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    out: &Tensor,
-    saved: &Saved,
+    x: Backward,
 ) -> Result<(Tensor, Tensor, Tensor), RingError> {
     let (rank, size) = (ring.rank(), ring.size());
-    let half = q.size()[1] / 2;
-    let lse = lse3(&saved.lse, out);
-    // The second half of the rows: the queries, their output, its gradient and log-sum-exp.
-    let rows = |t: &Tensor| t.narrow(1, half, half);
-    let last = saved.with_lse(kernel_lse(&lse.narrow(2, half, half), saved.lse.dim()));
-    let mut dq = q.zeros_like().to_kind(Kind::Float);
-    let mut kv = stack_kv(k, v);
-    // dk and dv of the visiting block, travelling with it: [2, b, s, kv, d] fp32.
-    let mut dkv = kv.zeros_like().to_kind(Kind::Float);
+    let s = x.q.size()[1];
+    let lse = lse3(&x.saved.lse, x.out);
+    // What the second half of the queries takes: their rows of the log-sum-exp.
+    let last = x.saved.with_lse(kernel_lse(&rows(&lse, 2, (s / 2, s / 2)), x.saved.lse.dim()));
+    let dq = x.q.zeros_like().to_kind(Kind::Float);
+    let mut kv = stack_kv(x.k, x.v);
+    // dk and dv of the visiting block, [2, b, s, kv, d] fp32, travelling the ring with it: the
+    // shift of the previous hop's, in flight while this hop's kernel runs.
+    let mut dkv: Option<Shift> = None;
     for hop in 0..size {
-        let next = if hop + 1 < size { Some(ring.ring_shift(&kv)?) } else { None };
-        let (kb, vb) = (kv.get(0), kv.get(1));
-        match block(rank, owner(rank, size, hop)) {
-            Block::Diagonal => {
-                let (gq, gk, gv) = backward_block(kernel, true, grad_out, q, &kb, &vb, out, saved)?;
-                let _ = dq.g_add_(&gq);
-                let _ = dkv.get(0).g_add_(&gk);
-                let _ = dkv.get(1).g_add_(&gv);
-            }
-            Block::FirstKeys => {
-                let (kh, vh) = (kb.narrow(1, 0, half), vb.narrow(1, 0, half));
-                let (gq, gk, gv) = backward_block(kernel, false, grad_out, q, &kh, &vh, out, saved)?;
-                let _ = dq.g_add_(&gq);
-                let _ = dkv.get(0).narrow(1, 0, half).g_add_(&gk);
-                let _ = dkv.get(1).narrow(1, 0, half).g_add_(&gv);
-            }
-            Block::LastQueries => {
-                let (gq, gk, gv) =
-                    backward_block(kernel, false, &rows(grad_out), &rows(q), &kb, &vb, &rows(out), &last)?;
-                let _ = dq.narrow(1, half, half).g_add_(&gq);
-                let _ = dkv.get(0).g_add_(&gk);
-                let _ = dkv.get(1).g_add_(&gv);
-            }
-        }
-        // The accumulators follow their block; the last shift brings this rank's home.
-        dkv = ring.ring_shift(&dkv)?;
+        let next = if hop + 1 < size { Some(ring.ring_shift_start(&kv)?) } else { None };
+        let at = Hop::new(rank, size, hop, s);
+        let q_rows = |t: &Tensor| rows(t, 1, at.queries);
+        let (kb, vb) = (rows(&kv.get(0), 1, at.keys), rows(&kv.get(1), 1, at.keys));
+        let saved = if at.queries.0 == 0 { x.saved } else { &last };
+        let block =
+            Backward { grad_out: &q_rows(x.grad_out), q: &q_rows(x.q), k: &kb, v: &vb, out: &q_rows(x.out), saved };
+        let (gq, gk, gv) = backward_block(kernel, at.causal, block)?;
+        let _ = q_rows(&dq).g_add_(&gq);
+        // The block's dk/dv so far arrive (they travelled while the kernel ran), take this hop's
+        // share and move on with the block; the last shift brings this rank's own home.
+        let acc = match dkv.take() {
+            Some(arriving) => arriving.wait()?,
+            None => kv.zeros_like().to_kind(Kind::Float),
+        };
+        let _ = rows(&acc.get(0), 1, at.keys).g_add_(&gk);
+        let _ = rows(&acc.get(1), 1, at.keys).g_add_(&gv);
+        dkv = Some(ring.ring_shift_start(&acc)?);
         if let Some(next) = next {
-            kv = next;
+            kv = next.wait()?;
         }
     }
-    Ok((dq.to_kind(q.kind()), dkv.get(0).to_kind(k.kind()), dkv.get(1).to_kind(v.kind())))
+    let dkv = dkv.expect("every hop shifts the gradients").wait()?;
+    Ok((dq.to_kind(x.q.kind()), dkv.get(0).to_kind(x.k.kind()), dkv.get(1).to_kind(x.v.kind())))
 }
 
 /// Checks ring attention on this ring group against plain causal attention over the whole
@@ -256,8 +236,9 @@ pub fn check_against_local(ring: &dyn Collective, device: tch::Device) -> Result
     };
     let mine = |t: &Tensor| mine(t).to_kind(kind);
     let (out, saved) = tch::no_grad(|| forward(ring, kernel, &mine(&q), &mine(&k), &mine(&v)))?;
-    let (dq, dk, dv) =
-        tch::no_grad(|| backward(ring, kernel, &mine(&g), &mine(&q), &mine(&k), &mine(&v), &out, &saved))?;
+    let (g, q, k, v) = (mine(&g), mine(&q), mine(&k), mine(&v));
+    let x = Backward { grad_out: &g, q: &q, k: &k, v: &v, out: &out, saved: &saved };
+    let (dq, dk, dv) = tch::no_grad(|| backward(ring, kernel, x))?;
     let rel = |a: &Tensor, b: &Tensor| {
         let a = a.to_kind(Kind::Float);
         (a - b.to_kind(Kind::Float)).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-12)

@@ -72,7 +72,8 @@ impl RingCost {
         })
     }
 
-    /// Whether each shift takes no longer than the hop's attention (forward, backward).
+    /// Whether each shift takes no longer than the hop's attention (forward, backward): the shift
+    /// runs beside it on CUDA (`parallel::ring`), so then it costs no time.
     pub fn hides(&self) -> (bool, bool) {
         (self.transfer_forward <= self.compute_forward, self.transfer_backward <= self.compute_backward)
     }
@@ -88,7 +89,7 @@ impl RingCost {
         };
         let (f, b) = self.hides();
         format!(
-            "ring       {} hops a layer each way; per hop a rank sends {} forward (its K/V block) and {} backward (K/V and their fp32 gradients); ring buffers {} during a layer's attention\n           at {} GB/s per link (parallel.ring_link_gb_s) and {ATTENTION_TFLOPS} TFLOP/s of attention (assumed): forward {}, backward {}\n",
+            "ring       {} hops a layer each way; per hop a rank sends {} forward (its K/V block) and {} backward (K/V and their fp32 gradients); ring buffers {} during a layer's attention\n           on CUDA each shift runs beside the hop's attention (a communication stream); at {} GB/s per link (parallel.ring_link_gb_s) and {ATTENTION_TFLOPS} TFLOP/s of attention (assumed): forward {}, backward {}\n",
             self.ring,
             bytes(self.hop_forward),
             bytes(self.hop_backward),

@@ -237,16 +237,25 @@ impl DecoderLayer {
                 })?,
                 (None, None) => self.head_shards(seg, w, &x)?,
             };
+            let kept = kept.as_ref().map(|saved| fused::Backward {
+                grad_out: &grad_oh,
+                q: &qh,
+                k: &kh,
+                v: &vh,
+                out: &oh,
+                saved,
+            });
             let g = match (self.attention, kept, seg.mask) {
                 (AttentionPath::Skipped { .. }, _, _) => (qh.zeros_like(), kh.zeros_like(), vh.zeros_like()),
-                (_, Some(kept), _) if seg.ring.is_some() => {
+                (_, Some(inputs), _) if seg.ring.is_some() => {
                     let ring = seg.ring.expect("checked");
-                    prof.attention(|| tch::no_grad(|| ring.backward(&grad_oh, (&qh, &kh, &vh), &oh, &kept)))?
+                    prof.attention(|| tch::no_grad(|| ring.backward(inputs)))?
                 }
-                (_, Some(kept), Some(mask)) => prof
-                    .attention(|| tch::no_grad(|| fused::backward_masked(mask, &grad_oh, &qh, &kh, &vh, &oh, &kept)))?,
-                (AttentionPath::Kept { kernel, .. }, Some(kept), None) => {
-                    prof.attention(|| tch::no_grad(|| fused::backward(kernel, &grad_oh, &qh, &kh, &vh, &oh, &kept)))?
+                (_, Some(inputs), Some(mask)) => {
+                    prof.attention(|| tch::no_grad(|| fused::backward_masked(mask, inputs)))?
+                }
+                (AttentionPath::Kept { kernel, .. }, Some(inputs), None) => {
+                    prof.attention(|| tch::no_grad(|| fused::backward(kernel, inputs)))?
                 }
                 _ => {
                     prof.attention(|| backprop(&[(&oh, &grad_oh)]))?;

@@ -42,7 +42,8 @@
 # 10. PARTS=ring (not in the default set; needs ULYSSES_RANKS_PER_GPU, the several-ranks-per-GPU
 #    switch): ring attention on one GPU with co-located ranks. `comm-check --backend nccl` on 4
 #    ranks (ring_shift exact and ring attention within 2e-2 of local attention in bf16 for every
-#    ring degree); a small Llama (4 layers, hidden 512, 8 / 4 heads of 64) at 8192 tokens, bf16,
+#    ring degree; a matmul queued behind a ring shift still waiting for its peer finishes first:
+#    the shifts run on their own stream); a small Llama (4 layers, hidden 512, 8 / 4 heads of 64) at 8192 tokens, bf16,
 #    3 steps: ulysses 2 × ring 2 (4 ranks) with kept attention (cuDNN), recomputed attention and
 #    flash, each against sp = 1, losses and gradient norms within rtol 1.6e-2; then one step of
 #    Llama-3.1-8B dimensions with 8 layers at 65536 tokens at ulysses 1 × ring 2 (2 ranks sharing
@@ -596,6 +597,10 @@ ULYSSES_RANKS_PER_GPU=4 NGPU=4 bash bundle/run-gpu.sh comm-check --backend nccl 
 grep -q "ring attention matches it for every ring degree" "$OUTD/gputest-ring-commcheck.log" \
   && echo "PASS comm-check on 4 co-located NCCL ranks: ring_shift exact, ring attention == local attention" \
   || { echo "FAIL comm-check (see above)"; fails=$((fails + 1)); }
+# The shifts leave the compute stream free (comm-check's overlap check; it prints both times).
+grep -q "comm-check: ring shifts overlap compute" "$OUTD/gputest-ring-commcheck.log" \
+  && echo "PASS ring shifts overlap compute on NCCL (the communication stream)" \
+  || { echo "FAIL no overlap line from comm-check"; fails=$((fails + 1)); }
 cat > "$R/llama.json" <<JSON
 {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 4096, "hidden_size": 512,
  "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
