@@ -214,6 +214,10 @@ fn check_shows_the_groups_the_layout_the_ring_costs_and_a_longer_fit() {
     assert!(t.contains("4 zigzag chunks of 131072: ring rank r holds chunks r and 3−r"), "{t}");
     assert!(t.contains("per hop a rank sends 128.0 MiB forward (its K/V block) and 384.0 MiB backward"), "{t}");
     assert!(t.contains("forward hides") && t.contains("backward hides"), "{t}");
+    // The verdict follows the link speed the user states: a slow link does not hide.
+    let slow = check(&["--world-size", "16", "--set", "parallel.ring_link_gb_s=0.1"]);
+    assert!(slow.contains("at 0.1 GB/s per link"), "{slow}");
+    assert!(slow.contains("forward does NOT hide") && slow.contains("backward does NOT hide"), "{slow}");
     // The same Ulysses groups without the ring (half the ranks) fit half the tokens or so.
     let fit = |t: &str| -> usize {
         let line = t.lines().find(|l| l.starts_with("fits       up to ")).unwrap_or_else(|| panic!("{t}"));
