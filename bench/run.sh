@@ -16,7 +16,9 @@
 # working set of one layer's backward (memory calibration). DOC_LEN=N packs the random tokens into
 # documents of N tokens (data synth --doc-len) trained with data.documents = "mask" and positions
 # restarting per document: attention within documents, a different workload from full causal (its
-# FLOPs count only the documents' causal squares). Logs and a JSON summary go to $OUT.
+# FLOPs count only the documents' causal squares). LORA=R trains LoRA adapters of rank R (alpha
+# 2R) on every projection of a frozen bf16 base instead of every parameter (MFU then counts the
+# FLOPs done: no weight gradients of the base, plan/flops.rs). Logs and a JSON summary go to $OUT.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SEQS="${SEQS:-32768 131072 262144}"
@@ -29,6 +31,9 @@ EXTRA="${EXTRA:-}"
 MEMORY="${MEMORY:-}"
 MEMORY_FIT="${MEMORY_FIT:-0}"
 LAYERS="${LAYERS:-}"
+LORA="${LORA:-}"
+LORA_LINES=""
+[ -n "$LORA" ] && LORA_LINES=$'[lora]\nrank = '"$LORA"$'\nalpha = '"$(( 2 * LORA ))"'.0'
 DOC_LEN="${DOC_LEN:-}"
 DOC_ARGS=""
 DOC_LINES=""
@@ -51,6 +56,7 @@ if [ -n "$LAYERS" ]; then
 layers = $LAYERS"
   MODEL="$MODEL-${LAYERS}-layers"
 fi
+[ -n "$LORA" ] && MODEL="$MODEL-lora-r$LORA"
 echo "== ulysses bench $(date -u +%FT%TZ): $MODEL, NGPU=$NGPU SP=$SP, SEQS=$SEQS, STEPS=$STEPS, attention=$ATTN, documents=${DOC_LEN:-none (full causal)}"
 for S in $SEQS; do
   data="$WORK/data-$S"
@@ -92,6 +98,7 @@ resume = "none"
 save_final = false
 [metrics]
 time_split_every = $SPLIT_EVERY
+$LORA_LINES
 TOML
   log="$OUTD/ulysses-$S.log"
   echo "--- $S tokens: $exp"

@@ -241,7 +241,7 @@ fn train(path: &Path, set: &[String]) -> Result<()> {
         let nodes = launch.describe_nodes(device);
         if launch.rank == 0 {
             let plan = Plan::new(&exp.parallel, exp.data.seq_len, &spec, launch.size);
-            print!("{}", plan.render(&exp.model.name(), &spec, &exp.train));
+            print!("{}", plan.render(&exp.model.name(), &spec, &exp.train, exp.lora.as_ref()));
             for (i, line) in nodes.lines().enumerate() {
                 println!("{:<11}{line}", if i == 0 { "nodes" } else { "" });
             }

@@ -32,6 +32,26 @@ fn check_prints_the_plan_for_8b_on_8_ranks() {
     assert!(t.contains("8.030B parameters"), "{t}");
 }
 
+/// Issue 32's box (76 GiB GPU, 116 GiB host, 58 GiB disk): 8B with LoRA rank 16 fits at least
+/// 512K tokens; the same run training every parameter fits less (the plan is arithmetic).
+#[test]
+fn check_prints_the_lora_fit_beside_full_fine_tuning_for_8b_on_one_h100() {
+    let args = ["check", "experiments/llama8b_lora.toml", "--gpu-mem-gib", "76", "--host-mem-gib", "116"];
+    let out = ulysses(&[&args[..], &["--disk-gib", "58"]].concat(), root());
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    let number = |after: &str| -> usize {
+        let rest = &t[t.find(after).unwrap_or_else(|| panic!("no `{after}` in {t}")) + after.len()..];
+        rest.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{after}: {t}"))
+    };
+    let (lora, full) = (number("fits       up to "), number("(every parameter trains): up to "));
+    assert!(lora >= 512 * 1024 && full < 512 * 1024, "LoRA {lora}, full {full}: {t}");
+    assert!(t.contains("41.94M trained parameters per rank (640.0 MiB of fp32"), "{t}");
+    assert!(t.contains("and 8.030B frozen (15.0 GiB in bf16, weights only)"), "{t}");
+    let frozen = t.lines().find(|l| l.contains("frozen base ([lora]: weights only, no state)"));
+    assert!(frozen.is_some_and(|l| l.contains("15.0 GiB")), "{t}");
+}
+
 #[test]
 fn check_places_layer_inputs_and_kept_attention() {
     let out = ulysses(&["check", "experiments/llama8b.toml", "--world-size", "8"], root());

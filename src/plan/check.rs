@@ -31,7 +31,12 @@ const DEFAULT_HOST_GIB: f64 = 480.0;
 
 /// The whole report for `exp` on `world` ranks.
 pub fn report(exp: &Experiment, spec: &ModelSpec, world: usize, flags: &CheckBudget) -> String {
-    let mut s = Plan::new(&exp.parallel, exp.data.seq_len, spec, world).render(&exp.model.name(), spec, &exp.train);
+    let mut s = Plan::new(&exp.parallel, exp.data.seq_len, spec, world).render(
+        &exp.model.name(),
+        spec,
+        &exp.train,
+        exp.lora.as_ref(),
+    );
     s += &attention_report(exp, spec);
     if let Some(ring) = RingCost::new(&exp.parallel, spec, exp.data.seq_len, exp.train.micro_batch, exp.train.dtype) {
         s += &ring.render();
@@ -63,10 +68,21 @@ pub fn report(exp: &Experiment, spec: &ModelSpec, world: usize, flags: &CheckBud
     if !defaults.is_empty() {
         let _ = writeln!(s, "budgets    defaults, not this machine's, where not given: {}", defaults.join(", "));
     }
-    let _ = match longest_fit(&PlanInputs::new(exp, spec, world), &budget) {
-        Some(fit) => writeln!(s, "fits       up to {fit} tokens with {with}"),
-        None => writeln!(s, "fits       nothing: even {} tokens exceed {with}", exp.parallel.sp * 1024),
+    let inputs = PlanInputs::new(exp, spec, world);
+    let fit = |inputs: &PlanInputs| match longest_fit(inputs, &budget) {
+        Some(fit) => format!("up to {fit} tokens"),
+        None => format!("nothing: even {} tokens exceed the budgets", exp.parallel.sp * 1024),
     };
+    let _ = writeln!(s, "fits       {} with {with}", fit(&inputs));
+    if let Some(lora) = &exp.lora {
+        // What the frozen base frees, side by side with the same run training every parameter.
+        let _ = writeln!(
+            s,
+            "           that is with [lora] (rank {}, the base frozen); without it (every parameter trains): {}",
+            lora.rank,
+            fit(&inputs.full())
+        );
+    }
     s
 }
 

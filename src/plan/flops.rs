@@ -4,9 +4,15 @@
 //!   attention `3·A_fwd`, no recompute counted;
 //! - the ALST paper's counter: `8·N·T + 16·s²·n_q·d·L` per sample (non-causal, recompute counted).
 //!
+//! A LoRA run (`[lora]`) counts the work it does: a frozen matmul weight costs its forward and the
+//! input's gradient (`4·N_frozen·T`), no weight gradient; the adapters and any module trained in
+//! full cost `6·N·T` like a full run's (ALST: 6 and 8 with the recompute).
+//!
 //! Attention within documents (`data.documents = "mask"`) computes only each document's causal
 //! square, so both count `Σ len²` over the documents where full causal attention counts `s²`:
 //! packed and full-causal figures are different workloads, each counted by the work it does.
+use crate::config::LoraConfig;
+use crate::model::spec::adapter::{full_module_shapes, layer_adapter_shapes};
 use crate::model::spec::ModelSpec;
 
 /// Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s, by a piece of
@@ -43,14 +49,15 @@ pub struct StepFlops {
 }
 
 /// `samples` sequences of `seq_len` tokens per optimizer step, full causal attention.
-pub fn step_flops(spec: &ModelSpec, seq_len: usize, samples: usize) -> StepFlops {
+pub fn step_flops(spec: &ModelSpec, lora: Option<&LoraConfig>, seq_len: usize, samples: usize) -> StepFlops {
     let s = seq_len as f64;
-    flops(spec, s * samples as f64, s * s * samples as f64)
+    flops(spec, lora, s * samples as f64, s * s * samples as f64)
 }
 
 /// `tokens` per optimizer step whose attention covers `squares` = Σ len² over every sample's
-/// documents (`data::Documents::square_sum`; full causal: samples × seq_len²).
-pub fn flops(spec: &ModelSpec, tokens: f64, squares: f64) -> StepFlops {
+/// documents (`data::Documents::square_sum`; full causal: samples × seq_len²), training every
+/// parameter or (`lora`) adapters on a frozen base.
+pub fn flops(spec: &ModelSpec, lora: Option<&LoraConfig>, tokens: f64, squares: f64) -> StepFlops {
     let (h, d, l) = (spec.hidden_size as f64, spec.head_dim as f64, spec.num_hidden_layers as f64);
     let (nq, nkv, f, v) = (
         spec.num_attention_heads as f64,
@@ -59,9 +66,25 @@ pub fn flops(spec: &ModelSpec, tokens: f64, squares: f64) -> StepFlops {
         spec.vocab_size as f64,
     );
     let n_layers = l * (h * nq * d + 2.0 * h * nkv * d + nq * d * h + 3.0 * h * f);
-    let n = n_layers + h * v; // the embedding is a lookup, not a matmul
+    let head = h * v; // the embedding is a lookup, not a matmul
+                      // Matmul parameters whose weight gradient backward computes, and those it skips (frozen).
+    let (trained, frozen) = match lora {
+        None => (n_layers + head, 0.0),
+        Some(lora) => {
+            let adapters: i64 = layer_adapter_shapes(spec, lora).iter().map(|(_, s)| s.iter().product::<i64>()).sum();
+            // The LM head's weight trains in full, or (tied) with the embedding.
+            let head_trains = full_module_shapes(spec, lora)
+                .iter()
+                .any(|(n, _)| n == "lm_head.weight" || (spec.tie_word_embeddings && n == "model.embed_tokens.weight"));
+            let head = if head_trains { (head, 0.0) } else { (0.0, head) };
+            (l * adapters as f64 + head.0, n_layers + head.1)
+        }
+    };
     let attn_fwd = 2.0 * squares * nq * d * l; // QKᵀ and PV, causal half
-    StepFlops { model: 6.0 * n * tokens + 3.0 * attn_fwd, alst: 8.0 * n * tokens + 16.0 * squares * nq * d * l }
+    StepFlops {
+        model: (6.0 * trained + 4.0 * frozen) * tokens + 3.0 * attn_fwd,
+        alst: (8.0 * trained + 6.0 * frozen) * tokens + 16.0 * squares * nq * d * l,
+    }
 }
 
 /// The forward attention FLOPs of one sample with documents `docs` (causal within each).
@@ -88,7 +111,7 @@ mod tests {
     #[test]
     fn llama8b_at_128k_matches_the_peer_formula() {
         let spec = ModelSpec::preset(Preset::Llama31_8b);
-        let f = step_flops(&spec, 131072, 1);
+        let f = step_flops(&spec, None, 131072, 1);
         // The peer's README: F = 5.90e15 (dense) + 1.35e16 (attention) = 1.94e16 per step.
         assert!((f.model / 1.94e16 - 1.0).abs() < 0.005, "{}", f.model);
         assert!(f.alst > f.model);
@@ -98,14 +121,37 @@ mod tests {
     fn documents_count_their_own_causal_squares() {
         let spec = ModelSpec::preset(Preset::Llama31_8b);
         let (s, doc) = (262144.0, 32768.0);
-        let full = flops(&spec, s, s * s);
-        let packed = flops(&spec, s, 8.0 * doc * doc);
+        let full = flops(&spec, None, s, s * s);
+        let packed = flops(&spec, None, s, 8.0 * doc * doc);
         // The dense part is the same; attention is an eighth of full causal's.
-        let dense = flops(&spec, s, 0.0);
+        let dense = flops(&spec, None, s, 0.0);
         assert!(((packed.model - dense.model) * 8.0 / (full.model - dense.model) - 1.0).abs() < 1e-12);
-        assert_eq!(step_flops(&spec, 262144, 1), full);
+        assert_eq!(step_flops(&spec, None, 262144, 1), full);
         let attention = full.model - dense.model;
         assert!((attention_forward(&spec, s * s) * 3.0 / attention - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn lora_skips_the_frozen_weight_gradients_and_counts_the_adapters() {
+        use crate::config::{FullModule, LoraConfig};
+        use crate::model::spec::adapter::param_counts;
+        let spec = ModelSpec::preset(Preset::Llama31_8b);
+        let lora = LoraConfig { rank: 16, alpha: 32.0, ..LoraConfig::default() };
+        let t = 262144.0;
+        // Every matmul weight (dense part of the full count) and the adapters (peft counts 41.94M).
+        let n = flops(&spec, None, t, 0.0).model / 6.0 / t;
+        let (adapters, _) = param_counts(&spec, &lora);
+        assert_eq!(adapters, 41_943_040);
+        let dense = flops(&spec, Some(&lora), t, 0.0);
+        assert!((dense.model / ((4.0 * n + 6.0 * adapters as f64) * t) - 1.0).abs() < 1e-12, "{}", dense.model);
+        assert!((dense.alst / ((6.0 * n + 8.0 * adapters as f64) * t) - 1.0).abs() < 1e-12, "{}", dense.alst);
+        // Attention is the same work either way.
+        let attention = |l: Option<&LoraConfig>| flops(&spec, l, t, t * t).model - flops(&spec, l, t, 0.0).model;
+        assert_eq!(attention(Some(&lora)), attention(None));
+        // The LM head trained in full costs its weight gradient again: 2·h·V per token more.
+        let head = LoraConfig { train_fully: vec![FullModule::LmHead], ..lora.clone() };
+        let more = flops(&spec, Some(&head), t, 0.0).model - dense.model;
+        assert!((more / (2.0 * (spec.hidden_size * spec.vocab_size) as f64 * t) - 1.0).abs() < 1e-9, "{more}");
     }
 
     #[test]
@@ -113,7 +159,7 @@ mod tests {
         // The peer's formula on Qwen3-8B's dimensions (36 layers, intermediate 12,288, vocab
         // 151,936; q/k norms and biases are no matmuls): 2.1151e16 per step at 128K.
         let spec = ModelSpec::preset(Preset::Qwen3_8b);
-        let f = step_flops(&spec, 131072, 1);
+        let f = step_flops(&spec, None, 131072, 1);
         assert!((f.model / 2.1151e16 - 1.0).abs() < 1e-4, "{}", f.model);
     }
 }

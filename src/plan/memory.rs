@@ -13,9 +13,10 @@ pub use budget::{gpu_name, Budget, BudgetError, DISK_RESERVE, GPU_RESERVE, HOST_
 pub use report::{refusal, summary, table, DoesNotFit};
 
 use crate::config::{
-    ActivationPlacement, CheckpointConfig, DeviceKind, Dtype, Experiment, ParallelConfig, StatePlacement, TrainConfig,
-    ZeroStage,
+    ActivationPlacement, CheckpointConfig, DeviceKind, Dtype, Experiment, LoraConfig, ParallelConfig, StatePlacement,
+    TrainConfig, ZeroStage,
 };
+use crate::model::spec::adapter::{full_module_shapes, layer_adapter_shapes};
 use crate::model::spec::{ModelSpec, UnitId};
 use crate::units::bytes;
 
@@ -26,6 +27,11 @@ use crate::units::bytes;
 /// kernel's workspace). Measured: 8.8 to 9.35 per token at 64K to 512K tokens per rank, beyond
 /// the layer input itself (a kept tensor) and the copies in flight (`MemoryPlan::staging`).
 const LAYER_WORKING_SET_PER_TOKEN: f64 = 9.5;
+/// What a LoRA layer's backward holds beyond that, in the same units: the adapters' share of the
+/// input gradient ([tokens, hidden]) before autograd adds it to the base's. Reasoned, not yet
+/// measured (`LORA=16 bench/run.sh` reports the peak to calibrate it); the rank-r products
+/// themselves are negligible.
+const LORA_WORKING_SET_PER_TOKEN: f64 = 1.0;
 
 /// fp32 elements per state of one read-update-write chunk of a unit whose state is on disk
 /// (`parallel::tiers`): 64 MiB each of master, gradient and the two moments.
@@ -88,11 +94,12 @@ impl Placement {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Shortfall {
     #[error(
-        "the optimizer state on the GPU and the largest working set (with two layers' kept tensors in flight from host memory or disk) need {} of GPU memory but the budget is {}",
+        "{}the optimizer state on the GPU and the largest working set (with two layers' kept tensors in flight from host memory or disk) need {} of GPU memory but the budget is {}",
+        if *frozen > 0.0 { format!("the frozen base ({}), ", bytes(*frozen)) } else { String::new() },
         bytes(*needed),
         bytes(*budget)
     )]
-    Gpu { needed: f64, budget: f64 },
+    Gpu { needed: f64, frozen: f64, budget: f64 },
     #[error(
         "{} need{} {} of host memory but the budget is {} per rank",
         host_parts(*optimizer, *staging, *state_staging),
@@ -150,6 +157,8 @@ pub struct PlanInputs<'a> {
     pub parallel: &'a ParallelConfig,
     pub train: &'a TrainConfig,
     pub checkpoint: &'a CheckpointConfig,
+    /// `[lora]`: the base frozen in the compute dtype, the adapters the state.
+    pub lora: Option<&'a LoraConfig>,
     pub spec: &'a ModelSpec,
     pub world: usize,
     pub seq_len: usize,
@@ -162,6 +171,7 @@ impl<'a> PlanInputs<'a> {
             parallel: &exp.parallel,
             train: &exp.train,
             checkpoint: &exp.checkpoint,
+            lora: exp.lora.as_ref(),
             spec,
             world,
             seq_len: exp.data.seq_len,
@@ -172,6 +182,28 @@ impl<'a> PlanInputs<'a> {
     pub fn at(self, seq_len: usize) -> PlanInputs<'a> {
         PlanInputs { seq_len, ..self }
     }
+
+    /// The same training every parameter (no `[lora]`).
+    pub fn full(self) -> PlanInputs<'a> {
+        PlanInputs { lora: None, ..self }
+    }
+}
+
+/// Parameters of the embedding, of one decoder layer and of the head that train (hold ZeRO
+/// state): all of them, or under `[lora]` the layer's adapters and the modules trained in full.
+fn trained_params(spec: &ModelSpec, lora: Option<&LoraConfig>) -> [i64; 3] {
+    let embedding = spec.vocab_size * spec.hidden_size;
+    let head = spec.hidden_size + if spec.tie_word_embeddings { 0 } else { embedding };
+    let Some(lora) = lora else { return [embedding, spec.layer_params(), head] };
+    let numel = |shapes: &[(String, Vec<i64>)], name: Option<&str>| -> i64 {
+        shapes.iter().filter(|(n, _)| name.is_none_or(|m| n == m)).map(|(_, s)| s.iter().product::<i64>()).sum()
+    };
+    let full = full_module_shapes(spec, lora);
+    [
+        numel(&full, Some("model.embed_tokens.weight")),
+        numel(&layer_adapter_shapes(spec, lora), None),
+        numel(&full, Some("lm_head.weight")),
+    ]
 }
 
 /// What each piece of a step takes per rank, wherever it is placed, and the policy a placement
@@ -179,10 +211,15 @@ impl<'a> PlanInputs<'a> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Estimate {
     /// fp32 master weights, gradient buffer and Adam moments of this rank's shard of one unit
-    /// (16 bytes a parameter): the embedding, a decoder layer, the head.
+    /// (16 bytes a parameter of what trains): the embedding, a decoder layer, the head. Under
+    /// `[lora]`: a layer's adapters, and the embedding or head only when trained in full.
     pub state_embedding: f64,
     pub state_layer: f64,
     pub state_head: f64,
+    /// A LoRA run's frozen base: this rank's shards of every unit in the compute dtype (2 bytes a
+    /// parameter in bf16) and nothing else, on the GPU of a GPU run (`parallel::frozen`); 0
+    /// without `[lora]`.
+    pub frozen: f64,
     /// `MemoryPlan::checkpoint_staging` per byte of state on the GPU (0: no asynchronous saves).
     pub checkpoint_staging_per_state: f64,
     /// `parallel.offload_optimizer`, and whether the state may leave the GPU under "auto"
@@ -233,6 +270,9 @@ impl StateTotals {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MemoryPlan {
     pub estimate: Estimate,
+    /// A LoRA run's frozen base (`Estimate::frozen`): on the GPU, or in memory on a CPU run.
+    pub frozen_gpu: f64,
+    pub frozen_host: f64,
     /// The state of this rank's shards by tier.
     pub optimizer_gpu: f64,
     pub optimizer_host: f64,
@@ -270,11 +310,16 @@ impl MemoryPlan {
     }
 
     pub fn gpu_peak(&self) -> f64 {
-        self.optimizer_gpu + self.activations_gpu + self.attention_gpu + self.mlp_gpu + self.working()
+        self.frozen_gpu + self.optimizer_gpu + self.activations_gpu + self.attention_gpu + self.mlp_gpu + self.working()
     }
 
     pub fn host(&self) -> f64 {
-        self.optimizer_host + self.checkpoint_staging + self.state_staging + self.activations_host + self.attention_host
+        self.frozen_host
+            + self.optimizer_host
+            + self.checkpoint_staging
+            + self.state_staging
+            + self.activations_host
+            + self.attention_host
     }
 
     pub fn disk(&self) -> f64 {
@@ -285,7 +330,7 @@ impl MemoryPlan {
 impl Estimate {
     /// The sizes at `inputs.seq_len` tokens.
     pub fn new(inputs: &PlanInputs) -> Estimate {
-        let PlanInputs { parallel: p, train: t, checkpoint: c, spec, world, seq_len } = *inputs;
+        let PlanInputs { parallel: p, train: t, checkpoint: c, lora, spec, world, seq_len } = *inputs;
         let tokens = (seq_len / p.sp * t.micro_batch) as f64;
         let h = spec.hidden_size as f64;
         let elt = match t.dtype {
@@ -293,17 +338,37 @@ impl Estimate {
             Dtype::Fp32 => 4.0,
         };
         let shards = p.shards(world) as f64;
-        // Each unit's shard, padded like `parallel::zero::Unit`, 16 bytes a parameter.
-        let shard_state = |params: i64| (params as f64 / shards).ceil() * 16.0;
+        // Each unit's shard, padded like `parallel::zero::Unit`: 16 bytes a trained parameter,
+        // the compute dtype's for a frozen one.
+        let shard = |params: i64, per_param: f64| (params as f64 / shards).ceil() * per_param;
+        let shard_state = |params: i64| shard(params, 16.0);
         let embedding = spec.vocab_size * spec.hidden_size;
         let head = spec.hidden_size + if spec.tie_word_embeddings { 0 } else { embedding };
+        let [trained_embedding, trained_layer, trained_head] = trained_params(spec, lora);
+        let frozen = match lora {
+            Some(_) => {
+                shard(embedding, elt)
+                    + spec.num_hidden_layers as f64 * shard(spec.layer_params(), elt)
+                    + shard(head, elt)
+            }
+            None => 0.0,
+        };
+        // Backward gathers a unit's weights in the compute dtype; a trained one also gets their
+        // gradients (compute dtype) and the fp32 gradient buffer: 8 bytes a parameter in bf16.
+        let gathered = |params: i64, trained: i64| match lora {
+            Some(_) => params as f64 * elt + trained as f64 * 8.0,
+            None => params as f64 * 8.0,
+        };
+        // The LM head's matmul weight trains with the head, or (tied) with the embedding.
+        let head_trains = if spec.tie_word_embeddings { trained_embedding > 0 } else { trained_head > 0 };
+        let lora_working = if lora.is_some() { LORA_WORKING_SET_PER_TOKEN * tokens * h * 2.0 } else { 0.0 };
         // Every rank saves a 1/world slice of each unit's master weights and two moments (12 of
         // the 16 bytes), at either ZeRO stage; only state on the GPU is staged (state in host
         // memory or on disk is written where it lies, the next optimizer step waiting for the
         // write).
         let staged = c.is_async(p.device) && c.every > 0 && p.device == DeviceKind::Cuda;
         let checkpoint_staging_per_state = if staged { shards / world as f64 * 12.0 / 16.0 } else { 0.0 };
-        let head_params = (spec.vocab_size * spec.hidden_size) as f64;
+        let head_params = spec.vocab_size * spec.hidden_size;
         let loss_tile = if p.loss_tile == 0 { tokens } else { (p.loss_tile as f64).min(tokens) };
         let heads = spec.num_attention_heads as f64;
         // Qwen3's per-head q/k norms keep their inputs (q and k before the norm) and each head's
@@ -314,18 +379,22 @@ impl Estimate {
             0.0
         };
         Estimate {
-            state_embedding: shard_state(embedding),
-            state_layer: shard_state(spec.layer_params()),
-            state_head: shard_state(head),
+            state_embedding: shard_state(trained_embedding),
+            state_layer: shard_state(trained_layer),
+            state_head: shard_state(trained_head),
+            frozen,
             checkpoint_staging_per_state,
             state: p.offload_optimizer,
             sharded: p.zero_stage == ZeroStage::Sharded,
             accumulates: t.grad_accum > 1,
-            layer_working: spec.layer_params() as f64 * 8.0
+            layer_working: gathered(spec.layer_params(), trained_layer)
                 + LAYER_WORKING_SET_PER_TOKEN * tokens * h * 2.0
+                + lora_working
                 + qk_norm
                 + super::ring::RingCost::new(p, spec, seq_len, t.micro_batch, t.dtype).map_or(0.0, |r| r.buffers),
-            head_working: head_params * 8.0 + 2.0 * loss_tile * spec.vocab_size as f64 * 4.0 + 3.0 * tokens * h * 2.0,
+            head_working: gathered(head_params, if head_trains { head_params } else { 0 })
+                + 2.0 * loss_tile * spec.vocab_size as f64 * 4.0
+                + 3.0 * tokens * h * 2.0,
             layers: spec.num_hidden_layers as usize,
             input_per_layer: tokens * h * elt,
             attention_per_layer: tokens * (heads * spec.head_dim as f64 * elt + heads * 4.0),
@@ -379,6 +448,14 @@ impl Estimate {
         2.0 * (input + attention)
     }
 
+    /// The frozen base on the GPU (a GPU run) and in host memory (a CPU run's memory).
+    fn frozen_split(&self) -> (f64, f64) {
+        match self.device {
+            DeviceKind::Cuda => (self.frozen, 0.0),
+            DeviceKind::Cpu => (0.0, self.frozen),
+        }
+    }
+
     /// Bytes of a unit's state on this rank.
     pub fn unit_state(&self, id: UnitId) -> f64 {
         match id {
@@ -426,8 +503,11 @@ impl Estimate {
         let attention = |p| placement.attention_in(Some(p)) as f64 * self.attention_per_layer;
         let StateTotals { optimizer_gpu, optimizer_host, optimizer_disk, checkpoint_staging, state_staging } =
             self.state_totals(&placement.state);
+        let (frozen_gpu, frozen_host) = self.frozen_split();
         MemoryPlan {
             estimate: *self,
+            frozen_gpu,
+            frozen_host,
             optimizer_gpu,
             optimizer_host,
             optimizer_disk,
@@ -464,7 +544,7 @@ impl Estimate {
             StatePlacement::Disk => every(Place::Disk),
             StatePlacement::Auto if !self.sharded => every(Place::Device),
             StatePlacement::Auto if cpu => {
-                let mut held = 0.0;
+                let mut held = self.frozen;
                 let mut state = vec![Place::Disk; units];
                 for id in UnitId::all(self.layers).rev() {
                     held += self.unit_state(id);
@@ -572,9 +652,11 @@ impl Estimate {
                 }
             }
         }
-        let fixed_gpu = totals.optimizer_gpu + (self.layer_working + self.staging_reserve()).max(self.head_working);
+        let frozen_gpu = self.frozen_split().0;
+        let fixed_gpu =
+            frozen_gpu + totals.optimizer_gpu + (self.layer_working + self.staging_reserve()).max(self.head_working);
         if fixed_gpu > budget.gpu {
-            return Err(Shortfall::Gpu { needed: fixed_gpu, budget: budget.gpu });
+            return Err(Shortfall::Gpu { needed: fixed_gpu, frozen: frozen_gpu, budget: budget.gpu });
         }
         let (mut gpu, mut host) = (budget.gpu - fixed_gpu, budget.host - host_fixed);
         // Whole layers of `size` bytes that `room` holds, at most n.

@@ -9,7 +9,8 @@ pub mod flops;
 pub mod memory;
 pub mod ring;
 
-use crate::config::{ParallelConfig, TrainConfig, ZeroStage};
+use crate::config::{Dtype, LoraConfig, ParallelConfig, TrainConfig, ZeroStage};
+use crate::model::spec::adapter::param_counts;
 use crate::model::spec::ModelSpec;
 use crate::units::{bytes, count};
 use std::fmt::Write;
@@ -30,6 +31,8 @@ pub struct Plan {
     pub params: i64,
     /// Parameters each rank stores (all of them at ZeRO 0, a 1/world slice at ZeRO 3).
     pub params_per_rank: i64,
+    /// The slices the parameters are cut into (1 at ZeRO 0).
+    pub shards: i64,
     /// Largest single layer, gathered whole just in time at ZeRO 3.
     pub layer_params: i64,
 }
@@ -57,12 +60,13 @@ impl Plan {
             kv_replication,
             params,
             params_per_rank,
+            shards,
             layer_params: spec.layer_params(),
         }
     }
 
-    /// The plan in lines of text, for the model called `model` trained as `t` says.
-    pub fn render(&self, model: &str, spec: &ModelSpec, t: &TrainConfig) -> String {
+    /// The plan in lines of text, for the model called `model` trained as `t` and `lora` say.
+    pub fn render(&self, model: &str, spec: &ModelSpec, t: &TrainConfig, lora: Option<&LoraConfig>) -> String {
         let mut s = String::new();
         let _ = writeln!(
             s,
@@ -141,8 +145,20 @@ impl Plan {
         }
         let stage = self.zero_stage;
         let bytes_per_param = 4.0 + 4.0 + 8.0; // fp32 master + grad + Adam m, v (bf16 weights are gathered per use)
-        let _ = writeln!(s, "ZeRO-{stage}     {} parameters per rank ({} of fp32 master, grads and Adam moments at 16 B/param); a gathered layer holds {} parameters",
-            count(self.params_per_rank), bytes(self.params_per_rank as f64 * bytes_per_param), count(self.layer_params));
+        match lora {
+            None => {
+                let _ = writeln!(s, "ZeRO-{stage}     {} parameters per rank ({} of fp32 master, grads and Adam moments at 16 B/param); a gathered layer holds {} parameters",
+                    count(self.params_per_rank), bytes(self.params_per_rank as f64 * bytes_per_param), count(self.layer_params));
+            }
+            Some(lora) => {
+                // The adapters train; the base is held in the compute dtype, weights only.
+                let trained = (param_counts(spec, lora).0 + self.shards - 1) / self.shards;
+                let elt = if t.dtype == Dtype::Bf16 { 2.0 } else { 4.0 };
+                let _ = writeln!(s, "ZeRO-{stage}     {} trained parameters per rank ({} of fp32 master, grads and Adam moments at 16 B/param) and {} frozen ({} in {}, weights only); a gathered layer holds {} parameters",
+                    count(trained), bytes(trained as f64 * bytes_per_param), count(self.params_per_rank),
+                    bytes(self.params_per_rank as f64 * elt), format!("{:?}", t.dtype).to_lowercase(), count(self.layer_params));
+            }
+        }
         let _ = writeln!(
             s,
             "train      {} steps, micro batch {}, grad accum {}, {} tokens per optimizer step",

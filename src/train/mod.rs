@@ -434,7 +434,10 @@ impl<'a> Run<'a> {
         let (documents, squares) = if self.mesh.sp_rank == 0 { documents_and_squares(batches) } else { (0.0, 0.0) };
         let both = Tensor::from_slice(&[documents, squares]).to_device(self.world.device());
         let total: Vec<f64> = Vec::try_from(self.world.all_reduce(&both)?.to_device(Device::Cpu))?;
-        Ok(StepCost { documents: total[0] as u64, flops: flops::flops(self.spec, self.tokens as f64, total[1]) })
+        Ok(StepCost {
+            documents: total[0] as u64,
+            flops: flops::flops(self.spec, self.exp.lora.as_ref(), self.tokens as f64, total[1]),
+        })
     }
 
     /// The gradient norm, clipping and AdamW at the schedule's learning rate; returns both. GPU

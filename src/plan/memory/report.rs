@@ -23,8 +23,19 @@ pub fn table(plan: &MemoryPlan, budget: &Budget) -> String {
         let [gpu, host, disk] = cells.map(|c| c.map_or(String::new(), fmt));
         let _ = writeln!(s, "{name:<58} {gpu:>10} {host:>10} {disk:>10}");
     };
+    if est.frozen > 0.0 {
+        row(
+            "frozen base ([lora]: weights only, no state)",
+            [Some(plan.frozen_gpu), Some(plan.frozen_host), None],
+            bytes,
+        );
+    }
     row(
-        "optimizer state (fp32 master, grad, Adam m, v)",
+        if est.frozen > 0.0 {
+            "optimizer state of the adapters (fp32 master, grad, m, v)"
+        } else {
+            "optimizer state (fp32 master, grad, Adam m, v)"
+        },
         [Some(plan.optimizer_gpu), Some(plan.optimizer_host), Some(plan.optimizer_disk)],
         bytes,
     );
@@ -156,6 +167,9 @@ pub fn refusal(inputs: &PlanInputs, budget: &Budget, shortfall: &Shortfall, offl
         state_total,
         format!("{state_where} (parallel.offload_optimizer = \"{}\")", p.offload_optimizer.name()),
     );
+    if est.frozen > 0.0 {
+        row("frozen base ([lora]: weights only, no state)".into(), est.frozen, "on the GPU".into());
+    }
     let staging_if_on_gpu = state_total * est.checkpoint_staging_per_state;
     if staging_if_on_gpu > 0.0 {
         row(
@@ -208,12 +222,13 @@ pub fn refusal(inputs: &PlanInputs, budget: &Budget, shortfall: &Shortfall, offl
         StatePlacement::Host | StatePlacement::Disk => true,
     };
     let (state_on_gpu, state_off) = if state_leaves { (0.0, state_total) } else { (state_total, 0.0) };
-    let gpu_least = est.layer_working.max(est.head_working) + est.staging_reserve() + state_on_gpu;
+    let gpu_least = est.frozen + est.layer_working.max(est.head_working) + est.staging_reserve() + state_on_gpu;
     let elsewhere = state_off + n as f64 * est.input_per_layer;
     let _ = writeln!(
         s,
-        "    least need: GPU {:.1} GiB (a working set, two layers' copies in flight{}) of {}; host and disk together {:.1} GiB (the layer inputs{}) of {}",
+        "    least need: GPU {:.1} GiB ({}a working set, two layers' copies in flight{}) of {}; host and disk together {:.1} GiB (the layer inputs{}) of {}",
         gpu_least / GIB,
+        if est.frozen > 0.0 { "the frozen base, " } else { "" },
         if state_leaves { "" } else { ", the optimizer state" },
         gib_limit(budget.gpu),
         elsewhere / GIB,

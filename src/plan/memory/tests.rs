@@ -291,7 +291,7 @@ fn shortfalls_say_what_does_not_fit_where() {
     let fixed = m.as_configured().optimizer_gpu
         + (m.layer_working + 2.0 * (m.input_per_layer + m.attention_per_layer)).max(m.head_working);
     let tight = Budget { gpu: fixed - 1.0, ..Budget::UNLIMITED };
-    assert_eq!(m.placement(&tight), Err(Shortfall::Gpu { needed: fixed, budget: fixed - 1.0 }));
+    assert_eq!(m.placement(&tight), Err(Shortfall::Gpu { needed: fixed, frozen: 0.0, budget: fixed - 1.0 }));
 
     // Inputs that fit nowhere: 10 on the GPU, 10 in host memory, 10 on disk for 32 layers.
     let budget = room(&m, 10.0, 0.0, 10.0, 0.0, 10.0);
@@ -330,7 +330,7 @@ fn a_gpu_refusal_counts_the_copies_in_flight_it_needs() {
     let in_flight = 2.0 * (m.input_per_layer + m.attention_per_layer);
     let budget = Budget { gpu: 76.0 * GIB, host: 1000.0 * GIB, disk: f64::INFINITY };
     let shortfall = m.placement(&budget).unwrap_err();
-    assert_eq!(shortfall, Shortfall::Gpu { needed: m.layer_working + in_flight, budget: budget.gpu });
+    assert_eq!(shortfall, Shortfall::Gpu { needed: m.layer_working + in_flight, frozen: 0.0, budget: budget.gpu });
     let text = refusal(&PlanInputs::new(&exp, &spec, 4), &budget, &shortfall, Path::new("/tmp"));
     let rows = [
         ("working set (a layer's backward or the LM head)", m.layer_working),
@@ -646,4 +646,62 @@ fn cpu_runs_keep_the_state_in_memory_within_host_gib_then_on_disk() {
     assert_eq!(p.state, want);
     assert!(summary(&m.with_placement(&p), &p, &Budget::UNLIMITED)
         .starts_with(&format!("optimizer state of 2 of {units} units in memory / {} on disk", units - 2)));
+}
+
+/// Llama-3.1-8B (32 layers) on one H100 box as issue 32 states its budgets (76 GiB of GPU
+/// memory, 116 GiB of host memory, 58 GiB of disk), one rank, sp = 1, with `lora` or without.
+fn one_h100_box(seq: usize, lora: &str) -> (Experiment, ModelSpec, Budget) {
+    let toml = format!(
+        "[model]\npreset = \"llama3.1-8b\"\n[parallel]\nsp = 1\ndevice = \"cuda\"\nmlp_tile = 16384\nloss_tile = 2048\n[data]\npaths = [\"x\"]\nseq_len = {seq}\n[train]\ndtype = \"bf16\"\n{lora}"
+    );
+    let exp = Experiment::parse(&toml, "h100").unwrap();
+    (exp, ModelSpec::preset(Preset::Llama31_8b), Budget::from_gib(76.0, 116.0, Some(58.0), 1))
+}
+
+#[test]
+fn lora_counts_the_frozen_base_and_the_adapters_apart() {
+    let (exp, spec, _) = one_h100_box(262144, "[lora]\nrank = 16\nalpha = 32.0\n");
+    let m = Estimate::new(&PlanInputs::new(&exp, &spec, 1));
+    let full = Estimate::new(&PlanInputs::new(&exp, &spec, 1).full());
+    // The base: 2 bytes a parameter (bf16), no master, gradient or moments.
+    assert_eq!(m.frozen, spec.total_params() as f64 * 2.0);
+    assert_eq!(full.frozen, 0.0);
+    // The state: 16 bytes a parameter of the adapters (peft counts 41.94M at rank 16), nothing
+    // for the embedding and the head.
+    let state: f64 = UnitId::all(32).map(|id| m.unit_state(id)).sum();
+    assert_eq!(state, 41_943_040.0 * 16.0);
+    assert_eq!((m.state_embedding, m.state_head), (0.0, 0.0));
+    let full_state: f64 = UnitId::all(32).map(|id| full.unit_state(id)).sum();
+    assert_eq!(full_state, spec.total_params() as f64 * 16.0);
+    // A layer's backward gathers the base in bf16 without gradients; the LM head likewise.
+    let per_layer = spec.layer_params() as f64;
+    assert!(
+        (full.layer_working - m.layer_working - (per_layer * 6.0 - m.state_layer / 2.0 - 262144.0 * 4096.0 * 2.0))
+            .abs()
+            < 1.0
+    );
+    assert_eq!(full.head_working - m.head_working, (spec.vocab_size * spec.hidden_size) as f64 * 6.0);
+    // The GPU plan holds the base; the table and a refusal name it.
+    let budget = Budget::from_gib(76.0, 116.0, Some(58.0), 1);
+    let placed = m.with_placement(&m.placement(&budget).unwrap());
+    assert_eq!(placed.frozen_gpu, m.frozen);
+    assert!(placed.gpu_peak() <= budget.gpu && placed.host() <= budget.host && placed.disk() <= budget.disk);
+    assert!(table(&placed, &budget).contains("frozen base ([lora]: weights only, no state)"));
+    let small = Budget { gpu: 20.0 * GIB, ..budget };
+    let shortfall = m.placement(&small).unwrap_err();
+    assert!(matches!(shortfall, Shortfall::Gpu { frozen, .. } if frozen == m.frozen), "{shortfall:?}");
+    let text = shortfall.to_string();
+    assert!(text.starts_with(&format!("the frozen base ({}), the optimizer state", bytes(m.frozen))), "{text}");
+}
+
+#[test]
+fn lora_8b_rank_16_fits_512k_on_one_h100_box_where_full_fine_tuning_does_not() {
+    let (exp, spec, budget) = one_h100_box(524288, "[lora]\nrank = 16\nalpha = 32.0\n");
+    let inputs = PlanInputs::new(&exp, &spec, 1);
+    let lora = longest_fit(&inputs, &budget).unwrap();
+    let full = longest_fit(&inputs.full(), &budget).unwrap();
+    println!("one H100 box: LoRA rank 16 fits {lora} tokens, full fine-tuning {full}");
+    assert!(lora >= 512 * 1024, "LoRA rank 16: {lora}");
+    // Issue 32 states 336K for full fine-tuning there; this plan says 354K (2026-12-06).
+    assert!(full < 512 * 1024 && lora as f64 > 1.4 * full as f64, "full fine-tuning: {full}, LoRA: {lora}");
 }
