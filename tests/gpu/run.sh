@@ -66,6 +66,17 @@ mkdir -p "$OUTD"
 fails=0
 SP="${SP:-4}"
 u() { NGPU="$1" bash bundle/run-gpu.sh "${@:2}"; }
+# small_llama FILE: the small Llama (4 layers, hidden 512, 8 / 4 heads of 64) that the co-located
+# and ring parts train, as a Hugging Face config.json.
+small_llama() {
+  cat > "$1" <<JSON
+{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 4096, "hidden_size": 512,
+ "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
+ "head_dim": 64, "rms_norm_eps": 1e-05, "max_position_embeddings": 8192, "rope_theta": 500000.0,
+ "tie_word_embeddings": false}
+JSON
+}
+
 # PARTS picks parts (a short check before a benchmark in the same device call); default all.
 want() { [[ " ${PARTS:-store varlen sp variants packed qwen3 heldout learn} " == *" $1 "* ]]; }
 
@@ -390,12 +401,7 @@ resume = "auto"
 save_final = false
 TOML
 }
-cat > "$C/llama.json" <<JSON
-{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 4096, "hidden_size": 512,
- "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
- "head_dim": 64, "rms_norm_eps": 1e-05, "max_position_embeddings": 8192, "rope_theta": 500000.0,
- "tie_word_embeddings": false}
-JSON
+small_llama "$C/llama.json"
 u 1 data synth --task random --seq-len 8192 --num 12 --seed 2 --out "$C/rand8k" >/dev/null
 echo 8192 > "$C/rand8k.seq"
 u 1 data synth --task random --seq-len 8192 --num 12 --seed 2 --doc-len 1500 --out "$C/docs8k" >/dev/null
@@ -601,12 +607,7 @@ grep -q "ring attention matches it for every ring degree" "$OUTD/gputest-ring-co
 grep -q "comm-check: ring shifts overlap compute" "$OUTD/gputest-ring-commcheck.log" \
   && echo "PASS ring shifts overlap compute on NCCL (the communication stream)" \
   || { echo "FAIL no overlap line from comm-check"; fails=$((fails + 1)); }
-cat > "$R/llama.json" <<JSON
-{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 4096, "hidden_size": 512,
- "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
- "head_dim": 64, "rms_norm_eps": 1e-05, "max_position_embeddings": 8192, "rope_theta": 500000.0,
- "tie_word_embeddings": false}
-JSON
+small_llama "$R/llama.json"
 u 1 data synth --task random --seq-len 8192 --num 3 --seed 2 --out "$R/rand8k" >/dev/null
 u 1 data synth --task random --seq-len 65536 --num 1 --seed 2 --out "$R/rand64k" >/dev/null
 L="config = \"$R/llama.json\""
