@@ -2,8 +2,10 @@
 //! initial adapter on a tiny Llama and a tiny Qwen3 gives peft's step-1 loss and every adapter
 //! gradient (and the LM head's when it trains in full); an adapter trained here and written as a
 //! PEFT folder loads in `PeftModel.from_pretrained` to the same logits; merging gives peft's
-//! `merge_and_unload` weights. Bad input (an adapter of another model, rank 0, a target the model
-//! does not have, dropout) gives one clear message. Nothing is skipped: without peft in the venv
+//! `merge_and_unload` weights. With `lora.dropout` > 0, peft's forward with its dropout modules
+//! drawing ulysses' masks (peft_lora.py reimplements the documented formula of
+//! src/model/dropout.rs) gives the same loss and adapter gradients. Bad input (an adapter of another model, rank 0, a target the model
+//! does not have, a dropout outside [0, 1)) gives one clear message. Nothing is skipped: without peft in the venv
 //! these tests fail.
 mod model_support;
 
@@ -23,6 +25,11 @@ use ulysses::train::step::MicroBatch;
 const LOSS_REL_TOL: f64 = 1e-5;
 const GRAD_TOL: f64 = 1e-5;
 const LOGITS_TOL: f64 = 1e-4;
+/// The run seed, optimizer step and probability of the dropout cases (peft_lora.py make-dropout
+/// draws the same masks from them).
+const SEED: u64 = 21;
+const STEP: u64 = 3;
+const DROPOUT: f64 = 0.2;
 
 fn peft(args: &[&dyn AsRef<std::ffi::OsStr>]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -64,13 +71,27 @@ struct Case {
 
 impl Case {
     fn new(variant: &str, seed: u64, full: &[FullModule]) -> Case {
+        let names: Vec<&str> = full.iter().map(|m| m.peft_name()).collect();
+        Case::made(variant, &["make", &seed.to_string(), &names.join(",")], lora_config(full))
+    }
+
+    /// With `DROPOUT` on every adapter's input, peft's masks drawn as ulysses draws them.
+    fn with_dropout(variant: &str, seed: u64) -> Case {
+        let args = ["make-dropout", &seed.to_string(), &DROPOUT.to_string(), &SEED.to_string(), &STEP.to_string()];
+        Case::made(variant, &args, LoraConfig { dropout: DROPOUT, ..lora_config(&[]) })
+    }
+
+    /// peft_lora.py `command MODEL OUT args..` on the tiny model `variant`.
+    fn made(variant: &str, args: &[&str], lora: LoraConfig) -> Case {
         let dir = hf_models().join(variant);
         let out = tempfile::tempdir().expect("temp dir");
-        let names: Vec<&str> = full.iter().map(|m| m.peft_name()).collect();
-        peft(&[&"make", &dir, &out.path(), &seed.to_string(), &names.join(",")]);
+        let out_dir = out.path().to_path_buf();
+        let mut all: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&args[0], &dir, &out_dir];
+        all.extend(args[1..].iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+        peft(&all);
         let spec = ModelSpec::from_hf_config(&dir.join("config.json")).expect("config.json");
         let base = load_hf(&dir, &spec, Kind::Float, Device::Cpu).expect("load_hf").named_tensors();
-        Case { spec, base, lora: lora_config(full), out }
+        Case { spec, base, lora, out }
     }
 
     fn model_dir(&self, variant: &str) -> PathBuf {
@@ -88,21 +109,26 @@ impl Case {
     fn reference(&self) -> Reference {
         let trainable = lora::load_peft(&self.adapter(), &self.spec, &self.lora).expect("load the PEFT adapter");
         let base = self.base.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
-        Reference::with_lora(&self.spec, &self.lora, base, trainable)
+        Reference::with_lora(&self.spec, &self.lora, SEED, base, trainable)
     }
 
-    /// peft's ids with transformers' shifted labels (the last position has none).
+    /// peft's ids with transformers' shifted labels (the last position has none), rows of
+    /// samples 0, 1, .. in optimizer step `STEP`.
     fn batch(&self) -> MicroBatch {
         let ids = get(&self.peft_grads(), "ids");
         let (b, s) = (ids.size()[0], ids.size()[1]);
         let labels =
             Tensor::cat(&[ids.narrow(1, 1, s - 1), Tensor::full([b, 1], IGNORE_INDEX, (Kind::Int64, Device::Cpu))], 1);
-        MicroBatch::unpacked(ids, labels, positions(b, 0, s).copy())
+        MicroBatch { step: STEP, ..MicroBatch::unpacked(ids, labels, positions(b, 0, s).copy()) }
     }
 }
 
 fn same_loss_and_grads(variant: &str, seed: u64, full: &[FullModule]) {
-    let case = Case::new(variant, seed, full);
+    same_as_peft(variant, &Case::new(variant, seed, full));
+}
+
+/// The reference's loss and adapter gradients on `case` equal peft's; returns the loss.
+fn same_as_peft(variant: &str, case: &Case) -> f64 {
     let reference = case.reference();
     let (loss, grads) = reference.loss_and_grads(&[case.batch()]);
     let theirs = case.peft_grads();
@@ -114,6 +140,21 @@ fn same_loss_and_grads(variant: &str, seed: u64, full: &[FullModule]) {
     for ((name, _), g) in reference.named().iter().zip(&grads) {
         assert!(g.abs().max().double_value(&[]) > 0.0, "{variant}: {name} got no gradient");
         assert_close(&format!("{variant}: gradient of {name}"), g, &get(&theirs, &peft_key(name)), GRAD_TOL);
+    }
+    loss
+}
+
+/// PEFT's dropout semantics (the adapter sees `dropout(x)`, kept values scaled 1/(1-p), the base
+/// x) with ulysses' masks: peft's loss and adapter gradients. The masks drop something: the same
+/// adapters without dropout give another loss.
+#[test]
+fn dropout_matches_peft_drawing_the_same_masks() {
+    for (variant, seed) in [("untied", 16), ("qwen3", 17)] {
+        let case = Case::with_dropout(variant, seed);
+        let dropped = same_as_peft(variant, &case);
+        let batch = case.batch();
+        let plain = Case { lora: lora_config(&[]), ..case }.reference().loss_and_grads(&[batch]).0;
+        assert!((dropped - plain).abs() > 1e-4 * plain, "{variant}: dropout changes the loss: {dropped} vs {plain}");
     }
 }
 
@@ -209,8 +250,14 @@ fn bad_lora_sections_name_the_field_and_what_is_valid() {
     };
     let p = problems("rank = 0\n");
     assert!(p.iter().any(|e| e.starts_with("lora.rank: = 0 must be at least 1")), "{p:?}");
-    let p = problems("dropout = 0.1\n");
-    assert!(p.iter().any(|e| e.starts_with("lora.dropout: = 0.1 is not supported; use 0")), "{p:?}");
+    for bad in ["1.0", "-0.1", "1.5"] {
+        let p = problems(&format!("dropout = {bad}\n"));
+        let want = format!("lora.dropout: = {} is outside [0, 1)", bad.parse::<f64>().unwrap());
+        assert!(p.iter().any(|e| e.starts_with(&want)), "{p:?}");
+    }
+    let exp = Experiment::parse(&format!("{base}dropout = 0.1\n"), "exp.toml").expect("parses");
+    let errors: Vec<String> = validate(&exp, None).err().into_iter().flatten().map(|p| p.to_string()).collect();
+    assert!(errors.iter().all(|e| !e.contains("lora.dropout")), "dropout 0.1 is valid: {errors:?}");
     let p = problems("targets = []\n");
     assert!(p.iter().any(|e| e.starts_with("lora.targets: is empty")), "{p:?}");
     let err = Experiment::parse(&format!("{base}targets = [\"q\", \"fc1\"]\n"), "exp.toml").unwrap_err().to_string();

@@ -21,6 +21,9 @@ use ulysses::train::reference::Reference;
 use ulysses::train::step::{micro_step, Frozen, MicroBatch, StepContext};
 use ulysses::train::store::ActivationStore;
 
+/// The run's seed the dropout masks are drawn from.
+const SEED: u64 = 11;
+
 fn named(list: &[(String, Tensor)], name: &str) -> Tensor {
     list.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no {name}")).1.shallow_clone()
 }
@@ -98,9 +101,12 @@ fn context<'a>(
     }
 }
 
-fn check(tied: bool, full: &[FullModule], keep: bool, kept_mlp: bool) {
+/// The step's loss and every trainable gradient against the reference's, with adapters of
+/// dropout `dropout` (the MLP tiles of 8 tokens cut the 29 tokens unevenly: a tile's mask must
+/// be its tokens' part of the sequence's). Returns the loss.
+fn check(tied: bool, full: &[FullModule], keep: bool, kept_mlp: bool, dropout: f64) -> f64 {
     let spec = ModelSpec { tie_word_embeddings: tied, ..ModelSpec::preset(Preset::Tiny) };
-    let lora = LoraConfig { rank: 4, alpha: 8.0, train_fully: full.to_vec(), ..LoraConfig::default() };
+    let lora = LoraConfig { rank: 4, alpha: 8.0, dropout, train_fully: full.to_vec(), ..LoraConfig::default() };
     let base = scaled_weights(&spec, 9).named_tensors();
     let train = trainable(&spec, &lora, &base);
     let groups = Groups::solo();
@@ -113,15 +119,16 @@ fn check(tied: bool, full: &[FullModule], keep: bool, kept_mlp: bool) {
         .view([b, s]);
     let labels = ids.roll([-1], [1]);
     let _ = labels.narrow(1, s - 1, 1).fill_(-100);
-    let batch = MicroBatch::unpacked(ids, labels, positions(b, 0, s).copy());
+    let batch =
+        MicroBatch { step: 3, samples: vec![5, 2], ..MicroBatch::unpacked(ids, labels, positions(b, 0, s).copy()) };
     let n = batch.valid_labels() as f64;
 
     let copy = |l: &[(String, Tensor)]| l.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
-    let reference = Reference::with_lora(&spec, &lora, copy(&base), copy(&train));
+    let reference = Reference::with_lora(&spec, &lora, SEED, copy(&base), copy(&train));
     let (loss, grads) = reference.loss_and_grads(std::slice::from_ref(&batch));
 
     let profiler = Profiler::new(Device::Cpu, false);
-    let ctx = context(&spec, &groups, &profiler, Frozen { base: &frozen, lora: &lora }, keep, kept_mlp);
+    let ctx = context(&spec, &groups, &profiler, Frozen { base: &frozen, lora: &lora, seed: SEED }, keep, kept_mlp);
     let dir = tempfile::tempdir().unwrap();
     let mut store = ActivationStore::new(Device::Cpu, dir.path(), 0).unwrap();
     let sum = micro_step(&ctx, &mut params, &mut store, &batch, n, &mut Default::default(), None).unwrap();
@@ -141,31 +148,44 @@ fn check(tied: bool, full: &[FullModule], keep: bool, kept_mlp: bool) {
     // Exactly the trainable tensors are units: the base has no gradient anywhere.
     assert_eq!(checked, reference.named().len());
     assert!(frozen.bytes() > 0);
+    loss
 }
 
 #[test]
 fn lora_step_equals_the_reference_recomputed_attention() {
-    check(false, &[], false, false);
+    check(false, &[], false, false, 0.0);
 }
 
 #[test]
 fn lora_step_equals_the_reference_kept_attention_and_mlp() {
-    check(false, &[], true, true);
+    check(false, &[], true, true, 0.0);
 }
 
 #[test]
 fn lora_step_with_the_lm_head_trained_in_full() {
-    check(false, &[FullModule::LmHead], true, false);
+    check(false, &[FullModule::LmHead], true, false, 0.0);
 }
 
 #[test]
 fn lora_step_tied_with_the_embedding_trained_in_full() {
-    check(true, &[FullModule::Embed], false, true);
+    check(true, &[FullModule::Embed], false, true, 0.0);
 }
 
 #[test]
 fn lora_step_tied_with_a_frozen_embedding() {
-    check(true, &[], true, true);
+    check(true, &[], true, true, 0.0);
+}
+
+/// With dropout the step's masks (forward without a graph, recompute with autograd, the MLP's
+/// hand-written backward, kept or recomputed) are the reference's, which draws them once over
+/// the whole sequence; and they drop something: the loss moves away from the undropped one.
+#[test]
+fn lora_step_with_dropout_equals_the_reference_recomputed_and_kept() {
+    let plain = check(false, &[], false, false, 0.0);
+    for (keep, kept_mlp) in [(false, false), (true, true), (true, false), (false, true)] {
+        let dropped = check(false, &[], keep, kept_mlp, 0.3);
+        assert!((dropped - plain).abs() > 1e-4 * plain, "dropout 0.3 changes the loss: {dropped} vs {plain}");
+    }
 }
 
 /// `ulysses check` says what a `[lora]` section trains: for Llama-3.1-8B with rank 16 on every
@@ -211,7 +231,7 @@ fn training_leaves_the_frozen_base_bit_identical() {
         let world = groups.world.as_ref();
         let (frozen, mut params) = shards(&spec, &lora, &base, &train, stage, world);
         let profiler = Profiler::new(Device::Cpu, false);
-        let ctx = context(&spec, &groups, &profiler, Frozen { base: &frozen, lora: &lora }, true, true);
+        let ctx = context(&spec, &groups, &profiler, Frozen { base: &frozen, lora: &lora, seed: SEED }, true, true);
         let dir = tempfile::tempdir().unwrap();
         let mut store = ActivationStore::new(Device::Cpu, dir.path(), 0).unwrap();
         let adamw = AdamW::new(&TrainConfig { weight_decay: 0.1, ..TrainConfig::default() });

@@ -3,7 +3,9 @@
 //! base as a constant, PEFT's initial adapters) step by step, which also shows the base never
 //! moved; every (sp, dp) layout, packed documents, the ring and state on disk equal one rank
 //! (loss 1e-6 relative, adapters 1e-5); checkpoints hold only the trained units and resume
-//! exactly, in the same layout and in another; bad `[lora]` input stops with one message.
+//! exactly, in the same layout and in another; bad `[lora]` input stops with one message. With
+//! `lora.dropout` the single-rank run equals the reference drawing the same masks, sp 2 and 4, dp
+//! 2 and the ring equal one rank, and the held-out loss is computed without dropout.
 mod ckpt_common;
 mod common;
 use common::*;
@@ -156,9 +158,93 @@ fn single_rank_lora_run_equals_the_reference() {
     let spec = ulysses::config::validate(&exp, Some(1)).unwrap();
     let lora = exp.lora.clone().unwrap();
     let base = common::reference::initial_weights(&exp);
-    let reference = Reference::with_lora(&spec, &lora, base, init_adapters(&spec, &lora, exp.run.seed));
+    let reference = Reference::with_lora(&spec, &lora, exp.run.seed, base, init_adapters(&spec, &lora, exp.run.seed));
     let want = train_reference(&exp, reference);
     assert_same_run("single-rank LoRA vs the reference", &want, &got);
+}
+
+/// With dropout 0.1: the single-rank run equals the reference (which draws each step's masks
+/// over whole sequences), and sp 2 and 4, dp 2 (against one rank's micro batch of 2) and ulysses 1
+/// × ring 2 (zigzag halves) equal one rank: every rank draws its tokens' part of the same masks,
+/// in the forward and in backward's recompute.
+#[test]
+fn lora_dropout_equals_the_reference_and_one_rank_in_every_layout() {
+    use ulysses::config::Experiment;
+    use ulysses::model::lora::init_adapters;
+    use ulysses::train::reference::Reference;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let d = dir.path();
+    let drop = |r: Run| r.set("lora.dropout=0.1");
+    let one = drop(Run::new("drop-one", 1, 1));
+    one.train(d, &data);
+    let single = one.outputs(d);
+    let exp = Experiment::load(&one.write(d, &data)).unwrap();
+    let spec = ulysses::config::validate(&exp, Some(1)).unwrap();
+    let lora = ulysses::config::LoraConfig { dropout: 0.1, ..exp.lora.clone().unwrap() };
+    let base = common::reference::initial_weights(&exp);
+    let reference = Reference::with_lora(&spec, &lora, exp.run.seed, base, init_adapters(&spec, &lora, exp.run.seed));
+    let want = train_reference(&exp, reference);
+    assert_same_run("single-rank LoRA with dropout vs the reference", &want, &single);
+    // The masks drop something: the run without dropout has other losses from step 2 on (B = 0
+    // at step 1, so the adapters add nothing there yet).
+    let plain = Run::new("plain-one", 1, 1);
+    plain.train(d, &data);
+    let (plain_losses, _) = plain.outputs(d);
+    assert!((plain_losses[1] - single.0[1]).abs() > 1e-6 * plain_losses[1], "{plain_losses:?} vs {:?}", single.0);
+
+    for sp in [2, 4] {
+        let r = drop(Run::new(&format!("drop-sp{sp}"), sp, 1));
+        r.train(d, &data);
+        assert_same_run(&r.name, &single, &r.outputs(d));
+    }
+    let ring = drop(Run::new("drop-ring", 2, 1)).set("parallel.ring=2");
+    ring.train(d, &data);
+    assert_same_run(&ring.name, &single, &ring.outputs(d));
+    let mb2 = drop(Run { micro_batch: 2, ..Run::new("drop-mb2", 1, 1) });
+    mb2.train(d, &data);
+    let dp2 = drop(Run::new("drop-dp2", 1, 2));
+    dp2.train(d, &data);
+    assert_same_run(&dp2.name, &mb2.outputs(d), &dp2.outputs(d));
+}
+
+/// The held-out loss is computed without dropout: from an adapter with B ≠ 0 and a learning rate
+/// too small to move any fp32 weight, a run with dropout 0.1 has the run without dropout's
+/// held-out losses bit for bit, while its training losses differ (the masks act in training).
+#[test]
+fn the_held_out_loss_does_not_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let d = dir.path();
+    let spec = ulysses::model::spec::ModelSpec::preset(ulysses::model::spec::Preset::Tiny);
+    let lora = ulysses::config::LoraConfig { rank: 4, alpha: 16.0, ..Default::default() };
+    let named: Vec<(String, Tensor)> = ulysses::model::lora::init_adapters(&spec, &lora, 5)
+        .into_iter()
+        .map(|(n, t)| if n.contains("lora_B") { (n, Tensor::randn_like(&t) * 0.3) } else { (n, t) })
+        .collect();
+    let adapter = d.join("adapter");
+    ulysses::model::lora::save_peft(&adapter, &spec, &lora, &named, tch::Kind::Float, "tiny").unwrap();
+    let run = |name: &str, dropout: f64| {
+        let r = Run { steps: 2, ..Run::new(name, 1, 1) }
+            .set(&format!("lora.adapter=\"{}\"", adapter.display()))
+            .set(&format!("lora.dropout={dropout}"))
+            .set(&format!("data.eval_paths=[\"{}\"]", data.display()))
+            .set("train.eval_every=1")
+            .set("train.lr=1e-30")
+            .set("train.min_lr=0.0");
+        r.train(d, &data);
+        let f = hdf5::File::open(r.run_dir(d).join("metrics.h5")).unwrap();
+        let read = |name: &str| -> Vec<f64> { f.dataset(&format!("steps/{name}")).unwrap().read_raw().unwrap() };
+        (read("loss"), read("eval_loss"))
+    };
+    let (dropped, dropped_eval) = run("dropped", 0.1);
+    let (plain, plain_eval) = run("plain", 0.0);
+    assert!(dropped_eval.iter().all(|l| l.is_finite()) && dropped_eval.len() == 2, "{dropped_eval:?}");
+    assert_eq!(dropped_eval, plain_eval, "held-out losses");
+    for (a, b) in dropped.iter().zip(&plain) {
+        assert!((a - b).abs() > 1e-6 * b, "training losses differ: {dropped:?} vs {plain:?}");
+    }
 }
 
 #[test]

@@ -16,9 +16,9 @@ pub struct RunState {
     pub step: u64,
     pub total_steps: u64,
     pub data: DataPosition,
-    /// Training draws no random numbers after initialisation (no dropout): the data order is a
-    /// function of (seed, epoch) and the initial weights of the seed, so the seed together with
-    /// `data` is the complete RNG state.
+    /// Training draws no random numbers after initialisation: the data order is a function of
+    /// (seed, epoch), the initial weights of the seed and LoRA's dropout masks of (seed, step, ..)
+    /// (`model::dropout`), so the seed together with `data` is the complete RNG state.
     pub seed: u64,
     /// The layout at save time, for the record: loading works with any other.
     pub layout: Layout,

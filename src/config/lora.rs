@@ -12,7 +12,8 @@ pub struct LoraConfig {
     pub rank: i64,
     /// The update is scaled by alpha / rank (PEFT's `lora_alpha`).
     pub alpha: f64,
-    /// Dropout on the adapters' input; only 0 is supported (see `validate`).
+    /// Dropout on the adapters' input in training, in [0, 1) (`model::dropout`: the mask is a
+    /// function of the step, layer, projection, sample, token position and feature).
     pub dropout: f64,
     /// The projections that get adapters: any of q, k, v, o, gate, up, down (PEFT's module names
     /// q_proj, ..., down_proj also read). Default: all seven.
@@ -142,15 +143,12 @@ pub fn problems(lora: &LoraConfig, spec: Option<&crate::model::spec::ModelSpec>)
     if !(lora.alpha > 0.0 && lora.alpha.is_finite()) {
         bad("lora.alpha", format!("= {} must be a positive number (the update is scaled by alpha / rank)", lora.alpha));
     }
-    // The step recomputes every projection in backward, on any split of the sequence: a dropout
-    // mask would have to be a function of (step, layer, projection, global token position) to be
-    // the same in the recompute and on every layout, and that generator is not written yet.
-    if lora.dropout != 0.0 {
+    if !(0.0..1.0).contains(&lora.dropout) {
         bad(
             "lora.dropout",
             format!(
-                "= {} is not supported; use 0: backward recomputes each layer, so the mask would have to be drawn \
-                 per token position to match its recompute and every sequence-parallel layout",
+                "= {} is outside [0, 1): the probability that an element of an adapter's input is dropped \
+                 (0: no dropout; PEFT's usual 0.05 or 0.1)",
                 lora.dropout
             ),
         );

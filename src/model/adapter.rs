@@ -2,6 +2,7 @@
 //! the projection and its hand-written backward), and a decoder layer's set of them. Plain tensors
 //! that `LayerWeights` holds, so the model's parameters need nothing else of LoRA (`lora` builds on
 //! both: applying, initialising, reading, writing and merging adapters).
+use super::dropout::LayerDropout;
 use super::spec::adapter::layer_adapter_shapes;
 use super::spec::ModelSpec;
 use crate::config::lora::{LoraConfig, LoraTarget};
@@ -15,42 +16,85 @@ pub struct Adapter {
 }
 
 impl Adapter {
-    /// The adapter's share of the projection of x [.., in]: `scale · (x·Aᵀ)·Bᵀ`, [.., out].
-    pub fn delta(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.a, None::<Tensor>).linear(&self.b, None::<Tensor>) * self.scale
+    /// The adapter's share of the projection of x [.., in]: `scale · (x·Aᵀ)·Bᵀ`, [.., out]; with
+    /// `dropout`, of `dropout(x)` (`target`'s mask).
+    pub fn delta(&self, target: LoraTarget, x: &Tensor, dropout: Option<&LayerDropout>) -> Tensor {
+        let u = match dropout {
+            None => x.linear(&self.a, None::<Tensor>),
+            Some(d) => d.project(target, x, &self.a),
+        };
+        u.linear(&self.b, None::<Tensor>) * self.scale
     }
 
     /// By hand, for a backward that has the projection's output gradient `g` [b, t, out] and its
     /// input `x` [b, t, in]: (x's extra gradient `scale·(g·B)·A`, A's gradient
-    /// `scale·(g·B)ᵀ·x`, B's gradient `scale·gᵀ·(x·Aᵀ)`), all rank-r products.
-    pub fn backward(&self, x: &Tensor, g: &Tensor) -> (Tensor, Tensor, Tensor) {
+    /// `scale·(g·B)ᵀ·x`, B's gradient `scale·gᵀ·(x·Aᵀ)`), all rank-r products; with `dropout`,
+    /// `dropout(x)` in place of x and x's gradient masked alike.
+    pub fn backward(
+        &self,
+        target: LoraTarget,
+        x: &Tensor,
+        g: &Tensor,
+        dropout: Option<&LayerDropout>,
+    ) -> (Tensor, Tensor, Tensor) {
         let r = self.a.size()[0];
         let (out, inp) = (self.b.size()[0], self.a.size()[1]);
         // [b·t, out] @ [out, r] -> [b·t, r]
         let gb = g.reshape([-1, out]).mm(&self.b) * self.scale;
-        let xf = x.reshape([-1, inp]);
-        // [b·t, r] @ [r, in] -> [b, t, in]
-        let grad_x = gb.mm(&self.a).view(x.size().as_slice());
-        // [r, b·t] @ [b·t, in] -> [r, in]
-        let grad_a = gb.tr().mm(&xf);
+        let (grad_x, grad_a, u) = match dropout {
+            Some(d) => d.backward(target, x, &self.a, &gb),
+            None => {
+                let xf = x.reshape([-1, inp]);
+                // [b·t, r] @ [r, in] -> [b, t, in]; [r, b·t] @ [b·t, in] -> [r, in]; [b·t, r]
+                (gb.mm(&self.a).view(x.size().as_slice()), gb.tr().mm(&xf), xf.mm(&self.a.tr()))
+            }
+        };
         // [out, b·t] @ [b·t, r] -> [out, r]
-        let grad_b = g.reshape([-1, out]).tr().mm(&xf.mm(&self.a.tr())) * self.scale;
+        let grad_b = g.reshape([-1, out]).tr().mm(&u) * self.scale;
         debug_assert_eq!(grad_a.size(), [r, inp]);
         (grad_x, grad_a, grad_b)
     }
 }
 
-/// The adapters of one decoder layer, by target (none: the plain layer).
+/// The adapters of one decoder layer, by target (none: the plain layer), and in training with
+/// `lora.dropout` > 0 the dropout of their inputs.
 #[derive(Default)]
-pub struct LayerAdapters(Vec<(LoraTarget, Adapter)>);
+pub struct LayerAdapters {
+    adapters: Vec<(LoraTarget, Adapter)>,
+    pub dropout: Option<LayerDropout>,
+}
 
 impl LayerAdapters {
     pub fn get(&self, target: LoraTarget) -> Option<&Adapter> {
-        self.0.iter().find(|(t, _)| *t == target).map(|(_, a)| a)
+        self.adapters.iter().find(|(t, _)| *t == target).map(|(_, a)| a)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.adapters.is_empty()
+    }
+
+    /// `target`'s adapter share of the projection of x (`Adapter::delta`), None without one.
+    pub fn delta(&self, target: LoraTarget, x: &Tensor) -> Option<Tensor> {
+        self.get(target).map(|a| a.delta(target, x, self.dropout.as_ref()))
+    }
+
+    /// `target`'s `Adapter::backward` and its A and B, None without one.
+    pub fn backward(&self, target: LoraTarget, x: &Tensor, g: &Tensor) -> Option<(Tensor, [(&Tensor, Tensor); 2])> {
+        let a = self.get(target)?;
+        let (grad_x, grad_a, grad_b) = a.backward(target, x, g, self.dropout.as_ref());
+        Some((grad_x, [(&a.a, grad_a), (&a.b, grad_b)]))
+    }
+
+    /// The same adapters for the tokens `start..start + len` of the layer's (an MLP tile): their
+    /// dropout narrowed to those tokens. None without dropout: the adapters themselves serve.
+    pub fn tokens(&self, start: i64, len: i64) -> Option<LayerAdapters> {
+        let dropout = self.dropout.as_ref()?.tokens(start, len);
+        let adapters = self
+            .adapters
+            .iter()
+            .map(|(t, a)| (*t, Adapter { a: a.a.shallow_clone(), b: a.b.shallow_clone(), scale: a.scale }))
+            .collect();
+        Some(LayerAdapters { adapters, dropout: Some(dropout) })
     }
 
     /// From one layer's adapter tensors in `layer_adapter_shapes` order (A then B per target).
@@ -65,12 +109,12 @@ impl LayerAdapters {
             let (a, b) = (it.next().expect("A"), it.next().expect("B"));
             out.push((target, Adapter { a, b, scale: lora.scale() }));
         }
-        LayerAdapters(out)
+        LayerAdapters { adapters: out, dropout: None }
     }
 
     /// The tensors, in `layer_adapter_shapes` order.
     pub fn tensors(&self) -> Vec<&Tensor> {
-        self.0.iter().flat_map(|(_, a)| [&a.a, &a.b]).collect()
+        self.adapters.iter().flat_map(|(_, a)| [&a.a, &a.b]).collect()
     }
 }
 
@@ -79,6 +123,6 @@ impl IntoIterator for LayerAdapters {
     type IntoIter = std::vec::IntoIter<(LoraTarget, Adapter)>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.0.into_iter()
+        self.adapters.into_iter()
     }
 }

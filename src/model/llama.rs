@@ -84,7 +84,10 @@ pub fn post_attention(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, attn: &Ten
     let s = h.size()[1];
     let tiles: Vec<Tensor> = seq_tiles(s, mlp_tile)
         // [b, s, h] -> [b, tile, h]
-        .map(|(start, len)| mlp_residual(spec, w, &h.narrow(1, start, len)))
+        .map(|(start, len)| {
+            let tile_w = w.tokens(start, len);
+            mlp_residual(spec, tile_w.as_ref().unwrap_or(w), &h.narrow(1, start, len))
+        })
         .collect();
     // [b, tile, h] x n -> [b, s, h]
     Tensor::cat(&tiles, 1)
@@ -114,6 +117,8 @@ pub fn post_attention_no_grad(
         });
         for (start, len) in seq_tiles(s, mlp_tile) {
             let mut tile = h.narrow(1, start, len);
+            let tile_w = w.tokens(start, len);
+            let w = tile_w.as_ref().unwrap_or(w);
             let (mut gate, up) = mlp_projections(spec, w, &tile);
             if let Some((g, u)) = &kept {
                 g.narrow(1, start, len).copy_(&gate);

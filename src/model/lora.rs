@@ -34,10 +34,37 @@ impl LayerWeights {
     pub fn project(&self, target: LoraTarget, x: &Tensor) -> Tensor {
         let (w, bias) = self.weight(target);
         let y = x.linear(w, bias);
-        match self.adapters.get(target) {
-            Some(a) => y + a.delta(x),
+        match self.adapters.delta(target, x) {
+            Some(delta) => y + delta,
             None => y,
         }
+    }
+
+    /// These weights for the tokens `start..start + len` of the layer's input (an MLP tile), so
+    /// that the adapters' dropout masks follow the tokens; None without dropout (the weights
+    /// themselves serve any tile).
+    pub fn tokens(&self, start: i64, len: i64) -> Option<LayerWeights> {
+        let adapters = self.adapters.tokens(start, len)?;
+        let c = |t: &Tensor| t.shallow_clone();
+        let o = |t: &Option<Tensor>| t.as_ref().map(c);
+        Some(LayerWeights {
+            attn_norm: c(&self.attn_norm),
+            wq: c(&self.wq),
+            wk: c(&self.wk),
+            wv: c(&self.wv),
+            wo: c(&self.wo),
+            mlp_norm: c(&self.mlp_norm),
+            w_gate: c(&self.w_gate),
+            w_up: c(&self.w_up),
+            w_down: c(&self.w_down),
+            bq: o(&self.bq),
+            bk: o(&self.bk),
+            bv: o(&self.bv),
+            bo: o(&self.bo),
+            q_norm: o(&self.q_norm),
+            k_norm: o(&self.k_norm),
+            adapters,
+        })
     }
 }
 

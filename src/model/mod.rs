@@ -1,6 +1,7 @@
 //! Llama on tch. Parallelism reaches the model only through seams (attention core, parameter
 //! source); nothing here imports `comm`.
 pub mod adapter;
+pub mod dropout;
 mod error;
 pub mod llama;
 pub mod lora;

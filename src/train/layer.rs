@@ -346,6 +346,9 @@ impl DecoderLayer {
             let grad_h = grad_y;
             for (start, len) in seq_tiles(h.size()[1], seg.mlp_tile) {
                 let (mut g, h_tile) = (grad_h.narrow(1, start, len), leaf(&h.narrow(1, start, len)));
+                // The adapters' dropout masks follow the tile's tokens.
+                let tile_w = w.tokens(start, len);
+                let w = tile_w.as_ref().unwrap_or(w);
                 match &mlp {
                     None => self.mlp_backward(seg, w, &h_tile, &g)?,
                     Some((gate, up)) => self.kept_mlp_backward(
@@ -460,10 +463,9 @@ fn project_backward<'w>(
     if weight.requires_grad() {
         grads.push((weight, transposed_mm(g, x)));
     }
-    match w.adapters.get(target) {
-        Some(a) => {
-            let (extra, grad_a, grad_b) = a.backward(x, g);
-            grads.extend([(&a.a, grad_a), (&a.b, grad_b)]);
+    match w.adapters.backward(target, x, g) {
+        Some((extra, adapter_grads)) => {
+            grads.extend(adapter_grads);
             grad_x + extra
         }
         None => grad_x,

@@ -82,7 +82,11 @@ pub fn run(
         documents: document_kernels,
         // The config validator refused a ring without a kernel that returns the log-sum-exp.
         ring: (mesh.ring > 1).then(|| exp.parallel.fused_attention()).flatten(),
-        frozen: base.as_ref().zip(exp.lora.as_ref()).map(|(base, lora)| step::Frozen { base, lora }),
+        frozen: base.as_ref().zip(exp.lora.as_ref()).map(|(base, lora)| step::Frozen {
+            base,
+            lora,
+            seed: exp.run.seed,
+        }),
     };
     if let (Some(k), 0) = (ctx.ring, mesh.world_rank) {
         log::info!(
@@ -348,7 +352,7 @@ impl<'a> Run<'a> {
         let t0 = Instant::now();
         crate::oom::set_phase(format!("step {step}, forward and backward"));
         crate::oom::inject_for_tests("step");
-        let batches = self.next_batches()?;
+        let batches = self.next_batches(step)?;
         times.data = t0.elapsed().as_secs_f64();
         let n_local: i64 = batches.iter().map(MicroBatch::valid_labels).sum();
         // A step whose labels are all ignored has loss 0 and no gradient, not 0 / 0.
@@ -421,10 +425,12 @@ impl<'a> Run<'a> {
         Ok(Flow::Continue)
     }
 
-    /// The step's `train.grad_accum` micro batches, on the compute device.
-    fn next_batches(&mut self) -> Result<Vec<MicroBatch>> {
+    /// Step `step`'s `train.grad_accum` micro batches, on the compute device.
+    fn next_batches(&mut self, step: usize) -> Result<Vec<MicroBatch>> {
         (0..self.exp.train.grad_accum)
-            .map(|_| Ok(MicroBatch::from_batch(&self.loader.next_batch()?, self.device)))
+            .map(|_| {
+                Ok(MicroBatch { step: step as u64, ..MicroBatch::from_batch(&self.loader.next_batch()?, self.device) })
+            })
             .collect()
     }
 

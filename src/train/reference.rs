@@ -8,6 +8,7 @@
 use super::step::MicroBatch;
 use crate::config::LoraConfig;
 use crate::data::IGNORE_INDEX;
+use crate::model::dropout::Draw;
 use crate::model::llama::{forward_logits, AttentionCore, LocalAttention, ModelWeights};
 use crate::model::lora;
 use crate::model::mask::{dense_mask, MaskedAttention};
@@ -26,6 +27,8 @@ pub struct Reference {
     /// With LoRA: the section and the frozen base weights (fp32, no gradient); `params` are then
     /// the adapters and the modules trained in full.
     lora: Option<(LoraConfig, Vec<(String, Tensor)>)>,
+    /// The run's seed, which LoRA's dropout masks are drawn from.
+    seed: u64,
 }
 
 impl Reference {
@@ -43,20 +46,23 @@ impl Reference {
             params,
             steps: 0,
             lora: None,
+            seed: 0,
         }
     }
 
     /// LoRA on a frozen base: `base` is every weight of `spec`'s model, `trainable` the adapters
     /// and modules trained in full (`adapter::trainable_shapes`), which alone get gradients and
-    /// optimizer steps.
+    /// optimizer steps. With `lora.dropout` > 0 the adapters' inputs drop with the masks of a run
+    /// seeded `seed` (each micro batch's step, samples and positions: `model::dropout`).
     pub fn with_lora(
         spec: &ModelSpec,
         lora: &LoraConfig,
+        seed: u64,
         base: Vec<(String, Tensor)>,
         trainable: Vec<(String, Tensor)>,
     ) -> Reference {
         let frozen = base.into_iter().map(|(n, t)| (n, t.to_kind(Kind::Float).detach())).collect();
-        Reference { lora: Some((lora.clone(), frozen)), ..Reference::new(spec, trainable) }
+        Reference { lora: Some((lora.clone(), frozen)), seed, ..Reference::new(spec, trainable) }
     }
 
     /// The model the parameters make: all of it, or the frozen base with the adapters attached.
@@ -79,7 +85,7 @@ impl Reference {
     /// The optimizer step's loss, the sum of every token's cross-entropy over `batches` divided by
     /// their valid labels (the token-weighted mean), and its gradient for each parameter.
     pub fn loss_and_grads(&self, batches: &[MicroBatch]) -> (f64, Vec<Tensor>) {
-        let w = self.weights();
+        let mut w = self.weights();
         let valid: i64 = batches.iter().map(MicroBatch::valid_labels).sum();
         let mut loss = Tensor::zeros([], (Kind::Float, self.params[0].1.device()));
         for b in batches {
@@ -94,6 +100,13 @@ impl Reference {
                 Some(mask) => &MaskedAttention { mask },
                 None => &LocalAttention,
             };
+            // LoRA's dropout: every adapter's input masked as the micro batch draws it.
+            if let Some((lora, _)) = self.lora.as_ref().filter(|(l, _)| l.dropout > 0.0) {
+                let draw = Draw::new(lora.dropout, self.seed, b.step, &b.samples, b.token_positions());
+                for (l, layer) in w.layers.iter_mut().enumerate() {
+                    layer.adapters.dropout = Some(draw.layer(l));
+                }
+            }
             let logits = forward_logits(&self.spec, &w, &b.input_ids, &b.position_ids, core);
             // [b, s, V] -> [b*s, V]; labels [b, s] -> [b*s]
             let flat = logits.view([-1, self.spec.vocab_size]);

@@ -18,6 +18,7 @@ use crate::metrics::position::PositionLoss;
 use crate::metrics::profile::Profiler;
 use crate::metrics::StepTimes;
 use crate::model::adapter::LayerAdapters;
+use crate::model::dropout::Draw;
 use crate::model::llama::{self, seq_tiles, LayerWeights};
 use crate::model::mask::DocumentMask;
 use crate::model::rope::Rope;
@@ -28,6 +29,7 @@ use crate::parallel::ring::Ring;
 use crate::parallel::zero::{ShardedParams, UnitId};
 use crate::plan::memory::Placement;
 use anyhow::Result;
+use std::rc::Rc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -58,6 +60,8 @@ pub struct StepContext<'a> {
 pub struct Frozen<'a> {
     pub base: &'a FrozenParams,
     pub lora: &'a LoraConfig,
+    /// The run's seed (`run.seed`): the adapters' dropout masks are drawn from it.
+    pub seed: u64,
 }
 
 impl StepContext<'_> {
@@ -88,6 +92,10 @@ pub struct MicroBatch {
     pub documents: Vec<Documents>,
     /// The global token ranges the rank holds, in order (two zigzag pieces at most with a ring).
     pub spans: Vec<std::ops::Range<usize>>,
+    /// Each row's sample (its index in the data set) and the optimizer step the micro batch
+    /// belongs to: with the token positions, where the adapters' dropout masks are drawn.
+    pub samples: Vec<u64>,
+    pub step: u64,
 }
 
 impl MicroBatch {
@@ -101,13 +109,23 @@ impl MicroBatch {
             position_ids: t(&b.position_ids),
             documents: b.documents.clone(),
             spans: b.spans.clone(),
+            samples: b.sample_indices.iter().map(|&i| i as u64).collect(),
+            step: 0,
         }
     }
 
     /// A micro batch of unpacked samples (each one document) starting at position 0.
     pub fn unpacked(input_ids: Tensor, labels: Tensor, position_ids: Tensor) -> MicroBatch {
         let (b, s) = (input_ids.size()[0] as usize, input_ids.size()[1] as usize);
-        MicroBatch { input_ids, labels, position_ids, documents: vec![Documents::whole(s); b], spans: vec![0..s] }
+        MicroBatch {
+            input_ids,
+            labels,
+            position_ids,
+            documents: vec![Documents::whole(s); b],
+            spans: vec![0..s],
+            samples: (0..b as u64).collect(),
+            step: 0,
+        }
     }
 
     pub fn valid_labels(&self) -> i64 {
@@ -122,8 +140,19 @@ impl MicroBatch {
     /// Each token's position in its sample, `[b, s_local]`.
     pub fn sequence_positions(&self) -> Tensor {
         let b = self.input_ids.size()[0];
+        self.token_positions().unsqueeze(0).repeat([b, 1])
+    }
+
+    /// The position in the sample of each token the rank holds, `[s_local]` (every row's).
+    pub fn token_positions(&self) -> Tensor {
         let p: Vec<i64> = self.positions().map(|p| p as i64).collect();
-        Tensor::from_slice(&p).to_device(self.input_ids.device()).unsqueeze(0).repeat([b, 1])
+        Tensor::from_slice(&p).to_device(self.input_ids.device())
+    }
+
+    /// The adapters' dropout of this micro batch in training (`lora.dropout` > 0), else None.
+    fn dropout(&self, ctx: &StepContext) -> Option<Rc<Draw>> {
+        let f = ctx.frozen.filter(|f| f.lora.dropout > 0.0)?;
+        Some(Draw::new(f.lora.dropout, f.seed, self.step, &self.samples, self.token_positions()))
     }
 
     /// Each token's position within its document, `[b, s_local]`.
@@ -153,7 +182,8 @@ pub fn micro_step(
     let mask = ctx.documents.and_then(|kernels| document_mask(&batch.documents, kernels, ctx.kind, ctx.device));
     let seg = segments(ctx, &rope, mask.as_ref());
     let prof = ctx.profiler;
-    let (x, mut saved) = layers_forward(ctx, &seg, params, store, batch, &ctx.layers, false)?;
+    let dropout = batch.dropout(ctx);
+    let (x, mut saved) = layers_forward(ctx, &seg, params, store, batch, &ctx.layers, false, dropout.as_ref())?;
     let head =
         prof.phase(format_args!("head and loss"), || head_and_loss(ctx, params, x, batch, n_total, positions))?;
     let mut grad_x = head.grad_x;
@@ -173,7 +203,7 @@ pub fn micro_step(
         }
         let id = UnitId::Layer(layer.index);
         grad_x = prof.phase(format_args!("backward layer {}", layer.index), || -> Result<_> {
-            let (lw, trained) = layer_weights(ctx, params, layer.index, true)?;
+            let (lw, trained) = layer_weights(ctx, params, layer.index, true, dropout.as_ref())?;
             let grad_x = layer.backward(&seg, &lw, s, grad_x, store)?;
             accumulate(ctx, params, id, &grads(&trained))?;
             Ok(grad_x)
@@ -202,7 +232,8 @@ pub fn micro_step(
 
 /// This rank's summed token loss of a micro batch by the step's forward without its backward
 /// (validation): the same embedding, layers and tiled LM head and cross-entropy as `micro_step`,
-/// each layer's kept tensors released as soon as it is done, no graph and no gradient.
+/// each layer's kept tensors released as soon as it is done, no graph, no gradient and no
+/// dropout.
 pub fn forward_loss(
     ctx: &StepContext,
     params: &mut ShardedParams,
@@ -213,7 +244,7 @@ pub fn forward_loss(
     let mask = ctx.documents.and_then(|kernels| document_mask(&batch.documents, kernels, ctx.kind, ctx.device));
     let seg = segments(ctx, &rope, mask.as_ref());
     let layers: Vec<DecoderLayer> = ctx.layers.iter().map(|l| l.forward_only()).collect();
-    let (x, _) = layers_forward(ctx, &seg, params, store, batch, &layers, true)?;
+    let (x, _) = layers_forward(ctx, &seg, params, store, batch, &layers, true, None)?;
     let (norm, lm_head) = head_weights(ctx, params)?;
     let (norm, lm_head) = (&norm, &lm_head);
     tch::no_grad(|| {
@@ -243,7 +274,8 @@ fn segments<'a>(ctx: &StepContext<'a>, rope: &'a Rope, mask: Option<&'a Document
 
 /// The embedding of the micro batch's tokens and `layers` forward without a graph, each layer's
 /// weights gathered just before it runs: the last layer's output and what each layer kept for
-/// backward (nothing with `release`: each layer's kept tensors are freed when it is done).
+/// backward (nothing with `release`: each layer's kept tensors are freed when it is done). The
+/// adapters drop their inputs with `dropout` (training only).
 fn layers_forward(
     ctx: &StepContext,
     seg: &Segments,
@@ -252,6 +284,7 @@ fn layers_forward(
     batch: &MicroBatch,
     layers: &[DecoderLayer],
     release: bool,
+    dropout: Option<&Rc<Draw>>,
 ) -> Result<(Tensor, Vec<SavedLayer>)> {
     let prof = ctx.profiler;
     let mut x = prof.phase(format_args!("embedding"), || -> Result<_> {
@@ -261,7 +294,7 @@ fn layers_forward(
     let mut saved = Vec::with_capacity(layers.len());
     for layer in layers {
         let (y, s) = prof.phase(format_args!("forward layer {}", layer.index), || -> Result<_> {
-            let (w, _) = layer_weights(ctx, params, layer.index, false)?;
+            let (w, _) = layer_weights(ctx, params, layer.index, false, dropout)?;
             layer.forward(seg, &w, x, store)
         })?;
         if release {
@@ -364,12 +397,14 @@ fn accumulate(ctx: &StepContext, params: &mut ShardedParams, id: UnitId, grads: 
 
 /// Decoder layer `l`'s weights, and its trained tensors (leaves of a graph when `train`), whose
 /// gradients the caller reduce-scatters: every tensor of the layer, or under LoRA the adapters on
-/// the frozen base (whose tensors are no leaves, so backward skips their gradients).
+/// the frozen base (whose tensors are no leaves, so backward skips their gradients), dropping
+/// their inputs with `dropout`.
 fn layer_weights(
     ctx: &StepContext,
     params: &ShardedParams,
     l: usize,
     train: bool,
+    dropout: Option<&Rc<Draw>>,
 ) -> Result<(LayerWeights, Vec<Tensor>)> {
     let id = UnitId::Layer(l);
     let trained: Vec<Tensor> =
@@ -385,6 +420,7 @@ fn layer_weights(
             let mut w = from(ctx.profiler.comm(world, || f.base.gather(world, id))?)?;
             let adapters = trained.iter().map(Tensor::shallow_clone).collect();
             w.adapters = LayerAdapters::from_ordered(ctx.spec, f.lora, adapters);
+            w.adapters.dropout = dropout.map(|d| d.layer(l));
             w
         }
     };

@@ -155,7 +155,10 @@ pub fn train_reference(
     let mut losses = Vec::new();
     for step in 1..=t.steps {
         let batches: Vec<MicroBatch> = (0..t.grad_accum)
-            .map(|_| MicroBatch::from_batch(&loader.next_batch().unwrap(), tch::Device::Cpu))
+            .map(|_| MicroBatch {
+                step: step as u64,
+                ..MicroBatch::from_batch(&loader.next_batch().unwrap(), tch::Device::Cpu)
+            })
             .collect();
         losses.push(reference.step(&batches, &AdamW::new(t), lr_at(t, step), t.clip_grad_norm).0);
     }

@@ -7,6 +7,10 @@ make_tiny_models.py.
       at zero, where the adapters' gradients and any mistake in them would vanish), save the adapter
       to OUT/adapter, then run one fp32 forward and backward with labels = ids and write the loss
       and every trainable gradient (peft's saved key names) to OUT/grads.safetensors, ids too
+  peft_lora.py make-dropout MODEL OUT SEED P RUN_SEED STEP
+      as make, with lora_dropout = P in training, each adapter's dropout module replaced by one that
+      draws ulysses' mask (src/model/dropout.rs, reimplemented here from its documented formula)
+      for a run seeded RUN_SEED at optimizer step STEP, the batch's rows being samples 0, 1, ..
   peft_lora.py logits MODEL ADAPTER IDS OUT
       PeftModel.from_pretrained(MODEL, ADAPTER): logits for IDS into OUT
   peft_lora.py merge MODEL ADAPTER OUT
@@ -15,7 +19,9 @@ make_tiny_models.py.
 Exits non-zero with a message on any problem, so the Rust tests fail instead of skipping.
 """
 import json
+import math
 import os
+import re
 import sys
 
 import torch
@@ -31,11 +37,79 @@ def base(model_dir):
     return model.eval()
 
 
-def make(model_dir, out, seed, full=""):
+M32 = 0xFFFFFFFF
+M64 = (1 << 64) - 1
+# src/model/dropout.rs: DOMAIN, hash32's multipliers and the projections' order.
+DOMAIN = 0x4C6F52412044726F
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def splitmix64(x):
+    z = (x + 0x9E3779B97F4A7C15) & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def hash32(x):
+    """On int64 tensors of values in [0, 2^32): exact, the multipliers are below 2^31."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & M32
+    return x ^ (x >> 16)
+
+
+def dropped(run_seed, step, layer, projection, samples, positions, features, p):
+    """ulysses' LoRA dropout mask: which elements of the input [rows, positions, features] drop."""
+    h = splitmix64(run_seed ^ DOMAIN)
+    for v in (step, layer, PROJECTIONS.index(projection)):
+        h = splitmix64(h ^ v)
+    rows = torch.tensor([splitmix64(h ^ s) & M32 for s in samples], dtype=torch.int64)
+    tokens = hash32(rows[:, None] ^ positions[None, :])
+    feats = hash32(torch.arange(features, dtype=torch.int64) ^ (h >> 32))
+    return hash32(tokens[:, :, None] ^ feats) < int(math.floor(p * 2**32 + 0.5))
+
+
+class UlyssesDropout(torch.nn.Module):
+    """PEFT's lora_dropout module with ulysses' mask: zero where dropped, the rest scaled 1/(1-p)."""
+
+    def __init__(self, p, run_seed, step, layer, projection):
+        super().__init__()
+        self.p, self.key = p, (run_seed, step, layer, projection)
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        b, s, f = x.shape
+        mask = dropped(*self.key, list(range(b)), torch.arange(s, dtype=torch.int64), f, self.p)
+        return x.masked_fill(mask, 0.0) * (1.0 / (1.0 - self.p))
+
+
+def with_ulysses_dropout(peft_model, p, run_seed, step):
+    """Replaces every adapter's dropout module (nn.Dropout(p)) by UlyssesDropout; returns how many."""
+    n = 0
+    for name, module in peft_model.named_modules():
+        match = re.search(r"layers\.(\d+)\.\w+\.(\w+_proj)\.lora_dropout$", name)
+        if match:
+            if not isinstance(module["default"], torch.nn.Dropout) or module["default"].p != p:
+                sys.exit(f"{name}: expected peft's nn.Dropout({p}), found {module['default']}")
+            module["default"] = UlyssesDropout(p, run_seed, step, int(match[1]), match[2])
+            n += 1
+    return n
+
+
+def make(model_dir, out, seed, full="", dropout=None):
     model = base(model_dir)
     modules = [m for m in full.split(",") if m] or None
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, modules_to_save=modules)
+    p = float(dropout[0]) if dropout else 0.0
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=TARGETS, modules_to_save=modules)
     peft_model = get_peft_model(model, config)
+    if dropout:
+        replaced = with_ulysses_dropout(peft_model, p, int(dropout[1]), int(dropout[2]))
+        if replaced != len(TARGETS) * model.config.num_hidden_layers:
+            sys.exit(f"replaced {replaced} dropout modules")
+        peft_model.train()
     torch.manual_seed(int(seed))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -78,6 +152,8 @@ def main():
     a = sys.argv[1:]
     if a[:1] == ["make"] and len(a) in (4, 5):
         make(*a[1:])
+    elif a[:1] == ["make-dropout"] and len(a) == 7:
+        make(*a[1:4], dropout=a[4:])
     elif a[:1] == ["logits"] and len(a) == 5:
         logits(*a[1:])
     elif a[:1] == ["merge"] and len(a) == 4:
