@@ -255,3 +255,53 @@ fn training_leaves_the_frozen_base_bit_identical() {
         }
     }
 }
+
+/// On a GPU (tests/gpu/run.sh PARTS=lora runs this binary from the bundle with `--ignored gpu_`):
+/// the dropout masks drawn on CUDA are the CPU's bit for bit (every int64 op of the draw is
+/// exact), over several mask tiles of a long input, and the adapter's dropped product and its
+/// hand backward agree with the CPU's in fp32.
+#[test]
+#[ignore = "needs a CUDA GPU (tests/gpu/run.sh)"]
+fn gpu_dropout_masks_on_cuda_equal_the_cpu() {
+    use ulysses::config::LoraTarget;
+    use ulysses::model::dropout::{Draw, TILE_ELEMENTS};
+    assert!(tch::Cuda::is_available(), "this test needs a CUDA GPU");
+    let gpu = Device::Cuda(0);
+    // 2 rows × 9000 tokens × 2048 features: 2.2 mask tiles of 2^24 elements.
+    let (b, t, features, r) = (2i64, 9000i64, 2048i64, 8i64);
+    assert!(b * t * features > 2 * TILE_ELEMENTS);
+    let positions: Vec<i64> = (1000..1000 + t).collect();
+    let draw = |device: Device| Draw::new(0.1, SEED, 7, &[3, 11], Tensor::from_slice(&positions).to_device(device));
+    let (cpu, cuda) = (draw(Device::Cpu).layer(5), draw(gpu).layer(5));
+    for target in [LoraTarget::Q, LoraTarget::Up] {
+        let whole = |d: &ulysses::model::dropout::LayerDropout| {
+            let m = d.mask(target, b, features);
+            Tensor::cat(&m.tiles(t).map(|(_, _, m)| m.to_device(Device::Cpu)).collect::<Vec<_>>(), 1)
+        };
+        let (a, c) = (whole(&cpu), whole(&cuda));
+        assert!(a.equal(&c), "{target}: the CUDA mask differs from the CPU's");
+        let frac = c.to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+        println!("{target}: CUDA mask equals the CPU's over {} elements, dropped {frac:.5}", c.numel());
+    }
+    let mut rng = SplitMix64::new(4);
+    let v: Vec<f32> = (0..b * t * features).map(|_| rng.unit_f64() as f32 - 0.5).collect();
+    let x = Tensor::from_slice(&v).view([b, t, features]);
+    let a = Tensor::from_slice(&v[..(r * features) as usize]).view([r, features]);
+    let gu = Tensor::from_slice(&v[..(b * t * r) as usize]).view([b * t, r]);
+    let on = |d: &ulysses::model::dropout::LayerDropout, device: Device| {
+        let (x, a, gu) = (x.to_device(device), a.to_device(device), gu.to_device(device));
+        let u = d.project(LoraTarget::K, &x, &a).to_device(Device::Cpu);
+        let (gx, ga, _) = d.backward(LoraTarget::K, &x, &a, &gu);
+        (u, gx.to_device(Device::Cpu), ga.to_device(Device::Cpu))
+    };
+    let (cpu_out, cuda_out) = (on(&cpu, Device::Cpu), on(&cuda, gpu));
+    for (name, want, got) in
+        [("u", &cpu_out.0, &cuda_out.0), ("x grad", &cpu_out.1, &cuda_out.1), ("A grad", &cpu_out.2, &cuda_out.2)]
+    {
+        let scale = want.abs().max().double_value(&[]);
+        let diff = (want - got).abs().max().double_value(&[]);
+        println!("{name}: CUDA vs CPU max diff {diff:.2e} (scale {scale:.2e})");
+        assert!(diff <= 1e-4 * scale, "{name}: CUDA differs from the CPU by {diff:e}");
+    }
+    println!("PASS LoRA dropout masks on CUDA equal the CPU's");
+}

@@ -56,7 +56,10 @@
 #    1e-3), every LoRA loss and gradient norm is finite and the LoRA run's peak GPU memory is below
 #    the full run's (no fp32 master, gradient or moments for the base); both runs' s/step and peaks
 #    are printed. Then the tiny model on the passkey set with rank 16 adapters on every projection
-#    and the LM head trained in full: the loss falls by 10% in 30 steps.
+#    and the LM head trained in full: the loss falls by 10% in 30 steps. Dropout: the masks drawn on
+#    CUDA equal the CPU's bit for bit (tests/lora_step.rs gpu_*), and the 1B LoRA run with
+#    lora.dropout = 0.1 has LoRA's step 1 (B = 0: nothing to drop yet), other losses after it,
+#    finite; its s/step and peak are printed beside the run without dropout (the cost of the draw).
 #    From the repository root after `make bundle`:  PARTS=lora bash tests/gpu/run.sh
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -660,16 +663,21 @@ exp lora-1b llama3.2-1b 1 16384 3 1e-3 "$WORK/rand16k"
 printf '[lora]\nrank = 16\nalpha = 32.0\n' >> "$WORK/lora-1b.toml"
 u 1 "$WORK/lora-full.toml" 2>&1 | tee "$OUTD/gputest-lora-full.log"
 u 1 "$WORK/lora-1b.toml" 2>&1 | tee "$OUTD/gputest-lora-1b.log"
+exp lora-drop-1b llama3.2-1b 1 16384 3 1e-3 "$WORK/rand16k"
+printf '[lora]\nrank = 16\nalpha = 32.0\ndropout = 0.1\n' >> "$WORK/lora-drop-1b.toml"
+u 1 "$WORK/lora-drop-1b.toml" 2>&1 | tee "$OUTD/gputest-lora-drop-1b.log"
+bash bundle/run-gpu.sh --exec bundle/tests/lora_step --ignored gpu_ --test-threads 1 --nocapture 2>&1 | tee "$WORK/lora-dropout-mask.log"
+grep -q "test result: ok. 1 passed" "$WORK/lora-dropout-mask.log" && echo "PASS LoRA dropout masks on CUDA" || fails=$((fails + 1))
 u 1 data synth --task passkey --seq-len 4096 --num 64 --seed 3 --out "$WORK/pk4k-lora" >/dev/null
 exp lora-learn tiny 1 4096 30 1e-2 "$WORK/pk4k-lora"
 printf '[lora]\nrank = 16\nalpha = 32.0\ntrain_fully = ["lm_head"]\n' >> "$WORK/lora-learn.toml"
 u 1 "$WORK/lora-learn.toml" 2>&1 | tee "$OUTD/gputest-lora-learn.log"
-python3 - "$OUTD/gputest-lora-full.log" "$OUTD/gputest-lora-1b.log" "$OUTD/gputest-lora-learn.log" <<'PY' || fails=$((fails + 1))
+python3 - "$OUTD/gputest-lora-full.log" "$OUTD/gputest-lora-1b.log" "$OUTD/gputest-lora-learn.log" "$OUTD/gputest-lora-drop-1b.log" <<'PY' || fails=$((fails + 1))
 import math, re, sys
 def steps(p):
     pat = r"step +\d+/\d+ +loss (\S+) +lr \S+ +grad_norm (\S+) .*? (\S+) s/step .*?peak (\S+) GiB"
     return [tuple(map(float, m)) for m in re.findall(pat, open(p).read())]
-full, lora, learn = steps(sys.argv[1]), steps(sys.argv[2]), steps(sys.argv[3])
+full, lora, learn, drop = steps(sys.argv[1]), steps(sys.argv[2]), steps(sys.argv[3]), steps(sys.argv[4])
 assert len(full) == len(lora) == 3, f"steps completed: full {len(full)}, lora {len(lora)}"
 for name, run in (("full", full), ("lora", lora)):
     for i, (l, g, s, p) in enumerate(run, 1):
@@ -685,6 +693,13 @@ assert len(learn) == 30, f"{len(learn)} LoRA steps completed"
 print(f"tiny LoRA loss {learn[0][0]:.4f} -> {learn[-1][0]:.4f}")
 assert learn[-1][0] < 0.9 * learn[0][0], "the LoRA loss did not fall by 10%"
 print("PASS LoRA trains on GPU (tiny, passkey 4K, rank 16 + lm_head, bf16)")
+assert len(drop) == 3, f"{len(drop)} LoRA dropout steps completed"
+for i, ((l, g, s, p), (l0, _, s0, p0)) in enumerate(zip(drop, lora), 1):
+    print(f"dropout 0.1 step {i}: loss {l:.5f} (without {l0:.5f}) {s:.2f} s/step (without {s0:.2f}) peak {p:.1f} GiB (without {p0:.1f})")
+assert all(math.isfinite(l) and math.isfinite(g) for l, g, _, _ in drop), "a non-finite dropout loss or norm"
+assert abs(drop[0][0] - lora[0][0]) <= 1e-3 * abs(lora[0][0]), "dropout changed step 1, where B = 0"
+assert any(abs(d[0] - n[0]) > 1e-4 * abs(n[0]) for d, n in zip(drop[1:], lora[1:])), "dropout changed nothing"
+print("PASS LoRA dropout 0.1 on GPU (Llama-3.2-1B dims, 16K, bf16)")
 PY
 fi
 
