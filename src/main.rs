@@ -95,8 +95,10 @@ enum Command {
     },
     /// Write a checkpoint as a Hugging Face model folder (safetensors files + index, config.json,
     /// tokenizer files), streamed in 64 MiB pieces: memory stays small whatever the model's size.
+    /// A LoRA run's checkpoint: a PEFT adapter folder, or with --merge the merged model.
     Export {
-        /// A checkpoint folder (RUN_DIR/checkpoints/step-NNNNNN), of either format.
+        /// A checkpoint folder (RUN_DIR/checkpoints/step-NNNNNN), of either format; with --merge
+        /// also a PEFT adapter folder (a LoRA run's final/).
         checkpoint: PathBuf,
         /// The folder to write; replaced if it is an earlier export, refused if it is anything else.
         #[arg(long)]
@@ -107,6 +109,10 @@ enum Command {
         /// Largest weight file, e.g. 5GB (as transformers counts: 10^9 bytes), 500MB, 2GiB.
         #[arg(long, default_value = "5GB")]
         max_shard_size: String,
+        /// LoRA adapters: write the base model (the run's model.path / model.weights, or the PEFT
+        /// folder's base_model_name_or_path) with the adapters merged, as a Hugging Face model.
+        #[arg(long)]
+        merge: bool,
     },
     /// Time saving and loading the experiment's model state on this job: format 2 synchronous
     /// and asynchronous against format 1, with each rank's peak memory
@@ -161,8 +167,8 @@ fn main() {
             ulysses::report::report(&run_dir).map(drop).map_err(Into::into)
         }
         (Some(Command::Report { run_dir, csv: true }), _) => ulysses::report::csv(&run_dir).map_err(Into::into),
-        (Some(Command::Export { checkpoint, out, dtype, max_shard_size }), _) => {
-            export(&checkpoint, &out, dtype, &max_shard_size)
+        (Some(Command::Export { checkpoint, out, dtype, max_shard_size, merge }), _) => {
+            export(&checkpoint, &out, dtype, &max_shard_size, merge)
         }
         (Some(Command::BenchCheckpoint { experiment, repeat, json }), _) => {
             bench_checkpoint(&experiment, repeat, json.as_deref())
@@ -309,17 +315,46 @@ fn job(launch: &Launch, exp: &Experiment) -> Result<(ulysses::comm::Mesh, ulysse
     Ok((mesh, groups, device))
 }
 
-fn export(checkpoint: &Path, out: &Path, dtype: Option<ExportDtype>, max_shard_size: &str) -> Result<()> {
-    use ulysses::checkpoint::export;
+fn export(checkpoint: &Path, out: &Path, dtype: Option<ExportDtype>, max_shard_size: &str, merge: bool) -> Result<()> {
+    use ulysses::checkpoint::{adapters::Adapters, export};
     init_logging(0);
     let max_shard_bytes = export::parse_size(max_shard_size).map_err(|e| anyhow::anyhow!("--max-shard-size: {e}"))?;
-    let dtype = match dtype {
-        Some(ExportDtype::Bf16) => tch::Kind::BFloat16,
-        Some(ExportDtype::Fp32) => tch::Kind::Float,
-        None => export::training_dtype(checkpoint)?,
-    };
-    export::export(checkpoint, out, export::ExportOptions { dtype, max_shard_bytes })?;
-    println!("exported {} to {}", checkpoint.display(), out.display());
+    let dtype = dtype.map(|d| match d {
+        ExportDtype::Bf16 => tch::Kind::BFloat16,
+        ExportDtype::Fp32 => tch::Kind::Float,
+    });
+    match (Adapters::open(checkpoint)?, merge) {
+        (Some(a), true) => {
+            a.export_merged(out, dtype.unwrap_or(a.trained_dtype), max_shard_bytes)?;
+            println!("exported {} merged into its base to {}", checkpoint.display(), out.display());
+        }
+        (Some(a), false) if a.is_peft_folder() => bail!(
+            "{} is a PEFT adapter folder already; add --merge to write the base model with these adapters merged",
+            checkpoint.display()
+        ),
+        (Some(a), false) => {
+            // Adapters are small: fp32 unless asked otherwise, as peft keeps them.
+            a.export_peft(out, dtype.unwrap_or(tch::Kind::Float))?;
+            println!(
+                "exported the LoRA adapters of {} to {} (a PEFT adapter folder)",
+                checkpoint.display(),
+                out.display()
+            );
+        }
+        (None, true) => bail!(
+            "{} holds a whole model, not LoRA adapters (its experiment has no [lora] section): there is nothing to \
+             merge; export it without --merge",
+            checkpoint.display()
+        ),
+        (None, false) => {
+            let dtype = match dtype {
+                Some(d) => d,
+                None => export::training_dtype(checkpoint)?,
+            };
+            export::export(checkpoint, out, export::ExportOptions { dtype, max_shard_bytes })?;
+            println!("exported {} to {}", checkpoint.display(), out.display());
+        }
+    }
     Ok(())
 }
 

@@ -145,32 +145,9 @@ impl Export {
             let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
             write_json(&dir.join(INDEX_FILE), &index)?;
         }
-        let config_path = self.checkpoint.join(CONFIG);
-        let text = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
-        let mut config: serde_json::Value = serde_json::from_str(&text).map_err(|e| CheckpointError::Mismatch {
-            path: config_path.display().to_string(),
-            message: format!("not valid JSON: {e}"),
-        })?;
-        // transformers 4.x reads `torch_dtype`, 5.x `dtype`: both say what the files hold.
         let dtype = dtype_name(self.options.dtype);
-        config["torch_dtype"] = dtype.into();
-        config["dtype"] = dtype.into();
-        write_json(&dir.join(CONFIG), &config)?;
-        // The tokenizer files the checkpoint carries (`Checkpointer` copied the run's).
-        for (from, name) in tokenizer_files(&self.checkpoint) {
-            let to = dir.join(name);
-            crate::files::copy(&from, &to).map_err(io_err(&to))?;
-            fsync(&to)?;
-        }
-        let marker = serde_json::json!({
-            "checkpoint": self.checkpoint.display().to_string(),
-            "step": self.state.step,
-            "dtype": dtype,
-            "ulysses_version": env!("CARGO_PKG_VERSION"),
-        });
-        write_json(&dir.join(MARKER), &marker)?;
-        fsync(dir)?;
-        replace_own(dir, out)?;
+        write_config(&self.checkpoint.join(CONFIG), dir, self.options.dtype)?;
+        publish(&self.checkpoint, &tokenizer_files(&self.checkpoint), self.state.step, self.options.dtype, dir, out)?;
         log::info!(
             "export: {} holds step {} of {} ({dtype}, {} in {} file(s))",
             out.display(),
@@ -181,6 +158,45 @@ impl Export {
         );
         Ok(())
     }
+}
+
+/// Writes the model's `config.json` (the one at `from`) into `dir`, saying the files hold `dtype`.
+pub(super) fn write_config(from: &Path, dir: &Path, dtype: Kind) -> Result<(), CheckpointError> {
+    let text = std::fs::read_to_string(from).map_err(io_err(from))?;
+    let mut config: serde_json::Value = serde_json::from_str(&text).map_err(|e| CheckpointError::Mismatch {
+        path: from.display().to_string(),
+        message: format!("not valid JSON: {e}"),
+    })?;
+    // transformers 4.x reads `torch_dtype`, 5.x `dtype`: both say what the files hold.
+    config["torch_dtype"] = dtype_name(dtype).into();
+    config["dtype"] = dtype_name(dtype).into();
+    write_json(&dir.join(CONFIG), &config)
+}
+
+/// Finishes an export of step `step` of `source` written into `dir`: the tokenizer files
+/// `tokenizer` (path, name), the marker, then `dir` replaces `out` (see `replace_own`).
+pub(super) fn publish(
+    source: &Path,
+    tokenizer: &[(PathBuf, &str)],
+    step: u64,
+    dtype: Kind,
+    dir: &Path,
+    out: &Path,
+) -> Result<(), CheckpointError> {
+    for (from, name) in tokenizer {
+        let to = dir.join(name);
+        crate::files::copy(from, &to).map_err(io_err(&to))?;
+        fsync(&to)?;
+    }
+    let marker = serde_json::json!({
+        "checkpoint": source.display().to_string(),
+        "step": step,
+        "dtype": dtype_name(dtype),
+        "ulysses_version": env!("CARGO_PKG_VERSION"),
+    });
+    write_json(&dir.join(MARKER), &marker)?;
+    fsync(dir)?;
+    replace_own(dir, out)
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), CheckpointError> {
@@ -199,12 +215,19 @@ fn dtype_name(kind: Kind) -> &'static str {
 pub fn export(checkpoint: &Path, out: &Path, options: ExportOptions) -> Result<(), CheckpointError> {
     check_replaceable(out)?;
     let export = Export::open(checkpoint, options)?;
+    let tmp = new_temporary(out)?;
+    export.write_part(&tmp, 0, 1)?;
+    export.finish(&tmp, out)
+}
+
+/// The folder this process writes an export to `out` into, new and empty (after removing what
+/// interrupted exports left).
+pub(super) fn new_temporary(out: &Path) -> Result<PathBuf, CheckpointError> {
     let tmp = temporary(out, std::process::id() as i64);
     remove_temporaries(out)?;
     // A new folder, never one (or a link) already at that name.
     std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
-    export.write_part(&tmp, 0, 1)?;
-    export.finish(&tmp, out)
+    Ok(tmp)
 }
 
 /// The run's `final/`: the export of `checkpoint` to `out` with its weight files shared out over

@@ -185,13 +185,27 @@ pub fn load_trained(
 
 /// A model's weights, whole, as `kind` on `device`: from a ulysses checkpoint folder (either
 /// format: its fp32 master weights), else from Hugging Face files (`load_hf`: a folder or one
-/// `.safetensors` file). For evaluation and `model.weights`.
+/// `.safetensors` file). Adapters (a LoRA run's checkpoint or a PEFT folder) come merged into
+/// their base (`adapters::Adapters::merged`). For evaluation and `model.weights`.
 pub fn load_weights(
     path: &Path,
     spec: &ModelSpec,
     kind: Kind,
     device: Device,
 ) -> Result<ModelWeights, CheckpointError> {
+    if let Some(adapters) = super::adapters::Adapters::open(path)? {
+        if adapters.spec() != spec {
+            return Err(CheckpointError::Mismatch {
+                path: path.display().to_string(),
+                message: format!(
+                    "holds LoRA adapters of {}, but the experiment's model is {}",
+                    super::adapters::describe(adapters.spec()),
+                    super::adapters::describe(spec)
+                ),
+            });
+        }
+        return adapters.merged(kind, device);
+    }
     if !path.join(RUN_STATE).is_file() {
         return Ok(load_hf(path, spec, kind, device)?);
     }

@@ -8,12 +8,14 @@
 //!   index.json                                units, their tensors (names, shapes, flat offsets), slices
 //!   run_state.json  experiment.toml  config.json
 //!   COMPLETE                                  written last, before the folder is renamed into place
-//! RUN_DIR/final/                              the last step exported for Hugging Face (export.rs)
+//! RUN_DIR/final/                              the last step exported for Hugging Face (export.rs), or a
+//!                                             LoRA run's adapters as a PEFT folder (adapters.rs)
 //! ```
 //! A unit's slices do not depend on sp, dp or the ZeRO stage (rank r of W saves the r-th of W
 //! equal slices of each flat unit), and a job of any layout reads the byte ranges of its own
 //! shards (`index::Source`). Format-1 checkpoints (whole tensors in Hugging Face files, written
 //! by rank 0) load the same way.
+pub mod adapters;
 pub mod bench;
 mod commit;
 pub mod export;

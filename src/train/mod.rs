@@ -577,15 +577,6 @@ impl<'a> Run<'a> {
         if end == End::Preempted || !self.checkpoint_due(steps) {
             return Ok(());
         }
-        if self.exp.lora.is_some() {
-            // A LoRA run's final/ is a PEFT adapter folder (issue 32), which this build does not
-            // write yet: the trained adapters are in the last checkpoint.
-            if self.mesh.world_rank == 0 {
-                let dir = checkpoint::checkpoints_dir(&self.run_dir).join(checkpoint::step_dir_name(steps as u64));
-                println!("the trained adapters (step {steps}): {} (no final/ for a [lora] run yet)", dir.display());
-            }
-            return Ok(());
-        }
         let just_trained = end == End::Trained;
         crate::oom::set_phase("the export to final/");
         let out = self.run_dir.join(checkpoint::FINAL);
@@ -599,12 +590,20 @@ impl<'a> Run<'a> {
             (Some(dir), false) => dir.clone(),
             _ => checkpoint::checkpoints_dir(&self.run_dir).join(checkpoint::step_dir_name(steps as u64)),
         };
+        let exporting = || format!("exporting {} to {}", checkpoint.display(), out.display());
+        if self.exp.lora.is_some() {
+            checkpoint::adapters::export_final(&checkpoint, &out, self.world).with_context(exporting)?;
+            if self.mesh.world_rank == 0 {
+                println!("final adapters: {} (step {steps}, a PEFT adapter folder in fp32)", out.display());
+            }
+            return Ok(());
+        }
         let options = checkpoint::export::ExportOptions {
             dtype: crate::model::kind_of(self.exp.train.dtype),
             max_shard_bytes: checkpoint::export::HF_MAX_SHARD_BYTES,
         };
         checkpoint::export::export_collective(&checkpoint, &out, options, self.checkpointer.job(), self.world)
-            .with_context(|| format!("exporting {} to {}", checkpoint.display(), out.display()))?;
+            .with_context(exporting)?;
         if self.mesh.world_rank == 0 {
             println!("final model: {} (step {steps}, {:?}, Hugging Face layout)", out.display(), self.exp.train.dtype);
         }

@@ -13,8 +13,14 @@ make_tiny_models.py.
       for a run seeded RUN_SEED at optimizer step STEP, the batch's rows being samples 0, 1, ..
   peft_lora.py logits MODEL ADAPTER IDS OUT
       PeftModel.from_pretrained(MODEL, ADAPTER): logits for IDS into OUT
+  peft_lora.py load MODEL ADAPTER SHARD OUT
+      the same for every sequence of the HDF5 token SHARD (a ulysses run's final/ in
+      tests/lora_outputs.rs), with the loss for labels = ids (transformers shifts them): ids,
+      logits and loss into OUT, the loss printed
   peft_lora.py merge MODEL ADAPTER OUT
       merge_and_unload(): every weight of the merged model into OUT
+
+Loading an adapter fails on any warning about missing or unexpected keys.
 
 Exits non-zero with a message on any problem, so the Rust tests fail instead of skipping.
 """
@@ -23,6 +29,7 @@ import math
 import os
 import re
 import sys
+import warnings
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
@@ -135,16 +142,37 @@ def make(model_dir, out, seed, full="", dropout=None):
     print(json.dumps({"loss": res.loss.item(), "keys": sorted(saved)[:4], "n": len(saved)}))
 
 
+def peft_model(model_dir, adapter):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(base(model_dir), adapter).eval()
+    about_keys = [str(w.message) for w in caught if "key" in str(w.message).lower()]
+    if about_keys:
+        sys.exit(f"peft loaded {adapter} with warnings: {about_keys}")
+    return model
+
+
 def logits(model_dir, adapter, ids_file, out):
-    model = PeftModel.from_pretrained(base(model_dir), adapter).eval()
+    model = peft_model(model_dir, adapter)
     ids = load_file(ids_file)["ids"]
     with torch.no_grad():
         res = model(input_ids=ids)
     save_file({"logits": res.logits.float().contiguous()}, out)
 
 
+def load(model_dir, adapter, shard, out):
+    import h5py
+    model = peft_model(model_dir, adapter)
+    with h5py.File(shard, "r") as f:
+        ids = torch.from_numpy(f["tokens"][:].astype("int64"))
+    with torch.no_grad():
+        res = model(input_ids=ids, labels=ids)
+    save_file({"ids": ids, "logits": res.logits.float().contiguous(), "loss": res.loss.float().reshape(1)}, out)
+    print(json.dumps({"loss": res.loss.item(), "sequences": ids.shape[0]}))
+
+
 def merge(model_dir, adapter, out):
-    model = PeftModel.from_pretrained(base(model_dir), adapter).merge_and_unload()
+    model = peft_model(model_dir, adapter).merge_and_unload()
     save_file({n: t.float().contiguous() for n, t in model.state_dict().items()}, out)
 
 
@@ -156,6 +184,8 @@ def main():
         make(*a[1:4], dropout=a[4:])
     elif a[:1] == ["logits"] and len(a) == 5:
         logits(*a[1:])
+    elif a[:1] == ["load"] and len(a) == 5:
+        load(*a[1:])
     elif a[:1] == ["merge"] and len(a) == 4:
         merge(*a[1:])
     else:

@@ -68,9 +68,15 @@ pub fn layer_leaves(spec: &ModelSpec, w: &ModelWeights, i: usize) -> LayerWeight
 /// Runs tests/hf/make_tiny_models.py with `args` in the project venv; its stdout. Fails the test
 /// (nothing is skipped) when the venv or transformers is missing or the script fails.
 pub fn hf_python(args: &[&std::path::Path]) -> String {
+    venv_python("make_tiny_models.py", &args.iter().map(|a| a.as_os_str()).collect::<Vec<_>>())
+}
+
+/// Runs tests/hf/`script` with `args` in the project venv; its stdout. Fails the test (nothing is
+/// skipped) when the venv or the packages are missing or the script fails.
+pub fn venv_python(script: &str, args: &[&std::ffi::OsStr]) -> String {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let python = root.join(".venv/bin/python3");
-    let script = root.join("tests/hf/make_tiny_models.py");
+    let script = root.join("tests/hf").join(script);
     let out = std::process::Command::new(&python).arg(&script).args(args).output().unwrap_or_else(|e| {
         panic!("cannot run {}: {e}. These tests need the project venv: run scripts/setup.sh", python.display())
     });

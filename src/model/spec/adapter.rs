@@ -163,6 +163,33 @@ pub fn check_adapter(dir: &Path, spec: &ModelSpec, lora: &LoraConfig) -> Result<
     }
 }
 
+/// The `[lora]` section a PEFT adapter folder was made with (rank, alpha, dropout, targets, the
+/// modules trained in full) and its `base_model_name_or_path` (None when empty or absent): what
+/// reading it back needs when no experiment says so (`ulysses export --merge`, `eval`).
+pub fn adapter_section(dir: &Path) -> Result<(LoraConfig, Option<String>), String> {
+    let path = dir.join(ADAPTER_CONFIG);
+    let shown = path.display();
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{shown} is not valid JSON: {e}"))?;
+    let number = |k: &str| json.get(k).and_then(|v| v.as_f64());
+    let (Some(rank), Some(alpha)) = (json.get("r").and_then(|v| v.as_i64()), number("lora_alpha")) else {
+        return Err(format!("{shown}: needs the integer `r` and the number `lora_alpha` of a LoRA adapter"));
+    };
+    let targets = peft_targets(json.get("target_modules").unwrap_or(&serde_json::Value::Null))
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let mut train_fully = Vec::new();
+    for name in json.get("modules_to_save").and_then(|v| v.as_array()).into_iter().flatten() {
+        let module = [FullModule::Embed, FullModule::LmHead].into_iter().find(|m| name.as_str() == Some(m.peft_name()));
+        train_fully.push(module.ok_or_else(|| {
+            format!("{shown}: modules_to_save names {name}; ulysses reads only \"embed_tokens\" and \"lm_head\"")
+        })?);
+    }
+    let lora =
+        LoraConfig { rank, alpha, dropout: number("lora_dropout").unwrap_or(0.0), targets, train_fully, adapter: None };
+    let base = json.get("base_model_name_or_path").and_then(|v| v.as_str()).filter(|b| !b.is_empty());
+    Ok((lora, base.map(str::to_string)))
+}
+
 /// PEFT's `target_modules`: a list of module names (or one name) among q_proj ... down_proj.
 fn peft_targets(v: &serde_json::Value) -> Result<Vec<LoraTarget>, String> {
     let names: Vec<&str> = match v {
