@@ -10,7 +10,8 @@
 //!   transformers on the merged folder gives peft's logits (1e-4);
 //! - `ulysses eval --task loss` of `final/` scores the run's held-out loss (1e-5 relative);
 //! - a second run that starts from `final/` (`lora.adapter`) and trains on the held-out set has
-//!   as its step-1 loss the first run's held-out loss and peft's (1e-5 relative);
+//!   as its step-1 loss the first run's held-out loss and peft's (1e-5 relative), and so has a
+//!   full run whose `model.weights` is `final/` (base + adapters, merged);
 //! - bad input (merging without the base or over another model, `--merge` of a full run's
 //!   checkpoint, an adapter folder of another model) stops with one clear message.
 mod common;
@@ -31,6 +32,11 @@ const LOSS_REL_TOL: f64 = 1e-5;
 const LOGITS_TOL: f64 = 1e-4;
 const WEIGHTS_TOL: f64 = 1e-6;
 const TEXT: &str = "Long contexts need rotary positions that stretch; the heads come back together. ";
+
+/// The `[model]` lines of a model folder.
+fn folder(model: &Path) -> String {
+    format!("path = \"{}\"", model.display())
+}
 
 /// A shard of `n` byte-token sequences (the text from offsets `first..`) in `dir/name`.
 fn shard(dir: &Path, name: &str, first: usize, n: usize) -> PathBuf {
@@ -53,13 +59,13 @@ fn shard(dir: &Path, name: &str, first: usize, n: usize) -> PathBuf {
     out
 }
 
-/// The experiment `name`: `model` (a folder) with `[lora]` (rank 4, alpha 8, every projection,
-/// and `lora_extra`) at sp = 2, or without `[lora]` when `lora_extra` is None; `steps` steps of
-/// `micro_batch` sequences.
+/// The experiment `name`: `model` (its `[model]` lines) with `[lora]` (rank 4, alpha 8, every
+/// projection, and `lora_extra`) at sp = 2, or without `[lora]` when `lora_extra` is None; `steps`
+/// steps of `micro_batch` sequences.
 fn experiment(
     dir: &Path,
     name: &str,
-    model: &Path,
+    model: &str,
     data: &Path,
     held_out: Option<&Path>,
     lora_extra: Option<&str>,
@@ -69,12 +75,11 @@ fn experiment(
     let eval_every = if held_out.is_some() { format!("eval_every = {steps}\n") } else { String::new() };
     let lora = lora_extra.map_or(String::new(), |extra| format!("[lora]\nrank = 4\nalpha = 8.0\n{extra}\n"));
     let toml = format!(
-        "[run]\nname = \"{name}\"\noutput_dir = \"{out}\"\nseed = 7\n[model]\npath = \"{model}\"\n\
+        "[run]\nname = \"{name}\"\noutput_dir = \"{out}\"\nseed = 7\n[model]\n{model}\n\
          [parallel]\nsp = 2\nzero_stage = 3\n[data]\npaths = [\"{data}\"]\n{eval}seq_len = {SEQ}\nshuffle = false\n\
          [train]\nsteps = {steps}\nmicro_batch = {micro_batch}\nlr = 2e-2\nmin_lr = 2e-3\nwarmup_steps = 1\n\
          {eval_every}[checkpoint]\nevery = 2\nresume = \"none\"\n{lora}",
         out = dir.join("runs").display(),
-        model = model.display(),
         data = data.display(),
     );
     let path = dir.join(format!("{name}.toml"));
@@ -123,7 +128,7 @@ fn outputs_match_peft(variant: &str, train_fully: &[&str]) {
     let (data, held_out) = (shard(d, "train", 0, 6), shard(d, "held-out", 50, 2));
     let full = train_fully.iter().map(|m| format!("\"{m}\"")).collect::<Vec<_>>().join(", ");
     let lora = format!("train_fully = [{full}]");
-    let exp = experiment(d, "first", &model, &data, Some(&held_out), Some(&lora), (STEPS, 1));
+    let exp = experiment(d, "first", &folder(&model), &data, Some(&held_out), Some(&lora), (STEPS, 1));
     let printed = train_sp2(&exp, d);
     let run_dir = d.join("runs/first");
     let eval_loss = column::<f64>(&run_dir, "eval_loss")[STEPS - 1];
@@ -131,7 +136,10 @@ fn outputs_match_peft(variant: &str, train_fully: &[&str]) {
 
     // final/: a PEFT folder over the model folder, with its tokenizer.
     let fin = run_dir.join("final");
-    assert!(printed.contains(&format!("final adapters: {}", fin.display())), "{printed}");
+    assert!(
+        printed.contains(&format!("final model: {} (step {STEPS}, the LoRA adapters as a PEFT folder", fin.display())),
+        "{printed}"
+    );
     let config = json(&fin.join("adapter_config.json"));
     assert_eq!(config["base_model_name_or_path"], model.display().to_string());
     assert_eq!((config["r"].as_i64(), config["lora_alpha"].as_f64()), (Some(4), Some(8.0)));
@@ -221,12 +229,19 @@ fn outputs_match_peft(variant: &str, train_fully: &[&str]) {
     // A second run from final/ (lora.adapter), one step over the held-out set: its loss before
     // any update is the first run's held-out loss.
     let lora = format!("train_fully = [{full}]\nadapter = \"{}\"", fin.display());
-    let exp = experiment(d, "second", &model, &held_out, None, Some(&lora), (1, 2));
+    let exp = experiment(d, "second", &folder(&model), &held_out, None, Some(&lora), (1, 2));
     train_sp2(&exp, d);
     let first = column::<f64>(&d.join("runs/second"), "loss")[0];
     println!("{variant}: second run's step-1 loss {first} vs first run's held-out {eval_loss}, peft {peft_loss}");
     assert!(rel(first, eval_loss) <= LOSS_REL_TOL, "{variant}: step-1 loss {first} vs held-out {eval_loss}");
     assert!(rel(first, peft_loss) <= LOSS_REL_TOL, "{variant}: step-1 loss {first} vs peft's {peft_loss}");
+
+    // A full run whose model.weights is final/ starts from base + adapters, merged.
+    let weights = format!("config = \"{}\"\nweights = \"{}\"", model.join("config.json").display(), fin.display());
+    let exp = experiment(d, "third", &weights, &held_out, None, None, (1, 2));
+    train_sp2(&exp, d);
+    let first = column::<f64>(&d.join("runs/third"), "loss")[0];
+    assert!(rel(first, eval_loss) <= LOSS_REL_TOL, "{variant}: model.weights = final/: {first} vs {eval_loss}");
 }
 
 #[test]
@@ -254,8 +269,8 @@ fn bad_input_stops_with_one_clear_message() {
     let base = d.join("base");
     copy_dir(&hf_models().join("untied"), &base);
     let data = shard(d, "train", 0, 4);
-    train_sp2(&experiment(d, "lora", &base, &data, None, Some(""), (2, 1)), d);
-    train_sp2(&experiment(d, "full", &base, &data, None, None, (2, 1)), d);
+    train_sp2(&experiment(d, "lora", &folder(&base), &data, None, Some(""), (2, 1)), d);
+    train_sp2(&experiment(d, "full", &folder(&base), &data, None, None, (2, 1)), d);
     let (lora_ckpt, fin) = (d.join("runs/lora/checkpoints/step-000002"), d.join("runs/lora/final"));
     let out = d.join("out");
     let export = |what: &Path, merge: bool| {
@@ -274,7 +289,7 @@ fn bad_input_stops_with_one_clear_message() {
     // An adapter folder of another model, as a run's starting point.
     let qwen3 = hf_models().join("qwen3");
     let lora = format!("adapter = \"{}\"", fin.display());
-    let exp = experiment(d, "other", &qwen3, &data, None, Some(&lora), (1, 1));
+    let exp = experiment(d, "other", &folder(&qwen3), &data, None, Some(&lora), (1, 1));
     let t = assert_clean_failure(&mpirun(2, &[exp.to_str().unwrap()], d, &[]));
     assert!(t.contains("lora.adapter") && t.contains("belongs to another model"), "{t}");
 
@@ -293,7 +308,7 @@ fn bad_input_stops_with_one_clear_message() {
     assert!(t.contains("holds LoRA adapters of llama") && t.contains("is now qwen3"), "{t}");
     let t = export(&fin, true);
     assert!(t.contains("belongs to another model"), "{t}");
-    let exp = experiment(d, "lora", &hf_models().join("untied"), &data, None, Some(""), (2, 1));
+    let exp = experiment(d, "lora", &folder(&hf_models().join("untied")), &data, None, Some(""), (2, 1));
     let args = ["eval", exp.to_str().unwrap(), "--task", "loss", "--data", data.to_str().unwrap()];
     let t = assert_clean_failure(&ulysses(&[&args[..], &["--checkpoint", lora_ckpt.to_str().unwrap()]].concat(), d));
     assert!(t.contains("is now qwen3") && t.contains(&lora_ckpt.display().to_string()), "{t}");

@@ -569,8 +569,8 @@ impl<'a> Run<'a> {
     }
 
     /// The end of a job (collective): waits for the checkpoint still being written; at the end
-    /// of the run, exports the last step's checkpoint to `final/` for Hugging Face (a run that
-    /// was already complete only if `final/` is missing or older).
+    /// of the run, exports the last step's checkpoint to `final/` for Hugging Face, a LoRA run's
+    /// as a PEFT adapter folder (a run that was already complete only if `final/` is missing or older).
     fn finish(&mut self, end: End) -> Result<()> {
         self.checkpointer.finish(self.world).context("checkpoint")?;
         let steps = self.exp.train.steps;
@@ -591,21 +591,19 @@ impl<'a> Run<'a> {
             _ => checkpoint::checkpoints_dir(&self.run_dir).join(checkpoint::step_dir_name(steps as u64)),
         };
         let exporting = || format!("exporting {} to {}", checkpoint.display(), out.display());
-        if self.exp.lora.is_some() {
+        let what = if self.exp.lora.is_some() {
             checkpoint::adapters::export_final(&checkpoint, &out, self.world).with_context(exporting)?;
-            if self.mesh.world_rank == 0 {
-                println!("final adapters: {} (step {steps}, a PEFT adapter folder in fp32)", out.display());
-            }
-            return Ok(());
-        }
-        let options = checkpoint::export::ExportOptions {
-            dtype: crate::model::kind_of(self.exp.train.dtype),
-            max_shard_bytes: checkpoint::export::HF_MAX_SHARD_BYTES,
+            "the LoRA adapters as a PEFT folder, fp32".to_string()
+        } else {
+            let dtype = crate::model::kind_of(self.exp.train.dtype);
+            let options =
+                checkpoint::export::ExportOptions { dtype, max_shard_bytes: checkpoint::export::HF_MAX_SHARD_BYTES };
+            checkpoint::export::export_collective(&checkpoint, &out, options, self.checkpointer.job(), self.world)
+                .with_context(exporting)?;
+            format!("{:?}, Hugging Face layout", self.exp.train.dtype)
         };
-        checkpoint::export::export_collective(&checkpoint, &out, options, self.checkpointer.job(), self.world)
-            .with_context(exporting)?;
         if self.mesh.world_rank == 0 {
-            println!("final model: {} (step {steps}, {:?}, Hugging Face layout)", out.display(), self.exp.train.dtype);
+            println!("final model: {} (step {steps}, {what})", out.display());
         }
         Ok(())
     }

@@ -149,6 +149,11 @@ def peft_model(model_dir, adapter):
     about_keys = [str(w.message) for w in caught if "key" in str(w.message).lower()]
     if about_keys:
         sys.exit(f"peft loaded {adapter} with warnings: {about_keys}")
+    # peft passes over tensors of the file that the model has no place for: none may be left out.
+    saved = set(load_file(os.path.join(adapter, "adapter_model.safetensors")))
+    loaded = set(get_peft_model_state_dict(model))
+    if saved != loaded:
+        sys.exit(f"{adapter}: peft did not load {sorted(saved - loaded)}; it lacks {sorted(loaded - saved)}")
     return model
 
 
