@@ -193,6 +193,18 @@ char *ulysses_comm_stream_after_current(int dev, void **stream) {
   }
 }
 
+// GPU `dev`'s communication stream as it stands, ordered after nothing new (for the watchdog,
+// which records its completion event there).
+char *ulysses_comm_stream(int dev, void **stream) {
+  try {
+    c10::DeviceGuard device_guard(gpu(dev));
+    *stream = cuda()->getStreamNativeHandle(comm_stream(dev));
+    return nullptr;
+  } catch (...) {
+    return error_message();
+  }
+}
+
 // After work queued on GPU `dev`'s communication stream that reads or writes `tensors`: marks
 // their memory as used there, so the caching allocator hands none of it out again before the
 // stream has passed this point, whenever the caller drops them; then records *event there.

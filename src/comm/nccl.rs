@@ -286,11 +286,10 @@ impl Collective for NcclCollective {
     }
 
     /// Ring shifts go on the communication stream, every other operation on torch's current
-    /// stream (see `prepare`). The watchdog asks right after the call, with nothing queued on the
-    /// compute stream since, so ordering the communication stream after it again changes nothing.
+    /// stream (see `prepare`).
     fn stream(&self, op: Op) -> Option<Stream> {
         let raw = match op {
-            Op::RingShift => comm_stream::after_current(self.gpu).ok()?,
+            Op::RingShift => comm_stream::current(self.gpu).ok()?,
             _ => cuda::current_stream(self.gpu)?,
         };
         Some(Stream { gpu: self.gpu, raw })

@@ -16,6 +16,7 @@ use tch::Tensor;
 use torch_sys::C_tensor;
 
 extern "C" {
+    fn ulysses_comm_stream(dev: c_int, stream: *mut *mut c_void) -> *mut c_char;
     fn ulysses_comm_stream_after_current(dev: c_int, stream: *mut *mut c_void) -> *mut c_char;
     fn ulysses_comm_stream_done(
         dev: c_int,
@@ -28,14 +29,24 @@ extern "C" {
 /// GPU `gpu`'s communication stream (`cudaStream_t`), after the work queued on this thread's
 /// compute stream so far.
 pub fn after_current(gpu: usize) -> Result<*mut c_void, TransferError> {
-    let mut stream = std::ptr::null_mut();
+    let op = "ordering the communication stream";
     // SAFETY: the shim writes the out-parameter or returns an error, catching every exception.
-    check("ordering the communication stream", unsafe {
-        ulysses_comm_stream_after_current(gpu as c_int, &mut stream)
-    })?;
+    native(op, |stream| unsafe { ulysses_comm_stream_after_current(gpu as c_int, stream) })
+}
+
+/// GPU `gpu`'s communication stream (`cudaStream_t`), ordered after nothing new: for following
+/// the work already queued there.
+pub fn current(gpu: usize) -> Result<*mut c_void, TransferError> {
+    // SAFETY: the shim writes the out-parameter or returns an error, catching every exception.
+    native("reading the communication stream", |stream| unsafe { ulysses_comm_stream(gpu as c_int, stream) })
+}
+
+/// The stream a shim call `call` writes through its out-parameter, or its error.
+fn native(op: &'static str, call: impl FnOnce(*mut *mut c_void) -> *mut c_char) -> Result<*mut c_void, TransferError> {
+    let mut stream = std::ptr::null_mut();
+    check(op, call(&mut stream))?;
     if stream.is_null() {
-        let message = "torch gave no native stream".to_string();
-        return Err(ShimError { op: "ordering the communication stream", message }.into());
+        return Err(ShimError { op, message: "torch gave no native stream".to_string() }.into());
     }
     Ok(stream)
 }
