@@ -30,6 +30,8 @@ fn check_prints_the_plan_for_8b_on_8_ranks() {
     assert!(t.contains("each rank holds 32768 tokens"), "{t}");
     assert!(t.contains("4 query heads and 1 KV heads"), "{t}");
     assert!(t.contains("8.030B parameters"), "{t}");
+    // Each rank attends over all 262144 tokens after the all-to-all: the forward runs in blocks.
+    assert!(t.contains("kernel     cuDNN (causal), its forward in query blocks of 65536 tokens"), "{t}");
 }
 
 /// Issue 32's box (76 GiB GPU, 116 GiB host, 58 GiB disk): 8B with LoRA rank 16 fits at least

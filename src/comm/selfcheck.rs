@@ -155,10 +155,11 @@ pub fn shift_overlaps(c: &dyn Collective, device: Device) -> Result<Option<(f64,
     computed.synchronize()?;
     let compute_ms = t0.elapsed().as_secs_f64() * 1e3;
     let pending = !shift.arrived()?;
-    let received = shift.wait()?;
+    // `wait` only orders the compute stream after the transfer; reading the values waits for it.
+    let received = values(&shift.wait()?);
     let arrived_ms = t0.elapsed().as_secs_f64() * 1e3;
     let prev = ((rank + n - 1) % n) as f64;
-    ensure!(values(&received).iter().all(|&v| v == prev), "ring_shift_start: rank {rank} received wrong values");
+    ensure!(received.iter().all(|&v| v == prev), "ring_shift_start: rank {rank} received wrong values");
     // Rank 1's figures, on every rank, so that every rank reaches the same verdict.
     let mine =
         if rank == 1 { [pending as u8 as f64, compute_ms, arrived_ms - compute_ms, started_ms] } else { [0.0; 4] };

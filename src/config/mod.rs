@@ -302,6 +302,14 @@ impl DocumentKernels {
 }
 
 impl FusedAttention {
+    /// The query block length a kept causal attention's forward over `s` tokens runs in
+    /// (`parallel::blocks`, which says why): only cuDNN's, past 64K tokens, where it was measured
+    /// to win.
+    pub fn forward_blocks(self, s: usize) -> Option<usize> {
+        const BLOCK: usize = 65536;
+        (self == FusedAttention::Cudnn && s > BLOCK).then_some(BLOCK)
+    }
+
     /// How `ulysses check` and the run's log name the kernel, on a full causal sample or on one
     /// with several documents (`masked`).
     pub fn describe(self, masked: bool) -> &'static str {

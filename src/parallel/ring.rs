@@ -84,14 +84,14 @@ fn rows(t: &Tensor, dim: i64, (start, len): (i64, i64)) -> Tensor {
 }
 
 /// The log-sum-exp as `[b, heads, s]` fp32, whatever trailing unit dimension the kernel adds.
-fn lse3(lse: &Tensor, like_out: &Tensor) -> Tensor {
+pub(super) fn lse3(lse: &Tensor, like_out: &Tensor) -> Tensor {
     let (b, s, h, _) = like_out.size4().expect("attention outputs are [b, s, heads, d]");
     lse.reshape([b, h, s]).to_kind(Kind::Float)
 }
 
 /// `[b, heads, s]` back in the shape the kernel gave its log-sum-exp (`dims` dimensions: some
 /// kernels add a trailing unit dimension), which its backward takes.
-fn kernel_lse(lse: &Tensor, dims: usize) -> Tensor {
+pub(super) fn kernel_lse(lse: &Tensor, dims: usize) -> Tensor {
     match dims {
         4 => lse.unsqueeze(-1).contiguous(),
         _ => lse.contiguous(),

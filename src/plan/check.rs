@@ -113,7 +113,12 @@ fn attention_report(exp: &Experiment, spec: &ModelSpec) -> String {
     // Forward + backward (3 × the forward), the model-FLOP convention of train::flops.
     let full = 3.0 * attention_forward(spec, seq * seq);
     let causal = match exp.parallel.fused_attention() {
-        Some(k) => k.describe(false).to_string(),
+        Some(k) => match k.forward_blocks(d.seq_len) {
+            Some(b) if exp.parallel.ring <= 1 && exp.parallel.keep_attention => {
+                format!("{}, its forward in query blocks of {b} tokens (parallel::blocks)", k.describe(false))
+            }
+            _ => k.describe(false).to_string(),
+        },
         None => format!("libtorch SDPA (parallel.attention = {:?})", exp.parallel.attention).to_lowercase(),
     };
     let masked = d.documents == PackedDocuments::Mask;

@@ -38,6 +38,7 @@ use crate::model::mask::DocumentMask;
 use crate::model::rope::{rotate, Rope, Turn};
 use crate::model::spec::ModelSpec;
 use crate::parallel::attention::AttentionPath;
+use crate::parallel::blocks;
 use crate::parallel::ring::Ring;
 use crate::parallel::ulysses::{heads_to_seq, replicate_kv, seq_to_heads};
 use crate::plan::memory::Place;
@@ -310,7 +311,7 @@ impl DecoderLayer {
                 (oh, Some(saved))
             }
             (AttentionPath::Kept { kernel, .. }, None) => {
-                let (oh, saved) = seg.profiler.attention(|| fused::forward(kernel, qh, kh, vh))?;
+                let (oh, saved) = seg.profiler.attention(|| blocks::forward(kernel, qh, kh, vh))?;
                 (oh, Some(saved))
             }
             (AttentionPath::Recomputed, Some(mask)) => {

@@ -61,6 +61,11 @@
 #    lora.dropout = 0.1 has LoRA's step 1 (B = 0: nothing to drop yet), other losses after it,
 #    finite; its s/step and peak are printed beside the run without dropout (the cost of the draw).
 #    From the repository root after `make bundle`:  PARTS=lora bash tests/gpu/run.sh
+# 12. PARTS=blocks (not in the default set; one GPU): kept cuDNN attention past 64K tokens runs
+#    its forward in query blocks merged by log-sum-exp (src/parallel/blocks.rs). A 2-layer model
+#    with heads of 128 at 163840 tokens (two blocks of 64K and one of 32K), 2 steps: losses and
+#    gradient norms equal recomputed attention's (libtorch SDPA on the whole sequence, no blocks)
+#    within rtol 1.6e-2, like the variants part.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 WORK="$(mktemp -d /tmp/ulysses-gputest.XXXXXX)"
@@ -700,6 +705,62 @@ assert all(math.isfinite(l) and math.isfinite(g) for l, g, _, _ in drop), "a non
 assert abs(drop[0][0] - lora[0][0]) <= 1e-3 * abs(lora[0][0]), "dropout changed step 1, where B = 0"
 assert any(abs(d[0] - n[0]) > 1e-4 * abs(n[0]) for d, n in zip(drop[1:], lora[1:])), "dropout changed nothing"
 print("PASS LoRA dropout 0.1 on GPU (Llama-3.2-1B dims, 16K, bf16)")
+PY
+fi
+
+# 12. Kept attention's forward in query blocks (PARTS=blocks) == recomputed attention.
+if want blocks; then
+K="$WORK/blocks"
+mkdir -p "$K"
+cat > "$K/model.json" <<JSON
+{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 4096, "hidden_size": 1024,
+ "intermediate_size": 2048, "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+ "head_dim": 128, "rms_norm_eps": 1e-05, "max_position_embeddings": 262144, "rope_theta": 500000.0,
+ "tie_word_embeddings": false}
+JSON
+u 1 data synth --task random --seq-len 163840 --num 2 --seed 3 --out "$K/rand160k" >/dev/null
+for name in kept recomputed; do
+  keep=true; [ "$name" = recomputed ] && keep=false
+  cat > "$K/$name.toml" <<TOML
+[run]
+name = "blocks-$name"
+output_dir = "$K/runs"
+seed = 5
+[model]
+config = "$K/model.json"
+[parallel]
+device = "cuda"
+attention = "cudnn"
+keep_attention = $keep
+[data]
+paths = ["$K/rand160k"]
+seq_len = 163840
+shuffle = false
+[train]
+steps = 2
+lr = 1e-4
+min_lr = 1e-4
+warmup_steps = 0
+dtype = "bf16"
+[checkpoint]
+resume = "none"
+save_final = false
+TOML
+  u 1 "$K/$name.toml" > "$OUTD/gputest-blocks-$name.log" 2>&1 || { echo "FAIL blocks-$name:"; tail -30 "$OUTD/gputest-blocks-$name.log"; }
+done
+grep -h "kernel  " "$OUTD/gputest-blocks-kept.log" | head -2
+python3 - "$OUTD" <<'PY' || fails=$((fails + 1))
+import re, sys
+def run(name):
+    t = open(f"{sys.argv[1]}/gputest-blocks-{name}.log").read()
+    got = [(float(l), float(g)) for l, g in re.findall(r"step +\d+/\d+ +loss (\S+) +lr \S+ +grad_norm (\S+)", t)]
+    assert len(got) == 2, f"{name}: {len(got)} of 2 steps completed (see gputest-blocks-{name}.log)"
+    return got
+for i, ((la, ga), (lb, gb)) in enumerate(zip(run("recomputed"), run("kept")), 1):
+    rl, rg = abs(la - lb) / abs(la), abs(ga - gb) / abs(ga)
+    print(f"step {i}: loss recomputed {la:.5f} kept in blocks {lb:.5f} (rel {rl:.2e})  grad_norm {ga:.5f} / {gb:.5f} (rel {rg:.2e})")
+    assert rl <= 1.6e-2 and rg <= 1.6e-2, "attention in query blocks differs from recomputed beyond rtol 1.6e-2"
+print("PASS kept cuDNN attention with its forward in 64K query blocks == recomputed attention at 163840 tokens")
 PY
 fi
 
