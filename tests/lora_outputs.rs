@@ -269,9 +269,13 @@ fn bad_input_stops_with_one_clear_message() {
     let base = d.join("base");
     copy_dir(&hf_models().join("untied"), &base);
     let data = shard(d, "train", 0, 4);
-    train_sp2(&experiment(d, "lora", &folder(&base), &data, None, Some(""), (2, 1)), d);
+    // model.path relative to the job's working directory: final/ names the base absolutely.
+    train_sp2(&experiment(d, "lora", &folder(Path::new("base")), &data, None, Some(""), (2, 1)), d);
     train_sp2(&experiment(d, "full", &folder(&base), &data, None, None, (2, 1)), d);
     let (lora_ckpt, fin) = (d.join("runs/lora/checkpoints/step-000002"), d.join("runs/lora/final"));
+    let named = json(&fin.join("adapter_config.json"))["base_model_name_or_path"].clone();
+    let named = PathBuf::from(named.as_str().unwrap());
+    assert!(named.is_absolute() && named.canonicalize().unwrap() == base.canonicalize().unwrap(), "{named:?}");
     let out = d.join("out");
     let export = |what: &Path, merge: bool| {
         let mut args = vec!["export", what.to_str().unwrap(), "--out", out.to_str().unwrap()];
@@ -297,7 +301,7 @@ fn bad_input_stops_with_one_clear_message() {
     std::fs::rename(&base, d.join("moved")).unwrap();
     let t = export(&lora_ckpt, true);
     let shown = base.display().to_string();
-    assert!(t.contains(&format!("model.path = \"{shown}\", which does not exist")), "{t}");
+    assert!(t.contains("model.path = \"base\", which does not exist"), "{t}");
     let t = export(&fin, true);
     assert!(t.contains(&format!("base_model_name_or_path = \"{shown}\", which is no folder or file here")), "{t}");
     assert!(!out.exists(), "nothing written");

@@ -170,10 +170,11 @@ impl Adapters {
     }
 
     /// The base as `peft.PeftModel.from_pretrained` is told it (`base_model_name_or_path`): its
-    /// path, or nothing for a seeded base.
+    /// path, made absolute (a relative `model.path` means the training job's working directory,
+    /// where `final/` is written), or nothing for a seeded base.
     fn base_name(&self) -> String {
         match &self.base {
-            Base::Path { path, .. } => path.display().to_string(),
+            Base::Path { path, .. } => std::path::absolute(path).unwrap_or_else(|_| path.clone()).display().to_string(),
             Base::Seeded(_) => String::new(),
         }
     }
