@@ -3,6 +3,7 @@
 pub mod adapter;
 pub mod dropout;
 mod error;
+pub mod head;
 pub mod llama;
 pub mod lora;
 pub mod mask;

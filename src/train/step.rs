@@ -19,6 +19,7 @@ use crate::metrics::profile::Profiler;
 use crate::metrics::StepTimes;
 use crate::model::adapter::LayerAdapters;
 use crate::model::dropout::Draw;
+use crate::model::head;
 use crate::model::llama::{self, seq_tiles, LayerWeights};
 use crate::model::mask::DocumentMask;
 use crate::model::rope::Rope;
@@ -319,8 +320,9 @@ struct HeadResult {
 }
 
 /// Final norm, LM head and cross-entropy (fp32) on the last layer's output `x`, forward and
-/// backward tile by tile so that one tile's fp32 logits exist at a time; the head's weight
-/// gradients are reduce-scattered here.
+/// backward tile by tile so that one tile's logits exist at a time (`model::head::tile_loss`:
+/// bf16 logits and their fp32 log-probabilities); the head's weight gradients are
+/// reduce-scattered here.
 fn head_and_loss(
     ctx: &StepContext,
     params: &mut ShardedParams,
@@ -354,6 +356,9 @@ fn head_and_loss(
         }
     };
     let (norm, lm_head) = (&norm, &lm_head);
+    // The LM head's gradient when it trains (tied or not), accumulated tile by tile by the GEMM.
+    let mut grad_lm_head = lm_head.requires_grad().then(|| lm_head.zeros_like());
+    let scale = 1.0 / n_total;
     let mut loss = 0.0;
     // The positions the per-position loss bins by, [b, s_local].
     let bin_positions = positions.as_ref().map(|p| match p.by() {
@@ -367,20 +372,34 @@ fn head_and_loss(
     for (start, len) in seq_tiles(x.size()[1], ctx.loss_tile) {
         let labels = batch.labels.narrow(1, start, len);
         let x_tile = leaf(&x.narrow(1, start, len));
-        // [b, tile] fp32 losses
-        let token_loss = llama::head_token_losses(ctx.spec, norm, lm_head, &x_tile, &labels);
+        // The final norm under autograd; the LM head and the loss by hand (`model::head`).
+        let xn = llama::rms_norm(&x_tile, norm, ctx.spec.rms_norm_eps);
+        let tile = head::tile_loss(&xn.detach(), lm_head, &labels, scale, grad_lm_head.as_mut());
         if let (Some(p), Some(at)) = (positions.as_deref_mut(), &bin_positions) {
-            p.add(&token_loss, &labels, &at.narrow(1, start, len));
+            p.add(&tile.token_loss, &labels, &at.narrow(1, start, len));
         }
-        let loss_tile = token_loss.sum(Kind::Float);
-        (&loss_tile / n_total).backward();
+        backprop(&[(&xn, &tile.grad_xn)])?;
         grad_x.narrow(1, start, len).copy_(&grad(&x_tile));
-        loss += loss_tile.double_value(&[]);
+        loss += tile.token_loss.sum(Kind::Float).double_value(&[]);
     }
+    // The trained LM head's gradient is `grad_lm_head`, not its leaf's (autograd never saw it):
+    // in the head unit when untied (the same tensor as one of `head`), else the embedding's.
+    let is_lm_head = |t: &Tensor| t.data_ptr() == lm_head.data_ptr();
     if !head.is_empty() {
-        accumulate(ctx, params, UnitId::Head, &grads(&head))?;
+        let head_grads: Vec<Tensor> = head
+            .iter()
+            .map(|t| match &grad_lm_head {
+                Some(g) if is_lm_head(t) => g.shallow_clone(),
+                _ => grad(t),
+            })
+            .collect();
+        accumulate(ctx, params, UnitId::Head, &head_grads)?;
     }
-    Ok(HeadResult { loss, grad_x, tied_grad: tied.as_ref().map(grad) })
+    let tied_grad = tied.map(|t| match grad_lm_head {
+        Some(g) if is_lm_head(&t) => g,
+        _ => grad(&t),
+    });
+    Ok(HeadResult { loss, grad_x, tied_grad })
 }
 
 /// A unit's tensors, gathered in the compute dtype on the compute device (timed as communication).
