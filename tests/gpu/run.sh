@@ -66,6 +66,11 @@
 #    with heads of 128 at 163840 tokens (two blocks of 64K and one of 32K), 2 steps: losses and
 #    gradient norms equal recomputed attention's (libtorch SDPA on the whole sequence, no blocks)
 #    within rtol 1.6e-2, like the variants part.
+# 13. PARTS=head (in the default set; seconds): the LM head and loss by hand
+#    (model::head::tile_loss, what the step runs) against autograd through head_token_losses in
+#    bf16 at Llama-3.1-8B's head and a 2048-token tile (tests/head_loss.rs gpu_*): the loss within
+#    1e-4 relative, the input's, norm's and LM head's gradients within 2e-2 of their largest entry,
+#    ignored labels' rows without gradient; each path's ms per tile printed.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 WORK="$(mktemp -d /tmp/ulysses-gputest.XXXXXX)"
@@ -86,7 +91,7 @@ JSON
 }
 
 # PARTS picks parts (a short check before a benchmark in the same device call); default all.
-want() { [[ " ${PARTS:-store varlen sp variants packed qwen3 heldout learn} " == *" $1 "* ]]; }
+want() { [[ " ${PARTS:-store head varlen sp variants packed qwen3 heldout learn} " == *" $1 "* ]]; }
 
 exp() {  # name model sp seq steps lr data [extra data line]
   cat > "$WORK/$1.toml" <<TOML
@@ -122,6 +127,12 @@ TOML
 if want store; then
 bash bundle/run-gpu.sh --exec bundle/tests/store --ignored gpu_ --test-threads 1 2>&1 | tee "$WORK/store.log"
 grep -q "test result: ok. 5 passed" "$WORK/store.log" && echo "PASS activation store on the GPU" || fails=$((fails + 1))
+fi
+
+# 13. The LM head and loss by hand against autograd in bf16 (tests/head_loss.rs, gpu_*).
+if want head; then
+bash bundle/run-gpu.sh --exec bundle/tests/head_loss --ignored gpu_ --test-threads 1 --nocapture 2>&1 | tee "$WORK/head.log"
+grep -q "test result: ok. 1 passed" "$WORK/head.log" && echo "PASS LM head and loss by hand on the GPU" || fails=$((fails + 1))
 fi
 
 # 4. The masked attention kernels on the GPU (tests/masked_attention.rs, gpu_*).
