@@ -4,11 +4,10 @@
 //! fp32 copy of the logits, an fp32 log-softmax, nll backward's zero-filled fp32 [tile, V], the
 //! log-softmax backward and the cast of its gradient back to bf16 (~36 bytes per logit), and the
 //! LM head's gradient comes as a new [V, h] tensor per tile that autograd adds to the last. Here a
-//! tile turns the bf16 logits into fp32 log-probabilities (libtorch's log-softmax converts bf16 to
-//! fp32 in a copy first: its one-kernel conversion is for fp16 only), writes their softmax back
-//! into the logits' own buffer as their gradient (~20 bytes per logit in all), corrects the target
-//! column on a [tile] vector, and the LM head's gradient is accumulated by the GEMM into one
-//! buffer. The final RMSNorm stays under autograd: the caller backpropagates `grad_xn` through it.
+//! tile turns the bf16 logits into fp32 log-probabilities (a copy to fp32, then the log-softmax:
+//! libtorch's one-kernel conversion is for fp16 only), writes their softmax as the logits'
+//! gradient straight into a bf16 buffer (~20 bytes per logit in all), corrects the target column
+//! on a [tile] vector, and the LM head's gradient is accumulated by the GEMM into one buffer. The final RMSNorm stays under autograd: the caller backpropagates `grad_xn` through it.
 use super::llama::IGNORE_INDEX;
 use tch::{Kind, Tensor};
 
@@ -23,9 +22,9 @@ pub struct TileLoss {
 /// Forward and backward of `scale · Σ cross_entropy(xn · lm_headᵀ, labels)` over one tile:
 /// xn [b, tile, h] (the final norm's output, compute dtype), lm_head [V, h], labels [b, tile]
 /// (valid ones in [0, V)). When `grad_lm_head` ([V, h], lm_head's dtype) is given, the LM head's
-/// gradient is added into it. The tile holds the logits in the compute dtype (later overwritten by
-/// the softmax) and their fp32 log-probabilities, with bf16 also the fp32 copy that log-softmax
-/// makes while it runs: 10 bytes per logit at the peak, 6 after.
+/// gradient is added into it. Two [tile, V] tensors exist at a time, 8 bytes per logit at most
+/// with bf16 (the memory plan's two fp32 tiles): the logits and their fp32 copy, then the copy and
+/// the log-probabilities, then these and the gradient (in the compute dtype).
 pub fn tile_loss(
     xn: &Tensor,
     lm_head: &Tensor,
@@ -43,15 +42,19 @@ pub fn tile_loss(
         let target = labels.masked_fill(&ignored, 0).unsqueeze(1);
 
         // [n, h] x [h, V] -> [n, V] in the compute dtype, then fp32 log-probabilities.
+        // Each buffer is dropped as soon as the next exists (a no-op copy in fp32).
         let logits = xn.mm(&lm_head.tr());
-        let logp = logits.log_softmax(-1, Kind::Float);
+        let kind = logits.kind();
+        let logits = logits.to_kind(Kind::Float);
+        let logp = logits.log_softmax(-1, None);
+        drop(logits);
         // [n, V] -> [n, 1] fp32
         let logp_target = logp.gather(1, &target, false);
         let token_loss = logp_target.neg().squeeze_dim(1).masked_fill(&ignored, 0.0);
 
-        // d loss_r / d logits_r = softmax_r - onehot(target_r): the softmax goes into the logits'
-        // buffer (cast on write), then the target column gets p_t - 1, computed in fp32.
-        let mut grad_logits = logp.exp_out(&logits);
+        // d loss_r / d logits_r = softmax_r - onehot(target_r): the softmax is written in the
+        // compute dtype (cast on write), then the target column gets p_t - 1, computed in fp32.
+        let mut grad_logits = logp.exp_out(&Tensor::empty(logp.size(), (kind, logp.device())));
         drop(logp);
         let target_grad = (logp_target.exp() - 1.0).to_kind(grad_logits.kind());
         let _ = grad_logits.scatter_(1, &target, &target_grad);
