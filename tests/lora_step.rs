@@ -291,7 +291,8 @@ fn gpu_dropout_masks_on_cuda_equal_the_cpu() {
     let on = |d: &ulysses::model::dropout::LayerDropout, device: Device| {
         let (x, a, gu) = (x.to_device(device), a.to_device(device), gu.to_device(device));
         let u = d.project(LoraTarget::K, &x, &a).to_device(Device::Cpu);
-        let (gx, ga, _) = d.backward(LoraTarget::K, &x, &a, &gu);
+        let mut gx = x.zeros_like();
+        let (ga, _) = d.backward(LoraTarget::K, &x, &a, &gu, &mut gx);
         (u, gx.to_device(Device::Cpu), ga.to_device(Device::Cpu))
     };
     let (cpu_out, cuda_out) = (on(&cpu, Device::Cpu), on(&cuda, gpu));

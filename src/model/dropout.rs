@@ -148,15 +148,23 @@ impl LayerDropout {
     }
 
     /// By hand, without autograd: from x [b, t, in], A [r, in] and the gradient `gu` [b·t, r]
-    /// of `u = dropout(x)·Aᵀ`, x's gradient `dropout'(gu·A)` [b, t, in], A's gradient
-    /// `guᵀ·dropout(x)` [r, in] and u itself [b·t, r] (for B's gradient).
-    pub fn backward(&self, target: LoraTarget, x: &Tensor, a: &Tensor, gu: &Tensor) -> (Tensor, Tensor, Tensor) {
+    /// of `u = dropout(x)·Aᵀ`, adds x's gradient `dropout'(gu·A)` into `grad_x` [b, t, in] one
+    /// tile at a time (no input-sized temporary), and returns A's gradient `guᵀ·dropout(x)`
+    /// [r, in] and u itself [b·t, r] (for B's gradient).
+    pub fn backward(
+        &self,
+        target: LoraTarget,
+        x: &Tensor,
+        a: &Tensor,
+        gu: &Tensor,
+        grad_x: &mut Tensor,
+    ) -> (Tensor, Tensor) {
         let (b, t, features) = x.size3().expect("[b, t, in]");
         let r = a.size()[0];
         let gu = gu.view([b, t, r]);
         let mask = self.mask(target, b, features);
         let mut grad_a = a.zeros_like();
-        let (mut grad_x, mut u) = (Vec::new(), Vec::new());
+        let mut u = Vec::new();
         for (start, len, dropped) in mask.tiles(t) {
             let xd = self.dropped(&x.narrow(1, start, len), &dropped).reshape([-1, features]);
             let g = gu.narrow(1, start, len).reshape([-1, r]);
@@ -165,9 +173,9 @@ impl LayerDropout {
             // [b·tile, in] @ [in, r] -> [b, tile, r]
             u.push(xd.mm(&a.tr()).view([b, len, r]));
             // [b·tile, r] @ [r, in] -> [b, tile, in], dropped like the input
-            grad_x.push(self.dropped(&g.mm(a).view([b, len, features]), &dropped));
+            let _ = grad_x.narrow(1, start, len).g_add_(&self.dropped(&g.mm(a).view([b, len, features]), &dropped));
         }
-        (Tensor::cat(&grad_x, 1), grad_a, Tensor::cat(&u, 1).view([-1, r]))
+        (grad_a, Tensor::cat(&u, 1).view([-1, r]))
     }
 
     /// `x` with the `dropped` elements zero and the rest scaled by 1/(1-p).
@@ -329,8 +337,9 @@ mod tests {
         let u = d.project(LoraTarget::K, &x, &a);
         let gu = Tensor::randn([2, 50, 4], opts);
         let grads = Tensor::run_backward(&[(&u * &gu).sum(Kind::Double)], &[&x, &a], false, false);
-        let (gx, ga, u2) = tch::no_grad(|| d.backward(LoraTarget::K, &x, &a, &gu.view([-1, 4])));
-        assert!(gx.allclose(&grads[0], 1e-12, 1e-12, false));
+        let mut gx = Tensor::ones([2, 50, 16], opts);
+        let (ga, u2) = tch::no_grad(|| d.backward(LoraTarget::K, &x, &a, &gu.view([-1, 4]), &mut gx));
+        assert!((gx - 1.0).allclose(&grads[0], 1e-12, 1e-12, false), "added into the given gradient");
         assert!(ga.allclose(&grads[1], 1e-12, 1e-12, false));
         assert!(u2.allclose(&u.detach().view([-1, 4]), 1e-12, 1e-12, false));
     }

@@ -36,14 +36,18 @@ pub fn pre_attention(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, rope: &Rope
 /// `pre_attention` up to RoPE: q and k not yet rotated. The step rotates them itself
 /// (`rope::rotate`), and their gradients back, outside the graph.
 pub fn qkv_projections(spec: &ModelSpec, w: &LayerWeights, x: &Tensor) -> (Tensor, Tensor, Tensor) {
-    let (b, s) = (x.size()[0], x.size()[1]);
+    qkv_of_normed(spec, w, &rms_norm(x, &w.attn_norm, spec.rms_norm_eps))
+}
+
+/// `qkv_projections` after the norm: from `xn = RMSNorm(x)`.
+pub fn qkv_of_normed(spec: &ModelSpec, w: &LayerWeights, xn: &Tensor) -> (Tensor, Tensor, Tensor) {
+    let (b, s) = (xn.size()[0], xn.size()[1]);
     let (n_q, n_kv, d) = (spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim);
-    let xn = rms_norm(x, &w.attn_norm, spec.rms_norm_eps);
     // [b, s, h] -> [b, s, n_q*d] -> [b, s, n_q, d]
-    let q = w.project(LoraTarget::Q, &xn).view([b, s, n_q, d]);
+    let q = w.project(LoraTarget::Q, xn).view([b, s, n_q, d]);
     // [b, s, h] -> [b, s, n_kv*d] -> [b, s, n_kv, d], for k and v
-    let k = w.project(LoraTarget::K, &xn).view([b, s, n_kv, d]);
-    let v = w.project(LoraTarget::V, &xn).view([b, s, n_kv, d]);
+    let k = w.project(LoraTarget::K, xn).view([b, s, n_kv, d]);
+    let v = w.project(LoraTarget::V, xn).view([b, s, n_kv, d]);
     // Qwen3: RMSNorm over each head's d values (weights [d], shared by the heads).
     match (&w.q_norm, &w.k_norm) {
         (Some(qn), Some(kn)) => (rms_norm(&q, qn, spec.rms_norm_eps), rms_norm(&k, kn, spec.rms_norm_eps), v),
@@ -157,8 +161,12 @@ pub fn mlp_activation(spec: &ModelSpec, w: &LayerWeights, h: &Tensor) -> Tensor 
 
 /// The MLP's gate and up projections of `n = RMSNorm(h)`, each [b, tokens, intermediate].
 pub fn mlp_projections(spec: &ModelSpec, w: &LayerWeights, h: &Tensor) -> (Tensor, Tensor) {
-    let hn = rms_norm(h, &w.mlp_norm, spec.rms_norm_eps);
-    (w.project(LoraTarget::Gate, &hn), w.project(LoraTarget::Up, &hn))
+    mlp_projections_of_normed(w, &rms_norm(h, &w.mlp_norm, spec.rms_norm_eps))
+}
+
+/// `mlp_projections` after the norm: from `hn = RMSNorm(h)`.
+pub fn mlp_projections_of_normed(w: &LayerWeights, hn: &Tensor) -> (Tensor, Tensor) {
+    (w.project(LoraTarget::Gate, hn), w.project(LoraTarget::Up, hn))
 }
 
 /// The gradients of the gate and up projections' outputs from the gradient of

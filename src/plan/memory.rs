@@ -33,24 +33,22 @@ const LAYER_WORKING_SET_PER_TOKEN: f64 = 9.5;
 /// themselves are negligible.
 const LORA_WORKING_SET_PER_TOKEN: f64 = 1.0;
 
-/// What LoRA's dropout adds to a layer's backward, bytes: a graph over a projection with an adapter
-/// keeps the mask (1 byte an input element) and the dropped input (the compute dtype, for A's
-/// gradient), tile by tile but for all the segment's tokens: q, k and v in segment 1; o (all
-/// tokens) and gate and up (one MLP tile) in segment 3, which runs after segment 1's graph is
-/// gone, so the larger of the two counts. The down projection's backward is by hand, one mask tile
-/// at a time. Plus one mask tile (`model::dropout::TILE_ELEMENTS`): two int64 temporaries and the
-/// bool mask. Nothing without dropout.
-fn dropout_working_set(lora: &LoraConfig, spec: &ModelSpec, tokens: f64, mlp_tokens: f64, elt: f64) -> f64 {
-    use crate::config::LoraTarget::*;
+/// What LoRA's dropout adds to a layer's backward, bytes. The recompute's graphs leave the
+/// dropped branches out (`train::layer::Cut`, `LayerAdapters::deferring`): they keep no mask or
+/// dropped input, only each branch's leaf `dropout(x)·Aᵀ` and later its gradient (r values a
+/// token each, three branches at most: q, k, v; or o beside an MLP tile's gate and up), and the
+/// masks are drawn again when the branches are settled by hand, their shares of the input's
+/// gradient added in place. So beyond those leaves and a mask's token keys (int64 a token), only
+/// one mask tile (`model::dropout::TILE_ELEMENTS`): two int64 temporaries, the bool mask and three
+/// tiles in the compute dtype (the dropped input, the share and its masked copy). Reasoned, not
+/// measured (tests/gpu/run.sh PARTS=lora prints the peak with and without dropout). Nothing
+/// without dropout.
+fn dropout_working_set(lora: &LoraConfig, tokens: f64, elt: f64) -> f64 {
     if lora.dropout == 0.0 {
         return 0.0;
     }
-    let count = |of: &[crate::config::LoraTarget]| lora.targets.iter().filter(|t| of.contains(t)).count() as f64;
-    let per_element = 1.0 + elt;
-    let (h, attn) = (spec.hidden_size as f64, (spec.num_attention_heads * spec.head_dim) as f64);
-    let segment1 = count(&[Q, K, V]) * tokens * h * per_element;
-    let segment3 = count(&[O]) * tokens * attn * per_element + count(&[Gate, Up]) * mlp_tokens * h * per_element;
-    segment1.max(segment3) + crate::model::dropout::TILE_ELEMENTS as f64 * 17.0
+    let leaves = 3.0 * 2.0 * lora.rank as f64 * elt * tokens;
+    leaves + 8.0 * tokens + crate::model::dropout::TILE_ELEMENTS as f64 * (17.0 + 3.0 * elt)
 }
 
 /// fp32 elements per state of one read-update-write chunk of a unit whose state is on disk
@@ -382,8 +380,7 @@ impl Estimate {
         // The LM head's matmul weight trains with the head, or (tied) with the embedding.
         let head_trains = if spec.tie_word_embeddings { trained_embedding > 0 } else { trained_head > 0 };
         let lora_working = if lora.is_some() { LORA_WORKING_SET_PER_TOKEN * tokens * h * 2.0 } else { 0.0 };
-        let mlp_tokens = if p.mlp_tile == 0 { tokens } else { (p.mlp_tile as f64).min(tokens) };
-        let dropout_working = lora.map_or(0.0, |l| dropout_working_set(l, spec, tokens, mlp_tokens, elt));
+        let dropout_working = lora.map_or(0.0, |l| dropout_working_set(l, tokens, elt));
         // Every rank saves a 1/world slice of each unit's master weights and two moments (12 of
         // the 16 bytes), at either ZeRO stage; only state on the GPU is staged (state in host
         // memory or on disk is written where it lies, the next optimizer step waiting for the

@@ -27,12 +27,17 @@
 //! kept (output and log-sum-exp kept, fused backward) and recomputed (the masked forward again in
 //! backward, then its fused backward). A micro batch of single-document samples has no mask and
 //! takes exactly the path of unpacked data.
+//!
+//! With LoRA's dropout (`lora.dropout` > 0) the graphs of segments 1 and 3 leave the adapters'
+//! dropped branches out and settle them by hand after their backward (`Cut`), so no graph keeps a
+//! mask or a dropped input; the masks are drawn again from the tokens' positions.
 use super::store::{ActivationStore, Key};
 use crate::comm::Collective;
 use crate::config::LoraTarget;
 use crate::ffi::attention::{self as fused, KernelCall, Saved};
 use crate::ffi::autograd;
 use crate::metrics::profile::Profiler;
+use crate::model::adapter::Deferred;
 use crate::model::llama::{self, seq_tiles, AttentionCore, LayerWeights, LocalAttention};
 use crate::model::mask::DocumentMask;
 use crate::model::rope::{rotate, Rope, Turn};
@@ -228,11 +233,11 @@ impl DecoderLayer {
         log_phase(seg, format_args!("backward layer {l}: post-attention"));
         // Segment 1 with its graph now, when it runs once: its head shards feed the fused backward.
         let qkv = (self.qkv_once && kept.is_some() && shards.is_none())
-            .then(|| prof.phase(format_args!("pre-attention recompute"), || self.qkv(seg, w, &x)));
+            .then(|| prof.phase(format_args!("pre-attention recompute"), || self.qkv_graph(seg, w, &x)));
         let (gq, gk, gv) = prof.phase(format_args!("attention"), || -> Result<_> {
             let [qh, kh, vh] = match (shards, &qkv) {
                 (Some(shards), _) => shards,
-                (None, Some((q, k, v))) => tch::no_grad(|| -> Result<_> {
+                (None, Some(Qkv { q, k, v, .. })) => tch::no_grad(|| -> Result<_> {
                     let (q, k) = rotated(seg, q, k, Turn::Forward);
                     Ok([to_heads(seg, &q)?, to_heads(seg, &k)?, to_heads(seg, v)?])
                 })?,
@@ -280,6 +285,20 @@ impl DecoderLayer {
     fn qkv(&self, seg: &Segments, w: &LayerWeights, x: &Tensor) -> (Tensor, Tensor, Tensor) {
         let (q, k, v) = llama::qkv_projections(seg.spec, w, x);
         (q, replicate_kv(&k, seg.sp.size()), replicate_kv(&v, seg.sp.size()))
+    }
+
+    /// `qkv` with a graph from x, for backward. With dropping adapters the graph is cut at the
+    /// normalized input: its projections start from a leaf copy of it and leave the dropped
+    /// branches out (`LayerAdapters::deferring`), which `pre_attention_backward` settles by hand.
+    fn qkv_graph(&self, seg: &Segments, w: &LayerWeights, x: &Tensor) -> Qkv {
+        if w.adapters.dropout.is_none() {
+            let (q, k, v) = self.qkv(seg, w, x);
+            return Qkv { q, k, v, cut: None };
+        }
+        let xn = llama::rms_norm(x, &w.attn_norm, seg.spec.rms_norm_eps);
+        let ((q, k, v), cut) = Cut::at(w, xn, |xn| llama::qkv_of_normed(seg.spec, w, xn));
+        let (k, v) = (replicate_kv(&k, seg.sp.size()), replicate_kv(&v, seg.sp.size()));
+        Qkv { q, k, v, cut: Some(cut) }
     }
 
     /// Segment 1 without a graph, moved to head shards: `[b, s/sp, H, d] -> [b, s, H/sp, d]`.
@@ -338,8 +357,9 @@ impl DecoderLayer {
         grad_y: Tensor,
     ) -> Result<Tensor> {
         let o = leaf(&to_seq(seg, oh)?);
-        {
-            let h = llama::attention_residual(seg.spec, w, x, &o);
+        // The O projection's dropped branch, if any, is left out of the graph and settled below.
+        let deferred = {
+            let (h, deferred) = w.adapters.deferring(|| llama::attention_residual(seg.spec, w, x, &o));
             // h's gradient is the residual's `grad_y` plus the MLP's, which each tile adds in place
             // to its own tokens of `grad_y`: a tile's leaf is a view of h's values, so its gradient
             // is tile-sized (a leaf for all of h would get each tile's gradient padded with zeros
@@ -365,20 +385,44 @@ impl DecoderLayer {
             }
             drop(mlp);
             backprop(&[(&h, &grad_h)])?;
+            deferred
+        };
+        let mut grads = Vec::new();
+        let mut grad_o = o.grad();
+        if !deferred.is_empty() {
+            // The dropped branch's input is o as [b, s, heads·d] (o's gradient has o's strides,
+            // which after an all-to-all need not be contiguous).
+            grad_o = grad_o.contiguous();
+            let (b, s) = (grad_o.size()[0], grad_o.size()[1]);
+            w.adapters.settle(deferred, &mut grads, &mut grad_o.view([b, s, -1]));
         }
-        to_heads(seg, &o.grad())
+        if !grads.is_empty() {
+            backprop(&grads.iter().map(|(t, g)| (*t, g)).collect::<Vec<_>>())?;
+        }
+        to_heads(seg, &grad_o)
     }
 
     /// One MLP tile's backward, `y = h + act · W_downᵀ` with `act = silu(gate) * up` recomputed
     /// with a graph. The down projection is backpropagated by hand (`project_backward`), so its
     /// output (a matmul's worth of work) is never recomputed; the residual's share of h's
     /// gradient is added by the caller.
+    /// With dropping adapters the graph is cut at the normalized input (`Cut`).
     fn mlp_backward(&self, seg: &Segments, w: &LayerWeights, h: &Tensor, g: &Tensor) -> Result<()> {
-        let act = llama::mlp_activation(seg.spec, w, h);
+        let (act, cut) = match w.adapters.dropout {
+            None => (llama::mlp_activation(seg.spec, w, h), None),
+            Some(_) => {
+                let hn = llama::rms_norm(h, &w.mlp_norm, seg.spec.rms_norm_eps);
+                let ((gate, up), cut) = Cut::at(w, hn, |hn| llama::mlp_projections_of_normed(w, hn));
+                (gate.silu() * up, Some(cut))
+            }
+        };
         let mut grads = Vec::new();
         let grad_act = tch::no_grad(|| project_backward(w, LoraTarget::Down, &act, g, &mut grads));
         grads.push((&act, grad_act));
-        backprop(&grads.iter().map(|(t, g)| (*t, g)).collect::<Vec<_>>())
+        backprop(&grads.iter().map(|(t, g)| (*t, g)).collect::<Vec<_>>())?;
+        drop(grads);
+        drop(act);
+        cut.map_or(Ok(()), |cut| cut.settle(w))
     }
 
     /// `mlp_backward` from the kept gate and up projections: only the MLP's norm is recomputed
@@ -415,15 +459,55 @@ impl DecoderLayer {
         seg: &Segments,
         w: &LayerWeights,
         x: &Tensor,
-        qkv: Option<(Tensor, Tensor, Tensor)>,
+        qkv: Option<Qkv>,
         g: [Tensor; 3],
     ) -> Result<()> {
         let [gq, gk, gv] = g;
         let (gq, gk, gv) = (to_seq(seg, &gq)?, to_seq(seg, &gk)?, to_seq(seg, &gv)?);
         // The gradients of q and k before RoPE.
         let (gq, gk) = tch::no_grad(|| rotated(seg, &gq, &gk, Turn::Inverse));
-        let (q, k, v) = qkv.unwrap_or_else(|| self.qkv(seg, w, x));
-        backprop(&[(&q, &gq), (&k, &gk), (&v, &gv)])
+        let Qkv { q, k, v, cut } = qkv.unwrap_or_else(|| self.qkv_graph(seg, w, x));
+        backprop(&[(&q, &gq), (&k, &gk), (&v, &gv)])?;
+        drop((q, k, v, gq, gk, gv));
+        cut.map_or(Ok(()), |cut| cut.settle(w))
+    }
+}
+
+/// Segment 1's q, k and v with a graph, for backward.
+struct Qkv {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// With dropping adapters: where the graph is cut (`DecoderLayer::qkv_graph`).
+    cut: Option<Cut>,
+}
+
+/// A graph cut at a normalized input (segment 1's, or an MLP tile's) for adapters that drop:
+/// `xn` with the norm's graph from the layer's tensor, the leaf the projections start from, and
+/// their dropped branches left out of the graph (`LayerAdapters::deferring`), so that it keeps no
+/// mask or dropped input.
+struct Cut {
+    xn: Tensor,
+    xn_leaf: Tensor,
+    deferred: Vec<Deferred>,
+}
+
+impl Cut {
+    /// `build` from a leaf copy of `xn`, its dropped branches deferred.
+    fn at<T>(w: &LayerWeights, xn: Tensor, build: impl FnOnce(&Tensor) -> T) -> (T, Cut) {
+        let xn_leaf = leaf(&xn);
+        let (out, deferred) = w.adapters.deferring(|| build(&xn_leaf));
+        (out, Cut { xn, xn_leaf, deferred })
+    }
+
+    /// After the backward of what `at` built: the dropped branches by hand (A's gradients and
+    /// their share of xn's), then the norm's backward from xn's whole gradient.
+    fn settle(self, w: &LayerWeights) -> Result<()> {
+        let mut grads = Vec::new();
+        let mut grad_xn = grad(&self.xn_leaf);
+        w.adapters.settle(self.deferred, &mut grads, &mut grad_xn);
+        grads.push((&self.xn, grad_xn));
+        backprop(&grads.iter().map(|(t, g)| (*t, g)).collect::<Vec<_>>())
     }
 }
 
@@ -460,17 +544,14 @@ fn project_backward<'w>(
 ) -> Tensor {
     let weight = w.weight(target).0;
     // [b, t, out] @ [out, in] -> [b, t, in]
-    let grad_x = g.matmul(weight);
+    let mut grad_x = g.matmul(weight);
     if weight.requires_grad() {
         grads.push((weight, transposed_mm(g, x)));
     }
-    match w.adapters.backward(target, x, g) {
-        Some((extra, adapter_grads)) => {
-            grads.extend(adapter_grads);
-            grad_x + extra
-        }
-        None => grad_x,
+    if let Some(adapter_grads) = w.adapters.backward(target, x, g, &mut grad_x) {
+        grads.extend(adapter_grads);
     }
+    grad_x
 }
 
 /// The weight gradient of a linear map from `input` to an output whose gradient is `grad`:

@@ -706,9 +706,9 @@ fn lora_8b_rank_16_fits_512k_on_one_h100_box_where_full_fine_tuning_does_not() {
     assert!(full < 512 * 1024 && lora as f64 > 1.4 * full as f64, "full fine-tuning: {full}, LoRA: {lora}");
 }
 
-/// LoRA's dropout costs its masks and dropped inputs in the layer's backward (segment 1: q, k and
-/// v, each 1 + 2 bytes an element of a [tokens, hidden] input in bf16) and one mask tile; the
-/// longest fit shrinks accordingly, and without dropout nothing changes.
+/// LoRA's dropout costs, in the layer's backward, only the dropped branches' rank-r leaves and
+/// their gradients (the graphs keep no mask or dropped input), a mask's token keys and one mask
+/// tile: the longest fit barely moves, and without dropout nothing changes.
 #[test]
 fn lora_dropout_counts_its_masks_in_the_layer_working_set() {
     let lora = "[lora]\nrank = 16\nalpha = 32.0\n";
@@ -716,11 +716,11 @@ fn lora_dropout_counts_its_masks_in_the_layer_working_set() {
     let (dropped, _, _) = one_h100_box(262144, &format!("{lora}dropout = 0.1\n"));
     let plain = Estimate::new(&PlanInputs::new(&exp, &spec, 1));
     let with = Estimate::new(&PlanInputs::new(&dropped, &spec, 1));
-    let tile = crate::model::dropout::TILE_ELEMENTS as f64 * 17.0;
-    assert_eq!(with.layer_working - plain.layer_working, 3.0 * 262144.0 * 4096.0 * 3.0 + tile);
+    let tile = crate::model::dropout::TILE_ELEMENTS as f64 * (17.0 + 3.0 * 2.0);
+    assert_eq!(with.layer_working - plain.layer_working, 262144.0 * (3.0 * 2.0 * 16.0 * 2.0 + 8.0) + tile);
     assert_eq!(with.head_working, plain.head_working);
     let fit = |e: &Experiment| longest_fit(&PlanInputs::new(e, &spec, 1), &budget).unwrap();
     let (plain_fit, dropped_fit) = (fit(&exp), fit(&dropped));
     println!("one H100 box: LoRA rank 16 fits {plain_fit} tokens, with dropout {dropped_fit}");
-    assert!(dropped_fit < plain_fit, "{dropped_fit} vs {plain_fit}");
+    assert!(dropped_fit < plain_fit && dropped_fit >= 512 * 1024, "{dropped_fit} vs {plain_fit}");
 }
