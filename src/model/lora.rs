@@ -104,9 +104,11 @@ pub fn load_peft(dir: &Path, spec: &ModelSpec, lora: &LoraConfig) -> Result<Vec<
     let path = dir.join(ADAPTER_WEIGHTS);
     let tensors = Tensor::read_safetensors(&path)
         .map_err(|e| WeightsError::Corrupt { path: path.display().to_string(), message: e.to_string() })?;
+    // A tied model's head tensor (`ensure_weight_tying`) is its embedding's copy.
     Ok(tensors
         .into_iter()
         .map(|(n, t)| (n.strip_prefix(PEFT_PREFIX).unwrap_or(&n).to_string(), t.to_kind(Kind::Float)))
+        .filter(|(n, _)| !(spec.tie_word_embeddings && n == "lm_head.weight"))
         .collect())
 }
 
@@ -126,19 +128,25 @@ pub fn save_peft(
         message: e.to_string(),
     };
     std::fs::create_dir_all(dir).map_err(|e| write_err(dir, &e))?;
-    let host: Vec<(String, Tensor)> = named
+    let full: Vec<&str> = super::spec::adapter::full_module_shapes(spec, lora)
+        .iter()
+        .map(|(n, _)| if n.starts_with("lm_head") { "lm_head" } else { "embed_tokens" })
+        .collect();
+    // A tied embedding trained in full is also the head. peft keeps the head on the base's
+    // embedding unless `ensure_weight_tying`, which then wants the head's tensor too (the same).
+    let tied = spec.tie_word_embeddings && !full.is_empty();
+    let mut host: Vec<(String, Tensor)> = named
         .iter()
         .map(|(n, t)| (peft_key(n), t.detach().to_device(Device::Cpu).to_kind(kind).contiguous()))
         .collect();
+    if let Some(embed) = host.iter().find(|(n, _)| *n == peft_key("model.embed_tokens.weight")).filter(|_| tied) {
+        host.push((peft_key("lm_head.weight"), embed.1.copy()));
+    }
     let path = dir.join(ADAPTER_WEIGHTS);
     Tensor::write_safetensors(&host, &path).map_err(|e| write_err(&path, &e))?;
     let mut targets: Vec<&str> = lora.targets.iter().map(|t| t.peft_name()).collect();
     targets.sort();
     targets.dedup();
-    let full: Vec<&str> = super::spec::adapter::full_module_shapes(spec, lora)
-        .iter()
-        .map(|(n, _)| if n.starts_with("lm_head") { "lm_head" } else { "embed_tokens" })
-        .collect();
     let config = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -151,6 +159,7 @@ pub fn save_peft(
         "bias": "none",
         "use_rslora": false,
         "use_dora": false,
+        "ensure_weight_tying": tied,
         "fan_in_fan_out": false,
         "init_lora_weights": true,
         "inference_mode": true,

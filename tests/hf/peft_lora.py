@@ -178,7 +178,8 @@ def load(model_dir, adapter, shard, out):
 
 def merge(model_dir, adapter, out):
     model = peft_model(model_dir, adapter).merge_and_unload()
-    save_file({n: t.float().contiguous() for n, t in model.state_dict().items()}, out)
+    # A tied head shares the embedding's storage, which safetensors refuses: copies.
+    save_file({n: t.float().contiguous().clone() for n, t in model.state_dict().items()}, out)
 
 
 def main():

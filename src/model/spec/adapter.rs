@@ -147,7 +147,9 @@ pub fn check_adapter(dir: &Path, spec: &ModelSpec, lora: &LoraConfig) -> Result<
             Some(_) => {}
         }
     }
-    let extra: Vec<&String> = found.keys().filter(|n| !wanted.contains_key(*n)).collect();
+    // A tied model's embedding trained in full comes with the head's copy (`ensure_weight_tying`).
+    let tied_head = |n: &str| spec.tie_word_embeddings && n == peft_key("lm_head.weight");
+    let extra: Vec<&String> = found.keys().filter(|n| !wanted.contains_key(*n) && !tied_head(n)).collect();
     if !extra.is_empty() {
         let shown_extra = extra.iter().take(4).map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
         problems.push(format!(
