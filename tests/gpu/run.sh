@@ -90,6 +90,38 @@ small_llama() {
 JSON
 }
 
+rexp() {  # name model-lines sp ring seq data steps [extra [parallel] lines] (${8:-}: set -u): writes $R/name.toml
+  cat > "$R/$1.toml" <<TOML
+[run]
+name = "$1"
+output_dir = "$R/runs"
+seed = 5
+[model]
+$2
+[parallel]
+sp = $3
+ring = $4
+dp = 1
+device = "cuda"
+mlp_tile = 4096
+loss_tile = 2048
+${8:-}
+[data]
+paths = ["$6"]
+seq_len = $5
+shuffle = false
+[train]
+steps = $7
+lr = 1e-4
+min_lr = 1e-4
+warmup_steps = 0
+dtype = "bf16"
+[checkpoint]
+resume = "none"
+save_final = false
+TOML
+}
+
 # PARTS picks parts (a short check before a benchmark in the same device call); default all.
 want() { [[ " ${PARTS:-store head varlen sp variants packed qwen3 heldout learn} " == *" $1 "* ]]; }
 
@@ -587,37 +619,6 @@ ru() {  # ranks name: runs $R/name.toml with `ranks` ranks sharing GPU 0; a fail
     echo "--- end of $2"
   fi
 }
-rexp() {  # name model-lines sp ring seq data steps [extra [parallel] lines] (${8:-}: set -u)
-  cat > "$R/$1.toml" <<TOML
-[run]
-name = "$1"
-output_dir = "$R/runs"
-seed = 5
-[model]
-$2
-[parallel]
-sp = $3
-ring = $4
-dp = 1
-device = "cuda"
-mlp_tile = 4096
-loss_tile = 2048
-${8:-}
-[data]
-paths = ["$6"]
-seq_len = $5
-shuffle = false
-[train]
-steps = $7
-lr = 1e-4
-min_lr = 1e-4
-warmup_steps = 0
-dtype = "bf16"
-[checkpoint]
-resume = "none"
-save_final = false
-TOML
-}
 ULYSSES_RANKS_PER_GPU=4 NGPU=4 bash bundle/run-gpu.sh comm-check --backend nccl 2>&1 | tee "$OUTD/gputest-ring-commcheck.log"
 grep -q "ring attention matches it for every ring degree" "$OUTD/gputest-ring-commcheck.log" \
   && echo "PASS comm-check on 4 co-located NCCL ranks: ring_shift exact, ring attention == local attention" \
@@ -721,45 +722,20 @@ fi
 
 # 12. Kept attention's forward in query blocks (PARTS=blocks) == recomputed attention.
 if want blocks; then
-K="$WORK/blocks"
-mkdir -p "$K"
-cat > "$K/model.json" <<JSON
+R="$WORK/blocks"
+mkdir -p "$R"
+cat > "$R/model.json" <<JSON
 {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 4096, "hidden_size": 1024,
  "intermediate_size": 2048, "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
  "head_dim": 128, "rms_norm_eps": 1e-05, "max_position_embeddings": 262144, "rope_theta": 500000.0,
  "tie_word_embeddings": false}
 JSON
-u 1 data synth --task random --seq-len 163840 --num 2 --seed 3 --out "$K/rand160k" >/dev/null
+u 1 data synth --task random --seq-len 163840 --num 2 --seed 3 --out "$R/rand160k" >/dev/null
 for name in kept recomputed; do
   keep=true; [ "$name" = recomputed ] && keep=false
-  cat > "$K/$name.toml" <<TOML
-[run]
-name = "blocks-$name"
-output_dir = "$K/runs"
-seed = 5
-[model]
-config = "$K/model.json"
-[parallel]
-device = "cuda"
-attention = "cudnn"
-keep_attention = $keep
-[data]
-paths = ["$K/rand160k"]
-seq_len = 163840
-shuffle = false
-[train]
-steps = 2
-lr = 1e-4
-min_lr = 1e-4
-warmup_steps = 0
-dtype = "bf16"
-[checkpoint]
-resume = "none"
-save_final = false
-TOML
-  u 1 "$K/$name.toml" > "$OUTD/gputest-blocks-$name.log" 2>&1 || { echo "FAIL blocks-$name:"; tail -30 "$OUTD/gputest-blocks-$name.log"; }
+  rexp "$name" "config = \"$R/model.json\"" 1 1 163840 "$R/rand160k" 2 $'attention = "cudnn"\nkeep_attention = '"$keep"
+  u 1 "$R/$name.toml" > "$OUTD/gputest-blocks-$name.log" 2>&1 || { echo "FAIL blocks-$name:"; tail -30 "$OUTD/gputest-blocks-$name.log"; }
 done
-grep -h "kernel  " "$OUTD/gputest-blocks-kept.log" | head -2
 python3 - "$OUTD" <<'PY' || fails=$((fails + 1))
 import re, sys
 def run(name):
