@@ -16,25 +16,13 @@ import json
 import os
 
 import torch
+from cuda_timing import REPEAT, rel, timed
 
 aten = torch.ops.aten
 dev = "cuda"
 HQ, HKV, D = int(os.environ.get("HQ", 32)), int(os.environ.get("HKV", 8)), 128
 SEQS = [int(x) for x in os.environ.get("SEQS", "65536 131072 262144").split()]
 BLOCKS = [int(x) for x in os.environ.get("BLOCKS", "65536 32768 16384").split()]
-REPEAT = int(os.environ.get("REPEAT", 2))
-
-
-def timed(fn):
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(REPEAT):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / REPEAT
 
 
 def fwd_call(q, k, v, causal):
@@ -89,10 +77,6 @@ def blocked_backward(g, q, k, v, o, lse, extra, c):
             dk[:, :, p] += b_
             dv[:, :, p] += c_
     return dq, dk, dv
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 print(json.dumps({"torch": torch.__version__, "cudnn": torch.backends.cudnn.version(), "device": torch.cuda.get_device_name(),

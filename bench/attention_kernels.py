@@ -20,26 +20,13 @@ import json
 import os
 
 import torch
+from cuda_timing import REPEAT, rel, timed
 
 aten = torch.ops.aten
 dev = "cuda"
 HQ, HKV, D = int(os.environ.get("HQ", 32)), int(os.environ.get("HKV", 8)), 128
 SEQS = [int(x) for x in os.environ.get("SEQS", "32768 65536 131072 262144").split()]
 DOCS = [int(x) for x in os.environ.get("DOCS", "32768 8192").split()]
-REPEAT = int(os.environ.get("REPEAT", 2))
-
-
-def timed(fn):
-    """Mean seconds of fn over REPEAT calls after one warm-up (which builds cuDNN's graphs)."""
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(REPEAT):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / REPEAT
 
 
 def causal(kind, q, k, v):
@@ -93,10 +80,6 @@ def row(seq, doc, kernel, lens, fwd, bwd, base, **extra):
     r.update(extra)
     print(json.dumps(r), flush=True)
     return r
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 print(json.dumps({"torch": torch.__version__, "cudnn": torch.backends.cudnn.version(), "device": torch.cuda.get_device_name(),

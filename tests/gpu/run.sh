@@ -79,16 +79,19 @@ mkdir -p "$OUTD"
 fails=0
 SP="${SP:-4}"
 u() { NGPU="$1" bash bundle/run-gpu.sh "${@:2}"; }
-# small_llama FILE: the small Llama (4 layers, hidden 512, 8 / 4 heads of 64) that the co-located
-# and ring parts train, as a Hugging Face config.json.
-small_llama() {
+# llama_config FILE hidden intermediate layers heads kv_heads head_dim max_positions: a Llama
+# (vocabulary 4096, untied) as a Hugging Face config.json.
+llama_config() {
   cat > "$1" <<JSON
-{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 4096, "hidden_size": 512,
- "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
- "head_dim": 64, "rms_norm_eps": 1e-05, "max_position_embeddings": 8192, "rope_theta": 500000.0,
+{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 4096, "hidden_size": $2,
+ "intermediate_size": $3, "num_hidden_layers": $4, "num_attention_heads": $5, "num_key_value_heads": $6,
+ "head_dim": $7, "rms_norm_eps": 1e-05, "max_position_embeddings": $8, "rope_theta": 500000.0,
  "tie_word_embeddings": false}
 JSON
 }
+# small_llama FILE: the small Llama (4 layers, hidden 512, 8 / 4 heads of 64) that the co-located
+# and ring parts train.
+small_llama() { llama_config "$1" 512 1536 4 8 4 64 8192; }
 
 rexp() {  # name model-lines sp ring seq data steps [extra [parallel] lines] (${8:-}: set -u): writes $R/name.toml
   cat > "$R/$1.toml" <<TOML
@@ -724,12 +727,7 @@ fi
 if want blocks; then
 R="$WORK/blocks"
 mkdir -p "$R"
-cat > "$R/model.json" <<JSON
-{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 4096, "hidden_size": 1024,
- "intermediate_size": 2048, "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
- "head_dim": 128, "rms_norm_eps": 1e-05, "max_position_embeddings": 262144, "rope_theta": 500000.0,
- "tie_word_embeddings": false}
-JSON
+llama_config "$R/model.json" 1024 2048 2 8 2 128 262144
 u 1 data synth --task random --seq-len 163840 --num 2 --seed 3 --out "$R/rand160k" >/dev/null
 for name in kept recomputed; do
   keep=true; [ "$name" = recomputed ] && keep=false
