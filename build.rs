@@ -8,6 +8,7 @@ fn main() {
     println!("cargo:rerun-if-changed=shim/attention.cpp");
     println!("cargo:rerun-if-changed=shim/transfer.cpp");
     println!("cargo:rerun-if-changed=shim/profiler.cpp");
+    println!("cargo:rerun-if-changed=shim/elementwise.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=ULYSSES_RPATH");
     println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
@@ -36,6 +37,7 @@ fn main() {
         .file("shim/attention.cpp")
         .file("shim/transfer.cpp")
         .file("shim/profiler.cpp")
+        .file("shim/elementwise.cpp")
         .compile("ulysses_shim");
     // rustc links with --as-needed, which drops libtorch_cuda.so (no Rust symbol references it)
     // and torch then silently reports no CUDA. The `-as-needed` link modifier is nightly-only.

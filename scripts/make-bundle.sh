@@ -28,10 +28,10 @@ cp "$ROOT/scripts/run-gpu.sh" "$OUT/"
 # The GPU tests bundled as test binaries (#[ignore]d on machines without CUDA), run by
 # tests/gpu/run.sh: the activation store's side-stream copies (tests/store.rs), the masked
 # attention kernels (tests/masked_attention.rs), LoRA's dropout masks on CUDA
-# (tests/lora_step.rs) and the LM head and loss by hand against autograd (tests/head_loss.rs); the
-# newest build of each.
+# (tests/lora_step.rs), the LM head and loss by hand against autograd (tests/head_loss.rs) and the
+# fused elementwise kernels (tests/fused_elementwise.rs); the newest build of each.
 mkdir -p "$OUT/tests"
-for TEST in store masked_attention lora_step head_loss; do
+for TEST in store masked_attention lora_step head_loss fused_elementwise; do
   TEST_BIN="$(ls -t "$ROOT/target/$PROFILE"/deps/$TEST-* 2>/dev/null | grep -v '\.d$' | head -1)"
   [ -n "$TEST_BIN" ] || { echo "no $TEST test binary: run \`cargo build --tests\` first" >&2; exit 1; }
   cp "$TEST_BIN" "$OUT/tests/$TEST"

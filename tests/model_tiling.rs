@@ -3,13 +3,29 @@
 mod model_support;
 
 use model_support::{assert_close, layer_leaves, leaves, scaled_weights, tiny};
+use std::convert::Infallible;
 use tch::{Device, Kind, Tensor};
 use ulysses::model::llama::{
-    head_loss, mlp_residual, post_attention, post_attention_no_grad, token_losses, ModelWeights, IGNORE_INDEX,
+    head_loss, mlp_residual, post_attention, post_attention_no_grad, swiglu_in_place, token_losses, LayerWeights,
+    ModelWeights, IGNORE_INDEX,
 };
+use ulysses::model::spec::ModelSpec;
 
 const B: i64 = 2;
 const S: i64 = 37; // tiles of 10 leave a last tile of 7
+
+/// `post_attention_no_grad` with the op-by-op SwiGLU.
+fn forward_no_grad(
+    spec: &ModelSpec,
+    w: &LayerWeights,
+    x: &Tensor,
+    attn: &Tensor,
+    tile: usize,
+    keep_mlp: bool,
+) -> (Tensor, Option<(Tensor, Tensor)>) {
+    let swiglu = |gate, up: &Tensor| Ok::<_, Infallible>(swiglu_in_place(gate, up));
+    post_attention_no_grad(spec, w, x, attn, tile, keep_mlp, swiglu).unwrap_or_else(|e| match e {})
+}
 
 fn grads(out: &Tensor, inputs: &[&Tensor]) -> Vec<Tensor> {
     Tensor::run_backward(&[out], inputs, false, false)
@@ -34,11 +50,11 @@ fn tiled_mlp_equals_untiled() {
     let full = post_attention(&spec, &layer, &x, &attn, 0);
     let full_grads = grads(&(&full * &grad_out).sum(Kind::Float), &inputs);
     for tile in [10, 1, 36, 37, 100] {
-        let (in_place, none) = post_attention_no_grad(&spec, &layer, &x, &attn, tile, false);
+        let (in_place, none) = forward_no_grad(&spec, &layer, &x, &attn, tile, false);
         assert_close(&format!("mlp_tile {tile}: in-place output"), &in_place, &full, 1e-6);
         assert!(none.is_none());
         // Keeping the MLP's gate and up projections changes nothing in the output.
-        let (kept_out, kept) = post_attention_no_grad(&spec, &layer, &x, &attn, tile, true);
+        let (kept_out, kept) = forward_no_grad(&spec, &layer, &x, &attn, tile, true);
         assert!(kept_out.equal(&in_place), "mlp_tile {tile}: keeping the MLP changed the output");
         let (gate, up) = kept.unwrap();
         let h = ulysses::model::llama::attention_residual(&spec, &layer, &x, &attn);

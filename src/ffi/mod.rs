@@ -1,7 +1,7 @@
 //! What libtorch offers that tch 0.24 does not expose, reached through the C++ shim (shim/*.cpp):
 //! every `extern "C"` declaration of the crate lives in this folder, one file per subject (attention,
-//! autograd, the communication stream, CUDA, the optimizer, the profiler, transfers; shim.cpp
-//! serves several of them), and every shim call reports failure the same way, as a [`ShimError`].
+//! autograd, the communication stream, CUDA, the fused elementwise kernels, the optimizer, the
+//! profiler, transfers; shim.cpp serves several of them), and every shim call reports failure the same way, as a [`ShimError`].
 //!
 //! The protocol: a shim function returns null on success, or a message (the C++ exception's
 //! `what()`, copied with `strdup`) that [`check`] turns into an error and frees. Tensors cross as
@@ -11,6 +11,7 @@ pub mod attention;
 pub mod autograd;
 pub mod comm_stream;
 pub mod cuda;
+pub mod elementwise;
 pub mod optim;
 pub mod profiler;
 pub mod transfer;

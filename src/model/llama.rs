@@ -99,19 +99,21 @@ pub fn post_attention(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, attn: &Ten
 
 /// `post_attention` without autograd and without a second sequence-long tensor: each MLP tile's
 /// down projection is added in place to its own tile of the residual stream (a tile's output
-/// depends only on that tile, computed whole before the write), and the SwiGLU overwrites the
-/// gate projection, so no tile-sized temporary is written and copied back. For the step's forward
-/// pass, which keeps no graph.
+/// depends only on that tile, computed whole before the write). For the step's forward pass,
+/// which keeps no graph.
+/// `swiglu(gate, up)` is the SwiGLU, free to reuse gate's memory: a seam like `AttentionCore`, so
+/// the step can pass a fused GPU kernel; `swiglu_in_place` is the op-by-op one.
 /// With `keep_mlp` it also returns the MLP's gate and up projections of every token
 /// (`[b, s, intermediate]` each), for a backward that does not recompute them.
-pub fn post_attention_no_grad(
+pub fn post_attention_no_grad<E>(
     spec: &ModelSpec,
     w: &LayerWeights,
     x: &Tensor,
     attn: &Tensor,
     mlp_tile: usize,
     keep_mlp: bool,
-) -> (Tensor, Option<(Tensor, Tensor)>) {
+    swiglu: impl Fn(Tensor, &Tensor) -> Result<Tensor, E>,
+) -> Result<(Tensor, Option<(Tensor, Tensor)>), E> {
     tch::no_grad(|| {
         let h = attention_residual(spec, w, x, attn);
         let (b, s) = (h.size()[0], h.size()[1]);
@@ -123,17 +125,16 @@ pub fn post_attention_no_grad(
             let mut tile = h.narrow(1, start, len);
             let tile_w = w.tokens(start, len);
             let w = tile_w.as_ref().unwrap_or(w);
-            let (mut gate, up) = mlp_projections(spec, w, &tile);
+            let (gate, up) = mlp_projections(spec, w, &tile);
             if let Some((g, u)) = &kept {
                 g.narrow(1, start, len).copy_(&gate);
                 u.narrow(1, start, len).copy_(&up);
             }
-            // silu(gate) * up, in gate's memory
-            let act = gate.silu_().g_mul_(&up);
+            let act = swiglu(gate, &up)?;
             drop(up);
             let _ = tile.g_add_(&w.project(LoraTarget::Down, &act));
         }
-        (h, kept)
+        Ok((h, kept))
     })
 }
 
@@ -167,6 +168,11 @@ pub fn mlp_projections(spec: &ModelSpec, w: &LayerWeights, h: &Tensor) -> (Tenso
 /// `mlp_projections` after the norm: from `hn = RMSNorm(h)`.
 pub fn mlp_projections_of_normed(w: &LayerWeights, hn: &Tensor) -> (Tensor, Tensor) {
     (w.project(LoraTarget::Gate, hn), w.project(LoraTarget::Up, hn))
+}
+
+/// `silu(gate) * up` in gate's memory, without autograd: no tile-sized temporary.
+pub fn swiglu_in_place(mut gate: Tensor, up: &Tensor) -> Tensor {
+    gate.silu_().g_mul_(up)
 }
 
 /// The gradients of the gate and up projections' outputs from the gradient of

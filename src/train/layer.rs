@@ -36,11 +36,12 @@ use crate::comm::Collective;
 use crate::config::LoraTarget;
 use crate::ffi::attention::{self as fused, KernelCall, Saved};
 use crate::ffi::autograd;
+use crate::ffi::elementwise;
 use crate::metrics::profile::Profiler;
 use crate::model::adapter::Deferred;
 use crate::model::llama::{self, seq_tiles, AttentionCore, LayerWeights, LocalAttention};
 use crate::model::mask::DocumentMask;
-use crate::model::rope::{rotate, Rope, Turn};
+use crate::model::rope::{Rope, Turn};
 use crate::model::spec::ModelSpec;
 use crate::parallel::attention::AttentionPath;
 use crate::parallel::blocks;
@@ -167,7 +168,15 @@ impl DecoderLayer {
             prof.phase(format_args!("post-attention"), || {
                 let o = to_seq(seg, &oh)?;
                 drop(oh);
-                let (y, mlp) = llama::post_attention_no_grad(seg.spec, w, &x, &o, seg.mlp_tile, self.keep_mlp);
+                let (y, mlp) = llama::post_attention_no_grad(
+                    seg.spec,
+                    w,
+                    &x,
+                    &o,
+                    seg.mlp_tile,
+                    self.keep_mlp,
+                    elementwise::swiglu_into_gate,
+                )?;
                 let mlp = match mlp {
                     Some((gate, up)) => Some((store.put(gate, Place::Device)?, store.put(up, Place::Device)?)),
                     None => None,
@@ -238,7 +247,7 @@ impl DecoderLayer {
             let [qh, kh, vh] = match (shards, &qkv) {
                 (Some(shards), _) => shards,
                 (None, Some(Qkv { q, k, v, .. })) => tch::no_grad(|| -> Result<_> {
-                    let (q, k) = rotated(seg, q, k, Turn::Forward);
+                    let (q, k) = rotated(seg, q, k, Turn::Forward)?;
                     Ok([to_heads(seg, &q)?, to_heads(seg, &k)?, to_heads(seg, v)?])
                 })?,
                 (None, None) => self.head_shards(seg, w, &x)?,
@@ -305,7 +314,7 @@ impl DecoderLayer {
     fn head_shards(&self, seg: &Segments, w: &LayerWeights, x: &Tensor) -> Result<[Tensor; 3]> {
         tch::no_grad(|| {
             let (q, k, v) = self.qkv(seg, w, x);
-            let (q, k) = rotated(seg, &q, &k, Turn::Forward);
+            let (q, k) = rotated(seg, &q, &k, Turn::Forward)?;
             Ok([to_heads(seg, &q)?, to_heads(seg, &k)?, to_heads(seg, &v)?])
         })
     }
@@ -370,16 +379,10 @@ impl DecoderLayer {
                 // The adapters' dropout masks follow the tile's tokens.
                 let tile_w = w.tokens(start, len);
                 let w = tile_w.as_ref().unwrap_or(w);
-                match &mlp {
-                    None => self.mlp_backward(seg, w, &h_tile, &g)?,
-                    Some((gate, up)) => self.kept_mlp_backward(
-                        seg,
-                        w,
-                        &h_tile,
-                        &gate.narrow(1, start, len),
-                        &up.narrow(1, start, len),
-                        &g,
-                    )?,
+                let kept = mlp.as_ref().map(|(gate, up)| (gate.narrow(1, start, len), up.narrow(1, start, len)));
+                match kept {
+                    None if w.adapters.dropout.is_some() => self.cut_mlp_backward(seg, w, &h_tile, &g)?,
+                    kept => mlp_tile_backward(seg.spec, w, &h_tile, kept, &g)?,
                 }
                 let _ = g.g_add_(&grad(&h_tile));
             }
@@ -402,53 +405,20 @@ impl DecoderLayer {
         to_heads(seg, &grad_o)
     }
 
-    /// One MLP tile's backward, `y = h + act · W_downᵀ` with `act = silu(gate) * up` recomputed
-    /// with a graph. The down projection is backpropagated by hand (`project_backward`), so its
-    /// output (a matmul's worth of work) is never recomputed; the residual's share of h's
-    /// gradient is added by the caller.
-    /// With dropping adapters the graph is cut at the normalized input (`Cut`).
-    fn mlp_backward(&self, seg: &Segments, w: &LayerWeights, h: &Tensor, g: &Tensor) -> Result<()> {
-        let (act, cut) = match w.adapters.dropout {
-            None => (llama::mlp_activation(seg.spec, w, h), None),
-            Some(_) => {
-                let hn = llama::rms_norm(h, &w.mlp_norm, seg.spec.rms_norm_eps);
-                let ((gate, up), cut) = Cut::at(w, hn, |hn| llama::mlp_projections_of_normed(w, hn));
-                (gate.silu() * up, Some(cut))
-            }
-        };
+    /// `mlp_tile_backward` with adapters that drop: the graph is cut at the normalized input
+    /// (`Cut`), and `act = silu(gate) * up` is recomputed with a graph from there (autograd
+    /// backpropagates the SwiGLU); the down projection by hand as there.
+    fn cut_mlp_backward(&self, seg: &Segments, w: &LayerWeights, h: &Tensor, g: &Tensor) -> Result<()> {
+        let hn = llama::rms_norm(h, &w.mlp_norm, seg.spec.rms_norm_eps);
+        let ((gate, up), cut) = Cut::at(w, hn, |hn| llama::mlp_projections_of_normed(w, hn));
+        let act = gate.silu() * up;
         let mut grads = Vec::new();
         let grad_act = tch::no_grad(|| project_backward(w, LoraTarget::Down, &act, g, &mut grads));
         grads.push((&act, grad_act));
         backprop(&grads.iter().map(|(t, g)| (*t, g)).collect::<Vec<_>>())?;
         drop(grads);
         drop(act);
-        cut.map_or(Ok(()), |cut| cut.settle(w))
-    }
-
-    /// `mlp_backward` from the kept gate and up projections: only the MLP's norm is recomputed
-    /// with a graph; the SwiGLU and the three projections are backpropagated by hand.
-    fn kept_mlp_backward(
-        &self,
-        seg: &Segments,
-        w: &LayerWeights,
-        h: &Tensor,
-        gate: &Tensor,
-        up: &Tensor,
-        g: &Tensor,
-    ) -> Result<()> {
-        let hn = llama::rms_norm(h, &w.mlp_norm, seg.spec.rms_norm_eps);
-        let mut grads = Vec::new();
-        let grad_hn = tch::no_grad(|| {
-            let act = gate.silu() * up;
-            let grad_act = project_backward(w, LoraTarget::Down, &act, g, &mut grads);
-            drop(act);
-            let (grad_gate, grad_up) = llama::swiglu_backward(gate, up, &grad_act);
-            drop(grad_act);
-            project_backward(w, LoraTarget::Gate, &hn, &grad_gate, &mut grads)
-                + project_backward(w, LoraTarget::Up, &hn, &grad_up, &mut grads)
-        });
-        grads.push((&hn, grad_hn));
-        backprop(&grads.iter().map(|(t, g)| (*t, g)).collect::<Vec<_>>())
+        cut.settle(w)
     }
 
     /// Segment 1 backpropagated from the head shards' gradients (moved back to the
@@ -465,7 +435,7 @@ impl DecoderLayer {
         let [gq, gk, gv] = g;
         let (gq, gk, gv) = (to_seq(seg, &gq)?, to_seq(seg, &gk)?, to_seq(seg, &gv)?);
         // The gradients of q and k before RoPE.
-        let (gq, gk) = tch::no_grad(|| rotated(seg, &gq, &gk, Turn::Inverse));
+        let (gq, gk) = tch::no_grad(|| rotated(seg, &gq, &gk, Turn::Inverse))?;
         let Qkv { q, k, v, cut } = qkv.unwrap_or_else(|| self.qkv_graph(seg, w, x));
         backprop(&[(&q, &gq), (&k, &gk), (&v, &gv)])?;
         drop((q, k, v, gq, gk, gv));
@@ -511,9 +481,10 @@ impl Cut {
     }
 }
 
-/// q and k (`[b, s/sp, heads, d]`) rotated by RoPE at this micro batch's positions, or back.
-fn rotated(seg: &Segments, q: &Tensor, k: &Tensor, turn: Turn) -> (Tensor, Tensor) {
-    (rotate(q, seg.rope, turn), rotate(k, seg.rope, turn))
+/// q and k (`[b, s/sp, heads, d]`) rotated by RoPE at this micro batch's positions, or back (one
+/// fused kernel each on the GPU).
+fn rotated(seg: &Segments, q: &Tensor, k: &Tensor, turn: Turn) -> Result<(Tensor, Tensor)> {
+    Ok((elementwise::rotate(q, seg.rope, turn)?, elementwise::rotate(k, seg.rope, turn)?))
 }
 
 /// `[b, s/sp, H, d] -> [b, s, H/sp, d]` over the SP group; with one rank, the tensor itself.
@@ -552,6 +523,37 @@ fn project_backward<'w>(
         grads.extend(adapter_grads);
     }
     grad_x
+}
+
+/// One MLP tile's backward, `y = h + act · W_downᵀ` with `act = silu(gate) * up`, `gate` and `up`
+/// the projections of `hn = RMSNorm(h)`: only the norm is recomputed with a graph. The gate and up
+/// projections come from the forward (`kept`, views of the layer's) or are recomputed without a
+/// graph; the SwiGLU (fused on the GPU) and the three projections are backpropagated by hand, so
+/// no graph keeps a tile-sized tensor and the down projection's output (a matmul's worth of work)
+/// is never recomputed. h's gradient lands in `h.grad()` without the residual's share, which the
+/// caller adds; the weights' gradients accumulate into `w`'s leaves.
+pub fn mlp_tile_backward(
+    spec: &ModelSpec,
+    w: &LayerWeights,
+    h: &Tensor,
+    kept: Option<(Tensor, Tensor)>,
+    g: &Tensor,
+) -> Result<()> {
+    let hn = llama::rms_norm(h, &w.mlp_norm, spec.rms_norm_eps);
+    let mut grads = Vec::new();
+    let grad_hn = tch::no_grad(|| -> Result<_> {
+        let (gate, up) = kept.unwrap_or_else(|| llama::mlp_projections_of_normed(w, &hn));
+        let act = elementwise::swiglu(&gate, &up)?;
+        let grad_act = project_backward(w, LoraTarget::Down, &act, g, &mut grads);
+        drop(act);
+        let (grad_gate, grad_up) = elementwise::swiglu_backward(&gate, &up, &grad_act)?;
+        drop((gate, up, grad_act));
+        let grad_hn = project_backward(w, LoraTarget::Gate, &hn, &grad_gate, &mut grads);
+        drop(grad_gate);
+        Ok(grad_hn + project_backward(w, LoraTarget::Up, &hn, &grad_up, &mut grads))
+    })?;
+    grads.push((&hn, grad_hn));
+    backprop(&grads.iter().map(|(t, g)| (*t, g)).collect::<Vec<_>>())
 }
 
 /// The weight gradient of a linear map from `input` to an output whose gradient is `grad`:

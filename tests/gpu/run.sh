@@ -71,6 +71,15 @@
 #    bf16 at Llama-3.1-8B's head and a 2048-token tile (tests/head_loss.rs gpu_*): the loss within
 #    1e-4 relative, the input's, norm's and LM head's gradients within 2e-2 of their largest entry,
 #    ignored labels' rows without gradient; each path's ms per tile printed.
+# 14. PARTS=fused (in the default set; seconds): the fused elementwise kernels (src/ffi/elementwise.rs,
+#    NVRTC through libtorch's jiterator) against the op-by-op forms they replace
+#    (tests/fused_elementwise.rs gpu_*): SwiGLU and its backward on a [16384, 14336] bf16 tile (and
+#    strided views of kept projections), RoPE forward and inverse on q [1, 131072, 32, 128] and k
+#    [.., 8, ..] in bf16 (and a strided gradient), the same in fp32 at smaller sizes: every output
+#    equal bit for bit. One MLP tile (16384 tokens, Llama-3.1-8B) backpropagated as the step does
+#    (SwiGLU by hand; projections recomputed, and kept) against autograd through the MLP: h's, the
+#    norm's and the three projections' gradients within 1e-2 of their largest entry. Each form's
+#    ms printed; the log is $OUT/fused.log.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 WORK="$(mktemp -d /tmp/ulysses-gputest.XXXXXX)"
@@ -126,7 +135,7 @@ TOML
 }
 
 # PARTS picks parts (a short check before a benchmark in the same device call); default all.
-want() { [[ " ${PARTS:-store head varlen sp variants packed qwen3 heldout learn} " == *" $1 "* ]]; }
+want() { [[ " ${PARTS:-store head fused varlen sp variants packed qwen3 heldout learn} " == *" $1 "* ]]; }
 
 exp() {  # name model sp seq steps lr data [extra data line]
   cat > "$WORK/$1.toml" <<TOML
@@ -168,6 +177,13 @@ fi
 if want head; then
 bash bundle/run-gpu.sh --exec bundle/tests/head_loss --ignored gpu_ --test-threads 1 --nocapture 2>&1 | tee "$WORK/head.log"
 grep -q "test result: ok. 1 passed" "$WORK/head.log" && echo "PASS LM head and loss by hand on the GPU" || fails=$((fails + 1))
+fi
+
+# 14. The fused elementwise kernels against op by op, and the MLP tile's backward against autograd
+# (tests/fused_elementwise.rs, gpu_*).
+if want fused; then
+bash bundle/run-gpu.sh --exec bundle/tests/fused_elementwise --ignored gpu_ --test-threads 1 --nocapture 2>&1 | tee "$OUTD/fused.log"
+grep -q "test result: ok. 2 passed" "$OUTD/fused.log" && echo "PASS fused elementwise kernels on the GPU" || fails=$((fails + 1))
 fi
 
 # 4. The masked attention kernels on the GPU (tests/masked_attention.rs, gpu_*).

@@ -1,0 +1,219 @@
+//! The fused elementwise CUDA kernels (`ffi::elementwise`: SwiGLU, its backward, RoPE's rotation
+//! both ways) against the op-by-op forms they replace (`model::llama`, `model::rope::rotate`), on
+//! a GPU at Llama-3.1-8B's sizes; and one MLP tile's backward as the step now runs it
+//! (`train::layer::mlp_tile_backward`: SwiGLU by hand) against autograd through the MLP. On the
+//! CPU these functions are the op-by-op forms themselves (the equivalence tests cover them).
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+use ulysses::ffi::{autograd, elementwise};
+use ulysses::model::llama::{self, LayerWeights};
+use ulysses::model::rope::{self, Rope, Turn};
+use ulysses::model::spec::{ModelSpec, Preset};
+use ulysses::train::layer::mlp_tile_backward;
+
+const GPU: Device = Device::Cuda(0);
+
+/// Milliseconds per call of `f` (after one call that also compiles a fused kernel).
+fn ms_per_call<T>(f: &dyn Fn() -> T) -> f64 {
+    drop(f());
+    tch::Cuda::synchronize(0);
+    let reps = 5;
+    let started = Instant::now();
+    for _ in 0..reps {
+        drop(f());
+    }
+    tch::Cuda::synchronize(0);
+    started.elapsed().as_secs_f64() * 1e3 / reps as f64
+}
+
+/// How many elements differ and the largest difference, for a message.
+fn mismatches(a: &Tensor, b: &Tensor) -> (i64, f64) {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
+    let count = a.ne_tensor(&b).sum(Kind::Int64).int64_value(&[]);
+    (count, (&a - &b).abs().max().double_value(&[]))
+}
+
+/// Asserts `fused` equals `reference` bit for bit, naming `what`.
+fn assert_equal(what: &str, fused: &Tensor, reference: &Tensor) {
+    let (count, max) = mismatches(fused, reference);
+    println!("{what}: {count} of {} elements differ (max {max:e})", fused.numel());
+    assert_eq!(
+        count, 0,
+        "{what}: the fused kernel differs from the op-by-op form in {count} elements, by up to {max:e}"
+    );
+}
+
+/// Times the op-by-op form and the fused kernel and prints both (figures, not asserted).
+fn timed<T>(what: &str, op_by_op: &dyn Fn() -> T, fused: &dyn Fn() -> T) {
+    let (before, after) = (ms_per_call(op_by_op), ms_per_call(fused));
+    println!("{what}: op by op {before:.2} ms, fused {after:.2} ms ({:.2}x)", before / after);
+}
+
+/// SwiGLU forward and backward, fused against op by op, on `[rows, cols]` tiles of `kind`.
+fn check_swiglu(kind: Kind, rows: i64, cols: i64, time: bool) {
+    tch::manual_seed(5);
+    let randn = |scale: f64| (Tensor::randn([rows, cols], (Kind::Float, GPU)) * scale).to_kind(kind);
+    // A gate spread wide enough to reach silu's both tails.
+    let (gate, up, grad_act) = (randn(4.0), randn(1.0), randn(1e-2));
+    let name = format!("{kind:?} [{rows}, {cols}]");
+
+    let reference = llama::swiglu_in_place(gate.copy(), &up);
+    assert_equal(&format!("swiglu {name}"), &elementwise::swiglu(&gate, &up).unwrap(), &reference);
+    assert_equal(
+        &format!("swiglu into gate {name}"),
+        &elementwise::swiglu_into_gate(gate.copy(), &up).unwrap(),
+        &reference,
+    );
+    let (want_gate, want_up) = llama::swiglu_backward(&gate, &up, &grad_act);
+    let (got_gate, got_up) = elementwise::swiglu_backward(&gate, &up, &grad_act).unwrap();
+    assert_equal(&format!("swiglu backward, gate's gradient {name}"), &got_gate, &want_gate);
+    assert_equal(&format!("swiglu backward, up's gradient {name}"), &got_up, &want_up);
+
+    // The kept projections are views of [b, s, intermediate] buffers: with b = 2 a tile of tokens
+    // is not contiguous (jiterator's strided path).
+    let kept = |t: &Tensor| t.view([2, rows / 2, cols]).narrow(1, 1, rows / 4);
+    let (g, u, ga) = (kept(&gate), kept(&up), kept(&grad_act));
+    assert!(!g.is_contiguous());
+    assert_equal(&format!("swiglu on strided views {name}"), &elementwise::swiglu(&g, &u).unwrap(), &(g.silu() * &u));
+    let (want_gate, want_up) = llama::swiglu_backward(&g, &u, &ga);
+    let (got_gate, got_up) = elementwise::swiglu_backward(&g, &u, &ga).unwrap();
+    assert_equal(
+        &format!("swiglu backward on strided views {name}"),
+        &Tensor::cat(&[got_gate, got_up], 0),
+        &Tensor::cat(&[want_gate, want_up], 0),
+    );
+
+    if time {
+        timed(&format!("swiglu {name}"), &|| gate.silu() * &up, &|| elementwise::swiglu(&gate, &up).unwrap());
+        timed(&format!("swiglu backward {name}"), &|| llama::swiglu_backward(&gate, &up, &grad_act), &|| {
+            elementwise::swiglu_backward(&gate, &up, &grad_act).unwrap()
+        });
+    }
+}
+
+/// RoPE both ways, fused against op by op, on q and k of `tokens` tokens at Llama-3.1-8B's heads
+/// (32 and 8 of 128) in `kind`, and on a strided gradient-like layout.
+fn check_rope(kind: Kind, tokens: i64, time: bool) {
+    let spec = ModelSpec::preset(Preset::Llama31_8b);
+    let positions = Tensor::arange(tokens, (Kind::Int64, GPU)).unsqueeze(0);
+    let rope = Rope::new(&spec, &positions, kind);
+    let d = spec.head_dim;
+    tch::manual_seed(6);
+    for (what, heads) in [("q", spec.num_attention_heads), ("k", spec.num_key_value_heads)] {
+        let x = Tensor::randn([1, tokens, heads, d], (Kind::Float, GPU)).to_kind(kind);
+        let name = format!("rope {what} {kind:?} [1, {tokens}, {heads}, {d}]");
+        for turn in [Turn::Forward, Turn::Inverse] {
+            let got = elementwise::rotate(&x, &rope, turn).unwrap();
+            assert!(got.is_contiguous(), "{name} {turn:?}: the output is not laid out as [b, s, heads, d]");
+            assert_equal(&format!("{name} {turn:?}"), &got, &tch::no_grad(|| rope::rotate(&x, &rope, turn)));
+        }
+        // A gradient from attention's [b, heads, s, d] layout, as a [b, s, heads, d] view.
+        let g = Tensor::randn([1, heads, tokens, d], (Kind::Float, GPU)).to_kind(kind).transpose(1, 2);
+        assert_equal(
+            &format!("{name} Inverse, strided"),
+            &elementwise::rotate(&g, &rope, Turn::Inverse).unwrap(),
+            &tch::no_grad(|| rope::rotate(&g, &rope, Turn::Inverse)),
+        );
+        if time {
+            timed(&name, &|| tch::no_grad(|| rope::rotate(&x, &rope, Turn::Forward)), &|| {
+                elementwise::rotate(&x, &rope, Turn::Forward).unwrap()
+            });
+        }
+    }
+}
+
+/// On a GPU (tests/gpu/run.sh PARTS=fused runs this binary from the bundle with `--ignored
+/// gpu_`): every fused kernel equals its op-by-op form bit for bit, in bf16 at the step's sizes
+/// (an MLP tile of 16384 tokens × 14336, q and k of 131072 tokens) and in fp32 at smaller ones;
+/// each form's time printed (a figure, not asserted).
+#[test]
+#[ignore = "needs a CUDA GPU (tests/gpu/run.sh)"]
+fn gpu_fused_kernels_equal_op_by_op() {
+    assert!(tch::Cuda::is_available(), "this test needs a CUDA GPU");
+    let spec = ModelSpec::preset(Preset::Llama31_8b);
+    check_swiglu(Kind::BFloat16, 16384, spec.intermediate_size, true);
+    check_swiglu(Kind::Float, 4096, spec.intermediate_size, false);
+    check_rope(Kind::BFloat16, 131072, true);
+    check_rope(Kind::Float, 8192, false);
+}
+
+/// Llama-3.1-8B's layer on the GPU in bf16, every tensor a leaf, scaled so activations are O(1).
+fn layer(spec: &ModelSpec) -> LayerWeights {
+    tch::manual_seed(7);
+    let named = LayerWeights::shapes(spec)
+        .into_iter()
+        .map(|(name, shape)| {
+            let t = Tensor::randn(shape.as_slice(), (Kind::Float, GPU));
+            let t = if shape.len() == 1 { t * 0.1 + 1.0 } else { t / (shape[1] as f64).sqrt() };
+            (name.to_string(), t.to_kind(Kind::BFloat16).set_requires_grad(true))
+        })
+        .collect();
+    LayerWeights::from_tensors(spec, named).expect("layer tensors")
+}
+
+/// The gradients a backward left: h's (with the residual's share) and the MLP weights'.
+fn mlp_grads(w: &LayerWeights, h: &Tensor, residual: Option<&Tensor>) -> Vec<(&'static str, Tensor)> {
+    let grad_h = match residual {
+        Some(g) => h.grad() + g,
+        None => h.grad(),
+    };
+    let grads = vec![
+        ("h", grad_h),
+        ("mlp norm", w.mlp_norm.grad()),
+        ("gate", w.w_gate.grad()),
+        ("up", w.w_up.grad()),
+        ("down", w.w_down.grad()),
+    ];
+    for t in [h, &w.mlp_norm, &w.w_gate, &w.w_up, &w.w_down] {
+        let _ = t.grad().zero_();
+    }
+    grads
+}
+
+/// On a GPU: one MLP tile (16384 tokens) of Llama-3.1-8B in bf16, backpropagated as the step does
+/// (`mlp_tile_backward`, projections recomputed and kept) and by autograd through
+/// `llama::mlp_residual` (the graph the step's MLP backward built before: norm, projections,
+/// silu and product). Every gradient (h's, the norm's, the three projections') within 1e-2 of
+/// its largest entry: the same operations in bf16, rounded where autograd rounds them, so the
+/// bound is loose (the largest differences printed). Each path's time per tile printed.
+#[test]
+#[ignore = "needs a CUDA GPU (tests/gpu/run.sh)"]
+fn gpu_mlp_tile_backward_equals_autograd_in_bf16() {
+    assert!(tch::Cuda::is_available(), "this test needs a CUDA GPU");
+    let spec = ModelSpec::preset(Preset::Llama31_8b);
+    let w = layer(&spec);
+    let tile = 16384;
+    tch::manual_seed(8);
+    let h =
+        Tensor::randn([1, tile, spec.hidden_size], (Kind::Float, GPU)).to_kind(Kind::BFloat16).set_requires_grad(true);
+    let g = (Tensor::randn([1, tile, spec.hidden_size], (Kind::Float, GPU)) * 1e-2).to_kind(Kind::BFloat16);
+
+    let autograd = || autograd::backward(&[(&llama::mlp_residual(&spec, &w, &h), &g)]).unwrap();
+    let by_hand = || mlp_tile_backward(&spec, &w, &h, None, &g).unwrap();
+    let kept = || {
+        let (gate, up) = tch::no_grad(|| llama::mlp_projections(&spec, &w, &h));
+        mlp_tile_backward(&spec, &w, &h, Some((gate, up)), &g).unwrap()
+    };
+    autograd();
+    let want = mlp_grads(&w, &h, None);
+    let paths: [(&str, &dyn Fn()); 2] = [("recomputed", &by_hand), ("kept", &kept)];
+    for (path, run) in paths {
+        run();
+        for ((name, a), (_, b)) in want.iter().zip(mlp_grads(&w, &h, Some(&g)).iter()) {
+            let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
+            let scale = a.abs().max().double_value(&[]);
+            let err = (&a - &b).abs().max().double_value(&[]) / scale;
+            println!("mlp tile backward ({path} projections), d {name}: {err:.2e} of the largest entry {scale:.3e}");
+            assert!(
+                scale > 0.0 && err <= 1e-2,
+                "d {name} ({path} projections) differs from autograd's by {err:.2e} of its largest entry"
+            );
+        }
+    }
+    let (before, after) = (ms_per_call(&autograd), ms_per_call(&by_hand));
+    println!(
+        "mlp tile backward, {tile} tokens: autograd {before:.2} ms, by hand {after:.2} ms ({:.2}x)",
+        before / after
+    );
+}
