@@ -2,7 +2,9 @@
 //! both ways) against the op-by-op forms they replace (`model::llama`, `model::rope::rotate`), on
 //! a GPU at Llama-3.1-8B's sizes; and one MLP tile's backward as the step now runs it
 //! (`train::layer::mlp_tile_backward`: SwiGLU by hand) against autograd through the MLP. On the
-//! CPU these functions are the op-by-op forms themselves (the equivalence tests cover them).
+//! CPU these functions are the op-by-op forms themselves (the equivalence tests cover them); what
+//! a machine without a GPU can check is that the functors compile, with NVRTC as jiterator does.
+use std::process::Command;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 use ulysses::ffi::{autograd, elementwise};
@@ -12,6 +14,55 @@ use ulysses::model::spec::{ModelSpec, Preset};
 use ulysses::train::layer::mlp_tile_backward;
 
 const GPU: Device = Device::Cuda(0);
+
+/// Each functor `ffi::elementwise` launches, with its numbers of inputs and outputs.
+const ENTRIES: [&str; 4] = ["swiglu:2:1", "swiglu_backward:3:2", "rope_forward:5:1", "rope_inverse:5:1"];
+
+/// The PTX of kernel `name` in `ptx`: from its `.entry` to the end of its body.
+fn kernel_ptx<'a>(ptx: &'a str, name: &str) -> &'a str {
+    let start = ptx.find(&format!(".entry {name}_kernel(")).unwrap_or_else(|| panic!("no kernel {name} in the PTX"));
+    let len = ptx[start..].find("\n}").expect("the kernel's body ends");
+    &ptx[start..start + len]
+}
+
+/// On any machine: the functors compile with NVRTC as jiterator compiles and calls them
+/// (tests/torch/nvrtc_compile.py), for bf16 and fp32 tensors, so an edit that breaks them fails
+/// here rather than first on a GPU. The PTX shows the rounding the exactness rests on: in bf16 the
+/// SwiGLU rounds silu's result to bf16 before the product, as libtorch's two kernels do; in fp32,
+/// where no rounding to the dtype separates RoPE's products from their sum, they stay apart
+/// (`__fmul_rn`) instead of being contracted into a fused multiply-add, which would round once
+/// where the op-by-op kernels round twice.
+#[test]
+fn functors_compile_with_nvrtc_as_jiterator_calls_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/torch/nvrtc_compile.py");
+    for (kind, storage) in [(Kind::BFloat16, "at::BFloat16"), (Kind::Float, "float")] {
+        let (code, ptx) = (dir.path().join("fused.cu"), dir.path().join("fused.ptx"));
+        std::fs::write(&code, elementwise::code(kind).expect("a fused kernel for this dtype")).unwrap();
+        let out = Command::new(env!("ULYSSES_PYTHON"))
+            .arg(script)
+            .arg(&code)
+            .arg(storage)
+            .arg(&ptx)
+            .args(ENTRIES)
+            .output()
+            .expect("run the venv's python3");
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "the {kind:?} functors do not compile with NVRTC:\n{said}");
+        let ptx = std::fs::read_to_string(&ptx).unwrap();
+        for name in ENTRIES.map(|e| e.split(':').next().unwrap()) {
+            let body = kernel_ptx(&ptx, name);
+            assert!(body.contains("mul.rn.f32"), "{kind:?} {name}: no product rounded alone");
+            if kind == Kind::BFloat16 && name == "swiglu" {
+                assert!(body.contains("cvt.rn.bf16.f32"), "bf16 swiglu: silu's result is not rounded to bf16");
+            }
+            if kind == Kind::Float && name.starts_with("rope") {
+                assert!(!body.contains("fma."), "fp32 {name}: a product is contracted into a fused multiply-add");
+            }
+        }
+    }
+    assert!(elementwise::code(Kind::Int64).is_none(), "int64 tensors take the op-by-op path");
+}
 
 /// Milliseconds per call of `f` (after one call that also compiles a fused kernel).
 fn ms_per_call<T>(f: &dyn Fn() -> T) -> f64 {

@@ -86,6 +86,13 @@ fn storage_type(kind: Kind) -> Option<&'static str> {
     }
 }
 
+/// The code string jiterator compiles for tensors of `kind` (None: no fused kernel for it): the
+/// functors after the dtype they round to. It is also jiterator's cache key: one compiled kernel
+/// per dtype.
+pub fn code(kind: Kind) -> Option<String> {
+    storage_type(kind).map(|storage| format!("typedef {storage} storage_t;\n{SOURCE}"))
+}
+
 /// Whether `t` takes the fused kernels: on CUDA in a dtype they are written for.
 fn fused(t: &Tensor) -> bool {
     t.device().is_cuda() && storage_type(t.kind()).is_some()
@@ -96,10 +103,9 @@ fn fused(t: &Tensor) -> bool {
 fn launch<const N: usize>(name: &str, inputs: &[&Tensor]) -> Result<[Tensor; N], ShimError> {
     let op = "fused elementwise kernel";
     let kind = inputs[0].kind();
-    let storage = storage_type(kind)
-        .ok_or_else(|| ShimError { op, message: format!("{name}: no fused kernel for {kind:?} tensors") })?;
-    // The code string is also jiterator's cache key: one compiled kernel per dtype.
-    let code = CString::new(format!("typedef {storage} storage_t;\n{SOURCE}")).expect("no NUL in the source");
+    let code =
+        code(kind).ok_or_else(|| ShimError { op, message: format!("{name}: no fused kernel for {kind:?} tensors") })?;
+    let code = CString::new(code).expect("no NUL in the source");
     let name = CString::new(name).expect("no NUL in a kernel name");
     let handles: Vec<*const C_tensor> = inputs.iter().map(|t| t.as_ptr()).collect();
     let mut outs = [std::ptr::null_mut(); N];
