@@ -93,9 +93,11 @@ pub fn code(kind: Kind) -> Option<String> {
     storage_type(kind).map(|storage| format!("typedef {storage} storage_t;\n{SOURCE}"))
 }
 
-/// Whether `t` takes the fused kernels: on CUDA in a dtype they are written for.
-fn fused(t: &Tensor) -> bool {
-    t.device().is_cuda() && storage_type(t.kind()).is_some()
+/// Whether `tensors` take the fused kernels: on CUDA, all in one dtype they are written for (mixed
+/// dtypes would be promoted, and the functors round to the first one's).
+fn fused(tensors: &[&Tensor]) -> bool {
+    let kind = tensors[0].kind();
+    storage_type(kind).is_some() && tensors.iter().all(|t| t.device().is_cuda() && t.kind() == kind)
 }
 
 /// Runs the functor `name` of `SOURCE` over `inputs` (broadcast together, one dtype, on CUDA):
@@ -127,7 +129,7 @@ fn launch<const N: usize>(name: &str, inputs: &[&Tensor]) -> Result<[Tensor; N],
 /// `silu(gate) * up`, gate's memory free to reuse: on CUDA one kernel into a new tensor (gate is
 /// dropped on return; jiterator cannot write into an input), else in place in gate.
 pub fn swiglu_into_gate(gate: Tensor, up: &Tensor) -> Result<Tensor, ShimError> {
-    if fused(&gate) {
+    if fused(&[&gate, up]) {
         return swiglu(&gate, up);
     }
     Ok(llama::swiglu_in_place(gate, up))
@@ -135,7 +137,7 @@ pub fn swiglu_into_gate(gate: Tensor, up: &Tensor) -> Result<Tensor, ShimError> 
 
 /// `silu(gate) * up` into a new tensor.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor, ShimError> {
-    if fused(gate) {
+    if fused(&[gate, up]) {
         let [act] = launch("swiglu", &[gate, up])?;
         return Ok(act);
     }
@@ -146,7 +148,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor, ShimError> {
 /// (`llama::swiglu_backward`): reads three tensors and writes two, where the op-by-op form makes
 /// four kernels and three temporaries.
 pub fn swiglu_backward(gate: &Tensor, up: &Tensor, grad_act: &Tensor) -> Result<(Tensor, Tensor), ShimError> {
-    if fused(gate) {
+    if fused(&[gate, up, grad_act]) {
         let [grad_gate, grad_up] = launch("swiglu_backward", &[gate, up, grad_act])?;
         return Ok((grad_gate, grad_up));
     }
@@ -158,7 +160,7 @@ pub fn swiglu_backward(gate: &Tensor, up: &Tensor, grad_act: &Tensor) -> Result<
 /// (views of x broadcast over the halves' axis) and the first half of cos and sin (broadcast over
 /// heads): reads x once and writes the output once.
 pub fn rotate(x: &Tensor, rope: &Rope, turn: Turn) -> Result<Tensor, ShimError> {
-    if !fused(x) {
+    if !fused(&[x, &rope.cos, &rope.sin]) {
         return Ok(rope::rotate(x, rope, turn));
     }
     let (b, s, heads, d) = x.size4().expect("RoPE rotates [b, s, heads, d]");
