@@ -66,7 +66,7 @@ pub fn reset_peak(idx: usize) {
 /// The CUDA context current on this thread for driver-API calls on GPU `gpu`: libtorch has made
 /// the GPU's primary context current on the training thread by now (the plan's collectives ran
 /// there); where it has not, the primary context is made current, as torch uses the same one.
-fn current_context(gpu: usize) -> Result<cudarc::driver::sys::CUcontext, String> {
+pub(crate) fn current_context(gpu: usize) -> Result<cudarc::driver::sys::CUcontext, String> {
     use cudarc::driver::result;
     if let Some(ctx) = result::ctx::get_current().map_err(|e| e.to_string())? {
         return Ok(ctx);

@@ -4,10 +4,10 @@
 //! fp32 copy of the logits, an fp32 log-softmax, nll backward's zero-filled fp32 [tile, V], the
 //! log-softmax backward and the cast of its gradient back to bf16 (~36 bytes per logit), and the
 //! LM head's gradient comes as a new [V, h] tensor per tile that autograd adds to the last. Here a
-//! tile turns the bf16 logits into fp32 log-probabilities (a copy to fp32, then the log-softmax:
-//! libtorch's one-kernel conversion is for fp16 only), writes their softmax as the logits'
-//! gradient straight into a bf16 buffer (~20 bytes per logit in all), corrects the target column
-//! on a [tile] vector, and the LM head's gradient is accumulated by the GEMM into one buffer. The final RMSNorm stays under autograd: the caller backpropagates `grad_xn` through it.
+//! tile turns the bf16 logits into each row's loss and the logits' gradient `softmax - onehot` in
+//! bf16 (`LogitsLoss`: op by op ~20 bytes per logit, as a GPU kernel 6 bytes, written over the
+//! logits), and the LM head's gradient is accumulated by the GEMM into one buffer. The final
+//! RMSNorm stays under autograd: the caller backpropagates `grad_xn` through it.
 use super::llama::IGNORE_INDEX;
 use tch::{Kind, Tensor};
 
@@ -19,18 +19,52 @@ pub struct TileLoss {
     pub grad_xn: Tensor,
 }
 
+/// The [n, V] part of a tile, the seam where a GPU kernel may take over (`ffi::cross_entropy`):
+/// from the logits (compute dtype, consumed: an implementation may overwrite them) and each row's
+/// target column in [0, V), each row's cross-entropy `lse - logit[target]` (fp32, [n]) and the
+/// logits' gradient `softmax - onehot(target)` in the logits' dtype, [n, V].
+pub trait LogitsLoss {
+    fn loss_and_grad(&self, logits: Tensor, target: &Tensor) -> (Tensor, Tensor);
+}
+
+/// `LogitsLoss` in libtorch operations, on any device: the bf16 logits copied to fp32, their
+/// fp32 log-softmax, its exp written in the compute dtype as the gradient (cast on write), and the
+/// target column corrected to p_t - 1 (from fp32) on a [n] vector. Each buffer is dropped as soon
+/// as the next exists (the copy is a no-op in fp32).
+pub struct OpByOp;
+
+impl LogitsLoss for OpByOp {
+    fn loss_and_grad(&self, logits: Tensor, target: &Tensor) -> (Tensor, Tensor) {
+        let kind = logits.kind();
+        let logits = logits.to_kind(Kind::Float);
+        let logp = logits.log_softmax(-1, None);
+        drop(logits);
+        // [n] -> [n, 1]
+        let target = target.unsqueeze(1);
+        // [n, V] -> [n, 1] fp32
+        let logp_target = logp.gather(1, &target, false);
+        let mut grad_logits = logp.exp_out(&Tensor::empty(logp.size(), (kind, logp.device())));
+        drop(logp);
+        let target_grad = (logp_target.exp() - 1.0).to_kind(grad_logits.kind());
+        let _ = grad_logits.scatter_(1, &target, &target_grad);
+        (logp_target.neg().squeeze_dim(1), grad_logits)
+    }
+}
+
 /// Forward and backward of `scale · Σ cross_entropy(xn · lm_headᵀ, labels)` over one tile:
 /// xn [b, tile, h] (the final norm's output, compute dtype), lm_head [V, h], labels [b, tile]
-/// (valid ones in [0, V)). When `grad_lm_head` ([V, h], lm_head's dtype) is given, the LM head's
-/// gradient is added into it. Two [tile, V] tensors exist at a time, 8 bytes per logit at most
-/// with bf16 (the memory plan's two fp32 tiles): the logits and their fp32 copy, then the copy and
-/// the log-probabilities, then these and the gradient (in the compute dtype).
+/// (valid ones in [0, V)), the [n, V] part by `logits_loss`. When `grad_lm_head` ([V, h],
+/// lm_head's dtype) is given, the LM head's gradient is added into it. Op by op, two [tile, V]
+/// tensors exist at a time, 8 bytes per logit at most with bf16 (the memory plan's two fp32
+/// tiles): the logits and their fp32 copy, then the copy and the log-probabilities, then these
+/// and the gradient (in the compute dtype).
 pub fn tile_loss(
     xn: &Tensor,
     lm_head: &Tensor,
     labels: &Tensor,
     scale: f64,
     grad_lm_head: Option<&mut Tensor>,
+    logits_loss: &dyn LogitsLoss,
 ) -> TileLoss {
     tch::no_grad(|| {
         let (b, t, h) = xn.size3().expect("xn is [b, tile, h]");
@@ -38,26 +72,12 @@ pub fn tile_loss(
         let xn = xn.reshape([b * t, h]);
         let labels = labels.reshape([b * t]);
         let ignored = labels.eq(IGNORE_INDEX);
-        // [n] -> [n, 1]: an ignored row points at column 0; its loss and gradients are zeroed.
-        let target = labels.masked_fill(&ignored, 0).unsqueeze(1);
+        // An ignored row points at column 0; its loss and gradients are zeroed.
+        let target = labels.masked_fill(&ignored, 0);
 
-        // [n, h] x [h, V] -> [n, V] in the compute dtype, then fp32 log-probabilities.
-        // Each buffer is dropped as soon as the next exists (a no-op copy in fp32).
-        let logits = xn.mm(&lm_head.tr());
-        let kind = logits.kind();
-        let logits = logits.to_kind(Kind::Float);
-        let logp = logits.log_softmax(-1, None);
-        drop(logits);
-        // [n, V] -> [n, 1] fp32
-        let logp_target = logp.gather(1, &target, false);
-        let token_loss = logp_target.neg().squeeze_dim(1).masked_fill(&ignored, 0.0);
-
-        // d loss_r / d logits_r = softmax_r - onehot(target_r): the softmax is written in the
-        // compute dtype (cast on write), then the target column gets p_t - 1, computed in fp32.
-        let mut grad_logits = logp.exp_out(&Tensor::empty(logp.size(), (kind, logp.device())));
-        drop(logp);
-        let target_grad = (logp_target.exp() - 1.0).to_kind(grad_logits.kind());
-        let _ = grad_logits.scatter_(1, &target, &target_grad);
+        // [n, h] x [h, V] -> [n, V] in the compute dtype
+        let (row_loss, grad_logits) = logits_loss.loss_and_grad(xn.mm(&lm_head.tr()), &target);
+        let token_loss = row_loss.masked_fill(&ignored, 0.0);
 
         // Ignored rows are zeroed on the [n, h] side (the gradient of row r only reaches row r of
         // dX and, through xn's row r, dW), and the loss scale is folded in there too, so the
@@ -135,7 +155,7 @@ mod tests {
                 let x_tile = leaf(&input.narrow(1, start, len).detach());
                 let xn = rms_norm(&x_tile, &norm, self.spec.rms_norm_eps);
                 let labels = self.labels.narrow(1, start, len);
-                let tile = tile_loss(&xn.detach(), self.w, &labels, scale, Some(&mut grad_w));
+                let tile = tile_loss(&xn.detach(), self.w, &labels, scale, Some(&mut grad_w), &OpByOp);
                 (&xn * &tile.grad_xn).sum(Kind::Float).backward();
                 grad_input.narrow(1, start, len).copy_(&x_tile.grad());
                 loss += tile.token_loss.sum(Kind::Float);

@@ -14,6 +14,7 @@ use super::store::ActivationStore;
 use crate::comm::Groups;
 use crate::config::{DocumentKernels, FusedAttention, LoraConfig, PositionBy};
 use crate::data::{Batch, Documents, IGNORE_INDEX};
+use crate::ffi::cross_entropy::FusedLogitsLoss;
 use crate::metrics::position::PositionLoss;
 use crate::metrics::profile::Profiler;
 use crate::metrics::StepTimes;
@@ -320,9 +321,9 @@ struct HeadResult {
 }
 
 /// Final norm, LM head and cross-entropy (fp32) on the last layer's output `x`, forward and
-/// backward tile by tile so that one tile's logits exist at a time (`model::head::tile_loss`:
-/// bf16 logits and their fp32 log-probabilities); the head's weight gradients are
-/// reduce-scattered here.
+/// backward tile by tile so that one tile's logits exist at a time (`model::head::tile_loss`, its
+/// softmax cross-entropy by one kernel on the GPU, `ffi::cross_entropy`); the head's weight
+/// gradients are reduce-scattered here.
 fn head_and_loss(
     ctx: &StepContext,
     params: &mut ShardedParams,
@@ -359,7 +360,9 @@ fn head_and_loss(
     // The LM head's gradient when it trains (tied or not), accumulated tile by tile by the GEMM.
     let mut grad_lm_head = lm_head.requires_grad().then(|| lm_head.zeros_like());
     let scale = 1.0 / n_total;
-    let mut loss = 0.0;
+    // Summed on the device, read once after the last tile (a read per tile would stall the GPU's
+    // queue once per tile).
+    let mut loss = Tensor::zeros([], (Kind::Float, x.device()));
     // The positions the per-position loss bins by, [b, s_local].
     let bin_positions = positions.as_ref().map(|p| match p.by() {
         PositionBy::Sequence => batch.sequence_positions(),
@@ -374,13 +377,13 @@ fn head_and_loss(
         let x_tile = leaf(&x.narrow(1, start, len));
         // The final norm under autograd; the LM head and the loss by hand (`model::head`).
         let xn = llama::rms_norm(&x_tile, norm, ctx.spec.rms_norm_eps);
-        let tile = head::tile_loss(&xn.detach(), lm_head, &labels, scale, grad_lm_head.as_mut());
+        let tile = head::tile_loss(&xn.detach(), lm_head, &labels, scale, grad_lm_head.as_mut(), &FusedLogitsLoss);
         if let (Some(p), Some(at)) = (positions.as_deref_mut(), &bin_positions) {
             p.add(&tile.token_loss, &labels, &at.narrow(1, start, len));
         }
         backprop(&[(&xn, &tile.grad_xn)])?;
         grad_x.narrow(1, start, len).copy_(&grad(&x_tile));
-        loss += tile.token_loss.sum(Kind::Float).double_value(&[]);
+        loss += tile.token_loss.sum(Kind::Float);
     }
     // The trained LM head's gradient is `grad_lm_head`, not its leaf's (autograd never saw it):
     // in the head unit when untied (the same tensor as one of `head`), else the embedding's.
@@ -399,7 +402,7 @@ fn head_and_loss(
         Some(g) if is_lm_head(&t) => g,
         _ => grad(&t),
     });
-    Ok(HeadResult { loss, grad_x, tied_grad })
+    Ok(HeadResult { loss: loss.double_value(&[]), grad_x, tied_grad })
 }
 
 /// A unit's tensors, gathered in the compute dtype on the compute device (timed as communication).

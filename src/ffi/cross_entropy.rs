@@ -1,0 +1,229 @@
+//! The loss tile's softmax cross-entropy in one CUDA kernel of our own, compiled at run time by
+//! NVRTC (through cudarc) for the GPU it runs on and launched on torch's current stream.
+//!
+//! Why: per logit, libtorch needs a bf16 -> fp32 copy, an fp32 log-softmax and an exp back to
+//! bf16 (its one-kernel half-to-float log-softmax takes fp16 only): ~20 bytes of traffic and two
+//! fp32 [tile, V] buffers. This kernel reads each row of bf16 logits twice (a running max and
+//! sum of exponentials in fp32, then the softmax) and writes the gradient over the logits in
+//! place: 6 bytes per logit and no fp32 buffer. The math is the fp32 log-softmax's; only the
+//! order of the row's sum differs.
+//!
+//! Why NVRTC and not nvcc: the build machines have no CUDA toolkit, while every GPU machine with
+//! libtorch has NVRTC (libtorch compiles its own run-time kernels with it).
+use crate::model::head::LogitsLoss;
+use cudarc::driver::{result, sys};
+use std::ffi::{c_void, CString};
+use std::sync::Mutex;
+use tch::{Device, Kind, Tensor};
+
+/// One block per row. Pass 1: each thread keeps a running max m and sum s of exp(x - m) over its
+/// columns (8 at a time with 16-byte loads when the row allows), the block merges them into the
+/// row's log-sum-exp. Pass 2 writes exp(x - lse), rounded to bf16 as c10::BFloat16 rounds, over
+/// x; the target column then gets p_t - 1 (from fp32) and the row's loss is lse - x_t.
+const SOURCE: &str = r#"
+#define NEG_INF __int_as_float(0xff800000)
+__device__ __forceinline__ float bf16_to_float(unsigned short h) { return __uint_as_float(((unsigned int)h) << 16); }
+__device__ __forceinline__ unsigned short float_to_bf16(float f) {
+  unsigned int x = __float_as_uint(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  x += 0x7fffu + ((x >> 16) & 1u);                       // round to nearest, ties to even
+  return (unsigned short)(x >> 16);
+}
+// (m, s) of two parts -> (m, s) of both: s is the sum of exp(x - m) over a part.
+__device__ __forceinline__ void merge(float &m, float &s, float m2, float s2) {
+  float mm = fmaxf(m, m2);
+  if (mm == NEG_INF) return;
+  s = s * expf(m - mm) + s2 * expf(m2 - mm);
+  m = mm;
+}
+__device__ __forceinline__ void add8(float &m, float &s, uint4 v) {
+  unsigned int w[4] = {v.x, v.y, v.z, v.w};
+  float f[8];
+  float mx = m;
+  for (int j = 0; j < 4; ++j) {
+    f[2 * j] = bf16_to_float((unsigned short)(w[j] & 0xffffu));
+    f[2 * j + 1] = bf16_to_float((unsigned short)(w[j] >> 16));
+    mx = fmaxf(mx, fmaxf(f[2 * j], f[2 * j + 1]));
+  }
+  if (mx == NEG_INF) return;
+  float acc = s * expf(m - mx);
+  for (int j = 0; j < 8; ++j) acc += expf(f[j] - mx);
+  m = mx;
+  s = acc;
+}
+__device__ __forceinline__ uint4 softmax8(uint4 v, float lse) {
+  unsigned int w[4] = {v.x, v.y, v.z, v.w};
+  for (int j = 0; j < 4; ++j) {
+    unsigned int lo = float_to_bf16(expf(bf16_to_float((unsigned short)(w[j] & 0xffffu)) - lse));
+    unsigned int hi = float_to_bf16(expf(bf16_to_float((unsigned short)(w[j] >> 16)) - lse));
+    w[j] = lo | (hi << 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+extern "C" __global__ void __launch_bounds__(512) softmax_xent_bf16(
+    unsigned short *__restrict__ logits, const long long *__restrict__ target, float *__restrict__ loss,
+    long long cols) {
+  __shared__ float part_m[32], part_s[32], row_lse, target_logit;
+  unsigned short *x = logits + (long long)blockIdx.x * cols;
+  const long long t = target[blockIdx.x];
+  const bool in_range = t >= 0 && t < cols;
+  if (threadIdx.x == 0) target_logit = in_range ? bf16_to_float(x[t]) : 0.0f;
+  const bool wide = (cols % 8 == 0) && (((unsigned long long)x) % 16 == 0);
+  float m = NEG_INF, s = 0.0f;
+  if (wide) {
+    const uint4 *x8 = reinterpret_cast<const uint4 *>(x);
+    for (long long i = threadIdx.x; i < cols / 8; i += blockDim.x) add8(m, s, x8[i]);
+  } else {
+    for (long long i = threadIdx.x; i < cols; i += blockDim.x) merge(m, s, bf16_to_float(x[i]), 1.0f);
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    float m2 = __shfl_xor_sync(0xffffffffu, m, off), s2 = __shfl_xor_sync(0xffffffffu, s, off);
+    merge(m, s, m2, s2);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (lane == 0) { part_m[warp] = m; part_s[warp] = s; }
+  __syncthreads();
+  if (warp == 0) {
+    m = lane < warps ? part_m[lane] : NEG_INF;
+    s = lane < warps ? part_s[lane] : 0.0f;
+    for (int off = 16; off > 0; off >>= 1) {
+      float m2 = __shfl_xor_sync(0xffffffffu, m, off), s2 = __shfl_xor_sync(0xffffffffu, s, off);
+      merge(m, s, m2, s2);
+    }
+    if (lane == 0) row_lse = m + logf(s);
+  }
+  __syncthreads();
+  const float lse = row_lse;
+  if (wide) {
+    uint4 *x8 = reinterpret_cast<uint4 *>(x);
+    for (long long i = threadIdx.x; i < cols / 8; i += blockDim.x) x8[i] = softmax8(x8[i], lse);
+  } else {
+    for (long long i = threadIdx.x; i < cols; i += blockDim.x) x[i] = float_to_bf16(expf(bf16_to_float(x[i]) - lse));
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    // A target outside the row leaves a NaN loss, never a write outside the tile.
+    loss[blockIdx.x] = in_range ? lse - target_logit : __int_as_float(0x7fc00000);
+    if (in_range) x[t] = float_to_bf16(expf(target_logit - lse) - 1.0f);
+  }
+}
+"#;
+
+const THREADS: u32 = 512;
+const ENTRY: &str = "softmax_xent_bf16";
+
+/// The compiled kernel of one GPU (a driver handle, valid for the process).
+#[derive(Clone, Copy)]
+struct Compiled(sys::CUfunction);
+// SAFETY: a CUfunction is a handle of the (process-wide) primary context, usable from any thread
+// that has that context current.
+unsafe impl Send for Compiled {}
+
+/// Per GPU ordinal: the kernel, or why it could not be built (asked once per process).
+static KERNELS: Mutex<Vec<(usize, Result<Compiled, String>)>> = Mutex::new(Vec::new());
+
+fn kernel(gpu: usize) -> Result<Compiled, String> {
+    let mut kernels = KERNELS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, k)) = kernels.iter().find(|(g, _)| *g == gpu) {
+        return k.clone();
+    }
+    let built = build(gpu);
+    if let Err(e) = &built {
+        log::warn!("the fused softmax cross-entropy kernel is unavailable on GPU {gpu} ({e}); the loss runs op by op");
+    }
+    kernels.push((gpu, built.clone()));
+    built
+}
+
+/// NVRTC -> PTX for the GPU's compute capability -> a module in the current (torch's primary)
+/// context.
+fn build(gpu: usize) -> Result<Compiled, String> {
+    super::cuda::current_context(gpu)?;
+    let device = result::device::get(gpu as i32).map_err(|e| format!("cuDeviceGet: {e}"))?;
+    // SAFETY: `device` came from cuDeviceGet.
+    let attr =
+        |a| unsafe { result::device::get_attribute(device, a) }.map_err(|e| format!("cuDeviceGetAttribute: {e}"));
+    let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    let ptx = compile(&format!("compute_{major}{minor}"))?;
+    // SAFETY: `ptx` is NUL-terminated PTX; the module lives as long as the process.
+    unsafe {
+        let module =
+            result::module::load_data(ptx.as_ptr() as *const c_void).map_err(|e| format!("cuModuleLoadData: {e}"))?;
+        let name = CString::new(ENTRY).expect("no NUL");
+        let f = result::module::get_function(module, name).map_err(|e| format!("cuModuleGetFunction: {e}"))?;
+        Ok(Compiled(f))
+    }
+}
+
+/// The kernel's PTX for a virtual architecture (`compute_90`), NUL-terminated as
+/// cuModuleLoadData wants it. Needs NVRTC only, no GPU.
+pub fn compile(arch: &str) -> Result<Vec<u8>, String> {
+    // cudarc panics when it cannot dlopen a library: ask first.
+    // SAFETY: only tries to dlopen NVRTC's names and closes what it opened.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err("cannot load NVRTC (libnvrtc.so.13, shipped with libtorch's CUDA wheels)".into());
+    }
+    let opts =
+        cudarc::nvrtc::CompileOptions { options: vec![format!("--gpu-architecture={arch}")], ..Default::default() };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| format!("NVRTC: {e:?}"))?;
+    let mut text = ptx.as_bytes().ok_or("NVRTC returned no PTX")?.to_vec();
+    if text.last() != Some(&0) {
+        text.push(0);
+    }
+    Ok(text)
+}
+
+/// Whether the kernel runs on GPU `gpu` (it is built on first use), or why not.
+pub fn available(gpu: usize) -> Result<(), String> {
+    kernel(gpu).map(|_| ())
+}
+
+/// `LogitsLoss` by the kernel for bf16 logits on a GPU where it builds; anything else (another
+/// dtype, the CPU, a GPU without NVRTC) goes op by op (`head::OpByOp`).
+pub struct FusedLogitsLoss;
+
+impl LogitsLoss for FusedLogitsLoss {
+    fn loss_and_grad(&self, logits: Tensor, target: &Tensor) -> (Tensor, Tensor) {
+        let gpu = match logits.device() {
+            Device::Cuda(g) if logits.kind() == Kind::BFloat16 => g,
+            _ => return crate::model::head::OpByOp.loss_and_grad(logits, target),
+        };
+        let Ok(Compiled(f)) = kernel(gpu) else {
+            return crate::model::head::OpByOp.loss_and_grad(logits, target);
+        };
+        let (rows, cols) = logits.size2().expect("logits are [n, V]");
+        let logits = logits.contiguous();
+        let target = target.reshape([rows]).to_kind(Kind::Int64).contiguous();
+        let loss = Tensor::empty([rows], (Kind::Float, logits.device()));
+        if rows > 0 {
+            let stream = super::cuda::current_stream(gpu).expect("a CUDA tensor implies CUDA");
+            let (mut x, mut t, mut l, mut c) = (logits.data_ptr(), target.data_ptr(), loss.data_ptr(), cols);
+            let mut args = [
+                &mut x as *mut _ as *mut c_void,
+                &mut t as *mut _ as *mut c_void,
+                &mut l as *mut _ as *mut c_void,
+                &mut c as *mut _ as *mut c_void,
+            ];
+            // SAFETY: the arguments match the kernel's (bf16*, i64*, f32*, i64) and point into
+            // live contiguous tensors of rows × cols, rows and rows elements on this GPU; the
+            // launch is queued on torch's current stream, ordered with the kernels around it.
+            unsafe {
+                result::launch_kernel(f, (rows as u32, 1, 1), (THREADS, 1, 1), 0, stream as sys::CUstream, &mut args)
+            }
+            .unwrap_or_else(|e| panic!("launching the fused softmax cross-entropy kernel: {e}"));
+        }
+        (loss, logits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The kernel source compiles for Hopper (the GPU tests run it: tests/head_loss.rs).
+    #[test]
+    fn kernel_compiles_for_hopper() {
+        let ptx = super::compile("compute_90").unwrap();
+        let text = String::from_utf8_lossy(&ptx);
+        assert!(text.contains(".entry softmax_xent_bf16"), "no kernel entry in the PTX");
+    }
+}
