@@ -1,7 +1,9 @@
 //! The fused elementwise CUDA kernels (`ffi::elementwise`: SwiGLU, its backward, RoPE's rotation
 //! both ways) against the op-by-op forms they replace (`model::llama`, `model::rope::rotate`), on
 //! a GPU at Llama-3.1-8B's sizes; and one MLP tile's backward as the step now runs it
-//! (`train::layer::mlp_tile_backward`: SwiGLU by hand) against autograd through the MLP. On the
+//! (`train::layer::mlp_tile_backward`: SwiGLU by hand) against autograd through the MLP; and the
+//! log-sum-exp merge kernel of attention in query blocks (`ffi::lse_merge`) against
+//! `parallel::ring::merge`. On the
 //! CPU these functions are the op-by-op forms themselves (the equivalence tests cover them); what
 //! a machine without a GPU can check is that the functors compile, with NVRTC as jiterator does.
 use std::process::Command;
@@ -283,4 +285,54 @@ fn mlp_tile_backward_equals_autograd_in_fp32() {
 fn gpu_mlp_tile_backward_equals_autograd_in_bf16() {
     assert!(tch::Cuda::is_available(), "this test needs a CUDA GPU");
     check_mlp_tile_backward(&ModelSpec::preset(Preset::Llama31_8b), GPU, Kind::BFloat16, 16384, 1e-2, true);
+}
+
+/// The log-sum-exp merge of attention in query blocks (`ffi::lse_merge`, one kernel) against
+/// `parallel::ring::merge` (op by op in fp32, rounded once to bf16 after), on one 64K-token block
+/// of Llama-3.1-8B's 32 heads of 128: the first output a strided view as the block's output in the
+/// whole sequence's buffer is, a tenth of the rows' second part without keys (log-sum-exp −inf,
+/// NaN output: it must add nothing). The merged output within one bf16 rounding (2⁻⁸ of its
+/// largest entry; the same fp32 math, up to the order the compilers give it), the log-sum-exp
+/// within 1e-5 absolute; times printed.
+#[test]
+#[ignore = "needs a CUDA GPU (tests/gpu/run.sh)"]
+fn gpu_lse_merge_kernel_equals_ring_merge() {
+    use ulysses::ffi::lse_merge;
+    use ulysses::parallel::ring;
+    assert!(tch::Cuda::is_available(), "this test needs a CUDA GPU");
+    let gpu = Device::Cuda(0);
+    let (seq, heads, d) = (65536, 32, 128);
+    tch::manual_seed(3);
+    // The block's rows of a [1, 2·seq, heads, d] buffer, as `blocks::forward_in_blocks` merges.
+    let whole = Tensor::randn([1, 2 * seq, heads, d], (Kind::BFloat16, gpu));
+    let a = whole.narrow(1, seq, seq);
+    let b = Tensor::randn([1, seq, heads, d], (Kind::BFloat16, gpu));
+    let lse_a = Tensor::rand([1, heads, seq], (Kind::Float, gpu)) * 10.0 + 5.0;
+    let empty = Tensor::rand([1, heads, seq], (Kind::Float, gpu)).lt(0.1);
+    let lse_b = (Tensor::rand([1, heads, seq], (Kind::Float, gpu)) * 10.0 + 5.0).masked_fill(&empty, f64::NEG_INFINITY);
+    // Where the second part has no keys its kernel may have written NaN.
+    let b = b.masked_fill(&empty.transpose(1, 2).unsqueeze(-1), f64::NAN);
+    assert!(lse_merge::KERNEL.function(0).is_ok(), "the merge kernel does not build on this GPU");
+    let op_by_op = || {
+        let (mut acc, mut acc_lse) = (a.to_kind(Kind::Float), lse_a.copy());
+        ring::merge(&mut acc, &mut acc_lse, &b, &lse_b);
+        (acc.to_kind(Kind::BFloat16), acc_lse)
+    };
+    let fused = || {
+        let (out, lse) = (a.empty_like(), lse_a.empty_like());
+        assert!(lse_merge::merge_into(&out, &lse, &a, &lse_a, &b, &lse_b), "the kernel did not run");
+        (out, lse)
+    };
+    let ((want, want_lse), (got, got_lse)) = (op_by_op(), fused());
+    let (count, max) = mismatches(&got, &want);
+    let size = want.to_kind(Kind::Float).abs().max().double_value(&[]);
+    println!(
+        "lse merge [1, {seq}, {heads}, {d}] bf16: {count} elements differ, by up to {max:e} (largest entry {size:e})"
+    );
+    assert!(got.isnan().any().int64_value(&[]) == 0, "the merged output has NaN");
+    assert!(max <= size / 256.0, "the merged output differs by {max:e}, more than one bf16 rounding of {size:e}");
+    let lse_err = (&got_lse - &want_lse).abs().max().double_value(&[]);
+    println!("lse merge: log-sum-exp differs by up to {lse_err:e}");
+    assert!(lse_err <= 1e-5, "the merged log-sum-exp differs by {lse_err:e}");
+    timed("lse merge (one 64K block)", &op_by_op, &fused);
 }

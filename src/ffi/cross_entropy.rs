@@ -7,13 +7,8 @@
 //! sum of exponentials in fp32, then the softmax) and writes the gradient over the logits in
 //! place: 6 bytes per logit and no fp32 buffer. The math is the fp32 log-softmax's; only the
 //! order of the row's sum differs.
-//!
-//! Why NVRTC and not nvcc: the build machines have no CUDA toolkit, while every GPU machine with
-//! libtorch has NVRTC (libtorch compiles its own run-time kernels with it).
+use super::nvrtc::{arg, Kernel};
 use crate::model::head::LogitsLoss;
-use cudarc::driver::{result, sys};
-use std::ffi::{c_void, CString};
-use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
 /// One block per row. Pass 1: each thread keeps a running max m and sum s of exp(x - m) over its
@@ -110,73 +105,12 @@ extern "C" __global__ void __launch_bounds__(512) softmax_xent_bf16(
 "#;
 
 const THREADS: u32 = 512;
-const ENTRY: &str = "softmax_xent_bf16";
 
-/// The compiled kernel of one GPU (a driver handle, valid for the process).
-#[derive(Clone, Copy)]
-struct Compiled(sys::CUfunction);
-// SAFETY: a CUfunction is a handle of the (process-wide) primary context, usable from any thread
-// that has that context current.
-unsafe impl Send for Compiled {}
-
-/// Per GPU ordinal: the kernel, or why it could not be built (asked once per process).
-static KERNELS: Mutex<Vec<(usize, Result<Compiled, String>)>> = Mutex::new(Vec::new());
-
-fn kernel(gpu: usize) -> Result<Compiled, String> {
-    let mut kernels = KERNELS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, k)) = kernels.iter().find(|(g, _)| *g == gpu) {
-        return k.clone();
-    }
-    let built = build(gpu);
-    if let Err(e) = &built {
-        log::warn!("the fused softmax cross-entropy kernel is unavailable on GPU {gpu} ({e}); the loss runs op by op");
-    }
-    kernels.push((gpu, built.clone()));
-    built
-}
-
-/// NVRTC -> PTX for the GPU's compute capability -> a module in the current (torch's primary)
-/// context.
-fn build(gpu: usize) -> Result<Compiled, String> {
-    super::cuda::current_context(gpu)?;
-    let device = result::device::get(gpu as i32).map_err(|e| format!("cuDeviceGet: {e}"))?;
-    // SAFETY: `device` came from cuDeviceGet.
-    let attr =
-        |a| unsafe { result::device::get_attribute(device, a) }.map_err(|e| format!("cuDeviceGetAttribute: {e}"));
-    let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
-    let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
-    let ptx = compile(&format!("compute_{major}{minor}"))?;
-    // SAFETY: `ptx` is NUL-terminated PTX; the module lives as long as the process.
-    unsafe {
-        let module =
-            result::module::load_data(ptx.as_ptr() as *const c_void).map_err(|e| format!("cuModuleLoadData: {e}"))?;
-        let name = CString::new(ENTRY).expect("no NUL");
-        let f = result::module::get_function(module, name).map_err(|e| format!("cuModuleGetFunction: {e}"))?;
-        Ok(Compiled(f))
-    }
-}
-
-/// The kernel's PTX for a virtual architecture (`compute_90`), NUL-terminated as
-/// cuModuleLoadData wants it. Needs NVRTC only, no GPU.
-pub fn compile(arch: &str) -> Result<Vec<u8>, String> {
-    // cudarc panics when it cannot dlopen a library: ask first.
-    // SAFETY: only tries to dlopen NVRTC's names and closes what it opened.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return Err("cannot load NVRTC (libnvrtc.so.13, shipped with libtorch's CUDA wheels)".into());
-    }
-    let opts =
-        cudarc::nvrtc::CompileOptions { options: vec![format!("--gpu-architecture={arch}")], ..Default::default() };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| format!("NVRTC: {e:?}"))?;
-    let mut text = ptx.as_bytes().ok_or("NVRTC returned no PTX")?.to_vec();
-    if text.last() != Some(&0) {
-        text.push(0);
-    }
-    Ok(text)
-}
+pub const KERNEL: Kernel = Kernel { source: SOURCE, entry: "softmax_xent_bf16" };
 
 /// Whether the kernel runs on GPU `gpu` (it is built on first use), or why not.
 pub fn available(gpu: usize) -> Result<(), String> {
-    kernel(gpu).map(|_| ())
+    KERNEL.function(gpu).map(|_| ())
 }
 
 /// `LogitsLoss` by the kernel for bf16 logits on a GPU where it builds; anything else (another
@@ -189,7 +123,7 @@ impl LogitsLoss for FusedLogitsLoss {
             Device::Cuda(g) if logits.kind() == Kind::BFloat16 => g,
             _ => return crate::model::head::OpByOp.loss_and_grad(logits, target),
         };
-        let Ok(Compiled(f)) = kernel(gpu) else {
+        let Ok(f) = KERNEL.function(gpu) else {
             return crate::model::head::OpByOp.loss_and_grad(logits, target);
         };
         let (rows, cols) = logits.size2().expect("logits are [n, V]");
@@ -197,21 +131,11 @@ impl LogitsLoss for FusedLogitsLoss {
         let target = target.reshape([rows]).to_kind(Kind::Int64).contiguous();
         let loss = Tensor::empty([rows], (Kind::Float, logits.device()));
         if rows > 0 {
-            let stream = super::cuda::current_stream(gpu).expect("a CUDA tensor implies CUDA");
             let (mut x, mut t, mut l, mut c) = (logits.data_ptr(), target.data_ptr(), loss.data_ptr(), cols);
-            let mut args = [
-                &mut x as *mut _ as *mut c_void,
-                &mut t as *mut _ as *mut c_void,
-                &mut l as *mut _ as *mut c_void,
-                &mut c as *mut _ as *mut c_void,
-            ];
             // SAFETY: the arguments match the kernel's (bf16*, i64*, f32*, i64) and point into
-            // live contiguous tensors of rows × cols, rows and rows elements on this GPU; the
-            // launch is queued on torch's current stream, ordered with the kernels around it.
-            unsafe {
-                result::launch_kernel(f, (rows as u32, 1, 1), (THREADS, 1, 1), 0, stream as sys::CUstream, &mut args)
-            }
-            .unwrap_or_else(|e| panic!("launching the fused softmax cross-entropy kernel: {e}"));
+            // live contiguous tensors of rows × cols, rows and rows elements on this GPU.
+            unsafe { f.launch(gpu, rows as u32, THREADS, &mut [arg(&mut x), arg(&mut t), arg(&mut l), arg(&mut c)]) }
+                .unwrap_or_else(|e| panic!("the fused softmax cross-entropy kernel: {e}"));
         }
         (loss, logits)
     }
@@ -222,7 +146,7 @@ mod tests {
     /// The kernel source compiles for Hopper (the GPU tests run it: tests/head_loss.rs).
     #[test]
     fn kernel_compiles_for_hopper() {
-        let ptx = super::compile("compute_90").unwrap();
+        let ptx = super::KERNEL.compile("compute_90").unwrap();
         let text = String::from_utf8_lossy(&ptx);
         assert!(text.contains(".entry softmax_xent_bf16"), "no kernel entry in the PTX");
     }

@@ -2,8 +2,9 @@
 //! every `extern "C"` declaration of the crate lives in this folder, one file per subject (attention,
 //! autograd, the communication stream, CUDA, the fused elementwise kernels, the optimizer, the
 //! profiler, transfers; shim.cpp serves several of them), and every shim call reports failure the same way, as a [`ShimError`].
-//! Beside them, one kernel of our own that libtorch has no single operation for (the loss tile's
-//! softmax cross-entropy, `cross_entropy`), compiled at run time by NVRTC through cudarc.
+//! Beside them, kernels of our own where libtorch takes many passes (`nvrtc`: compiled at run time
+//! by NVRTC through cudarc): the loss tile's softmax cross-entropy (`cross_entropy`) and the
+//! log-sum-exp merge of attention in query blocks (`lse_merge`).
 //!
 //! The protocol: a shim function returns null on success, or a message (the C++ exception's
 //! `what()`, copied with `strdup`) that [`check`] turns into an error and frees. Tensors cross as
@@ -15,6 +16,8 @@ pub mod comm_stream;
 pub mod cross_entropy;
 pub mod cuda;
 pub mod elementwise;
+pub mod lse_merge;
+pub mod nvrtc;
 pub mod optim;
 pub mod profiler;
 pub mod transfer;

@@ -11,6 +11,7 @@
 use super::ring::{kernel_lse, lse3, merge};
 use crate::config::FusedAttention;
 use crate::ffi::attention::{self as fused, forward_block, Saved};
+use crate::ffi::lse_merge;
 use crate::ffi::ShimError;
 use tch::{Kind, Tensor};
 
@@ -56,6 +57,11 @@ pub fn forward_in_blocks(
         }
         let (p, saved_p) = forward_block(kernel, false, &qb, &k.narrow(1, 0, start), &v.narrow(1, 0, start))?;
         let lse_p = lse3(&saved_p.lse, &p);
+        // One kernel on the GPU (`ffi::lse_merge`); else `ring::merge` op by op, a few heads at a
+        // time.
+        if lse_merge::merge_into(&out_b, &lse_b, &o, &lse_o, &p, &lse_p) {
+            continue;
+        }
         for h0 in (0..h).step_by(MERGE_HEADS as usize) {
             let n = MERGE_HEADS.min(h - h0);
             let heads = |t: &Tensor, dim: i64| t.narrow(dim, h0, n);
