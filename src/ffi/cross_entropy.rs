@@ -16,14 +16,6 @@ use tch::{Device, Kind, Tensor};
 /// row's log-sum-exp. Pass 2 writes exp(x - lse), rounded to bf16 as c10::BFloat16 rounds, over
 /// x; the target column then gets p_t - 1 (from fp32) and the row's loss is lse - x_t.
 const SOURCE: &str = r#"
-#define NEG_INF __int_as_float(0xff800000)
-__device__ __forceinline__ float bf16_to_float(unsigned short h) { return __uint_as_float(((unsigned int)h) << 16); }
-__device__ __forceinline__ unsigned short float_to_bf16(float f) {
-  unsigned int x = __float_as_uint(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
-  x += 0x7fffu + ((x >> 16) & 1u);                       // round to nearest, ties to even
-  return (unsigned short)(x >> 16);
-}
 // (m, s) of two parts -> (m, s) of both: s is the sum of exp(x - m) over a part.
 __device__ __forceinline__ void merge(float &m, float &s, float m2, float s2) {
   float mm = fmaxf(m, m2);

@@ -11,14 +11,6 @@ use tch::{Device, Kind, Tensor};
 /// −inf) gets 0 with log-sum-exp −inf, and a part without keys (weight 0) adds nothing, whatever
 /// its kernel wrote there (0 or NaN), as `ring::merge` does.
 const SOURCE: &str = r#"
-#define NEG_INF __int_as_float(0xff800000)
-__device__ __forceinline__ float bf16_to_float(unsigned short h) { return __uint_as_float(((unsigned int)h) << 16); }
-__device__ __forceinline__ unsigned short float_to_bf16(float f) {
-  unsigned int x = __float_as_uint(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
-  x += 0x7fffu + ((x >> 16) & 1u);                       // round to nearest, ties to even
-  return (unsigned short)(x >> 16);
-}
 __device__ __forceinline__ float finite_or_zero(float x) { return x == NEG_INF ? 0.0f : x; }
 // Strides are in elements: outputs [b, s, h, d] with d contiguous, log-sum-exps [b, h, s].
 extern "C" __global__ void __launch_bounds__(256) lse_merge_bf16(

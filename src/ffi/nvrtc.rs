@@ -8,7 +8,20 @@ use cudarc::driver::{result, sys};
 use std::ffi::{c_void, CString};
 use std::sync::Mutex;
 
-/// One kernel: its CUDA C source and its `extern "C"` entry.
+/// What every kernel's source starts with: bf16 as its bits (NVRTC has no CUDA headers here), the
+/// conversions rounding as c10::BFloat16 does, and −inf.
+const PRELUDE: &str = r#"
+#define NEG_INF __int_as_float(0xff800000)
+__device__ __forceinline__ float bf16_to_float(unsigned short h) { return __uint_as_float(((unsigned int)h) << 16); }
+__device__ __forceinline__ unsigned short float_to_bf16(float f) {
+  unsigned int x = __float_as_uint(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  x += 0x7fffu + ((x >> 16) & 1u);                       // round to nearest, ties to even
+  return (unsigned short)(x >> 16);
+}
+"#;
+
+/// One kernel: its CUDA C source (after `PRELUDE`) and its `extern "C"` entry.
 pub struct Kernel {
     pub source: &'static str,
     pub entry: &'static str,
@@ -70,7 +83,8 @@ impl Kernel {
         }
         let options = vec![format!("--gpu-architecture={arch}")];
         let opts = cudarc::nvrtc::CompileOptions { options, ..Default::default() };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(self.source, opts).map_err(|e| format!("NVRTC: {e:?}"))?;
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(format!("{PRELUDE}{}", self.source), opts)
+            .map_err(|e| format!("NVRTC: {e:?}"))?;
         let mut text = ptx.as_bytes().ok_or("NVRTC returned no PTX")?.to_vec();
         if text.last() != Some(&0) {
             text.push(0);
