@@ -107,7 +107,10 @@ fn launch<const N: usize>(name: &str, inputs: &[&Tensor]) -> Result<[Tensor; N],
     let kind = inputs[0].kind();
     let code =
         code(kind).ok_or_else(|| ShimError { op, message: format!("{name}: no fused kernel for {kind:?} tensors") })?;
-    let code = CString::new(code).expect("no NUL in the source");
+    // jiterator caches a compiled kernel by its code string and arity, not by the functor's name:
+    // without the name in the string, rope_inverse ran rope_forward's kernel (same source, same
+    // arity), found on an H200 on 2026-12-06.
+    let code = CString::new(format!("{code}// functor: {name}\n")).expect("no NUL in the source");
     let name = CString::new(name).expect("no NUL in a kernel name");
     let handles: Vec<*const C_tensor> = inputs.iter().map(|t| t.as_ptr()).collect();
     let mut outs = [std::ptr::null_mut(); N];
@@ -162,6 +165,10 @@ pub fn swiglu_backward(gate: &Tensor, up: &Tensor, grad_act: &Tensor) -> Result<
 pub fn rotate(x: &Tensor, rope: &Rope, turn: Turn) -> Result<Tensor, ShimError> {
     if !fused(&[x, &rope.cos, &rope.sin]) {
         return Ok(rope::rotate(x, rope, turn));
+    }
+    // bf16 with aligned rows: the kernel of our own (`ffi::rotary`), 4 elements per thread.
+    if let Some(out) = super::rotary::rotate(x, rope, turn) {
+        return Ok(out);
     }
     let (b, s, heads, d) = x.size4().expect("RoPE rotates [b, s, heads, d]");
     let half = d / 2;
