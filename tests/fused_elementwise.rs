@@ -1,24 +1,22 @@
-//! The fused elementwise CUDA kernels (`ffi::elementwise`: SwiGLU, its backward, RoPE's rotation
-//! both ways) against the op-by-op forms they replace (`model::llama`, `model::rope::rotate`), on
-//! a GPU at Llama-3.1-8B's sizes; and one MLP tile's backward as the step now runs it
-//! (`train::layer::mlp_tile_backward`: SwiGLU by hand) against autograd through the MLP; and the
-//! log-sum-exp merge kernel of attention in query blocks (`ffi::lse_merge`) against
-//! `parallel::ring::merge`. On the
-//! CPU these functions are the op-by-op forms themselves (the equivalence tests cover them); what
+//! The fused elementwise CUDA kernels (`ffi::elementwise`: SwiGLU and its backward) against the
+//! op-by-op forms they replace (`model::llama`), on a GPU at Llama-3.1-8B's sizes; one MLP tile's
+//! backward as the step now runs it (`train::layer::mlp_tile_backward`: SwiGLU by hand) against
+//! autograd through the MLP; and the log-sum-exp merge kernel of attention in query blocks
+//! (`ffi::lse_merge`) against `parallel::ring::merge`. On the CPU these functions are the op-by-op
+//! forms themselves (the equivalence tests cover them); what
 //! a machine without a GPU can check is that the functors compile, with NVRTC as jiterator does.
 use std::process::Command;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 use ulysses::ffi::{autograd, elementwise};
 use ulysses::model::llama::{self, LayerWeights};
-use ulysses::model::rope::{self, Rope, Turn};
 use ulysses::model::spec::{ModelSpec, Preset};
 use ulysses::train::layer::mlp_tile_backward;
 
 const GPU: Device = Device::Cuda(0);
 
 /// Each functor `ffi::elementwise` launches, with its numbers of inputs and outputs.
-const ENTRIES: [&str; 4] = ["swiglu:2:1", "swiglu_backward:3:2", "rope_forward:5:1", "rope_inverse:5:1"];
+const ENTRIES: [&str; 2] = ["swiglu:2:1", "swiglu_backward:3:2"];
 
 /// The PTX of kernel `name` in `ptx`: from its `.entry` to the end of its body.
 fn kernel_ptx<'a>(ptx: &'a str, name: &str) -> &'a str {
@@ -30,10 +28,8 @@ fn kernel_ptx<'a>(ptx: &'a str, name: &str) -> &'a str {
 /// On any machine: the functors compile with NVRTC as jiterator compiles and calls them
 /// (tests/torch/nvrtc_compile.py), for bf16 and fp32 tensors, so an edit that breaks them fails
 /// here rather than first on a GPU. The PTX shows the rounding the exactness rests on: in bf16 the
-/// SwiGLU rounds silu's result to bf16 before the product, as libtorch's two kernels do; in fp32,
-/// where no rounding to the dtype separates RoPE's products from their sum, they stay apart
-/// (`__fmul_rn`) instead of being contracted into a fused multiply-add, which would round once
-/// where the op-by-op kernels round twice.
+/// SwiGLU rounds silu's result to bf16 before the product, as libtorch's two kernels do, and
+/// every product is rounded alone (`__fmul_rn`).
 #[test]
 fn functors_compile_with_nvrtc_as_jiterator_calls_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -57,9 +53,6 @@ fn functors_compile_with_nvrtc_as_jiterator_calls_them() {
             assert!(body.contains("mul.rn.f32"), "{kind:?} {name}: no product rounded alone");
             if kind == Kind::BFloat16 && name == "swiglu" {
                 assert!(body.contains("cvt.rn.bf16.f32"), "bf16 swiglu: silu's result is not rounded to bf16");
-            }
-            if kind == Kind::Float && name.starts_with("rope") {
-                assert!(!body.contains("fma."), "fp32 {name}: a product is contracted into a fused multiply-add");
             }
         }
     }
@@ -145,40 +138,9 @@ fn check_swiglu(kind: Kind, rows: i64, cols: i64, time: bool) {
     }
 }
 
-/// RoPE both ways, fused against op by op, on q and k of `tokens` tokens at Llama-3.1-8B's heads
-/// (32 and 8 of 128) in `kind`, and on a strided gradient-like layout.
-fn check_rope(kind: Kind, tokens: i64, time: bool) {
-    let spec = ModelSpec::preset(Preset::Llama31_8b);
-    let positions = Tensor::arange(tokens, (Kind::Int64, GPU)).unsqueeze(0);
-    let rope = Rope::new(&spec, &positions, kind);
-    let d = spec.head_dim;
-    tch::manual_seed(6);
-    for (what, heads) in [("q", spec.num_attention_heads), ("k", spec.num_key_value_heads)] {
-        let x = Tensor::randn([1, tokens, heads, d], (Kind::Float, GPU)).to_kind(kind);
-        let name = format!("rope {what} {kind:?} [1, {tokens}, {heads}, {d}]");
-        for turn in [Turn::Forward, Turn::Inverse] {
-            let got = elementwise::rotate(&x, &rope, turn).unwrap();
-            assert!(got.is_contiguous(), "{name} {turn:?}: the output is not laid out as [b, s, heads, d]");
-            assert_equal(&format!("{name} {turn:?}"), &got, &tch::no_grad(|| rope::rotate(&x, &rope, turn)));
-        }
-        // A gradient from attention's [b, heads, s, d] layout, as a [b, s, heads, d] view.
-        let g = Tensor::randn([1, heads, tokens, d], (Kind::Float, GPU)).to_kind(kind).transpose(1, 2);
-        assert_equal(
-            &format!("{name} Inverse, strided"),
-            &elementwise::rotate(&g, &rope, Turn::Inverse).unwrap(),
-            &tch::no_grad(|| rope::rotate(&g, &rope, Turn::Inverse)),
-        );
-        if time {
-            timed(&name, &|| tch::no_grad(|| rope::rotate(&x, &rope, Turn::Forward)), &|| {
-                elementwise::rotate(&x, &rope, Turn::Forward).unwrap()
-            });
-        }
-    }
-}
-
 /// On a GPU (tests/gpu/run.sh PARTS=fused runs this binary from the bundle with `--ignored
 /// gpu_`): every fused kernel equals its op-by-op form bit for bit, in bf16 at the step's sizes
-/// (an MLP tile of 16384 tokens × 14336, q and k of 131072 tokens) and in fp32 at smaller ones;
+/// (an MLP tile of 16384 tokens × 14336) and in fp32 at a smaller one;
 /// each form's time printed (a figure, not asserted).
 #[test]
 #[ignore = "needs a CUDA GPU (tests/gpu/run.sh)"]
@@ -187,8 +149,6 @@ fn gpu_fused_kernels_equal_op_by_op() {
     let spec = ModelSpec::preset(Preset::Llama31_8b);
     check_swiglu(Kind::BFloat16, 16384, spec.intermediate_size, true);
     check_swiglu(Kind::Float, 4096, spec.intermediate_size, false);
-    check_rope(Kind::BFloat16, 131072, true);
-    check_rope(Kind::Float, 8192, false);
 }
 
 /// A layer of `spec` on `device` in `kind`, every tensor a leaf, scaled so activations are O(1).

@@ -1,8 +1,7 @@
-//! The layer's elementwise work as one CUDA kernel each: the SwiGLU `silu(gate) * up` and its
-//! backward over the MLP's `[tokens, intermediate]` tiles, and RoPE's rotation of q and k (and of
-//! their gradients back). Op by op, each is several passes over tensors of that size (a kernel per
-//! operation, each reading its inputs and writing a temporary); fused, one pass reads the inputs
-//! once and writes the outputs once.
+//! The MLP's elementwise work as one CUDA kernel each: the SwiGLU `silu(gate) * up` and its
+//! backward over the `[tokens, intermediate]` tiles. Op by op, each is several passes over tensors
+//! of that size (a kernel per operation, each reading its inputs and writing a temporary); fused,
+//! one pass reads the inputs once and writes the outputs once.
 //!
 //! The kernels are CUDA C++ functors compiled at run time by libtorch's jiterator
 //! (shim/elementwise.cpp): NVRTC compiles each once per process, so the build needs no nvcc. Each
@@ -14,7 +13,6 @@
 //! the op-by-op form in `model` (the readable reference, and the CPU path).
 use super::{check, ShimError};
 use crate::model::llama;
-use crate::model::rope::{self, Rope, Turn};
 use std::ffi::{c_char, c_int, CString};
 use tch::{Kind, Tensor};
 use torch_sys::C_tensor;
@@ -54,26 +52,6 @@ template <typename T> void swiglu_backward(T gate, T up, T grad_act, T& grad_gat
   grad_gate = dy * s * (1.0f + x * (1.0f - s));
   grad_up = __fmul_rn(grad_act, stored(ulysses_silu(x)));
 }
-
-// One element of either half of a rotated head, from the element of each half at its place
-// (x1, x2), its angle's cos and sin, and which half it is in (second: 0 or 1). Forward:
-// [x1·cos - x2·sin, x2·cos + x1·sin]; inverse: the signs of the sin terms swapped. Each term is
-// rounded, then the two are added: rope::rotate's mul_out, product and in-place add.
-float ulysses_rope(float x1, float x2, float cos, float sin, float second, bool inverse) {
-  const bool first = second == 0.0f;
-  const float mine = first ? x1 : x2;
-  const float other = first ? x2 : x1;
-  const float sin_signed = (first != inverse) ? -sin : sin;
-  return stored(__fmul_rn(other, sin_signed)) + stored(__fmul_rn(mine, cos));
-}
-
-template <typename T> void rope_forward(T x1, T x2, T cos, T sin, T second, T& out) {
-  out = ulysses_rope(x1, x2, cos, sin, second, false);
-}
-
-template <typename T> void rope_inverse(T x1, T x2, T cos, T sin, T second, T& out) {
-  out = ulysses_rope(x1, x2, cos, sin, second, true);
-}
 "#;
 
 /// jiterator's name of a dtype the functors take, for `storage_t`; None: no fused kernel.
@@ -108,8 +86,8 @@ fn launch<const N: usize>(name: &str, inputs: &[&Tensor]) -> Result<[Tensor; N],
     let code =
         code(kind).ok_or_else(|| ShimError { op, message: format!("{name}: no fused kernel for {kind:?} tensors") })?;
     // jiterator caches a compiled kernel by its code string and arity, not by the functor's name:
-    // without the name in the string, rope_inverse ran rope_forward's kernel (same source, same
-    // arity), found on an H200 on 2026-12-06.
+    // without the name in the string, two functors of one arity run the first one's kernel (a RoPE
+    // inverse functor ran its forward one on an H200 on 2026-12-06).
     let code = CString::new(format!("{code}// functor: {name}\n")).expect("no NUL in the source");
     let name = CString::new(name).expect("no NUL in a kernel name");
     let handles: Vec<*const C_tensor> = inputs.iter().map(|t| t.as_ptr()).collect();
@@ -156,36 +134,4 @@ pub fn swiglu_backward(gate: &Tensor, up: &Tensor, grad_act: &Tensor) -> Result<
         return Ok((grad_gate, grad_up));
     }
     Ok(llama::swiglu_backward(gate, up, grad_act))
-}
-
-/// `rope::rotate`: `x` [b, s, heads, d] rotated by `rope`'s angles (or back). Fused, each output
-/// element is computed where it lies, from the pair `(x1, x2)` at its place in the two halves
-/// (views of x broadcast over the halves' axis) and the first half of cos and sin (broadcast over
-/// heads): reads x once and writes the output once.
-pub fn rotate(x: &Tensor, rope: &Rope, turn: Turn) -> Result<Tensor, ShimError> {
-    if !fused(&[x, &rope.cos, &rope.sin]) {
-        return Ok(rope::rotate(x, rope, turn));
-    }
-    // bf16 with aligned rows: the kernel of our own (`ffi::rotary`), 4 elements per thread.
-    if let Some(out) = super::rotary::rotate(x, rope, turn) {
-        return Ok(out);
-    }
-    let (b, s, heads, d) = x.size4().expect("RoPE rotates [b, s, heads, d]");
-    let half = d / 2;
-    let halves = [b, s, heads, 2, half];
-    // [b, s, heads, d/2] -> [b, s, heads, 1, d/2] -> [b, s, heads, 2, d/2] (stride 0 on the halves)
-    let x1 = x.narrow(3, 0, half).unsqueeze(3).expand(halves, false);
-    let x2 = x.narrow(3, half, half).unsqueeze(3).expand(halves, false);
-    // [b, s, d] -> [b, s, 1, 1, d/2]: the first half of cos and sin (the second is the same).
-    let cos = rope.cos.narrow(2, 0, half).unsqueeze(2).unsqueeze(3);
-    let sin = rope.sin.narrow(2, 0, half).unsqueeze(2).unsqueeze(3);
-    // [2] -> [1, 1, 1, 2, 1]: which half an element is in.
-    let second = Tensor::arange(2, (x.kind(), x.device())).view([1, 1, 1, 2, 1]);
-    let name = match turn {
-        Turn::Forward => "rope_forward",
-        Turn::Inverse => "rope_inverse",
-    };
-    let [out] = launch(name, &[&x1, &x2, &cos, &sin, &second])?;
-    // [b, s, heads, 2, d/2] -> [b, s, heads, d] (laid out in that order: a view)
-    Ok(out.reshape([b, s, heads, d]))
 }

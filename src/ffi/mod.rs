@@ -3,9 +3,8 @@
 //! autograd, the communication stream, CUDA, the fused elementwise kernels, the optimizer, the
 //! profiler, transfers; shim.cpp serves several of them), and every shim call reports failure the same way, as a [`ShimError`].
 //! Beside them, kernels of our own where libtorch takes many passes (`nvrtc`: compiled at run time
-//! by NVRTC through cudarc): the loss tile's softmax cross-entropy (`cross_entropy`), the
-//! log-sum-exp merge of attention in query blocks (`lse_merge`) and RoPE's rotation of bf16 q and
-//! k (`rotary`).
+//! by NVRTC through cudarc): the loss tile's softmax cross-entropy (`cross_entropy`) and the
+//! log-sum-exp merge of attention in query blocks (`lse_merge`).
 //!
 //! The protocol: a shim function returns null on success, or a message (the C++ exception's
 //! `what()`, copied with `strdup`) that [`check`] turns into an error and frees. Tensors cross as
@@ -21,7 +20,6 @@ pub mod lse_merge;
 pub mod nvrtc;
 pub mod optim;
 pub mod profiler;
-pub mod rotary;
 pub mod transfer;
 
 use std::ffi::{c_char, CStr};

@@ -41,7 +41,7 @@ use crate::metrics::profile::Profiler;
 use crate::model::adapter::Deferred;
 use crate::model::llama::{self, seq_tiles, AttentionCore, LayerWeights, LocalAttention};
 use crate::model::mask::DocumentMask;
-use crate::model::rope::{Rope, Turn};
+use crate::model::rope::{rotate, Rope, Turn};
 use crate::model::spec::ModelSpec;
 use crate::parallel::attention::AttentionPath;
 use crate::parallel::blocks;
@@ -247,7 +247,7 @@ impl DecoderLayer {
             let [qh, kh, vh] = match (shards, &qkv) {
                 (Some(shards), _) => shards,
                 (None, Some(Qkv { q, k, v, .. })) => tch::no_grad(|| -> Result<_> {
-                    let (q, k) = rotated(seg, q, k, Turn::Forward)?;
+                    let (q, k) = rotated(seg, q, k, Turn::Forward);
                     Ok([to_heads(seg, &q)?, to_heads(seg, &k)?, to_heads(seg, v)?])
                 })?,
                 (None, None) => self.head_shards(seg, w, &x)?,
@@ -314,7 +314,7 @@ impl DecoderLayer {
     fn head_shards(&self, seg: &Segments, w: &LayerWeights, x: &Tensor) -> Result<[Tensor; 3]> {
         tch::no_grad(|| {
             let (q, k, v) = self.qkv(seg, w, x);
-            let (q, k) = rotated(seg, &q, &k, Turn::Forward)?;
+            let (q, k) = rotated(seg, &q, &k, Turn::Forward);
             Ok([to_heads(seg, &q)?, to_heads(seg, &k)?, to_heads(seg, &v)?])
         })
     }
@@ -435,7 +435,7 @@ impl DecoderLayer {
         let [gq, gk, gv] = g;
         let (gq, gk, gv) = (to_seq(seg, &gq)?, to_seq(seg, &gk)?, to_seq(seg, &gv)?);
         // The gradients of q and k before RoPE.
-        let (gq, gk) = tch::no_grad(|| rotated(seg, &gq, &gk, Turn::Inverse))?;
+        let (gq, gk) = tch::no_grad(|| rotated(seg, &gq, &gk, Turn::Inverse));
         let Qkv { q, k, v, cut } = qkv.unwrap_or_else(|| self.qkv_graph(seg, w, x));
         backprop(&[(&q, &gq), (&k, &gk), (&v, &gv)])?;
         drop((q, k, v, gq, gk, gv));
@@ -481,10 +481,9 @@ impl Cut {
     }
 }
 
-/// q and k (`[b, s/sp, heads, d]`) rotated by RoPE at this micro batch's positions, or back (one
-/// fused kernel each on the GPU).
-fn rotated(seg: &Segments, q: &Tensor, k: &Tensor, turn: Turn) -> Result<(Tensor, Tensor)> {
-    Ok((elementwise::rotate(q, seg.rope, turn)?, elementwise::rotate(k, seg.rope, turn)?))
+/// q and k (`[b, s/sp, heads, d]`) rotated by RoPE at this micro batch's positions, or back.
+fn rotated(seg: &Segments, q: &Tensor, k: &Tensor, turn: Turn) -> (Tensor, Tensor) {
+    (rotate(q, seg.rope, turn), rotate(k, seg.rope, turn))
 }
 
 /// `[b, s/sp, H, d] -> [b, s, H/sp, d]` over the SP group; with one rank, the tensor itself.

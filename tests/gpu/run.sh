@@ -74,9 +74,8 @@
 # 14. PARTS=fused (in the default set; seconds): the fused elementwise kernels (src/ffi/elementwise.rs,
 #    NVRTC through libtorch's jiterator) against the op-by-op forms they replace
 #    (tests/fused_elementwise.rs gpu_*): SwiGLU and its backward on a [16384, 14336] bf16 tile (and
-#    strided views of kept projections), RoPE forward and inverse on q [1, 131072, 32, 128] and k
-#    [.., 8, ..] in bf16 (and a strided gradient), the same in fp32 at smaller sizes: every output
-#    equal bit for bit. One MLP tile (16384 tokens, Llama-3.1-8B) backpropagated as the step does
+#    strided views of kept projections), the same in fp32 at a smaller size: every output equal bit
+#    for bit; the log-sum-exp merge kernel of attention in query blocks against ring::merge. One MLP tile (16384 tokens, Llama-3.1-8B) backpropagated as the step does
 #    (SwiGLU by hand; projections recomputed, and kept) against autograd through the MLP: h's, the
 #    norm's and the three projections' gradients within 1e-2 of their largest entry. Each form's
 #    ms printed; the log is $OUT/fused.log.
