@@ -72,7 +72,7 @@ fn gpu_head_loss_by_hand_equals_autograd_in_bf16() {
         println!("{name}: {ms:.2} ms per tile of {tile} tokens x {v} (with the norm and both GEMMs)");
         f()
     };
-    if let Err(e) = ulysses::ffi::cross_entropy::available(0) {
+    if let Err(e) = ulysses::ffi::cross_entropy::KERNEL.function(0) {
         panic!("the fused softmax cross-entropy kernel does not build on this GPU: {e}");
     }
     let want = timed("autograd", &autograd);

@@ -100,22 +100,17 @@ const THREADS: u32 = 512;
 
 pub const KERNEL: Kernel = Kernel { source: SOURCE, entry: "softmax_xent_bf16" };
 
-/// Whether the kernel runs on GPU `gpu` (it is built on first use), or why not.
-pub fn available(gpu: usize) -> Result<(), String> {
-    KERNEL.function(gpu).map(|_| ())
-}
-
 /// `LogitsLoss` by the kernel for bf16 logits on a GPU where it builds; anything else (another
 /// dtype, the CPU, a GPU without NVRTC) goes op by op (`head::OpByOp`).
 pub struct FusedLogitsLoss;
 
 impl LogitsLoss for FusedLogitsLoss {
     fn loss_and_grad(&self, logits: Tensor, target: &Tensor) -> (Tensor, Tensor) {
-        let gpu = match logits.device() {
-            Device::Cuda(g) if logits.kind() == Kind::BFloat16 => g,
-            _ => return crate::model::head::OpByOp.loss_and_grad(logits, target),
+        let kernel = match logits.device() {
+            Device::Cuda(g) if logits.kind() == Kind::BFloat16 => KERNEL.function(g).ok().map(|f| (g, f)),
+            _ => None,
         };
-        let Ok(f) = KERNEL.function(gpu) else {
+        let Some((gpu, f)) = kernel else {
             return crate::model::head::OpByOp.loss_and_grad(logits, target);
         };
         let (rows, cols) = logits.size2().expect("logits are [n, V]");
